@@ -1,0 +1,76 @@
+"""Input validation shared by qjax's layers.
+
+Errors are raised at trace time and say what was expected, what came, and the usual cause.
+Checks on *values* (NaN, ranges, signs) can only run on concrete arrays; under `jax.jit`
+they are skipped and each function documents what happens to bad values instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def as_float_array(name: str, value: Any, *, python_int_ok: bool = False,
+                   hint: str = "") -> jax.Array:
+  """`value` as a floating jax array; TypeError naming `name` for ints, bools and others.
+
+  Python floats (and, with `python_int_ok`, Python ints) become float32 arrays.
+  """
+  accepted = ", ".join(FLOAT_DTYPES)
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a floating-point array ({accepted}); got bool.{hint}")
+  if isinstance(value, float) or (python_int_ok and isinstance(value, int)):
+    return jnp.asarray(value, dtype=jnp.float32)
+  try:
+    arr = jnp.asarray(value)
+  except TypeError as err:
+    raise TypeError(f"{name} must be a floating-point array ({accepted}); "
+                    f"got {type(value).__name__}.{hint}") from err
+  if not jnp.issubdtype(arr.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array ({accepted}); "
+                    f"got dtype {arr.dtype}.{hint}")
+  return arr
+
+
+def as_int_array(name: str, value: Any, *, hint: str = "") -> jax.Array:
+  """`value` as an integer jax array; TypeError naming `name` otherwise."""
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be an integer array; got bool.{hint}")
+  try:
+    arr = jnp.asarray(value)
+  except TypeError as err:
+    raise TypeError(f"{name} must be an integer array; got {type(value).__name__}.{hint}") from err
+  if arr.dtype == jnp.bool_ or not jnp.issubdtype(arr.dtype, jnp.integer):
+    raise TypeError(f"{name} must be an integer array (int8, uint8, int16, uint16, int32); "
+                    f"got dtype {arr.dtype}.{hint}")
+  return arr
+
+
+def concrete(value: Any) -> np.ndarray | None:
+  """The value as a NumPy array when it is known at trace time, else None (under jit/vmap)."""
+  try:
+    return np.asarray(value)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+
+
+def concrete_bool(value: Any) -> bool | None:
+  """bool(value) when concrete, None when traced."""
+  try:
+    return bool(value)
+  except jax.errors.ConcretizationTypeError:
+    return None
+
+
+def normalize_axis(axis: int, ndim: int, *, name: str = "spec.axis", shape: tuple = ()) -> int:
+  """Map a possibly negative axis into [0, ndim); ValueError naming `name` when out of range."""
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim} "
+                     f"(shape {tuple(shape)}); accepted values are {-ndim}..{ndim - 1}.")
+  return axis % ndim

@@ -1,0 +1,229 @@
+"""Straight-through gradient rules (`jax.custom_vjp`) around the numerics core.
+
+* `fake_quant`: forward S * (clamp(rne(x/S) + Z) - Z); backward passes the gradient where the
+  rounded value lies in [qmin, qmax] and zeroes it where it was clamped (PyTorch FakeQuantize).
+* `fake_quant_learnable`: the same forward with a float scale and zero point that receive
+  the gradients of PyTorch's `_fake_quantize_learnable_per_{tensor,channel}_affine` (LSQ,
+  Esser et al. 2019), bit for bit where the math allows it.
+* `round_ste`: round half to even forward, identity backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax import _checks
+from qjax import numerics
+from qjax.numerics import QParams, QuantSpec
+
+
+def _zero_cotangent(value: jax.Array) -> jax.Array:
+  """Zero cotangent of a primal: float0 for integer primals, zeros otherwise."""
+  if jnp.issubdtype(value.dtype, jnp.integer):
+    return np.zeros(value.shape, dtype=jax.dtypes.float0)
+  return jnp.zeros_like(value)
+
+
+# ------------------------------------------------------------------------------------------
+# fake_quant: clipped straight-through estimator.
+
+
+def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec, qparams: QParams) -> jax.Array:
+  """Fake quantization with a clipped straight-through gradient.
+
+    y      = S * (clamp(rne(x * (1/S)) + Z, qmin, qmax) - Z)
+    dy/dx  = 1 if qmin <= rne(x * (1/S)) + Z <= qmax else 0
+
+  The forward equals `torch.fake_quantize_per_tensor_affine` / `_per_channel_affine` bit for
+  bit and so does the mask of the backward. The scale and zero point are constants of this
+  function (zero gradient); learn them with `fake_quant_learnable`. NaN stays NaN with zero
+  gradient; +-inf saturate.
+
+  Args:
+    x: floating-point array; the result keeps its dtype.
+    spec: the grid (`spec.axis` for per-channel qparams).
+    qparams: QParams(scale, zero_point), shape () or (C,).
+
+  Returns:
+    Fake-quantized x, same shape and dtype.
+
+  Example:
+    >>> spec = QuantSpec(bits=4, signed=True, symmetric=True)
+    >>> qp = QParams(jnp.float32(0.25), jnp.int32(0))
+    >>> jax.grad(lambda v: fake_quant(v, spec, qp).sum())(jnp.array([0.3, 5.0]))
+    Array([1., 0.], dtype=float32)
+  """
+  x = numerics.float_data(x, "fake_quant")
+  scale, zero_point = numerics.checked_qparams(spec, qparams, x.shape, where="fake_quant")
+  return _fake_quant(spec, x, scale, zero_point)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fake_quant(spec, x, scale, zero_point):
+  out, _ = numerics.fake_quant_with_mask(x, scale, zero_point, spec=spec)
+  return out
+
+
+def _fake_quant_fwd(spec, x, scale, zero_point):
+  out, in_range = numerics.fake_quant_with_mask(x, scale, zero_point, spec=spec)
+  return out, (in_range, scale, zero_point)
+
+
+def _fake_quant_bwd(spec, residuals, g):
+  del spec
+  in_range, scale, zero_point = residuals
+  dx = jnp.where(in_range, g, jnp.zeros_like(g))
+  return dx, _zero_cotangent(scale), _zero_cotangent(zero_point)
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+# ------------------------------------------------------------------------------------------
+# fake_quant_learnable: LSQ gradients for scale and zero point.
+
+
+def lsq_grad_factor(spec: QuantSpec, num_elements: int) -> float:
+  """LSQ's gradient scale g = 1 / sqrt(N * qmax) (Esser et al. 2019; PyTorch's
+  `_LearnableFakeQuantize(use_grad_scaling=True)` uses N = x.size)."""
+  if isinstance(num_elements, bool) or not isinstance(num_elements, (int, np.integer)) \
+      or num_elements <= 0:
+    raise ValueError(f"lsq_grad_factor: num_elements must be a positive int; got {num_elements!r}.")
+  if spec.qmax <= 0:
+    raise ValueError(f"lsq_grad_factor: needs qmax > 0; {spec} has qmax={spec.qmax}.")
+  return 1.0 / math.sqrt(num_elements * spec.qmax)
+
+
+def fake_quant_learnable(x: jax.typing.ArrayLike, spec: QuantSpec, scale: jax.typing.ArrayLike,
+                         zero_point: jax.typing.ArrayLike, *,
+                         grad_factor: float = 1.0) -> jax.Array:
+  """Fake quantization with a learnable scale S and float zero point Z (LSQ, as PyTorch).
+
+  Forward: Z_r = clamp(rne(Z), qmin, qmax); y = S * (clamp(rne(x/S) + Z_r) - Z_r).
+  Backward, with q = rne(x/S + Z_b) and g the gradient scale `grad_factor`:
+
+    dy/dx = 1                 if qmin <= q <= qmax, else 0
+    dy/dS = (y - x) / S       if qmin <= q <= qmax
+            (qmin - Z_b)      if q < qmin
+            (qmax - Z_b)      if q > qmax          (times g)
+    dy/dZ = 0                 if qmin <= q <= qmax, else -S   (times g)
+
+  summed over all entries (per-tensor) or over all but the channel axis (per-channel).
+  As in PyTorch, Z_b = clamp(rne(Z)) per-channel, and Z_b = trunc(clamp(Z + 0.5)) per-tensor
+  (PyTorch rounds half up there, unlike the forward).
+
+  Args:
+    x: floating-point array.
+    spec: the grid; `spec.axis` for per-channel scale / zero point.
+    scale: float scale, shape () or (C,); must stay > 0.
+    zero_point: float zero point, same shape as scale.
+    grad_factor: multiplies the scale and zero-point gradients; see `lsq_grad_factor`.
+
+  Returns:
+    Fake-quantized x, same shape and dtype.
+  """
+  x = numerics.float_data(x, "fake_quant_learnable")
+  scale = _checks.as_float_array("scale", scale).astype(jnp.float32)
+  zero_point = _checks.as_float_array(
+      "zero_point", zero_point, python_int_ok=True,
+      hint=" A learnable zero point is a float parameter.").astype(jnp.float32)
+  expected = numerics.expected_qparam_shape(spec, x.shape)
+  for name, value in (("scale", scale), ("zero_point", zero_point)):
+    if not (value.shape == expected or (not spec.per_channel and value.shape == (1,))):
+      raise ValueError(f"fake_quant_learnable: {name} has shape {value.shape}; for {spec} and "
+                       f"x of shape {x.shape} it must have shape {expected}.")
+  s = _checks.concrete(scale)
+  if s is not None and not np.all(np.isfinite(s) & (s > 0)):
+    raise ValueError(f"fake_quant_learnable: scale must be finite and > 0; got {s!r}.")
+  if not isinstance(grad_factor, (int, float)) or isinstance(grad_factor, bool):
+    raise TypeError(f"fake_quant_learnable: grad_factor must be a Python float; got "
+                    f"{grad_factor!r}.")
+  return _fake_quant_learnable(spec, float(grad_factor), x, scale.reshape(expected),
+                               zero_point.reshape(expected))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fake_quant_learnable(spec, grad_factor, x, scale, zero_point):
+  del grad_factor
+  zp = jnp.clip(jnp.round(zero_point), spec.qmin, spec.qmax)
+  out, _ = numerics.fake_quant_with_mask(x, scale, zp, spec=spec)
+  return out
+
+
+def _fake_quant_learnable_fwd(spec, grad_factor, x, scale, zero_point):
+  out = _fake_quant_learnable(spec, grad_factor, x, scale, zero_point)
+  return out, (x, scale, zero_point)
+
+
+def _fake_quant_learnable_bwd(spec, grad_factor, residuals, g):
+  x, scale, zero_point = residuals
+  dx, dscale, dzero = _learnable_grads(x, scale, zero_point, g, spec=spec, grad_factor=grad_factor)
+  return dx.astype(x.dtype), dscale, dzero
+
+
+_fake_quant_learnable.defvjp(_fake_quant_learnable_fwd, _fake_quant_learnable_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "grad_factor"))
+def _learnable_grads(x, scale, zero_point, g, *, spec: QuantSpec, grad_factor: float):
+  """PyTorch's `_fake_quantize_grad_learnable_{tensor,channel}_kernel`, vectorised.
+
+  Compiled as a unit so that `x * (1/S) + Z_b` contracts into an FMA as in PyTorch's kernel.
+  """
+  qmin, qmax = float(spec.qmin), float(spec.qmax)
+  if spec.per_channel:
+    zb = jnp.clip(jnp.round(zero_point), qmin, qmax)
+  else:
+    zb = jnp.trunc(jnp.clip(zero_point + 0.5, qmin, qmax))
+  bcast = functools.partial(numerics.broadcast_qparam, spec=spec, ndim=x.ndim)
+  s, inv_s, z = bcast(scale), bcast(1.0 / scale), bcast(zb)
+  xf, gf = x.astype(jnp.float32), g.astype(jnp.float32)
+  factor = jnp.float32(grad_factor)
+  xq = jnp.round(xf * inv_s + z)
+  below, above = xq < qmin, xq > qmax
+  in_range = ~(below | above)
+  x_fq = (jnp.clip(xq, qmin, qmax) - z) * s
+  dx = jnp.where(in_range, gf, 0.0)
+  dscale_clamped = jnp.where(below, gf * (qmin - z), gf * (qmax - z)) * factor
+  dscale = jnp.where(in_range, gf * (x_fq - xf) * inv_s * factor, dscale_clamped)
+  dzero = jnp.where(in_range, 0.0, gf * -1.0 * s * factor)
+  if spec.per_channel:
+    axis = spec.axis % x.ndim
+    others = tuple(a for a in range(x.ndim) if a != axis)
+    return dx, jnp.sum(dscale, axis=others), jnp.sum(dzero, axis=others)
+  return dx, jnp.sum(dscale).reshape(scale.shape), jnp.sum(dzero).reshape(zero_point.shape)
+
+
+# ------------------------------------------------------------------------------------------
+# round_ste.
+
+
+def round_ste(x: jax.typing.ArrayLike) -> jax.Array:
+  """Round half to even with an identity gradient: y = rne(x), dy/dx = 1.
+
+  Example:
+    >>> jax.grad(lambda v: round_ste(v * 3.0))(0.4)
+    Array(3., dtype=float32, weak_type=True)
+  """
+  return _round_ste(_checks.as_float_array("x", x, hint=" round_ste rounds real numbers."))
+
+
+@jax.custom_vjp
+def _round_ste(x: jax.Array) -> jax.Array:
+  return jnp.round(x)
+
+
+def _round_ste_fwd(x):
+  return jnp.round(x), None
+
+
+def _round_ste_bwd(_, g):
+  return (g,)
+
+
+_round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
