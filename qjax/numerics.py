@@ -385,7 +385,7 @@ def quantize(x: jax.typing.ArrayLike, spec: QuantSpec, qparams: QParams) -> jax.
   Example:
     >>> spec = QuantSpec(bits=8, signed=False)
     >>> quantize(jnp.array([-1.0, 0.0, 0.5, 9.0]), spec, QParams(jnp.float32(0.5), jnp.int32(2)))
-    Array([  0,   2,   3, 20], dtype=uint8)
+    Array([ 0,  2,  3, 20], dtype=uint8)
   """
   x = float_data(x, "quantize")
   scale, zero_point = checked_qparams(spec, qparams, x.shape, where="quantize")

@@ -36,7 +36,7 @@ class QArray:
     (dtype('uint8'), (2, 2))
     >>> qa.dequantize().round(2)
     Array([[-1.  ,  0.5 ],
-           [ 2.  ,  3.  ]], dtype=float32)
+           [ 2.01,  3.  ]], dtype=float32)
   """
 
   qvalue: jax.Array
