@@ -28,7 +28,9 @@ and tests/test_numerics.py checks it against an exact reference.
 Bad input raises at trace time: `TypeError` for wrong dtypes, `ValueError` for wrong shapes,
 axes or bit widths. Value checks (NaN/Inf ranges, min > max, non-positive scales, zero points
 out of range, NaN data) run when the values are concrete (eager calls); under `jax.jit` they
-cannot raise, and each function says what it returns instead (never a plausible number).
+cannot raise, and each function says what it returns instead: a NaN scale from
+`qparams_from_minmax`, NaN from the float-valued functions. Integers cannot carry NaN:
+under jit `quantize` maps NaN data, or any value under a NaN scale, to the zero point.
 """
 
 from __future__ import annotations
@@ -223,6 +225,19 @@ def broadcast_qparam(v: jax.Array, spec: QuantSpec, ndim: int) -> jax.Array:
   return v.reshape((1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
 
 
+def _uncontractible(product: jax.Array, factor: jax.Array) -> jax.Array:
+  """`product`, unchanged, in a form XLA cannot fuse into a following add.
+
+  XLA contracts `a * b + c` into an FMA (one rounding) even across an optimization barrier,
+  which it removes before code generation. XOR-ing the product's bits with a zero that the
+  compiler cannot prove to be zero (isnan of the factor: 0 for every usable scale) keeps
+  the multiply's own rounding.
+  """
+  opaque_zero = jnp.isnan(factor).astype(jnp.int32)
+  bits = lax.bitcast_convert_type(product, jnp.int32) ^ opaque_zero
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _exact_div(numerator: jax.Array, denominator: float) -> jax.Array:
   """numerator / denominator, correctly rounded.
 
@@ -282,8 +297,8 @@ def qparams_from_minmax(min_val: jax.typing.ArrayLike, max_val: jax.typing.Array
     QParams(scale float32, zero_point int32), shape () or (C,).
 
   Raises:
-    ValueError: mismatched shapes; and, for concrete inputs, NaN/Inf or min_val > max_val.
-      Under jit such ranges yield a NaN scale instead.
+    ValueError: mismatched shapes; and, for concrete inputs, NaN/Inf, min_val > max_val or a
+      range too wide for float32. Under jit such ranges yield a NaN scale instead.
 
   Example:
     >>> qp = qparams_from_minmax(-1.0, 3.0, QuantSpec(bits=8, signed=False))
@@ -320,7 +335,11 @@ def qparams_from_minmax(min_val: jax.typing.ArrayLike, max_val: jax.typing.Array
       where = "" if lo.ndim == 0 else f" at channel(s) {np.flatnonzero(lo > hi).tolist()}"
       raise ValueError(f"qparams_from_minmax: min_val must be <= max_val{where}; got "
                        f"min_val={lo!r}, max_val={hi!r}.")
-  return _qparams_core(min_val, max_val, spec=spec, eps=float(eps))
+  qparams = _qparams_core(min_val, max_val, spec=spec, eps=float(eps))
+  if lo is not None and hi is not None and not np.all(np.isfinite(np.asarray(qparams.scale))):
+    raise ValueError(f"qparams_from_minmax: the range [{lo!r}, {hi!r}] is too wide for a float32 "
+                     f"scale (max - min overflows); clip the data or use a narrower range.")
+  return qparams
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "eps"))
@@ -338,7 +357,9 @@ def _qparams_core(min_val: jax.Array, max_val: jax.Array, *, spec: QuantSpec,
     zero_point = spec.qmin - jnp.round(lo / scale).astype(jnp.int32)
     zero_point = jnp.clip(zero_point, spec.qmin, spec.qmax)
   # Under jit a bad range cannot raise: poison the scale so that it is never mistaken for one.
-  valid = jnp.isfinite(min_val) & jnp.isfinite(max_val) & (min_val <= max_val)
+  # A finite range can still be too wide for float32 (hi - lo overflows to inf).
+  valid = (jnp.isfinite(min_val) & jnp.isfinite(max_val) & (min_val <= max_val)
+           & jnp.isfinite(scale))
   scale = jnp.where(valid, scale, jnp.float32(jnp.nan))
   return QParams(scale, zero_point)
 
@@ -380,7 +401,7 @@ def quantize(x: jax.typing.ArrayLike, spec: QuantSpec, qparams: QParams) -> jax.
     TypeError: x is not floating point, or the qparams have the wrong dtypes.
     ValueError: qparams' shape does not match the spec and x; and, for concrete inputs,
       NaN in x, a non-positive scale or a zero point outside [qmin, qmax]. Under jit NaN
-      maps to the zero point.
+      (in x, or from a NaN scale) maps to the zero point: integers cannot carry NaN.
 
   Example:
     >>> spec = QuantSpec(bits=8, signed=False)
@@ -403,8 +424,8 @@ def _quantize_core(x: jax.Array, scale: jax.Array, zero_point: jax.Array, *,
     # One rounding of x * (1/S) + Z: XLA contracts this into an FMA, as fbgemm's AVX2 does.
     rounded = jnp.round(xf * inv_scale + zp)
   else:
-    # Round the product before adding Z: the barrier keeps XLA from contracting the two.
-    rounded = jnp.round(lax.optimization_barrier(xf * inv_scale) + zp)
+    # Round the product before adding Z, as ATen's scalar kernel does.
+    rounded = jnp.round(_uncontractible(xf * inv_scale, inv_scale) + zp)
   rounded = jnp.where(jnp.isnan(rounded), zp, rounded)
   return jnp.clip(rounded, spec.qmin, spec.qmax).astype(spec.storage_dtype)
 
