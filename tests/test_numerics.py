@@ -6,7 +6,6 @@ No PyTorch here; `tests/test_numerics_torch.py` holds the parity tests against t
 
 from __future__ import annotations
 
-import itertools
 import re
 from fractions import Fraction
 
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
+import cases
 import qjax
 import reference as ref
 from qjax import QParams
@@ -51,14 +51,6 @@ SETTINGS = hypothesis.settings(deadline=None, max_examples=80, print_blob=True,
                                suppress_health_check=[hypothesis.HealthCheck.too_slow])
 
 
-def all_specs(axes=(None, 0, -1)):
-  """Every QuantSpec the spec space allows (reduce_range needs bits >= 3)."""
-  for bits, signed, symmetric, narrow, reduce, axis in itertools.product(
-      range(2, 17), (True, False), (True, False), (True, False), (True, False), axes):
-    if reduce and bits == 2:
-      continue
-    yield QuantSpec(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow,
-                    reduce_range=reduce, axis=axis)
 
 
 def grid_of(spec):
@@ -69,10 +61,6 @@ def qparams_np(qp: QParams) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(qp.scale), np.asarray(qp.zero_point)
 
 
-def bits_of(a: np.ndarray) -> np.ndarray:
-  """Bit patterns, for bitwise comparisons (NaN == NaN, -0.0 != 0.0)."""
-  a = np.asarray(a)
-  return a.view(np.dtype(f"u{a.dtype.itemsize}"))
 
 
 def assert_bitwise_equal(actual, expected, err_msg=""):
@@ -80,7 +68,7 @@ def assert_bitwise_equal(actual, expected, err_msg=""):
   assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype, err_msg)
   assert actual.shape == expected.shape, (actual.shape, expected.shape, err_msg)
   if actual.dtype.kind == "f" or actual.dtype.name == "bfloat16":
-    diff = bits_of(actual) != bits_of(expected)
+    diff = cases.bits_of(actual) != cases.bits_of(expected)
   else:
     diff = actual != expected
   if np.any(diff):
@@ -240,7 +228,7 @@ def test_qparams_from_minmax_properties(case):
 def test_spec_properties_match_reference_for_every_spec():
   """qmin, qmax, storage dtype and symmetric zero point over the whole spec space."""
   count = 0
-  for spec in all_specs(axes=(None,)):
+  for spec in cases.all_specs():
     assert (spec.qmin, spec.qmax) == ref.spec_grid(spec), spec
     assert spec.storage_dtype == ref.spec_storage_dtype(spec), spec
     assert spec.symmetric_zero_point == ref.spec_symmetric_zero_point(spec), spec

@@ -38,6 +38,7 @@ tests/test_numerics.py documents qjax's.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
 
@@ -48,7 +49,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import cases  # noqa: E402
 import qjax  # noqa: E402
+import reference as ref  # noqa: E402
 from qjax import QParams, QuantSpec  # noqa: E402
 
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver  # noqa: E402
@@ -61,24 +64,8 @@ pytestmark = pytest.mark.filterwarnings(
 # Specs, layouts, call modes.
 
 
-def _all_specs(axis=None):
-  """Every spec QuantSpec accepts for bits 2..16 (reduce_range needs bits >= 3)."""
-  specs = []
-  for bits, signed, symmetric, narrow, reduce in itertools.product(
-      range(2, 17), (True, False), (False, True), (False, True), (False, True)):
-    try:
-      specs.append(QuantSpec(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow,
-                             reduce_range=reduce, axis=axis))
-    except ValueError:
-      pass
-  return specs
 
 
-def _spec_id(spec):
-  flags = [("sym" if spec.symmetric else "aff")]
-  flags += [name for name, on in (("narrow", spec.narrow_range), ("reduce", spec.reduce_range))
-            if on]
-  return f"{'s' if spec.signed else 'u'}{spec.bits}-" + "-".join(flags)
 
 
 def _grid_specs():
@@ -93,7 +80,7 @@ def _grid_specs():
   return specs
 
 
-ALL_SPECS = _all_specs()
+ALL_SPECS = cases.all_specs()
 GRID_SPECS = _grid_specs()
 
 # layout name -> (axis, data shape). Odd sizes exercise the vector kernels' scalar tails;
@@ -122,9 +109,6 @@ def _fn(name, mode):
 MODES = ("eager", "jit")
 
 
-def _with_axis(spec, axis):
-  return QuantSpec(bits=spec.bits, signed=spec.signed, symmetric=spec.symmetric,
-                   narrow_range=spec.narrow_range, reduce_range=spec.reduce_range, axis=axis)
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,12 +201,6 @@ def torch_fake_quant(x, spec, scale, zero_point):
 KINDS = ("normal", "outside", "ties_even_zp", "ties_odd_zp", "near_ties")
 
 
-def _per_channel(values, spec, ndim):
-  """(C,) values shaped to broadcast along spec.axis of rank-`ndim` data (numpy)."""
-  if not spec.per_channel:
-    return values
-  axis = spec.axis % ndim
-  return values.reshape((1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
 
 
 def _affine_qparams(lo, hi, spec):
@@ -234,31 +212,8 @@ def _affine_qparams(lo, hi, spec):
   return scale, zero_point
 
 
-def _zero_points(rng, spec, n, parity):
-  """n zero points in [qmin, qmax] (scalar if n is None), with the given parity when possible."""
-  size = 1 if n is None else n
-  z = rng.integers(spec.qmin, spec.qmax + 1, size=size)
-  if parity is not None:
-    z = z - (z % 2 != parity)  # step down to the wanted parity ...
-    z = np.where(z < spec.qmin, z + 2, z)  # ... or up when that leaves the grid
-    z = np.where(z > spec.qmax, z - 1, z)  # a 2-level grid may have no such zero point
-  z = z.astype(np.int32)
-  return z[0] if n is None else z
 
 
-def _half_points(rng, spec, shape, zp_b, boundary_fraction):
-  """Integers k such that k + 0.5 sweeps the grid around the zero point: uniform over
-  [qmin - Z - 3, qmax - Z + 2], with `boundary_fraction` of them on the clamping
-  boundaries (k + 0.5 = qmin - Z - 0.5 and qmax - Z + 0.5) or one level beyond them."""
-  lo = spec.qmin - zp_b.astype(np.int64) - 3
-  hi = spec.qmax - zp_b.astype(np.int64) + 2
-  k = np.floor(lo + rng.random(shape) * (hi - lo + 1)).astype(np.int64)
-  step = rng.integers(0, 2, size=shape)  # on the boundary, or one level beyond
-  lo_edge, hi_edge = lo + 2 - step, hi - 2 + step
-  pick = rng.random(shape)
-  k = np.where(pick < boundary_fraction / 2, lo_edge, k)
-  k = np.where((pick >= boundary_fraction / 2) & (pick < boundary_fraction), hi_edge, k)
-  return k
 
 
 def make_case(kind, spec, shape, seed):
@@ -266,7 +221,7 @@ def make_case(kind, spec, shape, seed):
   rng = np.random.default_rng(seed)
   ndim = len(shape)
   n = shape[spec.axis % ndim] if spec.per_channel else None
-  bc = lambda v: _per_channel(np.asarray(v), spec, ndim)  # noqa: E731
+  bc = lambda v: ref.broadcast(np.asarray(v), spec.axis, ndim)  # noqa: E731
   if kind in ("normal", "outside"):
     size = 1 if n is None else n
     mu = rng.normal(size=size) * 2.0
@@ -292,21 +247,21 @@ def make_case(kind, spec, shape, seed):
   if kind in ("ties_even_zp", "ties_odd_zp"):
     # Power-of-two scales make x = (k + 0.5) * S and x * (1/S) exact: every entry is a tie.
     parity = 0 if kind == "ties_even_zp" else 1
-    zero_point = _zero_points(rng, spec, n, parity)
+    zero_point = cases.zero_points(rng, spec, n, parity)
     exps = rng.integers(3, 8, size=1 if n is None else n)
     scale = np.ldexp(np.float32(1.0), -exps).astype(np.float32)
     scale = scale[0] if n is None else scale
-    k = _half_points(rng, spec, shape, bc(zero_point), 0.2)
+    k = cases.half_points(rng, spec, shape, bc(zero_point), 0.2)
     x = ((k + 0.5) * bc(scale)).astype(np.float32)
     assert np.array_equal(x.astype(np.float64), (k + 0.5) * bc(scale).astype(np.float64))
     return x, np.asarray(scale, np.float32), np.asarray(zero_point, np.int32)
   if kind == "near_ties":
     # Within a few float32 ulps of a half-integer multiple of a non-power-of-two scale: the
     # rounding of x * (1/S) (+ Z) decides, so each of torch's evaluation orders shows.
-    zero_point = _zero_points(rng, spec, n, None)
+    zero_point = cases.zero_points(rng, spec, n, None)
     scale = rng.uniform(0.01, 0.1, size=1 if n is None else n).astype(np.float32)
     scale = scale[0] if n is None else scale
-    k = _half_points(rng, spec, shape, bc(zero_point), 0.5)
+    k = cases.half_points(rng, spec, shape, bc(zero_point), 0.5)
     jitter = 1.0 + rng.uniform(-3e-7, 3e-7, size=shape)
     x = ((k + 0.5) * bc(scale).astype(np.float64) * jitter).astype(np.float32)
     return x, np.asarray(scale, np.float32), np.asarray(zero_point, np.int32)
@@ -317,8 +272,6 @@ def _qp(scale, zero_point):
   return QParams(jnp.asarray(scale, jnp.float32), jnp.asarray(zero_point, jnp.int32))
 
 
-def _bits(a):
-  return np.asarray(a, np.float32).view(np.uint32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -330,7 +283,7 @@ def _range_data(spec, shape, seed):
   positive, all negative (0 joins the range), very wide, tiny (scale floored at eps),
   constant zero. Per-tensor: one array per case; per-channel: one case per channel."""
   rng = np.random.default_rng(seed)
-  cases = [
+  makers = [
       lambda s: rng.normal(0.3, 2.0, size=s),
       lambda s: rng.uniform(0.5, 3.0, size=s),
       lambda s: -rng.uniform(0.5, 3.0, size=s),
@@ -341,10 +294,10 @@ def _range_data(spec, shape, seed):
       lambda s: rng.normal(-7.0, 0.01, size=s),
   ]
   if not spec.per_channel:
-    return [f(shape).astype(np.float32) for f in cases]
+    return [f(shape).astype(np.float32) for f in makers]
   axis = spec.axis % len(shape)
   moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
-  x = np.stack([cases[c % len(cases)](moved[1:]) for c in range(moved[0])])
+  x = np.stack([makers[c % len(makers)](moved[1:]) for c in range(moved[0])])
   return [np.moveaxis(x, 0, axis).astype(np.float32)]
 
 
@@ -358,7 +311,7 @@ def _check_qparams_against_torch(x, spec, mode, *, eps=None):
   np.testing.assert_array_equal(np.asarray(hi), t_hi.reshape(shape))
   assert qp.scale.dtype == jnp.float32 and qp.zero_point.dtype == jnp.int32
   assert qp.scale.shape == qp.zero_point.shape == t_scale.reshape(shape).shape
-  np.testing.assert_array_equal(_bits(qp.scale), _bits(t_scale.reshape(shape)),
+  np.testing.assert_array_equal(cases.bits_of(qp.scale), cases.bits_of(t_scale.reshape(shape)),
                                 err_msg=f"scales differ for {spec}: {qp.scale} vs {t_scale}")
   np.testing.assert_array_equal(np.asarray(qp.zero_point, np.int64), t_zp.reshape(shape),
                                 err_msg=f"zero points differ for {spec}")
@@ -370,18 +323,18 @@ def _qparam_cases():
   specs (the per-channel formulas are the per-tensor ones elementwise, and both modes run the
   same compiled core: these check the reductions and the wrappers, e.g. the exact-division
   barrier under an outer jit). Every spec costs a compilation, hence the sampling."""
-  cases = [(spec, "per_tensor", "eager") for spec in ALL_SPECS]
-  cases += [(spec, "axis0", "eager") for spec in ALL_SPECS if spec.bits in (2, 5, 8, 16)]
-  cases += [(spec, "axis1", "eager") for spec in ALL_SPECS if spec.bits in (3, 8, 16)]
-  cases += [(spec, layout, "jit") for spec in ALL_SPECS if spec.bits in (8, 16)
+  combos = [(spec, "per_tensor", "eager") for spec in ALL_SPECS]
+  combos += [(spec, "axis0", "eager") for spec in ALL_SPECS if spec.bits in (2, 5, 8, 16)]
+  combos += [(spec, "axis1", "eager") for spec in ALL_SPECS if spec.bits in (3, 8, 16)]
+  combos += [(spec, layout, "jit") for spec in ALL_SPECS if spec.bits in (8, 16)
             for layout in ("per_tensor", "axis1")]
-  return [pytest.param(*c, id=f"{_spec_id(c[0])}-{c[1]}-{c[2]}") for c in cases]
+  return [pytest.param(*c, id=f"{cases.spec_id(c[0])}-{c[1]}-{c[2]}") for c in combos]
 
 
 @pytest.mark.parametrize("spec, layout, mode", _qparam_cases())
 def test_qparams_match_torch_observers(spec, layout, mode):
   axis, shape = LAYOUTS[layout]
-  spec = _with_axis(spec, axis)
+  spec = dataclasses.replace(spec, axis=axis)
   for x in _range_data(spec, shape, seed=spec.bits):
     _check_qparams_against_torch(x, spec, mode)
 
@@ -394,17 +347,17 @@ def test_qparams_match_torch_observers(spec, layout, mode):
     QuantSpec(bits=4, signed=True, narrow_range=True),
     QuantSpec(bits=16, signed=False, symmetric=True),
     QuantSpec(bits=6, signed=False, symmetric=True, narrow_range=True, reduce_range=True),
-], ids=_spec_id)
+], ids=cases.spec_id)
 def test_qparams_eps_matches_torch(spec, layout, mode):
   """A large eps floors the scale of tiny ranges (and only of those) in both."""
   axis, shape = LAYOUTS[layout]
-  spec = _with_axis(spec, axis)
+  spec = dataclasses.replace(spec, axis=axis)
   rng = np.random.default_rng(7)
   eps = 1e-2
   if spec.per_channel:
     # Channel ranges from 1e-6 to 1e4 straddle the floor.
     n = shape[axis]
-    widths = _per_channel(np.logspace(-6, 4, n), spec, len(shape))
+    widths = ref.broadcast(np.logspace(-6, 4, n), spec.axis, len(shape))
     xs = [(rng.normal(size=shape) * widths + 0.1 * widths).astype(np.float32)]
   else:
     xs = [(rng.normal(size=shape) * w).astype(np.float32) for w in (1e-6, 1e-4, 1e-3, 1.0, 1e3)]
@@ -421,9 +374,9 @@ def _grid_cases():
   jit_specs = [QuantSpec(bits=4, signed=True), QuantSpec(bits=8, signed=False, narrow_range=True,
                reduce_range=True), QuantSpec(bits=9, signed=False),
                QuantSpec(bits=16, signed=True, narrow_range=True)]
-  cases = [(spec, layout, "eager") for spec in GRID_SPECS for layout in LAYOUTS]
-  cases += [(spec, layout, "jit") for spec in jit_specs for layout in LAYOUTS]
-  return [pytest.param(*c, id=f"{_spec_id(c[0])}-{c[1]}-{c[2]}") for c in cases]
+  combos = [(spec, layout, "eager") for spec in GRID_SPECS for layout in LAYOUTS]
+  combos += [(spec, layout, "jit") for spec in jit_specs for layout in LAYOUTS]
+  return [pytest.param(*c, id=f"{cases.spec_id(c[0])}-{c[1]}-{c[2]}") for c in combos]
 
 
 _GRID_CASES = _grid_cases()
@@ -431,7 +384,7 @@ _GRID_CASES = _grid_cases()
 
 def _cases(spec, layout):
   axis, shape = LAYOUTS[layout]
-  spec = _with_axis(spec, axis)
+  spec = dataclasses.replace(spec, axis=axis)
   for i, kind in enumerate(KINDS):
     x, scale, zero_point = make_case(kind, spec, shape, seed=1000 * spec.bits + i)
     yield kind, spec, x, scale, zero_point
@@ -460,7 +413,7 @@ def test_dequantize_matches_torch(spec, layout, mode):
     assert got.dtype == jnp.float32
     expected = torch_from_ints(q, spec_, scale, zero_point,
                                spec_.axis % x.ndim if spec_.per_channel else None).dequantize()
-    np.testing.assert_array_equal(_bits(got), _bits(expected.numpy()), err_msg=kind)
+    np.testing.assert_array_equal(cases.bits_of(got), cases.bits_of(expected.numpy()), err_msg=kind)
 
 
 @pytest.mark.parametrize("spec, layout, mode", _GRID_CASES)
@@ -469,7 +422,7 @@ def test_quantize_dequantize_matches_torch_fake_quantize(spec, layout, mode):
     got = np.asarray(_fn("quantize_dequantize", mode)(jnp.asarray(x), spec_,
                                                         _qp(scale, zero_point)))
     expected = torch_fake_quant(x, spec_, scale, zero_point)
-    bad = np.flatnonzero(_bits(got) != _bits(expected))
+    bad = np.flatnonzero(cases.bits_of(got) != cases.bits_of(expected))
     assert bad.size == 0, (
         f"{kind}: {bad.size} of {got.size} values differ from torch for {spec_}; first at "
         f"x={x.flat[bad[0]]!r}: qjax {got.flat[bad[0]]!r}, torch {expected.flat[bad[0]]!r}")

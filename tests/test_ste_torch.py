@@ -20,6 +20,8 @@ torch's kernels cast them to int64 (undefined behaviour); tests/test_ste.py docu
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +29,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import cases  # noqa: E402
 import qjax  # noqa: E402
+import reference as ref  # noqa: E402
 from qjax import QParams, QuantSpec  # noqa: E402
 
 # dScale / dZeroPoint: |qjax - torch| <= GRAD_SUM_RTOL * sum_i |term_i| + GRAD_SUM_ATOL, per
@@ -51,27 +55,12 @@ LAYOUTS = {
 MODES = ("eager", "jit")
 
 
-def _with_axis(spec, axis):
-  return QuantSpec(bits=spec.bits, signed=spec.signed, symmetric=spec.symmetric,
-                   narrow_range=spec.narrow_range, reduce_range=spec.reduce_range, axis=axis)
 
 
-def _spec_id(spec):
-  flags = [name for name, on in (("narrow", spec.narrow_range), ("reduce", spec.reduce_range))
-           if on]
-  return "-".join([f"{'s' if spec.signed else 'u'}{spec.bits}"] + flags)
 
 
-def _bits(a):
-  return np.asarray(a, np.float32).view(np.uint32)
 
 
-def _per_channel(values, spec, ndim):
-  """(C,) values shaped to broadcast along spec.axis of rank-`ndim` data (numpy)."""
-  if not spec.per_channel:
-    return values
-  axis = spec.axis % ndim
-  return values.reshape((1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
 
 
 def _assert_same_bits(got, expected, what, spec, x, *, signed_zeros=True):
@@ -82,7 +71,7 @@ def _assert_same_bits(got, expected, what, spec, x, *, signed_zeros=True):
   assert got.shape == expected.shape, (what, got.shape, expected.shape)
   if not signed_zeros:
     got, expected = got + np.float32(0.0), expected + np.float32(0.0)  # -0.0 + 0.0 = +0.0
-  bad = np.flatnonzero(_bits(got) != _bits(expected))
+  bad = np.flatnonzero(cases.bits_of(got) != cases.bits_of(expected))
   assert bad.size == 0, (
       f"{what}: {bad.size} of {got.size} entries differ from torch for {spec}; first at "
       f"x={x.flat[bad[0]]!r}: qjax {got.flat[bad[0]]!r}, torch {expected.flat[bad[0]]!r}")
@@ -94,26 +83,8 @@ def _assert_same_bits(got, expected, what, spec, x, *, signed_zeros=True):
 KINDS = ("normal", "outside", "ties_even_zp", "ties_odd_zp", "near_ties")
 
 
-def _half_points(rng, spec, shape, zero_point, boundary_fraction):
-  """Integers k, k + 0.5 sweeping the grid around the zero point (uniform over
-  [qmin - Z - 3, qmax - Z + 2]), `boundary_fraction` of them at the clamping boundaries
-  k + 0.5 = qmin - Z - 0.5 and qmax - Z + 0.5, or one level beyond them."""
-  lo = spec.qmin - np.asarray(zero_point).astype(np.int64) - 3
-  hi = spec.qmax - np.asarray(zero_point).astype(np.int64) + 2
-  k = np.floor(lo + rng.random(shape) * (hi - lo + 1)).astype(np.int64)
-  pick = rng.random(shape)
-  step = rng.integers(0, 2, size=shape)  # on the boundary, or one level beyond
-  k = np.where(pick < boundary_fraction / 2, lo + 2 - step, k)
-  return np.where((pick >= boundary_fraction / 2) & (pick < boundary_fraction), hi - 2 + step, k)
 
 
-def _zero_points(rng, spec, size, parity):
-  z = rng.integers(spec.qmin, spec.qmax + 1, size=size)
-  if parity is not None:
-    z = z - (z % 2 != parity)
-    z = np.where(z < spec.qmin, z + 2, z)
-    z = np.where(z > spec.qmax, z - 1, z)
-  return z
 
 
 def make_case(kind, spec, shape, seed, *, zero_point=None):
@@ -125,7 +96,7 @@ def make_case(kind, spec, shape, seed, *, zero_point=None):
   rng = np.random.default_rng(seed)
   ndim = len(shape)
   n = shape[spec.axis % ndim] if spec.per_channel else 1
-  bc = lambda v: _per_channel(np.asarray(v), spec, ndim)  # noqa: E731
+  bc = lambda v: ref.broadcast(v, spec.axis, ndim)  # noqa: E731
   squeeze = (lambda v: v) if spec.per_channel else (lambda v: np.asarray(v).reshape(()))
   if kind in ("normal", "outside"):
     mu = rng.normal(size=n) * 2.0
@@ -143,15 +114,15 @@ def make_case(kind, spec, shape, seed, *, zero_point=None):
   elif kind in ("ties_even_zp", "ties_odd_zp", "near_ties"):
     if zero_point is None:
       parity = {"ties_even_zp": 0, "ties_odd_zp": 1, "near_ties": None}[kind]
-      zero_point = squeeze(_zero_points(rng, spec, n, parity))
+      zero_point = squeeze(cases.zero_points(rng, spec, n, parity))
     z_grid = grid_zero_point(zero_point, spec)
     if kind == "near_ties":
       scale = squeeze(rng.uniform(0.01, 0.1, size=n).astype(np.float32))
-      k = _half_points(rng, spec, shape, bc(z_grid), 0.5)
+      k = cases.half_points(rng, spec, shape, bc(z_grid), 0.5)
       x = (k + 0.5) * bc(scale).astype(np.float64) * (1.0 + rng.uniform(-3e-7, 3e-7, size=shape))
     else:
       scale = squeeze(np.ldexp(np.float32(1.0), -rng.integers(3, 8, size=n)).astype(np.float32))
-      k = _half_points(rng, spec, shape, bc(z_grid), 0.2)
+      k = cases.half_points(rng, spec, shape, bc(z_grid), 0.2)
       x = (k + 0.5) * bc(scale).astype(np.float64)  # exact in float32
   else:
     raise ValueError(kind)
@@ -211,10 +182,10 @@ def torch_fake_quant_and_grad(x, g, scale, zero_point, spec):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("spec", FQ_SPECS, ids=_spec_id)
+@pytest.mark.parametrize("spec", FQ_SPECS, ids=cases.spec_id)
 def test_fake_quant_values_and_grads_match_torch(spec, layout, mode):
   axis, shape = LAYOUTS[layout]
-  spec = _with_axis(spec, axis)
+  spec = dataclasses.replace(spec, axis=axis)
   for i, kind in enumerate(KINDS):
     x, scale, zero_point = make_case(kind, spec, shape, seed=100 * spec.bits + i)
     zero_point = zero_point.astype(np.int32)
@@ -273,9 +244,9 @@ def _term_magnitudes(x, g, scale, zero_point, spec, grad_factor, dx_mask):
   """sum |term_i| of dScale and dZeroPoint, per entry (float64; sizes only, for the
   tolerance). The mask of in-range entries is torch's dX != 0."""
   ndim = x.ndim
-  s = _per_channel(np.asarray(scale, np.float64), spec, ndim)
-  zb = _per_channel(grid_zero_point(np.asarray(zero_point, np.float32), spec).astype(np.float64),
-                    spec, ndim)
+  s = ref.broadcast(np.asarray(scale, np.float64), spec.axis, ndim)
+  zb = ref.broadcast(grid_zero_point(np.asarray(zero_point, np.float32), spec).astype(np.float64),
+                    spec.axis, ndim)
   t = x.astype(np.float64) / s + zb
   in_range = dx_mask
   fq = (np.clip(np.rint(t), spec.qmin, spec.qmax) - zb) * s
@@ -317,7 +288,7 @@ def _learnable_grad_factors(spec, shape):
 
 _LEARNABLE_CASES = [
     pytest.param(spec, layout, mode, factor,
-                 id=f"{_spec_id(spec)}-{layout}-{mode}-{factor}")
+                 id=f"{cases.spec_id(spec)}-{layout}-{mode}-{factor}")
     for spec in LEARNABLE_SPECS for layout in LAYOUTS for mode in MODES
     for factor in ("one", "lsq", "other")
     # grad_factor is static: each value compiles; sample the factors under jit.
@@ -328,7 +299,7 @@ _LEARNABLE_CASES = [
 @pytest.mark.parametrize("spec, layout, mode, factor", _LEARNABLE_CASES)
 def test_learnable_values_and_grads_match_torch(spec, layout, mode, factor):
   axis, shape = LAYOUTS[layout]
-  spec = _with_axis(spec, axis)
+  spec = dataclasses.replace(spec, axis=axis)
   grad_factor = _learnable_grad_factors(spec, shape)[factor]
   n = shape[axis] if spec.per_channel else 1
   zero_point_sets = ([_learnable_zero_points(spec, n, seed=3)] if spec.per_channel
@@ -397,8 +368,8 @@ def test_learnable_per_element_gradients_match_torch():
   def same(a, b, is_value):
     a, b = np.float32(a), np.float32(b)
     if is_value:
-      return _bits(a) == _bits(b)
-    return _bits(a + np.float32(0)) == _bits(b + np.float32(0))
+      return cases.bits_of(a) == cases.bits_of(b)
+    return cases.bits_of(a + np.float32(0)) == cases.bits_of(b + np.float32(0))
 
   bad = [(key, [(float(a), float(b)) for a, b in pairs]) for key, pairs in results.items()
          if not all(same(a, b, i == 0) for i, (a, b) in enumerate(pairs))]
@@ -416,6 +387,6 @@ def test_per_tensor_backward_zero_point_is_half_up_truncation_like_torch():
   got = _learnable(jnp.asarray(x), jnp.asarray(g), jnp.float32(scale), jnp.float32(zp), spec, 1.0)
   expected = torch_learnable(x, g, scale, zp, spec, 1.0)
   for a, b in zip(got, expected):
-    np.testing.assert_array_equal(_bits(a), _bits(b))
+    np.testing.assert_array_equal(cases.bits_of(a), cases.bits_of(b))
   assert expected[0][0] == (-4 - 2) * 0.25  # forward clamped with Z = 2
   assert expected[1][0] == 1.0  # ... yet torch passes the gradient
