@@ -191,30 +191,57 @@ def checked_qparams(spec: QuantSpec, qparams: QParams, shape: tuple[int, ...], *
       hint=" Learnable (float) zero points go through qjax.ste.fake_quant_learnable.")
   zero_point = zero_point.astype(jnp.int32)
   expected = expected_qparam_shape(spec, shape)
-  for name, value in (("qparams.scale", scale), ("qparams.zero_point", zero_point)):
-    ok = value.shape == expected or (not spec.per_channel and value.shape == (1,))
-    if not ok:
-      kind = (f"per-channel along axis {spec.axis}" if spec.per_channel else "per-tensor")
-      raise ValueError(f"{where}: {name} has shape {value.shape}, but the spec is {kind} and "
-                       f"the data has shape {tuple(shape)}, so it must have shape {expected}"
-                       + (" (or (1,))" if not spec.per_channel else "") + ".")
+  check_qparam_shape(scale, spec, shape, name=f"{where}: qparams.scale")
+  check_qparam_shape(zero_point, spec, shape, name=f"{where}: qparams.zero_point")
   scale, zero_point = scale.reshape(expected), zero_point.reshape(expected)
-  _check_qparam_values(spec, scale, zero_point, where=where)
+  check_scale_values(scale, name=f"{where}: qparams.scale")
+  check_zero_point_values(zero_point, spec, name=f"{where}: qparams.zero_point")
   return scale, zero_point
 
 
-def _check_qparam_values(spec: QuantSpec, scale: jax.Array, zero_point: jax.Array, *,
-                         where: str) -> None:
-  """Value checks that run only when the qparams are concrete."""
+def check_qparam_shape(value: jax.Array, spec: QuantSpec, data_shape: tuple[int, ...], *,
+                       name: str, data_name: str = "the data",
+                       allow_size_one: bool = True) -> None:
+  """ValueError unless `value` has the qparam shape `spec` needs for data of `data_shape`.
+
+  Per-tensor qparams have shape () (or, with `allow_size_one`, PyTorch's (1,)); per-channel
+  ones (C,). `name` and `data_name` name the two arrays in the message.
+  """
+  expected = expected_qparam_shape(spec, tuple(data_shape))
+  size_one_ok = allow_size_one and not spec.per_channel
+  if tuple(value.shape) == expected or (size_one_ok and tuple(value.shape) == (1,)):
+    return
+  kind = f"per-channel along axis {spec.axis}" if spec.per_channel else "per-tensor"
+  raise ValueError(f"{name} has shape {tuple(value.shape)}, but the spec is {kind} and "
+                   f"{data_name} has shape {tuple(data_shape)}, so it must have shape {expected}"
+                   + (" (or (1,))" if size_one_ok else "") + ".")
+
+
+def check_scale_values(scale: jax.Array, *, name: str) -> None:
+  """ValueError naming `name` unless a concrete scale is finite and > 0 (traced: no check)."""
   s = _checks.concrete(scale)
   if s is not None and not np.all(np.isfinite(s) & (s > 0)):
     bad = s[~(np.isfinite(s) & (s > 0))] if s.ndim else s
-    raise ValueError(f"{where}: qparams.scale must be finite and > 0; got {bad!r}.")
+    raise ValueError(f"{name} must be finite and > 0; got {bad!r}.")
+
+
+def check_zero_point_values(zero_point: jax.Array, spec: QuantSpec, *, name: str) -> None:
+  """ValueError naming `name` unless a concrete zero point lies in [qmin, qmax]."""
   z = _checks.concrete(zero_point)
   if z is not None and not np.all((z >= spec.qmin) & (z <= spec.qmax)):
     bad = z[(z < spec.qmin) | (z > spec.qmax)] if z.ndim else z
-    raise ValueError(f"{where}: qparams.zero_point must lie in [qmin, qmax] = "
-                     f"[{spec.qmin}, {spec.qmax}] for {spec}; got {bad!r}.")
+    raise ValueError(f"{name} must lie in [qmin, qmax] = [{spec.qmin}, {spec.qmax}] for {spec}; "
+                     f"got {bad!r}.")
+
+
+def check_grid_values(q: jax.Array, spec: QuantSpec, *, name: str) -> None:
+  """ValueError naming `name` unless every concrete integer of `q` lies in [qmin, qmax]."""
+  if not q.size:
+    return
+  q_min, q_max = _checks.concrete(jnp.min(q)), _checks.concrete(jnp.max(q))
+  if q_min is not None and (q_min < spec.qmin or q_max > spec.qmax):
+    raise ValueError(f"{name} holds values in [{int(q_min)}, {int(q_max)}], outside the grid "
+                     f"[qmin, qmax] = [{spec.qmin}, {spec.qmax}] of {spec}.")
 
 
 def broadcast_qparam(v: jax.Array, spec: QuantSpec, ndim: int) -> jax.Array:
@@ -452,11 +479,7 @@ def dequantize(q: jax.typing.ArrayLike, spec: QuantSpec, qparams: QParams, *,
   if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
     raise TypeError(f"dequantize: dtype must be a floating dtype; got {jnp.dtype(dtype)}.")
   scale, zero_point = checked_qparams(spec, qparams, q.shape, where="dequantize")
-  if q.size:
-    q_min, q_max = _checks.concrete(jnp.min(q)), _checks.concrete(jnp.max(q))
-    if q_min is not None and (q_min < spec.qmin or q_max > spec.qmax):
-      raise ValueError(f"dequantize: q holds values in [{int(q_min)}, {int(q_max)}], outside the "
-                       f"grid [qmin, qmax] = [{spec.qmin}, {spec.qmax}] of {spec}.")
+  check_grid_values(q, spec, name="dequantize: q")
   return _dequantize_core(q, scale, zero_point, spec=spec).astype(dtype)
 
 

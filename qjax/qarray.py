@@ -115,27 +115,16 @@ def validate(qa: QArray) -> None:
     raise TypeError(f"QArray.zero_point must be int32; got {zero_point.dtype}.")
   if spec.per_channel:
     _checks.normalize_axis(spec.axis, qvalue.ndim, name="QArray.spec.axis", shape=qvalue.shape)
-  expected = numerics.expected_qparam_shape(spec, tuple(qvalue.shape))
   for name, value in (("scale", scale), ("zero_point", zero_point)):
-    if tuple(value.shape) != expected:
-      raise ValueError(f"QArray.{name} has shape {tuple(value.shape)} but qvalue has shape "
-                       f"{tuple(qvalue.shape)} and the spec is "
-                       f"{'per-channel along axis %d' % spec.axis if spec.per_channel else 'per-tensor'}"
-                       f", so it must have shape {expected}.")
-  s, z = _checks.concrete(scale), _checks.concrete(zero_point)
-  if s is not None and not np.all(np.isfinite(s) & (s > 0)):
-    raise ValueError(f"QArray.scale must be finite and > 0; got {s!r}.")
-  if z is not None:
-    if not np.all((z >= spec.qmin) & (z <= spec.qmax)):
-      raise ValueError(f"QArray.zero_point must lie in [{spec.qmin}, {spec.qmax}]; got {z!r}.")
-    if spec.symmetric and not np.all(z == spec.symmetric_zero_point):
-      raise ValueError(f"QArray.zero_point must be {spec.symmetric_zero_point} for the symmetric "
-                       f"{spec}; got {z!r}.")
-  if qvalue.size:
-    lo, hi = _checks.concrete(jnp.min(qvalue)), _checks.concrete(jnp.max(qvalue))
-    if lo is not None and (lo < spec.qmin or hi > spec.qmax):
-      raise ValueError(f"QArray.qvalue holds values in [{int(lo)}, {int(hi)}], outside "
-                       f"[qmin, qmax] = [{spec.qmin}, {spec.qmax}] of {spec}.")
+    numerics.check_qparam_shape(value, spec, qvalue.shape, name=f"QArray.{name}",
+                                data_name="qvalue", allow_size_one=False)
+  numerics.check_scale_values(scale, name="QArray.scale")
+  numerics.check_zero_point_values(zero_point, spec, name="QArray.zero_point")
+  z = _checks.concrete(zero_point)
+  if z is not None and spec.symmetric and not np.all(z == spec.symmetric_zero_point):
+    raise ValueError(f"QArray.zero_point must be {spec.symmetric_zero_point} for the symmetric "
+                     f"{spec}; got {z!r}.")
+  numerics.check_grid_values(qvalue, spec, name="QArray.qvalue")
 
 
 def quantize_array(x: jax.typing.ArrayLike, spec: QuantSpec, *,

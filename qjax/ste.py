@@ -134,12 +134,9 @@ def fake_quant_learnable(x: jax.typing.ArrayLike, spec: QuantSpec, scale: jax.ty
       hint=" A learnable zero point is a float parameter.").astype(jnp.float32)
   expected = numerics.expected_qparam_shape(spec, x.shape)
   for name, value in (("scale", scale), ("zero_point", zero_point)):
-    if not (value.shape == expected or (not spec.per_channel and value.shape == (1,))):
-      raise ValueError(f"fake_quant_learnable: {name} has shape {value.shape}; for {spec} and "
-                       f"x of shape {x.shape} it must have shape {expected}.")
-  s = _checks.concrete(scale)
-  if s is not None and not np.all(np.isfinite(s) & (s > 0)):
-    raise ValueError(f"fake_quant_learnable: scale must be finite and > 0; got {s!r}.")
+    numerics.check_qparam_shape(value, spec, x.shape, name=f"fake_quant_learnable: {name}",
+                                data_name="x")
+  numerics.check_scale_values(scale, name="fake_quant_learnable: scale")
   if not isinstance(grad_factor, (int, float)) or isinstance(grad_factor, bool):
     raise TypeError(f"fake_quant_learnable: grad_factor must be a Python float; got "
                     f"{grad_factor!r}.")

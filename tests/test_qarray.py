@@ -82,7 +82,8 @@ class QArrayTest(chex.TestCase):
     (lambda qa: QArray(qa.qvalue, qa.scale, qa.zero_point.astype(jnp.int8), qa.spec),
      TypeError, "zero_point must be int32"),
     (lambda qa: QArray(qa.qvalue, qa.scale[:3], qa.zero_point, qa.spec),
-     ValueError, r"scale has shape \(3,\) but qvalue has shape \(5, 4\).*must have shape \(4,\)"),
+     ValueError, r"QArray\.scale has shape \(3,\), but the spec is per-channel along axis 1 and qvalue "
+     r"has shape \(5, 4\), so it must have shape \(4,\)\."),
     (lambda qa: QArray(qa.qvalue, qa.scale, qa.zero_point, QuantSpec(bits=8, axis=2,
                                                                      symmetric=True)),
      ValueError, "axis=2 is out of range"),
@@ -91,10 +92,11 @@ class QArrayTest(chex.TestCase):
     (lambda qa: QArray(qa.qvalue, qa.scale, qa.zero_point + 1, qa.spec),
      ValueError, "zero_point must be 0 for the symmetric"),
     (lambda qa: QArray(qa.qvalue, qa.scale, qa.zero_point + 500,
-                       QuantSpec(bits=8, axis=1)), ValueError, r"zero_point must lie in \[-128"),
+                       QuantSpec(bits=8, axis=1)), ValueError, r"QArray\.zero_point must lie in \[qmin, qmax\] = \[-128, 127\]"),
     (lambda qa: QArray(jnp.full((5, 4), -128, jnp.int8), qa.scale, qa.zero_point,
                        QuantSpec(bits=8, axis=1, symmetric=True, narrow_range=True)),
-     ValueError, r"qvalue holds values in \[-128, -128\], outside \[qmin, qmax\] = \[-127, 127\]"),
+     ValueError, r"QArray\.qvalue holds values in \[-128, -128\], outside the grid "
+     r"\[qmin, qmax\] = \[-127, 127\]"),
     (lambda qa: QArray(qa.qvalue, qa.scale, qa.zero_point, "int8"), TypeError,
      "spec must be a qjax.QuantSpec"),
     (lambda qa: QArray(np.asarray(qa.qvalue).tolist(), qa.scale, qa.zero_point, qa.spec),
