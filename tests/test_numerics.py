@@ -899,11 +899,5 @@ def test_pytorch_symmetric_zero_points(kwargs, zero_point):
   assert int(qp.zero_point) == zero_point
 
 
-def test_docstring_examples():
-  assert (QuantSpec(bits=8, signed=False).qmin, QuantSpec(bits=8, signed=False).qmax) == (0, 255)
-  assert QuantSpec(bits=8, narrow_range=True, symmetric=True, axis=0).qmin == -127
-  q = qjax.quantize(jnp.array([-1.0, 0.0, 0.5, 9.0]), QuantSpec(bits=8, signed=False),
-                    QParams(jnp.float32(0.5), jnp.int32(2)))
-  assert q.dtype == jnp.uint8
-  np.testing.assert_array_equal(q, [0, 2, 3, 20])
-  assert qjax.FLOAT32_EPS == EPS32
+def test_float32_eps_is_pytorchs_default():
+  assert qjax.FLOAT32_EPS == 2.0**-23  # torch.finfo(torch.float32).eps
