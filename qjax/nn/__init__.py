@@ -1,0 +1,43 @@
+"""Flax linen layer of qjax: observers in the "quant_stats" collection, calibration and QAT."""
+
+from qjax.nn.modules import Dequantize
+from qjax.nn.modules import FakeQuant
+from qjax.nn.modules import Mode
+from qjax.nn.modules import QPARAMS
+from qjax.nn.modules import QuantConv
+from qjax.nn.modules import QuantConvGeneral
+from qjax.nn.modules import QuantDense
+from qjax.nn.modules import QuantDotGeneral
+from qjax.nn.modules import Quantize
+from qjax.nn.modules import STATS
+from qjax.nn.modules import as_mode
+from qjax.nn.modules import collect_qparams
+from qjax.nn.modules import module_path
+from qjax.nn.qconfig import QConfig
+from qjax.nn.qconfig import QConfigMap
+from qjax.nn.qconfig import bits_qconfig
+from qjax.nn.qconfig import default_qconfig
+from qjax.nn.qconfig import get_default_qat_qconfig
+from qjax.nn.qconfig import get_default_qconfig
+
+__all__ = (
+    "Dequantize",
+    "FakeQuant",
+    "Mode",
+    "QConfig",
+    "QConfigMap",
+    "QPARAMS",
+    "QuantConv",
+    "QuantConvGeneral",
+    "QuantDense",
+    "QuantDotGeneral",
+    "Quantize",
+    "STATS",
+    "as_mode",
+    "bits_qconfig",
+    "collect_qparams",
+    "default_qconfig",
+    "get_default_qat_qconfig",
+    "get_default_qconfig",
+    "module_path",
+)

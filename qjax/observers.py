@@ -1,0 +1,364 @@
+"""Observers: running statistics of a tensor, and the qparams they imply. No module state.
+
+Every observer is a frozen, hashable dataclass (static under `jax.jit`, usable as a Flax module
+attribute) with three pure methods over a small NamedTuple state of float32 statistics and
+int32 counters:
+
+  state  = observer.init(shape)          # nothing seen yet: count == 0
+  state  = observer.update(state, x)     # fold in one batch
+  qparams = observer.qparams(state)      # QParams(scale, zero_point) for observer.spec
+
+The flax layer (`qjax.nn`) keeps these states in the "quant_stats" collection, exactly as
+BatchNorm keeps its running averages in "batch_stats".
+
+Observers and their PyTorch counterparts (`torch.ao.quantization`):
+
+  MinMaxObserver                (MinMaxObserver / PerChannelMinMaxObserver)
+      min_t = min(min_{t-1}, min(x_t)),  max_t = max(max_{t-1}, max(x_t))
+  MovingAverageMinMaxObserver   (MovingAverage[PerChannel]MinMaxObserver)
+      first batch: min_1 = min(x_1); then min_t = min_{t-1} + c * (min(x_t) - min_{t-1})
+  HistogramObserver             (HistogramObserver): a histogram over [min, max], and the
+      clip range that minimises the L2 quantization error of the histogram.
+  PercentileObserver            the same histogram, clipped at the (100-p)-th and p-th
+      percentiles.
+
+Per-channel statistics follow `spec.axis` (min/max observers only). The arithmetic matches
+PyTorch's float32 operations one by one, so states and qparams agree with it bit for bit.
+
+Non-finite data. A batch that holds NaN or +-inf is never folded into the state. Called on
+concrete arrays (eagerly), `update` raises a ValueError. Under `jax.jit` it cannot raise: the
+batch is skipped whole and `state.skipped` counts it, so the event stays visible (PyTorch
+would propagate the NaN into min/max; its HistogramObserver drops the inf elements and keeps
+the rest of the batch).
+
+Asking for qparams before any batch was seen raises a ValueError eagerly; under jit the scale
+is NaN (`qparams_from_minmax`'s convention for an invalid range).
+
+Sharding. `update(..., axis_name=...)` reduces the batch statistics over a mapped axis
+(`lax.pmin` / `lax.pmax`) before folding them in, so replicas of a data-parallel step keep
+identical min/max states. `merge` combines two min/max states (e.g. from separate runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from qjax import _checks
+from qjax import _histogram
+from qjax import numerics
+from qjax.numerics import FLOAT32_EPS, QParams, QuantSpec
+
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+class MinMaxState(NamedTuple):
+  """Running range of a min/max observer.
+
+  Attributes:
+    min_val: float32, shape () per-tensor or (C,) per-channel; +inf before any data.
+    max_val: float32, same shape; -inf before any data.
+    count: int32, batches folded in (saturates at 2^31 - 1).
+    skipped: int32, batches dropped because they held NaN or +-inf (only under jit).
+  """
+
+  min_val: jax.Array
+  max_val: jax.Array
+  count: jax.Array
+  skipped: jax.Array
+
+
+class HistogramState(NamedTuple):
+  """Histogram of everything seen, over [min_val, max_val].
+
+  Attributes:
+    histogram: float32 (bins,) counts.
+    min_val, max_val: float32 scalars, the histogram's range (+inf / -inf before any data).
+    count, skipped: as in `MinMaxState`.
+  """
+
+  histogram: jax.Array
+  min_val: jax.Array
+  max_val: jax.Array
+  count: jax.Array
+  skipped: jax.Array
+
+
+ObserverState = Union[MinMaxState, HistogramState]
+
+
+def _shape_of(shape_or_array: Any) -> tuple[int, ...]:
+  if hasattr(shape_or_array, "shape"):
+    return tuple(shape_or_array.shape)
+  try:
+    return tuple(int(d) for d in shape_or_array)
+  except TypeError as err:
+    raise TypeError(f"init expects the observed tensor's shape (a tuple of ints) or an array; "
+                    f"got {shape_or_array!r}.") from err
+
+
+def _saturating_increment(count: jax.Array, where: jax.Array) -> jax.Array:
+  """count + 1 where `where`, without wrapping past int32's maximum."""
+  step = (where & (count < _INT32_MAX)).astype(jnp.int32)
+  return count + step
+
+
+def _batch_data(x: Any, name: str) -> jax.Array:
+  """The batch as a float32 array; errors for integer, empty or (concretely) non-finite data."""
+  x = _checks.as_float_array("x", x, hint=f" ({name} observes real-valued tensors).")
+  if x.size == 0:
+    raise ValueError(f"{name}.update: x is empty (shape {x.shape}); an observer needs at least "
+                     f"one value per batch (an empty calibration set gives no range).")
+  finite = _checks.concrete_bool(jnp.all(jnp.isfinite(x)))
+  if finite is False:
+    n_nan = int(jnp.sum(jnp.isnan(x)))
+    n_inf = int(jnp.sum(jnp.isinf(x)))
+    raise ValueError(f"{name}.update: x holds {n_nan} NaN and {n_inf} +-inf value(s) (shape "
+                     f"{x.shape}); they have no place in a quantization range. Clean the batch, "
+                     f"or run under jax.jit, where such a batch is skipped and counted in "
+                     f"state.skipped.")
+  return x.astype(jnp.float32)
+
+
+def _reduced_axes(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+  if not spec.per_channel:
+    return tuple(range(len(shape)))
+  axis = _checks.normalize_axis(spec.axis, len(shape), shape=shape)
+  return tuple(a for a in range(len(shape)) if a != axis)
+
+
+def _check_state_shape(state: Any, expected_type: type, shape: tuple[int, ...],
+                       name: str) -> None:
+  if not isinstance(state, expected_type):
+    raise TypeError(f"{name}: expected a {expected_type.__name__} (from {name}.init); "
+                    f"got {type(state).__name__}.")
+  if tuple(state.min_val.shape) != shape:
+    raise ValueError(f"{name}: the state holds statistics of shape {tuple(state.min_val.shape)} "
+                     f"but this batch needs {shape}; was the state initialised for another "
+                     f"tensor (per-channel axis length)?")
+
+
+def _checked_range(state: ObserverState, name: str) -> tuple[jax.Array, jax.Array]:
+  """(min_val, max_val) of a state; ValueError when, concretely, it has seen no data."""
+  count = _checks.concrete(state.count)
+  if count is not None and int(count) == 0:
+    skipped = _checks.concrete(state.skipped)
+    why = (f" ({int(skipped)} batch(es) were skipped for NaN/inf)"
+           if skipped is not None and int(skipped) else "")
+    raise ValueError(f"{name}: the observer has seen no data{why}, so it has no range to derive "
+                     f"qparams from. Run calibration batches through it first (with the "
+                     f"'quant_stats' collection mutable).")
+  return state.min_val, state.max_val
+
+
+def merge(a: MinMaxState, b: MinMaxState) -> MinMaxState:
+  """Union of two MinMaxObserver states: min of mins, max of maxes, counts added.
+
+  Exact for `MinMaxObserver`; for moving averages it is the union of the two ranges.
+  """
+  if not (isinstance(a, MinMaxState) and isinstance(b, MinMaxState)):
+    raise TypeError(f"merge expects two MinMaxState; got {type(a).__name__} and "
+                    f"{type(b).__name__}.")
+  if a.min_val.shape != b.min_val.shape:
+    raise ValueError(f"merge: state shapes differ: {a.min_val.shape} vs {b.min_val.shape}.")
+  count = jnp.where(a.count > _INT32_MAX - b.count, jnp.int32(_INT32_MAX), a.count + b.count)
+  return MinMaxState(jnp.minimum(a.min_val, b.min_val), jnp.maximum(a.max_val, b.max_val),
+                     count, a.skipped + b.skipped)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _RangeObserver:
+  """Shared parts: the target grid and the scale floor."""
+
+  spec: QuantSpec
+  eps: float = FLOAT32_EPS
+
+  def __post_init__(self):
+    if not isinstance(self.spec, QuantSpec):
+      raise TypeError(f"{type(self).__name__}.spec must be a qjax.QuantSpec; got "
+                      f"{type(self.spec).__name__}.")
+    if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) \
+        or not 0 < self.eps < np.inf:
+      raise ValueError(f"{type(self).__name__}.eps must be a positive finite float; "
+                       f"got {self.eps!r}.")
+
+  @property
+  def name(self) -> str:
+    return type(self).__name__
+
+  def range(self, state: ObserverState) -> tuple[jax.Array, jax.Array]:
+    """The (min, max) the qparams are computed from."""
+    return _checked_range(state, self.name)
+
+  def qparams(self, state: ObserverState) -> QParams:
+    """`qparams_from_minmax(*self.range(state), self.spec)`."""
+    lo, hi = self.range(state)
+    return numerics.qparams_from_minmax(lo, hi, self.spec, eps=float(self.eps))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MinMaxObserver(_RangeObserver):
+  """Running min and max: min_t = min(min_{t-1}, min x_t), max_t = max(max_{t-1}, max x_t).
+
+  PyTorch's `MinMaxObserver` (per-tensor) and `PerChannelMinMaxObserver` (`spec.axis`).
+
+  Example:
+    >>> obs = MinMaxObserver(spec=QuantSpec(bits=8, signed=False))
+    >>> state = obs.update(obs.init(()), jnp.array([-1.0, 3.0]))
+    >>> float(obs.qparams(state).scale), int(obs.qparams(state).zero_point)
+    (0.01568627543747425, 64)
+  """
+
+  def init(self, shape: Any) -> MinMaxState:
+    """Empty state for tensors of `shape` (or an array of that shape)."""
+    stat_shape = numerics.expected_qparam_shape(self.spec, _shape_of(shape))
+    return MinMaxState(jnp.full(stat_shape, jnp.inf, jnp.float32),
+                       jnp.full(stat_shape, -jnp.inf, jnp.float32),
+                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def _batch_range(self, state, x, axis_name):
+    x = _batch_data(x, self.name)
+    _check_state_shape(state, MinMaxState,
+                       numerics.expected_qparam_shape(self.spec, x.shape), self.name)
+    axes = _reduced_axes(self.spec, x.shape)
+    finite = jnp.all(jnp.isfinite(x))
+    # Reduce over finite values only so that one bad batch cannot leak through pmin/pmax.
+    lo = jnp.min(jnp.where(jnp.isfinite(x), x, jnp.inf), axis=axes)
+    hi = jnp.max(jnp.where(jnp.isfinite(x), x, -jnp.inf), axis=axes)
+    if axis_name is not None:
+      finite = lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
+      lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)
+    return lo, hi, finite
+
+  def update(self, state: MinMaxState, x: jax.typing.ArrayLike, *,
+             axis_name: str | None = None) -> MinMaxState:
+    """Fold in the batch `x`; `axis_name` reduces the batch range across a mapped axis."""
+    lo, hi, ok = self._batch_range(state, x, axis_name)
+    return MinMaxState(jnp.where(ok, jnp.minimum(state.min_val, lo), state.min_val),
+                       jnp.where(ok, jnp.maximum(state.max_val, hi), state.max_val),
+                       _saturating_increment(state.count, ok),
+                       _saturating_increment(state.skipped, ~ok))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MovingAverageMinMaxObserver(MinMaxObserver):
+  """Exponential moving average of each batch's min and max (c = `averaging_constant`):
+
+    min_1 = min x_1,   min_t = min_{t-1} + c * (min x_t - min_{t-1})      (max likewise)
+
+  PyTorch's `MovingAverageMinMaxObserver` / `MovingAveragePerChannelMinMaxObserver`, with the
+  same float32 roundings (c is rounded to float32; subtract, multiply and add round separately).
+  """
+
+  averaging_constant: float = 0.01
+
+  def __post_init__(self):
+    super().__post_init__()
+    c = self.averaging_constant
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+      raise ValueError(f"MovingAverageMinMaxObserver.averaging_constant must be in (0, 1]; "
+                       f"got {c!r}.")
+
+  def update(self, state: MinMaxState, x: jax.typing.ArrayLike, *,
+             axis_name: str | None = None) -> MinMaxState:
+    """Fold in the batch `x` (first batch: its range; later: the moving average)."""
+    lo, hi, ok = self._batch_range(state, x, axis_name)
+    first = state.count == 0
+    c = jnp.float32(self.averaging_constant)
+
+    def ema(old, new):
+      # PyTorch runs sub, mul and add as three kernels; keep XLA from fusing mul+add into an FMA.
+      step = numerics._uncontractible(c * (new - old), new)  # pylint: disable=protected-access
+      return jnp.where(first, new, old + step)
+
+    return MinMaxState(jnp.where(ok, ema(state.min_val, lo), state.min_val),
+                       jnp.where(ok, ema(state.max_val, hi), state.max_val),
+                       _saturating_increment(state.count, ok),
+                       _saturating_increment(state.skipped, ~ok))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HistogramObserver(_RangeObserver):
+  """PyTorch's `HistogramObserver`: a `bins`-bin histogram over the running [min, max]
+  (re-binned when the range grows), and qparams from the sub-range [a, b] of the histogram
+  that minimises the L2 error of quantizing it onto 2^bits levels:
+
+    [a, b] = argmin  sum_bins  E[(x - Q_{a,b}(x))^2]      (greedy search, as PyTorch does)
+
+  Per-tensor only. Good for activations with long tails (PyTorch's x86 default).
+  """
+
+  bins: int = 2048
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.spec.per_channel:
+      raise ValueError(f"{self.name} is per-tensor only; got spec.axis={self.spec.axis}. Use "
+                       f"MinMaxObserver or MovingAverageMinMaxObserver for per-channel ranges.")
+    if isinstance(self.bins, bool) or not isinstance(self.bins, (int, np.integer)) \
+        or self.bins < 1:
+      raise ValueError(f"{self.name}.bins must be a positive int; got {self.bins!r}.")
+
+  def init(self, shape: Any) -> HistogramState:
+    """Empty state (the histogram does not depend on the tensor's shape)."""
+    del shape
+    return HistogramState(jnp.zeros((self.bins,), jnp.float32),
+                          jnp.full((), jnp.inf, jnp.float32), jnp.full((), -jnp.inf, jnp.float32),
+                          jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def update(self, state: HistogramState, x: jax.typing.ArrayLike) -> HistogramState:
+    """Fold in the batch `x` (PyTorch's `HistogramObserver.forward`)."""
+    x = _batch_data(x, self.name)
+    if not isinstance(state, HistogramState) or state.histogram.shape != (self.bins,):
+      raise TypeError(f"{self.name}.update: expected a HistogramState with {self.bins} bins "
+                      f"(from {self.name}.init); got {type(state).__name__}"
+                      + (f" with {state.histogram.shape[0]} bins"
+                         if isinstance(state, HistogramState) else "") + ".")
+    ok = jnp.all(jnp.isfinite(x))
+    # A skipped batch is replaced by a harmless finite one; its result is discarded below.
+    safe_x = jnp.where(ok, x, jnp.zeros_like(x))
+    hist, lo, hi = _histogram.histogram_update(state.histogram, state.min_val, state.max_val,
+                                               safe_x, initialized=state.count > 0)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    return HistogramState(keep(hist, state.histogram), keep(lo, state.min_val),
+                          keep(hi, state.max_val), _saturating_increment(state.count, ok),
+                          _saturating_increment(state.skipped, ~ok))
+
+  def range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
+    """The L2-optimal clip range (PyTorch's `_non_linear_param_search`)."""
+    lo, hi = _checked_range(state, self.name)
+    return _histogram.l2_search_range(state.histogram, lo, hi, dst_nbins=2**self.spec.bits)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PercentileObserver(HistogramObserver):
+  """Histogram observer whose range is clipped at percentiles of everything seen:
+
+    [a, b] = [P_{100-p}(x), P_p(x)]    (linear interpolation inside a histogram bin)
+
+  `percentile=100` gives the plain min/max. Clipping a few outliers usually buys resolution
+  for the bulk of an activation distribution.
+  """
+
+  percentile: float = 99.99
+
+  def __post_init__(self):
+    super().__post_init__()
+    p = self.percentile
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50 < p <= 100:
+      raise ValueError(f"PercentileObserver.percentile must be in (50, 100]; got {p!r}.")
+
+  def range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
+    """The percentile clip range."""
+    lo, hi = _checked_range(state, self.name)
+    return _histogram.percentile_range(state.histogram, lo, hi,
+                                       percentile=float(self.percentile))
+
+
+Observer = Union[MinMaxObserver, MovingAverageMinMaxObserver, HistogramObserver,
+                 PercentileObserver]

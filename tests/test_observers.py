@@ -1,0 +1,250 @@
+"""Observers: pure (init, update, qparams) over NamedTuple states; invariants, NaN policy,
+empty-state errors, jit / no-jit agreement, cross-replica reduction."""
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qjax import QuantSpec, numerics
+from qjax import observers as obs
+
+U8 = QuantSpec(bits=8, signed=False)
+I8_SYM_PC = QuantSpec(bits=8, signed=True, symmetric=True, axis=-1)
+
+OBSERVERS = {
+    "minmax": obs.MinMaxObserver(spec=U8),
+    "minmax_per_channel": obs.MinMaxObserver(spec=I8_SYM_PC),
+    "moving_average": obs.MovingAverageMinMaxObserver(spec=U8),
+    "moving_average_per_channel": obs.MovingAverageMinMaxObserver(spec=I8_SYM_PC,
+                                                                  averaging_constant=0.3),
+    "histogram": obs.HistogramObserver(spec=U8, bins=64),
+    "percentile": obs.PercentileObserver(spec=U8, bins=64, percentile=99.0),
+}
+RNG = np.random.default_rng(7)
+BATCHES = [jnp.asarray((RNG.standard_normal((16, 5)) * s + m).astype(np.float32))
+           for s, m in ((1.0, 0.0), (2.0, 0.5), (0.5, -1.0))]
+
+
+def _run(observer, batches, update=None):
+  update = update or observer.update
+  state = observer.init(batches[0].shape)
+  for b in batches:
+    state = update(state, b)
+  return state
+
+
+class ObserverContractTest(chex.TestCase):
+  """One suite over every observer (STYLE habit 5)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_jit_and_eager_agree_and_qparams_are_valid(self, observer):
+    state = _run(observer, BATCHES, self.variant(observer.update))
+    eager = _run(observer, BATCHES)
+    chex.assert_trees_all_equal(state, eager)
+    assert int(state.count) == len(BATCHES) and int(state.skipped) == 0
+    scale, zp = observer.qparams(state)
+    assert scale.dtype == jnp.float32 and zp.dtype == jnp.int32
+    assert np.all(np.asarray(scale) > 0)
+    assert np.all((np.asarray(zp) >= observer.spec.qmin) & (np.asarray(zp) <= observer.spec.qmax))
+
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_state_is_float32_stats_and_int32_counters(self, observer):
+    state = observer.init((16, 5))
+    for name, value in state._asdict().items():
+      expected = jnp.int32 if name in ("count", "skipped") else jnp.float32
+      assert value.dtype == expected, name
+    assert int(state.count) == 0
+
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_no_data_raises(self, observer):
+    with pytest.raises(ValueError, match="has seen no data"):
+      observer.qparams(observer.init((16, 5)))
+
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_no_data_under_jit_gives_nan_scale(self, observer):
+    scale, _ = jax.jit(observer.qparams)(observer.init((16, 5)))
+    assert np.all(np.isnan(np.asarray(scale)))
+
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_nonfinite_batch_raises_eagerly(self, observer):
+    state = observer.init((16, 5))
+    bad = BATCHES[0].at[3, 1].set(jnp.nan).at[0, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"1 NaN and 1 \+-inf"):
+      observer.update(state, bad)
+
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_nonfinite_batch_is_skipped_and_counted_under_jit(self, observer):
+    update = jax.jit(observer.update)
+    state = update(observer.init((16, 5)), BATCHES[0])
+    for bad_value in (jnp.nan, jnp.inf, -jnp.inf):
+      after = update(state, BATCHES[1].at[2, 2].set(bad_value))
+      chex.assert_trees_all_equal(after._replace(skipped=state.skipped), state)
+      assert int(after.skipped) == int(state.skipped) + 1
+    # A skipped first batch leaves the observer empty: still an error, and it says why.
+    empty = update(observer.init((16, 5)), BATCHES[0].at[0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"1 batch\(es\) were skipped"):
+      observer.qparams(empty)
+
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_bad_batches_raise(self, observer):
+    state = observer.init((16, 5))
+    with pytest.raises(ValueError, match="empty"):
+      observer.update(state, jnp.zeros((0, 5), jnp.float32))
+    with pytest.raises(TypeError, match="floating-point"):
+      observer.update(state, jnp.ones((16, 5), jnp.int32))
+
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_hashable_and_equal_by_value(self, observer):
+    import dataclasses
+    assert hash(observer) == hash(dataclasses.replace(observer))
+    assert observer == dataclasses.replace(observer)
+
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_does_not_recompile(self, observer):
+    traces = []
+
+    def update(state, x):
+      traces.append(None)
+      return observer.update(state, x)
+
+    _run(observer, BATCHES, jax.jit(update))
+    assert len(traces) == 1
+
+
+class MinMaxTest(parameterized.TestCase):
+
+  def test_running_min_max_and_qparams(self):
+    observer = obs.MinMaxObserver(spec=U8)
+    state = _run(observer, BATCHES)
+    everything = jnp.concatenate(BATCHES)
+    assert float(state.min_val) == float(everything.min())
+    assert float(state.max_val) == float(everything.max())
+    chex.assert_trees_all_equal(
+        observer.qparams(state),
+        numerics.qparams_from_minmax(everything.min(), everything.max(), U8))
+
+  def test_per_channel_along_axis(self):
+    observer = obs.MinMaxObserver(spec=QuantSpec(bits=8, symmetric=True, axis=0))
+    state = _run(observer, BATCHES)
+    everything = jnp.concatenate(BATCHES, axis=1)
+    np.testing.assert_array_equal(state.min_val, everything.min(axis=1))
+    np.testing.assert_array_equal(state.max_val, everything.max(axis=1))
+
+  def test_state_for_another_channel_count_raises(self):
+    observer = obs.MinMaxObserver(spec=I8_SYM_PC)
+    with pytest.raises(ValueError, match=r"statistics of shape \(4,\) but this batch needs \(5,\)"):
+      observer.update(observer.init((3, 4)), BATCHES[0])
+
+  def test_counter_saturates(self):
+    observer = obs.MinMaxObserver(spec=U8)
+    state = observer.init(())._replace(count=jnp.int32(np.iinfo(np.int32).max))
+    assert int(observer.update(state, BATCHES[0]).count) == np.iinfo(np.int32).max
+
+  def test_merge_is_union(self):
+    observer = obs.MinMaxObserver(spec=U8)
+    a, b = _run(observer, BATCHES[:1]), _run(observer, BATCHES[1:])
+    chex.assert_trees_all_equal(obs.merge(a, b), _run(observer, BATCHES))
+
+  def test_axis_name_reduces_across_replicas(self):
+    observer = obs.MinMaxObserver(spec=I8_SYM_PC)
+    shards = jnp.stack(BATCHES)
+    state = observer.init(BATCHES[0].shape)
+    per_replica = jax.vmap(lambda b: observer.update(state, b, axis_name="d"),
+                           axis_name="d")(shards)
+    whole = observer.update(state, jnp.concatenate(BATCHES))
+    for i in range(len(BATCHES)):  # every replica holds the global range
+      chex.assert_trees_all_equal(jax.tree_util.tree_map(lambda v, i=i: v[i], per_replica), whole)
+
+  def test_axis_name_skips_everywhere_when_one_replica_is_bad(self):
+    observer = obs.MinMaxObserver(spec=U8)
+    shards = jnp.stack([BATCHES[0], BATCHES[1].at[0, 0].set(jnp.nan)])
+    state = observer.init(())
+    out = jax.vmap(lambda b: observer.update(state, b, axis_name="d"), axis_name="d")(shards)
+    np.testing.assert_array_equal(out.count, [0, 0])
+    np.testing.assert_array_equal(out.skipped, [1, 1])
+
+
+class MovingAverageTest(parameterized.TestCase):
+
+  def test_first_batch_sets_range_then_ema(self):
+    c = 0.25
+    observer = obs.MovingAverageMinMaxObserver(spec=U8, averaging_constant=c)
+    state = _run(observer, BATCHES)
+    lo = np.float32(BATCHES[0].min())
+    for b in BATCHES[1:]:  # float32 ops one at a time, as PyTorch evaluates them
+      lo = np.float32(lo + np.float32(np.float32(c) * np.float32(np.float32(b.min()) - lo)))
+    assert np.asarray(state.min_val) == lo
+
+  @parameterized.parameters(0.0, 1.5, -0.1, True)
+  def test_averaging_constant_validated(self, c):
+    with pytest.raises(ValueError, match=r"averaging_constant must be in \(0, 1\]"):
+      obs.MovingAverageMinMaxObserver(spec=U8, averaging_constant=c)
+
+
+class ConfigErrorsTest(parameterized.TestCase):
+
+  def test_spec_type(self):
+    with pytest.raises(TypeError, match="must be a qjax.QuantSpec"):
+      obs.MinMaxObserver(spec="uint8")
+
+  def test_histogram_is_per_tensor(self):
+    with pytest.raises(ValueError, match="per-tensor only"):
+      obs.HistogramObserver(spec=I8_SYM_PC)
+
+  @parameterized.parameters(0, -3, 2.5)
+  def test_bins(self, bins):
+    with pytest.raises(ValueError, match="bins must be a positive int"):
+      obs.HistogramObserver(spec=U8, bins=bins)
+
+  @parameterized.parameters(50, 101, 0.0)
+  def test_percentile(self, p):
+    with pytest.raises(ValueError, match=r"percentile must be in \(50, 100\]"):
+      obs.PercentileObserver(spec=U8, percentile=p)
+
+  def test_eps(self):
+    with pytest.raises(ValueError, match="eps must be a positive finite float"):
+      obs.MinMaxObserver(spec=U8, eps=0.0)
+
+  def test_wrong_state_type(self):
+    with pytest.raises(TypeError, match="expected a HistogramState"):
+      obs.HistogramObserver(spec=U8).update(obs.MinMaxObserver(spec=U8).init(()), BATCHES[0])
+
+
+finite_batches = hnp.arrays(
+    np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=6),
+    elements=st.floats(-1e4, 1e4, width=32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite_batches, min_size=1, max_size=4))
+def test_minmax_properties(batches):
+  """The range covers every value seen and is attained; qparams represent 0 exactly."""
+  observer = obs.MinMaxObserver(spec=U8)
+  state = observer.init(())
+  for b in batches:
+    state = observer.update(state, jnp.asarray(b))
+  values = np.concatenate([b.ravel() for b in batches])
+  assert float(state.min_val) == values.min() and float(state.max_val) == values.max()
+  qp = observer.qparams(state)
+  zero = numerics.quantize_dequantize(jnp.zeros((1,), jnp.float32), U8, qp)
+  assert float(zero[0]) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite_batches, min_size=1, max_size=4),
+       st.floats(0.01, 1.0))
+def test_moving_average_stays_within_seen_range(batches, c):
+  """Each EMA step is a convex combination: the range stays inside [min seen, max seen]."""
+  observer = obs.MovingAverageMinMaxObserver(spec=U8, averaging_constant=c)
+  state = observer.init(())
+  for b in batches:
+    state = observer.update(state, jnp.asarray(b))
+  values = np.concatenate([b.ravel() for b in batches])
+  assert values.min() <= float(state.min_val) <= float(state.max_val) <= values.max()
