@@ -31,6 +31,10 @@ batch is skipped whole and `state.skipped` counts it, so the event stays visible
 would propagate the NaN into min/max; its HistogramObserver drops the inf elements and keeps
 the rest of the batch).
 
+Subnormal floats: XLA:CPU flushes them to zero, so a batch whose extreme is subnormal records
+0 where PyTorch records the subnormal. The qparams are the same either way (the range always
+includes 0 and the scale floor `eps` is far above any subnormal).
+
 Asking for qparams before any batch was seen raises a ValueError eagerly; under jit the scale
 is NaN (`qparams_from_minmax`'s convention for an invalid range).
 
@@ -132,6 +136,13 @@ def _reduced_axes(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(a for a in range(len(shape)) if a != axis)
 
 
+def _min_and_max(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """(min, max) of x over `axes` in one pass: a variadic reduce, which XLA:CPU runs about
+  twice as fast as two separate reductions. NaN propagates, as in jnp.min / jnp.max."""
+  return lax.reduce((x, x), (np.float32(np.inf), np.float32(-np.inf)),
+                    lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), axes)
+
+
 def _check_state_shape(state: Any, expected_type: type, shape: tuple[int, ...],
                        name: str) -> None:
   if not isinstance(state, expected_type):
@@ -226,10 +237,10 @@ class MinMaxObserver(_RangeObserver):
     _check_state_shape(state, MinMaxState,
                        numerics.expected_qparam_shape(self.spec, x.shape), self.name)
     axes = _reduced_axes(self.spec, x.shape)
-    finite = jnp.all(jnp.isfinite(x))
-    # Reduce over finite values only so that one bad batch cannot leak through pmin/pmax.
-    lo = jnp.min(jnp.where(jnp.isfinite(x), x, jnp.inf), axis=axes)
-    hi = jnp.max(jnp.where(jnp.isfinite(x), x, -jnp.inf), axis=axes)
+    lo, hi = _min_and_max(x, axes)
+    # min/max propagate NaN and keep +-inf, so a finite range means a finite batch: no extra
+    # pass over x. Replicas agree on skipping (pmin of the flag) before their ranges combine.
+    finite = jnp.all(jnp.isfinite(lo)) & jnp.all(jnp.isfinite(hi))
     if axis_name is not None:
       finite = lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
       lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)

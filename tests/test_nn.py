@@ -22,15 +22,26 @@ MINMAX = qnn.QConfig(activation=obs.MinMaxObserver(spec=QuantSpec(bits=4, signed
 
 
 class MLP(nn.Module):
+  """PyTorch placement: Quantize, QuantDense with fused ReLU, QuantDense, Dequantize."""
   qconfig: qnn.qconfig.QConfigLike = MINMAX
 
   @nn.compact
   def __call__(self, x, *, mode):
     x = qnn.Quantize(self.qconfig)(x, mode=mode)
-    x = nn.relu(qnn.QuantDense(7, qconfig=self.qconfig)(x, mode=mode))
+    x = qnn.QuantDense(7, qconfig=self.qconfig, activation=nn.relu)(x, mode=mode)
+    x = qnn.QuantDense(3, qconfig=self.qconfig)(x, mode=mode)
+    return qnn.Dequantize()(x, mode=mode)
+
+
+class StockMLP(nn.Module):
+  """AQT / Qwix placement: stock nn.Dense layers with the quantized contraction."""
+  qconfig: qnn.qconfig.QConfigLike = MINMAX
+
+  @nn.compact
+  def __call__(self, x, *, mode):
     dot = functools.partial(qnn.QuantDotGeneral, qconfig=self.qconfig, mode=mode)
-    x = nn.Dense(3, dot_general_cls=dot)(x)  # a stock layer with the quantized contraction
-    return qnn.Dequantize(self.qconfig)(x, mode=mode)
+    x = nn.relu(nn.Dense(7, dot_general_cls=dot)(x))
+    return nn.Dense(3, dot_general_cls=dot)(x)
 
 
 def _init(model=None, x=X, mode="qat"):
@@ -48,10 +59,19 @@ class StatsCollectionTest(parameterized.TestCase):
   def test_layout(self):
     _, variables = _init()
     stats = variables["quant_stats"]
-    assert set(stats) == {"Quantize_0", "QuantDense_0", "Dense_0", "Dequantize_0"}
-    assert set(stats["QuantDense_0"]["QuantDotGeneral_0"]) == {"input", "weight"}
-    assert stats["Dense_0"]["QuantDotGeneral_0"]["weight"]["min_val"].shape == (3,)
+    assert set(stats) == {"Quantize_0", "QuantDense_0", "QuantDense_1"}  # Dequantize: no state
+    assert set(stats["QuantDense_0"]) == {"weight", "output"}
+    assert stats["QuantDense_1"]["weight"]["min_val"].shape == (3,)
+    assert set(stats["Quantize_0"]) == {"min_val", "max_val", "count", "skipped"}
     assert set(variables["params"]["QuantDense_0"]) == {"kernel", "bias"}
+
+  def test_stock_layer_layout(self):
+    """The contraction shares the stock layer's scope: stats sit at <layer>/input, /weight."""
+    _, variables = _init(StockMLP())
+    stats = variables["quant_stats"]
+    assert set(stats) == {"Dense_0", "Dense_1"}
+    assert set(stats["Dense_0"]) == {"input", "weight"}
+    assert stats["Dense_1"]["weight"]["min_val"].shape == (3,)
 
   def test_params_match_stock_dense(self):
     """QuantDense keeps nn.Dense's parameters: float checkpoints load unchanged."""
@@ -69,7 +89,13 @@ class StatsCollectionTest(parameterized.TestCase):
     y = model.apply(variables, X, mode="float")
     params = variables["params"]
     h = nn.relu(X @ params["QuantDense_0"]["kernel"] + params["QuantDense_0"]["bias"][None])
-    np.testing.assert_array_equal(y, h @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"][None])
+    np.testing.assert_array_equal(
+        y, h @ params["QuantDense_1"]["kernel"] + params["QuantDense_1"]["bias"][None])
+
+  def test_float_forward_needs_no_stats(self):
+    model, variables = _init()
+    np.testing.assert_array_equal(model.apply({"params": variables["params"]}, X, mode="float"),
+                                  model.apply(variables, X, mode="float"))
 
   def test_calibrate_observes_without_changing_values(self):
     model, variables = _init()
@@ -98,7 +124,7 @@ class StatsCollectionTest(parameterized.TestCase):
     calibrated = {**variables, **updates}
     qparams = qnn.collect_qparams(model, calibrated, X, mode="float")
     y = model.apply(calibrated, X, mode="qat")
-    out = qparams["Dequantize_0"]
+    out = qparams["QuantDense_1"]["output"]
     levels = np.asarray(y) / float(out["scale"]) + int(out["zero_point"])
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
     assert len(np.unique(np.round(levels))) <= 16  # 4-bit output grid
@@ -110,25 +136,29 @@ class StatsCollectionTest(parameterized.TestCase):
     assert "quant_stats" not in variables
 
   def test_qconfig_map_per_layer(self):
-    qmap = qnn.QConfigMap(default=MINMAX, overrides=((r"^Dense_0/", None),))
-    model, variables = _init(MLP(qconfig=qmap))
-    assert "Dense_0" not in variables["quant_stats"]
-    assert "QuantDense_0" in variables["quant_stats"]
+    """Patterns match layer paths, for qjax layers and for stock layers alike."""
+    qmap = qnn.QConfigMap(default=MINMAX, overrides=((r"^QuantDense_1$", None),))
+    _, variables = _init(MLP(qconfig=qmap))
+    assert set(variables["quant_stats"]) == {"Quantize_0", "QuantDense_0"}
+    qmap = qnn.QConfigMap(default=MINMAX, overrides=((r"^Dense_0$", None),))
+    _, variables = _init(StockMLP(qconfig=qmap))
+    assert set(variables["quant_stats"]) == {"Dense_1"}
 
   def test_conv(self):
     x = jnp.asarray(RNG.standard_normal((2, 8, 8, 3)).astype(np.float32))
     conv = qnn.QuantConv(4, (3, 3), qconfig=MINMAX)
     variables = conv.init(jax.random.key(0), x, mode="float")
-    stats = variables["quant_stats"]["QuantConvGeneral_0"]
+    stats = variables["quant_stats"]
     assert stats["weight"]["min_val"].shape == (4,)
     _, updates = conv.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
     y = conv.apply({**variables, **updates}, x, mode="qat")
     assert y.shape == (2, 8, 8, 4) and not np.array_equal(y, conv.apply(variables, x, mode="float"))
 
 
-def _reference_qat_dense(params, x, spec_x, spec_w):
-  """A QAT Dense written with stop_gradient: fq(v) = v + sg(q(v) - v) inside the grid, sg(q(v))
-  outside (zero gradient for clamped values); qparams from min/max of this batch."""
+def _reference_qat_dense(params, x, spec_out, spec_w):
+  """A QAT Dense (PyTorch placement) written with stop_gradient: y = fq(x @ fq(W) + b), with
+  fq(v) = v + sg(q(v) - v) inside the grid and sg(q(v)) outside (zero gradient for clamped
+  values); qparams from min/max of this batch."""
 
   def fq(v, spec):
     qp = numerics.qparams_from_minmax(*numerics.minmax(jax.lax.stop_gradient(v), spec), spec)
@@ -139,7 +169,7 @@ def _reference_qat_dense(params, x, spec_x, spec_w):
     inside = (shifted >= spec.qmin) & (shifted <= spec.qmax)
     return jnp.where(inside, v + jax.lax.stop_gradient(q - v), jax.lax.stop_gradient(q))
 
-  return fq(x, spec_x) @ fq(params["kernel"], spec_w) + params["bias"][None]
+  return fq(x @ fq(params["kernel"], spec_w) + params["bias"][None], spec_out)
 
 
 class QatReferenceTest(chex.TestCase):
@@ -223,9 +253,8 @@ class MisuseTest(parameterized.TestCase):
     model, variables = _init()
     _, updates = model.apply(variables, X, mode="calibrate", mutable=["quant_stats"])
     stats = jax.tree_util.tree_map(lambda v: v, updates["quant_stats"])
-    stats["Dense_0"]["QuantDotGeneral_0"]["weight"] = (
-        variables["quant_stats"]["Dense_0"]["QuantDotGeneral_0"]["weight"])
-    with pytest.raises(ValueError, match=r"^Dense_0/QuantDotGeneral_0/weight: "):
+    stats["QuantDense_1"]["output"] = variables["quant_stats"]["QuantDense_1"]["output"]
+    with pytest.raises(ValueError, match=r"^QuantDense_1/output: "):
       qnn.collect_qparams(model, {**variables, "quant_stats": stats}, X, mode="float")
 
   def test_unknown_mode(self):
@@ -254,7 +283,7 @@ class MisuseTest(parameterized.TestCase):
         dot = qnn.QuantDotGeneral(qconfig=qconfig, mode="qat")
         return dot(x, kernel, (((1,), (1,)), ((), ())))
 
-    with pytest.raises(ValueError, match=r"QuantDotGeneral_0: the weight's per-channel axis 1 "
+    with pytest.raises(ValueError, match=r"^TransposedKernel: the weight's per-channel axis 1 "
                                          r"\(spec.axis=-1\) of a kernel of shape \(3, 5\)"):
       TransposedKernel().init(jax.random.key(0), X)
 
@@ -291,3 +320,13 @@ def test_presets_match_pytorch_choices():
   with pytest.raises(ValueError, match=r"backend must be one of \('x86', 'fbgemm', 'qnnpack'\)"):
     qnn.get_default_qconfig("arm")
   assert hash(x86) == hash(qnn.get_default_qconfig("x86"))
+
+
+def test_qconfig_passed_to_dequantize_positionally():
+  with pytest.raises(TypeError, match=r"Dequantize_0: mode must be one of .* got a QConfig.*"
+                                      r"Dequantize takes none"):
+    class Bad(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return qnn.Dequantize(MINMAX)(x, mode="qat")
+    Bad().init(jax.random.key(0), X)

@@ -219,10 +219,11 @@ class ConfigErrorsTest(parameterized.TestCase):
 
 finite_batches = hnp.arrays(
     np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=6),
-    elements=st.floats(-1e4, 1e4, width=32))
+    # XLA:CPU flushes subnormals to zero (see qjax.observers); they never change qparams.
+    elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=False))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(finite_batches, min_size=1, max_size=4))
 def test_minmax_properties(batches):
   """The range covers every value seen and is attained; qparams represent 0 exactly."""
@@ -237,7 +238,7 @@ def test_minmax_properties(batches):
   assert float(zero[0]) == 0.0
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(finite_batches, min_size=1, max_size=4),
        st.floats(0.01, 1.0))
 def test_moving_average_stays_within_seen_range(batches, c):
@@ -248,3 +249,13 @@ def test_moving_average_stays_within_seen_range(batches, c):
     state = observer.update(state, jnp.asarray(b))
   values = np.concatenate([b.ravel() for b in batches])
   assert values.min() <= float(state.min_val) <= float(state.max_val) <= values.max()
+
+
+def test_subnormal_extremes_do_not_change_qparams():
+  """XLA:CPU flushes subnormals: the state may read 0, the qparams equal the exact range's."""
+  observer = obs.MinMaxObserver(spec=U8)
+  tiny = np.float32(1e-45)
+  state = observer.update(observer.init(()), jnp.asarray([tiny], jnp.float32))
+  assert float(state.max_val) in (0.0, float(tiny))
+  chex.assert_trees_all_equal(observer.qparams(state),
+                              numerics.qparams_from_minmax(jnp.float32(0), jnp.float32(0), U8))

@@ -3,12 +3,23 @@
 The modules own no math: they keep observer states in the "quant_stats" collection (the way
 BatchNorm keeps "batch_stats") and call `qjax.observers` and `qjax.ste`.
 
-Where the quantization points sit. Every quantized contraction observes, and in QAT
-fake-quantizes, both of its operands: its input activations (per tensor) and its weight (per
-output channel by default), as AQT and Qwix do. `Quantize` marks the float -> quantized
-boundary at the model input and `Dequantize` the way out (it observes the model output, as
-PyTorch's last quantized layer does). With ReLU between two layers, the next layer's input
-observer sees the post-ReLU values: PyTorch's fused Linear+ReLU output observer.
+Where the quantization points sit. Two placements, each complete on its own:
+
+* PyTorch's eager-mode placement, for models written with qjax layers: `Quantize` (QuantStub)
+  observes the model input; `QuantDense` / `QuantConv` quantize their weight (per output
+  channel by default) and observe their *output*, after an optional fused activation
+  (`activation=nn.relu`: PyTorch's LinearReLU / ConvReLU2d); `Dequantize` (DeQuantStub)
+  marks the way out. Every activation is quantized once, where it is produced, with the same
+  observers PyTorch's `prepare` inserts, so calibration and QAT match it observer for
+  observer; and each layer knows its input and output qparams, which is what the integer
+  path needs.
+* AQT / Qwix's placement, for stock Flax layers: `QuantDotGeneral` / `QuantConvGeneral`
+  plug into `nn.Dense(dot_general_cls=...)` / `nn.Conv(conv_general_dilated_cls=...)` and
+  quantize both operands of the contraction: the input activation (per tensor) and the
+  weight, where they are consumed.
+
+Do not chain the two on one tensor: a `QuantDense` output feeding a stock layer with a
+`QuantDotGeneral` would be quantized twice.
 
 Modes, chosen per call like BatchNorm's `use_running_average`:
   "float"      no observation, no fake quantization.
@@ -18,9 +29,9 @@ Modes, chosen per call like BatchNorm's `use_running_average`:
                straight-through gradient.
 Observers never update while the model is being initialised.
 
-When the "quant_params" collection is mutable, every observer also writes its current
+When the "quant_params" collection is mutable, every point also writes its current
 (scale, zero_point) there: `collect_qparams` uses that to read a calibrated model's qparams,
-and raises, naming the module path, for a layer that has never seen data.
+and raises, naming the module path, for a point that has never seen data.
 """
 
 from __future__ import annotations
@@ -58,6 +69,10 @@ def as_mode(value: Mode | str | None, where: str = "mode") -> Mode:
   accepted = [m.value for m in Mode]
   if isinstance(value, str) and value.lower() in accepted:
     return Mode(value.lower())
+  if not isinstance(value, (str, type(None))):
+    raise TypeError(f"{where}: mode must be one of {accepted} (or a qjax.nn.Mode); got a "
+                    f"{type(value).__name__}. Modules take their qconfig by keyword "
+                    f"(QuantDense(..., qconfig=q)); Dequantize takes none.")
   if value is None:
     raise ValueError(f"{where}: mode is required (one of {accepted}); pass it as the module's "
                      f"`mode` attribute or as `mode=` in the call.")
@@ -69,9 +84,20 @@ def module_path(module: nn.Module) -> str:
   return "/".join(str(p) for p in module.path)
 
 
+def _where(module: nn.Module) -> str:
+  """The module's path for error messages (at the top level: its layer's or its class name)."""
+  if module_path(module):
+    return module_path(module)
+  if isinstance(module.parent, nn.Module):
+    return _where(module.parent)
+  return type(module).__name__
+
+
 def _merged_mode(module: nn.Module, call_mode: Mode | str | None) -> Mode:
-  where = module_path(module) or type(module).__name__
+  where = _where(module)
   attr = getattr(module, "mode", None)
+  if attr is not None and not isinstance(attr, (Mode, str)):
+    as_mode(attr, where)  # a TypeError that explains the misplaced argument
   if attr is not None and call_mode is not None:
     raise ValueError(f"{where}: mode was given both as an attribute ({attr!r}) and in the call "
                      f"({call_mode!r}); give it once.")
@@ -83,7 +109,7 @@ def _reraise_with_path(module: nn.Module, fn: Callable[[], Any]) -> Any:
   try:
     return fn()
   except (ValueError, TypeError) as err:
-    path = module_path(module) or type(module).__name__
+    path = _where(module)
     if str(err).startswith(path + ":"):
       raise
     raise type(err)(f"{path}: {err}") from err
@@ -92,8 +118,11 @@ def _reraise_with_path(module: nn.Module, fn: Callable[[], Any]) -> Any:
 class FakeQuant(nn.Module):
   """One quantization point: an observer whose state lives in "quant_stats".
 
+  Use it directly to quantize a tensor that no qjax layer produces (e.g. the output of an
+  add or a concatenation).
+
   Attributes:
-    observer: the observer (None: the point does nothing).
+    observer: the observer (None: the point does nothing and keeps no state).
     mode: default mode, overridable per call.
   """
 
@@ -110,39 +139,40 @@ class FakeQuant(nn.Module):
         "x", x, hint=" (a quantization point observes real-valued activations or weights)."))
     observer = self.observer
     fresh = _reraise_with_path(self, lambda: observer.init(jnp.shape(x)))
+    initializing = self.is_initializing()
+    if not initializing and not self.has_variable(STATS, "count"):
+      if mode is Mode.FLOAT and not self.is_mutable_collection(QPARAMS):
+        return x  # a float forward of float params needs no statistics
+      raise ValueError(f"{_where(self)}: no '{STATS}' for this quantization point. Pass the "
+                       f"whole variables dict from init (params and {STATS}) to apply, e.g. "
+                       f"model.apply({{'params': p, '{STATS}': s}}, ...).")
     variables = {name: self.variable(STATS, name, lambda v=value: v)
                  for name, value in fresh._asdict().items()}
     state = type(fresh)(**{name: var.value for name, var in variables.items()})
-    initializing = self.is_initializing()
     can_update = self.is_mutable_collection(STATS) and not initializing
 
-    if mode is Mode.FLOAT:
-      self._write_qparams(state)
-      return x
     if mode is Mode.CALIBRATE and not can_update and not initializing:
-      raise ValueError(f"{module_path(self)}: mode='calibrate' updates observer statistics, but "
+      raise ValueError(f"{_where(self)}: mode='calibrate' updates observer statistics, but "
                        f"the '{STATS}' collection is immutable; call "
                        f"apply(..., mutable=['{STATS}']).")
-    if can_update:
+    if mode is not Mode.FLOAT and can_update:
       state = _reraise_with_path(self, lambda: observer.update(state, lax.stop_gradient(x)))
       for name, var in variables.items():
         var.value = getattr(state, name)
-    self._write_qparams(state)
-    if mode is Mode.CALIBRATE or initializing:
+    if self.is_mutable_collection(QPARAMS) and not initializing:
+      scale, zero_point = _reraise_with_path(self, lambda: observer.qparams(state))
+      self.put_variable(QPARAMS, "scale", scale)
+      self.put_variable(QPARAMS, "zero_point", zero_point)
+    if mode is not Mode.QAT or initializing:
       return x
     qparams = _reraise_with_path(self, lambda: observer.qparams(state))
     qparams = jax.tree_util.tree_map(lax.stop_gradient, qparams)
     return _reraise_with_path(self, lambda: ste.fake_quant(x, observer.spec, qparams))
 
-  def _write_qparams(self, state: obs.ObserverState) -> None:
-    if self.is_mutable_collection(QPARAMS) and not self.is_initializing():
-      scale, zero_point = _reraise_with_path(self, lambda: self.observer.qparams(state))
-      self.put_variable(QPARAMS, "scale", scale)
-      self.put_variable(QPARAMS, "zero_point", zero_point)
 
-
-class _Boundary(nn.Module):
-  """Shared body of Quantize and Dequantize: one activation quantization point."""
+class Quantize(nn.Module):
+  """Model input boundary (PyTorch's QuantStub): observes, and in QAT fake-quantizes, x with
+  `qconfig.activation`. The integer path quantizes the input here, once."""
 
   qconfig: QConfigLike
   mode: Mode | str | None = None
@@ -156,21 +186,22 @@ class _Boundary(nn.Module):
     return point(x, mode=mode)
 
 
-class Quantize(_Boundary):
-  """Model input boundary (PyTorch's QuantStub): observes, and in QAT fake-quantizes, x with
-  `qconfig.activation`. The integer path quantizes the input here, once."""
+class Dequantize(nn.Module):
+  """Model output boundary (PyTorch's DeQuantStub). Like DeQuantStub before `convert`, it
+  returns x unchanged in every mode here (the producing layer has already observed and
+  fake-quantized it); it marks where the integer path returns to float."""
+
+  mode: Mode | str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
+    _merged_mode(self, mode)  # validates the mode, as every qjax module does
+    return x
 
 
-class Dequantize(_Boundary):
-  """Model output boundary (PyTorch's DeQuantStub together with the observer PyTorch puts on
-  the last quantized layer's output): observes, and in QAT fake-quantizes, the output."""
-
-
-def _operand_points(module: nn.Module, qconfig: QConfig | None):
-  act = weight = None
-  if qconfig is not None:
-    act, weight = qconfig.activation, qconfig.weight
-  return FakeQuant(observer=act, name="input"), FakeQuant(observer=weight, name="weight")
+def _layer_path(module: nn.Module) -> str:
+  """Path of the layer that owns a contraction module (its parent), for QConfigMap lookups."""
+  return module_path(module.parent) if isinstance(module.parent, nn.Module) else ""
 
 
 def _check_weight_axis(module: nn.Module, qconfig: QConfig | None, rhs: jax.Array,
@@ -179,20 +210,31 @@ def _check_weight_axis(module: nn.Module, qconfig: QConfig | None, rhs: jax.Arra
     return
   axis = _checks.normalize_axis(qconfig.weight.spec.axis, rhs.ndim, shape=rhs.shape)
   if axis not in allowed:
-    raise ValueError(f"{module_path(module)}: the weight's per-channel axis {axis} "
+    raise ValueError(f"{_where(module)}: the weight's per-channel axis {axis} "
                      f"(spec.axis={qconfig.weight.spec.axis}) of a kernel of shape {rhs.shape} "
                      f"is not {what} {allowed}; per-channel scales must lie along an output "
                      f"channel so that they factor out of the contraction.")
 
 
+def _quantized_operands(module: nn.Module, qconfig: QConfig | None, mode: Mode,
+                        lhs: jax.Array, rhs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """lhs through the "input" point, rhs through the "weight" point (in the layer's scope)."""
+  act = None if qconfig is None else qconfig.activation
+  weight = None if qconfig is None else qconfig.weight
+  lhs = FakeQuant(observer=act, name="input", parent=module)(lhs, mode=mode)
+  rhs = FakeQuant(observer=weight, name="weight", parent=module)(rhs, mode=mode)
+  return lhs, rhs
+
+
 class QuantDotGeneral(nn.Module):
-  """A quantized `lax.dot_general` that plugs into stock layers:
+  """A quantized `lax.dot_general` that plugs into stock layers (AQT / Qwix placement):
   `nn.Dense(..., dot_general_cls=functools.partial(QuantDotGeneral, qconfig=q, mode="qat"))`.
 
     y = dot_general(FQ_act(lhs), FQ_w(rhs))
 
-  with FQ the observe / fake-quantize point of the mode. Statistics: quant_stats/.../input and
-  quant_stats/.../weight.
+  with FQ the observe / fake-quantize point of the mode. It shares the layer's scope, so the
+  statistics sit at quant_stats/<layer>/input and quant_stats/<layer>/weight, and a
+  `QConfigMap` is looked up with the layer's path.
   """
 
   qconfig: QConfigLike
@@ -201,22 +243,22 @@ class QuantDotGeneral(nn.Module):
   @nn.compact
   def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
                precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+    if isinstance(self.parent, nn.Module):
+      nn.share_scope(self.parent, self)
     mode = _merged_mode(self, None)
-    qconfig = resolve(self.qconfig, module_path(self))
+    qconfig = resolve(self.qconfig, _layer_path(self))
     (_, rhs_contract), (_, rhs_batch) = dimension_numbers
     free = tuple(a for a in range(jnp.ndim(rhs))
                  if a not in tuple(rhs_contract) + tuple(rhs_batch))
     _check_weight_axis(self, qconfig, rhs, free, "one of the kernel's output axes")
-    act_point, weight_point = _operand_points(self, qconfig)
-    lhs = act_point(lhs, mode=mode)
-    rhs = weight_point(rhs, mode=mode)
+    lhs, rhs = _quantized_operands(self, qconfig, mode, lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
 
 
 class QuantConvGeneral(nn.Module):
   """A quantized `lax.conv_general_dilated` for `nn.Conv(..., conv_general_dilated_cls=...)`:
-  y = conv(FQ_act(lhs), FQ_w(rhs)), statistics as in `QuantDotGeneral`."""
+  y = conv(FQ_act(lhs), FQ_w(rhs)); scope and statistics as in `QuantDotGeneral`."""
 
   qconfig: QConfigLike
   mode: Mode | str | None = None
@@ -227,13 +269,13 @@ class QuantConvGeneral(nn.Module):
                dimension_numbers: Any = None, feature_group_count: int = 1,
                batch_group_count: int = 1, precision: Any = None,
                preferred_element_type: Any = None) -> jax.Array:
+    if isinstance(self.parent, nn.Module):
+      nn.share_scope(self.parent, self)
     mode = _merged_mode(self, None)
-    qconfig = resolve(self.qconfig, module_path(self))
+    qconfig = resolve(self.qconfig, _layer_path(self))
     dn = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers)
     _check_weight_axis(self, qconfig, rhs, (dn.rhs_spec[0],), "the kernel's output-feature axis")
-    act_point, weight_point = _operand_points(self, qconfig)
-    lhs = act_point(lhs, mode=mode)
-    rhs = weight_point(rhs, mode=mode)
+    lhs, rhs = _quantized_operands(self, qconfig, mode, lhs, rhs)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -246,47 +288,64 @@ def _stock_fields(module: nn.Module, stock_type: type) -> dict[str, Any]:
   return {f: getattr(module, f) for f in names}
 
 
+def _eager_layer(module: nn.Module, stock_type: type, cls_field: str, contraction: type,
+                 inputs: jax.Array, mode: Mode | str | None) -> jax.Array:
+  """PyTorch placement: stock layer with a weight-only quantized contraction, the fused
+  activation, then the output point."""
+  mode = _merged_mode(module, mode)
+  qconfig = resolve(module.qconfig, module_path(module))
+  weight_only = None if qconfig is None or qconfig.weight is None else QConfig(
+      weight=qconfig.weight, activation=None)
+  fields = _stock_fields(module, stock_type)
+  fields[cls_field] = functools.partial(contraction, qconfig=weight_only, mode=mode)
+  layer = stock_type(**fields)
+  nn.share_scope(module, layer)
+  y = layer(inputs)
+  if module.activation is not None:
+    y = module.activation(y)
+  out_observer = None if qconfig is None else qconfig.activation
+  return FakeQuant(observer=out_observer, name="output", parent=module)(y, mode=mode)
+
+
 class QuantDense(nn.Dense):
-  """`nn.Dense` with a `QuantDotGeneral`: same fields, same params (kernel, bias), plus
-  `qconfig` and a per-call `mode`. Float params of an `nn.Dense` load unchanged."""
+  """`nn.Dense` in PyTorch's eager placement: y = FQ_out(act(x @ FQ_w(W) + b)).
+
+  Same fields and params (kernel, bias) as `nn.Dense`, so float checkpoints load unchanged,
+  plus `qconfig`, an optional fused `activation` (e.g. `nn.relu`: PyTorch's LinearReLU) and a
+  per-call `mode`. The input is expected to be quantized by its producer (`Quantize` or the
+  previous quantized layer). Statistics: quant_stats/<layer>/weight and .../output.
+  """
 
   qconfig: QConfigLike = None
+  activation: Callable[[jax.Array], jax.Array] | None = None
   mode: Mode | str | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
-    mode = _merged_mode(self, mode)
-    fields = _stock_fields(self, nn.Dense)
-    fields["dot_general_cls"] = functools.partial(QuantDotGeneral, qconfig=self.qconfig, mode=mode)
-    dense = nn.Dense(**fields)
-    nn.share_scope(self, dense)
-    return dense(inputs)
+    return _eager_layer(self, nn.Dense, "dot_general_cls", QuantDotGeneral, inputs, mode)
 
 
 class QuantConv(nn.Conv):
-  """`nn.Conv` with a `QuantConvGeneral`: same fields and params, plus `qconfig` and a per-call
-  `mode`."""
+  """`nn.Conv` in PyTorch's eager placement: y = FQ_out(act(conv(x, FQ_w(W)) + b)); fields,
+  params and statistics as in `QuantDense` (PyTorch's ConvReLU2d with `activation=nn.relu`)."""
 
   qconfig: QConfigLike = None
+  activation: Callable[[jax.Array], jax.Array] | None = None
   mode: Mode | str | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
-    mode = _merged_mode(self, mode)
-    fields = _stock_fields(self, nn.Conv)
-    fields["conv_general_dilated_cls"] = functools.partial(QuantConvGeneral, qconfig=self.qconfig,
-                                                           mode=mode)
-    conv = nn.Conv(**fields)
-    nn.share_scope(self, conv)
-    return conv(inputs)
+    return _eager_layer(self, nn.Conv, "conv_general_dilated_cls", QuantConvGeneral, inputs,
+                        mode)
 
 
 def collect_qparams(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> dict:
   """The (scale, zero_point) of every quantization point of a calibrated model.
 
   Runs `model.apply(variables, *args, **kwargs)` once with the "quant_params" collection
-  mutable (pass the mode your model expects in kwargs; "float" does not change anything) and
-  returns that collection: {module path...: {"scale", "zero_point"}}.
+  mutable (pass the mode your model expects in kwargs; "float" changes nothing) and returns
+  that collection, nested like the model: {layer: {"weight" / "output" / "input":
+  {"scale", "zero_point"}}}, or {"Quantize_0": {"scale", "zero_point"}} for a boundary.
 
   Raises:
     ValueError: naming the module path, for a quantization point that has seen no data.
