@@ -50,24 +50,14 @@ import optax
 
 import qjax.nn
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # siblings; no package
+import models  # noqa: E402  pylint: disable=wrong-import-position
+
 SEED = 0
 LEARNING_RATE = 1e-3
 WARMUP_STEPS = 3
 
 
-def _load_models():
-  """Imports experiments/models.py, which is not in a package, however this file was loaded."""
-  name = "experiments_models"
-  if name not in sys.modules:
-    path = pathlib.Path(__file__).with_name("models.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # flax modules are dataclasses: they look their module up here
-    spec.loader.exec_module(module)
-  return sys.modules[name]
-
-
-models = _load_models()
 
 # What a variant builder returns: the model, its initialized variables, and the collections
 # that the train step must pass as `mutable` and carry from one step to the next.

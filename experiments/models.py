@@ -6,35 +6,24 @@ quantization toolkit can be plugged in from the outside, without editing the mod
   * `dot_general_cls` / `conv_general_dilated_cls` are handed unchanged to every nn.Dense /
     nn.Conv. Flax instantiates them inside the layer with no arguments, so a quantized
     contraction is passed as a factory, e.g. `functools.partial(SomeQuantDotGeneral, bits=8)`.
-  * `quantize_input` / `dequantize_output` are factories (again called with no arguments) of
-    the modules put at the model boundaries: the first is applied to the input as given, the
-    second to the logits. None means identity.
 
-Any mode (float, QAT, calibration, int8 inference) is therefore baked into the factories by
-the caller; the models themselves take no quantization arguments and stay plain.
+Any mode (float, QAT, calibration) is therefore baked into the factories by the caller; the
+models themselves take no quantization arguments and stay plain. (Models written with
+qjax.nn's own layers, in PyTorch's placement, live in the experiments that use them.)
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
-
-# A zero-argument callable returning a flax module (a class or a functools.partial of one).
-ModuleFactory = Callable[[], nn.Module]
-
-
-def _boundary(factory: ModuleFactory | None, x: jax.Array) -> jax.Array:
-  """Applies the boundary module made by `factory`, or passes `x` through when None."""
-  return x if factory is None else factory()(x)
 
 
 class MLP(nn.Module):
   """The seed MLP: 784-100-100-10, ReLU after the two hidden layers.
 
-  Input: (batch, 28, 28[, 1]) or (batch, 784); it is flattened to (batch, 784) after the
-  input boundary module. Output: (batch, 10) logits. Layers are named fc1..fc3.
+  Input: (batch, 28, 28[, 1]) or (batch, 784), flattened to (batch, 784). Output: (batch, 10) logits. Layers are named fc1..fc3.
 
   Attributes:
     hidden: Widths of the hidden layers.
@@ -42,28 +31,23 @@ class MLP(nn.Module):
     dot_general_cls: Factory of the dot_general used by every nn.Dense (None: lax's).
     conv_general_dilated_cls: Unused (no convolutions); kept so that both models accept
       the same fields and a harness can configure them uniformly.
-    quantize_input: Factory of the module applied to the input (None: identity).
-    dequantize_output: Factory of the module applied to the logits (None: identity).
   """
 
   hidden: tuple[int, ...] = (100, 100)
   num_classes: int = 10
   dot_general_cls: Any = None
   conv_general_dilated_cls: Any = None
-  quantize_input: ModuleFactory | None = None
-  dequantize_output: ModuleFactory | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Returns the logits for a batch of images or flattened images."""
-    x = _boundary(self.quantize_input, x)
     x = x.reshape((x.shape[0], -1))
     for i, width in enumerate(self.hidden):
       x = nn.Dense(width, dot_general_cls=self.dot_general_cls, name=f"fc{i + 1}")(x)
       x = nn.relu(x)
     x = nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls,
                  name=f"fc{len(self.hidden) + 1}")(x)
-    return _boundary(self.dequantize_output, x)
+    return x
 
 
 class LeNet5(nn.Module):
@@ -80,20 +64,15 @@ class LeNet5(nn.Module):
     dot_general_cls: Factory of the dot_general used by every nn.Dense (None: lax's).
     conv_general_dilated_cls: Factory of the conv_general_dilated used by every nn.Conv
       (None: lax's).
-    quantize_input: Factory of the module applied to the input (None: identity).
-    dequantize_output: Factory of the module applied to the logits (None: identity).
   """
 
   num_classes: int = 10
   dot_general_cls: Any = None
   conv_general_dilated_cls: Any = None
-  quantize_input: ModuleFactory | None = None
-  dequantize_output: ModuleFactory | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Returns the logits for a batch of NHWC images."""
-    x = _boundary(self.quantize_input, x)
     # Explicit ((2, 2), (2, 2)) equals SAME for a 5x5 kernel at stride 1 and matches the
     # original paper's (and torch's padding=2) layout exactly.
     x = nn.Conv(6, (5, 5), padding=((2, 2), (2, 2)),
@@ -106,7 +85,7 @@ class LeNet5(nn.Module):
     x = nn.relu(nn.Dense(120, dot_general_cls=self.dot_general_cls, name="fc1")(x))
     x = nn.relu(nn.Dense(84, dot_general_cls=self.dot_general_cls, name="fc2")(x))
     x = nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, name="fc3")(x)
-    return _boundary(self.dequantize_output, x)
+    return x
 
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "lenet5": LeNet5}

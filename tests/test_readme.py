@@ -19,3 +19,11 @@ def test_commands_match_ci():
   text = README.read_text()
   ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
   assert ci.replace("pip install -q", "pip install") in text
+
+
+def test_flax_example_runs(capsys):
+  code = re.search(r"## Calibration and QAT with Flax\n\n```python\n(.*?)```", README.read_text(),
+                   re.S).group(1)
+  with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+    exec(compile(code, "README-flax", "exec"), {})  # pylint: disable=exec-used
+  assert capsys.readouterr().out.strip() == "['output', 'weight'] int32"
