@@ -1,8 +1,11 @@
 """qjax: functional quantization for JAX and Flax.
 
-Pure quantizers, straight-through gradients, and (as they land) observers in Flax
-collections, QAT, and a jit-compiled int8 inference path.
+Pure quantizers and straight-through gradients (this namespace), observers as pure
+(init, update, qparams) functions (`qjax.observers`), and Flax modules for calibration and
+QAT that keep observer state in the "quant_stats" collection (`import qjax.nn`).
 """
+
+from qjax import observers
 
 from qjax.numerics import FLOAT32_EPS
 from qjax.numerics import QParams
@@ -30,6 +33,7 @@ __all__ = (
     "fake_quant",
     "fake_quant_learnable",
     "lsq_grad_factor",
+    "observers",
     "minmax",
     "qparams_from_minmax",
     "quantize",
