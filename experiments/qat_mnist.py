@@ -266,6 +266,7 @@ def run(*, epochs: int, qat_epochs: int, batch_size: int, calib_batches: int, se
     rng = np.random.default_rng(seed + offset)
     for _, idx in zip(range(calib_batches), batches(len(x_train), batch_size, rng)):
       stats = trainer.calibrate(float_params, stats, x_train[idx])
+    qnn.check_calibrated(stats)  # jitted evaluation of an empty observer would only give NaN
     calib_counts, calib_ranges = _stats_summary(stats)
     ptq_acc = trainer.accuracy(float_params, stats, x_test, y_test)
     tqdm.write(f"{name:>8} after {calib_batches} calibration batches (PTQ): "

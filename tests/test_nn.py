@@ -330,3 +330,19 @@ def test_qconfig_passed_to_dequantize_positionally():
       def __call__(self, x):
         return qnn.Dequantize(MINMAX)(x, mode="qat")
     Bad().init(jax.random.key(0), X)
+
+
+def test_check_calibrated_names_every_empty_point():
+  model, variables = _init()
+  with pytest.raises(ValueError, match=r"5 quantization point\(s\) have seen no data: "
+                                       r"QuantDense_0/output, QuantDense_0/weight, "
+                                       r"QuantDense_1/output, QuantDense_1/weight, Quantize_0\."):
+    qnn.check_calibrated(variables["quant_stats"])
+  _, updates = model.apply(variables, X, mode="calibrate", mutable=["quant_stats"])
+  qnn.check_calibrated(updates["quant_stats"])  # all calibrated: no error
+  bad = jax.jit(obs.MinMaxObserver(spec=QuantSpec(bits=8)).update)(
+      obs.MinMaxObserver(spec=QuantSpec(bits=8)).init(()), jnp.array([jnp.nan]))
+  with pytest.raises(ValueError, match=r"^check_calibrated: 1 .*: p \(1 batch\(es\) skipped"):
+    qnn.check_calibrated({"p": bad._asdict()})
+  with pytest.raises(ValueError, match="quant_stats is empty"):
+    qnn.check_calibrated({})

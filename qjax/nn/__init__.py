@@ -11,6 +11,7 @@ from qjax.nn.modules import QuantDotGeneral
 from qjax.nn.modules import Quantize
 from qjax.nn.modules import STATS
 from qjax.nn.modules import as_mode
+from qjax.nn.modules import check_calibrated
 from qjax.nn.modules import collect_qparams
 from qjax.nn.modules import module_path
 from qjax.nn.qconfig import QConfig
@@ -35,6 +36,7 @@ __all__ = (
     "STATS",
     "as_mode",
     "bits_qconfig",
+    "check_calibrated",
     "collect_qparams",
     "default_qconfig",
     "get_default_qat_qconfig",

@@ -352,3 +352,34 @@ def collect_qparams(model: nn.Module, variables: Any, *args: Any, **kwargs: Any)
   """
   _, updates = model.apply(variables, *args, mutable=[QPARAMS], **kwargs)
   return updates.get(QPARAMS, {})
+
+
+def check_calibrated(quant_stats: Any) -> None:
+  """Raise, naming every quantization point that has seen no data, before a jitted forward.
+
+  Under `jax.jit` an uncalibrated point cannot raise: its scale is NaN and so is the output.
+  Call this once on the "quant_stats" collection (a host-side check of the `count` leaves)
+  before jitted QAT evaluation or conversion.
+
+  Raises:
+    ValueError: listing the paths of the points whose `count` is 0 (and any batches they
+      skipped for NaN/inf).
+  """
+  empty = []
+  flat = jax.tree_util.tree_flatten_with_path(quant_stats)[0]
+  skipped = {tuple(str(getattr(k, "key", k)) for k in path[:-1]): leaf for path, leaf in flat
+             if getattr(path[-1], "key", None) == "skipped"}
+  for path, leaf in flat:
+    if getattr(path[-1], "key", None) != "count":
+      continue
+    point = tuple(str(getattr(k, "key", k)) for k in path[:-1])
+    if int(jax.device_get(leaf)) == 0:
+      lost = int(jax.device_get(skipped.get(point, 0)))
+      empty.append("/".join(point) + (f" ({lost} batch(es) skipped for NaN/inf)" if lost else ""))
+  if not flat:
+    raise ValueError("check_calibrated: quant_stats is empty; pass the 'quant_stats' collection "
+                     "of a model with quantization points.")
+  if empty:
+    raise ValueError(f"check_calibrated: {len(empty)} quantization point(s) have seen no data: "
+                     f"{', '.join(empty)}. Run calibration batches (mode='calibrate', "
+                     f"mutable=['{STATS}']) first.")
