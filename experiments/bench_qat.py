@@ -34,6 +34,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -197,7 +198,8 @@ VARIANTS = (
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     mutable: tuple[str, ...]) -> Callable:
-  """Jitted (params, state, opt_state, x, y) -> (params, state, opt_state, loss)."""
+  """Jitted (params, state, opt_state, x, y) -> (params, state, opt_state, loss); the first
+  three arguments are donated."""
 
   def loss_fn(params, state, x, y):
     variables = {"params": params, **state}
@@ -213,7 +215,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), state, opt_state, loss
 
-  return jax.jit(step)
+  # Donate the carried training state, as a real training loop does: its buffers are reused
+  # in place instead of being allocated anew every step.
+  return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 class Runner:
@@ -222,8 +226,10 @@ class Runner:
   def __init__(self, model_name: str, variant: str, built: Built, x: jax.Array, y: jax.Array):
     self.model_name, self.variant = model_name, variant
     self.model, variables, self.mutable = built
-    self.params = variables["params"]
-    self.state = {k: v for k, v in variables.items() if k != "params"}
+    # Own copies: the step donates them, and the variants start from the same initial values.
+    self.params = jax.tree_util.tree_map(jnp.copy, variables["params"])
+    self.state = jax.tree_util.tree_map(
+        jnp.copy, {k: v for k, v in variables.items() if k != "params"})
     optimizer = optax.adam(LEARNING_RATE)
     self.opt_state = optimizer.init(self.params)
     self.step = make_train_step(self.model, optimizer, self.mutable)
@@ -321,8 +327,12 @@ def _summary(runner: Runner) -> dict[str, Any]:
           "round_medians_ms": [1e3 * statistics.median(t) for t in runner.times]}
 
 
-def run(*, model_names: Sequence[str], batch: int, reps: int, rounds: int) -> dict[str, Any]:
-  """Builds and checks every (model, variant), times the train steps; returns the results."""
+def run(*, model_names: Sequence[str], batch: int, reps: int, rounds: int,
+        min_round_seconds: float = 0.0) -> dict[str, Any]:
+  """Builds and checks every (model, variant), times the train steps; returns the results.
+
+  Each round runs a variant at least `reps` times and for at least `min_round_seconds`.
+  """
   runners: list[Runner] = []
   skipped: list[dict[str, str]] = []
   evidence: dict[tuple[str, str], dict[str, Any]] = {}
@@ -336,7 +346,9 @@ def run(*, model_names: Sequence[str], batch: int, reps: int, rounds: int) -> di
         runner = Runner(model_name, spec.name, spec.build(model_name), x, y)
         # The float row runs the same checks as a control: they must find nothing there.
         evidence[(model_name, spec.name)] = quantization_evidence(runner, float_model)
-        runner.run(WARMUP_STEPS)  # the first call compiles
+        warm = runner.run(WARMUP_STEPS)  # the first call compiles
+        # Sub-millisecond steps need many repetitions before their median settles.
+        runner.reps = max(reps, math.ceil(min_round_seconds / max(warm[-1], 1e-6)))
       except (Skip, NotImplementedError) as e:
         skipped.append({"model": model_name, "variant": spec.name, "reason": str(e)})
         continue
@@ -352,7 +364,7 @@ def run(*, model_names: Sequence[str], batch: int, reps: int, rounds: int) -> di
     # Rotate the order every round so that no variant always runs first or last.
     shift = r % max(len(runners), 1)
     for runner in runners[shift:] + runners[:shift]:
-      runner.times.append(runner.run(reps))
+      runner.times.append(runner.run(runner.reps))
 
   notes = {spec.name: spec.note for spec in VARIANTS}
   rows = [{"model": r.model_name, "variant": r.variant, **_summary(r),
@@ -369,6 +381,7 @@ def run(*, model_names: Sequence[str], batch: int, reps: int, rounds: int) -> di
       "peers": peer_versions(),
       "device": f"{kind} x{jax.device_count()}, {os.cpu_count()} CPU cores",
       "models": list(model_names), "batch": batch, "reps": reps, "rounds": rounds,
+      "min_round_seconds": min_round_seconds,
       "warmup_steps": WARMUP_STEPS, "optimizer": f"adam({LEARNING_RATE})",
       "rows": rows, "skipped": skipped,
   }
@@ -390,8 +403,9 @@ def format_table(results: dict[str, Any]) -> str:
   peers = ", ".join(f"{k} {v or 'absent'}" for k, v in results["peers"].items())
   lines = [f"jax {results['jax']}, flax {results['flax']}, optax {results['optax']}; {peers}",
            f"device: {results['device']}",
-           f"batch {results['batch']}, {results['rounds']} rounds x {results['reps']} reps "
-           f"(after {results['warmup_steps']} warm-up steps): median ms per jitted train step, "
+           f"batch {results['batch']}, {results['rounds']} rounds x (>= {results['reps']} reps "
+           f"and >= {results['min_round_seconds']} s), after {results['warmup_steps']} warm-up "
+           f"steps: median ms per jitted train step (state donated), "
            f"{results['optimizer']}", ""]
   header = (f"{'model':<7} {'variant':<20} {'ms/step':>8} {'iqr':>7} {'x float':>7}  "
             f"{'logit err':>9} {'round':>5} {'int8 contr.':>11} {'zero grads':>10}  note")
@@ -428,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--reps", type=int, default=20, help="timed steps per variant per round")
   parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over variants")
+  parser.add_argument("--min-round-seconds", type=float, default=0.3,
+                      help="each variant runs at least this long per round (0: exactly --reps)")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--models", default=",".join(models.MODELS),
                       help=f"comma-separated subset of {','.join(models.MODELS)}")
@@ -441,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.reps < 1 or args.rounds < 1 or args.batch < 1:
     parser.error("--reps, --rounds and --batch must be positive")
 
-  results = run(model_names=model_names, batch=args.batch, reps=args.reps, rounds=args.rounds)
+  results = run(model_names=model_names, batch=args.batch, reps=args.reps, rounds=args.rounds,
+                min_round_seconds=args.min_round_seconds)
   print(format_table(results))
   if args.json is not None:
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def test_bench_qat_smoke():
   see qjax's fake quantization: rounding in the forward pass, logits that differ from float,
   and a gradient for every parameter."""
   results = load_experiment("bench_qat").main(["--reps", "1", "--rounds", "1", "--models", "mlp,lenet5",
-                                     "--batch", "4"])
+                                     "--batch", "4", "--min-round-seconds", "0"])
   rows = {(r["model"], r["variant"]): r for r in results["rows"]}
   for model in ("mlp", "lenet5"):
     assert rows[(model, "float32")]["evidence"]["round_ops"] == 0
