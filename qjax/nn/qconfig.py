@@ -87,10 +87,15 @@ def get_default_qconfig(backend: str = "x86") -> QConfig:
 
 
 def get_default_qat_qconfig(backend: str = "x86") -> QConfig:
-  """PyTorch's `get_default_qat_qconfig(backend)` (version 1, the fused observers).
+  """PyTorch's `get_default_qat_qconfig(backend)`: its observers (moving-average min/max,
+  c = 0.01; x86 / fbgemm reduce the activation range to [0, 127] and quantize weights per
+  channel).
 
-  Activations and weights both use moving-average min/max (c = 0.01); x86 / fbgemm reduce
-  the activation range to [0, 127] and quantize weights per channel.
+  The fake quantization uses the observers' `calculate_qparams`, as PyTorch's version-0
+  FakeQuantize and its `convert` do. PyTorch's default version 1 (FusedMovingAvgObsFakeQuantize)
+  observes the same ranges but fake-quantizes weights during training with a slightly
+  different scale, max(-min/128, max/127) in double precision; tests/test_nn_torch.py pins
+  the difference.
   """
   if _check_backend(backend) == "qnnpack":
     return QConfig(
