@@ -346,3 +346,57 @@ def test_check_calibrated_names_every_empty_point():
     qnn.check_calibrated({"p": bad._asdict()})
   with pytest.raises(ValueError, match="quant_stats is empty"):
     qnn.check_calibrated({})
+
+
+class LearnableTest(chex.TestCase):
+  """LSQ points: qparams in "params", initialised by the observer, trained by gradients."""
+
+  AFFINE = obs.MinMaxObserver(spec=QuantSpec(bits=4, signed=False))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_fake_quant_learnable(self):
+    from qjax import ste
+    point = qnn.LearnableFakeQuant(observer=self.AFFINE)
+    variables = point.init(jax.random.key(0), X, mode="qat")
+    params = variables["params"]
+    expected = numerics.qparams_from_minmax(X.min(), X.max(), self.AFFINE.spec)
+    assert float(params["scale"]) == float(expected.scale)  # data-dependent initialisation
+    assert float(params["zero_point"]) == float(expected.zero_point)
+    upstream = jnp.asarray(RNG.standard_normal(X.shape).astype(np.float32))
+    factor = ste.lsq_grad_factor(self.AFFINE.spec, X.size)
+
+    def loss(p, x):
+      return jnp.sum(point.apply({**variables, "params": p}, x * 1.5, mode="qat") * upstream)
+
+    def ref(p, x):
+      y = ste.fake_quant_learnable(x * 1.5, self.AFFINE.spec, p["scale"], p["zero_point"],
+                                   grad_factor=factor)
+      return jnp.sum(y * upstream)
+
+    got = self.variant(jax.grad(loss, argnums=(0, 1)))(params, X)
+    want = jax.grad(ref, argnums=(0, 1))(params, X)
+    chex.assert_trees_all_equal(got, want)
+    assert float(got[0]["scale"]) != 0.0 and float(got[0]["zero_point"]) != 0.0
+
+  def test_calibrate_copies_observed_qparams_only_when_params_mutable(self):
+    point = qnn.LearnableFakeQuant(observer=self.AFFINE)
+    variables = point.init(jax.random.key(0), X, mode="float")
+    wide = X * 4.0
+    _, frozen = point.apply(variables, wide, mode="calibrate", mutable=["quant_stats"])
+    assert "params" not in frozen
+    _, both = point.apply(variables, wide, mode="calibrate", mutable=["quant_stats", "params"])
+    expected = numerics.qparams_from_minmax(wide.min(), wide.max(), self.AFFINE.spec)
+    assert float(both["params"]["scale"]) == float(expected.scale)
+
+  def test_qconfig_learnable_symmetric_weights_learn_only_the_scale(self):
+    qconfig = qnn.QConfig(activation=self.AFFINE, weight=MINMAX.weight, learnable=True)
+    layer = qnn.QuantDense(3, qconfig=qconfig, activation=nn.relu)
+    variables = layer.init(jax.random.key(0), X, mode="qat")
+    params = variables["params"]
+    assert set(params["weight"]) == {"scale"} and params["weight"]["scale"].shape == (3,)
+    assert set(params["output"]) == {"scale", "zero_point"}
+    grads = jax.grad(lambda p: jnp.sum(layer.apply({**variables, "params": p}, X,
+                                                   mode="qat") ** 2))(params)
+    assert float(jnp.abs(grads["weight"]["scale"]).sum()) > 0
+    with pytest.raises(TypeError, match="QConfig.learnable must be True or False"):
+      qnn.QConfig(activation=None, weight=None, learnable=1)

@@ -2,6 +2,7 @@
 
 from qjax.nn.modules import Dequantize
 from qjax.nn.modules import FakeQuant
+from qjax.nn.modules import LearnableFakeQuant
 from qjax.nn.modules import Mode
 from qjax.nn.modules import QPARAMS
 from qjax.nn.modules import QuantConv
@@ -24,6 +25,7 @@ from qjax.nn.qconfig import get_default_qconfig
 __all__ = (
     "Dequantize",
     "FakeQuant",
+    "LearnableFakeQuant",
     "Mode",
     "QConfig",
     "QConfigMap",

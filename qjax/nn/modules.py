@@ -43,11 +43,14 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from qjax import _checks
 from qjax import observers as obs
+from qjax import numerics
 from qjax import ste
+from qjax.numerics import QParams
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
 
 STATS = "quant_stats"
@@ -170,6 +173,96 @@ class FakeQuant(nn.Module):
     return _reraise_with_path(self, lambda: ste.fake_quant(x, observer.spec, qparams))
 
 
+class LearnableFakeQuant(nn.Module):
+  """A quantization point whose scale and zero point are learned (LSQ; PyTorch's
+  `_LearnableFakeQuantize`): they live in "params" and get the LSQ gradients of
+  `qjax.ste.fake_quant_learnable`; the observer only initialises them. A symmetric spec fixes
+  the zero point, so only the scale is a parameter then.
+
+    y = S * (clamp(rne(x / S) + rne(Z), qmin, qmax) - rne(Z)),   S = max(scale, eps)
+
+  * init: scale / zero_point from the observer's qparams on the init batch (data-dependent
+    initialisation), the observer's state empty in "quant_stats".
+  * "calibrate": the observer updates; with "params" mutable as well, the observed qparams
+    are copied into scale / zero_point (PyTorch's `enable_static_estimate`).
+  * "qat": fake quantization with the learned scale and zero point; gradients flow to x
+    (clipped straight-through) and to both parameters, scaled by 1 / sqrt(N * qmax) when
+    `grad_scaling` (N = x.size, the LSQ paper's and PyTorch's choice).
+
+  Attributes:
+    observer: initialises the parameters (its spec is the grid).
+    grad_scaling: LSQ's gradient scale on the scale and zero-point gradients.
+    mode: default mode, overridable per call.
+  """
+
+  observer: obs.Observer
+  grad_scaling: bool = True
+  mode: Mode | str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
+    """x unchanged (float, calibrate) or fake-quantized with the learned qparams (qat)."""
+    mode = _merged_mode(self, mode)
+    observer = self.observer
+    if not isinstance(observer, (obs.MinMaxObserver, obs.HistogramObserver)):
+      raise TypeError(f"{_where(self)}: observer must be a qjax.observers observer; got "
+                      f"{type(observer).__name__}.")
+    _reraise_with_path(self, lambda: _checks.as_float_array("x", x))
+    fresh = _reraise_with_path(self, lambda: observer.init(jnp.shape(x)))
+    variables = {name: self.variable(STATS, name, lambda v=value: v)
+                 for name, value in fresh._asdict().items()}
+    state = type(fresh)(**{name: var.value for name, var in variables.items()})
+
+    def observed_qparams(data):
+      first = observer.update(observer.init(jnp.shape(data)), lax.stop_gradient(data))
+      return observer.qparams(first)
+
+    # Flax also calls a param's initialiser abstractly after init, to check shapes: outside
+    # init it must only produce the right shape.
+    shape = numerics.expected_qparam_shape(observer.spec, jnp.shape(x))
+    init_qparams = QParams(jnp.ones(shape, jnp.float32), jnp.zeros(shape, jnp.int32))
+    if self.is_initializing():
+      init_qparams = _reraise_with_path(self, lambda: observed_qparams(x))
+    scale = self.param("scale", lambda _: init_qparams.scale)
+    if observer.spec.symmetric:  # the grid fixes the zero point: nothing to learn
+      zero_point = jnp.full(shape, observer.spec.symmetric_zero_point, jnp.float32)
+    else:
+      zero_point = self.param("zero_point",
+                              lambda _: init_qparams.zero_point.astype(jnp.float32))
+    if self.is_initializing() or mode is Mode.FLOAT:
+      return x
+    if mode is Mode.CALIBRATE:
+      if not self.is_mutable_collection(STATS):
+        raise ValueError(f"{_where(self)}: mode='calibrate' updates observer statistics, but "
+                         f"the '{STATS}' collection is immutable; call "
+                         f"apply(..., mutable=['{STATS}']).")
+      state = _reraise_with_path(self, lambda: observer.update(state, lax.stop_gradient(x)))
+      for name, var in variables.items():
+        var.value = getattr(state, name)
+      if self.is_mutable_collection("params"):
+        qparams = _reraise_with_path(self, lambda: observer.qparams(state))
+        self.put_variable("params", "scale", qparams.scale)
+        if not observer.spec.symmetric:
+          self.put_variable("params", "zero_point", qparams.zero_point.astype(jnp.float32))
+      return x
+    size = int(np.prod(jnp.shape(x)))
+    factor = ste.lsq_grad_factor(observer.spec, size) if self.grad_scaling else 1.0
+    positive = jnp.maximum(scale, jnp.float32(observer.eps))
+    if self.is_mutable_collection(QPARAMS):
+      zp = jnp.clip(jnp.round(zero_point), observer.spec.qmin, observer.spec.qmax)
+      self.put_variable(QPARAMS, "scale", positive)
+      self.put_variable(QPARAMS, "zero_point", zp.astype(jnp.int32))
+    return _reraise_with_path(self, lambda: ste.fake_quant_learnable(
+        x, observer.spec, positive, zero_point, grad_factor=factor))
+
+
+def _point(observer: obs.Observer | None, learnable: bool, **kwargs: Any) -> nn.Module:
+  """The quantization point for `observer`: learned qparams (LSQ) or observed ones."""
+  if learnable and observer is not None:
+    return LearnableFakeQuant(observer=observer, **kwargs)
+  return FakeQuant(observer=observer, **kwargs)
+
+
 class Quantize(nn.Module):
   """Model input boundary (PyTorch's QuantStub): observes, and in QAT fake-quantizes, x with
   `qconfig.activation`. The integer path quantizes the input here, once."""
@@ -181,7 +274,8 @@ class Quantize(nn.Module):
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
     mode = _merged_mode(self, mode)
     qconfig = resolve(self.qconfig, module_path(self))
-    point = FakeQuant(observer=None if qconfig is None else qconfig.activation)
+    point = _point(None if qconfig is None else qconfig.activation,
+                   qconfig is not None and qconfig.learnable)
     nn.share_scope(self, point)
     return point(x, mode=mode)
 
@@ -221,8 +315,9 @@ def _quantized_operands(module: nn.Module, qconfig: QConfig | None, mode: Mode,
   """lhs through the "input" point, rhs through the "weight" point (in the layer's scope)."""
   act = None if qconfig is None else qconfig.activation
   weight = None if qconfig is None else qconfig.weight
-  lhs = FakeQuant(observer=act, name="input", parent=module)(lhs, mode=mode)
-  rhs = FakeQuant(observer=weight, name="weight", parent=module)(rhs, mode=mode)
+  learnable = qconfig is not None and qconfig.learnable
+  lhs = _point(act, learnable, name="input", parent=module)(lhs, mode=mode)
+  rhs = _point(weight, learnable, name="weight", parent=module)(rhs, mode=mode)
   return lhs, rhs
 
 
@@ -295,7 +390,7 @@ def _eager_layer(module: nn.Module, stock_type: type, cls_field: str, contractio
   mode = _merged_mode(module, mode)
   qconfig = resolve(module.qconfig, module_path(module))
   weight_only = None if qconfig is None or qconfig.weight is None else QConfig(
-      weight=qconfig.weight, activation=None)
+      weight=qconfig.weight, activation=None, learnable=qconfig.learnable)
   fields = _stock_fields(module, stock_type)
   fields[cls_field] = functools.partial(contraction, qconfig=weight_only, mode=mode)
   layer = stock_type(**fields)
@@ -304,7 +399,8 @@ def _eager_layer(module: nn.Module, stock_type: type, cls_field: str, contractio
   if module.activation is not None:
     y = module.activation(y)
   out_observer = None if qconfig is None else qconfig.activation
-  return FakeQuant(observer=out_observer, name="output", parent=module)(y, mode=mode)
+  learnable = qconfig is not None and qconfig.learnable
+  return _point(out_observer, learnable, name="output", parent=module)(y, mode=mode)
 
 
 class QuantDense(nn.Dense):

@@ -34,10 +34,13 @@ class QConfig:
     weight: observer of the kernel (per output channel: spec.axis=-1), or None to leave the
       weight in float.
     activation: observer of the activations (per tensor), or None to leave them in float.
+    learnable: learn every point's scale and zero point (LSQ, `qjax.nn.LearnableFakeQuant`:
+      in "params", initialised from the observers) instead of taking them from the observers.
   """
 
   weight: obs.Observer | None
   activation: obs.Observer | None
+  learnable: bool = False
 
   def __post_init__(self):
     for role in ("weight", "activation"):
@@ -46,6 +49,8 @@ class QConfig:
         raise TypeError(f"QConfig.{role} must be a qjax.observers observer (MinMaxObserver, "
                         f"MovingAverageMinMaxObserver, HistogramObserver, PercentileObserver) "
                         f"or None; got {type(value).__name__}.")
+    if not isinstance(self.learnable, bool):
+      raise TypeError(f"QConfig.learnable must be True or False; got {self.learnable!r}.")
     if self.activation is not None and self.activation.spec.per_channel:
       raise ValueError(f"QConfig.activation must be per-tensor (spec.axis=None): the integer path "
                        f"requantizes a whole activation tensor with one scale; got "
