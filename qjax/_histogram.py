@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 
 from qjax import _checks
-from qjax.numerics import _uncontractible
+from qjax.numerics import _exact_div, _uncontractible
 
 UPSAMPLE_RATE: int = 16
 """Sub-bins per old bin when a histogram is re-binned onto a wider range (torch's value)."""
@@ -50,16 +50,6 @@ _TABLE_SIZE = 100_010     # > 1 / _QUANTILE_STEP + 2: every alpha / beta the sea
 
 # ------------------------------------------------------------------------------------------
 # Exact float32 building blocks.
-
-
-def _true_div(num: jax.Array, den: jax.Array | float) -> jax.Array:
-  """num / den, correctly rounded, for a scalar or same-shaped `den`.
-
-  XLA turns division by a scalar (constant or not) into multiplication by its reciprocal;
-  a full-shaped divisor behind an optimization barrier keeps the IEEE division torch does.
-  """
-  den = jnp.broadcast_to(jnp.asarray(den, jnp.float32), num.shape)
-  return num / lax.optimization_barrier(den)
 
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -124,10 +114,10 @@ def _dd_mul(hi: jax.Array, lo: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.
 
 def _dd_div(hi: jax.Array, lo: jax.Array, k: float) -> tuple[jax.Array, jax.Array]:
   """The float64-like quotient (hi + lo) / k, as a pair: q + (remainder / k)."""
-  q = _true_div(hi, k)
+  q = _exact_div(hi, k)
   p, e = _two_prod(q, jnp.float32(k))
   remainder = ((hi - p) - e) + lo
-  return _two_sum(q, _true_div(remainder, k))
+  return _two_sum(q, _exact_div(remainder, k))
 
 
 def _cumsum_f64(v: jax.Array) -> jax.Array:
@@ -225,7 +215,7 @@ def _histc(x: jax.Array, lo: jax.Array, hi: jax.Array, bins: int) -> jax.Array:
   # Float32 lo -/+ 1 equals torch's double-then-float: double rounding is innocuous here.
   lo = jnp.where(one_point, lo - 1, lo)
   hi = jnp.where(one_point, hi + 1, hi)
-  pos = _true_div((x - lo) * jnp.float32(bins), hi - lo)
+  pos = _exact_div((x - lo) * jnp.float32(bins), hi - lo)
   # For |c| >= 2^25, c -/+ 1 rounds back to c: torch then divides 0 by 0 (undefined
   # behaviour); the middle bin is where every smaller constant lands.
   pos = jnp.where(hi > lo, pos, jnp.float32(bins // 2))
@@ -239,7 +229,7 @@ def _linspace(start: jax.Array, end: jax.Array, steps: int) -> jax.Array:
   ATen computes the first half up from `start` and the second half down from `end`, each
   element as one fused multiply-add (GCC contracts its `start + step * i`).
   """
-  step = _true_div(end - start, jnp.float32(steps - 1))
+  step = _exact_div(end - start, jnp.float32(steps - 1))
   i = jnp.arange(steps, dtype=jnp.int32)
   up = _fma(step, i.astype(jnp.float32), start)
   down = _fma(-step, (steps - 1 - i).astype(jnp.float32), end)
@@ -256,7 +246,7 @@ def _upscale(hist: jax.Array, old_min: jax.Array, old_max: jax.Array, new_min: j
   bins = hist.shape[0]
   fine = bins * UPSAMPLE_RATE
   mass = jnp.repeat(hist, UPSAMPLE_RATE) / jnp.float32(UPSAMPLE_RATE)   # exact: power of 2
-  half = jnp.float32(0.5) * _true_div(old_max - old_min, jnp.float32(fine))
+  half = jnp.float32(0.5) * _exact_div(old_max - old_min, jnp.float32(fine))
   mids = _linspace(old_min, old_max, fine + 1)[:-1] + half
   edges = _linspace(new_min, new_max, bins + 1)
   index = jnp.clip(jnp.searchsorted(edges, mids, side="right") - 1, 0, bins - 1)
@@ -377,7 +367,7 @@ def _scaled_thresholds(hi: jax.Array, lo: jax.Array, total: jax.Array) -> jax.Ar
 def _div_floor(a: jax.Array, b: jax.Array) -> jax.Array:
   """`torch.div(a, b, rounding_mode="floor")` for b > 0 (c10's div_floor_floating)."""
   mod = jnp.fmod(a, b)
-  div = _true_div(a - mod, b)
+  div = _exact_div(a - mod, b)
   div = jnp.where(mod < 0, div - 1, div)
   floor = jnp.floor(div)
   floor = jnp.where(div - floor > 0.5, floor + 1, floor)
@@ -389,7 +379,7 @@ def _cube_difference_third(end: jax.Array, begin: jax.Array, density: jax.Array)
   def cube(t):
     return _rounded(t * t * t)
 
-  third = _true_div(cube(end) - cube(begin), 3.0)
+  third = _exact_div(cube(end) - cube(begin), 3.0)
   return _rounded(density * third)
 
 
@@ -415,7 +405,7 @@ def _quantization_error(hist: jax.Array, width_hi: jax.Array, width_lo: jax.Arra
   top = jnp.float32(dst_nbins - 1)
   dst_begin = jnp.clip(_div_floor(begin, dst_w), 0, top)
   dst_end = jnp.clip(_div_floor(stop, dst_w), 0, top)
-  density = _true_div(hist, src_w)
+  density = _exact_div(hist, src_w)
   begin_centre = _rounded((dst_begin + 0.5) * dst_w)
   norm = _cube_difference_third(jnp.broadcast_to(half, (bins,)), begin - begin_centre, density)
   full = _cube_difference_third(half, -half, density)
@@ -464,7 +454,7 @@ def _l2_search(hist: jax.Array, min_val: jax.Array, max_val: jax.Array,
   init = (jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.int32(bins - 1),
           jnp.float32(jnp.inf), jnp.bool_(False))
   _, _, start, end, _, _ = lax.while_loop(lambda s: ~s[-1], body, init)
-  width = _true_div(max_val - min_val, jnp.float32(bins))
+  width = _exact_div(max_val - min_val, jnp.float32(bins))
   new_min = min_val + _rounded(width * start.astype(jnp.float32))
   new_max = min_val + _rounded(width * (end + 1).astype(jnp.float32))
   return new_min, new_max
@@ -524,7 +514,7 @@ def _percentile(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, q_low: 
   csum = jnp.cumsum(hist)
   total = csum[-1]   # the cumulative sum's own end, so that q_high = 1 reaches it exactly
   before = jnp.concatenate([jnp.zeros((1,), jnp.float32), csum[:-1]])
-  width = _true_div(max_val - min_val, jnp.float32(bins))
+  width = _exact_div(max_val - min_val, jnp.float32(bins))
   # Products kept apart from the adds that follow, so that every mode rounds alike.
   t_low, t_high = _rounded(q_low * total), _rounded(q_high * total)
 
@@ -532,7 +522,7 @@ def _percentile(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, q_low: 
     """min + w (k + f), f the fraction of bin k's mass below t (bin k straddles t)."""
     k = jnp.minimum(k, bins - 1)
     mass = hist[k]
-    frac = jnp.where(mass > 0, _true_div(t - before[k], jnp.where(mass > 0, mass, 1)), 0)
+    frac = jnp.where(mass > 0, _exact_div(t - before[k], jnp.where(mass > 0, mass, 1)), 0)
     return min_val + _rounded(width * (k.astype(jnp.float32) + jnp.clip(frac, 0, 1)))
 
   # Lower: the first bin whose cumulative sum reaches t_low holds inf{x : F(x) >= t_low}.

@@ -265,8 +265,9 @@ def _uncontractible(product: jax.Array, factor: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _exact_div(numerator: jax.Array, denominator: float) -> jax.Array:
-  """numerator / denominator, correctly rounded.
+def _exact_div(numerator: jax.Array, denominator: jax.Array | float) -> jax.Array:
+  """numerator / denominator, correctly rounded; `denominator` a scalar (Python or array)
+  or an array of numerator's shape.
 
   XLA rewrites division by a constant or by a broadcast scalar into multiplication by its
   reciprocal, which is off by one ulp for about 70 % of inputs and would change scales

@@ -41,6 +41,7 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +119,47 @@ def _reraise_with_path(module: nn.Module, fn: Callable[[], Any]) -> Any:
     raise type(err)(f"{path}: {err}") from err
 
 
+def _observer_state(module: nn.Module, observer: obs.Observer, x: jax.Array, mode: Mode):
+  """The point's observer state in "quant_stats" (created at init) and its variables, or None
+  for a float forward of params alone, which needs no statistics."""
+  _reraise_with_path(module, lambda: _checks.as_float_array(
+      "x", x, hint=" (a quantization point observes real-valued activations or weights)."))
+  fresh = _reraise_with_path(module, lambda: observer.init(jnp.shape(x)))
+  if not module.is_initializing() and not module.has_variable(STATS, "count"):
+    if mode is Mode.FLOAT and not module.is_mutable_collection(QPARAMS):
+      return None
+    raise ValueError(f"{_where(module)}: no '{STATS}' for this quantization point. Pass the "
+                     f"whole variables dict from init (params and {STATS}) to apply, e.g. "
+                     f"model.apply({{'params': p, '{STATS}': s}}, ...).")
+  variables = {name: module.variable(STATS, name, lambda v=value: v)
+               for name, value in fresh._asdict().items()}
+  return type(fresh)(**{name: var.value for name, var in variables.items()}), variables
+
+
+def _observe(module: nn.Module, observer: obs.Observer, state: obs.ObserverState,
+             variables: dict, x: jax.Array, *, mode: Mode, updates: bool):
+  """Fold x into the observer when `updates` and "quant_stats" is mutable (never at init);
+  "calibrate" with immutable statistics is an error. Returns the (new) state."""
+  if module.is_initializing():
+    return state
+  mutable = module.is_mutable_collection(STATS)
+  if mode is Mode.CALIBRATE and not mutable:
+    raise ValueError(f"{_where(module)}: mode='calibrate' updates observer statistics, but "
+                     f"the '{STATS}' collection is immutable; call "
+                     f"apply(..., mutable=['{STATS}']).")
+  if updates and mutable:
+    state = _reraise_with_path(module, lambda: observer.update(state, lax.stop_gradient(x)))
+    for name, var in variables.items():
+      var.value = getattr(state, name)
+  return state
+
+
+def _write_qparams(module: nn.Module, scale: jax.Array, zero_point: jax.Array) -> None:
+  """Record the point's qparams in "quant_params" (for `collect_qparams`)."""
+  module.put_variable(QPARAMS, "scale", scale)
+  module.put_variable(QPARAMS, "zero_point", zero_point)
+
+
 class FakeQuant(nn.Module):
   """One quantization point: an observer whose state lives in "quant_stats".
 
@@ -136,39 +178,19 @@ class FakeQuant(nn.Module):
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
     """x unchanged (float, calibrate) or fake-quantized with the observed qparams (qat)."""
     mode = _merged_mode(self, mode)
-    if self.observer is None:
-      return x
-    _reraise_with_path(self, lambda: _checks.as_float_array(
-        "x", x, hint=" (a quantization point observes real-valued activations or weights)."))
     observer = self.observer
-    fresh = _reraise_with_path(self, lambda: observer.init(jnp.shape(x)))
-    initializing = self.is_initializing()
-    if not initializing and not self.has_variable(STATS, "count"):
-      if mode is Mode.FLOAT and not self.is_mutable_collection(QPARAMS):
-        return x  # a float forward of float params needs no statistics
-      raise ValueError(f"{_where(self)}: no '{STATS}' for this quantization point. Pass the "
-                       f"whole variables dict from init (params and {STATS}) to apply, e.g. "
-                       f"model.apply({{'params': p, '{STATS}': s}}, ...).")
-    variables = {name: self.variable(STATS, name, lambda v=value: v)
-                 for name, value in fresh._asdict().items()}
-    state = type(fresh)(**{name: var.value for name, var in variables.items()})
-    can_update = self.is_mutable_collection(STATS) and not initializing
-
-    if mode is Mode.CALIBRATE and not can_update and not initializing:
-      raise ValueError(f"{_where(self)}: mode='calibrate' updates observer statistics, but "
-                       f"the '{STATS}' collection is immutable; call "
-                       f"apply(..., mutable=['{STATS}']).")
-    if mode is not Mode.FLOAT and can_update:
-      state = _reraise_with_path(self, lambda: observer.update(state, lax.stop_gradient(x)))
-      for name, var in variables.items():
-        var.value = getattr(state, name)
-    if self.is_mutable_collection(QPARAMS) and not initializing:
-      scale, zero_point = _reraise_with_path(self, lambda: observer.qparams(state))
-      self.put_variable(QPARAMS, "scale", scale)
-      self.put_variable(QPARAMS, "zero_point", zero_point)
-    if mode is not Mode.QAT or initializing:
+    found = None if observer is None else _observer_state(self, observer, x, mode)
+    if found is None:
+      return x
+    state = _observe(self, observer, *found, x, mode=mode, updates=mode is not Mode.FLOAT)
+    record = self.is_mutable_collection(QPARAMS) and not self.is_initializing()
+    if not record and (mode is not Mode.QAT or self.is_initializing()):
       return x
     qparams = _reraise_with_path(self, lambda: observer.qparams(state))
+    if record:
+      _write_qparams(self, *qparams)
+    if mode is not Mode.QAT or self.is_initializing():
+      return x
     qparams = jax.tree_util.tree_map(lax.stop_gradient, qparams)
     return _reraise_with_path(self, lambda: ste.fake_quant(x, observer.spec, qparams))
 
@@ -207,11 +229,9 @@ class LearnableFakeQuant(nn.Module):
     if not isinstance(observer, (obs.MinMaxObserver, obs.HistogramObserver)):
       raise TypeError(f"{_where(self)}: observer must be a qjax.observers observer; got "
                       f"{type(observer).__name__}.")
-    _reraise_with_path(self, lambda: _checks.as_float_array("x", x))
-    fresh = _reraise_with_path(self, lambda: observer.init(jnp.shape(x)))
-    variables = {name: self.variable(STATS, name, lambda v=value: v)
-                 for name, value in fresh._asdict().items()}
-    state = type(fresh)(**{name: var.value for name, var in variables.items()})
+    found = _observer_state(self, observer, x, mode)
+    if found is None:
+      return x
 
     def observed_qparams(data):
       first = observer.update(observer.init(jnp.shape(data)), lax.stop_gradient(data))
@@ -232,13 +252,7 @@ class LearnableFakeQuant(nn.Module):
     if self.is_initializing() or mode is Mode.FLOAT:
       return x
     if mode is Mode.CALIBRATE:
-      if not self.is_mutable_collection(STATS):
-        raise ValueError(f"{_where(self)}: mode='calibrate' updates observer statistics, but "
-                         f"the '{STATS}' collection is immutable; call "
-                         f"apply(..., mutable=['{STATS}']).")
-      state = _reraise_with_path(self, lambda: observer.update(state, lax.stop_gradient(x)))
-      for name, var in variables.items():
-        var.value = getattr(state, name)
+      state = _observe(self, observer, *found, x, mode=mode, updates=True)
       if self.is_mutable_collection("params"):
         qparams = _reraise_with_path(self, lambda: observer.qparams(state))
         self.put_variable("params", "scale", qparams.scale)
@@ -250,15 +264,16 @@ class LearnableFakeQuant(nn.Module):
     positive = jnp.maximum(scale, jnp.float32(observer.eps))
     if self.is_mutable_collection(QPARAMS):
       zp = jnp.clip(jnp.round(zero_point), observer.spec.qmin, observer.spec.qmax)
-      self.put_variable(QPARAMS, "scale", positive)
-      self.put_variable(QPARAMS, "zero_point", zp.astype(jnp.int32))
+      _write_qparams(self, positive, zp.astype(jnp.int32))
     return _reraise_with_path(self, lambda: ste.fake_quant_learnable(
         x, observer.spec, positive, zero_point, grad_factor=factor))
 
 
-def _point(observer: obs.Observer | None, learnable: bool, **kwargs: Any) -> nn.Module:
-  """The quantization point for `observer`: learned qparams (LSQ) or observed ones."""
-  if learnable and observer is not None:
+def _point(qconfig: QConfig | None, role: str, **kwargs: Any) -> nn.Module:
+  """The quantization point for `qconfig`'s "activation" or "weight" observer: learned
+  qparams (LSQ) when `qconfig.learnable`, observed ones otherwise."""
+  observer = None if qconfig is None else getattr(qconfig, role)
+  if observer is not None and qconfig.learnable:
     return LearnableFakeQuant(observer=observer, **kwargs)
   return FakeQuant(observer=observer, **kwargs)
 
@@ -274,8 +289,7 @@ class Quantize(nn.Module):
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
     mode = _merged_mode(self, mode)
     qconfig = resolve(self.qconfig, module_path(self))
-    point = _point(None if qconfig is None else qconfig.activation,
-                   qconfig is not None and qconfig.learnable)
+    point = _point(qconfig, "activation")
     nn.share_scope(self, point)
     return point(x, mode=mode)
 
@@ -313,11 +327,8 @@ def _check_weight_axis(module: nn.Module, qconfig: QConfig | None, rhs: jax.Arra
 def _quantized_operands(module: nn.Module, qconfig: QConfig | None, mode: Mode,
                         lhs: jax.Array, rhs: jax.Array) -> tuple[jax.Array, jax.Array]:
   """lhs through the "input" point, rhs through the "weight" point (in the layer's scope)."""
-  act = None if qconfig is None else qconfig.activation
-  weight = None if qconfig is None else qconfig.weight
-  learnable = qconfig is not None and qconfig.learnable
-  lhs = _point(act, learnable, name="input", parent=module)(lhs, mode=mode)
-  rhs = _point(weight, learnable, name="weight", parent=module)(rhs, mode=mode)
+  lhs = _point(qconfig, "activation", name="input", parent=module)(lhs, mode=mode)
+  rhs = _point(qconfig, "weight", name="weight", parent=module)(rhs, mode=mode)
   return lhs, rhs
 
 
@@ -398,9 +409,7 @@ def _eager_layer(module: nn.Module, stock_type: type, cls_field: str, contractio
   y = layer(inputs)
   if module.activation is not None:
     y = module.activation(y)
-  out_observer = None if qconfig is None else qconfig.activation
-  learnable = qconfig is not None and qconfig.learnable
-  return _point(out_observer, learnable, name="output", parent=module)(y, mode=mode)
+  return _point(qconfig, "activation", name="output", parent=module)(y, mode=mode)
 
 
 class QuantDense(nn.Dense):
@@ -461,17 +470,13 @@ def check_calibrated(quant_stats: Any) -> None:
     ValueError: listing the paths of the points whose `count` is 0 (and any batches they
       skipped for NaN/inf).
   """
+  flat = traverse_util.flatten_dict(quant_stats, sep="/")
   empty = []
-  flat = jax.tree_util.tree_flatten_with_path(quant_stats)[0]
-  skipped = {tuple(str(getattr(k, "key", k)) for k in path[:-1]): leaf for path, leaf in flat
-             if getattr(path[-1], "key", None) == "skipped"}
-  for path, leaf in flat:
-    if getattr(path[-1], "key", None) != "count":
-      continue
-    point = tuple(str(getattr(k, "key", k)) for k in path[:-1])
-    if int(jax.device_get(leaf)) == 0:
-      lost = int(jax.device_get(skipped.get(point, 0)))
-      empty.append("/".join(point) + (f" ({lost} batch(es) skipped for NaN/inf)" if lost else ""))
+  for key, count in sorted(flat.items()):
+    point, _, leaf = key.rpartition("/")
+    if leaf == "count" and int(jax.device_get(count)) == 0:
+      lost = int(jax.device_get(flat.get(f"{point}/skipped", 0)))
+      empty.append(point + (f" ({lost} batch(es) skipped for NaN/inf)" if lost else ""))
   if not flat:
     raise ValueError("check_calibrated: quant_stats is empty; pass the 'quant_stats' collection "
                      "of a model with quantization points.")
