@@ -259,7 +259,7 @@ class MisuseTest(parameterized.TestCase):
 
   def test_unknown_mode(self):
     model, variables = _init()
-    with pytest.raises(ValueError, match=r"mode must be one of \['float', 'calibrate', 'qat'\]"):
+    with pytest.raises(ValueError, match=r"mode must be one of \['float', 'calibrate', 'qat', 'int8'\]"):
       model.apply(variables, X, mode="train")
 
   def test_mode_given_twice(self):

@@ -27,6 +27,11 @@ Modes, chosen per call like BatchNorm's `use_running_average`:
   "qat"        observers update when quant_stats is mutable (frozen otherwise, e.g. for
                evaluation), then values are fake-quantized with the observers' qparams and a
                straight-through gradient.
+  "int8"       the converted model (`qjax.convert.convert`): variables come from the "int8"
+               collection; `Quantize` turns the float input into int8, each `QuantDense` /
+               `QuantConv` runs int8 x int8 -> int32 and requantizes to int8, `Dequantize`
+               returns float. Only those modules (and grid-preserving ops such as reshape or
+               max pooling between them) may touch the int8 tensors.
 Observers never update while the model is being initialised.
 
 When the "quant_params" collection is mutable, every point also writes its current
@@ -52,10 +57,13 @@ from qjax import observers as obs
 from qjax import numerics
 from qjax import ste
 from qjax.numerics import QParams
+from qjax.nn import _integer
+from qjax.nn import _trace
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
 
 STATS = "quant_stats"
 QPARAMS = "quant_params"
+INT8 = _integer.INT8
 
 
 class Mode(enum.Enum):
@@ -64,6 +72,7 @@ class Mode(enum.Enum):
   FLOAT = "float"
   CALIBRATE = "calibrate"
   QAT = "qat"
+  INT8 = "int8"
 
 
 def as_mode(value: Mode | str | None, where: str = "mode") -> Mode:
@@ -117,6 +126,14 @@ def _reraise_with_path(module: nn.Module, fn: Callable[[], Any]) -> Any:
     if str(err).startswith(path + ":"):
       raise
     raise type(err)(f"{path}: {err}") from err
+
+
+def _no_int8(module: nn.Module, mode: Mode) -> None:
+  if mode is Mode.INT8:
+    raise ValueError(f"{_where(module)}: {type(module).__name__} has no integer form; mode "
+                     f"'int8' runs the modules `qjax.convert` converts (Quantize, QuantDense, "
+                     f"QuantConv, Dequantize). A stock layer with a quantized dot_general can "
+                     f"run int8 weights through qjax.dynamic instead.")
 
 
 def _observer_state(module: nn.Module, observer: obs.Observer, x: jax.Array, mode: Mode):
@@ -179,6 +196,8 @@ class FakeQuant(nn.Module):
     """x unchanged (float, calibrate) or fake-quantized with the observed qparams (qat)."""
     mode = _merged_mode(self, mode)
     observer = self.observer
+    if observer is not None:
+      _no_int8(self, mode)
     found = None if observer is None else _observer_state(self, observer, x, mode)
     if found is None:
       return x
@@ -225,6 +244,7 @@ class LearnableFakeQuant(nn.Module):
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
     """x unchanged (float, calibrate) or fake-quantized with the learned qparams (qat)."""
     mode = _merged_mode(self, mode)
+    _no_int8(self, mode)
     observer = self.observer
     if not isinstance(observer, (obs.MinMaxObserver, obs.HistogramObserver)):
       raise TypeError(f"{_where(self)}: observer must be a qjax.observers observer; got "
@@ -289,9 +309,15 @@ class Quantize(nn.Module):
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
     mode = _merged_mode(self, mode)
     qconfig = resolve(self.qconfig, module_path(self))
+    spec = None if qconfig is None or qconfig.activation is None else qconfig.activation.spec
+    if spec is None:  # not quantized: the model stays in float from here
+      return x
+    if mode is Mode.INT8:
+      return _integer.quantize(self, spec, x, _where(self))
     point = _point(qconfig, "activation")
     nn.share_scope(self, point)
-    return point(x, mode=mode)
+    y = point(x, mode=mode)
+    return _trace.mark(y, role="out", path=module_path(self), spec=spec)
 
 
 class Dequantize(nn.Module):
@@ -303,8 +329,10 @@ class Dequantize(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
-    _merged_mode(self, mode)  # validates the mode, as every qjax module does
-    return x
+    mode = _merged_mode(self, mode)
+    if mode is Mode.INT8:
+      return _integer.dequantize(self, x, _where(self))
+    return _trace.mark(x, role="in", path=module_path(self), kind="dequantize")
 
 
 def _layer_path(module: nn.Module) -> str:
@@ -400,6 +428,21 @@ def _eager_layer(module: nn.Module, stock_type: type, cls_field: str, contractio
   activation, then the output point."""
   mode = _merged_mode(module, mode)
   qconfig = resolve(module.qconfig, module_path(module))
+  path = module_path(module)
+  kind = "dense" if stock_type is nn.Dense else "conv"
+  if qconfig is None or qconfig.activation is None or qconfig.weight is None:
+    # Left in float (PyTorch: qconfig None); its input must be float.
+    inputs = _trace.mark(inputs, role="float_in", path=path, kind=kind)
+  elif mode is Mode.INT8:
+    out_spec = qconfig.activation.spec
+    run = _integer.dense if kind == "dense" else _integer.conv
+    return run(module, out_spec, inputs, _where(module))
+  else:
+    if _trace.active():  # convert: refuse an activation the integer path cannot fuse
+      _integer.check_activation(module.activation, _where(module))
+    inputs = _trace.mark(inputs, role="in", path=path, kind=kind,
+                         weight_spec=qconfig.weight.spec, out_spec=qconfig.activation.spec,
+                         relu=_integer.is_relu(module.activation))
   weight_only = None if qconfig is None or qconfig.weight is None else QConfig(
       weight=qconfig.weight, activation=None, learnable=qconfig.learnable)
   fields = _stock_fields(module, stock_type)
@@ -409,7 +452,10 @@ def _eager_layer(module: nn.Module, stock_type: type, cls_field: str, contractio
   y = layer(inputs)
   if module.activation is not None:
     y = module.activation(y)
-  return _point(qconfig, "activation", name="output", parent=module)(y, mode=mode)
+  y = _point(qconfig, "activation", name="output", parent=module)(y, mode=mode)
+  if qconfig is None or qconfig.activation is None or qconfig.weight is None:
+    return y
+  return _trace.mark(y, role="out", path=path, spec=qconfig.activation.spec)
 
 
 class QuantDense(nn.Dense):

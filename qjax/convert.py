@@ -1,0 +1,356 @@
+"""Calibrated float variables -> integer variables for mode "int8" (PyTorch's `convert`).
+
+    int_vars = qjax.convert.convert(model, variables, x_sample, requant="float")
+    y = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x)
+
+`model` is built from qjax.nn's boundary modules and layers (`Quantize`, `QuantDense`,
+`QuantConv`, `Dequantize`, `QuantConvBN`) and takes `mode=` in its call, like BatchNorm's
+`use_running_average`; `variables` hold its float `params` and calibrated (or QAT-trained)
+`quant_stats`. Convert runs the model twice on the sample: once to read every point's
+qparams, once traced (`jax.make_jaxpr`, nothing computed) to learn which quantized tensor
+feeds which layer, through grid-preserving ops only (reshape, max pooling, slicing, ...).
+
+The result is a plain pytree {"int8": {...}, plus the float collections of any layer left in
+float}. Per converted layer at path P, int8/P holds:
+
+  kernel   QArray of int8 weights: Dense (N, K) output channel first (per-channel axis 0),
+           Conv HW..IO as in Flax (axis -1). Symmetric: zero point 0.
+  input    {"scale", "zero_point"} of the producer's grid (the input)
+  output   {"scale", "zero_point"} of the layer's output grid
+  offset   int32 (N,): -Z_x * sum_k q_w[k, n], so that acc + offset = sum (q_x - Z_x) q_w
+  bias     int32 (N,): rne(b / (S_x S_w)), zero point 0   ("float" and "integer")
+  requant  "float":   {"multiplier": f32 M = S_x S_w / S_y}
+           "integer": {"m0": int32, "shift": int32}, M ~= m0 / 2^shift
+           "fbgemm":  {"acc_scale": f32 S_x * S_w, "bias": f32 b}
+
+and the boundaries int8/<Quantize path> and int8/<Dequantize path> hold {"scale", "zero_point"}.
+Zero points are stored on the int8 carrier grid (`qjax.int8.int8_shift`: an unsigned grid
+that reaches above 127 is moved down by 128), the values the integer path uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.extend import core as jex_core
+
+from qjax import int8
+from qjax import numerics
+from qjax.numerics import QParams, QuantSpec
+from qjax.qarray import QArray
+from qjax.nn import _trace
+from qjax.nn import modules as qnn_modules
+
+# Ops between quantized layers that commute with quantization (the int8 values they return are
+# the quantized values of what they return in float). Operand 0 is the data for the indexing
+# ops; every other listed op needs all its array operands on the same grid.
+_PRESERVING = frozenset({
+    "reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim", "slice", "rev",
+    "copy", "copy_p", "reduce_window_max", "reduce_window_min", "reduce_max", "reduce_min",
+    "concatenate", "max", "min",
+})
+_INDEXING = frozenset({"dynamic_slice", "gather"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Consumer:
+  """A module that takes a marked tensor: its path, role ("in" / "float_in"), the marking
+  info (kind, specs, relu) and the path of the producing point (None: not quantized)."""
+
+  path: str
+  role: str
+  info: dict
+  source: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataflow:
+  """Producers (path -> activation spec) and consumers of a traced model."""
+
+  producers: dict[str, QuantSpec]
+  consumers: list[Consumer]
+
+
+def _sub_jaxpr(eqn: Any) -> Any:
+  """The callee of a call-like equation (jit, custom_jvp/vjp, remat), if its signature is
+  the equation's; None otherwise."""
+  for value in eqn.params.values():
+    inner = value.jaxpr if isinstance(value, jex_core.ClosedJaxpr) else value
+    if (isinstance(inner, jex_core.Jaxpr) and len(inner.invars) == len(eqn.invars)
+        and len(inner.outvars) == len(eqn.outvars)):
+      return inner
+  return None
+
+
+def _walk(jaxpr: Any, env: dict, flow: Dataflow, problems: list[str]) -> None:
+  def source(v):
+    return None if isinstance(v, jex_core.Literal) else env.get(v)
+
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if eqn.primitive is _trace.mark_p:
+      p = eqn.params
+      if p["role"] == "out":
+        env[eqn.outvars[0]] = p["path"]
+        flow.producers[p["path"]] = dict(p["info"])["spec"]
+      else:
+        flow.consumers.append(Consumer(p["path"], p["role"], dict(p["info"]),
+                                       source(eqn.invars[0])))
+      continue
+    sources = [source(v) for v in eqn.invars]
+    if not any(sources):
+      continue
+    inner = _sub_jaxpr(eqn)
+    if inner is not None:
+      sub_env = {iv: s for iv, s in zip(inner.invars, sources) if s}
+      _walk(inner, sub_env, flow, problems)
+      for outer, iv in zip(eqn.outvars, inner.outvars):
+        if not isinstance(iv, jex_core.Literal) and sub_env.get(iv):
+          env[outer] = sub_env[iv]
+      continue
+    indexing = name in _INDEXING
+    data, extra = (sources[:1], sources[1:]) if indexing else (sources, [])
+    same_dtype = name != "convert_element_type" or (
+        eqn.params.get("new_dtype") == eqn.invars[0].aval.dtype)
+    preserving = name in _PRESERVING or indexing or (
+        name == "convert_element_type" and same_dtype)
+    if preserving and all(data) and len(set(data)) == 1 and not any(extra):
+      for out in eqn.outvars:
+        env[out] = data[0]
+      continue
+    producers = sorted({s for s in sources if s})
+    if preserving and len(set(s for s in data if s)) > 1:
+      why = f"combines tensors on different grids ({', '.join(producers)})"
+    elif preserving:
+      why = "mixes them with an unquantized operand"
+    else:
+      why = "is not a grid-preserving op"
+    problems.append(
+        f"the int8 output of {', '.join(producers)} reaches `{name}`, which {why}; in mode "
+        f"'int8' it would compute on integers. Between quantized layers only reshapes, "
+        f"slices, transposes, concatenation and max/min pooling may run; fuse a ReLU into the "
+        f"layer (activation=nn.relu) and put a qjax.nn.Dequantize before float ops.")
+
+
+def trace_dataflow(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> Dataflow:
+  """Which quantization point produces the input of every converted layer (see module doc).
+
+  Raises:
+    ValueError: listing each int8 tensor that would reach an op the integer path cannot run,
+      and each model output that is still int8 (no Dequantize).
+  """
+  def forward(v, *a):
+    return model.apply(v, *a, mode="float", **kwargs)
+
+  with _trace.tracing():
+    closed = jax.make_jaxpr(forward)(variables, *args)
+  flow = Dataflow(producers={}, consumers=[])
+  env: dict = {}
+  problems: list[str] = []
+  _walk(closed.jaxpr, env, flow, problems)
+  leaked = sorted({env[v] for v in closed.jaxpr.outvars
+                   if not isinstance(v, jex_core.Literal) and env.get(v)})
+  if leaked:
+    problems.append(f"the model returns the int8 output of {', '.join(leaked)}; put a "
+                    f"qjax.nn.Dequantize before returning it.")
+  if problems:
+    raise ValueError("convert: the model cannot run in mode 'int8':\n  - "
+                     + "\n  - ".join(dict.fromkeys(problems)))
+  return flow
+
+
+def _at(tree: Any, path: str, *keys: str, collection: str) -> Any:
+  node = tree
+  for key in [k for k in path.split("/") if k] + list(keys):
+    if not hasattr(node, "keys") or key not in node:
+      full = "/".join([collection] + [k for k in path.split("/") if k] + list(keys))
+      raise ValueError(f"convert: missing {full} in the variables (expected the calibrated "
+                       f"model's '{collection}' collection to hold it).")
+    node = node[key]
+  return node
+
+
+def _grid(qp: Any, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+  """(scale float32, zero point on the int8 carrier grid, int32) as NumPy."""
+  scale = np.asarray(jax.device_get(qp["scale"]), np.float32)
+  zero = np.asarray(jax.device_get(qp["zero_point"]), np.int64) - int8.int8_shift(spec)
+  return scale, zero.astype(np.int32)
+
+
+def _kernel_and_bias(params: Any, batch_stats: Any, consumer: Consumer) -> tuple[Any, Any]:
+  path = consumer.path
+  if consumer.info["kind"] == "conv_bn":
+    from qjax import fuse  # the folded form of QAT Conv+BN layers
+    layer_params = _at(params, path, collection="params")
+    stats = _at(batch_stats, path, collection="batch_stats")
+    return fuse.folded_kernel_and_bias(layer_params, stats, epsilon=consumer.info["epsilon"])
+  layer = _at(params, path, collection="params")
+  return layer["kernel"], layer.get("bias")
+
+
+def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, qparams: Any, in_spec: QuantSpec,
+                   in_qp: Any, requant: int8.Requant) -> dict:
+  path, info = consumer.path, consumer.info
+  w_spec, out_spec = info["weight_spec"], info["out_spec"]
+  for role, spec in (("input", in_spec), ("weight", w_spec), ("output", out_spec)):
+    int8.check_int8_spec(spec, name=f"convert: {path} ({role})")
+  kernel = jnp.asarray(kernel, jnp.float32)
+  n_out = kernel.shape[-1]
+  w_qp = _at(qparams, path, "weight", collection="quant_params")
+  w_scale = np.asarray(jax.device_get(w_qp["scale"]), np.float32)
+  q_w = numerics.quantize(kernel, w_spec, QParams(jnp.asarray(w_scale), w_qp["zero_point"]))
+  shift = int8.int8_shift(w_spec)
+  w_zero = np.asarray(jax.device_get(w_qp["zero_point"]), np.int64) - shift
+  if np.any(w_zero != 0):
+    raise ValueError(f"convert: {path}: the integer path needs symmetric weights (zero point "
+                     f"0 on the int8 grid); the weight spec {w_spec} gives zero points "
+                     f"{np.unique(w_zero)[:4]}. Use QuantSpec(signed=True, symmetric=True).")
+  q_w8 = np.asarray(jax.device_get(q_w), np.int64) - shift
+  stored_spec = w_spec
+  if shift:
+    stored_spec = QuantSpec(bits=w_spec.bits, signed=True, symmetric=True,
+                            narrow_range=w_spec.narrow_range, axis=w_spec.axis)
+  reduce_axes = tuple(range(q_w8.ndim - 1))
+  x_scale, x_zero = _grid(in_qp, in_spec)
+  y_scale, y_zero = _grid(_at(qparams, path, "output", collection="quant_params"), out_spec)
+
+  colsum = q_w8.sum(axis=reduce_axes)
+  offset = -int(x_zero) * colsum
+  b = np.zeros(n_out, np.float32) if bias is None else np.asarray(jax.device_get(bias),
+                                                                  np.float32)
+  acc_scale64 = np.float64(x_scale) * w_scale.astype(np.float64)
+  bias_q = np.rint(b.astype(np.float64) / acc_scale64)
+  worst = (int8.accumulator_bound(q_w8, reduce_axes=reduce_axes, input_spec=in_spec)
+           + np.abs(offset) + (np.abs(bias_q) if requant is not int8.Requant.FBGEMM else 0))
+  if np.any(worst > int8.INT32_MAX):
+    k = int(np.prod(q_w8.shape[:-1]))
+    channel = int(np.argmax(worst))
+    raise ValueError(
+        f"convert: {path}: the int32 accumulator can overflow: with K = {k} products per "
+        f"output, output channel {channel} can reach |acc| = {int(worst[channel])} > 2^31 - 1 "
+        f"for some int8 input (max|q_x| * sum_k |q_w| + |zero-point offset| + |bias|). Split "
+        f"the layer, use fewer weight bits, or keep it in float (qconfig None).")
+
+  if q_w8.ndim == 2:  # Dense: output channel first for the int8 GEMM
+    q_store = q_w8.T
+    if stored_spec.per_channel:
+      stored_spec = dataclasses.replace(stored_spec, axis=0)
+  else:
+    q_store = q_w8
+  entry = {
+      "kernel": QArray(jnp.asarray(q_store, jnp.int8), jnp.asarray(w_scale),
+                       jnp.zeros(w_scale.shape, jnp.int32), stored_spec),
+      "input": {"scale": jnp.asarray(x_scale), "zero_point": jnp.asarray(x_zero)},
+      "output": {"scale": jnp.asarray(y_scale), "zero_point": jnp.asarray(y_zero)},
+      "offset": jnp.asarray(offset, jnp.int32),
+  }
+  multiplier = acc_scale64 / np.float64(y_scale)
+  if requant is int8.Requant.FBGEMM:
+    acc_scale = np.float32(x_scale) * w_scale  # float32 product, as fbgemm forms it
+    entry["requant"] = {"acc_scale": jnp.asarray(acc_scale, jnp.float32),
+                        "bias": jnp.asarray(b)}
+    return entry
+  if np.any(np.abs(bias_q) > int8.INT32_MAX):
+    raise ValueError(f"convert: {path}: the bias does not fit int32 at scale S_x * S_w "
+                     f"(max |b / (S_x S_w)| = {np.abs(bias_q).max():.3g}); use "
+                     f"requant='fbgemm' (float bias) or recalibrate.")
+  entry["bias"] = jnp.asarray(bias_q.astype(np.int64), jnp.int32)
+  if requant is int8.Requant.FLOAT:
+    entry["requant"] = {"multiplier": jnp.asarray(multiplier, jnp.float32)}
+  else:
+    m0, r = int8.quantize_multiplier(multiplier)
+    entry["requant"] = {"m0": jnp.asarray(m0), "shift": jnp.asarray(r)}
+  return entry
+
+
+def _producer_qparams(qparams: Any, flow: Dataflow, source: str) -> Any:
+  """The qparams of the point that made `source`: a Quantize's own, or a layer's output."""
+  node = _at(qparams, source, collection="quant_params")
+  return node if "scale" in node else _at(qparams, source, "output", collection="quant_params")
+
+
+def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant | str = "float",
+            **kwargs: Any) -> dict:
+  """Integer variables for `model.apply(int_vars, x, mode="int8")` (layout: module doc).
+
+  For each converted layer: q_w = quantize(W) with the calibrated weight qparams,
+  bias = rne(b / (S_x S_w)) in int32, offset = -Z_x sum_k q_w, and the requantization
+  parameters of `requant` ("float": M = S_x S_w / S_y; "integer": M ~= m0 / 2^shift;
+  "fbgemm": float bias, PyTorch x86's arithmetic).
+
+  Args:
+    model: a Flax module whose __call__ takes `mode=`.
+    variables: {"params", "quant_stats", ...} of the calibrated / QAT-trained model.
+    *args: a sample input (only shapes and dtypes matter for the dataflow; it is also run
+      once, with frozen statistics, to read the qparams).
+    requant: "float", "integer" or "fbgemm".
+    **kwargs: further keyword arguments of the model's call.
+
+  Returns:
+    {"int8": per-module integer variables, plus "params" (and other collections) of the
+    layers left in float}.
+
+  Raises:
+    ValueError: naming the path of an uncalibrated point, of missing variables, of an int8
+      tensor reaching an op the integer path cannot run, of a layer whose int32 accumulator
+      or bias could overflow, or of a grid wider than 8 bits.
+  """
+  requant = int8.as_requant(requant)
+  if "quant_stats" not in variables:
+    raise ValueError("convert: variables has no 'quant_stats' collection; calibrate the model "
+                     "(mode='calibrate', mutable=['quant_stats']) or train it with QAT first.")
+  qnn_modules.check_calibrated(variables["quant_stats"])
+  flow = trace_dataflow(model, variables, *args, **kwargs)
+  qparams = jax.jit(lambda v, *a: qnn_modules.collect_qparams(model, v, *a, mode="qat",
+                                                              **kwargs))(variables, *args)
+  params = variables.get("params", {})
+  batch_stats = variables.get("batch_stats", {})
+  out: dict[str, Any] = {}
+  converted: list[str] = []
+  problems: list[str] = []
+  for consumer in flow.consumers:
+    path, kind = consumer.path, consumer.info.get("kind")
+    if consumer.role == "float_in":
+      if consumer.source:
+        problems.append(f"{path} is left in float but takes the int8 output of "
+                        f"{consumer.source}; put a qjax.nn.Dequantize before it.")
+      continue
+    if consumer.source is None:
+      problems.append(f"the input of {path} is not produced by a quantization point; put a "
+                      f"qjax.nn.Quantize (or a quantized layer) before it.")
+      continue
+    in_spec = flow.producers[consumer.source]
+    in_qp = _producer_qparams(qparams, flow, consumer.source)
+    if kind == "dequantize":
+      scale, zero = _grid(in_qp, in_spec)
+      out[path] = {"scale": jnp.asarray(scale), "zero_point": jnp.asarray(zero)}
+      continue
+    kernel, bias = _kernel_and_bias(params, batch_stats, consumer)
+    out[path] = _convert_layer(consumer, kernel, bias, qparams, in_spec, in_qp, requant)
+    converted.append(path)
+  if problems:
+    raise ValueError("convert: the model cannot run in mode 'int8':\n  - "
+                     + "\n  - ".join(dict.fromkeys(problems)))
+  for path, spec in flow.producers.items():
+    node = _at(qparams, path, collection="quant_params")
+    if "scale" in node:  # a Quantize boundary
+      scale, zero = _grid(node, spec)
+      out[path] = {"scale": jnp.asarray(scale), "zero_point": jnp.asarray(zero)}
+  result: dict[str, Any] = {"int8": traverse_util.unflatten_dict(
+      {tuple(p.split("/")): v for p, v in out.items()})}
+  for name, collection in variables.items():
+    if name in ("quant_stats", "quant_params"):
+      continue
+    flat = traverse_util.flatten_dict(jax.device_get(collection), sep="/")
+    rest = {k: v for k, v in flat.items()
+            if not any(k == p or k.startswith(p + "/") for p in converted)}
+    if rest:
+      result[name] = traverse_util.unflatten_dict({tuple(k.split("/")): v
+                                                   for k, v in rest.items()})
+  return result

@@ -1,0 +1,340 @@
+"""The integer inference path: int8 x int8 contractions with int32 accumulation, requantization.
+
+Pure functions over integer arrays; `qjax.convert` prepares their arguments and the modules of
+`qjax.nn` call them in mode "int8". The math of one quantized layer with input grid
+(S_x, Z_x), weight grid (S_w, Z_w = 0, symmetric) and output grid (S_y, Z_y):
+
+  acc   = sum_k q_x[k] q_w[k, n]                       int8 x int8 -> int32 (`matmul` / `conv`)
+  acc'  = acc + offset + bias                           offset = -Z_x sum_k q_w[k, n]  (int32)
+                                                        bias   = rne(b / (S_x S_w))   (int32)
+  q_y   = clamp(Z_y + requant(acc'), lo, hi)            lo = Z_y with a fused ReLU
+
+so that acc + offset = sum_k (q_x - Z_x)(q_w - Z_w), the seed's formula. Three requantizers
+(`Requant`), each reproducible by NumPy integer code:
+
+  "float"    q = Z_y + rne(f32(acc') * M),  M = f32(S_x S_w / S_y)
+  "integer"  q = Z_y + floor((acc' * M0 + 2^(r-1)) / 2^r),  M ~= M0 / 2^r with
+             M0 in [2^30, 2^31): fixed point, no float anywhere (gemmlowp / TFLite style;
+             rounds ties up). The 62-bit product is formed exactly from 32-bit pieces.
+  "fbgemm"   q = Z_y + rne((f32(acc + offset) * f32(S_x S_w) + b) / S_y) with the float bias b:
+             what PyTorch's x86 / fbgemm quantized Linear and Conv compute.
+
+Activations travel as int8 even when their grid is unsigned: an unsigned 8-bit grid whose
+qmax exceeds 127 is shifted by -128 (`int8_shift`), which changes no value of
+q - Z. XLA's CPU kernels are fast only for int8 x int8 (uint8 x int8 falls to a loop ~7x
+slower), and the lowering of each contraction is chosen for speed among exact ones
+(see `matmul` and `conv`); every one keeps int8 operands and an int32 result.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from qjax import numerics
+from qjax.numerics import QuantSpec
+
+INT32_MAX = 2**31 - 1
+
+
+class Requant(enum.Enum):
+  """How a layer's int32 accumulator is mapped to its output grid (see the module docstring)."""
+
+  FLOAT = "float"
+  INTEGER = "integer"
+  FBGEMM = "fbgemm"
+
+
+def as_requant(value: Requant | str) -> Requant:
+  """`value` as a Requant; a ValueError listing the accepted values otherwise."""
+  if isinstance(value, Requant):
+    return value
+  accepted = [r.value for r in Requant]
+  if isinstance(value, str) and value.lower() in accepted:
+    return Requant(value.lower())
+  raise ValueError(f"requant must be one of {accepted} (or a qjax.int8.Requant); got {value!r}.")
+
+
+# ------------------------------------------------------------------------------------------
+# Grids inside the integer path.
+
+
+def check_int8_spec(spec: QuantSpec, *, name: str) -> None:
+  """ValueError naming `name` unless `spec`'s grid fits int8 after `int8_shift`."""
+  if spec.bits > 8:
+    raise ValueError(f"{name}: the integer path runs int8 x int8 contractions and needs grids of "
+                     f"at most 8 bits; got a {spec.bits}-bit {spec}. Use bits <= 8 for the "
+                     f"layers you convert (16-bit grids are simulated by fake quantization only).")
+
+
+def int8_shift(spec: QuantSpec) -> int:
+  """What is subtracted from `spec`'s integers to carry them as int8: 128 for an unsigned grid
+  that reaches above 127 (uint8 [0, 255]), else 0 (signed grids; uint8 [0, 127])."""
+  return 128 if (not spec.signed and spec.qmax > 127) else 0
+
+
+def int8_bounds(spec: QuantSpec) -> tuple[int, int]:
+  """[qmin, qmax] of `spec` in the int8 domain (after `int8_shift`)."""
+  check_int8_spec(spec, name="int8_bounds")
+  shift = int8_shift(spec)
+  return spec.qmin - shift, spec.qmax - shift
+
+
+def quantize_input(x: jax.Array, spec: QuantSpec, scale: jax.Array,
+                   zero_point: jax.Array) -> jax.Array:
+  """Float activations to int8: clamp(rne(x / S) + Z, qmin, qmax) - int8_shift(spec).
+
+  `zero_point` is given on `spec`'s own grid (not shifted); the rounding is `qjax.quantize`'s
+  (bit for bit torch.quantize_per_tensor).
+  """
+  check_int8_spec(spec, name="quantize_input")
+  q = numerics.quantize(x, spec, numerics.QParams(scale, zero_point))
+  shift = int8_shift(spec)
+  if shift:
+    return (q.astype(jnp.int16) - jnp.int16(shift)).astype(jnp.int8)
+  return q.astype(jnp.int8)
+
+
+def dequantize_output(q8: jax.Array, scale: jax.Array, zero_point8: jax.Array,
+                      dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  """int8 activations back to real values: S * (q8 - Z8), one float32 rounding."""
+  centred = q8.astype(jnp.int32) - zero_point8
+  return (centred.astype(jnp.float32) * scale).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Contractions: int8 operands, int32 result.
+
+
+def _check_int8(name: str, value: jax.Array) -> None:
+  if jnp.dtype(value.dtype) != jnp.int8:
+    raise TypeError(f"{name} must be int8 (the integer path's operand type); got "
+                    f"{jnp.dtype(value.dtype)}.")
+
+
+def matmul(x: jax.Array, kernel_t: jax.Array) -> jax.Array:
+  """acc[..., n] = sum_k x[..., k] * kernel_t[n, k] in int32, from int8 operands.
+
+  The kernel is stored output-channel first, (N, K) as in PyTorch, because XLA's CPU int8
+  GEMM is fastest as (N, K) x (M, K)^T: 0.45-0.9x the float32 time of the same product on
+  this machine, where (M, K) x (K, N) ran 0.7-3x. One row (M = 1) takes XLA's int8 GEMV,
+  ~3x slower than float, so a single row is padded to two.
+
+  Args:
+    x: int8 array (..., K).
+    kernel_t: int8 array (N, K).
+
+  Returns:
+    int32 array (..., N).
+  """
+  _check_int8("matmul: x", x)
+  _check_int8("matmul: kernel_t", kernel_t)
+  if x.ndim < 1 or kernel_t.ndim != 2 or x.shape[-1] != kernel_t.shape[1]:
+    raise ValueError(f"matmul: x (..., K) and kernel_t (N, K) must share K; got shapes "
+                     f"{x.shape} and {kernel_t.shape}.")
+  lead = x.shape[:-1]
+  rows = x.reshape((-1, x.shape[-1]))
+  m = rows.shape[0]
+  if m == 1:
+    rows = jnp.concatenate([rows, rows], axis=0)
+  acc_t = lax.dot_general(kernel_t, rows, (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.int32)  # (N, M)
+  return acc_t[:, :m].T.reshape(lead + (kernel_t.shape[0],))
+
+
+def conv_pads(padding: str | Sequence[tuple[int, int]], in_spatial: Sequence[int],
+              window: Sequence[int], strides: Sequence[int],
+              dilation: Sequence[int]) -> tuple[tuple[int, int], ...]:
+  """Explicit (low, high) pads per spatial dim for `padding` ("SAME", "VALID" or pairs)."""
+  if isinstance(padding, str):
+    dilated = [(w - 1) * d + 1 for w, d in zip(window, dilation)]
+    return tuple(lax.padtype_to_pads(tuple(in_spatial), tuple(dilated), tuple(strides), padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _im2col(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+            dilation: Sequence[int]) -> jax.Array:
+  """(B, *spatial, C) -> (B, *out_spatial, prod(window) * C) patches by strided slices; the
+  feature order is (window position, channel), i.e. an HWIO kernel reshaped to (-1, O)."""
+  spatial = x.shape[1:-1]
+  out = [(s - ((w - 1) * d + 1)) // st + 1
+         for s, w, d, st in zip(spatial, window, dilation, strides)]
+  cols = []
+  for offsets in np.ndindex(*window):
+    starts = [0] + [o * d for o, d in zip(offsets, dilation)] + [0]
+    limits = ([x.shape[0]] + [st0 + (n - 1) * st + 1 for st0, n, st in
+                              zip(starts[1:-1], out, strides)] + [x.shape[-1]])
+    cols.append(lax.slice(x, starts, limits, [1] + list(strides) + [1]))
+  return jnp.concatenate(cols, axis=-1)
+
+
+def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
+         padding: Sequence[tuple[int, int]], dilation: Sequence[int],
+         feature_group_count: int, pad_value: jax.Array) -> jax.Array:
+  """int32 cross-correlation of int8 NHWC-style `x` with an int8 HW..IO `kernel`.
+
+  Padding is applied first, with `pad_value` (the input's zero point in the int8 domain, so
+  that padded positions are real zeros, as in float), then the valid correlation:
+  acc[b, p, o] = sum_{window, c} x_pad[b, p * stride + w * dilation, c] kernel[w, c, o].
+
+  Lowering (both exact): XLA's int8 convolution when there are >= 16 input channels or
+  groups; otherwise patches (strided int8 slices) times the kernel as an int8 GEMM, because
+  XLA's direct int8 convolution with few input channels ran ~5x slower than float32
+  (LeNet-5's 6 -> 16 layer) while the GEMM form ran ~0.7x.
+
+  Returns:
+    int32 array (B, *out_spatial, O).
+  """
+  _check_int8("conv: x", x)
+  _check_int8("conv: kernel", kernel)
+  nsp = kernel.ndim - 2
+  if x.ndim != nsp + 2:
+    raise ValueError(f"conv: x must have rank {nsp + 2} (batch, {nsp} spatial, features) for a "
+                     f"kernel of shape {kernel.shape}; got shape {x.shape}.")
+  pads = [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)]
+  if any(lo or hi for lo, hi in pads):
+    x = lax.pad(x, pad_value.astype(jnp.int8), [(lo, hi, 0) for lo, hi in pads])
+  cin = x.shape[-1]
+  if feature_group_count == 1 and cin < 16:
+    patches = _im2col(x, kernel.shape[:nsp], strides, dilation)
+    k2 = kernel.reshape((-1, kernel.shape[-1])).T  # (O, window * C)
+    return matmul(patches, k2)
+  spatial = "".join("HWDXYZ"[i] for i in range(nsp))
+  dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                  (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+  return lax.conv_general_dilated(x, kernel, tuple(strides), [(0, 0)] * nsp,
+                                  rhs_dilation=tuple(dilation), dimension_numbers=dn,
+                                  feature_group_count=feature_group_count,
+                                  preferred_element_type=jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------
+# Requantization.
+
+
+def _clamp_to_int8(q: jax.Array, zero_point: jax.Array, lo: int, hi: int,
+                   relu: bool) -> jax.Array:
+  """clamp(q + Z, lo, hi) as int8 (lo raised to Z for a fused ReLU: real 0 is Z)."""
+  q = q + zero_point
+  low = jnp.maximum(jnp.int32(lo), zero_point) if relu else jnp.int32(lo)
+  return jnp.clip(q, low, jnp.int32(hi)).astype(jnp.int8)
+
+
+def _round_to_int32(y: jax.Array) -> jax.Array:
+  """rne(y) as int32, saturating (a float beyond int32 would otherwise be undefined)."""
+  bound = jnp.float32(2.0**31 - 128)  # largest float32 below 2^31
+  return jnp.clip(jnp.round(y), -bound, bound).astype(jnp.int32)
+
+
+def requantize_float(acc: jax.Array, multiplier: jax.Array, zero_point: jax.Array, *,
+                     lo: int, hi: int, relu: bool = False) -> jax.Array:
+  """q = clamp(Z + rne(f32(acc) * M), lo, hi) as int8 (`acc` already includes the biases)."""
+  return _clamp_to_int8(_round_to_int32(acc.astype(jnp.float32) * multiplier), zero_point,
+                        lo, hi, relu)
+
+
+def requantize_fbgemm(acc: jax.Array, acc_scale: jax.Array, bias: jax.Array,
+                      out_scale: jax.Array, zero_point: jax.Array, *, lo: int, hi: int,
+                      relu: bool = False) -> jax.Array:
+  """q = clamp(Z + rne((f32(acc) * (S_x S_w) + b) / S_y), lo, hi) as int8, each float32
+  operation rounded on its own (no FMA), as PyTorch's x86 quantized Linear / Conv do."""
+  scaled = numerics._uncontractible(acc.astype(jnp.float32) * acc_scale, acc_scale)
+  y = numerics._exact_div(scaled + bias, out_scale)
+  return _clamp_to_int8(_round_to_int32(y), zero_point, lo, hi, relu)
+
+
+def _split16(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """v = hi * 2^16 + lo with lo in [0, 2^16) (uint32) and hi = v >> 16 (int32)."""
+  return lax.shift_right_arithmetic(v, jnp.int32(16)), (v & 0xFFFF).astype(jnp.uint32)
+
+
+def _add64(a_hi, a_lo, b_hi, b_lo):
+  lo = a_lo + b_lo
+  carry = (lo < a_lo).astype(jnp.int32)
+  return a_hi + b_hi + carry, lo
+
+
+def _times_2_16(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """v * 2^16 as a (hi int32, lo uint32) pair, for int32 v."""
+  hi, lo = _split16(v)
+  return hi, lax.shift_left(lo, jnp.uint32(16))
+
+
+def mul_shift_round(acc: jax.Array, m0: jax.Array, shift: jax.Array) -> jax.Array:
+  """floor((acc * m0 + 2^(shift-1)) / 2^shift) in int32 arithmetic only.
+
+  The product of an int32 `acc` and an int32 `m0` in [2^30, 2^31) needs 62 bits; it is formed
+  exactly as a (hi int32, lo uint32) pair from 16-bit pieces, rounded by adding 2^(shift-1)
+  and shifted right arithmetically. `shift` in [1, 62]; results beyond int32 saturate.
+  """
+  a_hi, a_lo = _split16(acc)
+  m_hi, m_lo = _split16(m0)
+  a_lo_i = a_lo.astype(jnp.int32)
+  m_lo_i = m_lo.astype(jnp.int32)
+  p_hi, p_lo = a_hi * m_hi, jnp.zeros(jnp.broadcast_shapes(acc.shape, m0.shape), jnp.uint32)
+  p_hi = jnp.broadcast_to(p_hi, p_lo.shape)
+  # |a_hi * m_lo| < 2^31 and a_lo * m_hi < 2^31: each cross term fits int32.
+  for cross in (a_hi * m_lo_i, a_lo_i * m_hi):
+    p_hi, p_lo = _add64(p_hi, p_lo, *_times_2_16(cross))
+  p_hi, p_lo = _add64(p_hi, p_lo, jnp.int32(0), a_lo * m_lo)  # < 2^32 as uint32
+  # + 2^(shift - 1): below bit 32 it goes into lo, above into hi.
+  shift = jnp.broadcast_to(shift, p_lo.shape).astype(jnp.int32)
+  half = shift - 1
+  low_half = lax.shift_left(jnp.uint32(1), jnp.clip(half, 0, 31).astype(jnp.uint32))
+  high_half = lax.shift_left(jnp.int32(1), jnp.clip(half - 32, 0, 30))
+  p_hi, p_lo = _add64(p_hi, p_lo, jnp.where(half >= 32, high_half, 0),
+                      jnp.where(half < 32, low_half, jnp.uint32(0)))
+  # Shift right by `shift`: >= 32 only hi contributes; below, hi's low bits join lo's high bits.
+  big = lax.shift_right_arithmetic(p_hi, jnp.clip(shift - 32, 0, 31))
+  s = jnp.clip(shift, 1, 31)
+  limit = lax.shift_left(jnp.int32(1), s - 1)  # |hi| must stay below 2^(s-1) to fit int32
+  small = (lax.shift_left(p_hi, 32 - s)
+           | lax.shift_right_logical(p_lo, s.astype(jnp.uint32)).astype(jnp.int32))
+  small = jnp.where(p_hi >= limit, jnp.int32(INT32_MAX),
+                    jnp.where(p_hi < -limit, jnp.int32(-INT32_MAX - 1), small))
+  return jnp.where(shift >= 32, big, small)
+
+
+def requantize_integer(acc: jax.Array, m0: jax.Array, shift: jax.Array, zero_point: jax.Array,
+                       *, lo: int, hi: int, relu: bool = False) -> jax.Array:
+  """q = clamp(Z + floor((acc * M0 + 2^(r-1)) / 2^r), lo, hi) as int8, integers only."""
+  return _clamp_to_int8(mul_shift_round(acc, m0, shift), zero_point, lo, hi, relu)
+
+
+def quantize_multiplier(multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(M0, r) with M ~= M0 / 2^r, M0 in [2^30, 2^31) an int32 and r in [1, 62] (host side).
+
+  M0 = rne(m * 2^31) for M = m * 2^e, m in [0.5, 1) (frexp), r = 31 - e; a mantissa that
+  rounds up to 2^31 is halved. The relative error of M0 / 2^r is below 2^-31.
+
+  Raises:
+    ValueError: M not finite and > 0, or outside [2^-31, 2^30) (r would leave [1, 62]).
+  """
+  m = np.asarray(multiplier, np.float64)
+  if not np.all(np.isfinite(m) & (m > 0)):
+    raise ValueError(f"quantize_multiplier: multipliers must be finite and > 0; got {m!r}.")
+  mant, exp = np.frexp(m)
+  m0 = np.round(mant * 2.0**31).astype(np.int64)
+  carry = m0 == 2**31
+  m0 = np.where(carry, m0 // 2, m0)
+  r = 31 - (exp + carry.astype(exp.dtype))
+  if np.any(r < 1) or np.any(r > 62):
+    raise ValueError(f"quantize_multiplier: multipliers must lie in [2^-31, 2^30) for a 31-bit "
+                     f"fixed point with a shift in [1, 62]; got min {m.min():.3g}, max "
+                     f"{m.max():.3g}. An output scale that tiny or huge relative to S_x * S_w "
+                     f"usually means a layer was calibrated on degenerate data.")
+  return m0.astype(np.int32), r.astype(np.int32)
+
+
+def accumulator_bound(kernel_q: np.ndarray, *, reduce_axes: tuple[int, ...],
+                      input_spec: QuantSpec) -> np.ndarray:
+  """Per output channel, the largest |acc| any int8 input can produce (host side):
+  max|q_x| * sum_k |q_w[k, n]|, with q_x in the input's int8 bounds."""
+  lo, hi = int8_bounds(input_spec)
+  widest = max(abs(lo), abs(hi))
+  return widest * np.abs(kernel_q.astype(np.int64)).sum(axis=reduce_axes)

@@ -1,0 +1,138 @@
+"""Mode "int8" of qjax's modules: run a converted layer from the "int8" collection.
+
+The variables are what `qjax.convert` writes (see its docstring); zero points there are on
+the int8 carrier grid (`qjax.int8.int8_shift`). Each function takes the calling module, reads
+its variables and calls the pure math of `qjax.int8`; none creates variables.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qjax import int8
+from qjax.numerics import QuantSpec
+
+INT8 = "int8"
+
+
+def _vars(module: nn.Module, where: str) -> dict:
+  tree = module.variables.get(INT8)
+  if not tree:
+    raise ValueError(f"{where}: mode='int8' needs this module's integer variables, but the "
+                     f"'{INT8}' collection has none at this path. Convert the calibrated model "
+                     f"first: int_vars = qjax.convert.convert(model, variables, x), then "
+                     f"model.apply(int_vars, x, mode='int8').")
+  return tree
+
+
+def _int8_input(x: Any, where: str) -> jax.Array:
+  x = jnp.asarray(x)
+  if x.dtype != jnp.int8:
+    raise TypeError(f"{where}: in mode 'int8' a quantized layer takes the int8 output of a "
+                    f"Quantize or of another quantized layer; got {x.dtype}. Put a "
+                    f"qjax.nn.Quantize before the first quantized layer.")
+  return x
+
+
+def quantize(module: nn.Module, spec: QuantSpec, x: jax.Array, where: str) -> jax.Array:
+  """The model's input boundary: float x -> int8 on the calibrated input grid."""
+  v = _vars(module, where)
+  zero_point = v["zero_point"] + jnp.int32(int8.int8_shift(spec))  # back on spec's own grid
+  return int8.quantize_input(x, spec, v["scale"], zero_point)
+
+
+def dequantize(module: nn.Module, x: jax.Array, where: str) -> jax.Array:
+  """The output boundary: int8 -> float32 with the producer's grid."""
+  v = _vars(module, where)
+  return int8.dequantize_output(_int8_input(x, where), v["scale"], v["zero_point"])
+
+
+def is_relu(activation: Callable | None) -> bool:
+  return activation is nn.relu or activation is jax.nn.relu
+
+
+def check_activation(activation: Callable | None, where: str) -> bool:
+  """True for a fused ReLU, False for none; a ValueError for anything the path cannot fuse."""
+  if activation is None:
+    return False
+  if is_relu(activation):
+    return True
+  name = getattr(activation, "__name__", repr(activation))
+  raise ValueError(f"{where}: the integer path fuses only ReLU (activation=nn.relu) or no "
+                   f"activation into a layer, as PyTorch's LinearReLU / ConvReLU2d; got "
+                   f"activation={name}. Keep this layer in float (qconfig None) or train with "
+                   f"ReLU.")
+
+
+def _requantize(v: dict, acc: jax.Array, out_spec: QuantSpec, relu: bool) -> jax.Array:
+  lo, hi = int8.int8_bounds(out_spec)
+  zero_point = v["output"]["zero_point"]
+  r = v["requant"]
+  acc = acc + v["offset"]
+  if "acc_scale" in r:
+    return int8.requantize_fbgemm(acc, r["acc_scale"], r["bias"], v["output"]["scale"],
+                                  zero_point, lo=lo, hi=hi, relu=relu)
+  acc = acc + v["bias"]
+  if "m0" in r:
+    return int8.requantize_integer(acc, r["m0"], r["shift"], zero_point, lo=lo, hi=hi,
+                                   relu=relu)
+  return int8.requantize_float(acc, r["multiplier"], zero_point, lo=lo, hi=hi, relu=relu)
+
+
+def dense(module: nn.Module, out_spec: QuantSpec, x: jax.Array, where: str) -> jax.Array:
+  """A converted Dense: int8 x int8 -> int32, + offset + bias, requantized to int8."""
+  v = _vars(module, where)
+  relu = check_activation(module.activation, where)
+  acc = int8.matmul(_int8_input(x, where), v["kernel"].qvalue)
+  return _requantize(v, acc, out_spec, relu)
+
+
+def _tuple(value: Any, n: int, default: int = 1) -> tuple[int, ...]:
+  if value is None:
+    return (default,) * n
+  if isinstance(value, int):
+    return (value,) * n
+  return tuple(int(v) for v in value)
+
+
+def conv_geometry(module: nn.Module, in_spatial: tuple[int, ...], where: str) -> dict:
+  """strides, explicit pads, dilation and groups of an nn.Conv-like module."""
+  window = tuple(module.kernel_size)
+  n = len(window)
+  if any(d != 1 for d in _tuple(module.input_dilation, n)):
+    raise ValueError(f"{where}: input_dilation is not supported by the integer path; got "
+                     f"{module.input_dilation}.")
+  strides = _tuple(module.strides, n)
+  dilation = _tuple(module.kernel_dilation, n)
+  padding = module.padding
+  if isinstance(padding, str):
+    if padding.upper() not in ("SAME", "VALID"):
+      raise ValueError(f"{where}: the integer path supports padding 'SAME', 'VALID', an int or "
+                       f"(low, high) pairs; got {padding!r}.")
+    pads = int8.conv_pads(padding.upper(), in_spatial, window, strides, dilation)
+  elif isinstance(padding, int):
+    pads = ((padding, padding),) * n
+  else:
+    pads = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
+  return dict(strides=strides, padding=pads, dilation=dilation,
+              feature_group_count=int(module.feature_group_count))
+
+
+def conv(module: nn.Module, out_spec: QuantSpec, x: jax.Array, where: str) -> jax.Array:
+  """A converted Conv: padding with the input's zero point, int8 correlation -> int32,
+  + offset + bias, requantized to int8."""
+  v = _vars(module, where)
+  relu = check_activation(module.activation, where)
+  x = _int8_input(x, where)
+  kernel = v["kernel"].qvalue
+  unbatched = x.ndim == kernel.ndim - 1
+  if unbatched:
+    x = x[None]
+  geometry = conv_geometry(module, x.shape[1:-1], where)
+  acc = int8.conv(x, kernel, pad_value=v["input"]["zero_point"], **geometry)
+  y = _requantize(v, acc, out_spec, relu)
+  return y[0] if unbatched else y
