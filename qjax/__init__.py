@@ -1,11 +1,19 @@
 """qjax: functional quantization for JAX and Flax.
 
 Pure quantizers and straight-through gradients (this namespace), observers as pure
-(init, update, qparams) functions (`qjax.observers`), and Flax modules for calibration and
-QAT that keep observer state in the "quant_stats" collection (`import qjax.nn`).
+(init, update, qparams) functions (`qjax.observers`), Flax modules for calibration and QAT
+that keep observer state in the "quant_stats" collection (`import qjax.nn`), and the integer
+inference path: `qjax.convert` (calibrated float variables -> int8 variables), `qjax.int8`
+(its int8 x int8 -> int32 math), `qjax.io` (save / load without pickle), `qjax.report`
+(model size, per-layer report) and `qjax.quantizers` (half-precision casts).
 """
 
+from qjax import convert
+from qjax import int8
+from qjax import io
 from qjax import observers
+from qjax import quantizers
+from qjax import report
 
 from qjax.numerics import FLOAT32_EPS
 from qjax.numerics import QParams
@@ -17,6 +25,9 @@ from qjax.numerics import quantize
 from qjax.numerics import quantize_dequantize
 from qjax.qarray import QArray
 from qjax.qarray import quantize_array
+from qjax.quantizers import cast_floats
+from qjax.quantizers import half
+from qjax.report import model_size
 from qjax.ste import fake_quant
 from qjax.ste import fake_quant_learnable
 from qjax.ste import lsq_grad_factor
@@ -29,15 +40,23 @@ __all__ = (
     "QArray",
     "QParams",
     "QuantSpec",
+    "cast_floats",
+    "convert",
     "dequantize",
     "fake_quant",
     "fake_quant_learnable",
+    "half",
+    "int8",
+    "io",
     "lsq_grad_factor",
     "observers",
     "minmax",
+    "model_size",
     "qparams_from_minmax",
     "quantize",
     "quantize_array",
     "quantize_dequantize",
+    "quantizers",
+    "report",
     "round_ste",
 )
