@@ -5,16 +5,21 @@ Pure quantizers and straight-through gradients (this namespace), observers as pu
 that keep observer state in the "quant_stats" collection (`import qjax.nn`), and the integer
 inference path: `qjax.convert` (calibrated float variables -> int8 variables), `qjax.int8`
 (its int8 x int8 -> int32 math), `qjax.io` (save / load without pickle), `qjax.report`
-(model size, per-layer report) and `qjax.quantizers` (half-precision casts).
+(model size, per-layer report), `qjax.fuse` (BatchNorm folding) and `qjax.quantizers`
+(half-precision casts).
 """
 
 from qjax import convert
+from qjax import fuse
 from qjax import int8
 from qjax import io
 from qjax import observers
 from qjax import quantizers
 from qjax import report
 
+from qjax.fuse import fold_batch_norm
+from qjax.fuse import fold_batch_norms
+from qjax.fuse import folded_kernel_and_bias
 from qjax.numerics import FLOAT32_EPS
 from qjax.numerics import QParams
 from qjax.numerics import QuantSpec
@@ -45,6 +50,10 @@ __all__ = (
     "dequantize",
     "fake_quant",
     "fake_quant_learnable",
+    "fold_batch_norm",
+    "fold_batch_norms",
+    "folded_kernel_and_bias",
+    "fuse",
     "half",
     "int8",
     "io",

@@ -4,7 +4,8 @@
     y = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x)
 
 `model` is built from qjax.nn's boundary modules and layers (`Quantize`, `QuantDense`,
-`QuantConv`, `Dequantize`, `QuantConvBN`) and takes `mode=` in its call, like BatchNorm's
+`QuantConv`, `QuantConvBN`, `QuantDenseBN`, `Dequantize`) and takes `mode=` in its call (and
+`train=False` for the BatchNorm-folded layers, passed through **kwargs), like BatchNorm's
 `use_running_average`; `variables` hold its float `params` and calibrated (or QAT-trained)
 `quant_stats`. Convert runs the model twice on the sample: once to read every point's
 qparams, once traced (`jax.make_jaxpr`, nothing computed) to learn which quantized tensor
@@ -185,7 +186,7 @@ def _grid(qp: Any, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
 
 def _kernel_and_bias(params: Any, batch_stats: Any, consumer: Consumer) -> tuple[Any, Any]:
   path = consumer.path
-  if consumer.info["kind"] == "conv_bn":
+  if consumer.info["kind"] in ("conv_bn", "dense_bn"):
     from qjax import fuse  # the folded form of QAT Conv+BN layers
     layer_params = _at(params, path, collection="params")
     stats = _at(batch_stats, path, collection="batch_stats")

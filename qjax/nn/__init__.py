@@ -1,7 +1,10 @@
 """Flax linen layer of qjax: observers in the "quant_stats" collection, calibration and QAT."""
 
+from qjax.nn.fused import QuantConvBN
+from qjax.nn.fused import QuantDenseBN
 from qjax.nn.modules import Dequantize
 from qjax.nn.modules import FakeQuant
+from qjax.nn.modules import INT8
 from qjax.nn.modules import LearnableFakeQuant
 from qjax.nn.modules import Mode
 from qjax.nn.modules import QPARAMS
@@ -25,14 +28,17 @@ from qjax.nn.qconfig import get_default_qconfig
 __all__ = (
     "Dequantize",
     "FakeQuant",
+    "INT8",
     "LearnableFakeQuant",
     "Mode",
     "QConfig",
     "QConfigMap",
     "QPARAMS",
     "QuantConv",
+    "QuantConvBN",
     "QuantConvGeneral",
     "QuantDense",
+    "QuantDenseBN",
     "QuantDotGeneral",
     "Quantize",
     "STATS",

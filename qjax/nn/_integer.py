@@ -70,13 +70,17 @@ def check_activation(activation: Callable | None, where: str) -> bool:
 
 def _requantize(v: dict, acc: jax.Array, out_spec: QuantSpec, relu: bool) -> jax.Array:
   lo, hi = int8.int8_bounds(out_spec)
+
+  def channels(a: jax.Array) -> jax.Array:  # (N,) broadcast along acc's last axis, explicitly
+    return a.reshape((1,) * (acc.ndim - 1) + a.shape) if a.ndim == 1 else a
+
   zero_point = v["output"]["zero_point"]
-  r = v["requant"]
-  acc = acc + v["offset"]
+  r = {name: channels(value) for name, value in v["requant"].items()}
+  acc = acc + channels(v["offset"])
   if "acc_scale" in r:
     return int8.requantize_fbgemm(acc, r["acc_scale"], r["bias"], v["output"]["scale"],
                                   zero_point, lo=lo, hi=hi, relu=relu)
-  acc = acc + v["bias"]
+  acc = acc + channels(v["bias"])
   if "m0" in r:
     return int8.requantize_integer(acc, r["m0"], r["shift"], zero_point, lo=lo, hi=hi,
                                    relu=relu)

@@ -1,0 +1,627 @@
+"""BatchNorm folding (qjax.fuse) and the folded-BatchNorm QAT layers (qjax.nn.fused).
+
+* fold_batch_norm: the folded layer equals the layer followed by Flax's BatchNorm in
+  inference mode (Dense, Conv with stride / padding, with and without bias, BatchNorms
+  without scale or offset), as a property over shapes and values; it reproduces a NumPy
+  float32 reference of PyTorch's operation order bit for bit, with and without jit.
+* fold_batch_norms: a small Flax model with BatchNorms, folded, loads into the same model
+  built without them and gives the same outputs; errors name the missing pytree path.
+* QuantConvBN / QuantDenseBN: variable layout, float mode == nn.Conv + nn.BatchNorm, running
+  averages (PyTorch's unbiased variance), calibration observes W * s, QAT in eval is the
+  folded layer that `folded_kernel_and_bias` describes, misuse errors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qjax.nn as qnn
+from qjax import QuantSpec
+from qjax import observers as obs
+from qjax.fuse import fold_batch_norm, fold_batch_norms, folded_kernel_and_bias
+from qjax.nn.fused import QuantConvBN, QuantDenseBN
+
+F32 = np.float32
+QAT = qnn.get_default_qat_qconfig("x86")
+
+
+def _bn_variables(rng, c, *, use_scale=True, use_bias=True):
+  """Random BatchNorm params and running statistics for c channels."""
+  params = {}
+  if use_scale:
+    params["scale"] = rng.uniform(-2, 2, c).astype(F32)
+  if use_bias:
+    params["bias"] = rng.normal(size=c).astype(F32)
+  stats = {"mean": rng.normal(size=c).astype(F32), "var": rng.uniform(0.05, 4, c).astype(F32)}
+  return params, stats
+
+
+def _layer(kind, features, use_bias, strides=1, padding="SAME", kernel_size=(3, 3)):
+  if kind == "dense":
+    return nn.Dense(features, use_bias=use_bias)
+  return nn.Conv(features, kernel_size, strides=strides, padding=padding, use_bias=use_bias)
+
+
+def _layer_then_bn(kind, x, layer_params, bn_params, bn_stats, *, use_bias, use_scale,
+                   bn_bias, strides=1, padding="SAME", kernel_size=(3, 3), epsilon=1e-5):
+  """Flax's layer followed by Flax's BatchNorm(use_running_average=True)."""
+  y = _layer(kind, bn_stats["mean"].shape[0], use_bias, strides, padding,
+             kernel_size).apply({"params": layer_params}, x)
+  bn = nn.BatchNorm(use_running_average=True, use_scale=use_scale, use_bias=bn_bias,
+                    epsilon=epsilon)
+  return bn.apply({"params": bn_params, "batch_stats": bn_stats}, y)
+
+
+def _folded_layer(kind, x, kernel, bias, *, strides=1, padding="SAME", kernel_size=(3, 3)):
+  return _layer(kind, kernel.shape[-1], True, strides, padding, kernel_size).apply(
+      {"params": {"kernel": kernel, "bias": bias}}, x)
+
+
+# ------------------------------------------------------------------------------------------
+# fold_batch_norm against Flax's BatchNorm.
+
+CASES = {
+    "dense": dict(kind="dense"),
+    "dense_no_bias": dict(kind="dense", use_bias=False),
+    "conv": dict(kind="conv"),
+    "conv_stride2_valid": dict(kind="conv", strides=2, padding="VALID"),
+    "conv_pad1_no_bias": dict(kind="conv", strides=(2, 1), padding=((1, 1), (1, 1)),
+                              use_bias=False),
+    "conv_no_bn_scale": dict(kind="conv", use_scale=False),
+    "conv_no_bn_offset": dict(kind="conv", bn_bias=False),
+    "dense_no_bn_affine": dict(kind="dense", use_scale=False, bn_bias=False, use_bias=False),
+}
+
+
+def _fold_case(seed, kind, use_bias=True, use_scale=True, bn_bias=True, strides=1,
+               padding="SAME", cin=3, cout=5, kernel_size=(3, 3), spatial=(7, 6), batch=4):
+  rng = np.random.default_rng(seed)
+  shape = (batch, cin) if kind == "dense" else (batch, *spatial, cin)
+  x = jnp.asarray(rng.normal(size=shape).astype(F32))
+  layer_params = {"kernel": rng.normal(size=((cin,) if kind == "dense" else (*kernel_size, cin))
+                                       + (cout,)).astype(F32)}
+  if use_bias:
+    layer_params["bias"] = rng.normal(size=cout).astype(F32)
+  bn_params, bn_stats = _bn_variables(rng, cout, use_scale=use_scale, use_bias=bn_bias)
+  expected = _layer_then_bn(kind, x, layer_params, bn_params, bn_stats, use_bias=use_bias,
+                            use_scale=use_scale, bn_bias=bn_bias, strides=strides,
+                            padding=padding, kernel_size=kernel_size)
+  kernel, bias = fold_batch_norm(layer_params["kernel"], layer_params.get("bias"),
+                                 scale=bn_params.get("scale"), offset=bn_params.get("bias"),
+                                 mean=bn_stats["mean"], var=bn_stats["var"])
+  got = _folded_layer(kind, x, kernel, bias, strides=strides, padding=padding,
+                      kernel_size=kernel_size)
+  return np.asarray(got), np.asarray(expected)
+
+
+def _assert_float_close(got, expected):
+  """Equal up to float32 rounding of the sums (relative to the output's magnitude)."""
+  assert got.shape == expected.shape
+  scale = max(1.0, float(np.max(np.abs(expected))))
+  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_fold_equals_layer_then_flax_batch_norm(case):
+  got, expected = _fold_case(0, **case)
+  _assert_float_close(got, expected)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["dense", "conv"]),
+       cin=st.integers(1, 6), cout=st.integers(1, 7), kh=st.integers(1, 3),
+       kw=st.integers(1, 3), stride=st.integers(1, 2), use_bias=st.booleans(),
+       use_scale=st.booleans(), bn_bias=st.booleans(),
+       padding=st.sampled_from(["SAME", "VALID"]))
+def test_fold_property(seed, kind, cin, cout, kh, kw, stride, use_bias, use_scale, bn_bias,
+                       padding):
+  """For any shapes and values, conv(x, W') + b' == BatchNorm(conv(x, W) + b)."""
+  got, expected = _fold_case(seed, kind, use_bias=use_bias, use_scale=use_scale,
+                             bn_bias=bn_bias, strides=stride, padding=padding, cin=cin,
+                             cout=cout, kernel_size=(kh, kw), spatial=(5, 4), batch=3)
+  _assert_float_close(got, expected)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (3, 3, 2, 3)])
+def test_identity_batch_norm_changes_nothing(shape):
+  """mean 0, var 1, gamma 1, beta 0, eps 0: the kernel and bias come back bit for bit."""
+  rng = np.random.default_rng(1)
+  kernel, bias = rng.normal(size=shape).astype(F32), rng.normal(size=shape[-1]).astype(F32)
+  c = shape[-1]
+  k, b = fold_batch_norm(kernel, bias, scale=np.ones(c, F32), offset=np.zeros(c, F32),
+                         mean=np.zeros(c, F32), var=np.ones(c, F32), epsilon=0.0)
+  np.testing.assert_array_equal(k, kernel)
+  np.testing.assert_array_equal(b, bias)
+
+
+def _numpy_fold(kernel, bias, gamma, beta, mean, var, eps):
+  """PyTorch's fuse_{conv,linear}_bn_weights in NumPy float32, one rounding per operation."""
+  c = kernel.shape[-1]
+  bias = np.zeros(c, F32) if bias is None else bias
+  gamma = np.ones(c, F32) if gamma is None else gamma
+  beta = np.zeros(c, F32) if beta is None else beta
+  inv_std = F32(1) / np.sqrt(var + F32(eps))
+  factor = gamma * inv_std
+  if kernel.ndim == 2:
+    new_bias = (bias - mean) * factor + beta
+  else:
+    new_bias = ((bias - mean) * inv_std) * gamma + beta
+  return kernel * factor, new_bias
+
+
+class FoldVariantsTest(chex.TestCase):
+  """Jitted and eager folding equal the NumPy reference bit for bit (XLA would otherwise
+  rewrite 1 / sqrt and contract multiply-adds)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("dense", (48, 64), True, True), ("dense_bare", (48, 64), False, False),
+      ("conv1d", (5, 16, 64), True, True), ("conv2d", (3, 3, 16, 64), True, False),
+      ("conv2d_no_bias", (3, 3, 16, 64), False, True))
+  def test_fold_batch_norm_matches_reference(self, shape, use_bias, affine):
+    rng = np.random.default_rng(2)
+    kernel = rng.normal(size=shape).astype(F32)
+    bias = rng.normal(size=shape[-1]).astype(F32) if use_bias else None
+    bn, stats = _bn_variables(rng, shape[-1], use_scale=affine, use_bias=affine)
+    fold = self.variant(functools.partial(fold_batch_norm, epsilon=1e-3))
+    k, b = fold(kernel, bias, scale=bn.get("scale"), offset=bn.get("bias"), **stats)
+    ref_k, ref_b = _numpy_fold(kernel, bias, bn.get("scale"), bn.get("bias"), stats["mean"],
+                               stats["var"], 1e-3)
+    assert k.dtype == jnp.float32 and b.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(k).view(np.uint32), ref_k.view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(b).view(np.uint32), ref_b.view(np.uint32))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_folded_kernel_and_bias_matches_reference(self):
+    rng = np.random.default_rng(3)
+    params = {"kernel": rng.normal(size=(3, 3, 4, 8)).astype(F32),
+              "bias": rng.normal(size=8).astype(F32),
+              "bn_scale": rng.uniform(0.5, 2, 8).astype(F32),
+              "bn_bias": rng.normal(size=8).astype(F32)}
+    _, stats = _bn_variables(rng, 8)
+    k, b = self.variant(folded_kernel_and_bias)(params, stats)
+    ref_k, ref_b = _numpy_fold(params["kernel"], params["bias"], params["bn_scale"],
+                               params["bn_bias"], stats["mean"], stats["var"], 1e-5)
+    np.testing.assert_array_equal(np.asarray(k).view(np.uint32), ref_k.view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(b).view(np.uint32), ref_b.view(np.uint32))
+
+
+def test_fold_keeps_dtypes():
+  kernel = jnp.ones((4, 3), jnp.bfloat16)
+  k, b = fold_batch_norm(kernel, None, scale=None, offset=None, mean=np.zeros(3, F32),
+                         var=np.ones(3, F32))
+  assert k.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(mean=np.zeros(4, F32)), ValueError, r"mean has shape \(4,\).*\(3, 3, 2, 5\).*\(5,\)"),
+    (dict(bias=np.zeros((1, 5), F32)), ValueError, r"bias has shape \(1, 5\)"),
+    (dict(kernel=np.ones(5, F32)), ValueError, r"rank >= 2; got shape \(5,\)"),
+    (dict(kernel=np.ones((2, 5), np.int32)), TypeError, "kernel must be a floating-point"),
+    (dict(var=-np.ones(5, F32)), ValueError, "var must be >= 0"),
+    (dict(var=np.zeros(5, F32), epsilon=0.0), ValueError, r"var \+ epsilon must be > 0"),
+    (dict(epsilon=-1e-5), ValueError, "epsilon must be >= 0"),
+    (dict(epsilon="1e-5"), TypeError, "epsilon must be a Python float"),
+])
+def test_fold_batch_norm_errors(kwargs, error, match):
+  args = dict(kernel=np.ones((3, 3, 2, 5), F32), bias=None, scale=None, offset=None,
+              mean=np.zeros(5, F32), var=np.ones(5, F32))
+  args.update(kwargs)
+  kernel, bias = args.pop("kernel"), args.pop("bias")
+  with pytest.raises(error, match=match):
+    fold_batch_norm(kernel, bias, **args)
+
+
+# ------------------------------------------------------------------------------------------
+# fold_batch_norms on a Flax model.
+
+
+class Block(nn.Module):
+  """A nested conv + BatchNorm without scale (use_scale=False)."""
+
+  fold_bn: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    x = nn.Conv(6, (3, 3), padding=((1, 1), (1, 1)), use_bias=True, name="conv")(x)
+    if not self.fold_bn:
+      x = nn.BatchNorm(use_running_average=not train, use_scale=False, name="bn")(x)
+    return nn.relu(x)
+
+
+class Net(nn.Module):
+  """conv1 (no bias) + bn1 + relu, block/{conv, bn}, fc + bn_fc (no offset). With fold_bn the
+  BatchNorms are gone and every folded layer has a bias."""
+
+  fold_bn: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    x = nn.Conv(4, (3, 3), strides=2, use_bias=self.fold_bn, name="conv1")(x)
+    if not self.fold_bn:
+      x = nn.BatchNorm(use_running_average=not train, name="bn1")(x)
+    x = Block(self.fold_bn, name="block")(nn.relu(x), train=train)
+    x = nn.Dense(5, name="fc")(x.reshape((x.shape[0], -1)))
+    if not self.fold_bn:
+      x = nn.BatchNorm(use_running_average=not train, use_bias=False, name="bn_fc")(x)
+    return nn.Dense(3, name="head")(x)
+
+
+PAIRS = [("conv1", "bn1"), ("block/conv", "block/bn"), ("fc", "bn_fc")]
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_net():
+  """Net's variables after a few training batches, with random BatchNorm affine params."""
+  rng = np.random.default_rng(4)
+  model = Net()
+  x = jnp.asarray(rng.normal(size=(8, 8, 8, 3)).astype(F32))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  step = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+  for _ in range(3):
+    batch = jnp.asarray((rng.normal(size=(8, 8, 8, 3)) * 2 + 0.5).astype(F32))
+    _, updates = step(variables, batch)
+    variables = {**variables, **updates}
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, v: (jnp.asarray(rng.uniform(0.5, 2, v.shape).astype(F32))
+                       if path[-1].key == "scale" else v), variables["params"])
+  params["bn1"]["bias"] = jnp.asarray(rng.normal(size=4).astype(F32))
+  return {**variables, "params": params}, x
+
+
+def test_fold_batch_norms_model_gives_same_outputs():
+  variables, x = _trained_net()
+  before = jax.tree_util.tree_map(np.asarray, variables)
+  folded = fold_batch_norms(variables, PAIRS)
+  fused = Net(fold_bn=True)
+  # It loads into the model built without BatchNorms: same tree, same shapes.
+  expected = jax.eval_shape(lambda: fused.init(jax.random.key(0), x))
+  chex.assert_trees_all_equal_shapes_and_dtypes(folded, expected)
+  assert "batch_stats" not in folded
+  _assert_float_close(np.asarray(jax.jit(fused.apply)(folded, x)),
+                      np.asarray(jax.jit(Net().apply)(variables, x)))
+  # The input is not modified.
+  chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, variables), before)
+
+
+def test_fold_batch_norms_partial_and_other_collections():
+  """Folding one pair keeps the other BatchNorms and any other collection as they are."""
+  variables, _ = _trained_net()
+  extra = {"conv1": {"note": jnp.ones(2)}}
+  frozen = flax.core.freeze({**variables, "extra": extra})
+  folded = fold_batch_norms(frozen, [("block/conv", "block/bn", 1e-5)])
+  assert type(folded) is dict and type(folded["params"]["block"]) is dict
+  assert set(folded["batch_stats"]) == {"bn1", "bn_fc"}
+  assert set(folded["params"]["block"]) == {"conv"}
+  assert folded["extra"] == extra
+  chex.assert_trees_all_equal(folded["params"]["bn1"], variables["params"]["bn1"])
+
+
+def test_fold_batch_norms_uses_the_pair_epsilon():
+  variables, _ = _trained_net()
+  a = fold_batch_norms(variables, [("conv1", "bn1", 0.5)])
+  b = fold_batch_norms(variables, [("conv1", "bn1")], epsilon=0.5)
+  c = fold_batch_norms(variables, [("conv1", "bn1")])
+  chex.assert_trees_all_equal(a, b)
+  assert not np.allclose(a["params"]["conv1"]["kernel"], c["params"]["conv1"]["kernel"])
+
+
+@pytest.mark.parametrize("pairs, error, match", [
+    ([("conv9", "bn1")], ValueError, r"no 'params/conv9/kernel'.*block/conv \(bias, kernel\)"),
+    ([("conv1", "block/bn2")], ValueError, r"no 'batch_stats/block/bn2/mean'"),
+    ([("block", "bn1")], ValueError, r"no 'params/block/kernel'"),
+    ([("conv1", "bn1"), ("fc", "bn1")], ValueError, r"\['bn1'\] named more than once"),
+    ([("conv1",)], TypeError, r"\(layer_path, bn_path\)"),
+    (["conv1/bn1"], TypeError, r"\(layer_path, bn_path\)"),
+    ("conv1", TypeError, "pairs must be a sequence"),
+    ([("conv1", "bn_fc")], ValueError,
+     r"params/bn_fc/scale has shape \(5,\), but params/conv1/kernel has shape \(3, 3, 3, 4\)"),
+    ([("conv1", "bn1", -1.0)], ValueError, "epsilon must be >= 0"),
+])
+def test_fold_batch_norms_errors(pairs, error, match):
+  variables, _ = _trained_net()
+  with pytest.raises(error, match=match):
+    fold_batch_norms(variables, pairs)
+
+
+def test_fold_batch_norms_missing_collection():
+  variables, _ = _trained_net()
+  with pytest.raises(ValueError, match=r"no 'batch_stats' collection \(collections: \['params'\]"):
+    fold_batch_norms({"params": variables["params"]}, PAIRS)
+
+
+def test_folded_kernel_and_bias_names_missing_entries():
+  with pytest.raises(ValueError, match=r"params has no \['bn_scale', 'bn_bias'\]"):
+    folded_kernel_and_bias({"kernel": np.ones((2, 3), F32)},
+                           {"mean": np.zeros(3, F32), "var": np.ones(3, F32)})
+  with pytest.raises(ValueError, match=r"batch_stats has no \['var'\]"):
+    folded_kernel_and_bias({"kernel": np.ones((2, 3), F32), "bn_scale": np.ones(3, F32),
+                            "bn_bias": np.zeros(3, F32)}, {"mean": np.zeros(3, F32)})
+
+
+# ------------------------------------------------------------------------------------------
+# QuantConvBN / QuantDenseBN.
+
+RNG = np.random.default_rng(5)
+X_IMG = jnp.asarray(RNG.normal(size=(4, 9, 9, 3)).astype(F32))
+X_VEC = jnp.asarray(RNG.normal(size=(12, 7)).astype(F32))
+
+
+def _conv_bn(**kwargs):
+  return QuantConvBN(6, (3, 3), strides=2, padding=((1, 1), (1, 1)), qconfig=QAT, **kwargs)
+
+
+def _randomised(variables, seed=6):
+  """Variables with random BatchNorm affine params and running statistics."""
+  rng = np.random.default_rng(seed)
+  params = dict(variables["params"])
+  c = params["bn_scale"].shape[0]
+  params["bn_scale"] = jnp.asarray(rng.uniform(0.5, 1.5, c).astype(F32))
+  params["bn_bias"] = jnp.asarray(rng.normal(size=c).astype(F32))
+  stats = {"mean": jnp.asarray(rng.normal(size=c).astype(F32) * 0.3),
+           "var": jnp.asarray(rng.uniform(0.5, 3, c).astype(F32))}
+  return {**variables, "params": params, "batch_stats": stats}
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_layout(use_bias):
+  variables = _conv_bn(use_bias=use_bias).init(jax.random.key(0), X_IMG, train=False,
+                                               mode="qat")
+  expected = {"kernel", "bn_scale", "bn_bias"} | ({"bias"} if use_bias else set())
+  assert set(variables) == {"params", "batch_stats", "quant_stats"}
+  assert set(variables["params"]) == expected
+  assert variables["params"]["kernel"].shape == (3, 3, 3, 6)
+  assert set(variables["batch_stats"]) == {"mean", "var"}
+  assert set(variables["quant_stats"]) == {"weight", "output"}
+  assert variables["quant_stats"]["weight"]["min_val"].shape == (6,)
+  np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(6, F32))
+  dense = QuantDenseBN(5, qconfig=QAT).init(jax.random.key(0), X_VEC, train=True, mode="float")
+  assert set(dense["params"]) == {"kernel", "bn_scale", "bn_bias"}
+  assert set(dense["batch_stats"]) == {"mean", "var"}
+  assert set(dense["quant_stats"]) == {"weight", "output"}
+
+
+class FloatModeTest(chex.TestCase):
+  """mode="float" is nn.Conv followed by nn.BatchNorm (PyTorch's running-variance update)."""
+
+  def _stock(self, variables, x, train):
+    p = variables["params"]
+    conv = nn.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)
+    y = conv.apply({"params": {"kernel": p["kernel"]}}, x)
+    bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    return bn.apply({"params": {"scale": p["bn_scale"], "bias": p["bn_bias"]},
+                     "batch_stats": variables["batch_stats"]}, y, mutable=["batch_stats"])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(False, True)
+  def test_float_mode_is_conv_then_batch_norm(self, train):
+    layer = _conv_bn(activation=nn.relu)
+    variables = _randomised(layer.init(jax.random.key(0), X_IMG, train=False, mode="float"))
+    apply = self.variant(functools.partial(layer.apply, train=train, mode="float",
+                                           mutable=["batch_stats", "quant_stats"]))
+    y, updates = apply(variables, X_IMG)
+    expected, stock_updates = self._stock(variables, X_IMG, train)
+    _assert_float_close(np.asarray(y), np.asarray(nn.relu(expected)))
+    # Float mode observes nothing.
+    chex.assert_trees_all_equal(updates["quant_stats"], variables["quant_stats"])
+    if not train:
+      chex.assert_trees_all_equal(updates["batch_stats"], variables["batch_stats"])
+      return
+    # The mean moves as in Flax; the variance with the unbiased batch variance (PyTorch).
+    n = 4 * 5 * 5
+    old = variables["batch_stats"]
+    flax_var = np.asarray(stock_updates["batch_stats"]["var"])
+    biased = (flax_var - 0.9 * np.asarray(old["var"])) / 0.1
+    np.testing.assert_allclose(updates["batch_stats"]["mean"],
+                               stock_updates["batch_stats"]["mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["var"],
+                               0.9 * np.asarray(old["var"]) + 0.1 * biased * n / (n - 1),
+                               rtol=1e-4)
+
+
+def test_running_averages_update_only_when_training():
+  layer = _conv_bn()
+  variables = _randomised(layer.init(jax.random.key(0), X_IMG, train=True, mode="qat"))
+  assert np.all(np.asarray(
+      layer.init(jax.random.key(0), X_IMG, train=True, mode="qat")["batch_stats"]["var"]) == 1)
+  _, frozen = layer.apply(variables, X_IMG, train=False, mode="qat",
+                          mutable=["batch_stats", "quant_stats"])
+  chex.assert_trees_all_equal(frozen["batch_stats"], variables["batch_stats"])
+  assert int(frozen["quant_stats"]["weight"]["count"]) == 1  # QAT with a frozen BatchNorm
+  _, trained = layer.apply(variables, X_IMG, train=True, mode="qat",
+                           mutable=["batch_stats", "quant_stats"])
+  assert not np.allclose(trained["batch_stats"]["mean"], variables["batch_stats"]["mean"])
+
+
+def test_calibrate_observes_the_scaled_weight_and_passes_values():
+  """The weight point sees W * gamma / sqrt(running_var + eps) (the running variance before
+  this batch's update); the output equals the float forward up to rounding."""
+  layer = _conv_bn(use_bias=True, activation=nn.relu)
+  variables = _randomised(layer.init(jax.random.key(0), X_IMG, train=False, mode="qat"))
+  y, updates = layer.apply(variables, X_IMG, train=True, mode="calibrate",
+                           mutable=["batch_stats", "quant_stats"])
+  p, stats = variables["params"], variables["batch_stats"]
+  s = np.asarray(p["bn_scale"]) / np.sqrt(np.asarray(stats["var"]) + F32(1e-5))
+  scaled = np.asarray(p["kernel"]) * s
+  weight = updates["quant_stats"]["weight"]
+  np.testing.assert_array_equal(weight["min_val"], scaled.reshape(-1, 6).min(0))
+  np.testing.assert_array_equal(weight["max_val"], scaled.reshape(-1, 6).max(0))
+  y_float, _ = layer.apply(variables, X_IMG, train=True, mode="float",
+                           mutable=["batch_stats", "quant_stats"])
+  _assert_float_close(np.asarray(y), np.asarray(y_float))
+  out = updates["quant_stats"]["output"]
+  assert float(out["min_val"]) == float(jnp.min(y)) and float(out["max_val"]) == float(jnp.max(y))
+
+
+@pytest.mark.parametrize("module, x", [(_conv_bn, X_IMG), (
+    functools.partial(QuantDenseBN, 5, qconfig=QAT), X_VEC)], ids=["conv", "dense"])
+def test_qat_eval_is_the_folded_layer(module, x):
+  """With the running averages (train=False), the QAT forward is the converted layer:
+  FQ_out(act(contract(x, FQ_w(W')) + b')) with (W', b') = folded_kernel_and_bias."""
+  layer = module(use_bias=True, activation=nn.relu)
+  variables = _randomised(layer.init(jax.random.key(0), x, train=False, mode="qat"))
+  _, calibrated = layer.apply(variables, x * 1.5, train=False, mode="calibrate",
+                              mutable=["quant_stats"])
+  variables = {**variables, **calibrated}
+  y = layer.apply(variables, x, train=False, mode="qat")
+  qparams = qnn.collect_qparams(layer, variables, x, train=False, mode="float")
+  kernel, bias = folded_kernel_and_bias(variables["params"], variables["batch_stats"])
+  w = qnn.FakeQuant(QAT.weight).apply({"quant_stats": variables["quant_stats"]["weight"]},
+                                      kernel, mode="qat")
+  if kernel.ndim == 2:
+    z = x @ w + bias.reshape(1, -1)
+  else:
+    z = nn.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1))).apply(
+        {"params": {"kernel": w, "bias": bias}}, x)
+  out = qnn.FakeQuant(QAT.activation).apply(
+      {"quant_stats": variables["quant_stats"]["output"]}, nn.relu(z), mode="qat")
+  # W * s (QAT) and W * (gamma * r) (fold) may differ in the last bit, which can move a
+  # weight or an output across a rounding boundary: allow one output step, rarely.
+  step = float(qparams["output"]["scale"])
+  diff = np.abs(np.asarray(y) - np.asarray(out))
+  assert diff.max() <= step * 1.001, diff.max()
+  assert np.mean(diff > 1e-5) < 0.02, np.mean(diff > 1e-5)
+
+
+def test_gradients_reach_every_parameter():
+  layer = _conv_bn(use_bias=True, activation=nn.relu)
+  variables = _randomised(layer.init(jax.random.key(0), X_IMG, train=False, mode="qat"))
+
+  def loss(params):
+    y, _ = layer.apply({**variables, "params": params}, X_IMG, train=True, mode="qat",
+                       mutable=["batch_stats", "quant_stats"])
+    return jnp.sum(jnp.square(y - 0.5))
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  for name, g in grads.items():
+    assert np.all(np.isfinite(g)) and np.any(np.asarray(g) != 0), name
+
+
+def test_qconfig_none_and_learnable():
+  """qconfig None: no quantization points' effect (the float layer); learnable points put
+  their scales in params."""
+  plain = QuantConvBN(6, (3, 3), qconfig=None)
+  variables = _randomised(plain.init(jax.random.key(0), X_IMG, train=False, mode="qat"))
+  assert "quant_stats" not in variables
+  y = plain.apply(variables, X_IMG, train=False, mode="qat")
+  y_float = plain.apply(variables, X_IMG, train=False, mode="float")
+  _assert_float_close(np.asarray(y), np.asarray(y_float))
+  lsq = qnn.QConfig(weight=QAT.weight, activation=QAT.activation, learnable=True)
+  params = QuantConvBN(6, (3, 3), qconfig=lsq).init(jax.random.key(0), X_IMG, train=False,
+                                                   mode="qat")["params"]
+  assert set(params["weight"]) == {"scale"} and set(params["output"]) == {"scale",
+                                                                           "zero_point"}
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (dict(train=True, mode="qat"), ValueError, r"'batch_stats', which is immutable"),
+    (dict(train=1, mode="qat"), TypeError, "train must be True"),
+    (dict(train=False, mode="int8"), ValueError,
+     r"mode='int8' needs this module's integer variables"),
+    (dict(train=False, mode="train"), ValueError,
+     r"mode must be one of \['float', 'calibrate', 'qat', 'int8'\]"),
+])
+def test_misuse_errors(call, error, match):
+  layer = _conv_bn()
+  variables = layer.init(jax.random.key(0), X_IMG, train=False, mode="qat")
+  with pytest.raises(error, match=match):
+    layer.apply(variables, X_IMG, mutable=["quant_stats"], **call)
+
+
+def test_field_errors():
+  with pytest.raises(ValueError, match=r"QuantConvBN: momentum must lie in \[0, 1\]"):
+    QuantConvBN(6, (3, 3), qconfig=QAT, momentum=1.5).init(jax.random.key(0), X_IMG,
+                                                          train=False, mode="qat")
+  with pytest.raises(ValueError, match="more than one value per channel"):
+    QuantDenseBN(5, qconfig=QAT).init(jax.random.key(0), X_VEC[:1], train=True, mode="qat")
+
+
+def test_inside_a_model_paths():
+  """Nested layers keep the layout under their module path (what convert looks up)."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train, mode):
+      x = qnn.Quantize(QAT)(x, mode=mode)
+      x = QuantConvBN(4, (3, 3), qconfig=QAT, activation=nn.relu, name="c1")(
+          x, train=train, mode=mode)
+      x = x.reshape((x.shape[0], -1))
+      return QuantDenseBN(3, qconfig=QAT, name="d1")(x, train=train, mode=mode)
+
+  model = Model()
+  variables = model.init(jax.random.key(0), X_IMG, train=False, mode="qat")
+  assert set(variables["batch_stats"]) == {"c1", "d1"}
+  assert set(variables["quant_stats"]) == {"Quantize_0", "c1", "d1"}
+  _, updates = jax.jit(functools.partial(model.apply, train=True, mode="qat",
+                                         mutable=["batch_stats", "quant_stats"]))(
+                                             variables, X_IMG)
+  qnn.check_calibrated(updates["quant_stats"])
+
+
+def test_observer_for_per_tensor_weights():
+  """A per-tensor weight observer works too (qnnpack-style qconfig)."""
+  q = qnn.QConfig(weight=obs.MinMaxObserver(spec=QuantSpec(bits=8, symmetric=True)),
+                  activation=QAT.activation)
+  layer = QuantDenseBN(5, qconfig=q)
+  variables = layer.init(jax.random.key(0), X_VEC, train=False, mode="qat")
+  _, updates = layer.apply(variables, X_VEC, train=True, mode="qat",
+                           mutable=["batch_stats", "quant_stats"])
+  assert updates["quant_stats"]["weight"]["min_val"].shape == ()
+
+
+class _FoldedModel(nn.Module):
+  """Quantize -> ConvBN+ReLU -> max pool -> DenseBN+ReLU -> Dense -> Dequantize."""
+
+  @nn.compact
+  def __call__(self, x, *, train, mode):
+    x = qnn.Quantize(QAT)(x, mode=mode)
+    x = QuantConvBN(4, (3, 3), qconfig=QAT, activation=nn.relu, name="c1")(
+        x, train=train, mode=mode)
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = QuantDenseBN(6, qconfig=QAT, activation=nn.relu, name="d1")(x, train=train, mode=mode)
+    x = qnn.QuantDense(3, qconfig=QAT, name="out")(x, mode=mode)
+    return qnn.Dequantize()(x, mode=mode)
+
+
+@pytest.mark.parametrize("requant", ["float", "integer", "fbgemm"])
+def test_convert_folded_bn_layers(requant):
+  """After QAT steps, qjax.convert folds the BatchNorm (folded_kernel_and_bias with the
+  running statistics) and the int8 path computes the eval-mode QAT forward's integers: its
+  dequantized output lies on the same grid and agrees with the fake-quant forward up to one
+  output step (float rounding of the fold vs the in-training scaling)."""
+  from qjax import convert as qconvert  # pylint: disable=import-outside-toplevel
+  model = _FoldedModel()
+  x = jax.random.normal(jax.random.key(1), (16,) + X_IMG.shape[1:], jnp.float32)
+  variables = model.init(jax.random.key(0), x, train=False, mode="qat")
+  step = jax.jit(functools.partial(model.apply, train=True, mode="qat",
+                                   mutable=["batch_stats", "quant_stats"]))
+  for i in range(3):
+    _, updates = step(variables, x + 0.1 * i)
+    variables = {**variables, **updates}
+  int_vars = qconvert.convert(model, variables, x, requant=requant, train=False)
+  assert set(int_vars["int8"]) == {"Quantize_0", "c1", "d1", "out", "Dequantize_0"}
+  assert "batch_stats" not in int_vars and "params" not in int_vars
+  kernel, bias = folded_kernel_and_bias(variables["params"]["c1"], variables["batch_stats"]["c1"])
+  w_scale = np.asarray(int_vars["int8"]["c1"]["kernel"].scale)
+  np.testing.assert_array_equal(
+      np.asarray(int_vars["int8"]["c1"]["kernel"].qvalue),
+      np.clip(np.rint(np.asarray(kernel) / w_scale), -128, 127).astype(np.int8))
+  y_int = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False, mode="int8"))(
+      int_vars, x))
+  y_fq = np.asarray(model.apply(variables, x, train=False, mode="qat"))
+  out_scale = float(int_vars["int8"]["Dequantize_0"]["scale"])
+  steps = np.abs(y_int - y_fq) / out_scale
+  assert np.max(steps) <= 1.0 + 1e-3
+  assert np.mean(steps < 1e-3) >= 0.9
