@@ -12,18 +12,26 @@ Pure functions over integer arrays; `qjax.convert` prepares their arguments and 
 so that acc + offset = sum_k (q_x - Z_x)(q_w - Z_w), the seed's formula. Three requantizers
 (`Requant`), each reproducible by NumPy integer code:
 
-  "float"    q = Z_y + rne(f32(acc') * M),  M = f32(S_x S_w / S_y)
+  "fbgemm"   q = Z_y + rne((f32(acc + offset) + f32(b / A)) * M)   (float bias b)
+  "float"    q = Z_y + rne(f32(acc') * M)                           (int32 bias)
+             with A = f32(f32(S_x) * S_w) and M = f32(A / S_y), float32 arithmetic: "fbgemm"
+             is what fbgemm's requantization of PyTorch's x86 quantized Linear computes
+             (PyTorch routes x86 convolutions on AVX512-VNNI CPUs to oneDNN, whose float order
+             differs in about one output in 10^6).
   "integer"  q = Z_y + floor((acc' * M0 + 2^(r-1)) / 2^r),  M ~= M0 / 2^r with
              M0 in [2^30, 2^31): fixed point, no float anywhere (gemmlowp / TFLite style;
              rounds ties up). The 62-bit product is formed exactly from 32-bit pieces.
-  "fbgemm"   q = Z_y + rne((f32(acc + offset) * f32(S_x S_w) + b) / S_y) with the float bias b:
-             what PyTorch's x86 / fbgemm quantized Linear and Conv compute.
 
-Activations travel as int8 even when their grid is unsigned: an unsigned 8-bit grid whose
-qmax exceeds 127 is shifted by -128 (`int8_shift`), which changes no value of
-q - Z. XLA's CPU kernels are fast only for int8 x int8 (uint8 x int8 falls to a loop ~7x
-slower), and the lowering of each contraction is chosen for speed among exact ones
-(see `matmul` and `conv`); every one keeps int8 operands and an int32 result.
+Activations travel as int8 even when their grid is unsigned: an unsigned 8-bit grid is
+carried shifted by -128 (`int8_shift`), which changes no value of q - Z. XLA's CPU kernels
+are fast only for int8 x int8 (uint8 x int8 falls to a loop ~7x slower), and the lowering of
+each contraction is chosen for speed among exact ones (see `matmul` and `conv`); every one
+keeps int8 operands and an int32 result.
+
+Clamping. 8-bit grids clamp to the whole 8-bit storage range, as PyTorch's quantized kernels
+do: `reduce_range` and `narrow_range` only shape the qparams (an x86 activation observed on
+[0, 127] may reach 255 after conversion, where the fake-quant forward clamps at 127).
+Narrower grids (4-bit, ...) clamp to their own [qmin, qmax], so they stay narrow.
 """
 
 from __future__ import annotations
@@ -73,27 +81,37 @@ def check_int8_spec(spec: QuantSpec, *, name: str) -> None:
 
 
 def int8_shift(spec: QuantSpec) -> int:
-  """What is subtracted from `spec`'s integers to carry them as int8: 128 for an unsigned grid
-  that reaches above 127 (uint8 [0, 255]), else 0 (signed grids; uint8 [0, 127])."""
-  return 128 if (not spec.signed and spec.qmax > 127) else 0
+  """What is subtracted from `spec`'s integers to carry them as int8: 128 for an unsigned
+  8-bit grid (stored as uint8 [0, 255]), else 0 (signed grids; unsigned grids of <= 7 bits)."""
+  return 128 if (not spec.signed and spec.bits == 8) else 0
 
 
 def int8_bounds(spec: QuantSpec) -> tuple[int, int]:
-  """[qmin, qmax] of `spec` in the int8 domain (after `int8_shift`)."""
+  """The clamp range of `spec`'s values in the int8 domain (after `int8_shift`): all of
+  [-128, 127] for an 8-bit grid (its storage range, see the module docstring), [qmin, qmax]
+  for a narrower one."""
   check_int8_spec(spec, name="int8_bounds")
-  shift = int8_shift(spec)
-  return spec.qmin - shift, spec.qmax - shift
+  if spec.bits == 8:
+    return -128, 127
+  return spec.qmin, spec.qmax
+
+
+def _storage_spec(spec: QuantSpec) -> QuantSpec:
+  """The grid values are clamped to in the integer path (see `int8_bounds`)."""
+  return QuantSpec(bits=8, signed=spec.signed) if spec.bits == 8 else spec
 
 
 def quantize_input(x: jax.Array, spec: QuantSpec, scale: jax.Array,
                    zero_point: jax.Array) -> jax.Array:
-  """Float activations to int8: clamp(rne(x / S) + Z, qmin, qmax) - int8_shift(spec).
+  """Float activations to int8: clamp(rne(x / S) + Z, lo, hi) - int8_shift(spec), with
+  [lo, hi] the storage range of an 8-bit grid ([0, 255] for uint8, like
+  torch.quantize_per_tensor) or the grid itself when narrower.
 
   `zero_point` is given on `spec`'s own grid (not shifted); the rounding is `qjax.quantize`'s
   (bit for bit torch.quantize_per_tensor).
   """
   check_int8_spec(spec, name="quantize_input")
-  q = numerics.quantize(x, spec, numerics.QParams(scale, zero_point))
+  q = numerics.quantize(x, _storage_spec(spec), numerics.QParams(scale, zero_point))
   shift = int8_shift(spec)
   if shift:
     return (q.astype(jnp.int16) - jnp.int16(shift)).astype(jnp.int8)
@@ -182,10 +200,12 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   that padded positions are real zeros, as in float), then the valid correlation:
   acc[b, p, o] = sum_{window, c} x_pad[b, p * stride + w * dilation, c] kernel[w, c, o].
 
-  Lowering (both exact): XLA's int8 convolution when there are >= 16 input channels or
-  groups; otherwise patches (strided int8 slices) times the kernel as an int8 GEMM, because
-  XLA's direct int8 convolution with few input channels ran ~5x slower than float32
-  (LeNet-5's 6 -> 16 layer) while the GEMM form ran ~0.7x.
+  Lowering (both exact): patches (strided int8 slices) times the kernel reshaped to
+  (window * C, O) as an int8 GEMM for 2..15 input channels without groups, XLA's int8
+  convolution otherwise. XLA's direct int8 convolution ran ~5x slower than float32 on
+  LeNet-5's 6 -> 16 layer, the GEMM form ~0.3x; with one input channel, or >= 16, the direct
+  one is the faster. The GEMM takes the (window * C, O) kernel as it is: transposing it
+  first let XLA rewrite the product into an int32 dot, several times slower.
 
   Returns:
     int32 array (B, *out_spatial, O).
@@ -200,10 +220,11 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   if any(lo or hi for lo, hi in pads):
     x = lax.pad(x, pad_value.astype(jnp.int8), [(lo, hi, 0) for lo, hi in pads])
   cin = x.shape[-1]
-  if feature_group_count == 1 and cin < 16:
+  if feature_group_count == 1 and 1 < cin < 16:
     patches = _im2col(x, kernel.shape[:nsp], strides, dilation)
-    k2 = kernel.reshape((-1, kernel.shape[-1])).T  # (O, window * C)
-    return matmul(patches, k2)
+    k2 = kernel.reshape((-1, kernel.shape[-1]))  # (window * C, O)
+    return lax.dot_general(patches, k2, (((patches.ndim - 1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.int32)
   spatial = "".join("HWDXYZ"[i] for i in range(nsp))
   dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
                                   (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
@@ -219,10 +240,13 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
 
 def _clamp_to_int8(q: jax.Array, zero_point: jax.Array, lo: int, hi: int,
                    relu: bool) -> jax.Array:
-  """clamp(q + Z, lo, hi) as int8 (lo raised to Z for a fused ReLU: real 0 is Z)."""
-  q = q + zero_point
+  """clamp(q + Z, lo, hi) as int8 (lo raised to Z for a fused ReLU: real 0 is Z).
+
+  Clamped before Z is added, so that a saturated q (+-2^31) cannot wrap around.
+  """
   low = jnp.maximum(jnp.int32(lo), zero_point) if relu else jnp.int32(lo)
-  return jnp.clip(q, low, jnp.int32(hi)).astype(jnp.int8)
+  return (jnp.clip(q, low - zero_point, jnp.int32(hi) - zero_point)
+          + zero_point).astype(jnp.int8)
 
 
 def _round_to_int32(y: jax.Array) -> jax.Array:
@@ -238,13 +262,14 @@ def requantize_float(acc: jax.Array, multiplier: jax.Array, zero_point: jax.Arra
                         lo, hi, relu)
 
 
-def requantize_fbgemm(acc: jax.Array, acc_scale: jax.Array, bias: jax.Array,
-                      out_scale: jax.Array, zero_point: jax.Array, *, lo: int, hi: int,
+def requantize_fbgemm(acc: jax.Array, bias: jax.Array, multiplier: jax.Array,
+                      zero_point: jax.Array, *, lo: int, hi: int,
                       relu: bool = False) -> jax.Array:
-  """q = clamp(Z + rne((f32(acc) * (S_x S_w) + b) / S_y), lo, hi) as int8, each float32
-  operation rounded on its own (no FMA), as PyTorch's x86 quantized Linear / Conv do."""
-  scaled = numerics._uncontractible(acc.astype(jnp.float32) * acc_scale, acc_scale)
-  y = numerics._exact_div(scaled + bias, out_scale)
+  """q = clamp(Z + rne((f32(acc) + b') * M), lo, hi) as int8, with the float bias
+  b' = f32(b / A) on the accumulator's scale A = S_x S_w: fbgemm's requantization with a
+  float bias (PyTorch's x86 quantized Linear). An add then a multiply: nothing to contract
+  into an FMA."""
+  y = (acc.astype(jnp.float32) + bias) * multiplier
   return _clamp_to_int8(_round_to_int32(y), zero_point, lo, hi, relu)
 
 
@@ -310,7 +335,8 @@ def quantize_multiplier(multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]
   """(M0, r) with M ~= M0 / 2^r, M0 in [2^30, 2^31) an int32 and r in [1, 62] (host side).
 
   M0 = rne(m * 2^31) for M = m * 2^e, m in [0.5, 1) (frexp), r = 31 - e; a mantissa that
-  rounds up to 2^31 is halved. The relative error of M0 / 2^r is below 2^-31.
+  rounds up to 2^31 is halved (and, just below 2^30, where halving would make r = 0, capped
+  at 2^31 - 1 instead). The relative error of M0 / 2^r is below 2^-31.
 
   Raises:
     ValueError: M not finite and > 0, or outside [2^-31, 2^30) (r would leave [1, 62]).
@@ -318,16 +344,17 @@ def quantize_multiplier(multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]
   m = np.asarray(multiplier, np.float64)
   if not np.all(np.isfinite(m) & (m > 0)):
     raise ValueError(f"quantize_multiplier: multipliers must be finite and > 0; got {m!r}.")
-  mant, exp = np.frexp(m)
-  m0 = np.round(mant * 2.0**31).astype(np.int64)
-  carry = m0 == 2**31
-  m0 = np.where(carry, m0 // 2, m0)
-  r = 31 - (exp + carry.astype(exp.dtype))
-  if np.any(r < 1) or np.any(r > 62):
+  if np.any(m < 2.0**-31) or np.any(m >= 2.0**30):
     raise ValueError(f"quantize_multiplier: multipliers must lie in [2^-31, 2^30) for a 31-bit "
                      f"fixed point with a shift in [1, 62]; got min {m.min():.3g}, max "
                      f"{m.max():.3g}. An output scale that tiny or huge relative to S_x * S_w "
                      f"usually means a layer was calibrated on degenerate data.")
+  mant, exp = np.frexp(m)
+  m0 = np.round(mant * 2.0**31).astype(np.int64)
+  carry = m0 == 2**31
+  top = carry & (exp == 30)  # halving would need r = 0: round down to the largest M0
+  m0 = np.where(top, 2**31 - 1, np.where(carry, m0 // 2, m0))
+  r = 31 - (exp + (carry & ~top).astype(exp.dtype))
   return m0.astype(np.int32), r.astype(np.int32)
 
 

@@ -580,18 +580,24 @@ def test_observer_for_per_tensor_weights():
   assert updates["quant_stats"]["weight"]["min_val"].shape == ()
 
 
+# Full-range uint8 activations: the int8 path clamps 8-bit grids at their storage range
+# (PyTorch's converted kernels do), so with reduce_range's [0, 127] the fake-quant forward
+# would clamp values the converted model keeps.
+_Q8 = qnn.bits_qconfig(8)
+
+
 class _FoldedModel(nn.Module):
   """Quantize -> ConvBN+ReLU -> max pool -> DenseBN+ReLU -> Dense -> Dequantize."""
 
   @nn.compact
   def __call__(self, x, *, train, mode):
-    x = qnn.Quantize(QAT)(x, mode=mode)
-    x = QuantConvBN(4, (3, 3), qconfig=QAT, activation=nn.relu, name="c1")(
+    x = qnn.Quantize(_Q8)(x, mode=mode)
+    x = QuantConvBN(4, (3, 3), qconfig=_Q8, activation=nn.relu, name="c1")(
         x, train=train, mode=mode)
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    x = QuantDenseBN(6, qconfig=QAT, activation=nn.relu, name="d1")(x, train=train, mode=mode)
-    x = qnn.QuantDense(3, qconfig=QAT, name="out")(x, mode=mode)
+    x = QuantDenseBN(6, qconfig=_Q8, activation=nn.relu, name="d1")(x, train=train, mode=mode)
+    x = qnn.QuantDense(3, qconfig=_Q8, name="out")(x, mode=mode)
     return qnn.Dequantize()(x, mode=mode)
 
 

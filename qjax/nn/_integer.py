@@ -77,21 +77,28 @@ def _requantize(v: dict, acc: jax.Array, out_spec: QuantSpec, relu: bool) -> jax
   zero_point = v["output"]["zero_point"]
   r = {name: channels(value) for name, value in v["requant"].items()}
   acc = acc + channels(v["offset"])
-  if "acc_scale" in r:
-    return int8.requantize_fbgemm(acc, r["acc_scale"], r["bias"], v["output"]["scale"],
-                                  zero_point, lo=lo, hi=hi, relu=relu)
-  acc = acc + channels(v["bias"])
+  if "bias" in r:  # "fbgemm": float bias on the accumulator's scale
+    return int8.requantize_fbgemm(acc, r["bias"], r["multiplier"], zero_point, lo=lo, hi=hi,
+                                  relu=relu)
+  if "bias" in v:  # absent in `qjax.convert.for_serving`'s trees: folded into the offset
+    acc = acc + channels(v["bias"])
   if "m0" in r:
     return int8.requantize_integer(acc, r["m0"], r["shift"], zero_point, lo=lo, hi=hi,
                                    relu=relu)
   return int8.requantize_float(acc, r["multiplier"], zero_point, lo=lo, hi=hi, relu=relu)
 
 
+def _kernel(v: dict) -> jax.Array:
+  """The int8 kernel: a QArray's values, or the bare array of a serving tree."""
+  kernel = v["kernel"]
+  return getattr(kernel, "qvalue", kernel)
+
+
 def dense(module: nn.Module, out_spec: QuantSpec, x: jax.Array, where: str) -> jax.Array:
   """A converted Dense: int8 x int8 -> int32, + offset + bias, requantized to int8."""
   v = _vars(module, where)
   relu = check_activation(module.activation, where)
-  acc = int8.matmul(_int8_input(x, where), v["kernel"].qvalue)
+  acc = int8.matmul(_int8_input(x, where), _kernel(v))
   return _requantize(v, acc, out_spec, relu)
 
 
@@ -132,7 +139,7 @@ def conv(module: nn.Module, out_spec: QuantSpec, x: jax.Array, where: str) -> ja
   v = _vars(module, where)
   relu = check_activation(module.activation, where)
   x = _int8_input(x, where)
-  kernel = v["kernel"].qvalue
+  kernel = _kernel(v)
   unbatched = x.ndim == kernel.ndim - 1
   if unbatched:
     x = x[None]

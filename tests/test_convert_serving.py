@@ -1,0 +1,57 @@
+"""qjax.convert.for_serving: the lean tree gives the same integers with fewer leaves."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qjax.nn as qnn
+from qjax import convert as qconvert
+
+
+class _Net(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, mode):
+    q = qnn.get_default_qconfig("x86")
+    x = qnn.Quantize(q)(x, mode=mode)
+    x = qnn.QuantConv(4, (3, 3), padding="SAME", qconfig=q, activation=nn.relu, name="conv")(
+        x, mode=mode)
+    x = nn.max_pool(x, (2, 2), strides=(2, 2)).reshape((x.shape[0], -1))
+    x = qnn.QuantDense(16, qconfig=q, activation=nn.relu, name="fc1")(x, mode=mode)
+    x = qnn.QuantDense(5, qconfig=q, name="fc2")(x, mode=mode)
+    return qnn.Dequantize()(x, mode=mode)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+  model = _Net()
+  x = jax.random.uniform(jax.random.key(0), (8, 8, 8, 2), jnp.float32)
+  variables = model.init(jax.random.key(1), x, mode="float")
+  _, stats = jax.jit(lambda v, x: model.apply(v, x, mode="calibrate",
+                                              mutable=["quant_stats"]))(variables, x)
+  return model, {**variables, **stats}, x
+
+
+@pytest.mark.parametrize("requant", ["fbgemm", "float", "integer"])
+def test_same_integers_fewer_leaves(calibrated, requant):
+  model, variables, x = calibrated
+  full = qconvert.convert(model, variables, x, requant=requant)
+  lean = qconvert.for_serving(full)
+  apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
+  x_test = jax.random.uniform(jax.random.key(2), x.shape, jnp.float32) * 1.5
+  np.testing.assert_array_equal(np.asarray(apply(lean, x_test)), np.asarray(apply(full, x_test)))
+  assert len(jax.tree.leaves(lean)) < len(jax.tree.leaves(full))
+  fc1 = lean["int8"]["fc1"]
+  assert fc1["kernel"].dtype == jnp.int8 and "bias" not in fc1 and "input" not in fc1
+  assert set(fc1["output"]) == {"zero_point"}
+  assert set(lean["int8"]["conv"]["input"]) == {"zero_point"}  # the conv's padding value
+  if requant != "fbgemm":  # the int32 bias is folded into the offset, exactly
+    np.testing.assert_array_equal(
+        np.asarray(fc1["offset"]),
+        np.asarray(full["int8"]["fc1"]["offset"]) + np.asarray(full["int8"]["fc1"]["bias"]))
+
+
+def test_rejects_other_trees():
+  with pytest.raises(ValueError, match="for_serving: expected the variables"):
+    qconvert.for_serving({"params": {}})
