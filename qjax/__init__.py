@@ -4,12 +4,14 @@ Pure quantizers and straight-through gradients (this namespace), observers as pu
 (init, update, qparams) functions (`qjax.observers`), Flax modules for calibration and QAT
 that keep observer state in the "quant_stats" collection (`import qjax.nn`), and the integer
 inference path: `qjax.convert` (calibrated float variables -> int8 variables), `qjax.int8`
-(its int8 x int8 -> int32 math), `qjax.io` (save / load without pickle), `qjax.report`
+(its int8 x int8 -> int32 math), `qjax.dynamic` (dynamic quantization of any Flax model's Dense
+layers), `qjax.io` (save / load without pickle), `qjax.report`
 (model size, per-layer report), `qjax.fuse` (BatchNorm folding) and `qjax.quantizers`
 (half-precision casts).
 """
 
 from qjax import convert
+from qjax import dynamic
 from qjax import fuse
 from qjax import int8
 from qjax import io
@@ -47,6 +49,7 @@ __all__ = (
     "QuantSpec",
     "cast_floats",
     "convert",
+    "dynamic",
     "dequantize",
     "fake_quant",
     "fake_quant_learnable",
