@@ -27,3 +27,11 @@ def test_flax_example_runs(capsys):
   with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
     exec(compile(code, "README-flax", "exec"), {})  # pylint: disable=exec-used
   assert capsys.readouterr().out.strip() == "['output', 'weight'] int32"
+
+
+def test_integer_example_runs(capsys):
+  code = re.search(r"## Integer inference\n\n```python\n(.*?)```", README.read_text(),
+                   re.S).group(1)
+  with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+    exec(compile(code, "README-int8", "exec"), {})  # pylint: disable=exec-used
+  assert capsys.readouterr().out.strip().splitlines() == ["int8 1", "True"]
