@@ -302,8 +302,9 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
   bias = rne(b / (S_x S_w)) in int32, offset = -Z_x sum_k q_w, and the requantization
   parameters of `requant`:
 
-    "fbgemm"   (default) float bias, q = Z_y + rne((f32(acc) S_x S_w + b) / S_y): PyTorch
-               x86's arithmetic, and the fake-quant QAT forward's integers (its bias is float).
+    "fbgemm"   (default) float bias, q = Z_y + rne((f32(acc) + f32(b / A)) * M) with
+               A = f32(S_x S_w), M = f32(A / S_y): fbgemm's arithmetic in PyTorch's x86
+               quantized Linear, and the fake-quant QAT forward's integers (float bias).
     "float"    int32 bias, q = Z_y + rne(f32(acc + bias) * M), M = S_x S_w / S_y: the seed's
                formula (gemmlowp / TFLite's int32 bias with a float multiplier).
     "integer"  int32 bias, M ~= m0 / 2^shift: no float between Quantize and Dequantize.
