@@ -272,7 +272,7 @@ def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, qparams: Any, in_
   return entry
 
 
-def _producer_qparams(qparams: Any, flow: Dataflow, source: str) -> Any:
+def _producer_qparams(qparams: Any, source: str) -> Any:
   """The qparams of the point that made `source`: a Quantize's own, or a layer's output."""
   node = _at(qparams, source, collection="quant_params")
   return node if "scale" in node else _at(qparams, source, "output", collection="quant_params")
@@ -342,6 +342,7 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
   out: dict[str, Any] = {}
   converted: list[str] = []
   problems: list[str] = []
+  sources: dict[str, str] = {}
   for consumer in flow.consumers:
     path, kind = consumer.path, consumer.info.get("kind")
     if consumer.role == "float_in":
@@ -353,8 +354,14 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
       problems.append(f"the input of {path} is not produced by a quantization point; put a "
                       f"qjax.nn.Quantize (or a quantized layer) before it.")
       continue
+    earlier = sources.setdefault(path, consumer.source)
+    if earlier != consumer.source:
+      problems.append(f"{path} is called on the outputs of {earlier} and of {consumer.source}, "
+                      f"two different input grids; one integer layer has one input grid (use "
+                      f"two layers, or one Quantize point feeding both calls).")
+      continue
     in_spec = flow.producers[consumer.source]
-    in_qp = _producer_qparams(qparams, flow, consumer.source)
+    in_qp = _producer_qparams(qparams, consumer.source)
     if kind == "dequantize":
       scale, zero = _grid(in_qp, in_spec)
       out[path] = {"scale": jnp.asarray(scale), "zero_point": jnp.asarray(zero)}

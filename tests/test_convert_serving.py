@@ -55,3 +55,25 @@ def test_same_integers_fewer_leaves(calibrated, requant):
 def test_rejects_other_trees():
   with pytest.raises(ValueError, match="for_serving: expected the variables"):
     qconvert.for_serving({"params": {}})
+
+
+class _Shared(nn.Module):
+  """One QuantDense applied to two different producers (two input grids)."""
+
+  @nn.compact
+  def __call__(self, x, *, mode):
+    q = qnn.get_default_qconfig("x86")
+    a = qnn.Quantize(q, name="qa")(x, mode=mode)
+    b = qnn.Quantize(q, name="qb")(2.0 * x, mode=mode)
+    layer = qnn.QuantDense(3, qconfig=q, name="shared")
+    return qnn.Dequantize()(layer(a, mode=mode), mode=mode) + qnn.Dequantize()(
+        layer(b, mode=mode), mode=mode)
+
+
+def test_layer_called_on_two_grids_is_refused():
+  model = _Shared()
+  x = jax.random.uniform(jax.random.key(0), (4, 5), jnp.float32)
+  variables = model.init(jax.random.key(1), x, mode="float")
+  _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
+  with pytest.raises(ValueError, match=r"shared is called on the outputs of qa and of qb"):
+    qconvert.convert(model, {**variables, **stats}, x)
