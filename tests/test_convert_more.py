@@ -1,4 +1,4 @@
-"""qjax.convert.for_serving: the lean tree gives the same integers with fewer leaves."""
+"""qjax.convert beyond the core tests: for_serving, layers left in float, two input grids."""
 
 import flax.linen as nn
 import jax
@@ -77,3 +77,33 @@ def test_layer_called_on_two_grids_is_refused():
   _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
   with pytest.raises(ValueError, match=r"shared is called on the outputs of qa and of qb"):
     qconvert.convert(model, {**variables, **stats}, x)
+
+
+class _FloatHead(nn.Module):
+  """fc1 quantized, then Dequantize, then fc3 left in float by a QConfigMap override."""
+
+  @nn.compact
+  def __call__(self, x, *, mode):
+    qmap = qnn.QConfigMap(default=qnn.get_default_qconfig("x86"), overrides=(("^fc3$", None),))
+    x = qnn.Quantize(qmap)(x, mode=mode)
+    x = qnn.QuantDense(16, qconfig=qmap, activation=nn.relu, name="fc1")(x, mode=mode)
+    x = qnn.Dequantize()(x, mode=mode)
+    return qnn.QuantDense(4, qconfig=qmap, name="fc3")(x, mode=mode)
+
+
+def test_layer_left_in_float_keeps_its_params():
+  """A layer whose qconfig is None runs in float in mode 'int8', from the float params that
+  convert carries over (and only those)."""
+  model = _FloatHead()
+  x = jax.random.normal(jax.random.key(0), (8, 5), jnp.float32)
+  variables = model.init(jax.random.key(1), x, mode="float")
+  _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
+  variables = {**variables, **stats}
+  int_vars = qconvert.convert(model, variables, x)
+  assert set(int_vars["params"]) == {"fc3"} and set(int_vars["int8"]) == {
+      "Quantize_0", "fc1", "Dequantize_0"}
+  np.testing.assert_array_equal(np.asarray(int_vars["params"]["fc3"]["kernel"]),
+                                np.asarray(variables["params"]["fc3"]["kernel"]))
+  y = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x)
+  y_qat = model.apply(variables, x, mode="qat")
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_qat))
