@@ -210,13 +210,13 @@ def quantization_evidence(model: QuantMLP, params: Any, stats: Any, x: np.ndarra
 
 
 def integer_evaluation(model: QuantMLP, variables: Any, x: np.ndarray, y: np.ndarray,
-                       trainer: Trainer) -> dict:
-  """Convert the QAT model (`qjax.convert.convert`, requant="float") and run the jitted int8
-  path on the test set: its accuracy, and how often its argmax equals the fake-quant QAT
-  forward's (the same integers up to float rounding; ties count as disagreement)."""
+                       qat: np.ndarray) -> dict:
+  """Convert the QAT model (`qjax.convert.convert`, its default requant "fbgemm") and run the
+  jitted int8 path on the test set: its accuracy, and how often its argmax equals that of the
+  fake-quant QAT forward's logits `qat` (the same integers up to float rounding; ties count as
+  disagreement)."""
   int_vars = qconvert.convert(model, variables, x[:2])
   logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x))
-  qat = np.asarray(trainer.logits(variables, x))
   return {"int8_accuracy": evaluate(logits, y)[0],
           "int8_argmax_agreement": float(np.mean(np.argmax(logits, -1) == np.argmax(qat, -1)))}
 
@@ -289,7 +289,8 @@ def run(*, epochs: int, qat_epochs: int, batch_size: int, calib_batches: int, se
                                    progress=progress)
     qat_counts, qat_ranges = _stats_summary(stats)
     variables = {"params": params, qnn.STATS: stats}
-    acc, ties = evaluate(np.asarray(trainer.logits(variables, x_test)), y_test)
+    qat_logits = np.asarray(trainer.logits(variables, x_test))
+    acc, ties = evaluate(qat_logits, y_test)
     result = {
         "description": description, "bits": bits, "level_limit": 2**bits,
         "calibration_batches": calib_batches, "ptq_accuracy": ptq_acc, "epochs": history,
@@ -307,7 +308,7 @@ def run(*, epochs: int, qat_epochs: int, batch_size: int, calib_batches: int, se
       logits = jax.jit(lambda v, x: all_bits.apply(v, x, mode="qat"))(variables, x_test)
       result["accuracy_all_bits"], result["argmax_ties_all_bits"] = evaluate(
           np.asarray(logits), y_test)
-    result.update(integer_evaluation(model, variables, x_test, y_test, trainer))
+    result.update(integer_evaluation(model, variables, x_test, y_test, qat_logits))
     tqdm.write(f"{name:>8} converted to the int8 path: test accuracy "
                f"{100 * result['int8_accuracy']:.2f} %, argmax equal to the QAT forward on "
                f"{100 * result['int8_argmax_agreement']:.2f} % of the test digits")

@@ -141,6 +141,13 @@ def _walk(jaxpr: Any, env: dict, flow: Dataflow, problems: list[str]) -> None:
         f"layer (activation=nn.relu) and put a qjax.nn.Dequantize before float ops.")
 
 
+def _refuse(problems: list[str]) -> None:
+  """One ValueError listing every problem found (each once), if any."""
+  if problems:
+    raise ValueError("convert: the model cannot run in mode 'int8':\n  - "
+                     + "\n  - ".join(dict.fromkeys(problems)))
+
+
 def trace_dataflow(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> Dataflow:
   """Which quantization point produces the input of every converted layer (see module doc).
 
@@ -162,9 +169,7 @@ def trace_dataflow(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) 
   if leaked:
     problems.append(f"the model returns the int8 output of {', '.join(leaked)}; put a "
                     f"qjax.nn.Dequantize before returning it.")
-  if problems:
-    raise ValueError("convert: the model cannot run in mode 'int8':\n  - "
-                     + "\n  - ".join(dict.fromkeys(problems)))
+  _refuse(problems)
   return flow
 
 
@@ -369,9 +374,7 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
     kernel, bias = _kernel_and_bias(params, batch_stats, consumer)
     out[path] = _convert_layer(consumer, kernel, bias, qparams, in_spec, in_qp, requant)
     converted.append(path)
-  if problems:
-    raise ValueError("convert: the model cannot run in mode 'int8':\n  - "
-                     + "\n  - ".join(dict.fromkeys(problems)))
+  _refuse(problems)
   for path, spec in flow.producers.items():
     node = _at(qparams, path, collection="quant_params")
     if "scale" in node:  # a Quantize boundary

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import int8
+from qjax.nn import _trace
 from qjax.numerics import QuantSpec
 
 INT8 = "int8"
@@ -66,6 +67,40 @@ def check_activation(activation: Callable | None, where: str) -> bool:
                    f"activation into a layer, as PyTorch's LinearReLU / ConvReLU2d; got "
                    f"activation={name}. Keep this layer in float (qconfig None) or train with "
                    f"ReLU.")
+
+
+def has_integer_form(qconfig: Any) -> bool:
+  """A layer converts to the integer path when both its weight and its output are observed
+  (qconfig None, or a None observer, leaves it in float, as in PyTorch)."""
+  return not (qconfig is None or qconfig.weight is None or qconfig.activation is None)
+
+
+def mark_layer_input(module: nn.Module, qconfig: Any, inputs: jax.Array, *, kind: str,
+                     where: str, **info: Any) -> jax.Array:
+  """Marks a layer's input for `qjax.convert`: read as int8 by a layer with an integer form
+  (whose fused activation must then be ReLU or none), as float otherwise."""
+  path = "/".join(str(p) for p in module.path)
+  if not has_integer_form(qconfig):
+    return _trace.mark(inputs, role="float_in", path=path, kind=kind)
+  if _trace.active():  # convert: refuse an activation the integer path cannot fuse
+    check_activation(module.activation, where)
+  return _trace.mark(inputs, role="in", path=path, kind=kind, weight_spec=qconfig.weight.spec,
+                     out_spec=qconfig.activation.spec, relu=is_relu(module.activation), **info)
+
+
+def mark_layer_output(module: nn.Module, qconfig: Any, y: jax.Array) -> jax.Array:
+  """Marks a layer's output as a quantized tensor (when the layer has an integer form)."""
+  if not has_integer_form(qconfig):
+    return y
+  path = "/".join(str(p) for p in module.path)
+  return _trace.mark(y, role="out", path=path, spec=qconfig.activation.spec)
+
+
+def run_layer(module: nn.Module, qconfig: Any, inputs: jax.Array, *, is_dense: bool,
+              where: str) -> jax.Array:
+  """Mode "int8" of a converted Dense (`is_dense`) or Conv layer."""
+  run = dense if is_dense else conv
+  return run(module, qconfig.activation.spec, inputs, where)
 
 
 def _requantize(v: dict, acc: jax.Array, out_spec: QuantSpec, relu: bool) -> jax.Array:

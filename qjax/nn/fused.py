@@ -54,7 +54,6 @@ import numpy as np
 from jax import lax
 
 from qjax.nn import _integer
-from qjax.nn import _trace
 from qjax.nn.modules import (Mode, _merged_mode, _point, _stock_fields, _where, module_path)
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
 
@@ -195,21 +194,13 @@ def _folded_bn_layer(module: nn.Module, stock_type: type, cls_field: str, contra
                      f"with a folded BatchNorm; got {mode.value!r}.")
   _check_fields(module, train)
   qconfig = resolve(module.qconfig, module_path(module))
-  path = module_path(module)
-  kind = "dense_bn" if stock_type is nn.Dense else "conv_bn"
-  quantized = not (qconfig is None or qconfig.activation is None or qconfig.weight is None)
-  if mode is Mode.INT8 and quantized:
+  dense = stock_type is nn.Dense
+  if mode is Mode.INT8 and _integer.has_integer_form(qconfig):
     # The converted layer is a plain quantized Dense / Conv with the folded kernel and bias.
-    run = _integer.dense if stock_type is nn.Dense else _integer.conv
-    return run(module, qconfig.activation.spec, inputs, where)
-  if not quantized:
-    inputs = _trace.mark(inputs, role="float_in", path=path, kind=kind)
-  else:
-    if _trace.active():
-      _integer.check_activation(module.activation, where)
-    inputs = _trace.mark(inputs, role="in", path=path, kind=kind,
-                         weight_spec=qconfig.weight.spec, out_spec=qconfig.activation.spec,
-                         relu=_integer.is_relu(module.activation), epsilon=module.epsilon)
+    return _integer.run_layer(module, qconfig, inputs, is_dense=dense, where=where)
+  inputs = _integer.mark_layer_input(module, qconfig, inputs,
+                                     kind="dense_bn" if dense else "conv_bn", where=where,
+                                     epsilon=module.epsilon)
   features = module.features
   gamma = module.param("bn_scale", module.bn_scale_init, (features,), module.param_dtype)
   beta = module.param("bn_bias", module.bn_bias_init, (features,), module.param_dtype)
@@ -247,9 +238,7 @@ def _folded_bn_layer(module: nn.Module, stock_type: type, cls_field: str, contra
   if module.activation is not None:
     z = module.activation(z)
   z = _point(qconfig, "activation", name="output", parent=module)(z, mode=mode)
-  if quantized:
-    z = _trace.mark(z, role="out", path=path, spec=qconfig.activation.spec)
-  return z
+  return _integer.mark_layer_output(module, qconfig, z)
 
 
 class QuantConvBN(nn.Conv):

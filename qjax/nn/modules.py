@@ -428,21 +428,11 @@ def _eager_layer(module: nn.Module, stock_type: type, cls_field: str, contractio
   activation, then the output point."""
   mode = _merged_mode(module, mode)
   qconfig = resolve(module.qconfig, module_path(module))
-  path = module_path(module)
-  kind = "dense" if stock_type is nn.Dense else "conv"
-  if qconfig is None or qconfig.activation is None or qconfig.weight is None:
-    # Left in float (PyTorch: qconfig None); its input must be float.
-    inputs = _trace.mark(inputs, role="float_in", path=path, kind=kind)
-  elif mode is Mode.INT8:
-    out_spec = qconfig.activation.spec
-    run = _integer.dense if kind == "dense" else _integer.conv
-    return run(module, out_spec, inputs, _where(module))
-  else:
-    if _trace.active():  # convert: refuse an activation the integer path cannot fuse
-      _integer.check_activation(module.activation, _where(module))
-    inputs = _trace.mark(inputs, role="in", path=path, kind=kind,
-                         weight_spec=qconfig.weight.spec, out_spec=qconfig.activation.spec,
-                         relu=_integer.is_relu(module.activation))
+  dense = stock_type is nn.Dense
+  if mode is Mode.INT8 and _integer.has_integer_form(qconfig):
+    return _integer.run_layer(module, qconfig, inputs, is_dense=dense, where=_where(module))
+  inputs = _integer.mark_layer_input(module, qconfig, inputs, kind="dense" if dense else "conv",
+                                     where=_where(module))
   weight_only = None if qconfig is None or qconfig.weight is None else QConfig(
       weight=qconfig.weight, activation=None, learnable=qconfig.learnable)
   fields = _stock_fields(module, stock_type)
@@ -453,9 +443,7 @@ def _eager_layer(module: nn.Module, stock_type: type, cls_field: str, contractio
   if module.activation is not None:
     y = module.activation(y)
   y = _point(qconfig, "activation", name="output", parent=module)(y, mode=mode)
-  if qconfig is None or qconfig.activation is None or qconfig.weight is None:
-    return y
-  return _trace.mark(y, role="out", path=path, spec=qconfig.activation.spec)
+  return _integer.mark_layer_output(module, qconfig, y)
 
 
 class QuantDense(nn.Dense):
