@@ -31,6 +31,10 @@ out of range, NaN data) run when the values are concrete (eager calls); under `j
 cannot raise, and each function says what it returns instead: a NaN scale from
 `qparams_from_minmax`, NaN from the float-valued functions. Integers cannot carry NaN:
 under jit `quantize` maps NaN data, or any value under a NaN scale, to the zero point.
+Invalid qparams under jit (a scale that is not finite and > 0, or a zero point outside
+[qmin, qmax]) are read as a NaN scale for their channel (`checked_qparams`), so they give
+exactly what a NaN scale gives, never integers computed from a flipped sign or a shifted
+grid.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ from qjax import _checks
 
 FLOAT32_EPS: float = float(np.finfo(np.float32).eps)
 """PyTorch observers' default floor on the scale, `torch.finfo(torch.float32).eps`."""
+
+FLOAT32_TINY: float = float(np.finfo(np.float32).tiny)
+"""The smallest normal float32, 2^-126: the smallest accepted scale floor `eps`."""
+
+FLOAT32_MAX: float = float(np.finfo(np.float32).max)
 
 MIN_BITS, MAX_BITS = 2, 16
 
@@ -177,6 +186,9 @@ def checked_qparams(spec: QuantSpec, qparams: QParams, shape: tuple[int, ...], *
   """Scale (float32) and zero point (int32) checked against `spec` and the data's `shape`.
 
   A building block for the layers above; `where` names the calling function in errors.
+  Concrete values are checked (scale finite and > 0, zero point in [qmin, qmax]; ValueError
+  otherwise). Traced values cannot be: the returned scale is NaN in every channel whose
+  qparams are invalid, so that every function fed by it gives its NaN-scale result.
   """
   if not isinstance(spec, QuantSpec):
     raise TypeError(f"{where}: spec must be a qjax.QuantSpec; got {type(spec).__name__}.")
@@ -196,7 +208,19 @@ def checked_qparams(spec: QuantSpec, qparams: QParams, shape: tuple[int, ...], *
   scale, zero_point = scale.reshape(expected), zero_point.reshape(expected)
   check_scale_values(scale, name=f"{where}: qparams.scale")
   check_zero_point_values(zero_point, spec, name=f"{where}: qparams.zero_point")
+  if isinstance(scale, jax.core.Tracer) or isinstance(zero_point, jax.core.Tracer):
+    # The checks above could not read the values: make invalid qparams a NaN scale.
+    scale = _nan_scale_where_invalid(scale, zero_point, spec)
   return scale, zero_point
+
+
+def _nan_scale_where_invalid(scale: jax.Array, zero_point: jax.Array,
+                             spec: QuantSpec) -> jax.Array:
+  """`scale`, NaN in every channel whose scale is not finite and > 0 or whose zero point lies
+  outside [qmin, qmax] (the traced counterpart of the value checks)."""
+  valid = (jnp.isfinite(scale) & (scale > 0)
+           & (zero_point >= spec.qmin) & (zero_point <= spec.qmax))
+  return jnp.where(valid, scale, jnp.float32(jnp.nan))
 
 
 def check_qparam_shape(value: jax.Array, spec: QuantSpec, data_shape: tuple[int, ...], *,
@@ -242,6 +266,61 @@ def check_grid_values(q: jax.Array, spec: QuantSpec, *, name: str) -> None:
   if q_min is not None and (q_min < spec.qmin or q_max > spec.qmax):
     raise ValueError(f"{name} holds values in [{int(q_min)}, {int(q_max)}], outside the grid "
                      f"[qmin, qmax] = [{spec.qmin}, {spec.qmax}] of {spec}.")
+
+
+def checked_eps(eps: object, *, name: str) -> float:
+  """`eps`, the floor on the scale, as a float; ValueError naming `name` unless it is a normal
+  float32 number: a Python float (or int) in [2^-126, float32 max].
+
+  A smaller eps is 0 or subnormal in float32 (XLA:CPU flushes subnormals to zero), so the
+  floored scale of a one-point range could be 0; a larger one is inf in float32.
+  """
+  if isinstance(eps, bool) or not isinstance(eps, (float, int)) or not 0 < eps < np.inf:
+    raise ValueError(f"{name} must be a positive finite float; got {eps!r}. PyTorch's default "
+                     f"is float32 eps, {FLOAT32_EPS!r}.")
+  if not FLOAT32_TINY <= eps <= FLOAT32_MAX:
+    if eps > FLOAT32_MAX:
+      why = "inf in float32"
+    else:
+      why = (f"{'0' if np.float32(eps) == 0 else 'subnormal'} in float32 (XLA flushes "
+             f"subnormals to 0), so a one-point range would get scale 0")
+    raise ValueError(f"{name} must be a normal float32 number, in [np.finfo(np.float32).tiny, "
+                     f"np.finfo(np.float32).max] = [{str(np.float32(FLOAT32_TINY))}, "
+                     f"{str(np.float32(FLOAT32_MAX))}]; got {eps!r}, which is {why}. PyTorch's "
+                     f"default is float32 eps, {FLOAT32_EPS!r}.")
+  return float(eps)
+
+
+def range_fits_float32(min_val: jax.Array, max_val: jax.Array) -> jax.Array:
+  """Elementwise: the range widened to include 0, [min(min_val, 0), max(max_val, 0)], has
+  finite ends and a finite float32 width, max(max_val, 0) - min(min_val, 0) <= float32 max.
+
+  A finite range wider than that (e.g. [-3e38, 3e38]) has no finite affine scale. Traceable.
+  """
+  lo = jnp.minimum(min_val, jnp.float32(0))
+  hi = jnp.maximum(max_val, jnp.float32(0))
+  return jnp.isfinite(lo) & jnp.isfinite(hi) & jnp.isfinite(hi - lo)
+
+
+def check_range_fits_float32(min_val: jax.Array, max_val: jax.Array, *, where: str,
+                             hint: str = "") -> None:
+  """ValueError naming `where` when a concrete range has finite ends but fails
+  `range_fits_float32` (its width overflows). Traced values, and NaN or infinite ends, are
+  left to the caller's own checks. `hint` is appended to the message."""
+  lo, hi = _checks.concrete(min_val), _checks.concrete(max_val)
+  if lo is None or hi is None:
+    return
+  lo, hi = lo.astype(np.float32), hi.astype(np.float32)
+  with np.errstate(over="ignore", invalid="ignore"):  # NumPy's float32 ops round as XLA's
+    width = np.maximum(hi, np.float32(0)) - np.minimum(lo, np.float32(0))
+    fits = ~(np.isfinite(lo) & np.isfinite(hi)) | np.isfinite(width)
+  if np.all(fits):
+    return
+  at = "" if np.ndim(fits) == 0 else f" at channel(s) {np.flatnonzero(~fits).tolist()}"
+  raise ValueError(f"{where}: the range [{lo!r}, {hi!r}] is too wide for float32{at}: "
+                   f"max - min (with the range widened to include 0) overflows float32's "
+                   f"largest value, {FLOAT32_MAX:.7g}, so no finite scale spans it. Clip the "
+                   f"data or use a narrower range.{hint}")
 
 
 def broadcast_qparam(v: jax.Array, spec: QuantSpec, ndim: int) -> jax.Array:
@@ -319,14 +398,16 @@ def qparams_from_minmax(min_val: jax.typing.ArrayLike, max_val: jax.typing.Array
     min_val: range minimum, shape () (or (1,)) per-tensor, (C,) per-channel.
     max_val: range maximum, same shape.
     spec: the target grid.
-    eps: floor on the scale (PyTorch's default, float32 eps).
+    eps: floor on the scale (PyTorch's default, float32 eps); a normal float32 number, at
+      least np.finfo(np.float32).tiny (a smaller one could floor the scale at 0).
 
   Returns:
     QParams(scale float32, zero_point int32), shape () or (C,).
 
   Raises:
-    ValueError: mismatched shapes; and, for concrete inputs, NaN/Inf, min_val > max_val or a
-      range too wide for float32. Under jit such ranges yield a NaN scale instead.
+    ValueError: mismatched shapes, an eps that is not a normal float32 number; and, for
+      concrete inputs, NaN/Inf, min_val > max_val or (affine specs) a range too wide for
+      float32 (`range_fits_float32`). Under jit such ranges yield a NaN scale instead.
 
   Example:
     >>> qp = qparams_from_minmax(-1.0, 3.0, QuantSpec(bits=8, signed=False))
@@ -350,8 +431,7 @@ def qparams_from_minmax(min_val: jax.typing.ArrayLike, max_val: jax.typing.Array
                      f"QuantSpec(axis=...).")
   else:
     min_val, max_val = min_val.reshape(()), max_val.reshape(())
-  if not isinstance(eps, (float, int)) or isinstance(eps, bool) or not 0 < eps < np.inf:
-    raise ValueError(f"qparams_from_minmax: eps must be a positive finite float; got {eps!r}.")
+  eps = checked_eps(eps, name="qparams_from_minmax: eps")
   lo, hi = _checks.concrete(min_val), _checks.concrete(max_val)
   if lo is not None and hi is not None:
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
@@ -363,11 +443,9 @@ def qparams_from_minmax(min_val: jax.typing.ArrayLike, max_val: jax.typing.Array
       where = "" if lo.ndim == 0 else f" at channel(s) {np.flatnonzero(lo > hi).tolist()}"
       raise ValueError(f"qparams_from_minmax: min_val must be <= max_val{where}; got "
                        f"min_val={lo!r}, max_val={hi!r}.")
-  qparams = _qparams_core(min_val, max_val, spec=spec, eps=float(eps))
-  if lo is not None and hi is not None and not np.all(np.isfinite(np.asarray(qparams.scale))):
-    raise ValueError(f"qparams_from_minmax: the range [{lo!r}, {hi!r}] is too wide for a float32 "
-                     f"scale (max - min overflows); clip the data or use a narrower range.")
-  return qparams
+    if not spec.symmetric:  # a symmetric scale, max(-lo, hi) / ..., cannot overflow
+      check_range_fits_float32(lo, hi, where="qparams_from_minmax")
+  return _qparams_core(min_val, max_val, spec=spec, eps=eps)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "eps"))
@@ -428,8 +506,11 @@ def quantize(x: jax.typing.ArrayLike, spec: QuantSpec, qparams: QParams) -> jax.
   Raises:
     TypeError: x is not floating point, or the qparams have the wrong dtypes.
     ValueError: qparams' shape does not match the spec and x; and, for concrete inputs,
-      NaN in x, a non-positive scale or a zero point outside [qmin, qmax]. Under jit NaN
-      (in x, or from a NaN scale) maps to the zero point: integers cannot carry NaN.
+      NaN in x, a scale that is not finite and > 0, or a zero point outside [qmin, qmax].
+      Under jit these cannot raise. NaN in x maps to the zero point (integers cannot carry
+      NaN), and invalid qparams are read as a NaN scale: every element of the channel
+      becomes its zero point clamped into [qmin, qmax], as with a NaN scale. E.g. uint8,
+      S = 0 or -0.5 and Z = 2 give all 2; S = 0.5 and Z = 300 give all 255.
 
   Example:
     >>> spec = QuantSpec(bits=8, signed=False)
@@ -473,7 +554,9 @@ def dequantize(q: jax.typing.ArrayLike, spec: QuantSpec, qparams: QParams, *,
 
   Raises:
     TypeError: q is not an integer array, or dtype is not floating.
-    ValueError: qparams do not match; for concrete q, values outside [qmin, qmax].
+    ValueError: qparams do not match; for concrete inputs, values of q outside [qmin, qmax],
+      a scale that is not finite and > 0, or a zero point outside [qmin, qmax]. Under jit
+      invalid qparams are read as a NaN scale: their channel dequantizes to NaN.
   """
   q = _checks.as_int_array("q", q, hint=" (dequantize maps integers to real numbers; "
                            "quantize float arrays first).")
@@ -500,6 +583,11 @@ def quantize_dequantize(x: jax.typing.ArrayLike, spec: QuantSpec,
 
   Returns:
     Array of x's dtype and shape (computed in float32).
+
+  Raises:
+    ValueError: as `quantize` (NaN in x excepted). Under jit invalid qparams (a scale that
+      is not finite and > 0, a zero point outside [qmin, qmax]) are read as a NaN scale:
+      their channel comes out NaN.
   """
   x = float_data(x, "quantize_dequantize")
   scale, zero_point = checked_qparams(spec, qparams, x.shape, where="quantize_dequantize")

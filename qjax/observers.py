@@ -31,6 +31,14 @@ batch is skipped whole and `state.skipped` counts it, so the event stays visible
 would propagate the NaN into min/max; its HistogramObserver drops the inf elements and keeps
 the rest of the batch).
 
+Ranges too wide for float32. Finite data can still span more than float32 holds: with the
+state's range grown by the batch's min and max to [lo, hi] (and widened to include 0, as
+the qparams are), hi - lo must not overflow (`numerics.range_fits_float32`; e.g. values
+near -3e38 and 3e38 fail). Otherwise the histogram's bin width, the moving average's step
+and the affine scale would all be inf or NaN. Such a batch is treated like a non-finite
+one: eagerly `update` raises a ValueError ("too wide for float32"); under `jax.jit` the
+batch is skipped and counted in `state.skipped`, so the state never holds inf or NaN.
+
 Subnormal floats: XLA:CPU flushes them to zero, so a batch whose extreme is subnormal records
 0 where PyTorch records the subnormal. The qparams are the same either way (the range always
 includes 0 and the scale floor `eps` is far above any subnormal).
@@ -129,6 +137,20 @@ def _batch_data(x: Any, name: str) -> jax.Array:
   return x.astype(jnp.float32)
 
 
+def _fits_float32(name: str, state: ObserverState, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """Whether the state's range grown by the batch range [lo, hi] fits float32
+  (`numerics.range_fits_float32`, all channels): a bool scalar. Eagerly, a ValueError when not.
+  """
+  seen = state.count > 0
+  grown_lo = jnp.where(seen, jnp.minimum(state.min_val, lo), lo)
+  grown_hi = jnp.where(seen, jnp.maximum(state.max_val, hi), hi)
+  numerics.check_range_fits_float32(
+      grown_lo, grown_hi, where=f"{name}.update",
+      hint=" (The range is the state's range grown by this batch's min and max.) Under "
+           "jax.jit such a batch is skipped and counted in state.skipped.")
+  return jnp.all(numerics.range_fits_float32(grown_lo, grown_hi))
+
+
 def _reduced_axes(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
   if not spec.per_channel:
     return tuple(range(len(shape)))
@@ -187,16 +209,13 @@ class _RangeObserver:
   """Shared parts: the target grid and the scale floor."""
 
   spec: QuantSpec
-  eps: float = FLOAT32_EPS
+  eps: float = FLOAT32_EPS  # a normal float32 number (numerics.checked_eps)
 
   def __post_init__(self):
     if not isinstance(self.spec, QuantSpec):
       raise TypeError(f"{type(self).__name__}.spec must be a qjax.QuantSpec; got "
                       f"{type(self.spec).__name__}.")
-    if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) \
-        or not 0 < self.eps < np.inf:
-      raise ValueError(f"{type(self).__name__}.eps must be a positive finite float; "
-                       f"got {self.eps!r}.")
+    numerics.checked_eps(self.eps, name=f"{type(self).__name__}.eps")
 
   @property
   def name(self) -> str:
@@ -239,16 +258,23 @@ class MinMaxObserver(_RangeObserver):
     axes = _reduced_axes(self.spec, x.shape)
     lo, hi = _min_and_max(x, axes)
     # min/max propagate NaN and keep +-inf, so a finite range means a finite batch: no extra
-    # pass over x. Replicas agree on skipping (pmin of the flag) before their ranges combine.
+    # pass over x. Replicas agree on skipping (pmin of the flag).
     finite = jnp.all(jnp.isfinite(lo)) & jnp.all(jnp.isfinite(hi))
     if axis_name is not None:
-      finite = lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
       lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)
-    return lo, hi, finite
+    ok = finite & _fits_float32(self.name, state, lo, hi)
+    if axis_name is not None:
+      ok = lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
+    return lo, hi, ok
 
   def update(self, state: MinMaxState, x: jax.typing.ArrayLike, *,
              axis_name: str | None = None) -> MinMaxState:
-    """Fold in the batch `x`; `axis_name` reduces the batch range across a mapped axis."""
+    """Fold in the batch `x`; `axis_name` reduces the batch range across a mapped axis.
+
+    Raises:
+      ValueError: eagerly, for a batch with NaN / +-inf or one that makes the range too wide
+        for float32 (module docstring); under jit such a batch is skipped and counted.
+    """
     lo, hi, ok = self._batch_range(state, x, axis_name)
     return MinMaxState(jnp.where(ok, jnp.minimum(state.min_val, lo), state.min_val),
                        jnp.where(ok, jnp.maximum(state.max_val, hi), state.max_val),
@@ -323,14 +349,20 @@ class HistogramObserver(_RangeObserver):
                           jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
   def update(self, state: HistogramState, x: jax.typing.ArrayLike) -> HistogramState:
-    """Fold in the batch `x` (PyTorch's `HistogramObserver.forward`)."""
+    """Fold in the batch `x` (PyTorch's `HistogramObserver.forward`).
+
+    Raises:
+      ValueError: eagerly, for a batch with NaN / +-inf or one that makes the range too wide
+        for float32 (module docstring); under jit such a batch is skipped and counted.
+    """
     x = _batch_data(x, self.name)
     if not isinstance(state, HistogramState) or state.histogram.shape != (self.bins,):
       raise TypeError(f"{self.name}.update: expected a HistogramState with {self.bins} bins "
                       f"(from {self.name}.init); got {type(state).__name__}"
                       + (f" with {state.histogram.shape[0]} bins"
                          if isinstance(state, HistogramState) else "") + ".")
-    ok = jnp.all(jnp.isfinite(x))
+    lo, hi = _min_and_max(x, tuple(range(x.ndim)))
+    ok = jnp.isfinite(lo) & jnp.isfinite(hi) & _fits_float32(self.name, state, lo, hi)
     # A skipped batch is replaced by a harmless finite one; its result is discarded below.
     safe_x = jnp.where(ok, x, jnp.zeros_like(x))
     hist, lo, hi = _histogram.histogram_update(state.histogram, state.min_val, state.max_val,

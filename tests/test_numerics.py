@@ -793,7 +793,84 @@ def test_bad_eps(eps):
     qjax.qparams_from_minmax(0.0, 1.0, _SPEC, eps=eps)
 
 
+@pytest.mark.parametrize("eps, kind", [(1e-45, "subnormal"), (1e-39, "subnormal"),
+                                       (1e-46, "0"), (1e39, "inf")])
+def test_eps_must_be_a_normal_float32(eps, kind):
+  with pytest.raises(ValueError, match=rf"qparams_from_minmax: eps must be a normal float32 "
+                     rf"number, in \[np\.finfo\(np\.float32\)\.tiny, .*got "
+                     rf"{re.escape(repr(eps))}, which is {kind} in float32"):
+    qjax.qparams_from_minmax(0.0, 0.0, _SPEC, eps=eps)
+
+
+def test_smallest_normal_eps_is_accepted():
+  tiny = float(np.finfo(np.float32).tiny)
+  qp = qjax.qparams_from_minmax(0.0, 0.0, QuantSpec(bits=8, signed=False), eps=tiny)
+  assert float(qp.scale) == tiny and int(qp.zero_point) == 0
+
+
+def test_range_too_wide_for_float32():
+  edge = np.float32(np.finfo(np.float32).max / 2)
+  assert np.asarray(qjax.numerics.range_fits_float32(
+      jnp.asarray([-edge, -3e38, 1.0, -np.inf], jnp.float32),
+      jnp.asarray([edge, 3e38, 3e38, 0.0], jnp.float32))).tolist() == [True, False, True, False]
+  with pytest.raises(ValueError, match=r"qparams_from_minmax: the range \[array\(-3\.e\+38.*is "
+                     r"too wide for float32: max - min .* overflows"):
+    qjax.qparams_from_minmax(-3e38, 3e38, QuantSpec(bits=8))
+  with pytest.raises(ValueError, match=r"too wide for float32 at channel\(s\) \[1\]"):
+    qjax.qparams_from_minmax(np.float32([-1, -3e38]), np.float32([1, 3e38]), QuantSpec(axis=0))
+  # A symmetric scale, max(-lo, hi) / 127.5, exists for any finite range.
+  qp = qjax.qparams_from_minmax(-3e38, 3e38, QuantSpec(bits=8, symmetric=True))
+  assert np.isfinite(float(qp.scale))
+
+
 # What the functions do instead under jax.jit, where value checks cannot raise.
+
+
+_QDQ_FNS = {"quantize": qjax.quantize, "quantize_dequantize": qjax.quantize_dequantize,
+            "dequantize": qjax.dequantize, "fake_quant": qjax.ste.fake_quant}
+
+
+@pytest.mark.parametrize("fn_name", list(_QDQ_FNS))
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, signed=False), QuantSpec(bits=12),
+                                  QuantSpec(bits=4, signed=False, axis=0)], ids=str)
+@pytest.mark.parametrize("bad", ["zero_scale", "minus_zero_scale", "negative_scale",
+                                 "zero_point_above", "zero_point_below"])
+def test_invalid_qparams_under_jit_give_the_nan_scale_result(fn_name, spec, bad):
+  """Eagerly invalid qparams raise; under jit they give exactly what a NaN scale gives (the
+  zero point, clamped to the grid, from quantize; NaN from the float functions), in the
+  channels they affect only."""
+  fn = _QDQ_FNS[fn_name]
+  n = 3 if spec.per_channel else None
+  x = np.linspace(-4, 4, 3 * 9, dtype=np.float32).reshape(3, 9)
+  if fn_name == "dequantize":
+    x = (np.arange(27).reshape(3, 9) % (spec.qmax - spec.qmin + 1) + spec.qmin).astype(
+        spec.storage_dtype)
+  good_scale, good_zp = np.float32(0.25), np.int32(spec.qmin + 2)
+  scale, zp = np.full(n or (), good_scale), np.full(n or (), good_zp)
+  bad_scale, bad_zp = {
+      "zero_scale": (0.0, good_zp), "minus_zero_scale": (-0.0, good_zp),
+      "negative_scale": (-0.25, good_zp), "zero_point_above": (good_scale, spec.qmax + 1),
+      "zero_point_below": (good_scale, spec.qmin - 1)}[bad]
+  at = 1 if n else ()
+  scale[at], zp[at] = bad_scale, bad_zp
+  scale, zp = scale.astype(np.float32), zp.astype(np.int32)
+  qparams = QParams(jnp.asarray(scale), jnp.asarray(zp))
+  with pytest.raises(ValueError, match=r"qparams\.(scale must be finite and > 0|zero_point "
+                     r"must lie in \[qmin, qmax\])"):
+    fn(x, spec, qparams)
+  jitted = jax.jit(fn, static_argnums=1)
+  got = np.asarray(jitted(x, spec, qparams))
+  nan_scale = scale.copy()
+  nan_scale[at] = np.nan
+  expected = np.asarray(jitted(x, spec, QParams(jnp.asarray(nan_scale), jnp.asarray(zp))))
+  assert_bitwise_equal(got, expected)
+  if fn_name == "quantize":
+    assert np.all(got[at] == np.clip(bad_zp, spec.qmin, spec.qmax))
+  else:
+    assert np.all(np.isnan(got[at]))
+  if n:  # the other channels are untouched
+    good = np.asarray(jitted(x, spec, QParams(jnp.full(n, good_scale), jnp.full(n, good_zp))))
+    assert_bitwise_equal(got[[0, 2]], good[[0, 2]])
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=8), QuantSpec(bits=8, symmetric=True),

@@ -93,6 +93,42 @@ class ObserverContractTest(chex.TestCase):
       observer.qparams(empty)
 
   @parameterized.named_parameters(*OBSERVERS.items())
+  def test_range_too_wide_for_float32_raises_eagerly(self, observer):
+    # Finite data whose max - min overflows float32: one batch, or two batches together.
+    state = observer.init((16, 5))
+    with pytest.raises(ValueError, match=r"update: the range .* is too wide for float32"):
+      observer.update(state, BATCHES[0].at[0].set(-3e38).at[1].set(3e38))
+    state = observer.update(state, jnp.full((16, 5), 3e38, jnp.float32))
+    with pytest.raises(ValueError, match=r"too wide for float32.*Clip the data.*skipped and "
+                       r"counted in state\.skipped"):
+      observer.update(state, jnp.full((16, 5), -3e38, jnp.float32))
+
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_range_too_wide_for_float32_is_skipped_and_counted_under_jit(self, observer):
+    update = jax.jit(observer.update)
+    state = update(observer.init((16, 5)), jnp.full((16, 5), 3e38, jnp.float32))
+    after = update(state, jnp.full((16, 5), -3e38, jnp.float32))
+    chex.assert_trees_all_equal(after._replace(skipped=state.skipped), state)
+    assert int(after.skipped) == int(state.skipped) + 1
+    for value in jax.tree_util.tree_leaves(after):
+      assert np.all(np.isfinite(np.asarray(value))), after
+    scale, _ = observer.qparams(after)
+    assert np.all(np.isfinite(np.asarray(scale)))
+    # One batch spanning too much, first or later, is skipped as well.
+    empty = update(observer.init((16, 5)), BATCHES[0].at[0].set(-3e38).at[1].set(3e38))
+    assert (int(empty.count), int(empty.skipped)) == (0, 1)
+    later = update(state, BATCHES[0].at[0].set(-3e38))
+    chex.assert_trees_all_equal(later._replace(skipped=state.skipped), state)
+
+  @parameterized.named_parameters(*OBSERVERS.items())
+  def test_widest_float32_range_is_accepted(self, observer):
+    edge = np.float32(np.finfo(np.float32).max / 2)  # max - min == float32 max exactly
+    state = observer.update(observer.init((16, 5)), BATCHES[0].at[0].set(-edge).at[1].set(edge))
+    assert int(state.count) == 1
+    scale, _ = observer.qparams(state)
+    assert np.all(np.isfinite(np.asarray(scale)) & (np.asarray(scale) > 0))
+
+  @parameterized.named_parameters(*OBSERVERS.items())
   def test_bad_batches_raise(self, observer):
     state = observer.init((16, 5))
     with pytest.raises(ValueError, match="empty"):
@@ -211,6 +247,21 @@ class ConfigErrorsTest(parameterized.TestCase):
   def test_eps(self):
     with pytest.raises(ValueError, match="eps must be a positive finite float"):
       obs.MinMaxObserver(spec=U8, eps=0.0)
+
+  @parameterized.parameters(1e-45, 1e-39, 1e-46, 1e39)
+  def test_eps_must_be_a_normal_float32(self, eps):
+    # 1e-45 / 1e-39 are subnormal in float32, 1e-46 is 0 and 1e39 is inf: none floors a scale.
+    for cls in (obs.MinMaxObserver, obs.MovingAverageMinMaxObserver, obs.HistogramObserver,
+                obs.PercentileObserver):
+      with pytest.raises(ValueError, match=rf"{cls.__name__}\.eps must be a normal float32 "
+                         rf"number, in \[np\.finfo\(np\.float32\)\.tiny"):
+        cls(spec=U8, eps=eps)
+
+  def test_smallest_normal_eps_floors_the_scale(self):
+    tiny = float(np.finfo(np.float32).tiny)
+    observer = obs.MinMaxObserver(spec=U8, eps=tiny)
+    state = observer.update(observer.init(()), jnp.zeros((3,), jnp.float32))
+    assert float(observer.qparams(state).scale) == tiny
 
   def test_wrong_state_type(self):
     with pytest.raises(TypeError, match="expected a HistogramState"):
