@@ -74,10 +74,12 @@ class Consumer:
 
 @dataclasses.dataclass(frozen=True)
 class Dataflow:
-  """Producers (path -> activation spec) and consumers of a traced model."""
+  """Producers (path -> activation spec), their marking info (observer, learnable, the
+  point's sub-path) and the consumers of a traced model."""
 
   producers: dict[str, QuantSpec]
   consumers: list[Consumer]
+  points: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 def _sub_jaxpr(eqn: Any) -> Any:
@@ -102,6 +104,7 @@ def _walk(jaxpr: Any, env: dict, flow: Dataflow, problems: list[str]) -> None:
       if p["role"] == "out":
         env[eqn.outvars[0]] = p["path"]
         flow.producers[p["path"]] = dict(p["info"])["spec"]
+        flow.points[p["path"]] = dict(p["info"])
       else:
         flow.consumers.append(Consumer(p["path"], p["role"], dict(p["info"]),
                                        source(eqn.invars[0])))
@@ -184,10 +187,10 @@ def _at(tree: Any, path: str, *keys: str, collection: str) -> Any:
   return node
 
 
-def _grid(qp: Any, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+def _grid(qp: QParams, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
   """(scale float32, zero point on the int8 carrier grid, int32) as NumPy."""
-  scale = np.asarray(jax.device_get(qp["scale"]), np.float32)
-  zero = np.asarray(jax.device_get(qp["zero_point"]), np.int64) - int8.int8_shift(spec)
+  scale = np.asarray(jax.device_get(qp.scale), np.float32)
+  zero = np.asarray(jax.device_get(qp.zero_point), np.int64) - int8.int8_shift(spec)
   return scale, zero.astype(np.int32)
 
 
@@ -202,19 +205,22 @@ def _kernel_and_bias(params: Any, batch_stats: Any, consumer: Consumer) -> tuple
   return layer["kernel"], layer.get("bias")
 
 
-def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, qparams: Any, in_spec: QuantSpec,
-                   in_qp: Any, requant: int8.Requant) -> dict:
+def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, w_qp: QParams, out_qp: QParams,
+                   in_spec: QuantSpec, in_qp: QParams, requant: int8.Requant,
+                   weights: str) -> dict:
   path, info = consumer.path, consumer.info
   w_spec, out_spec = info["weight_spec"], info["out_spec"]
   for role, spec in (("input", in_spec), ("weight", w_spec), ("output", out_spec)):
     int8.check_int8_spec(spec, name=f"convert: {path} ({role})")
   kernel = jnp.asarray(kernel, jnp.float32)
   n_out = kernel.shape[-1]
-  w_qp = _at(qparams, path, "weight", collection="quant_params")
-  w_scale = np.asarray(jax.device_get(w_qp["scale"]), np.float32)
-  q_w = numerics.quantize(kernel, w_spec, QParams(jnp.asarray(w_scale), w_qp["zero_point"]))
+  w_scale = np.asarray(jax.device_get(w_qp.scale), np.float32)
+  w_zero_grid = np.asarray(jax.device_get(w_qp.zero_point), np.int64)
+  _check_weight_grid(path, np.asarray(jax.device_get(kernel)), w_spec, w_scale, w_zero_grid,
+                     weights)
+  q_w = numerics.quantize(kernel, w_spec, QParams(jnp.asarray(w_scale), w_qp.zero_point))
   shift = int8.int8_shift(w_spec)
-  w_zero = np.asarray(jax.device_get(w_qp["zero_point"]), np.int64) - shift
+  w_zero = w_zero_grid - shift
   if np.any(w_zero != 0):
     raise ValueError(f"convert: {path}: the integer path needs symmetric weights (zero point "
                      f"0 on the int8 grid); the weight spec {w_spec} gives zero points "
@@ -226,7 +232,7 @@ def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, qparams: Any, in_
                             narrow_range=w_spec.narrow_range, axis=w_spec.axis)
   reduce_axes = tuple(range(q_w8.ndim - 1))
   x_scale, x_zero = _grid(in_qp, in_spec)
-  y_scale, y_zero = _grid(_at(qparams, path, "output", collection="quant_params"), out_spec)
+  y_scale, y_zero = _grid(out_qp, out_spec)
 
   colsum = q_w8.sum(axis=reduce_axes)
   offset = -int(x_zero) * colsum
@@ -277,30 +283,114 @@ def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, qparams: Any, in_
   return entry
 
 
-def _producer_qparams(qparams: Any, source: str) -> Any:
-  """The qparams of the point that made `source`: a Quantize's own, or a layer's output."""
-  node = _at(qparams, source, collection="quant_params")
-  return node if "scale" in node else _at(qparams, source, "output", collection="quant_params")
+# ------------------------------------------------------------------------------------------
+# qparams straight from the observers' states (compiled once per observer and shape, reused
+# by every later convert in the process).
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _collect_jitted(model: nn.Module, variables: Any, args: tuple, kwargs: tuple) -> Any:
-  return qnn_modules.collect_qparams(model, variables, *args, mode="qat", **dict(kwargs))
+@functools.partial(jax.jit, static_argnums=0)
+def _qparams_of(observer: Any, state: Any) -> QParams:
+  return observer.qparams(state)
 
 
-def _collected_qparams(model: nn.Module, variables: Any, args: tuple, kwargs: dict) -> Any:
-  """Every point's qparams (frozen statistics), compiled once per model and signature."""
-  items = tuple(sorted(kwargs.items()))
-  try:
-    hash((model, items))
-  except TypeError:  # unhashable call arguments: compile for this call only
-    return jax.jit(lambda v, a: qnn_modules.collect_qparams(model, v, *a, mode="qat",
-                                                            **kwargs))(variables, args)
-  return _collect_jitted(model, variables, args, items)
+@functools.partial(jax.jit, static_argnums=0)
+def _observed(observer: Any, state: Any, x: jax.Array) -> Any:
+  return observer.update(state, x)
+
+
+def _state(observer: Any, node: Any, shape: tuple[int, ...], where: str) -> Any:
+  """The observer state stored at quant_stats/<where> as the observer's state type."""
+  fresh = observer.init(shape)
+  if not hasattr(node, "keys"):
+    raise ValueError(f"convert: missing quant_stats/{where} in the variables (expected the "
+                     f"calibrated model's 'quant_stats' collection to hold it).")
+  missing = [f for f in fresh._fields if f not in node]
+  if missing:
+    raise ValueError(f"convert: quant_stats/{where} has no {missing} (it holds {sorted(node)}); "
+                     f"expected the state of {type(observer).__name__}.")
+  return type(fresh)(**{f: jnp.asarray(node[f], getattr(fresh, f).dtype) for f in fresh._fields})
+
+
+def _learned_qparams(observer: Any, node: Any, where: str) -> QParams:
+  """A LearnableFakeQuant point's qparams, as its forward uses them: S = max(scale, eps),
+  Z = clamp(rne(zero_point)) (the grid's fixed zero point when symmetric)."""
+  if not hasattr(node, "keys") or "scale" not in node:
+    raise ValueError(f"convert: missing params/{where}/scale (a learnable quantization point "
+                     f"keeps its scale in 'params').")
+  scale = jnp.maximum(jnp.asarray(node["scale"], jnp.float32), jnp.float32(observer.eps))
+  spec = observer.spec
+  if spec.symmetric:
+    zero = jnp.full(scale.shape, spec.symmetric_zero_point, jnp.int32)
+  else:
+    zero = jnp.clip(jnp.round(jnp.asarray(node["zero_point"], jnp.float32)), spec.qmin,
+                    spec.qmax).astype(jnp.int32)
+  return QParams(scale, zero)
+
+
+def _subtree(tree: Any, path: str) -> Any:
+  node = tree
+  for key in [k for k in path.split("/") if k]:
+    if not hasattr(node, "keys") or key not in node:
+      return None
+    node = node[key]
+  return node
+
+
+def _activation_qparams(variables: Any, path: str, point: dict) -> QParams:
+  """The qparams of the activation point `path` (a Quantize, or a layer's output point)."""
+  where = "/".join(k for k in (path, point.get("point", "")) if k)
+  observer = point["observer"]
+  if point.get("learnable"):
+    return _learned_qparams(observer, _subtree(variables.get("params", {}), where), where)
+  state = _state(observer, _subtree(variables["quant_stats"], where), (), where)
+  return _qparams_of(observer, state)
+
+
+WEIGHT_SOURCES = ("observe", "fresh", "stats")
+
+
+def _weight_qparams(variables: Any, consumer: Consumer, kernel: jax.Array,
+                    weights: str) -> QParams:
+  """The weight qparams of a converted layer, from its weight observer and the kernel being
+  converted (see `convert`'s `weights`)."""
+  path, info = consumer.path, consumer.info
+  observer = info["weight_observer"]
+  where = f"{path}/weight"
+  if info.get("learnable"):
+    return _learned_qparams(observer, _subtree(variables.get("params", {}), where), where)
+  if weights == "fresh":
+    state = observer.init(kernel.shape)
+  else:
+    state = _state(observer, _subtree(variables["quant_stats"], where), kernel.shape, where)
+  if weights != "stats":
+    state = _observed(observer, state, kernel)
+  return _qparams_of(observer, state)
+
+
+def _check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np.ndarray,
+                       zero: np.ndarray, weights: str) -> None:
+  """Refuse a kernel that its grid would clamp by more than one step somewhere (weights
+  changed after calibration: a loaded checkpoint, fine-tuning, a fold)."""
+  axis_shape = [1] * kernel.ndim
+  if spec.per_channel:
+    axis_shape[-1] = -1
+  with np.errstate(divide="ignore", invalid="ignore"):
+    steps = np.rint(kernel.astype(np.float64) / scale.astype(np.float64).reshape(axis_shape)
+                    ) + zero.astype(np.float64).reshape(axis_shape)
+  beyond = np.maximum(steps - spec.qmax, spec.qmin - steps)
+  far = beyond > 1
+  if np.any(far):
+    raise ValueError(
+        f"convert: {path}: {int(far.sum())} of {kernel.size} weights lie outside their grid by "
+        f"more than one step (up to {float(beyond.max()):.0f} steps) and would be clamped; the "
+        f"weight statistics ({'learned scale' if weights == 'learned' else weights!r}) do not "
+        f"describe the kernel being converted (changed after calibration: a loaded "
+        f"checkpoint, fine-tuning, a BatchNorm fold). Recalibrate on the final weights, or "
+        f"pass weights='fresh' to observe them anew as PyTorch's PTQ convert does.")
 
 
 def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant | str = "fbgemm",
-            **kwargs: Any) -> dict:
+            weights: str = "observe", **kwargs: Any) -> dict:
   """Integer variables for `model.apply(int_vars, x, mode="int8")` (layout: module doc).
 
   For each converted layer: q_w = quantize(W) with the calibrated weight qparams,
@@ -318,12 +408,26 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
   bits, but at 4 bits (large M) it changed the argmax of a QAT-trained LeNet-5 on ~7 % of
   MNIST test digits relative to the QAT forward, where "fbgemm" agreed on all of them.
 
+  Weights are observed as PyTorch's `convert` does: the layer's weight observer sees the
+  kernel being converted (after a BatchNorm fold, the folded one), so that weights changed
+  after calibration are not clamped to a stale range. A kernel that its grid would still clamp
+  by more than one step (a moving average that has not caught up) is refused, naming the
+  layer. Activation qparams come straight from the observers' states (or the learned scales
+  of LSQ points); nothing is recomputed from data.
+
   Args:
     model: a Flax module whose __call__ takes `mode=`.
     variables: {"params", "quant_stats", ...} of the calibrated / QAT-trained model.
-    *args: a sample input (only shapes and dtypes matter for the dataflow; it is also run
-      once, with frozen statistics, to read the qparams).
+    *args: a sample input (only its shapes and dtypes matter: the model is traced, not run).
     requant: "fbgemm" (default), "float" or "integer".
+    weights: where the weight qparams come from: "observe" (default) updates each weight
+      observer's state once with the kernel being converted (PyTorch's convert of a QAT
+      layer; for the min/max observers of post-training recipes it equals a fresh
+      observation whenever calibration saw the final weights), "fresh" observes the kernel
+      with a new observer (PyTorch's convert of a post-training layer: use it for weights
+      loaded or changed after calibration), "stats" uses the stored statistics as they are
+      (the fake-quant forward's grids). LSQ points (learnable) always use their learned
+      scale.
     **kwargs: further keyword arguments of the model's call.
 
   Returns:
@@ -336,12 +440,20 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
       or bias could overflow, or of a grid wider than 8 bits.
   """
   requant = int8.as_requant(requant)
+  if weights not in WEIGHT_SOURCES:
+    raise ValueError(f"convert: weights must be one of {WEIGHT_SOURCES}; got {weights!r}.")
   if "quant_stats" not in variables:
     raise ValueError("convert: variables has no 'quant_stats' collection; calibrate the model "
                      "(mode='calibrate', mutable=['quant_stats']) or train it with QAT first.")
   qnn_modules.check_calibrated(variables["quant_stats"])
   flow = trace_dataflow(model, variables, *args, **kwargs)
-  qparams = _collected_qparams(model, variables, args, kwargs)
+  qparams: dict[str, QParams] = {}
+
+  def producer_qparams(source: str) -> QParams:
+    if source not in qparams:
+      qparams[source] = _activation_qparams(variables, source, flow.points[source])
+    return qparams[source]
+
   params = variables.get("params", {})
   batch_stats = variables.get("batch_stats", {})
   out: dict[str, Any] = {}
@@ -366,19 +478,22 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
                       f"two layers, or one Quantize point feeding both calls).")
       continue
     in_spec = flow.producers[consumer.source]
-    in_qp = _producer_qparams(qparams, consumer.source)
+    in_qp = producer_qparams(consumer.source)
     if kind == "dequantize":
       scale, zero = _grid(in_qp, in_spec)
       out[path] = {"scale": jnp.asarray(scale), "zero_point": jnp.asarray(zero)}
       continue
     kernel, bias = _kernel_and_bias(params, batch_stats, consumer)
-    out[path] = _convert_layer(consumer, kernel, bias, qparams, in_spec, in_qp, requant)
+    kernel = jnp.asarray(kernel, jnp.float32)
+    w_qp = _weight_qparams(variables, consumer, kernel, weights)
+    out_qp = producer_qparams(path)
+    out[path] = _convert_layer(consumer, kernel, bias, w_qp, out_qp, in_spec, in_qp, requant,
+                               "learned" if consumer.info.get("learnable") else weights)
     converted.append(path)
   _refuse(problems)
   for path, spec in flow.producers.items():
-    node = _at(qparams, path, collection="quant_params")
-    if "scale" in node:  # a Quantize boundary
-      scale, zero = _grid(node, spec)
+    if not flow.points[path].get("point"):  # a Quantize boundary
+      scale, zero = _grid(producer_qparams(path), spec)
       out[path] = {"scale": jnp.asarray(scale), "zero_point": jnp.asarray(zero)}
   result: dict[str, Any] = {"int8": traverse_util.unflatten_dict(
       {tuple(p.split("/")): v for p, v in out.items()})}

@@ -1,5 +1,6 @@
 """Flax linen layer of qjax: observers in the "quant_stats" collection, calibration and QAT."""
 
+from qjax.nn.calibration import calibrate
 from qjax.nn.fused import QuantConvBN
 from qjax.nn.fused import QuantDenseBN
 from qjax.nn.modules import Dequantize
@@ -44,6 +45,7 @@ __all__ = (
     "STATS",
     "as_mode",
     "bits_qconfig",
+    "calibrate",
     "check_calibrated",
     "collect_qparams",
     "default_qconfig",

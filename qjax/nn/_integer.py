@@ -82,10 +82,14 @@ def mark_layer_input(module: nn.Module, qconfig: Any, inputs: jax.Array, *, kind
   path = "/".join(str(p) for p in module.path)
   if not has_integer_form(qconfig):
     return _trace.mark(inputs, role="float_in", path=path, kind=kind)
-  if _trace.active():  # convert: refuse an activation the integer path cannot fuse
+  if _trace.active():  # convert: refuse what the integer path cannot run, naming the layer
     check_activation(module.activation, where)
+    if hasattr(module, "kernel_size"):
+      check_padding(module.padding, where)
   return _trace.mark(inputs, role="in", path=path, kind=kind, weight_spec=qconfig.weight.spec,
-                     out_spec=qconfig.activation.spec, relu=is_relu(module.activation), **info)
+                     out_spec=qconfig.activation.spec, relu=is_relu(module.activation),
+                     weight_observer=qconfig.weight, out_observer=qconfig.activation,
+                     learnable=qconfig.learnable, **info)
 
 
 def mark_layer_output(module: nn.Module, qconfig: Any, y: jax.Array) -> jax.Array:
@@ -93,7 +97,8 @@ def mark_layer_output(module: nn.Module, qconfig: Any, y: jax.Array) -> jax.Arra
   if not has_integer_form(qconfig):
     return y
   path = "/".join(str(p) for p in module.path)
-  return _trace.mark(y, role="out", path=path, spec=qconfig.activation.spec)
+  return _trace.mark(y, role="out", path=path, spec=qconfig.activation.spec,
+                     observer=qconfig.activation, learnable=qconfig.learnable, point="output")
 
 
 def run_layer(module: nn.Module, qconfig: Any, inputs: jax.Array, *, is_dense: bool,
@@ -133,7 +138,13 @@ def dense(module: nn.Module, out_spec: QuantSpec, x: jax.Array, where: str) -> j
   """A converted Dense: int8 x int8 -> int32, + offset + bias, requantized to int8."""
   v = _vars(module, where)
   relu = check_activation(module.activation, where)
-  acc = int8.matmul(_int8_input(x, where), _kernel(v))
+  x = _int8_input(x, where)
+  kernel = _kernel(v)
+  if x.ndim < 1 or x.shape[-1] != kernel.shape[1]:
+    raise ValueError(f"{where}: the input has shape {x.shape}, but this converted layer takes "
+                     f"(..., {kernel.shape[1]}) (its int8 kernel is {kernel.shape}, (out, in)). "
+                     f"Apply the model to inputs of the shape it was converted with.")
+  acc = int8.matmul(x, kernel)
   return _requantize(v, acc, out_spec, relu)
 
 
@@ -143,6 +154,20 @@ def _tuple(value: Any, n: int, default: int = 1) -> tuple[int, ...]:
   if isinstance(value, int):
     return (value,) * n
   return tuple(int(v) for v in value)
+
+
+_PADDINGS = ("SAME", "VALID")
+
+
+def check_padding(padding: Any, where: str) -> None:
+  """Refuse a padding the integer path cannot run: it pads with the input's zero point, which
+  is zero padding ("SAME", "VALID", an int or (low, high) pairs); "CIRCULAR", "REFLECT" and
+  "CAUSAL" pad with data."""
+  if isinstance(padding, str) and padding.upper() not in _PADDINGS:
+    raise ValueError(f"{where}: the integer path supports padding 'SAME', 'VALID', an int or "
+                     f"(low, high) pairs (zero padding, done with the input's zero point); got "
+                     f"padding={padding!r}. Keep this layer in float (qconfig None) or pad "
+                     f"with zeros.")
 
 
 def conv_geometry(module: nn.Module, in_spatial: tuple[int, ...], where: str) -> dict:
@@ -155,10 +180,8 @@ def conv_geometry(module: nn.Module, in_spatial: tuple[int, ...], where: str) ->
   strides = _tuple(module.strides, n)
   dilation = _tuple(module.kernel_dilation, n)
   padding = module.padding
+  check_padding(padding, where)
   if isinstance(padding, str):
-    if padding.upper() not in ("SAME", "VALID"):
-      raise ValueError(f"{where}: the integer path supports padding 'SAME', 'VALID', an int or "
-                       f"(low, high) pairs; got {padding!r}.")
     pads = int8.conv_pads(padding.upper(), in_spatial, window, strides, dilation)
   elif isinstance(padding, int):
     pads = ((padding, padding),) * n
@@ -176,6 +199,13 @@ def conv(module: nn.Module, out_spec: QuantSpec, x: jax.Array, where: str) -> ja
   x = _int8_input(x, where)
   kernel = _kernel(v)
   unbatched = x.ndim == kernel.ndim - 1
+  if x.ndim not in (kernel.ndim - 1, kernel.ndim) or x.shape[-1] != kernel.shape[-2] * int(
+      module.feature_group_count):
+    raise ValueError(f"{where}: the input has shape {x.shape}, but this converted layer takes "
+                     f"(batch, {', '.join(['spatial'] * (kernel.ndim - 2))}, "
+                     f"{kernel.shape[-2] * int(module.feature_group_count)}) (its int8 kernel "
+                     f"is {kernel.shape}, HWIO). Apply the model to inputs of the shape it was "
+                     f"converted with.")
   if unbatched:
     x = x[None]
   geometry = conv_geometry(module, x.shape[1:-1], where)

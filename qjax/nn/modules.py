@@ -317,7 +317,8 @@ class Quantize(nn.Module):
     point = _point(qconfig, "activation")
     nn.share_scope(self, point)
     y = point(x, mode=mode)
-    return _trace.mark(y, role="out", path=module_path(self), spec=spec)
+    return _trace.mark(y, role="out", path=module_path(self), spec=spec,
+                       observer=qconfig.activation, learnable=qconfig.learnable, point="")
 
 
 class Dequantize(nn.Module):
