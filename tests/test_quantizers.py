@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qjax.nn as qnn
 from qjax import QuantSpec, qarray, report
+from qjax import convert as qconvert
 from qjax import quantizers as qz
 
 RNG = np.random.default_rng(5)
@@ -83,7 +85,9 @@ class CastExactnessTest(chex.TestCase):
     self.assertIs(out["int8"]["fc"]["bias"], tree["int8"]["fc"]["bias"])
     self.assertIs(out["mask"], tree["mask"])
     self.assertIs(out["steps"][0], tree["steps"][0])
-    self.assertEqual(out["int8"]["fc"]["requant"]["multiplier"].dtype, jnp.bfloat16)
+    # The integer path's float32 multiplier is part of the converted arithmetic.
+    self.assertIs(out["int8"]["fc"]["requant"]["multiplier"],
+                  tree["int8"]["fc"]["requant"]["multiplier"])
 
   def test_model_size_halves(self):
     variables = jax.jit(MLP().init)(jax.random.key(1), jnp.ones((1, 8), jnp.float32))
@@ -135,6 +139,59 @@ def test_under_jit_overflow_becomes_inf():
   # Values are unknown while tracing, so the check cannot run (see the docstring).
   out = jax.jit(qz.half)({"w": jnp.float32([7e4])})["w"]
   assert np.isposinf(np.asarray(out, np.float32)).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Converted integer variables.
+
+
+class _IntNet(nn.Module):
+  """Quantize -> QuantDense(relu) -> QuantDense -> Dequantize, then a float head: after
+  `convert`, "int8" holds the integer layers and "params" the float head."""
+
+  @nn.compact
+  def __call__(self, x, *, mode):
+    qconfig = qnn.get_default_qconfig("x86")
+    x = qnn.Quantize(qconfig)(x, mode=mode)
+    x = qnn.QuantDense(16, qconfig=qconfig, activation=nn.relu, name="fc1")(x, mode=mode)
+    x = qnn.QuantDense(8, qconfig=qconfig, name="fc2")(x, mode=mode)
+    x = qnn.Dequantize()(x, mode=mode)
+    return nn.Dense(4, name="head")(x)
+
+
+@pytest.fixture(name="converted", scope="module")
+def _converted():
+  model = _IntNet()
+  x = jnp.asarray(RNG.standard_normal((32, 12)).astype(np.float32))
+  variables = model.init(jax.random.key(2), x, mode="float")
+  _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
+  int_vars = qconvert.convert(model, {**variables, **stats}, x)
+  return model, x, int_vars
+
+
+@pytest.mark.parametrize("cast", [qz.half, lambda v: qz.cast_floats(v, "bfloat16"),
+                                  jax.jit(qz.half)], ids=["half", "bfloat16", "jit_half"])
+def test_converted_integer_variables_pass_through_bit_identical(converted, cast):
+  model, x, int_vars = converted
+  assert set(int_vars) == {"int8", "params"}  # the float head stays in "params"
+  out = cast(int_vars)
+  is_qa = qarray.is_qarray
+  before = jax.tree_util.tree_leaves_with_path(int_vars["int8"], is_leaf=is_qa)
+  after = jax.tree_util.tree_leaves_with_path(out["int8"], is_leaf=is_qa)
+  assert [p for p, _ in before] == [p for p, _ in after]
+  for (path, a), (_, b) in zip(before, after):
+    if is_qa(a):
+      assert is_qa(b) and a.spec == b.spec, path
+      a, b = (a.qvalue, a.scale, a.zero_point), (b.qvalue, b.scale, b.zero_point)
+    for u, v in zip(*(([a], [b]) if not isinstance(a, tuple) else (a, b))):
+      assert _bits(u) == _bits(v), jax.tree_util.keystr(path)
+  # The float layer left outside the integer path is cast.
+  assert out["params"]["head"]["kernel"].dtype != jnp.float32
+  # The integer layers compute exactly what they computed before the cast.
+  apply = jax.jit(lambda v: model.apply(v, x, mode="int8"))
+  np.testing.assert_array_equal(
+      np.asarray(apply({"int8": out["int8"], "params": int_vars["params"]})),
+      np.asarray(apply(int_vars)))
 
 
 # ------------------------------------------------------------------------------------------
