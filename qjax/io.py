@@ -3,15 +3,16 @@
 Works on any pytree of nested dicts (str or int keys), lists, tuples and None whose leaves are
 arrays (jax or NumPy, any numeric dtype including bfloat16, float8 and int4) and `QArray`s:
 float Flax variables, the integer variables of `qjax.convert`, dynamic-quantization trees.
+Dicts, lists and tuples nest at most `MAX_DEPTH` levels deep.
 
-File format, version 1 (integers little-endian):
+File format, version 2 (integers little-endian):
 
   offset  size  field
   0       4     magic b"QJAX"
   4       4     format version (uint32)
   8       8     payload length in bytes (uint64)
-  16      4     CRC-32 (zlib) of the payload (uint32)
-  20      n     payload: flax.serialization msgpack of {"tree": node}
+  16      4     CRC-32 (zlib) of bytes 0-15 followed by the payload (uint32)
+  20      n     payload: msgpack of {"tree": node}
 
 where a node is a one-key map:
 
@@ -22,9 +23,22 @@ where a node is a one-key map:
   {"qarray": {"spec": {every QuantSpec field}, "qvalue": array, "scale": array,
               "zero_point": array}}
 
-Loading runs no code from the file: it reads only msgpack data, resolves dtype names through
-an allowlist, and rebuilds each QArray through its validator. The length and checksum in the
-header tell a truncated file from a corrupted one.
+The checksum covers the header fields as well as the payload, so a damaged version or length
+field reads as corruption. Later format versions keep these 20 header bytes and this checksum:
+a higher version with an intact checksum is a file from a newer qjax, one with a wrong checksum
+is a damaged header. Version 1 files (the same layout, with a CRC-32 of the payload alone) are
+still read.
+
+Loading runs no code from the file: it reads only plain msgpack data (no extension types),
+resolves dtype names through an allowlist, and rebuilds each QArray through its validator.
+Every malformed file gives a ValueError naming the file and the problem; the length and
+checksum tell a truncated file from a corrupted one. Loading takes time and memory linear in
+the file size: error messages describe the offending node by its type and size, never by
+formatting its contents.
+
+`save` writes a temporary file in the target's directory (unique per process and thread),
+fsyncs it, renames it over the target and fsyncs the directory: a crash leaves either the old
+file or the new one, and a failed save removes its temporary file.
 """
 
 from __future__ import annotations
@@ -32,25 +46,34 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import secrets
 import struct
 import sys
+import threading
 import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
-from flax import serialization
 
 from qjax import qarray
 from qjax.numerics import QuantSpec
 from qjax.qarray import QArray
 
 MAGIC = b"QJAX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAX_DEPTH = 256
+"""Most levels of nested dicts, lists and tuples a stored tree may have. (msgpack itself nests
+at most 1024 of its containers, three per dict level: about 340 levels.)"""
+
 _HEADER = struct.Struct("<4sIQI")
+_CRC_OFFSET = 16  # the checksum covers header bytes [0, 16) and the payload
 _CHUNK_BYTES = 2**30
+_MAX_NDIM = 64  # NumPy's limit
+_MAX_LISTED = 10  # keys listed in an error message
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(QuantSpec))
 _DTYPE_NAMES = (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -78,8 +101,54 @@ class _Malformed(Exception):
     self.path, self.message = path, message
 
 
+# ------------------------------------------------------------------------------------------
+# Bounded descriptions for error messages: their cost never depends on the size of the data.
+
+
+def _clip(text: str, limit: int = 40) -> str:
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short_repr(value: Any) -> str:
+  """repr() of a key or scalar, clipped; a description for anything else."""
+  if isinstance(value, str):
+    return repr(value) if len(value) <= 40 else repr(value[:37]) + "..."
+  if value is None or isinstance(value, (bool, int, float)):
+    return _clip(repr(value))
+  if isinstance(value, (dict, list, bytes, bytearray)):
+    return _preview(value)
+  return _clip(repr(value), 60)
+
+
+def _list_str(items: Any) -> str:
+  """Like str(list(items)) for at most _MAX_LISTED items: "['a', 'b', ... (3 more)]"."""
+  items = list(items)
+  shown = ", ".join(_short_repr(item) for item in items[:_MAX_LISTED])
+  more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+  return f"[{shown}{more}]"
+
+
 def _path_str(path: tuple[Any, ...]) -> str:
-  return "/".join(str(k) for k in path) or "<root>"
+  """The pytree path as "fc/kernel"; a long one keeps its first 8 and last 3 keys."""
+  if not path:
+    return "<root>"
+  parts = [_clip(str(k)) for k in (path if len(path) <= 12 else path[:8] + path[-3:])]
+  if len(path) > 12:
+    parts.insert(8, f"...({len(path) - 11} more)...")
+  return "/".join(parts)
+
+
+def _preview(value: Any) -> str:
+  """A short description of a decoded msgpack value: "a map with keys ['array']"."""
+  if isinstance(value, dict):
+    return f"a map with keys {_list_str(value)}"
+  if isinstance(value, list):
+    return f"a list of length {len(value)}"
+  if isinstance(value, (bytes, bytearray)):
+    return f"{len(value)} bytes"
+  if isinstance(value, str) or value is None or isinstance(value, (bool, int, float)):
+    return _short_repr(value)
+  return f"a {type(value).__name__}"
 
 
 def _describe(node: Any) -> str:
@@ -87,7 +156,7 @@ def _describe(node: Any) -> str:
   if qarray.is_qarray(node):
     return f"QArray({_describe(node.qvalue)}, {node.spec})"
   if isinstance(node, Mapping):
-    return f"a dict with keys {list(node)}"
+    return f"a dict with keys {_list_str(node)}"
   if isinstance(node, (list, tuple)):
     return f"a {type(node).__name__} of length {len(node)}"
   if node is None:
@@ -110,35 +179,54 @@ def _encode_array(x: Any, path: tuple[Any, ...]) -> dict:
     arr = arr.astype(arr.dtype.newbyteorder("="))
   if sys.byteorder == "big":
     arr = arr.byteswap()
-  data = np.ascontiguousarray(arr).tobytes()
+  # A byte view of the C-ordered data: msgpack copies it into the payload once.
+  data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
   chunks = [data[i:i + _CHUNK_BYTES] for i in range(0, len(data), _CHUNK_BYTES)] or [b""]
   return {"array": {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": chunks}}
 
 
 def _encode(node: Any, path: tuple[Any, ...]) -> dict:
+  # Plain loops, not comprehensions: one Python frame per level of the tree.
   if qarray.is_qarray(node):
-    return {"qarray": {
-        "spec": {name: getattr(node.spec, name) for name in _SPEC_FIELDS},
-        **{name: _encode_array(getattr(node, name), path + (name,))
-           for name in ("qvalue", "scale", "zero_point")}}}
+    body = {"spec": {name: getattr(node.spec, name) for name in _SPEC_FIELDS}}
+    for name in ("qvalue", "scale", "zero_point"):
+      body[name] = _encode_array(getattr(node, name), path + (name,))
+    return {"qarray": body}
+  if isinstance(node, (Mapping, list, tuple)) and len(path) >= MAX_DEPTH:
+    raise ValueError(f"qjax.io: the tree nests dicts, lists and tuples more than MAX_DEPTH = "
+                     f"{MAX_DEPTH} levels deep: the {type(node).__name__} at {_path_str(path)} "
+                     f"is at level {len(path) + 1} (a container that holds itself nests "
+                     f"without end).")
   if isinstance(node, Mapping):
-    for key in node:
+    pairs = []
+    for key, value in node.items():
       if isinstance(key, bool) or not isinstance(key, (str, int)):
         raise TypeError(f"qjax.io: dict keys must be str or int; the dict at {_path_str(path)} "
-                        f"has the key {key!r} of type {type(key).__name__}.")
-    return {"dict": [[key, _encode(value, path + (key,))] for key, value in node.items()]}
+                        f"has the key {_short_repr(key)} of type {type(key).__name__}.")
+      pairs.append([key, _encode(value, path + (key,))])
+    return {"dict": pairs}
   if node is None:
     return {"none": None}
   if isinstance(node, tuple) and hasattr(node, "_fields"):
     raise TypeError(f"qjax.io: the {type(node).__name__} at {_path_str(path)} is a NamedTuple, "
                     f"which would come back as a plain tuple; store node._asdict() instead.")
   if isinstance(node, (list, tuple)):
-    return {type(node).__name__: [_encode(v, path + (i,)) for i, v in enumerate(node)]}
+    items = []
+    for i, value in enumerate(node):
+      items.append(_encode(value, path + (i,)))
+    return {type(node).__name__: items}
   if isinstance(node, (jax.Array, np.ndarray, np.generic)):
     return _encode_array(node, path)
   raise TypeError(f"qjax.io: the leaf at {_path_str(path)} is a {type(node).__name__}; a "
                   f"variables tree holds dicts, lists, tuples and None with array or QArray "
                   f"leaves. Wrap Python numbers with np.asarray(value, dtype=...).")
+
+
+def _encode_file(variables: Any) -> tuple[bytes, bytes]:
+  """The header and the payload of the file for `variables`."""
+  payload = msgpack.packb({"tree": _encode(variables, ())}, strict_types=True)
+  head = struct.pack("<4sIQ", MAGIC, FORMAT_VERSION, len(payload))
+  return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))), payload
 
 
 def to_bytes(variables: Any) -> bytes:
@@ -149,6 +237,8 @@ def to_bytes(variables: Any) -> bytes:
   Raises:
     TypeError: a leaf that is not an array or QArray, a dtype outside STORABLE_DTYPES, a
       NamedTuple node or a dict key that is not str / int, naming its pytree path.
+    ValueError: dicts, lists and tuples nested more than MAX_DEPTH levels deep (or a container
+      that holds itself), naming the path.
 
   Example:
     >>> tree = {"fc": {"kernel": jnp.ones((2, 3), jnp.bfloat16), "steps": jnp.int32(7)}}
@@ -156,56 +246,117 @@ def to_bytes(variables: Any) -> bytes:
     >>> restored["fc"]["kernel"].dtype, int(restored["fc"]["steps"])
     (dtype(bfloat16), 7)
   """
-  payload = serialization.msgpack_serialize({"tree": _encode(variables, ())}, in_place=True)
-  header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), zlib.crc32(payload))
+  header, payload = _encode_file(variables)
   return header + payload
+
+
+def _open_temp(path: str) -> tuple[int, str]:
+  """Create and open a new temporary file next to `path`; unique per process and thread."""
+  directory, base = os.path.split(path)
+  flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+           | getattr(os, "O_CLOEXEC", 0))
+  for _ in range(100):
+    tmp = os.path.join(directory, f".{base[:100]}.{os.getpid()}-{threading.get_ident()}-"
+                                  f"{secrets.token_hex(6)}.tmp")
+    try:
+      return os.open(tmp, flags, 0o666), tmp  # 0o666 & ~umask, like open(path, "wb")
+    except FileExistsError:
+      continue
+  raise FileExistsError(f"no unused temporary file name in {directory or os.curdir}")
+
+
+def _fsync_directory(directory: str) -> None:
+  """Make a rename in `directory` durable where the platform allows fsync on directories."""
+  try:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 def save(path: str | os.PathLike, variables: Any) -> None:
   """Write `to_bytes(variables)` to `path`, atomically (a temporary file, then a rename).
 
-  A crash while writing leaves the old file, if any, in place instead of a truncated one.
+  The temporary file lives in the same directory and is fsynced before the rename, the
+  directory after it: a crash leaves the old file, if any, or the new one, never a truncated
+  one. A failed save removes its temporary file and leaves `path` as it was.
+
+  Raises:
+    TypeError, ValueError: as `to_bytes`, before anything is written.
+    OSError: the file could not be written, naming `path` (never the temporary file).
+
+  Example:
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   path = os.path.join(directory, "model.qjax")
+    ...   save(path, {"fc": {"bias": jnp.arange(3, dtype=jnp.int32)}})
+    ...   print(load(path)["fc"]["bias"].tolist(), os.listdir(directory))
+    [0, 1, 2] ['model.qjax']
   """
-  data = to_bytes(variables)
-  path = os.fspath(path)
-  tmp = f"{path}.tmp{os.getpid()}"
+  header, payload = _encode_file(variables)
+  path = os.fsdecode(path)
+  tmp, step = None, "create a temporary file in the directory of"
   try:
-    with open(tmp, "wb") as f:
-      f.write(data)
+    fd, tmp = _open_temp(path)
+    step = "write"
+    with os.fdopen(fd, "wb") as f:
+      f.write(header)
+      f.write(payload)
       f.flush()
       os.fsync(f.fileno())
+    step = "rename the written temporary file onto"
     os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    tmp = None
+  except BaseException as err:
+    if tmp is not None:
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+    if not isinstance(err, OSError):
+      raise
+    detail = err.strerror or str(err)
+    if tmp is not None:
+      detail = detail.replace(tmp, path)
+    message = f"qjax.io.save could not {step} {path}: {detail}; {path} is left as it was."
+    raise (OSError(message) if err.errno is None else OSError(err.errno, message)) from None
+  _fsync_directory(os.path.dirname(path) or os.curdir)
 
 
 # ------------------------------------------------------------------------------------------
 # Decoding.
 
 
-def _expect(condition: bool, path: tuple[Any, ...], message: str) -> None:
-  if not condition:
-    raise _Malformed(path, message)
-
-
 def _decode_array(node: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
-  _expect(isinstance(node, dict) and set(node) == {"array"}, path,
-          f"expected an array node, found {str(node)[:80]}")
+  if not (isinstance(node, dict) and len(node) == 1 and "array" in node):
+    raise _Malformed(path, f"expected an array node, found {_preview(node)}")
   body = node["array"]
-  _expect(isinstance(body, dict) and set(body) == {"dtype", "shape", "data"}, path,
-          "an array node needs exactly the fields dtype, shape and data")
+  if not (isinstance(body, dict) and len(body) == 3
+          and all(k in body for k in ("dtype", "shape", "data"))):
+    raise _Malformed(path, "an array node needs exactly the fields dtype, shape and data")
   name, shape, chunks = body["dtype"], body["shape"], body["data"]
-  _expect(name in STORABLE_DTYPES, path, f"unknown dtype {name!r}")
-  _expect(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape), path,
-          f"bad shape {shape!r}")
-  _expect(isinstance(chunks, list) and all(isinstance(c, bytes) for c in chunks), path,
-          "array data must be a list of bytes")
+  if not (isinstance(name, str) and name in STORABLE_DTYPES):
+    raise _Malformed(path, f"unknown dtype {_short_repr(name)}")
+  if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM
+          and all(type(d) is int and d >= 0 for d in shape)):
+    shown = _list_str(shape) if isinstance(shape, list) else _preview(shape)
+    raise _Malformed(path, f"bad shape {shown}")
+  if not (isinstance(chunks, list) and all(isinstance(c, bytes) for c in chunks)):
+    raise _Malformed(path, "array data must be a list of bytes")
   dtype = jnp.dtype(name)
-  data = b"".join(chunks)
+  data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
   expected = math.prod(shape) * dtype.itemsize
-  _expect(len(data) == expected, path, f"{name}{shape} needs {expected} bytes, found {len(data)}")
-  arr = np.frombuffer(data, dtype=dtype).reshape(shape)
+  if len(data) != expected:
+    raise _Malformed(path, f"{name}{shape} needs {expected} bytes, found {len(data)}")
+  try:
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape)
+  except ValueError as err:  # an empty array with dimensions NumPy cannot index
+    raise _Malformed(path, f"bad shape {shape}: {err}") from err
   if sys.byteorder == "big":
     arr = arr.byteswap()
   if as_numpy:
@@ -214,35 +365,51 @@ def _decode_array(node: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
     raise ValueError(f"the array at {_path_str(path)} is {name}, which JAX turns into "
                      f"{jax.dtypes.canonicalize_dtype(dtype)} while jax_enable_x64 is off; "
                      f"enable it, or load with as_numpy=True to keep the exact values.")
-  return jnp.asarray(arr)
+  return jax.device_put(arr)  # as jnp.asarray, without its extra pass over the data
 
 
 def _decode(node: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
-  _expect(isinstance(node, dict) and len(node) == 1, path,
-          f"expected a one-key node map, found {str(node)[:80]}")
+  # Plain loops, not comprehensions: one Python frame per level, at most MAX_DEPTH levels.
+  if not (isinstance(node, dict) and len(node) == 1):
+    raise _Malformed(path, f"expected a one-key node map, found {_preview(node)}")
   (tag, body), = node.items()
   if tag == "array":
     return _decode_array(node, path, as_numpy)
   if tag == "none":
+    if body is not None:
+      raise _Malformed(path, f"a none node must hold nil, found {_preview(body)}")
     return None
+  if tag in ("list", "tuple", "dict") and len(path) >= MAX_DEPTH:
+    raise _Malformed(path, f"dicts, lists and tuples nest more than MAX_DEPTH = {MAX_DEPTH} "
+                     f"levels deep")
   if tag in ("list", "tuple"):
-    _expect(isinstance(body, list), path, f"a {tag} node must hold a list")
-    items = [_decode(v, path + (i,), as_numpy) for i, v in enumerate(body)]
+    if not isinstance(body, list):
+      raise _Malformed(path, f"a {tag} node must hold a list, found {_preview(body)}")
+    items = []
+    for i, value in enumerate(body):
+      items.append(_decode(value, path + (i,), as_numpy))
     return items if tag == "list" else tuple(items)
   if tag == "dict":
-    _expect(isinstance(body, list) and all(isinstance(p, list) and len(p) == 2 for p in body),
-            path, "a dict node must hold [key, node] pairs")
+    if not isinstance(body, list):
+      raise _Malformed(path, f"a dict node must hold [key, node] pairs, found {_preview(body)}")
     out = {}
-    for key, value in body:
-      _expect(isinstance(key, (str, int)) and key not in out, path, f"bad or repeated key {key!r}")
+    for pair in body:
+      if not (isinstance(pair, list) and len(pair) == 2):
+        raise _Malformed(path, f"a dict node must hold [key, node] pairs, found {_preview(pair)}")
+      key, value = pair
+      if isinstance(key, bool) or not isinstance(key, (str, int)) or key in out:
+        raise _Malformed(path, f"bad or repeated key {_short_repr(key)}")
       out[key] = _decode(value, path + (key,), as_numpy)
     return out
   if tag == "qarray":
-    _expect(isinstance(body, dict) and set(body) == {"spec", "qvalue", "scale", "zero_point"},
-            path, "a qarray node needs exactly spec, qvalue, scale and zero_point")
+    if not (isinstance(body, dict) and len(body) == 4
+            and all(k in body for k in ("spec", "qvalue", "scale", "zero_point"))):
+      raise _Malformed(path, "a qarray node needs exactly spec, qvalue, scale and zero_point")
     fields = body["spec"]
-    _expect(isinstance(fields, dict) and set(fields) == set(_SPEC_FIELDS), path,
-            f"the QuantSpec must have the fields {list(_SPEC_FIELDS)}, found {fields!r}")
+    if not (isinstance(fields, dict) and len(fields) == len(_SPEC_FIELDS)
+            and all(k in fields for k in _SPEC_FIELDS)):
+      raise _Malformed(path, f"the QuantSpec must have the fields {list(_SPEC_FIELDS)}, found "
+                       f"{_preview(fields)}")
     try:
       spec = QuantSpec(**fields)
       leaves = {n: _decode_array(body[n], path + (n,), as_numpy)
@@ -250,48 +417,118 @@ def _decode(node: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
       return QArray(**leaves, spec=spec)
     except (TypeError, ValueError) as err:
       raise _Malformed(path, f"the stored QArray is invalid: {err}") from err
-  raise _Malformed(path, f"unknown node type {tag!r}")
+  raise _Malformed(path, f"unknown node type {_short_repr(tag)}")
+
+
+def _mismatch(target: Any, found: Any, path: tuple[Any, ...]) -> _Malformed:
+  return _Malformed(path, f"expected {_describe(target)}, found {_describe(found)}")
 
 
 def _check_matches(target: Any, found: Any, path: tuple[Any, ...]) -> None:
   """Raise _Malformed at the first place where `found` differs from `target` in structure,
   QuantSpec, shape or dtype (depth first, in the target's key order)."""
-  mismatch = _Malformed(path, f"expected {_describe(target)}, found {_describe(found)}")
   if qarray.is_qarray(target):
     if not qarray.is_qarray(found) or found.spec != target.spec:
-      raise mismatch
+      raise _mismatch(target, found, path)
     for name in ("qvalue", "scale", "zero_point"):
       _check_matches(getattr(target, name), getattr(found, name), path + (name,))
   elif isinstance(target, Mapping):
     if not isinstance(found, Mapping):
-      raise mismatch
+      raise _mismatch(target, found, path)
     missing = [k for k in target if k not in found]
     extra = [k for k in found if k not in target]
     if missing or extra:
-      raise _Malformed(path, f"expected keys {list(target)}, found {list(found)} (missing "
-                       f"{missing}, unexpected {extra})")
+      raise _Malformed(path, f"expected keys {_list_str(target)}, found {_list_str(found)} "
+                       f"(missing {_list_str(missing)}, unexpected {_list_str(extra)})")
     for key in target:
       _check_matches(target[key], found[key], path + (key,))
   elif target is None or isinstance(target, (list, tuple)):
     if type(found) is not type(target) or (target is not None and len(found) != len(target)):
-      raise mismatch
+      raise _mismatch(target, found, path)
     for i, (t, f) in enumerate(zip(target or (), found or ())):
       _check_matches(t, f, path + (i,))
   elif hasattr(target, "shape") and hasattr(target, "dtype"):
     if (qarray.is_qarray(found) or not hasattr(found, "shape")
         or tuple(found.shape) != tuple(target.shape) or found.dtype != target.dtype):
-      raise mismatch
+      raise _mismatch(target, found, path)
   else:
     raise TypeError(f"qjax.io: the target's leaf at {_path_str(path)} is a "
                     f"{type(target).__name__}; use arrays, jax.ShapeDtypeStruct or QArrays.")
 
 
+def _byte_view(data: Any, name: str) -> memoryview:
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f"{name}: from_bytes expects bytes; got {type(data).__name__}.")
+  view = memoryview(data)
+  if view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous:
+    view = memoryview(view.tobytes())
+  return view if view.format == "B" else view.cast("B")
+
+
+def _check_header(view: memoryview, name: str) -> memoryview:
+  """Check magic, version, length and checksum; return the payload."""
+  if view[:len(MAGIC)] != MAGIC:
+    if len(view) < len(MAGIC) and MAGIC.startswith(bytes(view)):
+      raise ValueError(f"{name}: truncated: {len(view)} byte(s), less than the "
+                       f"{_HEADER.size}-byte qjax header.")
+    raise ValueError(f"{name}: not a qjax variables file: it starts with {bytes(view[:8])!r}, "
+                     f"expected the magic {MAGIC!r}.")
+  if len(view) < _HEADER.size:
+    raise ValueError(f"{name}: truncated: {len(view)} bytes, less than the {_HEADER.size}-byte "
+                     f"qjax header.")
+  _, version, length, crc = _HEADER.unpack_from(view)
+  payload = view[_HEADER.size:]
+  truncated = (f"{name}: truncated: the header announces {length} payload bytes, found "
+               f"{len(payload)} (an interrupted write or copy?).")
+  trailing = (f"{name}: corrupt: {len(payload) - length} unexpected bytes after the "
+              f"{length}-byte payload.")
+  if version == 1:  # the checksum covers the payload only
+    if len(payload) < length:
+      raise ValueError(truncated)
+    if len(payload) > length:
+      raise ValueError(trailing)
+    if zlib.crc32(payload) != crc:
+      raise ValueError(f"{name}: corrupt: the payload's CRC-32 is {zlib.crc32(payload):#010x}, "
+                       f"the header expects {crc:#010x}.")
+    return payload
+  head_crc = zlib.crc32(view[:_CRC_OFFSET])
+  actual = zlib.crc32(payload, head_crc)
+  if actual == crc:  # an intact file: the version and length fields are as written
+    if version > FORMAT_VERSION:
+      raise ValueError(f"{name}: unsupported format version {version}: this qjax reads versions "
+                       f"1 to {FORMAT_VERSION} (written by a newer qjax; upgrade qjax to read "
+                       f"it).")
+    if version != FORMAT_VERSION:
+      raise ValueError(f"{name}: unsupported format version {version}: no qjax writes this "
+                       f"version (a foreign or faulty writer).")
+    if length != len(payload):
+      raise ValueError(f"{name}: corrupt: the header announces {length} payload bytes, the file "
+                       f"holds {len(payload)} (a faulty writer).")
+    return payload
+  # The checksum fails: name the likeliest cause.
+  if len(payload) > length and zlib.crc32(payload[:length], head_crc) == crc:
+    raise ValueError(trailing)
+  if len(payload) != length:
+    head = bytes(view[:8]) + struct.pack("<Q", len(payload))
+    if zlib.crc32(payload, zlib.crc32(head)) == crc:
+      raise ValueError(f"{name}: corrupt header: the length field reads {length}, but the "
+                       f"{len(payload)} payload bytes that follow match the checksum.")
+  if len(payload) < length:
+    raise ValueError(truncated)
+  if version != FORMAT_VERSION:
+    raise ValueError(f"{name}: corrupt header: it reads format version {version}, but the CRC-32 "
+                     f"of the header and payload is {actual:#010x}, not the recorded "
+                     f"{crc:#010x} (a file from a newer qjax keeps a matching checksum).")
+  raise ValueError(f"{name}: corrupt: the CRC-32 of the header and payload is {actual:#010x}, "
+                   f"the header expects {crc:#010x}.")
+
+
 def from_bytes(data: bytes, target: Any = None, *, as_numpy: bool = False,
                name: str = "<bytes>") -> Any:
-  """Rebuild the variables pytree serialized by `to_bytes`.
+  """Rebuild the variables pytree serialized by `to_bytes` (format version 1 or 2).
 
   Args:
-    data: the bytes.
+    data: the bytes (or a bytearray / memoryview; not copied).
     target: optional pytree of the expected structure (arrays, `jax.ShapeDtypeStruct`s or
       QArrays); the result must match it in structure, QuantSpecs, shapes and dtypes.
     as_numpy: return NumPy leaves (writable copies) instead of jax arrays; needed for 64-bit
@@ -302,47 +539,32 @@ def from_bytes(data: bytes, target: Any = None, *, as_numpy: bool = False,
     The pytree with plain dicts, lists and tuples, QArrays rebuilt with their validator.
 
   Raises:
-    ValueError: naming `name`, for bad magic, a truncated or over-long file, a format version
-      other than FORMAT_VERSION, a checksum mismatch, a malformed payload, or a mismatch with
-      `target` (naming the first differing pytree path, expected vs found).
+    ValueError: naming `name`, for any malformed data: bad magic, a truncated or over-long
+      file, a damaged header, a format version this qjax does not read, a checksum mismatch, a
+      malformed payload (naming the pytree path), nesting deeper than MAX_DEPTH, or a mismatch
+      with `target` (naming the first differing pytree path, expected vs found).
+
+  Example:
+    >>> data = to_bytes({"w": jnp.zeros((2, 2), jnp.int8)})
+    >>> from_bytes(data, as_numpy=True)["w"].shape
+    (2, 2)
+    >>> from_bytes(data[:10])
+    Traceback (most recent call last):
+    ...
+    ValueError: <bytes>: truncated: 10 bytes, less than the 20-byte qjax header.
   """
-  if not isinstance(data, (bytes, bytearray, memoryview)):
-    raise TypeError(f"{name}: from_bytes expects bytes; got {type(data).__name__}.")
-  data = bytes(data)
-  if data[:len(MAGIC)] != MAGIC:
-    if MAGIC.startswith(data):
-      raise ValueError(f"{name}: truncated: {len(data)} byte(s), less than the "
-                       f"{_HEADER.size}-byte qjax header.")
-    raise ValueError(f"{name}: not a qjax variables file: it starts with {data[:8]!r}, "
-                     f"expected the magic {MAGIC!r}.")
-  if len(data) < _HEADER.size:
-    raise ValueError(f"{name}: truncated: {len(data)} bytes, less than the {_HEADER.size}-byte "
-                     f"qjax header.")
-  _, version, length, crc = _HEADER.unpack_from(data)
-  if version != FORMAT_VERSION:
-    hint = ("written by a newer qjax; upgrade qjax to read it" if version > FORMAT_VERSION
-            else "no qjax writes this version; the file is corrupt")
-    raise ValueError(f"{name}: unsupported format version {version}: this qjax reads version "
-                     f"{FORMAT_VERSION} ({hint}).")
-  payload = data[_HEADER.size:]
-  if len(payload) < length:
-    raise ValueError(f"{name}: truncated: the header announces {length} payload bytes, found "
-                     f"{len(payload)} (an interrupted write or copy?).")
-  if len(payload) > length:
-    raise ValueError(f"{name}: corrupt: {len(payload) - length} unexpected bytes after the "
-                     f"{length}-byte payload.")
-  if zlib.crc32(payload) != crc:
-    raise ValueError(f"{name}: corrupt: the payload's CRC-32 is {zlib.crc32(payload):#010x}, "
-                     f"the header expects {crc:#010x}.")
+  payload = _check_header(_byte_view(data, name), name)
   try:
-    # The checksum passed, so this fails only for files written by a buggy or foreign writer;
-    # msgpack signals bad input with several exception types.
-    decoded = serialization.msgpack_restore(payload)
+    # Only for files written by a buggy or foreign writer, since the checksum passed; msgpack
+    # signals bad input with several exception types. No ext_hook: extension types stay
+    # inert msgpack.ExtType values, which _decode refuses.
+    decoded = msgpack.unpackb(payload, raw=False, strict_map_key=False)
   except Exception as err:  # pylint: disable=broad-except
-    raise ValueError(f"{name}: corrupt: the payload is not valid msgpack ({err}).") from err
+    raise ValueError(f"{name}: corrupt: the payload is not valid msgpack "
+                     f"({_clip(str(err), 200)}).") from err
   try:
-    _expect(isinstance(decoded, dict) and set(decoded) == {"tree"}, (),
-            "the payload must be a map with the single key 'tree'")
+    if not (isinstance(decoded, dict) and len(decoded) == 1 and "tree" in decoded):
+      raise _Malformed((), "the payload must be a map with the single key 'tree'")
     tree = _decode(decoded["tree"], (), as_numpy)
   except _Malformed as err:
     raise ValueError(f"{name}: malformed payload at {_path_str(err.path)}: {err.message}.") from err
@@ -358,7 +580,16 @@ def from_bytes(data: bytes, target: Any = None, *, as_numpy: bool = False,
 
 
 def load(path: str | os.PathLike, target: Any = None, *, as_numpy: bool = False) -> Any:
-  """Read a file written by `save`; `from_bytes` with the file name in every error."""
+  """Read a file written by `save`; `from_bytes` with the file name in every error.
+
+  Example:
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   path = os.path.join(directory, "model.qjax")
+    ...   save(path, {"scale": jnp.float32(0.5)})
+    ...   print(load(path, target={"scale": jax.ShapeDtypeStruct((), jnp.float32)})["scale"])
+    0.5
+  """
   with open(path, "rb") as f:
     data = f.read()
-  return from_bytes(data, target, as_numpy=as_numpy, name=os.fspath(path))
+  return from_bytes(data, target, as_numpy=as_numpy, name=os.fsdecode(path))

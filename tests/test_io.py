@@ -1,9 +1,13 @@
 """qjax.io: bit-exact save / load of variables pytrees with QArrays, the errors for bad files
 and mismatched targets, model_size, and the per-layer report with SQNR against float weights."""
 
+import errno
 import math
 import os
+import stat
 import struct
+import threading
+import tracemalloc
 import zlib
 from typing import NamedTuple
 
@@ -99,9 +103,15 @@ def _tree():
   }
 
 
-def _rewrap(payload, version=io.FORMAT_VERSION):
-  """A file around `payload` bytes with a correct length and checksum."""
-  return struct.pack("<4sIQI", io.MAGIC, version, len(payload), zlib.crc32(payload)) + payload
+def _rewrap(payload, version=io.FORMAT_VERSION, length=None):
+  """A file around `payload` bytes with a correct checksum (of the header fields and payload)."""
+  head = struct.pack("<4sIQ", io.MAGIC, version, len(payload) if length is None else length)
+  return head + struct.pack("<I", zlib.crc32(head + payload)) + payload
+
+
+def _rewrap_v1(payload):
+  """A version-1 file: its CRC-32 covers the payload only."""
+  return struct.pack("<4sIQI", io.MAGIC, 1, len(payload), zlib.crc32(payload)) + payload
 
 
 def _payload(data):
@@ -199,11 +209,19 @@ def _load_bytes(tmp_path, data, **kwargs):
     (lambda d: b"PK\x03\x04" + d[4:], r"not a qjax variables file: it starts with b'PK.*"
                                       r"expected the magic b'QJAX'"),
     (lambda d: RNG.integers(0, 81, 64, dtype=np.uint8).tobytes(), "not a qjax variables file"),
-    (lambda d: d[:40] + bytes([d[40] ^ 1]) + d[41:], r"corrupt: the payload's CRC-32 is "
-                                                      r"0x[0-9a-f]{8}, the header expects"),
-    (lambda d: d[:4] + struct.pack("<I", 2) + d[8:], r"unsupported format version 2: this qjax "
-                                                     r"reads version 1 \(written by a newer"),
-    (lambda d: d[:4] + struct.pack("<I", 0) + d[8:], r"unsupported format version 0.*corrupt"),
+    (lambda d: d[:40] + bytes([d[40] ^ 1]) + d[41:], r"corrupt: the CRC-32 of the header and "
+                                                      r"payload is 0x[0-9a-f]{8}, the header "
+                                                      r"expects 0x[0-9a-f]{8}\.$"),
+    (lambda d: _rewrap(d[20:], version=3), r"unsupported format version 3: this qjax reads "
+                                           r"versions 1 to 2 \(written by a newer qjax"),
+    (lambda d: _rewrap(d[20:], version=0), r"unsupported format version 0: no qjax writes"),
+    (lambda d: _rewrap(d[20:], length=len(d) - 19), r"corrupt: the header announces \d+ payload "
+                                                    r"bytes, the file holds \d+"),
+    # A damaged header field is corruption, not a file from a newer qjax.
+    (lambda d: d[:4] + struct.pack("<I", 3) + d[8:], r"corrupt header: it reads format version 3"),
+    (lambda d: d[:4] + struct.pack("<I", 0) + d[8:], r"corrupt header: it reads format version 0"),
+    (lambda d: d[:8] + struct.pack("<Q", len(d)) + d[16:], r"corrupt header: the length field "
+                                                          r"reads \d+, but the \d+ payload bytes"),
     (lambda d: _rewrap(b"\xc1garbage"), "corrupt: the payload is not valid msgpack"),
 ])
 def test_bad_files_name_the_file_and_the_problem(tmp_path, good, mangle, match):
@@ -253,6 +271,307 @@ def test_malformed_payloads_with_valid_checksum(good, edit, match):
   with pytest.raises(ValueError, match=match) as err:
     io.from_bytes(_edit_payload(data, edit), name="m.qjax")
   assert str(err.value).startswith("m.qjax: ")
+
+
+def test_version_1_files_still_load(tmp_path, good):
+  tree, data = good
+  v1 = _rewrap_v1(data[20:])
+  assert struct.unpack_from("<I", v1, 4) == (1,)
+  assert_bit_equal(tree, _load_bytes(tmp_path, v1, target=tree))
+  with pytest.raises(ValueError, match=r"corrupt: the payload's CRC-32 is 0x[0-9a-f]{8}"):
+    io.from_bytes(v1[:40] + bytes([v1[40] ^ 4]) + v1[41:])
+  with pytest.raises(ValueError, match=r"truncated: the header announces"):
+    io.from_bytes(v1[:-1])
+  with pytest.raises(ValueError, match=r"corrupt: 1 unexpected bytes after"):
+    io.from_bytes(v1 + b"\0")
+
+
+def test_the_checksum_covers_every_header_field(good):
+  _, data = good
+  assert struct.unpack_from("<I", data, 16) == (zlib.crc32(data[:16] + data[20:]),)
+  for offset in range(4, 20):  # version, length and checksum fields
+    for bit in range(8):
+      damaged = data[:offset] + bytes([data[offset] ^ (1 << bit)]) + data[offset + 1:]
+      with pytest.raises(ValueError, match="corrupt") as err:
+        io.from_bytes(damaged, name="h.qjax")
+      assert "unsupported" not in str(err.value) and "upgrade" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------
+# Nesting depth.
+
+
+def _nested(depth, leaf, kind="list"):
+  """`leaf` inside `depth` nested lists or dicts, built without recursion."""
+  for _ in range(depth):
+    leaf = [leaf] if kind == "list" else {"k": leaf}
+  return leaf
+
+
+def test_trees_up_to_max_depth_roundtrip():
+  leaf = _random_qarray(QuantSpec(bits=4, axis=0), (2, 3))  # the deepest msgpack node kind
+  for kind in ("list", "dict"):
+    tree = _nested(io.MAX_DEPTH, leaf, kind)
+    restored = io.from_bytes(io.to_bytes(tree), target=tree)
+    for _ in range(io.MAX_DEPTH):
+      restored = restored[0] if kind == "list" else restored["k"]
+    assert_bit_equal(leaf, restored)
+
+
+@pytest.mark.parametrize("depth", [io.MAX_DEPTH + 1, 100_000])
+def test_save_refuses_trees_deeper_than_max_depth(tmp_path, depth):
+  with pytest.raises(ValueError, match=rf"more than MAX_DEPTH = {io.MAX_DEPTH} levels deep: the "
+                                       rf"list at 0/0/0/0/0/0/0/0/\.\.\.\(\d+ more\)\.\.\./0/0/0 "
+                                       rf"is at level {io.MAX_DEPTH + 1}"):
+    io.save(tmp_path / "deep.qjax", _nested(depth, jnp.zeros(2)))
+  assert not os.listdir(tmp_path)
+
+
+def test_save_refuses_trees_that_contain_themselves():
+  loop = [jnp.zeros(1)]
+  loop.append({"again": loop})
+  with pytest.raises(ValueError, match=r"MAX_DEPTH.*a container that holds itself"):
+    io.to_bytes(loop)
+
+
+def _nested_payload(depth, kind):
+  """A msgpack payload nesting `depth` list (2 msgpack levels each) or dict (3) nodes."""
+  node = b"\x81\xa4none\xc0"
+  prefix = b"\x81\xa4list\x91" if kind == "list" else b"\x81\xa4dict\x91\x92\xa1k"
+  return b"\x81\xa4tree" + prefix * depth + node
+
+
+@pytest.mark.parametrize("depth,kind,match", [
+    (io.MAX_DEPTH + 1, "list", rf"at 0/0/0/0/0/0/0/0/\.\.\.\(\d+ more\)\.\.\./0/0/0: dicts, lists "
+                               rf"and tuples nest more than MAX_DEPTH = {io.MAX_DEPTH} levels"),
+    (330, "dict", r"at k/k/k/k/k/k/k/k/.*more than MAX_DEPTH"),
+    (500, "list", "more than MAX_DEPTH"),  # within msgpack's limit, past Python's recursion
+    (100_000, "list", "corrupt: the payload is not valid msgpack"),
+    (100_000, "dict", "corrupt: the payload is not valid msgpack"),
+])
+def test_deeply_nested_files_raise_value_error(depth, kind, match):
+  with pytest.raises(ValueError, match=match):
+    io.from_bytes(_rewrap(_nested_payload(depth, kind)))
+  assert io.from_bytes(_rewrap(_nested_payload(3, kind))) in ([[[None]]], {"k": {"k": {"k": None}}})
+
+
+# ------------------------------------------------------------------------------------------
+# Any damaged file gives a ValueError.
+
+
+_FUZZ_TREE = {"fc": {"kernel": _random_qarray(QuantSpec(bits=8, axis=0), (3, 4)),
+                     "bias": jnp.arange(3, dtype=jnp.int32)},
+              "layers": [None, (jnp.zeros((0, 2), jnp.bfloat16),)], 7: {}}
+_FUZZ_FILE = io.to_bytes(_FUZZ_TREE)
+
+_EDITS = st.lists(
+    st.tuples(st.sampled_from(["flip", "set", "delete", "insert"]), st.integers(0, 2**16),
+              st.integers(0, 255)), min_size=1, max_size=4)
+
+
+def _apply(data, edits):
+  data = bytearray(data)
+  for op, position, value in edits:
+    i = position % len(data) if data else 0
+    if op == "flip":
+      data[i:i + 1] = bytes([data[i] ^ (1 << value % 8)]) if data else b""
+    elif op == "set":
+      data[i:i + 1] = bytes([value])
+    elif op == "delete":
+      del data[i:i + 1 + value % 3]
+    else:
+      data[i:i] = bytes([value]) * (1 + value % 3)
+  return bytes(data)
+
+
+@SETTINGS
+@hypothesis.given(_EDITS, st.integers(0, len(_FUZZ_FILE)))
+def test_damaged_files_raise_value_error(edits, keep):
+  for damaged in (_apply(_FUZZ_FILE, edits), _FUZZ_FILE[:keep] if keep < len(_FUZZ_FILE) else b""):
+    if damaged == _FUZZ_FILE:  # the edits cancelled out
+      continue
+    with pytest.raises(ValueError) as err:
+      io.from_bytes(damaged, name="f.qjax")
+    assert str(err.value).startswith("f.qjax: ") and len(str(err.value)) < 1000
+
+
+@SETTINGS
+@hypothesis.given(_EDITS, st.booleans())
+def test_damaged_payloads_with_valid_checksum_raise_value_error(edits, as_numpy):
+  # A payload edited by a buggy writer (its checksum recomputed) either still describes a tree
+  # or fails with a ValueError: never another exception type, never a huge message.
+  try:
+    io.from_bytes(_rewrap(_apply(_FUZZ_FILE[20:], edits)), as_numpy=as_numpy, name="f.qjax")
+  except ValueError as err:
+    assert str(err).startswith("f.qjax: ") and len(str(err)) < 1000
+
+
+def test_malformed_node_messages_stay_short():
+  huge = {"array": {"dtype": "float32", "shape": [2**20], "data": [b"\xff" * 2**22],
+                    "extra": "x" * 2**20}}
+  payload = serialization.msgpack_serialize({"tree": {"dict": [["w" * 10_000, huge]]}},
+                                            in_place=True)
+  with pytest.raises(ValueError, match=r"malformed payload at w{37}\.\.\.: an array node needs "
+                                       r"exactly the fields dtype, shape and data") as err:
+    io.from_bytes(_rewrap(payload))
+  assert len(str(err.value)) < 200
+
+
+# ------------------------------------------------------------------------------------------
+# Loading takes time and memory linear in the file size.
+
+
+def test_successful_loads_build_no_descriptions(monkeypatch, good):
+  tree, data = good
+  big = {"w": jnp.zeros((256, 1024), jnp.float32), "q": tree}
+  big_data = io.to_bytes(big)
+  for helper in ("_describe", "_preview", "_list_str", "_short_repr", "_path_str"):
+    monkeypatch.setattr(io, helper, lambda *a, name=helper: pytest.fail(f"{name} called"))
+  assert_bit_equal(big, io.from_bytes(big_data, target=big))
+  assert_bit_equal(tree, io.from_bytes(_rewrap_v1(data[20:]), target=tree))
+
+
+def test_load_memory_is_linear_in_the_array_size():
+  # Each level used to format its whole subtree (array bytes included) into a message string.
+  array = RNG.integers(0, 256, 8 * 2**20, dtype=np.uint8)
+  data = io.to_bytes({"a": {"b": [{"c": array}]}})
+  tracemalloc.start()
+  try:
+    restored = io.from_bytes(data, as_numpy=True)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert _bits(restored["a"]["b"][0]["c"]) == _bits(array)
+  assert peak < 2.5 * array.nbytes  # msgpack's copy of the bytes and the writable array
+
+
+# ------------------------------------------------------------------------------------------
+# Atomic saves.
+
+
+def test_failed_save_removes_its_temporary_file_and_keeps_the_old_file(tmp_path, monkeypatch):
+  path = tmp_path / "model.qjax"
+  io.save(path, {"v": jnp.int32(1)})
+  before = path.read_bytes()
+
+  def failing_fsync(fd):
+    raise OSError(errno.EIO, "Input/output error")
+
+  monkeypatch.setattr(os, "fsync", failing_fsync)
+  with pytest.raises(OSError, match=r"could not write .*model\.qjax: Input/output error; "
+                                    r".*model\.qjax is left as it was\.$") as err:
+    io.save(path, {"v": jnp.int32(2)})
+  assert err.value.errno == errno.EIO and ".tmp" not in str(err.value)
+  assert os.listdir(tmp_path) == ["model.qjax"] and path.read_bytes() == before
+
+  def interrupted_fsync(fd):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(os, "fsync", interrupted_fsync)
+  with pytest.raises(KeyboardInterrupt):
+    io.save(path, {"v": jnp.int32(3)})
+  assert os.listdir(tmp_path) == ["model.qjax"] and path.read_bytes() == before
+
+
+def test_save_errors_name_the_path_not_the_temporary_file(tmp_path):
+  missing = tmp_path / "missing" / "model.qjax"
+  with pytest.raises(FileNotFoundError, match=r"could not create a temporary file in the "
+                                              r"directory of .*missing/model\.qjax") as err:
+    io.save(missing, {"v": jnp.zeros(1)})
+  assert ".tmp" not in str(err.value)
+  (tmp_path / "dir.qjax").mkdir()
+  with pytest.raises(OSError, match=r"could not rename the written temporary file onto "
+                                    r".*dir\.qjax: ") as err:
+    io.save(tmp_path / "dir.qjax", {"v": jnp.zeros(1)})
+  assert ".tmp" not in str(err.value)
+  assert os.listdir(tmp_path) == ["dir.qjax"] and not os.listdir(tmp_path / "dir.qjax")
+
+
+def test_temporary_names_are_unique_per_thread(tmp_path, monkeypatch):
+  renamed, real_replace = [], os.replace
+
+  def recording_replace(src, dst):
+    renamed.append(os.path.basename(src))
+    real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", recording_replace)
+  both_alive = threading.Barrier(2)  # so that the two threads have different idents
+
+  def save_when_both_alive():
+    both_alive.wait()
+    io.save(tmp_path / "m.qjax", {"v": jnp.zeros(1)})
+
+  workers = [threading.Thread(target=save_when_both_alive) for _ in range(2)]
+  for worker in workers:
+    worker.start()
+  for worker in workers:
+    worker.join()
+  io.save(tmp_path / "m.qjax", {"v": jnp.zeros(1)})
+  assert len(set(renamed)) == 3 and all(n.startswith(".m.qjax.") for n in renamed)
+  assert len({n.split(".")[-2].rsplit("-", 1)[0] for n in renamed}) == 3  # pid-thread differ
+
+
+def test_concurrent_saves_leave_one_complete_file(tmp_path):
+  path = tmp_path / "m.qjax"
+  trees = [{"v": jnp.full((64,), i, jnp.int32)} for i in range(6)]
+  errors = []
+
+  def save_repeatedly(tree):
+    try:
+      for _ in range(4):
+        io.save(path, tree)
+    except Exception as err:  # pylint: disable=broad-except
+      errors.append(err)
+
+  workers = [threading.Thread(target=save_repeatedly, args=(t,)) for t in trees]
+  for worker in workers:
+    worker.start()
+  for worker in workers:
+    worker.join()
+  assert not errors and os.listdir(tmp_path) == ["m.qjax"]
+  assert int(io.load(path)["v"][0]) in range(6)
+
+
+def test_save_fsyncs_the_directory_and_tolerates_platforms_that_cannot(tmp_path, monkeypatch):
+  synced, real_fsync = [], os.fsync
+
+  def recording_fsync(fd):
+    synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+    real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", recording_fsync)
+  io.save(tmp_path / "m.qjax", {"v": jnp.zeros(1)})
+  assert synced == [False, True]  # the file, then its directory after the rename
+
+  def dir_refusing_fsync(fd):
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+      raise OSError(errno.EINVAL, "Invalid argument")
+    real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", dir_refusing_fsync)
+  io.save(tmp_path / "m.qjax", {"v": jnp.ones(1)})
+  real_open = os.open
+
+  def dir_refusing_open(name, flags, *args):
+    if os.path.isdir(name):
+      raise PermissionError(errno.EACCES, "Permission denied")
+    return real_open(name, flags, *args)
+
+  monkeypatch.setattr(os, "open", dir_refusing_open)
+  io.save(tmp_path / "m.qjax", {"v": jnp.full(1, 2.0)})
+  assert float(io.load(tmp_path / "m.qjax")["v"][0]) == 2.0
+  assert os.listdir(tmp_path) == ["m.qjax"]
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+  old_umask = os.umask(0o027)
+  try:
+    io.save(tmp_path / "m.qjax", {"v": jnp.zeros(1)})
+    (tmp_path / "plain").write_bytes(b"")
+  finally:
+    os.umask(old_umask)
+  assert stat.S_IMODE(os.stat(tmp_path / "m.qjax").st_mode) == (
+      stat.S_IMODE(os.stat(tmp_path / "plain").st_mode))
 
 
 # ------------------------------------------------------------------------------------------
