@@ -57,3 +57,26 @@ def half_points(rng: np.random.Generator, spec: QuantSpec, shape, zero_point,
   pick = rng.random(shape)
   k = np.where(pick < boundary_fraction / 2, lo + 2 - step, k)
   return np.where((pick >= boundary_fraction / 2) & (pick < boundary_fraction), hi - 2 + step, k)
+
+
+class CompileCounter:
+  """Counts XLA backend compilations while active (a context manager)."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+
+  def _listener(self, event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == self.EVENT:
+      self.count += 1
+
+  def __enter__(self):
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.monitoring.unregister_event_duration_listener(self._listener)

@@ -1,0 +1,146 @@
+"""`qjax.convert` against what users do to a model between calibration and conversion (weights
+changed, paddings the integer path cannot run, inputs of the wrong shape), and the cost of a
+repeated calibrate -> convert pipeline."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cases
+import qjax.nn as qnn
+from qjax import convert as qconvert
+
+
+class Net(nn.Module):
+  """Quantize -> conv (ReLU) -> flatten -> dense -> Dequantize."""
+
+  qconfig: qnn.QConfig = qnn.get_default_qconfig("x86")
+  padding: str = "SAME"
+
+  @nn.compact
+  def __call__(self, x, *, mode):
+    x = qnn.Quantize(self.qconfig, name="quant")(x, mode=mode)
+    x = qnn.QuantConv(4, (3, 3), padding=self.padding, qconfig=self.qconfig,
+                      activation=nn.relu, name="conv")(x, mode=mode)
+    x = x.reshape((x.shape[0], -1))
+    x = qnn.QuantDense(5, qconfig=self.qconfig, name="fc")(x, mode=mode)
+    return qnn.Dequantize(name="dequant")(x, mode=mode)
+
+
+X = np.random.default_rng(0).normal(size=(16, 6, 6, 2)).astype(np.float32)
+BATCHES = [X[:8], X[8:]]
+
+
+def _calibrated(model):
+  variables = jax.jit(lambda x: model.init(jax.random.key(0, impl="unsafe_rbg"), x,
+                                           mode="float"))(X[:2])
+  return qnn.calibrate(model, variables, BATCHES)
+
+
+def _scaled(variables, layer, factor):
+  params = {**variables["params"], layer: {**variables["params"][layer],
+                                           "kernel": variables["params"][layer]["kernel"]
+                                           * factor}}
+  return {**variables, "params": params}
+
+
+def test_weights_changed_after_calibration_are_observed():
+  """A kernel scaled up after calibration (a loaded checkpoint) converts on a grid that holds
+  it: the min/max weight observer sees the final kernel, as PyTorch's convert does, so every
+  weight is within half a step of its float value; the stale statistics alone are refused."""
+  model = Net()
+  variables = _scaled(_calibrated(model), "fc", 3.0)
+  int_vars = qconvert.convert(model, variables, X[:2])
+  kernel = int_vars["int8"]["fc"]["kernel"]  # (out, in), per-channel scales
+  error = np.abs(np.asarray(kernel.qvalue, np.float32) * np.asarray(kernel.scale)[:, None]
+                 - np.asarray(variables["params"]["fc"]["kernel"]).T)
+  assert np.all(error <= np.asarray(kernel.scale)[:, None] * 0.501)  # 127.5 steps: 127
+  with pytest.raises(ValueError, match=r"convert: fc: \d+ of 720 weights lie outside their "
+                     r"grid.*weights='fresh'"):
+    qconvert.convert(model, variables, X[:2], weights="stats")
+
+
+def test_unchanged_weights_convert_as_calibrated():
+  """With the calibrated weights, observing them again changes nothing (min/max observers)."""
+  model = Net()
+  variables = _calibrated(model)
+  observed = qconvert.convert(model, variables, X[:2])
+  stats = qconvert.convert(model, variables, X[:2], weights="stats")
+  for layer in ("conv", "fc"):
+    np.testing.assert_array_equal(observed["int8"][layer]["kernel"].qvalue,
+                                  stats["int8"][layer]["kernel"].qvalue)
+    np.testing.assert_array_equal(observed["int8"][layer]["kernel"].scale,
+                                  stats["int8"][layer]["kernel"].scale)
+
+
+def test_moving_average_that_lags_is_refused_and_fresh_observes_anew():
+  """A QAT recipe's moving-average weight observer moves 1 % toward a kernel changed after
+  training, which its grid would still clamp: refused, naming the layer; weights='fresh'
+  observes the final kernel anew (PyTorch's post-training convert)."""
+  model = Net(qconfig=qnn.get_default_qat_qconfig("x86"))
+  variables = _scaled(_calibrated(model), "conv", 4.0)
+  with pytest.raises(ValueError, match=r"convert: conv: \d+ of 72 weights lie outside"):
+    qconvert.convert(model, variables, X[:2])
+  int_vars = qconvert.convert(model, variables, X[:2], weights="fresh")
+  kernel = np.asarray(int_vars["int8"]["conv"]["kernel"].qvalue).astype(np.int32)
+  assert np.all(np.abs(kernel).max(axis=(0, 1, 2)) >= 127)  # each channel spans its grid
+
+
+def test_weights_argument_is_checked():
+  model = Net()
+  with pytest.raises(ValueError, match=r"weights must be one of \('observe', 'fresh', "
+                     r"'stats'\); got 'new'"):
+    qconvert.convert(model, _calibrated(model), X[:2], weights="new")
+
+
+@pytest.mark.parametrize("padding", ["CIRCULAR", "REFLECT", "CAUSAL"])
+def test_padding_the_integer_path_cannot_run_is_refused_at_convert(padding):
+  if padding == "CAUSAL":  # Flax's CAUSAL padding is one-dimensional
+    model = Net(padding=padding)
+    with pytest.raises(ValueError):
+      _calibrated(model)
+    return
+  model = Net(padding=padding)
+  variables = _calibrated(model)
+  with pytest.raises(ValueError, match=rf"conv: the integer path supports padding 'SAME', "
+                     rf"'VALID'.*got padding='{padding}'"):
+    qconvert.convert(model, variables, X[:2])
+
+
+def test_wrong_input_shape_names_the_layer():
+  model = Net()
+  int_vars = qconvert.convert(model, _calibrated(model), X[:2])
+
+  class Wider(Net):
+    @nn.compact
+    def __call__(self, x, *, mode):
+      x = qnn.Quantize(self.qconfig, name="quant")(x, mode=mode)
+      x = qnn.QuantDense(5, qconfig=self.qconfig, name="fc")(x, mode=mode)
+      return qnn.Dequantize(name="dequant")(x, mode=mode)
+
+  with pytest.raises(ValueError, match=r"fc: the input has shape \(16, 7\), but this converted "
+                     r"layer takes \(\.\.\., 144\)"):
+    Wider().apply(int_vars, np.ones((16, 7), np.float32), mode="int8")
+  with pytest.raises(ValueError, match=r"conv: the input has shape \(16, 6, 6, 3\), but this "
+                     r"converted layer takes \(batch, spatial, spatial, 2\)"):
+    model.apply(int_vars, np.ones((16, 6, 6, 3), np.float32), mode="int8")
+
+
+def test_repeated_pipeline_compiles_nothing():
+  """A second calibrate -> convert of the same model (new params, new data) reuses every
+  executable of the first."""
+  model = Net()
+  variables = _calibrated(model)
+  qconvert.convert(model, variables, X[:2])
+  other = _scaled(variables, "fc", 0.5)
+  with cases.CompileCounter() as counter:
+    again = qnn.calibrate(model, other, [b + 1.0 for b in BATCHES])
+    qconvert.convert(model, again, X[:2])
+  assert counter.count == 0
+  with cases.CompileCounter() as counter:  # the counter sees compilations
+    qnn.calibrate(model, other, [X[:3]])
+  assert counter.count > 0
