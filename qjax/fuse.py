@@ -229,20 +229,64 @@ def _remove(variables: dict, collection: str, path: str, leaves: Sequence[str]) 
     del parent[key]
 
 
-def _checked_pair(pair: Any, epsilon: float) -> tuple[str, str, float]:
-  form = ("(layer_path, bn_path) or (layer_path, bn_path, epsilon) with '/'-joined module "
-          "paths, e.g. ('block/conv', 'block/bn')")
+_PAIR_FIELDS = ("epsilon", "use_scale", "use_bias")
+"""The BatchNorm fields a pair may give (Flax's `nn.BatchNorm` names)."""
+
+
+def _checked_flag(value: Any, name: str, where: str) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{where}: {name} must be True or False (the BatchNorm's {name} field); "
+                    f"got {value!r}.")
+  return bool(value)
+
+
+def _checked_pair(pair: Any, epsilon: float, use_scale: bool,
+                  use_bias: bool) -> tuple[str, str, float, bool, bool]:
+  """(layer, bn, epsilon, use_scale, use_bias) of one pair, the call's defaults filled in."""
+  form = ("(layer_path, bn_path), (layer_path, bn_path, epsilon) or (layer_path, bn_path, "
+          "{'epsilon': ..., 'use_scale': ..., 'use_bias': ...}) with '/'-joined module paths, "
+          "e.g. ('block/conv', 'block/bn')")
   if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) not in (2, 3):
     raise TypeError(f"fold_batch_norms: each pair must be {form}; got {pair!r}.")
   if not all(isinstance(p, str) and p.strip("/") for p in pair[:2]):
     raise TypeError(f"fold_batch_norms: each pair must be {form}; got {pair!r}.")
-  eps = pair[2] if len(pair) == 3 else epsilon
-  return (pair[0].strip("/"), pair[1].strip("/"),
-          _checked_epsilon(eps, f"fold_batch_norms: pair {pair!r}"))
+  where = f"fold_batch_norms: pair {pair!r}"
+  fields = {"epsilon": epsilon, "use_scale": use_scale, "use_bias": use_bias}
+  if len(pair) == 3 and isinstance(pair[2], Mapping):
+    unknown = sorted(map(str, set(pair[2]) - set(_PAIR_FIELDS)))
+    if unknown:
+      raise TypeError(f"{where}: unknown BatchNorm field(s) {unknown}; a pair's dict may give "
+                      f"{list(_PAIR_FIELDS)}.")
+    fields.update(pair[2])
+  elif len(pair) == 3:
+    fields["epsilon"] = pair[2]
+  return (pair[0].strip("/"), pair[1].strip("/"), _checked_epsilon(fields["epsilon"], where),
+          _checked_flag(fields["use_scale"], "use_scale", where),
+          _checked_flag(fields["use_bias"], "use_bias", where))
+
+
+def _bn_affine(source: dict, bn: str, leaf: str, field: str, expected: bool) -> Any:
+  """params/<bn>/<leaf> (gamma "scale" or beta "bias"): required when the BatchNorm's `field`
+  says it has one, refused when it says it has none; None then."""
+  value = _lookup(source, "params", bn, leaf, required=False)
+  if expected and value is None:
+    raise ValueError(
+        f"fold_batch_norms: no 'params/{bn}/{leaf}' in variables, but the pair says the "
+        f"BatchNorm has one ({field}=True, the default). A Flax BatchNorm built with "
+        f"{field}=False has none: say so with {field}=False (for every pair) or the pair "
+        f"(layer, '{bn}', {{'{field}': False}}); otherwise check the path. The variables hold: "
+        f"{_describe(source, 'params')}.")
+  if not expected and value is not None:
+    raise ValueError(
+        f"fold_batch_norms: 'params/{bn}/{leaf}' is in variables, but the pair says the "
+        f"BatchNorm has {field}=False; folding would drop it. Pass {field}=True for this pair "
+        f"(or fold it in a separate call).")
+  return value
 
 
 def fold_batch_norms(variables: Mapping[str, Any], pairs: Sequence[Sequence[Any]], *,
-                     epsilon: float = 1e-5) -> dict:
+                     epsilon: float = 1e-5, use_scale: bool = True,
+                     use_bias: bool = True) -> dict:
   """Fold BatchNorm layers into the Dense / Conv layers they follow, on a variables dict.
 
   For each (layer, bn) pair: params/<layer>/kernel and params/<layer>/bias become
@@ -254,19 +298,37 @@ def fold_batch_norms(variables: Mapping[str, Any], pairs: Sequence[Sequence[Any]
     folded = fold_batch_norms(variables, [("conv1", "bn1"), ("block/conv", "block/bn")])
     y = Model(fold_bn=True).apply(folded, x)
 
+  The BatchNorm's gamma (params/<bn>/scale) and beta (params/<bn>/bias) are required unless
+  the BatchNorm was built without them: Flax's `nn.BatchNorm(use_scale=False)` has no scale
+  (gamma = 1) and `use_bias=False` no bias (beta = 0). A missing gamma or beta is not read as
+  1 or 0 silently (a wrong path or a lost entry would fold the wrong affine map): say which
+  BatchNorms lack them, with the `use_scale` / `use_bias` keywords (every pair) or per pair,
+  as the BatchNorm's own fields:
+
+    fold_batch_norms(variables, [("conv1", "bn1"),
+                                 ("block/conv", "block/bn", {"use_scale": False}),
+                                 ("fc", "bn_fc", {"use_bias": False, "epsilon": 1e-3})])
+
   Args:
     variables: {"params": ..., "batch_stats": ..., ...} as from `Model.init` / training;
       other collections pass through unchanged.
-    pairs: (layer_path, bn_path) or (layer_path, bn_path, epsilon), module paths joined
-      with "/".
+    pairs: (layer_path, bn_path), (layer_path, bn_path, epsilon) or (layer_path, bn_path,
+      fields) with fields a dict of the BatchNorm's "epsilon", "use_scale" and "use_bias";
+      module paths joined with "/".
     epsilon: the BatchNorms' epsilon where a pair gives none (Flax's default 1e-5).
+    use_scale: whether the BatchNorms have a scale (gamma) where a pair does not say (Flax's
+      default True). With True a missing params/<bn>/scale raises; with False a present one
+      raises.
+    use_bias: likewise for the BatchNorms' bias (beta), params/<bn>/bias.
 
   Returns:
     A new variables dict (plain nested dicts; the input is not modified).
 
   Raises:
-    ValueError: naming the missing pytree path (and listing what is there), a layer or a
-      BatchNorm named twice, or shapes that disagree.
+    ValueError: naming the missing pytree path (and listing what is there), a scale or bias
+      that disagrees with use_scale / use_bias, a layer or a BatchNorm named twice, or
+      shapes that disagree.
+    TypeError: a malformed pair, or an unknown field in a pair's dict.
   """
   if not isinstance(variables, Mapping):
     raise TypeError(f"fold_batch_norms: variables must be a dict of collections "
@@ -275,21 +337,23 @@ def fold_batch_norms(variables: Mapping[str, Any], pairs: Sequence[Sequence[Any]
     raise TypeError(f"fold_batch_norms: pairs must be a sequence of (layer_path, bn_path) "
                     f"pairs; got {pairs!r}.")
   epsilon = _checked_epsilon(epsilon, "fold_batch_norms")
-  checked = [_checked_pair(p, epsilon) for p in pairs]
-  names = [name for layer, bn, _ in checked for name in (layer, bn)]
+  use_scale = _checked_flag(use_scale, "use_scale", "fold_batch_norms")
+  use_bias = _checked_flag(use_bias, "use_bias", "fold_batch_norms")
+  checked = [_checked_pair(p, epsilon, use_scale, use_bias) for p in pairs]
+  names = [name for layer, bn, *_ in checked for name in (layer, bn)]
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:
     raise ValueError(f"fold_batch_norms: {repeated} named more than once in pairs {pairs!r}; "
                      f"each layer folds one BatchNorm and each BatchNorm folds into one layer.")
   source = _as_dict(variables)
   result = _as_dict(variables)
-  for layer, bn, eps in checked:
+  for layer, bn, eps, has_scale, has_bias in checked:
     kernel = _lookup(source, "params", layer, "kernel", required=True)
     bias = _lookup(source, "params", layer, "bias", required=False)
     mean = _lookup(source, "batch_stats", bn, "mean", required=True)
     var = _lookup(source, "batch_stats", bn, "var", required=True)
-    gamma = _lookup(source, "params", bn, "scale", required=False)
-    beta = _lookup(source, "params", bn, "bias", required=False)
+    gamma = _bn_affine(source, bn, "scale", "use_scale", has_scale)
+    beta = _bn_affine(source, bn, "bias", "use_bias", has_bias)
     channels = np.shape(kernel)[-1] if np.ndim(kernel) else None
     for collection, path, leaf, value in (("params", layer, "bias", bias),
                                           ("params", bn, "scale", gamma),

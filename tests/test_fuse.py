@@ -258,7 +258,8 @@ class Net(nn.Module):
     return nn.Dense(3, name="head")(x)
 
 
-PAIRS = [("conv1", "bn1"), ("block/conv", "block/bn"), ("fc", "bn_fc")]
+PAIRS = [("conv1", "bn1"), ("block/conv", "block/bn", {"use_scale": False}),
+         ("fc", "bn_fc", {"use_bias": False})]
 
 
 @functools.lru_cache(maxsize=None)
@@ -300,7 +301,7 @@ def test_fold_batch_norms_partial_and_other_collections():
   variables, _ = _trained_net()
   extra = {"conv1": {"note": jnp.ones(2)}}
   frozen = flax.core.freeze({**variables, "extra": extra})
-  folded = fold_batch_norms(frozen, [("block/conv", "block/bn", 1e-5)])
+  folded = fold_batch_norms(frozen, [("block/conv", "block/bn", 1e-5)], use_scale=False)
   assert type(folded) is dict and type(folded["params"]["block"]) is dict
   assert set(folded["batch_stats"]) == {"bn1", "bn_fc"}
   assert set(folded["params"]["block"]) == {"conv"}
@@ -325,7 +326,7 @@ def test_fold_batch_norms_uses_the_pair_epsilon():
     ([("conv1",)], TypeError, r"\(layer_path, bn_path\)"),
     (["conv1/bn1"], TypeError, r"\(layer_path, bn_path\)"),
     ("conv1", TypeError, "pairs must be a sequence"),
-    ([("conv1", "bn_fc")], ValueError,
+    ([("conv1", "bn_fc", {"use_bias": False})], ValueError,
      r"params/bn_fc/scale has shape \(5,\), but params/conv1/kernel has shape \(3, 3, 3, 4\)"),
     ([("conv1", "bn1", -1.0)], ValueError, "epsilon must be >= 0"),
 ])
@@ -333,6 +334,43 @@ def test_fold_batch_norms_errors(pairs, error, match):
   variables, _ = _trained_net()
   with pytest.raises(error, match=match):
     fold_batch_norms(variables, pairs)
+
+
+def test_fold_batch_norms_missing_scale_or_bias_raises_naming_the_path():
+  """A BatchNorm without gamma / beta must be declared (use_scale / use_bias = False)."""
+  variables, _ = _trained_net()
+  with pytest.raises(ValueError, match=r"no 'params/block/bn/scale' in variables, but the pair "
+                     r"says the BatchNorm has one \(use_scale=True, the default\)\. A Flax "
+                     r"BatchNorm built with use_scale=False has none: say so with "
+                     r"use_scale=False .*the pair \(layer, 'block/bn', \{'use_scale': False\}\)"):
+    fold_batch_norms(variables, [("block/conv", "block/bn")])
+  with pytest.raises(ValueError, match=r"no 'params/bn_fc/bias' .*\(use_bias=True"):
+    fold_batch_norms(variables, [("fc", "bn_fc")])
+  # A lost gamma is an error, not gamma = 1.
+  params = {**variables["params"], "bn1": {"bias": variables["params"]["bn1"]["bias"]}}
+  with pytest.raises(ValueError, match=r"no 'params/bn1/scale'"):
+    fold_batch_norms({**variables, "params": params}, [("conv1", "bn1")])
+
+
+def test_fold_batch_norms_use_scale_and_use_bias():
+  variables, _ = _trained_net()
+  per_pair = fold_batch_norms(variables, [("block/conv", "block/bn", {"use_scale": False})])
+  keyword = fold_batch_norms(variables, [("block/conv", "block/bn")], use_scale=False)
+  chex.assert_trees_all_equal(per_pair, keyword)
+  # The pair's dict overrides the call's defaults, epsilon included.
+  a = fold_batch_norms(variables, [("fc", "bn_fc", {"use_bias": False, "epsilon": 0.5})])
+  b = fold_batch_norms(variables, [("fc", "bn_fc")], use_bias=False, epsilon=0.5)
+  chex.assert_trees_all_equal(a, b)
+  # Declaring no scale where there is one would drop it: refused.
+  with pytest.raises(ValueError, match=r"'params/bn1/scale' is in variables, but the pair says "
+                     r"the BatchNorm has use_scale=False; folding would drop it"):
+    fold_batch_norms(variables, [("conv1", "bn1")], use_scale=False)
+  with pytest.raises(ValueError, match=r"'params/bn1/bias' is in variables.*use_bias=False"):
+    fold_batch_norms(variables, [("conv1", "bn1", {"use_bias": False})])
+  with pytest.raises(TypeError, match=r"unknown BatchNorm field\(s\) \['scale'\]"):
+    fold_batch_norms(variables, [("conv1", "bn1", {"scale": False})])
+  with pytest.raises(TypeError, match=r"use_scale must be True or False"):
+    fold_batch_norms(variables, [("conv1", "bn1")], use_scale="no")
 
 
 def test_fold_batch_norms_missing_collection():
