@@ -205,8 +205,8 @@ def _kernel_and_bias(params: Any, batch_stats: Any, consumer: Consumer) -> tuple
   return layer["kernel"], layer.get("bias")
 
 
-def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, w_qp: QParams, out_qp: QParams,
-                   in_spec: QuantSpec, in_qp: QParams, requant: int8.Requant,
+def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, w_qp: QParams, q_w: jax.Array,
+                   out_qp: QParams, in_spec: QuantSpec, in_qp: QParams, requant: int8.Requant,
                    weights: str) -> dict:
   path, info = consumer.path, consumer.info
   w_spec, out_spec = info["weight_spec"], info["out_spec"]
@@ -218,7 +218,6 @@ def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, w_qp: QParams, ou
   w_zero_grid = np.asarray(jax.device_get(w_qp.zero_point), np.int64)
   _check_weight_grid(path, np.asarray(jax.device_get(kernel)), w_spec, w_scale, w_zero_grid,
                      weights)
-  q_w = numerics.quantize(kernel, w_spec, QParams(jnp.asarray(w_scale), w_qp.zero_point))
   shift = int8.int8_shift(w_spec)
   w_zero = w_zero_grid - shift
   if np.any(w_zero != 0):
@@ -288,19 +287,39 @@ def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, w_qp: QParams, ou
 # by every later convert in the process).
 
 
-@functools.partial(jax.jit, static_argnums=0)
+# These run once per point on small arrays: XLA's backend optimisations would cost more time
+# than they save (the histogram's L2 search compiles in ~1 s instead of ~3 s). They do not
+# change float results: XLA:CPU never contracts or reassociates float operations.
+_ONCE = {"xla_backend_optimization_level": 0}
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=_ONCE)
 def _qparams_of(observer: Any, state: Any) -> QParams:
   return observer.qparams(state)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _observed(observer: Any, state: Any, x: jax.Array) -> Any:
-  return observer.update(state, x)
+@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=_ONCE)
+def _weight_grid(observer: Any, state: Any, kernel: jax.Array, source: str
+                 ) -> tuple[QParams, jax.Array]:
+  """(qparams, quantized kernel) with the weight observer's state updated by the kernel
+  ("observe"), a fresh state that saw only the kernel ("fresh", `state` unused) or the state
+  as it is ("stats")."""
+  if source == "fresh":
+    state = observer.init(kernel.shape)
+  if source != "stats":
+    state = observer.update(state, kernel)
+  qparams = observer.qparams(state)
+  return qparams, numerics.quantize(kernel, observer.spec, qparams)
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=_ONCE)
+def _quantized(spec: QuantSpec, kernel: jax.Array, qparams: QParams) -> jax.Array:
+  return numerics.quantize(kernel, spec, qparams)
 
 
 def _state(observer: Any, node: Any, shape: tuple[int, ...], where: str) -> Any:
   """The observer state stored at quant_stats/<where> as the observer's state type."""
-  fresh = observer.init(shape)
+  fresh = jax.eval_shape(lambda: observer.init(shape))  # shapes and dtypes, nothing compiled
   if not hasattr(node, "keys"):
     raise ValueError(f"convert: missing quant_stats/{where} in the variables (expected the "
                      f"calibrated model's 'quant_stats' collection to hold it).")
@@ -349,28 +368,29 @@ def _activation_qparams(variables: Any, path: str, point: dict) -> QParams:
 WEIGHT_SOURCES = ("observe", "fresh", "stats")
 
 
-def _weight_qparams(variables: Any, consumer: Consumer, kernel: jax.Array,
-                    weights: str) -> QParams:
-  """The weight qparams of a converted layer, from its weight observer and the kernel being
-  converted (see `convert`'s `weights`)."""
+def _weight_grid_of(variables: Any, consumer: Consumer, kernel: jax.Array,
+                    weights: str) -> tuple[QParams, jax.Array]:
+  """The weight qparams and quantized kernel of a converted layer, from its weight observer
+  and the kernel being converted (see `convert`'s `weights`)."""
   path, info = consumer.path, consumer.info
   observer = info["weight_observer"]
   where = f"{path}/weight"
   if info.get("learnable"):
-    return _learned_qparams(observer, _subtree(variables.get("params", {}), where), where)
-  if weights == "fresh":
-    state = observer.init(kernel.shape)
-  else:
+    qparams = _learned_qparams(observer, _subtree(variables.get("params", {}), where), where)
+    return qparams, _quantized(observer.spec, kernel, qparams)
+  state = None
+  if weights != "fresh":
     state = _state(observer, _subtree(variables["quant_stats"], where), kernel.shape, where)
-  if weights != "stats":
-    state = _observed(observer, state, kernel)
-  return _qparams_of(observer, state)
+  return _weight_grid(observer, state, kernel, weights)
 
 
 def _check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np.ndarray,
                        zero: np.ndarray, weights: str) -> None:
   """Refuse a kernel that its grid would clamp by more than one step somewhere (weights
   changed after calibration: a loaded checkpoint, fine-tuning, a fold)."""
+  if not np.all(np.isfinite(kernel)):
+    raise ValueError(f"convert: {path}: the kernel holds {int(np.sum(~np.isfinite(kernel)))} "
+                     f"NaN or +-inf value(s); an integer kernel needs finite weights.")
   axis_shape = [1] * kernel.ndim
   if spec.per_channel:
     axis_shape[-1] = -1
@@ -485,9 +505,9 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
       continue
     kernel, bias = _kernel_and_bias(params, batch_stats, consumer)
     kernel = jnp.asarray(kernel, jnp.float32)
-    w_qp = _weight_qparams(variables, consumer, kernel, weights)
+    w_qp, q_w = _weight_grid_of(variables, consumer, kernel, weights)
     out_qp = producer_qparams(path)
-    out[path] = _convert_layer(consumer, kernel, bias, w_qp, out_qp, in_spec, in_qp, requant,
+    out[path] = _convert_layer(consumer, kernel, bias, w_qp, q_w, out_qp, in_spec, in_qp, requant,
                                "learned" if consumer.info.get("learnable") else weights)
     converted.append(path)
   _refuse(problems)
