@@ -14,6 +14,7 @@ from qjax import convert
 from qjax import dynamic
 from qjax import fuse
 from qjax import int8
+from qjax import interop
 from qjax import io
 from qjax import observers
 from qjax import quantizers
