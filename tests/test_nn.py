@@ -144,6 +144,45 @@ class StatsCollectionTest(parameterized.TestCase):
     _, variables = _init(StockMLP(qconfig=qmap))
     assert set(variables["quant_stats"]) == {"Dense_1"}
 
+  def test_qconfig_map_pattern_that_decides_no_layer_raises(self):
+    """A typo in a pattern would leave its layer quantized with the default: refused, naming
+    the pattern and listing the layer paths, before or after init, for both placements."""
+    typo = qnn.QConfigMap(default=MINMAX, overrides=((r"^QuantDense_2$", None),))
+    model, variables = _init(MLP(qconfig=typo), mode="float")
+    message = (r"QConfigMap: 1 override pattern\(s\) decide no layer: '\^QuantDense_2\$' matches "
+               r"no layer path\. .* The layer paths looked up: 'QuantDense_0', 'QuantDense_1', "
+               r"'Quantize_0'\.")
+    for _ in range(2):  # a second check traces again: nothing is cached
+      with pytest.raises(ValueError, match=message):
+        qnn.check_qconfig_map(model, None, X, mode="float")
+      with pytest.raises(ValueError, match=message):
+        qnn.check_qconfig_map(model, variables, X, mode="qat")
+    stock = qnn.QConfigMap(default=MINMAX, overrides=((r"^Dense_0/", None),))
+    with pytest.raises(ValueError, match=r"'\^Dense_0/' matches no layer path.*looked up: "
+                       r"'Dense_0', 'Dense_1'\."):
+      qnn.check_qconfig_map(StockMLP(qconfig=stock), None, X, mode="float")
+
+  def test_qconfig_map_shadowed_pattern_raises(self):
+    qmap = qnn.QConfigMap(default=MINMAX, overrides=((r"^QuantDense", None),
+                                                     (r"^QuantDense_1$", MINMAX)))
+    with pytest.raises(ValueError, match=r"'\^QuantDense_1\$' matches only 'QuantDense_1', "
+                       r"which the earlier pattern\(s\) '\^QuantDense' already take"):
+      qnn.check_qconfig_map(MLP(qconfig=qmap), None, X, mode="float")
+
+  def test_qconfig_map_whose_patterns_all_decide_passes(self):
+    qmap = qnn.QConfigMap(default=MINMAX, overrides=((r"^QuantDense_1$", None),
+                                                     (r"^Quantize", MINMAX)))
+    model, variables = _init(MLP(qconfig=qmap))
+    assert qnn.check_qconfig_map(model, variables, X, mode="qat") is None
+    with qnn.qconfig.checked_lookups() as seen:
+      model.apply(variables, X, mode="float")
+    assert seen == {qmap: {"Quantize_0", "QuantDense_0", "QuantDense_1"}}
+    assert qmap.unused_patterns(["QuantDense_0"]) == (r"^QuantDense_1$", r"^Quantize")
+    with pytest.raises(ValueError, match=r"decide no layer: '\^Quantize' matches no layer path"):
+      qmap.check_used(["QuantDense_1"])
+    with pytest.raises(TypeError, match="single string 'QuantDense_1'. Wrap it in a list"):
+      qmap.check_used("QuantDense_1")
+
   def test_conv(self):
     x = jnp.asarray(RNG.standard_normal((2, 8, 8, 3)).astype(np.float32))
     conv = qnn.QuantConv(4, (3, 3), qconfig=MINMAX)

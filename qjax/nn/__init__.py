@@ -22,6 +22,7 @@ from qjax.nn.modules import module_path
 from qjax.nn.qconfig import QConfig
 from qjax.nn.qconfig import QConfigMap
 from qjax.nn.qconfig import bits_qconfig
+from qjax.nn.qconfig import check_qconfig_map
 from qjax.nn.qconfig import default_qconfig
 from qjax.nn.qconfig import get_default_qat_qconfig
 from qjax.nn.qconfig import get_default_qconfig
@@ -47,6 +48,7 @@ __all__ = (
     "bits_qconfig",
     "calibrate",
     "check_calibrated",
+    "check_qconfig_map",
     "collect_qparams",
     "default_qconfig",
     "get_default_qat_qconfig",

@@ -12,13 +12,21 @@ per-channel weight specs use axis=-1 where PyTorch uses ch_axis=0 of (out, in, .
                                   per-channel symmetric int8 weights, moving average.
 
 `QConfigMap` chooses a QConfig per layer from the module path, `None` meaning "not quantized".
+A pattern that decides no layer (a typo, or one shadowed by an earlier pattern) would leave
+its layers with another QConfig without a word: `check_qconfig_map(model, variables, x,
+mode=...)` traces the model once (nothing computed) and raises, naming such patterns and the
+layer paths that exist. `checked_lookups()` runs the same check around any trace of a model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
-from typing import Union
+from typing import Any, Iterable, Iterator, Union
+
+import jax
 
 from qjax import observers as obs
 from qjax.numerics import QuantSpec
@@ -125,14 +133,20 @@ def bits_qconfig(bits: int, *, qat: bool = True, per_channel: bool = True) -> QC
 class QConfigMap:
   """Per-layer QConfigs chosen by module path (PyTorch's `QConfigMapping.set_module_name`).
 
-  The path is the Flax module path joined with "/" (e.g. "Dense_2/QuantDotGeneral_0"). The
-  first pattern that `re.search`es the path wins; otherwise `default` applies. A `None`
+  The path is the layer's Flax module path joined with "/" (e.g. "block/Dense_2"; a
+  `QuantDotGeneral` / `QuantConvGeneral` looks up the path of the stock layer that owns it).
+  The first pattern that `re.search`es the path wins; otherwise `default` applies. A `None`
   QConfig leaves the layer in float.
 
+  Every pattern should decide at least one layer: `check_used(paths)` (or
+  `check_qconfig_map` on a model) raises for those that decide none.
+
   Example:
-    >>> qmap = QConfigMap(default=default_qconfig, overrides=(("^Dense_2/", None),))
-    >>> qmap.lookup("Dense_2/QuantDotGeneral_0") is None
+    >>> qmap = QConfigMap(default=default_qconfig, overrides=(("^Dense_2$", None),))
+    >>> qmap.lookup("Dense_2") is None
     True
+    >>> qmap.unused_patterns(["Dense_0", "Dense_1"])
+    ('^Dense_2$',)
   """
 
   default: QConfig | None
@@ -154,15 +168,152 @@ class QConfigMap:
         raise ValueError(f"QConfigMap.overrides: bad regex {item[0]!r}: {err}.") from err
     object.__setattr__(self, "overrides", overrides)
 
+  def _deciding_override(self, path: str) -> int | None:
+    """Index of the first override whose pattern matches `path`, or None (the default)."""
+    for index, (pattern, _) in enumerate(self.overrides):
+      if re.search(pattern, path):
+        return index
+    return None
+
   def lookup(self, path: str) -> QConfig | None:
     """The QConfig of the module at `path`."""
-    for pattern, qconfig in self.overrides:
-      if re.search(pattern, path):
-        return qconfig
-    return self.default
+    for seen in _RECORDERS.get():
+      seen.setdefault(self, set()).add(path)
+    index = self._deciding_override(path)
+    return self.default if index is None else self.overrides[index][1]
+
+  def unused_patterns(self, paths: Iterable[str]) -> tuple[str, ...]:
+    """The override patterns that decide none of `paths`, in the order of `overrides`.
+
+    A pattern decides a path when it is the first one that matches it; one that matches no
+    path, or only paths an earlier pattern already takes, has no effect on these layers.
+
+    Args:
+      paths: the layer paths the map is looked up with (e.g. from `checked_lookups`).
+    """
+    paths = _checked_paths(paths, "QConfigMap.unused_patterns")
+    used = {self._deciding_override(p) for p in paths}
+    return tuple(pattern for index, (pattern, _) in enumerate(self.overrides)
+                 if index not in used)
+
+  def check_used(self, paths: Iterable[str]) -> None:
+    """Raise unless every override pattern decides at least one of the layer `paths`.
+
+    Raises:
+      ValueError: naming each unused pattern (and whether it matches no path or only paths
+        an earlier pattern takes), and listing `paths`.
+    """
+    paths = sorted(set(_checked_paths(paths, "QConfigMap.check_used")))
+    unused = self.unused_patterns(paths)
+    if not unused:
+      return
+    reasons = []
+    for pattern in unused:
+      matched = [p for p in paths if re.search(pattern, p)]
+      if not matched:
+        reasons.append(f"{pattern!r} matches no layer path")
+        continue
+      earlier = sorted({self.overrides[self._deciding_override(p)][0] for p in matched})
+      reasons.append(f"{pattern!r} matches only {', '.join(map(repr, matched))}, which the "
+                     f"earlier pattern(s) {', '.join(map(repr, earlier))} already take")
+    listed = ", ".join(repr(p) + (" (the top-level module)" if not p else "") for p in paths)
+    raise ValueError(
+        f"QConfigMap: {len(unused)} override pattern(s) decide no layer: "
+        f"{'; '.join(reasons)}. The layers they were meant for get the default QConfig (or an "
+        f"earlier pattern's) instead: fix the pattern(s) (re.search on the layer path, module "
+        f"names joined with '/') or remove them. The layer paths looked up: "
+        f"{listed or '(none)'}.")
 
 
 QConfigLike = Union[QConfig, QConfigMap, None]
+
+_RECORDERS: contextvars.ContextVar[tuple[dict, ...]] = contextvars.ContextVar(
+    "qjax_qconfig_map_recorders", default=())
+
+
+def _checked_paths(paths: Iterable[str], where: str) -> list[str]:
+  if isinstance(paths, str):
+    raise TypeError(f"{where}: paths must be an iterable of layer paths (e.g. ['Dense_0', "
+                    f"'block/conv']); got the single string {paths!r}. Wrap it in a list.")
+  paths = list(paths)
+  bad = [p for p in paths if not isinstance(p, str)]
+  if bad:
+    raise TypeError(f"{where}: paths must be strings (layer paths joined with '/'); got "
+                    f"{bad[:3]!r}.")
+  return paths
+
+
+@contextlib.contextmanager
+def checked_lookups() -> Iterator[dict[QConfigMap, set[str]]]:
+  """Record every `QConfigMap.lookup` made inside the block; on leaving it, check each map.
+
+  Wrap any trace of a model (`model.init`, `model.apply`, `jax.make_jaxpr`, `jax.eval_shape`)
+  so that a pattern that decides none of the layers the model looked up raises. The yielded
+  dict maps each QConfigMap to the layer paths it was looked up with (filled in as the model
+  runs). The check is skipped when the block raises.
+
+  Caveat: lookups happen while Python traces the model; a jitted function whose trace is
+  cached (called again with the same shapes) looks nothing up.
+
+  Raises:
+    ValueError: as `QConfigMap.check_used`, for the first map with unused patterns.
+
+  Example:
+    >>> qmap = QConfigMap(default=None, overrides=(("^fc$", default_qconfig),))
+    >>> with checked_lookups() as seen:
+    ...   _ = qmap.lookup("fc")
+    >>> sorted(seen[qmap])
+    ['fc']
+  """
+  seen: dict[QConfigMap, set[str]] = {}
+  token = _RECORDERS.set(_RECORDERS.get() + (seen,))
+  try:
+    yield seen
+  finally:
+    _RECORDERS.reset(token)
+  for qmap, paths in seen.items():
+    qmap.check_used(paths)
+
+
+def check_qconfig_map(model: Any, variables: Any, *args: Any, **kwargs: Any) -> None:
+  """Raise when a QConfigMap of `model` has a pattern that decides none of its layers.
+
+  Traces `model.apply(variables, *args, **kwargs)` once under `jax.eval_shape` (shapes only,
+  nothing computed; every collection mutable), recording the layer paths each QConfigMap is
+  looked up with, then checks each map (`QConfigMap.check_used`). With `variables=None` it
+  traces `model.init(jax.random.key(0), *args, **kwargs)` instead, so it can run before
+  the model has variables. Call it once after building the model, e.g. next to `init`.
+
+  Args:
+    model: a Flax module whose layers take a QConfigMap (or anything else: maps that are
+      never looked up are not checked).
+    variables: the model's variables, or None.
+    *args: a sample input (only shapes and dtypes matter).
+    **kwargs: the model's call arguments, e.g. mode="float".
+
+  Raises:
+    ValueError: naming each unused pattern and listing the layer paths looked up.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> from qjax import nn as qnn
+    >>> qmap = QConfigMap(default=default_qconfig, overrides=(("^QuantDense_7$", None),))
+    >>> check_qconfig_map(qnn.QuantDense(4, qconfig=qmap), None, jax.numpy.ones((1, 3)),
+    ...                   mode="float")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: QConfigMap: 1 override pattern(s) decide no layer: '^QuantDense_7$' matches ...
+  """
+  if variables is None:
+    def trace(*a):
+      return model.init(jax.random.key(0), *a, **kwargs)
+    operands = args
+  else:
+    def trace(v, *a):
+      return model.apply(v, *a, mutable=True, **kwargs)
+    operands = (variables, *args)
+  with checked_lookups():
+    jax.eval_shape(trace, *operands)
 
 
 def resolve(qconfig: QConfigLike, path: str) -> QConfig | None:
