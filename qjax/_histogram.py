@@ -2,7 +2,8 @@
 
 State: a float32 histogram of `bins` equal-width bins over [min_val, max_val]. Every shape is
 static, so the functions run under `jax.jit` and `jax.vmap`. The caller guarantees finite,
-non-empty data; NaN / Inf policy lives in `qjax.observers`.
+non-empty data and a range whose width max - min is finite in float32 (otherwise bin widths
+are inf and the histogram NaN); NaN / Inf and range policy live in `qjax.observers`.
 
 Reproduced bit for bit, against PyTorch 2.13 on x86 CPUs (tests/test_histogram.py):
 
@@ -309,7 +310,8 @@ def histogram_update(histogram: jax.Array, min_val: jax.Array, max_val: jax.Arra
     histogram: float32 (bins,) counts over [min_val, max_val].
     min_val: float32 scalar, the histogram's range (ignored when not initialized).
     max_val: float32 scalar.
-    x: finite, non-empty floating data of any shape (read as float32).
+    x: finite, non-empty floating data of any shape (read as float32); with the running
+      range, max - min must be finite in float32 (`qjax.numerics.range_fits_float32`).
     initialized: bool scalar; False resets the histogram from `x`, as torch's first batch.
 
   Returns:
