@@ -48,9 +48,11 @@ rounding; over a sequence the two differ by about as much as either differs from
 (tests/test_dynamic_torch.py measures both).
 
 Errors name the pytree path of the kernel (or the Flax path of the layer). Non-finite
-activations: an eager call raises a ValueError. Under `jax.jit` (and inside `nn.scan` /
-`nn.RNN`, which trace even eagerly) the scale is NaN, so the layer's output for that batch is
-all NaN.
+activations: a row (one input vector of the layer) holding a NaN or +-inf gives a NaN output
+row, eager or jitted, and is left out of the batch's range, so the other rows come out as if
+it were not there; the static int8 path does the same per sample, and a float layer's row is
+NaN (or +-inf) as well. `quantize_activation` alone, which returns integers, refuses
+non-finite input eagerly (a NaN scale under jit).
 """
 
 from __future__ import annotations
@@ -412,7 +414,11 @@ def _dense_core(x: jax.Array, qvalue: jax.Array, w_scale: jax.Array, w_zero_poin
                 col_sums: jax.Array, bias: jax.Array | None, *, reduce_range: bool,
                 affine: bool) -> jax.Array:
   k_in = x.shape[-1]
-  q, scale, zero_point_f = _quantize_rows(x.reshape((-1, k_in)).astype(_F32), reduce_range)
+  rows = x.reshape((-1, k_in)).astype(_F32)
+  # A row holding NaN / +-inf gives a NaN output row; it must not spoil the batch's range.
+  # Zeros instead leave the range as it is: fbgemm's range always includes 0.
+  bad = ~jnp.all(jnp.isfinite(rows), axis=1, keepdims=True)
+  q, scale, zero_point_f = _quantize_rows(jnp.where(bad, _F32(0), rows), reduce_range)
   zero_point8 = zero_point_f.astype(jnp.int32) - 128
   per_column = lambda v: jnp.reshape(v, (1, -1)) if jnp.ndim(v) else v
   acc = int8.matmul(q, qvalue) - zero_point8 * col_sums[None, :]
@@ -425,11 +431,13 @@ def _dense_core(x: jax.Array, qvalue: jax.Array, w_scale: jax.Array, w_zero_poin
     y = y * multiplier
   else:
     y = _fma(y, jnp.broadcast_to(multiplier, y.shape), jnp.broadcast_to(bias.astype(_F32), y.shape))
+  y = jnp.where(bad, _F32(np.nan), y)
   return y.reshape(x.shape[:-1] + (qvalue.shape[0],))
 
 
-def _checked_input(x: Any, where: str) -> jax.Array:
-  """x as a float array; TypeError for integers, ValueError (eager) for NaN / +-inf."""
+def _checked_input(x: Any, where: str, *, finite: bool = True) -> jax.Array:
+  """x as a float array; TypeError for integers; with `finite`, ValueError (eager) for NaN /
+  +-inf."""
   try:
     x = _checks.as_float_array("x", x)
   except TypeError as err:
@@ -437,7 +445,7 @@ def _checked_input(x: Any, where: str) -> jax.Array:
                     f"quantized layer quantizes float activations itself, so an integer input "
                     f"is data the float model never took: pass floats (x.astype(jnp.float32)).") \
         from err
-  if _checks.concrete_bool(jnp.any(~jnp.isfinite(x))):
+  if finite and _checks.concrete_bool(jnp.any(~jnp.isfinite(x))):
     bad = int(jnp.sum(~jnp.isfinite(x)))
     raise ValueError(f"{where}: the input holds {bad} NaN or +-inf value(s) (shape {x.shape}); a "
                      f"dynamic quantization range must be finite. Under jax.jit the result is "
@@ -478,13 +486,13 @@ def dynamic_dense(x: jax.typing.ArrayLike, kernel: DynamicKernel,
 
   Raises:
     TypeError: integer (already quantized) x, or kernel not a DynamicKernel.
-    ValueError: shapes that do not match; for concrete x, NaN or +-inf in x (under jit the
-      output is NaN instead).
+    ValueError: shapes that do not match. (A row of x holding NaN or +-inf is no error: its
+      output row is NaN, and the other rows are quantized from their own range.)
   """
   if not isinstance(kernel, DynamicKernel):
     raise TypeError(f"{where}: kernel must be a qjax.dynamic.DynamicKernel (from "
                     f"quantize_dynamic / quantize_kernel); got {type(kernel).__name__}.")
-  x = _checked_input(x, where)
+  x = _checked_input(x, where, finite=False)
   if x.ndim < 1 or x.shape[-1] != kernel.in_features:
     raise ValueError(f"{where}: the input has shape {x.shape}, but the kernel expects "
                      f"(..., {kernel.in_features}) (its int8 values are {kernel.qweight.shape}, "

@@ -3,10 +3,16 @@
 The variables are what `qjax.convert` writes (see its docstring); zero points there are on
 the int8 carrier grid (`qjax.int8.int8_shift`). Each function takes the calling module, reads
 its variables and calls the pure math of `qjax.int8`; none creates variables.
+
+Non-finite inputs. An int8 tensor has no NaN, so `Quantize` records which samples (entries
+along the leading axis) of the float input hold a NaN or +-inf, and every `Dequantize` of the
+same `apply` returns NaN for those samples: the float, dynamic and int8 paths agree on a
+non-finite sample (NaN out, eager or jitted) and leave the other samples alone.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -39,17 +45,46 @@ def _int8_input(x: Any, where: str) -> jax.Array:
   return x
 
 
+# Per `apply` (its root scope, alive for that call only): the non-finite-sample masks of the
+# Quantize boundaries run so far.
+_NONFINITE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _nonfinite_samples(x: jax.Array) -> jax.Array:
+  """(N,) bool, True where sample i of x (leading axis) holds a NaN or +-inf; () for x of
+  rank <= 1 (one sample)."""
+  bad = ~jnp.isfinite(x)
+  return jnp.any(bad, axis=tuple(range(1, x.ndim))) if x.ndim >= 2 else jnp.any(bad)
+
+
+def _with_nonfinite_samples(module: nn.Module, y: jax.Array) -> jax.Array:
+  """y with NaN for the samples whose model input was not finite."""
+  for mask in _NONFINITE.get(module.scope.root, ()):
+    if mask.ndim == 1 and y.ndim >= 1 and y.shape[0] == mask.shape[0]:
+      mask = mask.reshape(mask.shape + (1,) * (y.ndim - 1))
+    else:  # the batch axis is not recognisable: any non-finite input spoils everything
+      mask = jnp.any(mask)
+    y = jnp.where(mask, jnp.asarray(jnp.nan, y.dtype), y)
+  return y
+
+
 def quantize(module: nn.Module, spec: QuantSpec, x: jax.Array, where: str) -> jax.Array:
   """The model's input boundary: float x -> int8 on the calibrated input grid."""
   v = _vars(module, where)
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    _NONFINITE.setdefault(module.scope.root, []).append(_nonfinite_samples(x))
+    x = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))  # masked at Dequantize
   zero_point = v["zero_point"] + jnp.int32(int8.int8_shift(spec))  # back on spec's own grid
   return int8.quantize_input(x, spec, v["scale"], zero_point)
 
 
 def dequantize(module: nn.Module, x: jax.Array, where: str) -> jax.Array:
-  """The output boundary: int8 -> float32 with the producer's grid."""
+  """The output boundary: int8 -> float32 with the producer's grid (NaN for the samples
+  whose input was not finite)."""
   v = _vars(module, where)
-  return int8.dequantize_output(_int8_input(x, where), v["scale"], v["zero_point"])
+  y = int8.dequantize_output(_int8_input(x, where), v["scale"], v["zero_point"])
+  return _with_nonfinite_samples(module, y)
 
 
 def is_relu(activation: Callable | None) -> bool:
