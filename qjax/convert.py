@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -49,6 +50,7 @@ from qjax.numerics import QParams, QuantSpec
 from qjax.qarray import QArray
 from qjax.nn import _trace
 from qjax.nn import modules as qnn_modules
+from qjax.nn import qconfig as qnn_qconfig
 
 # Ops between quantized layers that commute with quantization (the int8 values they return are
 # the quantized values of what they return in float). Operand 0 is the data for the indexing
@@ -161,7 +163,7 @@ def trace_dataflow(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) 
   def forward(v, *a):
     return model.apply(v, *a, mode="float", **kwargs)
 
-  with _trace.tracing():
+  with _trace.tracing(), qnn_qconfig.checked_lookups():  # and refuse unused QConfigMap patterns
     closed = jax.make_jaxpr(forward)(variables, *args)
   flow = Dataflow(producers={}, consumers=[])
   env: dict = {}
@@ -399,14 +401,25 @@ def _check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np
                     ) + zero.astype(np.float64).reshape(axis_shape)
   beyond = np.maximum(steps - spec.qmax, spec.qmin - steps)
   far = beyond > 1
-  if np.any(far):
-    raise ValueError(
-        f"convert: {path}: {int(far.sum())} of {kernel.size} weights lie outside their grid by "
-        f"more than one step (up to {float(beyond.max()):.0f} steps) and would be clamped; the "
-        f"weight statistics ({'learned scale' if weights == 'learned' else weights!r}) do not "
-        f"describe the kernel being converted (changed after calibration: a loaded "
-        f"checkpoint, fine-tuning, a BatchNorm fold). Recalibrate on the final weights, or "
-        f"pass weights='fresh' to observe them anew as PyTorch's PTQ convert does.")
+  if not np.any(far):
+    return
+  # A QAT-trained kernel may pass its moving-average grid by some steps (a BatchNorm fold with
+  # the final running variance; its fake-quant forward clamps those weights too, and PyTorch's
+  # convert clamps them the same way): a warning. A kernel beyond its grid by more than half
+  # the grid's half-range is not the kernel the statistics saw: an error.
+  tolerated = max(1.0, 0.5 * (spec.qmax - spec.qmin) / 2)
+  what = (f"{path}: {int(far.sum())} of {kernel.size} weights lie outside their grid by "
+          f"more than one step (up to {float(beyond.max()):.0f} steps)")
+  if float(beyond.max()) <= tolerated:
+    warnings.warn(f"convert: {what} and are clamped, as the fake-quant forward clamps them.",
+                  stacklevel=3)
+    return
+  raise ValueError(
+      f"convert: {what} and would be clamped; the weight statistics "
+      f"({'learned scale' if weights == 'learned' else weights!r}) do not describe the kernel "
+      f"being converted (changed after calibration: a loaded checkpoint, fine-tuning, a "
+      f"BatchNorm fold). Recalibrate on the final weights, or pass weights='fresh' to observe "
+      f"them anew as PyTorch's PTQ convert does.")
 
 
 def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant | str = "fbgemm",

@@ -144,3 +144,17 @@ def test_repeated_pipeline_compiles_nothing():
   with cases.CompileCounter() as counter:  # the counter sees compilations
     qnn.calibrate(model, other, [X[:3]])
   assert counter.count > 0
+
+
+def test_unused_qconfig_map_pattern_is_refused_by_calibrate_and_convert():
+  """A QConfigMap override whose pattern matches no layer (a typo) would leave the layer it
+  meant quantized: calibrate and convert refuse it, naming the pattern."""
+  typo = qnn.QConfigMap(default=qnn.get_default_qconfig("x86"), overrides=(("^fc2$", None),))
+  model = Net(qconfig=typo)
+  variables = jax.jit(lambda x: model.init(jax.random.key(0, impl="unsafe_rbg"), x,
+                                           mode="float"))(X[:2])
+  with pytest.raises(ValueError, match=r"\^fc2\$"):
+    qnn.calibrate(model, variables, BATCHES)
+  fine = qnn.calibrate(Net(), variables, BATCHES)
+  with pytest.raises(ValueError, match=r"\^fc2\$"):
+    qconvert.convert(model, fine, X[:2])

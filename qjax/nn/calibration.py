@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 
 from qjax.nn.modules import STATS
+from qjax.nn.qconfig import checked_lookups
 
 __all__ = ["calibrate"]
 
@@ -49,7 +50,8 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[Any], **kwargs
     A new variables dict: `variables` with "quant_stats" replaced.
 
   Raises:
-    ValueError: no "quant_stats" in `variables`, or an empty `batches`.
+    ValueError: no "quant_stats" in `variables`, an empty `batches`, or a `QConfigMap`
+      pattern that decides none of the model's layers (`qjax.nn.check_qconfig_map`).
     TypeError: unhashable keyword arguments.
 
   Example:
@@ -78,10 +80,11 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[Any], **kwargs
     raise TypeError(f"calibrate: keyword arguments of the model call must be hashable (they "
                     f"are static under jit); got {kwargs!r}.") from err
   stats, seen = variables[STATS], 0
-  for batch in batches:
-    args = batch if isinstance(batch, tuple) else (batch,)
-    stats = _step(model, {**variables, STATS: stats}, args, items)
-    seen += 1
+  with checked_lookups():  # a QConfigMap pattern that decides no layer raises (first trace)
+    for batch in batches:
+      args = batch if isinstance(batch, tuple) else (batch,)
+      stats = _step(model, {**variables, STATS: stats}, args, items)
+      seen += 1
   if not seen:
     raise ValueError("calibrate: batches is empty; pass at least one calibration batch.")
   return {**variables, STATS: stats}
