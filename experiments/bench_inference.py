@@ -1,6 +1,6 @@
 """Inference time of qjax's integer path against float32 and PyTorch's x86 int8 models.
 
-For each (model, batch): the seed MLP (784-100-100-10) at batch 1, 64 and 1024, LeNet-5 at
+For each (model, batch): the MNIST MLP (784-100-100-10) at batch 1, 64 and 1024, LeNet-5 at
 batch 256 and a 4096-4096-4096 MLP (two 4096 x 4096 layers) at batch 256, this times one
 call of:
 
@@ -217,10 +217,10 @@ class Case:
     return (28, 28, 1) if self.kind == "lenet5" else (self.dims[0],)
 
 
-SEED_MLP = (784, 100, 100, 10)
-CASES = (*(Case(kind="mlp", dims=SEED_MLP, batch=b) for b in (1, 64, 1024)),
+MNIST_MLP = (784, 100, 100, 10)
+CASES = (*(Case(kind="mlp", dims=MNIST_MLP, batch=b) for b in (1, 64, 1024)),
          Case(kind="lenet5", batch=256), Case(kind="mlp", dims=(4096, 4096, 4096), batch=256))
-QUICK_CASES = (*(Case(kind="mlp", dims=SEED_MLP, batch=b) for b in (1, 8, 16)),
+QUICK_CASES = (*(Case(kind="mlp", dims=MNIST_MLP, batch=b) for b in (1, 8, 16)),
                Case(kind="lenet5", batch=4), Case(kind="mlp", dims=(64, 64, 64), batch=4))
 
 

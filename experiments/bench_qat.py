@@ -1,6 +1,6 @@
 """Train-step time of int8 QAT: qjax against float32 and the AQT and Qwix peers.
 
-For the seed MLP and LeNet-5 (experiments/models.py) this times one jitted training step
+For the MNIST MLP and LeNet-5 (experiments/models.py) this times one jitted training step
 (forward, softmax cross-entropy, backward, Adam update) on a random batch, for:
 
   * float32: the plain models;

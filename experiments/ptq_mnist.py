@@ -1,4 +1,4 @@
-"""MNIST post-training quantization: the seed MLP and LeNet-5 in float32, float16, bfloat16,
+"""MNIST post-training quantization: the MNIST MLP and LeNet-5 in float32, float16, bfloat16,
 dynamic int8 and static int8 (three requantizers), with accuracy and model size.
 
 Both models are written with qjax.nn (Quantize, QuantDense / QuantConv with the ReLU fused,
@@ -58,7 +58,7 @@ REQUANT = ("float", "integer", "fbgemm")
 
 
 class QuantMLP(nn.Module):
-  """The seed MLP 784-100-100-10 with qjax.nn boundaries; layers fc1..fc3."""
+  """The MNIST MLP 784-100-100-10 with qjax.nn boundaries; layers fc1..fc3."""
 
   qconfig: qnn.QConfig | None = None
 

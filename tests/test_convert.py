@@ -1,4 +1,4 @@
-"""qjax.convert and mode "int8": whole models against a NumPy int64 reference, the seed's formula,
+"""qjax.convert and mode "int8": whole models against a NumPy int64 reference, the textbook formula,
 QAT agreement, the jaxpr of the integer path, the int32 overflow check, and errors that name
 the module path.
 
@@ -450,7 +450,7 @@ def test_uint8_grid_is_shifted():
 
 
 # ------------------------------------------------------------------------------------------
-# 2. The first layer against the seed's formula, in plain Python.
+# 2. The first layer against the textbook formula, in plain Python.
 
 
 def _seed_quantize(values, scale, zero_point, qmin, qmax, documented) -> np.ndarray:

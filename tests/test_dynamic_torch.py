@@ -1,7 +1,7 @@
 """qjax.dynamic against PyTorch's x86 dynamic quantization (torch.ao quantize_dynamic).
 
 Bit for bit: the activation qparams (torch._choose_qparams_per_tensor), the quantized
-activations (torch.quantize_per_tensor_dynamic), dynamic Linear layers and the seed MLP
+activations (torch.quantize_per_tensor_dynamic), dynamic Linear layers and the MNIST MLP
 784-100-100-10. The LSTM matches to float rounding one step at a time; over a sequence torch
 quantizes the input projection of all time steps at once, which Flax's per-step cell cannot
 do, and the residual that leaves is measured here.
@@ -136,8 +136,8 @@ def test_linear_without_reduce_range_matches_fbgemm(per_channel):
     assert np.array_equal(np.asarray(got), expected), _report(got, expected)
 
 
-class SeedMLP(nn.Module):
-  """The seed's MNIST MLP, 784-100-100-10 with ReLU."""
+class MnistMLP(nn.Module):
+  """The MNIST MLP, 784-100-100-10 with ReLU."""
 
   @nn.compact
   def __call__(self, x):
@@ -159,7 +159,7 @@ def test_seed_mlp_matches_torch(per_channel):
                            "bias": float_model[2 * i].bias.detach().numpy()}
             for i in range(3)}
   variables = {"params": dynamic.quantize_dynamic(params, per_channel=per_channel)}
-  apply = jax.jit(lambda v, x: dynamic.dynamic_apply(SeedMLP(), v, x))
+  apply = jax.jit(lambda v, x: dynamic.dynamic_apply(MnistMLP(), v, x))
   rng = np.random.default_rng(4)
   for batch in (1, 64, 1024) if not per_channel else (64,):
     x = rng.random((batch, 784), dtype=F32)         # MNIST-like pixels in [0, 1)

@@ -1,6 +1,6 @@
 """Whole-model parity of `qjax.nn` with PyTorch 2.13's eager-mode quantization (CPU).
 
-The seed MLP (784-100-100-10) and LeNet-5 are built twice with identical weights: in torch
+The MNIST MLP (784-100-100-10) and LeNet-5 are built twice with identical weights: in torch
 (QuantStub, fused Linear/Conv+ReLU, DeQuantStub; `prepare` or `prepare_qat`) and in Flax
 (Quantize, QuantDense / QuantConv, Dequantize). The same batches go through both, and every
 torch observer's state (min_val / max_val, the histogram) and `calculate_qparams()` must equal
@@ -71,7 +71,7 @@ pytestmark = [
 
 
 class TorchMLP(torch.nn.Module):
-  """The seed MLP for eager-mode quantization: QuantStub, (Linear, ReLU) x 2, Linear."""
+  """The MNIST MLP for eager-mode quantization: QuantStub, (Linear, ReLU) x 2, Linear."""
 
   FUSE = [["fc1", "relu1"], ["fc2", "relu2"]]
 
@@ -116,7 +116,7 @@ class TorchLeNet(torch.nn.Module):
 
 
 class QMLP(nn.Module):
-  """The seed MLP in qjax.nn: Quantize, QuantDense with fused ReLU x 2, QuantDense,
+  """The MNIST MLP in qjax.nn: Quantize, QuantDense with fused ReLU x 2, QuantDense,
   Dequantize."""
 
   qconfig: qnn.QConfig
