@@ -121,6 +121,7 @@ def mark_layer_input(module: nn.Module, qconfig: Any, inputs: jax.Array, *, kind
     check_activation(module.activation, where)
     if hasattr(module, "kernel_size"):
       check_padding(module.padding, where)
+      conv_geometry(module, (1,) * len(module.kernel_size), where)  # input_dilation
   return _trace.mark(inputs, role="in", path=path, kind=kind, weight_spec=qconfig.weight.spec,
                      out_spec=qconfig.activation.spec, relu=is_relu(module.activation),
                      weight_observer=qconfig.weight, out_observer=qconfig.activation,
