@@ -102,8 +102,9 @@ def test_int8_conv_compiles_to_int8_contractions():
 
 # XLA:CPU (jaxlib 0.10.2) keeps a direct int8 convolution in s8 only when it has more than 16
 # input or output channels; otherwise it converts the operands to s32 (measured over Cin, Cout
-# in 1..64). qjax.int8.conv's im2col GEMM (2..15 input channels, or <= 16 in and out; no groups) is an s8 dot for
-# any Cout > 1.
+# in 1..64). qjax.int8.conv's im2col GEMM (2..15 input channels, or <= 16 in and out; no
+# groups) is an s8 dot for any Cout > 1. The expected failures are not strict: which lowering
+# XLA picks may depend on the CPU's features, so an unexpected pass is reported, not failed.
 _S32_REASON = ("XLA:CPU converts a direct int8 convolution with at most 16 input and output "
                "channels (or small groups) to an s32 convolution")
 _CONV_CENSUS = (
@@ -114,13 +115,13 @@ _CONV_CENSUS = (
     pytest.param((4, 12, 12, 64), (3, 3, 64, 64), 1, id="direct_cin64_cout64"),
     pytest.param((4, 12, 12, 64), (3, 3, 16, 64), 4, id="direct_groups4_64"),
     pytest.param((4, 12, 12, 1), (3, 3, 1, 6), 1, id="direct_cin1_cout6", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason=(
+        strict=False, raises=AssertionError, reason=(
             _S32_REASON + "; for one input channel the s32 convolution is still the faster "
             "lowering (LeNet-5's conv1 at batch 256: 0.6 ms, im2col + int8 GEMM 3.4 ms, "
             "float32 4.7 ms)"))),
     pytest.param((4, 12, 12, 16), (3, 3, 16, 12), 1, id="im2col_cin16_cout12"),
     pytest.param((4, 12, 12, 6), (3, 3, 2, 6), 3, id="direct_groups3_6", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason=_S32_REASON)),
+        strict=False, raises=AssertionError, reason=_S32_REASON)),
 )
 
 

@@ -837,7 +837,7 @@ def hlo_contractions_by_layer(hlo_text: str) -> dict[str, tuple[str, bool]]:
 
 @pytest.mark.parametrize("arch", [
     "mlp",
-    pytest.param("lenet", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    pytest.param("lenet", marks=pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
         "XLA:CPU (jaxlib 0.10.2) keeps a direct int8 convolution in int8 only when it has more "
         "than 16 input or output channels; LeNet's conv1 (1 -> 8 channels) and grouped conv3 "
         "(12 -> 6) run as s32 convolutions (operands converted from s8). For Cin = 1 that is "
