@@ -7,9 +7,11 @@
 `QuantConv`, `QuantConvBN`, `QuantDenseBN`, `Dequantize`) and takes `mode=` in its call (and
 `train=False` for the BatchNorm-folded layers, passed through **kwargs), like BatchNorm's
 `use_running_average`; `variables` hold its float `params` and calibrated (or QAT-trained)
-`quant_stats`. Convert runs the model twice on the sample: once to read every point's
-qparams, once traced (`jax.make_jaxpr`, nothing computed) to learn which quantized tensor
-feeds which layer, through grid-preserving ops only (reshape, max pooling, slicing, ...).
+`quant_stats`. Convert traces the model once on the sample (`jax.make_jaxpr`, nothing
+computed) to learn which quantized tensor feeds which layer, through grid-preserving ops only
+(reshape, max pooling, slicing, ...), and which observer each point has; the qparams then come
+straight from the observers' states (weights: observed once more on the kernel being
+converted, see `convert`), each computation compiled once per observer and shape.
 
 The result is a plain pytree {"int8": {...}, plus the float collections of any layer left in
 float}. Per converted layer at path P, int8/P holds:
@@ -433,7 +435,7 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
     "fbgemm"   (default) float bias, q = Z_y + rne((f32(acc) + f32(b / A)) * M) with
                A = f32(S_x S_w), M = f32(A / S_y): fbgemm's arithmetic in PyTorch's x86
                quantized Linear, and the fake-quant QAT forward's integers (float bias).
-    "float"    int32 bias, q = Z_y + rne(f32(acc + bias) * M), M = S_x S_w / S_y: the seed's
+    "float"    int32 bias, q = Z_y + rne(f32(acc + bias) * M), M = S_x S_w / S_y: the textbook
                formula (gemmlowp / TFLite's int32 bias with a float multiplier).
     "integer"  int32 bias, M ~= m0 / 2^shift: no float between Quantize and Dequantize.
 
@@ -546,7 +548,7 @@ def for_serving(int_vars: dict) -> dict:
   """`convert`'s variables reduced to what mode "int8" reads, for the lowest per-call cost.
 
   A jitted apply pays for every leaf it is passed (~0.15 us each on this CPU, plus the
-  flattening of each QArray): at batch 1 the seed MLP's 34 leaves cost more than its
+  flattening of each QArray): at batch 1 the MNIST MLP's 34 leaves cost more than its
   matmuls. This keeps, per layer, the int8 kernel as a bare array, the offset with the int32
   bias added in ("float" / "integer"; exact in int32, convert checked the sum's range), the
   requantization parameters and the output zero point (and a conv's input zero point, its

@@ -9,7 +9,7 @@ Pure functions over integer arrays; `qjax.convert` prepares their arguments and 
                                                         bias   = rne(b / (S_x S_w))   (int32)
   q_y   = clamp(Z_y + requant(acc'), lo, hi)            lo = Z_y with a fused ReLU
 
-so that acc + offset = sum_k (q_x - Z_x)(q_w - Z_w), the seed's formula. Three requantizers
+so that acc + offset = sum_k (q_x - Z_x)(q_w - Z_w), the textbook formula. Three requantizers
 (`Requant`), each reproducible by NumPy integer code:
 
   "fbgemm"   q = Z_y + rne((f32(acc + offset) + f32(b / A)) * M)   (float bias b)

@@ -1,8 +1,8 @@
 """Research quantizers built on `qjax.numerics` and `qjax.ste`.
 
-For now this module holds the half-precision casts of a variables pytree (the seed's
-`model.half()`): `cast_floats` and `half`. Later issues add DoReFa, PACT (a learned clip with
-its own gradient), WRPN, binary/ternary and fp8 quantizers here.
+For now this module holds the half-precision casts of a variables pytree (PyTorch's
+`model.half()`): `cast_floats` and `half`. DoReFa, PACT (a learned clip with its own
+gradient), WRPN, binary/ternary and fp8 quantizers are planned here.
 
 Integer-path variables are never cast: the "int8" collection that `qjax.convert.convert`
 returns (QArray kernels, float32 input / output scales, requantization multipliers and
