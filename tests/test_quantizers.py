@@ -163,9 +163,8 @@ class _IntNet(nn.Module):
 def _converted():
   model = _IntNet()
   x = jnp.asarray(RNG.standard_normal((32, 12)).astype(np.float32))
-  variables = model.init(jax.random.key(2), x, mode="float")
-  _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
-  int_vars = qconvert.convert(model, {**variables, **stats}, x)
+  variables = jax.jit(lambda x: model.init(jax.random.key(2), x, mode="float"))(x)
+  int_vars = qconvert.convert(model, qnn.calibrate(model, variables, [x]), x)
   return model, x, int_vars
 
 
