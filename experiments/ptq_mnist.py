@@ -164,12 +164,11 @@ def study(name: str, data: tuple, *, epochs: int, batch_size: int, lr: float,
 
   model = MODELS[name](qconfig=qnn.get_default_qconfig("x86"))
   stats = model.init(jax.random.PRNGKey(seed), jnp.asarray(x_train[:1]), mode="float")[qnn.STATS]
-  calibrate = jax.jit(lambda v, x: model.apply(v, x, mode="calibrate",
-                                               mutable=[qnn.STATS])[1][qnn.STATS])
   rng = np.random.default_rng(seed + 1)
-  for _, idx in zip(range(calib_batches), batches(len(x_train), batch_size, rng)):
-    stats = calibrate({"params": params, qnn.STATS: stats}, x_train[idx])
-  variables = {"params": params, qnn.STATS: stats}
+  variables = qnn.calibrate(model, {"params": params, qnn.STATS: stats},
+                            (x_train[idx] for _, idx in zip(range(calib_batches),
+                                                            batches(len(x_train), batch_size,
+                                                                    rng))))
   fake = np.asarray(jax.jit(lambda v, x: model.apply(v, x, mode="qat"))(variables, x_test))
   rows.append({"variant": "static fake-quant", "accuracy": accuracy(fake, y_test),
                "bytes": None})
