@@ -10,6 +10,7 @@ changes nothing.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -82,7 +83,8 @@ def _quotient(s: jax.Array, e: jax.Array, q: int) -> jax.Array:
                         lambda down: (rem + qf * (down * 0.5)) + e)
 
 
-def _round_between(q1: jax.Array, above_fn, below_fn) -> jax.Array:
+def _round_between(q1: jax.Array, above_fn: Callable[[jax.Array], jax.Array],
+                   below_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
   """The correctly rounded quotient, given an estimate q1 within one ulp of it.
 
   above_fn(ulp_up) and below_fn(ulp_down) return values whose signs are those of the exact

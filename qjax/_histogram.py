@@ -287,7 +287,7 @@ def _checked_state(histogram: jax.typing.ArrayLike, min_val: jax.typing.ArrayLik
     if value.shape not in ((), (1,)):
       raise ValueError(f"{where}: expected {name} of shape () or (1,), got shape {value.shape}.")
     out.append(value.reshape(()).astype(jnp.float32))
-  return tuple(out)
+  return out[0], out[1], out[2]
 
 
 def histogram_update(histogram: jax.Array, min_val: jax.Array, max_val: jax.Array,
@@ -436,7 +436,8 @@ def _l2_search(hist: jax.Array, min_val: jax.Array, max_val: jax.Array,
   def body(state):
     ka, kb, start, end, norm_min, _ = state
     # l: first bin from `start` whose cumulative sum reaches next_alpha * total (cSum rises).
-    l = jnp.clip(jnp.sum(csum < alpha_t[ka + 1], dtype=jnp.int32), start, end)
+    # (l and r are torch's names in _non_linear_param_search.)
+    l = jnp.clip(jnp.sum(csum < alpha_t[ka + 1], dtype=jnp.int32), start, end)  # noqa: E741
     # While l == start, torch's iterations only step beta until r < end: jump there.
     crossing = jnp.searchsorted(-beta_t, -csum[end], side="right").astype(jnp.int32) - 1
     skipped = jnp.where(end > start, jnp.maximum(crossing, kb), never)

@@ -118,9 +118,9 @@ def _walk(jaxpr: Any, env: dict, flow: Dataflow, problems: list[str]) -> None:
       continue
     inner = _sub_jaxpr(eqn)
     if inner is not None:
-      sub_env = {iv: s for iv, s in zip(inner.invars, sources) if s}
+      sub_env = {iv: s for iv, s in zip(inner.invars, sources, strict=True) if s}
       _walk(inner, sub_env, flow, problems)
-      for outer, iv in zip(eqn.outvars, inner.outvars):
+      for outer, iv in zip(eqn.outvars, inner.outvars, strict=True):
         if not isinstance(iv, jex_core.Literal) and sub_env.get(iv):
           env[outer] = sub_env[iv]
       continue
@@ -135,7 +135,7 @@ def _walk(jaxpr: Any, env: dict, flow: Dataflow, problems: list[str]) -> None:
         env[out] = data[0]
       continue
     producers = sorted({s for s in sources if s})
-    if preserving and len(set(s for s in data if s)) > 1:
+    if preserving and len({s for s in data if s}) > 1:
       why = f"combines tensors on different grids ({', '.join(producers)})"
     elif preserving:
       why = "mixes them with an unquantized operand"

@@ -61,7 +61,8 @@ import contextlib
 import dataclasses
 import functools
 import re
-from typing import Any, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -70,7 +71,8 @@ import numpy as np
 from flax.core import FrozenDict
 
 from qjax import _checks
-from qjax._exact import (_split_const, _times, _two_sum, _sign_of_sum, _quotient, _divide, _fma, _round_half_even, _ldexp, _exponent, _reciprocal, _zero_point_at_tie)
+from qjax._exact import (_split_const, _times, _two_sum, _sign_of_sum, _quotient, _divide, _fma,
+                         _round_half_even, _ldexp, _exponent, _reciprocal, _zero_point_at_tie)
 from qjax import int8
 from qjax import observers
 from qjax.numerics import QParams, QuantSpec
@@ -190,7 +192,7 @@ class DynamicKernel:
     if self.qweight.ndim != 2 or self.qweight.dtype != jnp.int8:
       raise ValueError(f"DynamicKernel.qweight must hold int8 values of shape (N, K); got "
                        f"{self.qweight.dtype} of shape {self.qweight.shape}.")
-    if self.qweight.spec.per_channel and self.qweight.spec.axis % 2 != 0:    # 0 or -2
+    if self.qweight.spec.axis is not None and self.qweight.spec.axis % 2 != 0:  # 0 or -2
       raise ValueError(f"DynamicKernel.qweight's per-channel axis must be 0 (output channels "
                        f"of the (N, K) layout); got axis {self.qweight.spec.axis}.")
     if getattr(self.col_sums, "dtype", None) != jnp.int32 or self.col_sums.shape != (
@@ -220,16 +222,17 @@ class DynamicKernel:
     return self.qweight.dequantize().T
 
 
-def _flatten_with_keys(dk: DynamicKernel):
+def _flatten_with_keys(dk: DynamicKernel) -> tuple[tuple[tuple[Any, Any], ...], bool]:
   keys = (jax.tree_util.GetAttrKey("qweight"), jax.tree_util.GetAttrKey("col_sums"))
-  return tuple(zip(keys, (dk.qweight, dk.col_sums))), dk.reduce_range
+  return tuple(zip(keys, (dk.qweight, dk.col_sums), strict=True)), dk.reduce_range
 
 
-def _unflatten(reduce_range: bool, leaves) -> DynamicKernel:
+def _unflatten(reduce_range: bool, leaves: Iterable[Any]) -> DynamicKernel:
   # Transformations rebuild these from tracers or placeholders: no validation.
   dk = object.__new__(DynamicKernel)
-  object.__setattr__(dk, "qweight", leaves[0])
-  object.__setattr__(dk, "col_sums", leaves[1])
+  qweight, col_sums = leaves
+  object.__setattr__(dk, "qweight", qweight)
+  object.__setattr__(dk, "col_sums", col_sums)
   object.__setattr__(dk, "reduce_range", reduce_range)
   return dk
 
@@ -328,7 +331,8 @@ def quantize_dynamic(params: Mapping[str, Any], *,
       try:
         patterns[name] = re.compile(pattern)
       except (re.error, TypeError) as err:
-        raise ValueError(f"quantize_dynamic: {name}={pattern!r} is not a valid regex: {err}.")
+        raise ValueError(f"quantize_dynamic: {name}={pattern!r} is not a valid regex: "
+                         f"{err}.") from err
   if not isinstance(params, Mapping):
     raise TypeError(f"quantize_dynamic: params must be a mapping (a Flax params dict); got "
                     f"{type(params).__name__}.")
@@ -365,7 +369,8 @@ def quantize_dynamic(params: Mapping[str, Any], *,
   return out
 
 
-def _map_kernels(tree: Mapping[str, Any], path: tuple[str, ...], fn) -> Mapping[str, Any]:
+def _map_kernels(tree: Mapping[str, Any], path: tuple[str, ...],
+                 fn: Callable[[str, Any], Any]) -> Mapping[str, Any]:
   out = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
@@ -420,7 +425,10 @@ def _dense_core(x: jax.Array, qvalue: jax.Array, w_scale: jax.Array, w_zero_poin
   bad = ~jnp.all(jnp.isfinite(rows), axis=1, keepdims=True)
   q, scale, zero_point_f = _quantize_rows(jnp.where(bad, _F32(0), rows), reduce_range)
   zero_point8 = zero_point_f.astype(jnp.int32) - 128
-  per_column = lambda v: jnp.reshape(v, (1, -1)) if jnp.ndim(v) else v
+
+  def per_column(v):
+    return jnp.reshape(v, (1, -1)) if jnp.ndim(v) else v
+
   acc = int8.matmul(q, qvalue) - zero_point8 * col_sums[None, :]
   if affine:
     centred_rows = jnp.sum(q.astype(jnp.int32), axis=1, keepdims=True) - k_in * zero_point8
@@ -466,7 +474,8 @@ def quantize_activation(x: jax.typing.ArrayLike, *, reduce_range: bool = True) -
   """
   _check_bool("reduce_range", reduce_range)
   x = _checked_input(x, "quantize_activation")
-  return QArray(*_quantize_activation_core(x, reduce_range=bool(reduce_range)), _UINT8)
+  qvalue, scale, zero_point = _quantize_activation_core(x, reduce_range=bool(reduce_range))
+  return QArray(qvalue, scale, zero_point, _UINT8)
 
 
 def dynamic_dense(x: jax.typing.ArrayLike, kernel: DynamicKernel,

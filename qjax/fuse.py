@@ -34,7 +34,8 @@ Numerics. The arithmetic is float32 in PyTorch's order of operations, so that re
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +109,10 @@ def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None, *, scale: jax.Arr
                      f"of rank >= 2; got shape {tuple(kernel.shape)}.")
   shape = tuple(kernel.shape)
   channels = shape[-1]
-  vector = lambda name, value: _channel_vector(name, value, channels, shape, where)
+
+  def vector(name, value):
+    return _channel_vector(name, value, channels, shape, where)
+
   b = jnp.zeros((channels,), jnp.float32) if bias is None else vector("bias", bias)
   gamma = jnp.ones((channels,), jnp.float32) if scale is None else vector("scale", scale)
   beta = jnp.zeros((channels,), jnp.float32) if offset is None else vector("offset", offset)
@@ -223,7 +227,7 @@ def _remove(variables: dict, collection: str, path: str, leaves: Sequence[str]) 
   for leaf in leaves:
     trail[-1].pop(leaf, None)
   keys = [collection] + path.split("/")
-  for parent, key, child in reversed(list(zip(trail[:-1], keys, trail[1:]))):
+  for parent, key, child in reversed(list(zip(trail[:-1], keys, trail[1:], strict=True))):
     if child:
       break
     del parent[key]

@@ -38,7 +38,7 @@ Narrower grids (4-bit, ...) clamp to their own [qmin, qmax], so they stay narrow
 from __future__ import annotations
 
 import enum
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -171,7 +171,7 @@ def conv_pads(padding: str | Sequence[tuple[int, int]], in_spatial: Sequence[int
               dilation: Sequence[int]) -> tuple[tuple[int, int], ...]:
   """Explicit (low, high) pads per spatial dim for `padding` ("SAME", "VALID" or pairs)."""
   if isinstance(padding, str):
-    dilated = [(w - 1) * d + 1 for w, d in zip(window, dilation)]
+    dilated = [(w - 1) * d + 1 for w, d in zip(window, dilation, strict=True)]
     return tuple(lax.padtype_to_pads(tuple(in_spatial), tuple(dilated), tuple(strides), padding))
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
@@ -182,12 +182,12 @@ def _im2col(x: jax.Array, window: Sequence[int], strides: Sequence[int],
   feature order is (window position, channel), i.e. an HWIO kernel reshaped to (-1, O)."""
   spatial = x.shape[1:-1]
   out = [(s - ((w - 1) * d + 1)) // st + 1
-         for s, w, d, st in zip(spatial, window, dilation, strides)]
+         for s, w, d, st in zip(spatial, window, dilation, strides, strict=True)]
   cols = []
   for offsets in np.ndindex(*window):
-    starts = [0] + [o * d for o, d in zip(offsets, dilation)] + [0]
+    starts = [0] + [o * d for o, d in zip(offsets, dilation, strict=True)] + [0]
     limits = ([x.shape[0]] + [st0 + (n - 1) * st + 1 for st0, n, st in
-                              zip(starts[1:-1], out, strides)] + [x.shape[-1]])
+                              zip(starts[1:-1], out, strides, strict=True)] + [x.shape[-1]])
     cols.append(lax.slice(x, starts, limits, [1] + list(strides) + [1]))
   return jnp.concatenate(cols, axis=-1)
 
@@ -225,7 +225,7 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   if any(lo or hi for lo, hi in pads):
     x = lax.pad(x, pad_value.astype(jnp.int8), [(lo, hi, 0) for lo, hi in pads])
   cin, cout = x.shape[-1], kernel.shape[-1]
-  if feature_group_count == 1 and 1 < cin and (cin < 16 or max(cin, cout) <= 16):
+  if feature_group_count == 1 and cin > 1 and (cin < 16 or max(cin, cout) <= 16):
     patches = _im2col(x, kernel.shape[:nsp], strides, dilation)
     k2 = kernel.reshape((-1, kernel.shape[-1]))  # (window * C, O)
     return lax.dot_general(patches, k2, (((patches.ndim - 1,), (0,)), ((), ())),

@@ -209,6 +209,7 @@ class _Loader:
     """The Flax path of torch module `name`; None when `mapping` drops it (its keys are
     marked dropped) or when there is none (a problem is recorded)."""
     shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+    base: str | None
     base, rest = "", name
     if name in self.mapping:
       base, rest = self.mapping[name], ""
@@ -464,7 +465,7 @@ def _load_cell(loader: _Loader, unit: str, keys: dict[str, str],
                  np.ascontiguousarray(w[src][rows_g].T),
                  f"the kernel (in, hidden) of gate '{side + gate}' = weight_{src}[rows].T",
                  _fmt(w[src].shape))
-      parts = _GRU_BIAS[side, gate] if cell == "GRUCell" else biases[side]
+      parts = _GRU_BIAS[side, gate] if biases is None else biases[side]  # None: GRUCell
       if not parts:
         continue
       bias = b[parts[0]][rows_g]
@@ -559,12 +560,12 @@ def load_state_dict(state_dict: Mapping[str, Any], target_variables: Mapping[str
     if not isinstance(key, str) or not (value is None or isinstance(value, str)):
       raise TypeError(f"load_state_dict: mapping must map torch module names to Flax paths "
                       f"('a/b') or None; got {key!r}: {value!r}.")
-  for key, value in flatten_from.items():
-    if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
+  for key, shape in flatten_from.items():
+    if shape is not None and (isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence)
                               or not all(isinstance(s, (int, np.integer)) and s > 0
-                                         for s in value) or len(value) < 2):
+                                         for s in shape) or len(shape) < 2):
       raise TypeError(f"load_state_dict: flatten_from['{key}'] must be torch's (C, H, W) (or "
-                      f"(C, L)) shape of positive ints, or None; got {value!r}.")
+                      f"(C, L)) shape of positive ints, or None; got {shape!r}.")
   if isinstance(keep, str):
     keep = (keep,)
 
@@ -585,13 +586,13 @@ def load_state_dict(state_dict: Mapping[str, Any], target_variables: Mapping[str
       _load_norm(loader, name, keys, arrays, path)
       continue
     flatten = None
-    weight = arrays.get(keys.get("weight", ""), None)
+    weight = arrays.get(keys.get("weight", ""))
     kind = _layer_kind(loader, path)
     if kind == "dense" and weight is not None and weight.ndim == 2:
       loaded_linear.add(name)
       if name in flatten_from:
-        flatten = None if flatten_from[name] is None else tuple(int(s) for s in
-                                                                 flatten_from[name])
+        shape = flatten_from[name]
+        flatten = None if shape is None else tuple(int(s) for s in shape)
       elif previous is not None and previous[1] == "conv":
         channels, in_features = previous[2], weight.shape[1]
         if in_features % channels == 0 and in_features > channels:
@@ -773,7 +774,7 @@ def _grid_view(node: Mapping[str, Any], shift: int, where: str) -> tuple[np.floa
 
 
 def _layer_view(path: str, node: Mapping[str, Any], shift: int,
-                flatten: tuple[int, ...] | None) -> dict:
+                flatten: Sequence[int] | None) -> dict:
   kernel = node["kernel"]
   if not isinstance(kernel, QArray):
     raise ValueError(f"to_torch_view: {path}/kernel is a bare {type(kernel).__name__} without "

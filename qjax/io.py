@@ -43,6 +43,7 @@ file or the new one, and a failed save removes its temporary file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -93,7 +94,7 @@ STORABLE_DTYPES: frozenset[str] = frozenset(n for n in _DTYPE_NAMES if _resolvab
 """Names of the dtypes an array leaf may have (those this JAX / ml_dtypes knows)."""
 
 
-class _Malformed(Exception):
+class _Malformed(Exception):  # noqa: N818 (private; surfaces as a ValueError)
   """A payload that decodes but does not describe a variables tree (path, message)."""
 
   def __init__(self, path: tuple[Any, ...], message: str):
@@ -180,8 +181,10 @@ def _encode_array(x: Any, path: tuple[Any, ...]) -> dict:
   if sys.byteorder == "big":
     arr = arr.byteswap()
   # A byte view of the C-ordered data: msgpack copies it into the payload once.
-  data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-  chunks = [data[i:i + _CHUNK_BYTES] for i in range(0, len(data), _CHUNK_BYTES)] or [b""]
+  # (numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only.)
+  data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+  chunks: list[memoryview | bytes] = [data[i:i + _CHUNK_BYTES]
+                                      for i in range(0, len(data), _CHUNK_BYTES)] or [b""]
   return {"array": {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": chunks}}
 
 
@@ -314,10 +317,8 @@ def save(path: str | os.PathLike, variables: Any) -> None:
     tmp = None
   except BaseException as err:
     if tmp is not None:
-      try:
+      with contextlib.suppress(OSError):
         os.remove(tmp)
-      except OSError:
-        pass
     if not isinstance(err, OSError):
       raise
     detail = err.strerror or str(err)
@@ -443,9 +444,9 @@ def _check_matches(target: Any, found: Any, path: tuple[Any, ...]) -> None:
     for key in target:
       _check_matches(target[key], found[key], path + (key,))
   elif target is None or isinstance(target, (list, tuple)):
-    if type(found) is not type(target) or (target is not None and len(found) != len(target)):
+    if type(found) is not type(target) or len(found or ()) != len(target or ()):
       raise _mismatch(target, found, path)
-    for i, (t, f) in enumerate(zip(target or (), found or ())):
+    for i, (t, f) in enumerate(zip(target or (), found or (), strict=True)):
       _check_matches(t, f, path + (i,))
   elif hasattr(target, "shape") and hasattr(target, "dtype"):
     if (qarray.is_qarray(found) or not hasattr(found, "shape")

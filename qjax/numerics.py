@@ -170,6 +170,7 @@ class QParams(NamedTuple):
 
 def _channel_count(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, int]:
   """(normalised axis, number of channels) of a per-channel spec for an array of `shape`."""
+  assert spec.axis is not None, "callers check spec.per_channel"
   axis = _checks.normalize_axis(spec.axis, len(shape), shape=shape)
   return axis, shape[axis]
 
@@ -263,7 +264,7 @@ def check_grid_values(q: jax.Array, spec: QuantSpec, *, name: str) -> None:
   if not q.size:
     return
   q_min, q_max = _checks.concrete(jnp.min(q)), _checks.concrete(jnp.max(q))
-  if q_min is not None and (q_min < spec.qmin or q_max > spec.qmax):
+  if q_min is not None and q_max is not None and (q_min < spec.qmin or q_max > spec.qmax):
     raise ValueError(f"{name} holds values in [{int(q_min)}, {int(q_max)}], outside the grid "
                      f"[qmin, qmax] = [{spec.qmin}, {spec.qmax}] of {spec}.")
 
@@ -285,8 +286,8 @@ def checked_eps(eps: object, *, name: str) -> float:
       why = (f"{'0' if np.float32(eps) == 0 else 'subnormal'} in float32 (XLA flushes "
              f"subnormals to 0), so a one-point range would get scale 0")
     raise ValueError(f"{name} must be a normal float32 number, in [np.finfo(np.float32).tiny, "
-                     f"np.finfo(np.float32).max] = [{str(np.float32(FLOAT32_TINY))}, "
-                     f"{str(np.float32(FLOAT32_MAX))}]; got {eps!r}, which is {why}. PyTorch's "
+                     f"np.finfo(np.float32).max] = [{np.float32(FLOAT32_TINY)!s}, "
+                     f"{np.float32(FLOAT32_MAX)!s}]; got {eps!r}, which is {why}. PyTorch's "
                      f"default is float32 eps, {FLOAT32_EPS!r}.")
   return float(eps)
 
@@ -302,8 +303,8 @@ def range_fits_float32(min_val: jax.Array, max_val: jax.Array) -> jax.Array:
   return jnp.isfinite(lo) & jnp.isfinite(hi) & jnp.isfinite(hi - lo)
 
 
-def check_range_fits_float32(min_val: jax.Array, max_val: jax.Array, *, where: str,
-                             hint: str = "") -> None:
+def check_range_fits_float32(min_val: jax.Array | np.ndarray, max_val: jax.Array | np.ndarray, *,
+                             where: str, hint: str = "") -> None:
   """ValueError naming `where` when a concrete range has finite ends but fails
   `range_fits_float32` (its width overflows). Traced values, and NaN or infinite ends, are
   left to the caller's own checks. `hint` is appended to the message."""
@@ -325,7 +326,7 @@ def check_range_fits_float32(min_val: jax.Array, max_val: jax.Array, *, where: s
 
 def broadcast_qparam(v: jax.Array, spec: QuantSpec, ndim: int) -> jax.Array:
   """A () or (C,) qparam reshaped to broadcast against data of rank `ndim`."""
-  if not spec.per_channel or ndim == 0:
+  if spec.axis is None or ndim == 0:  # per-tensor, or scalar data
     return v
   axis = spec.axis % ndim
   return v.reshape((1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
@@ -415,7 +416,8 @@ def qparams_from_minmax(min_val: jax.typing.ArrayLike, max_val: jax.typing.Array
     (0.01568627543747425, 64)
   """
   if not isinstance(spec, QuantSpec):
-    raise TypeError(f"qparams_from_minmax: spec must be a qjax.QuantSpec; got {type(spec).__name__}.")
+    raise TypeError(f"qparams_from_minmax: spec must be a qjax.QuantSpec; got "
+                    f"{type(spec).__name__}.")
   min_val = _checks.as_float_array("min_val", min_val, python_int_ok=True).astype(jnp.float32)
   max_val = _checks.as_float_array("max_val", max_val, python_int_ok=True).astype(jnp.float32)
   if min_val.shape != max_val.shape:

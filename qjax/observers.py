@@ -54,7 +54,7 @@ identical min/max states. `merge` combines two min/max states (e.g. from separat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Union
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +81,7 @@ class MinMaxState(NamedTuple):
 
   min_val: jax.Array
   max_val: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count: the state's public name
   skipped: jax.Array
 
 
@@ -97,11 +97,12 @@ class HistogramState(NamedTuple):
   histogram: jax.Array
   min_val: jax.Array
   max_val: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count: the state's public name
   skipped: jax.Array
 
 
-ObserverState = Union[MinMaxState, HistogramState]
+ObserverState = MinMaxState | HistogramState
+_State = TypeVar("_State", bound=ObserverState)  # the state type an observer takes
 
 
 def _shape_of(shape_or_array: Any) -> tuple[int, ...]:
@@ -152,7 +153,7 @@ def _fits_float32(name: str, state: ObserverState, lo: jax.Array, hi: jax.Array)
 
 
 def _reduced_axes(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
-  if not spec.per_channel:
+  if spec.axis is None:  # per-tensor
     return tuple(range(len(shape)))
   axis = _checks.normalize_axis(spec.axis, len(shape), shape=shape)
   return tuple(a for a in range(len(shape)) if a != axis)
@@ -165,7 +166,7 @@ def _min_and_max(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Ar
                     lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), axes)
 
 
-def _check_state_shape(state: Any, expected_type: type, shape: tuple[int, ...],
+def _check_state_shape(state: Any, expected_type: type[ObserverState], shape: tuple[int, ...],
                        name: str) -> None:
   if not isinstance(state, expected_type):
     raise TypeError(f"{name}: expected a {expected_type.__name__} (from {name}.init); "
@@ -205,7 +206,7 @@ def merge(a: MinMaxState, b: MinMaxState) -> MinMaxState:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _RangeObserver:
+class _RangeObserver(Generic[_State]):
   """Shared parts: the target grid and the scale floor."""
 
   spec: QuantSpec
@@ -221,18 +222,18 @@ class _RangeObserver:
   def name(self) -> str:
     return type(self).__name__
 
-  def range(self, state: ObserverState) -> tuple[jax.Array, jax.Array]:
+  def range(self, state: _State) -> tuple[jax.Array, jax.Array]:
     """The (min, max) the qparams are computed from."""
     return _checked_range(state, self.name)
 
-  def qparams(self, state: ObserverState) -> QParams:
+  def qparams(self, state: _State) -> QParams:
     """`qparams_from_minmax(*self.range(state), self.spec)`."""
     lo, hi = self.range(state)
     return numerics.qparams_from_minmax(lo, hi, self.spec, eps=float(self.eps))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MinMaxObserver(_RangeObserver):
+class MinMaxObserver(_RangeObserver[MinMaxState]):
   """Running min and max: min_t = min(min_{t-1}, min x_t), max_t = max(max_{t-1}, max x_t).
 
   PyTorch's `MinMaxObserver` (per-tensor) and `PerChannelMinMaxObserver` (`spec.axis`).
@@ -320,7 +321,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class HistogramObserver(_RangeObserver):
+class HistogramObserver(_RangeObserver[HistogramState]):
   """PyTorch's `HistogramObserver`: a `bins`-bin histogram over the running [min, max]
   (re-binned when the range grows), and qparams from the sub-range [a, b] of the histogram
   that minimises the L2 error of quantizing it onto 2^bits levels:
@@ -367,7 +368,10 @@ class HistogramObserver(_RangeObserver):
     safe_x = jnp.where(ok, x, jnp.zeros_like(x))
     hist, lo, hi = _histogram.histogram_update(state.histogram, state.min_val, state.max_val,
                                                safe_x, initialized=state.count > 0)
-    keep = lambda new, old: jnp.where(ok, new, old)
+
+    def keep(new, old):
+      return jnp.where(ok, new, old)
+
     return HistogramState(keep(hist, state.histogram), keep(lo, state.min_val),
                           keep(hi, state.max_val), _saturating_increment(state.count, ok),
                           _saturating_increment(state.skipped, ~ok))
@@ -403,5 +407,5 @@ class PercentileObserver(HistogramObserver):
                                        percentile=float(self.percentile))
 
 
-Observer = Union[MinMaxObserver, MovingAverageMinMaxObserver, HistogramObserver,
-                 PercentileObserver]
+Observer = (MinMaxObserver | MovingAverageMinMaxObserver | HistogramObserver
+            | PercentileObserver)

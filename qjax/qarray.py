@@ -15,6 +15,7 @@ The represented real array is `scale * (qvalue - zero_point)` (see `dequantize`)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -75,20 +76,20 @@ class QArray:
                + self.zero_point.size * 4)
 
 
-def _flatten_with_keys(qa: QArray):
+def _flatten_with_keys(qa: QArray) -> tuple[tuple[tuple[Any, jax.Array], ...], QuantSpec]:
   keys = (jax.tree_util.GetAttrKey("qvalue"), jax.tree_util.GetAttrKey("scale"),
           jax.tree_util.GetAttrKey("zero_point"))
-  return tuple(zip(keys, (qa.qvalue, qa.scale, qa.zero_point))), qa.spec
+  return tuple(zip(keys, (qa.qvalue, qa.scale, qa.zero_point), strict=True)), qa.spec
 
 
-def _flatten(qa: QArray):
+def _flatten(qa: QArray) -> tuple[tuple[jax.Array, jax.Array, jax.Array], QuantSpec]:
   return (qa.qvalue, qa.scale, qa.zero_point), qa.spec
 
 
-def _unflatten(spec: QuantSpec, leaves) -> QArray:
+def _unflatten(spec: QuantSpec, leaves: Iterable[Any]) -> QArray:
   # Transformations rebuild QArrays from tracers, batch dims or placeholders: no validation.
   qa = object.__new__(QArray)
-  for name, leaf in zip(("qvalue", "scale", "zero_point"), leaves):
+  for name, leaf in zip(("qvalue", "scale", "zero_point"), leaves, strict=True):
     object.__setattr__(qa, name, leaf)
   object.__setattr__(qa, "spec", spec)
   return qa
@@ -113,7 +114,7 @@ def validate(qa: QArray) -> None:
     raise TypeError(f"QArray.scale must be float32; got {scale.dtype}.")
   if zero_point.dtype != jnp.int32:
     raise TypeError(f"QArray.zero_point must be int32; got {zero_point.dtype}.")
-  if spec.per_channel:
+  if spec.axis is not None:  # per-channel
     _checks.normalize_axis(spec.axis, qvalue.ndim, name="QArray.spec.axis", shape=qvalue.shape)
   for name, value in (("scale", scale), ("zero_point", zero_point)):
     numerics.check_qparam_shape(value, spec, qvalue.shape, name=f"QArray.{name}",

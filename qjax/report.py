@@ -164,7 +164,8 @@ def _represented(leaf: Any) -> np.ndarray:
   return scale * (q - zero_point)
 
 
-def _best_reference(keys: tuple[Any, ...], leaf: Any, float_variables: Any):
+def _best_reference(keys: tuple[Any, ...], leaf: Any, float_variables: Any
+                    ) -> tuple[float | None, str | None, tuple[int, ...] | None]:
   """(sqnr_db, path, axes) of the best-aligned float counterpart of `leaf`, or Nones.
 
   Candidates: float_variables["params"][rest], float_variables[keys] and float_variables[rest],
@@ -173,7 +174,7 @@ def _best_reference(keys: tuple[Any, ...], leaf: Any, float_variables: Any):
   SQNR over the matches is kept: the wrong orientation scores far lower.
   """
   approx = _represented(leaf)
-  best = (None, None, None)
+  best: tuple[float | None, str | None, tuple[int, ...] | None] = (None, None, None)
   rest = keys[1:]
   for ref_keys in dict.fromkeys((("params", *rest), keys, rest)):
     ref = _lookup(float_variables, ref_keys) if ref_keys else None
@@ -213,7 +214,7 @@ def layer_report(int_variables: Any, float_variables: Any = None) -> list[LayerR
     keys = _keys(key_path)
     parts = leaf.values() if isinstance(leaf, Mapping) else (leaf,)
     nbytes = sum(_leaf_nbytes(v, keys, False, "layer_report") for v in parts)
-    common = dict(path=_path_str(keys), nbytes=nbytes)
+    common: dict[str, Any] = {"path": _path_str(keys), "nbytes": nbytes}
     if isinstance(leaf, Mapping):
       scale, zero_point = np.asarray(leaf["scale"]), np.asarray(leaf["zero_point"])
       rows.append(LayerRow(kind="qparams", dtype=f"{scale.dtype}/{zero_point.dtype}",
@@ -275,6 +276,6 @@ def format_report(rows: list[LayerRow]) -> str:
   lines = []
   for r in table:
     cells = [cell.rjust(w) if i == 3 else cell.ljust(w) for i, (cell, w) in
-             enumerate(zip(r, widths))]
+             enumerate(zip(r, widths, strict=True))]
     lines.append("  ".join(cells).rstrip())
   return "\n".join(lines)

@@ -22,7 +22,7 @@ from qjax import numerics
 from qjax.numerics import QParams, QuantSpec
 
 
-def _zero_cotangent(value: jax.Array) -> jax.Array:
+def _zero_cotangent(value: jax.Array) -> jax.Array | np.ndarray:
   """Zero cotangent of a primal: float0 for integer primals, zeros otherwise."""
   if jnp.issubdtype(value.dtype, jnp.integer):
     return np.zeros(value.shape, dtype=jax.dtypes.float0)
@@ -167,7 +167,9 @@ _fake_quant_learnable.defvjp(_fake_quant_learnable_fwd, _fake_quant_learnable_bw
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "grad_factor"))
-def _learnable_grads(x, scale, zero_point, g, *, spec: QuantSpec, grad_factor: float):
+def _learnable_grads(x: jax.Array, scale: jax.Array, zero_point: jax.Array, g: jax.Array, *,
+                     spec: QuantSpec, grad_factor: float
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """PyTorch's `_fake_quantize_grad_learnable_{tensor,channel}_kernel`, vectorised.
 
   Compiled as a unit so that `x * (1/S) + Z_b` contracts into an FMA as in PyTorch's kernel.
@@ -189,7 +191,7 @@ def _learnable_grads(x, scale, zero_point, g, *, spec: QuantSpec, grad_factor: f
   dscale_clamped = jnp.where(below, gf * (qmin - z), gf * (qmax - z)) * factor
   dscale = jnp.where(in_range, gf * (x_fq - xf) * inv_s * factor, dscale_clamped)
   dzero = jnp.where(in_range, 0.0, gf * -1.0 * s * factor)
-  if spec.per_channel:
+  if spec.axis is not None:  # per-channel
     axis = spec.axis % x.ndim
     others = tuple(a for a in range(x.ndim) if a != axis)
     return dx, jnp.sum(dscale, axis=others), jnp.sum(dzero, axis=others)

@@ -13,7 +13,8 @@ non-finite sample (NaN out, eager or jitted) and leave the other samples alone.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,7 +27,7 @@ from qjax.numerics import QuantSpec
 INT8 = "int8"
 
 
-def _vars(module: nn.Module, where: str) -> dict:
+def _vars(module: nn.Module, where: str) -> Mapping[str, Any]:
   tree = module.variables.get(INT8)
   if not tree:
     raise ValueError(f"{where}: mode='int8' needs this module's integer variables, but the "
@@ -59,7 +60,8 @@ def _nonfinite_samples(x: jax.Array) -> jax.Array:
 
 def _with_nonfinite_samples(module: nn.Module, y: jax.Array) -> jax.Array:
   """y with NaN for the samples whose model input was not finite."""
-  for mask in _NONFINITE.get(module.scope.root, ()):
+  root = module.scope.root  # type: ignore[union-attr]  # bound in apply: its scope is set
+  for mask in _NONFINITE.get(root, ()):
     if mask.ndim == 1 and y.ndim >= 1 and y.shape[0] == mask.shape[0]:
       mask = mask.reshape(mask.shape + (1,) * (y.ndim - 1))
     else:  # the batch axis is not recognisable: any non-finite input spoils everything
@@ -73,7 +75,8 @@ def quantize(module: nn.Module, spec: QuantSpec, x: jax.Array, where: str) -> ja
   v = _vars(module, where)
   x = jnp.asarray(x)
   if jnp.issubdtype(x.dtype, jnp.inexact):
-    _NONFINITE.setdefault(module.scope.root, []).append(_nonfinite_samples(x))
+    root = module.scope.root  # type: ignore[union-attr]  # bound in apply: its scope is set
+    _NONFINITE.setdefault(root, []).append(_nonfinite_samples(x))
     x = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))  # masked at Dequantize
   zero_point = v["zero_point"] + jnp.int32(int8.int8_shift(spec))  # back on spec's own grid
   return int8.quantize_input(x, spec, v["scale"], zero_point)
@@ -144,7 +147,7 @@ def run_layer(module: nn.Module, qconfig: Any, inputs: jax.Array, *, is_dense: b
   return run(module, qconfig.activation.spec, inputs, where)
 
 
-def _requantize(v: dict, acc: jax.Array, out_spec: QuantSpec, relu: bool) -> jax.Array:
+def _requantize(v: Mapping[str, Any], acc: jax.Array, out_spec: QuantSpec, relu: bool) -> jax.Array:
   lo, hi = int8.int8_bounds(out_spec)
 
   def channels(a: jax.Array) -> jax.Array:  # (N,) broadcast along acc's last axis, explicitly
@@ -164,7 +167,7 @@ def _requantize(v: dict, acc: jax.Array, out_spec: QuantSpec, relu: bool) -> jax
   return int8.requantize_float(acc, r["multiplier"], zero_point, lo=lo, hi=hi, relu=relu)
 
 
-def _kernel(v: dict) -> jax.Array:
+def _kernel(v: Mapping[str, Any]) -> jax.Array:
   """The int8 kernel: a QArray's values, or the bare array of a serving tree."""
   kernel = v["kernel"]
   return getattr(kernel, "qvalue", kernel)
@@ -223,8 +226,8 @@ def conv_geometry(module: nn.Module, in_spatial: tuple[int, ...], where: str) ->
     pads = ((padding, padding),) * n
   else:
     pads = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
-  return dict(strides=strides, padding=pads, dilation=dilation,
-              feature_group_count=int(module.feature_group_count))
+  return {"strides": strides, "padding": pads, "dilation": dilation,
+          "feature_group_count": int(module.feature_group_count)}
 
 
 def conv(module: nn.Module, out_spec: QuantSpec, x: jax.Array, where: str) -> jax.Array:

@@ -45,7 +45,8 @@ Variables of a layer <layer> (convert relies on these names):
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -140,7 +141,7 @@ class _FoldedDotGeneral(nn.Module):
   @nn.compact
   def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
                precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
-    nn.share_scope(self.parent, self)
+    nn.share_scope(self.parent, self)  # type: ignore[arg-type]  # bound: parent is the layer
     rhs = _folded_weight(self, self.qconfig, self.mode, rhs, self.scale)
     y = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                         preferred_element_type=preferred_element_type)
@@ -160,7 +161,7 @@ class _FoldedConvGeneral(nn.Module):
                dimension_numbers: Any = None, feature_group_count: int = 1,
                batch_group_count: int = 1, precision: Any = None,
                preferred_element_type: Any = None) -> jax.Array:
-    nn.share_scope(self.parent, self)
+    nn.share_scope(self.parent, self)  # type: ignore[arg-type]  # bound: parent is the layer
     rhs = _folded_weight(self, self.qconfig, self.mode, rhs, self.scale)
     y = lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -277,8 +278,10 @@ class QuantConvBN(nn.Conv):
   bn_bias_init: Callable[..., jax.Array] = nn.initializers.zeros
   mode: Mode | str | None = None
 
+  # Takes `train` on top of the stock layer's `inputs` (for the BatchNorm): not a substitute
+  # for the stock layer's __call__, hence the ignore.
   @nn.compact
-  def __call__(self, inputs: jax.Array, *, train: bool,
+  def __call__(self, inputs: jax.Array, *, train: bool,  # type: ignore[override]
                mode: Mode | str | None = None) -> jax.Array:
     """The folded layer's output (module docstring); `train` chooses the batch's statistics
     (and updates the running averages) or the running averages."""
@@ -300,8 +303,10 @@ class QuantDenseBN(nn.Dense):
   bn_bias_init: Callable[..., jax.Array] = nn.initializers.zeros
   mode: Mode | str | None = None
 
+  # Takes `train` on top of the stock layer's `inputs` (for the BatchNorm): not a substitute
+  # for the stock layer's __call__, hence the ignore.
   @nn.compact
-  def __call__(self, inputs: jax.Array, *, train: bool,
+  def __call__(self, inputs: jax.Array, *, train: bool,  # type: ignore[override]
                mode: Mode | str | None = None) -> jax.Array:
     """As `QuantConvBN.__call__`."""
     return _folded_bn_layer(self, nn.Dense, "dot_general_cls", _FoldedDotGeneral, inputs,

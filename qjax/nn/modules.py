@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import enum
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 from flax import traverse_util
@@ -136,7 +137,8 @@ def _no_int8(module: nn.Module, mode: Mode) -> None:
                      f"run int8 weights through qjax.dynamic instead.")
 
 
-def _observer_state(module: nn.Module, observer: obs.Observer, x: jax.Array, mode: Mode):
+def _observer_state(module: nn.Module, observer: obs.Observer, x: jax.Array, mode: Mode
+                    ) -> tuple[obs.ObserverState, dict[str, Any]] | None:
   """The point's observer state in "quant_stats" (created at init) and its variables, or None
   for a float forward of params alone, which needs no statistics."""
   _reraise_with_path(module, lambda: _checks.as_float_array(
@@ -154,7 +156,7 @@ def _observer_state(module: nn.Module, observer: obs.Observer, x: jax.Array, mod
 
 
 def _observe(module: nn.Module, observer: obs.Observer, state: obs.ObserverState,
-             variables: dict, x: jax.Array, *, mode: Mode, updates: bool):
+             variables: dict, x: jax.Array, *, mode: Mode, updates: bool) -> Any:
   """Fold x into the observer when `updates` and "quant_stats" is mutable (never at init);
   "calibrate" with immutable statistics is an error. Returns the (new) state."""
   if module.is_initializing():
@@ -165,7 +167,9 @@ def _observe(module: nn.Module, observer: obs.Observer, state: obs.ObserverState
                      f"the '{STATS}' collection is immutable; call "
                      f"apply(..., mutable=['{STATS}']).")
   if updates and mutable:
-    state = _reraise_with_path(module, lambda: observer.update(state, lax.stop_gradient(x)))
+    # The state is from this observer's own init; mypy cannot pair the union's members.
+    state = _reraise_with_path(
+        module, lambda: observer.update(state, lax.stop_gradient(x)))  # type: ignore[arg-type]
     for name, var in variables.items():
       var.value = getattr(state, name)
   return state
@@ -196,9 +200,10 @@ class FakeQuant(nn.Module):
     """x unchanged (float, calibrate) or fake-quantized with the observed qparams (qat)."""
     mode = _merged_mode(self, mode)
     observer = self.observer
-    if observer is not None:
-      _no_int8(self, mode)
-    found = None if observer is None else _observer_state(self, observer, x, mode)
+    if observer is None:
+      return x
+    _no_int8(self, mode)
+    found = _observer_state(self, observer, x, mode)
     if found is None:
       return x
     state = _observe(self, observer, *found, x, mode=mode, updates=mode is not Mode.FLOAT)
@@ -254,8 +259,10 @@ class LearnableFakeQuant(nn.Module):
       return x
 
     def observed_qparams(data):
-      first = observer.update(observer.init(jnp.shape(data)), lax.stop_gradient(data))
-      return observer.qparams(first)
+      # Each observer takes its own init's state; mypy cannot pair the union's members.
+      first = observer.update(observer.init(jnp.shape(data)),  # type: ignore[arg-type]
+                              lax.stop_gradient(data))
+      return observer.qparams(first)  # type: ignore[arg-type]
 
     # Flax also calls a param's initialiser abstractly after init, to check shapes: outside
     # init it must only produce the right shape.
@@ -293,7 +300,7 @@ def _point(qconfig: QConfig | None, role: str, **kwargs: Any) -> nn.Module:
   """The quantization point for `qconfig`'s "activation" or "weight" observer: learned
   qparams (LSQ) when `qconfig.learnable`, observed ones otherwise."""
   observer = None if qconfig is None else getattr(qconfig, role)
-  if observer is not None and qconfig.learnable:
+  if qconfig is not None and observer is not None and qconfig.learnable:
     return LearnableFakeQuant(observer=observer, **kwargs)
   return FakeQuant(observer=observer, **kwargs)
 
@@ -309,9 +316,9 @@ class Quantize(nn.Module):
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
     mode = _merged_mode(self, mode)
     qconfig = resolve(self.qconfig, module_path(self))
-    spec = None if qconfig is None or qconfig.activation is None else qconfig.activation.spec
-    if spec is None:  # not quantized: the model stays in float from here
-      return x
+    if qconfig is None or qconfig.activation is None:
+      return x  # not quantized: the model stays in float from here
+    spec = qconfig.activation.spec
     if mode is Mode.INT8:
       return _integer.quantize(self, spec, x, _where(self))
     point = _point(qconfig, "activation")
@@ -343,7 +350,7 @@ def _layer_path(module: nn.Module) -> str:
 
 def _check_weight_axis(module: nn.Module, qconfig: QConfig | None, rhs: jax.Array,
                        allowed: tuple[int, ...], what: str) -> None:
-  if qconfig is None or qconfig.weight is None or not qconfig.weight.spec.per_channel:
+  if qconfig is None or qconfig.weight is None or qconfig.weight.spec.axis is None:
     return
   axis = _checks.normalize_axis(qconfig.weight.spec.axis, rhs.ndim, shape=rhs.shape)
   if axis not in allowed:
@@ -418,7 +425,7 @@ class QuantConvGeneral(nn.Module):
         precision=precision, preferred_element_type=preferred_element_type)
 
 
-def _stock_fields(module: nn.Module, stock_type: type) -> dict[str, Any]:
+def _stock_fields(module: nn.Module, stock_type: type[nn.Module]) -> dict[str, Any]:
   names = [f for f in stock_type.__dataclass_fields__ if f not in ("parent", "name")]
   return {f: getattr(module, f) for f in names}
 

@@ -24,7 +24,8 @@ import contextlib
 import contextvars
 import dataclasses
 import re
-from typing import Any, Iterable, Iterator, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 
@@ -213,7 +214,9 @@ class QConfigMap:
       if not matched:
         reasons.append(f"{pattern!r} matches no layer path")
         continue
-      earlier = sorted({self.overrides[self._deciding_override(p)][0] for p in matched})
+      # Never None: a path `pattern` matches is decided by it or by an earlier pattern.
+      earlier = sorted({self.overrides[self._deciding_override(p)][0]  # type: ignore[index]
+                        for p in matched})
       reasons.append(f"{pattern!r} matches only {', '.join(map(repr, matched))}, which the "
                      f"earlier pattern(s) {', '.join(map(repr, earlier))} already take")
     listed = ", ".join(repr(p) + (" (the top-level module)" if not p else "") for p in paths)
@@ -225,7 +228,7 @@ class QConfigMap:
         f"{listed or '(none)'}.")
 
 
-QConfigLike = Union[QConfig, QConfigMap, None]
+QConfigLike = QConfig | QConfigMap | None
 
 _RECORDERS: contextvars.ContextVar[tuple[dict, ...]] = contextvars.ContextVar(
     "qjax_qconfig_map_recorders", default=())
@@ -304,6 +307,7 @@ def check_qconfig_map(model: Any, variables: Any, *args: Any, **kwargs: Any) -> 
     ...
     ValueError: QConfigMap: 1 override pattern(s) decide no layer: '^QuantDense_7$' matches ...
   """
+  trace: Callable[..., Any]
   if variables is None:
     def trace(*a):
       return model.init(jax.random.key(0), *a, **kwargs)
