@@ -263,8 +263,11 @@ def check_grid_values(q: jax.Array, spec: QuantSpec, *, name: str) -> None:
   """ValueError naming `name` unless every concrete integer of `q` lies in [qmin, qmax]."""
   if not q.size:
     return
-  q_min, q_max = _checks.concrete(jnp.min(q)), _checks.concrete(jnp.max(q))
-  if q_min is not None and q_max is not None and (q_min < spec.qmin or q_max > spec.qmax):
+  values = _checks.concrete(q)  # on the host: an eager check compiles nothing per shape
+  if values is None:
+    return
+  q_min, q_max = values.min(), values.max()
+  if q_min < spec.qmin or q_max > spec.qmax:
     raise ValueError(f"{name} holds values in [{int(q_min)}, {int(q_max)}], outside the grid "
                      f"[qmin, qmax] = [{spec.qmin}, {spec.qmax}] of {spec}.")
 
