@@ -125,13 +125,16 @@ def _cumsum_f64(v: jax.Array) -> jax.Array:
   """float32(float64 running sum): `torch.cumsum` on CPU accumulates float32 in double.
 
   The running sums are carried exactly as float32 pairs (exact while the histogram's values
-  span fewer than ~48 bits), then each is rounded once.
+  span fewer than ~48 bits), then each is rounded once. Exact sums do not depend on the order,
+  so a sequential scan serves: it compiles ~3x faster than a parallel prefix scan, and 2048
+  steps take ~50 us.
   """
-  def combine(a, b):
-    s, e = _two_sum(a[0], b[0])
-    return _two_sum(s, e + (a[1] + b[1]))
+  def step(carry, x):
+    s, e = _two_sum(carry[0], x)
+    running = _two_sum(s, e + carry[1])
+    return running, running
 
-  hi, lo = lax.associative_scan(combine, (v, jnp.zeros_like(v)))
+  _, (hi, lo) = lax.scan(step, (jnp.zeros((), v.dtype), jnp.zeros((), v.dtype)), v)
   return _f64_to_f32(hi, lo)
 
 
