@@ -302,7 +302,6 @@ def _qparams_of(observer: Any, state: Any) -> QParams:
   return observer.qparams(state)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=_ONCE)
 def _weight_grid(observer: Any, state: Any, kernel: jax.Array, source: str
                  ) -> tuple[QParams, jax.Array]:
   """(qparams, quantized kernel) with the weight observer's state updated by the kernel
@@ -314,6 +313,13 @@ def _weight_grid(observer: Any, state: Any, kernel: jax.Array, source: str
     state = observer.update(state, kernel)
   qparams = observer.qparams(state)
   return qparams, numerics.quantize(kernel, observer.spec, qparams)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=_ONCE)
+def _weight_grids(observers: tuple, states: tuple, kernels: tuple, source: str) -> tuple:
+  """`_weight_grid` of every layer in one executable (one compilation for the model)."""
+  return tuple(_weight_grid(o, s, k, source)
+               for o, s, k in zip(observers, states, kernels, strict=True))
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=_ONCE)
@@ -372,20 +378,28 @@ def _activation_qparams(variables: Any, path: str, point: dict) -> QParams:
 WEIGHT_SOURCES = ("observe", "fresh", "stats")
 
 
-def _weight_grid_of(variables: Any, consumer: Consumer, kernel: jax.Array,
-                    weights: str) -> tuple[QParams, jax.Array]:
-  """The weight qparams and quantized kernel of a converted layer, from its weight observer
-  and the kernel being converted (see `convert`'s `weights`)."""
-  path, info = consumer.path, consumer.info
-  observer = info["weight_observer"]
-  where = f"{path}/weight"
-  if info.get("learnable"):
-    qparams = _learned_qparams(observer, _subtree(variables.get("params", {}), where), where)
-    return qparams, _quantized(observer.spec, kernel, qparams)
-  state = None
-  if weights != "fresh":
-    state = _state(observer, _subtree(variables["quant_stats"], where), kernel.shape, where)
-  return _weight_grid(observer, state, kernel, weights)
+def _weight_grids_of(variables: Any, layers: list[tuple[Consumer, jax.Array]],
+                     weights: str) -> list[tuple[QParams, jax.Array]]:
+  """The weight qparams and quantized kernel of each converted layer, from its weight
+  observer and the kernel being converted (see `convert`'s `weights`)."""
+  results: dict[int, tuple[QParams, jax.Array]] = {}
+  observed: list[tuple[int, Any, Any, jax.Array]] = []
+  for i, (consumer, kernel) in enumerate(layers):
+    observer = consumer.info["weight_observer"]
+    where = f"{consumer.path}/weight"
+    if consumer.info.get("learnable"):
+      qparams = _learned_qparams(observer, _subtree(variables.get("params", {}), where), where)
+      results[i] = qparams, _quantized(observer.spec, kernel, qparams)
+      continue
+    state = None
+    if weights != "fresh":
+      state = _state(observer, _subtree(variables["quant_stats"], where), kernel.shape, where)
+    observed.append((i, observer, state, kernel))
+  if observed:
+    index, observers, states, kernels = zip(*observed, strict=True)
+    for i, grid in zip(index, _weight_grids(observers, states, kernels, weights), strict=True):
+      results[i] = grid
+  return [results[i] for i in range(len(layers))]
 
 
 def _check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np.ndarray,
@@ -495,6 +509,7 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
   converted: list[str] = []
   problems: list[str] = []
   sources: dict[str, str] = {}
+  layers: list[tuple[Consumer, jax.Array, Any, QuantSpec, QParams]] = []
   for consumer in flow.consumers:
     path, kind = consumer.path, consumer.info.get("kind")
     if consumer.role == "float_in":
@@ -519,13 +534,15 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
       out[path] = {"scale": jnp.asarray(scale), "zero_point": jnp.asarray(zero)}
       continue
     kernel, bias = _kernel_and_bias(params, batch_stats, consumer)
-    kernel = jnp.asarray(kernel, jnp.float32)
-    w_qp, q_w = _weight_grid_of(variables, consumer, kernel, weights)
-    out_qp = producer_qparams(path)
-    out[path] = _convert_layer(consumer, kernel, bias, w_qp, q_w, out_qp, in_spec, in_qp, requant,
+    layers.append((consumer, jnp.asarray(kernel, jnp.float32), bias, in_spec, in_qp))
+  _refuse(problems)
+  grids = _weight_grids_of(variables, [(c, k) for c, k, *_ in layers], weights)
+  for (consumer, kernel, bias, in_spec, in_qp), (w_qp, q_w) in zip(layers, grids, strict=True):
+    path = consumer.path
+    out[path] = _convert_layer(consumer, kernel, bias, w_qp, q_w, producer_qparams(path),
+                               in_spec, in_qp, requant,
                                "learned" if consumer.info.get("learnable") else weights)
     converted.append(path)
-  _refuse(problems)
   for path, spec in flow.producers.items():
     if not flow.points[path].get("point"):  # a Quantize boundary
       scale, zero = _grid(producer_qparams(path), spec)
