@@ -80,3 +80,28 @@ class CompileCounter:
   def __exit__(self, *exc):
     import jax  # pylint: disable=import-outside-toplevel
     jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def int8_layer_runs(model, int_vars, x, feeds, layers):
+  """mode "int8" of `model` on x twice, each as (model output, {layer name: its int8
+  output}) for the modules of the `layers` types: first with every layer named in `feeds`
+  taking that int8 array as its input instead of its producer's output, then as the model
+  chains them."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  def substitute(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name == "__call__" and isinstance(module, layers)
+        and module.name in feeds):
+      args = (feeds[module.name],) + tuple(args[1:])
+    return next_fun(*args, **kwargs)
+
+  def run():
+    y, state = model.apply(
+        int_vars, x, mode="int8", mutable=["intermediates"],
+        capture_intermediates=lambda m, method: isinstance(m, layers) and method == "__call__")
+    return y, {name: v["__call__"][0] for name, v in state["intermediates"].items()}
+
+  with nn.intercept_methods(substitute):
+    fed = run()
+  return fed, run()

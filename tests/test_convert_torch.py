@@ -46,6 +46,7 @@ from flax import traverse_util
 
 torch = pytest.importorskip("torch")
 
+import cases  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
 from experiment_support import load_experiment  # noqa: E402
 from qjax import int8  # noqa: E402
@@ -233,25 +234,8 @@ def _int_vars(arch, requant):
 
 @functools.partial(jax.jit, static_argnames="model")
 def _int8_forward(model, int_vars, x, feeds):
-  """The int8 forward twice, each as (model output, {layer: int8 output}): first with every
-  layer named in `feeds` taking that int8 array as its input instead of its producer's
-  output, then as it is."""
-  def substitute(next_fun, args, kwargs, context):
-    module = context.module
-    if (context.method_name == "__call__" and isinstance(module, LAYERS)
-        and module.name in feeds):
-      args = (feeds[module.name],) + tuple(args[1:])
-    return next_fun(*args, **kwargs)
-
-  def forward():
-    y, state = model.apply(
-        int_vars, x, mode="int8", mutable=["intermediates"],
-        capture_intermediates=lambda m, method: isinstance(m, LAYERS) and method == "__call__")
-    return y, {name: v["__call__"][0] for name, v in state["intermediates"].items()}
-
-  with nn.intercept_methods(substitute):
-    fed = forward()
-  return fed, forward()
+  """`cases.int8_layer_runs` of qjax's layers, jitted."""
+  return cases.int8_layer_runs(model, int_vars, x, feeds, LAYERS)
 
 
 def _grid_values(q8):

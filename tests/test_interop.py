@@ -34,6 +34,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import cases  # noqa: E402
 import qjax  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
 from qjax import interop  # noqa: E402
@@ -223,24 +224,7 @@ def _calibrate(model, variables, x):
 
 @functools.partial(jax.jit, static_argnames="model")
 def _int8_runs(model, int_vars, x, feeds):
-  """mode "int8" on x twice, as (model output, {layer: its int8 output}): with each layer
-  named in `feeds` taking that int8 array as its input, and as the model chains them."""
-  def substitute(next_fun, args, kwargs, context):
-    module = context.module
-    if (context.method_name == "__call__" and isinstance(module, LAYERS)
-        and module.name in feeds):
-      args = (feeds[module.name],) + tuple(args[1:])
-    return next_fun(*args, **kwargs)
-
-  def run():
-    y, state = model.apply(
-        int_vars, x, mode="int8", mutable=["intermediates"],
-        capture_intermediates=lambda m, method: isinstance(m, LAYERS) and method == "__call__")
-    return y, {name: v["__call__"][0] for name, v in state["intermediates"].items()}
-
-  with nn.intercept_methods(substitute):
-    fed = run()
-  return fed, run()
+  return cases.int8_layer_runs(model, int_vars, x, feeds, LAYERS)
 
 
 def _torch_int_run(model, names, x):
@@ -376,7 +360,6 @@ def test_layer_outputs_equal_torchs_integers(arch):
   np.testing.assert_array_equal(np.asarray(y), final)
   # The data exercise the grids: the first layer's outputs reach its zero point (the fused
   # ReLU) and leave the reduce_range grid [0, 127] (stored as quint8, clamped at 255).
-  last = captured[names[-1]][1].int_repr().numpy()
   first = captured[names[0]][1].int_repr().numpy()
   assert first.min() == 0 and first.max() > 127  # the ReLU clamp, and beyond [0, 127]
 

@@ -500,37 +500,16 @@ def test_jit_traces_once(name, spec):
     jax.block_until_ready(fn(*_call_args(spec, seed)))
 
 
-class _CompileCounter:
-  """Counts XLA backend compilations while active."""
-
-  EVENT = "/jax/core/compile/backend_compile_duration"
-
-  def __init__(self):
-    self.count = 0
-
-  def _listener(self, event, duration_secs, **kwargs):
-    del duration_secs, kwargs
-    if event == self.EVENT:
-      self.count += 1
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self._listener)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self._listener)
-
-
 @pytest.mark.parametrize("spec", [QuantSpec(bits=6, signed=False), QuantSpec(bits=10, axis=0)],
                          ids=["per_tensor", "per_channel"])
 def test_eager_second_call_compiles_nothing(spec):
   """Eager calls compile once per spec and shape; new values reuse the executables."""
   jax.clear_caches()  # an earlier test may have compiled this spec and shape already
-  with _CompileCounter() as first:
+  with cases.CompileCounter() as first:
     for call in _PUBLIC_CALLS.values():
       jax.block_until_ready(call(spec, *_call_args(spec, 0)))
   assert first.count > 0          # the counter sees compilations (a fresh spec compiles)
-  with _CompileCounter() as second:
+  with cases.CompileCounter() as second:
     for call in _PUBLIC_CALLS.values():
       jax.block_until_ready(call(spec, *_call_args(spec, 1)))
   assert second.count == 0
