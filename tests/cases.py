@@ -1,12 +1,18 @@
-"""Test-case builders shared by the numerics and parity tests: specs, ids, bit views, data."""
+"""Test-case builders and helpers shared by the tests: specs, ids, bit views, data, compile
+counts, int8 runs, jaxpr walks."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
-from qjax import QuantSpec
+from qjax import QuantSpec, dynamic
 
 
 def all_specs(axes=(None,)) -> list[QuantSpec]:
@@ -59,6 +65,55 @@ def half_points(rng: np.random.Generator, spec: QuantSpec, shape, zero_point,
   return np.where((pick >= boundary_fraction / 2) & (pick < boundary_fraction), hi - 2 + step, k)
 
 
+def fbgemm_qparams_ranges(seed: int, n: int) -> np.ndarray:
+  """(n, 2) float32 (min, max) pairs that exercise every branch of fbgemm's activation
+  qparams: random, symmetric, exact and near ties of Q(-min)/D, stretched small scales,
+  one-sided, huge and tiny."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    kind = i % 9
+    if kind == 0:
+      lo, hi = np.sort(rng.normal(size=2) * 10.0 ** rng.uniform(-6, 6))
+    elif kind == 1:
+      v = rng.uniform(0, 5) * 10.0 ** rng.integers(-4, 5)
+      lo, hi = -v, v
+    elif kind == 2:     # exact ties: max / -min = (2Q - 1 - 2k) / (2k + 1)
+      q = 127 if rng.random() < 0.5 else 255
+      k = rng.integers(0, q)
+      unit = np.ldexp(rng.integers(2**11, 2**12), int(rng.integers(-40, 20)))
+      lo, hi = -(2 * k + 1) * unit, (2 * q - 1 - 2 * k) * unit
+    elif kind == 3:     # one ulp away from a tie
+      q = 127 if rng.random() < 0.5 else 255
+      k = rng.integers(0, q)
+      m = np.float32(rng.uniform(0.1, 10))
+      x = np.float32(m * q / (k + 0.5) - m)
+      lo, hi = -m, np.nextafter(x, np.float32(np.inf) if rng.random() < 0.5 else np.float32(0))
+    elif kind == 4:     # scales below 6.1e-5
+      lo, hi = -rng.uniform(0, 1e-2), rng.uniform(0, 1e-2)
+    elif kind == 5:
+      lo, hi = (0.0, rng.uniform(0, 3)) if rng.random() < 0.5 else (-rng.uniform(0, 3), 0.0)
+    elif kind == 6:     # far apart: the smaller end below the larger's precision
+      v = rng.uniform(0.5, 1)
+      lo, hi = -v, v * 2.0 ** rng.integers(-40, 40)
+    elif kind == 7:
+      lo, hi = np.sort(rng.uniform(-1, 1, size=2) * 10.0 ** rng.integers(-30, 37))
+    else:               # both ends positive or both negative: widened to include 0
+      lo, hi = np.sort(rng.uniform(1, 2, size=2)) * (1 if rng.random() < 0.5 else -1)
+    out.append((np.float32(lo), np.float32(hi)))
+  ranges = np.array(out, np.float32)
+  ranges[:, 0] = np.minimum(ranges[:, 0], ranges[:, 1])
+  return ranges
+
+
+@functools.cache
+def batched_choose_qparams(reduce_range: bool):
+  """qjax.dynamic's activation qparams of a batch of (min, max) pairs (jit of vmap), one
+  function per `reduce_range`: (lo, hi) -> (scale, zero_point)."""
+  return jax.jit(jax.vmap(functools.partial(dynamic._choose_qparams_core,
+                                            reduce_range=reduce_range)))
+
+
 class CompileCounter:
   """Counts XLA backend compilations while active (a context manager)."""
 
@@ -73,12 +128,10 @@ class CompileCounter:
       self.count += 1
 
   def __enter__(self):
-    import jax  # pylint: disable=import-outside-toplevel
     jax.monitoring.register_event_duration_secs_listener(self._listener)
     return self
 
   def __exit__(self, *exc):
-    import jax  # pylint: disable=import-outside-toplevel
     jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
@@ -87,8 +140,6 @@ def int8_layer_runs(model, int_vars, x, feeds, layers):
   output}) for the modules of the `layers` types: first with every layer named in `feeds`
   taking that int8 array as its input instead of its producer's output, then as the model
   chains them."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
   def substitute(next_fun, args, kwargs, context):
     module = context.module
     if (context.method_name == "__call__" and isinstance(module, layers)
@@ -105,3 +156,46 @@ def int8_layer_runs(model, int_vars, x, feeds, layers):
   with nn.intercept_methods(substitute):
     fed = run()
   return fed, run()
+
+
+# ------------------------------------------------------------------------------------------
+# Jaxprs.
+
+
+def sub_jaxprs(eqn) -> list:
+  """The jaxprs nested in an equation's parameters (pjit, custom_jvp, remat, ...)."""
+  found = []
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jex_core.ClosedJaxpr):
+        found.append(item.jaxpr)
+      elif isinstance(item, jex_core.Jaxpr):
+        found.append(item)
+  return found
+
+
+def all_eqns(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs nested in it, depth first."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for inner in sub_jaxprs(eqn):
+      yield from all_eqns(inner)
+
+
+def contractions(jaxpr) -> list:
+  """The dot_general and conv_general_dilated equations of `all_eqns(jaxpr)`."""
+  return [e for e in all_eqns(jaxpr)
+          if e.primitive.name in ("dot_general", "conv_general_dilated")]
+
+
+def assert_int8_contractions(jaxpr) -> dict[str, int]:
+  """Every dot_general / conv_general_dilated takes int8 operands and yields int32; returns
+  how many of each there are."""
+  counts = {"dot_general": 0, "conv_general_dilated": 0}
+  for eqn in contractions(jaxpr):
+    in_dtypes = [jnp.dtype(v.aval.dtype) for v in eqn.invars]
+    out_dtypes = [jnp.dtype(v.aval.dtype) for v in eqn.outvars]
+    assert in_dtypes == [jnp.dtype(jnp.int8)] * 2, (eqn.primitive.name, in_dtypes)
+    assert out_dtypes == [jnp.dtype(jnp.int32)], (eqn.primitive.name, out_dtypes)
+    counts[eqn.primitive.name] += 1
+  return counts

@@ -1,4 +1,4 @@
-"""A plain-NumPy reference of qjax's quantization arithmetic (`qjax/numerics.py`).
+"""A plain-NumPy reference of qjax's quantization arithmetic (`qjax/numerics.py`, `qjax/int8.py`).
 
 Written from the formulas in the numerics module docstring, not from qjax's code, so that
 tests can compare bit for bit: every function takes and returns NumPy arrays and rounds
@@ -23,6 +23,12 @@ rational arithmetic.
 
 Conventions: per-tensor qparams are 0-d, per-channel ones are 1-d along `axis` (negative
 counts from the end). Integer outputs use the spec's storage dtype.
+
+The integer path of one layer (`qjax/int8.py`: `int8_shift` to `fbgemm_params`) is written
+the same way, from the formulas in the qjax.int8 module docstring, not from its code: int64
+sums of int8 products, explicit zero-point padding, requantization in Python / NumPy integer
+or float32 arithmetic, one IEEE operation at a time. Accumulators and `quantize_input` are
+int64, requantized outputs int8.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ import numpy as np
 
 F32 = np.float32
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# fbgemm's smallest activation scale: ChooseQuantizationParams stretches a range whose scale
+# would be smaller to this one (qjax.dynamic; its reference is in tests/test_dynamic.py).
+FBGEMM_SMALL_SCALE = F32(6.1e-5)
 
 
 # ------------------------------------------------------------------------------------------
@@ -235,6 +245,125 @@ def qparams_from_minmax(min_val, max_val, spec,
     valid = np.isfinite(mn) & np.isfinite(mx) & (mn <= mx)
     scale = np.where(valid, scale, F32(np.nan)).astype(np.float32)
   return scale, zp
+
+
+# ------------------------------------------------------------------------------------------
+# The integer path of one layer (`qjax/int8.py`; see the module docstring). `spec`: a
+# qjax.QuantSpec-like object of at most 8 bits (fields only).
+
+
+def int8_shift(spec) -> int:
+  """128 for an unsigned 8-bit grid (stored as uint8 [0, 255], carried as int8 moved down by
+  128), whatever its reduce_range / narrow_range; 0 otherwise."""
+  return 128 if (not spec.signed and spec.bits == 8) else 0
+
+
+def storage_grid(spec) -> tuple[int, int]:
+  """What values of `spec`'s grid are clamped to, before the shift: the 8-bit storage range
+  for an 8-bit grid ([0, 255] uint8, [-128, 127] int8), the grid itself when narrower."""
+  if spec.bits == 8:
+    return (-128, 127) if spec.signed else (0, 255)
+  return spec_grid(spec)
+
+
+def int8_bounds(spec) -> tuple[int, int]:
+  """The clamp range on the int8 carrier: the storage range moved by the shift."""
+  lo, hi = storage_grid(spec)
+  return lo - int8_shift(spec), hi - int8_shift(spec)
+
+
+def quantize_input(x, spec, scale, zero_point) -> np.ndarray:
+  """clamp(rne(x / S) + Z) on the storage range (qjax.quantize's rounding, `quantize_fused`),
+  minus the shift, as int64. `zero_point` on spec's own grid."""
+  lo, hi = storage_grid(spec)
+  q = quantize_fused(np.asarray(x, np.float32), scale, zero_point, lo, hi, np.int64)
+  return q.astype(np.int64) - int8_shift(spec)
+
+
+def matmul(x: np.ndarray, kernel_t: np.ndarray) -> np.ndarray:
+  """acc[..., n] = sum_k x[..., k] kernel_t[n, k] in int64."""
+  return np.asarray(x, np.int64) @ np.asarray(kernel_t, np.int64).T
+
+
+def same_pads(in_spatial, window, strides, dilation) -> list[tuple[int, int]]:
+  """"SAME" padding: out = ceil(in / stride), the missing rows split low = total // 2."""
+  pads = []
+  for size, w, s, d in zip(in_spatial, window, strides, dilation):
+    out = -(-size // s)
+    total = max((out - 1) * s + (w - 1) * d + 1 - size, 0)
+    pads.append((total // 2, total - total // 2))
+  return pads
+
+
+def conv(x: np.ndarray, kernel: np.ndarray, *, strides, padding, dilation, groups: int,
+         pad_value: int) -> np.ndarray:
+  """int64 cross-correlation of (B, *spatial, C) with a (*window, C / groups, O) kernel after
+  padding with `pad_value`:
+  acc[b, p, o] = sum_{w, c} x_pad[b, p s + w d, g(o) C_g + c] k[w, c, o], g(o) = o // O_g."""
+  x = np.asarray(x, np.int64)
+  kernel = np.asarray(kernel, np.int64)
+  nsp = kernel.ndim - 2
+  window = kernel.shape[:nsp]
+  x = np.pad(x, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)], constant_values=pad_value)
+  out_sp = [(n - ((w - 1) * d + 1)) // s + 1
+            for n, w, d, s in zip(x.shape[1:-1], window, dilation, strides)]
+  c_g, o_g = x.shape[-1] // groups, kernel.shape[-1] // groups
+  acc = np.zeros((x.shape[0], *out_sp, kernel.shape[-1]), np.int64)
+  for offset in np.ndindex(*window):
+    index = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
+                  for o, d, n, s in zip(offset, dilation, out_sp, strides))
+    patch = x[(slice(None),) + index + (slice(None),)]
+    for g in range(groups):
+      acc[..., g * o_g:(g + 1) * o_g] += (patch[..., g * c_g:(g + 1) * c_g]
+                                           @ kernel[offset][:, g * o_g:(g + 1) * o_g])
+  return acc
+
+
+def clamp_output(r: np.ndarray, zero_point, lo: int, hi: int, relu: bool) -> np.ndarray:
+  """clamp(Z + r, lo, hi) as int8, lo raised to Z for a fused ReLU (exact: int64 / float64)."""
+  z = np.asarray(zero_point, np.int64)
+  low = np.maximum(lo, z) if relu else lo
+  return np.clip(np.asarray(r, np.float64) + z, low, hi).astype(np.int8)
+
+
+def requantize_float(acc, multiplier, zero_point, lo, hi, relu=False) -> np.ndarray:
+  """clamp(Z + rne(f32(acc) * M)): one float32 conversion, one float32 product."""
+  y = np.asarray(acc, np.int64).astype(np.float32) * np.asarray(multiplier, np.float32)
+  return clamp_output(np.rint(y), zero_point, lo, hi, relu)
+
+
+def mul_shift_round(acc, m0, shift) -> np.ndarray:
+  """floor((acc m0 + 2^(shift-1)) / 2^shift), saturated to int32 (|acc m0| < 2^62: int64)."""
+  acc, m0, shift = np.broadcast_arrays(np.asarray(acc, np.int64), np.asarray(m0, np.int64),
+                                       np.asarray(shift, np.int64))
+  y = (acc * m0 + np.left_shift(np.int64(1), shift - 1)) >> shift
+  return np.clip(y, INT32_MIN, INT32_MAX)
+
+
+def requantize_integer(acc, m0, shift, zero_point, lo, hi, relu=False) -> np.ndarray:
+  """clamp(Z + floor((acc M0 + 2^(r-1)) / 2^r)): the fixed-point multiplier M0 / 2^r."""
+  return clamp_output(mul_shift_round(acc, m0, shift), zero_point, lo, hi, relu)
+
+
+def requantize_fbgemm(acc, bias, multiplier, zero_point, lo, hi, relu=False) -> np.ndarray:
+  """clamp(Z + rne((f32(acc) + b') * M)): a float32 conversion, sum and product, each rounded
+  on its own (b' = f32(b / A) and M are given)."""
+  y = np.asarray(acc, np.int64).astype(np.float32) + np.asarray(bias, np.float32)
+  with np.errstate(over="ignore"):  # huge accumulators times M > 1: inf, saturated below
+    y = y * np.asarray(multiplier, np.float32)
+  return clamp_output(np.rint(y), zero_point, lo, hi, relu)
+
+
+def fbgemm_params(x_scale, w_scale, y_scale, bias) -> tuple[np.ndarray, np.ndarray]:
+  """(b' = f32(b / A), M = f32(A / S_y)) with A = f32(f32(S_x) S_w). Each float32 operation
+  is the float64 one rounded to float32 (exact: a float64 product of two float32 values is
+  exact, and a float64 quotient rounded to float32 is the correctly rounded float32 one)."""
+  a = (np.float64(np.float32(x_scale)) * np.asarray(w_scale, np.float32).astype(np.float64)
+       ).astype(np.float32)
+  b = (np.asarray(bias, np.float32).astype(np.float64) / a.astype(np.float64)).astype(
+      np.float32)
+  m = (a.astype(np.float64) / np.float64(np.float32(y_scale))).astype(np.float32)
+  return b, m
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ its 8-bit storage range, as PyTorch's converted models do: the reduced [0, 127] 
 of `default_qconfig` and x86 may reach 255 beyond their calibrated range, where the
 fake-quant (QAT) forward clamps at 127.
 The reference (`ref_forward`) reads only the integer variables and applies the formulas of
-the qjax.int8 docstring with NumPy (tests/test_int8.py's `ref_*`).
+the qjax.int8 docstring with NumPy (tests/reference.py's integer path).
 """
 
 from __future__ import annotations
@@ -32,16 +32,13 @@ import optax
 import pytest
 from flax import traverse_util
 
+import cases
 import reference as ref
 from experiment_support import load_experiment
 import qjax.nn as qnn
 from qjax import QuantSpec
 from qjax import convert as qconvert
 from qjax import observers as obs
-from test_int8 import (INT32_MAX, assert_int8_contractions, ref_conv, ref_fbgemm_params,
-                       ref_int8_bounds, ref_int8_shift, ref_matmul, ref_quantize_input,
-                       ref_requantize_fbgemm, ref_requantize_float, ref_requantize_integer,
-                       ref_same_pads, ref_storage_grid, sub_jaxprs)
 
 F32 = np.float32
 REQUANTS = ("float", "integer", "fbgemm")
@@ -273,7 +270,7 @@ def ref_max_pool(q: np.ndarray, window, strides) -> np.ndarray:
 
 def _conv_pads(layer: Conv, in_spatial) -> list[tuple[int, int]]:
   if layer.padding == "SAME":
-    return ref_same_pads(in_spatial, layer.kernel_size, layer.strides, layer.dilation)
+    return ref.same_pads(in_spatial, layer.kernel_size, layer.strides, layer.dilation)
   if layer.padding == "VALID":
     return [(0, 0)] * len(in_spatial)
   return [tuple(p) for p in layer.padding]
@@ -284,9 +281,9 @@ def ref_forward(layers, spec: QuantSpec, int_vars: dict, x: np.ndarray,
   """Every module's int8 output and the float output, from the integer variables: quantize
   (tests/reference.py), then per layer acc = sum q_x q_w + offset (+ bias), requantized."""
   v = jax.device_get(int_vars["int8"])
-  shift = ref_int8_shift(spec)
-  lo, hi = ref_int8_bounds(spec)
-  q = ref_quantize_input(x, spec, v["quant"]["scale"], v["quant"]["zero_point"] + shift)
+  shift = ref.int8_shift(spec)
+  lo, hi = ref.int8_bounds(spec)
+  q = ref.quantize_input(x, spec, v["quant"]["scale"], v["quant"]["zero_point"] + shift)
   outs = {"quant": q.astype(np.int8)}
   for layer in layers:
     if isinstance(layer, Flatten):
@@ -298,24 +295,24 @@ def ref_forward(layers, spec: QuantSpec, int_vars: dict, x: np.ndarray,
     lv = v[layer.name]
     kernel = np.asarray(lv["kernel"].qvalue)
     if isinstance(layer, Dense):
-      acc = ref_matmul(q, kernel)
+      acc = ref.matmul(q, kernel)
     else:
-      acc = ref_conv(q, kernel, strides=layer.strides, dilation=layer.dilation,
+      acc = ref.conv(q, kernel, strides=layer.strides, dilation=layer.dilation,
                      padding=_conv_pads(layer, q.shape[1:-1]), groups=layer.groups,
                      pad_value=int(lv["input"]["zero_point"]))
     acc = acc + lv["offset"]
     out, r = lv["output"], lv["requant"]
     if requant == "fbgemm":
-      assert np.abs(acc).max() <= INT32_MAX
-      q = ref_requantize_fbgemm(acc, r["bias"], r["multiplier"], out["zero_point"], lo, hi,
+      assert np.abs(acc).max() <= ref.INT32_MAX
+      q = ref.requantize_fbgemm(acc, r["bias"], r["multiplier"], out["zero_point"], lo, hi,
                                 layer.relu)
     else:
       acc = acc + lv["bias"]
-      assert np.abs(acc).max() <= INT32_MAX  # what convert's overflow check promises
+      assert np.abs(acc).max() <= ref.INT32_MAX  # what convert's overflow check promises
       if requant == "float":
-        q = ref_requantize_float(acc, r["multiplier"], out["zero_point"], lo, hi, layer.relu)
+        q = ref.requantize_float(acc, r["multiplier"], out["zero_point"], lo, hi, layer.relu)
       else:
-        q = ref_requantize_integer(acc, r["m0"], r["shift"], out["zero_point"], lo, hi,
+        q = ref.requantize_integer(acc, r["m0"], r["shift"], out["zero_point"], lo, hi,
                                    layer.relu)
     outs[layer.name] = q
     q = q.astype(np.int64)
@@ -372,7 +369,7 @@ def test_int8_matches_numpy_reference_all(case):
 
 def _grid_np(qp, spec):
   return (np.asarray(qp["scale"], np.float32),
-          np.asarray(qp["zero_point"], np.int64) - ref_int8_shift(spec))
+          np.asarray(qp["zero_point"], np.int64) - ref.int8_shift(spec))
 
 
 def assert_documented_variables(arch: str, config: str, requant: str):
@@ -404,7 +401,7 @@ def assert_documented_variables(arch: str, config: str, requant: str):
     colsum = q_w.reshape((-1, q_w.shape[-1])).sum(axis=0)
     np.testing.assert_array_equal(lv["offset"], -z_in * colsum)
     acc_scale = np.float64(s_in) * s_w.astype(np.float64)
-    bias32, multiplier32 = ref_fbgemm_params(s_in, s_w, s_y, bias)
+    bias32, multiplier32 = ref.fbgemm_params(s_in, s_w, s_y, bias)
     r = lv["requant"]
     if requant == "fbgemm":
       assert "bias" not in lv and set(r) == {"bias", "multiplier"}
@@ -483,7 +480,7 @@ def test_first_layer_is_the_seed_formula(config, requant):
   x[12:] *= F32(3.0)
   qp = calibrated_qparams("mlp", config)
   spec, w_spec = model.qconfig.activation.spec, model.qconfig.weight.spec
-  qmin, qmax = ref_storage_grid(spec)
+  qmin, qmax = ref.storage_grid(spec)
   wmin, wmax = ref.spec_grid(w_spec)
   s_x, z_x = float(qp["quant"]["scale"]), int(qp["quant"]["zero_point"])
   s_y, z_y = float(qp["fc1"]["output"]["scale"]), int(qp["fc1"]["output"]["zero_point"])
@@ -499,7 +496,7 @@ def test_first_layer_is_the_seed_formula(config, requant):
   q_b = np.rint(bias.astype(np.float64) / (s_x * s_w)).astype(int)
 
   outs, _ = layer_outputs(model, converted("mlp", config, requant), x)
-  shift = ref_int8_shift(spec)
+  shift = ref.int8_shift(spec)
   np.testing.assert_array_equal(outs["quant"].reshape(q_x.shape).astype(int) + shift, q_x)
   got = outs["fc1"].astype(int) + shift
   near_ties = 0
@@ -579,7 +576,7 @@ def rows_inside_grids(model, outs: dict[str, np.ndarray]) -> np.ndarray:
   spec's own grid: there the QAT forward clamps nothing that the integer model keeps."""
   spec = model.qconfig.activation.spec
   qmin, qmax = ref.spec_grid(spec)
-  lo, hi = qmin - ref_int8_shift(spec), qmax - ref_int8_shift(spec)
+  lo, hi = qmin - ref.int8_shift(spec), qmax - ref.int8_shift(spec)
   inside = None
   for name, q in outs.items():
     if name == "dequant":
@@ -704,9 +701,9 @@ def test_power_of_two_scales_make_qat_and_int8_identical(arch):
   q_int = outs[first.name].astype(np.float64)
   q_in = outs["quant"].astype(np.int64)
   if isinstance(first, Dense):
-    acc = ref_matmul(q_in.reshape((q_in.shape[0], -1)), np.asarray(lv["kernel"].qvalue))
+    acc = ref.matmul(q_in.reshape((q_in.shape[0], -1)), np.asarray(lv["kernel"].qvalue))
   else:
-    acc = ref_conv(q_in, np.asarray(lv["kernel"].qvalue), strides=first.strides,
+    acc = ref.conv(q_in, np.asarray(lv["kernel"].qvalue), strides=first.strides,
                    padding=_conv_pads(first, q_in.shape[1:-1]), dilation=first.dilation,
                    groups=first.groups, pad_value=int(lv["input"]["zero_point"]))
   real = (acc + lv["offset"] + lv["bias"]) * (lv["requant"]["m0"] / 2.0 ** lv["requant"]["shift"])
@@ -734,7 +731,7 @@ def test_jaxpr_contractions_are_int8(arch, requant):
   """Every dot_general / conv_general_dilated (nested jaxprs included) takes int8 operands and
   yields int32, one per layer (im2col convs as dot_general)."""
   closed = _int8_jaxpr(arch, requant)
-  assert assert_int8_contractions(closed.jaxpr) == LAYER_COUNT[arch]
+  assert cases.assert_int8_contractions(closed.jaxpr) == LAYER_COUNT[arch]
 
 
 def float_reentries(jaxpr, derived: list[bool]) -> list[str]:
@@ -757,12 +754,12 @@ def float_reentries(jaxpr, derived: list[bool]) -> list[str]:
 
     for eqn in jaxpr.eqns:
       ins = [state(v) for v in eqn.invars]
-      inner = [j for j in sub_jaxprs(eqn) if len(j.invars) == len(eqn.invars)
+      inner = [j for j in cases.sub_jaxprs(eqn) if len(j.invars) == len(eqn.invars)
                and len(j.outvars) == len(eqn.outvars)]
       if inner:
         env.update(zip(eqn.outvars, visit(inner[0], ins)))
         continue
-      assert not sub_jaxprs(eqn), f"unhandled higher-order primitive {eqn.primitive}"
+      assert not cases.sub_jaxprs(eqn), f"unhandled higher-order primitive {eqn.primitive}"
       is_derived = any(s[0] for s in ins)
       int_in = any(s[0] and s[1] for s in ins)
       after_int_in = any(s[2] for s in ins)
@@ -904,7 +901,7 @@ def test_overflow_is_refused_naming_layer_and_k():
     qconvert.convert(model, variables, x)
 
 
-LARGEST_K = INT32_MAX // (2 * 128 * 127)
+LARGEST_K = ref.INT32_MAX // (2 * 128 * 127)
 
 
 @pytest.mark.slow
@@ -918,7 +915,7 @@ def test_largest_k_converts_and_is_exact():
   """At the largest K the bound admits, every row stays exact in int32, the one whose inputs
   all sit at 255 (acc' = 255 * 127 K = 2^31 - 8.4e6) included."""
   k = LARGEST_K
-  assert _worst(k) <= INT32_MAX < _worst(k + 1)
+  assert _worst(k) <= ref.INT32_MAX < _worst(k + 1)
   model, variables, x = _wide(k)
   int_vars = qconvert.convert(model, variables, x, requant="integer")
   outs, y = layer_outputs(model, int_vars, jnp.asarray(x))

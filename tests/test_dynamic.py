@@ -19,10 +19,10 @@ from absl.testing import parameterized
 from qjax import QuantSpec, _exact, dynamic
 from qjax.qarray import QArray
 
+import cases
 import reference
 
 F32 = np.float32
-SMALL_SCALE = F32(6.1e-5)
 
 # ------------------------------------------------------------------------------------------
 # The NumPy reference: fbgemm's arithmetic written from its description, float64 where fbgemm
@@ -39,13 +39,13 @@ def ref_choose_qparams(min_val, max_val, reduce_range: bool) -> tuple[F32, int]:
   # tests/test_dynamic_torch.py pins the difference.
   if F32(scale) < np.finfo(F32).tiny:
     scale = 0.1
-  if scale < float(SMALL_SCALE):
-    amplifier = F32(SMALL_SCALE / F32(scale))
-    scale = float(SMALL_SCALE)
+  if scale < float(reference.FBGEMM_SMALL_SCALE):
+    amplifier = F32(reference.FBGEMM_SMALL_SCALE / F32(scale))
+    scale = float(reference.FBGEMM_SMALL_SCALE)
     if lo == 0:
-      hi = F32(SMALL_SCALE * F32(qmax - qmin))
+      hi = F32(reference.FBGEMM_SMALL_SCALE * F32(qmax - qmin))
     elif hi == 0:
-      lo = F32(-SMALL_SCALE * F32(qmax - qmin))
+      lo = F32(-reference.FBGEMM_SMALL_SCALE * F32(qmax - qmin))
     else:
       lo, hi = F32(lo * amplifier), F32(hi * amplifier)
   from_min, from_max = qmin - float(lo) / scale, qmax - float(hi) / scale
@@ -91,60 +91,16 @@ def ref_dense(x, kernel, bias, *, spec=dynamic.DEFAULT_WEIGHT_SPEC, per_channel=
 
 
 # ------------------------------------------------------------------------------------------
-# Ranges that exercise every branch of fbgemm's qparams.
+# choose_qparams, on ranges that exercise every branch of fbgemm's qparams.
 
-
-def _ranges(seed: int, n: int) -> np.ndarray:
-  """(n, 2) float32 (min, max) pairs: random, symmetric, exact and near ties of Q(-min)/D,
-  stretched small scales, one-sided, huge and tiny."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for i in range(n):
-    kind = i % 9
-    if kind == 0:
-      lo, hi = np.sort(rng.normal(size=2) * 10.0 ** rng.uniform(-6, 6))
-    elif kind == 1:
-      v = rng.uniform(0, 5) * 10.0 ** rng.integers(-4, 5)
-      lo, hi = -v, v
-    elif kind == 2:     # exact ties: max / -min = (2Q - 1 - 2k) / (2k + 1)
-      q = 127 if rng.random() < 0.5 else 255
-      k = rng.integers(0, q)
-      unit = np.ldexp(rng.integers(2**11, 2**12), int(rng.integers(-40, 20)))
-      lo, hi = -(2 * k + 1) * unit, (2 * q - 1 - 2 * k) * unit
-    elif kind == 3:     # one ulp away from a tie
-      q = 127 if rng.random() < 0.5 else 255
-      k = rng.integers(0, q)
-      m = F32(rng.uniform(0.1, 10))
-      x = F32(m * q / (k + 0.5) - m)
-      lo, hi = -m, np.nextafter(x, F32(np.inf) if rng.random() < 0.5 else F32(0))
-    elif kind == 4:     # scales below 6.1e-5
-      lo, hi = -rng.uniform(0, 1e-2), rng.uniform(0, 1e-2)
-    elif kind == 5:
-      lo, hi = (0.0, rng.uniform(0, 3)) if rng.random() < 0.5 else (-rng.uniform(0, 3), 0.0)
-    elif kind == 6:     # far apart: the smaller end below the larger's precision
-      v = rng.uniform(0.5, 1)
-      lo, hi = -v, v * 2.0 ** rng.integers(-40, 40)
-    elif kind == 7:
-      lo, hi = np.sort(rng.uniform(-1, 1, size=2) * 10.0 ** rng.integers(-30, 37))
-    else:               # both ends positive or both negative: widened to include 0
-      lo, hi = np.sort(rng.uniform(1, 2, size=2)) * (1 if rng.random() < 0.5 else -1)
-    out.append((F32(lo), F32(hi)))
-  ranges = np.array(out, F32)
-  ranges[:, 0] = np.minimum(ranges[:, 0], ranges[:, 1])
-  return ranges
-
-
-_RANGES = _ranges(0, 1800)
-_BATCHED_QPARAMS = {
-    rr: jax.jit(jax.vmap(functools.partial(dynamic._choose_qparams_core, reduce_range=rr)))
-    for rr in (True, False)}
+_RANGES = cases.fbgemm_qparams_ranges(0, 1800)
 
 
 class ChooseQParamsTest(parameterized.TestCase):
 
   @parameterized.parameters(True, False)
   def test_matches_float64_reference(self, reduce_range):
-    scale, zero_point = _BATCHED_QPARAMS[reduce_range](_RANGES[:, 0], _RANGES[:, 1])
+    scale, zero_point = cases.batched_choose_qparams(reduce_range)(_RANGES[:, 0], _RANGES[:, 1])
     expected = [ref_choose_qparams(lo, hi, reduce_range) for lo, hi in _RANGES]
     np.testing.assert_array_equal(np.asarray(scale), np.array([e[0] for e in expected]))
     np.testing.assert_array_equal(np.asarray(zero_point), np.array([e[1] for e in expected]))
@@ -153,7 +109,7 @@ class ChooseQParamsTest(parameterized.TestCase):
     # On an exact tie Q(-min)/D = k + 1/2, fbgemm's float64 rounding, not round-half-even,
     # picks the zero point; check that such ties are present and reproduced.
     lo, hi = _RANGES[2::9, 0], _RANGES[2::9, 1]
-    zero_point = np.asarray(_BATCHED_QPARAMS[True](lo, hi)[1])
+    zero_point = np.asarray(cases.batched_choose_qparams(True)(lo, hi)[1])
     half_even = [int(np.rint(-127 * float(a) / (float(b) - float(a)))) for a, b in zip(lo, hi)]
     fbgemm = [ref_choose_qparams(a, b, True)[1] for a, b in zip(lo, hi)]
     self.assertGreater(sum(h != f for h, f in zip(half_even, fbgemm)), 0)

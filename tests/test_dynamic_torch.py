@@ -17,7 +17,8 @@ import pytest
 
 from qjax import QuantSpec, dynamic, numerics
 
-import test_dynamic
+import cases
+import reference
 
 torch = pytest.importorskip("torch")
 
@@ -49,12 +50,12 @@ def _torch_dynamic(module: torch.nn.Module, types, qconfig=None) -> torch.nn.Mod
 
 @pytest.mark.parametrize("reduce_range", [True, False])
 def test_choose_qparams_matches_torch(reduce_range):
-  ranges = test_dynamic._RANGES
+  ranges = cases.fbgemm_qparams_ranges(0, 1800)
   q = 127 if reduce_range else 255
   # Below this the scale is subnormal; XLA:CPU flushes it (documented, checked below).
   normal = (ranges[:, 1].astype(np.float64) - ranges[:, 0]) / q >= np.finfo(F32).tiny
   lo, hi = ranges[normal, 0], ranges[normal, 1]
-  scale, zero_point = test_dynamic._BATCHED_QPARAMS[reduce_range](lo, hi)
+  scale, zero_point = cases.batched_choose_qparams(reduce_range)(lo, hi)
   expected = [torch._choose_qparams_per_tensor(torch.tensor([a, b]), reduce_range)
               for a, b in zip(lo, hi)]
   np.testing.assert_array_equal(np.asarray(scale), np.array([F32(s) for s, _ in expected]))
@@ -65,7 +66,7 @@ def test_subnormal_scale_divergence_is_as_documented():
   # max - min = 1e-36: S = 7.9e-39 is subnormal, 1/S does not overflow, so fbgemm stretches
   # it to 6.1e-5; XLA:CPU flushes S to 0 and qjax takes the 0.1 fallback. At 2e-37, 1/S
   # overflows and both give 0.1.
-  for bound, torch_scale in ((5e-37, test_dynamic.SMALL_SCALE), (1e-37, F32(0.1))):
+  for bound, torch_scale in ((5e-37, reference.FBGEMM_SMALL_SCALE), (1e-37, F32(0.1))):
     scale, _ = torch._choose_qparams_per_tensor(torch.tensor([-bound, bound]), True)
     assert F32(scale) == torch_scale
     assert float(dynamic.choose_qparams(-bound, bound).scale) == float(F32(0.1))

@@ -1,10 +1,11 @@
 """qjax.int8, the integer math of one layer, against an independent NumPy int64 reference.
 
-The `ref_*` functions below are written from the formulas in the qjax.int8 module docstring
-(not from its code): int64 sums of int8 products, explicit zero-point padding, requantization
-in Python / NumPy integer or float32 arithmetic, one IEEE operation at a time. Every test
-compares bit for bit, eagerly and under jit (`chex.variants`). tests/test_convert.py reuses the
-reference for whole converted models.
+The reference is tests/reference.py's integer path (`ref.int8_shift` to
+`ref.fbgemm_params`), written from the formulas in the qjax.int8 module docstring (not from
+its code): int64 sums of int8 products, explicit zero-point padding, requantization in
+Python / NumPy integer or float32 arithmetic, one IEEE operation at a time. Every test
+compares bit for bit, eagerly and under jit (`chex.variants`). tests/test_convert.py uses the
+same reference for whole converted models.
 
   acc  = sum_k q_x[k] q_w[k, n]                         (`matmul`, `conv`)
   q_y  = clamp(Z_y + requant(acc'), lo, hi),  lo = max(lo, Z_y) with a fused ReLU
@@ -33,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from jax.extend import core as jex_core
 
 import cases
 import reference as ref
@@ -42,7 +42,6 @@ from qjax import QuantSpec
 from qjax import int8
 
 F32 = np.float32
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 SETTINGS = hypothesis.settings(deadline=None, max_examples=20, print_blob=True,
                                suppress_health_check=[hypothesis.HealthCheck.too_slow])
 
@@ -50,165 +49,6 @@ SETTINGS = hypothesis.settings(deadline=None, max_examples=20, print_blob=True,
 # grids int4, uint4, int4 narrow, uint7, uint6 narrow; plus a range inside the carrier
 # that no spec produces, to cover any (lo, hi) the requantizers are given.
 BOUNDS = ((-128, 127), (-8, 7), (0, 15), (-7, 7), (0, 127), (1, 63), (-100, 90))
-
-
-# ------------------------------------------------------------------------------------------
-# The NumPy reference (also imported by tests/test_convert.py).
-
-
-def ref_int8_shift(spec) -> int:
-  """128 for an unsigned 8-bit grid (stored as uint8 [0, 255], carried as int8 moved down by
-  128), whatever its reduce_range / narrow_range; 0 otherwise."""
-  return 128 if (not spec.signed and spec.bits == 8) else 0
-
-
-def ref_storage_grid(spec) -> tuple[int, int]:
-  """What values of `spec`'s grid are clamped to, before the shift: the 8-bit storage range
-  for an 8-bit grid ([0, 255] uint8, [-128, 127] int8), the grid itself when narrower."""
-  if spec.bits == 8:
-    return (-128, 127) if spec.signed else (0, 255)
-  return ref.spec_grid(spec)
-
-
-def ref_int8_bounds(spec) -> tuple[int, int]:
-  """The clamp range on the int8 carrier: the storage range moved by the shift."""
-  lo, hi = ref_storage_grid(spec)
-  return lo - ref_int8_shift(spec), hi - ref_int8_shift(spec)
-
-
-def ref_quantize_input(x, spec, scale, zero_point) -> np.ndarray:
-  """clamp(rne(x / S) + Z) on the storage range (qjax.quantize's rounding, tests/reference.py),
-  minus the shift, as int64. `zero_point` on spec's own grid."""
-  lo, hi = ref_storage_grid(spec)
-  q = ref.quantize_fused(np.asarray(x, np.float32), scale, zero_point, lo, hi, np.int64)
-  return q.astype(np.int64) - ref_int8_shift(spec)
-
-
-def ref_matmul(x: np.ndarray, kernel_t: np.ndarray) -> np.ndarray:
-  """acc[..., n] = sum_k x[..., k] kernel_t[n, k] in int64."""
-  return np.asarray(x, np.int64) @ np.asarray(kernel_t, np.int64).T
-
-
-def ref_same_pads(in_spatial, window, strides, dilation) -> list[tuple[int, int]]:
-  """"SAME" padding: out = ceil(in / stride), the missing rows split low = total // 2."""
-  pads = []
-  for size, w, s, d in zip(in_spatial, window, strides, dilation):
-    out = -(-size // s)
-    total = max((out - 1) * s + (w - 1) * d + 1 - size, 0)
-    pads.append((total // 2, total - total // 2))
-  return pads
-
-
-def ref_conv(x: np.ndarray, kernel: np.ndarray, *, strides, padding, dilation, groups: int,
-             pad_value: int) -> np.ndarray:
-  """int64 cross-correlation of (B, *spatial, C) with a (*window, C / groups, O) kernel after
-  padding with `pad_value`:
-  acc[b, p, o] = sum_{w, c} x_pad[b, p s + w d, g(o) C_g + c] k[w, c, o], g(o) = o // O_g."""
-  x = np.asarray(x, np.int64)
-  kernel = np.asarray(kernel, np.int64)
-  nsp = kernel.ndim - 2
-  window = kernel.shape[:nsp]
-  x = np.pad(x, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)], constant_values=pad_value)
-  out_sp = [(n - ((w - 1) * d + 1)) // s + 1
-            for n, w, d, s in zip(x.shape[1:-1], window, dilation, strides)]
-  c_g, o_g = x.shape[-1] // groups, kernel.shape[-1] // groups
-  acc = np.zeros((x.shape[0], *out_sp, kernel.shape[-1]), np.int64)
-  for offset in np.ndindex(*window):
-    index = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
-                  for o, d, n, s in zip(offset, dilation, out_sp, strides))
-    patch = x[(slice(None),) + index + (slice(None),)]
-    for g in range(groups):
-      acc[..., g * o_g:(g + 1) * o_g] += (patch[..., g * c_g:(g + 1) * c_g]
-                                           @ kernel[offset][:, g * o_g:(g + 1) * o_g])
-  return acc
-
-
-def ref_clamp(r: np.ndarray, zero_point, lo: int, hi: int, relu: bool) -> np.ndarray:
-  """clamp(Z + r, lo, hi) as int8, lo raised to Z for a fused ReLU (exact: int64 / float64)."""
-  z = np.asarray(zero_point, np.int64)
-  low = np.maximum(lo, z) if relu else lo
-  return np.clip(np.asarray(r, np.float64) + z, low, hi).astype(np.int8)
-
-
-def ref_requantize_float(acc, multiplier, zero_point, lo, hi, relu=False) -> np.ndarray:
-  """clamp(Z + rne(f32(acc) * M)): one float32 conversion, one float32 product."""
-  y = np.asarray(acc, np.int64).astype(np.float32) * np.asarray(multiplier, np.float32)
-  return ref_clamp(np.rint(y), zero_point, lo, hi, relu)
-
-
-def ref_mul_shift_round(acc, m0, shift) -> np.ndarray:
-  """floor((acc m0 + 2^(shift-1)) / 2^shift), saturated to int32 (|acc m0| < 2^62: int64)."""
-  acc, m0, shift = np.broadcast_arrays(np.asarray(acc, np.int64), np.asarray(m0, np.int64),
-                                       np.asarray(shift, np.int64))
-  y = (acc * m0 + np.left_shift(np.int64(1), shift - 1)) >> shift
-  return np.clip(y, INT32_MIN, INT32_MAX)
-
-
-def ref_requantize_integer(acc, m0, shift, zero_point, lo, hi, relu=False) -> np.ndarray:
-  return ref_clamp(ref_mul_shift_round(acc, m0, shift), zero_point, lo, hi, relu)
-
-
-def ref_requantize_fbgemm(acc, bias, multiplier, zero_point, lo, hi, relu=False) -> np.ndarray:
-  """clamp(Z + rne((f32(acc) + b') * M)): a float32 conversion, sum and product, each rounded
-  on its own (b' = f32(b / A) and M are given)."""
-  y = np.asarray(acc, np.int64).astype(np.float32) + np.asarray(bias, np.float32)
-  with np.errstate(over="ignore"):  # huge accumulators times M > 1: inf, saturated below
-    y = y * np.asarray(multiplier, np.float32)
-  return ref_clamp(np.rint(y), zero_point, lo, hi, relu)
-
-
-def ref_fbgemm_params(x_scale, w_scale, y_scale, bias) -> tuple[np.ndarray, np.ndarray]:
-  """(b' = f32(b / A), M = f32(A / S_y)) with A = f32(f32(S_x) S_w). Each float32 operation
-  is the float64 one rounded to float32 (exact: a float64 product of two float32 values is
-  exact, and a float64 quotient rounded to float32 is the correctly rounded float32 one)."""
-  a = (np.float64(np.float32(x_scale)) * np.asarray(w_scale, np.float32).astype(np.float64)
-       ).astype(np.float32)
-  b = (np.asarray(bias, np.float32).astype(np.float64) / a.astype(np.float64)).astype(
-      np.float32)
-  m = (a.astype(np.float64) / np.float64(np.float32(y_scale))).astype(np.float32)
-  return b, m
-
-
-# ------------------------------------------------------------------------------------------
-# Jaxpr helpers (also used by tests/test_convert.py).
-
-
-def sub_jaxprs(eqn) -> list:
-  """The jaxprs nested in an equation's parameters (pjit, custom_jvp, remat, ...)."""
-  found = []
-  for value in eqn.params.values():
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-      if isinstance(item, jex_core.ClosedJaxpr):
-        found.append(item.jaxpr)
-      elif isinstance(item, jex_core.Jaxpr):
-        found.append(item)
-  return found
-
-
-def all_eqns(jaxpr):
-  """Every equation of `jaxpr` and of the jaxprs nested in it, depth first."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for inner in sub_jaxprs(eqn):
-      yield from all_eqns(inner)
-
-
-def contractions(jaxpr) -> list:
-  return [e for e in all_eqns(jaxpr)
-          if e.primitive.name in ("dot_general", "conv_general_dilated")]
-
-
-def assert_int8_contractions(jaxpr) -> dict[str, int]:
-  """Every dot_general / conv_general_dilated takes int8 operands and yields int32; returns
-  how many of each there are."""
-  counts = {"dot_general": 0, "conv_general_dilated": 0}
-  for eqn in contractions(jaxpr):
-    in_dtypes = [jnp.dtype(v.aval.dtype) for v in eqn.invars]
-    out_dtypes = [jnp.dtype(v.aval.dtype) for v in eqn.outvars]
-    assert in_dtypes == [jnp.dtype(jnp.int8)] * 2, (eqn.primitive.name, in_dtypes)
-    assert out_dtypes == [jnp.dtype(jnp.int32)], (eqn.primitive.name, out_dtypes)
-    counts[eqn.primitive.name] += 1
-  return counts
 
 
 # ------------------------------------------------------------------------------------------
@@ -220,12 +60,12 @@ _SPECS_WIDE = [s for s in cases.all_specs() if s.bits > 8]
 
 @pytest.mark.parametrize("spec", _SPECS_8, ids=cases.spec_id)
 def test_int8_shift_and_bounds(spec):
-  assert int8.int8_shift(spec) == ref_int8_shift(spec)
+  assert int8.int8_shift(spec) == ref.int8_shift(spec)
   lo, hi = int8.int8_bounds(spec)
-  assert (lo, hi) == ref_int8_bounds(spec)
+  assert (lo, hi) == ref.int8_bounds(spec)
   assert -128 <= lo <= hi <= 127  # every grid of <= 8 bits fits the int8 carrier
   qmin, qmax = ref.spec_grid(spec)
-  shift = ref_int8_shift(spec)
+  shift = ref.int8_shift(spec)
   assert lo <= qmin - shift and qmax - shift <= hi  # the spec's own grid lies inside
 
 
@@ -294,10 +134,10 @@ class BoundaryTest(chex.TestCase):
     q8 = self.variant(int8.quantize_input, static_argnames=("spec",))(
         x, spec=spec, scale=jnp.asarray(scale), zero_point=jnp.asarray(zp))
     assert q8.dtype == jnp.int8
-    expected = ref_quantize_input(x, spec, scale, zp)
+    expected = ref.quantize_input(x, spec, scale, zp)
     np.testing.assert_array_equal(np.asarray(q8), expected)
-    shift = ref_int8_shift(spec)
-    lo, hi = ref_storage_grid(spec)
+    shift = ref.int8_shift(spec)
+    lo, hi = ref.storage_grid(spec)
     assert int(q8[0, 0]) == int(zp) - shift  # 0.0 is the zero point
     assert (int(q8[0, 1]), int(q8[0, 2])) == (hi - shift, lo - shift)  # saturated at storage
     qmin, qmax = ref.spec_grid(spec)
@@ -354,7 +194,7 @@ class MatmulTest(chex.TestCase):
       acc = fn(x, kernel_t)
       assert acc.dtype == jnp.int32
       assert acc.shape == x.shape[:-1] + (kernel_t.shape[0],)
-      np.testing.assert_array_equal(np.asarray(acc), ref_matmul(x, kernel_t))
+      np.testing.assert_array_equal(np.asarray(acc), ref.matmul(x, kernel_t))
 
     check()
 
@@ -368,7 +208,7 @@ class MatmulTest(chex.TestCase):
     kernel_t[1, ::2] = 127
     kernel_t[2, :] = np.where(np.arange(k) % 3 == 0, -128, 127).astype(np.int8)
     acc = self.variant(int8.matmul)(x, kernel_t)
-    expected = ref_matmul(x, kernel_t)
+    expected = ref.matmul(x, kernel_t)
     assert expected[0, 0] == 128 * 128 * k > 2**31 - 128 * 128 - 1
     np.testing.assert_array_equal(np.asarray(acc), expected)
 
@@ -376,7 +216,7 @@ class MatmulTest(chex.TestCase):
     for shape in ((1, 9), (4, 9), (2, 3, 9)):
       jaxpr = jax.make_jaxpr(int8.matmul)(jnp.zeros(shape, jnp.int8),
                                           jnp.zeros((5, 9), jnp.int8)).jaxpr
-      assert assert_int8_contractions(jaxpr) == {"dot_general": 1, "conv_general_dilated": 0}
+      assert cases.assert_int8_contractions(jaxpr) == {"dot_general": 1, "conv_general_dilated": 0}
 
   def test_errors(self):
     ok = jnp.zeros((2, 4), jnp.int8)
@@ -428,7 +268,7 @@ def _conv_jaxpr(x, kernel, geometry):
 
 
 def _lowering(x, kernel, geometry) -> dict[str, int]:
-  return assert_int8_contractions(_conv_jaxpr(x, kernel, geometry))
+  return cases.assert_int8_contractions(_conv_jaxpr(x, kernel, geometry))
 
 
 # name, x shape, kernel shape, strides, pads, dilation, groups, expected lowering: im2col +
@@ -467,7 +307,7 @@ class ConvTest(chex.TestCase):
     def check(case):
       x, kernel, geometry, pad_value = case
       acc = variant(_conv_fn(**geometry))(x, kernel, pad_value=jnp.int32(pad_value))
-      expected = ref_conv(x, kernel, groups=geometry["feature_group_count"],
+      expected = ref.conv(x, kernel, groups=geometry["feature_group_count"],
                           pad_value=pad_value, strides=geometry["strides"],
                           padding=geometry["padding"], dilation=geometry["dilation"])
       assert acc.dtype == jnp.int32
@@ -492,7 +332,7 @@ class ConvTest(chex.TestCase):
     assert counts[lowering] == 1 and sum(counts.values()) == 1, counts
     acc = self.variant(_conv_fn(**geometry))(x, kernel, pad_value=jnp.int32(-7))
     np.testing.assert_array_equal(
-        np.asarray(acc), ref_conv(x, kernel, strides=strides, padding=pads,
+        np.asarray(acc), ref.conv(x, kernel, strides=strides, padding=pads,
                                   dilation=dilation, groups=groups, pad_value=-7))
 
   @parameterized.named_parameters(*[case for case in _LOWERINGS if case[-1] == "dot_general"])
@@ -505,9 +345,9 @@ class ConvTest(chex.TestCase):
     x, kernel = np.zeros(x_shape, np.int8), np.zeros(k_shape, np.int8)
     geometry = dict(strides=strides, padding=pads, dilation=dilation, feature_group_count=1)
     jaxpr = _conv_jaxpr(x, kernel, geometry)
-    names = [e.primitive.name for e in all_eqns(jaxpr)]
+    names = [e.primitive.name for e in cases.all_eqns(jaxpr)]
     assert "transpose" not in names, names
-    (dot,) = contractions(jaxpr)
+    (dot,) = cases.contractions(jaxpr)
     patches, rhs = (v.aval for v in dot.invars)
     assert rhs.shape == (int(np.prod(k_shape[:-1])), k_shape[-1])
     assert dot.params["dimension_numbers"] == (((patches.ndim - 1,), (0,)), ((), ()))
@@ -525,7 +365,7 @@ class ConvTest(chex.TestCase):
       ((9,), (3,), (2,), (1,)), ((8, 7), (3, 2), (1, 3), (2, 1)), ((5, 5), (4, 4), (2, 2), (1, 1)),
       ((1, 6), (3, 1), (3, 1), (2, 1)))
   def test_conv_pads(self, in_spatial, window, strides, dilation):
-    assert list(int8.conv_pads("SAME", in_spatial, window, strides, dilation)) == ref_same_pads(
+    assert list(int8.conv_pads("SAME", in_spatial, window, strides, dilation)) == ref.same_pads(
         in_spatial, window, strides, dilation)
     assert int8.conv_pads("VALID", in_spatial, window, strides, dilation) == (
         ((0, 0),) * len(window))
@@ -557,9 +397,9 @@ def requant_case(draw):
   zero_point = draw(st.integers(lo, hi))
   mult = draw(hnp.arrays(np.float32, (1, n), elements=st.floats(
       2.0**-20, 4.0, width=32)))
-  reach = int(min(400 / float(mult.min()), INT32_MAX))
+  reach = int(min(400 / float(mult.min()), ref.INT32_MAX))
   acc = draw(hnp.arrays(np.int32, (3, n), elements=st.one_of(
-      st.integers(-reach, reach), st.integers(INT32_MIN, INT32_MAX))))
+      st.integers(-reach, reach), st.integers(ref.INT32_MIN, ref.INT32_MAX))))
   relu = draw(st.booleans())
   return acc, mult, np.int32(zero_point), lo, hi, relu
 
@@ -577,7 +417,7 @@ class RequantizeTest(chex.TestCase):
       q = fn(acc, jnp.asarray(mult), jnp.asarray(z), lo=lo, hi=hi, relu=relu)
       assert q.dtype == jnp.int8
       np.testing.assert_array_equal(np.asarray(q),
-                                    ref_requantize_float(acc, mult, z, lo, hi, relu))
+                                    ref.requantize_float(acc, mult, z, lo, hi, relu))
 
     check()
 
@@ -596,7 +436,7 @@ class RequantizeTest(chex.TestCase):
              relu=relu)
       assert q.dtype == jnp.int8
       np.testing.assert_array_equal(np.asarray(q),
-                                    ref_requantize_fbgemm(acc, bias, mult, z, lo, hi, relu))
+                                    ref.requantize_fbgemm(acc, bias, mult, z, lo, hi, relu))
 
     check()
 
@@ -618,7 +458,7 @@ class RequantizeTest(chex.TestCase):
     mult[0, :32] = 1.0
     q = self.variant(int8.requantize_fbgemm, static_argnames=("lo", "hi", "relu"))(
         acc, jnp.asarray(bias), jnp.asarray(mult), jnp.int32(3), lo=-128, hi=127)
-    expected = ref_requantize_fbgemm(acc, bias, mult, 3, -128, 127)
+    expected = ref.requantize_fbgemm(acc, bias, mult, 3, -128, 127)
     np.testing.assert_array_equal(np.asarray(q), expected)
     np.testing.assert_array_equal(expected[0, :32], steps[0, :32] + 3)
     exact = (acc.astype(np.float64) + bias.astype(np.float64)) * mult.astype(np.float64)
@@ -639,14 +479,14 @@ class RequantizeTest(chex.TestCase):
       q = fn(acc, jnp.asarray(m0), jnp.asarray(shift), jnp.asarray(z), lo=lo, hi=hi, relu=relu)
       assert q.dtype == jnp.int8
       np.testing.assert_array_equal(np.asarray(q),
-                                    ref_requantize_integer(acc, m0, shift, z, lo, hi, relu))
+                                    ref.requantize_integer(acc, m0, shift, z, lo, hi, relu))
 
     check()
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_integer_saturates(self):
     """M = 2^28: the product leaves int32 and saturates (zero point 0)."""
-    acc = np.array([[INT32_MAX, INT32_MIN, 3, -3, 2**20, -(2**20)]], np.int32)
+    acc = np.array([[ref.INT32_MAX, ref.INT32_MIN, 3, -3, 2**20, -(2**20)]], np.int32)
     m0 = np.full((1, 6), 2**30, np.int32)
     shift = np.full((1, 6), 2, np.int32)  # M = 2^28
     q = self.variant(int8.requantize_integer, static_argnames=("lo", "hi", "relu"))(
@@ -655,14 +495,14 @@ class RequantizeTest(chex.TestCase):
 
   def test_integer_saturation_with_zero_point(self):
     """A saturated product (M >= 1 or a huge accumulator) stays saturated after + Z."""
-    acc = np.array([[INT32_MAX, INT32_MIN]], np.int32)
+    acc = np.array([[ref.INT32_MAX, ref.INT32_MIN]], np.int32)
     m0 = np.full((1, 2), 2**30, np.int32)
     shift = np.ones((1, 2), np.int32)  # M = 2^29
     requantize = jax.jit(int8.requantize_integer, static_argnames=("lo", "hi", "relu"))
     for z in (10, -10):
       q = requantize(acc, jnp.asarray(m0), jnp.asarray(shift), jnp.int32(z), lo=-128, hi=127)
       np.testing.assert_array_equal(np.asarray(q),
-                                    ref_requantize_integer(acc, m0, shift, z, -128, 127))
+                                    ref.requantize_integer(acc, m0, shift, z, -128, 127))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_ties(self):
@@ -691,8 +531,9 @@ class RequantizeTest(chex.TestCase):
 # ------------------------------------------------------------------------------------------
 # mul_shift_round and quantize_multiplier.
 
-_EXTREME_ACC = np.array([INT32_MIN, INT32_MIN + 1, -(2**30), -65537, -65536, -65535, -1, 0, 1,
-                         65535, 65536, 65537, 2**30, INT32_MAX - 1, INT32_MAX], np.int64)
+_EXTREME_ACC = np.array([ref.INT32_MIN, ref.INT32_MIN + 1, -(2**30), -65537, -65536, -65535, -1,
+                         0, 1, 65535, 65536, 65537, 2**30, ref.INT32_MAX - 1, ref.INT32_MAX],
+                        np.int64)
 _EXTREME_M0 = np.array([2**30, 2**30 + 1, 3 * 2**29, 2**31 - 2, 2**31 - 1], np.int64)
 
 
@@ -713,9 +554,10 @@ class MulShiftRoundTest(chex.TestCase):
     expected = np.empty(shape, np.int64)
     for i, j, s in np.ndindex(*shape):
       a, m, r = int(_EXTREME_ACC[i]), int(_EXTREME_M0[j]), s + 1
-      expected[i, j, s] = min(max((a * m + 2 ** (r - 1)) >> r, INT32_MIN), INT32_MAX)
+      expected[i, j, s] = min(max((a * m + 2 ** (r - 1)) >> r, ref.INT32_MIN), ref.INT32_MAX)
     np.testing.assert_array_equal(np.asarray(got), expected)
-    assert (expected == INT32_MAX).any() and (expected == INT32_MIN).any()  # saturation seen
+    # Saturation seen.
+    assert (expected == ref.INT32_MAX).any() and (expected == ref.INT32_MIN).any()
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_random(self):
@@ -723,12 +565,12 @@ class MulShiftRoundTest(chex.TestCase):
 
     @SETTINGS
     @hypothesis.given(
-        hnp.arrays(np.int32, (4, 6), elements=st.integers(INT32_MIN, INT32_MAX)),
+        hnp.arrays(np.int32, (4, 6), elements=st.integers(ref.INT32_MIN, ref.INT32_MAX)),
         hnp.arrays(np.int32, (1, 6), elements=st.integers(2**30, 2**31 - 1)),
         hnp.arrays(np.int32, (4, 1), elements=st.integers(1, 62)))
     def check(acc, m0, shift):
       np.testing.assert_array_equal(np.asarray(fn(acc, m0, shift)),
-                                    ref_mul_shift_round(acc, m0, shift))
+                                    ref.mul_shift_round(acc, m0, shift))
 
     check()
 
@@ -788,7 +630,7 @@ def test_quantize_multiplier_just_below_the_upper_bound():
   acc = np.array([[-3, -1, 1, 2, 3, 1000]], np.int32)
   m0, shift = m0[:1].reshape(1, 1), shift[:1].reshape(1, 1)
   q = jax.jit(int8.mul_shift_round)(jnp.asarray(acc), jnp.asarray(m0), jnp.asarray(shift))
-  np.testing.assert_array_equal(np.asarray(q), ref_mul_shift_round(acc, m0, shift))
+  np.testing.assert_array_equal(np.asarray(q), ref.mul_shift_round(acc, m0, shift))
 
 
 def test_accumulator_bound():
@@ -802,7 +644,7 @@ def test_accumulator_bound():
   for spec in (QuantSpec(bits=8), QuantSpec(bits=8, signed=False, reduce_range=True),
                QuantSpec(bits=8, reduce_range=True, symmetric=True),
                QuantSpec(bits=8, signed=False), QuantSpec(bits=4, signed=False)):
-    lo, hi = ref_int8_bounds(spec)
+    lo, hi = ref.int8_bounds(spec)
     widest[spec.bits] = max(-lo, hi)
     bound = int8.accumulator_bound(kernel, reduce_axes=(0, 1, 2), input_spec=spec)
     np.testing.assert_array_equal(bound, max(-lo, hi) * np.abs(kernel).sum(axis=(0, 1, 2)))

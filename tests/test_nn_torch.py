@@ -1,13 +1,14 @@
 """Whole-model parity of `qjax.nn` with PyTorch 2.13's eager-mode quantization (CPU).
 
-The MNIST MLP (784-100-100-10) and LeNet-5 are built twice with identical weights: in torch
-(QuantStub, fused Linear/Conv+ReLU, DeQuantStub; `prepare` or `prepare_qat`) and in Flax
-(Quantize, QuantDense / QuantConv, Dequantize). The same batches go through both, and every
-torch observer's state (min_val / max_val, the histogram) and `calculate_qparams()` must equal
-the matching qjax quantization point's state and `collect_qparams` entry, bit for bit.
+The MNIST MLP (784-100-100-10) and LeNet-5 of tests/torch_models.py are built twice with
+identical weights: in torch (QuantStub, fused Linear/Conv+ReLU, DeQuantStub; `prepare` or
+`prepare_qat`) and in Flax (Quantize, QuantDense / QuantConv, Dequantize). The same batches go
+through both, and every torch observer's state (min_val / max_val, the histogram) and
+`calculate_qparams()` must equal the matching qjax quantization point's state and
+`collect_qparams` entry, bit for bit.
 
-Which qjax point matches which torch observer: one for one, as both place the points where a
-tensor is produced.
+Which qjax point matches which torch observer (`torch_models.activation_points`): one for
+one, as both place the points where a tensor is produced.
 
   torch QuantStub                  qjax Quantize_0
   torch fused layer i's output     qjax <layer i>/output (after the fused ReLU; for LeNet's
@@ -47,8 +48,6 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -56,6 +55,7 @@ torch = pytest.importorskip("torch")
 
 import cases  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
+import torch_models  # noqa: E402
 
 from torch.ao import quantization as tq  # noqa: E402
 
@@ -65,102 +65,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning"),
 ]
-
-# ------------------------------------------------------------------------------------------
-# Models.
-
-
-class TorchMLP(torch.nn.Module):
-  """The MNIST MLP for eager-mode quantization: QuantStub, (Linear, ReLU) x 2, Linear."""
-
-  FUSE = [["fc1", "relu1"], ["fc2", "relu2"]]
-
-  def __init__(self):
-    super().__init__()
-    self.quant = tq.QuantStub()
-    self.fc1, self.relu1 = torch.nn.Linear(784, 100), torch.nn.ReLU()
-    self.fc2, self.relu2 = torch.nn.Linear(100, 100), torch.nn.ReLU()
-    self.fc3 = torch.nn.Linear(100, 10)
-    self.dequant = tq.DeQuantStub()
-
-  def forward(self, x):
-    x = self.quant(x)
-    x = self.relu2(self.fc2(self.relu1(self.fc1(x))))
-    return self.dequant(self.fc3(x))
-
-
-class TorchLeNet(torch.nn.Module):
-  """LeNet-5, NCHW: conv 6@5x5 pad 2, ReLU, pool; conv 16@5x5, ReLU, pool; fc 120, 84, 10."""
-
-  FUSE = [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"], ["fc2", "relu4"]]
-
-  def __init__(self):
-    super().__init__()
-    self.quant = tq.QuantStub()
-    self.conv1, self.relu1 = torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.ReLU()
-    self.pool1 = torch.nn.MaxPool2d(2)
-    self.conv2, self.relu2 = torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU()
-    self.pool2 = torch.nn.MaxPool2d(2)
-    self.flatten = torch.nn.Flatten()
-    self.fc1, self.relu3 = torch.nn.Linear(400, 120), torch.nn.ReLU()
-    self.fc2, self.relu4 = torch.nn.Linear(120, 84), torch.nn.ReLU()
-    self.fc3 = torch.nn.Linear(84, 10)
-    self.dequant = tq.DeQuantStub()
-
-  def forward(self, x):
-    x = self.quant(x)
-    x = self.pool1(self.relu1(self.conv1(x)))
-    x = self.flatten(self.pool2(self.relu2(self.conv2(x))))
-    x = self.relu4(self.fc2(self.relu3(self.fc1(x))))
-    return self.dequant(self.fc3(x))
-
-
-class QMLP(nn.Module):
-  """The MNIST MLP in qjax.nn: Quantize, QuantDense with fused ReLU x 2, QuantDense,
-  Dequantize."""
-
-  qconfig: qnn.QConfig
-
-  @nn.compact
-  def __call__(self, x, *, mode):
-    q = self.qconfig
-    x = qnn.Quantize(q)(x, mode=mode)
-    x = qnn.QuantDense(100, qconfig=q, activation=nn.relu, name="fc1")(x, mode=mode)
-    x = qnn.QuantDense(100, qconfig=q, activation=nn.relu, name="fc2")(x, mode=mode)
-    x = qnn.QuantDense(10, qconfig=q, name="fc3")(x, mode=mode)
-    return qnn.Dequantize()(x, mode=mode)
-
-
-class QLeNet(nn.Module):
-  """LeNet-5 in qjax.nn, NHWC. Each QuantConv fuses its ReLU and observes its output before
-  the max pool, where torch's fused ConvReLU2d does."""
-
-  qconfig: qnn.QConfig
-
-  @nn.compact
-  def __call__(self, x, *, mode):
-    q = self.qconfig
-
-    def conv_block(x, features, padding, name):
-      x = qnn.QuantConv(features, (5, 5), padding=padding, qconfig=q, activation=nn.relu,
-                        name=name)(x, mode=mode)
-      return nn.max_pool(x, (2, 2), strides=(2, 2))
-
-    x = qnn.Quantize(q)(x, mode=mode)
-    x = conv_block(x, 6, ((2, 2), (2, 2)), "conv1")
-    x = conv_block(x, 16, "VALID", "conv2")
-    x = x.reshape((x.shape[0], -1))
-    x = qnn.QuantDense(120, qconfig=q, activation=nn.relu, name="fc1")(x, mode=mode)
-    x = qnn.QuantDense(84, qconfig=q, activation=nn.relu, name="fc2")(x, mode=mode)
-    x = qnn.QuantDense(10, qconfig=q, name="fc3")(x, mode=mode)
-    return qnn.Dequantize()(x, mode=mode)
-
-
-def _activation_points(arch):
-  """torch observer owner -> the qjax point that observes the same tensor (module
-  docstring): QuantStub -> Quantize_0, each layer's output observer -> <layer>/output."""
-  return {"quant": "Quantize_0", **{name: f"{name}/output" for name in _TORCH_SHAPES[arch]}}
-
 
 # ------------------------------------------------------------------------------------------
 # Weights and data (dyadic, see the module docstring).
@@ -196,11 +100,6 @@ def _qat_bias(rng, n, name):
   return b
 
 
-_TORCH_SHAPES = {
-    "mlp": {"fc1": (100, 784), "fc2": (100, 100), "fc3": (10, 100)},
-    "lenet": {"conv1": (6, 1, 5, 5), "conv2": (16, 6, 5, 5), "fc1": (120, 400),
-              "fc2": (84, 120), "fc3": (10, 84)},
-}
 _QAT_K_MAX = {"fc1": 64}  # |k| bound of the QAT weights (others 127): keeps fc1 under its pin
 
 
@@ -218,7 +117,7 @@ def _torch_weights(arch, kind, seed):
   ("qat") or generic QAT ("select": selecting weights, generic biases)."""
   rng = np.random.default_rng(seed)
   out = {}
-  for name, shape in _TORCH_SHAPES[arch].items():
+  for name, shape in torch_models.TORCH_SHAPES[arch].items():
     fan_in = int(np.prod(shape[1:]))
     if kind == "calib":
       w = _calib_weight(rng, fan_in, shape)
@@ -232,21 +131,6 @@ def _torch_weights(arch, kind, seed):
       b = _qat_bias(rng, shape[0], name)
     out[name] = (w, b)
   return out
-
-
-def _flax_params(arch, weights):
-  """The same weights in Flax's layouts: Dense (in, out), Conv HWIO; LeNet's fc1 rows
-  permuted from NCHW's (c, h, w) flatten order to NHWC's (h, w, c)."""
-  params = {}
-  for name, (w, b) in weights.items():
-    if w.ndim == 4:
-      kernel = w.transpose(2, 3, 1, 0)
-    elif arch == "lenet" and name == "fc1":
-      kernel = w.reshape(120, 16, 5, 5).transpose(2, 3, 1, 0).reshape(400, 120)
-    else:
-      kernel = w.T
-    params[name] = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(b)}
-  return params
 
 
 _INPUT_SHAPE = {"mlp": (784,), "lenet": (28, 28, 1)}
@@ -276,37 +160,8 @@ def _qat_batches(arch, seed, n=4, batch=8):
   return out
 
 
-def _to_torch(arch, x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if arch == "lenet"
-                          else x)
-
-
 # ------------------------------------------------------------------------------------------
 # Running both sides.
-
-
-def _torch_model(arch, weights):
-  model = TorchMLP() if arch == "mlp" else TorchLeNet()
-  with torch.no_grad():
-    for name, (w, b) in weights.items():
-      getattr(model, name).weight.copy_(torch.from_numpy(w))
-      getattr(model, name).bias.copy_(torch.from_numpy(b))
-  return model
-
-
-def _prepare(model, torch_qconfig, qat):
-  """Fuse and prepare (eval) or prepare_qat (train), in place."""
-  if qat:
-    model.train()
-    tq.fuse_modules_qat(model, model.FUSE, inplace=True)
-    model.qconfig = torch_qconfig
-    tq.prepare_qat(model, inplace=True)
-  else:
-    model.eval()
-    tq.fuse_modules(model, model.FUSE, inplace=True)
-    model.qconfig = torch_qconfig
-    tq.prepare(model, inplace=True)
-  return model
 
 
 def _run_torch(arch, model, batches, capture=None):
@@ -317,56 +172,17 @@ def _run_torch(arch, model, batches, capture=None):
       lambda module, args, output: captured.append(output.numpy().copy()))
   try:
     with torch.no_grad():
-      outputs = [model(_to_torch(arch, x)).numpy() for x in batches]
+      outputs = [model(torch_models.to_torch(arch, x)).numpy() for x in batches]
   finally:
     if handle is not None:
       handle.remove()
   return outputs, captured
 
 
-@functools.partial(jax.jit, static_argnames=("model", "mode", "capture"))
-def _qjax_step(model, params, stats, x, mode, capture=None):
-  """One forward updating the quant_stats; with `capture`, also that layer's output (the
-  QuantDense / QuantConv's own, not that of the stock layer sharing its scope)."""
-  mutable = ["quant_stats"] + ([] if capture is None else ["intermediates"])
-  y, updates = model.apply(
-      {"params": params, "quant_stats": stats}, x, mode=mode, mutable=mutable,
-      capture_intermediates=lambda mdl, _: (capture is not None and mdl.path == (capture,) and
-                                            isinstance(mdl, (qnn.QuantDense, qnn.QuantConv))))
-  layer_y = None if capture is None else updates["intermediates"][capture]["__call__"][0]
-  return y, updates["quant_stats"], layer_y
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def _qjax_init(model, x):
-  return model.init(jax.random.key(0), x, mode="float")["quant_stats"]
-
-
-def _run_qjax(model, params, batches, mode, capture=None):
-  """Thread the quant_stats through the batches; (outputs, stats, collect_qparams, outputs
-  of the `capture` layer, or [])."""
-  stats = _qjax_init(model, jnp.asarray(batches[0]))
-  outputs, captured = [], []
-  for x in batches:
-    y, stats, layer_y = _qjax_step(model, params, stats, jnp.asarray(x), mode, capture)
-    outputs.append(np.asarray(y))
-    if capture is not None:
-      captured.append(np.asarray(layer_y))
-  # Eagerly, as a user would: each histogram point's L2 search then reuses one compilation.
-  variables = {"params": params, "quant_stats": stats}
-  qparams = qnn.collect_qparams(model, variables, jnp.asarray(batches[0]), mode="float")
-  return outputs, stats, qparams, captured
-
-
 def _at(tree, path):
   for key in path.split("/"):
     tree = tree[key]
   return tree
-
-
-def _observer(module):
-  """The observer inside a torch FakeQuantize / FusedMovingAvgObsFakeQuantize, or itself."""
-  return getattr(module, "activation_post_process", module)
 
 
 def _assert_bitwise(expected, actual, what):
@@ -380,25 +196,12 @@ def _assert_bitwise(expected, actual, what):
         f"{bad[0]}: torch {expected.ravel()[bad[0]]!r} vs qjax {actual.ravel()[bad[0]]!r}")
 
 
-def _observes_twice(owner):
-  """Whether torch runs `owner`'s output observer twice per forward.
-
-  Eager `prepare` registers the observer as a child module and calls it from a forward hook.
-  A fused PTQ module (LinearReLU, ConvReLU2d) is an nn.Sequential, whose forward runs every
-  child, the observer included, so each batch is observed once as the Sequential's last layer
-  and once more by the hook. Min/max are idempotent; a histogram counts every batch twice
-  (a moving average would move twice). QAT modules have their own forward and observe once.
-  """
-  return type(owner).forward is torch.nn.Sequential.forward and any(
-      child is owner.activation_post_process for child in owner.children())
-
-
 def _assert_point(torch_observer, stats, qparams, path, *, times=1):
   """A torch observer's state and calculate_qparams() equal qjax's point at `path`; torch's
-  histogram counts are `times` qjax's (see `_observes_twice`: doubling every batch doubles
-  every count exactly, and leaves the L2 search, which compares errors and quantiles of the
-  normalised histogram, unchanged)."""
-  obs = _observer(torch_observer)
+  histogram counts are `times` qjax's (see `torch_models.observes_twice`: doubling every batch
+  doubles every count exactly, and leaves the L2 search, which compares errors and quantiles
+  of the normalised histogram, unchanged)."""
+  obs = torch_models.observer(torch_observer)
   names = ("min_val", "max_val") + (("histogram",) if hasattr(obs, "histogram") else ())
   for name in names:
     ours = np.asarray(_at(stats, path)[name])
@@ -438,13 +241,13 @@ def _calibrate(arch, config):
   torch_qconfig, qjax_qconfig, qat = CALIB_QCONFIGS[config]
   weights = _torch_weights(arch, "calib", seed=1)
   batches = _calib_batches(arch, seed=2)
-  params = _flax_params(arch, weights)
-  qmodel = QMLP(qjax_qconfig()) if arch == "mlp" else QLeNet(qjax_qconfig())
-  tmodel = _prepare(_torch_model(arch, weights), torch_qconfig(), qat)
+  params = torch_models.flax_params(arch, weights)
+  qmodel = (torch_models.QMLP if arch == "mlp" else torch_models.QLeNet)(qjax_qconfig())
+  tmodel = torch_models.prepare(torch_models.torch_model(arch, weights), torch_qconfig(), qat)
   if qat:  # observe only: the calibration counterpart of qjax's mode="calibrate"
     tmodel.apply(tq.disable_fake_quant)
   outputs, _ = _run_torch(arch, tmodel, batches)
-  ours, stats, qparams, _ = _run_qjax(qmodel, params, batches, "calibrate")
+  ours, stats, qparams, _ = torch_models.run_qjax(qmodel, params, batches, "calibrate")
   return tmodel, torch_qconfig(), qat, outputs, ours, stats, qparams
 
 
@@ -459,10 +262,10 @@ def test_calibration_activation_observers(arch, config):
   # observers see the same tensors.
   for i, (t, j) in enumerate(zip(outputs, ours)):
     _assert_bitwise(t, j, f"calibration output, batch {i}")
-  for owner, path in _activation_points(arch).items():
+  for owner, path in torch_models.activation_points(arch).items():
     module = getattr(tmodel, owner)
     _assert_point(module.activation_post_process, stats, qparams, path,
-                  times=2 if _observes_twice(module) else 1)
+                  times=2 if torch_models.observes_twice(module) else 1)
 
 
 @pytest.mark.parametrize("config", CALIB_QCONFIGS)
@@ -472,7 +275,7 @@ def test_calibration_weight_observers(arch, config):
   qparams of torch's weight observer on the same weight: `qconfig.weight()` applied to it as
   `convert` does, or the QAT module's weight observer after the calibration forwards."""
   tmodel, torch_qconfig, qat, _, _, stats, qparams = _calibrate(arch, config)
-  for name in _TORCH_SHAPES[arch]:
+  for name in torch_models.TORCH_SHAPES[arch]:
     module = getattr(tmodel, name)
     if qat:
       observer = module.weight_fake_quant
@@ -490,15 +293,17 @@ def test_calibration_weight_observers(arch, config):
 def _qjax_qat(arch):
   """qjax's QAT run on the pinned weights and batches: (outputs, stats, qparams, [])."""
   qconfig = qnn.get_default_qat_qconfig("x86")
-  qmodel = QMLP(qconfig) if arch == "mlp" else QLeNet(qconfig)
+  qmodel = torch_models.QMLP(qconfig) if arch == "mlp" else torch_models.QLeNet(qconfig)
   weights = _torch_weights(arch, "qat", seed=3)
-  return _run_qjax(qmodel, _flax_params(arch, weights), _qat_batches(arch, seed=4), "qat")
+  return torch_models.run_qjax(qmodel, torch_models.flax_params(arch, weights),
+                               _qat_batches(arch, seed=4), "qat")
 
 
 def _qat(arch, torch_qconfig):
   """Torch's train-mode QAT run with `torch_qconfig` and qjax's, on the same data."""
   weights = _torch_weights(arch, "qat", seed=3)
-  tmodel = _prepare(_torch_model(arch, weights), torch_qconfig, qat=True)
+  tmodel = torch_models.prepare(torch_models.torch_model(arch, weights), torch_qconfig,
+                                qat=True)
   outputs, _ = _run_torch(arch, tmodel, _qat_batches(arch, seed=4))
   ours, stats, qparams, _ = _qjax_qat(arch)
   return tmodel, outputs, ours, stats, qparams
@@ -515,13 +320,13 @@ def test_qat_forward_and_observers(arch):
   # Premise: the pinned hidden ranges held, so every fake-quantized hidden tensor is dyadic.
   for name, pin in _PIN.items():
     if hasattr(tmodel, name):
-      obs = _observer(getattr(tmodel, name).activation_post_process)
+      obs = torch_models.observer(getattr(tmodel, name).activation_post_process)
       assert (float(obs.min_val), float(obs.max_val)) == (0.0, pin), name
   for i, (t, j) in enumerate(zip(outputs, ours)):
     _assert_bitwise(t, j, f"QAT output, batch {i}")
-  for owner, path in _activation_points(arch).items():
+  for owner, path in torch_models.activation_points(arch).items():
     _assert_point(getattr(tmodel, owner).activation_post_process, stats, qparams, path)
-  for name in _TORCH_SHAPES[arch]:
+  for name in torch_models.TORCH_SHAPES[arch]:
     _assert_point(getattr(tmodel, name).weight_fake_quant, stats, qparams, f"{name}/weight")
 
 
@@ -536,7 +341,7 @@ def test_qat_fused_qconfig():
   127 / 128 of -min, as some here are.)"""
   tmodel, _, _, stats, qparams = _qat("mlp", tq.get_default_qat_qconfig("x86"))
   _assert_point(tmodel.quant.activation_post_process, stats, qparams, "Quantize_0")
-  for name in _TORCH_SHAPES["mlp"]:
+  for name in torch_models.TORCH_SHAPES["mlp"]:
     fake_quant = getattr(tmodel, name).weight_fake_quant
     path = f"{name}/weight"
     _assert_point(fake_quant, stats, qparams, path)
@@ -553,7 +358,7 @@ def _generic_batches(seed):
                        (1.5, 1.0))]
 
 
-class QMLPDoubleInput(QMLP):
+class QMLPDoubleInput(torch_models.QMLP):
   """QMLP with a second input point between Quantize and fc1: the placement qjax had before
   it followed torch (a consumer-side input point on each layer), which quantized the model
   input twice in QAT. The negative control of `test_qat_input_quantized_once`."""
@@ -585,20 +390,20 @@ def test_qat_input_quantized_once():
   """
   batches = _generic_batches(seed=5)
   weights = _torch_weights("mlp", "select", seed=6)
-  params = _flax_params("mlp", weights)
+  params = torch_models.flax_params("mlp", weights)
   qconfig = qnn.get_default_qat_qconfig("x86")
-  tmodel = _prepare(_torch_model("mlp", weights), tq.get_default_qat_qconfig("x86", version=0),
-                    qat=True)
+  tmodel = torch_models.prepare(torch_models.torch_model("mlp", weights),
+                                tq.get_default_qat_qconfig("x86", version=0), qat=True)
   input_scales = []
   tmodel.quant.register_forward_hook(lambda module, args, output: input_scales.append(
-      float(_observer(module.activation_post_process).calculate_qparams()[0])))
+      float(torch_models.observer(module.activation_post_process).calculate_qparams()[0])))
   outputs, fc1 = _run_torch("mlp", tmodel, batches, capture="fc1")
-  ours, stats, qparams, our_fc1 = _run_qjax(QMLP(qconfig), params, batches, "qat",
-                                            capture="fc1")
+  ours, stats, qparams, our_fc1 = torch_models.run_qjax(torch_models.QMLP(qconfig), params,
+                                                        batches, "qat", capture="fc1")
   # Premises: the input grid moved with every batch; the weight grids are 2^-11, on which
   # each row's non-zero is -2^-4.
   assert len(set(input_scales)) == len(batches), input_scales
-  for name in _TORCH_SHAPES["mlp"]:
+  for name in torch_models.TORCH_SHAPES["mlp"]:
     fake_quant = getattr(tmodel, name).weight_fake_quant
     scale, zero_point = fake_quant.calculate_qparams()
     assert np.all(scale.numpy() == np.float32(2.0**-11)), name
@@ -610,13 +415,14 @@ def test_qat_input_quantized_once():
     _assert_bitwise(t, j, f"fc1 fake-quantized output, batch {i}")
   for i, (t, j) in enumerate(zip(outputs, ours)):
     _assert_bitwise(t, j, f"QAT output, batch {i}")
-  for owner, path in _activation_points("mlp").items():
+  for owner, path in torch_models.activation_points("mlp").items():
     _assert_point(getattr(tmodel, owner).activation_post_process, stats, qparams, path)
-  for name in _TORCH_SHAPES["mlp"]:
+  for name in torch_models.TORCH_SHAPES["mlp"]:
     _assert_point(getattr(tmodel, name).weight_fake_quant, stats, qparams, f"{name}/weight")
   # Negative control: quantizing the input twice moves fc1's output off torch's from the
   # second batch on (the first sets both input ranges alike, and a grid re-applied to itself
   # changes nothing).
-  _, _, _, twice = _run_qjax(QMLPDoubleInput(qconfig), params, batches, "qat", capture="fc1")
+  _, _, _, twice = torch_models.run_qjax(QMLPDoubleInput(qconfig), params, batches, "qat",
+                                         capture="fc1")
   same = [np.array_equal(cases.bits_of(t), cases.bits_of(j)) for t, j in zip(fc1, twice)]
   assert same == [True] + [False] * (len(batches) - 1), same
