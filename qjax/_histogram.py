@@ -15,12 +15,12 @@ Reproduced bit for bit, against PyTorch 2.13 on x86 CPUs (tests/test_histogram.p
     new bins and summed in order, as `torch.bincount` does) or, for a one-point old range,
     its whole mass moved to that point's new bin.
   * `_non_linear_param_search` (`l2_search_range`), including the float64 arithmetic torch
-    does in Python and in `torch.cumsum` (emulated with float32 pairs, see `_two_sum`) and
+    does in Python and in `torch.cumsum` (emulated with float32 pairs, `qjax._float32`) and
     the float32 summation order of `torch.sum`'s vectorised CPU kernel.
 
 Nothing relies on XLA contracting, or not contracting, a multiply-add: products that torch
-rounds are kept apart (`_rounded`) and torch's one fused multiply-add is emulated (`_fma`),
-so eager, `jax.jit` and `jax.disable_jit` agree bit for bit.
+rounds are kept apart (`qjax._float32.rounded`) and torch's one fused multiply-add is
+emulated (`_fma`), so eager, `jax.jit` and `jax.disable_jit` agree bit for bit.
 
 Where bit-exactness rests on an assumption (each documented at the helper): float32 pairs
 carry ~48 of float64's 53 bits, so a float64 value within ~2^-48 (relative) of a float32
@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from qjax import _checks
-from qjax.numerics import _exact_div, _uncontractible
+from qjax._float32 import exact_div, f64_to_f32, rounded, two_sum
 
 UPSAMPLE_RATE: int = 16
 """Sub-bins per old bin when a histogram is re-binned onto a wider range (torch's value)."""
@@ -50,30 +50,14 @@ _TABLE_SIZE = 100_010     # > 1 / _QUANTILE_STEP + 2: every alpha / beta the sea
 
 
 # ------------------------------------------------------------------------------------------
-# Exact float32 building blocks.
+# Exact float32 building blocks (the generic ones live in qjax._float32).
 
-
-def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth)."""
-  s = a + b
-  b_virtual = s - a
-  a_virtual = s - b_virtual
-  return s, (a - a_virtual) + (b - b_virtual)
-
-
-def _rounded(product: jax.Array) -> jax.Array:
-  """`product` with its own rounding: never fused with a following add into an FMA.
-
-  The opaque zero of `numerics._uncontractible` is taken from the product itself, because
-  XLA can prove that a constant or an integer converted to float is not NaN and would then
-  drop the guard.
-  """
-  return _uncontractible(product, product)
+_two_sum = two_sum   # the name tests/test_histogram.py checks it by
 
 
 def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   """a = hi + lo with 12-bit halves (Veltkamp); the scaled copy must keep its rounding."""
-  c = _rounded(a * jnp.float32(4097.0))
+  c = rounded(a * jnp.float32(4097.0))
   hi = c - (c - a)
   return hi, a - hi
 
@@ -84,7 +68,7 @@ def _two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   The partial products are exact, so XLA contracting them changes nothing; `p` itself is
   kept out of any later contraction.
   """
-  p = _rounded(a * b)
+  p = rounded(a * b)
   a_hi, a_lo = _split(a)
   b_hi, b_lo = _split(b)
   e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
@@ -98,27 +82,22 @@ def _fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
   inexact inner add can only matter within ~2^-24 ulp of a rounding tie.
   """
   p, e = _two_prod(a, b)
-  s, t = _two_sum(c, p)
+  s, t = two_sum(c, p)
   return s + (t + e)
-
-
-def _f64_to_f32(hi: jax.Array, lo: jax.Array) -> jax.Array:
-  """float32(hi + lo): one correct rounding of the pair's exact sum."""
-  return hi + lo
 
 
 def _dd_mul(hi: jax.Array, lo: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The float64-like product (hi + lo) * k for a float32 integer k, as a pair."""
   p, e = _two_prod(hi, k)
-  return _two_sum(p, e + lo * k)
+  return two_sum(p, e + lo * k)
 
 
 def _dd_div(hi: jax.Array, lo: jax.Array, k: float) -> tuple[jax.Array, jax.Array]:
   """The float64-like quotient (hi + lo) / k, as a pair: q + (remainder / k)."""
-  q = _exact_div(hi, k)
+  q = exact_div(hi, k)
   p, e = _two_prod(q, jnp.float32(k))
   remainder = ((hi - p) - e) + lo
-  return _two_sum(q, _exact_div(remainder, k))
+  return two_sum(q, exact_div(remainder, k))
 
 
 def _cumsum_f64(v: jax.Array) -> jax.Array:
@@ -130,12 +109,12 @@ def _cumsum_f64(v: jax.Array) -> jax.Array:
   steps take ~50 us.
   """
   def step(carry, x):
-    s, e = _two_sum(carry[0], x)
-    running = _two_sum(s, e + carry[1])
+    s, e = two_sum(carry[0], x)
+    running = two_sum(s, e + carry[1])
     return running, running
 
   _, (hi, lo) = lax.scan(step, (jnp.zeros((), v.dtype), jnp.zeros((), v.dtype)), v)
-  return _f64_to_f32(hi, lo)
+  return f64_to_f32(hi, lo)
 
 
 def _ceil_log2(n: int) -> int:
@@ -219,7 +198,7 @@ def _histc(x: jax.Array, lo: jax.Array, hi: jax.Array, bins: int) -> jax.Array:
   # Float32 lo -/+ 1 equals torch's double-then-float: double rounding is innocuous here.
   lo = jnp.where(one_point, lo - 1, lo)
   hi = jnp.where(one_point, hi + 1, hi)
-  pos = _exact_div((x - lo) * jnp.float32(bins), hi - lo)
+  pos = exact_div((x - lo) * jnp.float32(bins), hi - lo)
   # For |c| >= 2^25, c -/+ 1 rounds back to c: torch then divides 0 by 0 (undefined
   # behaviour); the middle bin is where every smaller constant lands.
   pos = jnp.where(hi > lo, pos, jnp.float32(bins // 2))
@@ -233,7 +212,7 @@ def _linspace(start: jax.Array, end: jax.Array, steps: int) -> jax.Array:
   ATen computes the first half up from `start` and the second half down from `end`, each
   element as one fused multiply-add (GCC contracts its `start + step * i`).
   """
-  step = _exact_div(end - start, jnp.float32(steps - 1))
+  step = exact_div(end - start, jnp.float32(steps - 1))
   i = jnp.arange(steps, dtype=jnp.int32)
   up = _fma(step, i.astype(jnp.float32), start)
   down = _fma(-step, (steps - 1 - i).astype(jnp.float32), end)
@@ -250,7 +229,7 @@ def _upscale(hist: jax.Array, old_min: jax.Array, old_max: jax.Array, new_min: j
   bins = hist.shape[0]
   fine = bins * UPSAMPLE_RATE
   mass = jnp.repeat(hist, UPSAMPLE_RATE) / jnp.float32(UPSAMPLE_RATE)   # exact: power of 2
-  half = jnp.float32(0.5) * _exact_div(old_max - old_min, jnp.float32(fine))
+  half = jnp.float32(0.5) * exact_div(old_max - old_min, jnp.float32(fine))
   mids = _linspace(old_min, old_max, fine + 1)[:-1] + half
   edges = _linspace(new_min, new_max, bins + 1)
   index = jnp.clip(jnp.searchsorted(edges, mids, side="right") - 1, 0, bins - 1)
@@ -372,7 +351,7 @@ def _scaled_thresholds(hi: jax.Array, lo: jax.Array, total: jax.Array) -> jax.Ar
 def _div_floor(a: jax.Array, b: jax.Array) -> jax.Array:
   """`torch.div(a, b, rounding_mode="floor")` for b > 0 (c10's div_floor_floating)."""
   mod = jnp.fmod(a, b)
-  div = _exact_div(a - mod, b)
+  div = exact_div(a - mod, b)
   div = jnp.where(mod < 0, div - 1, div)
   floor = jnp.floor(div)
   floor = jnp.where(div - floor > 0.5, floor + 1, floor)
@@ -382,10 +361,10 @@ def _div_floor(a: jax.Array, b: jax.Array) -> jax.Array:
 def _cube_difference_third(end: jax.Array, begin: jax.Array, density: jax.Array) -> jax.Array:
   """torch's `_get_norm`: density * (end^3 - begin^3) / 3, each product rounded as torch does."""
   def cube(t):
-    return _rounded(t * t * t)
+    return rounded(t * t * t)
 
-  third = _exact_div(cube(end) - cube(begin), 3.0)
-  return _rounded(density * third)
+  third = exact_div(cube(end) - cube(begin), 3.0)
+  return rounded(density * third)
 
 
 def _quantization_error(hist: jax.Array, width_hi: jax.Array, width_lo: jax.Array,
@@ -401,21 +380,21 @@ def _quantization_error(hist: jax.Array, width_hi: jax.Array, width_lo: jax.Arra
   count = (end - start + 1).astype(jnp.float32)
   d_hi, d_lo = _dd_mul(width_hi, width_lo, count)
   d_hi, d_lo = _dd_div(d_hi, d_lo, float(dst_nbins))
-  src_w = _f64_to_f32(width_hi, width_lo)
-  dst_w = _f64_to_f32(d_hi, d_lo)
+  src_w = f64_to_f32(width_hi, width_lo)
+  dst_w = f64_to_f32(d_hi, d_lo)
   half = dst_w * jnp.float32(0.5)
   offset = (jnp.arange(bins, dtype=jnp.int32) - start).astype(jnp.float32)
-  begin = _rounded(offset * src_w)
+  begin = rounded(offset * src_w)
   stop = begin + src_w
   top = jnp.float32(dst_nbins - 1)
   dst_begin = jnp.clip(_div_floor(begin, dst_w), 0, top)
   dst_end = jnp.clip(_div_floor(stop, dst_w), 0, top)
-  density = _exact_div(hist, src_w)
-  begin_centre = _rounded((dst_begin + 0.5) * dst_w)
+  density = exact_div(hist, src_w)
+  begin_centre = rounded((dst_begin + 0.5) * dst_w)
   norm = _cube_difference_third(jnp.broadcast_to(half, (bins,)), begin - begin_centre, density)
   full = _cube_difference_third(half, -half, density)
-  norm = norm + _rounded((dst_end - dst_begin - 1) * full)
-  end_centre = _rounded(dst_end * dst_w) + half
+  norm = norm + rounded((dst_end - dst_begin - 1) * full)
+  end_centre = rounded(dst_end * dst_w) + half
   norm = norm + _cube_difference_third(stop - end_centre, -half, density)
   # torch returns 0.0 for a zero-width range before computing anything.
   return jnp.where(width_hi == 0, jnp.float32(0), _torch_sum(norm))
@@ -432,7 +411,7 @@ def _l2_search(hist: jax.Array, min_val: jax.Array, max_val: jax.Array,
   alpha_t = _scaled_thresholds(alpha_hi, alpha_lo, total)
   beta_t = _scaled_thresholds(beta_hi, beta_lo, total)
   # torch's bin width in Python: float64((max - min) / bins), carried as a float32 pair.
-  span_hi, span_lo = _two_sum(max_val, -min_val)
+  span_hi, span_lo = two_sum(max_val, -min_val)
   width_hi, width_lo = _dd_div(span_hi, span_lo, float(bins))
   never = jnp.int32(_TABLE_SIZE)
 
@@ -460,9 +439,9 @@ def _l2_search(hist: jax.Array, min_val: jax.Array, max_val: jax.Array,
   init = (jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.int32(bins - 1),
           jnp.float32(jnp.inf), jnp.bool_(False))
   _, _, start, end, _, _ = lax.while_loop(lambda s: ~s[-1], body, init)
-  width = _exact_div(max_val - min_val, jnp.float32(bins))
-  new_min = min_val + _rounded(width * start.astype(jnp.float32))
-  new_max = min_val + _rounded(width * (end + 1).astype(jnp.float32))
+  width = exact_div(max_val - min_val, jnp.float32(bins))
+  new_min = min_val + rounded(width * start.astype(jnp.float32))
+  new_max = min_val + rounded(width * (end + 1).astype(jnp.float32))
   return new_min, new_max
 
 
@@ -520,16 +499,16 @@ def _percentile(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, q_low: 
   csum = jnp.cumsum(hist)
   total = csum[-1]   # the cumulative sum's own end, so that q_high = 1 reaches it exactly
   before = jnp.concatenate([jnp.zeros((1,), jnp.float32), csum[:-1]])
-  width = _exact_div(max_val - min_val, jnp.float32(bins))
+  width = exact_div(max_val - min_val, jnp.float32(bins))
   # Products kept apart from the adds that follow, so that every mode rounds alike.
-  t_low, t_high = _rounded(q_low * total), _rounded(q_high * total)
+  t_low, t_high = rounded(q_low * total), rounded(q_high * total)
 
   def position(k, t):
     """min + w (k + f), f the fraction of bin k's mass below t (bin k straddles t)."""
     k = jnp.minimum(k, bins - 1)
     mass = hist[k]
-    frac = jnp.where(mass > 0, _exact_div(t - before[k], jnp.where(mass > 0, mass, 1)), 0)
-    return min_val + _rounded(width * (k.astype(jnp.float32) + jnp.clip(frac, 0, 1)))
+    frac = jnp.where(mass > 0, exact_div(t - before[k], jnp.where(mass > 0, mass, 1)), 0)
+    return min_val + rounded(width * (k.astype(jnp.float32) + jnp.clip(frac, 0, 1)))
 
   # Lower: the first bin whose cumulative sum reaches t_low holds inf{x : F(x) >= t_low}.
   low = position(jnp.sum(csum < t_low, dtype=jnp.int32), t_low)

@@ -26,8 +26,8 @@ with its column sums sum_k q_w[n, k] precomputed, because `qjax.int8.matmul`'s
 activations travel as int8, q_x - 128 (XLA's uint8 x int8 dot is ~7x slower than int8 x
 int8); the shift changes no q_x - Z_x. The zero-point terms are applied to the int32
 accumulator: acc = dot(q_x - 128, q_w) - (Z_x - 128) colsum(q_w) (- Z_w rowsum for affine
-weights). The epilogue's FMA is emulated exactly (`_fma`): XLA contracts a * b + c for most
-shapes but not all.
+weights). The epilogue's FMA is emulated exactly (`qjax._float32.fma`): XLA contracts
+a * b + c for most shapes but not all.
 
 Exactness of the qparams. fbgemm's ChooseQuantizationParams works in float64: the range is
 widened to include 0, S = fl32(fl64(max - min) / Q) (below 6.1e-5 it becomes 6.1e-5 and the
@@ -71,8 +71,9 @@ import numpy as np
 from flax.core import FrozenDict
 
 from qjax import _checks
-from qjax._exact import (_split_const, _times, _two_sum, _sign_of_sum, _quotient, _divide, _fma,
-                         _round_half_even, _ldexp, _exponent, _reciprocal, _zero_point_at_tie)
+from qjax._exact import _round_half_even, _zero_point_at_tie
+from qjax._float32 import (dd_div_rounded, exact_times, exponent, fma, fusible_div, ldexp,
+                           reciprocal_estimate, sign_of_sum, split, two_sum)
 from qjax import int8
 from qjax import observers
 from qjax.numerics import QParams, QuantSpec
@@ -97,24 +98,24 @@ def _choose_qparams_core(min_val: jax.Array, max_val: jax.Array, *,
   valid = jnp.isfinite(lo) & jnp.isfinite(hi)
   m_raw, x_raw = jnp.where(valid, -lo, 0.0), jnp.where(valid, hi, 0.0)
   # Scale both by 2^-p (exact) so that the larger lies in [0.5, 1): no product overflows.
-  p = jnp.clip(_exponent(jnp.maximum(m_raw, x_raw)) + 1, -125, 127)
-  m, x = _ldexp(m_raw, -p), _ldexp(x_raw, -p)
-  s, e = _two_sum(x, m)
-  scale_n = _quotient(s, e, q)
-  scale = _ldexp(scale_n, p)
+  p = jnp.clip(exponent(jnp.maximum(m_raw, x_raw)) + 1, -125, 127)
+  m, x = ldexp(m_raw, -p), ldexp(x_raw, -p)
+  s, e = two_sum(x, m)
+  scale_n = dd_div_rounded(s, e, q)
+  scale = ldexp(scale_n, p)
   # Z = nearbyint(Q m / D): test the half-integer next to the float estimate exactly.
-  k = jnp.floor(q * m * _reciprocal(jnp.maximum(s, 0.5))).astype(jnp.int32)
+  k = jnp.floor(q * m * reciprocal_estimate(jnp.maximum(s, 0.5))).astype(jnp.int32)
   a = (2 * k + 1).astype(_F32)
-  tie_sign = _sign_of_sum(*_times(_F32(2 * q), m), *_times(-a, s), *_times(-a, e))
+  tie_sign = sign_of_sum(*exact_times(_F32(2 * q), m), *exact_times(-a, s), *exact_times(-a, e))
   zp = jnp.where(tie_sign == 0, _zero_point_at_tie(m, k), _round_half_even(k, tie_sign))
   # fbgemm: a scale below SMALL_SCALE becomes SMALL_SCALE, the range stretched to match.
-  sig_hi, sig_lo = _split_const(SMALL_SCALE)
-  small = _sign_of_sum(s, e, -_ldexp(_F32(q * sig_hi), -p), -_ldexp(_F32(q * sig_lo), -p)) < 0
-  m_small = m_raw * _divide(_F32(SMALL_SCALE), scale)
+  sig_hi, sig_lo = split(_F32(SMALL_SCALE))
+  small = sign_of_sum(s, e, -ldexp(_F32(q * sig_hi), -p), -ldexp(_F32(q * sig_lo), -p)) < 0
+  m_small = m_raw * fusible_div(_F32(SMALL_SCALE), scale)
   k_small = jnp.floor(m_small * _F32(1 / SMALL_SCALE)).astype(jnp.int32)
   a_small = (2 * k_small + 1).astype(_F32)
-  zp_small = _round_half_even(k_small, _sign_of_sum(2 * m_small, -a_small * _F32(sig_hi),
-                                                    -a_small * _F32(sig_lo)))
+  zp_small = _round_half_even(k_small, sign_of_sum(2 * m_small, -a_small * _F32(sig_hi),
+                                                   -a_small * _F32(sig_lo)))
   zp_small = jnp.where(m_raw == 0, 0, jnp.where(x_raw == 0, q, zp_small))
   # fbgemm falls back to S = 0.1, Z = 0 when fl32(S) is 0 or 1/S overflows; XLA:CPU flushes
   # subnormals, so here that is every scale below float32's smallest normal.
@@ -438,7 +439,7 @@ def _dense_core(x: jax.Array, qvalue: jax.Array, w_scale: jax.Array, w_zero_poin
   if bias is None:
     y = y * multiplier
   else:
-    y = _fma(y, jnp.broadcast_to(multiplier, y.shape), jnp.broadcast_to(bias.astype(_F32), y.shape))
+    y = fma(y, jnp.broadcast_to(multiplier, y.shape), jnp.broadcast_to(bias.astype(_F32), y.shape))
   y = jnp.where(bad, _F32(np.nan), y)
   return y.reshape(x.shape[:-1] + (qvalue.shape[0],))
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax import _checks
-from qjax.nn.fused import _rounded
+from qjax._float32 import rounded
 
 
 def _checked_epsilon(epsilon: Any, where: str) -> float:
@@ -124,12 +124,12 @@ def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None, *, scale: jax.Arr
   if concrete is not None and not np.all(concrete + np.float32(epsilon) > 0):
     raise ValueError(f"{where}: var + epsilon must be > 0 (got var 0 with epsilon 0); give "
                      f"the BatchNorm's epsilon.")
-  inv_std = jnp.float32(1) / _rounded(jnp.sqrt(var + jnp.float32(epsilon)))
+  inv_std = jnp.float32(1) / rounded(jnp.sqrt(var + jnp.float32(epsilon)))
   factor = gamma * inv_std
   if kernel.ndim == 2:  # fuse_linear_bn_weights
-    new_bias = _rounded((b - mean) * factor) + beta
+    new_bias = rounded((b - mean) * factor) + beta
   else:  # fuse_conv_bn_weights
-    new_bias = _rounded(_rounded((b - mean) * inv_std) * gamma) + beta
+    new_bias = rounded(rounded((b - mean) * inv_std) * gamma) + beta
   new_kernel = kernel.astype(jnp.float32) * factor.reshape((1,) * (kernel.ndim - 1) + (-1,))
   bias_dtype = kernel.dtype if bias is None else jnp.asarray(bias).dtype
   return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)

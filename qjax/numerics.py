@@ -46,9 +46,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from qjax import _checks
+from qjax import _float32
 
 FLOAT32_EPS: float = float(np.finfo(np.float32).eps)
 """PyTorch observers' default floor on the scale, `torch.finfo(torch.float32).eps`."""
@@ -335,32 +335,6 @@ def broadcast_qparam(v: jax.Array, spec: QuantSpec, ndim: int) -> jax.Array:
   return v.reshape((1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
 
 
-def _uncontractible(product: jax.Array, factor: jax.Array) -> jax.Array:
-  """`product`, unchanged, in a form XLA cannot fuse into a following add.
-
-  XLA contracts `a * b + c` into an FMA (one rounding) even across an optimization barrier,
-  which it removes before code generation. XOR-ing the product's bits with a zero that the
-  compiler cannot prove to be zero (isnan of the factor: 0 for every usable scale) keeps
-  the multiply's own rounding.
-  """
-  opaque_zero = jnp.isnan(factor).astype(jnp.int32)
-  bits = lax.bitcast_convert_type(product, jnp.int32) ^ opaque_zero
-  return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _exact_div(numerator: jax.Array, denominator: jax.Array | float) -> jax.Array:
-  """numerator / denominator, correctly rounded; `denominator` a scalar (Python or array)
-  or an array of numerator's shape.
-
-  XLA rewrites division by a constant or by a broadcast scalar into multiplication by its
-  reciprocal, which is off by one ulp for about 70 % of inputs and would change scales
-  relative to PyTorch's. A full-shaped divisor behind an optimization barrier keeps the
-  true division.
-  """
-  den = lax.optimization_barrier(jnp.full(numerator.shape, denominator, numerator.dtype))
-  return numerator / den
-
-
 # ------------------------------------------------------------------------------------------
 # Ranges and qparams.
 
@@ -459,11 +433,11 @@ def _qparams_core(min_val: jax.Array, max_val: jax.Array, *, spec: QuantSpec,
   lo = jnp.minimum(min_val, 0.0)
   hi = jnp.maximum(max_val, 0.0)
   if spec.symmetric:
-    scale = _exact_div(jnp.maximum(-lo, hi), (spec.qmax - spec.qmin) / 2)
+    scale = _float32.exact_div(jnp.maximum(-lo, hi), (spec.qmax - spec.qmin) / 2)
     scale = jnp.maximum(scale, jnp.float32(eps))
     zero_point = jnp.full(scale.shape, spec.symmetric_zero_point, jnp.int32)
   else:
-    scale = _exact_div(hi - lo, float(spec.qmax - spec.qmin))
+    scale = _float32.exact_div(hi - lo, float(spec.qmax - spec.qmin))
     scale = jnp.maximum(scale, jnp.float32(eps))
     zero_point = spec.qmin - jnp.round(lo / scale).astype(jnp.int32)
     zero_point = jnp.clip(zero_point, spec.qmin, spec.qmax)
@@ -539,7 +513,7 @@ def _quantize_core(x: jax.Array, scale: jax.Array, zero_point: jax.Array, *,
     rounded = jnp.round(xf * inv_scale + zp)
   else:
     # Round the product before adding Z, as ATen's scalar kernel does.
-    rounded = jnp.round(_uncontractible(xf * inv_scale, inv_scale) + zp)
+    rounded = jnp.round(_float32.uncontractible(xf * inv_scale, inv_scale) + zp)
   rounded = jnp.where(jnp.isnan(rounded), zp, rounded)
   return jnp.clip(rounded, spec.qmin, spec.qmax).astype(spec.storage_dtype)
 

@@ -62,6 +62,7 @@ import numpy as np
 from jax import lax
 
 from qjax import _checks
+from qjax import _float32
 from qjax import _histogram
 from qjax import numerics
 from qjax.numerics import FLOAT32_EPS, QParams, QuantSpec
@@ -311,7 +312,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def ema(old, new):
       # PyTorch runs sub, mul and add as three kernels; keep XLA from fusing mul+add into an FMA.
-      step = numerics._uncontractible(c * (new - old), new)  # pylint: disable=protected-access
+      step = _float32.uncontractible(c * (new - old), new)
       return jnp.where(first, new, old + step)
 
     return MinMaxState(jnp.where(ok, ema(state.min_val, lo), state.min_val),

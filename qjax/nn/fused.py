@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qjax._float32 import rounded
 from qjax.nn import _integer
 from qjax.nn.modules import (Mode, _merged_mode, _point, _stock_fields, _where, module_path)
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
@@ -62,23 +63,11 @@ BATCH_STATS = "batch_stats"
 _MODES = (Mode.FLOAT, Mode.CALIBRATE, Mode.QAT, Mode.INT8)
 
 
-def _rounded(x: jax.Array) -> jax.Array:
-  """x, rounded to its dtype before the next operation uses it (NaN stays NaN).
-
-  XLA rewrites a / sqrt(b) into a * rsqrt(b), whose last bit differs from the correctly
-  rounded quotient for about a third of float32 inputs, and contracts a * b + c into a fused
-  multiply-add; PyTorch's CPU kernels round every operation. A select that XLA cannot
-  simplify keeps the two operations apart, so that the BatchNorm folding reproduces
-  PyTorch's float32 results bit for bit.
-  """
-  return jnp.where(jnp.isnan(x), jnp.asarray(np.nan, x.dtype), x)
-
-
 def _bn_scale_factor(gamma: jax.Array, running_var: jax.Array, epsilon: float) -> jax.Array:
   """s = gamma / sqrt(running_var + eps) in float32, PyTorch's `scale_factor` of the QAT
   forward (the per-channel factor that scales the weight before fake quantization)."""
-  running_std = _rounded(jnp.sqrt(running_var.astype(jnp.float32) + jnp.float32(epsilon)))
-  return _rounded(gamma.astype(jnp.float32) / running_std)
+  running_std = rounded(jnp.sqrt(running_var.astype(jnp.float32) + jnp.float32(epsilon)))
+  return rounded(gamma.astype(jnp.float32) / running_std)
 
 
 def _channel_shape(ndim: int) -> tuple[int, ...]:
@@ -100,7 +89,7 @@ def _running_average(running: jax.Array, batch: jax.Array, momentum: float) -> j
   """momentum * running + (1 - momentum) * batch, in PyTorch's order: with m = fl32(1 -
   momentum) (PyTorch's momentum), m * batch + (1 - m) * running."""
   m = jnp.float32(1.0 - momentum)
-  return _rounded(m * batch) + _rounded((jnp.float32(1) - m) * running)
+  return rounded(m * batch) + rounded((jnp.float32(1) - m) * running)
 
 
 def _batch_norm(y: jax.Array, mean: jax.Array, var: jax.Array, gamma: jax.Array,
@@ -108,7 +97,7 @@ def _batch_norm(y: jax.Array, mean: jax.Array, var: jax.Array, gamma: jax.Array,
   """gamma * (y - mean) / sqrt(var + eps) + beta along the last axis, in float32, returned
   in y's dtype."""
   shape = _channel_shape(y.ndim)
-  inv_std = jnp.float32(1) / _rounded(jnp.sqrt(var + jnp.float32(epsilon)))
+  inv_std = jnp.float32(1) / rounded(jnp.sqrt(var + jnp.float32(epsilon)))
   factor = (gamma.astype(jnp.float32) * inv_std).reshape(shape)
   z = (y.astype(jnp.float32) - mean.reshape(shape)) * factor + beta.astype(
       jnp.float32).reshape(shape)
