@@ -20,7 +20,7 @@ Reproduced bit for bit, against PyTorch 2.13 on x86 CPUs (tests/test_histogram.p
 
 Nothing relies on XLA contracting, or not contracting, a multiply-add: products that torch
 rounds are kept apart (`qjax._float32.rounded`) and torch's one fused multiply-add is
-emulated (`_fma`), so eager, `jax.jit` and `jax.disable_jit` agree bit for bit.
+emulated (`qjax._float32.fma`), so eager, `jax.jit` and `jax.disable_jit` agree bit for bit.
 
 Where bit-exactness rests on an assumption (each documented at the helper): float32 pairs
 carry ~48 of float64's 53 bits, so a float64 value within ~2^-48 (relative) of a float32
@@ -39,7 +39,8 @@ import numpy as np
 from jax import lax
 
 from qjax import _checks
-from qjax._float32 import exact_div, f64_to_f32, rounded, two_sum
+from qjax._float32 import (dd_div, dd_mul, exact_div, f64_to_f32, fma, rounded, two_prod,
+                           two_sum)
 
 UPSAMPLE_RATE: int = 16
 """Sub-bins per old bin when a histogram is re-binned onto a wider range (torch's value)."""
@@ -52,52 +53,7 @@ _TABLE_SIZE = 100_010     # > 1 / _QUANTILE_STEP + 2: every alpha / beta the sea
 # ------------------------------------------------------------------------------------------
 # Exact float32 building blocks (the generic ones live in qjax._float32).
 
-_two_sum = two_sum   # the name tests/test_histogram.py checks it by
-
-
-def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """a = hi + lo with 12-bit halves (Veltkamp); the scaled copy must keep its rounding."""
-  c = rounded(a * jnp.float32(4097.0))
-  hi = c - (c - a)
-  return hi, a - hi
-
-
-def _two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(p, e) with p = fl(a * b) and p + e = a * b exactly (Dekker; no FMA needed).
-
-  The partial products are exact, so XLA contracting them changes nothing; `p` itself is
-  kept out of any later contraction.
-  """
-  p = rounded(a * b)
-  a_hi, a_lo = _split(a)
-  b_hi, b_lo = _split(b)
-  e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
-  return p, e
-
-
-def _fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
-  """a * b + c with a single rounding, whether or not XLA would contract it.
-
-  The exact product p + e and the exact sum s + t = c + p leave s + (t + e), whose one
-  inexact inner add can only matter within ~2^-24 ulp of a rounding tie.
-  """
-  p, e = _two_prod(a, b)
-  s, t = two_sum(c, p)
-  return s + (t + e)
-
-
-def _dd_mul(hi: jax.Array, lo: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The float64-like product (hi + lo) * k for a float32 integer k, as a pair."""
-  p, e = _two_prod(hi, k)
-  return two_sum(p, e + lo * k)
-
-
-def _dd_div(hi: jax.Array, lo: jax.Array, k: float) -> tuple[jax.Array, jax.Array]:
-  """The float64-like quotient (hi + lo) / k, as a pair: q + (remainder / k)."""
-  q = exact_div(hi, k)
-  p, e = _two_prod(q, jnp.float32(k))
-  remainder = ((hi - p) - e) + lo
-  return two_sum(q, exact_div(remainder, k))
+_two_sum, _dd_div = two_sum, dd_div   # the names tests/test_histogram.py checks them by
 
 
 def _cumsum_f64(v: jax.Array) -> jax.Array:
@@ -214,8 +170,8 @@ def _linspace(start: jax.Array, end: jax.Array, steps: int) -> jax.Array:
   """
   step = exact_div(end - start, jnp.float32(steps - 1))
   i = jnp.arange(steps, dtype=jnp.int32)
-  up = _fma(step, i.astype(jnp.float32), start)
-  down = _fma(-step, (steps - 1 - i).astype(jnp.float32), end)
+  up = fma(step, i.astype(jnp.float32), start)
+  down = fma(-step, (steps - 1 - i).astype(jnp.float32), end)
   return jnp.where(i < steps // 2, up, down)
 
 
@@ -344,7 +300,7 @@ def _scaled_thresholds(hi: jax.Array, lo: jax.Array, total: jax.Array) -> jax.Ar
   torch tests `cSum[l] < next_alpha * total`: the Python float product is cast to float32,
   the tensor's dtype, before the comparison.
   """
-  p, e = _two_prod(hi, total)
+  p, e = two_prod(hi, total)
   return p + (e + lo * total)
 
 
@@ -378,8 +334,8 @@ def _quantization_error(hist: jax.Array, width_hi: jax.Array, width_lo: jax.Arra
   """
   bins = hist.shape[0]
   count = (end - start + 1).astype(jnp.float32)
-  d_hi, d_lo = _dd_mul(width_hi, width_lo, count)
-  d_hi, d_lo = _dd_div(d_hi, d_lo, float(dst_nbins))
+  d_hi, d_lo = dd_mul(width_hi, width_lo, count)
+  d_hi, d_lo = dd_div(d_hi, d_lo, float(dst_nbins))
   src_w = f64_to_f32(width_hi, width_lo)
   dst_w = f64_to_f32(d_hi, d_lo)
   half = dst_w * jnp.float32(0.5)
@@ -412,7 +368,7 @@ def _l2_search(hist: jax.Array, min_val: jax.Array, max_val: jax.Array,
   beta_t = _scaled_thresholds(beta_hi, beta_lo, total)
   # torch's bin width in Python: float64((max - min) / bins), carried as a float32 pair.
   span_hi, span_lo = two_sum(max_val, -min_val)
-  width_hi, width_lo = _dd_div(span_hi, span_lo, float(bins))
+  width_hi, width_lo = dd_div(span_hi, span_lo, float(bins))
   never = jnp.int32(_TABLE_SIZE)
 
   def body(state):
