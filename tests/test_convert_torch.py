@@ -55,12 +55,6 @@ from qjax.convert import convert  # noqa: E402
 
 from torch.ao import quantization as tq  # noqa: E402
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning"),
-    pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor, torch.quantize_per_channel"
-                               ":UserWarning"),
-]
 
 ARCHS = ("mlp", "lenet")
 REQUANTS = ("float", "integer", "fbgemm")

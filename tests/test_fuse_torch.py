@@ -40,10 +40,6 @@ from torch.ao import quantization as tq  # noqa: E402
 from torch.ao.nn.intrinsic import qat as nniqat  # noqa: E402
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights  # noqa: E402
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning"),
-]
 
 F32 = np.float32
 

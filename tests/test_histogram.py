@@ -27,8 +27,6 @@ from qjax import _histogram as hg
 from qjax.numerics import QuantSpec, qparams_from_minmax
 
 # torch warns that reduce_range will be deprecated; it still works.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Please use quant_min and quant_max:UserWarning")
 
 BATCH = 512   # one batch shape throughout, so each bin count compiles once
 

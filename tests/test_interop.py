@@ -43,12 +43,6 @@ from qjax.convert import convert, for_serving  # noqa: E402
 from torch.ao import quantization as tq  # noqa: E402
 from torch.nn.utils.fusion import fuse_conv_bn_weights  # noqa: E402
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning"),
-    pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor, torch.quantize_per_channel"
-                               ":UserWarning"),
-]
 
 F32 = np.float32
 EPS = 1e-5  # BatchNorm epsilon on both sides (the default of each)

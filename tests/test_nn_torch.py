@@ -61,10 +61,6 @@ from torch.ao import quantization as tq  # noqa: E402
 
 # Torch 2.13 announces the deprecation of eager-mode quantization (QuantStub, prepare,
 # prepare_qat) and of observers' reduce_range; both still work.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning"),
-]
 
 # ------------------------------------------------------------------------------------------
 # Weights and data (dyadic, see the module docstring).
