@@ -404,8 +404,9 @@ def _weight_grids_of(variables: Any, layers: list[tuple[Consumer, jax.Array]],
 
 def _check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np.ndarray,
                        zero: np.ndarray, weights: str) -> None:
-  """Refuse a kernel that its grid would clamp by more than one step somewhere (weights
-  changed after calibration: a loaded checkpoint, fine-tuning, a fold)."""
+  """Warn about a kernel that its grid clamps by more than one step somewhere; refuse one it
+  clamps by more than a quarter of the grid's width (weights changed after calibration: a
+  loaded checkpoint, fine-tuning, a fold); refuse NaN / inf weights."""
   if not np.all(np.isfinite(kernel)):
     raise ValueError(f"convert: {path}: the kernel holds {int(np.sum(~np.isfinite(kernel)))} "
                      f"NaN or +-inf value(s); an integer kernel needs finite weights.")
@@ -460,9 +461,11 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
   Weights are observed as PyTorch's `convert` does: the layer's weight observer sees the
   kernel being converted (after a BatchNorm fold, the folded one), so that weights changed
   after calibration are not clamped to a stale range. A kernel that its grid would still clamp
-  by more than one step (a moving average that has not caught up) is refused, naming the
-  layer. Activation qparams come straight from the observers' states (or the learned scales
-  of LSQ points); nothing is recomputed from data.
+  by more than one step (a moving average that has not quite caught up, as after a BatchNorm
+  fold with the final running variance) gives a warning; by more than a quarter of the grid's
+  width (64 steps at 8 bits), a ValueError naming the layer. Activation qparams come straight
+  from the observers' states (or the learned scales of LSQ points); nothing is recomputed
+  from data.
 
   Args:
     model: a Flax module whose __call__ takes `mode=`.
