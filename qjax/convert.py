@@ -213,7 +213,7 @@ def _convert_layer(consumer: Consumer, kernel: Any, bias: Any, w_qp: QParams, q_
                    out_qp: QParams, in_spec: QuantSpec, in_qp: QParams, requant: int8.Requant,
                    weights: str) -> dict:
   path, info = consumer.path, consumer.info
-  w_spec, out_spec = info["weight_spec"], info["out_spec"]
+  w_spec, out_spec = info["weight_observer"].spec, info["out_observer"].spec
   for role, spec in (("input", in_spec), ("weight", w_spec), ("output", out_spec)):
     int8.check_int8_spec(spec, name=f"convert: {path} ({role})")
   kernel = jnp.asarray(kernel, jnp.float32)
@@ -341,19 +341,13 @@ def _state(observer: Any, node: Any, shape: tuple[int, ...], where: str) -> Any:
 
 
 def _learned_qparams(observer: Any, node: Any, where: str) -> QParams:
-  """A LearnableFakeQuant point's qparams, as its forward uses them: S = max(scale, eps),
-  Z = clamp(rne(zero_point)) (the grid's fixed zero point when symmetric)."""
+  """A LearnableFakeQuant point's qparams, as its forward uses them."""
   if not hasattr(node, "keys") or "scale" not in node:
     raise ValueError(f"convert: missing params/{where}/scale (a learnable quantization point "
                      f"keeps its scale in 'params').")
-  scale = jnp.maximum(jnp.asarray(node["scale"], jnp.float32), jnp.float32(observer.eps))
-  spec = observer.spec
-  if spec.symmetric:
-    zero = jnp.full(scale.shape, spec.symmetric_zero_point, jnp.int32)
-  else:
-    zero = jnp.clip(jnp.round(jnp.asarray(node["zero_point"], jnp.float32)), spec.qmin,
-                    spec.qmax).astype(jnp.int32)
-  return QParams(scale, zero)
+  zero_point = None if observer.spec.symmetric else jnp.asarray(node["zero_point"], jnp.float32)
+  return qnn_modules.learned_qparams(observer, jnp.asarray(node["scale"], jnp.float32),
+                                     zero_point)
 
 
 def _subtree(tree: Any, path: str) -> Any:
@@ -376,6 +370,21 @@ def _activation_qparams(variables: Any, path: str, point: dict) -> QParams:
 
 
 WEIGHT_SOURCES = ("observe", "fresh", "stats")
+
+
+def _check_read_stats_calibrated(quant_stats: Any, flow: Dataflow, weights: str) -> None:
+  """`check_calibrated` on the observer states convert reads: not those of LSQ points (their
+  scales are learned params), nor the weights' with weights="fresh"."""
+  read = ["/".join(k for k in (path, point.get("point", "")) if k)
+          for path, point in flow.points.items() if not point.get("learnable")]
+  if weights != "fresh":
+    read += [f"{c.path}/weight" for c in flow.consumers
+             if c.role == "in" and "weight_observer" in c.info and not c.info.get("learnable")]
+  if not read:
+    return
+  flat = traverse_util.flatten_dict(quant_stats, sep="/")
+  qnn_modules.check_calibrated(traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if any(k.startswith(p + "/") for p in read)}, sep="/"))
 
 
 def _weight_grids_of(variables: Any, layers: list[tuple[Consumer, jax.Array]],
@@ -497,8 +506,8 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
   if "quant_stats" not in variables:
     raise ValueError("convert: variables has no 'quant_stats' collection; calibrate the model "
                      "(mode='calibrate', mutable=['quant_stats']) or train it with QAT first.")
-  qnn_modules.check_calibrated(variables["quant_stats"])
   flow = trace_dataflow(model, variables, *args, **kwargs)
+  _check_read_stats_calibrated(variables["quant_stats"], flow, weights)
   qparams: dict[str, QParams] = {}
 
   def producer_qparams(source: str) -> QParams:
@@ -535,6 +544,8 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: int8.Requant 
     if kind == "dequantize":
       scale, zero = _grid(in_qp, in_spec)
       out[path] = {"scale": jnp.asarray(scale), "zero_point": jnp.asarray(zero)}
+      continue
+    if any(layer[0].path == path for layer in layers):  # called again on the same grid
       continue
     kernel, bias = _kernel_and_bias(params, batch_stats, consumer)
     layers.append((consumer, jnp.asarray(kernel, jnp.float32), bias, in_spec, in_qp))

@@ -107,3 +107,44 @@ def test_layer_left_in_float_keeps_its_params():
   y = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x)
   y_qat = model.apply(variables, x, mode="qat")
   np.testing.assert_array_equal(np.asarray(y), np.asarray(y_qat))
+
+
+class _Learned(nn.Module):
+  """Quantize -> QuantDense(ReLU) -> QuantDense -> Dequantize, every point LSQ-learnable on
+  full-range grids (affine uint8 activations, per-channel symmetric int8 weights)."""
+
+  @nn.compact
+  def __call__(self, x, *, mode):
+    q = qnn.QConfig(weight=qnn.bits_qconfig(8, qat=False).weight,
+                    activation=qnn.bits_qconfig(8, qat=False).activation, learnable=True)
+    x = qnn.Quantize(q)(x, mode=mode)
+    x = qnn.QuantDense(6, qconfig=q, activation=nn.relu, name="fc1")(x, mode=mode)
+    x = qnn.QuantDense(3, qconfig=q, name="fc2")(x, mode=mode)
+    return qnn.Dequantize()(x, mode=mode)
+
+
+def test_learned_scales_are_the_converted_grids():
+  """LSQ points: convert takes each point's learned scale and zero point (not the observer's),
+  as the point's forward uses them, and the int8 path then computes the fake-quant forward's
+  integers."""
+  model = _Learned()
+  x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
+  variables = model.init(jax.random.key(1), x, mode="float")
+  # Move every learned parameter away from its observed initial value, as training would.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: p * 1.3 if path[-1].key == "scale" else
+      (p + 3.0 if path[-1].key == "zero_point" else p), variables["params"])
+  variables = {**variables, "params": params}
+  int_vars = qconvert.convert(model, variables, x)
+  layers = int_vars["int8"]
+  np.testing.assert_array_equal(layers["fc1"]["kernel"].scale, params["fc1"]["weight"]["scale"])
+  np.testing.assert_array_equal(layers["fc1"]["output"]["scale"],
+                                params["fc1"]["output"]["scale"])
+  np.testing.assert_array_equal(  # rne(Z) on the uint8 grid, carried shifted by -128
+      layers["fc1"]["output"]["zero_point"],
+      np.round(params["fc1"]["output"]["zero_point"]).astype(np.int32) - 128)
+  np.testing.assert_array_equal(layers["Quantize_0"]["scale"], params["Quantize_0"]["scale"])
+  y_int = np.asarray(model.apply(int_vars, x, mode="int8"))
+  y_fq = np.asarray(model.apply(variables, x, mode="qat"))
+  steps = np.abs(y_int - y_fq) / float(layers["Dequantize_0"]["scale"])
+  assert np.max(steps) <= 1.0 + 1e-3 and np.mean(steps < 1e-3) >= 0.9

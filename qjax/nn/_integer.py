@@ -123,10 +123,8 @@ def mark_layer_input(module: nn.Module, qconfig: Any, inputs: jax.Array, *, kind
   if _trace.active():  # convert: refuse what the integer path cannot run, naming the layer
     check_activation(module.activation, where)
     if hasattr(module, "kernel_size"):
-      check_padding(module.padding, where)
-      conv_geometry(module, (1,) * len(module.kernel_size), where)  # input_dilation
-  return _trace.mark(inputs, role="in", path=path, kind=kind, weight_spec=qconfig.weight.spec,
-                     out_spec=qconfig.activation.spec, relu=is_relu(module.activation),
+      check_conv_fields(module, where)
+  return _trace.mark(inputs, role="in", path=path, kind=kind, relu=is_relu(module.activation),
                      weight_observer=qconfig.weight, out_observer=qconfig.activation,
                      learnable=qconfig.learnable, **info)
 
@@ -198,28 +196,29 @@ def _tuple(value: Any, n: int, default: int = 1) -> tuple[int, ...]:
 _PADDINGS = ("SAME", "VALID")
 
 
-def check_padding(padding: Any, where: str) -> None:
-  """Refuse a padding the integer path cannot run: it pads with the input's zero point, which
-  is zero padding ("SAME", "VALID", an int or (low, high) pairs); "CIRCULAR", "REFLECT" and
-  "CAUSAL" pad with data."""
+def check_conv_fields(module: nn.Module, where: str) -> None:
+  """Refuse a convolution the integer path cannot run: it pads with the input's zero point,
+  which is zero padding ("SAME", "VALID", an int or (low, high) pairs; "CIRCULAR", "REFLECT"
+  and "CAUSAL" pad with data), and it has no input dilation."""
+  padding = module.padding
   if isinstance(padding, str) and padding.upper() not in _PADDINGS:
     raise ValueError(f"{where}: the integer path supports padding 'SAME', 'VALID', an int or "
                      f"(low, high) pairs (zero padding, done with the input's zero point); got "
                      f"padding={padding!r}. Keep this layer in float (qconfig None) or pad "
                      f"with zeros.")
+  if any(d != 1 for d in _tuple(module.input_dilation, len(module.kernel_size))):
+    raise ValueError(f"{where}: input_dilation is not supported by the integer path; got "
+                     f"{module.input_dilation}.")
 
 
 def conv_geometry(module: nn.Module, in_spatial: tuple[int, ...], where: str) -> dict:
   """strides, explicit pads, dilation and groups of an nn.Conv-like module."""
+  check_conv_fields(module, where)
   window = tuple(module.kernel_size)
   n = len(window)
-  if any(d != 1 for d in _tuple(module.input_dilation, n)):
-    raise ValueError(f"{where}: input_dilation is not supported by the integer path; got "
-                     f"{module.input_dilation}.")
   strides = _tuple(module.strides, n)
   dilation = _tuple(module.kernel_dilation, n)
   padding = module.padding
-  check_padding(padding, where)
   if isinstance(padding, str):
     pads = int8.conv_pads(padding.upper(), in_spatial, window, strides, dilation)
   elif isinstance(padding, int):

@@ -288,12 +288,27 @@ class LearnableFakeQuant(nn.Module):
       return x
     size = int(np.prod(jnp.shape(x)))
     factor = ste.lsq_grad_factor(observer.spec, size) if self.grad_scaling else 1.0
-    positive = jnp.maximum(scale, jnp.float32(observer.eps))
+    qparams = learned_qparams(observer, scale, zero_point)
     if self.is_mutable_collection(QPARAMS):
-      zp = jnp.clip(jnp.round(zero_point), observer.spec.qmin, observer.spec.qmax)
-      _write_qparams(self, positive, zp.astype(jnp.int32))
+      _write_qparams(self, *qparams)
     return _reraise_with_path(self, lambda: ste.fake_quant_learnable(
-        x, observer.spec, positive, zero_point, grad_factor=factor))
+        x, observer.spec, qparams.scale, zero_point, grad_factor=factor))
+
+
+def learned_qparams(observer: obs.Observer, scale: jax.Array,
+                    zero_point: jax.Array | None) -> QParams:
+  """The qparams a `LearnableFakeQuant` point quantizes with, from its learned parameters:
+
+    S = max(scale, eps),   Z = clamp(rne(zero_point), qmin, qmax)
+
+  (a symmetric spec has no learned zero point: `zero_point` None gives its fixed one).
+  """
+  spec = observer.spec
+  positive = jnp.maximum(scale, jnp.float32(observer.eps))
+  if zero_point is None:
+    return QParams(positive, jnp.full(positive.shape, spec.symmetric_zero_point, jnp.int32))
+  zp = jnp.clip(jnp.round(zero_point), spec.qmin, spec.qmax).astype(jnp.int32)
+  return QParams(positive, zp)
 
 
 def _point(qconfig: QConfig | None, role: str, **kwargs: Any) -> nn.Module:
