@@ -48,6 +48,9 @@ from jax import lax
 from qjax import numerics
 from qjax.numerics import QuantSpec
 
+COLLECTION = "int8"
+"""Name of the variables collection that holds a converted model's integer variables."""
+
 INT32_MAX = 2**31 - 1
 
 

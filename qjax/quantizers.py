@@ -27,7 +27,7 @@ import numpy as np
 
 from qjax import _checks
 from qjax import qarray
-from qjax.nn._integer import INT8
+from qjax.int8 import COLLECTION as INT8
 
 CAST_DTYPES = ("float16", "bfloat16", "float32")
 """Target dtypes of `cast_floats`."""

@@ -24,7 +24,7 @@ from qjax import int8
 from qjax.nn import _trace
 from qjax.numerics import QuantSpec
 
-INT8 = "int8"
+INT8 = int8.COLLECTION
 
 
 def _vars(module: nn.Module, where: str) -> Mapping[str, Any]:
