@@ -164,19 +164,12 @@ def init(model: nn.Module, x, seed: int = 0) -> dict:
   return _init(model, jax.random.key(seed, impl="unsafe_rbg"), x)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _calibration_step(model, variables, x):
-  return model.apply(variables, x, mode="calibrate", mutable=[qnn.STATS])[1]
-
-
 def calibrate(model: nn.Module, params: Any, batches) -> dict:
   """Fresh observers fed `batches` (params: the init's when None)."""
   variables = init(model, batches[0][:2])
   if params is not None:
     variables = {**variables, "params": params}
-  for x in batches:
-    variables = {**variables, **_calibration_step(model, variables, x)}
-  return variables
+  return qnn.calibrate(model, variables, batches)
 
 
 def calibration_batches() -> list[np.ndarray]:
