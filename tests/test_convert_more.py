@@ -28,9 +28,7 @@ def calibrated():
   model = _Net()
   x = jax.random.uniform(jax.random.key(0), (8, 8, 8, 2), jnp.float32)
   variables = model.init(jax.random.key(1), x, mode="float")
-  _, stats = jax.jit(lambda v, x: model.apply(v, x, mode="calibrate",
-                                              mutable=["quant_stats"]))(variables, x)
-  return model, {**variables, **stats}, x
+  return model, qnn.calibrate(model, variables, [x]), x
 
 
 @pytest.mark.parametrize("requant", ["fbgemm", "float", "integer"])
