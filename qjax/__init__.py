@@ -3,17 +3,17 @@
 Pure quantizers and straight-through gradients (this namespace), observers as pure
 (init, update, qparams) functions (`qjax.observers`), Flax modules for calibration and QAT
 that keep observer state in the "quant_stats" collection (`import qjax.nn`), and the integer
-inference path: `qjax.convert` (calibrated float variables -> int8 variables), `qjax.int8`
-(its int8 x int8 -> int32 math), `qjax.dynamic` (dynamic quantization of any Flax model's Dense
-layers), `qjax.io` (save / load without pickle), `qjax.report`
+inference path in `qjax.integer`: `qjax.convert` (calibrated float variables -> the typed
+integer ops of mode "int8"), their int8 x int8 -> int32 math (`qjax.integer.arith`), one
+integer form per operation kind (`qjax.integer.forms`), `qjax.dynamic` (dynamic quantization of
+any Flax model's Dense layers on the same int8 matmul); `qjax.io` (save / load without
+pickle), `qjax.report`
 (model size, per-layer report), `qjax.fuse` (BatchNorm folding) and `qjax.quantizers`
 (half-precision casts).
 """
 
-from qjax import convert
-from qjax import dynamic
 from qjax import fuse
-from qjax import int8
+from qjax import integer
 from qjax import interop
 from qjax import io
 from qjax import observers
@@ -23,6 +23,9 @@ from qjax import report
 from qjax.fuse import fold_batch_norm
 from qjax.fuse import fold_batch_norms
 from qjax.fuse import folded_kernel_and_bias
+from qjax.integer import dynamic
+from qjax.integer import for_serving
+from qjax.integer.conversion import convert
 from qjax.numerics import FLOAT32_EPS
 from qjax.numerics import QParams
 from qjax.numerics import QuantSpec
@@ -57,9 +60,10 @@ __all__ = (
     "fold_batch_norm",
     "fold_batch_norms",
     "folded_kernel_and_bias",
+    "for_serving",
     "fuse",
     "half",
-    "int8",
+    "integer",
     "interop",
     "io",
     "lsq_grad_factor",

@@ -77,7 +77,7 @@ torch's converted model holds, in qjax's layouts. The view gives them in torch's
 int8 weight (out, in) / (O, I, *k) as `module.weight().int_repr()`, its scales and zero points
 as `q_per_channel_scales()` / `q_per_channel_zero_points()` (per tensor: `q_scale()`,
 `q_zero_point()`), the output grid as `module.scale`, `module.zero_point`, and the input grid.
-qjax carries unsigned 8-bit activations as int8 shifted by -128 (`qjax.int8.int8_shift`); the
+qjax carries unsigned 8-bit activations as int8 shifted by -128 (`qjax.integer.arith.int8_shift`); the
 view adds the 128 back, so zero points are torch's quint8 ones. `activation_to_torch` /
 `activation_from_torch` do the same for activations (int8 carrier NHWC <-> torch's quint8
 NCHW int_repr).
@@ -109,7 +109,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from qjax import int8
+from qjax.integer import arith
 from qjax.numerics import QuantSpec
 from qjax.qarray import QArray
 
@@ -659,7 +659,7 @@ def _activation_shift(spec: QuantSpec, where: str) -> int:
   if spec.bits != 8:
     raise ValueError(f"{where}: torch's quantized activations are 8-bit (quint8 / qint8); got "
                      f"a {spec.bits}-bit spec {spec}.")
-  return int8.int8_shift(spec)
+  return arith.int8_shift(spec)
 
 
 def _channel_axes(ndim: int, channels_last: bool | None, where: str) -> bool:

@@ -4,10 +4,10 @@ For now this module holds the half-precision casts of a variables pytree (PyTorc
 `model.half()`): `cast_floats` and `half`. DoReFa, PACT (a learned clip with its own
 gradient), WRPN, binary/ternary and fp8 quantizers are planned here.
 
-Integer-path variables are never cast: the "int8" collection that `qjax.convert.convert`
-returns (QArray kernels, float32 input / output scales, requantization multipliers and
-biases, int32 offsets) is the converted model's arithmetic, fixed bit for bit, and a QArray
-keeps its float32 scale wherever it sits. Only the float leaves outside them change.
+Integer-path variables are never cast: the typed ops that `qjax.convert` returns (int8
+kernels, float32 scales, requantization multipliers and biases, int32 offsets) are the
+converted model's arithmetic, fixed bit for bit, and a QArray keeps its float32 scale wherever
+it sits. Only the float leaves outside them change.
 
 Casting rounds each value to nearest in the target format, ties to even (IEEE 754's default,
 what XLA's convert and NumPy's `astype` do), so `cast_floats(v, d)[p] == v[p].astype(d)` bit
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax import _checks
+from qjax import _struct
 from qjax import qarray
-from qjax.int8 import COLLECTION as INT8
 
 CAST_DTYPES = ("float16", "bfloat16", "float32")
 """Target dtypes of `cast_floats`."""
@@ -79,21 +79,19 @@ def _cast_leaf(path: tuple[Any, ...], leaf: Any, target: np.dtype) -> Any:
   return out
 
 
-def _in_integer_collection(path: tuple[Any, ...]) -> bool:
-  """Whether a key path lies in the top-level "int8" collection of converted variables."""
-  return bool(path) and isinstance(path[0], jax.tree_util.DictKey) and path[0].key == INT8
+def _kept(node: Any) -> bool:
+  """QArrays and typed integer ops are kept whole."""
+  return qarray.is_qarray(node) or _struct.is_struct(node)
 
 
 def cast_floats(variables: Any, dtype: Any) -> Any:
-  """Cast every floating-point leaf of a pytree to `dtype`; integers, QArrays and the "int8"
-  collection unchanged.
+  """Cast every floating-point leaf of a pytree to `dtype`; integers, QArrays and integer ops
+  unchanged.
 
-  Leaves under a top-level "int8" key (the integer variables of `qjax.convert.convert` /
-  `for_serving`: their float32 scales and requantization multipliers define the integer
-  arithmetic) and QArrays (their scale stays float32) are returned as they are, the same
-  objects. The float leaves of other collections (e.g. the "params" of layers left in float
-  by `convert`) are cast. Pass the whole variables dict: the collection is recognised by its
-  key, so a bare `int_vars["int8"]` subtree would be cast like any other.
+  The typed ops of `qjax.convert` / `for_serving` (their float32 scales and requantization
+  multipliers define the integer arithmetic) and QArrays (their scale stays float32) are
+  returned as they are, the same objects. The float leaves of other collections (e.g. the
+  "params" of layers left in float by `convert`) are cast.
 
   Each value is rounded to nearest, ties to even, in the target format (see the module
   docstring), exactly `leaf.astype(dtype)`. jax arrays stay jax arrays and NumPy arrays stay
@@ -110,11 +108,11 @@ def cast_floats(variables: Any, dtype: Any) -> Any:
 
   Args:
     variables: any pytree (nested dicts / lists / tuples) of arrays and QArrays, e.g. a Flax
-      variables dict or the output of `qjax.convert.convert`.
+      variables dict or the output of `qjax.convert`.
     dtype: one of "float16", "bfloat16", "float32" (names or dtypes).
 
   Returns:
-    A pytree of the same structure; the "int8" collection and QArrays pass through.
+    A pytree of the same structure; integer ops and QArrays pass through.
 
   Raises:
     TypeError: a dtype that is not a dtype, or a leaf that is neither an array nor a QArray.
@@ -129,28 +127,30 @@ def cast_floats(variables: Any, dtype: Any) -> Any:
     Traceback (most recent call last):
     ...
     ValueError: cast_floats: 1 finite value(s) of the leaf at dense/kernel ... would become inf ...
-    >>> int_vars = {"int8": {"fc": {"requant": {"multiplier": jnp.array([0.1])}}},
-    ...             "params": {"head": {"kernel": jnp.array([0.1])}}}
-    >>> out = cast_floats(int_vars, "float16")
-    >>> out["int8"]["fc"]["requant"]["multiplier"].dtype, out["params"]["head"]["kernel"].dtype
+    >>> from qjax.integer import FloatRequant
+    >>> op = FloatRequant(multiplier=jnp.array([0.1]), zero_point=jnp.int32(0), lo=-128,
+    ...                   hi=127, relu=False)
+    >>> out = cast_floats({"converted": {"fc": {"op": op}},
+    ...                    "params": {"head": {"kernel": jnp.array([0.1])}}}, "float16")
+    >>> out["converted"]["fc"]["op"].multiplier.dtype, out["params"]["head"]["kernel"].dtype
     (dtype('float32'), dtype('float16'))
   """
   target = _target_dtype(dtype)
 
   def cast(path, leaf):
-    if _in_integer_collection(path):
+    if _struct.is_struct(leaf):
       return leaf
     return _cast_leaf(path, leaf, target)
 
-  return jax.tree_util.tree_map_with_path(cast, variables, is_leaf=qarray.is_qarray)
+  return jax.tree_util.tree_map_with_path(cast, variables, is_leaf=_kept)
 
 
 def half(variables: Any) -> Any:
   """`cast_floats(variables, jnp.float16)`: PyTorch's `model.half()` for a variables pytree.
 
   Every floating leaf is rounded to nearest-even float16 (11 significant bits, finite range
-  +-65504); a value that would overflow raises with its path. Converted integer variables
-  (the "int8" collection) and QArrays pass through unchanged, as in `cast_floats`.
+  +-65504); a value that would overflow raises with its path. Converted integer ops and
+  QArrays pass through unchanged, as in `cast_floats`.
 
   Example:
     >>> half({"params": {"w": jnp.array([0.1, 2.0]), "steps": jnp.int32(4)}})["params"]["w"]

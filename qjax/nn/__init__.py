@@ -5,7 +5,7 @@ from qjax.nn.fused import QuantConvBN
 from qjax.nn.fused import QuantDenseBN
 from qjax.nn.modules import Dequantize
 from qjax.nn.modules import FakeQuant
-from qjax.nn.modules import INT8
+from qjax.nn.modules import CONVERTED
 from qjax.nn.modules import LearnableFakeQuant
 from qjax.nn.modules import Mode
 from qjax.nn.modules import QPARAMS
@@ -28,9 +28,9 @@ from qjax.nn.qconfig import get_default_qat_qconfig
 from qjax.nn.qconfig import get_default_qconfig
 
 __all__ = (
+    "CONVERTED",
     "Dequantize",
     "FakeQuant",
-    "INT8",
     "LearnableFakeQuant",
     "Mode",
     "QConfig",

@@ -184,13 +184,11 @@ def _folded_bn_layer(module: nn.Module, stock_type: type, cls_field: str, contra
                      f"with a folded BatchNorm; got {mode.value!r}.")
   _check_fields(module, train)
   qconfig = resolve(module.qconfig, module_path(module))
-  dense = stock_type is nn.Dense
   if mode is Mode.INT8 and _integer.has_integer_form(qconfig):
     # The converted layer is a plain quantized Dense / Conv with the folded kernel and bias.
-    return _integer.run_layer(module, qconfig, inputs, is_dense=dense, where=where)
-  inputs = _integer.mark_layer_input(module, qconfig, inputs,
-                                     kind="dense_bn" if dense else "conv_bn", where=where,
-                                     epsilon=module.epsilon)
+    return _integer.run_layer(module, inputs, where)
+  inputs = _integer.mark_layer_input(module, qconfig, inputs, where=where,
+                                     bn_epsilon=module.epsilon)
   features = module.features
   gamma = module.param("bn_scale", module.bn_scale_init, (features,), module.param_dtype)
   beta = module.param("bn_bias", module.bn_bias_init, (features,), module.param_dtype)

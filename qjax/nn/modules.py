@@ -58,13 +58,14 @@ from qjax import observers as obs
 from qjax import numerics
 from qjax import ste
 from qjax.numerics import QParams
+from qjax.integer.forms import base as forms
+from qjax.integer.forms.boundary import DequantizeForm, QuantizeForm
 from qjax.nn import _integer
-from qjax.nn import _trace
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
 
 STATS = "quant_stats"
 QPARAMS = "quant_params"
-INT8 = _integer.INT8
+CONVERTED = _integer.COLLECTION
 
 
 class Mode(enum.Enum):
@@ -333,14 +334,14 @@ class Quantize(nn.Module):
     qconfig = resolve(self.qconfig, module_path(self))
     if qconfig is None or qconfig.activation is None:
       return x  # not quantized: the model stays in float from here
-    spec = qconfig.activation.spec
     if mode is Mode.INT8:
-      return _integer.quantize(self, spec, x, _where(self))
+      return _integer.quantize(self, x, _where(self))
+    x = forms.mark_input(self, x, QuantizeForm())
     point = _point(qconfig, "activation")
     nn.share_scope(self, point)
     y = point(x, mode=mode)
-    return _trace.mark(y, role="out", path=module_path(self), spec=spec,
-                       observer=qconfig.activation, learnable=qconfig.learnable, point="")
+    return forms.mark_output(self, y, observer=qconfig.activation,
+                             learnable=qconfig.learnable, point="")
 
 
 class Dequantize(nn.Module):
@@ -355,7 +356,7 @@ class Dequantize(nn.Module):
     mode = _merged_mode(self, mode)
     if mode is Mode.INT8:
       return _integer.dequantize(self, x, _where(self))
-    return _trace.mark(x, role="in", path=module_path(self), kind="dequantize")
+    return forms.mark_input(self, x, DequantizeForm())
 
 
 def _layer_path(module: nn.Module) -> str:
@@ -451,11 +452,9 @@ def _eager_layer(module: nn.Module, stock_type: type, cls_field: str, contractio
   activation, then the output point."""
   mode = _merged_mode(module, mode)
   qconfig = resolve(module.qconfig, module_path(module))
-  dense = stock_type is nn.Dense
   if mode is Mode.INT8 and _integer.has_integer_form(qconfig):
-    return _integer.run_layer(module, qconfig, inputs, is_dense=dense, where=_where(module))
-  inputs = _integer.mark_layer_input(module, qconfig, inputs, kind="dense" if dense else "conv",
-                                     where=_where(module))
+    return _integer.run_layer(module, inputs, _where(module))
+  inputs = _integer.mark_layer_input(module, qconfig, inputs, where=_where(module))
   weight_only = None if qconfig is None or qconfig.weight is None else QConfig(
       weight=qconfig.weight, activation=None, learnable=qconfig.learnable)
   fields = _stock_fields(module, stock_type)

@@ -21,7 +21,7 @@ per-tensor symmetric int8 in [-128, 127], S_w = max|W| / 127.5 (`per_channel=Tru
 per output column, `per_channel_dynamic_qconfig`), computed with `qjax.qparams_from_minmax`.
 
 Layout and speed. The int8 kernel is stored output-channel first, (N, K) (PyTorch's layout),
-with its column sums sum_k q_w[n, k] precomputed, because `qjax.int8.matmul`'s
+with its column sums sum_k q_w[n, k] precomputed, because `qjax.arith.matmul`'s
 (N, K) x (M, K)^T form with M padded to 2 is XLA:CPU's fastest exact int8 GEMM. The
 activations travel as int8, q_x - 128 (XLA's uint8 x int8 dot is ~7x slower than int8 x
 int8); the shift changes no q_x - Z_x. The zero-point terms are applied to the int32
@@ -74,7 +74,7 @@ from qjax import _checks
 from qjax._exact import _round_half_even, _zero_point_at_tie
 from qjax._float32 import (dd_div_rounded, exact_times, exponent, fma, fusible_div, ldexp,
                            reciprocal_estimate, sign_of_sum, split, two_sum)
-from qjax import int8
+from qjax.integer import arith
 from qjax import observers
 from qjax.numerics import QParams, QuantSpec
 from qjax.qarray import QArray, quantize_array
@@ -291,7 +291,7 @@ def quantize_kernel(kernel: jax.typing.ArrayLike, *, weight_spec: QuantSpec = DE
                      f"weight(s) (shape {kernel.shape}); they have no int8 representation.")
   k_in = kernel.shape[0]
   span = max(abs(spec.qmin), abs(spec.qmax)) if spec.symmetric else spec.qmax - spec.qmin
-  if k_in * 255 * span > int8.INT32_MAX:
+  if k_in * 255 * span > arith.INT32_MAX:
     raise ValueError(f"kernel has in_features={k_in}: sum_k (q_x - Z_x)(q_w - Z_w) could reach "
                      f"{k_in * 255 * span}, beyond int32. Split the layer or use a narrower "
                      f"weight grid.")
@@ -430,7 +430,7 @@ def _dense_core(x: jax.Array, qvalue: jax.Array, w_scale: jax.Array, w_zero_poin
   def per_column(v):
     return jnp.reshape(v, (1, -1)) if jnp.ndim(v) else v
 
-  acc = int8.matmul(q, qvalue) - zero_point8 * col_sums[None, :]
+  acc = arith.matmul(q, qvalue) - zero_point8 * col_sums[None, :]
   if affine:
     centred_rows = jnp.sum(q.astype(jnp.int32), axis=1, keepdims=True) - k_in * zero_point8
     acc = acc - per_column(w_zero_point) * centred_rows

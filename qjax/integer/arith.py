@@ -1,7 +1,7 @@
 """The integer inference path: int8 x int8 contractions with int32 accumulation, requantization.
 
-Pure functions over integer arrays; `qjax.convert` prepares their arguments and the modules of
-`qjax.nn` call them in mode "int8". The math of one quantized layer with input grid
+Pure functions over integer arrays; the integer forms (`qjax.integer.forms`) call them with
+the arguments `qjax.convert` lowered. The math of one quantized layer with input grid
 (S_x, Z_x), weight grid (S_w, Z_w = 0, symmetric) and output grid (S_y, Z_y):
 
   acc   = sum_k q_x[k] q_w[k, n]                       int8 x int8 -> int32 (`matmul` / `conv`)
@@ -10,7 +10,7 @@ Pure functions over integer arrays; `qjax.convert` prepares their arguments and 
   q_y   = clamp(Z_y + requant(acc'), lo, hi)            lo = Z_y with a fused ReLU
 
 so that acc + offset = sum_k (q_x - Z_x)(q_w - Z_w), the textbook formula. Three requantizers
-(`Requant`), each reproducible by NumPy integer code:
+(`qjax.integer.Requant`), each reproducible by NumPy integer code:
 
   "fbgemm"   q = Z_y + rne((f32(acc + offset) + f32(b / A)) * M)   (float bias b)
   "float"    q = Z_y + rne(f32(acc') * M)                           (int32 bias)
@@ -37,7 +37,6 @@ Narrower grids (4-bit, ...) clamp to their own [qmin, qmax], so they stay narrow
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 
 import jax
@@ -48,28 +47,7 @@ from jax import lax
 from qjax import numerics
 from qjax.numerics import QuantSpec
 
-COLLECTION = "int8"
-"""Name of the variables collection that holds a converted model's integer variables."""
-
 INT32_MAX = 2**31 - 1
-
-
-class Requant(enum.Enum):
-  """How a layer's int32 accumulator is mapped to its output grid (see the module docstring)."""
-
-  FLOAT = "float"
-  INTEGER = "integer"
-  FBGEMM = "fbgemm"
-
-
-def as_requant(value: Requant | str) -> Requant:
-  """`value` as a Requant; a ValueError listing the accepted values otherwise."""
-  if isinstance(value, Requant):
-    return value
-  accepted = [r.value for r in Requant]
-  if isinstance(value, str) and value.lower() in accepted:
-    return Requant(value.lower())
-  raise ValueError(f"requant must be one of {accepted} (or a qjax.int8.Requant); got {value!r}.")
 
 
 # ------------------------------------------------------------------------------------------

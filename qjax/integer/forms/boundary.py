@@ -1,0 +1,80 @@
+"""Integer forms of the boundaries: Quantize (float -> int8) and Dequantize (int8 -> float).
+
+    Quantize    q8 = clamp(rne(x / S) + Z, lo, hi) - shift   (`arith.quantize_input`)
+    Dequantize  y  = S * (q8 - Z8)                           float32
+
+A Quantize may sit anywhere a float tensor is (the model input, after a Dequantize and float
+ops): it starts an integer region with its own observed grid, as PyTorch's QuantStub does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qjax._struct import static, struct
+from qjax.integer import arith
+from qjax.integer.forms.base import ActivationGrid, Form, Lowering, int8_input
+from qjax.numerics import QuantSpec
+
+
+@struct
+class QuantizeOp:
+  """Float -> int8 on a calibrated grid (`scale`, `zero_point` on the carrier grid).
+
+  Example:
+    >>> op = QuantizeOp(scale=jnp.float32(0.5), zero_point=jnp.int32(-128),
+    ...                 spec=QuantSpec(bits=8, signed=False))
+    >>> op(jnp.array([0.0, 1.0, 200.0]))
+    Array([-128, -126,  127], dtype=int8)
+  """
+
+  scale: jax.Array
+  zero_point: jax.Array
+  spec: QuantSpec = static()
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    zero_point = self.zero_point + jnp.int32(arith.int8_shift(self.spec))  # the spec's grid
+    return arith.quantize_input(x, self.spec, self.scale, zero_point)
+
+
+@struct
+class DequantizeOp:
+  """int8 -> float32 with the producer's grid: y = scale * (q8 - zero_point).
+
+  Example:
+    >>> DequantizeOp(scale=jnp.float32(0.5), zero_point=jnp.int32(2))(jnp.array([4], jnp.int8))
+    Array([1.], dtype=float32)
+  """
+
+  scale: jax.Array
+  zero_point: jax.Array
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return arith.dequantize_output(int8_input(x, "a Dequantize"), self.scale,
+                                   self.zero_point)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeForm(Form):
+  """The integer form of `qjax.nn.Quantize`: its input is float."""
+
+  float_input = True
+
+  def lower(self, lowering: Lowering) -> QuantizeOp:
+    grid = lowering.output
+    assert grid is not None  # a Quantize marks its output
+    arith.check_int8_spec(grid.spec, name=f"convert: {lowering.path}")
+    return QuantizeOp(scale=jnp.asarray(grid.scale), zero_point=jnp.asarray(grid.zero_point),
+                      spec=grid.spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class DequantizeForm(Form):
+  """The integer form of `qjax.nn.Dequantize`: the producer's grid."""
+
+  def lower(self, lowering: Lowering) -> DequantizeOp:
+    grid: ActivationGrid = lowering.inputs[0].lowered()
+    return DequantizeOp(scale=grid.scale, zero_point=grid.zero_point)
