@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
+from typing_extensions import dataclass_transform
+
 import jax
 
 T = TypeVar("T")
@@ -29,6 +31,8 @@ def static(**kwargs: Any) -> Any:
   return dataclasses.field(metadata={"static": True}, **kwargs)
 
 
+@dataclass_transform(frozen_default=True, kw_only_default=True,
+                     field_specifiers=(dataclasses.field, static))
 def struct(cls: type[T]) -> type[T]:
   """Make `cls` a frozen, keyword-only dataclass registered as a pytree (fields made with
   `static()` are metadata, the others children) and by name for `qjax.io`."""
@@ -57,7 +61,8 @@ def struct_type(name: str) -> type | None:
 
 def split_fields(value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   """(children, static fields) of a struct instance, by field name."""
-  children, statics = {}, {}
+  children: dict[str, Any] = {}
+  statics: dict[str, Any] = {}
   for f in dataclasses.fields(value):
     (statics if f.metadata.get("static") else children)[f.name] = getattr(value, f.name)
   return children, statics

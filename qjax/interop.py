@@ -72,12 +72,12 @@ functions. ConvTranspose weights are not supported (same rank as a Conv's, diffe
 a shape check catches most, not all). Load before calibrating: quant_stats are passed through
 unchanged, and observers that saw other weights describe other tensors.
 
-The torch view (`to_torch_view`). `qjax.convert.convert`'s integer variables hold the numbers
+The torch view (`to_torch_view`). `qjax.convert`'s integer ops hold the numbers
 torch's converted model holds, in qjax's layouts. The view gives them in torch's: per layer the
 int8 weight (out, in) / (O, I, *k) as `module.weight().int_repr()`, its scales and zero points
 as `q_per_channel_scales()` / `q_per_channel_zero_points()` (per tensor: `q_scale()`,
 `q_zero_point()`), the output grid as `module.scale`, `module.zero_point`, and the input grid.
-qjax carries unsigned 8-bit activations as int8 shifted by -128 (`qjax.integer.arith.int8_shift`); the
+qjax carries unsigned 8-bit activations as int8 shifted by -128 (`arith.int8_shift`); the
 view adds the 128 back, so zero points are torch's quint8 ones. `activation_to_torch` /
 `activation_from_torch` do the same for activations (int8 carrier NHWC <-> torch's quint8
 NCHW int_repr).
@@ -110,8 +110,8 @@ import numpy as np
 from flax import traverse_util
 
 from qjax.integer import arith
+from qjax.integer.forms.base import COLLECTION, OP
 from qjax.numerics import QuantSpec
-from qjax.qarray import QArray
 
 TORCH_QUINT8 = QuantSpec(bits=8, signed=False)
 """torch's activation dtype (quint8) as a spec: every default eager-mode qconfig's grid."""
@@ -761,25 +761,23 @@ def activation_from_torch(values: Any, *, spec: QuantSpec = TORCH_QUINT8,
   return jnp.asarray(carrier)
 
 
-def _grid_view(node: Mapping[str, Any], shift: int, where: str) -> tuple[np.float32, int]:
-  scale = np.float32(np.asarray(node["scale"]))
-  zero = int(np.asarray(node["zero_point"])) + shift
+def _grid_view(scale: Any, zero_point: Any, shift: int, where: str) -> tuple[np.float32, int]:
+  zero = int(np.asarray(zero_point)) + shift
   lo, hi = (0, 255) if shift else (-128, 127)
   if not lo <= zero <= hi:
     raise ValueError(f"to_torch_view: {where}: zero point {zero} is outside "
                      f"[{lo}, {hi}] after the shift by {shift}; the activation grid is not the "
                      f"activation_spec given. Pass the grid the model was calibrated with "
                      f"(e.g. its qconfig's activation.spec).")
-  return scale, zero
+  return np.float32(np.asarray(scale)), zero
 
 
-def _layer_view(path: str, node: Mapping[str, Any], shift: int,
-                flatten: Sequence[int] | None) -> dict:
-  kernel = node["kernel"]
-  if not isinstance(kernel, QArray):
-    raise ValueError(f"to_torch_view: {path}/kernel is a bare {type(kernel).__name__} without "
-                     f"scales: this is a qjax.convert.for_serving tree. Pass convert's output.")
-  q = np.asarray(kernel.qvalue)
+def _layer_view(path: str, op: Any, shift: int, flatten: Sequence[int] | None) -> dict:
+  report = op.report
+  if report is None:
+    raise ValueError(f"to_torch_view: {path} has no report (its scales): this is a "
+                     f"qjax.for_serving tree. Pass convert's output.")
+  q = np.asarray(op.kernel)
   if q.ndim == 2:  # Dense: stored (out, in), torch's layout already
     weight = q
     if flatten is not None:
@@ -795,13 +793,15 @@ def _layer_view(path: str, node: Mapping[str, Any], shift: int,
       raise ValueError(f"to_torch_view: flatten_from names '{path}', a convolution; it "
                        f"applies to the Dense layer that takes a flattened conv output.")
     weight = np.transpose(q, (n + 1, n) + tuple(range(n)))
-  scale = np.asarray(kernel.scale, np.float32)
-  out_scale, out_zero = _grid_view(node["output"], shift, f"{path}/output")
-  in_scale, in_zero = _grid_view(node["input"], shift, f"{path}/input")
+  scale = np.asarray(report["weight_scale"], np.float32)
+  out_scale, out_zero = _grid_view(report["output_scale"], report["output_zero_point"], shift,
+                                   f"{path}/output")
+  in_scale, in_zero = _grid_view(report["input_scale"], report["input_zero_point"], shift,
+                                 f"{path}/input")
   return {
       "weight": np.ascontiguousarray(weight).astype(np.int8),
       "weight_scale": scale,
-      "weight_zero_point": np.asarray(kernel.zero_point).astype(np.int64),
+      "weight_zero_point": np.zeros(scale.shape, np.int64),
       "weight_axis": 0 if scale.ndim == 1 else None,
       "scale": out_scale,
       "zero_point": out_zero,
@@ -812,7 +812,7 @@ def _layer_view(path: str, node: Mapping[str, Any], shift: int,
 
 def to_torch_view(int_vars: Mapping[str, Any], *, activation_spec: QuantSpec = TORCH_QUINT8,
                   flatten_from: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict]:
-  """The integers and qparams of `qjax.convert.convert`'s variables, as torch shows them.
+  """The integers and qparams of `qjax.convert`'s variables, as torch shows them.
 
   Per converted layer (Flax path P, "/"-joined), what torch's converted module gives:
 
@@ -831,7 +831,7 @@ def to_torch_view(int_vars: Mapping[str, Any], *, activation_spec: QuantSpec = T
   convert keeps no float bias ("fbgemm" stores b / (S_x S_w)), so the view has none.
 
   Args:
-    int_vars: `qjax.convert.convert`'s output (not `for_serving`'s, which drops the scales).
+    int_vars: `qjax.convert`'s output (not `for_serving`'s, which drops the scales).
     activation_spec: the models' activation grid (8-bit; torch's quint8 by default, also
       right for a qconfig's reduce_range spec, which is stored as quint8).
     flatten_from: Flax path of a Dense that takes a flattened conv output -> torch's (C, H, W)
@@ -841,22 +841,27 @@ def to_torch_view(int_vars: Mapping[str, Any], *, activation_spec: QuantSpec = T
     {path: entry} as above, NumPy values.
 
   Raises:
-    ValueError: for a for_serving tree, a tree without "int8", or zero points that do not
-      fit the activation spec (a different grid).
+    ValueError: for a for_serving tree, a tree without "converted", or zero points that do
+      not fit the activation spec (a different grid).
 
   Example:
-    >>> from qjax.qarray import quantize_array
-    >>> w = quantize_array(jnp.array([[0.5, -1.0], [2.0, 0.25]]),
-    ...                    QuantSpec(bits=8, signed=True, symmetric=True, axis=0))
-    >>> grid = {"scale": jnp.float32(0.1), "zero_point": jnp.int32(-128)}
-    >>> view = to_torch_view({"int8": {"fc": {"kernel": w, "input": grid, "output": grid}}})
+    >>> from qjax.integer import FloatRequant
+    >>> from qjax.integer.forms import Int8Dense
+    >>> op = Int8Dense(
+    ...     kernel=jnp.array([[64, -127], [127, 16]], jnp.int8), offset=jnp.zeros(2, jnp.int32),
+    ...     requant=FloatRequant(multiplier=jnp.float32(0.1), zero_point=jnp.int32(-128),
+    ...                          lo=-128, hi=127, relu=False),
+    ...     report={"input_scale": jnp.float32(0.1), "input_zero_point": jnp.int32(-128),
+    ...             "weight_scale": jnp.array([0.0078, 0.0157], jnp.float32),
+    ...             "output_scale": jnp.float32(0.1), "output_zero_point": jnp.int32(-128)})
+    >>> view = to_torch_view({"converted": {"fc": {"op": op}}})
     >>> view["fc"]["weight"], view["fc"]["zero_point"]
     (array([[  64, -127],
            [ 127,   16]], dtype=int8), 0)
   """
-  if not isinstance(int_vars, Mapping) or "int8" not in int_vars:
-    raise ValueError("to_torch_view: expected the variables qjax.convert.convert returns "
-                     "({'int8': ..., ...}).")
+  if not isinstance(int_vars, Mapping) or COLLECTION not in int_vars:
+    raise ValueError(f"to_torch_view: expected the variables qjax.convert returns "
+                     f"({{'{COLLECTION}': ..., ...}}).")
   shift = _activation_shift(activation_spec, "to_torch_view")
   flatten_from = {k.strip("/"): tuple(int(s) for s in v) for k, v in (flatten_from or {}).items()}
   view: dict[str, dict] = {}
@@ -864,16 +869,21 @@ def to_torch_view(int_vars: Mapping[str, Any], *, activation_spec: QuantSpec = T
   def walk(node: Any, path: str) -> None:
     if not isinstance(node, Mapping):
       return
-    if "kernel" in node:
-      view[path] = _layer_view(path, node, shift, flatten_from.get(path))
-    elif "scale" in node and "zero_point" in node:
-      scale, zero = _grid_view(node, shift, path)
+    op = node.get(OP)
+    if op is not None and hasattr(op, "kernel"):
+      view[path] = _layer_view(path, op, shift, flatten_from.get(path))
+    elif op is not None and hasattr(op, "scale") and hasattr(op, "zero_point"):
+      scale, zero = _grid_view(op.scale, op.zero_point, shift, path)
       view[path] = {"scale": scale, "zero_point": zero}
-    else:
-      for key, child in node.items():
+    elif op is not None and isinstance(getattr(op, "report", None), Mapping):
+      scale, zero = _grid_view(op.report["output_scale"], op.report["output_zero_point"], shift,
+                               path)
+      view[path] = {"scale": scale, "zero_point": zero}
+    for key, child in node.items():
+      if key != OP:
         walk(child, _join(path, str(key)))
 
-  walk(int_vars["int8"], "")
+  walk(int_vars[COLLECTION], "")
   unknown = sorted(set(flatten_from) - set(view))
   if unknown:
     raise ValueError(f"to_torch_view: flatten_from names {unknown}, which are not converted "

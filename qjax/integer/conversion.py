@@ -276,7 +276,7 @@ def _check_read_stats_calibrated(quant_stats: Any, flow: Dataflow, weights: str)
 
 
 
-def _weight_grids_of(variables: Any, requests: list[WeightRequest], weights: str
+def _weight_grids_of(variables: Any, requests: list[tuple[str, WeightRequest]], weights: str
                      ) -> list[tuple[QParams, jax.Array]]:
   """The weight qparams and quantized kernel of each request, from the layer's weight
   observer and the kernel being converted (see `convert`'s `weights`)."""
@@ -304,6 +304,7 @@ def _operands(path: str, calls: list[Consumer], problems: list[str]) -> list[str
   """The producing point of each operand of the module at `path` (every call must read the
   same grids: one integer op has one grid per operand)."""
   form = calls[0].form
+  assert form is not None  # "in" marks carry their form
   sources: dict[int, str | None] = {}
   for call in calls:
     earlier = sources.setdefault(call.operand, call.source)

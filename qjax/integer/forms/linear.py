@@ -36,7 +36,9 @@ class Int8Dense:
 
   Leaves: `kernel` int8 (N, K); `offset` int32 (N,) = -Z_x sum_k q_w (+ the int32 bias of
   "float" / "integer"); `requant` the requantizer; `report` None or {"input_scale",
-  "weight_scale", "output_scale", "bias"} (reports only).
+  "input_zero_point", "weight_scale", "output_scale", "output_zero_point", "bias"} (for
+  reports and `qjax.interop`; zero points on the int8 carrier grid; "bias" is the int32 bias
+  of "float" / "integer", already in `offset`).
 
   Example:
     >>> op = Int8Dense(kernel=jnp.array([[1, 2]], jnp.int8), offset=jnp.zeros(1, jnp.int32),
@@ -217,16 +219,21 @@ class LinearForm(Form):
           f"output, output channel {channel} can reach |acc| = {int(worst[channel])} > 2^31 "
           f"- 1 for some int8 input (max|q_x| * sum_k |q_w| + |zero-point offset| + |bias|). "
           f"Split the layer, use fewer weight bits, or keep it in float (qconfig None).")
-    report = {"input_scale": jnp.asarray(x_grid.scale), "weight_scale": jnp.asarray(w_scale),
-              "output_scale": jnp.asarray(y_grid.scale)}
+    report = {"input_scale": jnp.asarray(x_grid.scale),
+              "input_zero_point": jnp.asarray(x_grid.zero_point),
+              "weight_scale": jnp.asarray(w_scale),
+              "output_scale": jnp.asarray(y_grid.scale),
+              "output_zero_point": jnp.asarray(y_grid.zero_point)}
     if bias_q is not None:
       report["bias"] = jnp.asarray(bias_q, jnp.int32)
-    common = {"offset": jnp.asarray(total, jnp.int32), "requant": requant, "report": report}
+    offset32 = jnp.asarray(total, jnp.int32)
     if self.conv is None:  # Dense: output channel first for the int8 GEMM
-      return Int8Dense(kernel=jnp.asarray(q_w8.T, jnp.int8), **common)
-    return Int8Conv(kernel=jnp.asarray(q_w8, jnp.int8),
-                    pad_value=jnp.asarray(x_grid.zero_point, jnp.int32), **common,
-                    **dict(self.conv))
+      return Int8Dense(kernel=jnp.asarray(q_w8.T, jnp.int8), offset=offset32, requant=requant,
+                       report=report)
+    geometry: dict[str, Any] = dict(self.conv)
+    return Int8Conv(kernel=jnp.asarray(q_w8, jnp.int8), offset=offset32,
+                    pad_value=jnp.asarray(x_grid.zero_point, jnp.int32), requant=requant,
+                    report=report, **geometry)
 
 
 def check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np.ndarray,
