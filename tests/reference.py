@@ -1,4 +1,5 @@
-"""A plain-NumPy reference of qjax's quantization arithmetic (`qjax/numerics.py`, `qjax/int8.py`).
+"""A plain-NumPy reference of qjax's quantization arithmetic (`qjax/numerics.py`,
+`qjax/integer/arith.py`).
 
 Written from the formulas in the numerics module docstring, not from qjax's code, so that
 tests can compare bit for bit: every function takes and returns NumPy arrays and rounds
@@ -24,11 +25,11 @@ rational arithmetic.
 Conventions: per-tensor qparams are 0-d, per-channel ones are 1-d along `axis` (negative
 counts from the end). Integer outputs use the spec's storage dtype.
 
-The integer path of one layer (`qjax/int8.py`: `int8_shift` to `fbgemm_params`) is written
-the same way, from the formulas in the qjax.int8 module docstring, not from its code: int64
-sums of int8 products, explicit zero-point padding, requantization in Python / NumPy integer
-or float32 arithmetic, one IEEE operation at a time. Accumulators and `quantize_input` are
-int64, requantized outputs int8.
+The integer path of one layer (`qjax/integer/arith.py`: `int8_shift` to `fbgemm_params`) is
+written the same way, from the formulas in the qjax.integer.arith module docstring, not from
+its code: int64 sums of int8 products, explicit zero-point padding, requantization in Python /
+NumPy integer or float32 arithmetic, one IEEE operation at a time. Accumulators and
+`quantize_input` are int64, requantized outputs int8.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ F32 = np.float32
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # fbgemm's smallest activation scale: ChooseQuantizationParams stretches a range whose scale
-# would be smaller to this one (qjax.dynamic; its reference is in tests/test_dynamic.py).
+# would be smaller to this one (qjax.integer.dynamic; its reference is in tests/test_dynamic.py).
 FBGEMM_SMALL_SCALE = F32(6.1e-5)
 
 
@@ -248,7 +249,7 @@ def qparams_from_minmax(min_val, max_val, spec,
 
 
 # ------------------------------------------------------------------------------------------
-# The integer path of one layer (`qjax/int8.py`; see the module docstring). `spec`: a
+# The integer path of one layer (`qjax/integer/arith.py`; see the module docstring). `spec`: a
 # qjax.QuantSpec-like object of at most 8 bits (fields only).
 
 

@@ -1,8 +1,9 @@
-"""qjax.int8, the integer math of one layer, against an independent NumPy int64 reference.
+"""qjax.integer.arith, the integer math of one layer, against an independent NumPy int64
+reference.
 
 The reference is tests/reference.py's integer path (`ref.int8_shift` to
-`ref.fbgemm_params`), written from the formulas in the qjax.int8 module docstring (not from
-its code): int64 sums of int8 products, explicit zero-point padding, requantization in
+`ref.fbgemm_params`), written from the formulas in the qjax.integer.arith module docstring
+(not from its code): int64 sums of int8 products, explicit zero-point padding, requantization in
 Python / NumPy integer or float32 arithmetic, one IEEE operation at a time. Every test
 compares bit for bit, eagerly and under jit (`chex.variants`). tests/test_convert.py uses the
 same reference for whole converted models.
@@ -39,7 +40,7 @@ import cases
 import reference as ref
 import qjax
 from qjax import QuantSpec
-from qjax import int8
+from qjax.integer import arith
 
 F32 = np.float32
 SETTINGS = hypothesis.settings(deadline=None, max_examples=20, print_blob=True,
@@ -60,8 +61,8 @@ _SPECS_WIDE = [s for s in cases.all_specs() if s.bits > 8]
 
 @pytest.mark.parametrize("spec", _SPECS_8, ids=cases.spec_id)
 def test_int8_shift_and_bounds(spec):
-  assert int8.int8_shift(spec) == ref.int8_shift(spec)
-  lo, hi = int8.int8_bounds(spec)
+  assert arith.int8_shift(spec) == ref.int8_shift(spec)
+  lo, hi = arith.int8_bounds(spec)
   assert (lo, hi) == ref.int8_bounds(spec)
   assert -128 <= lo <= hi <= 127  # every grid of <= 8 bits fits the int8 carrier
   qmin, qmax = ref.spec_grid(spec)
@@ -75,34 +76,35 @@ def test_int8_shift_examples():
   for flags in ({}, {"reduce_range": True}, {"narrow_range": True},
                 {"reduce_range": True, "narrow_range": True}, {"symmetric": True}):
     unsigned = QuantSpec(bits=8, signed=False, **flags)
-    assert int8.int8_shift(unsigned) == 128, flags  # x86's [0, 127] activations too
-    assert int8.int8_bounds(unsigned) == (-128, 127), flags
+    assert arith.int8_shift(unsigned) == 128, flags  # x86's [0, 127] activations too
+    assert arith.int8_bounds(unsigned) == (-128, 127), flags
     signed = QuantSpec(bits=8, signed=True, **flags)
-    assert int8.int8_shift(signed) == 0, flags
-    assert int8.int8_bounds(signed) == (-128, 127), flags
-  assert int8.int8_shift(QuantSpec(bits=7, signed=False)) == 0
-  assert int8.int8_bounds(QuantSpec(bits=7, signed=False)) == (0, 127)
-  assert int8.int8_bounds(QuantSpec(bits=4, signed=False)) == (0, 15)
-  assert int8.int8_bounds(QuantSpec(bits=4, signed=False, reduce_range=True)) == (0, 7)
-  assert int8.int8_bounds(QuantSpec(bits=4, symmetric=True)) == (-8, 7)
-  assert int8.int8_bounds(QuantSpec(bits=4, symmetric=True, narrow_range=True)) == (-7, 7)
+    assert arith.int8_shift(signed) == 0, flags
+    assert arith.int8_bounds(signed) == (-128, 127), flags
+  assert arith.int8_shift(QuantSpec(bits=7, signed=False)) == 0
+  assert arith.int8_bounds(QuantSpec(bits=7, signed=False)) == (0, 127)
+  assert arith.int8_bounds(QuantSpec(bits=4, signed=False)) == (0, 15)
+  assert arith.int8_bounds(QuantSpec(bits=4, signed=False, reduce_range=True)) == (0, 7)
+  assert arith.int8_bounds(QuantSpec(bits=4, symmetric=True)) == (-8, 7)
+  assert arith.int8_bounds(QuantSpec(bits=4, symmetric=True, narrow_range=True)) == (-7, 7)
 
 
 @pytest.mark.parametrize("spec", _SPECS_WIDE[::7], ids=cases.spec_id)
 def test_wider_than_8_bits_is_refused(spec):
   with pytest.raises(ValueError, match=rf"int8_bounds: .*at most 8 bits; got a {spec.bits}-bit"):
-    int8.int8_bounds(spec)
+    arith.int8_bounds(spec)
   with pytest.raises(ValueError, match=r"convert: fc1 \(input\): .*at most 8 bits"):
-    int8.check_int8_spec(spec, name="convert: fc1 (input)")
+    arith.check_int8_spec(spec, name="convert: fc1 (input)")
   with pytest.raises(ValueError, match="at most 8 bits"):
-    int8.quantize_input(jnp.zeros((3,), jnp.float32), spec, jnp.float32(1.0), jnp.int32(0))
+    arith.quantize_input(jnp.zeros((3,), jnp.float32), spec, jnp.float32(1.0), jnp.int32(0))
 
 
 def test_as_requant():
-  assert int8.as_requant("FBGEMM") is int8.Requant.FBGEMM
-  assert int8.as_requant(int8.Requant.INTEGER) is int8.Requant.INTEGER
+  as_requant, requant = qjax.integer.requantizers.as_requant, qjax.integer.Requant
+  assert as_requant("FBGEMM") is requant.FBGEMM
+  assert as_requant(requant.INTEGER) is requant.INTEGER
   with pytest.raises(ValueError, match=r"\['float', 'integer', 'fbgemm'\].*got 'double'"):
-    int8.as_requant("double")
+    as_requant("double")
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ class BoundaryTest(chex.TestCase):
     x = (rng.standard_normal((5, 9)) * 2).astype(np.float32)
     scale, zp = ref.qparams_from_minmax(x.min() * 0.8, x.max() * 0.8, spec)
     x[0, :3] = [0.0, 1e9, -1e9]
-    q8 = self.variant(int8.quantize_input, static_argnames=("spec",))(
+    q8 = self.variant(arith.quantize_input, static_argnames=("spec",))(
         x, spec=spec, scale=jnp.asarray(scale), zero_point=jnp.asarray(zp))
     assert q8.dtype == jnp.int8
     expected = ref.quantize_input(x, spec, scale, zp)
@@ -149,7 +151,7 @@ class BoundaryTest(chex.TestCase):
     127 (up to 255), as torch.quantize_per_tensor does, and travels as int8 - 128."""
     spec = QuantSpec(bits=8, signed=False, reduce_range=True)
     x = np.array([0.0, 63.5, 64.0, 100.0, 127.4, 127.6, 500.0, -1.0], np.float32)
-    q8 = int8.quantize_input(jnp.asarray(x), spec, jnp.float32(0.5), jnp.int32(0))
+    q8 = arith.quantize_input(jnp.asarray(x), spec, jnp.float32(0.5), jnp.int32(0))
     np.testing.assert_array_equal(np.asarray(q8).astype(np.int64) + 128,
                                   [0, 127, 128, 200, 255, 255, 255, 0])
     # The fake-quant grid itself still ends at 127.
@@ -161,7 +163,7 @@ class BoundaryTest(chex.TestCase):
     rng = np.random.default_rng(1)
     q8 = rng.integers(-128, 128, (4, 7)).astype(np.int8)
     scale, z8 = F32(0.0371), np.int32(-17)
-    y = self.variant(int8.dequantize_output)(q8, jnp.asarray(scale), jnp.asarray(z8))
+    y = self.variant(arith.dequantize_output)(q8, jnp.asarray(scale), jnp.asarray(z8))
     assert y.dtype == jnp.float32
     expected = (q8.astype(np.int32) - z8).astype(np.float32) * scale
     np.testing.assert_array_equal(np.asarray(y), expected)
@@ -185,7 +187,7 @@ class MatmulTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_int64_reference(self):
-    fn = self.variant(int8.matmul)
+    fn = self.variant(arith.matmul)
 
     @SETTINGS
     @hypothesis.given(matmul_case())
@@ -207,15 +209,15 @@ class MatmulTest(chex.TestCase):
     kernel_t = np.full((3, k), -128, np.int8)
     kernel_t[1, ::2] = 127
     kernel_t[2, :] = np.where(np.arange(k) % 3 == 0, -128, 127).astype(np.int8)
-    acc = self.variant(int8.matmul)(x, kernel_t)
+    acc = self.variant(arith.matmul)(x, kernel_t)
     expected = ref.matmul(x, kernel_t)
     assert expected[0, 0] == 128 * 128 * k > 2**31 - 128 * 128 - 1
     np.testing.assert_array_equal(np.asarray(acc), expected)
 
   def test_jaxpr_is_int8_times_int8_to_int32(self):
     for shape in ((1, 9), (4, 9), (2, 3, 9)):
-      jaxpr = jax.make_jaxpr(int8.matmul)(jnp.zeros(shape, jnp.int8),
-                                          jnp.zeros((5, 9), jnp.int8)).jaxpr
+      jaxpr = jax.make_jaxpr(arith.matmul)(jnp.zeros(shape, jnp.int8),
+                                           jnp.zeros((5, 9), jnp.int8)).jaxpr
       assert cases.assert_int8_contractions(jaxpr) == {"dot_general": 1, "conv_general_dilated": 0}
 
   def test_errors(self):
@@ -223,13 +225,13 @@ class MatmulTest(chex.TestCase):
     for bad in (jnp.zeros((2, 4), jnp.uint8), jnp.zeros((2, 4), jnp.int32),
                 jnp.zeros((2, 4), jnp.float32)):
       with pytest.raises(TypeError, match=rf"matmul: x must be int8.*got {bad.dtype}"):
-        int8.matmul(bad, ok)
+        arith.matmul(bad, ok)
       with pytest.raises(TypeError, match=rf"matmul: kernel_t must be int8.*got {bad.dtype}"):
-        int8.matmul(ok, bad)
+        arith.matmul(ok, bad)
     with pytest.raises(ValueError, match=r"share K; got shapes \(2, 4\) and \(3, 5\)"):
-      int8.matmul(ok, jnp.zeros((3, 5), jnp.int8))
+      arith.matmul(ok, jnp.zeros((3, 5), jnp.int8))
     with pytest.raises(ValueError, match="share K"):
-      int8.matmul(ok, jnp.zeros((3, 2, 4), jnp.int8))
+      arith.matmul(ok, jnp.zeros((3, 2, 4), jnp.int8))
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ class MatmulTest(chex.TestCase):
 
 
 def _conv_fn(**geometry):
-  return functools.partial(int8.conv, **geometry)
+  return functools.partial(arith.conv, **geometry)
 
 
 @st.composite
@@ -263,7 +265,7 @@ def conv_case(draw):
 
 
 def _conv_jaxpr(x, kernel, geometry):
-  return jax.make_jaxpr(lambda a, b: int8.conv(a, b, pad_value=jnp.int32(0), **geometry))(
+  return jax.make_jaxpr(lambda a, b: arith.conv(a, b, pad_value=jnp.int32(0), **geometry))(
       x, kernel).jaxpr
 
 
@@ -355,9 +357,9 @@ class ConvTest(chex.TestCase):
   def test_padding_uses_the_pad_value(self):
     """A 1x1 kernel of ones over a padded input returns the pad value at the border."""
     x = np.full((1, 2, 2, 1), 5, np.int8)
-    acc = int8.conv(x, np.ones((1, 1, 1, 1), np.int8), strides=(1, 1),
-                    padding=((1, 0), (0, 1)), dilation=(1, 1), feature_group_count=1,
-                    pad_value=jnp.int32(-3))
+    acc = arith.conv(x, np.ones((1, 1, 1, 1), np.int8), strides=(1, 1),
+                     padding=((1, 0), (0, 1)), dilation=(1, 1), feature_group_count=1,
+                     pad_value=jnp.int32(-3))
     np.testing.assert_array_equal(np.asarray(acc)[0, :, :, 0],
                                   [[-3, -3, -3], [5, 5, -3], [5, 5, -3]])
 
@@ -365,11 +367,11 @@ class ConvTest(chex.TestCase):
       ((9,), (3,), (2,), (1,)), ((8, 7), (3, 2), (1, 3), (2, 1)), ((5, 5), (4, 4), (2, 2), (1, 1)),
       ((1, 6), (3, 1), (3, 1), (2, 1)))
   def test_conv_pads(self, in_spatial, window, strides, dilation):
-    assert list(int8.conv_pads("SAME", in_spatial, window, strides, dilation)) == ref.same_pads(
+    assert list(arith.conv_pads("SAME", in_spatial, window, strides, dilation)) == ref.same_pads(
         in_spatial, window, strides, dilation)
-    assert int8.conv_pads("VALID", in_spatial, window, strides, dilation) == (
+    assert arith.conv_pads("VALID", in_spatial, window, strides, dilation) == (
         ((0, 0),) * len(window))
-    assert int8.conv_pads([(1, 2)] * len(window), in_spatial, window, strides, dilation) == (
+    assert arith.conv_pads([(1, 2)] * len(window), in_spatial, window, strides, dilation) == (
         ((1, 2),) * len(window))
 
   def test_errors(self):
@@ -377,11 +379,11 @@ class ConvTest(chex.TestCase):
                     feature_group_count=1, pad_value=jnp.int32(0))
     x, k = jnp.zeros((1, 4, 4, 2), jnp.int8), jnp.zeros((2, 2, 2, 3), jnp.int8)
     with pytest.raises(TypeError, match="conv: x must be int8.*got int32"):
-      int8.conv(x.astype(jnp.int32), k, **geometry)
+      arith.conv(x.astype(jnp.int32), k, **geometry)
     with pytest.raises(TypeError, match="conv: kernel must be int8.*got uint8"):
-      int8.conv(x, k.astype(jnp.uint8), **geometry)
+      arith.conv(x, k.astype(jnp.uint8), **geometry)
     with pytest.raises(ValueError, match=r"conv: x must have rank 4 .*got shape \(4, 4, 2\)"):
-      int8.conv(x[0], k, **geometry)
+      arith.conv(x[0], k, **geometry)
 
 
 # ------------------------------------------------------------------------------------------
@@ -408,7 +410,7 @@ class RequantizeTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_float(self):
-    fn = self.variant(int8.requantize_float, static_argnames=("lo", "hi", "relu"))
+    fn = self.variant(arith.requantize_float, static_argnames=("lo", "hi", "relu"))
 
     @SETTINGS
     @hypothesis.given(requant_case())
@@ -423,7 +425,7 @@ class RequantizeTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_fbgemm(self):
-    fn = self.variant(int8.requantize_fbgemm, static_argnames=("lo", "hi", "relu"))
+    fn = self.variant(arith.requantize_fbgemm, static_argnames=("lo", "hi", "relu"))
 
     @SETTINGS
     @hypothesis.given(requant_case(),
@@ -456,7 +458,7 @@ class RequantizeTest(chex.TestCase):
     np.testing.assert_array_equal(as_f32 + bias, steps)  # the float32 sum is exact
     mult = rng.uniform(0.5, 1.2, (1, 64)).astype(np.float32)
     mult[0, :32] = 1.0
-    q = self.variant(int8.requantize_fbgemm, static_argnames=("lo", "hi", "relu"))(
+    q = self.variant(arith.requantize_fbgemm, static_argnames=("lo", "hi", "relu"))(
         acc, jnp.asarray(bias), jnp.asarray(mult), jnp.int32(3), lo=-128, hi=127)
     expected = ref.requantize_fbgemm(acc, bias, mult, 3, -128, 127)
     np.testing.assert_array_equal(np.asarray(q), expected)
@@ -469,13 +471,13 @@ class RequantizeTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_integer(self):
     """Multipliers below 1 (every converted layer whose S_y >= S_x S_w), any zero point."""
-    fn = self.variant(int8.requantize_integer, static_argnames=("lo", "hi", "relu"))
+    fn = self.variant(arith.requantize_integer, static_argnames=("lo", "hi", "relu"))
 
     @SETTINGS
     @hypothesis.given(requant_case())
     def check(case):
       acc, mult, z, lo, hi, relu = case
-      m0, shift = int8.quantize_multiplier(np.minimum(mult, F32(0.999)))
+      m0, shift = arith.quantize_multiplier(np.minimum(mult, F32(0.999)))
       q = fn(acc, jnp.asarray(m0), jnp.asarray(shift), jnp.asarray(z), lo=lo, hi=hi, relu=relu)
       assert q.dtype == jnp.int8
       np.testing.assert_array_equal(np.asarray(q),
@@ -489,7 +491,7 @@ class RequantizeTest(chex.TestCase):
     acc = np.array([[ref.INT32_MAX, ref.INT32_MIN, 3, -3, 2**20, -(2**20)]], np.int32)
     m0 = np.full((1, 6), 2**30, np.int32)
     shift = np.full((1, 6), 2, np.int32)  # M = 2^28
-    q = self.variant(int8.requantize_integer, static_argnames=("lo", "hi", "relu"))(
+    q = self.variant(arith.requantize_integer, static_argnames=("lo", "hi", "relu"))(
         acc, jnp.asarray(m0), jnp.asarray(shift), jnp.int32(0), lo=-128, hi=127)
     np.testing.assert_array_equal(np.asarray(q), [[127, -128, 127, -128, 127, -128]])
 
@@ -498,7 +500,7 @@ class RequantizeTest(chex.TestCase):
     acc = np.array([[ref.INT32_MAX, ref.INT32_MIN]], np.int32)
     m0 = np.full((1, 2), 2**30, np.int32)
     shift = np.ones((1, 2), np.int32)  # M = 2^29
-    requantize = jax.jit(int8.requantize_integer, static_argnames=("lo", "hi", "relu"))
+    requantize = jax.jit(arith.requantize_integer, static_argnames=("lo", "hi", "relu"))
     for z in (10, -10):
       q = requantize(acc, jnp.asarray(m0), jnp.asarray(shift), jnp.int32(z), lo=-128, hi=127)
       np.testing.assert_array_equal(np.asarray(q),
@@ -509,18 +511,18 @@ class RequantizeTest(chex.TestCase):
     """Exact half-integers: "float" rounds them to even, "integer" rounds them up."""
     acc = np.array([[2, 6, 10, -2, -6, -10, 1, 3]], np.int32)  # acc / 4 = +-0.5, +-1.5, +-2.5
     relu_off = dict(lo=-128, hi=127)
-    q_float = self.variant(int8.requantize_float, static_argnames=("lo", "hi", "relu"))(
+    q_float = self.variant(arith.requantize_float, static_argnames=("lo", "hi", "relu"))(
         acc, jnp.float32(0.25), jnp.int32(0), **relu_off)
     np.testing.assert_array_equal(np.asarray(q_float), [[0, 2, 2, 0, -2, -2, 0, 1]])
-    q_int = self.variant(int8.requantize_integer, static_argnames=("lo", "hi", "relu"))(
+    q_int = self.variant(arith.requantize_integer, static_argnames=("lo", "hi", "relu"))(
         acc, jnp.int32(2**30), jnp.int32(32), jnp.int32(0), **relu_off)
     np.testing.assert_array_equal(np.asarray(q_int), [[1, 2, 3, 0, -1, -2, 0, 1]])
 
   def test_fused_relu_clamps_at_the_zero_point(self):
     acc = np.arange(-40, 40, 4, dtype=np.int32).reshape(1, -1)
     for z in (-20, 0, 33):
-      for fn, args in ((int8.requantize_float, (jnp.float32(0.5),)),
-                       (int8.requantize_integer, (jnp.int32(2**30), jnp.int32(31)))):
+      for fn, args in ((arith.requantize_float, (jnp.float32(0.5),)),
+                       (arith.requantize_integer, (jnp.int32(2**30), jnp.int32(31)))):
         fn = jax.jit(fn, static_argnames=("lo", "hi", "relu"))
         q = np.asarray(fn(acc, *args, jnp.int32(z), lo=-128, hi=127, relu=True))
         plain = np.asarray(fn(acc, *args, jnp.int32(z), lo=-128, hi=127, relu=False))
@@ -546,7 +548,7 @@ class MulShiftRoundTest(chex.TestCase):
     m0 = _EXTREME_M0[None, :, None]
     shift = np.arange(1, 63, dtype=np.int64)[None, None, :]
     shape = np.broadcast_shapes(acc.shape, m0.shape, shift.shape)
-    got = self.variant(int8.mul_shift_round)(
+    got = self.variant(arith.mul_shift_round)(
         jnp.asarray(np.broadcast_to(acc, shape), jnp.int32),
         jnp.asarray(np.broadcast_to(m0, shape), jnp.int32),
         jnp.asarray(np.broadcast_to(shift, shape), jnp.int32))
@@ -561,7 +563,7 @@ class MulShiftRoundTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_random(self):
-    fn = self.variant(int8.mul_shift_round)
+    fn = self.variant(arith.mul_shift_round)
 
     @SETTINGS
     @hypothesis.given(
@@ -591,7 +593,7 @@ def _relative_error(m0, shift, multiplier) -> float:
 def test_quantize_multiplier(multiplier):
   """Anywhere in [2^-31, 2^30): M0 in [2^30, 2^31), r in [1, 62], M0 / 2^r within 2^-31 of M
   (relative), exact Fraction arithmetic."""
-  m0, shift = int8.quantize_multiplier(multiplier)
+  m0, shift = arith.quantize_multiplier(multiplier)
   assert m0.dtype == np.int32 and shift.dtype == np.int32 and m0.shape == multiplier.shape
   assert np.all((m0.astype(np.int64) >= 2**30) & (m0.astype(np.int64) < 2**31))
   assert np.all((shift >= 1) & (shift <= 62))
@@ -601,18 +603,18 @@ def test_quantize_multiplier(multiplier):
 def test_quantize_multiplier_edges():
   # A mantissa that rounds up to 2^31 is halved; powers of two are exact.
   below_one = np.nextafter(1.0, 0.0)
-  m0, shift = int8.quantize_multiplier(np.array([below_one, 1.0, 0.5, 2.0**-31, 3.0]))
+  m0, shift = arith.quantize_multiplier(np.array([below_one, 1.0, 0.5, 2.0**-31, 3.0]))
   np.testing.assert_array_equal(m0, [2**30, 2**30, 2**30, 2**30, 3 * 2**29])
   np.testing.assert_array_equal(shift, [30, 30, 31, 61, 29])
   assert _relative_error(m0, shift, np.array([below_one])) < Fraction(1, 2**31)
   for bad in (0.0, -0.5, np.nan, np.inf):
     with pytest.raises(ValueError, match="finite and > 0"):
-      int8.quantize_multiplier(np.array([0.5, bad]))
+      arith.quantize_multiplier(np.array([0.5, bad]))
   # The range is checked on M itself, before rounding: just below 2^-31 is refused even though
   # its mantissa would round up to 2^-31 exactly (r = 61).
   for bad in (2.0**30, 2.0**40, 2.0**-34, np.nextafter(2.0**-31, 0.0)):
     with pytest.raises(ValueError, match=r"\[2\^-31, 2\^30\)"):
-      int8.quantize_multiplier(np.array([0.5, bad]))
+      arith.quantize_multiplier(np.array([0.5, bad]))
 
 
 def test_quantize_multiplier_just_below_the_upper_bound():
@@ -620,16 +622,16 @@ def test_quantize_multiplier_just_below_the_upper_bound():
   capped at 2^31 - 1 with r = 1 (M0 / 2 = 2^30 - 1/2, within 2^-31 of M), and the fixed
   point multiplies by it exactly."""
   top = np.array([np.nextafter(2.0**30, 0.0), 2.0**30 - 0.25, 2.0**30 - 0.5])
-  m0, shift = int8.quantize_multiplier(top)
+  m0, shift = arith.quantize_multiplier(top)
   np.testing.assert_array_equal(m0, [2**31 - 1, 2**31 - 1, 2**31 - 1])
   np.testing.assert_array_equal(shift, [1, 1, 1])
   assert _relative_error(m0, shift, top) < Fraction(1, 2**31)
   # One unit lower, 2 M is an integer: no rounding, no cap.
-  m0_below, shift_below = int8.quantize_multiplier(np.array([2.0**30 - 1.0]))
+  m0_below, shift_below = arith.quantize_multiplier(np.array([2.0**30 - 1.0]))
   assert (int(m0_below[0]), int(shift_below[0])) == (2**31 - 2, 1)
   acc = np.array([[-3, -1, 1, 2, 3, 1000]], np.int32)
   m0, shift = m0[:1].reshape(1, 1), shift[:1].reshape(1, 1)
-  q = jax.jit(int8.mul_shift_round)(jnp.asarray(acc), jnp.asarray(m0), jnp.asarray(shift))
+  q = jax.jit(arith.mul_shift_round)(jnp.asarray(acc), jnp.asarray(m0), jnp.asarray(shift))
   np.testing.assert_array_equal(np.asarray(q), ref.mul_shift_round(acc, m0, shift))
 
 
@@ -646,7 +648,7 @@ def test_accumulator_bound():
                QuantSpec(bits=8, signed=False), QuantSpec(bits=4, signed=False)):
     lo, hi = ref.int8_bounds(spec)
     widest[spec.bits] = max(-lo, hi)
-    bound = int8.accumulator_bound(kernel, reduce_axes=(0, 1, 2), input_spec=spec)
+    bound = arith.accumulator_bound(kernel, reduce_axes=(0, 1, 2), input_spec=spec)
     np.testing.assert_array_equal(bound, max(-lo, hi) * np.abs(kernel).sum(axis=(0, 1, 2)))
     pos = np.where(kernel > 0, kernel, 0).sum(axis=(0, 1, 2))
     neg = np.where(kernel < 0, kernel, 0).sum(axis=(0, 1, 2))
