@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qjax import _float32
 from qjax import numerics
 from qjax.numerics import QuantSpec
 
@@ -224,7 +225,7 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
 # Requantization.
 
 
-def _clamp_to_int8(q: jax.Array, zero_point: jax.Array, lo: int, hi: int,
+def clamp_to_int8(q: jax.Array, zero_point: jax.Array, lo: int, hi: int,
                    relu: bool) -> jax.Array:
   """clamp(q + Z, lo, hi) as int8 (lo raised to Z for a fused ReLU: real 0 is Z).
 
@@ -244,7 +245,7 @@ def _round_to_int32(y: jax.Array) -> jax.Array:
 def requantize_float(acc: jax.Array, multiplier: jax.Array, zero_point: jax.Array, *,
                      lo: int, hi: int, relu: bool = False) -> jax.Array:
   """q = clamp(Z + rne(f32(acc) * M), lo, hi) as int8 (`acc` already includes the biases)."""
-  return _clamp_to_int8(_round_to_int32(acc.astype(jnp.float32) * multiplier), zero_point,
+  return clamp_to_int8(_round_to_int32(acc.astype(jnp.float32) * multiplier), zero_point,
                         lo, hi, relu)
 
 
@@ -256,7 +257,7 @@ def requantize_fbgemm(acc: jax.Array, bias: jax.Array, multiplier: jax.Array,
   float bias (PyTorch's x86 quantized Linear). An add then a multiply: nothing to contract
   into an FMA."""
   y = (acc.astype(jnp.float32) + bias) * multiplier
-  return _clamp_to_int8(_round_to_int32(y), zero_point, lo, hi, relu)
+  return clamp_to_int8(_round_to_int32(y), zero_point, lo, hi, relu)
 
 
 def _split16(v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -314,7 +315,7 @@ def mul_shift_round(acc: jax.Array, m0: jax.Array, shift: jax.Array) -> jax.Arra
 def requantize_integer(acc: jax.Array, m0: jax.Array, shift: jax.Array, zero_point: jax.Array,
                        *, lo: int, hi: int, relu: bool = False) -> jax.Array:
   """q = clamp(Z + floor((acc * M0 + 2^(r-1)) / 2^r), lo, hi) as int8, integers only."""
-  return _clamp_to_int8(mul_shift_round(acc, m0, shift), zero_point, lo, hi, relu)
+  return clamp_to_int8(mul_shift_round(acc, m0, shift), zero_point, lo, hi, relu)
 
 
 def quantize_multiplier(multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -351,3 +352,23 @@ def accumulator_bound(kernel_q: np.ndarray, *, reduce_axes: tuple[int, ...],
   lo, hi = int8_bounds(input_spec)
   widest = max(abs(lo), abs(hi))
   return widest * np.abs(kernel_q.astype(np.int64)).sum(axis=reduce_axes)
+
+
+# ------------------------------------------------------------------------------------------
+# Moving int8 values between grids (adds, concatenations) as PyTorch does, through float32
+# (the integer-only forms use `mul_shift_round`).
+
+
+def dequantize_fma(q8: jax.Array, shift: int, scale: jax.Array, premul: jax.Array) -> jax.Array:
+  """x = fma(q, S, -Z S) in float32, q = q8 + shift the value on the grid's own range and
+  premul = f32(-Z * S): how PyTorch's vectorized quantized kernels dequantize (one rounding)."""
+  q = (q8.astype(jnp.int32) + jnp.int32(shift)).astype(jnp.float32)
+  return _float32.fma(q, jnp.broadcast_to(scale, q.shape), jnp.broadcast_to(premul, q.shape))
+
+
+def quantize_reciprocal(x: jax.Array, inv_scale: jax.Array, zero_point: jax.Array, *, lo: int,
+                        hi: int) -> jax.Array:
+  """q8 = clamp(rne(x * inv_scale) + Z8, lo, hi) as int8: PyTorch's vectorized quantizer
+  (a multiply by the float32 reciprocal of the scale), with Z8 on the int8 carrier grid."""
+  return clamp_to_int8(_round_to_int32(x * inv_scale), zero_point, lo, hi, relu=False)
+

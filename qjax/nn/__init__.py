@@ -1,6 +1,8 @@
 """Flax linen layer of qjax: observers in the "quant_stats" collection, calibration and QAT."""
 
 from qjax.nn.calibration import calibrate
+from qjax.nn.functional import QuantAdd
+from qjax.nn.functional import QuantConcat
 from qjax.nn.fused import QuantConvBN
 from qjax.nn.fused import QuantDenseBN
 from qjax.nn.modules import Dequantize
@@ -37,6 +39,8 @@ __all__ = (
     "QConfigMap",
     "QPARAMS",
     "QuantConv",
+    "QuantAdd",
+    "QuantConcat",
     "QuantConvBN",
     "QuantConvGeneral",
     "QuantDense",

@@ -1,6 +1,9 @@
 """Integer forms: one class per operation kind, owning its mark -> lower -> run
 (`qjax.integer.forms.base` explains the protocol)."""
 
+from qjax.integer.forms.add import AddForm
+from qjax.integer.forms.add import Int8Add
+from qjax.integer.forms.add import IntegerAdd
 from qjax.integer.forms.base import COLLECTION
 from qjax.integer.forms.base import OP
 from qjax.integer.forms.base import ActivationGrid
@@ -9,6 +12,9 @@ from qjax.integer.forms.base import Grid
 from qjax.integer.forms.base import Lowering
 from qjax.integer.forms.base import WeightRequest
 from qjax.integer.forms.boundary import DequantizeForm
+from qjax.integer.forms.concat import ConcatForm
+from qjax.integer.forms.concat import Int8Concat
+from qjax.integer.forms.concat import IntegerConcat
 from qjax.integer.forms.boundary import DequantizeOp
 from qjax.integer.forms.boundary import QuantizeForm
 from qjax.integer.forms.boundary import QuantizeOp
@@ -20,12 +26,18 @@ __all__ = (
     "COLLECTION",
     "OP",
     "ActivationGrid",
+    "AddForm",
+    "ConcatForm",
     "DequantizeForm",
     "DequantizeOp",
     "Form",
     "Grid",
+    "Int8Add",
+    "Int8Concat",
     "Int8Conv",
     "Int8Dense",
+    "IntegerAdd",
+    "IntegerConcat",
     "LinearForm",
     "Lowering",
     "QuantizeForm",

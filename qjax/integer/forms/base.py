@@ -69,6 +69,17 @@ class Grid:
             and np.array_equal(self.scale, other.scale)
             and np.array_equal(self.zero_point, other.zero_point))
 
+  def premul(self) -> np.ndarray:
+    """f32(-Z S) with Z on the grid's own range (not the carrier): the addend of PyTorch's
+    vectorized dequantization fma(q, S, -Z S)."""
+    own_zero = np.float32(int(self.zero_point) + self.shift)
+    return np.float32(-own_zero * self.scale)
+
+  def reciprocal(self) -> np.ndarray:
+    """f32(1 / S), divided in float64 and rounded once, as PyTorch forms its quantizers'
+    inverse scale from the double scale it stores."""
+    return np.float32(1.0 / np.float64(self.scale))
+
   def lowered(self) -> ActivationGrid:
     return ActivationGrid(scale=jnp.asarray(self.scale), zero_point=jnp.asarray(self.zero_point))
 
