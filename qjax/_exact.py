@@ -12,15 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from qjax import _float32
 from qjax._float32 import exponent, ldexp, reciprocal_estimate
 
 _F32 = jnp.float32
-
-# The float32 building blocks of the qparams under the names tests/test_dynamic.py checks.
-_fma = _float32.fma
-_divide = _float32.fusible_div
-_sign_of_sum = _float32.sign_of_sum
 
 
 def _round_half_even(k: jax.Array, sign: jax.Array) -> jax.Array:

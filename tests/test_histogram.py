@@ -1,4 +1,4 @@
-"""Tests of `qjax._histogram`: PyTorch 2.13 `HistogramObserver` parity, jit, and properties.
+"""Tests of `qjax.observers.histogram`: PyTorch 2.13 `HistogramObserver` parity, jit, properties.
 
 Parity with torch (skipped without it) is exact everywhere: histograms, min_val / max_val and
 the searched range are compared bitwise, scales bitwise and zero points exactly. Sequences of
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qjax import _histogram as hg
+from qjax import _float32
+from qjax.observers import histogram as hg
 from qjax.numerics import QuantSpec, qparams_from_minmax
 
 # torch warns that reduce_range will be deprecated; it still works.
@@ -180,7 +181,7 @@ def test_quantization_error_matches_torch(torch, bins):
     obs(torch.from_numpy((rng.standard_normal(BATCH) * (k + 1) * 7.3).astype(np.float32)))
   hist = jnp.asarray(obs.histogram.numpy())
   lo, hi = jnp.float32(obs.min_val.item()), jnp.float32(obs.max_val.item())
-  width = hg._dd_div(*hg._two_sum(hi, -lo), float(bins))
+  width = _float32.dd_div(*_float32.two_sum(hi, -lo), float(bins))
   error = jax.jit(hg._quantization_error, static_argnums=5)
   for _ in range(25):
     start = int(rng.integers(0, bins))
@@ -223,7 +224,7 @@ def test_op_by_op_agrees():
   alpha_hi, alpha_lo = (jnp.asarray(t) for t in hg._quantile_tables()[:2])
 
   def pieces(hist, lo, hi, alpha_hi, alpha_lo):
-    width = hg._dd_div(*hg._two_sum(hi, -lo), 64.0)
+    width = _float32.dd_div(*_float32.two_sum(hi, -lo), 64.0)
     return (width, hg._scaled_thresholds(alpha_hi, alpha_lo, hg._torch_sum(hist)),
             hg._quantization_error(hist, *width, jnp.int32(3), jnp.int32(40), 256),
             hg._percentile(hist, lo, hi, jnp.float32(0.01), jnp.float32(0.99)))

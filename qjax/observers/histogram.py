@@ -1,9 +1,11 @@
-"""The array math of PyTorch's `HistogramObserver` (torch.ao.quantization, 2.13), jit-able.
+"""`HistogramObserver` and `PercentileObserver`, and the array math of PyTorch's
+`HistogramObserver` (torch.ao.quantization, 2.13) they run on, jit-able.
 
 State: a float32 histogram of `bins` equal-width bins over [min_val, max_val]. Every shape is
-static, so the functions run under `jax.jit` and `jax.vmap`. The caller guarantees finite,
-non-empty data and a range whose width max - min is finite in float32 (otherwise bin widths
-are inf and the histogram NaN); NaN / Inf and range policy live in `qjax.observers`.
+static, so the functions run under `jax.jit` and `jax.vmap`. `histogram_update`,
+`l2_search_range` and `percentile_range` expect finite, non-empty data and a range whose width
+max - min is finite in float32 (otherwise bin widths are inf and the histogram NaN); the
+observers at the end of this module apply the NaN / Inf and range policy (`qjax.observers`).
 
 Reproduced bit for bit, against PyTorch 2.13 on x86 CPUs (tests/test_histogram.py):
 
@@ -31,7 +33,9 @@ alike) and a single thread (bins < 32768).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +45,8 @@ from jax import lax
 from qjax import _checks
 from qjax._float32 import (dd_div, dd_mul, exact_div, f64_to_f32, fma, rounded, two_prod,
                            two_sum)
+from qjax.observers.minmax import (HistogramState, _batch_data, _checked_range, _fits_float32,
+                                   _min_and_max, _RangeObserver, _saturating_increment)
 
 UPSAMPLE_RATE: int = 16
 """Sub-bins per old bin when a histogram is re-binned onto a wider range (torch's value)."""
@@ -51,9 +57,8 @@ _TABLE_SIZE = 100_010     # > 1 / _QUANTILE_STEP + 2: every alpha / beta the sea
 
 
 # ------------------------------------------------------------------------------------------
-# Exact float32 building blocks (the generic ones live in qjax._float32).
-
-_two_sum, _dd_div = two_sum, dd_div   # the names tests/test_histogram.py checks them by
+# torch's float64 running sum and float32 summation order (the exact float32 arithmetic
+# they build on lives in qjax._float32).
 
 
 def _cumsum_f64(v: jax.Array) -> jax.Array:
@@ -513,3 +518,93 @@ def percentile_range(histogram: jax.Array, min_val: jax.Array, max_val: jax.Arra
     raise ValueError(f"percentile_range: expected percentile in [50, 100], got {percentile!r}.")
   q = float(percentile) / 100
   return _percentile(histogram, min_val, max_val, jnp.float32(1 - q), jnp.float32(q))
+
+
+# ------------------------------------------------------------------------------------------
+# The observers.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HistogramObserver(_RangeObserver[HistogramState]):
+  """PyTorch's `HistogramObserver`: a `bins`-bin histogram over the running [min, max]
+  (re-binned when the range grows), and qparams from the sub-range [a, b] of the histogram
+  that minimises the L2 error of quantizing it onto 2^bits levels:
+
+    [a, b] = argmin  sum_bins  E[(x - Q_{a,b}(x))^2]      (greedy search, as PyTorch does)
+
+  Per-tensor only. Good for activations with long tails (PyTorch's x86 default).
+  """
+
+  bins: int = 2048
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.spec.per_channel:
+      raise ValueError(f"{self.name} is per-tensor only; got spec.axis={self.spec.axis}. Use "
+                       f"MinMaxObserver or MovingAverageMinMaxObserver for per-channel ranges.")
+    if isinstance(self.bins, bool) or not isinstance(self.bins, (int, np.integer)) \
+        or self.bins < 1:
+      raise ValueError(f"{self.name}.bins must be a positive int; got {self.bins!r}.")
+
+  def init(self, shape: Any) -> HistogramState:
+    """Empty state (the histogram does not depend on the tensor's shape)."""
+    del shape
+    return HistogramState(jnp.zeros((self.bins,), jnp.float32),
+                          jnp.full((), jnp.inf, jnp.float32), jnp.full((), -jnp.inf, jnp.float32),
+                          jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def update(self, state: HistogramState, x: jax.typing.ArrayLike) -> HistogramState:
+    """Fold in the batch `x` (PyTorch's `HistogramObserver.forward`).
+
+    Raises:
+      ValueError: eagerly, for a batch with NaN / +-inf or one that makes the range too wide
+        for float32 (`qjax.observers`); under jit such a batch is skipped and counted.
+    """
+    x = _batch_data(x, self.name)
+    if not isinstance(state, HistogramState) or state.histogram.shape != (self.bins,):
+      raise TypeError(f"{self.name}.update: expected a HistogramState with {self.bins} bins "
+                      f"(from {self.name}.init); got {type(state).__name__}"
+                      + (f" with {state.histogram.shape[0]} bins"
+                         if isinstance(state, HistogramState) else "") + ".")
+    lo, hi = _min_and_max(x, tuple(range(x.ndim)))
+    ok = jnp.isfinite(lo) & jnp.isfinite(hi) & _fits_float32(self.name, state, lo, hi)
+    # A skipped batch is replaced by a harmless finite one; its result is discarded below.
+    safe_x = jnp.where(ok, x, jnp.zeros_like(x))
+    hist, lo, hi = histogram_update(state.histogram, state.min_val, state.max_val, safe_x,
+                                    initialized=state.count > 0)
+
+    def keep(new, old):
+      return jnp.where(ok, new, old)
+
+    return HistogramState(keep(hist, state.histogram), keep(lo, state.min_val),
+                          keep(hi, state.max_val), _saturating_increment(state.count, ok),
+                          _saturating_increment(state.skipped, ~ok))
+
+  def range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
+    """The L2-optimal clip range (PyTorch's `_non_linear_param_search`)."""
+    lo, hi = _checked_range(state, self.name)
+    return l2_search_range(state.histogram, lo, hi, dst_nbins=2**self.spec.bits)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PercentileObserver(HistogramObserver):
+  """Histogram observer whose range is clipped at percentiles of everything seen:
+
+    [a, b] = [P_{100-p}(x), P_p(x)]    (linear interpolation inside a histogram bin)
+
+  `percentile=100` gives the plain min/max. Clipping a few outliers usually buys resolution
+  for the bulk of an activation distribution.
+  """
+
+  percentile: float = 99.99
+
+  def __post_init__(self):
+    super().__post_init__()
+    p = self.percentile
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50 < p <= 100:
+      raise ValueError(f"PercentileObserver.percentile must be in (50, 100]; got {p!r}.")
+
+  def range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
+    """The percentile clip range."""
+    lo, hi = _checked_range(state, self.name)
+    return percentile_range(state.histogram, lo, hi, percentile=float(self.percentile))

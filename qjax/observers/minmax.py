@@ -1,54 +1,10 @@
-"""Observers: running statistics of a tensor, and the qparams they imply. No module state.
+"""The min/max observers, the observer state types and the parts every observer shares.
 
-Every observer is a frozen, hashable dataclass (static under `jax.jit`, usable as a Flax module
-attribute) with three pure methods over a small NamedTuple state of float32 statistics and
-int32 counters:
-
-  state  = observer.init(shape)          # nothing seen yet: count == 0
-  state  = observer.update(state, x)     # fold in one batch
-  qparams = observer.qparams(state)      # QParams(scale, zero_point) for observer.spec
-
-The flax layer (`qjax.nn`) keeps these states in the "quant_stats" collection, exactly as
-BatchNorm keeps its running averages in "batch_stats".
-
-Observers and their PyTorch counterparts (`torch.ao.quantization`):
-
-  MinMaxObserver                (MinMaxObserver / PerChannelMinMaxObserver)
-      min_t = min(min_{t-1}, min(x_t)),  max_t = max(max_{t-1}, max(x_t))
-  MovingAverageMinMaxObserver   (MovingAverage[PerChannel]MinMaxObserver)
-      first batch: min_1 = min(x_1); then min_t = min_{t-1} + c * (min(x_t) - min_{t-1})
-  HistogramObserver             (HistogramObserver): a histogram over [min, max], and the
-      clip range that minimises the L2 quantization error of the histogram.
-  PercentileObserver            the same histogram, clipped at the (100-p)-th and p-th
-      percentiles.
-
-Per-channel statistics follow `spec.axis` (min/max observers only). The arithmetic matches
-PyTorch's float32 operations one by one, so states and qparams agree with it bit for bit.
-
-Non-finite data. A batch that holds NaN or +-inf is never folded into the state. Called on
-concrete arrays (eagerly), `update` raises a ValueError. Under `jax.jit` it cannot raise: the
-batch is skipped whole and `state.skipped` counts it, so the event stays visible (PyTorch
-would propagate the NaN into min/max; its HistogramObserver drops the inf elements and keeps
-the rest of the batch).
-
-Ranges too wide for float32. Finite data can still span more than float32 holds: with the
-state's range grown by the batch's min and max to [lo, hi] (and widened to include 0, as
-the qparams are), hi - lo must not overflow (`numerics.range_fits_float32`; e.g. values
-near -3e38 and 3e38 fail). Otherwise the histogram's bin width, the moving average's step
-and the affine scale would all be inf or NaN. Such a batch is treated like a non-finite
-one: eagerly `update` raises a ValueError ("too wide for float32"); under `jax.jit` the
-batch is skipped and counted in `state.skipped`, so the state never holds inf or NaN.
-
-Subnormal floats: XLA:CPU flushes them to zero, so a batch whose extreme is subnormal records
-0 where PyTorch records the subnormal. The qparams are the same either way (the range always
-includes 0 and the scale floor `eps` is far above any subnormal).
-
-Asking for qparams before any batch was seen raises a ValueError eagerly; under jit the scale
-is NaN (`qparams_from_minmax`'s convention for an invalid range).
-
-Sharding. `update(..., axis_name=...)` reduces the batch statistics over a mapped axis
-(`lax.pmin` / `lax.pmax`) before folding them in, so replicas of a data-parallel step keep
-identical min/max states. `merge` combines two min/max states (e.g. from separate runs).
+`MinMaxObserver` and `MovingAverageMinMaxObserver` with their `MinMaxState`, `merge`, the
+`HistogramState` of `qjax.observers.histogram`, and the base class `_RangeObserver` (spec,
+eps, range -> qparams) with the batch checks that all observers apply. The package docstring
+(`qjax.observers`) states the conventions: non-finite batches, ranges too wide for float32,
+subnormals, sharding.
 """
 
 from __future__ import annotations
@@ -63,7 +19,6 @@ from jax import lax
 
 from qjax import _checks
 from qjax import _float32
-from qjax import _histogram
 from qjax import numerics
 from qjax.numerics import FLOAT32_EPS, QParams, QuantSpec
 
@@ -275,7 +230,7 @@ class MinMaxObserver(_RangeObserver[MinMaxState]):
 
     Raises:
       ValueError: eagerly, for a batch with NaN / +-inf or one that makes the range too wide
-        for float32 (module docstring); under jit such a batch is skipped and counted.
+        for float32 (`qjax.observers`); under jit such a batch is skipped and counted.
     """
     lo, hi, ok = self._batch_range(state, x, axis_name)
     return MinMaxState(jnp.where(ok, jnp.minimum(state.min_val, lo), state.min_val),
@@ -319,94 +274,3 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
                        jnp.where(ok, ema(state.max_val, hi), state.max_val),
                        _saturating_increment(state.count, ok),
                        _saturating_increment(state.skipped, ~ok))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HistogramObserver(_RangeObserver[HistogramState]):
-  """PyTorch's `HistogramObserver`: a `bins`-bin histogram over the running [min, max]
-  (re-binned when the range grows), and qparams from the sub-range [a, b] of the histogram
-  that minimises the L2 error of quantizing it onto 2^bits levels:
-
-    [a, b] = argmin  sum_bins  E[(x - Q_{a,b}(x))^2]      (greedy search, as PyTorch does)
-
-  Per-tensor only. Good for activations with long tails (PyTorch's x86 default).
-  """
-
-  bins: int = 2048
-
-  def __post_init__(self):
-    super().__post_init__()
-    if self.spec.per_channel:
-      raise ValueError(f"{self.name} is per-tensor only; got spec.axis={self.spec.axis}. Use "
-                       f"MinMaxObserver or MovingAverageMinMaxObserver for per-channel ranges.")
-    if isinstance(self.bins, bool) or not isinstance(self.bins, (int, np.integer)) \
-        or self.bins < 1:
-      raise ValueError(f"{self.name}.bins must be a positive int; got {self.bins!r}.")
-
-  def init(self, shape: Any) -> HistogramState:
-    """Empty state (the histogram does not depend on the tensor's shape)."""
-    del shape
-    return HistogramState(jnp.zeros((self.bins,), jnp.float32),
-                          jnp.full((), jnp.inf, jnp.float32), jnp.full((), -jnp.inf, jnp.float32),
-                          jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-
-  def update(self, state: HistogramState, x: jax.typing.ArrayLike) -> HistogramState:
-    """Fold in the batch `x` (PyTorch's `HistogramObserver.forward`).
-
-    Raises:
-      ValueError: eagerly, for a batch with NaN / +-inf or one that makes the range too wide
-        for float32 (module docstring); under jit such a batch is skipped and counted.
-    """
-    x = _batch_data(x, self.name)
-    if not isinstance(state, HistogramState) or state.histogram.shape != (self.bins,):
-      raise TypeError(f"{self.name}.update: expected a HistogramState with {self.bins} bins "
-                      f"(from {self.name}.init); got {type(state).__name__}"
-                      + (f" with {state.histogram.shape[0]} bins"
-                         if isinstance(state, HistogramState) else "") + ".")
-    lo, hi = _min_and_max(x, tuple(range(x.ndim)))
-    ok = jnp.isfinite(lo) & jnp.isfinite(hi) & _fits_float32(self.name, state, lo, hi)
-    # A skipped batch is replaced by a harmless finite one; its result is discarded below.
-    safe_x = jnp.where(ok, x, jnp.zeros_like(x))
-    hist, lo, hi = _histogram.histogram_update(state.histogram, state.min_val, state.max_val,
-                                               safe_x, initialized=state.count > 0)
-
-    def keep(new, old):
-      return jnp.where(ok, new, old)
-
-    return HistogramState(keep(hist, state.histogram), keep(lo, state.min_val),
-                          keep(hi, state.max_val), _saturating_increment(state.count, ok),
-                          _saturating_increment(state.skipped, ~ok))
-
-  def range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
-    """The L2-optimal clip range (PyTorch's `_non_linear_param_search`)."""
-    lo, hi = _checked_range(state, self.name)
-    return _histogram.l2_search_range(state.histogram, lo, hi, dst_nbins=2**self.spec.bits)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PercentileObserver(HistogramObserver):
-  """Histogram observer whose range is clipped at percentiles of everything seen:
-
-    [a, b] = [P_{100-p}(x), P_p(x)]    (linear interpolation inside a histogram bin)
-
-  `percentile=100` gives the plain min/max. Clipping a few outliers usually buys resolution
-  for the bulk of an activation distribution.
-  """
-
-  percentile: float = 99.99
-
-  def __post_init__(self):
-    super().__post_init__()
-    p = self.percentile
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50 < p <= 100:
-      raise ValueError(f"PercentileObserver.percentile must be in (50, 100]; got {p!r}.")
-
-  def range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
-    """The percentile clip range."""
-    lo, hi = _checked_range(state, self.name)
-    return _histogram.percentile_range(state.histogram, lo, hi,
-                                       percentile=float(self.percentile))
-
-
-Observer = (MinMaxObserver | MovingAverageMinMaxObserver | HistogramObserver
-            | PercentileObserver)
