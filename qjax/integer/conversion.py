@@ -448,7 +448,7 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: Requant | str
     out[lowering.path] = {OP: form.lower(lowering)}
   result: dict[str, Any] = {COLLECTION: traverse_util.unflatten_dict(
       {tuple(p.split("/")): v for p, v in out.items()})}
-  weighted = [p for p, r in requests if r is not None]
+  weighted = [p for p, r in requests if r is not None and not r.keeps_params]
   for name, collection in variables.items():
     if name in ("quant_stats", "quant_params"):
       continue

@@ -60,6 +60,7 @@ from qjax import ste
 from qjax.numerics import QParams
 from qjax.integer.forms import base as forms
 from qjax.integer.forms.boundary import DequantizeForm, QuantizeForm
+from qjax.integer.forms.dot import DotForm, QuantizedConv, QuantizedDot
 from qjax.nn import _integer
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
 
@@ -134,8 +135,8 @@ def _no_int8(module: nn.Module, mode: Mode) -> None:
   if mode is Mode.INT8:
     raise ValueError(f"{_where(module)}: {type(module).__name__} has no integer form; mode "
                      f"'int8' runs the modules `qjax.convert` converts (Quantize, QuantDense, "
-                     f"QuantConv, Dequantize). A stock layer with a quantized dot_general can "
-                     f"run int8 weights through qjax.dynamic instead.")
+                     f"QuantConv, QuantAdd, QuantConcat, AvgPool, Dequantize, and stock layers "
+                     f"whose QuantDotGeneral / QuantConvGeneral observes both operands).")
 
 
 def _observer_state(module: nn.Module, observer: obs.Observer, x: jax.Array, mode: Mode
@@ -376,6 +377,23 @@ def _check_weight_axis(module: nn.Module, qconfig: QConfig | None, rhs: jax.Arra
                      f"channel so that they factor out of the contraction.")
 
 
+def _marked_input(module: nn.Module, qconfig: QConfig | None, lhs: jax.Array,
+                  form: Callable[[], Any]) -> jax.Array:
+  """lhs marked for convert as the contraction's own quantization point ("input") feeding
+  its integer form (a stock layer with both operands quantized), built by `form()`."""
+  if not (_integer.has_integer_form(qconfig) and forms.tracing()):
+    return lhs
+  assert qconfig is not None and qconfig.activation is not None
+  path = _layer_path(module)
+  try:
+    built = form()
+  except ValueError as err:
+    raise ValueError(f"{path or _where(module)}: {err}") from err
+  lhs = forms.mark_output(module, lhs, observer=qconfig.activation,
+                          learnable=qconfig.learnable, point="input", path=path)
+  return forms.mark_input(module, lhs, built, path=path)
+
+
 def _quantized_operands(module: nn.Module, qconfig: QConfig | None, mode: Mode,
                         lhs: jax.Array, rhs: jax.Array) -> tuple[jax.Array, jax.Array]:
   """lhs through the "input" point, rhs through the "weight" point (in the layer's scope)."""
@@ -393,6 +411,10 @@ class QuantDotGeneral(nn.Module):
   with FQ the observe / fake-quantize point of the mode. It shares the layer's scope, so the
   statistics sit at quant_stats/<layer>/input and quant_stats/<layer>/weight, and a
   `QConfigMap` is looked up with the layer's path.
+
+  Mode "int8" (after `qjax.convert`) runs the layer's `QuantizedDot`: the input quantized
+  here, int8 x int8 -> int32, scaled back to float32 (the float kernel is not read). Its
+  contraction must be nn.Dense's, (..., K) x (K, N).
   """
 
   qconfig: QConfigLike
@@ -405,10 +427,24 @@ class QuantDotGeneral(nn.Module):
       nn.share_scope(self.parent, self)
     mode = _merged_mode(self, None)
     qconfig = resolve(self.qconfig, _layer_path(self))
-    (_, rhs_contract), (_, rhs_batch) = dimension_numbers
+    if mode is Mode.INT8 and _integer.has_integer_form(qconfig):
+      return _integer.run(self, _where(self), QuantizedDot, lhs)
+    (lhs_contract, rhs_contract), (_, rhs_batch) = dimension_numbers
     free = tuple(a for a in range(jnp.ndim(rhs))
                  if a not in tuple(rhs_contract) + tuple(rhs_batch))
     _check_weight_axis(self, qconfig, rhs, free, "one of the kernel's output axes")
+
+    def form() -> DotForm:
+      if (jnp.ndim(rhs) != 2 or tuple(rhs_contract) != (0,) or tuple(rhs_batch)
+          or tuple(lhs_contract) != (jnp.ndim(lhs) - 1,)):
+        raise ValueError(f"the integer path runs nn.Dense's contraction (..., K) x (K, N); "
+                         f"got dimension_numbers={dimension_numbers} for operands of shapes "
+                         f"{jnp.shape(lhs)} and {jnp.shape(rhs)}. Keep this layer in float "
+                         f"(qconfig None).")
+      assert qconfig is not None
+      return DotForm(weight_observer=qconfig.weight, learnable=qconfig.learnable)
+
+    lhs = _marked_input(self, qconfig, lhs, form)
     lhs, rhs = _quantized_operands(self, qconfig, mode, lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
@@ -416,7 +452,8 @@ class QuantDotGeneral(nn.Module):
 
 class QuantConvGeneral(nn.Module):
   """A quantized `lax.conv_general_dilated` for `nn.Conv(..., conv_general_dilated_cls=...)`:
-  y = conv(FQ_act(lhs), FQ_w(rhs)); scope and statistics as in `QuantDotGeneral`."""
+  y = conv(FQ_act(lhs), FQ_w(rhs)); scope and statistics as in `QuantDotGeneral`. Mode
+  "int8" runs the layer's `QuantizedConv` (NHWC input, HWIO kernel, no input dilation)."""
 
   qconfig: QConfigLike
   mode: Mode | str | None = None
@@ -431,8 +468,34 @@ class QuantConvGeneral(nn.Module):
       nn.share_scope(self.parent, self)
     mode = _merged_mode(self, None)
     qconfig = resolve(self.qconfig, _layer_path(self))
+    if mode is Mode.INT8 and _integer.has_integer_form(qconfig):
+      return _integer.run(self, _where(self), QuantizedConv, lhs)
     dn = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers)
     _check_weight_axis(self, qconfig, rhs, (dn.rhs_spec[0],), "the kernel's output-feature axis")
+
+    def form() -> DotForm:
+      n = jnp.ndim(rhs) - 2
+      spatial = "".join("HWDXYZ"[i] for i in range(n))
+      nhwc = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
+                                        (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+      if dn != nhwc or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or ())):
+        raise ValueError("the integer path runs channels-last convolutions (NHWC input, HWIO "
+                         "kernel) without input dilation or batch groups, as nn.Conv does; "
+                         f"got {dn}, lhs_dilation={lhs_dilation}, batch_group_count="
+                         f"{batch_group_count}.")
+      pads = padding.upper() if isinstance(padding, str) else tuple(
+          (int(lo), int(hi)) for lo, hi in padding)
+      if isinstance(pads, str) and pads not in ("SAME", "VALID"):
+        raise ValueError(f"the integer path pads with zeros ('SAME', 'VALID' or pairs); got "
+                         f"padding={padding!r}.")
+      geometry = {"strides": tuple(int(s) for s in window_strides), "padding": pads,
+                  "dilation": tuple(int(d) for d in (rhs_dilation or (1,) * n)),
+                  "groups": int(feature_group_count)}
+      assert qconfig is not None
+      return DotForm(weight_observer=qconfig.weight, learnable=qconfig.learnable,
+                     conv=tuple(sorted(geometry.items())))
+
+    lhs = _marked_input(self, qconfig, lhs, form)
     lhs, rhs = _quantized_operands(self, qconfig, mode, lhs, rhs)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,

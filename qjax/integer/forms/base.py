@@ -135,12 +135,15 @@ class Lowering:
 @dataclasses.dataclass(frozen=True)
 class WeightRequest:
   """A form's float kernel (and bias) for convert to quantize with the layer's weight
-  observer (all layers' grids are computed in one compiled call)."""
+  observer (all layers' grids are computed in one compiled call). The op replaces the
+  layer's float params, unless `keeps_params` (a stock layer still reads its bias and creates
+  its kernel)."""
 
   kernel: jax.Array
   bias: Any
   observer: Any
   learnable: bool
+  keeps_params: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,20 +175,23 @@ def module_path(module: Any) -> str:
   return "/".join(str(p) for p in module.path)
 
 
-def mark_input(module: Any, x: jax.Array, form: Form | None, operand: int = 0) -> jax.Array:
+def mark_input(module: Any, x: jax.Array, form: Form | None, operand: int = 0, *,
+               path: str | None = None) -> jax.Array:
   """x itself; while convert traces, marked as operand `operand` of `module`'s op `form`
-  (None: the module reads x as float; convert then checks that x is not an int8 tensor)."""
+  (None: the module reads x as float; convert then checks that x is not an int8 tensor).
+  `path` overrides the module's path (a contraction module marks for its layer)."""
+  path = module_path(module) if path is None else path
   if form is None:
-    return _trace.mark(x, role="float_in", path=module_path(module), form=None, operand=operand)
-  return _trace.mark(x, role="in", path=module_path(module), form=form, operand=operand)
+    return _trace.mark(x, role="float_in", path=path, form=None, operand=operand)
+  return _trace.mark(x, role="in", path=path, form=form, operand=operand)
 
 
-def mark_output(module: Any, y: jax.Array, *, observer: Any, learnable: bool,
-                point: str) -> jax.Array:
+def mark_output(module: Any, y: jax.Array, *, observer: Any, learnable: bool, point: str,
+                path: str | None = None) -> jax.Array:
   """y itself; while convert traces, marked as a quantized tensor on `observer`'s grid, whose
   state is at quant_stats/<module>/<point> (or the learned params there when `learnable`)."""
-  return _trace.mark(y, role="out", path=module_path(module), spec=observer.spec,
-                     observer=observer, learnable=learnable, point=point)
+  return _trace.mark(y, role="out", path=module_path(module) if path is None else path,
+                     spec=observer.spec, observer=observer, learnable=learnable, point=point)
 
 
 def int8_input(x: Any, what: str = "a quantized operation") -> jax.Array:
