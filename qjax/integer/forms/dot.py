@@ -151,9 +151,10 @@ class DotForm(Form):
     scale = (np.float32(x_grid.scale) * w_scale).astype(np.float32)
     quantize = QuantizeOp(scale=jnp.asarray(x_grid.scale),
                           zero_point=jnp.asarray(x_grid.zero_point), spec=x_grid.spec)
-    common = {"input": quantize, "offset": jnp.asarray(offset, jnp.int32),
-              "scale": jnp.asarray(scale)}
+    offset32, scale32 = jnp.asarray(offset, jnp.int32), jnp.asarray(scale)
     if self.conv is None:
-      return QuantizedDot(kernel=jnp.asarray(q_w8.T, jnp.int8), **common)
+      return QuantizedDot(input=quantize, kernel=jnp.asarray(q_w8.T, jnp.int8), offset=offset32,
+                          scale=scale32)
     geometry: dict[str, Any] = dict(self.conv)
-    return QuantizedConv(kernel=jnp.asarray(q_w8, jnp.int8), **common, **geometry)
+    return QuantizedConv(input=quantize, kernel=jnp.asarray(q_w8, jnp.int8), offset=offset32,
+                         scale=scale32, **geometry)
