@@ -1,9 +1,12 @@
 """Save and load variables pytrees without pickle (sizes and the per-layer report: qjax.report).
 
-Works on any pytree of nested dicts (str or int keys), lists, tuples and None whose leaves are
-arrays (jax or NumPy, any numeric dtype including bfloat16, float8 and int4) and `QArray`s:
-float Flax variables, the integer variables of `qjax.convert`, dynamic-quantization trees.
-Dicts, lists and tuples nest at most `MAX_DEPTH` levels deep.
+Works on any pytree of nested dicts (str or int keys), lists, tuples, None and structs (the
+typed pytrees of `qjax._struct`, such as the integer path's `Int8Dense` or `FbgemmRequant`)
+whose leaves are arrays (jax or NumPy, any numeric dtype including bfloat16, float8 and int4)
+and `QArray`s: float Flax variables, the integer variables of `qjax.convert`,
+dynamic-quantization trees. A struct's static fields may be None, bools, ints (64-bit), floats,
+strings, `QuantSpec`s and tuples or lists of those. Dicts, lists, tuples and structs nest at
+most `MAX_DEPTH` levels deep.
 
 File format, version 2 (integers little-endian):
 
@@ -22,6 +25,14 @@ where a node is a one-key map:
       C order, little-endian, in chunks of at most 1 GiB (msgpack's per-object limit)
   {"qarray": {"spec": {every QuantSpec field}, "qvalue": array, "scale": array,
               "zero_point": array}}
+  {"struct": {"type": registered name, "static": {field: static, ...},
+              "children": {field: node, ...}}}
+      every field of the class, in its declaration order; a static value is nil, a bool, an
+      int, a float or a str as itself, or a one-key map {"tuple": [static, ...]},
+      {"list": [static, ...]} or {"quantspec": {every QuantSpec field}}
+
+Struct nodes were added within version 2 (files without them are unchanged): a qjax that
+predates them reports an unknown node type "struct".
 
 The checksum covers the header fields as well as the payload, so a damaged version or length
 field reads as corruption. Later format versions keep these 20 header bytes and this checksum:
@@ -30,7 +41,9 @@ is a damaged header. Version 1 files (the same layout, with a CRC-32 of the payl
 still read.
 
 Loading runs no code from the file: it reads only plain msgpack data (no extension types),
-resolves dtype names through an allowlist, and rebuilds each QArray through its validator.
+resolves dtype names through an allowlist, rebuilds each QArray through its validator and
+each struct through the constructor of the class registered under its name (importing
+`qjax.integer` first, so that its types are registered), with exactly the class's fields.
 Every malformed file gives a ValueError naming the file and the problem; the length and
 checksum tell a truncated file from a corrupted one. Loading takes time and memory linear in
 the file size: error messages describe the offending node by its type and size, never by
@@ -60,6 +73,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
+from qjax import _struct
 from qjax import qarray
 from qjax.numerics import QuantSpec
 from qjax.qarray import QArray
@@ -67,8 +81,9 @@ from qjax.qarray import QArray
 MAGIC = b"QJAX"
 FORMAT_VERSION = 2
 MAX_DEPTH = 256
-"""Most levels of nested dicts, lists and tuples a stored tree may have. (msgpack itself nests
-at most 1024 of its containers, three per dict level: about 340 levels.)"""
+"""Most levels of nested dicts, lists, tuples and structs a stored tree may have (a struct's
+static tuples and lists count too). (msgpack itself nests at most 1024 of its containers,
+three per dict or struct level: about 340 levels.)"""
 
 _HEADER = struct.Struct("<4sIQI")
 _CRC_OFFSET = 16  # the checksum covers header bytes [0, 16) and the payload
@@ -76,6 +91,7 @@ _CHUNK_BYTES = 2**30
 _MAX_NDIM = 64  # NumPy's limit
 _MAX_LISTED = 10  # keys listed in an error message
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(QuantSpec))
+_STATIC_KINDS = "None, bool, int, float, str, QuantSpec, or tuples or lists of those"
 _DTYPE_NAMES = (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
     "float16", "float32", "float64", "complex64", "complex128", "bfloat16", "int4", "uint4",
@@ -152,10 +168,37 @@ def _preview(value: Any) -> str:
   return f"a {type(value).__name__}"
 
 
+def _static_str(value: Any, depth: int = 0) -> str:
+  """A static field's value for error messages: repr-like, bounded in length and depth."""
+  if isinstance(value, (list, tuple)):
+    if depth >= 3:
+      return "(...)" if isinstance(value, tuple) else "[...]"
+    items = [_static_str(v, depth + 1) for v in value[:_MAX_LISTED]]
+    if len(value) > _MAX_LISTED:
+      items.append(f"... ({len(value) - _MAX_LISTED} more)")
+    if isinstance(value, tuple):
+      return f"({', '.join(items)}{',' if len(value) == 1 else ''})"
+    return f"[{', '.join(items)}]"
+  if isinstance(value, QuantSpec):
+    return _clip(repr(value), 120)
+  return _short_repr(value)
+
+
+def _describe_struct(node: Any) -> str:
+  """ "Int8Conv(strides=(1, 1), padding='SAME', ...)": the type and its static fields."""
+  _, statics = _struct.split_fields(node)
+  shown = [f"{k}={_static_str(v)}" for k, v in list(statics.items())[:_MAX_LISTED]]
+  if len(statics) > _MAX_LISTED:
+    shown.append(f"... ({len(statics) - _MAX_LISTED} more)")
+  return f"{type(node).__name__}({', '.join(shown)})"
+
+
 def _describe(node: Any) -> str:
   """A short description of a node or leaf for error messages: "int8[100, 784]"."""
   if qarray.is_qarray(node):
     return f"QArray({_describe(node.qvalue)}, {node.spec})"
+  if _struct.is_struct(node):
+    return f"a struct {_describe_struct(node)}"
   if isinstance(node, Mapping):
     return f"a dict with keys {_list_str(node)}"
   if isinstance(node, (list, tuple)):
@@ -188,6 +231,48 @@ def _encode_array(x: Any, path: tuple[Any, ...]) -> dict:
   return {"array": {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": chunks}}
 
 
+def _too_deep(node: Any, path: tuple[Any, ...]) -> ValueError:
+  return ValueError(f"qjax.io: the tree nests dicts, lists, tuples and structs more than "
+                    f"MAX_DEPTH = {MAX_DEPTH} levels deep: the {type(node).__name__} at "
+                    f"{_path_str(path)} is at level {len(path) + 1} (a container that holds "
+                    f"itself nests without end).")
+
+
+def _encode_static(value: Any, path: tuple[Any, ...], owner: str) -> Any:
+  """A struct's static field value as plain msgpack data (see the module docstring)."""
+  if value is None or type(value) in (bool, float, str):
+    return value
+  if type(value) is int:
+    if not -2**63 <= value < 2**64:
+      raise TypeError(f"qjax.io: the static value at {_path_str(path)} (of the struct "
+                      f"{owner}) is the int {_short_repr(value)}, which does not fit 64 bits.")
+    return value
+  if type(value) is QuantSpec:
+    return {"quantspec": {name: getattr(value, name) for name in _SPEC_FIELDS}}
+  if type(value) in (list, tuple):
+    if len(path) >= MAX_DEPTH:
+      raise _too_deep(value, path)
+    items = []
+    for i, item in enumerate(value):
+      items.append(_encode_static(item, path + (i,), owner))
+    return {type(value).__name__: items}
+  raise TypeError(f"qjax.io: the static value at {_path_str(path)} (of the struct {owner}) "
+                  f"is a {type(value).__name__} ({_clip(repr(value), 60)}); a stored struct's "
+                  f"static fields may hold {_STATIC_KINDS}.")
+
+
+def _encode_struct(node: Any, path: tuple[Any, ...]) -> dict:
+  owner = type(node).__name__
+  children, statics = _struct.split_fields(node)
+  static_body = {}
+  for name, value in statics.items():
+    static_body[name] = _encode_static(value, path + (name,), owner)
+  child_body = {}
+  for name, value in children.items():
+    child_body[name] = _encode(value, path + (name,))
+  return {"struct": {"type": owner, "static": static_body, "children": child_body}}
+
+
 def _encode(node: Any, path: tuple[Any, ...]) -> dict:
   # Plain loops, not comprehensions: one Python frame per level of the tree.
   if qarray.is_qarray(node):
@@ -195,11 +280,11 @@ def _encode(node: Any, path: tuple[Any, ...]) -> dict:
     for name in ("qvalue", "scale", "zero_point"):
       body[name] = _encode_array(getattr(node, name), path + (name,))
     return {"qarray": body}
-  if isinstance(node, (Mapping, list, tuple)) and len(path) >= MAX_DEPTH:
-    raise ValueError(f"qjax.io: the tree nests dicts, lists and tuples more than MAX_DEPTH = "
-                     f"{MAX_DEPTH} levels deep: the {type(node).__name__} at {_path_str(path)} "
-                     f"is at level {len(path) + 1} (a container that holds itself nests "
-                     f"without end).")
+  is_struct = _struct.is_struct(node)
+  if (is_struct or isinstance(node, (Mapping, list, tuple))) and len(path) >= MAX_DEPTH:
+    raise _too_deep(node, path)
+  if is_struct:
+    return _encode_struct(node, path)
   if isinstance(node, Mapping):
     pairs = []
     for key, value in node.items():
@@ -221,8 +306,9 @@ def _encode(node: Any, path: tuple[Any, ...]) -> dict:
   if isinstance(node, (jax.Array, np.ndarray, np.generic)):
     return _encode_array(node, path)
   raise TypeError(f"qjax.io: the leaf at {_path_str(path)} is a {type(node).__name__}; a "
-                  f"variables tree holds dicts, lists, tuples and None with array or QArray "
-                  f"leaves. Wrap Python numbers with np.asarray(value, dtype=...).")
+                  f"variables tree holds dicts, lists, tuples, None and structs (registered "
+                  f"with qjax._struct.struct) with array or QArray leaves. Wrap Python numbers "
+                  f"with np.asarray(value, dtype=...).")
 
 
 def _encode_file(variables: Any) -> tuple[bytes, bytes]:
@@ -235,19 +321,28 @@ def _encode_file(variables: Any) -> tuple[bytes, bytes]:
 def to_bytes(variables: Any) -> bytes:
   """Serialize a variables pytree to bytes (header + msgpack payload; see the module docstring).
 
-  Every value is stored bit for bit with its dtype and shape; QArrays keep every QuantSpec field.
+  Every value is stored bit for bit with its dtype and shape; QArrays keep every QuantSpec field,
+  structs their type name and every field.
 
   Raises:
     TypeError: a leaf that is not an array or QArray, a dtype outside STORABLE_DTYPES, a
-      NamedTuple node or a dict key that is not str / int, naming its pytree path.
-    ValueError: dicts, lists and tuples nested more than MAX_DEPTH levels deep (or a container
-      that holds itself), naming the path.
+      NamedTuple node, a dict key that is not str / int, or a struct's static value that is not
+      None, a bool, an int, a float, a str, a QuantSpec or a tuple / list of those, naming its
+      pytree path.
+    ValueError: dicts, lists, tuples and structs nested more than MAX_DEPTH levels deep (or a
+      container that holds itself), naming the path.
 
   Example:
     >>> tree = {"fc": {"kernel": jnp.ones((2, 3), jnp.bfloat16), "steps": jnp.int32(7)}}
     >>> restored = from_bytes(to_bytes(tree))
     >>> restored["fc"]["kernel"].dtype, int(restored["fc"]["steps"])
     (dtype(bfloat16), 7)
+    >>> from qjax.integer import FloatRequant
+    >>> op = FloatRequant(multiplier=jnp.float32(0.25), zero_point=jnp.int32(0), lo=-128,
+    ...                   hi=127, relu=True)
+    >>> restored = from_bytes(to_bytes({"requant": op}))["requant"]
+    >>> type(restored).__name__, restored.relu, restored.multiplier.dtype
+    ('FloatRequant', True, dtype('float32'))
   """
   header, payload = _encode_file(variables)
   return header + payload
@@ -369,6 +464,94 @@ def _decode_array(node: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
   return jax.device_put(arr)  # as jnp.asarray, without its extra pass over the data
 
 
+def _decode_spec(fields: Any, path: tuple[Any, ...]) -> QuantSpec:
+  """The QuantSpec of a stored {field: value} map; its own validator raises TypeError or
+  ValueError for bad values."""
+  if not (isinstance(fields, dict) and len(fields) == len(_SPEC_FIELDS)
+          and all(k in fields for k in _SPEC_FIELDS)):
+    raise _Malformed(path, f"the QuantSpec must have the fields {list(_SPEC_FIELDS)}, found "
+                     f"{_preview(fields)}")
+  return QuantSpec(**fields)
+
+
+def _decode_static(value: Any, path: tuple[Any, ...]) -> Any:
+  if value is None or type(value) in (bool, int, float, str):
+    return value
+  if not (isinstance(value, dict) and len(value) == 1):
+    raise _Malformed(path, f"a static value must be nil, a bool, an int, a float, a str or a "
+                     f"one-key map, found {_preview(value)}")
+  (tag, body), = value.items()
+  if tag == "quantspec":
+    try:
+      return _decode_spec(body, path)
+    except (TypeError, ValueError) as err:
+      raise _Malformed(path, f"the stored QuantSpec is invalid: {err}") from err
+  if tag in ("tuple", "list"):
+    if len(path) >= MAX_DEPTH:
+      raise _Malformed(path, f"dicts, lists, tuples and structs nest more than MAX_DEPTH = "
+                       f"{MAX_DEPTH} levels deep")
+    if not isinstance(body, list):
+      raise _Malformed(path, f"a static {tag} must hold a list, found {_preview(body)}")
+    items = []
+    for i, item in enumerate(body):
+      items.append(_decode_static(item, path + (i,)))
+    return items if tag == "list" else tuple(items)
+  raise _Malformed(path, f"unknown static value type {_short_repr(tag)}")
+
+
+def _field_names(cls: type) -> tuple[list[str], list[str]]:
+  """(child, static) field names of a struct class, in declaration order."""
+  children: list[str] = []
+  statics: list[str] = []
+  for f in dataclasses.fields(cls):
+    (statics if f.metadata.get("static") else children).append(f.name)
+  return children, statics
+
+
+def _check_fields(kind: str, expected: list[str], found: Any, name: str,
+                  path: tuple[Any, ...]) -> None:
+  if not isinstance(found, dict):
+    raise _Malformed(path, f"the {kind} fields of the struct {name} must be a map, found "
+                     f"{_preview(found)}")
+  if len(found) != len(expected) or not all(k in found for k in expected):
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    raise _Malformed(path, f"the struct {name} has the {kind} fields {_list_str(expected)}, "
+                     f"found {_list_str(found)} (missing {_list_str(missing)}, unexpected "
+                     f"{_list_str(extra)})")
+
+
+def _decode_struct(body: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
+  if not (isinstance(body, dict) and len(body) == 3
+          and all(k in body for k in ("type", "static", "children"))):
+    raise _Malformed(path, "a struct node needs exactly the fields type, static and children")
+  name = body["type"]
+  if not isinstance(name, str):
+    raise _Malformed(path, f"a struct's type must be a str, found {_preview(name)}")
+  cls = _struct.struct_type(name)
+  if cls is None:
+    # The integer path's types register when qjax.integer is imported; imported here, not at
+    # module level, since qjax.integer may import this module.
+    import qjax.integer  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    cls = _struct.struct_type(name)
+  if cls is None:
+    raise _Malformed(path, f"unknown struct type {_short_repr(name)} (no class of that name is "
+                     f"registered with qjax._struct.struct; import the module that defines it "
+                     f"before loading)")
+  child_names, static_names = _field_names(cls)
+  _check_fields("static", static_names, body["static"], name, path)
+  _check_fields("child", child_names, body["children"], name, path)
+  kwargs = {}
+  for field in static_names:
+    kwargs[field] = _decode_static(body["static"][field], path + (field,))
+  for field in child_names:
+    kwargs[field] = _decode(body["children"][field], path + (field,), as_numpy)
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as err:
+    raise _Malformed(path, f"the stored {name} is invalid: {_clip(str(err), 300)}") from err
+
+
 def _decode(node: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
   # Plain loops, not comprehensions: one Python frame per level, at most MAX_DEPTH levels.
   if not (isinstance(node, dict) and len(node) == 1):
@@ -380,9 +563,11 @@ def _decode(node: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
     if body is not None:
       raise _Malformed(path, f"a none node must hold nil, found {_preview(body)}")
     return None
-  if tag in ("list", "tuple", "dict") and len(path) >= MAX_DEPTH:
-    raise _Malformed(path, f"dicts, lists and tuples nest more than MAX_DEPTH = {MAX_DEPTH} "
-                     f"levels deep")
+  if tag in ("list", "tuple", "dict", "struct") and len(path) >= MAX_DEPTH:
+    raise _Malformed(path, f"dicts, lists, tuples and structs nest more than MAX_DEPTH = "
+                     f"{MAX_DEPTH} levels deep")
+  if tag == "struct":
+    return _decode_struct(body, path, as_numpy)
   if tag in ("list", "tuple"):
     if not isinstance(body, list):
       raise _Malformed(path, f"a {tag} node must hold a list, found {_preview(body)}")
@@ -406,13 +591,8 @@ def _decode(node: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
     if not (isinstance(body, dict) and len(body) == 4
             and all(k in body for k in ("spec", "qvalue", "scale", "zero_point"))):
       raise _Malformed(path, "a qarray node needs exactly spec, qvalue, scale and zero_point")
-    fields = body["spec"]
-    if not (isinstance(fields, dict) and len(fields) == len(_SPEC_FIELDS)
-            and all(k in fields for k in _SPEC_FIELDS)):
-      raise _Malformed(path, f"the QuantSpec must have the fields {list(_SPEC_FIELDS)}, found "
-                       f"{_preview(fields)}")
     try:
-      spec = QuantSpec(**fields)
+      spec = _decode_spec(body["spec"], path)
       leaves = {n: _decode_array(body[n], path + (n,), as_numpy)
                 for n in ("qvalue", "scale", "zero_point")}
       return QArray(**leaves, spec=spec)
@@ -425,14 +605,37 @@ def _mismatch(target: Any, found: Any, path: tuple[Any, ...]) -> _Malformed:
   return _Malformed(path, f"expected {_describe(target)}, found {_describe(found)}")
 
 
+def _same_static(a: Any, b: Any) -> bool:
+  """Static values equal in type and value (NaN equals NaN; a tuple never equals a list)."""
+  if type(a) is not type(b):
+    return False
+  if isinstance(a, (list, tuple)):
+    return len(a) == len(b) and all(_same_static(x, y) for x, y in zip(a, b, strict=True))
+  if isinstance(a, float) and math.isnan(a):
+    return math.isnan(b)
+  return bool(a == b)
+
+
 def _check_matches(target: Any, found: Any, path: tuple[Any, ...]) -> None:
   """Raise _Malformed at the first place where `found` differs from `target` in structure,
-  QuantSpec, shape or dtype (depth first, in the target's key order)."""
+  QuantSpec, struct type or static field, shape or dtype (depth first, in the target's key
+  order)."""
   if qarray.is_qarray(target):
     if not qarray.is_qarray(found) or found.spec != target.spec:
       raise _mismatch(target, found, path)
     for name in ("qvalue", "scale", "zero_point"):
       _check_matches(getattr(target, name), getattr(found, name), path + (name,))
+  elif _struct.is_struct(target):
+    if type(found) is not type(target):
+      raise _mismatch(target, found, path)
+    target_children, target_statics = _struct.split_fields(target)
+    found_children, found_statics = _struct.split_fields(found)
+    for name, value in target_statics.items():
+      if not _same_static(value, found_statics[name]):
+        raise _Malformed(path + (name,), f"expected the {type(target).__name__} static value "
+                         f"{_static_str(value)}, found {_static_str(found_statics[name])}")
+    for name, value in target_children.items():
+      _check_matches(value, found_children[name], path + (name,))
   elif isinstance(target, Mapping):
     if not isinstance(found, Mapping):
       raise _mismatch(target, found, path)
@@ -454,7 +657,8 @@ def _check_matches(target: Any, found: Any, path: tuple[Any, ...]) -> None:
       raise _mismatch(target, found, path)
   else:
     raise TypeError(f"qjax.io: the target's leaf at {_path_str(path)} is a "
-                    f"{type(target).__name__}; use arrays, jax.ShapeDtypeStruct or QArrays.")
+                    f"{type(target).__name__}; use arrays, jax.ShapeDtypeStruct, QArrays or "
+                    f"structs of those.")
 
 
 def _byte_view(data: Any, name: str) -> memoryview:
@@ -530,14 +734,16 @@ def from_bytes(data: bytes, target: Any = None, *, as_numpy: bool = False,
 
   Args:
     data: the bytes (or a bytearray / memoryview; not copied).
-    target: optional pytree of the expected structure (arrays, `jax.ShapeDtypeStruct`s or
-      QArrays); the result must match it in structure, QuantSpecs, shapes and dtypes.
+    target: optional pytree of the expected structure (arrays, `jax.ShapeDtypeStruct`s,
+      QArrays, structs of those); the result must match it in structure, QuantSpecs, struct
+      types and static fields, shapes and dtypes.
     as_numpy: return NumPy leaves (writable copies) instead of jax arrays; needed for 64-bit
       leaves while jax_enable_x64 is off.
     name: what to call the data in error messages (`load` passes the file name).
 
   Returns:
-    The pytree with plain dicts, lists and tuples, QArrays rebuilt with their validator.
+    The pytree with plain dicts, lists and tuples, QArrays rebuilt with their validator and
+    structs through their class's constructor.
 
   Raises:
     ValueError: naming `name`, for any malformed data: bad magic, a truncated or over-long

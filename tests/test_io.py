@@ -1,6 +1,8 @@
-"""qjax.io: bit-exact save / load of variables pytrees with QArrays, the errors for bad files
-and mismatched targets, model_size, and the per-layer report with SQNR against float weights."""
+"""qjax.io: bit-exact save / load of variables pytrees with QArrays and structs, the errors for
+bad files and mismatched targets, model_size, and the per-layer report with SQNR against float
+weights."""
 
+import dataclasses
 import errno
 import math
 import os
@@ -9,18 +11,24 @@ import struct
 import threading
 import tracemalloc
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
 import pytest
 from flax import serialization
 
 from qjax import QArray, QuantSpec, io, qarray, report
+from qjax import _struct
+from qjax._struct import is_struct, static
+from qjax.integer import requant as rq
+from qjax.integer.forms.boundary import DequantizeOp, QuantizeOp
+from qjax.integer.forms.linear import Int8Conv, Int8Dense
 
 RNG = np.random.default_rng(11)
 SETTINGS = hypothesis.settings(deadline=None, max_examples=60, print_blob=True,
@@ -74,17 +82,19 @@ def _bits(x):
   return arr.dtype, arr.shape, arr.tobytes()
 
 
-def assert_bit_equal(expected, restored):
+def assert_bit_equal(expected, restored, leaf_type=jax.Array):
+  """Same tree structure (struct types and static fields included) and bit-identical leaves of
+  the same dtype, each a `leaf_type`."""
   e_leaves, e_def = jax.tree_util.tree_flatten(expected, is_leaf=qarray.is_qarray)
   r_leaves, r_def = jax.tree_util.tree_flatten(restored, is_leaf=qarray.is_qarray)
   assert r_def == e_def
-  for e, r in zip(e_leaves, r_leaves):
+  for e, r in zip(e_leaves, r_leaves, strict=True):
     if isinstance(e, QArray):
       assert isinstance(r, QArray) and r.spec == e.spec
       for name in ("qvalue", "scale", "zero_point"):
         assert _bits(getattr(r, name)) == _bits(getattr(e, name))
     else:
-      assert isinstance(r, jax.Array)
+      assert isinstance(r, leaf_type)
       assert _bits(r) == _bits(e)
 
 
@@ -181,6 +191,344 @@ def test_flax_variables_roundtrip():
   assert_bit_equal(variables, restored)
   x = jnp.asarray(RNG.standard_normal((4, 3)).astype(np.float32))
   np.testing.assert_array_equal(model.apply(restored, x), model.apply(variables, x))
+
+
+# ------------------------------------------------------------------------------------------
+# Structs: the integer path's typed ops, stored by their registered name.
+
+
+def _requantizer(kind, channels, relu=False, lo=-128, hi=127):
+  """A requantizer of each type, with random leaves."""
+  zero = jnp.int32(RNG.integers(-128, 128))
+  if kind == "fbgemm":
+    return rq.FbgemmRequant(bias=jnp.asarray(_random_array("float32", (channels,))),
+                            multiplier=jnp.asarray(RNG.uniform(0, 1, channels), jnp.float32),
+                            zero_point=zero, lo=lo, hi=hi, relu=relu)
+  if kind == "float":
+    return rq.FloatRequant(multiplier=jnp.float32(RNG.uniform(0, 1)), zero_point=zero, lo=lo,
+                           hi=hi, relu=relu)
+  return rq.IntegerRequant(m0=jnp.asarray(RNG.integers(2**30, 2**31 - 1, channels), jnp.int32),
+                           shift=jnp.asarray(RNG.integers(31, 40, channels), jnp.int32),
+                           zero_point=zero, lo=lo, hi=hi, relu=relu)
+
+
+def _dense(kind, report="dict"):
+  if report == "dict":
+    report = {"input_scale": jnp.float32(0.02), "weight_scale": jnp.full(3, 0.1, jnp.float32),
+              "nested": {"bias": jnp.asarray(_random_array("float32", (3,))), "none": None,
+                         "pair": (jnp.int8(-1), [jnp.asarray(_random_array("bfloat16", (2,)))])}}
+  return Int8Dense(kernel=jnp.asarray(RNG.integers(-127, 128, (3, 4)), jnp.int8),
+                   offset=jnp.asarray(RNG.integers(-1000, 1000, 3), jnp.int32),
+                   requant=_requantizer(kind, 3, relu=True), report=report)
+
+
+def _conv(kind, padding):
+  return Int8Conv(kernel=jnp.asarray(RNG.integers(-127, 128, (3, 3, 2, 4)), jnp.int8),
+                  offset=jnp.zeros(4, jnp.int32), pad_value=jnp.int32(-5),
+                  requant=_requantizer(kind, 4, lo=-64, hi=63), report=None, strides=(2, 1),
+                  padding=padding, dilation=(1, 2), groups=1)
+
+
+def _converted(kind):
+  """Variables shaped like a converted model's: typed ops under "converted", float params."""
+  return {
+      "converted": {
+          "Quantize_0": {"op": QuantizeOp(scale=jnp.float32(0.05), zero_point=jnp.int32(-128),
+                                          spec=QuantSpec(bits=8, signed=False))},
+          "Conv_0": {"op": _conv(kind, "SAME")},
+          "Conv_1": {"op": _conv(kind, ((0, 0), (1, 2)))},
+          "Dense_0": {"op": _dense(kind)},
+          "Dense_1": {"op": _dense(kind, report=None)},
+          "Dequantize_0": {"op": DequantizeOp(scale=jnp.float32(0.1), zero_point=jnp.int32(3))},
+      },
+      "params": {"Dense_0": {"kernel": jnp.ones((4, 3), jnp.float32)}},
+  }
+
+
+def _ops(tree):
+  return {name: layer["op"] for name, layer in tree["converted"].items()}
+
+
+def _assert_same_statics(expected, restored):
+  """The same struct types with the same static fields, by type as well as value (a tuple
+  stays a tuple, nested)."""
+  structs = [jax.tree_util.tree_leaves(t, is_leaf=is_struct) for t in (expected, restored)]
+  for e, r in zip(*structs, strict=True):
+    if is_struct(e):
+      assert type(r) is type(e)
+      _, e_statics = _struct.split_fields(e)
+      _, r_statics = _struct.split_fields(r)
+      assert repr(r_statics) == repr(e_statics)
+      assert [type(v) for v in r_statics.values()] == [type(v) for v in e_statics.values()]
+
+
+@pytest.mark.parametrize("kind", ["fbgemm", "float", "integer"])
+def test_structs_roundtrip_bit_exact(tmp_path, kind):
+  tree = _converted(kind)
+  path = tmp_path / "int8.qjax"
+  io.save(path, tree)
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  for target in (None, tree, abstract, jax.eval_shape(lambda t: t, tree)):
+    restored = io.load(path, target=target)
+    assert_bit_equal(tree, restored)
+    _assert_same_statics(tree, restored)
+  as_numpy = io.load(path, target=tree, as_numpy=True)
+  assert_bit_equal(tree, as_numpy, leaf_type=np.ndarray)
+  _assert_same_statics(tree, as_numpy)
+  assert io.to_bytes(restored) == path.read_bytes()  # the same bytes again
+  ops, got = _ops(tree), _ops(restored)
+  assert got["Conv_1"].padding == ((0, 0), (1, 2)) and got["Conv_0"].padding == "SAME"
+  assert got["Quantize_0"].spec == QuantSpec(bits=8, signed=False)
+  assert got["Dense_1"].report is None and got["Dense_0"].report["nested"]["none"] is None
+  assert isinstance(got["Dense_0"].report["nested"]["pair"], tuple)
+  # The rebuilt ops run, with the same integers.
+  x = jnp.asarray(RNG.integers(-128, 128, (2, 5, 5, 2)), jnp.int8)
+  for name in ("Conv_0", "Conv_1"):
+    assert _bits(got[name](x)) == _bits(ops[name](x))
+  v = jnp.asarray(RNG.integers(-128, 128, (2, 4)), jnp.int8)
+  assert _bits(got["Dense_0"](v)) == _bits(ops["Dense_0"](v))
+  assert _bits(got["Quantize_0"](jnp.ones(3))) == _bits(ops["Quantize_0"](jnp.ones(3)))
+
+
+def test_a_struct_at_the_root_and_inside_lists_roundtrips():
+  tree = [_requantizer("float", 1), (_requantizer("integer", 2), {"r": _requantizer("fbgemm", 2)})]
+  assert_bit_equal(tree, io.from_bytes(io.to_bytes(tree), target=tree))
+  op = _dense("fbgemm")
+  assert_bit_equal(op, io.from_bytes(io.to_bytes(op), target=op))
+
+
+@_struct.struct
+class IoStatics:
+  """A test struct with every kind of static value the format stores."""
+
+  value: Any
+  none: Any = static(default=None)
+  flag: Any = static(default=True)
+  count: Any = static(default=-(2**63))
+  big: Any = static(default=2**64 - 1)
+  ratio: Any = static(default=-0.0)
+  name: Any = static(default="héllo")
+  spec: Any = static(default=QuantSpec(bits=4, symmetric=True, axis=-1))
+  nested: Any = static(default=((1, [2.5, "x"]), [None, (False,)], (), []))
+
+
+@_struct.struct
+class IoChecked:
+  """A test struct whose constructor validates its static field."""
+
+  value: Any
+  bits: int = static(default=8)
+
+  def __post_init__(self):
+    if not 2 <= self.bits <= 16:
+      raise ValueError(f"IoChecked.bits must be in [2, 16]; got {self.bits}.")
+
+
+def test_every_kind_of_static_value_roundtrips():
+  tree = {"s": IoStatics(value={"a": jnp.int4(3)}), "nan": IoStatics(value=None, ratio=math.nan)}
+  data = io.to_bytes(tree)
+  restored = io.from_bytes(data, target=tree)
+  got = restored["s"]
+  for field in ("none", "flag", "count", "big", "name", "spec"):
+    assert getattr(got, field) == getattr(tree["s"], field)
+    assert type(getattr(got, field)) is type(getattr(tree["s"], field))
+  assert math.copysign(1.0, got.ratio) == -1.0  # -0.0 kept
+  assert repr(got.nested) == repr(tree["s"].nested)
+  assert type(got.nested[0][1]) is list and type(got.nested[1][1]) is tuple
+  assert math.isnan(restored["nan"].ratio)
+  assert _bits(got.value["a"]) == _bits(tree["s"].value["a"])
+  assert io.to_bytes(restored) == data
+
+
+@pytest.mark.parametrize("changed,match", [
+    (lambda t: {**t, "converted": {**t["converted"], "Conv_0": {"op": _conv("float", "VALID")}}},
+     r"at converted/Conv_0/op/padding: expected the Int8Conv static value 'VALID', found 'SAME'"),
+    (lambda t: {**t, "converted": {**t["converted"], "Conv_1": {"op": _conv("float", [[0, 0],
+                                                                                     [1, 2]])}}},
+     r"at converted/Conv_1/op/padding: expected the Int8Conv static value \[\[0, 0\], \[1, 2\]\], "
+     r"found \(\(0, 0\), \(1, 2\)\)"),
+    (lambda t: {**t, "converted": {**t["converted"], "Dense_0": {"op": _dense("fbgemm")}}},
+     r"at converted/Dense_0/op/requant: expected a struct FbgemmRequant\(lo=-128, hi=127, "
+     r"relu=True\), found a struct FloatRequant\(lo=-128, hi=127, relu=True\)"),
+    (lambda t: {**t, "converted": {**t["converted"], "Dense_1": {"op": _dense("float")}}},
+     r"at converted/Dense_1/op/report: expected a dict with keys \['input_scale', "
+     r"'weight_scale', 'nested'\], found None"),
+    (lambda t: {**t, "converted": {**t["converted"], "Dense_0": {"op": {"kernel": None}}}},
+     r"at converted/Dense_0/op: expected a dict with keys \['kernel'\], found a struct "
+     r"Int8Dense\(\)"),
+    (lambda t: {**t, "converted": {**t["converted"], "Dense_0": {"op": dataclasses.replace(
+        t["converted"]["Dense_0"]["op"], kernel=jnp.zeros((3, 5), jnp.int8))}}},
+     r"at converted/Dense_0/op/kernel: expected int8\[3, 5\], found int8\[3, 4\]"),
+    (lambda t: {**t, "converted": {**t["converted"], "Dense_0": {"op": dataclasses.replace(
+        t["converted"]["Dense_0"]["op"], requant=_requantizer("float", 3, relu=False))}}},
+     r"at converted/Dense_0/op/requant/relu: expected the FloatRequant static value False, "
+     r"found True"),
+    (lambda t: {**t, "converted": {**t["converted"], "Quantize_0": {"op": QuantizeOp(
+        scale=jnp.float32(1), zero_point=jnp.int32(0), spec=QuantSpec(bits=8))}}},
+     r"at converted/Quantize_0/op/spec: expected the QuantizeOp static value "
+     r"QuantSpec\(bits=8, signed=True.*found QuantSpec\(bits=8, signed=False"),
+])
+def test_struct_target_mismatch_names_the_path(changed, match):
+  tree = _converted("float")
+  with pytest.raises(ValueError, match=match) as err:
+    io.from_bytes(io.to_bytes(tree), target=changed(tree), name="t.qjax")
+  assert str(err.value).startswith("t.qjax: does not match the target at ")
+
+
+def _struct_nodes(tree):
+  """The struct node bodies of a decoded payload tree, by pytree path."""
+  found, stack = {}, [((), tree)]
+  while stack:
+    path, node = stack.pop()
+    if isinstance(node, dict) and "struct" in node:
+      found["/".join(path)] = node["struct"]
+      stack.extend((path + (k,), v) for k, v in node["struct"]["children"].items())
+    elif isinstance(node, dict) and "dict" in node:
+      stack.extend((path + (str(k),), v) for k, v in node["dict"])
+  return found
+
+
+def _edit_struct(where, edit):
+  def apply(tree):
+    edit(_struct_nodes(tree)[where])
+  return apply
+
+
+def _set_static(field, value):
+  return lambda body: body["static"].update({field: value})
+
+
+_DENSE = "converted/Dense_0/op"
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_edit_struct(_DENSE, lambda b: b.update(type="NoSuchOp")),
+     rf"malformed payload at {_DENSE}: unknown struct type 'NoSuchOp' \(no class of that name "
+     r"is registered with qjax._struct.struct"),
+    (_edit_struct(_DENSE, lambda b: b.update(type=7)),
+     rf"at {_DENSE}: a struct's type must be a str, found 7"),
+    (_edit_struct(_DENSE, lambda b: b["children"].pop("offset")),
+     rf"at {_DENSE}: the struct Int8Dense has the child fields \['kernel', 'offset', "
+     r"'requant', 'report'\], found \['kernel', 'requant', 'report'\] \(missing \['offset'\], "
+     r"unexpected \[\]\)"),
+    (_edit_struct(_DENSE, lambda b: b["children"].update(scale={"none": None})),
+     rf"at {_DENSE}: the struct Int8Dense has the child fields .*unexpected \['scale'\]"),
+    (_edit_struct(_DENSE, lambda b: b["static"].update(groups=1)),
+     rf"at {_DENSE}: the struct Int8Dense has the static fields \[\], found \['groups'\]"),
+    (_edit_struct("converted/Conv_0/op", lambda b: b["static"].pop("groups")),
+     r"at converted/Conv_0/op: the struct Int8Conv has the static fields .*missing \['groups'\]"),
+    (_edit_struct(_DENSE, lambda b: b.pop("static")),
+     rf"at {_DENSE}: a struct node needs exactly the fields type, static and children"),
+    (_edit_struct(_DENSE, lambda b: b.update(children=[])),
+     rf"at {_DENSE}: the child fields of the struct Int8Dense must be a map, found a list"),
+    # Another registered type's name: its fields do not match.
+    (_edit_struct(f"{_DENSE}/requant", lambda b: b.update(type="FbgemmRequant")),
+     rf"at {_DENSE}/requant: the struct FbgemmRequant has the child fields \['bias', "
+     r"'multiplier', 'zero_point'\], found \['multiplier', 'zero_point'\] \(missing \['bias'\]"),
+    (_edit_struct("converted/Conv_0/op", _set_static("padding", b"SAME")),
+     r"at converted/Conv_0/op/padding: a static value must be nil, a bool, an int, a float, a "
+     r"str or a one-key map, found 4 bytes"),
+    (_edit_struct("converted/Conv_0/op", _set_static("strides", {"set": [1, 1]})),
+     r"at converted/Conv_0/op/strides: unknown static value type 'set'"),
+    (_edit_struct("converted/Conv_0/op", _set_static("strides", {"tuple": [1, b"\0"]})),
+     r"at converted/Conv_0/op/strides/1: a static value must be nil.*found 1 bytes"),
+    (_edit_struct("converted/Quantize_0/op",
+                  lambda b: b["static"]["spec"]["quantspec"].update(bits=40)),
+     r"at converted/Quantize_0/op/spec: the stored QuantSpec is invalid: QuantSpec.bits must "
+     r"be in \[2, 16\]; got 40"),
+    (_edit_struct("converted/Quantize_0/op",
+                  lambda b: b["static"]["spec"]["quantspec"].pop("axis")),
+     r"at converted/Quantize_0/op/spec: the QuantSpec must have the fields"),
+    (_edit_struct(f"{_DENSE}/requant", lambda b: b["children"].update(lo={"none": None})),
+     rf"at {_DENSE}/requant: the struct FloatRequant has the child fields .*unexpected \['lo'\]"),
+])
+def test_malformed_struct_nodes_name_the_path(edit, match):
+  data = io.to_bytes(_converted("float"))
+  with pytest.raises(ValueError, match=match) as err:
+    io.from_bytes(_edit_payload(data, edit), name="m.qjax")
+  assert str(err.value).startswith("m.qjax: malformed payload at ")
+  assert len(str(err.value)) < 1000
+
+
+def test_struct_constructors_validate_loaded_values():
+  data = io.to_bytes({"c": IoChecked(value=jnp.zeros(2))})
+  edited = _edit_payload(data, _edit_struct("c", _set_static("bits", 99)))
+  with pytest.raises(ValueError, match=r"malformed payload at c: the stored IoChecked is invalid: "
+                                       r"IoChecked.bits must be in \[2, 16\]; got 99"):
+    io.from_bytes(edited)
+
+
+@_struct.struct
+class IoOdd:
+  """A test struct whose static field can hold anything."""
+
+  value: Any
+  odd: Any = static(default=None)
+
+
+@pytest.mark.parametrize("odd,where,match", [
+    (rq.Requant.FBGEMM, "", r"is a Requant \(<Requant.FBGEMM: 'fbgemm'>\)"),
+    (np.int64(3), "", r"is a int64"),
+    (np.float32(0.5), "", r"is a float32"),
+    ({"a": 1}, "", r"is a dict"),
+    (frozenset({1}), "", r"is a frozenset"),
+    ((1, (2, jnp.zeros(1))), "/1/1", r"is a ArrayImpl"),
+    ([1, QArray.__name__, rq.Requant.FLOAT], "/2", r"is a Requant"),
+    (2**64, "", r"is the int 18446744073709551616, which does not fit 64 bits"),
+    (-(2**63) - 1, "", r"is the int -9223372036854775809, which does not fit 64 bits"),
+])
+def test_unsupported_static_values_raise_type_error(tmp_path, odd, where, match):
+  with pytest.raises(TypeError, match=rf"static value at layers/0/op/odd{where} \(of the struct "
+                                      rf"IoOdd\) {match}") as err:
+    io.save(tmp_path / "odd.qjax", {"layers": [{"op": IoOdd(value=jnp.zeros(1), odd=odd)}]})
+  if "64 bits" not in match:
+    assert "may hold None, bool, int, float, str, QuantSpec, or tuples or lists" in str(err.value)
+  assert not os.listdir(tmp_path)
+
+
+def test_unsupported_struct_children_raise_type_error():
+  with pytest.raises(TypeError, match=r"the leaf at op/value is a float; a variables tree holds "
+                                      r"dicts, lists, tuples, None and structs"):
+    io.to_bytes({"op": IoOdd(value=0.5)})
+
+
+def test_struct_nesting_counts_toward_max_depth():
+  leaf = jnp.arange(3, dtype=jnp.int16)
+  tree = leaf
+  for _ in range(io.MAX_DEPTH):
+    tree = IoOdd(value=tree, odd="x")
+  restored = io.from_bytes(io.to_bytes(tree), target=tree)
+  assert_bit_equal(tree, restored)
+  with pytest.raises(ValueError, match=rf"more than MAX_DEPTH = {io.MAX_DEPTH} levels deep: the "
+                                       rf"IoOdd at value/value/.*is at level {io.MAX_DEPTH + 1}"):
+    io.to_bytes(IoOdd(value=tree))
+  deep_static: Any = ()
+  for _ in range(io.MAX_DEPTH + 1):
+    deep_static = (deep_static,)
+  with pytest.raises(ValueError, match=r"more than MAX_DEPTH .* the tuple at odd/0/0/0/0"):
+    io.to_bytes(IoOdd(value=None, odd=deep_static))
+
+
+def _nested_struct_payload(depth):
+  """A msgpack payload nesting `depth` IoOdd struct nodes (3 msgpack levels each)."""
+  pack = msgpack.packb
+  prefix = (b"\x81" + pack("struct") + b"\x83" + pack("type") + pack("IoOdd") + pack("static")
+            + b"\x81" + pack("odd") + b"\xc0" + pack("children") + b"\x81" + pack("value"))
+  return b"\x81" + pack("tree") + prefix * depth + b"\x81" + pack("none") + b"\xc0"
+
+
+def test_deeply_nested_struct_files_raise_value_error():
+  restored = io.from_bytes(_rewrap(_nested_struct_payload(3)))
+  assert restored == IoOdd(value=IoOdd(value=IoOdd(value=None)))
+  with pytest.raises(ValueError, match=rf"at value/value/.*: dicts, lists, tuples and structs "
+                                       rf"nest more than MAX_DEPTH = {io.MAX_DEPTH} levels"):
+    io.from_bytes(_rewrap(_nested_struct_payload(io.MAX_DEPTH + 1)))
+
+
+def test_struct_files_decode_only_plain_data():
+  # The payload names the type; nothing else about the class comes from the file.
+  data = io.to_bytes({"op": IoOdd(value=jnp.zeros(1), odd="x")})
+  assert b"IoOdd" in data and b"test_io" not in data and b"__" not in data
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,8 +690,9 @@ def _nested_payload(depth, kind):
 
 
 @pytest.mark.parametrize("depth,kind,match", [
-    (io.MAX_DEPTH + 1, "list", rf"at 0/0/0/0/0/0/0/0/\.\.\.\(\d+ more\)\.\.\./0/0/0: dicts, lists "
-                               rf"and tuples nest more than MAX_DEPTH = {io.MAX_DEPTH} levels"),
+    (io.MAX_DEPTH + 1, "list", rf"at 0/0/0/0/0/0/0/0/\.\.\.\(\d+ more\)\.\.\./0/0/0: dicts, lists, "
+                               rf"tuples and structs nest more than MAX_DEPTH = {io.MAX_DEPTH} "
+                               rf"levels"),
     (330, "dict", r"at k/k/k/k/k/k/k/k/.*more than MAX_DEPTH"),
     (500, "list", "more than MAX_DEPTH"),  # within msgpack's limit, past Python's recursion
     (100_000, "list", "corrupt: the payload is not valid msgpack"),
@@ -361,7 +710,15 @@ def test_deeply_nested_files_raise_value_error(depth, kind, match):
 
 _FUZZ_TREE = {"fc": {"kernel": _random_qarray(QuantSpec(bits=8, axis=0), (3, 4)),
                      "bias": jnp.arange(3, dtype=jnp.int32)},
-              "layers": [None, (jnp.zeros((0, 2), jnp.bfloat16),)], 7: {}}
+              "layers": [None, (jnp.zeros((0, 2), jnp.bfloat16),)], 7: {},
+              "op": Int8Conv(kernel=jnp.ones((1, 1, 1, 2), jnp.int8),
+                             offset=jnp.zeros(2, jnp.int32), pad_value=jnp.int32(0),
+                             requant=rq.FloatRequant(multiplier=jnp.float32(0.5),
+                                                     zero_point=jnp.int32(0), lo=-128, hi=127,
+                                                     relu=True),
+                             strides=(1, 1), padding=((0, 0), (1, 1)), dilation=(1, 1), groups=1),
+              "quantize": QuantizeOp(scale=jnp.float32(1), zero_point=jnp.int32(0),
+                                     spec=QuantSpec(bits=8, signed=False))}
 _FUZZ_FILE = io.to_bytes(_FUZZ_TREE)
 
 _EDITS = st.lists(
@@ -423,7 +780,7 @@ def test_malformed_node_messages_stay_short():
 
 def test_successful_loads_build_no_descriptions(monkeypatch, good):
   tree, data = good
-  big = {"w": jnp.zeros((256, 1024), jnp.float32), "q": tree}
+  big = {"w": jnp.zeros((256, 1024), jnp.float32), "q": tree, "int8": _converted("integer")}
   big_data = io.to_bytes(big)
   for helper in ("_describe", "_preview", "_list_str", "_short_repr", "_path_str"):
     monkeypatch.setattr(io, helper, lambda *a, name=helper: pytest.fail(f"{name} called"))
@@ -774,7 +1131,7 @@ def test_format_report(models):
 
 
 # ------------------------------------------------------------------------------------------
-# Property: any tree of arrays and QArrays comes back bit for bit.
+# Property: any tree of arrays, QArrays and structs comes back bit for bit.
 
 
 @st.composite
@@ -796,10 +1153,17 @@ def qarray_leaves(draw):
   return _random_qarray(spec, shape, np.random.default_rng(draw(st.integers(0, 2**32 - 1))))
 
 
+STATICS = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=5) | st.sampled_from(SPECS),
+    lambda items: st.lists(items, max_size=3) | st.lists(items, max_size=3).map(tuple),
+    max_leaves=5)
+
 TREES = st.recursive(
     array_leaves() | qarray_leaves() | st.none(),
     lambda children: (st.lists(children, max_size=3)
                       | st.lists(children, max_size=3).map(tuple)
+                      | st.builds(lambda value, odd: IoOdd(value=value, odd=odd), children, STATICS)
                       # jax sorts dict keys, so one dict holds str keys or int keys, not both
                       | st.dictionaries(st.text(max_size=5), children, max_size=3)
                       | st.dictionaries(st.integers(-3, 3), children, max_size=3)),
