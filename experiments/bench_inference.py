@@ -6,8 +6,8 @@ call of:
 
   * float32: the jitted float apply of the qjax.nn model (mode="float", params only);
   * int8 (fbgemm) / (float) / (integer): the jitted int8 apply (mode="int8") of the variables
-    `qjax.convert.convert` makes with that requant, in the lean form of
-    `qjax.convert.for_serving` (a jitted call pays for every array it is passed);
+    `qjax.convert` makes with that requant, in the lean form of `qjax.for_serving`
+    (a jitted call pays for every array it is passed);
   * torch x86 int8: PyTorch's eager-mode converted model (fused Linear/Conv + ReLU,
     get_default_qconfig("x86"), engine "x86", torch.set_num_threads(all cores)), on the same
     weights and calibration batches.
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax.nn as qnn
-from qjax.convert import convert, for_serving
+from qjax import convert, for_serving
 
 SEED = 0
 CALIB_BATCHES, CALIB_ROWS = 4, 32

@@ -14,7 +14,7 @@ Then, for each model:
     of LeNet-5 stay float, as in PyTorch).
   * static int8: PyTorch's x86 recipe (`get_default_qconfig("x86")`: histogram observers on
     uint8 [0, 127] activations, per-channel symmetric int8 weights), --calib-batches training
-    batches in mode="calibrate", `qjax.convert.convert` with requant "float", "integer"
+    batches in mode="calibrate", `qjax.convert` with requant "float", "integer"
     (fixed-point multipliers, no float between layers) and "fbgemm" (PyTorch x86's
     arithmetic), and the jitted int8 path (mode="int8"). The fake-quant forward of the same
     calibrated model (mode="qat", frozen observers) is reported next to it, with the share of
@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import qjax
 import qjax.nn as qnn
-from qjax import convert as qconvert
 from qjax import dynamic as qdynamic
 from qjax import report as qreport
 from qjax import quantizers
@@ -175,7 +175,7 @@ def study(name: str, data: tuple, *, epochs: int, batch_size: int, lr: float,
   int_apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
   report = None
   for requant in REQUANT:
-    int_vars = qconvert.convert(model, variables, x_test[:2], requant=requant)
+    int_vars = qjax.convert(model, variables, x_test[:2], requant=requant)
     logits = np.asarray(int_apply(int_vars, x_test))
     rows.append({"variant": f"static int8 ({requant})", "accuracy": accuracy(logits, y_test),
                  "bytes": qreport.model_size(int_vars),

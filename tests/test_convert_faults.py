@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import cases
+import qjax
 import qjax.nn as qnn
-from qjax import convert as qconvert
+from qjax import integer
 
 
 class Net(nn.Module):
@@ -53,27 +54,28 @@ def test_weights_changed_after_calibration_are_observed():
   weight is within half a step of its float value; the stale statistics alone are refused."""
   model = Net()
   variables = _scaled(_calibrated(model), "fc", 3.0)
-  int_vars = qconvert.convert(model, variables, X[:2])
-  kernel = int_vars["int8"]["fc"]["kernel"]  # (out, in), per-channel scales
-  error = np.abs(np.asarray(kernel.qvalue, np.float32) * np.asarray(kernel.scale)[:, None]
+  int_vars = qjax.convert(model, variables, X[:2])
+  fc = int_vars[integer.COLLECTION]["fc"]["op"]  # kernel (out, in), per-channel scales
+  scale = np.asarray(fc.report["weight_scale"])[:, None]
+  error = np.abs(np.asarray(fc.kernel, np.float32) * scale
                  - np.asarray(variables["params"]["fc"]["kernel"]).T)
-  assert np.all(error <= np.asarray(kernel.scale)[:, None] * 0.501)  # 127.5 steps: 127
+  assert np.all(error <= scale * 0.501)  # 127.5 steps: 127
   with pytest.raises(ValueError, match=r"convert: fc: \d+ of 720 weights lie outside their "
                      r"grid.*weights='fresh'"):
-    qconvert.convert(model, variables, X[:2], weights="stats")
+    qjax.convert(model, variables, X[:2], weights="stats")
 
 
 def test_unchanged_weights_convert_as_calibrated():
   """With the calibrated weights, observing them again changes nothing (min/max observers)."""
   model = Net()
   variables = _calibrated(model)
-  observed = qconvert.convert(model, variables, X[:2])
-  stats = qconvert.convert(model, variables, X[:2], weights="stats")
+  observed = qjax.convert(model, variables, X[:2])
+  stats = qjax.convert(model, variables, X[:2], weights="stats")
   for layer in ("conv", "fc"):
-    np.testing.assert_array_equal(observed["int8"][layer]["kernel"].qvalue,
-                                  stats["int8"][layer]["kernel"].qvalue)
-    np.testing.assert_array_equal(observed["int8"][layer]["kernel"].scale,
-                                  stats["int8"][layer]["kernel"].scale)
+    op = observed[integer.COLLECTION][layer]["op"]
+    op_stats = stats[integer.COLLECTION][layer]["op"]
+    np.testing.assert_array_equal(op.kernel, op_stats.kernel)
+    np.testing.assert_array_equal(op.report["weight_scale"], op_stats.report["weight_scale"])
 
 
 def test_moving_average_that_lags_is_refused_and_fresh_observes_anew():
@@ -83,9 +85,9 @@ def test_moving_average_that_lags_is_refused_and_fresh_observes_anew():
   model = Net(qconfig=qnn.get_default_qat_qconfig("x86"))
   variables = _scaled(_calibrated(model), "conv", 4.0)
   with pytest.raises(ValueError, match=r"convert: conv: \d+ of 72 weights lie outside"):
-    qconvert.convert(model, variables, X[:2])
-  int_vars = qconvert.convert(model, variables, X[:2], weights="fresh")
-  kernel = np.asarray(int_vars["int8"]["conv"]["kernel"].qvalue).astype(np.int32)
+    qjax.convert(model, variables, X[:2])
+  int_vars = qjax.convert(model, variables, X[:2], weights="fresh")
+  kernel = np.asarray(int_vars[integer.COLLECTION]["conv"]["op"].kernel).astype(np.int32)
   assert np.all(np.abs(kernel).max(axis=(0, 1, 2)) >= 127)  # each channel spans its grid
 
 
@@ -93,7 +95,7 @@ def test_weights_argument_is_checked():
   model = Net()
   with pytest.raises(ValueError, match=r"weights must be one of \('observe', 'fresh', "
                      r"'stats'\); got 'new'"):
-    qconvert.convert(model, _calibrated(model), X[:2], weights="new")
+    qjax.convert(model, _calibrated(model), X[:2], weights="new")
 
 
 @pytest.mark.parametrize("padding", ["CIRCULAR", "REFLECT", "CAUSAL"])
@@ -107,12 +109,12 @@ def test_padding_the_integer_path_cannot_run_is_refused_at_convert(padding):
   variables = _calibrated(model)
   with pytest.raises(ValueError, match=rf"conv: the integer path supports padding 'SAME', "
                      rf"'VALID'.*got padding='{padding}'"):
-    qconvert.convert(model, variables, X[:2])
+    qjax.convert(model, variables, X[:2])
 
 
 def test_wrong_input_shape_names_the_layer():
   model = Net()
-  int_vars = qconvert.convert(model, _calibrated(model), X[:2])
+  int_vars = qjax.convert(model, _calibrated(model), X[:2])
 
   class Wider(Net):
     @nn.compact
@@ -134,11 +136,11 @@ def test_repeated_pipeline_compiles_nothing():
   executable of the first."""
   model = Net()
   variables = _calibrated(model)
-  qconvert.convert(model, variables, X[:2])
+  qjax.convert(model, variables, X[:2])
   other = _scaled(variables, "fc", 0.5)
   with cases.CompileCounter() as counter:
     again = qnn.calibrate(model, other, [b + 1.0 for b in BATCHES])
-    qconvert.convert(model, again, X[:2])
+    qjax.convert(model, again, X[:2])
   assert counter.count == 0
   with cases.CompileCounter() as counter:  # the counter sees compilations
     qnn.calibrate(model, other, [X[:3]])
@@ -156,4 +158,4 @@ def test_unused_qconfig_map_pattern_is_refused_by_calibrate_and_convert():
     qnn.calibrate(model, variables, BATCHES)
   fine = qnn.calibrate(Net(), variables, BATCHES)
   with pytest.raises(ValueError, match=r"\^fc2\$"):
-    qconvert.convert(model, fine, X[:2])
+    qjax.convert(model, fine, X[:2])

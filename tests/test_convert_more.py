@@ -1,13 +1,17 @@
 """qjax.convert beyond the core tests: for_serving, layers left in float, two input grids."""
 
+import dataclasses
+
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qjax
 import qjax.nn as qnn
-from qjax import convert as qconvert
+from qjax import integer
 
 
 class _Net(nn.Module):
@@ -34,25 +38,43 @@ def calibrated():
 @pytest.mark.parametrize("requant", ["fbgemm", "float", "integer"])
 def test_same_integers_fewer_leaves(calibrated, requant):
   model, variables, x = calibrated
-  full = qconvert.convert(model, variables, x, requant=requant)
-  lean = qconvert.for_serving(full)
+  full = qjax.convert(model, variables, x, requant=requant)
+  lean = qjax.for_serving(full)
   apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
   x_test = jax.random.uniform(jax.random.key(2), x.shape, jnp.float32) * 1.5
   np.testing.assert_array_equal(np.asarray(apply(lean, x_test)), np.asarray(apply(full, x_test)))
   assert len(jax.tree.leaves(lean)) < len(jax.tree.leaves(full))
-  fc1 = lean["int8"]["fc1"]
-  assert fc1["kernel"].dtype == jnp.int8 and "bias" not in fc1 and "input" not in fc1
-  assert set(fc1["output"]) == {"zero_point"}
-  assert set(lean["int8"]["conv"]["input"]) == {"zero_point"}  # the conv's padding value
-  if requant != "fbgemm":  # the int32 bias is folded into the offset, exactly
-    np.testing.assert_array_equal(
-        np.asarray(fc1["offset"]),
-        np.asarray(full["int8"]["fc1"]["offset"]) + np.asarray(full["int8"]["fc1"]["bias"]))
+  ops, full_ops = lean[integer.COLLECTION], full[integer.COLLECTION]
+  assert set(ops) == set(full_ops)
+  for path in ops:  # each op as convert lowered it, without what only reports read
+    op, full_op = ops[path]["op"], full_ops[path]["op"]
+    assert getattr(op, "report", None) is None
+    if hasattr(full_op, "report"):
+      assert full_op.report is not None
+      chex.assert_trees_all_equal(op, dataclasses.replace(full_op, report=None))
+    else:
+      chex.assert_trees_all_equal(op, full_op)
+  fc1, full_fc1 = ops["fc1"]["op"], full_ops["fc1"]["op"]
+  assert fc1.kernel.dtype == jnp.int8 and fc1.offset.dtype == jnp.int32
+  assert fc1.requant.zero_point.dtype == jnp.int32  # the output zero point
+  conv = ops["conv"]["op"]  # keeps its padding value, the input zero point
+  np.testing.assert_array_equal(np.asarray(conv.pad_value),
+                                np.asarray(full_ops["conv"]["op"].report["input_zero_point"]))
+  # The offset is -Z_x sum_k q_w, plus the int32 bias of "float" / "integer" (exactly).
+  colsum = np.asarray(fc1.kernel, np.int64).sum(axis=1)
+  zero_offset = -int(full_fc1.report["input_zero_point"]) * colsum
+  if requant != "fbgemm":
+    assert full_fc1.report["bias"].dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(fc1.offset),
+                                  zero_offset + np.asarray(full_fc1.report["bias"]))
+  else:
+    assert "bias" not in full_fc1.report
+    np.testing.assert_array_equal(np.asarray(fc1.offset), zero_offset)
 
 
 def test_rejects_other_trees():
   with pytest.raises(ValueError, match="for_serving: expected the variables"):
-    qconvert.for_serving({"params": {}})
+    qjax.for_serving({"params": {}})
 
 
 class _Shared(nn.Module):
@@ -74,7 +96,7 @@ def test_layer_called_on_two_grids_is_refused():
   variables = model.init(jax.random.key(1), x, mode="float")
   _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
   with pytest.raises(ValueError, match=r"shared is called on the outputs of qa and of qb"):
-    qconvert.convert(model, {**variables, **stats}, x)
+    qjax.convert(model, {**variables, **stats}, x)
 
 
 class _FloatHead(nn.Module):
@@ -97,8 +119,8 @@ def test_layer_left_in_float_keeps_its_params():
   variables = model.init(jax.random.key(1), x, mode="float")
   _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
   variables = {**variables, **stats}
-  int_vars = qconvert.convert(model, variables, x)
-  assert set(int_vars["params"]) == {"fc3"} and set(int_vars["int8"]) == {
+  int_vars = qjax.convert(model, variables, x)
+  assert set(int_vars["params"]) == {"fc3"} and set(int_vars[integer.COLLECTION]) == {
       "Quantize_0", "fc1", "Dequantize_0"}
   np.testing.assert_array_equal(np.asarray(int_vars["params"]["fc3"]["kernel"]),
                                 np.asarray(variables["params"]["fc3"]["kernel"]))
@@ -133,16 +155,17 @@ def test_learned_scales_are_the_converted_grids():
       lambda path, p: p * 1.3 if path[-1].key == "scale" else
       (p + 3.0 if path[-1].key == "zero_point" else p), variables["params"])
   variables = {**variables, "params": params}
-  int_vars = qconvert.convert(model, variables, x)
-  layers = int_vars["int8"]
-  np.testing.assert_array_equal(layers["fc1"]["kernel"].scale, params["fc1"]["weight"]["scale"])
-  np.testing.assert_array_equal(layers["fc1"]["output"]["scale"],
-                                params["fc1"]["output"]["scale"])
-  np.testing.assert_array_equal(  # rne(Z) on the uint8 grid, carried shifted by -128
-      layers["fc1"]["output"]["zero_point"],
-      np.round(params["fc1"]["output"]["zero_point"]).astype(np.int32) - 128)
-  np.testing.assert_array_equal(layers["Quantize_0"]["scale"], params["Quantize_0"]["scale"])
+  int_vars = qjax.convert(model, variables, x)
+  layers = {path: entry["op"] for path, entry in int_vars[integer.COLLECTION].items()}
+  fc1 = layers["fc1"].report
+  np.testing.assert_array_equal(fc1["weight_scale"], params["fc1"]["weight"]["scale"])
+  np.testing.assert_array_equal(fc1["output_scale"], params["fc1"]["output"]["scale"])
+  z_out = np.round(params["fc1"]["output"]["zero_point"]).astype(np.int32) - 128
+  # rne(Z) on the uint8 grid, carried shifted by -128
+  np.testing.assert_array_equal(fc1["output_zero_point"], z_out)
+  np.testing.assert_array_equal(layers["fc1"].requant.zero_point, z_out)
+  np.testing.assert_array_equal(layers["Quantize_0"].scale, params["Quantize_0"]["scale"])
   y_int = np.asarray(model.apply(int_vars, x, mode="int8"))
   y_fq = np.asarray(model.apply(variables, x, mode="qat"))
-  steps = np.abs(y_int - y_fq) / float(layers["Dequantize_0"]["scale"])
+  steps = np.abs(y_int - y_fq) / float(layers["Dequantize_0"].scale)
   assert np.max(steps) <= 1.0 + 1e-3 and np.mean(steps < 1e-3) >= 0.9
