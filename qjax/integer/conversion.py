@@ -87,6 +87,37 @@ def _sub_jaxpr(eqn: Any) -> Any:
   return None
 
 
+def _sub_jaxprs(eqn: Any) -> list[Any]:
+  found = []
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      inner = item.jaxpr if isinstance(item, jex_core.ClosedJaxpr) else item
+      if isinstance(inner, jex_core.Jaxpr):
+        found.append(inner)
+  return found
+
+
+def _holds_marks(eqn: Any) -> bool:
+  """Whether any jaxpr inside `eqn` (at any depth) holds a mark."""
+  return any(e.primitive is _trace.mark_p or _holds_marks(e)
+             for inner in _sub_jaxprs(eqn) for e in inner.eqns)
+
+
+def _check_carry(eqn: Any, inner: Any, sub_env: dict, outs: list, problems: list[str]) -> None:
+  """A scan's int8 carry must enter and leave each step on one grid (the producer of the
+  initial carry is the producer of every later one)."""
+  if eqn.primitive.name != "scan":
+    return
+  first, count = eqn.params["num_consts"], eqn.params["num_carry"]
+  for i in range(count):
+    entering, leaving = sub_env.get(inner.invars[first + i]), outs[i]
+    if entering != leaving and (entering or leaving):
+      problems.append(f"a scan carries an int8 tensor from {entering or 'float'} into each "
+                      f"step and returns it from {leaving or 'float'}: one carry has one grid. "
+                      f"Carry it in float (Dequantize before returning it, Quantize after "
+                      f"reading it) or produce both from one quantization point.")
+
+
 def _walk(jaxpr: Any, env: dict, flow: Dataflow, problems: list[str]) -> None:
   def source(v):
     return None if isinstance(v, jex_core.Literal) else env.get(v)
@@ -105,15 +136,23 @@ def _walk(jaxpr: Any, env: dict, flow: Dataflow, problems: list[str]) -> None:
                                        source(eqn.invars[0])))
       continue
     sources = [source(v) for v in eqn.invars]
-    if not any(sources):
-      continue
     inner = _sub_jaxpr(eqn)
-    if inner is not None:
+    if inner is not None:  # walked even without quantized inputs: it may hold marks
       sub_env = {iv: s for iv, s in zip(inner.invars, sources, strict=True) if s}
       _walk(inner, sub_env, flow, problems)
-      for outer, iv in zip(eqn.outvars, inner.outvars, strict=True):
-        if not isinstance(iv, jex_core.Literal) and sub_env.get(iv):
-          env[outer] = sub_env[iv]
+      outs = [None if isinstance(iv, jex_core.Literal) else sub_env.get(iv)
+              for iv in inner.outvars]
+      _check_carry(eqn, inner, sub_env, outs, problems)
+      for outer, out_source in zip(eqn.outvars, outs, strict=True):
+        if out_source:
+          env[outer] = out_source
+      continue
+    if _holds_marks(eqn):
+      problems.append(f"quantized modules run inside `{name}`, whose body convert cannot "
+                      f"follow; the integer path supports them inside jit, remat, "
+                      f"custom_jvp / custom_vjp and scan (nn.scan, lax.scan).")
+      continue
+    if not any(sources):
       continue
     indexing = name in _INDEXING
     data, extra = (sources[:1], sources[1:]) if indexing else (sources, [])

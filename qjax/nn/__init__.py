@@ -28,6 +28,7 @@ from qjax.nn.qconfig import check_qconfig_map
 from qjax.nn.qconfig import default_qconfig
 from qjax.nn.qconfig import get_default_qat_qconfig
 from qjax.nn.qconfig import get_default_qconfig
+from qjax.nn.recurrent import scan
 
 __all__ = (
     "CONVERTED",
@@ -58,4 +59,5 @@ __all__ = (
     "get_default_qat_qconfig",
     "get_default_qconfig",
     "module_path",
+    "scan",
 )
