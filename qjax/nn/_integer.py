@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from qjax.integer.forms import base
 from qjax.integer.forms.boundary import DequantizeOp, QuantizeOp
+from qjax.integer.forms.concat import Int8Concat, IntegerConcat
 from qjax.integer.forms.linear import Int8Conv, Int8Dense, LinearForm, conv_geometry
 
 COLLECTION = base.COLLECTION
@@ -81,9 +82,12 @@ def _with_nonfinite_samples(module: nn.Module, y: jax.Array) -> jax.Array:
 
 
 def quantize(module: nn.Module, x: jax.Array, where: str) -> jax.Array:
-  """A Quantize boundary in mode "int8": float x -> int8 on the calibrated grid."""
-  op = lowered_op(module, where, QuantizeOp)
+  """A Quantize point in mode "int8": float x -> int8 on the calibrated grid (an int8 x is
+  moved to that grid)."""
   x = jnp.asarray(x)
+  if x.dtype == jnp.int8:
+    return run(module, where, (Int8Concat, IntegerConcat), x)
+  op = lowered_op(module, where, QuantizeOp)
   if jnp.issubdtype(x.dtype, jnp.inexact):
     root = module.scope.root  # type: ignore[union-attr]  # bound in apply: its scope is set
     _NONFINITE.setdefault(root, []).append(_nonfinite_samples(x))

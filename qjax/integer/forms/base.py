@@ -154,7 +154,8 @@ class Form:
   operands: ClassVar[int | None] = 1
   """How many int8 inputs the op takes (None: any number, e.g. a concatenation)."""
   float_input: ClassVar[bool] = False
-  """Whether the op takes a float input (the model's Quantize boundary)."""
+  """Whether the op may take a float input (a Quantize boundary; it then gets no input
+  grids)."""
 
   def weight_request(self, lowering: Lowering) -> WeightRequest | None:
     """The weight convert should quantize for this op (None: the op has none)."""

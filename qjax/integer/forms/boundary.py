@@ -3,13 +3,16 @@
     Quantize    q8 = clamp(rne(x / S) + Z, lo, hi) - shift   (`arith.quantize_input`)
     Dequantize  y  = S * (q8 - Z8)                           float32
 
-A Quantize may sit anywhere a float tensor is (the model input, after a Dequantize and float
-ops): it starts an integer region with its own observed grid, as PyTorch's QuantStub does.
+A Quantize may sit anywhere: on a float tensor (the model input, after a Dequantize and float
+ops) it starts an integer region with its own observed grid, as PyTorch's QuantStub does; on
+an int8 tensor it moves the values to its grid, as a one-input concatenation does
+(`qjax.integer.forms.concat`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,11 +62,15 @@ class DequantizeOp:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeForm(Form):
-  """The integer form of `qjax.nn.Quantize`: its input is float."""
+  """The integer form of `qjax.nn.Quantize`: a float input is quantized (`QuantizeOp`), an
+  int8 one requantized to the point's grid (`Int8Concat` / `IntegerConcat` of one input)."""
 
   float_input = True
 
-  def lower(self, lowering: Lowering) -> QuantizeOp:
+  def lower(self, lowering: Lowering) -> Any:
+    if lowering.inputs:
+      from qjax.integer.forms.concat import ConcatForm  # the requantization of one input
+      return ConcatForm(axis=-1).lower(lowering)
     grid = lowering.output
     assert grid is not None  # a Quantize marks its output
     arith.check_int8_spec(grid.spec, name=f"convert: {lowering.path}")
