@@ -50,8 +50,9 @@ import cases  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
 import torch_models  # noqa: E402
 from experiment_support import load_experiment  # noqa: E402
-from qjax import int8  # noqa: E402
-from qjax.convert import convert  # noqa: E402
+from qjax import convert  # noqa: E402
+from qjax import integer  # noqa: E402
+from qjax.integer import arith  # noqa: E402
 
 from torch.ao import quantization as tq  # noqa: E402
 
@@ -235,7 +236,7 @@ def _int8_forward(model, int_vars, x, feeds):
 
 def _grid_values(q8):
   """int8 carriers back to the activation grid's integers (torch's int_repr)."""
-  return np.asarray(q8).astype(np.int64) + int8.int8_shift(ACT_SPEC)
+  return np.asarray(q8).astype(np.int64) + arith.int8_shift(ACT_SPEC)
 
 
 def _to_torch_layout(ours):
@@ -290,50 +291,60 @@ def test_weights_bias_and_grids_match_torch(arch, requant):
   input / output grids, and the bias torch uses: for "fbgemm" fbgemm's f32(b / A) and
   M = f32(A / S_y) with the accumulator scale A = f32(S_x) * f32(S_w) of torch's kernels
   (float32 arithmetic in NumPy here), for "float" / "integer" rne(b / (S_x S_w)) in int32
-  ("float" with the same M); the zero-point offset is -Z_x * sum_k q_w."""
+  ("float" with the same M), added to the zero-point offset -Z_x * sum_k q_w."""
   setup = _setup(arch)
-  layers = _int_vars(arch, requant)["int8"]
+  layers = {path: entry["op"]
+            for path, entry in _int_vars(arch, requant)[integer.COLLECTION].items()}
   quant = layers["Quantize_0"]
-  assert (np.float32(quant["scale"]), int(quant["zero_point"])) == (
+  assert (np.float32(quant.scale), int(quant.zero_point)) == (
       np.float32(setup.tmodel.quant.scale.item()),
-      int(setup.tmodel.quant.zero_point.item()) - int8.int8_shift(ACT_SPEC))
+      int(setup.tmodel.quant.zero_point.item()) - arith.int8_shift(ACT_SPEC))
   for name in torch_models.TORCH_SHAPES[arch]:
     module, ours = getattr(setup.tmodel, name), layers[name]
+    report = ours.report
     weight = module.weight()
     q_w = weight.int_repr().numpy().astype(np.int64)  # (out, in, ...)
-    kernel = np.asarray(ours["kernel"].qvalue).astype(np.int64)
+    kernel = np.asarray(ours.kernel).astype(np.int64)
     if kernel.ndim == 4:  # HWIO -> OIHW
       kernel = kernel.transpose(3, 2, 0, 1)
     elif arch == "lenet" and name == "fc1":  # rows in (h, w, c) order -> torch's (c, h, w)
       kernel = kernel.reshape(120, 5, 5, 16).transpose(0, 3, 1, 2).reshape(120, 400)
     np.testing.assert_array_equal(kernel, q_w, err_msg=f"{name} int8 weights")
     w_scale = weight.q_per_channel_scales().numpy().astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(ours["kernel"].scale), w_scale, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(report["weight_scale"]), w_scale, err_msg=name)
     assert not weight.q_per_channel_zero_points().numpy().any(), name
-    assert not np.asarray(ours["kernel"].zero_point).any(), name
+    # qjax's op stores no weight zero point: its kernel is symmetric (zero point 0), which the
+    # offset -Z_x sum_k q_w checked below assumes (no Z_w term).
 
     x_scale, x_zero = setup.torch_run.grids[_producer(arch, name)]
-    assert np.float32(ours["input"]["scale"]) == np.float32(x_scale), name
-    assert int(ours["input"]["zero_point"]) == x_zero - int8.int8_shift(ACT_SPEC), name
-    assert np.float32(ours["output"]["scale"]) == np.float32(module.scale), name
-    assert int(ours["output"]["zero_point"]) == module.zero_point - int8.int8_shift(ACT_SPEC)
-    np.testing.assert_array_equal(
-        np.asarray(ours["offset"]),
-        -(x_zero - int8.int8_shift(ACT_SPEC)) * q_w.reshape(q_w.shape[0], -1).sum(axis=1))
+    z_in = x_zero - arith.int8_shift(ACT_SPEC)
+    assert np.float32(report["input_scale"]) == np.float32(x_scale), name
+    assert int(report["input_zero_point"]) == z_in, name
+    if kernel.ndim == 4:  # a conv pads with the input zero point
+      assert int(ours.pad_value) == z_in, name
+    assert np.float32(report["output_scale"]) == np.float32(module.scale), name
+    z_out = module.zero_point - arith.int8_shift(ACT_SPEC)
+    assert int(report["output_zero_point"]) == z_out, name
+    assert int(ours.requant.zero_point) == z_out, name
+    zero_offset = -z_in * q_w.reshape(q_w.shape[0], -1).sum(axis=1)
 
     bias = module.bias().detach().numpy()
     a = np.float32(x_scale) * w_scale  # float32 products, as fbgemm forms them
     m = (a / np.float32(module.scale)).astype(np.float32)
     if requant == "fbgemm":
-      assert "bias" not in ours and set(ours["requant"]) == {"bias", "multiplier"}, name
-      np.testing.assert_array_equal(np.asarray(ours["requant"]["bias"]),
+      assert "bias" not in report and isinstance(ours.requant, integer.FbgemmRequant), name
+      np.testing.assert_array_equal(np.asarray(ours.offset), zero_offset, err_msg=name)
+      np.testing.assert_array_equal(np.asarray(ours.requant.bias),
                                     (bias / a).astype(np.float32), err_msg=name)
     else:
       expected = np.rint(bias.astype(np.float64) / (np.float64(np.float32(x_scale))
                                                     * w_scale.astype(np.float64)))
-      np.testing.assert_array_equal(np.asarray(ours["bias"]), expected, err_msg=name)
+      np.testing.assert_array_equal(np.asarray(report["bias"]), expected, err_msg=name)
+      # the int32 bias joins the accumulator with the zero-point offset
+      np.testing.assert_array_equal(np.asarray(ours.offset), zero_offset + expected,
+                                    err_msg=name)
     if requant != "integer":
-      np.testing.assert_array_equal(np.asarray(ours["requant"]["multiplier"]), m, err_msg=name)
+      np.testing.assert_array_equal(np.asarray(ours.requant.multiplier), m, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,7 +362,7 @@ def _qjax_int8_runs(arch, requant):
   for name in torch_models.TORCH_SHAPES[arch]:
     given = setup.torch_run.inputs[name]
     expected[name] = setup.torch_run.outputs[name]
-    feeds[name] = jnp.asarray(_from_torch_input(arch, name, given - int8.int8_shift(ACT_SPEC)),
+    feeds[name] = jnp.asarray(_from_torch_input(arch, name, given - arith.int8_shift(ACT_SPEC)),
                               jnp.int8)
   (_, fed), (final, chained) = _int8_forward(setup.qmodel, _int_vars(arch, requant),
                                              jnp.asarray(setup.x_eval), feeds)
@@ -398,7 +409,7 @@ def test_whole_model_matches_torch(arch, requant):
   setup = _setup(arch)
   run = setup.torch_run
   final, ours = _qjax_int8_runs(arch, requant)[1]
-  quantized_input = _grid_values(int8.quantize_input(
+  quantized_input = _grid_values(arith.quantize_input(
       jnp.asarray(setup.x_eval), ACT_SPEC, jnp.float32(run.grids["quant"][0]),
       jnp.int32(run.grids["quant"][1])))
   np.testing.assert_array_equal(_to_torch_layout(quantized_input), run.outputs["quant"])
@@ -466,10 +477,10 @@ def test_torch_linear_requantization_formula(relu):
 
 @pytest.mark.parametrize("relu", [False, True])
 def test_qjax_fbgemm_requant_matches_torch_linear(relu):
-  """qjax.int8.requantize_fbgemm, given b' = f32(b / A) and M = f32(A / S_y) as convert
+  """qjax.integer.arith.requantize_fbgemm, given b' = f32(b / A) and M = f32(A / S_y) as convert
   stores them, reproduces torch's quantized Linear(ReLU) on every output (3 x 2,097,152
   here)."""
-  requantize = jax.jit(functools.partial(int8.requantize_fbgemm, lo=-128, hi=127, relu=relu))
+  requantize = jax.jit(functools.partial(arith.requantize_fbgemm, lo=-128, hi=127, relu=relu))
   for seed in (0, 1, 2):
     y, acc, x_scale, w_scale, bias, y_scale, y_zero = _synthetic_linear(seed + 3 * relu,
                                                                         relu=relu)
@@ -554,7 +565,7 @@ def test_torch_conv_requantization_formula(relu):
 def test_qjax_fbgemm_requant_matches_torch_conv(relu):
   """qjax's "fbgemm" requantization reproduces torch's quantized Conv2d(ReLU) (fbgemm
   engine) on every output."""
-  requantize = jax.jit(functools.partial(int8.requantize_fbgemm, lo=-128, hi=127, relu=relu))
+  requantize = jax.jit(functools.partial(arith.requantize_fbgemm, lo=-128, hi=127, relu=relu))
   y, acc, x_scale, w_scale, bias, y_scale, y_zero = _synthetic_conv(4 + relu, relu=relu)
   a = np.float32(x_scale) * w_scale
   b, m = (bias / a).astype(np.float32), (a / np.float32(y_scale)).astype(np.float32)
@@ -572,7 +583,7 @@ def test_onednn_conv_within_one_step(relu, record_property):
   2^-17 relative, of a half-integer): both are float32 evaluations of the same real number.
   How often they differ depends on the CPU's kernels (measured: ~1e-6), so it is reported
   (`record_property`), not pinned. Without oneDNN the engine is fbgemm: every output equal."""
-  requantize = jax.jit(functools.partial(int8.requantize_fbgemm, lo=-128, hi=127, relu=relu))
+  requantize = jax.jit(functools.partial(arith.requantize_fbgemm, lo=-128, hi=127, relu=relu))
   y, acc, x_scale, w_scale, bias, y_scale, y_zero = _synthetic_conv(2 * relu, relu=relu,
                                                                     engine="x86")
   a = np.float32(x_scale) * w_scale
