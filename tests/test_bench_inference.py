@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from experiment_support import load_experiment, user_promotion_rules  # noqa: F401
 
-from qjax import int8
+from qjax.integer import arith
 
 pytest.importorskip("torch")  # the torch x86 rows are part of every case
 
@@ -81,30 +81,32 @@ def test_hlo_census_reads_operand_types():
 
 def _compiled_conv_census(x_shape, kernel_shape, groups=1) -> tuple[int, int]:
   """(int8 dot / convolution ops, all of them) in the optimised XLA program of one
-  qjax.int8.conv, by the benchmark's census."""
+  qjax.integer.arith.conv, by the benchmark's census."""
   bench = load_experiment("bench_inference")
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(-128, 128, x_shape), jnp.int8)
   kernel = jnp.asarray(rng.integers(-127, 128, kernel_shape), jnp.int8)
-  conv = jax.jit(lambda x, k: int8.conv(x, k, strides=(1, 1), padding=((0, 0), (0, 0)),
-                                        dilation=(1, 1), feature_group_count=groups,
-                                        pad_value=jnp.int32(0)))
+  conv = jax.jit(lambda x, k: arith.conv(x, k, strides=(1, 1), padding=((0, 0), (0, 0)),
+                                         dilation=(1, 1), feature_group_count=groups,
+                                         pad_value=jnp.int32(0)))
   return bench.hlo_int8_contractions(conv.lower(x, kernel).compile().as_text())
 
 
 def test_int8_conv_compiles_to_int8_contractions():
-  """LeNet-5's second convolution (6 -> 16 channels, the im2col path) through qjax.int8.conv:
-  every dot / convolution of the optimised XLA program takes int8 operands (the kernel enters
-  the GEMM untransposed; transposed, XLA rewrote it into an int32 dot)."""
+  """LeNet-5's second convolution (6 -> 16 channels, the im2col path) through
+  qjax.integer.arith.conv: every dot / convolution of the optimised XLA program takes int8
+  operands (the kernel enters the GEMM untransposed; transposed, XLA rewrote it into an int32
+  dot)."""
   int8_ops, total = _compiled_conv_census((8, 14, 14, 6), (5, 5, 6, 16))
   assert total == 1 and int8_ops == total, (int8_ops, total)
 
 
 # XLA:CPU (jaxlib 0.10.2) keeps a direct int8 convolution in s8 only when it has more than 16
 # input or output channels; otherwise it converts the operands to s32 (measured over Cin, Cout
-# in 1..64). qjax.int8.conv's im2col GEMM (2..15 input channels, or <= 16 in and out; no
-# groups) is an s8 dot for any Cout > 1. The expected failures are not strict: which lowering
-# XLA picks may depend on the CPU's features, so an unexpected pass is reported, not failed.
+# in 1..64). qjax.integer.arith.conv's im2col GEMM (2..15 input channels, or <= 16 in and out;
+# no groups) is an s8 dot for any Cout > 1. The expected failures are not strict: which
+# lowering XLA picks may depend on the CPU's features, so an unexpected pass is reported, not
+# failed.
 _S32_REASON = ("XLA:CPU converts a direct int8 convolution with at most 16 input and output "
                "channels (or small groups) to an s32 convolution")
 _CONV_CENSUS = (
@@ -127,6 +129,6 @@ _CONV_CENSUS = (
 
 @pytest.mark.parametrize("x_shape, kernel_shape, groups", _CONV_CENSUS)
 def test_int8_conv_lowerings_stay_int8(x_shape, kernel_shape, groups):
-  """Each lowering of qjax.int8.conv, compiled: its one contraction takes s8 operands."""
+  """Each lowering of qjax.integer.arith.conv, compiled: its one contraction takes s8 operands."""
   int8_ops, total = _compiled_conv_census(x_shape, kernel_shape, groups)
   assert total == 1 and int8_ops == 1, (int8_ops, total)

@@ -566,7 +566,7 @@ def test_qconfig_none_and_learnable():
     (dict(train=True, mode="qat"), ValueError, r"'batch_stats', which is immutable"),
     (dict(train=1, mode="qat"), TypeError, "train must be True"),
     (dict(train=False, mode="int8"), ValueError,
-     r"mode='int8' needs this module's integer variables"),
+     r"mode='int8' needs this module's integer op"),
     (dict(train=False, mode="train"), ValueError,
      r"mode must be one of \['float', 'calibrate', 'qat', 'int8'\]"),
 ])
@@ -645,7 +645,7 @@ def test_convert_folded_bn_layers(requant):
   running statistics) and the int8 path computes the eval-mode QAT forward's integers: its
   dequantized output lies on the same grid and agrees with the fake-quant forward up to one
   output step (float rounding of the fold vs the in-training scaling)."""
-  from qjax import convert as qconvert  # pylint: disable=import-outside-toplevel
+  from qjax import convert, integer  # pylint: disable=import-outside-toplevel
   model = _FoldedModel()
   x = jax.random.normal(jax.random.key(1), (16,) + X_IMG.shape[1:], jnp.float32)
   variables = model.init(jax.random.key(0), x, train=False, mode="qat")
@@ -657,19 +657,19 @@ def test_convert_folded_bn_layers(requant):
   # weights="stats": the grids of the fake-quant forward (the default observes the folded
   # kernel once more, as PyTorch's convert does, which moves a moving-average grid a little).
   with pytest.warns(UserWarning, match="are clamped, as the fake-quant forward clamps them"):
-    int_vars = qconvert.convert(model, variables, x, requant=requant, train=False,
-                                weights="stats")
-  assert set(int_vars["int8"]) == {"Quantize_0", "c1", "d1", "out", "Dequantize_0"}
+    int_vars = convert(model, variables, x, requant=requant, train=False, weights="stats")
+  ops = int_vars[integer.COLLECTION]
+  assert set(ops) == {"Quantize_0", "c1", "d1", "out", "Dequantize_0"}
   assert "batch_stats" not in int_vars and "params" not in int_vars
   kernel, bias = folded_kernel_and_bias(variables["params"]["c1"], variables["batch_stats"]["c1"])
-  w_scale = np.asarray(int_vars["int8"]["c1"]["kernel"].scale)
+  w_scale = np.asarray(ops["c1"]["op"].report["weight_scale"])
   np.testing.assert_array_equal(
-      np.asarray(int_vars["int8"]["c1"]["kernel"].qvalue),
+      np.asarray(ops["c1"]["op"].kernel),
       np.clip(np.rint(np.asarray(kernel) / w_scale), -128, 127).astype(np.int8))
   y_int = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False, mode="int8"))(
       int_vars, x))
   y_fq = np.asarray(model.apply(variables, x, train=False, mode="qat"))
-  out_scale = float(int_vars["int8"]["Dequantize_0"]["scale"])
+  out_scale = float(ops["Dequantize_0"]["op"].scale)
   steps = np.abs(y_int - y_fq) / out_scale
   assert np.max(steps) <= 1.0 + 1e-3
   assert np.mean(steps < 1e-3) >= 0.9

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 from absl.testing import parameterized
 
+import qjax
 import qjax.nn as qnn
-from qjax import convert as qconvert
 from qjax import dynamic
 
 
@@ -62,7 +62,7 @@ class NonFiniteTest(parameterized.TestCase):
     """Quantize records the non-finite samples, Dequantize returns them as NaN; the others are
     the integers of a run without them (the int8 path is row-independent)."""
     model, variables = _variables()
-    int_vars = qconvert.convert(model, variables, X[:2])
+    int_vars = qjax.convert(model, variables, X[:2])
     run = self.variant(lambda x: model.apply(int_vars, x, mode="int8"))
     good = [i for i in range(len(X)) if i not in BAD_ROWS]
     self._check(run, np.asarray(run(X[good])))
@@ -92,7 +92,7 @@ class NonFiniteTest(parameterized.TestCase):
   def test_one_sample_without_batch_axis(self):
     """A rank-1 input is one sample: any NaN makes the whole output NaN."""
     model, variables = _variables()
-    int_vars = qconvert.convert(model, variables, X[:2])
+    int_vars = qjax.convert(model, variables, X[:2])
     x = X[0].copy()
     x[2] = np.nan
     self.assertTrue(np.all(np.isnan(np.asarray(model.apply(int_vars, x, mode="int8")))))

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qjax
 import qjax.nn as qnn
-from qjax import QuantSpec, qarray, report
-from qjax import convert as qconvert
+from qjax import QuantSpec, integer, qarray, report
 from qjax import quantizers as qz
 
 RNG = np.random.default_rng(5)
@@ -77,17 +77,25 @@ class CastExactnessTest(chex.TestCase):
   def test_integer_bool_and_qarray_leaves_are_untouched(self):
     qa = qarray.quantize_array(jnp.asarray(RNG.standard_normal((4, 3)).astype(np.float32)),
                                QuantSpec(bits=8, symmetric=True, axis=0))
-    tree = {"int8": {"fc": {"kernel": qa, "bias": jnp.arange(4, dtype=jnp.int32),
-                            "requant": {"multiplier": jnp.full(4, 0.3, jnp.float32)}}},
-            "mask": jnp.array([True, False]), "steps": [np.int64(3)]}
+    requant = integer.FloatRequant(multiplier=jnp.full(4, 0.3, jnp.float32),
+                                   zero_point=jnp.int32(0), lo=-128, hi=127, relu=False)
+    op = integer.forms.Int8Dense(kernel=qa.qvalue, offset=jnp.arange(4, dtype=jnp.int32),
+                                 requant=requant,
+                                 report={"weight_scale": jnp.full(4, 0.1, jnp.float32)})
+    tree = {integer.COLLECTION: {"fc": {"op": op}}, "kernel": qa,
+            "bias": jnp.arange(4, dtype=jnp.int32), "mask": jnp.array([True, False]),
+            "steps": [np.int64(3)], "elsewhere": {"op": op}}
     out = qz.cast_floats(tree, jnp.bfloat16)
-    self.assertIs(out["int8"]["fc"]["kernel"], qa)
-    self.assertIs(out["int8"]["fc"]["bias"], tree["int8"]["fc"]["bias"])
+    self.assertIs(out["kernel"], qa)
+    self.assertIs(out["bias"], tree["bias"])
     self.assertIs(out["mask"], tree["mask"])
     self.assertIs(out["steps"][0], tree["steps"][0])
-    # The integer path's float32 multiplier is part of the converted arithmetic.
-    self.assertIs(out["int8"]["fc"]["requant"]["multiplier"],
-                  tree["int8"]["fc"]["requant"]["multiplier"])
+    # A typed integer op is kept whole, its float32 multiplier (part of the converted
+    # arithmetic) and report scales included, wherever it sits in the tree.
+    for kept in (out[integer.COLLECTION]["fc"]["op"], out["elsewhere"]["op"]):
+      self.assertIs(kept, op)
+      self.assertIs(kept.requant.multiplier, requant.multiplier)
+      self.assertEqual(kept.report["weight_scale"].dtype, jnp.float32)
 
   def test_model_size_halves(self):
     variables = jax.jit(MLP().init)(jax.random.key(1), jnp.ones((1, 8), jnp.float32))
@@ -147,7 +155,7 @@ def test_under_jit_overflow_becomes_inf():
 
 class _IntNet(nn.Module):
   """Quantize -> QuantDense(relu) -> QuantDense -> Dequantize, then a float head: after
-  `convert`, "int8" holds the integer layers and "params" the float head."""
+  `convert`, "converted" holds the integer layers and "params" the float head."""
 
   @nn.compact
   def __call__(self, x, *, mode):
@@ -164,7 +172,7 @@ def _converted():
   model = _IntNet()
   x = jnp.asarray(RNG.standard_normal((32, 12)).astype(np.float32))
   variables = jax.jit(lambda x: model.init(jax.random.key(2), x, mode="float"))(x)
-  int_vars = qconvert.convert(model, qnn.calibrate(model, variables, [x]), x)
+  int_vars = qjax.convert(model, qnn.calibrate(model, variables, [x]), x)
   return model, x, int_vars
 
 
@@ -172,12 +180,16 @@ def _converted():
                                   jax.jit(qz.half)], ids=["half", "bfloat16", "jit_half"])
 def test_converted_integer_variables_pass_through_bit_identical(converted, cast):
   model, x, int_vars = converted
-  assert set(int_vars) == {"int8", "params"}  # the float head stays in "params"
+  assert set(int_vars) == {integer.COLLECTION, "params"}  # the float head stays in "params"
   out = cast(int_vars)
   is_qa = qarray.is_qarray
-  before = jax.tree_util.tree_leaves_with_path(int_vars["int8"], is_leaf=is_qa)
-  after = jax.tree_util.tree_leaves_with_path(out["int8"], is_leaf=is_qa)
+  # The same typed ops (structure, static fields) with the same leaves, bit for bit.
+  assert (jax.tree_util.tree_structure(out[integer.COLLECTION], is_leaf=is_qa)
+          == jax.tree_util.tree_structure(int_vars[integer.COLLECTION], is_leaf=is_qa))
+  before = jax.tree_util.tree_leaves_with_path(int_vars[integer.COLLECTION], is_leaf=is_qa)
+  after = jax.tree_util.tree_leaves_with_path(out[integer.COLLECTION], is_leaf=is_qa)
   assert [p for p, _ in before] == [p for p, _ in after]
+  assert any(np.asarray(a).dtype == np.float32 for _, a in before)  # scales, multipliers
   for (path, a), (_, b) in zip(before, after):
     if is_qa(a):
       assert is_qa(b) and a.spec == b.spec, path
@@ -189,7 +201,8 @@ def test_converted_integer_variables_pass_through_bit_identical(converted, cast)
   # The integer layers compute exactly what they computed before the cast.
   apply = jax.jit(lambda v: model.apply(v, x, mode="int8"))
   np.testing.assert_array_equal(
-      np.asarray(apply({"int8": out["int8"], "params": int_vars["params"]})),
+      np.asarray(apply({integer.COLLECTION: out[integer.COLLECTION],
+                        "params": int_vars["params"]})),
       np.asarray(apply(int_vars)))
 
 
