@@ -46,7 +46,8 @@ def tracing() -> Iterator[None]:
 
 def mark(x: jax.Array, *, role: str, path: str, **info: Any) -> jax.Array:
   """x itself; while tracing, marked as the `role` ("out": a quantized tensor produced by the
-  module at `path`; "in": consumed by it as int8; "float_in": consumed by it as float)."""
+  module at `path`; "same": produced by it on its input's grid; "in": consumed by it as
+  int8; "float_in": consumed by it as float)."""
   if not active():
     return x
   return mark_p.bind(x, role=role, path=path, info=tuple(sorted(info.items())))

@@ -130,6 +130,10 @@ def _walk(jaxpr: Any, env: dict, flow: Dataflow, problems: list[str]) -> None:
         env[eqn.outvars[0]] = p["path"]
         flow.producers[p["path"]] = dict(p["info"])["spec"]
         flow.points[p["path"]] = dict(p["info"])
+      elif p["role"] == "same":  # on the grid of the module's input (pooling)
+        read = [c.source for c in flow.consumers if c.path == p["path"]]
+        if read and read[-1]:
+          env[eqn.outvars[0]] = read[-1]
       else:
         info = dict(p["info"])
         flow.consumers.append(Consumer(p["path"], p["role"], info["form"], info["operand"],
@@ -458,6 +462,8 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: Requant | str
     form = group[0].form
     assert form is not None  # "in" marks carry their form
     sources = _operands(path, group, problems)
+    if form.stays_float and not any(sources):
+      continue
     if form.float_input and not any(sources):
       inputs: tuple[Grid, ...] = ()
     else:

@@ -1,6 +1,7 @@
 """Flax linen layer of qjax: observers in the "quant_stats" collection, calibration and QAT."""
 
 from qjax.nn.calibration import calibrate
+from qjax.nn.functional import AvgPool
 from qjax.nn.functional import QuantAdd
 from qjax.nn.functional import QuantConcat
 from qjax.nn.fused import QuantConvBN
@@ -31,6 +32,7 @@ from qjax.nn.qconfig import get_default_qconfig
 from qjax.nn.recurrent import scan
 
 __all__ = (
+    "AvgPool",
     "CONVERTED",
     "Dequantize",
     "FakeQuant",

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from qjax.integer.forms import base as forms
 from qjax.integer.forms.add import AddForm, Int8Add, IntegerAdd
 from qjax.integer.forms.concat import ConcatForm, Int8Concat, IntegerConcat
+from qjax.integer.forms.pool import Int8AvgPool, PoolForm
 from qjax.nn import _integer
 from qjax.nn.modules import Mode, _merged_mode, _point, _where, module_path
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
@@ -118,3 +119,80 @@ class QuantConcat(nn.Module):
     parts = [forms.mark_input(self, x, form, operand=i) for i, x in enumerate(xs)]
     return _output(self, qconfig, jnp.concatenate(parts, axis=self.axis), mode)
 
+
+
+def _ints(value: int | Sequence[int], n: int, what: str, where: str) -> tuple[int, ...]:
+  items = (value,) * n if isinstance(value, int) else tuple(value)
+  if len(items) != n or not all(isinstance(v, int) and v >= 1 for v in items):
+    raise ValueError(f"{where}: {what} must be a positive int or {n} positive ints (one per "
+                     f"window axis); got {value!r}.")
+  return tuple(int(v) for v in items)
+
+
+class AvgPool(nn.Module):
+  """Average pooling that keeps its input's grid: `nn.avg_pool` in float, PyTorch's quantized
+  avg_pool2d / adaptive_avg_pool2d in mode "int8" (the window's integer sum divided by its
+  size, rounded to nearest even; `qjax.integer.forms.pool`). No observer: the output is on
+  the input's grid, as in PyTorch.
+
+  Attributes:
+    window_shape: the window (one size per spatial axis); None: global average pooling over
+      all spatial axes of (batch, *spatial, features), which are dropped (PyTorch's
+      AdaptiveAvgPool2d(1) followed by a flatten).
+    strides: the window's step (default: the window, as PyTorch's AvgPool2d).
+    padding: "VALID", "SAME" or (low, high) pairs; padded positions count as real zeros.
+    count_include_pad: divide by the whole window (True, the default of both Flax and
+      PyTorch) or by its count of real positions.
+    mode: default mode, overridable per call.
+
+  Example:
+    >>> import qjax.nn as qnn
+    >>> pool = qnn.AvgPool()
+    >>> pool.apply({}, jnp.ones((2, 4, 4, 3)), mode="float").shape
+    (2, 3)
+  """
+
+  window_shape: Sequence[int] | None = None
+  strides: Sequence[int] | int | None = None
+  padding: str | Sequence[tuple[int, int]] = "VALID"
+  count_include_pad: bool = True
+  mode: Mode | str | None = None
+
+  def _form(self, ndim: int, where: str) -> PoolForm:
+    if self.window_shape is None:
+      return PoolForm(window=None, strides=(), padding="VALID", count_include_pad=True)
+    window = _ints(tuple(self.window_shape), len(self.window_shape), "window_shape", where)
+    if ndim != len(window) + 2:
+      raise ValueError(f"{where}: a {len(window)}-D window pools (batch, "
+                       f"{', '.join(['spatial'] * len(window))}, features); got an input of "
+                       f"rank {ndim}.")
+    strides = window if self.strides is None else _ints(self.strides, len(window), "strides",
+                                                        where)
+    padding = self.padding
+    if isinstance(padding, str):
+      if padding.upper() not in ("SAME", "VALID"):
+        raise ValueError(f"{where}: padding must be 'SAME', 'VALID' or (low, high) pairs; got "
+                         f"{padding!r}.")
+      pads: str | tuple[tuple[int, int], ...] = padding.upper()
+    else:
+      pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return PoolForm(window=window, strides=strides, padding=pads,
+                    count_include_pad=bool(self.count_include_pad))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
+    mode = _merged_mode(self, mode)
+    where = _where(self)
+    form = self._form(jnp.ndim(x), where)
+    if mode is Mode.INT8 and jnp.asarray(x).dtype == jnp.int8:
+      return _integer.run(self, where, Int8AvgPool, x)
+    x = forms.mark_input(self, x, form)
+    if form.window is None:
+      if jnp.ndim(x) < 3:
+        raise ValueError(f"{where}: global average pooling takes (batch, *spatial, features); "
+                         f"got an input of shape {jnp.shape(x)}.")
+      y = jnp.mean(x, axis=tuple(range(1, jnp.ndim(x) - 1)))
+    else:
+      y = nn.avg_pool(x, form.window, form.strides, form.padding,
+                      count_include_pad=form.count_include_pad)
+    return forms.mark_same_grid(self, y)

@@ -21,6 +21,8 @@ from qjax.integer.forms.boundary import QuantizeOp
 from qjax.integer.forms.linear import Int8Conv
 from qjax.integer.forms.linear import Int8Dense
 from qjax.integer.forms.linear import LinearForm
+from qjax.integer.forms.pool import Int8AvgPool
+from qjax.integer.forms.pool import PoolForm
 
 __all__ = (
     "COLLECTION",
@@ -33,6 +35,7 @@ __all__ = (
     "Form",
     "Grid",
     "Int8Add",
+    "Int8AvgPool",
     "Int8Concat",
     "Int8Conv",
     "Int8Dense",
@@ -40,6 +43,7 @@ __all__ = (
     "IntegerConcat",
     "LinearForm",
     "Lowering",
+    "PoolForm",
     "QuantizeForm",
     "QuantizeOp",
     "WeightRequest",

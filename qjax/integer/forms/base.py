@@ -153,6 +153,8 @@ class Form:
 
   operands: ClassVar[int | None] = 1
   """How many int8 inputs the op takes (None: any number, e.g. a concatenation)."""
+  stays_float: ClassVar[bool] = False
+  """Whether the op runs in float on a float input (pooling): convert then lowers nothing."""
   float_input: ClassVar[bool] = False
   """Whether the op may take a float input (a Quantize boundary; it then gets no input
   grids)."""
@@ -193,6 +195,12 @@ def mark_output(module: Any, y: jax.Array, *, observer: Any, learnable: bool, po
   state is at quant_stats/<module>/<point> (or the learned params there when `learnable`)."""
   return _trace.mark(y, role="out", path=module_path(module) if path is None else path,
                      spec=observer.spec, observer=observer, learnable=learnable, point=point)
+
+
+def mark_same_grid(module: Any, y: jax.Array) -> jax.Array:
+  """y itself; while convert traces, marked as being on the grid of `module`'s (single)
+  input: pooling keeps its input's grid, so its consumers read that grid."""
+  return _trace.mark(y, role="same", path=module_path(module))
 
 
 def int8_input(x: Any, what: str = "a quantized operation") -> jax.Array:
