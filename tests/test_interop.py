@@ -38,7 +38,8 @@ import cases  # noqa: E402
 import qjax  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
 from qjax import interop  # noqa: E402
-from qjax.convert import convert, for_serving  # noqa: E402
+from qjax import convert, for_serving  # noqa: E402
+from qjax.integer.forms import DequantizeOp  # noqa: E402
 
 from torch.ao import quantization as tq  # noqa: E402
 from torch.nn.utils.fusion import fuse_conv_bn_weights  # noqa: E402
@@ -683,11 +684,12 @@ def test_torch_view_refuses_serving_trees_and_foreign_grids():
   with pytest.raises(ValueError, match="torch's quantized activations are 8-bit"):
     interop.to_torch_view(s["int_vars"], activation_spec=qjax.QuantSpec(bits=4, signed=False))
   # Zero points are shifted by the spec's int8_shift and must land on its grid.
-  grid = {"scale": jnp.float32(0.1), "zero_point": jnp.int32(-5)}
+  grid = DequantizeOp(scale=jnp.float32(0.1), zero_point=jnp.int32(-5))
   qint8 = qjax.QuantSpec(bits=8, signed=True)
-  assert interop.to_torch_view({"int8": {"q": grid}})["q"]["zero_point"] == 123
-  assert interop.to_torch_view({"int8": {"q": grid}}, activation_spec=qint8)["q"][
+  assert interop.to_torch_view({"converted": {"q": {"op": grid}}})["q"]["zero_point"] == 123
+  assert interop.to_torch_view({"converted": {"q": {"op": grid}}}, activation_spec=qint8)["q"][
       "zero_point"] == -5
-  bad = {"int8": {"q": {**grid, "zero_point": jnp.int32(200)}}}
+  bad = {"converted": {"q": {"op": DequantizeOp(scale=jnp.float32(0.1),
+                                                zero_point=jnp.int32(200))}}}
   with pytest.raises(ValueError, match=r"q: zero point 328 is outside \[0, 255\]"):
     interop.to_torch_view(bad)
