@@ -36,15 +36,21 @@ def static(**kwargs: Any) -> Any:
 def struct(cls: type[T]) -> type[T]:
   """Make `cls` a frozen, keyword-only dataclass registered as a pytree (fields made with
   `static()` are metadata, the others children) and by name for `qjax.io`."""
-  name = cls.__name__
-  if name in _REGISTRY and _REGISTRY[name].__module__ != cls.__module__:
-    raise TypeError(f"struct: two struct types are named {name!r} "
-                    f"({_REGISTRY[name].__module__} and {cls.__module__}).")
   cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
   fields = dataclasses.fields(cls)  # type: ignore[arg-type]
   data = [f.name for f in fields if not f.metadata.get("static")]
   meta = [f.name for f in fields if f.metadata.get("static")]
   jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+  return register(cls)
+
+
+def register(cls: type[T]) -> type[T]:
+  """Register a frozen dataclass that is already a pytree (its own flattening, fields made
+  with `static()` for its static ones) by name, so that `qjax.io` stores it as a struct."""
+  name = cls.__name__
+  if name in _REGISTRY and _REGISTRY[name].__module__ != cls.__module__:
+    raise TypeError(f"struct: two struct types are named {name!r} "
+                    f"({_REGISTRY[name].__module__} and {cls.__module__}).")
   _REGISTRY[name] = cls
   return cls
 

@@ -71,7 +71,8 @@ import numpy as np
 from flax.core import FrozenDict
 
 from qjax import _checks
-from qjax._exact import _round_half_even, _zero_point_at_tie
+from qjax import _struct
+from qjax.integer._fbgemm_tie import _round_half_even, _zero_point_at_tie
 from qjax._float32 import (dd_div_rounded, exact_times, exponent, fma, fusible_div, ldexp,
                            reciprocal_estimate, sign_of_sum, split, two_sum)
 from qjax.integer import arith
@@ -184,7 +185,7 @@ class DynamicKernel:
 
   qweight: QArray
   col_sums: jax.Array
-  reduce_range: bool = True
+  reduce_range: bool = _struct.static(default=True)
 
   def __post_init__(self):
     if not isinstance(self.qweight, QArray):
@@ -241,6 +242,7 @@ def _unflatten(reduce_range: bool, leaves: Iterable[Any]) -> DynamicKernel:
 jax.tree_util.register_pytree_with_keys(
     DynamicKernel, _flatten_with_keys, _unflatten,
     lambda dk: ((dk.qweight, dk.col_sums), dk.reduce_range))
+_struct.register(DynamicKernel)  # qjax.io stores it
 
 
 def _weight_spec(weight_spec: QuantSpec, per_channel: bool) -> QuantSpec:

@@ -3,7 +3,7 @@
 fbgemm's ChooseQuantizationParams picks Z = nearbyint(fl64(m / S_64)); where Q m lies
 exactly halfway between two multiples of the range D, float64's rounding of S_64 decides
 the side. `_zero_point_at_tie` reproduces that decision with integer and exact float32
-arithmetic (`qjax._float32`); `qjax.dynamic` uses it together with the generic helpers.
+arithmetic (`qjax._float32`) for the per-batch activation qparams of `qjax.integer.dynamic`.
 """
 
 from __future__ import annotations
