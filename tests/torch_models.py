@@ -245,3 +245,180 @@ def observes_twice(owner):
   """
   return type(owner).forward is torch.nn.Sequential.forward and any(
       child is owner.activation_post_process for child in owner.children())
+
+
+# ------------------------------------------------------------------------------------------
+# A residual CNN for whole-model parity of adds, concatenations and average pooling.
+
+
+class TorchResNetTiny(torch.nn.Module):
+  """A small residual CNN for eager-mode quantization, NCHW input (N, in_channels, H, W).
+
+  stem: conv 3x3 (pad 1) + BN + ReLU, `width` channels;
+  block 1: conv-BN-ReLU, conv-BN, joined with the stem output by FloatFunctional.add_relu;
+  block 2: conv 3x3 stride 2 - BN - ReLU, conv-BN, joined by FloatFunctional.add (no ReLU)
+    with a 1x1 stride-2 projection conv-BN of the block's input, 2 x `width` channels;
+  head: two 1x1 convs with ReLU (`branch_widths` channels) joined by FloatFunctional.cat
+    along channels, AdaptiveAvgPool2d(1), flatten, Linear to `num_classes`.
+
+  The defaults (1 x 12 x 12 input, width 10, branches 6 and 14) give element and channel
+  counts that are not multiples of torch's vector widths, so the quantized kernels' scalar
+  tails run too. `FUSE` lists the conv-BN(-ReLU) / conv-ReLU groups for fuse_modules.
+  """
+
+  FUSE = (("stem", "stem_bn", "stem_relu"),
+          ("b1_conv1", "b1_bn1", "b1_relu1"), ("b1_conv2", "b1_bn2"),
+          ("b2_conv1", "b2_bn1", "b2_relu1"), ("b2_conv2", "b2_bn2"),
+          ("b2_proj", "b2_proj_bn"),
+          ("br1", "br1_relu"), ("br2", "br2_relu"))
+
+  def __init__(self, in_channels: int = 1, width: int = 10, branch_widths=(6, 14),
+               num_classes: int = 10):
+    super().__init__()
+    nn_ = torch.nn
+    w, w2 = width, 2 * width
+    self.quant = tq.QuantStub()
+    self.stem, self.stem_bn = nn_.Conv2d(in_channels, w, 3, padding=1, bias=False), \
+        nn_.BatchNorm2d(w)
+    self.stem_relu = nn_.ReLU()
+    self.b1_conv1, self.b1_bn1 = nn_.Conv2d(w, w, 3, padding=1, bias=False), nn_.BatchNorm2d(w)
+    self.b1_relu1 = nn_.ReLU()
+    self.b1_conv2, self.b1_bn2 = nn_.Conv2d(w, w, 3, padding=1, bias=False), nn_.BatchNorm2d(w)
+    self.add1 = nn_.quantized.FloatFunctional()
+    self.b2_conv1 = nn_.Conv2d(w, w2, 3, stride=2, padding=1, bias=False)
+    self.b2_bn1, self.b2_relu1 = nn_.BatchNorm2d(w2), nn_.ReLU()
+    self.b2_conv2, self.b2_bn2 = nn_.Conv2d(w2, w2, 3, padding=1, bias=False), \
+        nn_.BatchNorm2d(w2)
+    self.b2_proj, self.b2_proj_bn = nn_.Conv2d(w, w2, 1, stride=2, bias=False), \
+        nn_.BatchNorm2d(w2)
+    self.add2 = nn_.quantized.FloatFunctional()
+    self.br1, self.br1_relu = nn_.Conv2d(w2, branch_widths[0], 1), nn_.ReLU()
+    self.br2, self.br2_relu = nn_.Conv2d(w2, branch_widths[1], 1), nn_.ReLU()
+    self.cat = nn_.quantized.FloatFunctional()
+    self.pool = nn_.AdaptiveAvgPool2d(1)
+    self.flatten = nn_.Flatten()
+    self.fc = nn_.Linear(sum(branch_widths), num_classes)
+    self.dequant = tq.DeQuantStub()
+
+  def forward(self, x):
+    x = self.quant(x)
+    stem = self.stem_relu(self.stem_bn(self.stem(x)))
+    y = self.b1_relu1(self.b1_bn1(self.b1_conv1(stem)))
+    y = self.add1.add_relu(self.b1_bn2(self.b1_conv2(y)), stem)
+    z = self.b2_relu1(self.b2_bn1(self.b2_conv1(y)))
+    z = self.add2.add(self.b2_bn2(self.b2_conv2(z)), self.b2_proj_bn(self.b2_proj(y)))
+    z = self.cat.cat([self.br1_relu(self.br1(z)), self.br2_relu(self.br2(z))], dim=1)
+    return self.dequant(self.fc(self.flatten(self.pool(z))))
+
+
+def randomize_batch_norms(model, generator):
+  """Non-trivial BN statistics and affine parameters (fresh BNs fold to the identity)."""
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=generator))
+        m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=generator))
+        m.weight.copy_(0.5 + torch.rand(m.num_features, generator=generator))
+        m.bias.copy_(0.2 * torch.randn(m.num_features, generator=generator))
+  return model
+
+
+class quantized_engine:  # noqa: N801  (a context manager used like a function)
+  """`with quantized_engine("x86"):` sets torch.backends.quantized.engine, restores it after."""
+
+  def __init__(self, engine: str):
+    self.engine, self.saved = engine, None
+
+  def __enter__(self):
+    self.saved = torch.backends.quantized.engine
+    torch.backends.quantized.engine = self.engine
+    return self
+
+  def __exit__(self, *exc):
+    torch.backends.quantized.engine = self.saved
+    return False
+
+
+def fuse_resnet_tiny(model):
+  """Eval mode, then fuse conv-BN-ReLU / conv-BN / conv-ReLU (`TorchResNetTiny.FUSE`) in place."""
+  model.eval()
+  tq.fuse_modules(model, [list(group) for group in model.FUSE], inplace=True)
+  return model
+
+
+def quantize_resnet_tiny(model, calib_batches, engine: str = "fbgemm"):
+  """A converted (quantized) copy of a float TorchResNetTiny: fuse, prepare with
+  get_default_qconfig(engine), calibrate on `calib_batches` (NCHW float tensors), convert,
+  all under `engine`. The model must run under the same engine (`run_quantized`)."""
+  import copy
+  with quantized_engine(engine), torch.no_grad():
+    qmodel = fuse_resnet_tiny(copy.deepcopy(model))
+    qmodel.qconfig = tq.get_default_qconfig(engine)
+    tq.prepare(qmodel, inplace=True)
+    for x in calib_batches:
+      qmodel(x)
+    tq.convert(qmodel, inplace=True)
+  return qmodel
+
+
+class QCapture:
+  """A quantized tensor as captured: `int_repr` (torch's logical layout, a uint8 ndarray), its
+  float `scale` and int `zero_point`, and whether it was channels_last-contiguous."""
+
+  def __init__(self, t):
+    self.int_repr = t.int_repr().numpy().copy()
+    self.scale, self.zero_point = float(t.q_scale()), int(t.q_zero_point())
+    self.channels_last = bool(t.dim() == 4 and
+                              t.is_contiguous(memory_format=torch.channels_last))
+
+  def __repr__(self):
+    return (f"QCapture(shape={self.int_repr.shape}, scale={self.scale}, "
+            f"zero_point={self.zero_point}, channels_last={self.channels_last})")
+
+
+def run_quantized(qmodel, x, engine: str = "fbgemm"):
+  """Run a converted model on `x` under `engine`; (output, captures).
+
+  captures: {module name: {"inputs": [QCapture, ...], "output": QCapture}} for every module
+  whose forward output is a quantized tensor (forward hooks), and for each QFunctional (whose
+  add / add_relu / cat are methods, not forward) the inputs and output of its call.
+  """
+  captures, handles, patched = {}, [], []
+
+  def hook(name):
+    def fn(module, inputs, output):
+      if isinstance(output, torch.Tensor) and output.is_quantized:
+        captures[name] = {"inputs": [QCapture(t) for t in inputs
+                                     if isinstance(t, torch.Tensor) and t.is_quantized],
+                          "output": QCapture(output)}
+    return fn
+
+  def wrap(name, module, method):
+    original = getattr(module, method)
+
+    def fn(*args, **kwargs):
+      out = original(*args, **kwargs)
+      tensors = args[0] if method == "cat" else args
+      captures[name] = {"op": method, "inputs": [QCapture(t) for t in tensors],
+                        "output": QCapture(out), **kwargs}
+      return out
+    setattr(module, method, fn)
+    patched.append((module, method))
+
+  for name, module in qmodel.named_modules():
+    if not name:
+      continue
+    if isinstance(module, torch.ao.nn.quantized.QFunctional):
+      for method in ("add", "add_relu", "cat"):
+        wrap(name, module, method)
+    else:
+      handles.append(module.register_forward_hook(hook(name)))
+  try:
+    with quantized_engine(engine), torch.no_grad():
+      y = qmodel(x)
+  finally:
+    for h in handles:
+      h.remove()
+    for module, method in patched:
+      delattr(module, method)
+  return y, captures
