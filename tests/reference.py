@@ -424,6 +424,8 @@ def near_ties(rng: np.random.Generator, scale, k_low: int, k_high: int, shape,
 # REGISTER_DISPATCH, which leaves AVX512 CPUs on AVX2) and the AVX512 build of avg_pool2d
 # (ALSO_REGISTER_AVX512_DISPATCH). "default" is the build without vector intrinsics, whose
 # fallback Vectorized<quint8> dequantizes with "product" and quantizes with "fused".
+# The quantized engine does not enter these kernels: fbgemm and x86 give the same results
+# (qnnpack runs kernels of its own, not modelled here).
 # cpu_capability=None puts every element on the vectorized body of the AVX2 / AVX512 builds,
 # the single rule a port to other hardware reproduces; torch then agrees except on the scalar
 # tails, where the two forms disagree only on rare near ties.
@@ -543,7 +545,7 @@ def quantized_cat(inputs, s_out, z_out, axis: int, *, channels_last: bool = Fals
 
   channels_last=True: torch's NHWC kernel, which runs when every input is 4-D and
   channels_last-contiguous (Tensor.is_contiguous(memory_format=torch.channels_last), true
-  also of NCHW tensors with H = W = 1) and dim = 1. The arrays are then NHWC and `axis` is
+  also of NCHW tensors with H = W = 1 or C = 1) and dim = 1. The arrays are then NHWC and `axis` is
   -1 (or 3). An input whose S and Z equal the output's is copied. Any other is requantized
   channel by channel: its first 8 floor(C_i / 8) channels of every pixel with the vector
   forms (cpu_capability None, "avx2", "avx512": a = fma(q, S_i, f32(-Z_i S_i)),
