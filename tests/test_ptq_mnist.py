@@ -29,7 +29,7 @@ def _check(results, *, min_agreement, max_drop_points):
       assert drop <= max_drop_points, (name, variant, drop)
     for requant in ("float", "integer", "fbgemm"):
       assert rows[f"static int8 ({requant})"]["argmax_vs_fake_quant"] >= min_agreement
-    assert "int8/fc1/kernel" in results["models"][name]["report_text"]
+    assert "converted/fc1/op/kernel" in results["models"][name]["report_text"]
 
 
 def test_ptq_mnist_quick(tmp_path, capsys):
