@@ -372,3 +372,20 @@ def quantize_reciprocal(x: jax.Array, inv_scale: jax.Array, zero_point: jax.Arra
   (a multiply by the float32 reciprocal of the scale), with Z8 on the int8 carrier grid."""
   return clamp_to_int8(_round_to_int32(x * inv_scale), zero_point, lo, hi, relu=False)
 
+
+def dequantize_product(q8: jax.Array, scale: jax.Array, zero_point: jax.Array) -> jax.Array:
+  """x = f32(S * (q8 - Z8)): PyTorch's scalar dequantization (the difference is exact)."""
+  return (q8.astype(jnp.int32) - zero_point).astype(jnp.float32) * scale
+
+
+def quantize_fused(x: jax.Array, inv_scale: jax.Array, zero_point: jax.Array, shift: int, *,
+                   lo: int, hi: int) -> jax.Array:
+  """q8 = clamp(rne(fma(x, inv_scale, Z)) - shift, lo, hi) as int8 with Z = Z8 + shift on the
+  grid's own range: fbgemm's array quantizer (torch.quantize_per_tensor), one rounding of
+  x / S + Z."""
+  own_zero = (zero_point + jnp.int32(shift)).astype(jnp.float32)
+  fused = _float32.fma(x, jnp.broadcast_to(inv_scale, x.shape), jnp.broadcast_to(own_zero,
+                                                                                 x.shape))
+  q = _round_to_int32(fused) - jnp.int32(shift)
+  return jnp.clip(q, lo, hi).astype(jnp.int8)
+

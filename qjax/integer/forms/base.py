@@ -76,9 +76,9 @@ class Grid:
     return np.float32(-own_zero * self.scale)
 
   def reciprocal(self) -> np.ndarray:
-    """f32(1 / S), divided in float64 and rounded once, as PyTorch forms its quantizers'
-    inverse scale from the double scale it stores."""
-    return np.float32(1.0 / np.float64(self.scale))
+    """f32(1 / S), a float32 division: the inverse scale of PyTorch's quantized add, cat and
+    quantizers."""
+    return np.float32(1) / np.float32(self.scale)
 
   def lowered(self) -> ActivationGrid:
     return ActivationGrid(scale=jnp.asarray(self.scale), zero_point=jnp.asarray(self.zero_point))

@@ -1,12 +1,16 @@
 """Integer form of the concatenation of quantized tensors on any grids.
 
 PyTorch's quantized cat (`FloatFunctional.cat` after convert) gives the output its own observed
-grid; an input already on that grid is copied, every other one is moved to it:
+grid. Requant "fbgemm" / "float" reproduce its two kernels, with inv = f32(1 / S_y):
 
-    "fbgemm" / "float"   q = clamp(rne(fma(q_i, S_i, -Z_i S_i) * f32(1 / S_y)) + Z_y)
-    "integer"            q = clamp(Z_y + mul_shift_round(q_i - Z_i, S_i / S_y))
+    4-D tensors joined along the channels (its NHWC kernel): an input already on the output
+    grid is copied, every other one moved to it as
+        q = clamp(rne(f32(fma(q_i, S_i, -Z_i S_i) * inv)) + Z_y)
+    any other concatenation (dequantize, cat, torch.quantize_per_tensor):
+        q = clamp(rne(fma(f32(S_i (q_i - Z_i)), inv, Z_y)))
 
-(the first is PyTorch's dequantize -> cat -> quantize, the second a fixed-point rescale).
+and requant "integer" a fixed-point rescale, q = clamp(Z_y + mul_shift_round(q_i - Z_i,
+S_i / S_y)) (inputs on the output grid copied).
 """
 
 from __future__ import annotations
@@ -32,37 +36,47 @@ def _checked(parts: tuple[jax.Array, ...], n: int) -> tuple[jax.Array, ...]:
 
 @struct
 class Int8Concat:
-  """PyTorch's quantized cat (module docstring). Per input: `scale`, `premul` f32 (n,) as in
-  `Int8Add`; `inv_scale`, `zero_point` of the output; static `copied` (True where an input's
-  grid is the output's: copied as is), the inputs' carrier `shifts`, `axis`, `lo`, `hi`.
+  """PyTorch's quantized cat (module docstring). Per input: `scale`, `zero_in` (carrier
+  grid) and `premul` = f32(-Z_i S_i) (Z_i on the grid's own range), (n,) each; `inv_scale`,
+  `zero_point` of the output; static `copied` (True where an input's grid is the output's),
+  the inputs' carrier `shifts`, the output's `out_shift`, `axis`, `lo`, `hi`.
 
   Example:
-    >>> op = Int8Concat(scale=jnp.array([1.0, 0.5], jnp.float32),
+    >>> op = Int8Concat(scale=jnp.array([1.0, 0.5], jnp.float32), zero_in=jnp.zeros(2, jnp.int32),
     ...                 premul=jnp.zeros(2, jnp.float32), inv_scale=jnp.float32(1.0),
-    ...                 zero_point=jnp.int32(0), copied=(True, False), shifts=(0, 0), axis=-1,
-    ...                 lo=-128, hi=127)
+    ...                 zero_point=jnp.int32(0), copied=(True, False), shifts=(0, 0),
+    ...                 out_shift=0, axis=-1, lo=-128, hi=127)
     >>> op(jnp.array([[3]], jnp.int8), jnp.array([[5]], jnp.int8))   # 5 * 0.5 = 2.5 -> 2
     Array([[3, 2]], dtype=int8)
   """
 
   scale: jax.Array
+  zero_in: jax.Array
   premul: jax.Array
   inv_scale: jax.Array
   zero_point: jax.Array
   report: dict | None = None
   copied: tuple[bool, ...] = static()
   shifts: tuple[int, ...] = static()
+  out_shift: int = static()
   axis: int = static()
   lo: int = static()
   hi: int = static()
 
   def __call__(self, *parts: jax.Array) -> jax.Array:
     parts = _checked(parts, len(self.copied))
-    moved = [p if same else arith.quantize_reciprocal(
-        arith.dequantize_fma(p, shift, self.scale[i], self.premul[i]), self.inv_scale,
-        self.zero_point, lo=self.lo, hi=self.hi)
-             for i, (p, same, shift) in enumerate(zip(parts, self.copied, self.shifts,
-                                                      strict=True))]
+    channels_last = parts[0].ndim == 4 and self.axis in (3, -1)
+    moved = []
+    for i, (p, same, shift) in enumerate(zip(parts, self.copied, self.shifts, strict=True)):
+      if channels_last and not same:
+        p = arith.quantize_reciprocal(
+            arith.dequantize_fma(p, shift, self.scale[i], self.premul[i]), self.inv_scale,
+            self.zero_point, lo=self.lo, hi=self.hi)
+      elif not channels_last:
+        p = arith.quantize_fused(
+            arith.dequantize_product(p, self.scale[i], self.zero_in[i]), self.inv_scale,
+            self.zero_point, self.out_shift, lo=self.lo, hi=self.hi)
+      moved.append(p)
     return jnp.concatenate(moved, axis=self.axis)
 
 
@@ -120,9 +134,11 @@ class ConcatForm(Form):
     report = grid_report(inputs, y)
     zero = jnp.asarray(y.zero_point)
     if lowering.requant is not Requant.INTEGER:
-      return Int8Concat(**float_rescale(inputs), inv_scale=jnp.asarray(y.reciprocal()),
-                        zero_point=zero, report=report, copied=copied,
-                        shifts=tuple(g.shift for g in inputs), axis=self.axis, lo=lo, hi=hi)
+      return Int8Concat(**float_rescale(inputs),
+                        zero_in=jnp.asarray(np.array([g.zero_point for g in inputs], np.int32)),
+                        inv_scale=jnp.asarray(y.reciprocal()), zero_point=zero, report=report,
+                        copied=copied, shifts=tuple(g.shift for g in inputs),
+                        out_shift=y.shift, axis=self.axis, lo=lo, hi=hi)
     ratios = np.array([np.float64(g.scale) / np.float64(y.scale) for g in inputs])
     m0, shift = arith.quantize_multiplier(ratios)
     return IntegerConcat(zero_in=jnp.asarray(np.array([g.zero_point for g in inputs], np.int32)),

@@ -1,14 +1,17 @@
 """Integer form of average pooling (windowed and global) on the int8 grid.
 
-The output keeps the input's grid, and each output is the window's integer mean rounded to
-nearest, ties to even, as PyTorch's quantized avg_pool2d / adaptive_avg_pool2d compute it:
+The output keeps the input's grid. With acc = sum_window q - Z n (the window's n real
+positions; padding counts as real zero) and D the divisor (the whole window with
+count_include_pad, else n), requant "fbgemm" / "float" reproduce PyTorch's quantized kernels
+on channels-last tensors (a converted model's activations):
 
-    q_y = rne(sum_window q / n)          n = the window size (count_include_pad, padding
-                                          positions holding the zero point Z, i.e. real 0),
-                                          or the window's count of real positions
+    windowed (avg_pool2d)              q = clamp(rne(f32(acc * M)) + Z),   M = f32(1 / D)
+    global (adaptive_avg_pool2d(1))    q = clamp(rne(fma(acc, M', Z))),    M' = f32(1 / f32(1 / M))
 
-On the int8 carrier an unsigned grid is shifted by 128, an even number, so rounding
-(sum q8) / n there gives the same integers shifted: the carrier needs no correction.
+and requant "integer" divides in integers, q = Z + rne(acc / D) (windowed) and
+q = rne((acc + Z D) / D) (global), ties to even, which equal PyTorch's results except next to
+a tie (D not a power of two). (An unsigned grid's carrier shift, 128, is even: rounding to
+even on the carrier is rounding to even on the grid.)
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qjax import _float32
 from qjax._struct import static, struct
+from qjax.integer import arith
 from qjax.integer.forms.base import Form, Lowering, int8_input
+from qjax.integer.requant import Requant
 
 
 def divide_round_half_even(total: jax.Array, count: jax.Array) -> jax.Array:
@@ -48,22 +54,46 @@ def _pads(padding: str | tuple[tuple[int, int], ...], spatial: Sequence[int],
 @struct
 class Int8AvgPool:
   """Average pooling of an int8 (batch, *spatial, C) tensor on its own grid (module
-  docstring). `pad_value` int32 () is the input's zero point on the carrier grid. Static:
-  `window` (None: global pooling over all spatial axes, which are then dropped), `strides`,
-  `padding` ("SAME", "VALID" or (low, high) pairs) and `count_include_pad`.
+  docstring). `zero_point` int32 () is the grid's zero point on the carrier. Static: `window`
+  (None: global pooling over all spatial axes, which are then dropped), `strides`,
+  `padding` ("SAME", "VALID" or (low, high) pairs), `count_include_pad`, the grid's carrier
+  `shift` and bounds `lo`, `hi`, and `integer` (the integer-only division).
 
   Example:
-    >>> op = Int8AvgPool(pad_value=jnp.int32(0), window=None, strides=(), padding="VALID",
-    ...                  count_include_pad=True)
+    >>> op = Int8AvgPool(zero_point=jnp.int32(0), window=None, strides=(), padding="VALID",
+    ...                  count_include_pad=True, shift=0, lo=-128, hi=127, integer=True)
     >>> op(jnp.array([[[[1], [2]], [[3], [4]]]], jnp.int8))   # mean 2.5 -> 2
     Array([[2]], dtype=int8)
   """
 
-  pad_value: jax.Array
+  zero_point: jax.Array
   window: tuple[int, ...] | None = static()
   strides: tuple[int, ...] = static()
   padding: str | tuple[tuple[int, int], ...] = static()
   count_include_pad: bool = static()
+  shift: int = static()
+  lo: int = static()
+  hi: int = static()
+  integer: bool = static()
+
+  def _finish(self, acc: jax.Array, divisor: jax.Array, global_pool: bool) -> jax.Array:
+    """The mean acc / divisor on the grid (acc is centred: the zero point taken out)."""
+    if self.integer:  # ties broken as PyTorch's kernel of the same kind breaks them
+      if global_pool:
+        q = divide_round_half_even(acc + self.zero_point * divisor, divisor)
+      else:
+        q = divide_round_half_even(acc, divisor) + self.zero_point
+      return jnp.clip(q, self.lo, self.hi).astype(jnp.int8)
+    acc32 = acc.astype(jnp.float32)
+    multiplier = _float32.exact_div(jnp.ones(jnp.shape(divisor), jnp.float32),
+                                    divisor.astype(jnp.float32))
+    if global_pool:
+      inverse = _float32.exact_div(jnp.ones(jnp.shape(divisor), jnp.float32), multiplier)
+      inverse = _float32.exact_div(jnp.ones(jnp.shape(divisor), jnp.float32), inverse)
+      return arith.quantize_fused(acc32, inverse, self.zero_point, self.shift, lo=self.lo,
+                                  hi=self.hi)
+    return arith.quantize_reciprocal(acc32, jnp.broadcast_to(multiplier, acc32.shape),
+                                     self.zero_point, lo=self.lo, hi=self.hi)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = int8_input(x, "a converted average pooling")
@@ -73,27 +103,26 @@ class Int8AvgPool:
         raise ValueError(f"global average pooling takes (batch, *spatial, features); got an "
                          f"input of shape {x.shape}.")
       axes = tuple(range(1, x.ndim - 1))
-      count = jnp.int32(math.prod(x.shape[a] for a in axes))
-      return divide_round_half_even(jnp.sum(wide, axis=axes), count).astype(jnp.int8)
+      count = math.prod(x.shape[a] for a in axes)
+      acc = jnp.sum(wide, axis=axes) - self.zero_point * count
+      return self._finish(acc, jnp.int32(count), global_pool=True)
     n = len(self.window)
     if x.ndim != n + 2:
       raise ValueError(f"this converted pooling takes (batch, {', '.join(['spatial'] * n)}, "
                        f"features); got an input of shape {x.shape}.")
     pads = [(0, 0)] + _pads(self.padding, x.shape[1:-1], self.window, self.strides) + [(0, 0)]
     dims, steps = (1,) + self.window + (1,), (1,) + self.strides + (1,)
-    padded = lax.pad(wide, self.pad_value, [(lo, hi, 0) for lo, hi in pads])
-    total = lax.reduce_window(padded, jnp.int32(0), lax.add, dims, steps, "VALID")
+    padded = lax.pad(wide, self.zero_point, [(lo, hi, 0) for lo, hi in pads])
+    window_size = math.prod(self.window)
+    # padded positions hold the zero point: subtracting Z per position centres every one
+    acc = lax.reduce_window(padded, jnp.int32(0), lax.add, dims, steps, "VALID") - (
+        self.zero_point * window_size)
     if self.count_include_pad:
-      count = jnp.int32(math.prod(self.window))
-      return divide_round_half_even(total, count).astype(jnp.int8)
-    # the real positions of each window: the padded positions hold the zero point, which
-    # adds n_pad * Z to the total; take it back out
+      return self._finish(acc, jnp.int32(window_size), global_pool=False)
     ones = lax.pad(jnp.ones((1,) + x.shape[1:-1] + (1,), jnp.int32), jnp.int32(0),
                    [(lo, hi, 0) for lo, hi in pads])
     count = lax.reduce_window(ones, jnp.int32(0), lax.add, dims, steps, "VALID")
-    window_size = math.prod(self.window)
-    total = total - (window_size - count) * self.pad_value
-    return divide_round_half_even(total, count).astype(jnp.int8)
+    return self._finish(acc, jnp.broadcast_to(count, acc.shape), global_pool=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +139,8 @@ class PoolForm(Form):
 
   def lower(self, lowering: Lowering) -> Int8AvgPool:
     (grid,) = lowering.inputs
-    return Int8AvgPool(pad_value=jnp.asarray(grid.zero_point, jnp.int32), window=self.window,
+    lo, hi = grid.bounds
+    return Int8AvgPool(zero_point=jnp.asarray(grid.zero_point, jnp.int32), window=self.window,
                        strides=self.strides, padding=self.padding,
-                       count_include_pad=self.count_include_pad)
+                       count_include_pad=self.count_include_pad, shift=grid.shift, lo=lo,
+                       hi=hi, integer=lowering.requant is Requant.INTEGER)

@@ -1,0 +1,284 @@
+"""The integer forms' ops against NumPy integer code, with and without jit; their lowering
+from a calibrated model; and the typed pytrees they are (serving trees, io round trips)."""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given, settings, strategies as st
+
+import qjax
+import qjax.nn as qnn
+from qjax import io as qio
+from qjax.integer import arith, forms
+from qjax.integer.forms.pool import divide_round_half_even
+
+import cases
+import reference as ref
+
+QCONFIG = qnn.get_default_qconfig("x86")
+
+
+def _int_add_reference(qa, qb, op) -> np.ndarray:
+  """The fixed-point add in int64 NumPy."""
+  total = np.zeros(np.shape(qa), np.int64)
+  for i, q in enumerate((qa, qb)):
+    centred = (np.asarray(q, np.int64) - int(op.zero_in[i])) * 2**20
+    total += ref.mul_shift_round(centred, int(op.m0[i]), int(op.shift[i]))
+  r = ref.mul_shift_round(total, int(op.out_m0), int(op.out_shift))
+  return ref.clamp_output(r, int(op.zero_point), op.lo, op.hi, op.relu)
+
+
+def _pool_integer_reference(q, window, strides, pads, z, count_include_pad) -> np.ndarray:
+  """Z + rne(acc / D), ties to even, in int64 NumPy on (B, H, W, C): acc = sum of the real
+  positions - Z n; padding counts as real zero."""
+  q = np.asarray(q, np.int64) - z
+  padded = np.pad(q, [(0, 0), *pads, (0, 0)])
+  real = np.pad(np.ones(q.shape[1:3], np.int64), pads)
+  out_h = (padded.shape[1] - window[0]) // strides[0] + 1
+  out_w = (padded.shape[2] - window[1]) // strides[1] + 1
+  out = np.zeros((q.shape[0], out_h, out_w, q.shape[3]), np.int64)
+  for i in range(out_h):
+    for j in range(out_w):
+      rows = slice(i * strides[0], i * strides[0] + window[0])
+      cols = slice(j * strides[1], j * strides[1] + window[1])
+      acc = padded[:, rows, cols].sum(axis=(1, 2))
+      divisor = window[0] * window[1] if count_include_pad else int(real[rows, cols].sum())
+      quotient, rest = np.divmod(acc, divisor)
+      out[:, i, j] = quotient + ((2 * rest > divisor) | ((2 * rest == divisor)
+                                                         & (quotient % 2 == 1))) + z
+  return out
+
+
+def _grid(scale, zero_point, signed=False) -> forms.Grid:
+  """A per-tensor 8-bit grid; `zero_point` on the grid's own range (quint8: 0..255)."""
+  spec = qjax.QuantSpec(bits=8, signed=signed)
+  return forms.Grid(spec, np.float32(scale),
+                    np.int32(zero_point - arith.int8_shift(spec)))
+
+
+def _lowered(form, inputs, output, requant="fbgemm"):
+  lowering = forms.Lowering(path="op", inputs=tuple(inputs), output=output,
+                            requant=qjax.integer.Requant(requant), variables={})
+  return form.lower(lowering)
+
+
+def _random_grid(rng) -> tuple[float, int]:
+  return float(np.float32(10.0 ** rng.uniform(-3, 1))), int(rng.integers(0, 256))
+
+
+class OpsTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(False, True)
+  def test_integer_add_equals_int64_reference(self, relu):
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+      sa, sb, sy = rng.uniform(1e-3, 1.0, 3).astype(np.float32)
+      za, zb, zy = (int(v) for v in rng.integers(-128, 128, 3))
+      twice_max = 2.0 * max(float(sa), float(sb))
+      m0, shift = arith.quantize_multiplier(np.array([sa / twice_max, sb / twice_max]))
+      out_m0, out_shift = arith.quantize_multiplier(np.float64(twice_max) / (2.0**20 * sy))
+      op = forms.IntegerAdd(zero_in=jnp.array([za, zb], jnp.int32), m0=jnp.asarray(m0),
+                            shift=jnp.asarray(shift), out_m0=jnp.asarray(out_m0),
+                            out_shift=jnp.asarray(out_shift), zero_point=jnp.int32(zy),
+                            lo=-128, hi=127, relu=relu)
+      qa = rng.integers(-128, 128, (4, 33)).astype(np.int8)
+      qb = rng.integers(-128, 128, (4, 33)).astype(np.int8)
+      got = self.variant(lambda o, a, b: o(a, b))(op, jnp.asarray(qa), jnp.asarray(qb))
+      np.testing.assert_array_equal(got, _int_add_reference(qa, qb, op), err_msg=f"{trial}")
+      # and it is the real sum to within one output step (plus the multipliers' 2^-31)
+      real = sa * (qa.astype(np.float64) - za) + sb * (qb.astype(np.float64) - zb)
+      if relu:
+        real = np.maximum(real, 0)
+      ideal = np.clip(np.rint(real / sy) + zy, zy if relu else -128, 127)
+      assert np.abs(np.asarray(got, np.int64) - ideal).max() <= 1
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_integer_concat_copies_its_grid_and_rescales_the_others(self):
+    rng = np.random.default_rng(1)
+    ratios = np.array([1.0, 0.37, 2.5])
+    m0, shift = arith.quantize_multiplier(ratios)
+    zeros = np.array([5, -20, 100], np.int32)
+    op = forms.IntegerConcat(zero_in=jnp.asarray(zeros), m0=jnp.asarray(m0),
+                             shift=jnp.asarray(shift), zero_point=jnp.int32(5),
+                             copied=(True, False, False), axis=1, lo=-128, hi=127)
+    parts = [rng.integers(-128, 128, (3, n)).astype(np.int8) for n in (2, 5, 4)]
+    got = np.asarray(self.variant(lambda o, *p: o(*p))(op, *map(jnp.asarray, parts)))
+    want = [parts[0].astype(np.int64)]
+    for i in (1, 2):
+      r = ref.mul_shift_round(parts[i].astype(np.int64) - zeros[i], int(m0[i]), int(shift[i]))
+      want.append(ref.clamp_output(r, 5, -128, 127, False).astype(np.int64))
+    np.testing.assert_array_equal(got, np.concatenate(want, axis=1))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(False, True)
+  def test_add_equals_torchs_vector_kernel(self, relu):
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+      (sa, za), (sb, zb), (sy, zy) = (_random_grid(rng) for _ in range(3))
+      op = _lowered(forms.AddForm(relu=relu), [_grid(sa, za), _grid(sb, zb)], _grid(sy, zy))
+      qa = rng.integers(0, 256, (3, 37), dtype=np.uint8)
+      qb = rng.integers(0, 256, (3, 37), dtype=np.uint8)
+      got = self.variant(lambda o, a, b: o(a, b))(
+          op, jnp.asarray(qa.astype(np.int16) - 128, jnp.int8),
+          jnp.asarray(qb.astype(np.int16) - 128, jnp.int8))
+      want = ref.quantized_add(qa, sa, za, qb, sb, zb, sy, zy, relu=relu)
+      np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(True, False)
+  def test_concat_equals_torchs_kernels(self, channels_last):
+    rng = np.random.default_rng(4)
+    for trial in range(20):
+      grids = [_random_grid(rng) for _ in range(3)]
+      grids[1] = grids[2]  # the output's grid: copied
+      op = _lowered(forms.ConcatForm(axis=-1), [_grid(*g) for g in grids[:2]],
+                    _grid(*grids[2]))
+      shape = (2, 3, 4) if channels_last else (5,)
+      parts = [rng.integers(0, 256, shape + (c,), dtype=np.uint8) for c in (6, 5)]
+      if not channels_last:
+        parts = [p.reshape(-1, p.shape[-1]) for p in parts]
+      got = self.variant(lambda o, *p: o(*p))(
+          op, *(jnp.asarray(p.astype(np.int16) - 128, jnp.int8) for p in parts))
+      want = ref.quantized_cat([(p, s, z) for p, (s, z) in zip(parts, grids[:2])],
+                               *grids[2], axis=-1, channels_last=channels_last)
+      np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      ((2, 2), None, 0, True),
+      ((3, 3), (2, 2), 1, True),
+      ((3, 3), (2, 2), 1, False),
+      ((2, 3), (1, 2), (1, 0), False),
+      ((2, 2), (1, 1), 1, True),
+  )
+  def test_avg_pool_equals_torchs_kernel(self, window, strides, padding, include):
+    rng = np.random.default_rng(5)
+    pads = tuple((p, p) for p in ((padding,) * 2 if isinstance(padding, int) else padding))
+    for trial in range(10):
+      _, z = _random_grid(rng)
+      q = rng.integers(0, 256, (2, 7, 6, 16), dtype=np.uint8)
+      op = _lowered(forms.PoolForm(window=window, strides=strides or window, padding=pads,
+                                   count_include_pad=include), [_grid(1.0, z)], None)
+      got = self.variant(lambda o, x: o(x))(op, jnp.asarray(q.astype(np.int16) - 128,
+                                                             jnp.int8))
+      want = ref.quantized_avg_pool2d(q, z, window, strides, padding,
+                                      count_include_pad=include)
+      np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_global_avg_pool_equals_torchs_kernel(self):
+    rng = np.random.default_rng(6)
+    for trial, (h, w) in enumerate([(2, 3), (4, 4), (7, 7), (1, 5), (6, 6)] * 4):
+      _, z = _random_grid(rng)
+      q = rng.integers(0, 256, (3, h, w, 8), dtype=np.uint8)
+      op = _lowered(forms.PoolForm(window=None, strides=(), padding="VALID",
+                                   count_include_pad=True), [_grid(1.0, z)], None)
+      got = self.variant(lambda o, x: o(x))(op, jnp.asarray(q.astype(np.int16) - 128,
+                                                             jnp.int8))
+      want = ref.quantized_adaptive_avg_pool(q, z, 1)[:, 0, 0]
+      np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      ((2, 2), (2, 2), "VALID", True),
+      ((3, 3), (2, 2), "SAME", True),
+      ((3, 3), (2, 2), "SAME", False),
+      ((2, 3), (1, 2), ((1, 0), (0, 2)), False),
+      ((4, 4), (1, 1), ((1, 1), (1, 1)), True),
+  )
+  def test_integer_avg_pool_equals_int64_reference(self, window, strides, padding, include):
+    rng = np.random.default_rng(2)
+    q = rng.integers(-128, 128, (2, 7, 6, 3)).astype(np.int8)
+    z = -17
+    op = forms.Int8AvgPool(zero_point=jnp.int32(z), window=window, strides=strides,
+                           padding=padding, count_include_pad=include, shift=0, lo=-128,
+                           hi=127, integer=True)
+    got = self.variant(lambda o, x: o(x))(op, jnp.asarray(q))
+    pads = (ref.same_pads(q.shape[1:3], window, strides, (1, 1)) if padding == "SAME"
+            else [(0, 0), (0, 0)] if padding == "VALID" else padding)
+    np.testing.assert_array_equal(
+        got, _pool_integer_reference(q, window, strides, pads, z, include))
+
+
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(-2**24, 2**24), count=st.integers(1, 4096))
+def test_divide_round_half_even_is_exact(total, count):
+  got = int(divide_round_half_even(jnp.int32(total), jnp.int32(count)))
+  quotient, rest = divmod(total, count)
+  want = quotient + (2 * rest > count or (2 * rest == count and quotient % 2 == 1))
+  assert got == want
+
+
+class Residual(nn.Module):
+  """Quantize, conv-relu, a block joined by add-relu, a concat of two branches, a global
+  average pool, a Dense: every new integer op in one small model."""
+
+  @nn.compact
+  def __call__(self, x, mode="float"):
+    x = qnn.Quantize(qconfig=QCONFIG)(x, mode=mode)
+    a = qnn.QuantConv(4, (3, 3), qconfig=QCONFIG, activation=nn.relu)(x, mode=mode)
+    b = qnn.QuantConv(4, (3, 3), qconfig=QCONFIG)(a, mode=mode)
+    s = qnn.QuantAdd(qconfig=QCONFIG, relu=True)(a, b, mode=mode)
+    c = qnn.QuantConv(3, (1, 1), qconfig=QCONFIG, activation=nn.relu)(s, mode=mode)
+    s = qnn.QuantConcat(qconfig=QCONFIG)([s, c], mode=mode)
+    s = qnn.AvgPool()(s, mode=mode)
+    y = qnn.QuantDense(3, qconfig=QCONFIG)(s, mode=mode)
+    return qnn.Dequantize()(y, mode=mode)
+
+
+@functools.lru_cache(maxsize=None)
+def _residual(requant: str):
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 2))
+  model = Residual()
+  variables = qnn.calibrate(model, model.init(jax.random.key(0), x), [x])
+  return model, x, qjax.convert(model, variables, x, requant=requant)
+
+
+@pytest.mark.parametrize("requant", ["fbgemm", "float", "integer"])
+def test_residual_model_lowers_every_module_to_its_typed_op(requant):
+  _, _, int_vars = _residual(requant)
+  kinds = {path: type(node[forms.OP]).__name__
+           for path, node in int_vars[forms.COLLECTION].items()}
+  integer = requant == "integer"
+  assert kinds == {
+      "Quantize_0": "QuantizeOp", "QuantConv_0": "Int8Conv", "QuantConv_1": "Int8Conv",
+      "QuantAdd_0": "IntegerAdd" if integer else "Int8Add", "QuantConv_2": "Int8Conv",
+      "QuantConcat_0": "IntegerConcat" if integer else "Int8Concat",
+      "AvgPool_0": "Int8AvgPool", "QuantDense_0": "Int8Dense", "Dequantize_0": "DequantizeOp"}
+  assert set(int_vars) == {forms.COLLECTION}  # every layer converted: no float params left
+
+
+@pytest.mark.parametrize("requant", ["fbgemm", "integer"])
+def test_serving_tree_and_file_give_the_same_integers(requant, tmp_path):
+  model, x, int_vars = _residual(requant)
+  apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
+  want = apply(int_vars, x)
+  serving = qjax.for_serving(int_vars)
+  assert len(jax.tree_util.tree_leaves(serving)) < len(jax.tree_util.tree_leaves(int_vars))
+  np.testing.assert_array_equal(apply(serving, x), want)
+  path = tmp_path / "residual.qjax"
+  qio.save(path, serving)
+  np.testing.assert_array_equal(apply(qio.load(path), x), want)
+
+
+def _int_to_float_conversions(requant: str) -> list:
+  model, x, int_vars = _residual(requant)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x).jaxpr
+  # integer data (not a scalar qparam, as the Quantize boundary's zero point) turned float
+  return [e for e in cases.all_eqns(jaxpr) if e.primitive.name == "convert_element_type"
+          and jnp.issubdtype(e.invars[0].aval.dtype, jnp.integer)
+          and jnp.issubdtype(e.outvars[0].aval.dtype, jnp.floating) and e.outvars[0].aval.ndim]
+
+
+def test_integer_requant_keeps_the_residual_model_integer():
+  # the detector sees the float requantizers of the default mode ...
+  assert len(_int_to_float_conversions("fbgemm")) > 1
+  # ... and with requant="integer" only the Dequantize turns integers into floats
+  assert len(_int_to_float_conversions("integer")) == 1
