@@ -777,7 +777,7 @@ def _layer_view(path: str, op: Any, shift: int, flatten: Sequence[int] | None) -
   if report is None:
     raise ValueError(f"to_torch_view: {path} has no report (its scales): this is a "
                      f"qjax.for_serving tree. Pass convert's output.")
-  q = np.asarray(op.kernel)
+  q = np.asarray(op.kernel.qvalue)
   if q.ndim == 2:  # Dense: stored (out, in), torch's layout already
     weight = q
     if flatten is not None:
@@ -793,7 +793,7 @@ def _layer_view(path: str, op: Any, shift: int, flatten: Sequence[int] | None) -
       raise ValueError(f"to_torch_view: flatten_from names '{path}', a convolution; it "
                        f"applies to the Dense layer that takes a flattened conv output.")
     weight = np.transpose(q, (n + 1, n) + tuple(range(n)))
-  scale = np.asarray(report["weight_scale"], np.float32)
+  scale = np.asarray(op.kernel.scale, np.float32)
   out_scale, out_zero = _grid_view(report["output_scale"], report["output_zero_point"], shift,
                                    f"{path}/output")
   in_scale, in_zero = _grid_view(report["input_scale"], report["input_zero_point"], shift,
@@ -847,12 +847,14 @@ def to_torch_view(int_vars: Mapping[str, Any], *, activation_spec: QuantSpec = T
   Example:
     >>> from qjax.integer import FloatRequant
     >>> from qjax.integer.forms import Int8Dense
+    >>> from qjax.qarray import quantize_array
+    >>> w = quantize_array(jnp.array([[0.5, -1.0], [2.0, 0.25]]),
+    ...                    QuantSpec(bits=8, signed=True, symmetric=True, axis=0))
     >>> op = Int8Dense(
-    ...     kernel=jnp.array([[64, -127], [127, 16]], jnp.int8), offset=jnp.zeros(2, jnp.int32),
+    ...     kernel=w, offset=jnp.zeros(2, jnp.int32),
     ...     requant=FloatRequant(multiplier=jnp.float32(0.1), zero_point=jnp.int32(-128),
     ...                          lo=-128, hi=127, relu=False),
     ...     report={"input_scale": jnp.float32(0.1), "input_zero_point": jnp.int32(-128),
-    ...             "weight_scale": jnp.array([0.0078, 0.0157], jnp.float32),
     ...             "output_scale": jnp.float32(0.1), "output_zero_point": jnp.int32(-128)})
     >>> view = to_torch_view({"converted": {"fc": {"op": op}}})
     >>> view["fc"]["weight"], view["fc"]["zero_point"]

@@ -176,7 +176,9 @@ def _best_reference(keys: tuple[Any, ...], leaf: Any, float_variables: Any
   approx = _represented(leaf)
   best: tuple[float | None, str | None, tuple[int, ...] | None] = (None, None, None)
   rest = keys[1:]
-  for ref_keys in dict.fromkeys((("params", *rest), keys, rest)):
+  # a converted op's kernel sits at converted/<layer>/op/kernel; its float one at <layer>/kernel
+  layer = tuple(k for k in rest if k != "op")
+  for ref_keys in dict.fromkeys((("params", *rest), keys, rest, ("params", *layer))):
     ref = _lookup(float_variables, ref_keys) if ref_keys else None
     if (ref is None or qarray.is_qarray(ref) or not hasattr(ref, "dtype")
         or not jnp.issubdtype(ref.dtype, jnp.floating) or np.ndim(ref) != approx.ndim):

@@ -291,7 +291,7 @@ def ref_forward(layers, spec: QuantSpec, int_vars: dict, x: np.ndarray,
       q = ref_max_pool(q, layer.window, layer.strides)
       continue
     lv = v[layer.name]["op"]
-    kernel = np.asarray(lv.kernel)
+    kernel = np.asarray(lv.kernel.qvalue)
     if isinstance(layer, Dense):
       acc = ref.matmul(q, kernel)
     else:
@@ -388,11 +388,11 @@ def assert_documented_variables(arch: str, config: str, requant: str):
     s_w = np.asarray(qp["weight"]["scale"], np.float32)
     np.testing.assert_array_equal(qp["weight"]["zero_point"], 0)
     q_w = ref.quantize(kernel, w_spec, s_w, np.zeros(s_w.shape, np.int32)).astype(np.int64)
-    stored = np.asarray(lv.kernel)
+    stored = np.asarray(lv.kernel.qvalue)
     assert stored.dtype == np.int8
     np.testing.assert_array_equal(stored, q_w.T if dense else q_w)
     report = lv.report
-    np.testing.assert_array_equal(report["weight_scale"], s_w)
+    np.testing.assert_array_equal(lv.kernel.scale, s_w)
     s_y, z_y = _grid_np(qp["output"], spec)
     np.testing.assert_array_equal(report["input_scale"], s_in)
     np.testing.assert_array_equal(report["input_zero_point"], z_in)
@@ -574,8 +574,9 @@ def _with_integer_biases(model, variables: dict, int_vars: dict) -> dict:
   rne(b / (S_x S_w)) S_x S_w."""
   params = jax.device_get(variables["params"])
   for layer in (l for l in model.layers if isinstance(l, (Dense, Conv))):
-    report = jax.device_get(int_vars[integer.COLLECTION][layer.name]["op"].report)
-    grid = np.float64(report["input_scale"]) * report["weight_scale"].astype(np.float64)
+    op = jax.device_get(int_vars[integer.COLLECTION][layer.name]["op"])
+    report = op.report
+    grid = np.float64(report["input_scale"]) * np.asarray(op.kernel.scale, np.float64)
     params[layer.name]["bias"] = (report["bias"] * grid).astype(np.float32)
   return {**variables, "params": params}
 
@@ -710,9 +711,9 @@ def test_power_of_two_scales_make_qat_and_int8_identical(arch):
   q_int = outs[first.name].astype(np.float64)
   q_in = outs["quant"].astype(np.int64)
   if isinstance(first, Dense):
-    acc = ref.matmul(q_in.reshape((q_in.shape[0], -1)), np.asarray(lv.kernel))
+    acc = ref.matmul(q_in.reshape((q_in.shape[0], -1)), np.asarray(lv.kernel.qvalue))
   else:
-    acc = ref.conv(q_in, np.asarray(lv.kernel), strides=first.strides,
+    acc = ref.conv(q_in, np.asarray(lv.kernel.qvalue), strides=first.strides,
                    padding=_conv_pads(first, q_in.shape[1:-1]), dilation=first.dilation,
                    groups=first.groups, pad_value=int(lv.pad_value))
   # The offset holds -Z_x sum_k q_w and the int32 bias.
@@ -935,7 +936,7 @@ def test_largest_k_converts_and_is_exact():
   np.testing.assert_array_equal(q_in[1], 127)
   np.testing.assert_array_equal(q_in[2], 255)  # beyond the reduced grid, not clamped
   wide = int_vars[integer.COLLECTION]["wide"]["op"]
-  np.testing.assert_array_equal(np.asarray(wide.kernel), 127)
+  np.testing.assert_array_equal(np.asarray(wide.kernel.qvalue), 127)
   np.testing.assert_array_equal(outs["wide"], expected["wide"])
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_allclose(y[1], [k], rtol=0.01)  # acc' = 127 * 127 K

@@ -56,8 +56,8 @@ def test_weights_changed_after_calibration_are_observed():
   variables = _scaled(_calibrated(model), "fc", 3.0)
   int_vars = qjax.convert(model, variables, X[:2])
   fc = int_vars[integer.COLLECTION]["fc"]["op"]  # kernel (out, in), per-channel scales
-  scale = np.asarray(fc.report["weight_scale"])[:, None]
-  error = np.abs(np.asarray(fc.kernel, np.float32) * scale
+  scale = np.asarray(fc.kernel.scale)[:, None]
+  error = np.abs(np.asarray(fc.kernel.qvalue, np.float32) * scale
                  - np.asarray(variables["params"]["fc"]["kernel"]).T)
   assert np.all(error <= scale * 0.501)  # 127.5 steps: 127
   with pytest.raises(ValueError, match=r"convert: fc: \d+ of 720 weights lie outside their "
@@ -74,8 +74,8 @@ def test_unchanged_weights_convert_as_calibrated():
   for layer in ("conv", "fc"):
     op = observed[integer.COLLECTION][layer]["op"]
     op_stats = stats[integer.COLLECTION][layer]["op"]
-    np.testing.assert_array_equal(op.kernel, op_stats.kernel)
-    np.testing.assert_array_equal(op.report["weight_scale"], op_stats.report["weight_scale"])
+    np.testing.assert_array_equal(op.kernel.qvalue, op_stats.kernel.qvalue)
+    np.testing.assert_array_equal(op.kernel.scale, op_stats.kernel.scale)
 
 
 def test_moving_average_that_lags_is_refused_and_fresh_observes_anew():
@@ -87,7 +87,7 @@ def test_moving_average_that_lags_is_refused_and_fresh_observes_anew():
   with pytest.raises(ValueError, match=r"convert: conv: \d+ of 72 weights lie outside"):
     qjax.convert(model, variables, X[:2])
   int_vars = qjax.convert(model, variables, X[:2], weights="fresh")
-  kernel = np.asarray(int_vars[integer.COLLECTION]["conv"]["op"].kernel).astype(np.int32)
+  kernel = np.asarray(int_vars[integer.COLLECTION]["conv"]["op"].kernel.qvalue).astype(np.int32)
   assert np.all(np.abs(kernel).max(axis=(0, 1, 2)) >= 127)  # each channel spans its grid
 
 

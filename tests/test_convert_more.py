@@ -61,7 +61,7 @@ def test_same_integers_fewer_leaves(calibrated, requant):
   np.testing.assert_array_equal(np.asarray(conv.pad_value),
                                 np.asarray(full_ops["conv"]["op"].report["input_zero_point"]))
   # The offset is -Z_x sum_k q_w, plus the int32 bias of "float" / "integer" (exactly).
-  colsum = np.asarray(fc1.kernel, np.int64).sum(axis=1)
+  colsum = np.asarray(fc1.kernel.qvalue, np.int64).sum(axis=1)
   zero_offset = -int(full_fc1.report["input_zero_point"]) * colsum
   if requant != "fbgemm":
     assert full_fc1.report["bias"].dtype == jnp.int32
@@ -158,7 +158,7 @@ def test_learned_scales_are_the_converted_grids():
   int_vars = qjax.convert(model, variables, x)
   layers = {path: entry["op"] for path, entry in int_vars[integer.COLLECTION].items()}
   fc1 = layers["fc1"].report
-  np.testing.assert_array_equal(fc1["weight_scale"], params["fc1"]["weight"]["scale"])
+  np.testing.assert_array_equal(layers["fc1"].kernel.scale, params["fc1"]["weight"]["scale"])
   np.testing.assert_array_equal(fc1["output_scale"], params["fc1"]["output"]["scale"])
   z_out = np.round(params["fc1"]["output"]["zero_point"]).astype(np.int32) - 128
   # rne(Z) on the uint8 grid, carried shifted by -128

@@ -304,17 +304,16 @@ def test_weights_bias_and_grids_match_torch(arch, requant):
     report = ours.report
     weight = module.weight()
     q_w = weight.int_repr().numpy().astype(np.int64)  # (out, in, ...)
-    kernel = np.asarray(ours.kernel).astype(np.int64)
+    kernel = np.asarray(ours.kernel.qvalue).astype(np.int64)
     if kernel.ndim == 4:  # HWIO -> OIHW
       kernel = kernel.transpose(3, 2, 0, 1)
     elif arch == "lenet" and name == "fc1":  # rows in (h, w, c) order -> torch's (c, h, w)
       kernel = kernel.reshape(120, 5, 5, 16).transpose(0, 3, 1, 2).reshape(120, 400)
     np.testing.assert_array_equal(kernel, q_w, err_msg=f"{name} int8 weights")
     w_scale = weight.q_per_channel_scales().numpy().astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(report["weight_scale"]), w_scale, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(ours.kernel.scale), w_scale, err_msg=name)
     assert not weight.q_per_channel_zero_points().numpy().any(), name
-    # qjax's op stores no weight zero point: its kernel is symmetric (zero point 0), which the
-    # offset -Z_x sum_k q_w checked below assumes (no Z_w term).
+    assert not np.asarray(ours.kernel.zero_point).any(), name  # symmetric, as torch's
 
     x_scale, x_zero = setup.torch_run.grids[_producer(arch, name)]
     z_in = x_zero - arith.int8_shift(ACT_SPEC)

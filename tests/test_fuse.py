@@ -662,9 +662,9 @@ def test_convert_folded_bn_layers(requant):
   assert set(ops) == {"Quantize_0", "c1", "d1", "out", "Dequantize_0"}
   assert "batch_stats" not in int_vars and "params" not in int_vars
   kernel, bias = folded_kernel_and_bias(variables["params"]["c1"], variables["batch_stats"]["c1"])
-  w_scale = np.asarray(ops["c1"]["op"].report["weight_scale"])
+  w_scale = np.asarray(ops["c1"]["op"].kernel.scale)
   np.testing.assert_array_equal(
-      np.asarray(ops["c1"]["op"].kernel),
+      np.asarray(ops["c1"]["op"].kernel.qvalue),
       np.clip(np.rint(np.asarray(kernel) / w_scale), -128, 127).astype(np.int8))
   y_int = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False, mode="int8"))(
       int_vars, x))

@@ -217,13 +217,14 @@ def _dense(kind, report="dict"):
     report = {"input_scale": jnp.float32(0.02), "weight_scale": jnp.full(3, 0.1, jnp.float32),
               "nested": {"bias": jnp.asarray(_random_array("float32", (3,))), "none": None,
                          "pair": (jnp.int8(-1), [jnp.asarray(_random_array("bfloat16", (2,)))])}}
-  return Int8Dense(kernel=jnp.asarray(RNG.integers(-127, 128, (3, 4)), jnp.int8),
+  return Int8Dense(kernel=_random_qarray(QuantSpec(bits=8, symmetric=True, axis=0), (3, 4)),
                    offset=jnp.asarray(RNG.integers(-1000, 1000, 3), jnp.int32),
                    requant=_requantizer(kind, 3, relu=True), report=report)
 
 
 def _conv(kind, padding):
-  return Int8Conv(kernel=jnp.asarray(RNG.integers(-127, 128, (3, 3, 2, 4)), jnp.int8),
+  return Int8Conv(kernel=_random_qarray(QuantSpec(bits=8, symmetric=True, axis=-1),
+                                        (3, 3, 2, 4)),
                   offset=jnp.zeros(4, jnp.int32), pad_value=jnp.int32(-5),
                   requant=_requantizer(kind, 4, lo=-64, hi=63), report=None, strides=(2, 1),
                   padding=padding, dilation=(1, 2), groups=1)
@@ -357,8 +358,9 @@ def test_every_kind_of_static_value_roundtrips():
      r"at converted/Dense_0/op: expected a dict with keys \['kernel'\], found a struct "
      r"Int8Dense\(\)"),
     (lambda t: {**t, "converted": {**t["converted"], "Dense_0": {"op": dataclasses.replace(
-        t["converted"]["Dense_0"]["op"], kernel=jnp.zeros((3, 5), jnp.int8))}}},
-     r"at converted/Dense_0/op/kernel: expected int8\[3, 5\], found int8\[3, 4\]"),
+        t["converted"]["Dense_0"]["op"],
+        kernel=_random_qarray(QuantSpec(bits=8, symmetric=True, axis=0), (3, 5)))}}},
+     r"at converted/Dense_0/op/kernel/qvalue: expected int8\[3, 5\], found int8\[3, 4\]"),
     (lambda t: {**t, "converted": {**t["converted"], "Dense_0": {"op": dataclasses.replace(
         t["converted"]["Dense_0"]["op"], requant=_requantizer("float", 3, relu=False))}}},
      r"at converted/Dense_0/op/requant/relu: expected the FloatRequant static value False, "

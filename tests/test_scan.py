@@ -78,7 +78,7 @@ def _op(int_vars: Any, *path: str) -> Any:
 
 def _dense_step(q: np.ndarray, dense: Any) -> np.ndarray:
   """One converted Dense (fbgemm requantizer), in NumPy integers."""
-  acc = ref.matmul(q, np.asarray(dense.kernel)) + np.asarray(dense.offset, np.int64)
+  acc = ref.matmul(q, np.asarray(dense.kernel.qvalue)) + np.asarray(dense.offset, np.int64)
   r = dense.requant
   return ref.requantize_fbgemm(acc, np.asarray(r.bias), np.asarray(r.multiplier),
                                np.asarray(r.zero_point), r.lo, r.hi, r.relu)

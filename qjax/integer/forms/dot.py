@@ -24,7 +24,8 @@ from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer.forms.base import Form, Lowering, WeightRequest
 from qjax.integer.forms.boundary import QuantizeOp
-from qjax.integer.forms.linear import check_weight_grid
+from qjax.integer.forms.linear import check_weight_grid, int8_weights
+from qjax.qarray import QArray
 
 
 def _nan_for_nonfinite_samples(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -45,16 +46,19 @@ class QuantizedDot:
 
   Example:
     >>> from qjax.numerics import QuantSpec
+    >>> from qjax.qarray import QArray
+    >>> w = QArray(jnp.array([[2, -1]], jnp.int8), jnp.float32(0.5), jnp.int32(0),
+    ...            QuantSpec(bits=8, signed=True, symmetric=True))
     >>> op = QuantizedDot(input=QuantizeOp(scale=jnp.float32(0.5), zero_point=jnp.int32(0),
     ...                                    spec=QuantSpec(bits=8, signed=True)),
-    ...                   kernel=jnp.array([[2, -1]], jnp.int8),
+    ...                   kernel=w,
     ...                   offset=jnp.zeros(1, jnp.int32), scale=jnp.float32(0.25))
     >>> op(jnp.array([[1.0, 2.0]]))   # q_x = (2, 4); 2 * 2 - 4 = 0
     Array([[0.]], dtype=float32)
   """
 
   input: QuantizeOp
-  kernel: jax.Array
+  kernel: QArray
   offset: jax.Array
   scale: jax.Array
 
@@ -65,7 +69,7 @@ class QuantizedDot:
                        f"(..., {self.kernel.shape[1]}) (its int8 kernel is "
                        f"{self.kernel.shape}, (out, in)).")
     q = self.input(jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype)))
-    acc = arith.matmul(q, self.kernel)
+    acc = arith.matmul(q, self.kernel.qvalue)
     acc = acc + self.offset.reshape((1,) * (acc.ndim - 1) + self.offset.shape)
     scale = self.scale.reshape((1,) * (acc.ndim - 1) + self.scale.shape) if self.scale.ndim else (
         self.scale)
@@ -79,7 +83,7 @@ class QuantizedConv:
   float32 f32(acc + offset) * scale. Static geometry as `Int8Conv`'s."""
 
   input: QuantizeOp
-  kernel: jax.Array
+  kernel: QArray
   offset: jax.Array
   scale: jax.Array
   strides: tuple[int, ...] = static()
@@ -96,7 +100,7 @@ class QuantizedConv:
     q = self.input(jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype)))
     pads = arith.conv_pads(self.padding, x.shape[1:-1], self.kernel.shape[:-2], self.strides,
                            self.dilation)
-    acc = arith.conv(q, self.kernel, strides=self.strides, padding=pads,
+    acc = arith.conv(q, self.kernel.qvalue, strides=self.strides, padding=pads,
                      dilation=self.dilation, feature_group_count=self.groups,
                      pad_value=self.input.zero_point)
     shape = (1,) * (acc.ndim - 1) + (-1,)
@@ -153,8 +157,9 @@ class DotForm(Form):
                           zero_point=jnp.asarray(x_grid.zero_point), spec=x_grid.spec)
     offset32, scale32 = jnp.asarray(offset, jnp.int32), jnp.asarray(scale)
     if self.conv is None:
-      return QuantizedDot(input=quantize, kernel=jnp.asarray(q_w8.T, jnp.int8), offset=offset32,
-                          scale=scale32)
+      return QuantizedDot(input=quantize, kernel=int8_weights(q_w8.T, w_scale, w_spec, axis=0),
+                          offset=offset32, scale=scale32)
     geometry: dict[str, Any] = dict(self.conv)
-    return QuantizedConv(input=quantize, kernel=jnp.asarray(q_w8, jnp.int8), offset=offset32,
+    return QuantizedConv(input=quantize, kernel=int8_weights(q_w8, w_scale, w_spec, axis=-1),
+                         offset=offset32,
                          scale=scale32, **geometry)

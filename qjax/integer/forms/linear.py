@@ -4,10 +4,11 @@
     acc' = acc + offset                         offset = -Z_x sum_k q_w[k, n] (+ int32 bias)
     q_y  = requant(acc')                        `qjax.integer.requant`: its type is the formula
 
-Weights are symmetric int8 (per output channel or per tensor); a Dense kernel is stored
-(N, K), output channel first (the fastest int8 GEMM layout of XLA:CPU, see `arith.matmul`),
-a Conv kernel HW..IO as in Flax. The lowered ops, `Int8Dense` and `Int8Conv`, hold what
-runs; their `report` field holds the float scales and the int32 bias that only reports read
+Weights are symmetric int8 (per output channel or per tensor), held as a `QArray`, the int8
+weight type the dynamic path uses too: a Dense kernel (N, K), output channel first (the
+fastest int8 GEMM layout of XLA:CPU, see `arith.matmul`; per-channel axis 0), a Conv kernel
+HW..IO as in Flax (axis -1). The lowered ops, `Int8Dense` and `Int8Conv`, hold what runs;
+their `report` field holds the activation grids and the int32 bias that only reports read
 (`qjax.integer.for_serving` drops it).
 """
 
@@ -26,6 +27,7 @@ from qjax.integer import arith
 from qjax.integer import requant as rq
 from qjax.integer.forms.base import Form, Lowering, WeightRequest, int8_input
 from qjax.numerics import QuantSpec
+from qjax.qarray import QArray
 
 _PADDINGS = ("SAME", "VALID")
 
@@ -34,14 +36,18 @@ _PADDINGS = ("SAME", "VALID")
 class Int8Dense:
   """A converted Dense: y = requant(x @ kernel^T + offset) on int8 x (..., K).
 
-  Leaves: `kernel` int8 (N, K); `offset` int32 (N,) = -Z_x sum_k q_w (+ the int32 bias of
-  "float" / "integer"); `requant` the requantizer; `report` None or {"input_scale",
-  "input_zero_point", "weight_scale", "output_scale", "output_zero_point", "bias"} (for
-  reports and `qjax.interop`; zero points on the int8 carrier grid; "bias" is the int32 bias
-  of "float" / "integer", already in `offset`).
+  Leaves: `kernel` a QArray of int8 (N, K) with its scales; `offset` int32 (N,) =
+  -Z_x sum_k q_w (+ the int32 bias of "float" / "integer"); `requant` the requantizer;
+  `report` None or {"input_scale", "input_zero_point", "output_scale", "output_zero_point",
+  "bias"} (for reports and `qjax.interop`; zero points on the int8 carrier grid; "bias" is
+  the int32 bias of "float" / "integer", already in `offset`).
 
   Example:
-    >>> op = Int8Dense(kernel=jnp.array([[1, 2]], jnp.int8), offset=jnp.zeros(1, jnp.int32),
+    >>> from qjax.qarray import QArray
+    >>> from qjax.numerics import QuantSpec
+    >>> w = QArray(jnp.array([[1, 2]], jnp.int8), jnp.float32(0.1), jnp.int32(0),
+    ...            QuantSpec(bits=8, signed=True, symmetric=True))
+    >>> op = Int8Dense(kernel=w, offset=jnp.zeros(1, jnp.int32),
     ...                requant=rq.FloatRequant(multiplier=jnp.float32(1.0),
     ...                                        zero_point=jnp.int32(0), lo=-128, hi=127,
     ...                                        relu=False))
@@ -49,7 +55,7 @@ class Int8Dense:
     Array([[11]], dtype=int8)
   """
 
-  kernel: jax.Array
+  kernel: QArray
   offset: jax.Array
   requant: rq.Requantizer
   report: dict | None = None
@@ -61,7 +67,7 @@ class Int8Dense:
                        f"(..., {self.kernel.shape[1]}) (its int8 kernel is "
                        f"{self.kernel.shape}, (out, in)). Apply the model to inputs of the "
                        f"shape it was converted with.")
-    acc = arith.matmul(x, self.kernel)
+    acc = arith.matmul(x, self.kernel.qvalue)
     return self.requant(acc + rq.channels(self.offset, acc.ndim))
 
 
@@ -72,7 +78,11 @@ class Int8Conv:
   `padding` is "SAME", "VALID" or explicit (low, high) pairs.
 
   Example:
-    >>> op = Int8Conv(kernel=jnp.ones((1, 1, 2, 1), jnp.int8), offset=jnp.zeros(1, jnp.int32),
+    >>> from qjax.qarray import QArray
+    >>> from qjax.numerics import QuantSpec
+    >>> w = QArray(jnp.ones((1, 1, 2, 1), jnp.int8), jnp.float32(0.1), jnp.int32(0),
+    ...            QuantSpec(bits=8, signed=True, symmetric=True))
+    >>> op = Int8Conv(kernel=w, offset=jnp.zeros(1, jnp.int32),
     ...               pad_value=jnp.int32(0),
     ...               requant=rq.FloatRequant(multiplier=jnp.float32(1.0),
     ...                                       zero_point=jnp.int32(0), lo=-128, hi=127,
@@ -83,7 +93,7 @@ class Int8Conv:
            [6, 6]], dtype=int8)
   """
 
-  kernel: jax.Array
+  kernel: QArray
   offset: jax.Array
   pad_value: jax.Array
   requant: rq.Requantizer
@@ -95,7 +105,7 @@ class Int8Conv:
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = int8_input(x, "a converted Conv")
-    kernel = self.kernel
+    kernel = self.kernel.qvalue
     channels_in = kernel.shape[-2] * self.groups
     if x.ndim not in (kernel.ndim - 1, kernel.ndim) or x.shape[-1] != channels_in:
       raise ValueError(f"the input has shape {x.shape}, but this converted layer takes "
@@ -221,19 +231,29 @@ class LinearForm(Form):
           f"Split the layer, use fewer weight bits, or keep it in float (qconfig None).")
     report = {"input_scale": jnp.asarray(x_grid.scale),
               "input_zero_point": jnp.asarray(x_grid.zero_point),
-              "weight_scale": jnp.asarray(w_scale),
               "output_scale": jnp.asarray(y_grid.scale),
               "output_zero_point": jnp.asarray(y_grid.zero_point)}
     if bias_q is not None:
       report["bias"] = jnp.asarray(bias_q, jnp.int32)
     offset32 = jnp.asarray(total, jnp.int32)
     if self.conv is None:  # Dense: output channel first for the int8 GEMM
-      return Int8Dense(kernel=jnp.asarray(q_w8.T, jnp.int8), offset=offset32, requant=requant,
-                       report=report)
+      return Int8Dense(kernel=int8_weights(q_w8.T, w_scale, w_spec, axis=0), offset=offset32,
+                       requant=requant, report=report)
     geometry: dict[str, Any] = dict(self.conv)
-    return Int8Conv(kernel=jnp.asarray(q_w8, jnp.int8), offset=offset32,
+    return Int8Conv(kernel=int8_weights(q_w8, w_scale, w_spec, axis=-1), offset=offset32,
                     pad_value=jnp.asarray(x_grid.zero_point, jnp.int32), requant=requant,
                     report=report, **geometry)
+
+
+def int8_weights(q8: np.ndarray, scale: np.ndarray, spec: QuantSpec, *, axis: int) -> QArray:
+  """The int8 weight type of the integer path (static and dynamic): a symmetric QArray of
+  `q8` (values already on the int8 carrier) with its per-channel (along `axis`) or per-tensor
+  scales; an unsigned spec is stored as its signed counterpart."""
+  stored = QuantSpec(bits=spec.bits, signed=True, symmetric=True,
+                     narrow_range=spec.narrow_range, axis=axis if spec.per_channel else None)
+  scale = np.asarray(scale, np.float32)
+  return QArray(jnp.asarray(q8, jnp.int8), jnp.asarray(scale),
+                jnp.zeros(scale.shape, jnp.int32), stored)
 
 
 def check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np.ndarray,
