@@ -1,0 +1,267 @@
+"""A residual CNN, converted by qjax and by PyTorch 2.13 eager mode, layer by layer.
+
+The model (tests/torch_models.TorchResNetTiny and its qjax twin below): a conv-BN-ReLU stem, a
+block joined by FloatFunctional.add_relu, a strided block with a 1x1 projection shortcut
+joined by add, two 1x1 branches joined by cat, global average pooling and a Linear. torch
+fuses conv-BN(-ReLU) in eval mode, prepares with get_default_qconfig("x86"), calibrates and
+converts; qjax takes the fused float weights, calibrates the same batches and converts.
+
+As in test_convert_torch, qjax's activation observers are pinned to torch's final states
+(XLA and torch sum float forwards in different orders: a calibrated range may differ in its
+last ulp), so that both convert with identical grids. Each qjax module then runs on torch's
+own input integers and must give torch's int_repr on every entry, and so must the chained
+int8 model.
+
+Which torch kernels run. Convolutions and Linear: fbgemm (the engine is pinned, see
+test_convert_torch). Add, cat and the pools run vectorized bodies with a scalar tail whose
+float order differs (tests/reference.py); the shapes here are multiples of the vector
+widths (64 elements for add, 8 channels for cat and the pool) and torch runs on one thread
+(more threads split an add into pieces, each with a tail), so every element takes the
+vectorized body, which is what qjax computes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+torch = pytest.importorskip("torch")
+
+import qjax  # noqa: E402
+import qjax.nn as qnn  # noqa: E402
+import torch_models  # noqa: E402
+from qjax.integer import forms  # noqa: E402
+
+WIDTH, BRANCHES, CLASSES, SIZE = 16, (8, 16), 10, 12
+BATCH, CALIB_BATCHES = 16, 3
+QCONFIG = qnn.get_default_qconfig("x86")
+CONVS = {  # name: (features, window, stride, padding, fused ReLU)
+    "stem": (WIDTH, 3, 1, 1, True),
+    "b1_conv1": (WIDTH, 3, 1, 1, True),
+    "b1_conv2": (WIDTH, 3, 1, 1, False),
+    "b2_conv1": (2 * WIDTH, 3, 2, 1, True),
+    "b2_conv2": (2 * WIDTH, 3, 1, 1, False),
+    "b2_proj": (2 * WIDTH, 1, 2, 0, False),
+    "br1": (BRANCHES[0], 1, 1, 0, True),
+    "br2": (BRANCHES[1], 1, 1, 0, True),
+}
+MODULES = (*CONVS, "add1", "add2", "cat", "pool", "fc")
+
+
+class QResNetTiny(nn.Module):
+  """TorchResNetTiny in qjax's modules, each named as its torch twin."""
+
+  @nn.compact
+  def __call__(self, x, mode="float"):
+    def conv(name):
+      features, window, stride, pad, relu = CONVS[name]
+      return qnn.QuantConv(features, (window, window), strides=stride,
+                           padding=((pad, pad), (pad, pad)), qconfig=QCONFIG,
+                           activation=nn.relu if relu else None, name=name)
+
+    x = qnn.Quantize(qconfig=QCONFIG, name="quant")(x, mode=mode)
+    stem = conv("stem")(x, mode=mode)
+    y = conv("b1_conv2")(conv("b1_conv1")(stem, mode=mode), mode=mode)
+    y = qnn.QuantAdd(qconfig=QCONFIG, relu=True, name="add1")(y, stem, mode=mode)
+    z = conv("b2_conv2")(conv("b2_conv1")(y, mode=mode), mode=mode)
+    z = qnn.QuantAdd(qconfig=QCONFIG, name="add2")(z, conv("b2_proj")(y, mode=mode), mode=mode)
+    z = qnn.QuantConcat(qconfig=QCONFIG, name="cat")(
+        [conv("br1")(z, mode=mode), conv("br2")(z, mode=mode)], mode=mode)
+    z = qnn.AvgPool(name="pool")(z, mode=mode)
+    y = qnn.QuantDense(CLASSES, qconfig=QCONFIG, name="fc")(z, mode=mode)
+    return qnn.Dequantize(name="dequant")(y, mode=mode)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def torch_engine():
+  """fbgemm (CPU-independent convolutions) on one thread (no split adds)."""
+  previous, threads = torch.backends.quantized.engine, torch.get_num_threads()
+  torch.backends.quantized.engine = "fbgemm"
+  torch.set_num_threads(1)
+  yield
+  torch.backends.quantized.engine = previous
+  torch.set_num_threads(threads)
+
+
+def _nhwc(t: np.ndarray) -> np.ndarray:
+  return t.transpose(0, 2, 3, 1) if t.ndim == 4 else t
+
+
+def _carrier(q: np.ndarray) -> jax.Array:
+  """torch's quint8 int_repr (NCHW) as qjax's int8 carrier (NHWC)."""
+  return jnp.asarray(_nhwc(q).astype(np.int16) - 128, jnp.int8)
+
+
+def _torch_values(q8) -> np.ndarray:
+  """qjax's int8 carrier (NHWC) as torch's int_repr values (NCHW layout)."""
+  q = np.asarray(q8).astype(np.int64) + 128
+  return q.transpose(0, 3, 1, 2) if q.ndim == 4 else q
+
+
+def _flax_params(fused) -> dict:
+  params = {}
+  for name in CONVS:
+    module = getattr(fused, name)
+    conv = module[0] if isinstance(module, torch.nn.Sequential) else module
+    params[name] = {"kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0).copy(),
+                    "bias": conv.bias.detach().numpy().copy()}
+  params["fc"] = {"kernel": fused.fc.weight.detach().numpy().T.copy(),
+                  "bias": fused.fc.bias.detach().numpy().copy()}
+  return params
+
+
+def _points(tmodel) -> dict:
+  """torch observer owner -> the qjax point that observes the same tensor."""
+  return {"quant": "quant", **{name: f"{name}/output" for name in (*CONVS, "fc")},
+          "add1": "add1/output", "add2": "add2/output", "cat": "cat/output"}
+
+
+def _pinned(stats, tmodel) -> dict:
+  flat = traverse_util.flatten_dict(jax.device_get(stats), sep="/")
+  for owner, path in _points(tmodel).items():
+    module = getattr(tmodel, owner)
+    observer = torch_models.observer(module.activation_post_process)
+    times = 2 if torch_models.observes_twice(module) else 1
+    flat[f"{path}/min_val"] = np.float32(observer.min_val.item())
+    flat[f"{path}/max_val"] = np.float32(observer.max_val.item())
+    flat[f"{path}/histogram"] = (observer.histogram.numpy() / times).astype(np.float32)
+  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+  import copy
+  from torch.ao import quantization as tq
+  generator = torch.Generator().manual_seed(0)
+  torch.manual_seed(0)
+  model = torch_models.randomize_batch_norms(
+      torch_models.TorchResNetTiny(in_channels=1, width=WIDTH, branch_widths=BRANCHES,
+                                   num_classes=CLASSES), generator)
+  rng = np.random.default_rng(0)
+  calib = [rng.normal(size=(BATCH, 1, SIZE, SIZE)).astype(np.float32)
+           for _ in range(CALIB_BATCHES)]
+  x_eval = rng.normal(size=(BATCH, 1, SIZE, SIZE)).astype(np.float32)
+
+  with torch.no_grad():
+    tmodel = torch_models.fuse_resnet_tiny(copy.deepcopy(model))
+    params = _flax_params(tmodel)
+    tmodel.qconfig = tq.get_default_qconfig("x86")
+    tq.prepare(tmodel, inplace=True)
+    for x in calib:
+      tmodel(torch.from_numpy(x))
+  qmodel = QResNetTiny()
+  batches = [jnp.asarray(_nhwc(x)) for x in calib]
+  variables = qmodel.init(jax.random.key(0), batches[0])
+  variables = {"params": jax.tree_util.tree_map(jnp.asarray, params),
+               "quant_stats": variables["quant_stats"]}
+  variables = qnn.calibrate(qmodel, variables, batches)
+  own_stats = variables["quant_stats"]
+  variables = {**variables, "quant_stats": _pinned(own_stats, tmodel)}
+  tq.convert(tmodel, inplace=True)
+  _, captures = torch_models.run_quantized(tmodel, torch.from_numpy(x_eval), "fbgemm")
+  return qmodel, variables, own_stats, jnp.asarray(_nhwc(x_eval)), captures
+
+
+def _run(qmodel, int_vars, x, feeds):
+  """mode "int8" with the modules named in `feeds` taking those int8 inputs (a tuple of
+  positional arguments) instead of their producers' outputs; {module name: its output}."""
+  def substitute(next_fun, args, kwargs, context):
+    name = context.module.name
+    if context.method_name == "__call__" and name in feeds:
+      args = feeds[name]
+    return next_fun(*args, **kwargs)
+
+  def capture(module, method):
+    return method == "__call__" and module.name in MODULES
+
+  with nn.intercept_methods(substitute):
+    y, state = qmodel.apply(int_vars, x, mode="int8", mutable=["intermediates"],
+                            capture_intermediates=capture)
+  return y, {name: v["__call__"][0] for name, v in state["intermediates"].items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _int_vars(requant):
+  qmodel, variables, _, x, _ = _setup()
+  return qjax.convert(qmodel, variables, x[:2], requant=requant)
+
+
+def _torch_feeds(captures) -> dict:
+  feeds = {}
+  for name in MODULES:
+    inputs = [_carrier(c.int_repr) for c in captures[name]["inputs"]]
+    feeds[name] = (inputs,) if name == "cat" else tuple(inputs)
+  return feeds
+
+
+def test_calibration_agrees_with_torch_up_to_float_order():
+  """Before pinning: each activation range within a few float32 ulps of torch's."""
+  _, variables, own, _, _ = _setup()
+  pinned = traverse_util.flatten_dict(jax.device_get(variables["quant_stats"]), sep="/")
+  mine = traverse_util.flatten_dict(jax.device_get(own), sep="/")
+  for key in (k for k in pinned if k.endswith(("min_val", "max_val"))):
+    np.testing.assert_allclose(mine[key], pinned[key], rtol=2e-6, atol=1e-7, err_msg=key)
+
+
+def test_every_module_lowers_to_its_op():
+  kinds = {name: type(node[forms.OP]).__name__
+           for name, node in _int_vars("fbgemm")[forms.COLLECTION].items()}
+  assert kinds == {"quant": "QuantizeOp", **{n: "Int8Conv" for n in CONVS},
+                   "add1": "Int8Add", "add2": "Int8Add", "cat": "Int8Concat",
+                   "pool": "Int8AvgPool", "fc": "Int8Dense", "dequant": "DequantizeOp"}
+
+
+def test_each_module_matches_torch_on_torchs_inputs():
+  qmodel, _, _, x, captures = _setup()
+  _, outs = jax.jit(functools.partial(_run, qmodel))(_int_vars("fbgemm"), x,
+                                                      _torch_feeds(captures))
+  for name in MODULES:
+    theirs = captures[name]["output"].int_repr.astype(np.int64)
+    ours = _torch_values(outs[name])
+    if name == "pool":  # torch keeps (N, C, 1, 1) until its Flatten
+      theirs = theirs.reshape(theirs.shape[:2])
+    np.testing.assert_array_equal(ours, theirs, err_msg=name)
+
+
+def test_chained_int8_model_matches_torch():
+  qmodel, _, _, x, captures = _setup()
+  y, outs = jax.jit(functools.partial(_run, qmodel))(_int_vars("fbgemm"), x, {})
+  quant = captures["quant"]["output"].int_repr.astype(np.int64)
+  np.testing.assert_array_equal(_torch_values(_quantized_input(qmodel, x)), quant)
+  for name in MODULES:
+    theirs = captures[name]["output"].int_repr.astype(np.int64)
+    if name == "pool":
+      theirs = theirs.reshape(theirs.shape[:2])
+    np.testing.assert_array_equal(_torch_values(outs[name]), theirs, err_msg=name)
+  fc = captures["fc"]["output"]
+  torch_logits = (fc.int_repr.astype(np.int64) - fc.zero_point).astype(np.float32) * np.float32(
+      fc.scale)
+  np.testing.assert_array_equal(np.asarray(y), torch_logits)
+
+
+def _quantized_input(qmodel, x):
+  """The Quantize boundary's int8 output in the chained run."""
+  _, state = qmodel.apply(_int_vars("fbgemm"), x, mode="int8", mutable=["intermediates"],
+                          capture_intermediates=lambda m, method: m.name == "quant")
+  return state["intermediates"]["quant"]["__call__"][0]
+
+
+def test_integer_mode_stays_within_one_step_of_torch():
+  """requant="integer": the fixed-point requantizers, adds and concatenation round within
+  one step of torch's float ones, module by module on torch's inputs."""
+  qmodel, _, _, x, captures = _setup()
+  _, outs = jax.jit(functools.partial(_run, qmodel))(_int_vars("integer"), x,
+                                                      _torch_feeds(captures))
+  for name in MODULES:
+    theirs = captures[name]["output"].int_repr.astype(np.int64)
+    if name == "pool":
+      theirs = theirs.reshape(theirs.shape[:2])
+    diff = np.abs(_torch_values(outs[name]) - theirs)
+    assert diff.max() <= 1, (name, diff.max())
+    assert np.mean(diff == 0) >= 0.99, (name, np.mean(diff == 0))
