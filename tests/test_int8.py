@@ -100,7 +100,7 @@ def test_wider_than_8_bits_is_refused(spec):
 
 
 def test_as_requant():
-  as_requant, requant = qjax.integer.requantizers.as_requant, qjax.integer.Requant
+  as_requant, requant = qjax.integer.as_requant, qjax.integer.Requant
   assert as_requant("FBGEMM") is requant.FBGEMM
   assert as_requant(requant.INTEGER) is requant.INTEGER
   with pytest.raises(ValueError, match=r"\['float', 'integer', 'fbgemm'\].*got 'double'"):

@@ -9,7 +9,7 @@ stock Dense layers with int8 weights and per-batch activation qparams on the sam
 from qjax.integer import arith
 from qjax.integer import dynamic
 from qjax.integer import forms
-from qjax.integer import requant as requantizers
+from qjax.integer import requant
 from qjax.integer.conversion import convert
 from qjax.integer.conversion import for_serving
 from qjax.integer.conversion import trace_dataflow
@@ -18,6 +18,7 @@ from qjax.integer.requant import FbgemmRequant
 from qjax.integer.requant import FloatRequant
 from qjax.integer.requant import IntegerRequant
 from qjax.integer.requant import Requant
+from qjax.integer.requant import as_requant
 
 __all__ = (
     "COLLECTION",
@@ -26,10 +27,11 @@ __all__ = (
     "IntegerRequant",
     "Requant",
     "arith",
+    "as_requant",
     "convert",
     "dynamic",
     "for_serving",
     "forms",
-    "requantizers",
+    "requant",
     "trace_dataflow",
 )
