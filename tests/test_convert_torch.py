@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 torch = pytest.importorskip("torch")
 
@@ -177,20 +176,6 @@ class Setup(NamedTuple):
   torch_run: TorchRun
 
 
-def _pinned_stats(stats, tmodel, arch):
-  """qjax's quant_stats with every activation point's state replaced by its torch twin's
-  (histogram counts divided by the number of times torch observed each batch)."""
-  flat = traverse_util.flatten_dict(jax.device_get(stats), sep="/")
-  for owner, path in torch_models.activation_points(arch).items():
-    module = getattr(tmodel, owner)
-    observer = torch_models.observer(module.activation_post_process)
-    times = 2 if torch_models.observes_twice(module) else 1
-    flat[f"{path}/min_val"] = np.float32(observer.min_val.item())
-    flat[f"{path}/max_val"] = np.float32(observer.max_val.item())
-    flat[f"{path}/histogram"] = (observer.histogram.numpy() / times).astype(np.float32)
-  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-
-
 @functools.lru_cache(maxsize=None)
 def _setup(arch) -> Setup:
   weights = _trained_weights(arch)
@@ -215,7 +200,8 @@ def _setup(arch) -> Setup:
     scale, zero_point = torch_models.observer(getattr(tmodel, owner).activation_post_process
                                               ).calculate_qparams()
     torch_qparams[path] = (np.float32(scale.item()), int(zero_point.item()))
-  variables = {"params": params, "quant_stats": _pinned_stats(stats, tmodel, arch)}
+  pinned = torch_models.pinned_stats(stats, tmodel, torch_models.activation_points(arch))
+  variables = {"params": params, "quant_stats": pinned}
   tq.convert(tmodel, inplace=True)
   return Setup(qmodel, variables, own_qparams, torch_qparams, tmodel, calib, x_eval,
                _torch_int8_run(arch, tmodel, x_eval))

@@ -425,8 +425,8 @@ _DENSE = "converted/Dense_0/op"
      rf"at {_DENSE}: the child fields of the struct Int8Dense must be a map, found a list"),
     # Another registered type's name: its fields do not match.
     (_edit_struct(f"{_DENSE}/requant", lambda b: b.update(type="FbgemmRequant")),
-     rf"at {_DENSE}/requant: the struct FbgemmRequant has the child fields \['bias', "
-     r"'multiplier', 'zero_point'\], found \['multiplier', 'zero_point'\] \(missing \['bias'\]"),
+     rf"at {_DENSE}/requant: the struct FbgemmRequant has the child fields \['zero_point', "
+     r"'bias', 'multiplier'\], found \['zero_point', 'multiplier'\] \(missing \['bias'\]"),
     (_edit_struct("converted/Conv_0/op", _set_static("padding", b"SAME")),
      r"at converted/Conv_0/op/padding: a static value must be nil, a bool, an int, a float, a "
      r"str or a one-key map, found 4 bytes"),

@@ -118,22 +118,10 @@ def _flax_params(fused) -> dict:
   return params
 
 
-def _points(tmodel) -> dict:
+def _points() -> dict:
   """torch observer owner -> the qjax point that observes the same tensor."""
   return {"quant": "quant", **{name: f"{name}/output" for name in (*CONVS, "fc")},
           "add1": "add1/output", "add2": "add2/output", "cat": "cat/output"}
-
-
-def _pinned(stats, tmodel) -> dict:
-  flat = traverse_util.flatten_dict(jax.device_get(stats), sep="/")
-  for owner, path in _points(tmodel).items():
-    module = getattr(tmodel, owner)
-    observer = torch_models.observer(module.activation_post_process)
-    times = 2 if torch_models.observes_twice(module) else 1
-    flat[f"{path}/min_val"] = np.float32(observer.min_val.item())
-    flat[f"{path}/max_val"] = np.float32(observer.max_val.item())
-    flat[f"{path}/histogram"] = (observer.histogram.numpy() / times).astype(np.float32)
-  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,7 +152,8 @@ def _setup() -> "Setup":
                "quant_stats": variables["quant_stats"]}
   variables = qnn.calibrate(qmodel, variables, batches)
   own_stats = variables["quant_stats"]
-  variables = {**variables, "quant_stats": _pinned(own_stats, tmodel)}
+  variables = {**variables,
+               "quant_stats": torch_models.pinned_stats(own_stats, tmodel, _points())}
   prepared = copy.deepcopy(tmodel)
   tq.convert(tmodel, inplace=True)
   _, captures = torch_models.run_quantized(tmodel, torch.from_numpy(x_eval), "fbgemm")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 # The test modules that import this one skip without torch first; this skips the module's own
 # collection (pytest's --doctest-modules imports it) when torch is not installed.
@@ -232,6 +233,21 @@ def run_qjax(model, params, batches, mode, capture=None):
 def observer(module):
   """The observer inside a torch FakeQuantize / FusedMovingAvgObsFakeQuantize, or itself."""
   return getattr(module, "activation_post_process", module)
+
+
+def pinned_stats(stats, tmodel, points):
+  """qjax's quant_stats with each activation point's state replaced by its torch twin's:
+  `points` maps a torch observer owner (a module name of `tmodel`) to the qjax point's path;
+  histogram counts are divided by the number of times torch observed each batch."""
+  flat = traverse_util.flatten_dict(jax.device_get(stats), sep="/")
+  for owner, path in points.items():
+    module = getattr(tmodel, owner)
+    state = observer(module.activation_post_process)
+    times = 2 if observes_twice(module) else 1
+    flat[f"{path}/min_val"] = np.float32(state.min_val.item())
+    flat[f"{path}/max_val"] = np.float32(state.max_val.item())
+    flat[f"{path}/histogram"] = (state.histogram.numpy() / times).astype(np.float32)
+  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
 def observes_twice(owner):

@@ -14,6 +14,7 @@ the accumulator with the zero-point offset by the layer (it is part of its `offs
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 import jax
@@ -49,8 +50,19 @@ def channels(a: jax.Array, ndim: int) -> jax.Array:
   return a.reshape((1,) * (ndim - 1) + a.shape) if a.ndim == 1 else a
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _OutputGrid:
+  """What every requantizer shares: the output's zero point on the carrier grid (a leaf)
+  and, static, its int8 bounds and whether a ReLU is fused (clamp at the zero point)."""
+
+  zero_point: jax.Array
+  lo: int = static()
+  hi: int = static()
+  relu: bool = static()
+
+
 @struct
-class FbgemmRequant:
+class FbgemmRequant(_OutputGrid):
   """q = clamp(Z_y + rne((f32(acc) + bias) * multiplier), lo, hi): fbgemm's float-bias
   requantization (PyTorch's x86 quantized Linear and, with the fbgemm engine, Conv).
 
@@ -66,10 +78,6 @@ class FbgemmRequant:
 
   bias: jax.Array
   multiplier: jax.Array
-  zero_point: jax.Array
-  lo: int = static()
-  hi: int = static()
-  relu: bool = static()
 
   def __call__(self, acc: jax.Array) -> jax.Array:
     return arith.requantize_fbgemm(acc, channels(self.bias, acc.ndim),
@@ -78,7 +86,7 @@ class FbgemmRequant:
 
 
 @struct
-class FloatRequant:
+class FloatRequant(_OutputGrid):
   """q = clamp(Z_y + rne(f32(acc) * multiplier), lo, hi) (the int32 bias is in acc).
 
   Example:
@@ -89,10 +97,6 @@ class FloatRequant:
   """
 
   multiplier: jax.Array
-  zero_point: jax.Array
-  lo: int = static()
-  hi: int = static()
-  relu: bool = static()
 
   def __call__(self, acc: jax.Array) -> jax.Array:
     return arith.requantize_float(acc, channels(self.multiplier, acc.ndim), self.zero_point,
@@ -100,7 +104,7 @@ class FloatRequant:
 
 
 @struct
-class IntegerRequant:
+class IntegerRequant(_OutputGrid):
   """q = clamp(Z_y + floor((acc * m0 + 2^(shift-1)) / 2^shift), lo, hi): integers only.
 
   Example:
@@ -112,10 +116,6 @@ class IntegerRequant:
 
   m0: jax.Array
   shift: jax.Array
-  zero_point: jax.Array
-  lo: int = static()
-  hi: int = static()
-  relu: bool = static()
 
   def __call__(self, acc: jax.Array) -> jax.Array:
     return arith.requantize_integer(acc, channels(self.m0, acc.ndim),
