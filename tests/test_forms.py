@@ -282,3 +282,15 @@ def test_integer_requant_keeps_the_residual_model_integer():
   assert len(_int_to_float_conversions("fbgemm")) > 1
   # ... and with requant="integer" only the Dequantize turns integers into floats
   assert len(_int_to_float_conversions("integer")) == 1
+
+
+def test_layer_report_compares_converted_kernels_with_their_float_weights():
+  from qjax import report
+  model, x, int_vars = _residual("fbgemm")
+  variables = qnn.calibrate(model, model.init(jax.random.key(0), x), [x])
+  rows = {row.path: row for row in report.layer_report(int_vars, variables)}
+  for conv in ("QuantConv_0", "QuantConv_1", "QuantConv_2"):
+    row = rows[f"converted/{conv}/op/kernel"]
+    assert row.kind == "qarray" and row.reference == f"params/{conv}/kernel"
+    assert row.sqnr_db is not None and row.sqnr_db > 30, (conv, row.sqnr_db)
+  assert rows["converted/QuantDense_0/op/kernel"].reference_axes == (1, 0)  # (N, K) stored

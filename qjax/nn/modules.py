@@ -27,11 +27,12 @@ Modes, chosen per call like BatchNorm's `use_running_average`:
   "qat"        observers update when quant_stats is mutable (frozen otherwise, e.g. for
                evaluation), then values are fake-quantized with the observers' qparams and a
                straight-through gradient.
-  "int8"       the converted model (`qjax.convert.convert`): variables come from the "int8"
-               collection; `Quantize` turns the float input into int8, each `QuantDense` /
-               `QuantConv` runs int8 x int8 -> int32 and requantizes to int8, `Dequantize`
-               returns float. Only those modules (and grid-preserving ops such as reshape or
-               max pooling between them) may touch the int8 tensors.
+  "int8"       the converted model (`qjax.convert`): each module runs its typed op from the
+               "converted" collection; `Quantize` turns the float input into int8, each
+               `QuantDense` / `QuantConv` runs int8 x int8 -> int32 and requantizes to int8,
+               `QuantAdd` / `QuantConcat` / `AvgPool` join and pool int8 tensors,
+               `Dequantize` returns float. Only those modules (and grid-preserving ops such
+               as reshape or max pooling between them) may touch the int8 tensors.
 Observers never update while the model is being initialised.
 
 When the "quant_params" collection is mutable, every point also writes its current
