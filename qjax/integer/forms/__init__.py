@@ -15,6 +15,9 @@ from qjax.integer.forms.boundary import DequantizeForm
 from qjax.integer.forms.concat import ConcatForm
 from qjax.integer.forms.concat import Int8Concat
 from qjax.integer.forms.concat import IntegerConcat
+from qjax.integer.forms.dot import DotForm
+from qjax.integer.forms.dot import QuantizedConv
+from qjax.integer.forms.dot import QuantizedDot
 from qjax.integer.forms.boundary import DequantizeOp
 from qjax.integer.forms.boundary import QuantizeForm
 from qjax.integer.forms.boundary import QuantizeOp
@@ -32,6 +35,7 @@ __all__ = (
     "ConcatForm",
     "DequantizeForm",
     "DequantizeOp",
+    "DotForm",
     "Form",
     "Grid",
     "Int8Add",
@@ -46,5 +50,7 @@ __all__ = (
     "PoolForm",
     "QuantizeForm",
     "QuantizeOp",
+    "QuantizedConv",
+    "QuantizedDot",
     "WeightRequest",
 )
