@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from experiment_support import load_experiment, user_promotion_rules  # noqa: F401
+from support.experiments import load_experiment, user_promotion_rules  # noqa: F401
 
 from qjax.integer import arith
 

@@ -13,7 +13,7 @@ of `default_qconfig` and x86 may reach 255 beyond their calibrated range, where 
 fake-quant (QAT) forward clamps at 127.
 The reference (`ref_forward`) reads only the integer variables (the typed ops of the
 "converted" collection) and applies the formulas of the qjax.integer.arith docstring with
-NumPy (tests/reference.py's integer path).
+NumPy (tests/support/reference.py's integer path).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import optax
 import pytest
 from flax import traverse_util
 
-import cases
-import reference as ref
-from experiment_support import load_experiment
+from support import cases
+from support import reference as ref
+from support.experiments import load_experiment
 import qjax.nn as qnn
 import qjax
 from qjax import QuantSpec
@@ -275,7 +275,7 @@ def _conv_pads(layer: Conv, in_spatial) -> list[tuple[int, int]]:
 def ref_forward(layers, spec: QuantSpec, int_vars: dict, x: np.ndarray,
                 requant: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Every module's int8 output and the float output, from the integer variables: quantize
-  (tests/reference.py), then per layer acc = sum q_x q_w + offset (the int32 bias of "float"
+  (tests/support/reference.py), then per layer acc = sum q_x q_w + offset (the int32 bias of "float"
   / "integer" is part of the offset), requantized."""
   v = jax.device_get(int_vars[integer.COLLECTION])
   shift = ref.int8_shift(spec)

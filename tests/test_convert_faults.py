@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-import cases
+from support import cases
 import qjax
 import qjax.nn as qnn
 from qjax import integer

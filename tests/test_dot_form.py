@@ -21,8 +21,8 @@ from qjax import io as qio
 from qjax.integer import forms
 from qjax.integer.forms.dot import QuantizedConv, QuantizedDot
 
-import cases
-import reference as ref
+from support import cases
+from support import reference as ref
 
 X86 = qnn.get_default_qconfig("x86")
 QCONFIGS = {"x86": X86, "default": qnn.default_qconfig}

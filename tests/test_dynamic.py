@@ -19,8 +19,8 @@ from absl.testing import parameterized
 from qjax import QuantSpec, _float32, dynamic
 from qjax.qarray import QArray
 
-import cases
-import reference
+from support import cases
+from support import reference
 
 F32 = np.float32
 

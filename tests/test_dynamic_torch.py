@@ -17,8 +17,8 @@ import pytest
 
 from qjax import QuantSpec, dynamic, numerics
 
-import cases
-import reference
+from support import cases
+from support import reference
 
 torch = pytest.importorskip("torch")
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from experiment_support import load_experiment, user_promotion_rules  # noqa: F401
+from support.experiments import load_experiment, user_promotion_rules  # noqa: F401
 
 
 def _rows(results, scheme):

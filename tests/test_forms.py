@@ -18,8 +18,8 @@ from qjax import io as qio
 from qjax.integer import arith, forms
 from qjax.integer.forms.pool import divide_round_half_even
 
-import cases
-import reference as ref
+from support import cases
+from support import reference as ref
 
 QCONFIG = qnn.get_default_qconfig("x86")
 

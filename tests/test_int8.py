@@ -1,7 +1,7 @@
 """qjax.integer.arith, the integer math of one layer, against an independent NumPy int64
 reference.
 
-The reference is tests/reference.py's integer path (`ref.int8_shift` to
+The reference is tests/support/reference.py's integer path (`ref.int8_shift` to
 `ref.fbgemm_params`), written from the formulas in the qjax.integer.arith module docstring
 (not from its code): int64 sums of int8 products, explicit zero-point padding, requantization in
 Python / NumPy integer or float32 arithmetic, one IEEE operation at a time. Every test
@@ -36,8 +36,8 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-import cases
-import reference as ref
+from support import cases
+from support import reference as ref
 import qjax
 from qjax import QuantSpec
 from qjax.integer import arith

@@ -34,7 +34,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import cases  # noqa: E402
+from support import cases  # noqa: E402
 import qjax  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
 from qjax import interop  # noqa: E402

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from experiment_support import load_experiment
+from support.experiments import load_experiment
 
 mnist_data = load_experiment("mnist_data")
 

@@ -1,6 +1,6 @@
 """Whole-model parity of `qjax.nn` with PyTorch 2.13's eager-mode quantization (CPU).
 
-The MNIST MLP (784-100-100-10) and LeNet-5 of tests/torch_models.py are built twice with
+The MNIST MLP (784-100-100-10) and LeNet-5 of tests/support/torch_models.py are built twice with
 identical weights: in torch (QuantStub, fused Linear/Conv+ReLU, DeQuantStub; `prepare` or
 `prepare_qat`) and in Flax (Quantize, QuantDense / QuantConv, Dequantize). The same batches go
 through both, and every torch observer's state (min_val / max_val, the histogram) and
@@ -53,9 +53,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import cases  # noqa: E402
+from support import cases  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
-import torch_models  # noqa: E402
+from support import torch_models  # noqa: E402
 
 from torch.ao import quantization as tq  # noqa: E402
 

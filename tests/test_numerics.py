@@ -1,5 +1,5 @@
 """Core tests of `qjax.numerics`: properties, the documented rounding, jit/eager agreement with
-a NumPy reference (`tests/reference.py`), the error policy, and PyTorch-compatible constants.
+a NumPy reference (`tests/support/reference.py`), the error policy, and PyTorch-compatible constants.
 
 No PyTorch here; `tests/test_numerics_torch.py` holds the parity tests against torch.
 """
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-import cases
+from support import cases
 import qjax
-import reference as ref
+from support import reference as ref
 from qjax import QParams
 from qjax import QuantSpec
 

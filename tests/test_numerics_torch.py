@@ -49,9 +49,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import cases  # noqa: E402
+from support import cases  # noqa: E402
 import qjax  # noqa: E402
-import reference as ref  # noqa: E402
+from support import reference as ref  # noqa: E402
 from qjax import QParams, QuantSpec  # noqa: E402
 
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver  # noqa: E402

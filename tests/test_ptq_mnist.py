@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiment_support import load_experiment, user_promotion_rules  # noqa: F401  pylint: disable=unused-import
+from support.experiments import load_experiment, user_promotion_rules  # noqa: F401  pylint: disable=unused-import
 
 VARIANTS = ["float32", "float16", "bfloat16", "dynamic int8", "static fake-quant",
             "static int8 (float)", "static int8 (integer)", "static int8 (fbgemm)"]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from experiment_support import load_experiment, user_promotion_rules  # noqa: F401
+from support.experiments import load_experiment, user_promotion_rules  # noqa: F401
 
 QAT_VARIANTS = ("int8_qat", "int4_qat")
 

@@ -17,7 +17,7 @@ import qjax
 import qjax.nn as qnn
 from qjax.integer import forms
 
-import reference as ref
+from support import reference as ref
 
 X86 = qnn.get_default_qconfig("x86")        # uint8 activations, reduce_range: [0, 127]
 FULL = qnn.get_default_qconfig("qnnpack")   # uint8 activations on [0, 255]: another grid

@@ -27,7 +27,7 @@ would have failed on its data, so the data pins the rule. Seeds are fixed.
 
 The kernels of the other builds run in subprocesses with ATEN_CPU_CAPABILITY=avx2 / default
 (torch honours it below the CPU's own capability). The last tests quantize TorchResNetTiny
-(tests/torch_models.py) with torch's eager-mode flow and check its add_relu, add, cat and
+(tests/support/torch_models.py) with torch's eager-mode flow and check its add_relu, add, cat and
 adaptive average pool outputs against the references applied to the captured inputs.
 """
 
@@ -44,7 +44,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import reference as ref  # noqa: E402
+from support import reference as ref  # noqa: E402
 
 # Torch 2.13 announces the deprecation of its quantized dtypes on first use; they still work.
 pytestmark = [
@@ -490,7 +490,7 @@ def test_integer_add_close_to_exact():
 
 @pytest.fixture(scope="module")
 def resnet_tiny():
-  import torch_models as tm  # imports qjax.nn and flax: only these tests need them
+  from support import torch_models as tm  # imports qjax.nn and flax: only these tests need them
   gen = torch.Generator().manual_seed(0)
   torch.manual_seed(0)
   model = tm.randomize_batch_norms(tm.TorchResNetTiny(), gen).eval()

@@ -14,7 +14,7 @@ int8 model.
 
 Which torch kernels run. Convolutions and Linear: fbgemm (the engine is pinned, see
 test_convert_torch). Add, cat and the pools run vectorized bodies with a scalar tail whose
-float order differs (tests/reference.py); the shapes here are multiples of the vector
+float order differs (tests/support/reference.py); the shapes here are multiples of the vector
 widths (64 elements for add, 8 channels for cat and the pool) and torch runs on one thread
 (more threads split an add into pieces, each with a tail), so every element takes the
 vectorized body, which is what qjax computes.
@@ -36,8 +36,8 @@ torch = pytest.importorskip("torch")
 
 import qjax  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
-import reference as ref  # noqa: E402
-import torch_models  # noqa: E402
+from support import reference as ref  # noqa: E402
+from support import torch_models  # noqa: E402
 from qjax.integer import arith, forms  # noqa: E402
 
 WIDTH, BRANCHES, CLASSES, SIZE = 16, (8, 16), 10, 12

@@ -13,7 +13,7 @@ import qjax
 import qjax.nn as qnn
 from qjax.integer import forms
 
-import reference as ref
+from support import reference as ref
 
 QCONFIG = qnn.get_default_qconfig("x86")
 HIDDEN = 5

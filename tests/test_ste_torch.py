@@ -29,9 +29,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import cases  # noqa: E402
+from support import cases  # noqa: E402
 import qjax  # noqa: E402
-import reference as ref  # noqa: E402
+from support import reference as ref  # noqa: E402
 from qjax import QParams, QuantSpec  # noqa: E402
 
 # dScale / dZeroPoint: |qjax - torch| <= GRAD_SUM_RTOL * sum_i |term_i| + GRAD_SUM_ATOL, per

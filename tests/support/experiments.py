@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments"
 
 
 def load_experiment(name: str):
