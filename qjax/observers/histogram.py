@@ -43,8 +43,7 @@ import numpy as np
 from jax import lax
 
 from qjax import _checks
-from qjax._float32 import (dd_div, dd_mul, exact_div, f64_to_f32, fma, rounded, two_prod,
-                           two_sum)
+from qjax._float32 import (dd_div, dd_mul, exact_div, f64_to_f32, fma, rounded, two_sum)
 from qjax.observers.minmax import (HistogramState, _batch_data, _checked_range, _fits_float32,
                                    _min_and_max, _RangeObserver, _saturating_increment)
 
@@ -305,8 +304,7 @@ def _scaled_thresholds(hi: jax.Array, lo: jax.Array, total: jax.Array) -> jax.Ar
   torch tests `cSum[l] < next_alpha * total`: the Python float product is cast to float32,
   the tensor's dtype, before the comparison.
   """
-  p, e = two_prod(hi, total)
-  return p + (e + lo * total)
+  return f64_to_f32(*dd_mul(hi, lo, total))
 
 
 def _div_floor(a: jax.Array, b: jax.Array) -> jax.Array:
