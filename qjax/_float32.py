@@ -182,6 +182,20 @@ def f64_to_f32(hi: jax.Array, lo: jax.Array) -> jax.Array:
   return hi + lo
 
 
+def dd_add(hi: jax.Array, lo: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The float64-like sum (hi + lo) + x for a float32 x, as a renormalised pair.
+
+  hi + x = s + e exactly (`two_sum`); the low parts join e and `two_sum` renormalises: exact
+  while the pair's value spans fewer than ~48 bits.
+
+    >>> hi, lo = dd_add(jnp.float32(2.0**24), jnp.float32(0.0), jnp.float32(1.0))
+    >>> float(hi) + float(lo) == 2.0**24 + 1
+    True
+  """
+  s, e = two_sum(hi, x)
+  return two_sum(s, e + lo)
+
+
 def dd_mul(hi: jax.Array, lo: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The float64-like product (hi + lo) * k for a float32 integer k, as a pair.
 

@@ -43,7 +43,7 @@ import numpy as np
 from jax import lax
 
 from qjax import _checks
-from qjax._float32 import (dd_div, dd_mul, exact_div, f64_to_f32, fma, rounded, two_sum)
+from qjax._float32 import (dd_add, dd_div, dd_mul, exact_div, f64_to_f32, fma, rounded, two_sum)
 from qjax.observers.minmax import (HistogramState, _batch_data, _checked_range, _fits_float32,
                                    _min_and_max, _RangeObserver, _saturating_increment)
 
@@ -69,8 +69,7 @@ def _cumsum_f64(v: jax.Array) -> jax.Array:
   steps take ~50 us.
   """
   def step(carry, x):
-    s, e = two_sum(carry[0], x)
-    running = two_sum(s, e + carry[1])
+    running = dd_add(carry[0], carry[1], x)
     return running, running
 
   _, (hi, lo) = lax.scan(step, (jnp.zeros((), v.dtype), jnp.zeros((), v.dtype)), v)
