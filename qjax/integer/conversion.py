@@ -469,10 +469,10 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: Requant | str
     else:
       missing = [i for i, s in enumerate(sources) if s is None]
       if missing:
-        problems.append(f"the input{'s' if len(sources) > 1 else ''} of {path} "
-                        f"{'(operand ' + str(missing[0]) + ') ' if len(sources) > 1 else ''}"
-                        f"is not produced by a quantization point; put a qjax.nn.Quantize "
-                        f"(or a quantized layer) before it.")
+        what = (f"operand {missing[0]} of {path}" if len(sources) > 1
+                else f"the input of {path}")
+        problems.append(f"{what} is not produced by a quantization point; put a "
+                        f"qjax.nn.Quantize (or a quantized layer) before it.")
         continue
       inputs = tuple(grid_of(s) for s in sources if s)
     output = grid_of(path) if path in flow.points else None

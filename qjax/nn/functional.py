@@ -13,16 +13,18 @@ observer), as PyTorch's quantized pooling does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from qjax.integer.forms import base as forms
 from qjax.integer.forms.add import AddForm, Int8Add, IntegerAdd
 from qjax.integer.forms.concat import ConcatForm, Int8Concat, IntegerConcat
-from qjax.integer.forms.pool import Int8AvgPool, PoolForm
+from qjax.integer.forms.pool import Int8AvgPool, PoolForm, pool_pads
 from qjax.nn import _integer
 from qjax.nn.modules import Mode, _merged_mode, _point, _where, module_path
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
@@ -121,6 +123,21 @@ class QuantConcat(nn.Module):
 
 
 
+def _float_avg_pool(x: jax.Array, form: PoolForm) -> jax.Array:
+  """The float average pooling `form` describes (window sums over zero padding, divided by
+  the window size or by its count of real positions), in x's dtype."""
+  assert form.window is not None
+  spatial = jnp.shape(x)[1:-1]
+  pads = [(0, 0), *pool_pads(form.padding, spatial, form.window, form.strides), (0, 0)]
+  dims, steps = (1, *form.window, 1), (1, *form.strides, 1)
+  total = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, dims, steps, pads)
+  if form.count_include_pad:
+    return total / jnp.asarray(math.prod(form.window), x.dtype)
+  ones = jnp.ones((1, *spatial, 1), x.dtype)
+  count = lax.reduce_window(ones, jnp.zeros((), x.dtype), lax.add, dims, steps, pads)
+  return total / count
+
+
 def _ints(value: int | Sequence[int], n: int, what: str, where: str) -> tuple[int, ...]:
   items = (value,) * n if isinstance(value, int) else tuple(value)
   if len(items) != n or not all(isinstance(v, int) and v >= 1 for v in items):
@@ -176,6 +193,11 @@ class AvgPool(nn.Module):
       pads: str | tuple[tuple[int, int], ...] = padding.upper()
     else:
       pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if not isinstance(pads, str) and any(lo >= w or hi >= w for (lo, hi), w in zip(
+        pads, window, strict=True)):
+      raise ValueError(f"{where}: padding {pads} gives windows of the {window} window that "
+                       f"hold padding only; pad each side by less than the window (PyTorch "
+                       f"allows at most half of it).")
     return PoolForm(window=window, strides=strides, padding=pads,
                     count_include_pad=bool(self.count_include_pad))
 
@@ -193,6 +215,5 @@ class AvgPool(nn.Module):
                          f"got an input of shape {jnp.shape(x)}.")
       y = jnp.mean(x, axis=tuple(range(1, jnp.ndim(x) - 1)))
     else:
-      y = nn.avg_pool(x, form.window, form.strides, form.padding,
-                      count_include_pad=form.count_include_pad)
+      y = _float_avg_pool(x, form)
     return forms.mark_same_grid(self, y)

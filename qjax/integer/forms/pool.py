@@ -44,8 +44,10 @@ def divide_round_half_even(total: jax.Array, count: jax.Array) -> jax.Array:
   return quotient + up.astype(jnp.int32)
 
 
-def _pads(padding: str | tuple[tuple[int, int], ...], spatial: Sequence[int],
-          window: Sequence[int], strides: Sequence[int]) -> list[tuple[int, int]]:
+def pool_pads(padding: str | tuple[tuple[int, int], ...], spatial: Sequence[int],
+              window: Sequence[int], strides: Sequence[int]) -> list[tuple[int, int]]:
+  """Explicit (low, high) pads per spatial axis of a pooling window ("SAME", "VALID" or
+  pairs)."""
   if isinstance(padding, str):
     return list(lax.padtype_to_pads(tuple(spatial), tuple(window), tuple(strides), padding))
   return [tuple(p) for p in padding]  # type: ignore[misc]
@@ -110,7 +112,7 @@ class Int8AvgPool:
     if x.ndim != n + 2:
       raise ValueError(f"this converted pooling takes (batch, {', '.join(['spatial'] * n)}, "
                        f"features); got an input of shape {x.shape}.")
-    pads = [(0, 0)] + _pads(self.padding, x.shape[1:-1], self.window, self.strides) + [(0, 0)]
+    pads = [(0, 0)] + pool_pads(self.padding, x.shape[1:-1], self.window, self.strides) + [(0, 0)]
     dims, steps = (1,) + self.window + (1,), (1,) + self.strides + (1,)
     padded = lax.pad(wide, self.zero_point, [(lo, hi, 0) for lo, hi in pads])
     window_size = math.prod(self.window)
