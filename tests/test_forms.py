@@ -294,3 +294,43 @@ def test_layer_report_compares_converted_kernels_with_their_float_weights():
     assert row.kind == "qarray" and row.reference == f"params/{conv}/kernel"
     assert row.sqnr_db is not None and row.sqnr_db > 30, (conv, row.sqnr_db)
   assert rows["converted/QuantDense_0/op/kernel"].reference_axes == (1, 0)  # (N, K) stored
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_int8_relu_clamps_at_the_zero_point(jit):
+  q = np.arange(-128, 128, dtype=np.int8)
+  for zero in (-128, -20, 0, 57, 127):
+    op = forms.Int8ReLU(zero_point=jnp.int32(zero))
+    apply = (lambda o, x: o(x))
+    got = np.asarray((jax.jit(apply) if jit else apply)(op, jnp.asarray(q)))
+    np.testing.assert_array_equal(got, np.maximum(q, zero))
+
+
+class Unfused(nn.Module):
+  """A layer, then its ReLU as a module of its own (the layer's grid holds negatives)."""
+
+  @nn.compact
+  def __call__(self, x, mode="float"):
+    x = qnn.Quantize(qconfig=QCONFIG)(x, mode=mode)
+    x = qnn.QuantDense(8, qconfig=QCONFIG)(x, mode=mode)
+    x = qnn.QuantReLU()(x, mode=mode)
+    x = qnn.QuantDense(3, qconfig=QCONFIG)(x, mode=mode)
+    return qnn.Dequantize()(x, mode=mode)
+
+
+def test_unfused_relu_keeps_the_layers_grid_and_matches_the_fake_quant_forward():
+  x = jax.random.normal(jax.random.key(2), (16, 6))
+  model = Unfused()
+  variables = qnn.calibrate(model, model.init(jax.random.key(0), x), [x])
+  int_vars = qjax.convert(model, variables, x)
+  ops = int_vars[forms.COLLECTION]
+  assert isinstance(ops["QuantReLU_0"][forms.OP], forms.Int8ReLU)
+  np.testing.assert_array_equal(ops["QuantReLU_0"][forms.OP].zero_point,
+                                ops["QuantDense_0"][forms.OP].requant.zero_point)
+  # the second layer reads the first layer's grid through the ReLU
+  np.testing.assert_array_equal(ops["QuantDense_1"][forms.OP].report["input_scale"],
+                                ops["QuantDense_0"][forms.OP].report["output_scale"])
+  y = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x)
+  y_qat = model.apply(variables, x, mode="qat")
+  step = ops["Dequantize_0"][forms.OP].scale
+  assert float(jnp.max(jnp.abs(y - y_qat))) <= 1.001 * float(step)

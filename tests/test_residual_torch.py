@@ -327,3 +327,16 @@ def test_x86_engine_differs_only_at_rounding_ties(record_property):
       tie = np.abs(np.abs(value - np.floor(value)) - 0.5)
       assert np.all(tie[mismatch] <= size[mismatch] * 2.0**-17), (name, tie[mismatch])
   record_property("x86_engine_conv_outputs_differing", differing)
+
+
+def test_unfused_relu_is_torchs_quantized_relu():
+  """An unfused nn.ReLU on a converted model's quint8 tensor keeps its grid and clamps at the
+  zero point: qjax's Int8ReLU on the carrier."""
+  rng = np.random.default_rng(7)
+  for zero in (0, 1, 77, 128, 255):
+    q = rng.integers(0, 256, (3, 5, 4, 4), dtype=np.uint8)
+    t = torch._make_per_tensor_quantized_tensor(torch.from_numpy(q), 0.05, zero)
+    y = torch.nn.ReLU()(t)
+    assert (y.q_scale(), y.q_zero_point()) == (0.05, zero)
+    ours = forms.Int8ReLU(zero_point=jnp.int32(zero - 128))(_carrier(q))
+    np.testing.assert_array_equal(_torch_values(ours), y.int_repr().numpy())

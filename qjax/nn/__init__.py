@@ -4,6 +4,7 @@ from qjax.nn.calibration import calibrate
 from qjax.nn.functional import AvgPool
 from qjax.nn.functional import QuantAdd
 from qjax.nn.functional import QuantConcat
+from qjax.nn.functional import QuantReLU
 from qjax.nn.fused import QuantConvBN
 from qjax.nn.fused import QuantDenseBN
 from qjax.nn.modules import Dequantize
@@ -49,6 +50,7 @@ __all__ = (
     "QuantDense",
     "QuantDenseBN",
     "QuantDotGeneral",
+    "QuantReLU",
     "Quantize",
     "STATS",
     "as_mode",

@@ -1,9 +1,10 @@
-"""Quantized joins and pooling: PyTorch's FloatFunctional (add, add_relu, cat) and average
-pooling, as Flax modules with an integer form each.
+"""Quantized joins, pooling and ReLU: PyTorch's FloatFunctional (add, add_relu, cat), average
+pooling and an unfused ReLU, as Flax modules with an integer form each.
 
     y = FQ_out(a + b)            QuantAdd (relu=True: FQ_out(relu(a + b)), add_relu)
     y = FQ_out(concat(xs))       QuantConcat
     y = avg_pool(x)              AvgPool / AvgPool(window=None): global average pooling
+    y = relu(x)                  QuantReLU (on the input's grid: max(q, Z) in mode "int8")
 
 The joins observe their output (quant_stats/<module>/output), as FloatFunctional's
 activation_post_process does, so that the integer form requantizes to that grid; the inputs
@@ -25,6 +26,7 @@ from qjax.integer.forms import base as forms
 from qjax.integer.forms.add import AddForm, Int8Add, IntegerAdd
 from qjax.integer.forms.concat import ConcatForm, Int8Concat, IntegerConcat
 from qjax.integer.forms.pool import Int8AvgPool, PoolForm, pool_pads
+from qjax.integer.forms.relu import Int8ReLU, ReLUForm
 from qjax.nn import _integer
 from qjax.nn.modules import Mode, _merged_mode, _point, _where, module_path
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
@@ -217,3 +219,24 @@ class AvgPool(nn.Module):
     else:
       y = _float_avg_pool(x, form)
     return forms.mark_same_grid(self, y)
+
+
+class QuantReLU(nn.Module):
+  """relu(x) that keeps its input's grid, for models whose ReLU is not fused into the layer
+  before it (PyTorch's unfused nn.ReLU after convert): max(q, Z) in mode "int8"
+  (`qjax.integer.forms.relu`). No observer; a ReLU on a float tensor stays float.
+
+  Example:
+    >>> import qjax.nn as qnn
+    >>> qnn.QuantReLU().apply({}, jnp.array([-1.0, 2.0]), mode="float")
+    Array([0., 2.], dtype=float32)
+  """
+
+  mode: Mode | str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
+    mode = _merged_mode(self, mode)
+    if mode is Mode.INT8 and jnp.asarray(x).dtype == jnp.int8:
+      return _integer.run(self, _where(self), Int8ReLU, x)
+    return forms.mark_same_grid(self, nn.relu(forms.mark_input(self, x, ReLUForm())))

@@ -26,6 +26,8 @@ from qjax.integer.forms.linear import Int8Dense
 from qjax.integer.forms.linear import LinearForm
 from qjax.integer.forms.pool import Int8AvgPool
 from qjax.integer.forms.pool import PoolForm
+from qjax.integer.forms.relu import Int8ReLU
+from qjax.integer.forms.relu import ReLUForm
 
 __all__ = (
     "COLLECTION",
@@ -43,6 +45,7 @@ __all__ = (
     "Int8Concat",
     "Int8Conv",
     "Int8Dense",
+    "Int8ReLU",
     "IntegerAdd",
     "IntegerConcat",
     "LinearForm",
@@ -52,5 +55,6 @@ __all__ = (
     "QuantizeOp",
     "QuantizedConv",
     "QuantizedDot",
+    "ReLUForm",
     "WeightRequest",
 )
