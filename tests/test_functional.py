@@ -433,7 +433,7 @@ def _assert_within(q, grid, relu=False):
   assert low <= q.min() and q.max() <= hi, (q.min(), q.max(), low, hi)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(ga=grids(), gb=grids(), gy=grids(), relu=st.booleans(), shape=shapes, seed=seeds)
 def test_int8_add_is_torchs_vector_kernel_on_every_grid(ga, gb, gy, relu, shape, seed):
   rng = np.random.default_rng(seed)
@@ -455,7 +455,7 @@ def test_int8_add_is_torchs_vector_kernel_on_every_grid(ga, gb, gy, relu, shape,
     np.testing.assert_array_equal(got, want)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(ga=grids(), gb=grids(), gy=grids(), relu=st.booleans(), shape=shapes, seed=seeds)
 def test_integer_add_is_the_fixed_point_reference_within_one_step(ga, gb, gy, relu, shape,
                                                                    seed):
@@ -478,7 +478,7 @@ def test_integer_add_is_the_fixed_point_reference_within_one_step(ga, gb, gy, re
   assert np.abs(got - ideal).max() <= 1
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(ga=grids(), gb=grids(), gy=grids(), relu=st.booleans(),
        requant=st.sampled_from(["fbgemm", "integer"]), shape=shapes, seed=seeds)
 def test_add_commutes_with_its_grids(ga, gb, gy, relu, requant, shape, seed):
@@ -490,7 +490,7 @@ def test_add_commutes_with_its_grids(ga, gb, gy, relu, requant, shape, seed):
   np.testing.assert_array_equal(ab, ba)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(gy=grids(), gb=grids(), relu=st.booleans(),
        requant=st.sampled_from(["fbgemm", "integer"]), shape=shapes, seed=seeds)
 def test_adding_the_zero_tensor_returns_the_input(gy, gb, relu, requant, shape, seed):
@@ -504,7 +504,7 @@ def test_adding_the_zero_tensor_returns_the_input(gy, gb, relu, requant, shape, 
                                      zero, qa), want)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(gy=grids(), others=st.lists(grids(), min_size=1, max_size=2),
        where=st.integers(0, 2), channels_last=st.booleans(),
        requant=st.sampled_from(["fbgemm", "integer"]), seed=seeds)
@@ -540,7 +540,7 @@ POOLS = (
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(grid=grids(), form=st.sampled_from(POOLS), requant=st.sampled_from(["fbgemm", "integer"]),
        shape=st.sampled_from([(2, 5, 4, 3), (1, 3, 6, 1)]), value=st.integers(-128, 127),
        seed=seeds)
