@@ -14,6 +14,8 @@ import jax
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-hypothesis.settings.register_profile("ci", derandomize=True, database=None)
+# "ci": the same examples on every run, 50 per property unless a test asks for more or fewer
+# (the suite's time budget); "explore": fresh examples, hypothesis's default 100 and more.
+hypothesis.settings.register_profile("ci", derandomize=True, database=None, max_examples=50)
 hypothesis.settings.register_profile("explore", derandomize=False)
 hypothesis.settings.load_profile("ci")
