@@ -79,10 +79,8 @@ class Dataflow:
 def _sub_jaxpr(eqn: Any) -> Any:
   """The callee of a call-like equation (jit, custom_jvp/vjp, remat), if its signature is
   the equation's; None otherwise."""
-  for value in eqn.params.values():
-    inner = value.jaxpr if isinstance(value, jex_core.ClosedJaxpr) else value
-    if (isinstance(inner, jex_core.Jaxpr) and len(inner.invars) == len(eqn.invars)
-        and len(inner.outvars) == len(eqn.outvars)):
+  for inner in _sub_jaxprs(eqn):
+    if len(inner.invars) == len(eqn.invars) and len(inner.outvars) == len(eqn.outvars):
       return inner
   return None
 

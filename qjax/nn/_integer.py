@@ -62,22 +62,11 @@ def run(module: nn.Module, where: str, expected: type | tuple[type, ...],
 _NONFINITE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _nonfinite_samples(x: jax.Array) -> jax.Array:
-  """(N,) bool, True where sample i of x (leading axis) holds a NaN or +-inf; () for x of
-  rank <= 1 (one sample)."""
-  bad = ~jnp.isfinite(x)
-  return jnp.any(bad, axis=tuple(range(1, x.ndim))) if x.ndim >= 2 else jnp.any(bad)
-
-
 def _with_nonfinite_samples(module: nn.Module, y: jax.Array) -> jax.Array:
   """y with NaN for the samples whose model input was not finite."""
   root = module.scope.root  # type: ignore[union-attr]  # bound in apply: its scope is set
   for mask in _NONFINITE.get(root, ()):
-    if mask.ndim == 1 and y.ndim >= 1 and y.shape[0] == mask.shape[0]:
-      mask = mask.reshape(mask.shape + (1,) * (y.ndim - 1))
-    else:  # the batch axis is not recognisable: any non-finite input spoils everything
-      mask = jnp.any(mask)
-    y = jnp.where(mask, jnp.asarray(jnp.nan, y.dtype), y)
+    y = base.with_nan_samples(mask, y)
   return y
 
 
@@ -90,7 +79,7 @@ def quantize(module: nn.Module, x: jax.Array, where: str) -> jax.Array:
   op = lowered_op(module, where, QuantizeOp)
   if jnp.issubdtype(x.dtype, jnp.inexact):
     root = module.scope.root  # type: ignore[union-attr]  # bound in apply: its scope is set
-    _NONFINITE.setdefault(root, []).append(_nonfinite_samples(x))
+    _NONFINITE.setdefault(root, []).append(base.nonfinite_samples(x))
     x = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))  # masked at Dequantize
   return op(x)
 

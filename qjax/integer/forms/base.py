@@ -203,6 +203,23 @@ def mark_same_grid(module: Any, y: jax.Array) -> jax.Array:
   return _trace.mark(y, role="same", path=module_path(module))
 
 
+def nonfinite_samples(x: jax.Array) -> jax.Array:
+  """(N,) bool, True where sample i of x (leading axis) holds a NaN or +-inf; () for x of
+  rank <= 1 (one sample)."""
+  bad = ~jnp.isfinite(x)
+  return jnp.any(bad, axis=tuple(range(1, x.ndim))) if x.ndim >= 2 else jnp.any(bad)
+
+
+def with_nan_samples(mask: jax.Array, y: jax.Array) -> jax.Array:
+  """y with NaN in the samples that `mask` (from `nonfinite_samples`) marks; where y's
+  leading axis is not the mask's, any marked sample makes all of y NaN."""
+  if mask.ndim == 1 and y.ndim >= 1 and y.shape[0] == mask.shape[0]:
+    mask = mask.reshape(mask.shape + (1,) * (y.ndim - 1))
+  else:
+    mask = jnp.any(mask)
+  return jnp.where(mask, jnp.asarray(jnp.nan, y.dtype), y)
+
+
 def int8_input(x: Any, what: str = "a quantized operation") -> jax.Array:
   """x as an int8 array; a TypeError saying where int8 tensors come from otherwise."""
   x = jnp.asarray(x)

@@ -22,21 +22,11 @@ import numpy as np
 
 from qjax._struct import static, struct
 from qjax.integer import arith
-from qjax.integer.forms.base import Form, Lowering, WeightRequest
+from qjax.integer.forms.base import (Form, Lowering, WeightRequest, nonfinite_samples,
+                                     with_nan_samples)
 from qjax.integer.forms.boundary import QuantizeOp
 from qjax.integer.forms.linear import check_weight_grid, int8_weights
 from qjax.qarray import QArray
-
-
-def _nan_for_nonfinite_samples(x: jax.Array, y: jax.Array) -> jax.Array:
-  """y with NaN in the samples (leading axis) of x that hold a NaN or +-inf."""
-  bad = ~jnp.isfinite(x)
-  if x.ndim >= 2:
-    mask = jnp.any(bad, axis=tuple(range(1, x.ndim)))
-    mask = mask.reshape(mask.shape + (1,) * (y.ndim - 1))
-  else:
-    mask = jnp.any(bad)
-  return jnp.where(mask, jnp.float32(jnp.nan), y)
 
 
 @struct
@@ -73,7 +63,7 @@ class QuantizedDot:
     acc = acc + self.offset.reshape((1,) * (acc.ndim - 1) + self.offset.shape)
     scale = self.scale.reshape((1,) * (acc.ndim - 1) + self.scale.shape) if self.scale.ndim else (
         self.scale)
-    return _nan_for_nonfinite_samples(x, acc.astype(jnp.float32) * scale)
+    return with_nan_samples(nonfinite_samples(x), acc.astype(jnp.float32) * scale)
 
 
 @struct
@@ -106,7 +96,7 @@ class QuantizedConv:
     shape = (1,) * (acc.ndim - 1) + (-1,)
     y = (acc + self.offset.reshape(shape)).astype(jnp.float32) * (
         self.scale.reshape(shape) if self.scale.ndim else self.scale)
-    return _nan_for_nonfinite_samples(x, y)
+    return with_nan_samples(nonfinite_samples(x), y)
 
 
 @dataclasses.dataclass(frozen=True)
