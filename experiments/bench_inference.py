@@ -1,8 +1,8 @@
 """Inference time of qjax's integer path against float32 and PyTorch's x86 int8 models.
 
-For each (model, batch): the MNIST MLP (784-100-100-10) at batch 1, 64 and 1024, LeNet-5 at
-batch 256 and a 4096-4096-4096 MLP (two 4096 x 4096 layers) at batch 256, this times one
-call of:
+For each (model, batch): the MNIST MLP (784-100-100-10) at batch 1, 64 and 1024, LeNet-5 (32x32
+inputs) at batch 256 and a 4096-4096-4096 MLP (two 4096 x 4096 layers) at batch 256, all of
+them experiments.models' QuantMLP / QuantLeNet5 with fused ReLUs, this times one call of:
 
   * float32: the jitted float apply of the qjax.nn model (mode="float", params only);
   * int8 (fbgemm) / (float) / (integer): the jitted int8 apply (mode="int8") of the variables
@@ -25,9 +25,9 @@ into an int32 one, which is far slower), and the relative L2 error of the logits
 the float32 apply.
 
 Usage:
-  python experiments/bench_inference.py               # a few minutes on 2 CPU cores
-  python experiments/bench_inference.py --quick       # seconds; smoke run
-  python experiments/bench_inference.py --json results/bench_inference.json
+  python -m experiments.bench_inference               # a few minutes on 2 CPU cores
+  python -m experiments.bench_inference --quick       # seconds; smoke run
+  python -m experiments.bench_inference --json results/bench_inference.json
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ import re
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -54,6 +55,8 @@ import numpy as np
 
 import qjax.nn as qnn
 from qjax import convert, for_serving
+
+from experiments import models
 
 SEED = 0
 CALIB_BATCHES, CALIB_ROWS = 4, 32
@@ -66,50 +69,21 @@ QCONFIGS = {"x86": (qnn.get_default_qconfig("x86"), "x86"),
             "default": (qnn.default_qconfig, "default")}
 
 
-class Skip(Exception):
+class Skip(Exception):  # noqa: N818 (a skipped row, not an error)
   """A variant that cannot run here (torch missing)."""
 
 
 # ------------------------------------------------------------------------------------------
-# Models: qjax.nn layers in PyTorch's eager placement, and their torch twins.
+# Models: experiments.models' QuantMLP / QuantLeNet5 (qjax.nn layers in PyTorch's eager
+# placement), and their torch twins.
 
 
-class QuantMLP(nn.Module):
-  """Quantize, QuantDense (+ fused ReLU) for every width but the last, QuantDense,
-  Dequantize. Layers are named fc1, fc2, ..."""
-
-  widths: tuple[int, ...]
-  qconfig: qnn.QConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, mode: str) -> jax.Array:
-    x = qnn.Quantize(self.qconfig)(x, mode=mode)
-    for i, width in enumerate(self.widths):
-      relu = i < len(self.widths) - 1
-      x = qnn.QuantDense(width, qconfig=self.qconfig, activation=nn.relu if relu else None,
-                         name=f"fc{i + 1}")(x, mode=mode)
-    return qnn.Dequantize()(x, mode=mode)
-
-
-class QuantLeNet5(nn.Module):
-  """LeNet-5, NHWC: conv 6@5x5 pad 2 + ReLU, max pool; conv 16@5x5 + ReLU, max pool;
-  fc 120 + ReLU, 84 + ReLU, 10."""
-
-  qconfig: qnn.QConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, mode: str) -> jax.Array:
-    q = self.qconfig
-    x = qnn.Quantize(q)(x, mode=mode)
-    for features, padding, name in ((6, ((2, 2), (2, 2)), "conv1"), (16, "VALID", "conv2")):
-      x = qnn.QuantConv(features, (5, 5), padding=padding, qconfig=q, activation=nn.relu,
-                        name=name)(x, mode=mode)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = x.reshape((x.shape[0], -1))
-    x = qnn.QuantDense(120, qconfig=q, activation=nn.relu, name="fc1")(x, mode=mode)
-    x = qnn.QuantDense(84, qconfig=q, activation=nn.relu, name="fc2")(x, mode=mode)
-    x = qnn.QuantDense(10, qconfig=q, name="fc3")(x, mode=mode)
-    return qnn.Dequantize()(x, mode=mode)
+def quant_model(case: Case, qconfig: qnn.QConfig) -> nn.Module:
+  """The qjax.nn model of `case`, ReLUs fused: models.QuantLeNet5, or models.QuantMLP with
+  layers fc1, fc2, ... of widths case.dims[1:] (ReLU after all but the last)."""
+  if case.kind == "lenet5":
+    return models.QuantLeNet5(qconfig)
+  return models.QuantMLP(qconfig, hidden=tuple(case.dims[1:-1]), num_classes=case.dims[-1])
 
 
 def _torch_model(kind: str, dims: tuple[int, ...], params: dict) -> tuple[Any, list]:
@@ -127,7 +101,7 @@ def _torch_model(kind: str, dims: tuple[int, ...], params: dict) -> tuple[Any, l
         layers[f"relu{i + 1}"] = torch.nn.ReLU()
         fuse.append([f"fc{i + 1}", f"relu{i + 1}"])
   else:
-    layers.update(conv1=torch.nn.Conv2d(1, 6, 5, padding=2), relu1=torch.nn.ReLU(),
+    layers.update(conv1=torch.nn.Conv2d(1, 6, 5), relu1=torch.nn.ReLU(),
                   pool1=torch.nn.MaxPool2d(2), conv2=torch.nn.Conv2d(6, 16, 5),
                   relu2=torch.nn.ReLU(), pool2=torch.nn.MaxPool2d(2),
                   flatten=torch.nn.Flatten(), fc1=torch.nn.Linear(400, 120),
@@ -214,7 +188,7 @@ class Case:
 
   @property
   def input_shape(self) -> tuple[int, ...]:
-    return (28, 28, 1) if self.kind == "lenet5" else (self.dims[0],)
+    return models.INPUT_SHAPES["lenet5"] if self.kind == "lenet5" else (self.dims[0],)
 
 
 MNIST_MLP = (784, 100, 100, 10)
@@ -244,8 +218,7 @@ class Built:
 def build(case: Case, qconfig_name: str = "x86") -> Built:
   """Initialise, calibrate on CALIB_BATCHES random batches, convert; the torch twin too."""
   qconfig, torch_qconfig = QCONFIGS[qconfig_name]
-  model = (QuantLeNet5(qconfig) if case.kind == "lenet5"
-           else QuantMLP(tuple(case.dims[1:]), qconfig))
+  model = quant_model(case, qconfig)
   calibration = [pixels((CALIB_ROWS,) + case.input_shape, SEED + 1 + i)
                  for i in range(CALIB_BATCHES)]
   variables = jax.jit(lambda x: model.init(jax.random.key(SEED), x, mode="float"))(

@@ -1,7 +1,8 @@
 """Train-step time of int8 QAT: qjax against float32 and the AQT and Qwix peers.
 
-For the MNIST MLP and LeNet-5 (experiments/models.py) this times one jitted training step
-(forward, softmax cross-entropy, backward, Adam update) on a random batch, for:
+For the MNIST MLP and LeNet-5 (experiments/models.py; LeNet-5 on 32x32 inputs) this times one
+jitted training step (forward, softmax cross-entropy, backward, Adam update) on a random batch,
+for:
 
   * float32: the plain models;
   * qjax int8 QAT: `qjax_qat_variant` below (x86 QAT qconfig, observers in "quant_stats");
@@ -21,8 +22,8 @@ straight-through gradient stops training silently).
 Peers are optional (`pip install -e ".[bench]"`); a missing one skips its rows.
 
 Usage:
-  python experiments/bench_qat.py                      # under a minute on 2 CPU cores
-  python experiments/bench_qat.py --reps 3 --rounds 1  # seconds; smoke run
+  python -m experiments.bench_qat                      # under a minute on 2 CPU cores
+  python -m experiments.bench_qat --reps 3 --rounds 1  # seconds; smoke run
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ import math
 import os
 import pathlib
 import statistics
-import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -51,21 +52,18 @@ import optax
 
 import qjax.nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # siblings; no package
-import models  # noqa: E402  pylint: disable=wrong-import-position
+from experiments import models
 
 SEED = 0
 LEARNING_RATE = 1e-3
 WARMUP_STEPS = 3
-
-
 
 # What a variant builder returns: the model, its initialized variables, and the collections
 # that the train step must pass as `mutable` and carry from one step to the next.
 Built = tuple[nn.Module, dict[str, Any], tuple[str, ...]]
 
 
-class Skip(Exception):
+class Skip(Exception):  # noqa: N818 (a skipped row, not an error)
   """A variant that cannot run here (package missing, not implemented yet)."""
 
 
@@ -117,10 +115,11 @@ def aqt_variant(model_name: str, *, quantize_conv: bool = True) -> Built:
   Forward-only quantization is what AQT's README calls QAT (config_v4 with the gradient
   contractions left in float); config_v4's default would also quantize the backward pass.
   Scales are dynamic absmax, per example for activations and per output channel for weights.
-  Dense layers get AqtDotGeneral (int8 x int8 -> int32 dot, custom VJP); convolutions get AqtConvGeneralDilated with conv_general_dilated_make(2, 8, 8), as in
-  AQT's own flax example. That conv has no custom VJP: its operands reach lax.conv as int8
-  cast back to float, so no gradient flows to the conv kernels or through to earlier layers
-  (aqtp 0.9.0; backprop for conv is AQT's open issue #285). The zero-grad check shows it.
+  Dense layers get AqtDotGeneral (int8 x int8 -> int32 dot, custom VJP); convolutions get
+  AqtConvGeneralDilated with conv_general_dilated_make(2, 8, 8), as in AQT's own flax example.
+  That conv has no custom VJP: its operands reach lax.conv as int8 cast back to float, so no
+  gradient flows to the conv kernels or through to earlier layers (aqtp 0.9.0; backprop for
+  conv is AQT's open issue #285). The zero-grad check shows it.
 
   Args:
     model_name: A key of models.MODELS.

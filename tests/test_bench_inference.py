@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from support.experiments import load_experiment, user_promotion_rules  # noqa: F401
 
+import qjax.nn as qnn
 from qjax.integer import arith
 
 pytest.importorskip("torch")  # the torch x86 rows are part of every case
@@ -66,6 +67,30 @@ def test_quick_run_ratios_and_evidence(quick):
         assert abs(row["rel_err"] - reference) <= 0.01 * reference, (what, reference)
     else:
       assert row["x_torch"] == 1.0 and 0 < row["rel_err"] < 0.1, what
+
+
+@pytest.mark.parametrize("index", range(3), ids=["mlp_mnist", "lenet5", "mlp_square"])
+def test_models_and_torch_twins_compute_the_same_network(index):
+  """The benchmarked models are experiments.models' (LeNet-5 on 32x32 inputs), and each torch
+  twin, before quantization, gives the float apply's logits on the same parameters."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  bench, models = load_experiment("bench_inference"), load_experiment("models")
+  case = bench.QUICK_CASES[(0, 3, 4)[index]]
+  model = bench.quant_model(case, qnn.default_qconfig)
+  assert type(model) is models.QUANT_MODELS[case.kind]
+  if case.kind == "lenet5":
+    assert case.input_shape == models.INPUT_SHAPES["lenet5"] == (32, 32, 1)
+  x = bench.pixels((3,) + case.input_shape, 0)
+  params = jax.jit(lambda x: model.init(jax.random.key(0), x, mode="float"))(x)["params"]
+  expected = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, mode="float"))(
+      params, x))
+  twin, fuse = bench._torch_model(case.kind, case.dims, params)
+  assert {name for pair in fuse for name in pair} <= {n for n, _ in twin.named_children()}
+  with torch.inference_mode():
+    got = twin(bench._to_torch(x)).numpy()
+  assert got.shape == expected.shape == (3, 10 if case.kind == "lenet5" else case.dims[-1])
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_hlo_census_reads_operand_types():
