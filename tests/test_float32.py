@@ -145,6 +145,12 @@ def test_fma_where_summing_the_errors_in_float32_rounds_twice():
 # Division.
 
 
+@functools.cache
+def _div_by_constant(scalar: float):
+  """x / scalar with the divisor a compile-time constant, compiled once per scalar."""
+  return jax.jit(lambda x: _float32.exact_div(x, scalar))
+
+
 @SETTINGS
 @hypothesis.given(_floats(2.0**60, 2.0**-60), _floats(2.0**60, 2.0**-60, positive=True),
                   st.sampled_from([3.0, 7.0, 10.0, 255.0, 0.1]))
@@ -153,7 +159,7 @@ def test_exact_div_is_float64_division_rounded_to_float32(num, den, scalar):
   want = (num.astype(np.float64) / den.astype(np.float64)).astype(F32)
   np.testing.assert_array_equal(np.asarray(_jit("exact_div")(num, den)), want)
   # A scalar divisor: the case XLA would otherwise turn into a multiplication.
-  by_scalar = jax.jit(lambda x: _float32.exact_div(x, scalar))(num)
+  by_scalar = _div_by_constant(scalar)(num)
   want = (num.astype(np.float64) / np.float64(F32(scalar))).astype(F32)
   np.testing.assert_array_equal(np.asarray(by_scalar), want)
 
@@ -210,15 +216,29 @@ def test_sign_of_sum_is_exact(terms):
 # Keeping XLA's rewrites out, and the bit-level stand-ins.
 
 
+@jax.jit
+def _rounded_product_plus(a, b, c):
+  return _float32.rounded(a * b) + c
+
+
+@jax.jit
+def _uncontractible_product_plus(a, b, c):
+  return _float32.uncontractible(a * b, b) + c
+
+
+@jax.jit
+def _over_rounded_sqrt(a, v):
+  return a / _float32.rounded(jnp.sqrt(v))
+
+
 @SETTINGS
 @hypothesis.given(_floats(2.0**20, 2.0**-20), _floats(2.0**20, 2.0**-20),
                   _floats(2.0**40, 2.0**-40), _floats(2.0**40, 2.0**-40, positive=True))
 def test_guards_keep_each_operation_rounded(a, b, c, v):
   two_roundings = (a * b) + c                              # NumPy rounds each operation
-  for guarded in (lambda a, b, c: _float32.rounded(a * b) + c,
-                  lambda a, b, c: _float32.uncontractible(a * b, b) + c):
-    np.testing.assert_array_equal(np.asarray(jax.jit(guarded)(a, b, c)), two_roundings)
-  quotient = jax.jit(lambda a, v: a / _float32.rounded(jnp.sqrt(v)))(a, v)
+  for guarded in (_rounded_product_plus, _uncontractible_product_plus):
+    np.testing.assert_array_equal(np.asarray(guarded(a, b, c)), two_roundings)
+  quotient = _over_rounded_sqrt(a, v)
   np.testing.assert_array_equal(np.asarray(quotient), a / np.sqrt(v))
 
 
