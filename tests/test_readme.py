@@ -70,9 +70,11 @@ def test_residual_snippet_converts_and_runs():
         return qnn.Dequantize()(block()(x, mode=mode), mode=mode)
 
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    variables = qnn.calibrate(Net(), Net().init(jax.random.key(1), x), [x])
+    # init and the int8 forward compiled whole: op by op, every eager op compiles on its own
+    # (the modules' eager int8 forms have tests of their own).
+    variables = qnn.calibrate(Net(), jax.jit(Net().init)(jax.random.key(1), x), [x])
     int_vars = ns["qjax"].convert(Net(), variables, x)
-    y = Net().apply(int_vars, x, mode="int8")
+    y = jax.jit(lambda v, x: Net().apply(v, x, mode="int8"))(int_vars, x)
   assert y.shape == (2, 24) and np.all(np.isfinite(y))
 
 
@@ -84,7 +86,8 @@ def test_scan_snippet_converts_and_runs():
     exec(compile(_snippet("Loops over time."), "README-scan", "exec"), ns)  # noqa: S102
     model, qnn = ns["RNN"](), ns["qnn"]
     xs = jax.random.normal(jax.random.key(0), (5, 2, 3))
-    variables = qnn.calibrate(model, model.init(jax.random.key(1), xs), [xs])
+    variables = qnn.calibrate(model, jax.jit(model.init)(jax.random.key(1), xs), [xs])
     assert int(variables["quant_stats"]["ScanCell_0"]["Quantize_0"]["count"]) == 5
-    ys = model.apply(ns["qjax"].convert(model, variables, xs), xs, mode="int8")
+    ys = jax.jit(lambda v, xs: model.apply(v, xs, mode="int8"))(
+        ns["qjax"].convert(model, variables, xs), xs)
   assert ys.shape == (5, 2, 32) and np.all(np.isfinite(ys))
