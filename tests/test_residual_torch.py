@@ -147,7 +147,7 @@ def _setup() -> "Setup":
       tmodel(torch.from_numpy(x))
   qmodel = QResNetTiny()
   batches = [jnp.asarray(_nhwc(x)) for x in calib]
-  variables = qmodel.init(jax.random.key(0), batches[0])
+  variables = jax.jit(qmodel.init)(jax.random.key(0), batches[0])
   variables = {"params": jax.tree_util.tree_map(jnp.asarray, params),
                "quant_stats": variables["quant_stats"]}
   variables = qnn.calibrate(qmodel, variables, batches)
@@ -193,12 +193,18 @@ def _run(qmodel, int_vars, x, feeds):
     return next_fun(*args, **kwargs)
 
   def capture(module, method):
-    return method == "__call__" and module.name in MODULES
+    return method == "__call__" and module.name in (*MODULES, "quant")
 
   with nn.intercept_methods(substitute):
     y, state = qmodel.apply(int_vars, x, mode="int8", mutable=["intermediates"],
                             capture_intermediates=capture)
   return y, {name: v["__call__"][0] for name, v in state["intermediates"].items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_run():
+  """`_run` on the model, jitted once for the module: same-structured calls compile once."""
+  return jax.jit(functools.partial(_run, _setup().qmodel))
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,9 +239,8 @@ def test_every_module_lowers_to_its_op():
 
 
 def test_each_module_matches_torch_on_torchs_inputs():
-  qmodel, _, _, x, captures, *_ = _setup()
-  _, outs = jax.jit(functools.partial(_run, qmodel))(_int_vars("fbgemm"), x,
-                                                      _torch_feeds(captures))
+  _, _, _, x, captures, *_ = _setup()
+  _, outs = _jitted_run()(_int_vars("fbgemm"), x, _torch_feeds(captures))
   for name in MODULES:
     theirs = captures[name]["output"].int_repr.astype(np.int64)
     ours = _torch_values(outs[name])
@@ -245,10 +250,10 @@ def test_each_module_matches_torch_on_torchs_inputs():
 
 
 def test_chained_int8_model_matches_torch():
-  qmodel, _, _, x, captures, *_ = _setup()
-  y, outs = jax.jit(functools.partial(_run, qmodel))(_int_vars("fbgemm"), x, {})
+  _, _, _, x, captures, *_ = _setup()
+  y, outs = _jitted_run()(_int_vars("fbgemm"), x, {})
   quant = captures["quant"]["output"].int_repr.astype(np.int64)
-  np.testing.assert_array_equal(_torch_values(_quantized_input(qmodel, x)), quant)
+  np.testing.assert_array_equal(_torch_values(outs["quant"]), quant)
   for name in MODULES:
     theirs = captures[name]["output"].int_repr.astype(np.int64)
     if name == "pool":
@@ -260,19 +265,11 @@ def test_chained_int8_model_matches_torch():
   np.testing.assert_array_equal(np.asarray(y), torch_logits)
 
 
-def _quantized_input(qmodel, x):
-  """The Quantize boundary's int8 output in the chained run."""
-  _, state = qmodel.apply(_int_vars("fbgemm"), x, mode="int8", mutable=["intermediates"],
-                          capture_intermediates=lambda m, method: m.name == "quant")
-  return state["intermediates"]["quant"]["__call__"][0]
-
-
 def test_integer_mode_stays_within_one_step_of_torch():
   """requant="integer": the fixed-point requantizers, adds and concatenation round within
   one step of torch's float ones, module by module on torch's inputs."""
-  qmodel, _, _, x, captures, *_ = _setup()
-  _, outs = jax.jit(functools.partial(_run, qmodel))(_int_vars("integer"), x,
-                                                      _torch_feeds(captures))
+  _, _, _, x, captures, *_ = _setup()
+  _, outs = _jitted_run()(_int_vars("integer"), x, _torch_feeds(captures))
   for name in MODULES:
     theirs = captures[name]["output"].int_repr.astype(np.int64)
     if name == "pool":
@@ -303,11 +300,11 @@ def test_x86_engine_differs_only_at_rounding_ties(record_property):
   round (within float32 error, 2^-17 relative, of a half-integer). The other modules (add,
   cat, pooling, Linear: the same kernels on both engines) match exactly. How often convs
   differ depends on the CPU, so it is reported, not pinned."""
-  qmodel, _, _, x, *_ = _setup()
+  _, _, _, x, *_ = _setup()
   captures = _x86_captures()
   int_vars = _int_vars("fbgemm")
   feeds = _torch_feeds(captures)
-  _, outs = jax.jit(functools.partial(_run, qmodel))(int_vars, x, feeds)
+  _, outs = _jitted_run()(int_vars, x, feeds)
   differing = 0
   for name in MODULES:
     theirs = captures[name]["output"].int_repr.astype(np.int64)
