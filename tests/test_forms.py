@@ -78,6 +78,7 @@ class OpsTest(parameterized.TestCase):
   @parameterized.parameters(False, True)
   def test_integer_add_equals_int64_reference(self, relu):
     rng = np.random.default_rng(0)
+    run = self.variant(lambda o, a, b: o(a, b))  # one function: under jit, one compilation
     for trial in range(20):
       sa, sb, sy = rng.uniform(1e-3, 1.0, 3).astype(np.float32)
       za, zb, zy = (int(v) for v in rng.integers(-128, 128, 3))
@@ -90,7 +91,7 @@ class OpsTest(parameterized.TestCase):
                             lo=-128, hi=127, relu=relu)
       qa = rng.integers(-128, 128, (4, 33)).astype(np.int8)
       qb = rng.integers(-128, 128, (4, 33)).astype(np.int8)
-      got = self.variant(lambda o, a, b: o(a, b))(op, jnp.asarray(qa), jnp.asarray(qb))
+      got = run(op, jnp.asarray(qa), jnp.asarray(qb))
       np.testing.assert_array_equal(got, _int_add_reference(qa, qb, op), err_msg=f"{trial}")
       # and it is the real sum to within one output step (plus the multipliers' 2^-31)
       real = sa * (qa.astype(np.float64) - za) + sb * (qb.astype(np.float64) - zb)
@@ -120,14 +121,14 @@ class OpsTest(parameterized.TestCase):
   @parameterized.parameters(False, True)
   def test_add_equals_torchs_vector_kernel(self, relu):
     rng = np.random.default_rng(3)
+    run = self.variant(lambda o, a, b: o(a, b))
     for trial in range(30):
       (sa, za), (sb, zb), (sy, zy) = (_random_grid(rng) for _ in range(3))
       op = _lowered(forms.AddForm(relu=relu), [_grid(sa, za), _grid(sb, zb)], _grid(sy, zy))
       qa = rng.integers(0, 256, (3, 37), dtype=np.uint8)
       qb = rng.integers(0, 256, (3, 37), dtype=np.uint8)
-      got = self.variant(lambda o, a, b: o(a, b))(
-          op, jnp.asarray(qa.astype(np.int16) - 128, jnp.int8),
-          jnp.asarray(qb.astype(np.int16) - 128, jnp.int8))
+      got = run(op, jnp.asarray(qa.astype(np.int16) - 128, jnp.int8),
+                jnp.asarray(qb.astype(np.int16) - 128, jnp.int8))
       want = ref.quantized_add(qa, sa, za, qb, sb, zb, sy, zy, relu=relu)
       np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
 
@@ -135,6 +136,7 @@ class OpsTest(parameterized.TestCase):
   @parameterized.parameters(True, False)
   def test_concat_equals_torchs_kernels(self, channels_last):
     rng = np.random.default_rng(4)
+    run = self.variant(lambda o, *p: o(*p))
     for trial in range(20):
       grids = [_random_grid(rng) for _ in range(3)]
       grids[1] = grids[2]  # the output's grid: copied
@@ -144,8 +146,7 @@ class OpsTest(parameterized.TestCase):
       parts = [rng.integers(0, 256, shape + (c,), dtype=np.uint8) for c in (6, 5)]
       if not channels_last:
         parts = [p.reshape(-1, p.shape[-1]) for p in parts]
-      got = self.variant(lambda o, *p: o(*p))(
-          op, *(jnp.asarray(p.astype(np.int16) - 128, jnp.int8) for p in parts))
+      got = run(op, *(jnp.asarray(p.astype(np.int16) - 128, jnp.int8) for p in parts))
       want = ref.quantized_cat([(p, s, z) for p, (s, z) in zip(parts, grids[:2])],
                                *grids[2], axis=-1, channels_last=channels_last)
       np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
@@ -161,13 +162,13 @@ class OpsTest(parameterized.TestCase):
   def test_avg_pool_equals_torchs_kernel(self, window, strides, padding, include):
     rng = np.random.default_rng(5)
     pads = tuple((p, p) for p in ((padding,) * 2 if isinstance(padding, int) else padding))
+    run = self.variant(lambda o, x: o(x))
     for trial in range(10):
       _, z = _random_grid(rng)
       q = rng.integers(0, 256, (2, 7, 6, 16), dtype=np.uint8)
       op = _lowered(forms.PoolForm(window=window, strides=strides or window, padding=pads,
                                    count_include_pad=include), [_grid(1.0, z)], None)
-      got = self.variant(lambda o, x: o(x))(op, jnp.asarray(q.astype(np.int16) - 128,
-                                                             jnp.int8))
+      got = run(op, jnp.asarray(q.astype(np.int16) - 128, jnp.int8))
       want = ref.quantized_avg_pool2d(q, z, window, strides, padding,
                                       count_include_pad=include)
       np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
@@ -175,13 +176,13 @@ class OpsTest(parameterized.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_global_avg_pool_equals_torchs_kernel(self):
     rng = np.random.default_rng(6)
+    run = self.variant(lambda o, x: o(x))
     for trial, (h, w) in enumerate([(2, 3), (4, 4), (7, 7), (1, 5), (6, 6)] * 4):
       _, z = _random_grid(rng)
       q = rng.integers(0, 256, (3, h, w, 8), dtype=np.uint8)
       op = _lowered(forms.PoolForm(window=None, strides=(), padding="VALID",
                                    count_include_pad=True), [_grid(1.0, z)], None)
-      got = self.variant(lambda o, x: o(x))(op, jnp.asarray(q.astype(np.int16) - 128,
-                                                             jnp.int8))
+      got = run(op, jnp.asarray(q.astype(np.int16) - 128, jnp.int8))
       want = ref.quantized_adaptive_avg_pool(q, z, 1)[:, 0, 0]
       np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
 
@@ -234,10 +235,15 @@ class Residual(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def _residual(requant: str):
+def _calibrated_residual():
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 2))
   model = Residual()
-  variables = qnn.calibrate(model, model.init(jax.random.key(0), x), [x])
+  return model, x, qnn.calibrate(model, jax.jit(model.init)(jax.random.key(0), x), [x])
+
+
+@functools.lru_cache(maxsize=None)
+def _residual(requant: str):
+  model, x, variables = _calibrated_residual()
   return model, x, qjax.convert(model, variables, x, requant=requant)
 
 
@@ -286,8 +292,8 @@ def test_integer_requant_keeps_the_residual_model_integer():
 
 def test_layer_report_compares_converted_kernels_with_their_float_weights():
   from qjax import report
-  model, x, int_vars = _residual("fbgemm")
-  variables = qnn.calibrate(model, model.init(jax.random.key(0), x), [x])
+  _, _, int_vars = _residual("fbgemm")
+  _, _, variables = _calibrated_residual()
   rows = {row.path: row for row in report.layer_report(int_vars, variables)}
   for conv in ("QuantConv_0", "QuantConv_1", "QuantConv_2"):
     row = rows[f"converted/{conv}/op/kernel"]
@@ -321,7 +327,7 @@ class Unfused(nn.Module):
 def test_unfused_relu_keeps_the_layers_grid_and_matches_the_fake_quant_forward():
   x = jax.random.normal(jax.random.key(2), (16, 6))
   model = Unfused()
-  variables = qnn.calibrate(model, model.init(jax.random.key(0), x), [x])
+  variables = qnn.calibrate(model, jax.jit(model.init)(jax.random.key(0), x), [x])
   int_vars = qjax.convert(model, variables, x)
   ops = int_vars[forms.COLLECTION]
   assert isinstance(ops["QuantReLU_0"][forms.OP], forms.Int8ReLU)
