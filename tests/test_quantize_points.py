@@ -70,7 +70,7 @@ def _shape(conv: bool) -> tuple[int, ...]:
 @functools.cache
 def _calibrated(model: nn.Module, shape: tuple[int, ...]):
   x = jnp.asarray(_data(shape, 0))
-  variables = model.init(jax.random.key(0), x)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
   return qnn.calibrate(model, variables, [x, 1.2 * x])
 
 
