@@ -27,12 +27,22 @@ class _Net(nn.Module):
     return qnn.Dequantize()(x, mode=mode)
 
 
+def _init(model, x):
+  """The model's variables, initialized under jit (op by op, every eager op compiles)."""
+  return jax.jit(model.init, static_argnames="mode")(jax.random.key(1), x, mode="float")
+
+
+def _apply(model, variables, x, mode, **kwargs):
+  """The model's forward in `mode`, jitted."""
+  return jax.jit(model.apply, static_argnames=("mode", "mutable"))(variables, x, mode=mode,
+                                                                    **kwargs)
+
+
 @pytest.fixture(scope="module")
 def calibrated():
   model = _Net()
   x = jax.random.uniform(jax.random.key(0), (8, 8, 8, 2), jnp.float32)
-  variables = model.init(jax.random.key(1), x, mode="float")
-  return model, qnn.calibrate(model, variables, [x]), x
+  return model, qnn.calibrate(model, _init(model, x), [x]), x
 
 
 @pytest.mark.parametrize("requant", ["fbgemm", "float", "integer"])
@@ -93,8 +103,8 @@ class _Shared(nn.Module):
 def test_layer_called_on_two_grids_is_refused():
   model = _Shared()
   x = jax.random.uniform(jax.random.key(0), (4, 5), jnp.float32)
-  variables = model.init(jax.random.key(1), x, mode="float")
-  _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
+  variables = _init(model, x)
+  _, stats = _apply(model, variables, x, "calibrate", mutable=("quant_stats",))
   with pytest.raises(ValueError, match=r"shared is called on the outputs of qa and of qb"):
     qjax.convert(model, {**variables, **stats}, x)
 
@@ -116,15 +126,15 @@ def test_layer_left_in_float_keeps_its_params():
   convert carries over (and only those)."""
   model = _FloatHead()
   x = jax.random.normal(jax.random.key(0), (8, 5), jnp.float32)
-  variables = model.init(jax.random.key(1), x, mode="float")
-  _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
+  variables = _init(model, x)
+  _, stats = _apply(model, variables, x, "calibrate", mutable=("quant_stats",))
   variables = {**variables, **stats}
   int_vars = qjax.convert(model, variables, x)
   assert set(int_vars["params"]) == {"fc3"} and set(int_vars[integer.COLLECTION]) == {
       "Quantize_0", "fc1", "Dequantize_0"}
   np.testing.assert_array_equal(np.asarray(int_vars["params"]["fc3"]["kernel"]),
                                 np.asarray(variables["params"]["fc3"]["kernel"]))
-  y = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x)
+  y = _apply(model, int_vars, x, "int8")
   y_qat = model.apply(variables, x, mode="qat")
   np.testing.assert_array_equal(np.asarray(y), np.asarray(y_qat))
 
@@ -149,7 +159,7 @@ def test_learned_scales_are_the_converted_grids():
   integers."""
   model = _Learned()
   x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
-  variables = model.init(jax.random.key(1), x, mode="float")
+  variables = _init(model, x)
   # Move every learned parameter away from its observed initial value, as training would.
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: p * 1.3 if path[-1].key == "scale" else
@@ -165,7 +175,7 @@ def test_learned_scales_are_the_converted_grids():
   np.testing.assert_array_equal(fc1["output_zero_point"], z_out)
   np.testing.assert_array_equal(layers["fc1"].requant.zero_point, z_out)
   np.testing.assert_array_equal(layers["Quantize_0"].scale, params["Quantize_0"]["scale"])
-  y_int = np.asarray(model.apply(int_vars, x, mode="int8"))
-  y_fq = np.asarray(model.apply(variables, x, mode="qat"))
+  y_int = np.asarray(_apply(model, int_vars, x, "int8"))
+  y_fq = np.asarray(_apply(model, variables, x, "qat"))
   steps = np.abs(y_int - y_fq) / float(layers["Dequantize_0"].scale)
   assert np.max(steps) <= 1.0 + 1e-3 and np.mean(steps < 1e-3) >= 0.9
