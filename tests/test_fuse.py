@@ -639,6 +639,23 @@ class _FoldedModel(nn.Module):
     return qnn.Dequantize()(x, mode=mode)
 
 
+@functools.cache
+def _qat_trained_folded_model():
+  """_FoldedModel after three QAT steps: (model, x, variables, eval-mode fake-quant output),
+  shared by the requantizers."""
+  model = _FoldedModel()
+  x = jax.random.normal(jax.random.key(1), (16,) + X_IMG.shape[1:], jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False, mode="qat"))(
+      jax.random.key(0), x)
+  step = jax.jit(functools.partial(model.apply, train=True, mode="qat",
+                                   mutable=["batch_stats", "quant_stats"]))
+  for i in range(3):
+    _, updates = step(variables, x + 0.1 * i)
+    variables = {**variables, **updates}
+  y_fq = np.asarray(model.apply(variables, x, train=False, mode="qat"))
+  return model, x, variables, y_fq
+
+
 @pytest.mark.parametrize("requant", ["float", "integer", "fbgemm"])
 def test_convert_folded_bn_layers(requant):
   """After QAT steps, qjax.convert folds the BatchNorm (folded_kernel_and_bias with the
@@ -646,14 +663,7 @@ def test_convert_folded_bn_layers(requant):
   dequantized output lies on the same grid and agrees with the fake-quant forward up to one
   output step (float rounding of the fold vs the in-training scaling)."""
   from qjax import convert, integer  # pylint: disable=import-outside-toplevel
-  model = _FoldedModel()
-  x = jax.random.normal(jax.random.key(1), (16,) + X_IMG.shape[1:], jnp.float32)
-  variables = model.init(jax.random.key(0), x, train=False, mode="qat")
-  step = jax.jit(functools.partial(model.apply, train=True, mode="qat",
-                                   mutable=["batch_stats", "quant_stats"]))
-  for i in range(3):
-    _, updates = step(variables, x + 0.1 * i)
-    variables = {**variables, **updates}
+  model, x, variables, y_fq = _qat_trained_folded_model()
   # weights="stats": the grids of the fake-quant forward (the default observes the folded
   # kernel once more, as PyTorch's convert does, which moves a moving-average grid a little).
   with pytest.warns(UserWarning, match="are clamped, as the fake-quant forward clamps them"):
@@ -668,7 +678,6 @@ def test_convert_folded_bn_layers(requant):
       np.clip(np.rint(np.asarray(kernel) / w_scale), -128, 127).astype(np.int8))
   y_int = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False, mode="int8"))(
       int_vars, x))
-  y_fq = np.asarray(model.apply(variables, x, train=False, mode="qat"))
   out_scale = float(ops["Dequantize_0"]["op"].scale)
   steps = np.abs(y_int - y_fq) / out_scale
   assert np.max(steps) <= 1.0 + 1e-3
