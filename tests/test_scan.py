@@ -1,6 +1,7 @@
 """Quantized layers inside `nn.scan`: calibration updates once per step, convert lowers the
 layers of the scan body, and mode "int8" equals the NumPy integer reference step by step."""
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -65,8 +66,18 @@ class SequenceNet(nn.Module):
 
 
 def _calibrated(model: nn.Module, xs: jax.Array) -> Any:
-  variables = model.init(jax.random.key(0), xs)
+  variables = jax.jit(model.init)(jax.random.key(0), xs)
   return qnn.calibrate(model, variables, [xs, 1.5 * xs])
+
+
+@functools.cache
+def _rnn() -> tuple[RNN, jax.Array, Any, Any]:
+  """RNN on one (batch 3, time 6, features 2) sequence, calibrated and converted once for the
+  tests that share it: (model, xs, calibrated variables, int8 variables)."""
+  xs = jax.random.normal(jax.random.key(3), (3, 6, 2))
+  model = RNN()
+  variables = _calibrated(model, xs)
+  return model, xs, variables, qjax.convert(model, variables, xs)
 
 
 def _op(int_vars: Any, *path: str) -> Any:
@@ -90,18 +101,17 @@ def _dequantize(q: np.ndarray, op: Any) -> np.ndarray:
 
 
 def test_calibration_observes_every_step():
-  xs = jax.random.normal(jax.random.key(1), (3, 7, 2))
-  variables = _calibrated(RNN(), xs)
+  _, xs, variables, _ = _rnn()
+  assert xs.shape[1] == 6
   stats = variables["quant_stats"]["cell"]
-  assert int(stats["quant_in"]["count"]) == 2 * 7
-  assert int(stats["dense"]["output"]["count"]) == 2 * 7
+  assert int(stats["quant_in"]["count"]) == 2 * 6  # two batches of six steps
+  assert int(stats["dense"]["output"]["count"]) == 2 * 6
   assert "kernel" in variables["params"]["cell"]["dense"]  # no time axis on the weights
   assert variables["params"]["cell"]["dense"]["kernel"].shape == (2 + HIDDEN, HIDDEN)
 
 
 def test_qat_gradients_flow_through_the_scan():
-  xs = jax.random.normal(jax.random.key(2), (2, 4, 2))
-  variables = _calibrated(RNN(), xs)
+  _, xs, variables, _ = _rnn()
 
   def loss(params):
     ys = RNN().apply({"params": params, "quant_stats": variables["quant_stats"]}, xs,
@@ -115,9 +125,7 @@ def test_qat_gradients_flow_through_the_scan():
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_recurrent_cell_matches_the_numpy_reference_step_by_step(jit):
-  xs = jax.random.normal(jax.random.key(3), (3, 6, 2))
-  model = RNN()
-  int_vars = qjax.convert(model, _calibrated(model, xs), xs)
+  model, xs, _, int_vars = _rnn()
   quant, dense = _op(int_vars, "cell", "quant_in"), _op(int_vars, "cell", "dense")
   assert isinstance(dense, forms.Int8Dense)
   apply = lambda v, x: model.apply(v, x, mode="int8")  # noqa: E731
@@ -149,9 +157,7 @@ def test_sequence_quantized_outside_the_scan_feeds_the_scanned_layer():
 
 
 def test_int8_scan_stays_integer_in_the_body():
-  xs = jax.random.normal(jax.random.key(5), (2, 3, 2))
-  model = RNN()
-  int_vars = qjax.convert(model, _calibrated(model, xs), xs)
+  model, xs, _, int_vars = _rnn()
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, xs)
   scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
   assert len(scans) == 1
