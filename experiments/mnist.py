@@ -105,14 +105,20 @@ def _print(text: str = "") -> None:
 
 
 class Stages:
-  """Wall time of each named stage, printed as it ends."""
+  """Runs named stages, each under a tqdm bar (the stage's own bars nest below it), and keeps
+  the wall time of each, printed as it ends."""
 
-  def __init__(self):
+  def __init__(self, progress: bool = True):
     self.rows: list[dict] = []
+    self.progress = progress
 
   def run(self, name: str, fn: Callable[[], Any]) -> Any:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     t0 = time.perf_counter()
-    out = fn()
+    with tqdm(total=1, desc=name, leave=False, disable=not self.progress,
+              bar_format="{desc} [{elapsed}]") as bar:
+      out = fn()
+      bar.update()
     seconds = time.perf_counter() - t0
     self.rows.append({"stage": name, "seconds": seconds})
     _print(f"[{seconds:6.1f} s] {name}")
@@ -135,8 +141,8 @@ def _file_name(model: str, variant: str) -> str:
 # Latency.
 
 
-def time_calls(calls: dict[str, tuple[Callable, tuple]], *, rounds: int, per_round: int
-               ) -> dict[str, float]:
+def time_calls(calls: dict[str, tuple[Callable, tuple]], *, rounds: int, per_round: int,
+               progress: bool = False, desc: str = "latency") -> dict[str, float]:
   """Median seconds of one call of each jitted function on its arguments.
 
   A first call compiles each function (or finds it compiled: the evaluation runs at the
@@ -146,15 +152,20 @@ def time_calls(calls: dict[str, tuple[Callable, tuple]], *, rounds: int, per_rou
   """
   times: dict[str, list[float]] = {name: [] for name in calls}
   names = list(calls)
-  for fn, args in calls.values():  # compile and warm up
-    jax.block_until_ready(fn(*args))
-  for r in range(rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      fn, args = calls[name]
-      for _ in range(per_round):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times[name].append(time.perf_counter() - t0)
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  with tqdm(total=(rounds + 1) * len(names), desc=desc, leave=False,
+            disable=not progress) as bar:
+    for fn, args in calls.values():  # compile and warm up
+      jax.block_until_ready(fn(*args))
+      bar.update()
+    for r in range(rounds):
+      for name in names[r % len(names):] + names[:r % len(names)]:
+        fn, args = calls[name]
+        for _ in range(per_round):
+          t0 = time.perf_counter()
+          jax.block_until_ready(fn(*args))
+          times[name].append(time.perf_counter() - t0)
+        bar.update()
   return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -300,7 +311,8 @@ def study_model(name: str, data: tuple, args: argparse.Namespace, stages: Stages
     for batch in LATENCY_BATCHES:
       x = np.resize(x_test, (batch,) + x_test.shape[1:])
       med = time_calls({v.name: v.call(x) for v in built}, rounds=args.latency_rounds,
-                       per_round=max(1, int(args.latency_calls / batch ** 0.5)))
+                       per_round=max(1, int(args.latency_calls / batch ** 0.5)),
+                       progress=args.progress, desc=f"{name} latency, batch {batch}")
       for v in built:
         v.row[f"latency_b{batch}_ms"] = 1e3 * med[v.name]
         v.row[f"latency_b{batch}_vs_float32"] = med[v.name] / med["float32"]
@@ -445,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   """Runs the study; returns what it writes to --out/results.json."""
   args = parse_args(argv)
   t_start = time.perf_counter()
-  stages = Stages()
+  stages = Stages(args.progress)
   data, source = stages.run("data", lambda: load_data(args))
   x_train, y_train, x_test, y_test = data
   _print(f"MNIST from {source}: {len(y_train)} train / {len(y_test)} test digits")

