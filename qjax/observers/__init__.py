@@ -21,6 +21,7 @@ Observers and their PyTorch counterparts (`torch.ao.quantization`):
       clip range that minimises the L2 quantization error of the histogram.
   PercentileObserver            the same histogram, clipped at the (100-p)-th and p-th
       percentiles.
+  FixedQParamsObserver          (FixedQParamsObserver) a grid fixed in advance.
 
 Per-channel statistics follow `spec.axis` (min/max observers only). The arithmetic matches
 PyTorch's float32 operations one by one, so states and qparams agree with it bit for bit.
@@ -57,6 +58,7 @@ percentile observers, and the PyTorch histogram math they run on).
 
 from qjax.observers.histogram import HistogramObserver
 from qjax.observers.histogram import PercentileObserver
+from qjax.observers.minmax import FixedQParamsObserver
 from qjax.observers.minmax import HistogramState
 from qjax.observers.minmax import MinMaxObserver
 from qjax.observers.minmax import MinMaxState
@@ -67,9 +69,10 @@ from qjax.observers.minmax import merge
 from qjax.observers.minmax import _min_and_max as _min_and_max
 
 Observer = (MinMaxObserver | MovingAverageMinMaxObserver | HistogramObserver
-            | PercentileObserver)
+            | PercentileObserver | FixedQParamsObserver)
 
 __all__ = (
+    "FixedQParamsObserver",
     "HistogramObserver",
     "HistogramState",
     "MinMaxObserver",

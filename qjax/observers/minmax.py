@@ -274,3 +274,45 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
                        jnp.where(ok, ema(state.max_val, hi), state.max_val),
                        _saturating_increment(state.count, ok),
                        _saturating_increment(state.skipped, ~ok))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FixedQParamsObserver(MinMaxObserver):
+  """A grid fixed in advance: qparams are always (`scale`, `zero_point`), whatever was seen.
+
+  PyTorch's `FixedQParamsObserver` (the fixed grids of sigmoid and tanh outputs). The state
+  still records the running min / max and the batch count, so a report can show what the
+  grid clips. qjax uses it for spikes (0 / 1 on scale 1) and for state grids chosen around a
+  neuron's threshold.
+
+  Example:
+    >>> obs = FixedQParamsObserver(spec=QuantSpec(bits=8, signed=True, symmetric=True),
+    ...                            scale=0.25, zero_point=0)
+    >>> qp = obs.qparams(obs.update(obs.init(()), jnp.array([-9.0, 1.0])))
+    >>> float(qp.scale), int(qp.zero_point)
+    (0.25, 0)
+  """
+
+  scale: float
+  zero_point: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.spec.per_channel:
+      raise ValueError(f"FixedQParamsObserver takes a per-tensor spec (axis=None); got "
+                       f"axis={self.spec.axis}.")
+    s = self.scale
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not (
+        np.isfinite(s) and s > 0 and np.float32(s) > 0):
+      raise ValueError(f"FixedQParamsObserver.scale must be a finite Python number > 0 (and "
+                       f"> 0 in float32); got {s!r}.")
+    z = self.zero_point
+    if isinstance(z, bool) or not isinstance(z, (int, np.integer)) or not (
+        self.spec.qmin <= z <= self.spec.qmax):
+      raise ValueError(f"FixedQParamsObserver.zero_point must be an int in [{self.spec.qmin}, "
+                       f"{self.spec.qmax}] (the spec's range); got {z!r}.")
+
+  def qparams(self, state: MinMaxState) -> QParams:
+    """(scale, zero_point) as float32 () and int32 (); `state` is not read."""
+    del state
+    return QParams(jnp.float32(self.scale), jnp.int32(self.zero_point))
