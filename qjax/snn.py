@@ -118,7 +118,8 @@ def spike(x: jax.Array, surrogate: Surrogate = Surrogate.SUPERSPIKE,
     >>> jax.grad(lambda x: spike(x).sum())(jnp.array([0.0, 0.01]))   # 1 / (100 |x| + 1)^2
     Array([1.  , 0.25], dtype=float32)
   """
-  del surrogate, alpha
+  as_surrogate(surrogate)  # an unknown name fails here, not only in the backward pass
+  del alpha
   return (x > 0).astype(x.dtype)
 
 
@@ -126,8 +127,9 @@ def _spike_fwd(x, surrogate, alpha):
   return spike(x, surrogate, alpha), x
 
 
-def surrogate_gradient(x: jax.Array, surrogate: Surrogate, alpha: float) -> jax.Array:
+def surrogate_gradient(x: jax.Array, surrogate: Surrogate | str, alpha: float) -> jax.Array:
   """The surrogate dH/dx at x (module docstring)."""
+  surrogate = as_surrogate(surrogate)
   a = jnp.asarray(alpha, x.dtype)
   if surrogate is Surrogate.SUPERSPIKE:
     return 1 / (a * jnp.abs(x) + 1) ** 2
@@ -137,15 +139,18 @@ def surrogate_gradient(x: jax.Array, surrogate: Surrogate, alpha: float) -> jax.
 
 
 def _spike_bwd(surrogate, alpha, x, g):
-  return (g * surrogate_gradient(x, as_surrogate(surrogate), alpha),)
+  return (g * surrogate_gradient(x, surrogate, alpha),)
 
 
 spike.defvjp(_spike_fwd, _spike_bwd)
 
 
 def _check_dt(dt: float) -> float:
-  if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0:
-    raise ValueError(f"dt must be a Python number > 0 (seconds); got {dt!r}.")
+  if isinstance(dt, bool) or not isinstance(dt, (int, float)):
+    raise TypeError(f"dt must be a Python number (seconds; it is static under jit); got "
+                    f"{dt!r}.")
+  if not (math.isfinite(dt) and dt > 0):
+    raise ValueError(f"dt must be finite and > 0 (seconds); got {dt!r}.")
   return float(dt)
 
 

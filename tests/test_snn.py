@@ -487,16 +487,16 @@ STATE2 = snn.initial_state((2,))
 X2 = jnp.ones(2)
 
 
-@pytest.mark.parametrize("dt", [0, 0.0, -1e-3, math.nan, -math.inf])
-def test_nonpositive_dt_is_refused(dt):
-  with pytest.raises(ValueError, match=r"dt must be a Python number > 0"):
+@pytest.mark.parametrize("dt", [0, 0.0, -1e-3, math.nan, -math.inf, math.inf])
+def test_nonpositive_or_infinite_dt_is_refused(dt):
+  with pytest.raises(ValueError, match=r"dt must be finite and > 0"):
     snn.lif_step(X2, STATE2, LIFParameters(), dt)
 
 
 @pytest.mark.parametrize("dt", ["0.001", None, True, jnp.float32(1e-3), np.float32(1e-3), [1e-3]],
                          ids=["str", "None", "bool", "jax_array", "np_float32", "list"])
 def test_non_number_dt_is_refused(dt):
-  with pytest.raises((TypeError, ValueError), match=r"dt must be a Python number"):
+  with pytest.raises(TypeError, match=r"dt must be a Python number"):
     snn.lif_step(X2, STATE2, LIFParameters(), dt)
 
 

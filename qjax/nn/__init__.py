@@ -32,6 +32,7 @@ from qjax.nn.qconfig import get_default_qat_qconfig
 from qjax.nn.qconfig import get_default_qconfig
 from qjax.nn.recurrent import scan
 from qjax.nn.snn import LIF
+from qjax.nn.snn import LIFCell
 from qjax.nn.snn import LIFStateQConfig
 from qjax.nn.snn import SPIKE_OBSERVER
 from qjax.nn.snn import observed_state
@@ -39,6 +40,7 @@ from qjax.nn.snn import threshold_state
 
 __all__ = (
     "LIF",
+    "LIFCell",
     "LIFStateQConfig",
     "SPIKE_OBSERVER",
     "observed_state",

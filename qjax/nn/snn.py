@@ -252,3 +252,33 @@ def _float_loop(x: jax.Array, params: snn.LIFParameters, dt: float
   start = snn.initial_state(jnp.shape(x)[1:], params, jnp.result_type(x, jnp.float32))
   _, (z, v) = lax.scan(body, start, x)
   return z, v
+
+
+class LIFCell(nn.Module):
+  """One time step of a float LIF population, in the carry convention of `nn.scan` /
+  `qjax.nn.scan`: (state, x_t) -> (state, z_t). For per-step models (layers inside the time
+  loop, recurrent weights); `LIF` runs a whole sequence and quantizes its state.
+
+  Attributes:
+    params: the neurons' parameters.
+    dt: the time step in seconds.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, xs):                       # (time, batch, features)
+    ...     cell = nn.scan(LIFCell, variable_broadcast="params", split_rngs={"params": False})
+    ...     state = snn.initial_state(xs.shape[1:])
+    ...     return cell(name="lif")(state, xs)[1]
+    >>> Net().apply({}, jnp.full((3, 1, 1), 4.0))[:, 0, 0]
+    Array([0., 1., 0.], dtype=float32)
+  """
+
+  params: snn.LIFParameters = _DEFAULT_PARAMS
+  dt: float = 1e-3
+
+  @nn.compact
+  def __call__(self, state: snn.LIFState, x: jax.Array) -> tuple[snn.LIFState, jax.Array]:
+    z, state = snn.lif_step(x, snn.LIFState(*state), self.params, float(self.dt))
+    return state, z
