@@ -115,11 +115,17 @@ def _reduced_axes(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(a for a in range(len(shape)) if a != axis)
 
 
+def _min_max_pair(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]
+                  ) -> tuple[jax.Array, jax.Array]:
+  # One module-level reducer: eager calls cache their compiled reduce by this function's
+  # identity (a lambda per call compiled a new one on every eager observer update).
+  return lax.min(a[0], b[0]), lax.max(a[1], b[1])
+
+
 def _min_and_max(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   """(min, max) of x over `axes` in one pass: a variadic reduce, which XLA:CPU runs about
   twice as fast as two separate reductions. NaN propagates, as in jnp.min / jnp.max."""
-  return lax.reduce((x, x), (np.float32(np.inf), np.float32(-np.inf)),
-                    lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), axes)
+  return lax.reduce((x, x), (np.float32(np.inf), np.float32(-np.inf)), _min_max_pair, axes)
 
 
 def _check_state_shape(state: Any, expected_type: type[ObserverState], shape: tuple[int, ...],
