@@ -122,9 +122,14 @@ class _Stats(nn.Module):
     return type(fresh)(**{n: v.value for n, v in variables.items()}), variables
 
 
-def _fake_quant(x: jax.Array, observer: obs.Observer, state: Any) -> jax.Array:
+def _fake_quant(x: jax.Array, observer: obs.Observer, state: Any, *,
+                fresh_ok: bool = False) -> jax.Array:
+  """x fake-quantized on the observer's grid. With `fresh_ok` (statistics that update in
+  this call) an observer that has seen nothing yet leaves x as it is, instead of giving a
+  NaN scale: the first step's constants come before its first update."""
   qparams = jax.tree_util.tree_map(lax.stop_gradient, observer.qparams(state))
-  return ste.fake_quant(x, observer.spec, qparams)
+  y = ste.fake_quant(x, observer.spec, qparams)
+  return jnp.where(state.count > 0, y, x) if fresh_ok else y
 
 
 class LIF(nn.Module):
@@ -209,7 +214,7 @@ class LIF(nn.Module):
         si = i_obs.update(si, lax.stop_gradient(i1))
       if fake:
         i1 = _fake_quant(i1, i_obs, si)
-      v1 = v + a * ((_on(p.v_leak, v_obs, sv, fake, v) - v) + i1)
+      v1 = v + a * ((_on(p.v_leak, v_obs, sv, fake, v, updates) - v) + i1)
       if updates:
         sv = v_obs.update(sv, lax.stop_gradient(v1))
       if fake:
@@ -218,12 +223,12 @@ class LIF(nn.Module):
       if fake:
         i_next = _fake_quant(i_next, i_obs, si)
       z = snn.spike(v1 - p.v_th, p.surrogate, p.alpha)
-      v_next = (1 - z) * v1 + z * _on(p.v_reset, v_obs, sv, fake, v1)
+      v_next = (1 - z) * v1 + z * _on(p.v_reset, v_obs, sv, fake, v1, updates)
       return ((v_next, i_next), (sv, si)), (z, v_next)
 
     start = snn.initial_state(jnp.shape(x)[1:], p, jnp.result_type(x, jnp.float32))
     if fake:
-      start = snn.LIFState(v=_fake_quant(start.v, v_obs, v_state), i=start.i)
+      start = snn.LIFState(v=_fake_quant(start.v, v_obs, v_state, fresh_ok=updates), i=start.i)
     ((_, _), (v_state, i_state)), (z, v_trace) = lax.scan(
         body, ((start.v, start.i), (v_state, i_state)), x)
     if updates:
@@ -233,12 +238,12 @@ class LIF(nn.Module):
     return z, v_trace
 
 
-def _on(value: float, observer: obs.Observer, state: Any, fake: bool, like: jax.Array
-        ) -> jax.Array:
+def _on(value: float, observer: obs.Observer, state: Any, fake: bool, like: jax.Array,
+        fresh_ok: bool) -> jax.Array:
   """A constant (v_leak, v_reset) as the step uses it: on the v grid in qat (the integer
   path rounds it onto that grid)."""
   c = jnp.asarray(value, like.dtype)
-  return _fake_quant(c, observer, state) if fake else c
+  return _fake_quant(c, observer, state, fresh_ok=fresh_ok) if fake else c
 
 
 def _float_loop(x: jax.Array, params: snn.LIFParameters, dt: float

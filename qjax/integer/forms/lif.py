@@ -8,20 +8,22 @@ The float step (`qjax.snn.lif_step`), with a = dt tau_mem_inv and b = dt tau_syn
 runs on integers. The state is held on symmetric grids (zero point 0) of `bits` <= 16 bits:
 v = S_v q_v, i = S_i q_i; the input current x = S_x (q_x - Z_x) is the int8 output of the
 layer before (its grid). With M_x = S_x / S_i, M_a = a, M_b = a S_i / S_v, M_c = 1 - b, each
-a 31-bit fixed-point multiplier M = M0 / 2^r (`arith.quantize_multiplier`), and
-R(y, M) = floor((y M0 + 2^(r-1)) / 2^r) (`arith.mul_shift_round`, ties up):
+a 31-bit fixed-point multiplier M = M0 / 2^r (`arith.quantize_multiplier`),
+R(y, M) = floor((y M0 + 2^(r-1)) / 2^r) (`arith.mul_shift_round`) and rne_L(y) = y / 2^L
+rounded half to even, every quantity is formed with L fractional bits and rounded once, to
+even, as the fake quantization of the QAT forward rounds it:
 
-    q_i'     = clamp_i(q_i + R(q_x - Z_x, M_x))
-    d        = R((L_v - q_v) 2^L, M_a) + R(q_i' 2^L, M_b)        L_v = rne(v_leak / S_v)
-    q_v'     = clamp_v(q_v + floor((d + 2^(L-1)) / 2^L))
-    q_i_next = clamp_i(R(q_i', M_c))
+    q_i'     = clamp_i(rne_F(q_i 2^F + R((q_x - Z_x) 2^F, M_x)))
+    q_v'     = clamp_v(rne_L(q_v 2^L + R((L_v - q_v) 2^L, M_a) + R(q_i' 2^L, M_b)))
+    q_i_next = clamp_i(rne_L(R(q_i' 2^L, M_c)))
     z        = q_v' > T                                        T = floor(v_th / S_v)
-    q_v_next = z ? R_v : q_v'                                  R_v = rne(v_reset / S_v)
+    q_v_next = z ? R_v : q_v'                L_v = rne(v_leak / S_v), R_v = rne(v_reset / S_v)
 
-clamp_v / clamp_i saturate at the state grid's [qmin, qmax]; L = 28 - bits - ceil(log2(max
-M_a, M_b, 1)) >= 0 fractional bits keep the membrane update in one rounding while every
-int32 sum stays below 2^31. z > T is exactly S_v q_v' > v_th. Spikes leave as int8 0 / 1 on
-the grid (scale 1, zero point 0), so the next layer's int8 matmul reads them as they are.
+clamp_v / clamp_i saturate at the state grid's [qmin, qmax]. L = 28 - bits - ceil(log2(max(
+M_a, M_b, 1))) >= 0 and F = min(L, 22) keep every int32 sum below 2^31 (the input term
+R(., M_x) saturates at +-2^30 first, which changes nothing after the clamp). z > T is
+exactly S_v q_v' > v_th. Spikes leave as int8 0 / 1 on the grid (scale 1, zero point 0), so
+the next layer's int8 matmul reads them as they are.
 All arithmetic is int32; nothing is float between the layer before and the readout.
 """
 
@@ -48,10 +50,22 @@ SPIKE_SCALE = 1.0
 
 
 def round_shift(y: jax.Array, shift: int) -> jax.Array:
-  """floor((y + 2^(shift-1)) / 2^shift) for int32 y and a static shift >= 0 (y itself for 0)."""
+  """rne(y / 2^shift) for int32 y and a static shift >= 0 (y itself for 0): round half to
+  even, as the fake quantization of the QAT forward rounds (so both agree on exact ties)."""
   if shift == 0:
     return y
-  return jax.lax.shift_right_arithmetic(y + jnp.int32(1 << (shift - 1)), jnp.int32(shift))
+  half = jnp.int32(1 << (shift - 1))
+  q = jax.lax.shift_right_arithmetic(y + half, jnp.int32(shift))
+  tie = (y & jnp.int32((1 << shift) - 1)) == half
+  return jnp.where(tie & ((q & 1) == 1), q - 1, q)
+
+
+INPUT_LIMIT = 1 << 30
+"""|R((q_x - Z_x) 2^F, M_x)| is saturated here before q_i 2^F (< 2^28) is added, so the sum
+cannot wrap in int32; the clamp to the state grid follows, so the result is unchanged."""
+
+INPUT_FRAC = 22
+"""At most this many fractional bits for the input term: (q_x - Z_x) 2^F must fit int32."""
 
 
 @struct
@@ -134,13 +148,15 @@ class IntegerLIF:
     def clamp_i(y):
       return jnp.clip(y, *self.i_bounds)
 
-    xc = x.astype(jnp.int32) - self.x_zero
-    i1 = clamp_i(i + arith.mul_shift_round(xc, m0[0], shift[0]))
+    fx = min(self.frac, INPUT_FRAC)
+    xc = (x.astype(jnp.int32) - self.x_zero) * jnp.int32(1 << fx)
+    jump = jnp.clip(arith.mul_shift_round(xc, m0[0], shift[0]), -INPUT_LIMIT, INPUT_LIMIT)
+    i1 = clamp_i(round_shift(i * jnp.int32(1 << fx) + jump, fx))
     up = jnp.int32(1 << self.frac)
     d = (arith.mul_shift_round((self.v_leak - v) * up, m0[1], shift[1])
          + arith.mul_shift_round(i1 * up, m0[2], shift[2]))
-    v1 = clamp_v(v + round_shift(d, self.frac))
-    i_next = clamp_i(arith.mul_shift_round(i1, m0[3], shift[3]))
+    v1 = clamp_v(round_shift(v * up + d, self.frac))
+    i_next = clamp_i(round_shift(arith.mul_shift_round(i1 * up, m0[3], shift[3]), self.frac))
     z = v1 > self.threshold
     return z.astype(jnp.int8), (jnp.where(z, self.v_reset, v1), i_next)
 
