@@ -19,6 +19,7 @@ from qjax import io
 from qjax import observers
 from qjax import quantizers
 from qjax import report
+from qjax import snn
 
 from qjax.fuse import fold_batch_norm
 from qjax.fuse import fold_batch_norms
@@ -77,4 +78,5 @@ __all__ = (
     "quantizers",
     "report",
     "round_ste",
+    "snn",
 )
