@@ -1,8 +1,5 @@
-"""Research quantizers built on `qjax.numerics` and `qjax.ste`.
-
-For now this module holds the half-precision casts of a variables pytree (PyTorch's
-`model.half()`): `cast_floats` and `half`. DoReFa, PACT (a learned clip with its own
-gradient), WRPN, binary/ternary and fp8 quantizers are planned here.
+"""Half-precision casts of a variables pytree (PyTorch's `model.half()`): `cast_floats` and
+`half`.
 
 Integer-path variables are never cast: the typed ops that `qjax.convert` returns (int8
 kernels, float32 scales, requantization multipliers and biases, int32 offsets) are the
