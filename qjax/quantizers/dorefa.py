@@ -69,24 +69,6 @@ def quantize_k(x: jax.typing.ArrayLike, bits: int) -> jax.Array:
   return _round_levels(_levels(bits), x.astype(jnp.float32)).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _activation(levels: float, x: jax.Array) -> jax.Array:
-  xf = jnp.clip(x.astype(jnp.float32), 0.0, 1.0)
-  return (jnp.round(xf * levels) / levels).astype(x.dtype)
-
-
-def _activation_fwd(levels, x):
-  return _activation(levels, x), (x >= 0) & (x <= 1)
-
-
-def _activation_bwd(levels, inside, g):
-  del levels
-  return (jnp.where(inside, g, jnp.zeros_like(g)),)
-
-
-_activation.defvjp(_activation_fwd, _activation_bwd)
-
-
 def dorefa_activation(x: jax.typing.ArrayLike, bits: int) -> jax.Array:
   """DoReFa's activation quantizer: `quantize_k` of x clipped to [0, 1].
 
@@ -108,7 +90,7 @@ def dorefa_activation(x: jax.typing.ArrayLike, bits: int) -> jax.Array:
   """
   bits = _common.check_bits("dorefa_activation", bits, 1, _MAX_BITS)
   x = _common.float_input("dorefa_activation", x)
-  return _activation(_levels(bits), x)
+  return _common.clip_round(0.0, _levels(bits), x)
 
 
 @jax.custom_vjp

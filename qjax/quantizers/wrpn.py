@@ -7,30 +7,9 @@ Values are computed in float32 and returned in the input's dtype.
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 
 from qjax.quantizers import _common
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _clip_round(lo: float, levels: float, x: jax.Array) -> jax.Array:
-  xf = jnp.clip(x.astype(jnp.float32), lo, 1.0)
-  return (jnp.round(xf * levels) / levels).astype(x.dtype)
-
-
-def _clip_round_fwd(lo, levels, x):
-  return _clip_round(lo, levels, x), (x >= lo) & (x <= 1)
-
-
-def _clip_round_bwd(lo, levels, inside, g):
-  del lo, levels
-  return (jnp.where(inside, g, jnp.zeros_like(g)),)
-
-
-_clip_round.defvjp(_clip_round_fwd, _clip_round_bwd)
 
 
 def wrpn_weight(w: jax.typing.ArrayLike, bits: int) -> jax.Array:
@@ -47,12 +26,13 @@ def wrpn_weight(w: jax.typing.ArrayLike, bits: int) -> jax.Array:
     w_q on the grid {-1, ..., -1/(2^(k-1) - 1), 0, 1/(2^(k-1) - 1), ..., 1}.
 
   Example:
+    >>> import jax.numpy as jnp
     >>> wrpn_weight(jnp.array([-3.0, -0.4, 0.2, 0.9]), 3)
     Array([-1.        , -0.33333334,  0.33333334,  1.        ], dtype=float32)
   """
   bits = _common.check_bits("wrpn_weight", bits, 2, 16)
   w = _common.float_input("wrpn_weight", w, "w")
-  return _clip_round(-1.0, float(2**(bits - 1) - 1), w)
+  return _common.clip_round(-1.0, float(2**(bits - 1) - 1), w)
 
 
 def wrpn_activation(x: jax.typing.ArrayLike, bits: int) -> jax.Array:
@@ -69,6 +49,7 @@ def wrpn_activation(x: jax.typing.ArrayLike, bits: int) -> jax.Array:
     y on the grid {0, 1/(2^k - 1), ..., 1}, same shape and dtype.
 
   Example:
+    >>> import jax, jax.numpy as jnp
     >>> wrpn_activation(jnp.array([-1.0, 0.2, 0.5, 4.0]), 2)
     Array([0.        , 0.33333334, 0.6666667 , 1.        ], dtype=float32)
     >>> jax.grad(lambda v: wrpn_activation(v, 2).sum())(jnp.array([-1.0, 0.2, 4.0]))
@@ -76,4 +57,4 @@ def wrpn_activation(x: jax.typing.ArrayLike, bits: int) -> jax.Array:
   """
   bits = _common.check_bits("wrpn_activation", bits, 1, 16)
   x = _common.float_input("wrpn_activation", x)
-  return _clip_round(0.0, float(2**bits - 1), x)
+  return _common.clip_round(0.0, float(2**bits - 1), x)
