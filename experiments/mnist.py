@@ -301,11 +301,10 @@ def study_model(name: str, data: tuple, args: argparse.Namespace, stages: Stages
 
   built, kept = stages.run(f"{name}: variants (calibrate, QAT {args.qat_epochs} epoch(s), "
                            f"convert, evaluate)", variants)
-  float_bytes = None
   for v in built:
     v.row["bytes"] = saved_bytes(v.variables, out_dir, _file_name(name, v.name))
-    float_bytes = float_bytes or v.row["bytes"]
-    v.row["size_vs_float32"] = v.row["bytes"] / float_bytes
+  for v in built:  # built[0] is float32
+    v.row["size_vs_float32"] = v.row["bytes"] / built[0].row["bytes"]
 
   def latency() -> None:
     for batch in LATENCY_BATCHES:
@@ -380,6 +379,7 @@ def write_json(path: pathlib.Path, results: dict) -> None:
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)

@@ -29,9 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import tempfile
 import time
 from typing import Any
 from collections.abc import Callable, Sequence
@@ -233,10 +231,8 @@ def format_table(results: dict) -> str:
 
 def plot(results: dict, path: pathlib.Path) -> None:
   """Accuracy against weight bits, per scheme (PTQ and QAT), written atomically to `path`."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  from experiments import mnist_figures  # pylint: disable=import-outside-toplevel
+  fig, ax = mnist_figures.plt.subplots(figsize=(6.4, 4.0))
   for scheme in SCHEMES:
     rows = [r for r in results["rows"] if r["scheme"] == scheme]
     ax.plot([r["bits"] for r in rows], [100 * r["ptq_accuracy"] for r in rows], "o-",
@@ -251,18 +247,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
   ax.set_title(f"MNIST MLP ({results['data']['train']} training digits)")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  # A reader never sees a half-written PNG: write a sibling file, then rename it over `path`.
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=120)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  finally:
-    plt.close(fig)
+  mnist_figures.save_png(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -39,7 +39,7 @@ _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:
            "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 
 
-def _save(fig: Any, path: str | os.PathLike) -> pathlib.Path:
+def save_png(fig: Any, path: str | os.PathLike) -> pathlib.Path:
   """Writes `fig` as a PNG to `path` atomically, closes it, and returns the path.
 
   Args:
@@ -56,6 +56,7 @@ def _save(fig: Any, path: str | os.PathLike) -> pathlib.Path:
     try:
       with os.fdopen(fd, "wb") as f:
         fig.savefig(f, format="png", dpi=DPI)
+      os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the figure from other users
       os.replace(tmp, path)
     except BaseException:
       pathlib.Path(tmp).unlink(missing_ok=True)
@@ -180,7 +181,7 @@ def accuracy_and_size(results: dict, path: str | os.PathLike) -> pathlib.Path:
     size_ax.set_ylabel("serialized size (KiB)")
     _variant_axis(size_ax, [row["variant"] for row in sized])
   fig.suptitle("MNIST quantization study: accuracy and model size per variant", fontsize=12)
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def _broadcast_scale(scale: np.ndarray, axis: int | None, shape: tuple[int, ...]) -> np.ndarray:
@@ -314,7 +315,7 @@ def weight_histograms(float_kernel: np.ndarray, int8_values: np.ndarray, scale: 
   err_ax.grid(alpha=0.3)
   err_ax.set_axisbelow(True)
   fig.suptitle(f"Layer {layer}: float vs int8 weights (symmetric, zero point 0)", fontsize=12)
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def layer_sqnr(rows: list[dict], path: str | os.PathLike) -> pathlib.Path:
@@ -389,4 +390,4 @@ def layer_sqnr(rows: list[dict], path: str | os.PathLike) -> pathlib.Path:
     ax.annotate(model, xy=(center, 0), xycoords=("data", "axes fraction"),
                 xytext=(0, -(depth * 72.0 / fig.dpi + 4.0)), textcoords="offset points",
                 ha="center", va="top", fontsize=9, fontweight="bold")
-  return _save(fig, path)
+  return save_png(fig, path)

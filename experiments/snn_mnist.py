@@ -71,8 +71,8 @@ from qjax import dynamic as qdynamic
 from qjax import snn
 
 from experiments import mnist_data, training
-from experiments.mnist import Stages, write_json
-from experiments.mnist_figures import _save
+from experiments.mnist import Stages, _pct, _print, write_json
+from experiments.mnist_figures import save_png
 
 LIF_PARAMS = snn.LIFParameters(alpha=10.0)
 """Norse's LIF defaults (tau_mem_inv 100 / s, tau_syn_inv 200 / s, v_th 1, v_reset 0) at
@@ -105,12 +105,6 @@ SWEEP = {  # name: (grid of the hidden neurons, grid of the readout neurons), de
 }
 """The state grids of the accuracy sweep. The readout neurons' membrane is the logits, which
 the threshold-centred grid clips at -1.2 v_th."""
-
-
-def _print(text: str = "") -> None:
-  """Prints between tqdm bars."""
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  tqdm.write(text)
 
 
 # ------------------------------------------------------------------------------------------
@@ -532,7 +526,7 @@ def membrane_figure(traced: dict, path: pathlib.Path) -> pathlib.Path:
                f"{traced['digit']} (label {traced['label']})\nmarkers above the threshold: "
                f"each variant's spikes", fontsize=10)
   fig.tight_layout(rect=(0, 0.07, 1, 1))
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def bits_figure(sweep: Sequence[dict], float_accuracy: float, path: pathlib.Path
@@ -563,15 +557,11 @@ def bits_figure(sweep: Sequence[dict], float_accuracy: float, path: pathlib.Path
   fig.suptitle("Spiking MNIST, int8 weights, post-training (integer path): accuracy against "
                "the LIF state's grid", fontsize=11)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------------------
 # Output.
-
-
-def _pct(value: Any) -> str:
-  return "" if value is None else f"{100 * value:.2f}"
 
 
 def format_table(rows: Sequence[dict]) -> str:
