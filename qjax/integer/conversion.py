@@ -35,7 +35,8 @@ from jax.extend import core as jex_core
 from qjax import _struct
 from qjax import numerics
 from qjax.integer import _trace
-from qjax.integer.forms.base import COLLECTION, OP, Form, Grid, Lowering, WeightRequest
+from qjax.integer.forms.base import (COLLECTION, OP, Form, Grid, Lowering, WeightRequest,
+                                     observer_state)
 from qjax.integer.forms.linear import LinearForm
 from qjax.integer.requant import Requant, as_requant
 from qjax.nn import modules
@@ -255,19 +256,6 @@ def _quantized(spec: QuantSpec, kernel: jax.Array, qparams: QParams) -> jax.Arra
   return numerics.quantize(kernel, spec, qparams)
 
 
-def _state(observer: Any, node: Any, shape: tuple[int, ...], where: str) -> Any:
-  """The observer state stored at quant_stats/<where> as the observer's state type."""
-  fresh = jax.eval_shape(lambda: observer.init(shape))  # shapes and dtypes, nothing compiled
-  if not hasattr(node, "keys"):
-    raise ValueError(f"convert: missing quant_stats/{where} in the variables (expected the "
-                     f"calibrated model's 'quant_stats' collection to hold it).")
-  missing = [f for f in fresh._fields if f not in node]
-  if missing:
-    raise ValueError(f"convert: quant_stats/{where} has no {missing} (it holds {sorted(node)}); "
-                     f"expected the state of {type(observer).__name__}.")
-  return type(fresh)(**{f: jnp.asarray(node[f], getattr(fresh, f).dtype) for f in fresh._fields})
-
-
 def _learned_qparams(observer: Any, node: Any, where: str) -> QParams:
   """A LearnableFakeQuant point's qparams, as its forward uses them."""
   if not hasattr(node, "keys") or "scale" not in node:
@@ -293,7 +281,7 @@ def _activation_qparams(variables: Any, path: str, point: dict) -> QParams:
   observer = point["observer"]
   if point.get("learnable"):
     return _learned_qparams(observer, _subtree(variables.get("params", {}), where), where)
-  state = _state(observer, _subtree(variables["quant_stats"], where), (), where)
+  state = observer_state(observer, _subtree(variables["quant_stats"], where), (), where)
   return _qparams_of(observer, state)
 
 
@@ -332,7 +320,8 @@ def _weight_grids_of(variables: Any, requests: list[tuple[str, WeightRequest]], 
       continue
     state = None
     if weights != "fresh":
-      state = _state(observer, _subtree(variables["quant_stats"], where), kernel.shape, where)
+      state = observer_state(observer, _subtree(variables["quant_stats"], where), kernel.shape,
+                             where)
     observed.append((i, observer, state, kernel))
   if observed:
     index, observers, states, kernels = zip(*observed, strict=True)

@@ -132,6 +132,20 @@ class Lowering:
     return node
 
 
+def observer_state(observer: Any, node: Any, shape: tuple[int, ...], where: str) -> Any:
+  """The observer state stored at quant_stats/<where> (`node`) as the observer's state type,
+  for tensors of `shape`; a ValueError naming the path if it is missing or incomplete."""
+  fresh = jax.eval_shape(lambda: observer.init(shape))  # shapes and dtypes, nothing compiled
+  if not hasattr(node, "keys"):
+    raise ValueError(f"convert: missing quant_stats/{where} in the variables (expected the "
+                     f"calibrated model's 'quant_stats' collection to hold it).")
+  missing = [f for f in fresh._fields if f not in node]
+  if missing:
+    raise ValueError(f"convert: quant_stats/{where} has no {missing} (it holds {sorted(node)}); "
+                     f"expected the state of {type(observer).__name__}.")
+  return type(fresh)(**{f: jnp.asarray(node[f], getattr(fresh, f).dtype) for f in fresh._fields})
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightRequest:
   """A form's float kernel (and bias) for convert to quantize with the layer's weight

@@ -39,7 +39,7 @@ import numpy as np
 
 from qjax._struct import static, struct
 from qjax.integer import arith
-from qjax.integer.forms.base import Form, Lowering, int8_input
+from qjax.integer.forms.base import Form, Lowering, int8_input, observer_state
 from qjax.numerics import QuantSpec
 
 STATE_BITS = (2, 16)
@@ -218,11 +218,7 @@ class LIFForm(Form):
       if not (spec.signed and spec.symmetric and not spec.per_channel):
         raise ValueError(f"convert: {lowering.path}: the integer LIF holds its state on "
                          f"symmetric signed per-tensor grids; the {name} observer has {spec}.")
-      if name not in stats:
-        raise ValueError(f"convert: missing quant_stats/{lowering.path}/{name} (calibrate the "
-                         f"model first).")
-      state = type(observer.init(()))(**{k: jnp.asarray(val)
-                                          for k, val in stats[name].items()})
+      state = observer_state(observer, stats.get(name), (), f"{lowering.path}/{name}")
       qparams = observer.qparams(state)
       scale = float(np.asarray(qparams.scale, np.float32))
       if int(np.asarray(qparams.zero_point)) != 0 or not np.isfinite(scale) or scale <= 0:
