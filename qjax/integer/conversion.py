@@ -42,6 +42,7 @@ from qjax.integer.requant import Requant, as_requant
 from qjax.nn import modules
 from qjax.nn import qconfig
 from qjax.numerics import QParams, QuantSpec
+from qjax.quantizers import points
 
 # Ops between quantized layers that commute with quantization (the int8 values they return are
 # the quantized values of what they return in float). Operand 0 is the data for the indexing
@@ -257,7 +258,23 @@ def _quantized(spec: QuantSpec, kernel: jax.Array, qparams: QParams) -> jax.Arra
 
 
 def _learned_qparams(observer: Any, node: Any, where: str) -> QParams:
-  """A LearnableFakeQuant point's qparams, as its forward uses them."""
+  """A LearnableFakeQuant point's qparams, as its forward uses them (or a research activation
+  quantizer's, from its params)."""
+  if isinstance(observer, points.ActivationQuantizer):
+    params = node if hasattr(node, "keys") else {}
+    try:
+      qparams = observer.qparams({k: jnp.asarray(v) for k, v in params.items()})
+    except ValueError as err:
+      raise ValueError(f"convert: {where}: {err} (expected in params/{where}).") from err
+    if jnp.ndim(qparams.scale):
+      raise ValueError(f"convert: {where}: the integer path quantizes activations per tensor; "
+                       f"{type(observer).__name__} has one clipping level per channel "
+                       f"(per_channel=True), shape {jnp.shape(qparams.scale)}. Use "
+                       f"per_channel=False for layers you convert.")
+    if not bool(jnp.all(qparams.scale > 0)):
+      raise ValueError(f"convert: {where}: {type(observer).__name__}'s grid has scale "
+                       f"{qparams.scale}; a clipping level must be positive.")
+    return qparams
   if not hasattr(node, "keys") or "scale" not in node:
     raise ValueError(f"convert: missing params/{where}/scale (a learnable quantization point "
                      f"keeps its scale in 'params').")
@@ -285,6 +302,17 @@ def _activation_qparams(variables: Any, path: str, point: dict) -> QParams:
   return _qparams_of(observer, state)
 
 
+def _research_inverse(variables: Any, path: str, point: dict) -> Any:
+  """A research activation quantizer's multiplier n / alpha (None for observer points)."""
+  observer = point["observer"]
+  if not isinstance(observer, points.ActivationQuantizer):
+    return None
+  where = "/".join(k for k in (path, point.get("point", "")) if k)
+  node = _subtree(variables.get("params", {}), where)
+  params = node if hasattr(node, "keys") else {}
+  return observer.inverse_scale({k: jnp.asarray(v) for k, v in params.items()})
+
+
 WEIGHT_SOURCES = ("observe", "fresh", "stats")
 
 
@@ -295,14 +323,23 @@ def _check_read_stats_calibrated(quant_stats: Any, flow: Dataflow, weights: str)
           for path, point in flow.points.items() if not point.get("learnable")]
   if weights != "fresh":
     read += [f"{c.path}/weight" for c in flow.consumers
-             if isinstance(c.form, LinearForm) and not c.form.learnable]
+             if isinstance(c.form, LinearForm) and not c.form.learnable
+             and not isinstance(c.form.weight_observer, points.WeightQuantizer)]
   if not read:
     return
+  if quant_stats is None:
+    raise ValueError("convert: variables has no 'quant_stats' collection; calibrate the model "
+                     "(mode='calibrate', mutable=['quant_stats']) or train it with QAT first.")
   flat = traverse_util.flatten_dict(quant_stats, sep="/")
   modules.check_calibrated(traverse_util.unflatten_dict(
       {k: v for k, v in flat.items() if any(k.startswith(p + "/") for p in read)}, sep="/"))
 
 
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=_ONCE)
+def _research_weights(quantizer: Any, kernel: jax.Array) -> tuple[QParams, jax.Array]:
+  return quantizer.integer_weights(kernel)
 
 
 def _weight_grids_of(variables: Any, requests: list[tuple[str, WeightRequest]], weights: str
@@ -314,6 +351,9 @@ def _weight_grids_of(variables: Any, requests: list[tuple[str, WeightRequest]], 
   for i, (path, request) in enumerate(requests):
     observer, kernel = request.observer, request.kernel
     where = f"{path}/weight"
+    if isinstance(observer, points.WeightQuantizer):  # its own integers and scales
+      results[i] = _research_weights(observer, kernel)
+      continue
     if request.learnable:
       qparams = _learned_qparams(observer, _subtree(variables.get("params", {}), where), where)
       results[i] = qparams, _quantized(observer.spec, kernel, qparams)
@@ -422,17 +462,15 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: Requant | str
   requant = as_requant(requant)
   if weights not in WEIGHT_SOURCES:
     raise ValueError(f"convert: weights must be one of {WEIGHT_SOURCES}; got {weights!r}.")
-  if "quant_stats" not in variables:
-    raise ValueError("convert: variables has no 'quant_stats' collection; calibrate the model "
-                     "(mode='calibrate', mutable=['quant_stats']) or train it with QAT first.")
   flow = trace_dataflow(model, variables, *args, **kwargs)
-  _check_read_stats_calibrated(variables["quant_stats"], flow, weights)
+  _check_read_stats_calibrated(variables.get("quant_stats"), flow, weights)
   grids: dict[str, Grid] = {}
 
   def grid_of(source: str) -> Grid:
     if source not in grids:
       point = flow.points[source]
-      grids[source] = Grid.of(point["spec"], _activation_qparams(variables, source, point))
+      grids[source] = Grid.of(point["spec"], _activation_qparams(variables, source, point),
+                              _research_inverse(variables, source, point))
     return grids[source]
 
   calls: dict[str, list[Consumer]] = {}

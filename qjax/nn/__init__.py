@@ -17,6 +17,7 @@ from qjax.nn.modules import QuantConv
 from qjax.nn.modules import QuantConvGeneral
 from qjax.nn.modules import QuantDense
 from qjax.nn.modules import QuantDotGeneral
+from qjax.nn.modules import QuantizerPoint
 from qjax.nn.modules import Quantize
 from qjax.nn.modules import STATS
 from qjax.nn.modules import as_mode
@@ -64,6 +65,7 @@ __all__ = (
     "QuantDotGeneral",
     "QuantReLU",
     "Quantize",
+    "QuantizerPoint",
     "STATS",
     "as_mode",
     "bits_qconfig",

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax.integer.forms import base
-from qjax.integer.forms.boundary import DequantizeOp, QuantizeOp
+from qjax.integer.forms.boundary import DequantizeOp, MultiplyQuantizeOp, QuantizeOp
 from qjax.integer.forms.concat import Int8Concat, IntegerConcat
 from qjax.integer.forms.linear import Int8Conv, Int8Dense, LinearForm, conv_geometry
 
@@ -76,7 +76,7 @@ def quantize(module: nn.Module, x: jax.Array, where: str) -> jax.Array:
   x = jnp.asarray(x)
   if x.dtype == jnp.int8:
     return run(module, where, (Int8Concat, IntegerConcat), x)
-  op = lowered_op(module, where, QuantizeOp)
+  op = lowered_op(module, where, (QuantizeOp, MultiplyQuantizeOp))
   if jnp.issubdtype(x.dtype, jnp.inexact):
     root = module.scope.root  # type: ignore[union-attr]  # bound in apply: its scope is set
     _NONFINITE.setdefault(root, []).append(base.nonfinite_samples(x))

@@ -64,6 +64,7 @@ from qjax.integer.forms.boundary import DequantizeForm, QuantizeForm
 from qjax.integer.forms.dot import DotForm, QuantizedConv, QuantizedDot
 from qjax.nn import _integer
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
+from qjax.quantizers import points as quantizer_points
 
 STATS = "quant_stats"
 QPARAMS = "quant_params"
@@ -314,10 +315,71 @@ def learned_qparams(observer: obs.Observer, scale: jax.Array,
   return QParams(positive, zp)
 
 
+class QuantizerPoint(nn.Module):
+  """A quantization point run by a research quantizer (`qjax.quantizers.DoReFaWeight`,
+  `PACT`, ...; see `qjax.quantizers.points`) instead of an observer.
+
+  * init: the quantizer's learned parameters (PACT's "pact_alpha") from `init_params` on the
+    init batch, in "params" (one per point: params/<layer>/output/pact_alpha).
+  * "float", "calibrate": x unchanged (research quantizers keep no statistics).
+  * "qat": the quantizer's forward, with the paper's gradient to x and to its parameters.
+  With "quant_params" mutable, an activation point records its grid's (scale, zero_point).
+
+  Attributes:
+    quantizer: the research quantizer.
+    mode: default mode, overridable per call.
+
+  Example:
+    >>> from qjax import quantizers
+    >>> point = QuantizerPoint(quantizer=quantizers.PACT(bits=2, alpha=1.0))
+    >>> x = jnp.array([-1.0, 0.3, 0.5, 2.0])
+    >>> v = point.init(jax.random.key(0), x, mode="qat")
+    >>> point.apply(v, x, mode="qat")
+    Array([0.        , 0.33333334, 0.6666667 , 1.        ], dtype=float32)
+  """
+
+  quantizer: Any
+  mode: Mode | str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
+    """x unchanged (float, calibrate) or quantized by the research quantizer (qat)."""
+    mode = _merged_mode(self, mode)
+    _no_int8(self, mode)
+    quantizer = self.quantizer
+    if not isinstance(quantizer, quantizer_points.Quantizer):
+      raise TypeError(f"{_where(self)}: quantizer must be a qjax.quantizers research quantizer "
+                      f"(DoReFaWeight, PACT, ...); got {type(quantizer).__name__}.")
+    _reraise_with_path(self, lambda: _checks.as_float_array(
+        "x", x, hint=" (a quantization point quantizes real-valued activations or weights)."))
+    # Flax also calls a param's initialiser abstractly after init, to check shapes: the
+    # data-dependent values are computed at init only.
+    shapes = jax.eval_shape(quantizer.init_params, jax.ShapeDtypeStruct(jnp.shape(x), x.dtype))
+    initial = (_reraise_with_path(self, lambda: quantizer.init_params(x))
+               if self.is_initializing() else None)
+    params = {name: self.param(
+        name, lambda _, n=name, s=shape: initial[n] if initial is not None else jnp.zeros(
+            s.shape, s.dtype)) for name, shape in shapes.items()}
+    if (isinstance(quantizer, quantizer_points.ActivationQuantizer)
+        and self.is_mutable_collection(QPARAMS) and not self.is_initializing()):
+      _write_qparams(self, *quantizer.qparams(params))
+    if mode is not Mode.QAT or self.is_initializing():
+      return x
+    return _reraise_with_path(self, lambda: quantizer(x, params))
+
+
+def is_research(point: Any) -> bool:
+  """Whether a QConfig entry is a research quantizer (not an observer)."""
+  return isinstance(point, quantizer_points.Quantizer)
+
+
 def _point(qconfig: QConfig | None, role: str, **kwargs: Any) -> nn.Module:
-  """The quantization point for `qconfig`'s "activation" or "weight" observer: learned
-  qparams (LSQ) when `qconfig.learnable`, observed ones otherwise."""
+  """The quantization point for `qconfig`'s "activation" or "weight" entry: a research
+  quantizer's point, learned qparams (LSQ) when `qconfig.learnable`, observed ones
+  otherwise."""
   observer = None if qconfig is None else getattr(qconfig, role)
+  if is_research(observer):
+    return QuantizerPoint(quantizer=observer, **kwargs)
   if qconfig is not None and observer is not None and qconfig.learnable:
     return LearnableFakeQuant(observer=observer, **kwargs)
   return FakeQuant(observer=observer, **kwargs)

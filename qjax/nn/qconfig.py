@@ -31,36 +31,55 @@ import jax
 
 from qjax import observers as obs
 from qjax.numerics import QuantSpec
+from qjax.quantizers import points
 
 _OBSERVER_TYPES = (obs.MinMaxObserver, obs.HistogramObserver)
+_QUANTIZER_TYPES = {"weight": points.WeightQuantizer, "activation": points.ActivationQuantizer}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QConfig:
-  """Observers for a layer's weight and its input activations. Frozen and hashable.
+  """Observers (or research quantizers) for a layer's weight and its activations. Frozen and
+  hashable.
 
   Attributes:
-    weight: observer of the kernel (per output channel: spec.axis=-1), or None to leave the
-      weight in float.
-    activation: observer of the activations (per tensor), or None to leave them in float.
-    learnable: learn every point's scale and zero point (LSQ, `qjax.nn.LearnableFakeQuant`:
-      in "params", initialised from the observers) instead of taking them from the observers.
+    weight: observer of the kernel (per output channel: spec.axis=-1), a research weight
+      quantizer (`qjax.quantizers.DoReFaWeight`, `WRPNWeight`, `BinaryWeight`,
+      `TernaryWeight`), or None to leave the weight in float.
+    activation: observer of the activations (per tensor), a research activation quantizer
+      (`qjax.quantizers.DoReFaActivation`, `WRPNActivation`, `PACT`), or None to leave them
+      in float.
+    learnable: learn every observer point's scale and zero point (LSQ,
+      `qjax.nn.LearnableFakeQuant`: in "params", initialised from the observers) instead of
+      taking them from the observers. Research quantizers define their own parameters.
+
+  Example:
+    >>> from qjax import quantizers
+    >>> q = QConfig(weight=quantizers.DoReFaWeight(bits=4),
+    ...             activation=quantizers.PACT(bits=4, alpha=6.0))
+    >>> q.activation.spec.bits
+    4
   """
 
-  weight: obs.Observer | None
-  activation: obs.Observer | None
+  weight: obs.Observer | points.WeightQuantizer | None
+  activation: obs.Observer | points.ActivationQuantizer | None
   learnable: bool = False
 
   def __post_init__(self):
     for role in ("weight", "activation"):
       value = getattr(self, role)
-      if value is not None and not isinstance(value, _OBSERVER_TYPES):
+      if value is not None and not isinstance(value, (*_OBSERVER_TYPES,
+                                                      _QUANTIZER_TYPES[role])):
+        kinds = ("DoReFaWeight, WRPNWeight, BinaryWeight, TernaryWeight" if role == "weight"
+                 else "DoReFaActivation, WRPNActivation, PACT")
         raise TypeError(f"QConfig.{role} must be a qjax.observers observer (MinMaxObserver, "
-                        f"MovingAverageMinMaxObserver, HistogramObserver, PercentileObserver) "
-                        f"or None; got {type(value).__name__}.")
+                        f"MovingAverageMinMaxObserver, HistogramObserver, PercentileObserver, "
+                        f"...), a qjax.quantizers {role} quantizer ({kinds}) or None; got "
+                        f"{type(value).__name__}.")
     if not isinstance(self.learnable, bool):
       raise TypeError(f"QConfig.learnable must be True or False; got {self.learnable!r}.")
-    if self.activation is not None and self.activation.spec.per_channel:
+    if (self.activation is not None and self.activation.spec.per_channel
+        and not isinstance(self.activation, points.PACT)):
       raise ValueError(f"QConfig.activation must be per-tensor (spec.axis=None): the integer path "
                        f"requantizes a whole activation tensor with one scale; got "
                        f"spec.axis={self.activation.spec.axis}.")

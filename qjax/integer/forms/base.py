@@ -30,6 +30,7 @@ from qjax.integer import _trace
 from qjax.integer import arith
 from qjax.integer.requant import Requant
 from qjax.numerics import QParams, QuantSpec
+from qjax.quantizers import points
 
 COLLECTION = "converted"
 """Name of the variables collection that holds a converted model's integer operations."""
@@ -46,12 +47,17 @@ class Grid:
   spec: QuantSpec
   scale: np.ndarray
   zero_point: np.ndarray
+  inverse: np.ndarray | None = None
+  """A research quantizer's float32 multiplier n / alpha, by which float inputs are quantized
+  onto this grid (None: divided by the scale, as `qjax.quantize` does)."""
 
   @classmethod
-  def of(cls, spec: QuantSpec, qparams: QParams) -> Grid:
+  def of(cls, spec: QuantSpec, qparams: QParams, inverse: Any = None) -> Grid:
     scale = np.asarray(jax.device_get(qparams.scale), np.float32)
     zero = np.asarray(jax.device_get(qparams.zero_point), np.int64) - arith.int8_shift(spec)
-    return cls(spec, scale, zero.astype(np.int32))
+    if inverse is not None:
+      inverse = np.asarray(jax.device_get(inverse), np.float32)
+    return cls(spec, scale, zero.astype(np.int32), inverse)
 
   @property
   def shift(self) -> int:
@@ -206,7 +212,9 @@ def mark_input(module: Any, x: jax.Array, form: Form | None, operand: int = 0, *
 def mark_output(module: Any, y: jax.Array, *, observer: Any, learnable: bool, point: str,
                 path: str | None = None) -> jax.Array:
   """y itself; while convert traces, marked as a quantized tensor on `observer`'s grid, whose
-  state is at quant_stats/<module>/<point> (or the learned params there when `learnable`)."""
+  state is at quant_stats/<module>/<point> (or the learned params there when `learnable`, or
+  when `observer` is a research quantizer, whose grid its params define)."""
+  learnable = learnable or isinstance(observer, points.Quantizer)
   return _trace.mark(y, role="out", path=module_path(module) if path is None else path,
                      spec=observer.spec, observer=observer, learnable=learnable, point=point)
 

@@ -44,6 +44,47 @@ class QuantizeOp:
 
 
 @struct
+class MultiplyQuantizeOp:
+  """Float -> int8 on a research quantizer's grid (DoReFa, WRPN, PACT), rounded as those
+  quantizers round: q8 = clamp(rne(x * inverse), lo, hi) + Z - shift, with `inverse` the
+  float32 n / alpha they multiply by (n = 2^k - 1; alpha = 1 for DoReFa and WRPN). Dividing
+  by the scale alpha / n instead would round differently where x n / alpha is a tie (pixels
+  of 0.5 at n = 15, say).
+
+  Example:
+    >>> op = MultiplyQuantizeOp(inverse=jnp.float32(15.0), zero_point=jnp.int32(0),
+    ...                         spec=QuantSpec(bits=4, signed=False))
+    >>> op(jnp.array([-1.0, 0.5, 0.7, 3.0]))
+    Array([ 0,  8, 10, 15], dtype=int8)
+  """
+
+  inverse: jax.Array
+  zero_point: jax.Array
+  spec: QuantSpec = static()
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    lo, hi = arith.int8_bounds(self.spec)
+    shift = arith.int8_shift(self.spec)
+    zero = self.zero_point + jnp.int32(shift)  # on the spec's own grid
+    top = jnp.float32(hi + shift) - zero.astype(jnp.float32)
+    bottom = jnp.float32(lo + shift) - zero.astype(jnp.float32)
+    scaled = jnp.nan_to_num(x.astype(jnp.float32) * self.inverse, nan=0.0)
+    q = jnp.round(jnp.clip(scaled, bottom, top)).astype(jnp.int32) + zero
+    return (q - jnp.int32(shift)).astype(jnp.int8)
+
+
+def quantize_op(grid: Any) -> QuantizeOp | MultiplyQuantizeOp:
+  """The op that quantizes a float tensor onto `grid` (a `forms.base.Grid`): by the research
+  quantizer's multiplication where the grid has an `inverse`, else as `qjax.quantize`."""
+  if grid.inverse is not None:
+    return MultiplyQuantizeOp(inverse=jnp.asarray(grid.inverse, jnp.float32),
+                              zero_point=jnp.asarray(grid.zero_point), spec=grid.spec)
+  return QuantizeOp(scale=jnp.asarray(grid.scale), zero_point=jnp.asarray(grid.zero_point),
+                    spec=grid.spec)
+
+
+@struct
 class DequantizeOp:
   """int8 -> float32 with the producer's grid: y = scale * (q8 - zero_point).
 
@@ -74,8 +115,7 @@ class QuantizeForm(Form):
     grid = lowering.output
     assert grid is not None  # a Quantize marks its output
     arith.check_int8_spec(grid.spec, name=f"convert: {lowering.path}")
-    return QuantizeOp(scale=jnp.asarray(grid.scale), zero_point=jnp.asarray(grid.zero_point),
-                      spec=grid.spec)
+    return quantize_op(grid)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,9 +24,10 @@ from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer.forms.base import (Form, Lowering, WeightRequest, nonfinite_samples,
                                      with_nan_samples)
-from qjax.integer.forms.boundary import QuantizeOp
+from qjax.integer.forms.boundary import MultiplyQuantizeOp, QuantizeOp, quantize_op
 from qjax.integer.forms.linear import check_weight_grid, int8_weights
 from qjax.qarray import QArray
+from qjax.quantizers import points
 
 
 @struct
@@ -47,7 +48,7 @@ class QuantizedDot:
     Array([[0.]], dtype=float32)
   """
 
-  input: QuantizeOp
+  input: QuantizeOp | MultiplyQuantizeOp
   kernel: QArray
   offset: jax.Array
   scale: jax.Array
@@ -72,7 +73,7 @@ class QuantizedConv:
   `input`'s grid, padded with its zero point, int8 correlation with `kernel` (HW..IO) ->
   float32 f32(acc + offset) * scale. Static geometry as `Int8Conv`'s."""
 
-  input: QuantizeOp
+  input: QuantizeOp | MultiplyQuantizeOp
   kernel: QArray
   offset: jax.Array
   scale: jax.Array
@@ -128,8 +129,9 @@ class DotForm(Form):
     kernel = np.asarray(jax.device_get(request.kernel), np.float32)
     w_scale = np.asarray(jax.device_get(w_qp.scale), np.float32)
     w_zero = np.asarray(jax.device_get(w_qp.zero_point), np.int64) - arith.int8_shift(w_spec)
-    check_weight_grid(path, kernel, w_spec, w_scale, w_zero + arith.int8_shift(w_spec),
-                      "learned" if self.learnable else lowering.weights)
+    if not isinstance(self.weight_observer, points.WeightQuantizer):  # own clipping
+      check_weight_grid(path, kernel, w_spec, w_scale, w_zero + arith.int8_shift(w_spec),
+                        "learned" if self.learnable else lowering.weights)
     if np.any(w_zero != 0):
       raise ValueError(f"convert: {path}: the integer path needs symmetric weights (zero "
                        f"point 0 on the int8 grid); got zero points {np.unique(w_zero)[:4]}.")
@@ -143,8 +145,7 @@ class DotForm(Form):
                        f"{int(worst.max())} > 2^31 - 1); use fewer weight bits or keep the "
                        f"layer in float.")
     scale = (np.float32(x_grid.scale) * w_scale).astype(np.float32)
-    quantize = QuantizeOp(scale=jnp.asarray(x_grid.scale),
-                          zero_point=jnp.asarray(x_grid.zero_point), spec=x_grid.spec)
+    quantize = quantize_op(x_grid)
     offset32, scale32 = jnp.asarray(offset, jnp.int32), jnp.asarray(scale)
     if self.conv is None:
       return QuantizedDot(input=quantize, kernel=int8_weights(q_w8.T, w_scale, w_spec, axis=0),

@@ -28,6 +28,7 @@ from qjax.integer import requant as rq
 from qjax.integer.forms.base import Form, Lowering, WeightRequest, int8_input
 from qjax.numerics import QuantSpec
 from qjax.qarray import QArray
+from qjax.quantizers import points
 
 _PADDINGS = ("SAME", "VALID")
 
@@ -199,8 +200,9 @@ class LinearForm(Form):
     kernel = np.asarray(jax.device_get(request.kernel), np.float32)
     w_scale = np.asarray(jax.device_get(w_qp.scale), np.float32)
     w_zero_grid = np.asarray(jax.device_get(w_qp.zero_point), np.int64)
-    check_weight_grid(path, kernel, w_spec, w_scale, w_zero_grid,
-                      "learned" if self.learnable else lowering.weights)
+    if not isinstance(self.weight_observer, points.WeightQuantizer):  # own clipping
+      check_weight_grid(path, kernel, w_spec, w_scale, w_zero_grid,
+                        "learned" if self.learnable else lowering.weights)
     shift = arith.int8_shift(w_spec)
     if np.any(w_zero_grid - shift != 0):
       raise ValueError(f"convert: {path}: the integer path needs symmetric weights (zero "
