@@ -23,16 +23,26 @@ where a node is a one-key map:
   {"list": [node, ...]}, {"tuple": [node, ...]}, {"none": None}
   {"array": {"dtype": name, "shape": [...], "data": [bytes, ...]}}
       C order, little-endian, in chunks of at most 1 GiB (msgpack's per-object limit)
-  {"qarray": {"spec": {every QuantSpec field}, "qvalue": array, "scale": array,
+  {"qarray": {"spec": {every QuantSpec field}, "qvalue": array or packed, "scale": array,
               "zero_point": array}}
+  {"packed": {"bits": b, "odd": bool, "low": int, "shape": [...], "data": [bytes, ...]}}
+      a QArray's qvalue when spec.bits <= 4 (`qjax.qarray.packed_form`), and only there: the
+      n = prod(shape) values q = low + step * v (step 2 when odd, else 1; C order) as a dense
+      little-endian bit stream of the v in [0, 2^b - 1] (bit j of v_i is bit (i * b + j) % 8
+      of byte (i * b + j) // 8), ceil(n * b / 8) bytes with zero padding bits, in chunks of
+      at most 1 GiB. b = spec.bits and low = qmin, or, when every value is odd, b =
+      spec.bits - 1 and low = the smallest odd level of [qmin, qmax]; loading rebuilds the
+      ordinary qvalue array (dtype spec.storage_dtype)
   {"struct": {"type": registered name, "static": {field: static, ...},
               "children": {field: node, ...}}}
       every field of the class, in its declaration order; a static value is nil, a bool, an
       int, a float or a str as itself, or a one-key map {"tuple": [static, ...]},
       {"list": [static, ...]} or {"quantspec": {every QuantSpec field}}
 
-Struct nodes were added within version 2 (files without them are unchanged): a qjax that
-predates them reports an unknown node type "struct".
+Struct and packed nodes were added within version 2 (files without them are unchanged): a
+qjax that predates them reports an unknown node type "struct", or expects an array node where
+a packed one is. QArrays of more than 4 bits are stored as before (an array node); files
+written before packed nodes, with every qvalue as an array node, still load.
 
 The checksum covers the header fields as well as the payload, so a damaged version or length
 field reads as corruption. Later format versions keep these 20 header bytes and this checksum:
@@ -231,6 +241,67 @@ def _encode_array(x: Any, path: tuple[Any, ...]) -> dict:
   return {"array": {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": chunks}}
 
 
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+  """The little-endian bit stream of `values` (uint8, each < 2^bits, bits in 1..4):
+  ceil(n * bits / 8) uint8, zero padding bits. Groups of 8 values make `bits` bytes."""
+  n = values.size
+  groups = -(-n // 8)
+  flat = np.zeros(groups * 8, np.uint8)
+  flat[:n] = values.reshape(-1)
+  padded = flat.reshape(groups, 8)
+  words = np.zeros(groups, np.uint32)  # 8 values of at most 4 bits: 32 bits
+  for j in range(8):
+    words |= padded[:, j].astype(np.uint32) << np.uint32(bits * j)
+  out = np.empty((groups, bits), np.uint8)
+  for k in range(bits):
+    out[:, k] = (words >> np.uint32(8 * k)).astype(np.uint8)
+  return out.reshape(-1)[:-(-n * bits // 8)]
+
+
+def _unpack(data: np.ndarray, bits: int, n: int) -> tuple[np.ndarray, bool]:
+  """The n values (uint8) of a bit stream written by `_pack`, and whether its padding bits
+  are all zero. `data` holds ceil(n * bits / 8) bytes."""
+  groups = -(-n // 8)
+  flat = np.zeros(groups * bits, np.uint8)
+  flat[:data.size] = data
+  padded = flat.reshape(groups, bits)
+  words = np.zeros(groups, np.uint32)
+  for k in range(bits):
+    words |= padded[:, k].astype(np.uint32) << np.uint32(8 * k)
+  out = np.empty((groups, 8), np.uint8)
+  mask = np.uint32(2**bits - 1)
+  for j in range(8):
+    out[:, j] = ((words >> np.uint32(bits * j)) & mask).astype(np.uint8)
+  values = out.reshape(-1)
+  return values[:n], not np.any(values[n:])
+
+
+def _encode_packed(values: np.ndarray, form: qarray.PackedForm) -> dict:
+  flat = values.reshape(-1)
+  # q - low lies in [0, 15]: no overflow in the (u)int8 storage dtype
+  offsets = np.subtract(flat, flat.dtype.type(form.low), dtype=flat.dtype)
+  if form.odd:
+    offsets >>= 1
+  stream = _pack(offsets.view(np.uint8), form.bits)
+  data = memoryview(stream)  # type: ignore[arg-type]
+  chunks: list[memoryview | bytes] = [data[i:i + _CHUNK_BYTES]
+                                      for i in range(0, len(data), _CHUNK_BYTES)] or [b""]
+  return {"packed": {"bits": form.bits, "odd": form.odd, "low": form.low,
+                     "shape": list(values.shape), "data": chunks}}
+
+
+def _encode_qarray(node: QArray, path: tuple[Any, ...]) -> dict:
+  body: dict[str, Any] = {"spec": {name: getattr(node.spec, name) for name in _SPEC_FIELDS}}
+  form = qarray.packed_form(node)
+  if form is None:
+    body["qvalue"] = _encode_array(node.qvalue, path + ("qvalue",))
+  else:
+    body["qvalue"] = _encode_packed(np.asarray(node.qvalue), form)
+  for name in ("scale", "zero_point"):
+    body[name] = _encode_array(getattr(node, name), path + (name,))
+  return {"qarray": body}
+
+
 def _too_deep(node: Any, path: tuple[Any, ...]) -> ValueError:
   return ValueError(f"qjax.io: the tree nests dicts, lists, tuples and structs more than "
                     f"MAX_DEPTH = {MAX_DEPTH} levels deep: the {type(node).__name__} at "
@@ -276,10 +347,7 @@ def _encode_struct(node: Any, path: tuple[Any, ...]) -> dict:
 def _encode(node: Any, path: tuple[Any, ...]) -> dict:
   # Plain loops, not comprehensions: one Python frame per level of the tree.
   if qarray.is_qarray(node):
-    body = {"spec": {name: getattr(node.spec, name) for name in _SPEC_FIELDS}}
-    for name in ("qvalue", "scale", "zero_point"):
-      body[name] = _encode_array(getattr(node, name), path + (name,))
-    return {"qarray": body}
+    return _encode_qarray(node, path)
   is_struct = _struct.is_struct(node)
   if (is_struct or isinstance(node, (Mapping, list, tuple))) and len(path) >= MAX_DEPTH:
     raise _too_deep(node, path)
@@ -322,7 +390,9 @@ def to_bytes(variables: Any) -> bytes:
   """Serialize a variables pytree to bytes (header + msgpack payload; see the module docstring).
 
   Every value is stored bit for bit with its dtype and shape; QArrays keep every QuantSpec field,
-  structs their type name and every field.
+  structs their type name and every field. The values of a QArray of at most 4 bits are
+  bit-packed, `qjax.qarray.packed_bits` bits each (spec.bits, or spec.bits - 1 when all are
+  odd), and come back as the same (u)int8 array.
 
   Raises:
     TypeError: a leaf that is not an array or QArray, a dtype outside STORABLE_DTYPES, a
@@ -343,6 +413,12 @@ def to_bytes(variables: Any) -> bytes:
     >>> restored = from_bytes(to_bytes({"requant": op}))["requant"]
     >>> type(restored).__name__, restored.relu, restored.multiplier.dtype
     ('FloatRequant', True, dtype('float32'))
+    >>> from qjax.qarray import QArray
+    >>> binary = QArray(jnp.array([1, -1] * 500, jnp.int8), jnp.float32(0.5), jnp.int32(0),
+    ...                 QuantSpec(bits=2, symmetric=True, narrow_range=True))
+    >>> data = to_bytes({"w": binary})  # the 1000 values in 125 bytes
+    >>> len(data), bool((from_bytes(data)["w"].qvalue == binary.qvalue).all())
+    (382, True)
   """
   header, payload = _encode_file(variables)
   return header + payload
@@ -462,6 +538,64 @@ def _decode_array(node: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
                      f"{jax.dtypes.canonicalize_dtype(dtype)} while jax_enable_x64 is off; "
                      f"enable it, or load with as_numpy=True to keep the exact values.")
   return jax.device_put(arr)  # as jnp.asarray, without its extra pass over the data
+
+
+def _decode_packed(body: Any, path: tuple[Any, ...], spec: QuantSpec, as_numpy: bool) -> Any:
+  """The qvalue array of a packed node (see the module docstring), checked against `spec`."""
+  fields = ("bits", "odd", "low", "shape", "data")
+  if not (isinstance(body, dict) and len(body) == len(fields) and all(k in body for k in fields)):
+    raise _Malformed(path, f"a packed node needs exactly the fields {', '.join(fields)}, found "
+                     f"{_preview(body)}")
+  bits, odd, low, shape, chunks = (body[k] for k in fields)
+  if type(bits) is not int or not 1 <= bits <= qarray.PACKED_MAX_BITS:
+    raise _Malformed(path, f"packed bits must be an int in [1, {qarray.PACKED_MAX_BITS}], found "
+                     f"{_short_repr(bits)}")
+  if type(odd) is not bool:
+    raise _Malformed(path, f"packed odd must be true or false, found {_short_repr(odd)}")
+  form = qarray.packed_form_for(spec, odd)
+  if form is None:
+    raise _Malformed(path, f"packed values need spec.bits <= {qarray.PACKED_MAX_BITS}, the "
+                     f"spec has bits={spec.bits}")
+  if bits != form.bits or low != form.low or type(low) is not int:
+    raise _Malformed(path, f"packed bits={_short_repr(bits)}, low={_short_repr(low)} do not "
+                     f"match the {'odd' if odd else 'even'} grid of {spec}: expected "
+                     f"bits={form.bits}, low={form.low}")
+  if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM
+          and all(type(d) is int and d >= 0 for d in shape)):
+    shown = _list_str(shape) if isinstance(shape, list) else _preview(shape)
+    raise _Malformed(path, f"bad shape {shown}")
+  if not (isinstance(chunks, list) and all(isinstance(c, bytes) for c in chunks)):
+    raise _Malformed(path, "packed data must be a list of bytes")
+  data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+  count = math.prod(shape)
+  expected = -(-count * bits // 8)
+  if len(data) != expected:
+    raise _Malformed(path, f"{count} packed {bits}-bit values need {expected} bytes, found "
+                     f"{len(data)}")
+  values, clean = _unpack(np.frombuffer(data, np.uint8), bits, count)
+  if not clean:
+    raise _Malformed(path, "the padding bits after the last packed value are not zero")
+  top = (spec.qmax - low) // form.step  # the largest v on the grid
+  if count and int(values.max()) > top:
+    bad = int(np.argmax(values > top))
+    raise _Malformed(path, f"the packed value at flat index {bad} is "
+                     f"{low + form.step * int(values[bad])}, outside the grid [qmin, qmax] = "
+                     f"[{spec.qmin}, {spec.qmax}] of {spec}")
+  arr = values.astype(spec.storage_dtype)  # on the grid: low + step * v fits the dtype
+  if form.odd:
+    arr <<= 1
+  arr += arr.dtype.type(low)
+  try:
+    arr = arr.reshape(shape)
+  except ValueError as err:  # an empty array with dimensions NumPy cannot index
+    raise _Malformed(path, f"bad shape {shape}: {err}") from err
+  return arr if as_numpy else jax.device_put(arr)
+
+
+def _decode_qvalue(node: Any, path: tuple[Any, ...], spec: QuantSpec, as_numpy: bool) -> Any:
+  if isinstance(node, dict) and len(node) == 1 and "packed" in node:
+    return _decode_packed(node["packed"], path, spec, as_numpy)
+  return _decode_array(node, path, as_numpy)
 
 
 def _decode_spec(fields: Any, path: tuple[Any, ...]) -> QuantSpec:
@@ -593,8 +727,9 @@ def _decode(node: Any, path: tuple[Any, ...], as_numpy: bool) -> Any:
       raise _Malformed(path, "a qarray node needs exactly spec, qvalue, scale and zero_point")
     try:
       spec = _decode_spec(body["spec"], path)
-      leaves = {n: _decode_array(body[n], path + (n,), as_numpy)
-                for n in ("qvalue", "scale", "zero_point")}
+      leaves = {"qvalue": _decode_qvalue(body["qvalue"], path + ("qvalue",), spec, as_numpy)}
+      for n in ("scale", "zero_point"):
+        leaves[n] = _decode_array(body[n], path + (n,), as_numpy)
       return QArray(**leaves, spec=spec)
     except (TypeError, ValueError) as err:
       raise _Malformed(path, f"the stored QArray is invalid: {err}") from err
@@ -742,14 +877,18 @@ def from_bytes(data: bytes, target: Any = None, *, as_numpy: bool = False,
     name: what to call the data in error messages (`load` passes the file name).
 
   Returns:
-    The pytree with plain dicts, lists and tuples, QArrays rebuilt with their validator and
-    structs through their class's constructor.
+    The pytree with plain dicts, lists and tuples, QArrays rebuilt with their validator (packed
+    values unpacked once, to their (u)int8 array) and structs through their class's
+    constructor.
 
   Raises:
     ValueError: naming `name`, for any malformed data: bad magic, a truncated or over-long
       file, a damaged header, a format version this qjax does not read, a checksum mismatch, a
-      malformed payload (naming the pytree path), nesting deeper than MAX_DEPTH, or a mismatch
-      with `target` (naming the first differing pytree path, expected vs found).
+      malformed payload (naming the pytree path; for a packed qvalue: a field missing or of
+      the wrong type, bits outside [1, 4] or not those of the spec's grid, data of the wrong
+      length, nonzero padding bits, values outside [qmin, qmax]), nesting deeper than
+      MAX_DEPTH, or a mismatch with `target` (naming the first differing pytree path,
+      expected vs found).
 
   Example:
     >>> data = to_bytes({"w": jnp.zeros((2, 2), jnp.int8)})

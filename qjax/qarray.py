@@ -10,13 +10,18 @@ Invariants, checked by `validate` whenever a QArray is built by hand or by `quan
      [spec.qmin, spec.qmax]; a symmetric spec has zero_point == spec.symmetric_zero_point.
 
 The represented real array is `scale * (qvalue - zero_point)` (see `dequantize`).
+
+Storage: in memory a QArray holds one integer of its storage dtype per value. In files
+(`qjax.io`) and in `qjax.report.model_size(..., packed=True)` a QArray of at most 4 bits takes
+`packed_bits` bits per value (one rule, see `packed_form`): spec.bits, or spec.bits - 1 when
+every value is odd (binary +-1, DoReFa's odd weight levels).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +156,137 @@ def quantize_array(x: jax.typing.ArrayLike, spec: QuantSpec, *,
 def is_qarray(value: Any) -> bool:
   """True for QArray instances (handy as `is_leaf` in tree maps)."""
   return isinstance(value, QArray)
+
+
+# ------------------------------------------------------------------------------------------
+# Packed storage: how many bits a QArray's values take in a file (`qjax.io`) and in
+# `qjax.report.model_size(..., packed=True)`. One rule, here.
+
+PACKED_MAX_BITS = 4
+"""QArrays whose `spec.bits` is at most this are stored bit-packed; wider ones keep their
+storage dtype (one byte per value up to 8 bits, two up to 16)."""
+
+
+class PackedForm(NamedTuple):
+  """How a low-bit QArray's values are stored: q = low + step * v, v in [0, 2^bits - 1],
+  with step = 2 when `odd`, else 1."""
+
+  bits: int
+  odd: bool
+  low: int
+
+  @property
+  def step(self) -> int:
+    """The spacing of the stored grid: 2 for an odd grid, 1 otherwise."""
+    return 2 if self.odd else 1
+
+
+def packed_form_for(spec: QuantSpec, odd: bool) -> PackedForm | None:
+  """The packed form of values on `spec`'s grid (all odd values when `odd`); None when
+  spec.bits > PACKED_MAX_BITS (those values are stored in their dtype).
+
+  Even grid: bits = spec.bits, low = spec.qmin. Odd grid: the odd levels of [qmin, qmax],
+  low = the smallest odd integer >= qmin, bits = spec.bits - 1 (a b-bit grid has at most
+  2^(b-1) odd levels).
+
+  Args:
+    spec: the QuantSpec of the values.
+    odd: whether every value is odd.
+
+  Returns:
+    The PackedForm, or None.
+
+  Raises:
+    TypeError: `spec` is not a QuantSpec or `odd` not a bool.
+
+  Example:
+    >>> packed_form_for(QuantSpec(bits=2, symmetric=True, narrow_range=True), odd=True)
+    PackedForm(bits=1, odd=True, low=-1)
+    >>> packed_form_for(QuantSpec(bits=4, signed=False), odd=False)
+    PackedForm(bits=4, odd=False, low=0)
+    >>> packed_form_for(QuantSpec(bits=8), odd=False) is None
+    True
+  """
+  if not isinstance(spec, QuantSpec):
+    raise TypeError(f"packed_form_for: spec must be a qjax.QuantSpec; got "
+                    f"{type(spec).__name__}.")
+  if not isinstance(odd, (bool, np.bool_)):
+    raise TypeError(f"packed_form_for: odd must be True or False; got {odd!r}.")
+  if spec.bits > PACKED_MAX_BITS:
+    return None
+  if odd:
+    return PackedForm(spec.bits - 1, True, spec.qmin + (1 - spec.qmin % 2))
+  return PackedForm(spec.bits, False, spec.qmin)
+
+
+def _concrete_values(qa: QArray) -> np.ndarray | None:
+  value: Any = qa.qvalue  # annotated jax.Array; may be a shape-only stand-in
+  if not isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    return None  # jax.ShapeDtypeStruct and the like
+  return _checks.concrete(value)
+
+
+def packed_form(qa: QArray) -> PackedForm | None:
+  """The packed form in which `qjax.io` stores `qa`'s values; None for more than
+  PACKED_MAX_BITS bits (stored in their dtype, one byte per value up to 8 bits).
+
+  The rule: a QArray with spec.bits = k <= 4 is stored with k bits per value, as
+  v = q - qmin, except when its values are all odd (a non-empty qvalue; a mid-rise grid, such as
+  binary weights +-1 on a 2-bit spec, or DoReFa's k-bit weights stored as the odd integers
+  2m - (2^k - 1) on a (k+1)-bit spec): then they take k - 1 bits, as v = (q - low) / 2 with
+  low the smallest odd level of the grid. Values that are not concrete (under jit, or a
+  `jax.ShapeDtypeStruct`) count as an even grid: k bits, an upper bound.
+
+  Args:
+    qa: the QArray.
+
+  Returns:
+    PackedForm(bits, odd, low), or None.
+
+  Raises:
+    TypeError: `qa` is not a QArray.
+
+  Example:
+    >>> binary = QArray(jnp.array([1, -1, -1], jnp.int8), jnp.float32(0.5), jnp.int32(0),
+    ...                 QuantSpec(bits=2, symmetric=True, narrow_range=True))
+    >>> packed_form(binary)
+    PackedForm(bits=1, odd=True, low=-1)
+  """
+  if not isinstance(qa, QArray):
+    raise TypeError(f"packed_form: qa must be a qjax.QArray; got {type(qa).__name__}.")
+  if qa.spec.bits > PACKED_MAX_BITS:
+    return None
+  values = _concrete_values(qa)
+  odd = values is not None and values.size > 0 and bool(np.all(values & 1))
+  return packed_form_for(qa.spec, odd)
+
+
+def packed_bits(qa: QArray) -> int:
+  """Bits per value that `qa`'s values take in a `qjax.io` file (`packed_form`'s rule).
+
+  spec.bits - 1 for an odd grid and spec.bits otherwise when spec.bits <= 4; else the
+  storage dtype's width (8 or 16). The values of a QArray of n elements take
+  ceil(n * packed_bits(qa) / 8) bytes.
+
+  Args:
+    qa: the QArray.
+
+  Returns:
+    1..4, 8 or 16.
+
+  Raises:
+    TypeError: `qa` is not a QArray.
+
+  Example:
+    >>> spec = QuantSpec(bits=2, symmetric=True, narrow_range=True)
+    >>> def of(values):
+    ...   return QArray(jnp.array(values, jnp.int8), jnp.float32(1.0), jnp.int32(0), spec)
+    >>> packed_bits(of([1, -1, 1])), packed_bits(of([1, 0, -1])), packed_bits(of([]))
+    (1, 2, 2)
+    >>> packed_bits(quantize_array(jnp.ones(3), QuantSpec(bits=8)))
+    8
+  """
+  form = packed_form(qa)
+  if form is not None:
+    return form.bits
+  return int(jnp.dtype(qa.spec.storage_dtype).itemsize * 8)

@@ -20,29 +20,17 @@ from qjax.io import _path_str
 from qjax.numerics import QuantSpec
 
 
-def _dtype_bits(dtype: Any) -> int:
-  dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.integer):
-    return jnp.iinfo(dtype).bits
-  if jnp.issubdtype(dtype, jnp.floating):
-    return jnp.finfo(dtype).bits
-  return dtype.itemsize * 8
-
-
 def _leaf_nbytes(leaf: Any, path: tuple[Any, ...], packed: bool, where: str) -> int:
   if qarray.is_qarray(leaf):
     count = math.prod(leaf.qvalue.shape)
-    values = (-(-count * leaf.spec.bits // 8) if packed
+    values = (-(-count * qarray.packed_bits(leaf) // 8) if packed
               else count * jnp.dtype(leaf.qvalue.dtype).itemsize)
     return values + sum(_leaf_nbytes(getattr(leaf, n), path, False, where)
                         for n in ("scale", "zero_point"))
   if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
     raise TypeError(f"{where}: the leaf at {_path_str(path)} is a {type(leaf).__name__}, "
                     f"not an array or QArray.")
-  count = math.prod(leaf.shape)
-  if packed:
-    return -(-count * _dtype_bits(leaf.dtype) // 8)
-  return count * jnp.dtype(leaf.dtype).itemsize
+  return math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
 
 
 def _keys(key_path: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -61,18 +49,43 @@ def _keys(key_path: tuple[Any, ...]) -> tuple[Any, ...]:
 def model_size(variables: Any, *, packed: bool = False) -> int:
   """Bytes of every array leaf of a variables pytree (arrays or `jax.ShapeDtypeStruct`s).
 
-  size = sum over leaves of count * itemsize; a QArray counts its qvalue plus its float32
-  scale and int32 zero point (`QArray.nbytes`).
+  In memory (`packed=False`, the default): size = sum over leaves of count * itemsize; a
+  QArray counts its qvalue (one byte per value up to 8 bits, so 4-bit weights take a byte
+  each) plus its float32 scale and int32 zero point (`QArray.nbytes`).
 
-  Sub-8-bit values are NOT packed in memory or in files: 4-bit weights sit in int8, one byte
-  each, and `packed=False` (the default) counts what is really stored. `packed=True` gives the
-  size a bit-packed layout would have: ceil(count * bits / 8) per leaf, with `spec.bits` for a
-  QArray's values (its qparams stay 4 bytes each) and the dtype's bit width for plain arrays
-  (int4 -> 4 bits).
+  In a file (`packed=True`): the same, except that a QArray's values take
+  ceil(count * packed_bits / 8) bytes, with `qjax.qarray.packed_bits` the rule `qjax.io`
+  stores them with: spec.bits bits per value for spec.bits <= 4, spec.bits - 1 when every
+  value is odd (binary +-1: 1 bit), the storage dtype's width above 4 bits. Plain arrays
+  count their itemsize either way (sub-byte dtypes such as int4 take a byte per value in
+  memory and in files). Shape-only QArrays (`jax.eval_shape`) count spec.bits per value when
+  spec.bits <= 4, an upper bound.
+
+  A file written by `qjax.io.save` holds exactly these bytes plus its framing: the 20-byte
+  header and the msgpack structure (keys, shapes, specs, dtype names and length prefixes),
+  which depends on the tree's structure, not on its values, except that a packed qvalue node
+  takes 6 more bytes than an array node would (5 for an unsigned spec, whose array node names
+  the dtype "uint8"), less any bytes its shorter length prefix saves (a length prefix is 2, 3
+  or 5 bytes for data under 256 bytes, under 64 KiB, or larger).
+
+  Args:
+    variables: a pytree of arrays, `jax.ShapeDtypeStruct`s and QArrays.
+    packed: count QArray values as stored in files rather than in memory.
+
+  Returns:
+    The size in bytes.
+
+  Raises:
+    TypeError: a leaf that is not an array or QArray, naming its path.
 
   Example:
     >>> model_size({"w": jnp.zeros((10, 10), jnp.float16), "b": jnp.zeros(10, jnp.int32)})
     240
+    >>> from qjax.qarray import QArray
+    >>> w4 = QArray(jnp.zeros((3, 5), jnp.int8), jnp.float32(0.1), jnp.int32(0),
+    ...             QuantSpec(bits=4, symmetric=True))
+    >>> model_size(w4), model_size(w4, packed=True)  # 15 values + scale + zero point
+    (23, 16)
   """
   leaves = jax.tree_util.tree_flatten_with_path(variables, is_leaf=qarray.is_qarray)[0]
   return sum(_leaf_nbytes(leaf, _keys(p), packed, "model_size") for p, leaf in leaves)
