@@ -21,6 +21,10 @@ Observers and their PyTorch counterparts (`torch.ao.quantization`):
       clip range that minimises the L2 quantization error of the histogram.
   PercentileObserver            the same histogram, clipped at the (100-p)-th and p-th
       percentiles.
+  MSEObserver                   the same histogram; the clip range among its bin edges whose
+      grid has the least expected squared error, integrated exactly over the histogram.
+  EntropyObserver               the same histogram; TensorRT's entropy calibration: the |x|
+      threshold with the least KL(P || Q) between the histogram and its quantized version.
   FixedQParamsObserver          (FixedQParamsObserver) a grid fixed in advance.
 
 Per-channel statistics follow `spec.axis` (min/max observers only). The arithmetic matches
@@ -52,10 +56,13 @@ Sharding. `update(..., axis_name=...)` reduces the batch statistics over a mappe
 identical min/max states. `merge` combines two min/max states (e.g. from separate runs).
 
 Modules: `qjax.observers.minmax` (the min/max and moving-average observers, the state types
-and the parts all observers share) and `qjax.observers.histogram` (the histogram and
-percentile observers, and the PyTorch histogram math they run on).
+and the parts all observers share), `qjax.observers.histogram` (the histogram and
+percentile observers, and the PyTorch histogram math they run on) and
+`qjax.observers.error` (the MSE and entropy observers, and their searches).
 """
 
+from qjax.observers.error import EntropyObserver
+from qjax.observers.error import MSEObserver
 from qjax.observers.histogram import HistogramObserver
 from qjax.observers.histogram import PercentileObserver
 from qjax.observers.minmax import FixedQParamsObserver
@@ -69,12 +76,14 @@ from qjax.observers.minmax import merge
 from qjax.observers.minmax import _min_and_max as _min_and_max
 
 Observer = (MinMaxObserver | MovingAverageMinMaxObserver | HistogramObserver
-            | PercentileObserver | FixedQParamsObserver)
+            | PercentileObserver | MSEObserver | EntropyObserver | FixedQParamsObserver)
 
 __all__ = (
+    "EntropyObserver",
     "FixedQParamsObserver",
     "HistogramObserver",
     "HistogramState",
+    "MSEObserver",
     "MinMaxObserver",
     "MinMaxState",
     "MovingAverageMinMaxObserver",
