@@ -191,9 +191,8 @@ def run(data: tuple, *, source: str, bits_list: Sequence[int], epochs: int, qat_
           ptq_w_only_accuracy=float_trainer.accuracy(dequantized, {}, x_test, y_test),
           qat_accuracy=qat_acc,
           weight_bytes_stored=sum(qa.nbytes for qa in qweights),
-          weight_bytes_packed=sum(
-              qa.nbytes - qa.qvalue.nbytes + math.ceil(qa.qvalue.size * bits / 8)
-              for qa in qweights)))
+          # as qjax.io stores them: bit-packed at <= 4 bits, a byte per value above
+          weight_bytes_packed=qjax.report.model_size(qweights, packed=True)))
   return {
       "data": {"source": source, "train": len(y_train), "test": len(y_test)},
       "config": {"epochs": epochs, "qat_epochs": qat_epochs, "batch_size": batch_size,
