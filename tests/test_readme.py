@@ -91,3 +91,10 @@ def test_scan_snippet_converts_and_runs():
     ys = jax.jit(lambda v, xs: model.apply(v, xs, mode="int8"))(
         ns["qjax"].convert(model, variables, xs), xs)
   assert ys.shape == (5, 2, 32) and np.all(np.isfinite(ys))
+
+
+def test_research_quantizers_snippet_runs(capsys):
+  code = _snippet("## Research quantizers (`qjax.quantizers`)")
+  with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+    exec(compile(code, "README-research", "exec"), {})  # noqa: S102
+  assert capsys.readouterr().out.strip() == "Int8Dense (64, 10)"
