@@ -21,7 +21,6 @@ searches are vectorised over candidates with static shapes, so `range` runs eage
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -38,29 +37,6 @@ from qjax.observers.histogram import HistogramObserver, _checked_state
 from qjax.observers.minmax import HistogramState, _checked_range
 
 _MAP_BATCH = 32   # candidates (or scales) evaluated together inside lax.map: bounds memory
-# The searches compile once per (bins, spec). Up to _QUICK_BINS bins XLA's backend
-# optimisations would cost more compile time than they save at run time (as for
-# qjax.integer's qparams); at 2048 bins they make the O(bins^2) search ~30x faster. They do
-# not change float results: XLA:CPU never contracts or reassociates float operations.
-_QUICK_BINS = 512
-_ONCE = {"xla_backend_optimization_level": 0}
-
-
-def _compiled(fn: Callable[..., Any], static: tuple[str, ...]) -> Callable[..., Any]:
-  """`fn` jitted twice: without backend optimisations (small histograms, called eagerly) and
-  with them (large ones, and inside a caller's jit, whose compiler options apply)."""
-  quick = jax.jit(fn, static_argnames=static, compiler_options=_ONCE)
-  full = jax.jit(fn, static_argnames=static)
-
-  @functools.wraps(fn)
-  def run(hist: jax.Array, *args: Any, **kwargs: Any) -> Any:
-    traced = any(isinstance(a, jax.core.Tracer) for a in (hist, *args))
-    small = hist.shape[0] <= _QUICK_BINS
-    return (quick if small and not traced else full)(hist, *args, **kwargs)
-
-  return run
-
-
 # ------------------------------------------------------------------------------------------
 # Shared pieces.
 
@@ -93,12 +69,6 @@ def _batched_map(fn: Callable[[Any], Any], xs: Any, length: int) -> Any:
 
   out = lax.map(jax.vmap(fn), jax.tree_util.tree_map(padded, xs))
   return jax.tree_util.tree_map(lambda y: y.reshape(-1, *y.shape[2:])[:length], out)
-
-
-def _select(error: jax.Array, width: jax.Array) -> jax.Array:
-  """Index of the least error; among exact ties, of the least width (then the first)."""
-  best = jnp.min(error)
-  return jnp.argmin(jnp.where(error == best, width, jnp.inf))
 
 
 # ------------------------------------------------------------------------------------------
@@ -215,6 +185,45 @@ def _grid(lo: jax.Array, hi: jax.Array, spec: QuantSpec, eps: float, w: jax.Arra
           (spec.qmax - zero_point).astype(jnp.float32))
 
 
+def _affine_search(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, e: jax.Array,
+                   w: jax.Array, origin: jax.Array, *, spec: QuantSpec, eps: float
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The least-error affine range: rows r = 0..bins of candidates on one lattice each.
+
+  Data on both sides of 0: row r holds the pairs (e_i, e_{i + r}) with e_i <= 0 <= e_{i+r},
+  which share the scale r w / (qmax - qmin). Data on one side: row r holds the one range
+  (min_val, e_r) (or (e_{bins - r}, max_val)), in its first column. Rows go from narrow to
+  wide.
+  """
+  bins = hist.shape[0]
+  n = jnp.float32(spec.qmax - spec.qmin)
+  index = jnp.arange(bins + 1, dtype=jnp.int32)
+  two_sided = (min_val < 0) & (max_val > 0)
+  positive = min_val >= 0
+  table = _moments(hist)
+  floor = exact_div(jnp.float32(eps), w)
+
+  def per_row(r):
+    j = index + r
+    pair_hi = e[jnp.minimum(j, bins)]
+    pair_ok = (r > 0) & (j <= bins) & (e <= 0) & (pair_hi >= 0)
+    side_ok = (index == 0) & (r > 0)
+    ok = jnp.where(two_sided, pair_ok, side_ok)
+    lo_c = jnp.where(two_sided, jnp.where(pair_ok, e, min_val),
+                     jnp.where(positive, min_val, e[bins - r]))
+    hi_c = jnp.where(two_sided, jnp.where(pair_ok, pair_hi, max_val),
+                     jnp.where(positive, e[r], max_val))
+    step, kmin, kmax = _grid(lo_c, hi_c, spec, eps, w)
+    step = jnp.where(two_sided, jnp.maximum(r.astype(jnp.float32) / n, floor), step[0])
+    error = _window_errors(table, origin, step, origin + kmin * step, origin + kmax * step)
+    return jnp.where(ok, error, jnp.inf), lo_c, hi_c
+
+  error, lo_c, hi_c = _batched_map(per_row, index, bins + 1)
+  error, lo_c, hi_c = error.reshape(-1), lo_c.reshape(-1), hi_c.reshape(-1)
+  best = jnp.argmin(error)   # rows by width: the first of exact ties is the narrower
+  return lo_c[best], hi_c[best], error[best]
+
+
 def _mse_search(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, *, spec: QuantSpec,
                 eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   bins = hist.shape[0]
@@ -229,51 +238,20 @@ def _mse_search(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, *, spec
         lambda g: _direct_error(hist, origin, g[0], origin + g[1] * g[0], origin + g[2] * g[0]),
         (step, kmin, kmax), bins + 1)
     error = jnp.where(valid, error, jnp.inf)
-    best = _select(error, hi_c - lo_c)
+    best = jnp.argmin(error)   # one reduction: the first of exact ties
     return lo_c[best], hi_c[best], error[best]
 
   if spec.symmetric:
-    t = jnp.abs(e)
+    t = jnp.sort(jnp.abs(e))   # ascending: exact ties go to the narrower range
     lo, hi, err = search_1d(jnp.maximum(min_val, -t), jnp.minimum(safe_max, t), t > 0)
   else:
-    n = jnp.float32(spec.qmax - spec.qmin)
-    index = jnp.arange(bins + 1, dtype=jnp.int32)
-
-    def one_sided():
-      # Every range is widened to 0 by qparams_from_minmax: only the far end matters.
-      positive = min_val >= 0
-      lo_c = jnp.where(positive, min_val, e)
-      hi_c = jnp.where(positive, e, safe_max)
-      valid = jnp.where(positive, index > 0, index < bins)
-      return search_1d(lo_c, hi_c, valid)
-
-    def two_sided():
-      # Pairs (e_i, e_{i + d}) with e_i <= 0 <= e_{i + d}: one lattice per width d.
-      def per_width(d):
-        j = index + d
-        hi_c = e[jnp.minimum(j, bins)]
-        valid = (j <= bins) & (e <= 0) & (hi_c >= 0)
-        lo_c = jnp.where(valid, e, min_val)
-        hi_c = jnp.where(valid, hi_c, safe_max)
-        _, kmin, kmax = _grid(lo_c, hi_c, spec, eps, w)
-        step = jnp.maximum(d.astype(jnp.float32) / n, exact_div(jnp.float32(eps), w))
-        error = _window_errors(table, origin, step, origin + kmin * step,
-                               origin + kmax * step)
-        return jnp.where(valid, error, jnp.inf), lo_c, hi_c
-
-      table = _moments(hist)
-      widths = jnp.arange(1, bins + 1, dtype=jnp.int32)
-      error, lo_c, hi_c = _batched_map(per_width, widths, bins)
-      best = jnp.argmin(error.reshape(-1))   # width-major: exact ties go to the narrower
-      return lo_c.reshape(-1)[best], hi_c.reshape(-1)[best], error.reshape(-1)[best]
-
-    lo, hi, err = lax.cond((min_val < 0) & (safe_max > 0), two_sided, one_sided)
+    lo, hi, err = _affine_search(hist, min_val, safe_max, e, w, origin, spec=spec, eps=eps)
   mse = err * w * w / jnp.sum(hist)
   return (jnp.where(one_point, min_val, lo), jnp.where(one_point, max_val, hi),
           jnp.where(one_point, jnp.float32(0), mse))
 
 
-_mse_search_jit = _compiled(_mse_search, ("spec", "eps"))
+_mse_search_jit = jax.jit(_mse_search, static_argnames=("spec", "eps"))
 
 
 def mse_search_range(histogram: jax.typing.ArrayLike, min_val: jax.typing.ArrayLike,
@@ -410,7 +388,7 @@ def _entropy_search(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, *,
   return jnp.where(one_point, jnp.abs(min_val), t), jnp.min(kl)
 
 
-_entropy_search_jit = _compiled(_entropy_search, ("levels",))
+_entropy_search_jit = jax.jit(_entropy_search, static_argnames=("levels",))
 
 
 def entropy_threshold(histogram: jax.typing.ArrayLike, min_val: jax.typing.ArrayLike,
