@@ -15,7 +15,11 @@ PyTorch's update rule) and override only `range(state)`:
 Coordinates. Everything is computed in bin units: with w = (max - min) / bins, a value x sits
 at u = (x - min) / w, bin k is [k, k + 1] and holds mass H_k spread uniformly over it. The
 searches are vectorised over candidates with static shapes, so `range` runs eagerly and under
-`jax.jit` with the same compiled arithmetic (float32).
+`jax.jit` with the same arithmetic (float32).
+
+Compiled with XLA's default optimisation level: at `xla_backend_optimization_level=0`, XLA:CPU
+was seen to compute a different (worse) affine MSE range for one 8-bin histogram than the
+same code compiled normally, so the searches do not take the faster-compiling level 0.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from qjax.observers.histogram import HistogramObserver, _checked_state
 from qjax.observers.minmax import HistogramState, _checked_range
 
 _MAP_BATCH = 32   # candidates (or scales) evaluated together inside lax.map: bounds memory
+
+
 # ------------------------------------------------------------------------------------------
 # Shared pieces.
 
@@ -273,19 +279,22 @@ def mse_search_range(histogram: jax.typing.ArrayLike, min_val: jax.typing.ArrayL
   float32 (relative rounding ~1e-6 at 8 bits; above ~12 bits, where a bin holds thousands
   of steps, within-step positions round to ~2^-24 of the lattice index).
 
-  Candidates (all bin edges e_k = min_val + k w, k = 0..bins):
-    symmetric specs:  the scale depends only on t = max(-lo, hi): t = |e_k| > 0, the
-      range (max(min_val, -t), min(max_val, t)); bins + 1 candidates, O(bins) each.
+  Candidates (bin edges e_k = min_val + k w, k = 0..bins, e_bins = max_val):
+    symmetric specs: the scale depends only on t = max(-lo, hi), so t = |e_k| > 0 and the
+      range (max(min_val, -t), min(max_val, t)); bins + 1 candidates, each error summed bin
+      by bin in O(bins).
     affine, data on one side of 0 (min_val >= 0 or max_val <= 0): the range is widened to
       0, so only the far end matters: (min_val, e_k) or (e_k, max_val); bins candidates.
     affine, min_val < 0 < max_val: every pair (e_i, e_j) with e_i <= 0 <= e_j. All pairs of
       one width d = j - i share a scale (S = d w / (qmax - qmin)) and so one lattice
       through 0; they differ only in which window of it the zero point selects. Per width
       the lattice's rounding error is prefix-summed once (O(bins)), and each window's error
-      is then O(1) (prefix sums, and tail moments about each edge for the clipped mass):
-      O(bins^2) in all, as `lax.map` over widths (memory O(bins * 32)).
+      is then O(1) (those prefix sums, and tail moments about each edge for the clipped
+      mass): O(bins^2) in all, as a loop over chunks of 32 widths (memory O(32 bins)).
+      The one-sided case runs through the same code, one range per lattice.
   The min/max range (e_0, e_bins) is always a candidate, so the result never has more error
-  than it. Exact ties go to the narrower range (hi - lo, or the width d).
+  than it. The result is one argmin over the candidates ordered from narrow to wide, so exact
+  ties go to the narrower range. At 2048 bins a search takes ~0.1-0.4 s on a CPU core.
 
   Args:
     histogram: float32 (bins,) counts over [min_val, max_val].
