@@ -197,6 +197,10 @@ def test_entropy_observer_clips_tails_and_folds_signs():
   (lo, hi), (mirror_lo, mirror_hi) = ranges
   assert hi < 0.8 * np.abs(x).max() and lo == -hi
   assert (mirror_lo, mirror_hi) == (-hi, -lo)
+  # Data far from 0: the range stays ordered inside the data's (clipped to [-t, t]).
+  shifted = np.abs(x) + 10
+  lo, hi = observer.range(observer.update(observer.init(x.shape), shifted))
+  assert shifted.min() == float(lo) <= float(hi) < shifted.max()
 
 
 # ------------------------------------------------------------------------------------------

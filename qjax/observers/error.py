@@ -501,12 +501,15 @@ class EntropyObserver(HistogramObserver):
   `levels` bins up to all of them. Levels over [0, t]:
 
     symmetric specs (signed or not): (qmax - qmin + 1) // 2, the grid's half above 0
-      (128 for int8, TensorRT's choice); range (max(min, -t), min(max, t)).
+      (128 for int8, TensorRT's choice).
     affine specs: qmax - qmin + 1 (the whole grid lies on [0, t] once widened to 0); this
-      needs non-negative data (ReLU outputs): range (min, min(max, t)). With negative data
+      needs non-negative data (ReLU outputs). With negative data
       the algorithm does not apply (the grid would have to cover both signs): eagerly
       `range` raises a ValueError; under jit it returns NaN, so the qparams' scale is NaN.
       Use a symmetric spec for signed data.
+
+  The range is the data's [min, max] clipped to [-t, t]; `qparams_from_minmax` widens it
+  to include 0, so the grid reaches t.
 
   Attributes:
     spec: the target grid (per-tensor).
@@ -545,8 +548,10 @@ class EntropyObserver(HistogramObserver):
                          f"data, but the observed minimum is {float(lo)!r}; use "
                          f"QuantSpec(symmetric=True, ...) for signed data.")
     t, _ = entropy_threshold(state.histogram, lo, hi, levels=self.levels)
+    # The data range clipped to [-t, t] (a range above t becomes the point t).
+    new_lo, new_hi = jnp.clip(lo, -t, t), jnp.clip(hi, -t, t)
     if self.spec.symmetric:
-      return jnp.maximum(lo, -t), jnp.minimum(hi, t)
+      return new_lo, new_hi
     nan = jnp.float32(jnp.nan)
     ok = lo >= 0
-    return jnp.where(ok, lo, nan), jnp.where(ok, jnp.minimum(hi, t), nan)
+    return jnp.where(ok, new_lo, nan), jnp.where(ok, new_hi, nan)
