@@ -369,8 +369,9 @@ def _kl_divergence(hist: jax.Array, suffix: jax.Array, i: jax.Array, levels: int
   merged = i // levels
   level = jnp.minimum(b // merged, levels - 1)
   nonzero = inside & (p > 0)
-  sums = jax.ops.segment_sum(raw, level, num_segments=levels)
-  counts = jax.ops.segment_sum(nonzero.astype(jnp.float32), level, num_segments=levels)
+  sums = jax.ops.segment_sum(raw, level, num_segments=levels, indices_are_sorted=True)
+  counts = jax.ops.segment_sum(nonzero.astype(jnp.float32), level, num_segments=levels,
+                                indices_are_sorted=True)
   q = jnp.where(nonzero, sums[level] / jnp.maximum(counts[level], 1), 0)
   p_total, q_total = jnp.sum(p), jnp.sum(q)
   safe_q = jnp.where(q > 0, q, 1)
