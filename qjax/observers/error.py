@@ -419,8 +419,11 @@ def entropy_threshold(histogram: jax.typing.ArrayLike, min_val: jax.typing.Array
 
   which is infinite when some P_b > 0 has Q_b = 0 (a level whose bins are all empty but for
   the outliers). This is the construction of Migacz's slides and MXNet / TVM's
-  `_get_optimal_threshold` (their bin merging), without MXNet's eps-smoothing of zero bins.
-  The threshold is the bin edge t_i of the least divergence (ties: the smallest i).
+  `_get_optimal_threshold` (their bin merging), without MXNet's eps-smoothing of zero bins
+  (as NVIDIA's pytorch-quantization `_compute_amax_entropy`): so an isolated outlier, far
+  beyond the bulk with empty bins between, makes the thresholds below it infinite and is
+  kept in range. The threshold is the bin edge t_i of the least divergence (ties: the
+  smallest i). Cost: O(bins) per candidate, O(bins^2) in all (~0.1 s at 2048 bins on a CPU).
 
   Args:
     histogram: float32 (bins,) counts over [min_val, max_val].
@@ -504,10 +507,10 @@ class EntropyObserver(HistogramObserver):
     symmetric specs (signed or not): (qmax - qmin + 1) // 2, the grid's half above 0
       (128 for int8, TensorRT's choice).
     affine specs: qmax - qmin + 1 (the whole grid lies on [0, t] once widened to 0); this
-      needs non-negative data (ReLU outputs). With negative data
-      the algorithm does not apply (the grid would have to cover both signs): eagerly
-      `range` raises a ValueError; under jit it returns NaN, so the qparams' scale is NaN.
-      Use a symmetric spec for signed data.
+      needs non-negative data (ReLU outputs). With negative data the algorithm does not
+      apply (the grid would have to cover both signs): eagerly `range` raises a
+      ValueError; under jit it returns NaN, so the qparams' scale is NaN. Use a symmetric
+      spec for signed data.
 
   The range is the data's [min, max] clipped to [-t, t]; `qparams_from_minmax` widens it
   to include 0, so the grid reaches t.
