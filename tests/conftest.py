@@ -6,10 +6,18 @@ int8 -> int32 or float32 -> bfloat16, and accidental broadcasting into errors.
 Hypothesis draws the same examples on every run and machine ("ci" profile, derandomized), so a
 run's outcome never depends on luck; `--hypothesis-profile=explore` draws fresh examples to
 search for new counterexamples.
+
+PyTorch, where a test module has imported it, runs each module on one intra-op thread: the
+suite runs one worker process per core (pyproject.toml's `-n 2`), and a second torch thread
+only contends with the other worker (small ops then spend milliseconds waking and
+spin-waiting on the pool, burning CPU time and slowing both workers).
 """
+
+import sys
 
 import hypothesis
 import jax
+import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -19,3 +27,17 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 hypothesis.settings.register_profile("ci", derandomize=True, database=None, max_examples=50)
 hypothesis.settings.register_profile("explore", derandomize=False)
 hypothesis.settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_one_thread():
+  """torch.set_num_threads(1) for the module, restored after it (see the module docstring);
+  nothing when torch is not imported."""
+  torch = sys.modules.get("torch")
+  if torch is None:
+    yield
+    return
+  saved = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(saved)

@@ -39,6 +39,7 @@ tests/test_numerics.py documents qjax's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import warnings
 
@@ -92,9 +93,6 @@ LAYOUTS = {
 }
 
 _JIT = {
-    "minmax": jax.jit(qjax.minmax, static_argnums=1),
-    "qparams_from_minmax": jax.jit(qjax.qparams_from_minmax, static_argnums=2,
-                                   static_argnames="eps"),
     "quantize": jax.jit(qjax.quantize, static_argnums=1),
     "dequantize": jax.jit(qjax.dequantize, static_argnums=1),
     "quantize_dequantize": jax.jit(qjax.quantize_dequantize, static_argnums=1),
@@ -104,6 +102,14 @@ _JIT = {
 def _fn(name, mode):
   """qjax.<name> called eagerly, or wrapped in jax.jit with the spec static."""
   return getattr(qjax, name) if mode == "eager" else _JIT[name]
+
+
+@functools.partial(jax.jit, static_argnums=1, static_argnames="eps")
+def _jit_minmax_qparams(x, spec, **kwargs):
+  """minmax and qparams_from_minmax in one jitted program, as an observer runs them: one
+  compilation per spec and shape instead of two, both wrappers traced under the outer jit."""
+  lo, hi = qjax.minmax(x, spec)
+  return lo, hi, qjax.qparams_from_minmax(lo, hi, spec, **kwargs)
 
 
 MODES = ("eager", "jit")
@@ -303,8 +309,11 @@ def _range_data(spec, shape, seed):
 
 def _check_qparams_against_torch(x, spec, mode, *, eps=None):
   kwargs = {} if eps is None else {"eps": eps}
-  lo, hi = _fn("minmax", mode)(jnp.asarray(x), spec)
-  qp = _fn("qparams_from_minmax", mode)(lo, hi, spec, **kwargs)
+  if mode == "eager":
+    lo, hi = qjax.minmax(jnp.asarray(x), spec)
+    qp = qjax.qparams_from_minmax(lo, hi, spec, **kwargs)
+  else:
+    lo, hi, qp = _jit_minmax_qparams(jnp.asarray(x), spec, **kwargs)
   t_lo, t_hi, t_scale, t_zp = torch_qparams(x, spec, eps=eps)
   shape = (-1,) if spec.per_channel else ()
   np.testing.assert_array_equal(np.asarray(lo), t_lo.reshape(shape))
