@@ -5,6 +5,8 @@ inputs, and a QuantDense calibrate -> convert -> int8 round trip.
 
 Few bin counts and specs, so that each search compiles once or twice for the whole file."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,10 +33,19 @@ N = 4000                     # samples per calibration set (one compiled update)
 # Independent references (float64).
 
 
-def grid_of(lo: float, hi: float, spec: QuantSpec) -> tuple[float, int]:
-  """The grid the observer's qparams give for the range [lo, hi]."""
-  qp = numerics.qparams_from_minmax(np.float32(lo), np.float32(hi), spec, eps=EPS)
-  return float(qp.scale), int(qp.zero_point)
+@functools.partial(jax.jit, static_argnums=2)
+def _grids(lo, hi, spec):
+  return jax.vmap(lambda a, b: numerics.qparams_from_minmax(a, b, spec, eps=EPS))(lo, hi)
+
+
+def grids_of(ranges: list, spec: QuantSpec) -> list[tuple[float, int]]:
+  """The grids (scale, zero point) the observer's qparams give for each range [lo, hi]
+  (in one call, padded to one length: one compilation)."""
+  padded = ranges + [ranges[0]] * (2 + (BINS + 1) ** 2 - len(ranges))
+  lo, hi = np.asarray(padded, np.float32).T
+  scale, zero_point = _grids(lo, hi, spec)
+  scale, zero_point = np.asarray(scale, np.float64), np.asarray(zero_point)
+  return [(float(scale[i]), int(zero_point[i])) for i in range(len(ranges))]
 
 
 def histogram_mse(hist, min_val, max_val, scale, zero_point, spec) -> float:
@@ -121,10 +132,9 @@ def test_mse_range_is_the_least_error_candidate(hist, where, spec, extra):
   got_lo, got_hi, got_mse = mse_search_range(jnp.asarray(hist), lo, hi, spec=spec)
   got_lo, got_hi = float(got_lo), float(got_hi)
   assert lo <= got_lo <= got_hi <= hi
-  chosen = histogram_mse(hist, lo, hi, *grid_of(got_lo, got_hi, spec), spec)
-  errors = [histogram_mse(hist, lo, hi, *grid_of(a, b, spec), spec)
-            for a, b in candidate_ranges(lo, hi, BINS, spec)]
-  minmax = histogram_mse(hist, lo, hi, *grid_of(lo, hi, spec), spec)
+  ranges = [(got_lo, got_hi), (lo, hi), *candidate_ranges(lo, hi, BINS, spec)]
+  chosen, minmax, *errors = [histogram_mse(hist, lo, hi, scale, zp, spec)
+                             for scale, zp in grids_of(ranges, spec)]
   assert chosen <= min(errors) * (1 + 1e-5) + 1e-12
   assert chosen <= minmax * (1 + 1e-5) + 1e-12
   np.testing.assert_allclose(float(got_mse), chosen, rtol=1e-4, atol=1e-9)
