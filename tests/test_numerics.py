@@ -52,8 +52,7 @@ NEAR_TIE_REL = 3e-7          # relative perturbation of the half-integers (a few
 # spec's qparams and grid attributes here (test_spec_properties_match_reference_for_every_spec)
 # and against torch, and quantize / dequantize / quantize_dequantize bit for bit against torch
 # for every combination of the flags they see (signed, narrow_range, reduce_range) at 2, 4, 8,
-# 9 and 16 bits in every layout
-# (tests/test_numerics_torch.py).
+# 9 and 16 bits in every layout (tests/test_numerics_torch.py).
 SETTINGS = hypothesis.settings(deadline=None, max_examples=50, print_blob=True,
                                suppress_health_check=[hypothesis.HealthCheck.too_slow])
 
