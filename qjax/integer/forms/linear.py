@@ -24,6 +24,7 @@ import numpy as np
 
 from qjax._struct import static, struct
 from qjax.integer import arith
+from qjax.integer import kernels
 from qjax.integer import requant as rq
 from qjax.integer.forms.base import Form, Lowering, WeightRequest, int8_input
 from qjax.numerics import QuantSpec
@@ -68,8 +69,9 @@ class Int8Dense:
                        f"(..., {self.kernel.shape[1]}) (its int8 kernel is "
                        f"{self.kernel.shape}, (out, in)). Apply the model to inputs of the "
                        f"shape it was converted with.")
-    acc = arith.matmul(x, self.kernel.qvalue)
-    return self.requant(acc + rq.channels(self.offset, acc.ndim))
+    # XLA's dot_general, or the native CPU kernel with the offset and requantization fused
+    # (`qjax.integer.kernels.resolve`): the same integers either way.
+    return kernels.dense(x, self.kernel.qvalue, self.offset, self.requant)
 
 
 @struct

@@ -1,0 +1,792 @@
+// int8 x int8 -> int32 GEMM for XLA:CPU through the typed FFI, with a fused requantization.
+//
+//   acc[m, n] = sum_k x[m, k] * w[n, k] + offset[n]                        (int32, wraps)
+//   q[m, n]   = clamp(Z + rne((f32(acc[m, n]) + bias[n]) * mult[n]), low, hi)   (int8)
+//
+// with low = max(lo, Z) for a fused ReLU (done by the caller). x is (M, K) row-major, w the
+// weights (N, K) row-major, output channel first. Three code paths, picked at run time:
+//
+//   vnni      AVX-512 VNNI vpdpbusd (u8 x s8): activations carried as x + 128 (xor 0x80), the
+//             -128 * sum_k w[n, k] correction folded into the offset; 6 x 64 register tile.
+//   avx2      sign-extended to 16 bit, vpmaddwd: exact (no 16-bit saturation as vpmaddubsw).
+//   portable  plain C++.
+//
+// Large M packs w into 16-column panels of 4-byte k groups ([N/16][K/4][16][4]) with its
+// column sums; small M (<= 32) streams w as stored, a dot product per (row, channel) pair.
+// int32 sums wrap modulo 2^32 on every path (uint32 arithmetic), like XLA's int32 dot.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define QJAX_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Path : int64_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kVnni = 3 };
+
+// ------------------------------------------------------------------------------------------
+// CPU features: queried once (CPUID is slow in a VM) and cached.
+
+struct Features {
+  bool avx2 = false;
+  bool vnni512 = false;  // AVX-512 F + BW + VL + VNNI, with the OS saving zmm state
+};
+
+Features Detect() {
+  Features f;
+#ifdef QJAX_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
+  if (!osxsave || !avx) return f;
+  unsigned xlo, xhi;
+  __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+  const bool ymm_os = (xlo & 0x6) == 0x6;
+  const bool zmm_os = (xlo & 0xE6) == 0xE6;
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = (b >> 5) & 1;
+  const bool f512 = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
+  const bool vnni = (c >> 11) & 1;
+  f.avx2 = ymm_os && avx2;
+  f.vnni512 = zmm_os && f512 && bw && vl && vnni;
+#endif
+  return f;
+}
+
+const Features& Cpu() {
+  static const Features f = Detect();
+  return f;
+}
+
+Path Best() {
+  if (Cpu().vnni512) return kVnni;
+  if (Cpu().avx2) return kAvx2;
+  return kPortable;
+}
+
+bool Supported(Path p) {
+  switch (p) {
+    case kPortable: return true;
+    case kAvx2: return Cpu().avx2;
+    case kVnni: return Cpu().vnni512;
+    default: return false;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Threads: a contiguous split of [0, tasks) over up to `threads` std::threads.
+
+template <class F>
+void ParallelFor(int64_t tasks, int threads, const F& fn) {
+  if (tasks <= 0) return;
+  threads = static_cast<int>(std::min<int64_t>(threads, tasks));
+  if (threads <= 1) {
+    fn(0, tasks);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  const int64_t step = tasks / threads, extra = tasks % threads;
+  int64_t begin = 0;
+  int64_t first_end = 0;
+  for (int t = 0; t < threads; ++t) {
+    const int64_t end = begin + step + (t < extra ? 1 : 0);
+    if (t == 0) {
+      first_end = end;
+    } else {
+      pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+    }
+    begin = end;
+  }
+  fn(0, first_end);
+  for (auto& th : pool) th.join();
+}
+
+int ThreadsFor(int64_t macs, int64_t requested) {
+  if (requested > 0) return static_cast<int>(requested);
+  static const int hw = [] {
+    const char* env = std::getenv("QJAX_INT8_THREADS");
+    if (env && std::atoi(env) > 0) return std::atoi(env);
+    const unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : static_cast<int>(std::min(n, 64u));
+  }();
+  // Below ~4M multiply-adds a thread's start (~20-50 us) costs more than it saves.
+  if (macs < (int64_t{1} << 22)) return 1;
+  return hw;
+}
+
+// ------------------------------------------------------------------------------------------
+// The epilogue: offset, then either int32 or the float requantization to int8.
+
+struct Epilogue {
+  const int32_t* offset = nullptr;  // (N,) or null; the vnni path passes its folded offsets
+  const float* bias = nullptr;      // (N,); null: int32 output
+  const float* mult = nullptr;      // (N,)
+  int32_t zp = 0;
+  float lo_f = 0, hi_f = 0;  // low - Z, hi - Z
+  int32_t q_nan = 0;         // what a NaN requantizes to (XLA converts NaN to 0, then clamps)
+  int32_t* out32 = nullptr;
+  int8_t* out8 = nullptr;
+  int64_t ldo = 0;  // row stride of the output (N)
+};
+
+inline int32_t Wrap(int64_t v) { return static_cast<int32_t>(static_cast<uint32_t>(v)); }
+
+inline void ScalarEpilogue(const Epilogue& e, int64_t m, int64_t n, int32_t acc) {
+  const int32_t a = e.offset ? Wrap(static_cast<int64_t>(static_cast<uint32_t>(acc)) +
+                                    static_cast<uint32_t>(e.offset[n]))
+                             : acc;
+  if (!e.bias) {
+    e.out32[m * e.ldo + n] = a;
+    return;
+  }
+  float y = (static_cast<float>(a) + e.bias[n]) * e.mult[n];  // two roundings (no FMA)
+  int32_t q;
+  if (std::isnan(y)) {
+    q = e.q_nan;
+  } else {
+    y = y < e.lo_f ? e.lo_f : (y > e.hi_f ? e.hi_f : y);
+    q = static_cast<int32_t>(std::nearbyint(y));  // round half to even
+  }
+  e.out8[m * e.ldo + n] = static_cast<int8_t>(q + e.zp);
+}
+
+// ------------------------------------------------------------------------------------------
+// Portable path.
+
+void PortableRows(const int8_t* x, const int8_t* w, int64_t K, int64_t m0, int64_t m1,
+                  int64_t n0, int64_t n1, const Epilogue& e) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* xr = x + m * K;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wr = w + n * K;
+      uint32_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        acc += static_cast<uint32_t>(static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]));
+      }
+      ScalarEpilogue(e, m, n, static_cast<int32_t>(acc));
+    }
+  }
+}
+
+void RunPortable(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+                 const Epilogue& e, int threads) {
+  // Blocks of 64 channels, so that a block of w stays in cache across the rows.
+  const int64_t nb = (N + 63) / 64;
+  ParallelFor(nb, threads, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      PortableRows(x, w, K, 0, M, b * 64, std::min(N, b * 64 + 64), e);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Scratch buffers, reused across calls (one set per calling thread).
+
+struct Scratch {
+  std::vector<uint8_t> bytes;
+  void* Get(size_t n) {
+    if (bytes.size() < n + 64) bytes.resize(n + 64);
+    const uintptr_t p = reinterpret_cast<uintptr_t>(bytes.data());
+    return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
+  }
+};
+
+thread_local Scratch tls_wpack, tls_xpack, tls_misc;
+
+// Packs w (N, K) into [N/16][Kp/4][16][4] (zero padded) and returns the column sums.
+void PackPanels(const int8_t* w, int64_t N, int64_t K, int64_t Kp, int8_t* packed,
+                int32_t* colsum, int threads) {
+  const int64_t panels = (N + 15) / 16, groups = Kp / 4;
+  ParallelFor(panels, threads, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int8_t* dst = packed + p * groups * 64;
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t n = p * 16 + c;
+        int32_t s = 0;
+        if (n < N) {
+          const int8_t* src = w + n * K;
+          int64_t g = 0;
+          for (; g * 4 + 4 <= K; ++g) {
+            std::memcpy(dst + g * 64 + c * 4, src + g * 4, 4);
+          }
+          for (; g < groups; ++g) {
+            for (int64_t j = 0; j < 4; ++j) {
+              const int64_t k = g * 4 + j;
+              dst[g * 64 + c * 4 + j] = k < K ? src[k] : 0;
+            }
+          }
+          for (int64_t k = 0; k < K; ++k) s += src[k];
+          colsum[n] = s;
+        } else {
+          for (int64_t g = 0; g < groups; ++g) std::memset(dst + g * 64 + c * 4, 0, 4);
+        }
+      }
+    }
+  });
+}
+
+#ifdef QJAX_X86
+
+// ------------------------------------------------------------------------------------------
+// AVX-512 VNNI path.
+
+// Each section is compiled for its instruction set (lambdas inside included); the file's
+// baseline stays x86-64, so that only the path the CPU supports ever runs.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")
+
+inline void Epilogue16(const Epilogue& e, int64_t m, int64_t n, __m512i acc,
+                                 __mmask16 valid) {
+  if (e.offset) acc = _mm512_add_epi32(acc, _mm512_maskz_loadu_epi32(valid, e.offset + n));
+  if (!e.bias) {
+    _mm512_mask_storeu_epi32(e.out32 + m * e.ldo + n, valid, acc);
+    return;
+  }
+  const __m512 b = _mm512_maskz_loadu_ps(valid, e.bias + n);
+  const __m512 s = _mm512_maskz_loadu_ps(valid, e.mult + n);
+  const __m512 y = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(acc), b), s);
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(e.lo_f)),
+                                 _mm512_set1_ps(e.hi_f));
+  __m512i q = _mm512_cvt_roundps_epi32(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm512_mask_mov_epi32(q, nan, _mm512_set1_epi32(e.q_nan));
+  q = _mm512_add_epi32(q, _mm512_set1_epi32(e.zp));
+  _mm_mask_storeu_epi8(e.out8 + m * e.ldo + n, valid, _mm512_cvtepi32_epi8(q));
+}
+
+// acc += vpdpbusd(u8, s8). Inline asm: GCC 12 copies the accumulators of the intrinsic
+// through extra registers and the stack every iteration.
+inline __attribute__((always_inline)) void Dp(__m512i& acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+}
+
+// PackPanels with AVX-512: one gather per 16-channel k group; the column sums by vpdpbusd
+// with a vector of ones (lane c sums channel c).
+void PackPanelsVnni(const int8_t* w, int64_t N, int64_t K, int64_t Kp, int8_t* packed,
+                    int32_t* colsum, int threads) {
+  const int64_t panels = (N + 15) / 16, groups = Kp / 4, full = K / 4;
+  ParallelFor(panels, threads, [&](int64_t p0, int64_t p1) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    const __m512i rows_at = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int32_t>(K)));
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t rows = std::min<int64_t>(16, N - p * 16);
+      const __mmask16 valid = rows == 16 ? static_cast<__mmask16>(0xFFFF)
+                                         : static_cast<__mmask16>((1u << rows) - 1);
+      const int8_t* base = w + p * 16 * K;
+      int8_t* dst = packed + p * groups * 64;
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t g = 0; g < full; ++g) {
+        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows_at,
+                                                      base + g * 4, 1);
+        _mm512_store_si512(reinterpret_cast<void*>(dst + g * 64), v);
+        Dp(sum, ones, v);
+      }
+      if (full < groups) {  // the last, partial k group (zero padded)
+        alignas(64) int8_t tail[64] = {};
+        for (int64_t c = 0; c < rows; ++c)
+          for (int64_t k = full * 4; k < K; ++k) tail[c * 4 + (k - full * 4)] = base[c * K + k];
+        const __m512i v = _mm512_load_si512(reinterpret_cast<const void*>(tail));
+        _mm512_store_si512(reinterpret_cast<void*>(dst + full * 64), v);
+        Dp(sum, ones, v);
+      }
+      _mm512_mask_storeu_epi32(colsum + p * 16, valid, sum);
+    }
+  });
+}
+
+// MR rows x NP panels of 16 columns over all of K; xu: (M, Kp) activations + 128 as uint8.
+template <int MR, int NP>
+void VnniTile(const uint8_t* xu, int64_t Kp, const int8_t* panel0,
+                        int64_t panel_stride, int64_t m, int64_t n, int64_t N,
+                        const Epilogue& e) {
+  __m512i acc[MR][NP];
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_si512();
+  const uint8_t* xr = xu + m * Kp;
+  const int64_t groups = Kp / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i wv[NP];
+    #pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) {
+      wv[j] = _mm512_load_si512(reinterpret_cast<const void*>(panel0 + j * panel_stride +
+                                                              g * 64));
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t xv;
+      std::memcpy(&xv, xr + r * Kp + g * 4, 4);
+      const __m512i xb = _mm512_set1_epi32(xv);
+      #pragma GCC unroll 8
+      for (int j = 0; j < NP; ++j) Dp(acc[r][j], xb, wv[j]);
+    }
+  }
+  #pragma GCC unroll 8
+  for (int j = 0; j < NP; ++j) {
+    const int64_t col = n + 16 * j;
+    const int64_t left = N - col;
+    const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                       : static_cast<__mmask16>((1u << left) - 1);
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) Epilogue16(e, m + r, col, acc[r][j], valid);
+  }
+}
+
+template <int MR>
+void VnniRowBlock(const uint8_t* xu, int64_t Kp, const int8_t* packed, int64_t m,
+                            int64_t p0, int64_t p1, int64_t N, const Epilogue& e) {
+  const int64_t stride = Kp * 16;  // bytes per panel
+  int64_t p = p0;
+  for (; p + 4 <= p1; p += 4) VnniTile<MR, 4>(xu, Kp, packed + p * stride, stride, m, p * 16, N, e);
+  switch (p1 - p) {
+    case 3: VnniTile<MR, 3>(xu, Kp, packed + p * stride, stride, m, p * 16, N, e); break;
+    case 2: VnniTile<MR, 2>(xu, Kp, packed + p * stride, stride, m, p * 16, N, e); break;
+    case 1: VnniTile<MR, 1>(xu, Kp, packed + p * stride, stride, m, p * 16, N, e); break;
+    default: break;
+  }
+}
+
+void RunVnniPacked(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+                             const Epilogue& e0, int threads) {
+  const int64_t Kp = (K + 3) / 4 * 4;
+  const int64_t panels = (N + 15) / 16;
+  int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
+  uint8_t* xu = static_cast<uint8_t*>(tls_xpack.Get(M * Kp));
+  int32_t* off = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
+  PackPanelsVnni(w, N, K, Kp, packed, off, threads);
+  // offset' = offset - 128 * colsum (mod 2^32).
+  for (int64_t n = 0; n < N; ++n) {
+    const uint32_t base = e0.offset ? static_cast<uint32_t>(e0.offset[n]) : 0u;
+    off[n] = static_cast<int32_t>(base - 128u * static_cast<uint32_t>(off[n]));
+  }
+  ParallelFor(M, threads, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int8_t* src = x + m * K;
+      uint8_t* dst = xu + m * Kp;
+      int64_t k = 0;
+      for (; k + 64 <= K; k += 64) {
+        const __m512i v = _mm512_loadu_si512(src + k);
+        _mm512_storeu_si512(dst + k, _mm512_xor_si512(v, _mm512_set1_epi8(-128)));
+      }
+      for (; k < K; ++k) dst[k] = static_cast<uint8_t>(src[k]) ^ 0x80u;
+      for (; k < Kp; ++k) dst[k] = 0;  // w is zero there too
+    }
+  });
+  Epilogue e = e0;
+  e.offset = off;
+  // Threads split the panels (each thread's weights stay in its own L2); rows inner.
+  const int64_t groups4 = (panels + 3) / 4;
+  ParallelFor(groups4, threads, [&](int64_t g0, int64_t g1) {
+    const int64_t p0 = g0 * 4, p1 = std::min(panels, g1 * 4);
+    int64_t m = 0;
+    for (; m + 6 <= M; m += 6) VnniRowBlock<6>(xu, Kp, packed, m, p0, p1, N, e);
+    switch (M - m) {
+      case 5: VnniRowBlock<5>(xu, Kp, packed, m, p0, p1, N, e); break;
+      case 4: VnniRowBlock<4>(xu, Kp, packed, m, p0, p1, N, e); break;
+      case 3: VnniRowBlock<3>(xu, Kp, packed, m, p0, p1, N, e); break;
+      case 2: VnniRowBlock<2>(xu, Kp, packed, m, p0, p1, N, e); break;
+      case 1: VnniRowBlock<1>(xu, Kp, packed, m, p0, p1, N, e); break;
+      default: break;
+    }
+  });
+}
+
+// Small M: w streamed as stored. sum_k (w + 128) x = acc + 128 sum_k x: w is the unsigned
+// operand (xor 0x80), the per-row correction -128 * sum_k x[m, k].
+template <int MR>
+void VnniDotRows(const int8_t* x, const int8_t* w, int64_t K, int64_t m,
+                           int64_t n0, int64_t n1, const int32_t* rowfix, int32_t* out,
+                           int64_t ldo) {
+  const __m512i flip = _mm512_set1_epi8(-128);
+  const int64_t full = K / 64 * 64;
+  const __mmask64 tail = K - full == 0 ? 0 : (~uint64_t{0} >> (64 - (K - full)));
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    __m512i acc[MR][4];
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+      #pragma GCC unroll 8
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64) {
+      const __mmask64 mask = k < full ? ~__mmask64{0} : tail;
+      __m512i wv[4];
+#pragma GCC unroll 8
+      for (int j = 0; j < 4; ++j)
+        wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + (n + j) * K + k), flip);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + (m + r) * K + k);
+#pragma GCC unroll 8
+        for (int j = 0; j < 4; ++j) Dp(acc[r][j], wv[j], xv);
+      }
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+      #pragma GCC unroll 8
+      for (int j = 0; j < 4; ++j)
+        out[r * ldo + n + j] = static_cast<int32_t>(
+            static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[r][j])) +
+            static_cast<uint32_t>(rowfix[r]));
+  }
+  for (; n < n1; ++n) {
+    __m512i acc[MR];
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64) {
+      const __mmask64 mask = k < full ? ~__mmask64{0} : tail;
+      const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + n * K + k), flip);
+      #pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+        Dp(acc[r], wv, _mm512_maskz_loadu_epi8(mask, x + (m + r) * K + k));
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+      out[r * ldo + n] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[r])) +
+                                              static_cast<uint32_t>(rowfix[r]));
+  }
+}
+
+void RunVnniDot(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+                          const Epilogue& e, int threads) {
+  int32_t* acc = static_cast<int32_t*>(tls_misc.Get((M * N + M) * sizeof(int32_t)));
+  int32_t* rowfix = acc + M * N;
+  for (int64_t m = 0; m < M; ++m) {
+    uint32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += static_cast<uint32_t>(static_cast<int32_t>(x[m * K + k]));
+    rowfix[m] = static_cast<int32_t>(0u - 128u * s);
+  }
+  const int64_t blocks = (N + 63) / 64;
+  ParallelFor(blocks, threads, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * 64, n1 = std::min(N, b1 * 64);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) VnniDotRows<4>(x, w, K, m, n0, n1, rowfix + m, acc + m * N, N);
+    switch (M - m) {
+      case 3: VnniDotRows<3>(x, w, K, m, n0, n1, rowfix + m, acc + m * N, N); break;
+      case 2: VnniDotRows<2>(x, w, K, m, n0, n1, rowfix + m, acc + m * N, N); break;
+      case 1: VnniDotRows<1>(x, w, K, m, n0, n1, rowfix + m, acc + m * N, N); break;
+      default: break;
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      for (int64_t n = n0; n < n1; n += 16) {
+        const int64_t left = n1 - n;
+        const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                           : static_cast<__mmask16>((1u << left) - 1);
+        Epilogue16(e, r, n, _mm512_maskz_loadu_epi32(valid, acc + r * N + n), valid);
+      }
+    }
+  });
+}
+
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------------------------
+// AVX2 path: int8 -> int16 (vpmovsxbw), vpmaddwd: exact.
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
+
+inline void Epilogue8(const Epilogue& e, int64_t m, int64_t n, __m256i acc,
+                                int64_t valid) {
+  if (valid < 8) {
+    alignas(32) int32_t tmp[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc);
+    for (int64_t j = 0; j < valid; ++j) ScalarEpilogue(e, m, n + j, tmp[j]);
+    return;
+  }
+  if (e.offset) {
+    acc = _mm256_add_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.offset + n)));
+  }
+  if (!e.bias) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(e.out32 + m * e.ldo + n), acc);
+    return;
+  }
+  const __m256 y = _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(e.bias + n)),
+                                 _mm256_loadu_ps(e.mult + n));
+  const __m256 nan = _mm256_cmp_ps(y, y, _CMP_UNORD_Q);
+  const __m256 c = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(e.lo_f)),
+                                 _mm256_set1_ps(e.hi_f));
+  __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  q = _mm256_blendv_epi8(q, _mm256_set1_epi32(e.q_nan), _mm256_castps_si256(nan));
+  q = _mm256_add_epi32(q, _mm256_set1_epi32(e.zp));
+  // int32 -> int8 (values already in range): packs, then gather the 8 bytes.
+  const __m256i p16 = _mm256_packs_epi32(q, q);         // per 128-bit lane
+  const __m256i p8 = _mm256_packs_epi16(p16, p16);
+  const int32_t lo4 = _mm256_extract_epi32(p8, 0), hi4 = _mm256_extract_epi32(p8, 4);
+  int8_t* dst = e.out8 + m * e.ldo + n;
+  std::memcpy(dst, &lo4, 4);
+  std::memcpy(dst + 4, &hi4, 4);
+}
+
+// MR rows x 8 columns (half a 16-column panel) over all of K; x16: (M, Kp) int16.
+template <int MR>
+void Avx2Tile(const int16_t* x16, int64_t Kp, const int8_t* panel, int half,
+                        int64_t m, int64_t n, int64_t N, const Epilogue& e) {
+  __m256i acc[MR][2];
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  const int64_t groups = Kp / 4;
+  const int8_t* wp = panel + half * 32;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + g * 64)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + g * 64 + 16)));
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int64_t xv;
+      std::memcpy(&xv, x16 + (m + r) * Kp + g * 4, 8);
+      const __m256i xb = _mm256_set1_epi64x(xv);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w0, xb));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w1, xb));
+    }
+  }
+  const int64_t left = std::min<int64_t>(8, N - n);
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    // Lanes hold (column, k pair) partial sums: add the pairs, restore the column order.
+    const __m256i h = _mm256_hadd_epi32(acc[r][0], acc[r][1]);
+    Epilogue8(e, m + r, n, _mm256_permute4x64_epi64(h, 0xD8), left);
+  }
+}
+
+template <int MR>
+void Avx2RowBlock(const int16_t* x16, int64_t Kp, const int8_t* packed, int64_t m,
+                            int64_t h0, int64_t h1, int64_t N, const Epilogue& e) {
+  const int64_t stride = Kp * 16;
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t n = h * 8;
+    if (n >= N) break;
+    Avx2Tile<MR>(x16, Kp, packed + (h / 2) * stride, static_cast<int>(h % 2), m, n, N, e);
+  }
+}
+
+void RunAvx2Packed(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+                             const Epilogue& e, int threads) {
+  const int64_t Kp = (K + 3) / 4 * 4;
+  const int64_t panels = (N + 15) / 16;
+  int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
+  int16_t* x16 = static_cast<int16_t*>(tls_xpack.Get(M * Kp * sizeof(int16_t)));
+  int32_t* colsum = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
+  PackPanels(w, N, K, Kp, packed, colsum, threads);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) x16[m * Kp + k] = x[m * K + k];
+    for (int64_t k = K; k < Kp; ++k) x16[m * Kp + k] = 0;
+  }
+  const int64_t halves = (N + 7) / 8;
+  ParallelFor((halves + 1) / 2, threads, [&](int64_t a, int64_t b) {
+    const int64_t h0 = a * 2, h1 = std::min(halves, b * 2);
+    int64_t m = 0;
+    for (; m + 6 <= M; m += 6) Avx2RowBlock<6>(x16, Kp, packed, m, h0, h1, N, e);
+    switch (M - m) {
+      case 5: Avx2RowBlock<5>(x16, Kp, packed, m, h0, h1, N, e); break;
+      case 4: Avx2RowBlock<4>(x16, Kp, packed, m, h0, h1, N, e); break;
+      case 3: Avx2RowBlock<3>(x16, Kp, packed, m, h0, h1, N, e); break;
+      case 2: Avx2RowBlock<2>(x16, Kp, packed, m, h0, h1, N, e); break;
+      case 1: Avx2RowBlock<1>(x16, Kp, packed, m, h0, h1, N, e); break;
+      default: break;
+    }
+  });
+}
+
+// Small M on AVX2: one dot product per (row, channel), 16 k at a time.
+void RunAvx2Dot(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+                          const Epilogue& e, int threads) {
+  const int64_t blocks = (N + 63) / 64;
+  const int64_t full = K / 16 * 16;
+  ParallelFor(blocks, threads, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * 64, n1 = std::min(N, b1 * 64);
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xr = x + m * K;
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) {
+        __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int64_t k = 0; k < full; k += 16) {
+          const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xr + k)));
+          #pragma GCC unroll 8
+          for (int j = 0; j < 4; ++j) {
+            const __m256i wv = _mm256_cvtepi8_epi16(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + j) * K + k)));
+            acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(xv, wv));
+          }
+        }
+        // Sum the 4 x 8 lanes to 4 values.
+        const __m256i h01 = _mm256_hadd_epi32(acc[0], acc[1]);
+        const __m256i h23 = _mm256_hadd_epi32(acc[2], acc[3]);
+        const __m256i h = _mm256_hadd_epi32(h01, h23);  // [a b c d | a' b' c' d']
+        const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        alignas(16) int32_t v[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(v), s);
+        #pragma GCC unroll 8
+        for (int j = 0; j < 4; ++j) {
+          uint32_t t = static_cast<uint32_t>(v[j]);
+          const int8_t* wr = w + (n + j) * K;
+          for (int64_t k = full; k < K; ++k)
+            t += static_cast<uint32_t>(static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]));
+          ScalarEpilogue(e, m, n + j, static_cast<int32_t>(t));
+        }
+      }
+      if (n < n1) PortableRows(x, w, K, m, m + 1, n, n1, e);
+    }
+  });
+}
+
+#pragma GCC pop_options
+
+#endif  // QJAX_X86
+
+// ------------------------------------------------------------------------------------------
+// Dispatch and the FFI handlers.
+
+// Up to this many rows: stream w as stored, no packing.
+int64_t SmallM() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("QJAX_INT8_SMALL_M");
+    return env ? std::atoll(env) : 32;
+  }();
+  return v;
+}
+
+ffi::Error Run(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+               const Epilogue& e, int64_t path, int64_t threads_attr) {
+  Path p = path == kAuto ? Best() : static_cast<Path>(path);
+  if (p != kPortable && p != kAvx2 && p != kVnni) {
+    return ffi::Error::InvalidArgument("qjax int8 gemm: path must be 0 (auto), 1 (portable), "
+                                       "2 (avx2) or 3 (vnni); got " + std::to_string(path));
+  }
+  if (!Supported(p)) {
+    return ffi::Error::InvalidArgument("qjax int8 gemm: this CPU lacks the instructions of "
+                                       "path " + std::to_string(path));
+  }
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int threads = ThreadsFor(M * N * std::max<int64_t>(K, 1), threads_attr);
+#ifdef QJAX_X86
+  if (p == kVnni) {
+    if (M <= SmallM()) {
+      RunVnniDot(x, w, M, N, K, e, threads);
+    } else {
+      RunVnniPacked(x, w, M, N, K, e, threads);
+    }
+    return ffi::Error::Success();
+  }
+  if (p == kAvx2) {
+    if (M <= SmallM()) {
+      RunAvx2Dot(x, w, M, N, K, e, threads);
+    } else {
+      RunAvx2Packed(x, w, M, N, K, e, threads);
+    }
+    return ffi::Error::Success();
+  }
+#endif
+  RunPortable(x, w, M, N, K, e, threads);
+  return ffi::Error::Success();
+}
+
+ffi::Error Shapes(const ffi::AnyBuffer::Dimensions& xd, const ffi::AnyBuffer::Dimensions& wd,
+                  size_t offset_count, int64_t* M, int64_t* N, int64_t* K) {
+  if (wd.size() != 2 || xd.size() < 1 || xd.back() != wd[1]) {
+    return ffi::Error::InvalidArgument("qjax int8 gemm: x (..., K) and w (N, K) must share K");
+  }
+  *N = wd[0];
+  *K = wd[1];
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < xd.size(); ++i) m *= xd[i];
+  *M = m;
+  if (static_cast<int64_t>(offset_count) != *N) {
+    return ffi::Error::InvalidArgument("qjax int8 gemm: offset must have N elements");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GemmS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> offset,
+                   ffi::ResultBuffer<ffi::S32> out, int64_t path, int64_t threads) {
+  int64_t M, N, K;
+  ffi::Error err = Shapes(x.dimensions(), w.dimensions(), offset.element_count(), &M, &N, &K);
+  if (err.failure()) return err;
+  Epilogue e;
+  e.offset = offset.typed_data();
+  e.out32 = out->typed_data();
+  e.ldo = N;
+  return Run(x.typed_data(), w.typed_data(), M, N, K, e, path, threads);
+}
+
+ffi::Error GemmRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                       ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::F32> bias,
+                       ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::S32> zero_point,
+                       ffi::ResultBuffer<ffi::S8> out, int64_t lo, int64_t hi, bool relu,
+                       int64_t path, int64_t threads) {
+  int64_t M, N, K;
+  ffi::Error err = Shapes(x.dimensions(), w.dimensions(), offset.element_count(), &M, &N, &K);
+  if (err.failure()) return err;
+  if (static_cast<int64_t>(bias.element_count()) != N ||
+      static_cast<int64_t>(mult.element_count()) != N || zero_point.element_count() != 1) {
+    return ffi::Error::InvalidArgument("qjax int8 gemm: bias and multiplier must have N "
+                                       "elements, zero_point one");
+  }
+  Epilogue e;
+  e.offset = offset.typed_data();
+  e.bias = bias.typed_data();
+  e.mult = mult.typed_data();
+  e.zp = zero_point.typed_data()[0];
+  const int64_t low = relu ? std::max<int64_t>(lo, e.zp) : lo;
+  e.lo_f = static_cast<float>(low - e.zp);
+  e.hi_f = static_cast<float>(hi - e.zp);
+  e.q_nan = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(0, low - e.zp), hi - e.zp));
+  e.out8 = out->typed_data();
+  e.ldo = N;
+  return Run(x.typed_data(), w.typed_data(), M, N, K, e, path, threads);
+}
+
+}  // namespace
+
+// The handlers and qjax_int8_paths are the library's only exported symbols.
+#pragma GCC visibility push(default)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmS32, GemmS32,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("path")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmRequant, GemmRequant,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int64_t>("lo")
+                                  .Attr<int64_t>("hi")
+                                  .Attr<bool>("relu")
+                                  .Attr<int64_t>("path")
+                                  .Attr<int64_t>("threads"));
+
+// Which paths this CPU can run: bit 0 portable, bit 1 avx2, bit 2 vnni (for Python, ctypes).
+extern "C" int qjax_int8_paths() {
+  return 1 | (Cpu().avx2 ? 2 : 0) | (Cpu().vnni512 ? 4 : 0);
+}
+
+#pragma GCC visibility pop

@@ -1,0 +1,289 @@
+"""The native int8 GEMM (`qjax.integer.kernels`) against XLA and NumPy: the same integers.
+
+Every native path the CPU runs is forced in turn ("vnni", "avx2", "portable"; a path the CPU
+lacks is skipped), on random and adversarial operands: all -128 / 127, one row, K not a
+multiple of 4 or 64, odd N, an empty batch, shapes on both sides of the row count where the
+kernel switches from streaming the weights to packing them, and sizes that use threads. The
+int32 result is checked against `qjax.integer.arith.matmul` and a NumPy int64 reference
+(modulo 2^32), the fused requantization against `FbgemmRequant` on XLA and a NumPy float32
+reference; the XLA fallback and the selection rules without the library are checked too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax.integer import arith
+from qjax.integer import kernels
+from qjax.integer import requant as rq
+from qjax.integer.forms.linear import Int8Dense
+from qjax.numerics import QuantSpec
+from qjax.qarray import QArray
+
+AVAILABLE = kernels.native_paths()
+PATHS = [pytest.param(p, marks=pytest.mark.skipif(p not in AVAILABLE,
+                                                  reason=f"this CPU (or build) lacks {p}"))
+         for p in kernels.NATIVE_PATHS]
+
+# (M, N, K): one row; K not a multiple of 4 / 64; odd N; an empty batch; up to 32 rows stream
+# the weights, more pack them; the last two are large enough for two threads.
+SHAPES = [(1, 1, 1), (1, 5, 3), (1, 64, 64), (1, 33, 130), (2, 7, 65), (3, 17, 63),
+          (4, 16, 4), (5, 1, 1), (7, 33, 67), (31, 19, 257), (33, 17, 5), (40, 48, 128),
+          (13, 100, 784), (0, 5, 7), (5, 0, 7), (64, 300, 220), (8, 700, 800)]
+
+
+def reference(x: np.ndarray, w: np.ndarray, offset: np.ndarray) -> np.ndarray:
+  """sum_k x w + offset in int64, wrapped to int32 as XLA's int32 arithmetic wraps."""
+  acc = x.reshape(-1, x.shape[-1]).astype(np.int64) @ w.astype(np.int64).T + offset
+  wrapped = (acc + 2**31) % 2**32 - 2**31
+  return wrapped.astype(np.int32).reshape(x.shape[:-1] + (w.shape[0],))
+
+
+def requant_reference(acc: np.ndarray, bias: np.ndarray, mult: np.ndarray, zero: int, lo: int,
+                      hi: int, relu: bool) -> np.ndarray:
+  """clamp(Z + rne((f32(acc) + b) * M), low, hi) in NumPy float32 (one rounding per op)."""
+  y = (acc.astype(np.float32) + bias.astype(np.float32)) * mult.astype(np.float32)
+  low = max(lo, zero) if relu else lo
+  q = np.clip(np.rint(y), low - zero, hi - zero).astype(np.int64) + zero
+  return q.astype(np.int8)
+
+
+def operands(rng: np.random.Generator, m: int, n: int, k: int, kind: str = "random",
+             offsets: int = 2**20):
+  if kind == "random":
+    x = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+  else:
+    xv, wv = {"min": (-128, -128), "max": (127, 127), "mixed": (-128, 127)}[kind]
+    x, w = np.full((m, k), xv, np.int8), np.full((n, k), wv, np.int8)
+  offset = rng.integers(-offsets, offsets + 1, n).astype(np.int32)
+  return x, w, offset
+
+
+def native_matmul(path: str):
+  return jax.jit(lambda x, w, o: kernels.matmul(x, w, o, kernel=path))
+
+
+def native_requant(path: str, r: rq.FbgemmRequant):
+  return jax.jit(lambda x, w, o: kernels.matmul_requant(x, w, o, r, kernel=path))
+
+
+def fbgemm(rng: np.random.Generator, n: int, k: int, *, per_channel: bool, zero: int,
+           relu: bool, lo: int = -128, hi: int = 127) -> rq.FbgemmRequant:
+  """Grids sized to the accumulators (std ~ 5500 sqrt(K) for uniform int8 operands), so that
+  outputs spread over the grid and some clamp."""
+  spread = 5500.0 * np.sqrt(k)
+  bias = rng.normal(0, spread, n).astype(np.float32)
+  shape = (n,) if per_channel else ()
+  mult = (rng.uniform(0.5, 2.0, shape) * 60 / spread).astype(np.float32)
+  return rq.FbgemmRequant(bias=jnp.asarray(bias), multiplier=jnp.asarray(mult),
+                          zero_point=jnp.int32(zero), lo=lo, hi=hi, relu=relu)
+
+
+# ------------------------------------------------------------------------------------------
+# int32 results.
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int32_matches_xla_and_numpy(path):
+  rng = np.random.default_rng(0)
+  run = native_matmul(path)
+  for m, n, k in SHAPES:
+    x, w, offset = operands(rng, m, n, k)
+    expected = reference(x, w, offset)
+    got = np.asarray(run(x, w, offset))
+    np.testing.assert_array_equal(got, expected, err_msg=f"{path} {(m, n, k)}")
+    xla = np.asarray(arith.matmul(jnp.asarray(x), jnp.asarray(w))) + offset if m and n else got
+    np.testing.assert_array_equal(got, xla, err_msg=f"{path} {(m, n, k)} vs XLA")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["min", "max", "mixed"])
+def test_int32_extreme_operands(path, kind):
+  """All -128 (the largest products, where uint8 x int8 or 16-bit sums would break), all 127,
+  and -128 x 127, at row counts of both kernels and K with tails."""
+  rng = np.random.default_rng(1)
+  run = native_matmul(path)
+  for m, n, k in [(1, 3, 1001), (3, 17, 130), (37, 33, 515), (6, 16, 64)]:
+    x, w, offset = operands(rng, m, n, k, kind)
+    np.testing.assert_array_equal(np.asarray(run(x, w, offset)), reference(x, w, offset),
+                                  err_msg=f"{path} {kind} {(m, n, k)}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int32_wraps_like_xla(path):
+  """K = 140000 products of -128 x -128 pass 2^31: the sum wraps modulo 2^32 on every path
+  (the vnni path's +128 carry and -128 sum_k w correction included), as XLA's does."""
+  k = 140_000
+  x, w = np.full((2, k), -128, np.int8), np.full((3, k), -128, np.int8)
+  w[1] = 127
+  offset = np.array([0, 5, -7], np.int32)
+  got = np.asarray(native_matmul(path)(x, w, offset))
+  np.testing.assert_array_equal(got, reference(x, w, offset))
+  xla = np.asarray(arith.matmul(jnp.asarray(x), jnp.asarray(w)) + jnp.asarray(offset)[None])
+  np.testing.assert_array_equal(got, xla)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_leading_dims_and_no_offset(path):
+  rng = np.random.default_rng(2)
+  x = rng.integers(-128, 128, (2, 3, 45), dtype=np.int8)
+  w = rng.integers(-128, 128, (9, 45), dtype=np.int8)
+  got = jax.jit(lambda a, b: kernels.matmul(a, b, kernel=path))(x, w)
+  assert got.shape == (2, 3, 9) and got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), reference(x, w, np.zeros(9, np.int64)))
+  empty = kernels.matmul(jnp.zeros((0, 3, 45), jnp.int8), jnp.asarray(w), kernel=path)
+  assert empty.shape == (0, 3, 9)
+
+
+# ------------------------------------------------------------------------------------------
+# The fused requantization.
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+def test_requant_matches_fbgemm_requant(path, per_channel, relu):
+  rng = np.random.default_rng(3)
+  for m, n, k in SHAPES:
+    zero = int(rng.integers(-20, 20))
+    r = fbgemm(rng, n, k, per_channel=per_channel, zero=zero, relu=relu)
+    x, w, offset = operands(rng, m, n, k, offsets=int(2000 * np.sqrt(k)))
+    acc = reference(x, w, offset)
+    expected = np.asarray(r(jnp.asarray(acc))) if m and n else np.zeros((m, n), np.int8)
+    got = np.asarray(native_requant(path, r)(x, w, offset))
+    assert got.dtype == np.int8
+    np.testing.assert_array_equal(got, expected, err_msg=f"{path} {(m, n, k)}")
+    mult = np.broadcast_to(np.asarray(r.multiplier), (n,))
+    np.testing.assert_array_equal(
+        got, requant_reference(acc, np.asarray(r.bias), mult, zero, -128, 127, relu),
+        err_msg=f"{path} {(m, n, k)} vs NumPy")
+    if got.size >= 1000:  # not saturated: the outputs spread over the grid
+      assert len(np.unique(got)) > 30, (m, n, k)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_requant_ties_narrow_grids_and_extremes(path):
+  """Exact .5 ties (rne), a 4-bit output grid, a ReLU whose zero point lies above lo, and
+  accumulators at the int32 extremes (the float32 product saturates before the clamp)."""
+  rng = np.random.default_rng(4)
+  n, k = 19, 66
+  x, w, offset = operands(rng, 9, n, k)
+  cases = [
+      rq.FbgemmRequant(bias=jnp.full((n,), 0.5, jnp.float32), multiplier=jnp.float32(0.5),
+                       zero_point=jnp.int32(0), lo=-128, hi=127, relu=False),
+      rq.FbgemmRequant(bias=jnp.zeros((n,), jnp.float32), multiplier=jnp.float32(1e-3),
+                       zero_point=jnp.int32(-2), lo=-8, hi=7, relu=False),
+      rq.FbgemmRequant(bias=jnp.zeros((n,), jnp.float32), multiplier=jnp.float32(1e-3),
+                       zero_point=jnp.int32(3), lo=-8, hi=7, relu=True),
+      rq.FbgemmRequant(bias=jnp.zeros((n,), jnp.float32), multiplier=jnp.float32(7.0),
+                       zero_point=jnp.int32(127), lo=-128, hi=127, relu=True),
+  ]
+  for r in cases:
+    for off in (offset, np.full(n, 2**31 - 1, np.int32), np.full(n, -(2**31), np.int32)):
+      acc = reference(x, w, off)
+      got = np.asarray(native_requant(path, r)(x, w, off))
+      np.testing.assert_array_equal(got, np.asarray(r(jnp.asarray(acc))), err_msg=str(r))
+  small = np.array([[1, 1]], np.int8), np.array([[1, 0], [1, 2], [3, 2], [2, 3]], np.int8)
+  tie = rq.FbgemmRequant(bias=jnp.zeros((4,), jnp.float32), multiplier=jnp.float32(0.5),
+                         zero_point=jnp.int32(0), lo=-128, hi=127, relu=False)
+  got = kernels.matmul_requant(*small, None, tie, kernel=path)  # 0.5, 1.5, 2.5, 2.5 -> even
+  np.testing.assert_array_equal(np.asarray(got), [[0, 2, 2, 2]])
+
+
+# ------------------------------------------------------------------------------------------
+# The integer Dense on every path, and the selection.
+
+
+def _dense(requant: rq.Requantizer, w: np.ndarray, offset: np.ndarray) -> Int8Dense:
+  qw = QArray(jnp.asarray(w), jnp.full((w.shape[0],), 0.01, jnp.float32),
+              jnp.zeros((w.shape[0],), jnp.int32),
+              QuantSpec(bits=8, signed=True, symmetric=True, axis=0))
+  return Int8Dense(kernel=qw, offset=jnp.asarray(offset), requant=requant)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_dense_is_bit_identical(path, monkeypatch):
+  rng = np.random.default_rng(5)
+  n, k = 37, 150
+  x, w, offset = operands(rng, 11, n, k)
+  m0, shift = arith.quantize_multiplier(np.full(n, 2e-4))
+  requants = [
+      fbgemm(rng, n, k, per_channel=True, zero=4, relu=True),
+      rq.FloatRequant(multiplier=jnp.float32(3e-4), zero_point=jnp.int32(-5), lo=-128,
+                      hi=127, relu=False),
+      rq.IntegerRequant(m0=jnp.asarray(m0), shift=jnp.asarray(shift), zero_point=jnp.int32(1),
+                        lo=-128, hi=127, relu=True),
+  ]
+  for r in requants:
+    op = _dense(r, w, offset)
+    monkeypatch.setenv(kernels.ENV_VAR, "xla")
+    expected = np.asarray(jax.jit(lambda a, op=op: op(a))(x.reshape(1, 11, k)))
+    monkeypatch.setenv(kernels.ENV_VAR, path)
+    got = np.asarray(jax.jit(lambda a, op=op: op(a))(x.reshape(1, 11, k)))
+    np.testing.assert_array_equal(got, expected, err_msg=type(r).__name__)
+
+
+def test_selection_rules(monkeypatch):
+  monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+  assert kernels.resolve() == kernels.DEFAULT_KERNEL.replace("auto", kernels.resolve("auto"))
+  assert kernels.resolve("xla") == "xla"
+  assert kernels.resolve("AUTO") == (AVAILABLE[0] if AVAILABLE else "xla")
+  monkeypatch.setenv(kernels.ENV_VAR, "xla")
+  assert kernels.resolve() == "xla"
+  if AVAILABLE:
+    assert kernels.resolve("native") == AVAILABLE[0]
+    monkeypatch.setenv(kernels.ENV_VAR, "native")
+    assert kernels.resolve() == AVAILABLE[0]
+    assert kernels.resolve("xla") == "xla"  # the argument wins over the environment
+  monkeypatch.setenv(kernels.ENV_VAR, "fast")
+  with pytest.raises(ValueError, match=r"QJAX_INT8_KERNEL must be one of .*'vnni'"):
+    kernels.resolve()
+  with pytest.raises(ValueError, match=r"kernel must be one of .*'portable'"):
+    kernels.resolve("amx")
+  for missing in set(kernels.NATIVE_PATHS) - set(AVAILABLE):
+    with pytest.raises(ValueError, match="runs the native paths"):
+      kernels.resolve(missing)
+
+
+def test_without_the_library(monkeypatch):
+  """A build without the library warns once and runs everything on XLA; a forced native path
+  is an error that names the accepted values."""
+  monkeypatch.setattr(kernels, "_library_file", lambda: None)
+  with pytest.warns(RuntimeWarning, match="not built"):
+    assert kernels._load.__wrapped__() == ()
+  monkeypatch.setattr(kernels, "native_paths", lambda: ())
+  assert kernels.resolve("auto") == "xla" and not kernels.available()
+  with pytest.raises(ValueError, match=r"not built.*'xla'"):
+    kernels.resolve("native")
+  with pytest.raises(ValueError, match="runs the native paths"):
+    kernels.resolve("portable")
+  rng = np.random.default_rng(6)
+  x, w, offset = operands(rng, 3, 5, 9)
+  got = kernels.matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(offset), kernel="auto")
+  np.testing.assert_array_equal(np.asarray(got), reference(x, w, offset))
+
+
+def test_operand_errors():
+  x = jnp.zeros((2, 3), jnp.int8)
+  with pytest.raises(TypeError, match="int8"):
+    kernels.matmul(x.astype(jnp.int32), jnp.zeros((4, 3), jnp.int8), kernel="xla")
+  with pytest.raises(ValueError, match="share K"):
+    kernels.matmul(x, jnp.zeros((4, 5), jnp.int8), kernel="xla")
+  with pytest.raises(TypeError, match="FbgemmRequant"):
+    kernels.matmul_requant(x, jnp.zeros((4, 3), jnp.int8), None,
+                           rq.FloatRequant(multiplier=jnp.float32(1.0),
+                                           zero_point=jnp.int32(0), lo=-128, hi=127,
+                                           relu=False), kernel="xla")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_vmap(path):
+  rng = np.random.default_rng(7)
+  x = rng.integers(-128, 128, (3, 4, 20), dtype=np.int8)
+  w = rng.integers(-128, 128, (6, 20), dtype=np.int8)
+  got = jax.vmap(lambda a: kernels.matmul(a, jnp.asarray(w), kernel=path))(jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(got), reference(x, w, np.zeros(6, np.int64)))
