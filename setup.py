@@ -35,8 +35,10 @@ class _BuildNative(build_ext):
     super().build_extensions()
 
 
-_FLAGS = ["-std=c++17", "-O3", "-fno-tree-pre", "-ffp-contract=off", "-fvisibility=hidden",
-          "-w"]
+# -fno-tree-pre: GCC's PRE spilled the VNNI accumulators every iteration; -ffp-contract=off:
+# the requantization's add then multiply must stay two roundings (no FMA), as XLA's.
+_FLAGS = ["-std=c++17", "-O3", "-g0", "-fno-tree-pre", "-ffp-contract=off",
+          "-fvisibility=hidden", "-w"]
 
 setup(
     ext_modules=[

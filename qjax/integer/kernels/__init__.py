@@ -182,8 +182,12 @@ def _check(x: jax.Array, kernel_t: jax.Array, where: str) -> None:
                      f"{x.shape} and {kernel_t.shape}.")
 
 
+def _rows(x: jax.Array) -> int:
+  return int(np.prod(x.shape[:-1], dtype=np.int64))
+
+
 def _macs(x: jax.Array, kernel_t: jax.Array) -> int:
-  return int(np.prod(x.shape[:-1], dtype=np.int64)) * kernel_t.shape[0] * kernel_t.shape[1]
+  return _rows(x) * kernel_t.shape[0] * kernel_t.shape[1]
 
 
 def _offset(offset: jax.Array | None, n: int) -> jax.Array:
@@ -194,7 +198,7 @@ def _offset(offset: jax.Array | None, n: int) -> jax.Array:
 
 def _native_s32(x: jax.Array, kernel_t: jax.Array, offset: jax.Array, path: str) -> jax.Array:
   n = kernel_t.shape[0]
-  rows = x.reshape((-1, x.shape[-1]))
+  rows = x.reshape((_rows(x), x.shape[-1]))
   call = jax.ffi.ffi_call(_TARGET_S32, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.int32),
                           vmap_method="sequential")
   acc = call(rows, kernel_t, offset, path=np.int64(_PATH_IDS[path]), threads=np.int64(0))
@@ -279,7 +283,7 @@ def matmul_requant(x: jax.Array, kernel_t: jax.Array, offset: jax.Array | None,
     if offset is not None:
       acc = acc + rq.channels(_offset(offset, n), acc.ndim)
     return requant(acc)
-  rows = x.reshape((-1, x.shape[-1]))
+  rows = x.reshape((_rows(x), x.shape[-1]))
   call = jax.ffi.ffi_call(_TARGET_REQUANT, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.int8),
                           vmap_method="sequential")
   q = call(rows, kernel_t, _offset(offset, n),

@@ -373,7 +373,11 @@ void RunVnniPacked(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64
   int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
   uint8_t* xu = static_cast<uint8_t*>(tls_xpack.Get(M * Kp));
   int32_t* off = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
-  PackPanelsVnni(w, N, K, Kp, packed, off, threads);
+  if (16 * K < (int64_t{1} << 31)) {  // the gather's byte offsets are int32
+    PackPanelsVnni(w, N, K, Kp, packed, off, threads);
+  } else {
+    PackPanels(w, N, K, Kp, packed, off, threads);
+  }
   // offset' = offset - 128 * colsum (mod 2^32).
   for (int64_t n = 0; n < N; ++n) {
     const uint32_t base = e0.offset ? static_cast<uint32_t>(e0.offset[n]) : 0u;
@@ -411,6 +415,18 @@ void RunVnniPacked(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64
   });
 }
 
+// The lane sums of four vectors, [sum a, sum b, sum c, sum d] (wrapping).
+inline __m128i Reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  // Per 128-bit lane: [a, b, a, b] + ... -> [a, b, c, d] partial sums.
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd),
+                                        _mm512_unpackhi_epi64(ab, cd));
+  const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd),
+                                        _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+}
+
 // Small M: w streamed as stored. sum_k (w + 128) x = acc + 128 sum_k x: w is the unsigned
 // operand (xor 0x80), the per-row correction -128 * sum_k x[m, k].
 template <int MR>
@@ -430,23 +446,22 @@ void VnniDotRows(const int8_t* x, const int8_t* w, int64_t K, int64_t m,
     for (int64_t k = 0; k < K; k += 64) {
       const __mmask64 mask = k < full ? ~__mmask64{0} : tail;
       __m512i wv[4];
-#pragma GCC unroll 8
+      #pragma GCC unroll 8
       for (int j = 0; j < 4; ++j)
         wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + (n + j) * K + k), flip);
-#pragma GCC unroll 8
+      #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + (m + r) * K + k);
-#pragma GCC unroll 8
+        #pragma GCC unroll 8
         for (int j = 0; j < 4; ++j) Dp(acc[r][j], wv[j], xv);
       }
     }
     #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-      #pragma GCC unroll 8
-      for (int j = 0; j < 4; ++j)
-        out[r * ldo + n + j] = static_cast<int32_t>(
-            static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[r][j])) +
-            static_cast<uint32_t>(rowfix[r]));
+    for (int r = 0; r < MR; ++r) {
+      const __m128i sums = Reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * ldo + n),
+                       _mm_add_epi32(sums, _mm_set1_epi32(rowfix[r])));
+    }
   }
   for (; n < n1; ++n) {
     __m512i acc[MR];
