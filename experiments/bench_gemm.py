@@ -14,8 +14,10 @@ For each shape M x N x K (x (M, K), weights (N, K)), the median time of one call
 
 Calls run to completion (block_until_ready); the variants are interleaved over rounds in a
 rotated order so that load on the machine hits them alike. GOP/s = 2 M N K / median time;
-"x int8" is xla int8's time over the variant's. The 1-minute load average before and after
-is printed: on a shared machine absolute figures move with it, the ratios less.
+"x int8" is xla int8's time over the variant's; "GOP/cpu-s" divides by the process's CPU
+time per call instead (all threads), which moves less than wall time when other processes
+share the cores. The 1-minute load average before and after is printed: on a shared machine
+absolute figures move with it, the ratios less.
 
 Usage:
   python -m experiments.bench_gemm                        # the four default shapes
@@ -29,6 +31,7 @@ import argparse
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -84,6 +87,7 @@ def variants(m: int, n: int, k: int, seed: int = 0) -> dict[str, Callable[[], ob
   except ImportError:
     return out
   torch.set_num_threads(os.cpu_count() or 1)
+  warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
   tx, tw_t = torch.from_numpy(x8), torch.from_numpy(np.ascontiguousarray(w8.T))
   try:
     torch._int_mm(tx[:1], tw_t)
@@ -106,16 +110,17 @@ def variants(m: int, n: int, k: int, seed: int = 0) -> dict[str, Callable[[], ob
 
 
 def measure(fns: dict[str, Callable[[], object]], rounds: int,
-            seconds: float) -> dict[str, float]:
-  """Median seconds per call of each variant, interleaved over `rounds` rotated rounds."""
+            seconds: float) -> dict[str, tuple[float, float]]:
+  """Median (wall, process CPU) seconds per call of each variant, interleaved over `rounds`
+  rotated rounds."""
   names = list(fns)
   for name in names:  # compile and warm up
     fns[name]()
-  times: dict[str, list[float]] = {name: [] for name in names}
+  times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
   for r in range(rounds):
     order = names[r % len(names):] + names[:r % len(names)]
     for name in order:
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       calls = 0
       while True:
         fns[name]()
@@ -123,8 +128,9 @@ def measure(fns: dict[str, Callable[[], object]], rounds: int,
         elapsed = time.perf_counter() - start
         if elapsed >= seconds / len(names):
           break
-      times[name].append(elapsed / calls)
-  return {name: statistics.median(values) for name, values in times.items()}
+      times[name].append((elapsed / calls, (time.process_time() - cpu) / calls))
+  return {name: (statistics.median(v[0] for v in values),
+                 statistics.median(v[1] for v in values)) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,11 +148,12 @@ def main(argv: list[str] | None = None) -> None:
   for text in shapes:
     m, n, k = parse_shape(text)
     medians = measure(variants(m, n, k), rounds, seconds)
-    base = medians["xla int8"]
-    print(f"\n{m} x {n} x {k} ({2 * m * n * k / 1e9:.3g} GOP)")
-    for name, t in medians.items():
-      print(f"  {name:15s} {t * 1e3:10.3f} ms  {2 * m * n * k / t / 1e9:8.1f} GOP/s  "
-            f"x int8 {base / t:5.2f}")
+    base = medians["xla int8"][0]
+    ops = 2 * m * n * k
+    print(f"\n{m} x {n} x {k} ({ops / 1e9:.3g} GOP)")
+    for name, (t, cpu) in medians.items():
+      print(f"  {name:15s} {t * 1e3:10.3f} ms  {ops / t / 1e9:8.1f} GOP/s  "
+            f"x int8 {base / t:6.2f}  {ops / max(cpu, 1e-9) / 1e9:8.1f} GOP/cpu-s")
   print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 
