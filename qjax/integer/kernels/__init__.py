@@ -22,11 +22,12 @@ QJAX_INT8_KERNEL=auto to run `qjax.integer.forms.Int8Dense` on the native kernel
               built (one warning)
 
 CPU features are read once (CPUID) by the library. Weights are used as the integer path
-stores them, (N, K) output channel first: up to 32 rows stream them as stored; more rows pack
-them per call into 16-channel panels with their column sums (a few percent of the GEMM).
-The kernel uses every core for products of 2^22 multiply-adds and more (QJAX_INT8_THREADS
-caps the thread count). The library is built by `pip install` (setup.py); where it was not,
-`available()` is False and everything runs on XLA.
+stores them, (N, K) output channel first: up to 16 rows stream them as stored; more rows pack
+them per call into 16-channel panels with their column sums (a 16 x 16 transpose in
+registers: a few percent of the GEMM). The kernel uses every core (a pool of threads started
+once) for products of 2^23 multiply-adds and more (QJAX_INT8_THREADS caps the thread count).
+The library is built by `pip install` (setup.py); where it was not, `available()` is False
+and everything runs on XLA.
 """
 
 from __future__ import annotations

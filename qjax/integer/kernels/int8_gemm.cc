@@ -3,7 +3,7 @@
 //   acc[m, n] = sum_k x[m, k] * w[n, k] + offset[n]                        (int32, wraps)
 //   q[m, n]   = clamp(Z + rne((f32(acc[m, n]) + bias[n]) * mult[n]), low, hi)   (int8)
 //
-// with low = max(lo, Z) for a fused ReLU (done by the caller). x is (M, K) row-major, w the
+// with low = max(lo, Z) for a fused ReLU. x is (M, K) row-major, w the
 // weights (N, K) row-major, output channel first. Three code paths, picked at run time:
 //
 //   vnni      AVX-512 VNNI vpdpbusd (u8 x s8): activations carried as x + 128 (xor 0x80), the
@@ -12,7 +12,9 @@
 //   portable  plain C++.
 //
 // Large M packs w into 16-column panels of 4-byte k groups ([N/16][K/4][16][4]) with its
-// column sums; small M (<= 32) streams w as stored, a dot product per (row, channel) pair.
+// column sums; small M (<= 16, QJAX_INT8_SMALL_M) streams w as stored, a dot product per
+// (row, channel) pair (on vnni with w + 128 as the unsigned operand, -128 sum_k x[m, k] the
+// correction).
 // int32 sums wrap modulo 2^32 on every path (uint32 arithmetic), like XLA's int32 dot.
 
 #include <algorithm>
@@ -367,37 +369,68 @@ inline __attribute__((always_inline)) void Dp(__m512i& acc, __m512i u8, __m512i 
   __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
 }
 
-// PackPanels with AVX-512: one gather per 16-channel k group; the column sums by vpdpbusd
-// with a vector of ones (lane c sums channel c).
+// r[i] = 16 dwords of row i -> r[g] = dword g of the 16 rows (a 16 x 16 dword transpose).
+inline void Transpose16(__m512i r[16]) {
+  __m512i t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // Per 128-bit lane L, u[4q + j] holds rows 4q..4q+3 of dword 4L + j.
+  __m512i u[16];
+#pragma GCC unroll 16
+  for (int q = 0; q < 4; ++q) {
+    u[4 * q] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  // A 4 x 4 transpose of 128-bit lanes for each j.
+#pragma GCC unroll 16
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44);
+    const __m512i b = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512i d = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_i32x4(a, c, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    r[8 + j] = _mm512_shuffle_i32x4(b, d, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+}
+
+// PackPanels with AVX-512: 16 rows x 64 bytes of k at a time, transposed in registers (K's
+// tail loaded masked, so zero padded); the column sums by vpdpbusd with a vector of ones
+// (lane c sums channel c).
 void PackPanelsVnni(const int8_t* w, int64_t N, int64_t K, int64_t Kp, int8_t* packed,
                     int32_t* colsum, int threads) {
-  const int64_t panels = (N + 15) / 16, groups = Kp / 4, full = K / 4;
+  const int64_t panels = (N + 15) / 16, groups = Kp / 4;
   ParallelFor(panels, threads, [&](int64_t p0, int64_t p1) {
     const __m512i ones = _mm512_set1_epi8(1);
-    const __m512i rows_at = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(static_cast<int32_t>(K)));
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t rows = std::min<int64_t>(16, N - p * 16);
-      const __mmask16 valid = rows == 16 ? static_cast<__mmask16>(0xFFFF)
-                                         : static_cast<__mmask16>((1u << rows) - 1);
       const int8_t* base = w + p * 16 * K;
       int8_t* dst = packed + p * groups * 64;
       __m512i sum = _mm512_setzero_si512();
-      for (int64_t g = 0; g < full; ++g) {
-        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows_at,
-                                                      base + g * 4, 1);
-        _mm512_store_si512(reinterpret_cast<void*>(dst + g * 64), v);
-        Dp(sum, ones, v);
+      for (int64_t k = 0; k < K; k += 64) {
+        const int64_t left = K - k;
+        const __mmask64 mask = left >= 64 ? ~__mmask64{0} : (~uint64_t{0} >> (64 - left));
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+          r[i] = i < rows ? _mm512_maskz_loadu_epi8(mask, base + i * K + k)
+                          : _mm512_setzero_si512();
+        }
+        Transpose16(r);
+        const int64_t g0 = k / 4, count = std::min<int64_t>(16, groups - g0);
+        for (int64_t g = 0; g < count; ++g) {
+          _mm512_store_si512(reinterpret_cast<void*>(dst + (g0 + g) * 64), r[g]);
+          Dp(sum, ones, r[g]);
+        }
       }
-      if (full < groups) {  // the last, partial k group (zero padded)
-        alignas(64) int8_t tail[64] = {};
-        for (int64_t c = 0; c < rows; ++c)
-          for (int64_t k = full * 4; k < K; ++k) tail[c * 4 + (k - full * 4)] = base[c * K + k];
-        const __m512i v = _mm512_load_si512(reinterpret_cast<const void*>(tail));
-        _mm512_store_si512(reinterpret_cast<void*>(dst + full * 64), v);
-        Dp(sum, ones, v);
-      }
+      const __mmask16 valid = rows == 16 ? static_cast<__mmask16>(0xFFFF)
+                                         : static_cast<__mmask16>((1u << rows) - 1);
       _mm512_mask_storeu_epi32(colsum + p * 16, valid, sum);
     }
   });
@@ -463,11 +496,7 @@ void RunVnniPacked(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64
   int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
   uint8_t* xu = static_cast<uint8_t*>(tls_xpack.Get(M * Kp));
   int32_t* off = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
-  if (16 * K < (int64_t{1} << 31)) {  // the gather's byte offsets are int32
-    PackPanelsVnni(w, N, K, Kp, packed, off, threads);
-  } else {
-    PackPanels(w, N, K, Kp, packed, off, threads);
-  }
+  PackPanelsVnni(w, N, K, Kp, packed, off, threads);
   // offset' = offset - 128 * colsum (mod 2^32).
   for (int64_t n = 0; n < N; ++n) {
     const uint32_t base = e0.offset ? static_cast<uint32_t>(e0.offset[n]) : 0u;
@@ -765,7 +794,7 @@ void RunAvx2Dot(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t 
 int64_t SmallM() {
   static const int64_t v = [] {
     const char* env = std::getenv("QJAX_INT8_SMALL_M");
-    return env ? std::atoll(env) : 32;
+    return env ? std::atoll(env) : 16;
   }();
   return v;
 }
