@@ -199,6 +199,14 @@ def test_requant_ties_narrow_grids_and_extremes(path):
       acc = reference(x, w, off)
       got = np.asarray(native_requant(path, r)(x, w, off))
       np.testing.assert_array_equal(got, np.asarray(r(jnp.asarray(acc))), err_msg=str(r))
+  # A non-finite bias (NaN, +-inf) requantizes as XLA converts it: NaN -> 0, then clamped.
+  weird = np.array([np.nan, np.inf, -np.inf] * 7, np.float32)[:n]
+  for zero, relu in ((0, False), (9, True), (-4, False)):
+    r = rq.FbgemmRequant(bias=jnp.asarray(weird), multiplier=jnp.float32(1e-3),
+                         zero_point=jnp.int32(zero), lo=-128, hi=127, relu=relu)
+    got = np.asarray(native_requant(path, r)(x, w, offset))
+    np.testing.assert_array_equal(got, np.asarray(xla_requant(jnp.asarray(
+        reference(x, w, offset)), r)), err_msg=f"non-finite bias, Z = {zero}, relu = {relu}")
   small = np.array([[1, 1]], np.int8), np.array([[1, 0], [1, 2], [3, 2], [2, 3]], np.int8)
   tie = rq.FbgemmRequant(bias=jnp.zeros((4,), jnp.float32), multiplier=jnp.float32(0.5),
                          zero_point=jnp.int32(0), lo=-128, hi=127, relu=False)
