@@ -28,6 +28,7 @@ import numpy as np
 import qjax.nn as qnn
 
 MLP_HIDDEN = (100, 100)
+LENET_WIDTHS = (6, 16, 120, 84)  # LeNet-5's conv1, conv2 channels and fc1, fc2 widths
 LENET_SIZE = 32  # input height and width of LeNet-5
 
 
@@ -85,21 +86,25 @@ class LeNet5(nn.Module):
     num_classes: number of logits.
     dot_general_cls: factory of the dot_general of every nn.Dense (None: lax's).
     conv_general_dilated_cls: factory of the conv_general_dilated of every nn.Conv.
+    widths: channels of conv1, conv2 and widths of fc1, fc2 (the paper's 6, 16, 120, 84;
+      wider for WRPN).
   """
 
   num_classes: int = 10
   dot_general_cls: Any = None
   conv_general_dilated_cls: Any = None
+  widths: tuple[int, int, int, int] = LENET_WIDTHS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for features, name in ((6, "conv1"), (16, "conv2")):
+    c1, c2, f1, f2 = self.widths
+    for features, name in ((c1, "conv1"), (c2, "conv2")):
       x = nn.Conv(features, (5, 5), padding="VALID",
                   conv_general_dilated_cls=self.conv_general_dilated_cls, name=name)(x)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(120, dot_general_cls=self.dot_general_cls, name="fc1")(x))
-    x = nn.relu(nn.Dense(84, dot_general_cls=self.dot_general_cls, name="fc2")(x))
+    x = nn.relu(nn.Dense(f1, dot_general_cls=self.dot_general_cls, name="fc1")(x))
+    x = nn.relu(nn.Dense(f2, dot_general_cls=self.dot_general_cls, name="fc2")(x))
     return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, name="fc3")(x)
 
 
@@ -149,22 +154,25 @@ class QuantLeNet5(nn.Module):
     qconfig: QConfig or QConfigMap; None for no quantization.
     fuse_relu: fuse each ReLU into the conv / dense layer before it.
     num_classes: number of logits.
+    widths: channels of conv1, conv2 and widths of fc1, fc2 (as `LeNet5.widths`).
   """
 
   qconfig: qnn.QConfig | qnn.QConfigMap | None = None
   fuse_relu: bool = True
   num_classes: int = 10
+  widths: tuple[int, int, int, int] = LENET_WIDTHS
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: str) -> jax.Array:
     relu = nn.relu if self.fuse_relu else None
+    c1, c2, f1, f2 = self.widths
     x = qnn.Quantize(self.qconfig, name="quant")(x, mode=mode)
-    for i, (features, name) in enumerate(((6, "conv1"), (16, "conv2")), 1):
+    for i, (features, name) in enumerate(((c1, "conv1"), (c2, "conv2")), 1):
       x = qnn.QuantConv(features, (5, 5), padding="VALID", qconfig=self.qconfig,
                         activation=relu, name=name)(x, mode=mode)
       x = nn.max_pool(_relu(self, x, i, mode), (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    for i, (width, name) in enumerate(((120, "fc1"), (84, "fc2")), 3):
+    for i, (width, name) in enumerate(((f1, "fc1"), (f2, "fc2")), 3):
       x = qnn.QuantDense(width, qconfig=self.qconfig, activation=relu, name=name)(x, mode=mode)
       x = _relu(self, x, i, mode)
     x = qnn.QuantDense(self.num_classes, qconfig=self.qconfig, name="fc3")(x, mode=mode)
