@@ -113,6 +113,19 @@ def _check_study(results, out):
   assert (out / "low_bit.png").read_bytes()[:8] == PNG
 
 
+def test_quick_two_cells(tmp_path, capsys):
+  """The reduced form of the default suite: one research method and one baseline (every
+  method's layers have tests of their own in test_research_layers)."""
+  results = low_bit.main(["--quick", "--no-progress", "--methods", "PACT", "PTQ", "--bits", "2",
+                          "--out", str(tmp_path)])
+  out = capsys.readouterr().out
+  assert "int8 path" in out
+  assert results["data"]["train"] == 1000 and results["data"]["test"] == 300
+  assert results["config"]["models"] == ["mlp"] and results["config"]["bits"] == [2]
+  _check_study(results, tmp_path)
+
+
+@pytest.mark.slow
 def test_quick(tmp_path, capsys):
   results = low_bit.main(["--quick", "--no-progress", "--out", str(tmp_path)])
   out = capsys.readouterr().out
