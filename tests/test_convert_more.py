@@ -1,6 +1,7 @@
 """qjax.convert beyond the core tests: for_serving, layers left in float, two input grids."""
 
 import dataclasses
+import warnings
 
 import chex
 import flax.linen as nn
@@ -179,3 +180,24 @@ def test_learned_scales_are_the_converted_grids():
   y_fq = np.asarray(_apply(model, variables, x, "qat"))
   steps = np.abs(y_int - y_fq) / float(layers["Dequantize_0"].scale)
   assert np.max(steps) <= 1.0 + 1e-3 and np.mean(steps < 1e-3) >= 0.9
+
+
+def test_learned_weight_scales_clamp_as_the_forward_does():
+  """A learned weight scale far below the kernel's range is the QAT forward's own grid (it
+  clamps those weights): convert clamps them the same way, without a warning or an error."""
+  model = _Learned()
+  x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
+  variables = _init(model, x)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: p * 0.1 if path[-1].key == "scale" and "weight" in str(path) else p,
+      variables["params"])
+  variables = {**variables, "params": params}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    int_vars = qjax.convert(model, variables, x)
+  kernel = np.asarray(int_vars[integer.COLLECTION]["fc1"]["op"].kernel.qvalue)
+  assert np.mean(np.abs(kernel) == 127) > 0.2  # most weights clamped, as in the forward
+  y_int = np.asarray(_apply(model, int_vars, x, "int8"))
+  y_fq = np.asarray(_apply(model, variables, x, "qat"))
+  steps = np.abs(y_int - y_fq) / float(int_vars[integer.COLLECTION]["Dequantize_0"]["op"].scale)
+  assert np.max(steps) <= 1.0 + 1e-3

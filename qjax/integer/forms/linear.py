@@ -264,7 +264,9 @@ def check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np.
                       zero: np.ndarray, weights: str) -> None:
   """Warn about a kernel that its grid clamps by more than one step somewhere; refuse one it
   clamps by more than a quarter of the grid's width (weights changed after calibration: a
-  loaded checkpoint, fine-tuning, a fold); refuse NaN / inf weights."""
+  loaded checkpoint, fine-tuning, a fold); refuse NaN / inf weights. A learned scale
+  (`weights="learned"`, LSQ) is the QAT forward's own grid: its clamping is the model's, and
+  passes without a word."""
   if not np.all(np.isfinite(kernel)):
     raise ValueError(f"convert: {path}: the kernel holds {int(np.sum(~np.isfinite(kernel)))} "
                      f"NaN or +-inf value(s); an integer kernel needs finite weights.")
@@ -276,7 +278,9 @@ def check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np.
                     ) + zero.astype(np.float64).reshape(axis_shape)
   beyond = np.maximum(steps - spec.qmax, spec.qmin - steps)
   far = beyond > 1
-  if not np.any(far):
+  if not np.any(far) or weights == "learned":
+    # A learned (LSQ) scale is the grid the QAT forward clamped these weights on: the int8
+    # kernel clamps them the same way, whatever their number.
     return
   # A QAT-trained kernel may pass its moving-average grid by some steps (a BatchNorm fold with
   # the final running variance; its fake-quant forward clamps those weights too, and PyTorch's
