@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -98,69 +99,102 @@ bool Supported(Path p) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Threads: a contiguous split of [0, tasks) over up to `threads` threads of a pool that is
-// started once (starting a thread cost ~140 us in a VM; waking a pooled one ~10 us). The pool
-// serves one GEMM at a time: a second caller meanwhile runs its tasks on its own thread. The
-// workers are never joined (they would block process exit), and a forked child starts a
-// pool of its own.
+// Threads: [0, tasks) in blocks that the calling thread and a pool of workers (started once:
+// starting a thread cost ~140 us in a VM) claim from an atomic counter, so that a worker that
+// wakes late takes fewer blocks instead of delaying the call. Workers spin ~100 us for the
+// next job before they sleep (waking a sleeping one cost 50-100 us here). The pool serves
+// one call at a time: a second caller meanwhile runs its blocks on its own thread. The
+// workers are never joined (they would block process exit); a forked child starts a pool of
+// its own.
+
+inline void Relax() {
+#ifdef QJAX_X86
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Spins until done() or about `micros` have passed; whether done() held.
+template <class F>
+bool SpinUntil(const F& done, int micros) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(micros);
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      Relax();
+    }
+    if (std::chrono::steady_clock::now() >= until) return done();
+  }
+}
 
 class Pool {
  public:
-  explicit Pool(int workers) {
-    for (int i = 0; i < workers; ++i) std::thread([this, i] { Work(i); }).detach();
-    size_ = workers;
+  explicit Pool(int workers) : size_(workers) {
+    for (int i = 0; i < workers; ++i) std::thread([this] { Work(); }).detach();
   }
 
   int size() const { return size_; }
 
-  // Runs fn(begin, end) over the chunks; chunk 0 on the calling thread. False when busy.
-  bool Run(const std::vector<std::pair<int64_t, int64_t>>& chunks,
-           const std::function<void(int64_t, int64_t)>& fn) {
+  // fn(begin, end) over [0, tasks) in blocks of `grain`; false (nothing run) when busy.
+  bool Run(int64_t tasks, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     std::unique_lock<std::mutex> busy(run_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
+    fn_ = &fn;
+    tasks_ = tasks;
+    grain_ = grain;
+    next_.store(0);
+    closed_.store(false);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      chunks_ = chunks;
-      pending_ = static_cast<int>(chunks.size()) - 1;
-      ++generation_;
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
-    fn(chunks[0].first, chunks[0].second);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    fn_ = nullptr;
-    chunks_.clear();  // a worker that wakes late finds nothing to do
+    Drain();
+    closed_.store(true);  // late workers skip the job; the ones inside are waited for
+    if (!SpinUntil([this] { return active_.load() == 0; }, 200)) {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_.wait(lock, [this] { return active_.load() == 0; });
+    }
     return true;
   }
 
  private:
-  void Work(int index) {
-    uint64_t seen = 0;
+  void Drain() {
     for (;;) {
-      const std::function<void(int64_t, int64_t)>* fn;
-      std::pair<int64_t, int64_t> chunk;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (static_cast<size_t>(index + 1) >= chunks_.size()) continue;
-        fn = fn_;
-        chunk = chunks_[index + 1];
-      }
-      (*fn)(chunk.first, chunk.second);
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) done_.notify_all();
+      const int64_t begin = next_.fetch_add(1) * grain_;
+      if (begin >= tasks_) return;
+      (*fn_)(begin, std::min(tasks_, begin + grain_));
     }
   }
 
-  int size_ = 0;
+  void Work() {
+    uint64_t seen = generation_.load();
+    for (;;) {
+      if (!SpinUntil([&] { return generation_.load() != seen; }, 100)) {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+      }
+      seen = generation_.load();
+      active_.fetch_add(1);
+      if (!closed_.load() && generation_.load() == seen) Drain();
+      if (active_.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(mu_);
+        done_.notify_all();
+      }
+    }
+  }
+
+  const int size_;
   std::mutex run_, mu_;
   std::condition_variable wake_, done_;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> active_{0};
+  std::atomic<bool> closed_{true};
+  // The job: written by Run before `closed_` opens it, read by workers after.
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  std::vector<std::pair<int64_t, int64_t>> chunks_;
+  int64_t tasks_ = 0, grain_ = 1;
 };
 
 std::atomic<Pool*> g_pool{nullptr};
@@ -204,16 +238,10 @@ void ParallelFor(int64_t tasks, int threads, const F& fn) {
     fn(0, tasks);
     return;
   }
-  std::vector<std::pair<int64_t, int64_t>> chunks;
-  const int64_t step = tasks / threads, extra = tasks % threads;
-  int64_t begin = 0;
-  for (int t = 0; t < threads; ++t) {
-    const int64_t end = begin + step + (t < extra ? 1 : 0);
-    chunks.emplace_back(begin, end);
-    begin = end;
-  }
+  // About four blocks per thread: a late or preempted thread leaves its share to the others.
+  const int64_t grain = std::max<int64_t>(1, tasks / (4 * threads));
   const std::function<void(int64_t, int64_t)> call = [&fn](int64_t b, int64_t e) { fn(b, e); };
-  if (!pool->Run(chunks, call)) fn(0, tasks);
+  if (!pool->Run(tasks, grain, call)) fn(0, tasks);
 }
 
 int ThreadsFor(int64_t macs, int64_t requested) {
