@@ -29,6 +29,7 @@ def quick():
   return bench, results, out.getvalue()
 
 
+@pytest.mark.slow
 def test_quick_run_prints_every_row(quick):
   bench, results, out = quick
   lines = out.splitlines()
@@ -42,6 +43,7 @@ def test_quick_run_prints_every_row(quick):
   assert len(results["rows"]) == len(bench.QUICK_CASES) * len(bench.VARIANTS)
 
 
+@pytest.mark.slow
 def test_quick_run_ratios_and_evidence(quick):
   """Ratios are finite and positive; the float32 apply has no int8 contraction; each int8
   apply runs every contraction in int8 in the optimised XLA program but LeNet-5's conv1 (one

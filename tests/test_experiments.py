@@ -71,6 +71,7 @@ def test_mnist_bits_full(tmp_path):
     assert sqnr == sorted(sqnr), f"{scheme}: SQNR must grow with the bit width"
 
 
+@pytest.mark.slow
 def test_bench_qat_smoke():
   """The QAT benchmark runs (tiny batch, one step, no timing claims) and its evidence checks
   see qjax's fake quantization: rounding in the forward pass, logits that differ from float,

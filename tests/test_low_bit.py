@@ -113,6 +113,7 @@ def _check_study(results, out):
   assert (out / "low_bit.png").read_bytes()[:8] == PNG
 
 
+@pytest.mark.slow
 def test_quick_two_cells(tmp_path, capsys):
   """The reduced form of the default suite: one research method and one baseline (every
   method's layers have tests of their own in test_research_layers)."""

@@ -72,6 +72,7 @@ def _check_table(results):
     assert row["delta_vs_float"] == pytest.approx(row["accuracy"] - float_acc)
 
 
+@pytest.mark.slow
 def test_qat_mnist_quick(tmp_path, capsys):
   results = load_experiment("qat_mnist").main(["--quick", "--no-progress", "--out", str(tmp_path)])
   out = capsys.readouterr().out

@@ -99,6 +99,7 @@ def _check_study(results, out, hidden, steps):
   return rows
 
 
+@pytest.mark.slow
 def test_quick(tmp_path, capsys):
   results = snn_mnist.main(["--quick", "--no-progress", "--out", str(tmp_path)])
   out = capsys.readouterr().out
