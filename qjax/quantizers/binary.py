@@ -27,6 +27,24 @@ def _reduce_axes(where: str, w: jax.Array, per_channel: bool) -> tuple[int, ...]
   return tuple(range(w.ndim))
 
 
+def binary_scale(w: jax.Array, axes: tuple[int, ...], scale: bool) -> jax.Array:
+  """XNOR-Net's a = mean|w| over `axes` (kept as size-1 axes), or 1 when not `scale`."""
+  if scale:
+    return jnp.mean(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=True)
+  return jnp.ones(tuple(1 if i in axes else n for i, n in enumerate(w.shape)), jnp.float32)
+
+
+def ternary_parts(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """TWN's (delta, a) over `axes` (kept as size-1 axes): delta = 0.7 mean|w|, a = the mean of
+  |w| over {|w| > delta} (0 if that set is empty)."""
+  magnitude = jnp.abs(w.astype(jnp.float32))
+  delta = 0.7 * jnp.mean(magnitude, axis=axes, keepdims=True)
+  kept = magnitude > delta
+  count = jnp.sum(kept, axis=axes, keepdims=True, dtype=jnp.float32)
+  total = jnp.sum(jnp.where(kept, magnitude, 0.0), axis=axes, keepdims=True)
+  return delta, total / jnp.maximum(count, 1.0)
+
+
 @jax.custom_vjp
 def _binary(w: jax.Array, scale: jax.Array) -> jax.Array:
   wf = w.astype(jnp.float32)
@@ -76,12 +94,7 @@ def binary_weight(w: jax.typing.ArrayLike, *, per_channel: bool = False,
   axes = _reduce_axes("binary_weight", w, per_channel)
   if not isinstance(scale, bool):
     raise TypeError(f"binary_weight: scale must be a bool; got {scale!r}.")
-  wf = w.astype(jnp.float32)
-  if scale:
-    a = jax.lax.stop_gradient(jnp.mean(jnp.abs(wf), axis=axes, keepdims=True))
-  else:
-    a = jnp.ones((1,) * w.ndim, jnp.float32)
-  return _binary(w, a)
+  return _binary(w, jax.lax.stop_gradient(binary_scale(w, axes, scale)))
 
 
 @jax.custom_vjp
@@ -128,10 +141,5 @@ def ternary_weight(w: jax.typing.ArrayLike, *, per_channel: bool = True) -> jax.
   """
   w = _common.float_input("ternary_weight", w, "w")
   axes = _reduce_axes("ternary_weight", w, per_channel)
-  magnitude = jnp.abs(w.astype(jnp.float32))
-  delta = 0.7 * jnp.mean(magnitude, axis=axes, keepdims=True)
-  kept = magnitude > delta
-  count = jnp.sum(kept, axis=axes, keepdims=True, dtype=jnp.float32)
-  total = jnp.sum(jnp.where(kept, magnitude, 0.0), axis=axes, keepdims=True)
-  level = total / jnp.maximum(count, 1.0)
+  delta, level = ternary_parts(w, axes)
   return _ternary(w, jax.lax.stop_gradient(level), jax.lax.stop_gradient(delta))

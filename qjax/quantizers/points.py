@@ -45,7 +45,8 @@ import numpy as np
 
 from qjax.numerics import QParams, QuantSpec
 from qjax.quantizers import _common
-from qjax.quantizers.binary import binary_weight, ternary_weight
+from qjax.quantizers.binary import (_reduce_axes, binary_scale, binary_weight, ternary_parts,
+                                    ternary_weight)
 from qjax.quantizers.dorefa import dorefa_activation, dorefa_weight
 from qjax.quantizers.pact import pact, pact_l2
 from qjax.quantizers.wrpn import wrpn_activation, wrpn_weight
@@ -160,6 +161,10 @@ class DoReFaWeight(WeightQuantizer):
     return _weights((2.0 * m - n).astype(jnp.int32), jnp.float32(1.0 / n), ())
 
 
+def _scale_shape(w: jax.Array, per_channel: bool) -> tuple[int, ...]:
+  return (w.shape[-1],) if per_channel else ()
+
+
 def _weights(q: jax.Array, scale: jax.Array, shape: tuple[int, ...]) -> tuple[QParams, jax.Array]:
   """(QParams(scale, 0), q) with a zero scale (a channel of zero weights, whose q are 0
   then) replaced by 1, so that every requantizer has a positive scale."""
@@ -234,12 +239,9 @@ class BinaryWeight(WeightQuantizer):
 
   def integer_weights(self, kernel: jax.Array) -> tuple[QParams, jax.Array]:
     w = _float32_kernel(kernel)
-    axes = tuple(range(w.ndim - 1)) if self.per_channel else tuple(range(w.ndim))
-    shape = (w.shape[-1],) if self.per_channel else ()
-    a = jnp.mean(jnp.abs(w), axis=axes) if self.scale else jnp.ones(shape, jnp.float32)
-    q = jnp.where(w >= 0, 1, -1)
-    q = jnp.where(a > 0, q, 0)  # a: (C,) along the last axis, or ()
-    return _weights(q.astype(jnp.int32), a, shape)
+    a = binary_scale(w, _reduce_axes("BinaryWeight", w, self.per_channel), self.scale)
+    q = jnp.where(a > 0, jnp.where(w >= 0, 1, -1), 0).astype(jnp.int32)
+    return _weights(q, a, _scale_shape(w, self.per_channel))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -273,15 +275,9 @@ class TernaryWeight(WeightQuantizer):
 
   def integer_weights(self, kernel: jax.Array) -> tuple[QParams, jax.Array]:
     w = _float32_kernel(kernel)
-    axes = tuple(range(w.ndim - 1)) if self.per_channel else tuple(range(w.ndim))
-    magnitude = jnp.abs(w)
-    delta = 0.7 * jnp.mean(magnitude, axis=axes, keepdims=True)
-    kept = magnitude > delta
-    count = jnp.sum(kept, axis=axes, keepdims=True, dtype=jnp.float32)
-    total = jnp.sum(jnp.where(kept, magnitude, 0.0), axis=axes, keepdims=True)
-    level = total / jnp.maximum(count, 1.0)
+    delta, level = ternary_parts(w, _reduce_axes("TernaryWeight", w, self.per_channel))
     q = jnp.where(w > delta, 1, jnp.where(w < -delta, -1, 0)).astype(jnp.int32)
-    return _weights(q, level, (w.shape[-1],) if self.per_channel else ())
+    return _weights(q, level, _scale_shape(w, self.per_channel))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
