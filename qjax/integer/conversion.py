@@ -261,9 +261,8 @@ def _learned_qparams(observer: Any, node: Any, where: str) -> QParams:
   """A LearnableFakeQuant point's qparams, as its forward uses them (or a research activation
   quantizer's, from its params)."""
   if isinstance(observer, points.ActivationQuantizer):
-    params = node if hasattr(node, "keys") else {}
     try:
-      qparams = observer.qparams({k: jnp.asarray(v) for k, v in params.items()})
+      qparams = observer.qparams(_research_params(node))
     except ValueError as err:
       raise ValueError(f"convert: {where}: {err} (expected in params/{where}).") from err
     if jnp.ndim(qparams.scale):
@@ -302,15 +301,18 @@ def _activation_qparams(variables: Any, path: str, point: dict) -> QParams:
   return _qparams_of(observer, state)
 
 
+def _research_params(node: Any) -> dict[str, jax.Array]:
+  """A research point's params (PACT's alpha) from its params/<point> node ({} if none)."""
+  return {k: jnp.asarray(v) for k, v in node.items()} if hasattr(node, "keys") else {}
+
+
 def _research_inverse(variables: Any, path: str, point: dict) -> Any:
   """A research activation quantizer's multiplier n / alpha (None for observer points)."""
   observer = point["observer"]
   if not isinstance(observer, points.ActivationQuantizer):
     return None
   where = "/".join(k for k in (path, point.get("point", "")) if k)
-  node = _subtree(variables.get("params", {}), where)
-  params = node if hasattr(node, "keys") else {}
-  return observer.inverse_scale({k: jnp.asarray(v) for k, v in params.items()})
+  return observer.inverse_scale(_research_params(_subtree(variables.get("params", {}), where)))
 
 
 WEIGHT_SOURCES = ("observe", "fresh", "stats")
