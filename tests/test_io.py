@@ -22,6 +22,7 @@ import msgpack
 import numpy as np
 import pytest
 from flax import serialization
+from support.cases import qarray_of
 
 from qjax import QArray, QuantSpec, io, qarray, report
 from qjax import _struct
@@ -65,15 +66,7 @@ def _random_array(dtype_name, shape, rng=RNG):
 
 
 def _random_qarray(spec, shape, rng=RNG):
-  channels = shape[spec.axis] if spec.per_channel else None
-  qshape = () if channels is None else (channels,)
-  qvalue = rng.integers(spec.qmin, spec.qmax + 1, shape).astype(spec.storage_dtype)
-  scale = rng.uniform(1e-4, 2.0, qshape).astype(np.float32)
-  if spec.symmetric:
-    zero_point = np.full(qshape, spec.symmetric_zero_point, np.int32)
-  else:
-    zero_point = rng.integers(spec.qmin, spec.qmax + 1, qshape).astype(np.int32)
-  return QArray(jnp.asarray(qvalue), jnp.asarray(scale), jnp.asarray(zero_point), spec)
+  return qarray_of(rng.integers(spec.qmin, spec.qmax + 1, shape), spec, rng, scale_low=1e-4)
 
 
 def _bits(x):

@@ -25,6 +25,7 @@ import qjax
 import qjax.nn as qnn
 from qjax import QArray, QuantSpec, io, qarray, report
 from qjax import observers as obs
+from support.cases import qarray_of
 
 SETTINGS = hypothesis.settings(deadline=None, max_examples=50, print_blob=True,
                                suppress_health_check=[hypothesis.HealthCheck.too_slow])
@@ -34,15 +35,7 @@ BINARY = QuantSpec(bits=2, symmetric=True, narrow_range=True)
 def _qarray(values: Any, spec: QuantSpec, *, rng: Any = None) -> QArray:
   """A QArray of the integer `values` with random positive scales (and, when affine, zero
   points) of `spec`'s shape."""
-  rng = rng if rng is not None else np.random.default_rng(0)
-  values = np.asarray(values, spec.storage_dtype)
-  qshape = (values.shape[spec.axis],) if spec.per_channel else ()
-  scale = rng.uniform(1e-3, 2.0, qshape).astype(np.float32)
-  if spec.symmetric:
-    zero_point = np.full(qshape, spec.symmetric_zero_point, np.int32)
-  else:
-    zero_point = rng.integers(spec.qmin, spec.qmax + 1, qshape).astype(np.int32)
-  return QArray(jnp.asarray(values), jnp.asarray(scale), jnp.asarray(zero_point), spec)
+  return qarray_of(values, spec, rng if rng is not None else np.random.default_rng(0))
 
 
 def _expected_bits(spec: QuantSpec, values: np.ndarray) -> int:

@@ -38,6 +38,20 @@ def bits_of(a) -> np.ndarray:
   return a.view(np.dtype(f"u{a.dtype.itemsize}"))
 
 
+def qarray_of(values, spec: QuantSpec, rng: np.random.Generator, scale_low: float = 1e-3):
+  """A QArray of the integer `values` with random scales in [scale_low, 2) (and, when affine,
+  zero points) of `spec`'s per-tensor or per-channel shape."""
+  from qjax.qarray import QArray
+  values = np.asarray(values, spec.storage_dtype)
+  qshape = (values.shape[spec.axis],) if spec.per_channel else ()
+  scale = rng.uniform(scale_low, 2.0, qshape).astype(np.float32)
+  if spec.symmetric:
+    zero_point = np.full(qshape, spec.symmetric_zero_point, np.int32)
+  else:
+    zero_point = rng.integers(spec.qmin, spec.qmax + 1, qshape).astype(np.int32)
+  return QArray(jnp.asarray(values), jnp.asarray(scale), jnp.asarray(zero_point), spec)
+
+
 def zero_points(rng: np.random.Generator, spec: QuantSpec, n: int | None,
                 parity: int | None) -> np.ndarray:
   """n int32 zero points in [qmin, qmax] (a scalar if n is None), of the given parity where
