@@ -317,3 +317,14 @@ def test_converted_research_model_saves_loads_and_reports(trained_mixed, convert
                                 np.asarray(apply(int_vars, x[:64])))
   rows = qjax.report.layer_report(int_vars)
   assert any("fc1" in row.path and row.kind == "qarray" for row in rows)
+
+
+def test_conversion_refuses_nonfinite_research_weights():
+  x, _ = digits()
+  qmap = qnn.QConfigMap(default=qnn.QConfig(weight=qz.TernaryWeight(), activation=_A8))
+  model = MixedMLP(qmap, features=(8,))
+  v = qnn.calibrate(model, model.init(jax.random.key(0), x[:32], mode="qat"), [x[:32]])
+  kernel = v["params"]["fc0"]["kernel"].at[0, 0].set(jnp.nan)
+  v = {**v, "params": {"fc0": {**v["params"]["fc0"], "kernel": kernel}}}
+  with pytest.raises(ValueError, match="fc0: the kernel holds 1 NaN"):
+    qjax.convert(model, v, x[:4])

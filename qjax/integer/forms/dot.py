@@ -25,9 +25,8 @@ from qjax.integer import arith
 from qjax.integer.forms.base import (Form, Lowering, WeightRequest, nonfinite_samples,
                                      with_nan_samples)
 from qjax.integer.forms.boundary import MultiplyQuantizeOp, QuantizeOp, quantize_op
-from qjax.integer.forms.linear import check_weight_grid, int8_weights
+from qjax.integer.forms.linear import check_weight_grid, int8_weights, weight_source
 from qjax.qarray import QArray
-from qjax.quantizers import points
 
 
 @struct
@@ -129,9 +128,8 @@ class DotForm(Form):
     kernel = np.asarray(jax.device_get(request.kernel), np.float32)
     w_scale = np.asarray(jax.device_get(w_qp.scale), np.float32)
     w_zero = np.asarray(jax.device_get(w_qp.zero_point), np.int64) - arith.int8_shift(w_spec)
-    if not isinstance(self.weight_observer, points.WeightQuantizer):  # own clipping
-      check_weight_grid(path, kernel, w_spec, w_scale, w_zero + arith.int8_shift(w_spec),
-                        "learned" if self.learnable else lowering.weights)
+    check_weight_grid(path, kernel, w_spec, w_scale, w_zero + arith.int8_shift(w_spec),
+                      weight_source(self.weight_observer, self.learnable, lowering.weights))
     if np.any(w_zero != 0):
       raise ValueError(f"convert: {path}: the integer path needs symmetric weights (zero "
                        f"point 0 on the int8 grid); got zero points {np.unique(w_zero)[:4]}.")

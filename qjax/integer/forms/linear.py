@@ -202,9 +202,8 @@ class LinearForm(Form):
     kernel = np.asarray(jax.device_get(request.kernel), np.float32)
     w_scale = np.asarray(jax.device_get(w_qp.scale), np.float32)
     w_zero_grid = np.asarray(jax.device_get(w_qp.zero_point), np.int64)
-    if not isinstance(self.weight_observer, points.WeightQuantizer):  # own clipping
-      check_weight_grid(path, kernel, w_spec, w_scale, w_zero_grid,
-                        "learned" if self.learnable else lowering.weights)
+    check_weight_grid(path, kernel, w_spec, w_scale, w_zero_grid,
+                      weight_source(self.weight_observer, self.learnable, lowering.weights))
     shift = arith.int8_shift(w_spec)
     if np.any(w_zero_grid - shift != 0):
       raise ValueError(f"convert: {path}: the integer path needs symmetric weights (zero "
@@ -260,12 +259,21 @@ def int8_weights(q8: np.ndarray, scale: np.ndarray, spec: QuantSpec, *, axis: in
                 jnp.zeros(scale.shape, jnp.int32), stored)
 
 
+def weight_source(observer: Any, learnable: bool, weights: str) -> str:
+  """Where a layer's weight grid comes from, for `check_weight_grid`: "quantizer" (a research
+  quantizer's own integers), "learned" (LSQ) or convert's `weights` ("observe", ...)."""
+  if isinstance(observer, points.WeightQuantizer):
+    return "quantizer"
+  return "learned" if learnable else weights
+
+
 def check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np.ndarray,
                       zero: np.ndarray, weights: str) -> None:
   """Warn about a kernel that its grid clamps by more than one step somewhere; refuse one it
   clamps by more than a quarter of the grid's width (weights changed after calibration: a
   loaded checkpoint, fine-tuning, a fold); refuse NaN / inf weights. A learned scale
-  (`weights="learned"`, LSQ) is the QAT forward's own grid: its clamping is the model's, and
+  (`weights="learned"`, LSQ) or a research quantizer's grid (`weights="quantizer"`, which
+  clips by its own rule) is the QAT forward's own grid: its clamping is the model's, and
   passes without a word."""
   if not np.all(np.isfinite(kernel)):
     raise ValueError(f"convert: {path}: the kernel holds {int(np.sum(~np.isfinite(kernel)))} "
@@ -278,7 +286,7 @@ def check_weight_grid(path: str, kernel: np.ndarray, spec: QuantSpec, scale: np.
                     ) + zero.astype(np.float64).reshape(axis_shape)
   beyond = np.maximum(steps - spec.qmax, spec.qmin - steps)
   far = beyond > 1
-  if not np.any(far) or weights == "learned":
+  if not np.any(far) or weights in ("learned", "quantizer"):
     # A learned (LSQ) scale is the grid the QAT forward clamped these weights on: the int8
     # kernel clamps them the same way, whatever their number.
     return
