@@ -732,8 +732,9 @@ def test_power_of_two_scales_make_qat_and_int8_identical(arch):
 def _int8_jaxpr(arch: str, requant: str):
   config = "per_tensor" if arch == "mlp" else "uint8"  # conversions the other tests made
   x = jnp.asarray(held_out(4))
-  return jax.make_jaxpr(functools.partial(_int8_apply, model_of(arch, config)))(
-      converted(arch, config, requant), x)
+  with cases.xla_kernel():  # the census of XLA's contractions (not _int8_apply's cached trace)
+    return jax.make_jaxpr(functools.partial(_int8_apply.__wrapped__, model_of(arch, config)))(
+        converted(arch, config, requant), x)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -817,8 +818,10 @@ _HLO_LAYER = re.compile(r'op_name="[^"]*/Sequential/(\w+)/')
 @functools.lru_cache(maxsize=None)
 def optimised_hlo(arch: str, requant: str) -> str:
   config = "per_tensor" if arch == "mlp" else "uint8"
-  compiled = _int8_apply.lower(model_of(arch, config), converted(arch, config, requant),
-                               jnp.asarray(held_out(8))).compile()
+  with cases.xla_kernel():  # XLA's own lowering of the int8 contractions
+    apply = jax.jit(_int8_apply.__wrapped__, static_argnames=("model", "capture"))
+    compiled = apply.lower(model_of(arch, config), converted(arch, config, requant),
+                           jnp.asarray(held_out(8))).compile()
   return compiled.as_text()
 
 

@@ -19,6 +19,7 @@ import qjax
 import qjax.nn as qnn
 from qjax import io as qio
 from qjax.integer import forms
+from qjax.integer import kernels
 from qjax.integer.forms.dot import QuantizedConv, QuantizedDot
 
 from support import cases
@@ -286,8 +287,12 @@ class ReferenceTest(parameterized.TestCase):
 # The program: integer contractions only; agreement with the QAT forward.
 
 
+@pytest.mark.parametrize("kernel", ["xla", "native"])
 @pytest.mark.parametrize("name", ["dense", "conv", "mixed"])
-def test_every_contraction_is_int8_to_int32(name):
+def test_every_contraction_is_int8_to_int32(name, kernel, monkeypatch):
+  if kernel == "native" and not kernels.available():
+    pytest.skip("the native int8 GEMM library is not built")
+  monkeypatch.setenv(kernels.ENV_VAR, kernel)
   model, shape = {"dense": (StockDense(), DENSE_SHAPE), "conv": (CONVS["same"], CONV_SHAPE),
                   "mixed": (Mixed(), DENSE_SHAPE)}[name]
   _, int_vars = _converted(model, shape)
@@ -295,6 +300,8 @@ def test_every_contraction_is_int8_to_int32(name):
       int_vars, jnp.asarray(_data(shape, 0))).jaxpr
   counts = cases.assert_int8_contractions(jaxpr)
   assert sum(counts.values()) >= (2 if name == "mixed" else 1)
+  # Dense layers run on the chosen kernel; convolutions stay XLA's.
+  assert ("native" in counts) == (kernel == "native" and name != "conv"), counts
 
 
 @pytest.mark.parametrize("name, qname", [

@@ -76,6 +76,7 @@ from qjax.integer._fbgemm_tie import _round_half_even, _zero_point_at_tie
 from qjax._float32 import (dd_div_rounded, exact_times, exponent, fma, fusible_div, ldexp,
                            reciprocal_estimate, sign_of_sum, split, two_sum)
 from qjax.integer import arith
+from qjax.integer import kernels
 from qjax import observers
 from qjax.numerics import QParams, QuantSpec
 from qjax.qarray import QArray, quantize_array
@@ -432,7 +433,8 @@ def _dense_core(x: jax.Array, qvalue: jax.Array, w_scale: jax.Array, w_zero_poin
   def per_column(v):
     return jnp.reshape(v, (1, -1)) if jnp.ndim(v) else v
 
-  acc = arith.matmul(q, qvalue) - zero_point8 * col_sums[None, :]
+  # XLA's dot_general or the native CPU kernel (`qjax.integer.kernels.resolve`).
+  acc = kernels.matmul(q, qvalue) - zero_point8 * col_sums[None, :]
   if affine:
     centred_rows = jnp.sum(q.astype(jnp.int32), axis=1, keepdims=True) - k_in * zero_point8
     acc = acc - per_column(w_zero_point) * centred_rows

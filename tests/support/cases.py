@@ -3,8 +3,10 @@ counts, int8 runs, jaxpr walks."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import os
 
 import flax.linen as nn
 import jax
@@ -197,19 +199,47 @@ def all_eqns(jaxpr):
 
 
 def contractions(jaxpr) -> list:
-  """The dot_general and conv_general_dilated equations of `all_eqns(jaxpr)`."""
+  """The dot_general and conv_general_dilated equations of `all_eqns(jaxpr)`, and the calls
+  of qjax's native int8 GEMM (`qjax.integer.kernels`)."""
   return [e for e in all_eqns(jaxpr)
-          if e.primitive.name in ("dot_general", "conv_general_dilated")]
+          if e.primitive.name in ("dot_general", "conv_general_dilated") or _is_native(e)]
+
+
+def _is_native(eqn) -> bool:
+  return (eqn.primitive.name == "ffi_call"
+          and str(eqn.params.get("target_name", "")).startswith("qjax_int8_gemm"))
 
 
 def assert_int8_contractions(jaxpr) -> dict[str, int]:
-  """Every dot_general / conv_general_dilated takes int8 operands and yields int32; returns
-  how many of each there are."""
+  """Every dot_general / conv_general_dilated takes int8 operands and yields int32, every
+  native GEMM call takes int8 operands and yields int32 (or int8 with the requantization
+  fused); returns how many of each there are ("native" only when there are some)."""
   counts = {"dot_general": 0, "conv_general_dilated": 0}
   for eqn in contractions(jaxpr):
     in_dtypes = [jnp.dtype(v.aval.dtype) for v in eqn.invars]
     out_dtypes = [jnp.dtype(v.aval.dtype) for v in eqn.outvars]
-    assert in_dtypes == [jnp.dtype(jnp.int8)] * 2, (eqn.primitive.name, in_dtypes)
-    assert out_dtypes == [jnp.dtype(jnp.int32)], (eqn.primitive.name, out_dtypes)
-    counts[eqn.primitive.name] += 1
+    name = "native" if _is_native(eqn) else eqn.primitive.name
+    assert in_dtypes[:2] == [jnp.dtype(jnp.int8)] * 2, (name, in_dtypes)
+    if name == "native":
+      assert out_dtypes in ([jnp.dtype(jnp.int32)], [jnp.dtype(jnp.int8)]), (name, out_dtypes)
+    else:
+      assert len(in_dtypes) == 2 and out_dtypes == [jnp.dtype(jnp.int32)], (name, out_dtypes)
+    counts[name] = counts.get(name, 0) + 1
   return counts
+
+
+@contextlib.contextmanager
+def xla_kernel():
+  """Traces inside run the integer path's contractions on XLA's dot_general (what the
+  jaxpr and HLO censuses inspect), whatever the default kernel. Trace a fresh function inside:
+  a jitted function keeps the kernel of its first trace."""
+  from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
+  saved = os.environ.get(kernels.ENV_VAR)
+  os.environ[kernels.ENV_VAR] = "xla"
+  try:
+    yield
+  finally:
+    if saved is None:
+      del os.environ[kernels.ENV_VAR]
+    else:
+      os.environ[kernels.ENV_VAR] = saved

@@ -22,6 +22,7 @@ import numpy as np
 
 from qjax._struct import static, struct
 from qjax.integer import arith
+from qjax.integer import kernels
 from qjax.integer.forms.base import (Form, Lowering, WeightRequest, nonfinite_samples,
                                      with_nan_samples)
 from qjax.integer.forms.boundary import MultiplyQuantizeOp, QuantizeOp, quantize_op
@@ -59,8 +60,8 @@ class QuantizedDot:
                        f"(..., {self.kernel.shape[1]}) (its int8 kernel is "
                        f"{self.kernel.shape}, (out, in)).")
     q = self.input(jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype)))
-    acc = arith.matmul(q, self.kernel.qvalue)
-    acc = acc + self.offset.reshape((1,) * (acc.ndim - 1) + self.offset.shape)
+    # XLA's dot_general or the native CPU kernel with the offset fused (`kernels.resolve`).
+    acc = kernels.matmul(q, self.kernel.qvalue, self.offset)
     scale = self.scale.reshape((1,) * (acc.ndim - 1) + self.scale.shape) if self.scale.ndim else (
         self.scale)
     return with_nan_samples(nonfinite_samples(x), acc.astype(jnp.float32) * scale)

@@ -8,9 +8,8 @@ same integers with a C++ kernel (`int8_gemm.cc`) called through `jax.ffi` under 
 
 with low = max(lo, Z) for a fused ReLU: `qjax.integer.FbgemmRequant`'s formula, bit for bit.
 int32 sums wrap modulo 2^32 as XLA's do. The code path is chosen by the `kernel` argument,
-else by the environment variable QJAX_INT8_KERNEL, else by `DEFAULT_KERNEL` ("xla": the
-integer path's programs stay plain XLA, int8 `dot_general`s, unless asked otherwise; set
-QJAX_INT8_KERNEL=auto to run `qjax.integer.forms.Int8Dense` on the native kernel):
+else by the environment variable QJAX_INT8_KERNEL, else by `DEFAULT_KERNEL` ("auto"; set
+QJAX_INT8_KERNEL=xla to keep the integer path's programs plain XLA, int8 `dot_general`s):
 
   "xla"       lax.dot_general (every backend; the fallback)
   "vnni"      AVX-512 VNNI (vpdpbusd is uint8 x int8: activations carried as x + 128, the
@@ -18,8 +17,10 @@ QJAX_INT8_KERNEL=auto to run `qjax.integer.forms.Int8Dense` on the native kernel
   "avx2"      AVX2, int8 widened to int16 and vpmaddwd (exact: no 16-bit saturation)
   "portable"  plain C++
   "native"    the best of the three this CPU runs
-  "auto"      "native" on the CPU backend, "xla" on the others and when the library is not
-              built (one warning)
+  "auto"      "native" on the CPU backend of a process with one CPU device; "xla" on other
+              backends, with several CPU devices (a device mesh: XLA's SPMD partitioner
+              splits a sharded dot_general, not a custom call, which it would gather) and
+              when the library is not built (one warning)
 
 CPU features are read once (CPUID) by the library. Weights are used as the integer path
 stores them, (N, K) output channel first: up to 16 rows stream them as stored; more rows pack
@@ -49,7 +50,7 @@ ENV_VAR = "QJAX_INT8_KERNEL"
 KERNELS = ("auto", "xla", "native", "vnni", "avx2", "portable")
 NATIVE_PATHS = ("vnni", "avx2", "portable")  # best first
 # The selection when neither the `kernel` argument nor QJAX_INT8_KERNEL gives one.
-DEFAULT_KERNEL = "xla"
+DEFAULT_KERNEL = "auto"
 # "auto" takes the native kernel from this many multiply-adds (M * N * K) on. Measured on an
 # AVX-512 VNNI CPU, the native kernel was faster than XLA's int8 dot at every size down to
 # 8000 (13 us against 50 us for a fused Dense), so none is kept on XLA by size.
@@ -126,9 +127,11 @@ def resolve(kernel: str | None = None, *, macs: int | None = None) -> str:
 
   `kernel` if given, else the environment variable QJAX_INT8_KERNEL, else
   `DEFAULT_KERNEL`. "auto" picks the best native path on the CPU backend when the library is
-  built and the product has at least `AUTO_MIN_MACS` multiply-adds (`macs`; None counts as
-  large), "xla" otherwise. A named native path ("native", "vnni", ...) runs whatever the
-  size. The choice is made when a function is traced: a jitted function keeps it.
+  built, the process has one CPU device and the product has at least `AUTO_MIN_MACS`
+  multiply-adds (`macs`; None counts as large), "xla" otherwise. A named native path
+  ("native", "vnni", ...) runs whatever the size and device count (inside `shard_map`, each
+  device's program calls the kernel on its own shard). The choice is made when a function is
+  traced: a jitted function keeps it (its cache does not see QJAX_INT8_KERNEL change).
 
   Args:
     kernel: one of `KERNELS`, or None.
@@ -157,7 +160,8 @@ def resolve(kernel: str | None = None, *, macs: int | None = None) -> str:
   if choice == "xla":
     return "xla"
   if choice == "auto":
-    if jax.default_backend() != "cpu" or (macs is not None and macs < AUTO_MIN_MACS):
+    if (jax.default_backend() != "cpu" or jax.device_count() > 1
+        or (macs is not None and macs < AUTO_MIN_MACS)):
       return "xla"
     paths = native_paths()
     return paths[0] if paths else "xla"

@@ -316,6 +316,35 @@ void RunPortable(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t
   });
 }
 
+// The portable GEMM on weights packed as PackPanels lays them out (pre-packed by the caller).
+void RunPortablePanels(const int8_t* x, const int8_t* packed, int64_t M, int64_t N, int64_t K,
+                       const Epilogue& e, int threads) {
+  const int64_t Kp = (K + 3) / 4 * 4, groups = Kp / 4, panels = (N + 15) / 16;
+  ParallelFor(panels, threads, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int8_t* panel = packed + p * groups * 64;
+      const int64_t cols = std::min<int64_t>(16, N - p * 16);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xr = x + m * K;
+        uint32_t acc[16] = {0};
+        for (int64_t g = 0; g < groups; ++g) {
+          for (int64_t j = 0; j < 4; ++j) {
+            const int64_t k = g * 4 + j;
+            if (k >= K) break;
+            const int32_t xv = xr[k];
+            for (int64_t c = 0; c < 16; ++c) {
+              acc[c] += static_cast<uint32_t>(xv * static_cast<int32_t>(panel[g * 64 + c * 4 + j]));
+            }
+          }
+        }
+        for (int64_t c = 0; c < cols; ++c) {
+          ScalarEpilogue(e, m, p * 16 + c, static_cast<int32_t>(acc[c]));
+        }
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------------------
 // Scratch buffers, reused across calls (one set per calling thread).
 
@@ -328,7 +357,7 @@ struct Scratch {
   }
 };
 
-thread_local Scratch tls_wpack, tls_xpack, tls_misc;
+thread_local Scratch tls_wpack, tls_xpack, tls_misc, tls_sums;
 
 // Packs w (N, K) into [N/16][Kp/4][16][4] (zero padded) and returns the column sums.
 void PackPanels(const int8_t* w, int64_t N, int64_t K, int64_t Kp, int8_t* packed,
@@ -480,7 +509,7 @@ void VnniTile(const uint8_t* xu, int64_t Kp, const int8_t* panel0,
     __m512i wv[NP];
     #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) {
-      wv[j] = _mm512_load_si512(reinterpret_cast<const void*>(panel0 + j * panel_stride +
+      wv[j] = _mm512_loadu_si512(reinterpret_cast<const void*>(panel0 + j * panel_stride +
                                                               g * 64));
     }
     #pragma GCC unroll 8
@@ -517,18 +546,17 @@ void VnniRowBlock(const uint8_t* xu, int64_t Kp, const int8_t* packed, int64_t m
   }
 }
 
-void RunVnniPacked(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
-                             const Epilogue& e0, int threads) {
+// The VNNI GEMM on packed panels ([N/16][Kp/4][16][4]) with the weights' column sums.
+void RunVnniPanels(const int8_t* x, const int8_t* packed, const int32_t* colsum, int64_t M,
+                   int64_t N, int64_t K, const Epilogue& e0, int threads) {
   const int64_t Kp = (K + 3) / 4 * 4;
   const int64_t panels = (N + 15) / 16;
-  int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
   uint8_t* xu = static_cast<uint8_t*>(tls_xpack.Get(M * Kp));
   int32_t* off = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
-  PackPanelsVnni(w, N, K, Kp, packed, off, threads);
   // offset' = offset - 128 * colsum (mod 2^32).
   for (int64_t n = 0; n < N; ++n) {
     const uint32_t base = e0.offset ? static_cast<uint32_t>(e0.offset[n]) : 0u;
-    off[n] = static_cast<int32_t>(base - 128u * static_cast<uint32_t>(off[n]));
+    off[n] = static_cast<int32_t>(base - 128u * static_cast<uint32_t>(colsum[n]));
   }
   ParallelFor(M, threads, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
@@ -560,6 +588,16 @@ void RunVnniPacked(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64
       default: break;
     }
   });
+}
+
+void RunVnniPacked(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+                   const Epilogue& e0, int threads) {
+  const int64_t Kp = (K + 3) / 4 * 4;
+  const int64_t panels = (N + 15) / 16;
+  int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
+  int32_t* colsum = static_cast<int32_t*>(tls_sums.Get(panels * 16 * sizeof(int32_t)));
+  PackPanelsVnni(w, N, K, Kp, packed, colsum, threads);
+  RunVnniPanels(x, packed, colsum, M, N, K, e0, threads);
 }
 
 // The lane sums of four vectors, [sum a, sum b, sum c, sum d] (wrapping).
@@ -709,8 +747,8 @@ void Avx2Tile(const int16_t* x16, int64_t Kp, const int8_t* panel, int half,
   const int64_t groups = Kp / 4;
   const int8_t* wp = panel + half * 32;
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + g * 64)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + g * 64 + 16)));
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + g * 64)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + g * 64 + 16)));
     #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int64_t xv;
@@ -740,14 +778,11 @@ void Avx2RowBlock(const int16_t* x16, int64_t Kp, const int8_t* packed, int64_t 
   }
 }
 
-void RunAvx2Packed(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
-                             const Epilogue& e, int threads) {
+// The AVX2 GEMM on packed panels ([N/16][Kp/4][16][4]).
+void RunAvx2Panels(const int8_t* x, const int8_t* packed, int64_t M, int64_t N, int64_t K,
+                   const Epilogue& e, int threads) {
   const int64_t Kp = (K + 3) / 4 * 4;
-  const int64_t panels = (N + 15) / 16;
-  int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
   int16_t* x16 = static_cast<int16_t*>(tls_xpack.Get(M * Kp * sizeof(int16_t)));
-  int32_t* colsum = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
-  PackPanels(w, N, K, Kp, packed, colsum, threads);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; ++k) x16[m * Kp + k] = x[m * K + k];
     for (int64_t k = K; k < Kp; ++k) x16[m * Kp + k] = 0;
@@ -766,6 +801,16 @@ void RunAvx2Packed(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64
       default: break;
     }
   });
+}
+
+void RunAvx2Packed(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+                   const Epilogue& e, int threads) {
+  const int64_t Kp = (K + 3) / 4 * 4;
+  const int64_t panels = (N + 15) / 16;
+  int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
+  int32_t* colsum = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
+  PackPanels(w, N, K, Kp, packed, colsum, threads);
+  RunAvx2Panels(x, packed, M, N, K, e, threads);
 }
 
 // Small M on AVX2: one dot product per (row, channel), 16 k at a time.
@@ -827,17 +872,47 @@ int64_t SmallM() {
   return v;
 }
 
-ffi::Error Run(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
-               const Epilogue& e, int64_t path, int64_t threads_attr) {
-  Path p = path == kAuto ? Best() : static_cast<Path>(path);
-  if (p != kPortable && p != kAvx2 && p != kVnni) {
+ffi::Error CheckPath(int64_t path, Path* p) {
+  *p = path == kAuto ? Best() : static_cast<Path>(path);
+  if (*p != kPortable && *p != kAvx2 && *p != kVnni) {
     return ffi::Error::InvalidArgument("qjax int8 gemm: path must be 0 (auto), 1 (portable), "
                                        "2 (avx2) or 3 (vnni); got " + std::to_string(path));
   }
-  if (!Supported(p)) {
+  if (!Supported(*p)) {
     return ffi::Error::InvalidArgument("qjax int8 gemm: this CPU lacks the instructions of "
                                        "path " + std::to_string(path));
   }
+  return ffi::Error::Success();
+}
+
+// w pre-packed ([N/16][Kp/4][16][4]) with its column sums: every M on the panel kernels.
+ffi::Error RunPanels(const int8_t* x, const int8_t* packed, const int32_t* colsum, int64_t M,
+                     int64_t N, int64_t K, const Epilogue& e, int64_t path,
+                     int64_t threads_attr) {
+  Path p;
+  ffi::Error err = CheckPath(path, &p);
+  if (err.failure()) return err;
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int threads = ThreadsFor(M * N * std::max<int64_t>(K, 1), threads_attr);
+#ifdef QJAX_X86
+  if (p == kVnni) {
+    RunVnniPanels(x, packed, colsum, M, N, K, e, threads);
+    return ffi::Error::Success();
+  }
+  if (p == kAvx2) {
+    RunAvx2Panels(x, packed, M, N, K, e, threads);
+    return ffi::Error::Success();
+  }
+#endif
+  RunPortablePanels(x, packed, M, N, K, e, threads);
+  return ffi::Error::Success();
+}
+
+ffi::Error Run(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+               const Epilogue& e, int64_t path, int64_t threads_attr) {
+  Path p;
+  ffi::Error err = CheckPath(path, &p);
+  if (err.failure()) return err;
   if (M == 0 || N == 0) return ffi::Error::Success();
   const int threads = ThreadsFor(M * N * std::max<int64_t>(K, 1), threads_attr);
 #ifdef QJAX_X86
@@ -890,6 +965,30 @@ ffi::Error GemmS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<f
   return Run(x.typed_data(), w.typed_data(), M, N, K, e, path, threads);
 }
 
+// The requantizing epilogue of a GEMM with N output channels.
+ffi::Error RequantEpilogue(ffi::Buffer<ffi::S32>& offset, ffi::Buffer<ffi::F32>& bias,
+                           ffi::Buffer<ffi::F32>& mult, ffi::Buffer<ffi::S32>& zero_point,
+                           ffi::ResultBuffer<ffi::S8>& out, int64_t N, int64_t lo, int64_t hi,
+                           bool relu, Epilogue* e) {
+  if (static_cast<int64_t>(bias.element_count()) != N ||
+      static_cast<int64_t>(mult.element_count()) != N || zero_point.element_count() != 1) {
+    return ffi::Error::InvalidArgument("qjax int8 gemm: bias and multiplier must have N "
+                                       "elements, zero_point one");
+  }
+  e->offset = offset.typed_data();
+  e->bias = bias.typed_data();
+  e->mult = mult.typed_data();
+  e->zp = zero_point.typed_data()[0];
+  const int64_t low = relu ? std::max<int64_t>(lo, e->zp) : lo;
+  e->lo_f = static_cast<float>(low - e->zp);
+  e->hi_f = static_cast<float>(hi - e->zp);
+  e->q_nan = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(0, low - e->zp),
+                                                    hi - e->zp));
+  e->out8 = out->typed_data();
+  e->ldo = N;
+  return ffi::Error::Success();
+}
+
 ffi::Error GemmRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                        ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::F32> bias,
                        ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::S32> zero_point,
@@ -898,23 +997,60 @@ ffi::Error GemmRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
   int64_t M, N, K;
   ffi::Error err = Shapes(x.dimensions(), w.dimensions(), offset.element_count(), &M, &N, &K);
   if (err.failure()) return err;
-  if (static_cast<int64_t>(bias.element_count()) != N ||
-      static_cast<int64_t>(mult.element_count()) != N || zero_point.element_count() != 1) {
-    return ffi::Error::InvalidArgument("qjax int8 gemm: bias and multiplier must have N "
-                                       "elements, zero_point one");
+  Epilogue e;
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
+  if (err.failure()) return err;
+  return Run(x.typed_data(), w.typed_data(), M, N, K, e, path, threads);
+}
+
+// Pre-packed weights: panels (ceil(N/16), ceil(K/4), 16, 4), column sums (N,), N = the
+// offset's length, K = x's last dimension.
+ffi::Error PackedShapes(const ffi::AnyBuffer::Dimensions& xd,
+                        const ffi::AnyBuffer::Dimensions& pd, size_t colsum_count,
+                        size_t offset_count, int64_t* M, int64_t* N, int64_t* K) {
+  if (xd.size() < 1) return ffi::Error::InvalidArgument("qjax int8 gemm: x must be (..., K)");
+  *K = xd.back();
+  *N = static_cast<int64_t>(offset_count);
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < xd.size(); ++i) m *= xd[i];
+  *M = m;
+  if (pd.size() != 4 || pd[0] != (*N + 15) / 16 || pd[1] != (*K + 3) / 4 || pd[2] != 16 ||
+      pd[3] != 4 || static_cast<int64_t>(colsum_count) != *N) {
+    return ffi::Error::InvalidArgument("qjax int8 gemm: packed weights must be "
+                                       "(ceil(N/16), ceil(K/4), 16, 4) with N column sums");
   }
+  return ffi::Error::Success();
+}
+
+ffi::Error PackedS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
+                     ffi::Buffer<ffi::S32> colsum, ffi::Buffer<ffi::S32> offset,
+                     ffi::ResultBuffer<ffi::S32> out, int64_t path, int64_t threads) {
+  int64_t M, N, K;
+  ffi::Error err = PackedShapes(x.dimensions(), panels.dimensions(), colsum.element_count(),
+                                offset.element_count(), &M, &N, &K);
+  if (err.failure()) return err;
   Epilogue e;
   e.offset = offset.typed_data();
-  e.bias = bias.typed_data();
-  e.mult = mult.typed_data();
-  e.zp = zero_point.typed_data()[0];
-  const int64_t low = relu ? std::max<int64_t>(lo, e.zp) : lo;
-  e.lo_f = static_cast<float>(low - e.zp);
-  e.hi_f = static_cast<float>(hi - e.zp);
-  e.q_nan = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(0, low - e.zp), hi - e.zp));
-  e.out8 = out->typed_data();
+  e.out32 = out->typed_data();
   e.ldo = N;
-  return Run(x.typed_data(), w.typed_data(), M, N, K, e, path, threads);
+  return RunPanels(x.typed_data(), panels.typed_data(), colsum.typed_data(), M, N, K, e, path,
+                   threads);
+}
+
+ffi::Error PackedRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
+                         ffi::Buffer<ffi::S32> colsum, ffi::Buffer<ffi::S32> offset,
+                         ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mult,
+                         ffi::Buffer<ffi::S32> zero_point, ffi::ResultBuffer<ffi::S8> out,
+                         int64_t lo, int64_t hi, bool relu, int64_t path, int64_t threads) {
+  int64_t M, N, K;
+  ffi::Error err = PackedShapes(x.dimensions(), panels.dimensions(), colsum.element_count(),
+                                offset.element_count(), &M, &N, &K);
+  if (err.failure()) return err;
+  Epilogue e;
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
+  if (err.failure()) return err;
+  return RunPanels(x.typed_data(), panels.typed_data(), colsum.typed_data(), M, N, K, e, path,
+                   threads);
 }
 
 }  // namespace
@@ -935,6 +1071,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmRequant, GemmRequant,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int64_t>("lo")
+                                  .Attr<int64_t>("hi")
+                                  .Attr<bool>("relu")
+                                  .Attr<int64_t>("path")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmPackedS32, PackedS32,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("path")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmPackedRequant, PackedRequant,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
