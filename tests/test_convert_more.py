@@ -1,4 +1,5 @@
-"""qjax.convert beyond the core tests: for_serving, layers left in float, two input grids."""
+"""qjax.convert beyond the core tests: for_serving (packed or not), layers left in float, two
+input grids."""
 
 import dataclasses
 import warnings
@@ -13,6 +14,9 @@ import pytest
 import qjax
 import qjax.nn as qnn
 from qjax import integer
+from qjax import io as qio
+from qjax.integer import kernels
+from qjax.qarray import QArray
 
 
 class _Net(nn.Module):
@@ -50,7 +54,7 @@ def calibrated():
 def test_same_integers_fewer_leaves(calibrated, requant):
   model, variables, x = calibrated
   full = qjax.convert(model, variables, x, requant=requant)
-  lean = qjax.for_serving(full)
+  lean = qjax.for_serving(full, pack=False)
   apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
   x_test = jax.random.uniform(jax.random.key(2), x.shape, jnp.float32) * 1.5
   np.testing.assert_array_equal(np.asarray(apply(lean, x_test)), np.asarray(apply(full, x_test)))
@@ -83,9 +87,49 @@ def test_same_integers_fewer_leaves(calibrated, requant):
     np.testing.assert_array_equal(np.asarray(fc1.offset), zero_offset)
 
 
+@pytest.mark.parametrize("kernel", ["xla", *kernels.native_paths()])
+@pytest.mark.parametrize("requant", ["fbgemm", "float"])
+def test_packed_serving_tree(calibrated, requant, kernel, tmp_path, monkeypatch):
+  """Dense weights pre-packed for the native kernel: same integers on every path, stored and
+  loaded by qjax.io."""
+  model, variables, x = calibrated
+  full = qjax.convert(model, variables, x, requant=requant)
+  packed = qjax.for_serving(full, pack=True)
+  fc1, full_fc1 = packed[integer.COLLECTION]["fc1"]["op"], full[integer.COLLECTION]["fc1"]["op"]
+  assert isinstance(fc1.kernel, kernels.PackedWeights)
+  assert fc1.kernel.shape == full_fc1.kernel.shape
+  np.testing.assert_array_equal(np.asarray(fc1.kernel.unpack()),
+                                np.asarray(full_fc1.kernel.qvalue))
+  np.testing.assert_array_equal(np.asarray(fc1.kernel.column_sums),
+                                np.asarray(full_fc1.kernel.qvalue, np.int64).sum(axis=1))
+  conv = packed[integer.COLLECTION]["conv"]["op"]
+  assert isinstance(conv.kernel, QArray)  # convolutions keep their HWIO kernel
+  monkeypatch.setenv(kernels.ENV_VAR, kernel)
+  x_test = jax.random.uniform(jax.random.key(2), x.shape, jnp.float32) * 1.5
+  want = np.asarray(_apply(model, full, x_test, "int8"))  # traced under this kernel
+  apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
+  np.testing.assert_array_equal(np.asarray(apply(packed, x_test)), want)
+  qio.save(tmp_path / "packed.qjax", packed)
+  loaded = qio.load(tmp_path / "packed.qjax")
+  chex.assert_trees_all_equal(loaded, packed)
+  np.testing.assert_array_equal(np.asarray(apply(loaded, x_test)), want)
+
+
+def test_packs_where_the_native_kernel_runs(calibrated, monkeypatch):
+  model, variables, x = calibrated
+  full = qjax.convert(model, variables, x)
+  monkeypatch.setenv(kernels.ENV_VAR, "xla")
+  assert isinstance(qjax.for_serving(full)[integer.COLLECTION]["fc1"]["op"].kernel, QArray)
+  monkeypatch.setenv(kernels.ENV_VAR, "auto")
+  want = kernels.PackedWeights if kernels.resolve() != "xla" else QArray
+  assert isinstance(qjax.for_serving(full)[integer.COLLECTION]["fc1"]["op"].kernel, want)
+
+
 def test_rejects_other_trees():
   with pytest.raises(ValueError, match="for_serving: expected the variables"):
     qjax.for_serving({"params": {}})
+  with pytest.raises(TypeError, match="pack must be True, False or None"):
+    qjax.for_serving({integer.COLLECTION: {}}, pack="yes")
 
 
 class _Shared(nn.Module):

@@ -320,3 +320,60 @@ def test_concurrent_callers(path):
     results = list(pool.map(lambda c: np.asarray(run(*c)), cases * 3))
   for (x, w, offset), got in zip(cases * 3, results, strict=True):
     np.testing.assert_array_equal(got, reference(x, w, offset))
+
+
+# ------------------------------------------------------------------------------------------
+# Pre-packed weights (`kernels.pack`): the panel layout every path takes without repacking.
+
+
+PACKED_PATHS = ["xla", *PATHS]
+
+
+@pytest.mark.parametrize("path", PACKED_PATHS)
+def test_packed_int32_matches_numpy(path):
+  """Every shape of SHAPES (K % 4 != 0, N % 16 != 0, one row, empty) and the extremes."""
+  rng = np.random.default_rng(9)
+  run = native_matmul(path)
+  cases = [operands(rng, m, n, k) for m, n, k in SHAPES]
+  cases += [operands(rng, m, n, k, kind) for kind in ("min", "max", "mixed")
+            for m, n, k in ((1, 3, 1001), (37, 33, 515))]
+  for x, w, offset in cases:
+    packed = kernels.pack(w)
+    np.testing.assert_array_equal(np.asarray(packed.unpack()), w)
+    np.testing.assert_array_equal(np.asarray(run(x, packed, offset)), reference(x, w, offset),
+                                  err_msg=f"{path} {x.shape} x {w.shape}")
+
+
+@pytest.mark.parametrize("path", PACKED_PATHS)
+def test_packed_requant_matches_unpacked(path):
+  rng = np.random.default_rng(10)
+  for i, (m, n, k) in enumerate(SHAPES):
+    r = fbgemm(rng, n, k, per_channel=i % 2 == 0, zero=int(rng.integers(-20, 20)),
+               relu=i % 3 == 0)
+    x, w, offset = operands(rng, m, n, k, offsets=int(2000 * np.sqrt(k)))
+    expected = np.asarray(xla_requant(jnp.asarray(reference(x, w, offset)), r))
+    got = np.asarray(native_requant(path, r)(x, kernels.pack(w), offset))
+    np.testing.assert_array_equal(got, expected, err_msg=f"{path} {(m, n, k)}")
+
+
+def test_packed_layout_and_errors():
+  w = np.arange(-40, 40, dtype=np.int8).reshape(4, 20)[:, :7]  # N = 4, K = 7
+  packed = kernels.pack(w)
+  assert packed.panels.shape == (1, 2, 16, 4) and packed.panels.dtype == jnp.int8
+  assert packed.shape == (4, 7) and packed.dtype == jnp.int8
+  panels = np.asarray(packed.panels)
+  np.testing.assert_array_equal(panels[0, 0, :4], w[:, :4])  # channels x 4-byte groups
+  np.testing.assert_array_equal(panels[0, 1, :4, :3], w[:, 4:])
+  assert not panels[0, 1, :4, 3].any() and not panels[0, :, 4:].any()  # zero padding
+  np.testing.assert_array_equal(np.asarray(packed.column_sums), w.astype(np.int32).sum(1))
+  # A traced pack (packing inside a jitted function) gives the same panels.
+  traced = jax.jit(kernels.pack)(jnp.asarray(w))
+  np.testing.assert_array_equal(np.asarray(traced.panels), panels)
+  with pytest.raises(TypeError, match="kernel_t must be int8"):
+    kernels.pack(w.astype(np.int32))
+  with pytest.raises(ValueError, match=r"kernel_t must be \(N, K\)"):
+    kernels.pack(w[None])
+  with pytest.raises(ValueError, match="share K"):
+    kernels.matmul(jnp.zeros((2, 8), jnp.int8), packed, kernel="xla")
+  with pytest.raises(TypeError, match="x must be int8"):
+    kernels.matmul(jnp.zeros((2, 7), jnp.int32), packed, kernel="xla")

@@ -139,8 +139,8 @@ def matmul(x: jax.Array, kernel_t: jax.Array) -> jax.Array:
     raise ValueError(f"matmul: x (..., K) and kernel_t (N, K) must share K; got shapes "
                      f"{x.shape} and {kernel_t.shape}.")
   lead = x.shape[:-1]
-  rows = x.reshape((-1, x.shape[-1]))
-  m = rows.shape[0]
+  m = int(np.prod(lead, dtype=np.int64))
+  rows = x.reshape((m, x.shape[-1]))  # explicit: -1 is ambiguous when K = 0
   if m == 1:
     rows = jnp.concatenate([rows, rows], axis=0)
   acc_t = lax.dot_general(kernel_t, rows, (((1,), (1,)), ((), ())),

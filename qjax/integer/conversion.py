@@ -37,7 +37,9 @@ from qjax import numerics
 from qjax.integer import _trace
 from qjax.integer.forms.base import (COLLECTION, OP, Form, Grid, Lowering, WeightRequest,
                                      observer_state)
-from qjax.integer.forms.linear import LinearForm
+from qjax.integer import kernels
+from qjax.integer.forms.dot import QuantizedDot
+from qjax.integer.forms.linear import Int8Dense, LinearForm
 from qjax.integer.requant import Requant, as_requant
 from qjax.nn import modules
 from qjax.nn import qconfig
@@ -529,19 +531,41 @@ def convert(model: nn.Module, variables: Any, *args: Any, requant: Requant | str
   return result
 
 
-def _without_report(op: Any) -> Any:
-  if _struct.is_struct(op) and getattr(op, "report", None) is not None:
-    return dataclasses.replace(op, report=None)
+def _for_serving(op: Any, pack: bool) -> Any:
+  if not _struct.is_struct(op):
+    return op
+  if getattr(op, "report", None) is not None:
+    op = dataclasses.replace(op, report=None)
+  if pack and isinstance(op, (Int8Dense, QuantizedDot)) and not isinstance(
+      op.kernel, kernels.PackedWeights):
+    op = dataclasses.replace(op, kernel=kernels.pack(op.kernel.qvalue))
   return op
 
 
-def for_serving(int_vars: dict) -> dict:
-  """`convert`'s variables without what only reports read (each op's `report`: the float
-  scales of inputs, weights and outputs, the int32 bias already folded into the offset).
+def for_serving(int_vars: dict, *, pack: bool | None = None) -> dict:
+  """`convert`'s variables for inference only: without what only reports read (each op's
+  `report`: the float scales of inputs, weights and outputs, the int32 bias already folded
+  into the offset), and with the int8 Dense weights pre-packed for the native CPU kernel.
 
   A jitted apply pays for every leaf it is passed: at batch 1 the MNIST MLP's leaves cost
-  more than its matmuls. The same model applies either tree with the same integers:
+  more than its matmuls. Packing (`qjax.integer.kernels.pack`: 16-channel panels of 4-byte
+  groups, zero padded, with the int32 column sums) is what the kernel otherwise does to the
+  weights on each call with more than 16 rows; the weight scales (only reports and
+  `qjax.interop` read them) are dropped with it. The same model applies either tree with the
+  same integers, on every kernel path ("xla" unpacks packed weights):
   model.apply(for_serving(int_vars), x, mode="int8") == model.apply(int_vars, x, mode="int8").
+
+  Args:
+    int_vars: `qjax.convert`'s output.
+    pack: pack the Dense weights (converted `Int8Dense` and `QuantizedDot` layers); None
+      packs them where the native kernel runs by default (`qjax.integer.kernels.resolve()`
+      is not "xla": one CPU device, the library built, QJAX_INT8_KERNEL not "xla").
+
+  Returns:
+    The serving variables (a new tree; `int_vars` is not changed).
+
+  Raises:
+    ValueError: `int_vars` is not `convert`'s output. TypeError: `pack` not a bool or None.
 
   Example:
     >>> from qjax.integer.forms.boundary import DequantizeOp
@@ -553,5 +577,10 @@ def for_serving(int_vars: dict) -> dict:
   if not isinstance(int_vars, dict) or COLLECTION not in int_vars:
     raise ValueError(f"for_serving: expected the variables qjax.convert returns "
                      f"({{'{COLLECTION}': ..., ...}}).")
-  lean = jax.tree_util.tree_map(_without_report, int_vars[COLLECTION], is_leaf=_struct.is_struct)
+  if pack is not None and not isinstance(pack, bool):
+    raise TypeError(f"for_serving: pack must be True, False or None; got {pack!r}.")
+  if pack is None:
+    pack = kernels.resolve() != "xla"
+  lean = jax.tree_util.tree_map(lambda op: _for_serving(op, pack), int_vars[COLLECTION],
+                                is_leaf=_struct.is_struct)
   return {**int_vars, COLLECTION: lean}

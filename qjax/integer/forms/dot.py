@@ -26,7 +26,8 @@ from qjax.integer import kernels
 from qjax.integer.forms.base import (Form, Lowering, WeightRequest, nonfinite_samples,
                                      with_nan_samples)
 from qjax.integer.forms.boundary import MultiplyQuantizeOp, QuantizeOp, quantize_op
-from qjax.integer.forms.linear import check_weight_grid, int8_weights, weight_source
+from qjax.integer.forms.linear import (check_weight_grid, int8_matrix, int8_weights,
+                                       weight_source)
 from qjax.qarray import QArray
 
 
@@ -49,7 +50,7 @@ class QuantizedDot:
   """
 
   input: QuantizeOp | MultiplyQuantizeOp
-  kernel: QArray
+  kernel: QArray | kernels.PackedWeights  # packed in a serving tree (`qjax.for_serving`)
   offset: jax.Array
   scale: jax.Array
 
@@ -61,7 +62,7 @@ class QuantizedDot:
                        f"{self.kernel.shape}, (out, in)).")
     q = self.input(jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype)))
     # XLA's dot_general or the native CPU kernel with the offset fused (`kernels.resolve`).
-    acc = kernels.matmul(q, self.kernel.qvalue, self.offset)
+    acc = kernels.matmul(q, int8_matrix(self.kernel), self.offset)
     scale = self.scale.reshape((1,) * (acc.ndim - 1) + self.scale.shape) if self.scale.ndim else (
         self.scale)
     return with_nan_samples(nonfinite_samples(x), acc.astype(jnp.float32) * scale)
@@ -74,7 +75,7 @@ class QuantizedConv:
   float32 f32(acc + offset) * scale. Static geometry as `Int8Conv`'s."""
 
   input: QuantizeOp | MultiplyQuantizeOp
-  kernel: QArray
+  kernel: QArray | kernels.PackedWeights  # packed in a serving tree (`qjax.for_serving`)
   offset: jax.Array
   scale: jax.Array
   strides: tuple[int, ...] = static()

@@ -34,11 +34,17 @@ from qjax.quantizers import points
 _PADDINGS = ("SAME", "VALID")
 
 
+def int8_matrix(kernel: QArray | kernels.PackedWeights) -> kernels.Weights:
+  """A Dense-like form's int8 (N, K) weights as `qjax.integer.kernels` takes them."""
+  return kernel if isinstance(kernel, kernels.PackedWeights) else kernel.qvalue
+
+
 @struct
 class Int8Dense:
   """A converted Dense: y = requant(x @ kernel^T + offset) on int8 x (..., K).
 
-  Leaves: `kernel` a QArray of int8 (N, K) with its scales; `offset` int32 (N,) =
+  Leaves: `kernel` a QArray of int8 (N, K) with its scales (in a serving tree, possibly the
+  int8 values alone, pre-packed for the native kernel: `qjax.for_serving`); `offset` int32 (N,) =
   -Z_x sum_k q_w (+ the int32 bias of "float" / "integer"); `requant` the requantizer;
   `report` None or {"input_scale", "input_zero_point", "output_scale", "output_zero_point",
   "bias"} (for reports and `qjax.interop`; zero points on the int8 carrier grid; "bias" is
@@ -57,7 +63,7 @@ class Int8Dense:
     Array([[11]], dtype=int8)
   """
 
-  kernel: QArray
+  kernel: QArray | kernels.PackedWeights
   offset: jax.Array
   requant: rq.Requantizer
   report: dict | None = None
@@ -71,7 +77,7 @@ class Int8Dense:
                        f"shape it was converted with.")
     # XLA's dot_general, or the native CPU kernel with the offset and requantization fused
     # (`qjax.integer.kernels.resolve`): the same integers either way.
-    return kernels.dense(x, self.kernel.qvalue, self.offset, self.requant)
+    return kernels.dense(x, int8_matrix(self.kernel), self.offset, self.requant)
 
 
 @struct

@@ -22,10 +22,12 @@ QJAX_INT8_KERNEL=xla to keep the integer path's programs plain XLA, int8 `dot_ge
               splits a sharded dot_general, not a custom call, which it would gather) and
               when the library is not built (one warning)
 
-CPU features are read once (CPUID) by the library. Weights are used as the integer path
+CPU features are read once (CPUID) by the library. Weights are taken as the integer path
 stores them, (N, K) output channel first: up to 16 rows stream them as stored; more rows pack
 them per call into 16-channel panels with their column sums (a 16 x 16 transpose in
-registers: a few percent of the GEMM). The kernel uses every core (a pool of threads started
+registers: a few percent of the GEMM). Weights packed once (`pack`, `PackedWeights`: what
+`qjax.for_serving` does to converted Dense layers where the native kernel runs) go straight
+to the panel kernels at every row count. The kernel uses every core (a pool of threads started
 once) for products of 2^23 multiply-adds and more (QJAX_INT8_THREADS caps the thread count).
 The library is built by `pip install` (setup.py); where it was not, `available()` is False
 and everything runs on XLA.
@@ -43,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer import requant as rq
 
@@ -60,6 +63,10 @@ _PATH_IDS = {"portable": 1, "avx2": 2, "vnni": 3}
 _PATH_BITS = {"portable": 1, "avx2": 2, "vnni": 4}
 _TARGET_S32 = "qjax_int8_gemm_s32"
 _TARGET_REQUANT = "qjax_int8_gemm_requant"
+_TARGET_PACKED_S32 = "qjax_int8_gemm_packed_s32"
+_TARGET_PACKED_REQUANT = "qjax_int8_gemm_packed_requant"
+# The panel layout of pre-packed weights: PANEL output channels x GROUP inputs per block.
+PANEL, GROUP = 16, 4
 
 
 def _library_file() -> pathlib.Path | None:
@@ -84,6 +91,11 @@ def _load() -> tuple[str, ...]:
     jax.ffi.register_ffi_target(_TARGET_S32, jax.ffi.pycapsule(lib.QjaxInt8GemmS32),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_REQUANT, jax.ffi.pycapsule(lib.QjaxInt8GemmRequant),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_PACKED_S32,
+                                jax.ffi.pycapsule(lib.QjaxInt8GemmPackedS32), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_PACKED_REQUANT,
+                                jax.ffi.pycapsule(lib.QjaxInt8GemmPackedRequant),
                                 platform="cpu")
   except (OSError, AttributeError) as error:
     warnings.warn(f"qjax.integer.kernels: the native int8 GEMM library {path} could not be "
@@ -178,7 +190,112 @@ def resolve(kernel: str | None = None, *, macs: int | None = None) -> str:
   return choice
 
 
-def _check(x: jax.Array, kernel_t: jax.Array, where: str) -> None:
+@struct
+class PackedWeights:
+  """An int8 (N, K) weight matrix in the native kernel's panel layout, with its column sums.
+
+    panels[p, g, c, j] = kernel_t[PANEL p + c, GROUP g + j]   (0 beyond N or K)
+    column_sums[n]     = sum_k kernel_t[n, k]                 (int32)
+
+  panels is int8 (ceil(N / 16), ceil(K / 4), 16, 4): every 16-channel panel is one contiguous
+  stream of 4-byte groups, the order the kernel's inner loop reads, so a call does not repack
+  the weights (`pack`). The native paths take it as it is; "xla" unpacks it (`unpack`), so a
+  packed model still runs, with the same integers, wherever the kernel does not. `n` and `k`
+  are static.
+
+  Example:
+    >>> w = jnp.arange(-6, 6, dtype=jnp.int8).reshape(2, 6)
+    >>> packed = pack(w)
+    >>> packed.panels.shape, packed.shape, packed.column_sums
+    ((1, 2, 16, 4), (2, 6), Array([-21,  15], dtype=int32))
+    >>> bool((packed.unpack() == w).all())
+    True
+  """
+
+  panels: jax.Array
+  column_sums: jax.Array
+  n: int = static()
+  k: int = static()
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """(N, K): the shape of the weights it packs."""
+    return (self.n, self.k)
+
+  @property
+  def ndim(self) -> int:
+    return 2
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return jnp.dtype(jnp.int8)
+
+  def unpack(self) -> jax.Array:
+    """The int8 (N, K) matrix (`pack`'s inverse)."""
+    p, g = self.panels.shape[:2]
+    full = jnp.transpose(self.panels, (0, 2, 1, 3)).reshape(p * PANEL, g * GROUP)
+    return full[:self.n, :self.k]
+
+
+def pack(kernel_t: jax.typing.ArrayLike) -> PackedWeights:
+  """`kernel_t` (int8 (N, K), output channel first) in the native kernel's panel layout.
+
+  See `PackedWeights` for the layout. Packing is a copy with zero padding: `matmul`,
+  `matmul_requant` and `dense` give the same integers for `pack(w)` as for `w`, on every path.
+
+  Args:
+    kernel_t: int8 (N, K).
+
+  Returns:
+    The `PackedWeights`.
+
+  Raises:
+    TypeError: kernel_t not int8. ValueError: kernel_t not 2-D.
+
+  Example:
+    >>> x = jnp.array([[1, -2, 3]], jnp.int8)
+    >>> w = jnp.array([[1, 1, 1], [-128, 127, 0]], jnp.int8)
+    >>> matmul(x, pack(w), kernel="portable" if available() else "xla")
+    Array([[   2, -382]], dtype=int32)
+  """
+  w = jnp.asarray(kernel_t)
+  if jnp.dtype(w.dtype) != jnp.int8:
+    raise TypeError(f"pack: kernel_t must be int8; got {jnp.dtype(w.dtype)}.")
+  if w.ndim != 2:
+    raise ValueError(f"pack: kernel_t must be (N, K), output channel first; got shape "
+                     f"{w.shape}.")
+  n, k = w.shape
+  p, g = -(-n // PANEL), -(-k // GROUP)
+  padded = jnp.pad(w, ((0, p * PANEL - n), (0, g * GROUP - k)))
+  panels = jnp.transpose(padded.reshape(p, PANEL, g, GROUP), (0, 2, 1, 3))
+  return PackedWeights(panels=panels, column_sums=jnp.sum(w, axis=1, dtype=jnp.int32), n=n,
+                       k=k)
+
+
+# The weights `matmul` and friends take: int8 (N, K), or the same packed.
+Weights = jax.Array | PackedWeights
+
+
+def _plain(kernel_t: Weights) -> jax.Array:
+  return kernel_t.unpack() if isinstance(kernel_t, PackedWeights) else kernel_t
+
+
+def _weight_operands(kernel_t: Weights) -> tuple[list[jax.Array], str, str]:
+  """The kernel's weight arguments and its two targets (s32, requant), packed or not."""
+  if isinstance(kernel_t, PackedWeights):
+    return ([kernel_t.panels, kernel_t.column_sums], _TARGET_PACKED_S32,
+            _TARGET_PACKED_REQUANT)
+  return [kernel_t], _TARGET_S32, _TARGET_REQUANT
+
+
+def _check(x: jax.Array, kernel_t: Weights, where: str) -> None:
+  if isinstance(kernel_t, PackedWeights):
+    if jnp.dtype(x.dtype) != jnp.int8:
+      raise TypeError(f"{where}: x must be int8; got {jnp.dtype(x.dtype)}.")
+    if x.ndim < 1 or x.shape[-1] != kernel_t.k:
+      raise ValueError(f"{where}: x (..., K) and the packed kernel_t (N, K) must share K; got "
+                       f"shapes {x.shape} and {kernel_t.shape}.")
+    return
   if jnp.dtype(x.dtype) != jnp.int8 or jnp.dtype(kernel_t.dtype) != jnp.int8:
     raise TypeError(f"{where}: x and kernel_t must be int8; got {jnp.dtype(x.dtype)} and "
                     f"{jnp.dtype(kernel_t.dtype)}.")
@@ -191,7 +308,7 @@ def _rows(x: jax.Array) -> int:
   return int(np.prod(x.shape[:-1], dtype=np.int64))
 
 
-def _macs(x: jax.Array, kernel_t: jax.Array) -> int:
+def _macs(x: jax.Array, kernel_t: Weights) -> int:
   return _rows(x) * kernel_t.shape[0] * kernel_t.shape[1]
 
 
@@ -201,16 +318,17 @@ def _offset(offset: jax.Array | None, n: int) -> jax.Array:
   return jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (n,))
 
 
-def _native_s32(x: jax.Array, kernel_t: jax.Array, offset: jax.Array, path: str) -> jax.Array:
+def _native_s32(x: jax.Array, kernel_t: Weights, offset: jax.Array, path: str) -> jax.Array:
   n = kernel_t.shape[0]
   rows = x.reshape((_rows(x), x.shape[-1]))
-  call = jax.ffi.ffi_call(_TARGET_S32, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.int32),
+  weights, target, _ = _weight_operands(kernel_t)
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.int32),
                           vmap_method="sequential")
-  acc = call(rows, kernel_t, offset, path=np.int64(_PATH_IDS[path]), threads=np.int64(0))
+  acc = call(rows, *weights, offset, path=np.int64(_PATH_IDS[path]), threads=np.int64(0))
   return acc.reshape(x.shape[:-1] + (n,))
 
 
-def matmul(x: jax.Array, kernel_t: jax.Array, offset: jax.Array | None = None, *,
+def matmul(x: jax.Array, kernel_t: Weights, offset: jax.Array | None = None, *,
            kernel: str | None = None) -> jax.Array:
   """acc[..., n] = sum_k x[..., k] kernel_t[n, k] + offset[n] in int32 (wrapping), from int8.
 
@@ -219,7 +337,7 @@ def matmul(x: jax.Array, kernel_t: jax.Array, offset: jax.Array | None = None, *
 
   Args:
     x: int8 (..., K).
-    kernel_t: int8 (N, K), output channel first.
+    kernel_t: int8 (N, K), output channel first, or the same `pack`ed.
     offset: int32 (N,) or a scalar, added to every row; None adds nothing.
     kernel: see `resolve`.
 
@@ -239,13 +357,13 @@ def matmul(x: jax.Array, kernel_t: jax.Array, offset: jax.Array | None = None, *
   _check(x, kernel_t, "matmul")
   path = resolve(kernel, macs=_macs(x, kernel_t))
   if path == "xla":
-    acc = arith.matmul(x, kernel_t)
+    acc = arith.matmul(x, _plain(kernel_t))
     return acc if offset is None else acc + rq.channels(_offset(offset, kernel_t.shape[0]),
                                                         acc.ndim)
   return _native_s32(x, kernel_t, _offset(offset, kernel_t.shape[0]), path)
 
 
-def matmul_requant(x: jax.Array, kernel_t: jax.Array, offset: jax.Array | None,
+def matmul_requant(x: jax.Array, kernel_t: Weights, offset: jax.Array | None,
                    requant: rq.FbgemmRequant, *, kernel: str | None = None) -> jax.Array:
   """q = requant(matmul(x, kernel_t, offset)) for an `FbgemmRequant`, fused on a native path.
 
@@ -256,7 +374,7 @@ def matmul_requant(x: jax.Array, kernel_t: jax.Array, offset: jax.Array | None,
 
   Args:
     x: int8 (..., K).
-    kernel_t: int8 (N, K).
+    kernel_t: int8 (N, K), or the same `pack`ed.
     offset: int32 (N,) or None.
     requant: the output grid and formula (`qjax.integer.FbgemmRequant`).
     kernel: see `resolve`.
@@ -284,14 +402,15 @@ def matmul_requant(x: jax.Array, kernel_t: jax.Array, offset: jax.Array | None,
   n = kernel_t.shape[0]
   path = resolve(kernel, macs=_macs(x, kernel_t))
   if path == "xla":
-    acc = arith.matmul(x, kernel_t)
+    acc = arith.matmul(x, _plain(kernel_t))
     if offset is not None:
       acc = acc + rq.channels(_offset(offset, n), acc.ndim)
     return requant(acc)
   rows = x.reshape((_rows(x), x.shape[-1]))
-  call = jax.ffi.ffi_call(_TARGET_REQUANT, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.int8),
+  weights, _, target = _weight_operands(kernel_t)
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.int8),
                           vmap_method="sequential")
-  q = call(rows, kernel_t, _offset(offset, n),
+  q = call(rows, *weights, _offset(offset, n),
            jnp.broadcast_to(jnp.asarray(requant.bias, jnp.float32), (n,)),
            jnp.broadcast_to(jnp.asarray(requant.multiplier, jnp.float32), (n,)),
            jnp.asarray(requant.zero_point, jnp.int32).reshape((1,)),
@@ -300,7 +419,7 @@ def matmul_requant(x: jax.Array, kernel_t: jax.Array, offset: jax.Array | None,
   return q.reshape(x.shape[:-1] + (n,))
 
 
-def dense(x: jax.Array, kernel_t: jax.Array, offset: jax.Array, requant: rq.Requantizer, *,
+def dense(x: jax.Array, kernel_t: Weights, offset: jax.Array, requant: rq.Requantizer, *,
           kernel: str | None = None) -> jax.Array:
   """An integer Dense: requant(sum_k x[..., k] kernel_t[n, k] + offset[n]) as int8.
 
@@ -309,7 +428,7 @@ def dense(x: jax.Array, kernel_t: jax.Array, offset: jax.Array, requant: rq.Requ
 
   Args:
     x: int8 (..., K).
-    kernel_t: int8 (N, K).
+    kernel_t: int8 (N, K), or the same `pack`ed.
     offset: int32 (N,) (zero-point offset and int32 bias).
     requant: a `qjax.integer.requant` requantizer.
     kernel: see `resolve`.
@@ -335,10 +454,13 @@ __all__ = (
     "ENV_VAR",
     "KERNELS",
     "NATIVE_PATHS",
+    "PackedWeights",
+    "Weights",
     "available",
     "dense",
     "matmul",
     "matmul_requant",
     "native_paths",
+    "pack",
     "resolve",
 )
