@@ -5,9 +5,14 @@ inputs) at batch 256 and a 4096-4096-4096 MLP (two 4096 x 4096 layers) at batch 
 them experiments.models' QuantMLP / QuantLeNet5 with fused ReLUs, this times one call of:
 
   * float32: the jitted float apply of the qjax.nn model (mode="float", params only);
-  * int8 (fbgemm) / (float) / (integer): the jitted int8 apply (mode="int8") of the variables
-    `qjax.convert` makes with that requant, in the lean form of `qjax.for_serving`
-    (a jitted call pays for every array it is passed);
+  * int8 (fbgemm, xla): the jitted int8 apply (mode="int8") of the variables `qjax.convert`
+    makes with requant "fbgemm", in the lean form of `qjax.for_serving` (a jitted call pays
+    for every array it is passed), traced with QJAX_INT8_KERNEL=xla: every contraction an
+    XLA int8 dot_general / convolution;
+  * int8 (fbgemm, native) / (float, native) / (integer, native): the same with that requant,
+    traced with QJAX_INT8_KERNEL=native: Dense layers on qjax's C++ int8 kernel (weights
+    pre-packed by `for_serving`; "fbgemm" requantizes inside the kernel), convolutions on
+    XLA. Skipped where the kernel does not run (not built, not a CPU backend);
   * torch x86 int8: PyTorch's eager-mode converted model (fused Linear/Conv + ReLU,
     get_default_qconfig("x86"), engine "x86", torch.set_num_threads(all cores)), on the same
     weights and calibration batches.
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -55,13 +61,18 @@ import numpy as np
 
 import qjax.nn as qnn
 from qjax import convert, for_serving
+from qjax.integer import kernels
 
 from experiments import models
 
 SEED = 0
 CALIB_BATCHES, CALIB_ROWS = 4, 32
 REQUANTS = ("fbgemm", "float", "integer")
-VARIANTS = ("float32", "int8 (fbgemm)", "int8 (float)", "int8 (integer)", "torch x86 int8")
+# (requant, kernel) of the int8 variants; QJAX_INT8_KERNEL while each one is traced.
+INT8_VARIANTS = (("fbgemm", "xla"), ("fbgemm", "native"), ("float", "native"),
+                 ("integer", "native"))
+VARIANTS = ("float32", *(f"int8 ({r}, {k})" for r, k in INT8_VARIANTS), "torch x86 int8")
+VARIANT_WIDTH = max(map(len, VARIANTS))
 # qconfig name -> (qjax's, the name of torch's twin in torch.ao.quantization). "x86" is
 # PyTorch's default for the backend (histogram activations); "default" (min/max activations)
 # converts in a fraction of the time and serves the smoke run.
@@ -210,7 +221,7 @@ class Built:
 
   model: nn.Module
   variables: dict
-  int_vars: dict[str, dict]
+  int_vars: dict[tuple[str, str], dict]
   torch_model: Any = None
   torch_skip: str | None = None
 
@@ -229,7 +240,8 @@ def build(case: Case, qconfig_name: str = "x86") -> Built:
     variables = {**variables, **calibrate(variables, jnp.asarray(x))}
   sample = jnp.asarray(calibration[0][:2])
   # Timed on the serving form of the integer variables (only what mode "int8" reads).
-  int_vars = {r: for_serving(convert(model, variables, sample, requant=r)) for r in REQUANTS}
+  converted = {r: convert(model, variables, sample, requant=r) for r in REQUANTS}
+  int_vars = {(r, k): for_serving(converted[r], pack=k == "native") for r, k in INT8_VARIANTS}
   built = Built(model, variables, int_vars)
   try:
     built.torch_model = torch_int8_model(case.kind, case.dims, variables["params"],
@@ -244,11 +256,14 @@ def build(case: Case, qconfig_name: str = "x86") -> Built:
 
 
 _HLO_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z]\w*)\[")
-_HLO_CONTRACTION = re.compile(r"\b(dot|convolution)\(([^)]*)\)")
+_HLO_CONTRACTION = re.compile(r"\b(dot|convolution|custom-call)\(([^)]*)\)")
+_NATIVE_TARGET = 'custom_call_target="qjax_int8_gemm'
 
 
 def hlo_int8_contractions(hlo_text: str) -> tuple[int, int]:
-  """(dot / convolution ops with int8 operands, all of them) in an optimised HLO module."""
+  """(dot / convolution ops with int8 operands, all of them) in an optimised HLO module;
+  calls of qjax's native int8 GEMM count as contractions, int8 when both their first two
+  operands (activations, weights) are."""
   dtypes = {}
   for line in hlo_text.splitlines():
     match = _HLO_DEF.match(line)
@@ -260,6 +275,10 @@ def hlo_int8_contractions(hlo_text: str) -> tuple[int, int]:
     if not match or not _HLO_DEF.match(line):
       continue
     operands = [o.split()[-1].lstrip("%") for o in match.group(2).split(",") if o.strip()]
+    if match.group(1) == "custom-call":
+      if _NATIVE_TARGET not in line:
+        continue
+      operands = operands[:2]
     total += 1
     int8_ops += all(dtypes.get(o) == "s8" for o in operands)
   return int8_ops, total
@@ -282,11 +301,29 @@ class Runner:
     return durations
 
 
+@contextlib.contextmanager
+def _int8_kernel(kernel: str | None):
+  """QJAX_INT8_KERNEL=kernel while a variant is traced (None: as it is)."""
+  saved = os.environ.get(kernels.ENV_VAR)
+  if kernel is not None:
+    os.environ[kernels.ENV_VAR] = kernel
+  try:
+    yield
+  finally:
+    if saved is None:
+      os.environ.pop(kernels.ENV_VAR, None)
+    else:
+      os.environ[kernels.ENV_VAR] = saved
+
+
 def _jax_runner(case: Case, variant: str, fn: Callable, variables: Any, x: jax.Array,
-                reference: np.ndarray | None) -> tuple[Runner, np.ndarray]:
-  """A jitted apply, compiled ahead of time (lowering and compilation timed)."""
+                reference: np.ndarray | None, kernel: str | None = None
+                ) -> tuple[Runner, np.ndarray]:
+  """A jitted apply, compiled ahead of time (lowering and compilation timed), traced with
+  QJAX_INT8_KERNEL=kernel."""
   start = time.perf_counter()
-  lowered = jax.jit(fn).lower(variables, x)
+  with _int8_kernel(kernel):
+    lowered = jax.jit(fn).lower(variables, x)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   out = np.asarray(compiled(variables, x))
@@ -314,10 +351,17 @@ def runners_for(case: Case, built: Built) -> tuple[list[Runner], list[dict]]:
                                   None)
   runner.facts["rel_err"] = 0.0
   runners = [runner]
-  for requant in REQUANTS:
-    runners.append(_jax_runner(case, f"int8 ({requant})", int8_apply,
-                               built.int_vars[requant], x, reference)[0])
   skipped = []
+  native = kernels.resolve("auto") != "xla"
+  for requant, kernel in INT8_VARIANTS:
+    variant = f"int8 ({requant}, {kernel})"
+    if kernel == "native" and not native:
+      skipped.append({"model": case.model_name, "batch": case.batch, "variant": variant,
+                      "reason": "the native int8 kernel does not run here (not built, not "
+                                "the CPU backend, or several devices)"})
+      continue
+    runners.append(_jax_runner(case, variant, int8_apply, built.int_vars[(requant, kernel)],
+                               x, reference, kernel)[0])
   if built.torch_model is None:
     skipped.append({"model": case.model_name, "batch": case.batch,
                     "variant": "torch x86 int8", "reason": built.torch_skip})
@@ -441,8 +485,8 @@ def format_table(results: dict[str, Any]) -> str:
            f"{results['rounds']} interleaved rounds x (>= {results['reps']} calls and >= "
            f"{results['min_round_seconds']} s): median ms per call; x f32 / x torch: ratio of "
            f"medians in this run; compile: lowering + XLA compilation of the jitted apply", ""]
-  header = (f"{'model':<19} {'batch':>5}  {'variant':<15} {'ms/call':>9} {'min':>9} "
-            f"{'iqr':>8} {'x f32':>6} {'x torch':>7} {'compile s':>9} {'s8 dots':>7} "
+  header = (f"{'model':<19} {'batch':>5}  {'variant':<{VARIANT_WIDTH}} {'ms/call':>9} "
+            f"{'min':>9} {'iqr':>8} {'x f32':>6} {'x torch':>7} {'compile s':>9} {'s8 dots':>7} "
             f"{'err':>7}")
   lines += [header, "-" * len(header)]
   entries = results["rows"] + results["skipped"]
@@ -450,7 +494,7 @@ def format_table(results: dict[str, Any]) -> str:
   entries.sort(key=lambda e: (case_order[(e["model"], e["batch"])],
                               VARIANTS.index(e["variant"])))
   for e in entries:
-    prefix = f"{e['model']:<19} {e['batch']:>5}  {e['variant']:<15}"
+    prefix = f"{e['model']:<19} {e['batch']:>5}  {e['variant']:<{VARIANT_WIDTH}}"
     if "reason" in e:
       lines.append(f"{prefix} skipped: {e['reason']}")
       continue
@@ -460,8 +504,8 @@ def format_table(results: dict[str, Any]) -> str:
                  f"{_fmt(e['x_float32'], '.2f', 6)} {_fmt(e['x_torch'], '.2f', 7)} "
                  f"{_fmt(e['compile_s'], '.2f', 9)} {dots:>7} {_fmt(e['rel_err'], '.1e', 7)}")
   lines += ["",
-            "s8 dots: dot / convolution ops of the optimised XLA program with int8 operands / "
-            "all of them",
+            "s8 dots: dot / convolution ops and native int8 GEMM calls of the optimised XLA "
+            "program with int8 operands / all of them",
             "err: |logits - float32 logits| / |float32 logits|, same parameters and batch"]
   return "\n".join(lines)
 
