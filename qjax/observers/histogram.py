@@ -44,8 +44,9 @@ from jax import lax
 
 from qjax import _checks
 from qjax._float32 import (dd_add, dd_div, dd_mul, exact_div, f64_to_f32, fma, rounded, two_sum)
-from qjax.observers.minmax import (HistogramState, _batch_data, _checked_range, _fits_float32,
-                                   _min_and_max, _RangeObserver, _saturating_increment)
+from qjax.observers.minmax import (AxisName, HistogramState, _batch_data, _checked_range,
+                                   _fits_float32, _min_and_max, _RangeObserver,
+                                   _saturating_increment, checked_axis_name)
 
 UPSAMPLE_RATE: int = 16
 """Sub-bins per old bin when a histogram is re-binned onto a wider range (torch's value)."""
@@ -153,6 +154,11 @@ def _histc(x: jax.Array, lo: jax.Array, hi: jax.Array, bins: int) -> jax.Array:
 
   Counted in int32 (torch adds 1.0 in float32; the same below 2^24 per bin).
   """
+  return _histc_counts(x, lo, hi, bins).astype(jnp.float32)
+
+
+def _histc_counts(x: jax.Array, lo: jax.Array, hi: jax.Array, bins: int) -> jax.Array:
+  """The int32 counts of `_histc`; integers, so shards' counts add up exactly."""
   one_point = lo == hi
   # Float32 lo -/+ 1 equals torch's double-then-float: double rounding is innocuous here.
   lo = jnp.where(one_point, lo - 1, lo)
@@ -162,7 +168,7 @@ def _histc(x: jax.Array, lo: jax.Array, hi: jax.Array, bins: int) -> jax.Array:
   # behaviour); the middle bin is where every smaller constant lands.
   pos = jnp.where(hi > lo, pos, jnp.float32(bins // 2))
   index = jnp.clip(pos, 0, bins - 1).astype(jnp.int32)   # trunc, top edge -> last bin
-  return jnp.zeros((bins,), jnp.int32).at[index].add(1).astype(jnp.float32)
+  return jnp.zeros((bins,), jnp.int32).at[index.reshape(-1)].add(1)
 
 
 def _linspace(start: jax.Array, end: jax.Array, steps: int) -> jax.Array:
@@ -196,11 +202,14 @@ def _upscale(hist: jax.Array, old_min: jax.Array, old_max: jax.Array, new_min: j
   return jnp.zeros((bins,), jnp.float32).at[index].add(mass)
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("axis_name",))
 def _update(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, x: jax.Array,
-            initialized: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            x_min: jax.Array, x_max: jax.Array, initialized: jax.Array, *,
+            axis_name: AxisName) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The update with the batch's range [x_min, x_max] given (already reduced over
+  `axis_name`): every shard re-bins the same old histogram onto the same edges, and only the
+  new counts of each shard's slice of the batch are summed across shards (in int32)."""
   bins = hist.shape[0]
-  x_min, x_max = jnp.min(x), jnp.max(x)
   lo = jnp.where(initialized, jnp.minimum(min_val, x_min), x_min)
   hi = jnp.where(initialized, jnp.maximum(max_val, x_max), x_max)
   same_range = (lo == min_val) & (hi == max_val)
@@ -211,7 +220,10 @@ def _update(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, x: jax.Arra
       lambda: _histc(min_val[None], lo, hi, bins) * _torch_sum(hist),    # one-point old range
       lambda: _upscale(hist, min_val, max_val, lo, hi),                  # wider range
   ])
-  return old + _histc(x, lo, hi, bins), lo, hi
+  counts = _histc_counts(x, lo, hi, bins)
+  if axis_name is not None:
+    counts = lax.psum(counts, axis_name)
+  return old + counts.astype(jnp.float32), lo, hi
 
 
 def _checked_state(histogram: jax.typing.ArrayLike, min_val: jax.typing.ArrayLike,
@@ -232,7 +244,7 @@ def _checked_state(histogram: jax.typing.ArrayLike, min_val: jax.typing.ArrayLik
 
 
 def histogram_update(histogram: jax.Array, min_val: jax.Array, max_val: jax.Array,
-                     x: jax.Array, *, initialized: jax.Array
+                     x: jax.Array, *, initialized: jax.Array, axis_name: AxisName = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One `HistogramObserver.forward` step: fold the batch `x` into the histogram.
 
@@ -247,6 +259,12 @@ def histogram_update(histogram: jax.Array, min_val: jax.Array, max_val: jax.Arra
   A one-point range [c, c] is binned as [c - 1, c + 1] (torch.histc), so an all-zero or
   constant batch puts its mass in bin bins // 2 while min_val == max_val == c.
 
+  With `axis_name`, x is one shard of the batch: min x and max x are reduced over the
+  mapped axes (`lax.pmin` / `lax.pmax`), so every shard bins onto the same edges, and
+  h(x; lo, hi) is the `lax.psum` of the shards' int32 counts. The result is the
+  single-device one of the whole batch, bit for bit, on every shard (the state must be
+  the same on every shard, as it is when it only ever comes from this function).
+
   Args:
     histogram: float32 (bins,) counts over [min_val, max_val].
     min_val: float32 scalar, the histogram's range (ignored when not initialized).
@@ -254,14 +272,24 @@ def histogram_update(histogram: jax.Array, min_val: jax.Array, max_val: jax.Arra
     x: finite, non-empty floating data of any shape (read as float32); with the running
       range, max - min must be finite in float32 (`qjax.numerics.range_fits_float32`).
     initialized: bool scalar; False resets the histogram from `x`, as torch's first batch.
+    axis_name: mapped axes (a name or a tuple of names) the batch is split over; None: `x`
+      is the whole batch.
 
   Returns:
     (histogram, min_val, max_val) after the batch; bit for bit torch's buffers.
 
   Raises:
-    TypeError: non-floating histogram, range or data, or a non-boolean `initialized`.
+    TypeError: non-floating histogram, range or data, a non-boolean `initialized`, or an
+      `axis_name` that is not None, a str or a tuple of str.
     ValueError: wrong shapes, or empty `x`.
+
+  Example:
+    >>> hist, lo, hi = histogram_update(jnp.zeros(4), jnp.inf, -jnp.inf,
+    ...                                 jnp.array([0.0, 1.0, 3.0, 4.0]), initialized=False)
+    >>> hist.tolist(), float(lo), float(hi)
+    ([1.0, 1.0, 0.0, 2.0], 0.0, 4.0)
   """
+  axis_name = checked_axis_name(axis_name, "histogram_update")
   histogram, min_val, max_val = _checked_state(histogram, min_val, max_val, "histogram_update")
   x = _checks.as_float_array("x", x)
   if x.size == 0:
@@ -270,7 +298,12 @@ def histogram_update(histogram: jax.Array, min_val: jax.Array, max_val: jax.Arra
   if initialized.dtype != jnp.bool_ or initialized.shape != ():
     raise TypeError(f"histogram_update: expected initialized as a bool scalar, got "
                     f"{initialized.dtype} of shape {initialized.shape}.")
-  return _update(histogram, min_val, max_val, x.reshape(-1).astype(jnp.float32), initialized)
+  x = x.reshape(-1).astype(jnp.float32)
+  x_min, x_max = _min_and_max(x, (0,))
+  if axis_name is not None:
+    x_min, x_max = lax.pmin(x_min, axis_name), lax.pmax(x_max, axis_name)
+  return _update(histogram, min_val, max_val, x, x_min, x_max, initialized,
+                 axis_name=axis_name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -550,13 +583,37 @@ class HistogramObserver(_RangeObserver[HistogramState]):
                           jnp.full((), jnp.inf, jnp.float32), jnp.full((), -jnp.inf, jnp.float32),
                           jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
-  def update(self, state: HistogramState, x: jax.typing.ArrayLike) -> HistogramState:
+  def update(self, state: HistogramState, x: jax.typing.ArrayLike, *,
+             axis_name: AxisName = None) -> HistogramState:
     """Fold in the batch `x` (PyTorch's `HistogramObserver.forward`).
 
+    With `axis_name` (mapped axes the batch is split over, as in `MinMaxObserver.update`)
+    the batch's min and max are reduced across shards first, so every shard bins onto the
+    same edges, then the shards' counts are summed (`histogram_update`): every shard holds
+    the single-device state of the whole batch, bit for bit.
+
+    Args:
+      state: the state from `init` or a previous `update` (the same on every shard).
+      x: the batch (its shard, under a mapped axis).
+      axis_name: a name or a tuple of names; None: `x` is the whole batch.
+
+    Returns:
+      The new state.
+
     Raises:
+      TypeError: a state from another observer, or a bad `axis_name`.
       ValueError: eagerly, for a batch with NaN / +-inf or one that makes the range too wide
         for float32 (`qjax.observers`); under jit such a batch is skipped and counted.
+
+    Example:
+      >>> from qjax import QuantSpec
+      >>> obs = HistogramObserver(spec=QuantSpec(bits=8), bins=4)
+      >>> shards = jnp.array([[0.0, 4.0], [1.0, 3.0]])   # one batch, split over 2 devices
+      >>> fold = lambda part: obs.update(obs.init(()), part, axis_name="batch")
+      >>> jax.vmap(fold, axis_name="batch")(shards).histogram[0].tolist()
+      [1.0, 1.0, 0.0, 2.0]
     """
+    axis_name = checked_axis_name(axis_name, f"{self.name}.update")
     x = _batch_data(x, self.name)
     if not isinstance(state, HistogramState) or state.histogram.shape != (self.bins,):
       raise TypeError(f"{self.name}.update: expected a HistogramState with {self.bins} bins "
@@ -564,11 +621,18 @@ class HistogramObserver(_RangeObserver[HistogramState]):
                       + (f" with {state.histogram.shape[0]} bins"
                          if isinstance(state, HistogramState) else "") + ".")
     lo, hi = _min_and_max(x, tuple(range(x.ndim)))
-    ok = jnp.isfinite(lo) & jnp.isfinite(hi) & _fits_float32(self.name, state, lo, hi)
+    finite = jnp.isfinite(lo) & jnp.isfinite(hi)
+    if axis_name is not None:
+      lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)
+    ok = finite & _fits_float32(self.name, state, lo, hi)
+    if axis_name is not None:   # every shard skips, or none does
+      ok = lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
     # A skipped batch is replaced by a harmless finite one; its result is discarded below.
-    safe_x = jnp.where(ok, x, jnp.zeros_like(x))
-    hist, lo, hi = histogram_update(state.histogram, state.min_val, state.max_val, safe_x,
-                                    initialized=state.count > 0)
+    zero = jnp.zeros((), jnp.float32)
+    safe_x = jnp.where(ok, x, zero).reshape(-1)
+    hist, lo, hi = _update(state.histogram, state.min_val, state.max_val, safe_x,
+                           jnp.where(ok, lo, zero), jnp.where(ok, hi, zero), state.count > 0,
+                           axis_name=axis_name)
 
     def keep(new, old):
       return jnp.where(ok, new, old)

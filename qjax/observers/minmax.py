@@ -58,6 +58,9 @@ class HistogramState(NamedTuple):
 
 
 ObserverState = MinMaxState | HistogramState
+
+AxisName = str | tuple[str, ...] | None
+"""A mapped axis name (`jax.shard_map`, `jax.vmap`, `jax.pmap`), a tuple of them, or None."""
 _State = TypeVar("_State", bound=ObserverState)  # the state type an observer takes
 
 
@@ -69,6 +72,17 @@ def _shape_of(shape_or_array: Any) -> tuple[int, ...]:
   except TypeError as err:
     raise TypeError(f"init expects the observed tensor's shape (a tuple of ints) or an array; "
                     f"got {shape_or_array!r}.") from err
+
+
+def checked_axis_name(axis_name: Any, where: str) -> AxisName:
+  """`axis_name` as None, a str or a tuple of str; a TypeError naming `where` otherwise."""
+  if axis_name is None or isinstance(axis_name, str):
+    return axis_name
+  if isinstance(axis_name, (tuple, list)) and axis_name and all(
+      isinstance(a, str) for a in axis_name):
+    return tuple(axis_name)
+  raise TypeError(f"{where}: axis_name must be None, a mapped axis name (str) or a non-empty "
+                  f"tuple of names, e.g. 'data' or ('data', 'model'); got {axis_name!r}.")
 
 
 def _saturating_increment(count: jax.Array, where: jax.Array) -> jax.Array:
@@ -214,7 +228,9 @@ class MinMaxObserver(_RangeObserver[MinMaxState]):
                        jnp.full(stat_shape, -jnp.inf, jnp.float32),
                        jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
-  def _batch_range(self, state, x, axis_name):
+  def _batch_range(self, state: MinMaxState, x: jax.typing.ArrayLike, axis_name: AxisName
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    axis_name = checked_axis_name(axis_name, f"{self.name}.update")
     x = _batch_data(x, self.name)
     _check_state_shape(state, MinMaxState,
                        numerics.expected_qparam_shape(self.spec, x.shape), self.name)
@@ -231,12 +247,34 @@ class MinMaxObserver(_RangeObserver[MinMaxState]):
     return lo, hi, ok
 
   def update(self, state: MinMaxState, x: jax.typing.ArrayLike, *,
-             axis_name: str | None = None) -> MinMaxState:
+             axis_name: AxisName = None) -> MinMaxState:
     """Fold in the batch `x`; `axis_name` reduces the batch range across a mapped axis.
 
+    With `axis_name` (a name or a tuple of names of axes mapped by `jax.shard_map`, `vmap`
+    or `pmap`), each shard's min and max are reduced with `lax.pmin` / `lax.pmax` before
+    they are folded in, so every shard holds the state a single device would compute from
+    the whole batch, exactly (min and max do not round).
+
+    Args:
+      state: the state from `init` or a previous `update`.
+      x: the batch (its shard, under a mapped axis).
+      axis_name: mapped axes the batch is split over; None: `x` is the whole batch.
+
+    Returns:
+      The new state.
+
     Raises:
+      TypeError: an `axis_name` that is not None, a str or a tuple of str.
       ValueError: eagerly, for a batch with NaN / +-inf or one that makes the range too wide
         for float32 (`qjax.observers`); under jit such a batch is skipped and counted.
+
+    Example:
+      >>> obs = MinMaxObserver(spec=QuantSpec(bits=8))
+      >>> shards = jnp.array([[-1.0, 2.0], [0.5, 3.0]])   # one batch, split over 2 devices
+      >>> fold = lambda part: obs.update(obs.init(()), part, axis_name="batch")
+      >>> states = jax.vmap(fold, axis_name="batch")(shards)
+      >>> states.min_val.tolist(), states.max_val.tolist()
+      ([-1.0, -1.0], [3.0, 3.0])
     """
     lo, hi, ok = self._batch_range(state, x, axis_name)
     return MinMaxState(jnp.where(ok, jnp.minimum(state.min_val, lo), state.min_val),
@@ -265,8 +303,9 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
                        f"got {c!r}.")
 
   def update(self, state: MinMaxState, x: jax.typing.ArrayLike, *,
-             axis_name: str | None = None) -> MinMaxState:
-    """Fold in the batch `x` (first batch: its range; later: the moving average)."""
+             axis_name: AxisName = None) -> MinMaxState:
+    """Fold in the batch `x` (first batch: its range; later: the moving average); the batch
+    range is reduced over `axis_name` first, as in `MinMaxObserver.update`."""
     lo, hi, ok = self._batch_range(state, x, axis_name)
     first = state.count == 0
     c = jnp.float32(self.averaging_constant)
