@@ -30,6 +30,7 @@ from qjax.integer.forms.relu import Int8ReLU, ReLUForm
 from qjax.nn import _integer
 from qjax.nn.modules import Mode, _merged_mode, _point, _where, module_path
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
+from qjax.observers.minmax import AxisName
 
 
 def _observed(qconfig: QConfig | None) -> bool:
@@ -38,7 +39,8 @@ def _observed(qconfig: QConfig | None) -> bool:
 
 def _output(module: nn.Module, qconfig: QConfig | None, y: jax.Array, mode: Mode) -> jax.Array:
   """y through the module's output point, marked for convert when it is quantized."""
-  y = _point(qconfig, "activation", name="output", parent=module)(y, mode=mode)
+  y = _point(qconfig, "activation", name="output", parent=module,
+             axis_name=module.axis_name)(y, mode=mode)
   if not _observed(qconfig):
     return y
   assert qconfig is not None and qconfig.activation is not None
@@ -55,6 +57,8 @@ class QuantAdd(nn.Module):
     qconfig: its `activation` observer is the output grid (None: a float add).
     relu: fuse a ReLU (add_relu).
     mode: default mode, overridable per call.
+    axis_name: mapped axes (`jax.shard_map`) the batch is split over; the output observer
+      reduces over them (`qjax.nn.QuantDense`). None under GSPMD or on one device.
 
   Example:
     >>> import qjax.nn as qnn
@@ -68,6 +72,7 @@ class QuantAdd(nn.Module):
   qconfig: QConfigLike = None
   relu: bool = False
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   @nn.compact
   def __call__(self, a: jax.Array, b: jax.Array, *,
@@ -94,6 +99,7 @@ class QuantConcat(nn.Module):
     qconfig: its `activation` observer is the output grid (None: a float concatenation).
     axis: the axis to join along.
     mode: default mode, overridable per call.
+    axis_name: mapped axes the output observer reduces over (as in `QuantAdd`).
 
   Example:
     >>> import qjax.nn as qnn
@@ -107,6 +113,7 @@ class QuantConcat(nn.Module):
   qconfig: QConfigLike = None
   axis: int = -1
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], *,

@@ -58,6 +58,7 @@ from qjax._float32 import rounded
 from qjax.nn import _integer
 from qjax.nn.modules import (Mode, _merged_mode, _point, _stock_fields, _where, module_path)
 from qjax.nn.qconfig import QConfig, QConfigLike, resolve
+from qjax.observers.minmax import AxisName
 
 BATCH_STATS = "batch_stats"
 _MODES = (Mode.FLOAT, Mode.CALIBRATE, Mode.QAT, Mode.INT8)
@@ -74,14 +75,24 @@ def _channel_shape(ndim: int) -> tuple[int, ...]:
   return (1,) * (ndim - 1) + (-1,)
 
 
-def _batch_moments(y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _batch_moments(y: jax.Array, axis_name: AxisName = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(mean, biased variance, unbiased variance) per channel (the last axis) in float32,
-  over all other axes, with the two-pass variance sum((y - mean)^2) / n (resp. n - 1)."""
+  over all other axes, with the two-pass variance sum((y - mean)^2) / n (resp. n - 1).
+
+  With `axis_name`, y is one shard of the batch: both sums (and n) are `lax.psum`-ed over
+  the mapped axes, so the moments are the whole batch's up to float summation order."""
   axes = tuple(range(y.ndim - 1))
   n = int(np.prod([y.shape[a] for a in axes]))
   y = y.astype(jnp.float32)
-  mean = jnp.mean(y, axis=axes)
+  if axis_name is None:
+    mean = jnp.mean(y, axis=axes)
+  else:
+    n = n * int(lax.psum(1, axis_name))   # static: the mapped axes have known sizes
+    mean = lax.psum(jnp.sum(y, axis=axes), axis_name) / jnp.float32(n)
   squares = jnp.sum(jnp.square(y - mean.reshape(_channel_shape(y.ndim))), axis=axes)
+  if axis_name is not None:
+    squares = lax.psum(squares, axis_name)
   return mean, squares / jnp.float32(n), squares / jnp.float32(n - 1)
 
 
@@ -205,10 +216,10 @@ def _folded_bn_layer(module: nn.Module, stock_type: type, cls_field: str, contra
   y = layer(inputs)
   if train:
     count = int(np.prod(y.shape[:-1]))
-    if count < 2:
+    if count < 2 and module.axis_name is None:
       raise ValueError(f"{where}: train=True needs more than one value per channel for the "
                        f"batch variance; got an output of shape {y.shape}.")
-    mean, var, unbiased = _batch_moments(y)
+    mean, var, unbiased = _batch_moments(y, module.axis_name)
     if not module.is_initializing():
       if not module.is_mutable_collection(BATCH_STATS):
         raise ValueError(f"{where}: train=True updates the running averages in "
@@ -225,7 +236,8 @@ def _folded_bn_layer(module: nn.Module, stock_type: type, cls_field: str, contra
   z = _batch_norm(y, mean, var, gamma, beta, module.epsilon)
   if module.activation is not None:
     z = module.activation(z)
-  z = _point(qconfig, "activation", name="output", parent=module)(z, mode=mode)
+  z = _point(qconfig, "activation", name="output", parent=module,
+             axis_name=module.axis_name)(z, mode=mode)
   return _integer.mark_layer_output(module, qconfig, z)
 
 
@@ -243,6 +255,9 @@ class QuantConvBN(nn.Conv):
     epsilon: added to the variance (Flax's and PyTorch's default 1e-5).
     bn_scale_init, bn_bias_init: initialisers of gamma (ones) and beta (zeros).
     mode: default mode ("float", "calibrate", "qat"), overridable per call.
+    axis_name: mapped axes (`jax.shard_map`) the batch is split over, as in Flax's
+      `nn.BatchNorm`: the batch moments (`train=True`) are summed over them and the output
+      observer reduces over them. None under GSPMD or on one device.
 
   Example:
     >>> import qjax.nn as qnn
@@ -264,6 +279,7 @@ class QuantConvBN(nn.Conv):
   bn_scale_init: Callable[..., jax.Array] = nn.initializers.ones
   bn_bias_init: Callable[..., jax.Array] = nn.initializers.zeros
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   # Takes `train` on top of the stock layer's `inputs` (for the BatchNorm): not a substitute
   # for the stock layer's __call__, hence the ignore.
@@ -289,6 +305,7 @@ class QuantDenseBN(nn.Dense):
   bn_scale_init: Callable[..., jax.Array] = nn.initializers.ones
   bn_bias_init: Callable[..., jax.Array] = nn.initializers.zeros
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   # Takes `train` on top of the stock layer's `inputs` (for the BatchNorm): not a substitute
   # for the stock layer's __call__, hence the ignore.

@@ -35,6 +35,15 @@ Modes, chosen per call like BatchNorm's `use_running_average`:
                as reshape or max pooling between them) may touch the int8 tensors.
 Observers never update while the model is being initialised.
 
+Sharded batches. Under `jax.jit` with `NamedSharding` inputs (GSPMD) nothing is needed: the
+program is the one-device program and XLA partitions it, observer reductions included. Under
+`jax.shard_map` (or `pmap`, `vmap`) each device sees its shard of the batch; give the modules
+`axis_name` (as for Flax's `nn.BatchNorm`: a mapped axis name or a tuple of them) and their
+activation points reduce their batch statistics over it (`observer.update(...,
+axis_name=...)`), so every shard holds the statistics of the whole batch, exactly as one
+device would compute them. Weight points never reduce: a replicated kernel is whole on every
+shard, and per-channel statistics of a kernel split over output channels are per shard.
+
 When the "quant_params" collection is mutable, every point also writes its current
 (scale, zero_point) there: `collect_qparams` uses that to read a calibrated model's qparams,
 and raises, naming the module path, for a point that has never seen data.
@@ -59,6 +68,7 @@ from qjax import observers as obs
 from qjax import numerics
 from qjax import ste
 from qjax.numerics import QParams
+from qjax.observers.minmax import AxisName
 from qjax.integer.forms import base as forms
 from qjax.integer.forms.boundary import DequantizeForm, QuantizeForm
 from qjax.integer.forms.dot import DotForm, QuantizedConv, QuantizedDot
@@ -160,9 +170,11 @@ def _observer_state(module: nn.Module, observer: obs.Observer, x: jax.Array, mod
 
 
 def _observe(module: nn.Module, observer: obs.Observer, state: obs.ObserverState,
-             variables: dict, x: jax.Array, *, mode: Mode, updates: bool) -> Any:
-  """Fold x into the observer when `updates` and "quant_stats" is mutable (never at init);
-  "calibrate" with immutable statistics is an error. Returns the (new) state."""
+             variables: dict, x: jax.Array, *, mode: Mode, updates: bool,
+             axis_name: AxisName = None) -> Any:
+  """Fold x into the observer when `updates` and "quant_stats" is mutable (never at init),
+  reduced over the mapped axes `axis_name`; "calibrate" with immutable statistics is an
+  error. Returns the (new) state."""
   if module.is_initializing():
     return state
   mutable = module.is_mutable_collection(STATS)
@@ -173,7 +185,8 @@ def _observe(module: nn.Module, observer: obs.Observer, state: obs.ObserverState
   if updates and mutable:
     # The state is from this observer's own init; mypy cannot pair the union's members.
     state = _reraise_with_path(
-        module, lambda: observer.update(state, lax.stop_gradient(x)))  # type: ignore[arg-type]
+        module, lambda: observer.update(state, lax.stop_gradient(x),  # type: ignore[arg-type]
+                                        axis_name=axis_name))
     for name, var in variables.items():
       var.value = getattr(state, name)
   return state
@@ -194,10 +207,13 @@ class FakeQuant(nn.Module):
   Attributes:
     observer: the observer (None: the point does nothing and keeps no state).
     mode: default mode, overridable per call.
+    axis_name: mapped axes (`jax.shard_map`) the observed tensor is split over: the
+      observer reduces its batch statistics over them. None under GSPMD or on one device.
   """
 
   observer: obs.Observer | None
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
@@ -210,7 +226,8 @@ class FakeQuant(nn.Module):
     found = _observer_state(self, observer, x, mode)
     if found is None:
       return x
-    state = _observe(self, observer, *found, x, mode=mode, updates=mode is not Mode.FLOAT)
+    state = _observe(self, observer, *found, x, mode=mode, updates=mode is not Mode.FLOAT,
+                     axis_name=self.axis_name)
     record = self.is_mutable_collection(QPARAMS) and not self.is_initializing()
     if not record and (mode is not Mode.QAT or self.is_initializing()):
       return x
@@ -243,11 +260,13 @@ class LearnableFakeQuant(nn.Module):
     observer: initialises the parameters (its spec is the grid).
     grad_scaling: LSQ's gradient scale on the scale and zero-point gradients.
     mode: default mode, overridable per call.
+    axis_name: mapped axes the observer reduces over (as in `FakeQuant`).
   """
 
   observer: obs.Observer
   grad_scaling: bool = True
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
@@ -265,7 +284,7 @@ class LearnableFakeQuant(nn.Module):
     def observed_qparams(data):
       # Each observer takes its own init's state; mypy cannot pair the union's members.
       first = observer.update(observer.init(jnp.shape(data)),  # type: ignore[arg-type]
-                              lax.stop_gradient(data))
+                              lax.stop_gradient(data), axis_name=self.axis_name)
       return observer.qparams(first)  # type: ignore[arg-type]
 
     # Flax also calls a param's initialiser abstractly after init, to check shapes: outside
@@ -283,7 +302,8 @@ class LearnableFakeQuant(nn.Module):
     if self.is_initializing() or mode is Mode.FLOAT:
       return x
     if mode is Mode.CALIBRATE:
-      state = _observe(self, observer, *found, x, mode=mode, updates=True)
+      state = _observe(self, observer, *found, x, mode=mode, updates=True,
+                       axis_name=self.axis_name)
       if self.is_mutable_collection("params"):
         qparams = _reraise_with_path(self, lambda: observer.qparams(state))
         self.put_variable("params", "scale", qparams.scale)
@@ -373,24 +393,33 @@ def is_research(point: Any) -> bool:
   return isinstance(point, quantizer_points.Quantizer)
 
 
-def _point(qconfig: QConfig | None, role: str, **kwargs: Any) -> nn.Module:
+def _point(qconfig: QConfig | None, role: str, *, axis_name: AxisName = None,
+           **kwargs: Any) -> nn.Module:
   """The quantization point for `qconfig`'s "activation" or "weight" entry: a research
-  quantizer's point, learned qparams (LSQ) when `qconfig.learnable`, observed ones
-  otherwise."""
+  quantizer's point (it keeps no statistics, so `axis_name` does not concern it), learned
+  qparams (LSQ) when `qconfig.learnable`, observed ones otherwise."""
   observer = None if qconfig is None else getattr(qconfig, role)
   if is_research(observer):
     return QuantizerPoint(quantizer=observer, **kwargs)
   if qconfig is not None and observer is not None and qconfig.learnable:
-    return LearnableFakeQuant(observer=observer, **kwargs)
-  return FakeQuant(observer=observer, **kwargs)
+    return LearnableFakeQuant(observer=observer, axis_name=axis_name, **kwargs)
+  return FakeQuant(observer=observer, axis_name=axis_name, **kwargs)
 
 
 class Quantize(nn.Module):
   """Model input boundary (PyTorch's QuantStub): observes, and in QAT fake-quantizes, x with
-  `qconfig.activation`. The integer path quantizes the input here, once."""
+  `qconfig.activation`. The integer path quantizes the input here, once.
+
+  Attributes:
+    qconfig: its `activation` observer is the input grid (None: the model stays in float).
+    mode: default mode, overridable per call.
+    axis_name: mapped axes (`jax.shard_map`) the batch is split over: the observer reduces
+      over them (module docstring). None under GSPMD or on one device.
+  """
 
   qconfig: QConfigLike
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
@@ -401,7 +430,7 @@ class Quantize(nn.Module):
     if mode is Mode.INT8:
       return _integer.quantize(self, x, _where(self))
     x = forms.mark_input(self, x, QuantizeForm())
-    point = _point(qconfig, "activation")
+    point = _point(qconfig, "activation", axis_name=self.axis_name)
     nn.share_scope(self, point)
     y = point(x, mode=mode)
     return forms.mark_output(self, y, observer=qconfig.activation,
@@ -459,8 +488,10 @@ def _marked_input(module: nn.Module, qconfig: QConfig | None, lhs: jax.Array,
 
 def _quantized_operands(module: nn.Module, qconfig: QConfig | None, mode: Mode,
                         lhs: jax.Array, rhs: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """lhs through the "input" point, rhs through the "weight" point (in the layer's scope)."""
-  lhs = _point(qconfig, "activation", name="input", parent=module)(lhs, mode=mode)
+  """lhs through the "input" point (reduced over the module's `axis_name`), rhs through the
+  "weight" point (in the layer's scope)."""
+  lhs = _point(qconfig, "activation", name="input", parent=module,
+               axis_name=module.axis_name)(lhs, mode=mode)
   rhs = _point(qconfig, "weight", name="weight", parent=module)(rhs, mode=mode)
   return lhs, rhs
 
@@ -478,10 +509,14 @@ class QuantDotGeneral(nn.Module):
   Mode "int8" (after `qjax.convert`) runs the layer's `QuantizedDot`: the input quantized
   here, int8 x int8 -> int32, scaled back to float32 (the float kernel is not read). Its
   contraction must be nn.Dense's, (..., K) x (K, N).
+
+  `axis_name`: mapped axes (`jax.shard_map`) the input is split over; the input point's
+  observer reduces over them (the weight point never does).
   """
 
   qconfig: QConfigLike
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   @nn.compact
   def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
@@ -516,10 +551,12 @@ class QuantDotGeneral(nn.Module):
 class QuantConvGeneral(nn.Module):
   """A quantized `lax.conv_general_dilated` for `nn.Conv(..., conv_general_dilated_cls=...)`:
   y = conv(FQ_act(lhs), FQ_w(rhs)); scope and statistics as in `QuantDotGeneral`. Mode
-  "int8" runs the layer's `QuantizedConv` (NHWC input, HWIO kernel, no input dilation)."""
+  "int8" runs the layer's `QuantizedConv` (NHWC input, HWIO kernel, no input dilation);
+  `axis_name` as in `QuantDotGeneral`."""
 
   qconfig: QConfigLike
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   @nn.compact
   def __call__(self, lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: Any,
@@ -590,7 +627,8 @@ def _eager_layer(module: nn.Module, stock_type: type, cls_field: str, contractio
   y = layer(inputs)
   if module.activation is not None:
     y = module.activation(y)
-  y = _point(qconfig, "activation", name="output", parent=module)(y, mode=mode)
+  y = _point(qconfig, "activation", name="output", parent=module,
+             axis_name=module.axis_name)(y, mode=mode)
   return _integer.mark_layer_output(module, qconfig, y)
 
 
@@ -601,11 +639,14 @@ class QuantDense(nn.Dense):
   plus `qconfig`, an optional fused `activation` (e.g. `nn.relu`: PyTorch's LinearReLU) and a
   per-call `mode`. The input is expected to be quantized by its producer (`Quantize` or the
   previous quantized layer). Statistics: quant_stats/<layer>/weight and .../output.
+  `axis_name`: mapped axes (`jax.shard_map`) the batch is split over; the output observer
+  reduces over them (module docstring), the weight observer never does.
   """
 
   qconfig: QConfigLike = None
   activation: Callable[[jax.Array], jax.Array] | None = None
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
@@ -614,11 +655,13 @@ class QuantDense(nn.Dense):
 
 class QuantConv(nn.Conv):
   """`nn.Conv` in PyTorch's eager placement: y = FQ_out(act(conv(x, FQ_w(W)) + b)); fields,
-  params and statistics as in `QuantDense` (PyTorch's ConvReLU2d with `activation=nn.relu`)."""
+  params, statistics and `axis_name` as in `QuantDense` (PyTorch's ConvReLU2d with
+  `activation=nn.relu`)."""
 
   qconfig: QConfigLike = None
   activation: Callable[[jax.Array], jax.Array] | None = None
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
