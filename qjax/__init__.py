@@ -8,8 +8,9 @@ integer ops of mode "int8"), their int8 x int8 -> int32 math (`qjax.integer.arit
 integer form per operation kind (`qjax.integer.forms`), `qjax.dynamic` (dynamic quantization of
 any Flax model's Dense layers on the same int8 matmul); `qjax.io` (save / load without
 pickle), `qjax.report`
-(model size, per-layer report), `qjax.fuse` (BatchNorm folding) and `qjax.quantizers`
-(half-precision casts).
+(model size, per-layer report), `qjax.fuse` (BatchNorm folding), `qjax.quantizers`
+(half-precision casts) and `qjax.sharding` (NamedShardings of a model's variables and
+batches on a device mesh).
 """
 
 from qjax import fuse
@@ -19,6 +20,7 @@ from qjax import io
 from qjax import observers
 from qjax import quantizers
 from qjax import report
+from qjax import sharding
 from qjax import snn
 
 from qjax.fuse import fold_batch_norm
@@ -78,5 +80,6 @@ __all__ = (
     "quantizers",
     "report",
     "round_ste",
+    "sharding",
     "snn",
 )
