@@ -20,8 +20,10 @@ Stages (each with a tqdm bar, each timed):
    agreement column is the share of test digits whose int8 argmax equals the fake-quant
    forward's (mode="qat", observers frozen).
 4. Per model: accuracy, the bytes `qjax.io.save` writes (what inference needs: params, or the
-   `qjax.for_serving` integer tree), the size ratio, and the latency of the jitted apply at
-   batch 1 and 256 relative to float32 (medians of interleaved calls, one run).
+   `qjax.for_serving(int_vars, pack=False)` integer tree: weights unpacked, as a file keeps
+   them), the size ratio, and the latency of the jitted apply of the serving tree (Dense
+   weights packed where the native int8 kernel runs) at batch 1 and 256 relative to float32
+   (medians of interleaved calls, one run).
 5. Verification (the classic notebook's, done for real): every layer's weight / input /
    output scale and zero point, and the first layer's integers recomputed with the explicit
    formula in NumPy, printed next to qjax's with the count of equal entries.
@@ -189,8 +191,12 @@ def train_float(name: str, data: tuple, args: argparse.Namespace) -> tuple[Any, 
 class Variant:
   """One row of a model's table: how to run it, and what it measured."""
 
-  def __init__(self, name: str, apply: Callable, variables: Any, dtype: Any = jnp.float32):
+  def __init__(self, name: str, apply: Callable, variables: Any, dtype: Any = jnp.float32,
+               stored: Any = None):
     self.name, self.apply, self.variables, self.dtype = name, jax.jit(apply), variables, dtype
+    # What is written to disk: `variables`, or the same unpacked (weights packed for the
+    # native kernel carry panel padding that a file need not hold).
+    self.stored = variables if stored is None else stored
     self.row: dict[str, Any] = {"variant": name}
 
   def logits(self, x: np.ndarray) -> np.ndarray:
@@ -227,7 +233,7 @@ def _static_variant(name: str, model_name: str, qconfig: Any, fuse: bool, params
   fake = trainer.logits(params, stats, x_test)
   int_vars = qjax.convert(model, variables, x_test[:2], requant=args.requant)
   variant = Variant(name, lambda v, x: model.apply(v, x, mode="int8"),
-                    qjax.for_serving(int_vars))
+                    qjax.for_serving(int_vars), stored=qjax.for_serving(int_vars, pack=False))
   logits = variant.logits(x_test)
   variant.row.update(
       fake_quant_accuracy=training.accuracy(fake, y_test),
@@ -302,7 +308,7 @@ def study_model(name: str, data: tuple, args: argparse.Namespace, stages: Stages
   built, kept = stages.run(f"{name}: variants (calibrate, QAT {args.qat_epochs} epoch(s), "
                            f"convert, evaluate)", variants)
   for v in built:
-    v.row["bytes"] = saved_bytes(v.variables, out_dir, _file_name(name, v.name))
+    v.row["bytes"] = saved_bytes(v.stored, out_dir, _file_name(name, v.name))
   for v in built:  # built[0] is float32
     v.row["size_vs_float32"] = v.row["bytes"] / built[0].row["bytes"]
 
