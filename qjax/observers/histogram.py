@@ -202,6 +202,15 @@ def _upscale(hist: jax.Array, old_min: jax.Array, old_max: jax.Array, new_min: j
   return jnp.zeros((bins,), jnp.float32).at[index].add(mass)
 
 
+def _tied(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """x, made to depend on the new range (a select of x with itself, which XLA removes).
+
+  Under `jax.shard_map` without `axis_name` each shard's range varies across shards while a
+  replicated histogram does not, and the branches of a `lax.switch` must agree on that.
+  """
+  return jnp.where(lo <= hi, x, x)
+
+
 @functools.partial(jax.jit, static_argnames=("axis_name",))
 def _update(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, x: jax.Array,
             x_min: jax.Array, x_max: jax.Array, initialized: jax.Array, *,
@@ -215,8 +224,8 @@ def _update(hist: jax.Array, min_val: jax.Array, max_val: jax.Array, x: jax.Arra
   same_range = (lo == min_val) & (hi == max_val)
   branch = jnp.select([~initialized, same_range, min_val == max_val], [0, 1, 2], 3)
   old = lax.switch(branch, [
-      lambda: jnp.zeros_like(hist),                                      # reset_histogram
-      lambda: hist,                                                      # same range
+      lambda: _tied(jnp.zeros_like(hist), lo, hi),                       # reset_histogram
+      lambda: _tied(hist, lo, hi),                                       # same range
       lambda: _histc(min_val[None], lo, hi, bins) * _torch_sum(hist),    # one-point old range
       lambda: _upscale(hist, min_val, max_val, lo, hi),                  # wider range
   ])
