@@ -377,3 +377,48 @@ def test_packed_layout_and_errors():
     kernels.matmul(jnp.zeros((2, 8), jnp.int8), packed, kernel="xla")
   with pytest.raises(TypeError, match="x must be int8"):
     kernels.matmul(jnp.zeros((2, 7), jnp.int32), packed, kernel="xla")
+
+
+# ------------------------------------------------------------------------------------------
+# Convolutions: the native GEMM of the patches against XLA's convolution.
+
+CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
+    ((2, 14, 14, 6), (5, 5, 6, 16), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # LeNet-5's conv2
+    ((3, 9, 8, 3), (3, 3, 3, 7), (2, 1), ((1, 1), (2, 0)), (1, 1), 1),
+    ((1, 11, 11, 5), (3, 2, 5, 33), (1, 2), ((2, 1), (0, 1)), (2, 1), 1),
+    ((2, 6, 6, 20), (3, 3, 20, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    ((2, 8, 8, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), (1, 1), 1),  # one channel: XLA
+    ((2, 7, 7, 4), (3, 3, 2, 6), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # groups: XLA
+    ((0, 6, 6, 3), (3, 3, 3, 2), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # empty batch
+    ((1, 3, 3, 2), (2, 2, 2, 5), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # M = 4
+]
+
+
+def test_conv_matches_xla():
+  """Int8 outputs of kernels.conv on every native path equal XLA's convolution +
+  requantization: padding with a nonzero zero point, strides, dilation, random operands and
+  all -128; fbgemm (fused) and float requantizers."""
+  rng = np.random.default_rng(11)
+  for i, (x_shape, k_shape, strides, padding, dilation, groups) in enumerate(CONVS):
+    extreme = i % 3 == 2
+    if extreme:
+      x, w = np.full(x_shape, -128, np.int8), np.full(k_shape, -128, np.int8)
+    else:
+      x = rng.integers(-128, 128, x_shape, dtype=np.int8)
+      w = rng.integers(-128, 128, k_shape, dtype=np.int8)
+    cout, k = k_shape[-1], int(np.prod(k_shape[:-1]))
+    offset = rng.integers(-5000, 5000, cout).astype(np.int32)
+    geometry = dict(strides=strides, padding=padding, dilation=dilation, groups=groups,
+                    pad_value=jnp.int32(int(rng.integers(-128, 128))))
+    for r in (fbgemm(rng, cout, k, per_channel=True, zero=3, relu=True),
+              rq.FloatRequant(multiplier=jnp.float32(60 / (5500 * np.sqrt(k))),
+                              zero_point=jnp.int32(-4), lo=-128, hi=127, relu=False)):
+      want = np.asarray(jax.jit(lambda x, w, o, r, g=geometry: kernels.conv(
+          x, w, o, r, **g, kernel="xla"))(x, w, offset, r))
+      if want.size >= 1000 and not extreme:
+        assert len(np.unique(want)) > 20, (x_shape, k_shape)
+      for path in AVAILABLE:
+        got = np.asarray(jax.jit(lambda x, w, o, r, g=geometry, p=path: kernels.conv(
+            x, w, o, r, **g, kernel=p))(x, w, offset, r))
+        assert got.dtype == np.int8
+        np.testing.assert_array_equal(got, want, err_msg=f"{path} {x_shape} {k_shape} {r}")

@@ -158,10 +158,18 @@ def conv_pads(padding: str | Sequence[tuple[int, int]], in_spatial: Sequence[int
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def _im2col(x: jax.Array, window: Sequence[int], strides: Sequence[int],
-            dilation: Sequence[int]) -> jax.Array:
-  """(B, *spatial, C) -> (B, *out_spatial, prod(window) * C) patches by strided slices; the
-  feature order is (window position, channel), i.e. an HWIO kernel reshaped to (-1, O)."""
+def im2col(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+           dilation: Sequence[int]) -> jax.Array:
+  """(B, *spatial, C) -> (B, *out_spatial, prod(window) * C) patches by strided slices (no
+  padding: pad first); the feature order is (window position, channel), i.e. an HWIO kernel
+  reshaped to (-1, O), so that conv(x, kernel) = im2col(x) @ kernel.reshape(-1, O).
+
+  Example:
+    >>> x = jnp.arange(6, dtype=jnp.int8).reshape(1, 3, 2, 1)
+    >>> im2col(x, (2, 2), (1, 1), (1, 1))[0, :, 0]
+    Array([[0, 1, 2, 3],
+           [2, 3, 4, 5]], dtype=int8)
+  """
   spatial = x.shape[1:-1]
   out = [(s - ((w - 1) * d + 1)) // st + 1
          for s, w, d, st in zip(spatial, window, dilation, strides, strict=True)]
@@ -208,7 +216,7 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
     x = lax.pad(x, pad_value.astype(jnp.int8), [(lo, hi, 0) for lo, hi in pads])
   cin, cout = x.shape[-1], kernel.shape[-1]
   if feature_group_count == 1 and cin > 1 and (cin < 16 or max(cin, cout) <= 16):
-    patches = _im2col(x, kernel.shape[:nsp], strides, dilation)
+    patches = im2col(x, kernel.shape[:nsp], strides, dilation)
     k2 = kernel.reshape((-1, kernel.shape[-1]))  # (window * C, O)
     return lax.dot_general(patches, k2, (((patches.ndim - 1,), (0,)), ((), ())),
                            preferred_element_type=jnp.int32)

@@ -126,9 +126,10 @@ class Int8Conv:
       x = x[None]
     pads = arith.conv_pads(self.padding, x.shape[1:-1], kernel.shape[:-2], self.strides,
                            self.dilation)
-    acc = arith.conv(x, kernel, strides=self.strides, padding=pads, dilation=self.dilation,
-                     feature_group_count=self.groups, pad_value=self.pad_value)
-    y = self.requant(acc + rq.channels(self.offset, acc.ndim))
+    # XLA's convolution, or the native kernel on the patches (`qjax.integer.kernels.conv`):
+    # the same integers either way.
+    y = kernels.conv(x, kernel, self.offset, self.requant, strides=self.strides, padding=pads,
+                     dilation=self.dilation, groups=self.groups, pad_value=self.pad_value)
     return y[0] if unbatched else y
 
 

@@ -448,6 +448,64 @@ def dense(x: jax.Array, kernel_t: Weights, offset: jax.Array, requant: rq.Requan
   return requant(matmul(x, kernel_t, offset, kernel=kernel))
 
 
+def conv(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, requant: rq.Requantizer, *,
+         strides: tuple[int, ...], padding: tuple[tuple[int, int], ...],
+         dilation: tuple[int, ...], groups: int, pad_value: jax.Array,
+         kernel: str | None = None) -> jax.Array:
+  """An integer Conv: requant(correlate(x padded with pad_value, kernel_hwio) + offset) as int8.
+
+    acc[b, p, o] = sum_{w, c} x_pad[b, p * stride + w * dilation, c] kernel_hwio[w, c, o]
+                   + offset[o]
+
+  On a native path an ungrouped convolution with more than one input channel runs as the
+  native GEMM of its patches (`qjax.integer.arith.im2col`, int8) with the kernel as an
+  (O, window * C) matrix, the requantization fused; otherwise (and on "xla")
+  `qjax.integer.arith.conv` then `requant`. One input channel stays on XLA's convolution
+  whatever the path (LeNet-5's first layer at batch 256: XLA's exact s32 convolution was
+  faster than its patches through the native GEMM). The same integers on every path.
+
+  Args:
+    x: int8 (B, *spatial, C).
+    kernel_hwio: int8 (*window, C / groups, O).
+    offset: int32 (O,).
+    requant: a `qjax.integer.requant` requantizer.
+    strides, padding, dilation, groups: the geometry (`padding` explicit (low, high) pairs).
+    pad_value: int32 (): the input's zero point on the int8 grid (padding is real zero).
+    kernel: see `resolve`.
+
+  Returns:
+    int8 (B, *out_spatial, O).
+
+  Example:
+    >>> r = rq.FloatRequant(multiplier=jnp.float32(1.0), zero_point=jnp.int32(0), lo=-128,
+    ...                     hi=127, relu=False)
+    >>> x = jnp.ones((1, 3, 3, 2), jnp.int8)
+    >>> w = jnp.ones((2, 2, 2, 1), jnp.int8)
+    >>> conv(x, w, jnp.zeros(1, jnp.int32), r, strides=(1, 1), padding=((0, 0), (0, 0)),
+    ...      dilation=(1, 1), groups=1, pad_value=jnp.int32(0))[0, :, :, 0]
+    Array([[8, 8],
+           [8, 8]], dtype=int8)
+  """
+  nsp = kernel_hwio.ndim - 2
+  cin, cout = x.shape[-1], kernel_hwio.shape[-1]
+  window = kernel_hwio.shape[:nsp]
+  if groups == 1 and cin > 1 and x.ndim == nsp + 2:
+    out = [(s + lo + hi - ((w - 1) * d + 1)) // st + 1 for s, (lo, hi), w, d, st in
+           zip(x.shape[1:-1], padding, window, dilation, strides, strict=True)]
+    macs = x.shape[0] * int(np.prod(out, dtype=np.int64)) * cout * int(
+        np.prod(kernel_hwio.shape[:-1], dtype=np.int64))
+    path = resolve(kernel, macs=macs)
+    if path != "xla":
+      pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
+      if any(lo or hi for lo, hi, _ in pads):
+        x = jax.lax.pad(x, jnp.asarray(pad_value).astype(jnp.int8), pads)
+      patches = arith.im2col(x, window, strides, dilation)
+      return dense(patches, kernel_hwio.reshape((-1, cout)).T, offset, requant, kernel=path)
+  acc = arith.conv(x, kernel_hwio, strides=strides, padding=padding, dilation=dilation,
+                   feature_group_count=groups, pad_value=pad_value)
+  return requant(acc + rq.channels(jnp.asarray(offset, jnp.int32), acc.ndim))
+
+
 __all__ = (
     "AUTO_MIN_MACS",
     "DEFAULT_KERNEL",
@@ -457,6 +515,7 @@ __all__ = (
     "PackedWeights",
     "Weights",
     "available",
+    "conv",
     "dense",
     "matmul",
     "matmul_requant",
