@@ -10,7 +10,7 @@ any Flax model's Dense layers on the same int8 matmul); `qjax.io` (save / load w
 pickle), `qjax.report`
 (model size, per-layer report), `qjax.fuse` (BatchNorm folding), `qjax.quantizers`
 (half-precision casts) and `qjax.sharding` (NamedShardings of a model's variables and
-batches on a device mesh).
+batches on a device mesh; `qjax.integer_variable_shardings` for converted int8 variables).
 """
 
 from qjax import fuse
@@ -28,6 +28,7 @@ from qjax.fuse import fold_batch_norms
 from qjax.fuse import folded_kernel_and_bias
 from qjax.integer import dynamic
 from qjax.integer import for_serving
+from qjax.integer import integer_variable_shardings
 from qjax.integer.conversion import convert
 from qjax.numerics import FLOAT32_EPS
 from qjax.numerics import QParams
@@ -67,6 +68,7 @@ __all__ = (
     "fuse",
     "half",
     "integer",
+    "integer_variable_shardings",
     "interop",
     "io",
     "lsq_grad_factor",
