@@ -269,6 +269,27 @@ def test_selection_rules(monkeypatch):
       kernels.resolve(missing)
 
 
+def test_auto_leaves_large_products_to_xla_where_amx_is_granted(monkeypatch):
+  """With AMX-INT8 granted (simulated: no CPU here need have it), "auto" keeps products
+  below AUTO_AMX_XLA_MACS on the native kernel and gives larger ones (and unknown sizes) to
+  XLA; a named path is kept whatever the size."""
+  if not AVAILABLE:
+    pytest.skip("the native library is not built")
+  monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+  monkeypatch.setattr(kernels, "amx_int8", lambda: True)
+  big = kernels.AUTO_AMX_XLA_MACS
+  assert kernels.resolve("auto", macs=big - 1) == AVAILABLE[0]
+  assert kernels.resolve("auto", macs=big) == "xla"
+  assert kernels.resolve("auto") == "xla"
+  assert kernels.resolve("native", macs=big) == AVAILABLE[0]
+  monkeypatch.setattr(kernels, "amx_int8", lambda: False)
+  assert kernels.resolve("auto", macs=big) == AVAILABLE[0]
+  monkeypatch.undo()
+  with open("/proc/cpuinfo", encoding="utf-8") as f:  # no AMX reported: never granted
+    if "amx_int8" not in f.read():
+      assert kernels.amx_int8() is False
+
+
 def test_without_the_library(monkeypatch):
   """A build without the library warns once and runs everything on XLA; a forced native path
   is an error that names the accepted values."""

@@ -19,8 +19,10 @@ QJAX_INT8_KERNEL=xla to keep the integer path's programs plain XLA, int8 `dot_ge
   "native"    the best of the three this CPU runs
   "auto"      "native" on the CPU backend of a process with one CPU device; "xla" on other
               backends, with several CPU devices (a device mesh: XLA's SPMD partitioner
-              splits a sharded dot_general, not a custom call, which it would gather) and
-              when the library is not built (one warning)
+              splits a sharded dot_general, not a custom call, which it would gather),
+              for products of `AUTO_AMX_XLA_MACS` multiply-adds and more where AMX-INT8 is
+              granted (`amx_int8`: XLA's int8 dot runs on AMX tiles there, the native
+              kernel has no AMX path) and when the library is not built (one warning)
 
 CPU features are read once (CPUID) by the library. Weights are taken as the integer path
 stores them, (N, K) output channel first: up to 16 rows stream them as stored; more rows pack
@@ -58,6 +60,11 @@ DEFAULT_KERNEL = "auto"
 # AVX-512 VNNI CPU, the native kernel was faster than XLA's int8 dot at every size down to
 # 8000 (13 us against 50 us for a fused Dense), so none is kept on XLA by size.
 AUTO_MIN_MACS = 0
+# On a CPU with AMX-INT8 granted, "auto" leaves products of this many multiply-adds and more
+# to XLA, whose int8 dot runs on AMX tiles there (measured on such a Xeon: 2,791 GOP/s at
+# 1024^3 against an AVX-512 VNNI limit of ~1,560, but 331 GOP/s at 256 x 784 x 100). The
+# crossover lies between those two sizes; 2^26 is an estimate, not a measurement.
+AUTO_AMX_XLA_MACS = 2**26
 
 _PATH_IDS = {"portable": 1, "avx2": 2, "vnni": 3}
 _PATH_BITS = {"portable": 1, "avx2": 2, "vnni": 4}
@@ -121,6 +128,31 @@ def native_paths() -> tuple[str, ...]:
   return _load()
 
 
+@functools.cache
+def _feature_bits() -> int:
+  if not _load():
+    return 0
+  lib = ctypes.CDLL(str(_library_file()))
+  lib.qjax_int8_paths.restype = ctypes.c_int
+  return int(lib.qjax_int8_paths())
+
+
+def amx_int8() -> bool:
+  """Whether this process may use AMX-INT8 tiles (CPUID, the OS's tile state, and Linux's
+  per-process grant, which the library requests as XLA does). Where it may, XLA's int8 dot
+  runs on AMX (oneDNN / YNNPACK), faster than any native path here for large products, and
+  "auto" leaves those to XLA (`AUTO_AMX_XLA_MACS`).
+
+  Returns:
+    False without the library, off x86, or where the grant is refused (e.g. by seccomp).
+
+  Example:
+    >>> isinstance(amx_int8(), bool)
+    True
+  """
+  return bool(_feature_bits() & 8)
+
+
 def available() -> bool:
   """Whether the native library is built and loaded (its "portable" path always runs then).
 
@@ -140,7 +172,8 @@ def resolve(kernel: str | None = None, *, macs: int | None = None) -> str:
   `kernel` if given, else the environment variable QJAX_INT8_KERNEL, else
   `DEFAULT_KERNEL`. "auto" picks the best native path on the CPU backend when the library is
   built, the process has one CPU device and the product has at least `AUTO_MIN_MACS`
-  multiply-adds (`macs`; None counts as large), "xla" otherwise. A named native path
+  multiply-adds (`macs`; None counts as large) and, where AMX-INT8 is granted (`amx_int8`),
+  fewer than `AUTO_AMX_XLA_MACS`; "xla" otherwise. A named native path
   ("native", "vnni", ...) runs whatever the size and device count (inside `shard_map`, each
   device's program calls the kernel on its own shard). The choice is made when a function is
   traced: a jitted function keeps it (its cache does not see QJAX_INT8_KERNEL change).
@@ -173,7 +206,8 @@ def resolve(kernel: str | None = None, *, macs: int | None = None) -> str:
     return "xla"
   if choice == "auto":
     if (jax.default_backend() != "cpu" or jax.device_count() > 1
-        or (macs is not None and macs < AUTO_MIN_MACS)):
+        or (macs is not None and macs < AUTO_MIN_MACS)
+        or ((macs is None or macs >= AUTO_AMX_XLA_MACS) and amx_int8())):
       return "xla"
     paths = native_paths()
     return paths[0] if paths else "xla"
@@ -507,6 +541,7 @@ def conv(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, requant: rq.Re
 
 
 __all__ = (
+    "AUTO_AMX_XLA_MACS",
     "AUTO_MIN_MACS",
     "DEFAULT_KERNEL",
     "ENV_VAR",
@@ -514,6 +549,7 @@ __all__ = (
     "NATIVE_PATHS",
     "PackedWeights",
     "Weights",
+    "amx_int8",
     "available",
     "conv",
     "dense",

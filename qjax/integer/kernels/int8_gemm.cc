@@ -40,6 +40,10 @@
 #define QJAX_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace ffi = xla::ffi;
@@ -54,6 +58,11 @@ enum Path : int64_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kVnni = 3 };
 struct Features {
   bool avx2 = false;
   bool vnni512 = false;  // AVX-512 F + BW + VL + VNNI, with the OS saving zmm state
+  // AMX-TILE + AMX-INT8, tile state enabled by the OS and granted to this process (Linux
+  // grants it on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), as XLA asks too; a
+  // seccomp filter that refuses the call leaves it false). The kernel has no AMX path: this
+  // only tells Python that XLA's int8 dot runs on AMX here.
+  bool amx_int8 = false;
 };
 
 Features Detect() {
@@ -74,6 +83,15 @@ Features Detect() {
   const bool vnni = (c >> 11) & 1;
   f.avx2 = ymm_os && avx2;
   f.vnni512 = zmm_os && f512 && bw && vl && vnni;
+  const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
+  const bool tiles_os = (xlo & 0x60000) == 0x60000;  // XTILECFG and XTILEDATA
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  f.amx_int8 = amx_tile && amx_int8 && tiles_os &&
+               syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  (void)amx_tile, (void)amx_int8, (void)tiles_os;
+#endif
 #endif
   return f;
 }
@@ -1108,9 +1126,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmPackedRequant, PackedRequant,
                                   .Attr<int64_t>("path")
                                   .Attr<int64_t>("threads"));
 
-// Which paths this CPU can run: bit 0 portable, bit 1 avx2, bit 2 vnni (for Python, ctypes).
+// Which paths this CPU can run: bit 0 portable, bit 1 avx2, bit 2 vnni; bit 3: AMX-INT8 is
+// usable by this process (for XLA; no path here uses it). For Python, through ctypes.
 extern "C" int qjax_int8_paths() {
-  return 1 | (Cpu().avx2 ? 2 : 0) | (Cpu().vnni512 ? 4 : 0);
+  return 1 | (Cpu().avx2 ? 2 : 0) | (Cpu().vnni512 ? 4 : 0) | (Cpu().amx_int8 ? 8 : 0);
 }
 
 #pragma GCC visibility pop
