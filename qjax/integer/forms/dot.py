@@ -75,7 +75,7 @@ class QuantizedConv:
   float32 f32(acc + offset) * scale. Static geometry as `Int8Conv`'s."""
 
   input: QuantizeOp | MultiplyQuantizeOp
-  kernel: QArray | kernels.PackedWeights  # packed in a serving tree (`qjax.for_serving`)
+  kernel: QArray
   offset: jax.Array
   scale: jax.Array
   strides: tuple[int, ...] = static()
