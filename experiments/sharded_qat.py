@@ -42,7 +42,6 @@ import pathlib  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -165,7 +164,8 @@ def run(data: tuple, *, steps: int, batch_size: int, calib_batches: int, seed: i
   return {
       "data": {"train": len(y_train), "test": len(y_test)},
       "config": {"steps": steps, "batch_size": batch_size, "calib_batches": calib_batches,
-                 "seed": seed, "lr": lr, "mesh": dict(zip(mesh.axis_names, MESH_SHAPE))},
+                 "seed": seed, "lr": lr,
+                 "mesh": dict(zip(mesh.axis_names, MESH_SHAPE, strict=True))},
       "kernel_specs": {layer: str(k.sharding.spec) for layer, k in float_kernels.items()},
       "bytes_per_device": {
           "float32_kernels": kernel_bytes_per_device(float_kernels),

@@ -116,7 +116,8 @@ def _spec(names: tuple[str, ...], shape: tuple[int, ...], channels: dict[tuple[s
     along = c is not None and shape == (c,)
   else:
     along = False
-  return PartitionSpec(model_axis) if along and c % model_size == 0 else PartitionSpec()
+  return (PartitionSpec(model_axis) if along and c is not None and c % model_size == 0
+          else PartitionSpec())
 
 
 def variable_shardings(variables: Any, mesh: Mesh, *, model_axis: str = "model") -> Any:
