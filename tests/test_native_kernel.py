@@ -6,12 +6,16 @@ multiple of 4 or 64, odd N, an empty batch, shapes on both sides of the row coun
 kernel switches from streaming the weights to packing them, and sizes that use threads. The
 int32 result is checked against `qjax.integer.arith.matmul` and a NumPy int64 reference
 (modulo 2^32), the fused requantization against `FbgemmRequant` on XLA and a NumPy float32
-reference; the XLA fallback and the selection rules without the library are checked too.
+reference; the XLA fallback and the selection rules without the library are checked too, and
+a CPU without AMX is emulated with experiments.no_amx's seccomp filter.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -443,3 +447,33 @@ def test_conv_matches_xla():
             x, w, o, r, **g, kernel=p))(x, w, offset, r))
         assert got.dtype == np.int8
         np.testing.assert_array_equal(got, want, err_msg=f"{path} {x_shape} {k_shape} {r}")
+
+
+_NO_AMX_CHILD = """
+import errno, numpy as np, jax.numpy as jnp
+from experiments import no_amx
+no_amx.deny_amx()
+assert no_amx.amx_request() == errno.EPERM, no_amx.amx_request()
+from qjax.integer import kernels
+assert kernels.amx_int8() is False
+paths = kernels.native_paths()
+assert kernels.resolve("auto", macs=kernels.AUTO_AMX_XLA_MACS) == (paths[0] if paths else "xla")
+rng = np.random.default_rng(0)
+x = rng.integers(-128, 128, (40, 300), dtype=np.int8)
+w = rng.integers(-128, 128, (70, 300), dtype=np.int8)
+want = x.astype(np.int64) @ w.astype(np.int64).T
+for path in ("xla", *paths):
+  got = np.asarray(kernels.matmul(jnp.asarray(x), jnp.asarray(w), kernel=path))
+  assert (got == want).all(), path
+print("ok", paths)
+"""
+
+
+def test_amx_refused_by_seccomp():
+  """Under experiments.no_amx's seccomp filter (a CPU without AMX, emulated in one process),
+  the library sees no AMX, "auto" keeps large products native, and every path still gives
+  the same integers."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  done = subprocess.run([sys.executable, "-c", _NO_AMX_CHILD], cwd=root, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr
