@@ -84,10 +84,6 @@ def float_variant(model_name: str) -> Built:
   return model, init_variables(model, model_name), ()
 
 
-# ---------------------------------------------------------------------------------------
-# TODO(qjax.nn): fill in once qjax.nn.QuantDotGeneral / QuantConvGeneral / Quantize /
-# Dequantize exist. Everything else in this script already handles the returned triple.
-# ---------------------------------------------------------------------------------------
 def qjax_qat_variant(model_name: str) -> Built:
   """qjax int8 QAT of `model_name`: PyTorch's x86 QAT qconfig (moving-average observers in
   "quant_stats", per-tensor uint8 activations, per-channel int8 weights), placed like the
