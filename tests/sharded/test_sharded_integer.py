@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pathlib
 import re
 
 import flax.linen as nn
@@ -94,7 +95,7 @@ def converted(name):
 
 @functools.cache
 def dynamic_variables():
-  params = FloatMLP().init(jax.random.key(0), jnp.ones((1, 20)))["params"]
+  params = FloatMLP().init(jax.random.key(0, impl="unsafe_rbg"), jnp.ones((1, 20)))["params"]
   return jax.device_get({"params": dynamic.quantize_dynamic(params, per_channel=True)})
 
 
@@ -353,3 +354,12 @@ def test_a_ragged_batch_is_refused_with_the_padding_to_use(mesh):
   got = jax.jit(_apply_int8(model))(placed, isharding.shard_batch(padded, mesh))
   want = _one_device(_apply_int8(model), int_vars, x)
   _assert_bits_equal(jax.tree_util.tree_map(lambda a: a[:10], got), want)
+
+
+def test_readme_example_runs_on_the_mesh(capsys):
+  readme = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+  code = re.search(r"## Multiple devices and hosts\n.*?```python\n(.*?)```", readme.read_text(),
+                   re.S).group(1)
+  with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+    exec(compile(code, "README-multiple-devices", "exec"), {})  # pylint: disable=exec-used
+  assert capsys.readouterr().out.strip() == "(64, 10) True"
