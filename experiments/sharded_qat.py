@@ -15,7 +15,10 @@ Prints:
     cores, so the ratio shows the cost of the partitioned program, not a speed-up);
   * how far the two runs' params drifted apart (the gradients' batch sums are added in
     another order when the batch is split), and that their observer states are equal bit
-    for bit after the first step (later steps observe forwards of the drifted params).
+    for bit after the first step (later steps observe forwards of the drifted params). Over
+    many QAT steps the drift grows beyond float rounding: once a weight or an activation
+    lands on the other side of a rounding boundary of its grid, the two runs follow
+    different (equally good) trajectories; compare their accuracies, not their weights.
 
 The script sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts; a
 process whose JAX backend already runs with fewer devices gets a clear error.

@@ -42,6 +42,7 @@ from qjax.integer.forms.lif import IntegerLIF, LIFForm, SPIKE_SCALE, state_spec
 from qjax.nn import _integer
 from qjax.nn.modules import STATS, FakeQuant, Mode, _merged_mode, _reraise_with_path, _where
 from qjax.numerics import QuantSpec
+from qjax.observers.minmax import AxisName
 
 SPIKE_OBSERVER = obs.FixedQParamsObserver(spec=QuantSpec(bits=8, signed=True),
                                           scale=SPIKE_SCALE, zero_point=0)
@@ -144,6 +145,9 @@ class LIF(nn.Module):
     record_v: also return the membrane potential after every step (T, ..., N), float (in
       mode "int8": the integer state times its scale).
     mode: default mode, overridable per call.
+    axis_name: mapped axes (`jax.shard_map`) the batch is split over: the state and spike
+      observers reduce over them (as `qjax.nn.QuantDense`'s output observer). None under
+      GSPMD or on one device.
 
   Example:
     >>> lif = LIF(record_v=True)
@@ -157,6 +161,7 @@ class LIF(nn.Module):
   state: LIFStateQConfig | None = None
   record_v: bool = False
   mode: Mode | str | None = None
+  axis_name: AxisName = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> Any:
@@ -182,7 +187,8 @@ class LIF(nn.Module):
     else:
       z, v_trace = _float_loop(x, self.params, float(self.dt))
     if quantized:
-      z = FakeQuant(SPIKE_OBSERVER, name="spikes")(z, mode=Mode.CALIBRATE
+      z = FakeQuant(SPIKE_OBSERVER, name="spikes", axis_name=self.axis_name)(
+          z, mode=Mode.CALIBRATE
                                                    if mode is Mode.CALIBRATE else Mode.FLOAT)
       z = forms.mark_output(self, z, observer=SPIKE_OBSERVER, learnable=False, point="spikes")
     return (z, v_trace) if self.record_v else z
@@ -211,12 +217,12 @@ class LIF(nn.Module):
       (v, i), (sv, si) = carry
       i1 = i + x_t
       if updates:
-        si = i_obs.update(si, lax.stop_gradient(i1))
+        si = i_obs.update(si, lax.stop_gradient(i1), axis_name=self.axis_name)
       if fake:
         i1 = _fake_quant(i1, i_obs, si)
       v1 = v + a * ((_on(p.v_leak, v_obs, sv, fake, v, updates) - v) + i1)
       if updates:
-        sv = v_obs.update(sv, lax.stop_gradient(v1))
+        sv = v_obs.update(sv, lax.stop_gradient(v1), axis_name=self.axis_name)
       if fake:
         v1 = _fake_quant(v1, v_obs, sv)
       i_next = i1 - b * i1
@@ -226,7 +232,7 @@ class LIF(nn.Module):
       v_next = (1 - z) * v1 + z * _on(p.v_reset, v_obs, sv, fake, v1, updates)
       return ((v_next, i_next), (sv, si)), (z, v_next)
 
-    start = snn.initial_state(jnp.shape(x)[1:], p, jnp.result_type(x, jnp.float32))
+    start = _resting_state(x, p)
     if fake:
       start = snn.LIFState(v=_fake_quant(start.v, v_obs, v_state, fresh_ok=updates), i=start.i)
     ((_, _), (v_state, i_state)), (z, v_trace) = lax.scan(
@@ -254,9 +260,17 @@ def _float_loop(x: jax.Array, params: snn.LIFParameters, dt: float
     z, state = snn.lif_step(x_t, state, params, dt)
     return state, (z, state.v)
 
-  start = snn.initial_state(jnp.shape(x)[1:], params, jnp.result_type(x, jnp.float32))
-  _, (z, v) = lax.scan(body, start, x)
+  _, (z, v) = lax.scan(body, _resting_state(x, params), x)
   return z, v
+
+
+def _resting_state(x: jax.Array, params: snn.LIFParameters) -> snn.LIFState:
+  """The resting state for the currents x (time first), tied to x by a select of each value
+  with itself (which XLA removes): under `jax.shard_map` the state then varies across shards
+  as x does, as the time scan's carry must."""
+  start = snn.initial_state(jnp.shape(x)[1:], params, jnp.result_type(x, jnp.float32))
+  shard = jnp.zeros(jnp.shape(x)[1:], bool) | jnp.isnan(x[0])   # False, shaped (and split) as x
+  return snn.LIFState(*(jnp.where(shard, s, s) for s in start))
 
 
 class LIFCell(nn.Module):

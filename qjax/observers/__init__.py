@@ -51,9 +51,17 @@ includes 0 and the scale floor `eps` is far above any subnormal).
 Asking for qparams before any batch was seen raises a ValueError eagerly; under jit the scale
 is NaN (`qparams_from_minmax`'s convention for an invalid range).
 
-Sharding. `update(..., axis_name=...)` reduces the batch statistics over a mapped axis
-(`lax.pmin` / `lax.pmax`) before folding them in, so replicas of a data-parallel step keep
-identical min/max states. `merge` combines two min/max states (e.g. from separate runs).
+Sharding. Under `jax.jit` with sharded inputs (GSPMD) nothing is needed: XLA partitions
+the one-device program, whose reductions are global. Under `jax.shard_map` (or `vmap`,
+`pmap`), every observer's `update(state, x, axis_name=...)` takes the mapped axes the batch
+is split over (a name or a tuple of names) and reduces over them exactly: min and max with
+`lax.pmin` / `lax.pmax` (and the skip decision with `lax.pmin`, so every shard skips or
+none does); a histogram observer bins each shard's slice onto the edges of that global range
+and adds the shards' int32 counts with `lax.psum`. Every shard then holds, bit for bit, the
+state one device computes from the whole batch. Per-channel statistics of a kernel split
+over its output channels need no axis (each shard owns its channels); a per-tensor
+statistic of such a kernel reduces over the model axis. `merge` combines two min/max states
+(e.g. from separate runs).
 
 Modules: `qjax.observers.minmax` (the min/max and moving-average observers, the state types
 and the parts all observers share), `qjax.observers.histogram` (the histogram and

@@ -267,3 +267,46 @@ def test_shardings_follow_output_channels_only():
     sharding.variable_shardings(variables, mesh, model_axis="tensor")
   with pytest.raises(ValueError, match="data_axis must be one of"):
     sharding.batch_sharding(mesh, 2, data_axis="batch")
+
+
+def test_lif_state_observers_under_shard_map_equal_one_device(mesh):
+  """LIF's v / i observers (inside its time scan) and its spike point reduce over axis_name;
+  the neuron's math is per element, so the statistics are exact."""
+  config = qnn.observed_state(bits=8)
+  x = np.random.default_rng(6).uniform(0, 8, size=(5, 16, 3)).astype(np.float32)
+  single = qnn.LIF(state=config)
+  variables = single.init(jax.random.key(0), x[:, :2], mode="calibrate")
+  want = jax.jit(lambda v, part: single.apply(v, part, mode="calibrate", mutable=[STATS])[1])(
+      variables, x)
+  parallel = qnn.LIF(state=config, axis_name="data")
+
+  def calibrate(v, part):   # time leads: the batch is the second axis
+    return parallel.apply(v, part, mode="calibrate", mutable=[STATS])[1]
+
+  got = jax.jit(jax.shard_map(calibrate, mesh=mesh, in_specs=(P(), P(None, "data")),
+                              out_specs=P()))(variables, x)
+  _assert_trees_equal(got, want)
+  assert int(want[STATS]["i"]["count"]) == 5
+
+
+def test_folded_batch_norm_under_shard_map_matches_one_device(mesh):
+  """QuantDenseBN with axis_name: the batch moments are summed over the shards (equal to one
+  device's up to float summation order), and so are the observers' inputs' ranges."""
+  qconfig = qnn.get_default_qat_qconfig("x86")
+  x = _batches((12,), 1, seed=7)[0]
+  single = qnn.QuantDenseBN(8, qconfig=qconfig)
+  variables = single.init(jax.random.key(0), x[:2], train=True, mode="calibrate")
+
+  def calibrate(model):
+    def run(v, part):
+      _, updates = model.apply(v, part, train=True, mode="calibrate",
+                               mutable=[STATS, "batch_stats"])
+      return updates
+    return run
+
+  want = jax.jit(calibrate(single))(variables, x)
+  parallel = qnn.QuantDenseBN(8, qconfig=qconfig, axis_name="data")
+  got = jax.jit(jax.shard_map(calibrate(parallel), mesh=mesh, in_specs=(P(), P("data")),
+                              out_specs=P()))(variables, x)
+  _assert_trees_close(got, want, rtol=1e-6, atol=1e-6)
+  _assert_trees_equal(got[STATS]["weight"], want[STATS]["weight"])   # the kernel: replicated
