@@ -21,9 +21,9 @@ Everything else is replicated: per-tensor scalars (activation grids, zero points
 multipliers), adds, concatenations, pools, LIF neurons, quantize / dequantize boundaries.
 Which axis holds the output channels is read from each op's type (its documented layout), never
 guessed from sizes. A layer whose N does not divide by the model axis' size is replicated
-whole, as are weights packed for the native kernel (`qjax.integer.kernels.PackedWeights`: their static
-(n, k) describe the whole matrix; `for_serving` does not pack them when several devices are
-visible).
+whole, as are weights packed for the native kernel (`qjax.integer.kernels.PackedWeights`:
+their static (n, k) describe the whole matrix; `for_serving` does not pack them when several
+devices are visible).
 
 Under `jax.jit` with these shardings and a batch split over the data axis, XLA's SPMD
 partitioner runs the same integer program on each device's slice: int8 x int8 -> int32 dots
@@ -79,7 +79,7 @@ class Placement:
     if not self.split:
       return self.replicated()
     ndim = len(np.shape(leaf))
-    spec = [None] * ndim
+    spec: list[str | None] = [None] * ndim
     spec[axis % ndim] = self.model_axis
     return NamedSharding(self.mesh, PartitionSpec(*spec))
 
@@ -89,6 +89,11 @@ class Placement:
 
   def whole(self, tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda _: self.replicated(), tree)
+
+
+def _with_fields(op: Any, **fields: Any) -> Any:
+  """`op` (a frozen dataclass) with `fields` replaced: here, arrays by their shardings."""
+  return dataclasses.replace(op, **fields)
 
 
 def _rebuild(tree: Any, leaves: list[Any]) -> Any:
@@ -155,14 +160,14 @@ def _requantizer(op: rq.FbgemmRequant | rq.FloatRequant | rq.IntegerRequant,
                  place: Placement) -> Any:
   # Each array field of a requantizer is a per-channel (N,) vector or a scalar.
   children, _ = _struct.split_fields(op)
-  return dataclasses.replace(op, **{name: place.vector(value)
+  return _with_fields(op, **{name: place.vector(value)
                                     for name, value in children.items()})
 
 
 @op_shardings.register
 def _int8_dense(op: Int8Dense, place: Placement) -> Any:
   place = _layer_placement(op.kernel, place, op.kernel.shape[0])
-  return dataclasses.replace(op, kernel=_weights(op.kernel, place, 0),
+  return _with_fields(op, kernel=_weights(op.kernel, place, 0),
                              offset=place.channels(op.offset, 0),
                              requant=op_shardings(op.requant, place),
                              report=_report(op.report, place))
@@ -171,7 +176,7 @@ def _int8_dense(op: Int8Dense, place: Placement) -> Any:
 @op_shardings.register
 def _int8_conv(op: Int8Conv, place: Placement) -> Any:
   place = _layer_placement(op.kernel, place, op.kernel.shape[-1])
-  return dataclasses.replace(op, kernel=_weights(op.kernel, place, -1),
+  return _with_fields(op, kernel=_weights(op.kernel, place, -1),
                              offset=place.channels(op.offset, 0),
                              pad_value=place.replicated(),
                              requant=op_shardings(op.requant, place),
@@ -181,7 +186,7 @@ def _int8_conv(op: Int8Conv, place: Placement) -> Any:
 @op_shardings.register
 def _quantized_dot(op: QuantizedDot, place: Placement) -> Any:
   place = _layer_placement(op.kernel, place, op.kernel.shape[0])
-  return dataclasses.replace(op, input=place.whole(op.input),
+  return _with_fields(op, input=place.whole(op.input),
                              kernel=_weights(op.kernel, place, 0),
                              offset=place.channels(op.offset, 0), scale=place.vector(op.scale))
 
@@ -189,7 +194,7 @@ def _quantized_dot(op: QuantizedDot, place: Placement) -> Any:
 @op_shardings.register
 def _quantized_conv(op: QuantizedConv, place: Placement) -> Any:
   place = _layer_placement(op.kernel, place, op.kernel.shape[-1])
-  return dataclasses.replace(op, input=place.whole(op.input),
+  return _with_fields(op, input=place.whole(op.input),
                              kernel=_weights(op.kernel, place, -1),
                              offset=place.channels(op.offset, 0), scale=place.vector(op.scale))
 
@@ -204,7 +209,7 @@ def _dynamic_kernel(op: DynamicKernel, place: Placement) -> Any:
 def _layer(node: Mapping, place: Placement) -> dict:
   """A Flax layer's variables {"kernel": ..., "bias": ..., ...}: the kernel by its type, the
   bias (N,) with it."""
-  kernel = node["kernel"]
+  kernel: Any = node["kernel"]
   if isinstance(kernel, DynamicKernel):
     channels, kernel_sharding = kernel.features, op_shardings(kernel, place)
   else:  # a float kernel (..., N): a layer left in float, or a stock layer's unused copy
@@ -223,7 +228,7 @@ def _layer(node: Mapping, place: Placement) -> dict:
 
 
 def _is_layer(node: Mapping) -> bool:
-  kernel = node.get("kernel")
+  kernel: Any = node.get("kernel")
   return isinstance(kernel, DynamicKernel) or (
       hasattr(kernel, "shape") and len(np.shape(kernel)) >= 2)
 
@@ -236,7 +241,8 @@ def _walk(node: Any, place: Placement) -> Any:
       built = _layer(node, place)
     else:
       built = {key: _walk(value, place) for key, value in node.items()}
-    return built if type(node) is dict else type(node)(built)
+    rebuild: Any = type(node)   # dict or flax's FrozenDict
+    return built if rebuild is dict else rebuild(built)
   if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
     return type(node)(_walk(value, place) for value in node)
   return place.whole(node)

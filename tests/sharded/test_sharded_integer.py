@@ -127,7 +127,8 @@ def _assert_bits_equal(got, want):
   got, want = jax.device_get(got), jax.device_get(want)
   assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
   for path, a, b in zip(jax.tree_util.tree_leaves_with_path(want),
-                        jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+                        jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want),
+                        strict=True):
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape, (path[0], a.dtype, b.dtype)
     np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8),
@@ -215,7 +216,7 @@ def test_serving_tree_and_placement(mesh):
 def test_bad_mesh_arguments_are_named(mesh):
   with pytest.raises(ValueError, match=r"model_axis must be one of .*\('data', 'model'\)"):
     qjax.integer_variable_shardings(converted("mlp"), mesh, model_axis="tensor")
-  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+  with pytest.raises(TypeError, match=r"mesh must be a jax\.sharding\.Mesh"):
     qjax.integer_variable_shardings(converted("mlp"), jax.devices())
 
 
