@@ -230,7 +230,7 @@ def _layer(node: Mapping, place: Placement) -> dict:
 def _is_layer(node: Mapping) -> bool:
   kernel: Any = node.get("kernel")
   return isinstance(kernel, DynamicKernel) or (
-      hasattr(kernel, "shape") and len(np.shape(kernel)) >= 2)
+      isinstance(kernel, (jax.Array, np.ndarray)) and kernel.ndim >= 2)
 
 
 def _walk(node: Any, place: Placement) -> Any:
