@@ -8,8 +8,8 @@ channels on "model" together with its bias and per-channel weight statistics. Th
 needs no `axis_name`: XLA partitions the one-device program, observer reductions included.
 
 Prints:
-  * per-device bytes of the kernels: float32 (as trained) and int8 (converted with
-    `qjax.convert`, each int8 kernel placed with its float kernel's sharding);
+  * per-device bytes of the kernels and of all variables: float32 (as trained) and int8
+    (converted with `qjax.convert`, placed by `qjax.integer.shard_integer_variables`);
   * the median train-step time sharded and on one device, and their ratio (measured in this
     run: compare ratios, not times across machines; 8 simulated devices share this machine's
     cores, so the ratio shows the cost of the partitioned program, not a speed-up);
@@ -45,6 +45,7 @@ import pathlib  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -55,7 +56,9 @@ import qjax  # noqa: E402
 import qjax.nn as qnn  # noqa: E402
 from qjax import sharding  # noqa: E402
 
-from experiments import mnist, mnist_data, models, training  # noqa: E402
+from qjax.integer.forms import Int8Conv, Int8Dense  # noqa: E402
+
+from experiments import mnist_data, mnist_verify, models, training  # noqa: E402
 
 MESH_SHAPE = (4, 2)   # (data, model)
 QUICK_TRAIN_PER_CLASS = 50
@@ -101,8 +104,8 @@ def _train(step, state: tuple, batches: list[tuple], put
   return state, seconds, states[0]
 
 
-def kernel_bytes_per_device(kernels: dict[str, jax.Array]) -> int:
-  """Bytes of the kernels that device 0 holds (its shards)."""
+def kernel_bytes_per_device(kernels: dict[Any, jax.Array]) -> int:
+  """Bytes of the arrays that device 0 holds (its shards)."""
   return sum(int(k.addressable_shards[0].data.nbytes) for k in kernels.values())
 
 
@@ -154,12 +157,10 @@ def run(data: tuple, *, steps: int, batch_size: int, calib_batches: int, seed: i
       jax.tree_util.tree_leaves(stats_s), jax.tree_util.tree_leaves(single[1]), strict=True))
 
   host = jax.device_get({"params": params_s, qnn.STATS: stats_s})
-  int_vars = qjax.convert(model, host, x_train[:2])
+  int_vars = qjax.integer.shard_integer_variables(qjax.convert(model, host, x_train[:2]), mesh)
   float_kernels = {layer: params_s[layer]["kernel"] for layer in params_s}
-  int8_kernels = {path.rsplit("/", 1)[-1]: q for path, (q, _, _) in
-                  mnist.int8_kernels(int_vars).items()}
-  int8_kernels = {layer: jax.device_put(q, float_kernels[layer].sharding)
-                  for layer, q in int8_kernels.items()}
+  int8_kernels = {path: op.kernel.qvalue for path, op in mnist_verify.converted_ops(int_vars)
+                  if isinstance(op, (Int8Dense, Int8Conv))}
   accuracy = trainer.accuracy(host["params"], host[qnn.STATS], x_test, y_test)
 
   single_median = statistics.median(single_seconds[1:])
@@ -174,7 +175,11 @@ def run(data: tuple, *, steps: int, batch_size: int, calib_batches: int, seed: i
           "float32_kernels": kernel_bytes_per_device(float_kernels),
           "int8_kernels": kernel_bytes_per_device(int8_kernels),
           "float32_kernels_one_device": sum(int(k.nbytes) for k in float_kernels.values()),
-          "int8_kernels_one_device": sum(int(k.nbytes) for k in int8_kernels.values())},
+          "int8_kernels_one_device": sum(int(k.nbytes) for k in int8_kernels.values()),
+          "float32_variables": kernel_bytes_per_device(
+              dict(enumerate(jax.tree_util.tree_leaves((params_s, stats_s))))),
+          "int8_variables": kernel_bytes_per_device(
+              dict(enumerate(jax.tree_util.tree_leaves(int_vars))))},
       "step_seconds": {"one_device_median": single_median, "sharded_median": sharded_median,
                        "ratio_sharded_to_one": sharded_median / single_median},
       "params_max_abs_difference": drift,
@@ -194,7 +199,8 @@ def format_report(results: dict) -> str:
       + ", ".join(f"{k} {v}" for k, v in results["kernel_specs"].items()),
       f"kernel bytes per device: float32 {b['float32_kernels']:,}  int8 "
       f"{b['int8_kernels']:,}  (one device holds {b['float32_kernels_one_device']:,} / "
-      f"{b['int8_kernels_one_device']:,})",
+      f"{b['int8_kernels_one_device']:,}); all variables per device: float32 (params and "
+      f"quant_stats) {b['float32_variables']:,}, converted int8 {b['int8_variables']:,}",
       f"median train step: one device {1e3 * t['one_device_median']:.2f} ms, sharded "
       f"{1e3 * t['sharded_median']:.2f} ms, ratio {t['ratio_sharded_to_one']:.2f}",
       f"after {results['config']['steps']} steps: params differ by at most "
