@@ -351,10 +351,7 @@ def test_concurrent_callers(path):
 # Pre-packed weights (`kernels.pack`): the panel layout every path takes without repacking.
 
 
-PACKED_PATHS = ["xla", *PATHS]
-
-
-@pytest.mark.parametrize("path", PACKED_PATHS)
+@pytest.mark.parametrize("path", PATHS)
 def test_packed_int32_matches_numpy(path):
   """Every shape of SHAPES (K % 4 != 0, N % 16 != 0, one row, empty) and the extremes."""
   rng = np.random.default_rng(9)
@@ -369,7 +366,7 @@ def test_packed_int32_matches_numpy(path):
                                   err_msg=f"{path} {x.shape} x {w.shape}")
 
 
-@pytest.mark.parametrize("path", PACKED_PATHS)
+@pytest.mark.parametrize("path", PATHS)
 def test_packed_requant_matches_unpacked(path):
   rng = np.random.default_rng(10)
   for i, (m, n, k) in enumerate(SHAPES):
@@ -394,6 +391,12 @@ def test_packed_layout_and_errors():
   # A traced pack (packing inside a jitted function) gives the same panels.
   traced = jax.jit(kernels.pack)(jnp.asarray(w))
   np.testing.assert_array_equal(np.asarray(traced.panels), panels)
+  # XLA takes packed weights too (it unpacks them): one row, tails, more than 16 rows.
+  rng = np.random.default_rng(12)
+  for m, n, k in ((1, 33, 130), (17, 9, 70), (40, 48, 129)):
+    x, w2, offset = operands(rng, m, n, k)
+    got = kernels.matmul(jnp.asarray(x), kernels.pack(w2), jnp.asarray(offset), kernel="xla")
+    np.testing.assert_array_equal(np.asarray(got), reference(x, w2, offset))
   with pytest.raises(TypeError, match="kernel_t must be int8"):
     kernels.pack(w.astype(np.int32))
   with pytest.raises(ValueError, match=r"kernel_t must be \(N, K\)"):
@@ -435,9 +438,12 @@ def test_conv_matches_xla():
     offset = rng.integers(-5000, 5000, cout).astype(np.int32)
     geometry = dict(strides=strides, padding=padding, dilation=dilation, groups=groups,
                     pad_value=jnp.int32(int(rng.integers(-128, 128))))
-    for r in (fbgemm(rng, cout, k, per_channel=True, zero=3, relu=True),
-              rq.FloatRequant(multiplier=jnp.float32(60 / (5500 * np.sqrt(k))),
-                              zero_point=jnp.int32(-4), lo=-128, hi=127, relu=False)):
+    # The fused fbgemm requantizer; every other case the unfused float one as well.
+    requants = [fbgemm(rng, cout, k, per_channel=True, zero=3, relu=True)]
+    if i % 2:
+      requants.append(rq.FloatRequant(multiplier=jnp.float32(60 / (5500 * np.sqrt(k))),
+                                      zero_point=jnp.int32(-4), lo=-128, hi=127, relu=False))
+    for r in requants:
       want = np.asarray(jax.jit(lambda x, w, o, r, g=geometry: kernels.conv(
           x, w, o, r, **g, kernel="xla"))(x, w, offset, r))
       if want.size >= 1000 and not extreme:

@@ -172,6 +172,7 @@ def test_mlp_shardings_split_kernels_and_their_channel_arrays(mesh):
     assert set(jax.tree_util.tree_leaves(specs[boundary])) == {P()}
 
 
+@pytest.mark.slow
 def test_convnet_shardings_split_the_output_axis_of_hwio_kernels(mesh):
   specs = _specs(qjax.integer_variable_shardings(converted("convnet"), mesh))["converted"]
   for layer in ("conv1", "conv2", "conv3"):
@@ -182,6 +183,7 @@ def test_convnet_shardings_split_the_output_axis_of_hwio_kernels(mesh):
   assert specs["fc"]["op"].kernel.qvalue == P("model", None)
 
 
+@pytest.mark.slow
 def test_per_tensor_weights_keep_their_scalars_replicated(mesh):
   model = MLP(qnn.default_qconfig)
   x = _inputs((20,), n=8)
@@ -193,6 +195,7 @@ def test_per_tensor_weights_keep_their_scalars_replicated(mesh):
   assert op.offset == op.report["bias"] == P("model")    # the int32 bias is per channel
 
 
+@pytest.mark.slow
 def test_dynamic_kernels_split_with_their_column_sums_and_bias(mesh):
   specs = _specs(qjax.integer_variable_shardings(dynamic_variables(), mesh))["params"]
   fc1 = specs["fc1"]

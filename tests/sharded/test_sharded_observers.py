@@ -64,8 +64,9 @@ def _assert_states_equal(got, want):
 
 # Percentile, MSE and entropy observers run the histogram's update: one case each of those.
 @pytest.mark.parametrize("name,layout", [
-    ("histogram", "data"), ("histogram", "data_and_model"), ("percentile", "data_and_model"),
-    ("entropy", "data")])
+    pytest.param("histogram", "data", marks=pytest.mark.slow), ("histogram", "data_and_model"),
+    ("percentile", "data"), pytest.param("percentile", "data_and_model", marks=pytest.mark.slow),
+    pytest.param("entropy", "data", marks=pytest.mark.slow)])
 def test_histogram_observers_equal_one_device(mesh, name, layout):
   observer = HISTOGRAM_OBSERVERS[name]
   spec, axis_name = LAYOUTS[layout]

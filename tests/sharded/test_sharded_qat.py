@@ -132,7 +132,8 @@ def _init(model_name, qconfig, mode, seed=0):
   return model, variables, shape
 
 
-@pytest.mark.parametrize("model_name,qconfig", [("mlp", "x86"), ("conv", "qnnpack")])
+@pytest.mark.parametrize("model_name,qconfig", [
+    ("mlp", "x86"), pytest.param("conv", "qnnpack", marks=pytest.mark.slow)])
 def test_calibration_under_gspmd_equals_one_device(mesh, model_name, qconfig):
   model, variables, shape = _init(model_name, CALIBRATION_QCONFIGS[qconfig], "calibrate")
   batches = _batches(shape, 2)
@@ -194,7 +195,8 @@ def _standard_promotion():
     yield
 
 
-@pytest.mark.parametrize("model_name,opt", [("mlp", "sgd"), ("conv", "adam")])
+@pytest.mark.parametrize("model_name,opt", [
+    ("mlp", "sgd"), pytest.param("conv", "adam", marks=pytest.mark.slow)])
 def test_qat_steps_under_gspmd_equal_one_device(mesh, model_name, opt):
   model, params, stats, x, y = _qat_start(model_name)
   optimizer = OPTIMIZERS[opt]()
@@ -296,6 +298,7 @@ def test_lif_state_observers_under_shard_map_equal_one_device(mesh):
   assert int(want[STATS]["i"]["count"]) == 5
 
 
+@pytest.mark.slow
 def test_folded_batch_norm_under_shard_map_matches_one_device(mesh):
   """QuantDenseBN with axis_name: the batch moments are summed over the shards (equal to one
   device's up to float summation order), and so are the observers' inputs' ranges."""
