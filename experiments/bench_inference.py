@@ -301,28 +301,13 @@ class Runner:
     return durations
 
 
-@contextlib.contextmanager
-def _int8_kernel(kernel: str | None):
-  """QJAX_INT8_KERNEL=kernel while a variant is traced (None: as it is)."""
-  saved = os.environ.get(kernels.ENV_VAR)
-  if kernel is not None:
-    os.environ[kernels.ENV_VAR] = kernel
-  try:
-    yield
-  finally:
-    if saved is None:
-      os.environ.pop(kernels.ENV_VAR, None)
-    else:
-      os.environ[kernels.ENV_VAR] = saved
-
-
 def _jax_runner(case: Case, variant: str, fn: Callable, variables: Any, x: jax.Array,
                 reference: np.ndarray | None, kernel: str | None = None
                 ) -> tuple[Runner, np.ndarray]:
   """A jitted apply, compiled ahead of time (lowering and compilation timed), traced with
   QJAX_INT8_KERNEL=kernel."""
   start = time.perf_counter()
-  with _int8_kernel(kernel):
+  with kernels.use(kernel) if kernel else contextlib.nullcontext():
     lowered = jax.jit(fn).lower(variables, x)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start

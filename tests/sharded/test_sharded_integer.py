@@ -5,9 +5,7 @@ equals one device's bit for bit, with int8 x int8 -> int32 contractions in the c
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import pathlib
 import re
 
@@ -133,20 +131,6 @@ def _assert_bits_equal(got, want):
     assert a.dtype == b.dtype and a.shape == b.shape, (path[0], a.dtype, b.dtype)
     np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8),
                                   err_msg=jax.tree_util.keystr(path[0]))
-
-
-@contextlib.contextmanager
-def _kernel(choice):
-  """QJAX_INT8_KERNEL=choice while tracing (trace fresh functions inside)."""
-  saved = os.environ.get(kernels.ENV_VAR)
-  os.environ[kernels.ENV_VAR] = choice
-  try:
-    yield
-  finally:
-    if saved is None:
-      del os.environ[kernels.ENV_VAR]
-    else:
-      os.environ[kernels.ENV_VAR] = saved
 
 
 # ------------------------------------------------------------------------------------------
@@ -311,10 +295,10 @@ def test_shard_map_with_the_native_kernel_equals_one_device(mesh, name):
   """Each of the 8 devices runs the whole model (weights replicated) on its 2 samples."""
   model, shape = MODELS[name]
   int_vars, x = converted(name), _inputs(shape)
-  with _kernel("xla"):
+  with kernels.use("xla"):
     want = _one_device(_apply_int8(model), int_vars, x)
   batch = P(("data", "model"))
-  with _kernel("native"):
+  with kernels.use("native"):
     f = jax.jit(jax.shard_map(_apply_int8(model), mesh=mesh, in_specs=(P(), batch),
                               out_specs=batch))
     hlo = f.lower(int_vars, x).compile().as_text()
@@ -329,11 +313,11 @@ def test_shard_map_of_a_model_sharded_layer_with_the_native_kernel(mesh):
   (`partition_specs` of its shardings): each device computes its channels of its samples."""
   op = converted("mlp")["converted"]["fc1"]["op"]
   q = jnp.asarray(np.random.default_rng(2).integers(-128, 128, (BATCH, 20)), jnp.int8)
-  with _kernel("xla"):
+  with kernels.use("xla"):
     want = _one_device(lambda o, v: o(v), op, q)
   specs = isharding.partition_specs(isharding.op_shardings(op, isharding.Placement(mesh,
                                                                                     "model")))
-  with _kernel("native"):
+  with kernels.use("native"):
     f = jax.jit(jax.shard_map(lambda o, v: o(v), mesh=mesh, in_specs=(specs, P("data")),
                               out_specs=P("data", "model")))
     hlo = f.lower(op, q).compile().as_text()

@@ -3,10 +3,8 @@ counts, int8 runs, jaxpr walks."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
-import os
 
 import flax.linen as nn
 import jax
@@ -228,18 +226,9 @@ def assert_int8_contractions(jaxpr) -> dict[str, int]:
   return counts
 
 
-@contextlib.contextmanager
 def xla_kernel():
   """Traces inside run the integer path's contractions on XLA's dot_general (what the
   jaxpr and HLO censuses inspect), whatever the default kernel. Trace a fresh function inside:
   a jitted function keeps the kernel of its first trace."""
   from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
-  saved = os.environ.get(kernels.ENV_VAR)
-  os.environ[kernels.ENV_VAR] = "xla"
-  try:
-    yield
-  finally:
-    if saved is None:
-      del os.environ[kernels.ENV_VAR]
-    else:
-      os.environ[kernels.ENV_VAR] = saved
+  return kernels.use("xla")

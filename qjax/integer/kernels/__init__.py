@@ -37,11 +37,13 @@ and everything runs on XLA.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import pathlib
 import warnings
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -322,6 +324,36 @@ def _weight_operands(kernel_t: Weights) -> tuple[list[jax.Array], str, str]:
   return [kernel_t], _TARGET_S32, _TARGET_REQUANT
 
 
+@contextlib.contextmanager
+def use(kernel: str) -> Iterator[None]:
+  """QJAX_INT8_KERNEL=`kernel` while the block runs (restored after): functions traced inside
+  choose their contractions' kernel by it. A jitted function keeps the kernel of its first
+  trace, so trace (or jit) a fresh function inside.
+
+  Args:
+    kernel: one of `KERNELS`.
+
+  Raises:
+    ValueError: `kernel` not in `KERNELS`.
+
+  Example:
+    >>> with use("xla"):
+    ...   resolve()
+    'xla'
+  """
+  if kernel not in KERNELS:
+    raise ValueError(f"use: kernel must be one of {list(KERNELS)}; got {kernel!r}.")
+  saved = os.environ.get(ENV_VAR)
+  os.environ[ENV_VAR] = kernel
+  try:
+    yield
+  finally:
+    if saved is None:
+      os.environ.pop(ENV_VAR, None)
+    else:
+      os.environ[ENV_VAR] = saved
+
+
 def _check(x: jax.Array, kernel_t: Weights, where: str) -> None:
   if isinstance(kernel_t, PackedWeights):
     if jnp.dtype(x.dtype) != jnp.int8:
@@ -558,4 +590,5 @@ __all__ = (
     "native_paths",
     "pack",
     "resolve",
+    "use",
 )
