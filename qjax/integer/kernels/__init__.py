@@ -30,7 +30,7 @@ them per call into 16-channel panels with their column sums (a 16 x 16 transpose
 registers: a few percent of the GEMM). Weights packed once (`pack`, `PackedWeights`: what
 `qjax.for_serving` does to converted Dense layers where the native kernel runs) go straight
 to the panel kernels at every row count. The kernel uses every core (a pool of threads started
-once) for products of 2^23 multiply-adds and more (QJAX_INT8_THREADS caps the thread count).
+once) for products of 2^21 multiply-adds and more (QJAX_INT8_THREADS caps the thread count).
 The library is built by `pip install` (setup.py); where it was not, `available()` is False
 and everything runs on XLA.
 """
