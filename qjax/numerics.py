@@ -502,20 +502,45 @@ def quantize(x: jax.typing.ArrayLike, spec: QuantSpec, qparams: QParams) -> jax.
   return _quantize_core(x, scale, zero_point, spec=spec)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _quantize_core(x: jax.Array, scale: jax.Array, zero_point: jax.Array, *,
-                   spec: QuantSpec) -> jax.Array:
+def _scaled_core(x: jax.Array, scale: jax.Array, zero_point: jax.Array,
+                 spec: QuantSpec) -> jax.Array:
   xf = x.astype(jnp.float32)
   inv_scale = broadcast_qparam(1.0 / scale, spec, x.ndim)
   zp = broadcast_qparam(zero_point.astype(jnp.float32), spec, x.ndim)
   if not spec.per_channel and spec.bits <= 8:
     # One rounding of x * (1/S) + Z: XLA contracts this into an FMA, as fbgemm's AVX2 does.
-    rounded = jnp.round(xf * inv_scale + zp)
-  else:
-    # Round the product before adding Z, as ATen's scalar kernel does.
-    rounded = jnp.round(_float32.uncontractible(xf * inv_scale, inv_scale) + zp)
+    return xf * inv_scale + zp
+  # Round the product before adding Z, as ATen's scalar kernel does.
+  return _float32.uncontractible(xf * inv_scale, inv_scale) + zp
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _quantize_core(x: jax.Array, scale: jax.Array, zero_point: jax.Array, *,
+                   spec: QuantSpec) -> jax.Array:
+  zp = broadcast_qparam(zero_point.astype(jnp.float32), spec, x.ndim)
+  rounded = jnp.round(_scaled_core(x, scale, zero_point, spec))
   rounded = jnp.where(jnp.isnan(rounded), zp, rounded)
   return jnp.clip(rounded, spec.qmin, spec.qmax).astype(spec.storage_dtype)
+
+
+def scaled(x: jax.typing.ArrayLike, spec: QuantSpec, qparams: QParams) -> jax.Array:
+  """x / S + Z in float32, before the rounding: `quantize(x) = clamp(rne(scaled(x)), qmin,
+  qmax)` (NaN -> Z), for code that rounds and narrows on its own (a native kernel). Formed as
+  `quantize` forms it: x * (1/S) + Z with one rounding (an FMA) for per-tensor grids of at
+  most 8 bits, the product rounded before adding Z otherwise.
+
+  Example:
+    >>> spec = QuantSpec(bits=8, signed=False)
+    >>> scaled(jnp.array([-1.0, 0.5]), spec, QParams(jnp.float32(0.5), jnp.int32(2)))
+    Array([0., 3.], dtype=float32)
+  """
+  x = float_data(x, "quantize")
+  scale, zero_point = checked_qparams(spec, qparams, x.shape, where="quantize")
+  _check_no_nan(x, "quantize")
+  return _scaled_jit(x, scale, zero_point, spec=spec)
+
+
+_scaled_jit = jax.jit(_scaled_core, static_argnames=("spec",))
 
 
 def dequantize(q: jax.typing.ArrayLike, spec: QuantSpec, qparams: QParams, *,

@@ -483,3 +483,37 @@ def test_amx_refused_by_seccomp():
   done = subprocess.run([sys.executable, "-c", _NO_AMX_CHILD], cwd=root, capture_output=True,
                         text=True, timeout=300, check=False)
   assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Float -> int8 rounding (the input's quantization).
+
+
+def test_round_and_quantize_input_match_xla():
+  """round_to_int8 and quantize_input on every native path equal XLA's on rounding ties,
+  random values, +-inf, NaN and values far outside the grid, for uint8 (shifted), int8 and
+  4-bit grids; sizes on both sides of the vector width and of the threading threshold."""
+  rng = np.random.default_rng(13)
+  specs = [(QuantSpec(bits=8, signed=False), 0.02, 131), (QuantSpec(bits=8, signed=True), 0.1, 0),
+           (QuantSpec(bits=4, signed=False), 0.25, 3), (QuantSpec(bits=8, signed=False), 1.0, 0)]
+  for n in (1, 15, 17, 1000, 600_000):
+    for spec, s, z in specs:
+      ties = (rng.integers(-300, 300, n) + 0.5) * np.float32(s)
+      x = np.where(rng.random(n) < 0.5, ties, rng.normal(0, 200 * s, n)).astype(np.float32)
+      x[: min(n, 5)] = [np.inf, -np.inf, 3e38, -7.5, np.nan][: min(n, 5)]  # NaN -> Z
+      x = x.reshape(-1, n) if n < 1000 else x.reshape(-1, 100)
+      args = (jnp.asarray(x), spec, jnp.float32(s), jnp.int32(z))
+      want = np.asarray(jax.jit(lambda x, sc, zp, spec=spec: kernels.quantize_input(
+          x, spec, sc, zp, kernel="xla"))(args[0], args[2], args[3]))
+      np.testing.assert_array_equal(want, np.asarray(jax.jit(
+          arith.quantize_input, static_argnums=1)(*args)))
+      for path in AVAILABLE:
+        got = np.asarray(jax.jit(lambda x, sc, zp, spec=spec, p=path: kernels.quantize_input(
+            x, spec, sc, zp, kernel=p))(args[0], args[2], args[3]))
+        np.testing.assert_array_equal(got, want, err_msg=f"{path} {spec} n={n}")
+  y = jnp.asarray([np.nan, 0.5, 1.5, -0.5, -1e10, 1e10, 2.5, -2.5], jnp.float32)
+  for path in ("xla", *AVAILABLE):
+    got = kernels.round_to_int8(y, -3, 100, 5, -77, kernel=path)
+    np.testing.assert_array_equal(np.asarray(got), [-77, 5, 7, 5, 2, 105, 7, 3], err_msg=path)
+  with pytest.raises(TypeError, match="y must be float32"):
+    kernels.round_to_int8(jnp.zeros(3, jnp.int32), 0, 1, 0, 0)

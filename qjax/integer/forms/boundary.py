@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from qjax._struct import static, struct
 from qjax.integer import arith
+from qjax.integer import kernels
 from qjax.integer.forms.base import ActivationGrid, Form, Lowering, int8_input
 from qjax.numerics import QuantSpec
 
@@ -40,7 +41,8 @@ class QuantizeOp:
 
   def __call__(self, x: jax.Array) -> jax.Array:
     zero_point = self.zero_point + jnp.int32(arith.int8_shift(self.spec))  # the spec's grid
-    return arith.quantize_input(x, self.spec, self.scale, zero_point)
+    # XLA, or the rounding and narrowing on the native kernel: the same integers.
+    return kernels.quantize_input(x, self.spec, self.scale, zero_point)
 
 
 @struct
