@@ -493,8 +493,9 @@ def dense(x: jax.Array, kernel_t: Weights, offset: jax.Array, requant: rq.Requan
           kernel: str | None = None) -> jax.Array:
   """An integer Dense: requant(sum_k x[..., k] kernel_t[n, k] + offset[n]) as int8.
 
-  The fused `matmul_requant` for an `FbgemmRequant`; `matmul` (offset fused) then the
-  requantizer for `FloatRequant` / `IntegerRequant`; `arith.matmul` + `requant` on "xla".
+  The fused `matmul_requant` for an `FbgemmRequant`, and on a native path for a
+  `FloatRequant` (its formula is fbgemm's with a zero bias); `matmul` (offset fused) then the
+  requantizer for `IntegerRequant`; `arith.matmul` + `requant` on "xla".
 
   Args:
     x: int8 (..., K).
@@ -516,6 +517,13 @@ def dense(x: jax.Array, kernel_t: Weights, offset: jax.Array, requant: rq.Requan
   if isinstance(requant, rq.FbgemmRequant):
     return matmul_requant(x, kernel_t, offset, requant, kernel=kernel)
   path = resolve(kernel, macs=_macs(x, kernel_t))
+  if path != "xla" and isinstance(requant, rq.FloatRequant):
+    # rne(f32(acc) * M) is the fused epilogue's rne((f32(acc) + 0) * M): adding a float 0 to
+    # an integer-valued float changes nothing.
+    fused = rq.FbgemmRequant(bias=jnp.zeros((kernel_t.shape[0],), jnp.float32),
+                             multiplier=requant.multiplier, zero_point=requant.zero_point,
+                             lo=requant.lo, hi=requant.hi, relu=requant.relu)
+    return matmul_requant(x, kernel_t, offset, fused, kernel=path)
   return _requantize(matmul(x, kernel_t, offset, kernel=path), requant, path)
 
 
