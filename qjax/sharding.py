@@ -42,7 +42,9 @@ _CHANNEL_LEAVES = frozenset({"bias", "bn_scale", "bn_bias", "mean", "var"})
 _WEIGHT_POINT_LEAVES = frozenset({"min_val", "max_val", "scale", "zero_point"})
 
 
-def _check_axis(mesh: Mesh, axis: str, argument: str, where: str) -> None:
+def check_axis(mesh: Mesh, axis: str, argument: str, where: str) -> None:
+  """TypeError unless `mesh` is a Mesh, ValueError unless `axis` is one of its axis names
+  (the message names `where` and `argument`); shared with `qjax.integer.sharding`."""
   if not isinstance(mesh, Mesh):
     raise TypeError(f"{where}: mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
   if axis not in mesh.axis_names:
@@ -75,7 +77,7 @@ def batch_sharding(mesh: Mesh, ndim: int, *, data_axis: str = "data") -> NamedSh
     >>> batch_sharding(mesh, 2).spec
     P('data', None)
   """
-  _check_axis(mesh, data_axis, "data_axis", "batch_sharding")
+  check_axis(mesh, data_axis, "data_axis", "batch_sharding")
   if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1:
     raise ValueError(f"batch_sharding: ndim must be an int >= 1 (the batch's rank); got "
                      f"{ndim!r}.")
@@ -158,7 +160,7 @@ def variable_shardings(variables: Any, mesh: Mesh, *, model_axis: str = "model")
     >>> shardings["quant_stats"]["output"]["min_val"].spec
     P()
   """
-  _check_axis(mesh, model_axis, "model_axis", "variable_shardings")
+  check_axis(mesh, model_axis, "model_axis", "variable_shardings")
   model_size = int(mesh.shape[model_axis])
   channels = _output_channels(variables)
 

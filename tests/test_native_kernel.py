@@ -299,7 +299,7 @@ def test_without_the_library(monkeypatch):
   is an error that names the accepted values."""
   monkeypatch.setattr(kernels, "_library_file", lambda: None)
   with pytest.warns(RuntimeWarning, match="not built"):
-    assert kernels._load.__wrapped__() == ()
+    assert kernels._load.__wrapped__() == 0
   monkeypatch.setattr(kernels, "native_paths", lambda: ())
   assert kernels.resolve("auto") == "xla" and not kernels.available()
   with pytest.raises(ValueError, match=r"not built.*'xla'"):

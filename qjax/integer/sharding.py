@@ -47,6 +47,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qjax import _struct
+from qjax import sharding as float_sharding
 from qjax.integer import requant as rq
 from qjax.integer.dynamic import DynamicKernel
 from qjax.integer.forms.dot import QuantizedConv, QuantizedDot
@@ -248,15 +249,6 @@ def _walk(node: Any, place: Placement) -> Any:
   return place.whole(node)
 
 
-def _check_mesh(mesh: Any, axes: dict[str, str], where: str) -> None:
-  if not isinstance(mesh, Mesh):
-    raise TypeError(f"{where}: mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
-  for argument, axis in axes.items():
-    if axis not in mesh.axis_names:
-      raise ValueError(f"{where}: {argument} must be one of the mesh's axis names "
-                       f"{tuple(mesh.axis_names)}; got {axis!r}.")
-
-
 def integer_variable_shardings(int_vars: Any, mesh: Mesh, *, model_axis: str = "model") -> Any:
   """NamedShardings of integer variables: int8 kernels split over their output channels on
   `model_axis`, each layer's per-channel arrays with them, the rest replicated.
@@ -295,7 +287,7 @@ def integer_variable_shardings(int_vars: Any, mesh: Mesh, *, model_axis: str = "
     >>> s.kernel.qvalue.spec, s.kernel.scale.spec, s.offset.spec, s.requant.multiplier.spec
     (P('model', None), P('model',), P('model',), P())
   """
-  _check_mesh(mesh, {"model_axis": model_axis}, "integer_variable_shardings")
+  float_sharding.check_axis(mesh, model_axis, "model_axis", "integer_variable_shardings")
   return _walk(int_vars, Placement(mesh, model_axis))
 
 
@@ -349,7 +341,7 @@ def shard_batch(x: Any, mesh: Mesh, *, data_axis: str = "data") -> jax.Array:
     >>> shard_batch(np.zeros((4, 3), np.float32), mesh).sharding.spec
     P('data', None)
   """
-  _check_mesh(mesh, {"data_axis": data_axis}, "shard_batch")
+  float_sharding.check_axis(mesh, data_axis, "data_axis", "shard_batch")
   shape = np.shape(x)
   if len(shape) < 1:
     raise ValueError("shard_batch: x must have a leading batch axis; got a scalar.")
@@ -361,8 +353,7 @@ def shard_batch(x: Any, mesh: Mesh, *, data_axis: str = "data") -> jax.Array:
                      f"it to {padded} samples (e.g. with copies of the last one: "
                      f"np.concatenate([x, np.repeat(x[-1:], {padded - shape[0]}, axis=0)])) "
                      f"and drop the extra outputs.")
-  return jax.device_put(x, NamedSharding(mesh, PartitionSpec(data_axis,
-                                                             *([None] * (len(shape) - 1)))))
+  return jax.device_put(x, float_sharding.batch_sharding(mesh, len(shape), data_axis=data_axis))
 
 
 def partition_specs(shardings: Any) -> Any:

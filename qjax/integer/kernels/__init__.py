@@ -87,14 +87,15 @@ def _library_file() -> pathlib.Path | None:
 
 
 @functools.cache
-def _load() -> tuple[str, ...]:
-  """Loads the library and registers its FFI targets, once; the paths this CPU runs."""
+def _load() -> int:
+  """Loads the library and registers its FFI targets, once; its CPU feature bits
+  (`qjax_int8_paths`: 1 portable, 2 avx2, 4 vnni, 8 AMX-INT8 granted), 0 without it."""
   path = _library_file()
   if path is None:
     warnings.warn("qjax.integer.kernels: the native int8 GEMM library is not built (reinstall "
                   "qjax with `pip install` and a C++ compiler to build it); the integer path "
                   "runs on XLA's dot_general.", RuntimeWarning, stacklevel=3)
-    return ()
+    return 0
   try:
     lib = ctypes.CDLL(str(path))
     lib.qjax_int8_paths.restype = ctypes.c_int
@@ -114,8 +115,8 @@ def _load() -> tuple[str, ...]:
     warnings.warn(f"qjax.integer.kernels: the native int8 GEMM library {path} could not be "
                   f"loaded ({error}); the integer path runs on XLA's dot_general.",
                   RuntimeWarning, stacklevel=3)
-    return ()
-  return tuple(p for p in NATIVE_PATHS if bits & _PATH_BITS[p])
+    return 0
+  return bits
 
 
 def native_paths() -> tuple[str, ...]:
@@ -131,16 +132,8 @@ def native_paths() -> tuple[str, ...]:
     >>> set(native_paths()) <= {"vnni", "avx2", "portable"}
     True
   """
-  return _load()
-
-
-@functools.cache
-def _feature_bits() -> int:
-  if not _load():
-    return 0
-  lib = ctypes.CDLL(str(_library_file()))
-  lib.qjax_int8_paths.restype = ctypes.c_int
-  return int(lib.qjax_int8_paths())
+  bits = _load()
+  return tuple(p for p in NATIVE_PATHS if bits & _PATH_BITS[p])
 
 
 def amx_int8() -> bool:
@@ -156,7 +149,7 @@ def amx_int8() -> bool:
     >>> isinstance(amx_int8(), bool)
     True
   """
-  return bool(_feature_bits() & 8)
+  return bool(_load() & 8)
 
 
 def available() -> bool:
