@@ -444,15 +444,17 @@ def test_conv_matches_xla():
       requants.append(rq.FloatRequant(multiplier=jnp.float32(60 / (5500 * np.sqrt(k))),
                                       zero_point=jnp.int32(-4), lo=-128, hi=127, relu=False))
     for r in requants:
-      want = np.asarray(jax.jit(lambda x, w, o, r, g=geometry: kernels.conv(
-          x, w, o, r, **g, kernel="xla"))(x, w, offset, r))
+      # XLA and every native path in one program: one compilation per case.
+      want, *gots = jax.jit(lambda x, w, o, r, g=geometry: [
+          kernels.conv(x, w, o, r, **g, kernel=p) for p in ("xla", *AVAILABLE)])(
+              x, w, offset, r)
+      want = np.asarray(want)
       if want.size >= 1000 and not extreme:
         assert len(np.unique(want)) > 20, (x_shape, k_shape)
-      for path in AVAILABLE:
-        got = np.asarray(jax.jit(lambda x, w, o, r, g=geometry, p=path: kernels.conv(
-            x, w, o, r, **g, kernel=p))(x, w, offset, r))
+      for path, got in zip(AVAILABLE, gots, strict=True):
         assert got.dtype == np.int8
-        np.testing.assert_array_equal(got, want, err_msg=f"{path} {x_shape} {k_shape} {r}")
+        np.testing.assert_array_equal(np.asarray(got), want,
+                                      err_msg=f"{path} {x_shape} {k_shape} {r}")
 
 
 _NO_AMX_CHILD = """
@@ -502,15 +504,15 @@ def test_round_and_quantize_input_match_xla():
       x = np.where(rng.random(n) < 0.5, ties, rng.normal(0, 200 * s, n)).astype(np.float32)
       x[: min(n, 5)] = [np.inf, -np.inf, 3e38, -7.5, np.nan][: min(n, 5)]  # NaN -> Z
       x = x.reshape(-1, n) if n < 1000 else x.reshape(-1, 100)
-      args = (jnp.asarray(x), spec, jnp.float32(s), jnp.int32(z))
-      want = np.asarray(jax.jit(lambda x, sc, zp, spec=spec: kernels.quantize_input(
-          x, spec, sc, zp, kernel="xla"))(args[0], args[2], args[3]))
-      np.testing.assert_array_equal(want, np.asarray(jax.jit(
-          arith.quantize_input, static_argnums=1)(*args)))
-      for path in AVAILABLE:
-        got = np.asarray(jax.jit(lambda x, sc, zp, spec=spec, p=path: kernels.quantize_input(
-            x, spec, sc, zp, kernel=p))(args[0], args[2], args[3]))
-        np.testing.assert_array_equal(got, want, err_msg=f"{path} {spec} n={n}")
+      # arith's XLA rounding, kernels' "xla" and every native path in one program.
+      reference_q, want, *gots = jax.jit(lambda x, sc, zp, spec=spec: [
+          arith.quantize_input(x, spec, sc, zp)] + [
+              kernels.quantize_input(x, spec, sc, zp, kernel=p) for p in ("xla", *AVAILABLE)])(
+                  jnp.asarray(x), jnp.float32(s), jnp.int32(z))
+      want = np.asarray(want)
+      np.testing.assert_array_equal(want, np.asarray(reference_q))
+      for path, got in zip(AVAILABLE, gots, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{path} {spec} n={n}")
   y = jnp.asarray([np.nan, 0.5, 1.5, -0.5, -1e10, 1e10, 2.5, -2.5], jnp.float32)
   for path in ("xla", *AVAILABLE):
     got = kernels.round_to_int8(y, -3, 100, 5, -77, kernel=path)

@@ -299,10 +299,14 @@ def pack(kernel_t: jax.typing.ArrayLike) -> PackedWeights:
                      f"{w.shape}.")
   n, k = w.shape
   p, g = -(-n // PANEL), -(-k // GROUP)
-  padded = jnp.pad(w, ((0, p * PANEL - n), (0, g * GROUP - k)))
-  panels = jnp.transpose(padded.reshape(p, PANEL, g, GROUP), (0, 2, 1, 3))
-  return PackedWeights(panels=panels, column_sums=jnp.sum(w, axis=1, dtype=jnp.int32), n=n,
-                       k=k)
+  # Concrete weights (the usual case: packing a converted model) pack in NumPy: no XLA
+  # compilation per weight shape. Traced weights pack in the program.
+  xp = jnp if isinstance(w, jax.core.Tracer) else np
+  a = w if xp is jnp else np.asarray(w)
+  padded = xp.pad(a, ((0, p * PANEL - n), (0, g * GROUP - k)))
+  panels = xp.transpose(padded.reshape(p, PANEL, g, GROUP), (0, 2, 1, 3))
+  sums = xp.sum(a, axis=1, dtype=xp.int32)
+  return PackedWeights(panels=jnp.asarray(panels), column_sums=jnp.asarray(sums), n=n, k=k)
 
 
 # The weights `matmul` and friends take: int8 (N, K), or the same packed.
