@@ -6,11 +6,14 @@ What is compared, and how strictly:
     and `PerChannelMinMaxObserver` fed the same data, for every spec QuantSpec accepts
     (bits 2..16 x signed x symmetric x narrow_range x reduce_range) per-tensor, and for
     samples of them per-channel (axis 0, axis 1) and under jax.jit; also with a large eps.
-    Ranges, scales (bitwise) and zero points must be identical.
-  * integers: `quantize` against `torch.quantize_per_tensor` / `torch.quantize_per_channel`
-    `.int_repr()`: exactly equal, exact float ties and near ties included. Torch clamps to
-    its dtype's full range ((q)int8 / quint8 up to 8 bits, qint32 above), so its integers are
-    clipped to [qmin, qmax] first (exact: the zero point lies inside both ranges).
+    Ranges, scales (bitwise) and zero points must be identical. The default run takes a
+    sample of widths (every flag combination of each); the full grid runs with -m slow.
+  * integers (grids of every flag combination at 2, 4, 8, 9 and 16 bits; per-channel on a
+    rotation over them by default, on all of them with -m slow): `quantize` against
+    `torch.quantize_per_tensor` / `torch.quantize_per_channel` `.int_repr()`: exactly equal,
+    exact float ties and near ties included. Torch clamps to its dtype's full range ((q)int8 /
+    quint8 up to 8 bits, qint32 above), so its integers are clipped to [qmin, qmax] first
+    (exact: the zero point lies inside both ranges).
   * `dequantize` against torch's `.dequantize()` of the same integers: bitwise equal.
   * `quantize_dequantize` against `torch.fake_quantize_per_tensor_affine` /
     `torch.fake_quantize_per_channel_affine`: bitwise equal.
@@ -22,10 +25,10 @@ exist for 8 and 16 bits without narrow_range (qint8 / quint8 / int16 / uint16), 
 `reduce_range` flag halves them the way qjax does for 8 bits (torch ignores it for int16 /
 uint16, and refuses it for symmetric quint8). Everything else is passed as a customised
 range, quant_min=spec.qmin, quant_max=spec.qmax, with dtype qint32 (signed) or quint8
-(unsigned); the dtype then only chooses the symmetric zero point. Torch insists that a customised range contains 0, which
-an unsigned narrow grid [1, 2^b - 1] does not: for those the observer is built with
-quant_min=0 and its `quant_min` attribute set to 1 afterwards, so torch's own
-`_calculate_qparams` runs on qjax's grid.
+(unsigned); the dtype then only chooses the symmetric zero point. Torch insists that a
+customised range contains 0, which an unsigned narrow grid [1, 2^b - 1] does not: for those
+the observer is built with quant_min=0 and its `quant_min` attribute set to 1 afterwards, so
+torch's own `_calculate_qparams` runs on qjax's grid.
 
 Data: normal data, data with values far outside the range (up to 1e3 x the range), exact
 float ties (power-of-two scales, x = (k + 0.5) * S, with odd and even zero points, which is
@@ -164,10 +167,7 @@ def torch_quantize(x, spec, scale, zero_point):
   Torch clamps to its dtype's full range, so the integers are clipped to [qmin, qmax] for
   the narrower qjax grids (the zero point lies inside both, so this is exact)."""
   xt = torch.from_numpy(x)
-  if spec.bits <= 8:
-    dtype = torch.qint8 if spec.signed else torch.quint8
-  else:
-    dtype = torch.qint32
+  dtype = (torch.qint8 if spec.signed else torch.quint8) if spec.bits <= 8 else torch.qint32
   if spec.per_channel:
     qt = torch.quantize_per_channel(xt, torch.from_numpy(scale.astype(np.float64)),
                                     torch.from_numpy(zero_point.astype(np.int64)),
@@ -327,7 +327,7 @@ def _check_qparams_against_torch(x, spec, mode, *, eps=None):
   return t_scale
 
 
-def _qparam_cases():
+def _qparam_combos():
   """Every spec per-tensor, eagerly; per-channel (axis 0 and axis 1) and jax.jit on samples of
   specs (the per-channel formulas are the per-tensor ones elementwise, and both modes run the
   same compiled core: these check the reductions and the wrappers, e.g. the exact-division
@@ -336,8 +336,28 @@ def _qparam_cases():
   combos += [(spec, "axis0", "eager") for spec in ALL_SPECS if spec.bits in (2, 5, 8, 16)]
   combos += [(spec, "axis1", "eager") for spec in ALL_SPECS if spec.bits in (3, 8, 16)]
   combos += [(spec, layout, "jit") for spec in ALL_SPECS if spec.bits in (8, 16)
-            for layout in ("per_tensor", "axis1")]
-  return [pytest.param(*c, id=f"{cases.spec_id(c[0])}-{c[1]}-{c[2]}") for c in combos]
+             for layout in ("per_tensor", "axis1")]
+  return combos
+
+
+def _qparam_default(spec, layout, mode):
+  """The default run's share of `_qparam_combos`: every flag combination at 2 bits (no
+  reduce_range), 3 bits (the smallest reduced grid), 4 bits, torch's native 8 and 16 bits and
+  9 bits (a customised qint32 range) per-tensor; per-channel and jax.jit on one width each.
+  Every flag, each sign, torch's default and customised ranges, each layout and each mode."""
+  if mode == "jit":
+    return (spec.bits, layout) in ((8, "per_tensor"), (16, "axis1"))
+  if layout == "per_tensor":
+    return spec.bits in (2, 3, 4, 8, 9, 16)
+  return spec.bits in ((2, 8) if layout == "axis0" else (3, 16))
+
+
+def _qparam_cases():
+  """`_qparam_combos` as params; the combinations outside `_qparam_default` are marked slow
+  (the full grid runs with -m slow)."""
+  return [pytest.param(*c, id=f"{cases.spec_id(c[0])}-{c[1]}-{c[2]}",
+                       marks=() if _qparam_default(*c) else pytest.mark.slow)
+          for c in _qparam_combos()]
 
 
 @pytest.mark.parametrize("spec, layout, mode", _qparam_cases())
@@ -378,14 +398,38 @@ def test_qparams_eps_matches_torch(spec, layout, mode):
 # ------------------------------------------------------------------------------------------
 # quantize, dequantize, quantize_dequantize.
 
-def _grid_cases():
+def _grid_combos():
   """GRID_SPECS in every layout, eagerly; a sample under jax.jit."""
   jit_specs = [QuantSpec(bits=4, signed=True), QuantSpec(bits=8, signed=False, narrow_range=True,
                reduce_range=True), QuantSpec(bits=9, signed=False),
                QuantSpec(bits=16, signed=True, narrow_range=True)]
   combos = [(spec, layout, "eager") for spec in GRID_SPECS for layout in LAYOUTS]
   combos += [(spec, layout, "jit") for spec in jit_specs for layout in LAYOUTS]
-  return [pytest.param(*c, id=f"{cases.spec_id(c[0])}-{c[1]}-{c[2]}") for c in combos]
+  return combos
+
+
+def _grid_default(spec, layout, mode):
+  """The default run's share of `_grid_combos`: every spec of GRID_SPECS per-tensor; per
+  channel, a rotation over each width's flag combinations puts a quarter of them on axis 0
+  and another quarter on axis 1 (each layout sees every width, both signs, narrow and
+  reduced grids); each jit spec in one layout."""
+  if mode == "jit":
+    return (spec.bits, layout) in ((4, "per_tensor"), (8, "axis0"), (9, "axis1"),
+                                   (16, "per_tensor"))
+  if layout == "per_tensor":
+    return True
+  width = [s for s in GRID_SPECS if s.bits == spec.bits]
+  k = width.index(dataclasses.replace(spec, axis=None))
+  offset = {2: 0, 4: 0, 8: 1, 9: 3, 16: 2}[spec.bits]
+  return (k + offset) % 4 == ("axis0", "axis1").index(layout)
+
+
+def _grid_cases():
+  """`_grid_combos` as params; the combinations outside `_grid_default` are marked slow (the
+  full grid runs with -m slow)."""
+  return [pytest.param(*c, id=f"{cases.spec_id(c[0])}-{c[1]}-{c[2]}",
+                       marks=() if _grid_default(*c) else pytest.mark.slow)
+          for c in _grid_combos()]
 
 
 _GRID_CASES = _grid_cases()
