@@ -9,6 +9,7 @@ do, and the residual that leaves is measured here.
 
 from __future__ import annotations
 
+import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ def x86_engine():
 
 
 def _torch_dynamic(module: torch.nn.Module, types, qconfig=None) -> torch.nn.Module:
-  spec = {t: qconfig for t in types} if qconfig is not None else set(types)
+  spec = dict.fromkeys(types, qconfig) if qconfig is not None else set(types)
   return torch.ao.quantization.quantize_dynamic(module, spec, dtype=torch.qint8)
 
 
@@ -57,7 +58,7 @@ def test_choose_qparams_matches_torch(reduce_range):
   lo, hi = ranges[normal, 0], ranges[normal, 1]
   scale, zero_point = cases.batched_choose_qparams(reduce_range)(lo, hi)
   expected = [torch._choose_qparams_per_tensor(torch.tensor([a, b]), reduce_range)
-              for a, b in zip(lo, hi)]
+              for a, b in zip(lo, hi, strict=True)]
   np.testing.assert_array_equal(np.asarray(scale), np.array([F32(s) for s, _ in expected]))
   np.testing.assert_array_equal(np.asarray(zero_point), np.array([z for _, z in expected]))
 
@@ -147,8 +148,9 @@ class MnistMLP(nn.Module):
     return nn.Dense(10)(x)
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_seed_mlp_matches_torch(per_channel):
+@functools.cache
+def _seed_mlp(per_channel):
+  """(torch's dynamic MLP, qjax's dynamic variables) for `per_channel`, built once per file."""
   torch.manual_seed(0)
   float_model = torch.nn.Sequential(torch.nn.Linear(784, 100), torch.nn.ReLU(),
                                     torch.nn.Linear(100, 100), torch.nn.ReLU(),
@@ -159,14 +161,24 @@ def test_seed_mlp_matches_torch(per_channel):
   params = {f"Dense_{i}": {"kernel": float_model[2 * i].weight.detach().numpy().T,
                            "bias": float_model[2 * i].bias.detach().numpy()}
             for i in range(3)}
-  variables = {"params": dynamic.quantize_dynamic(params, per_channel=per_channel)}
-  apply = jax.jit(lambda v, x: dynamic.dynamic_apply(MnistMLP(), v, x))
-  rng = np.random.default_rng(4)
-  for batch in (1, 64, 1024) if not per_channel else (64,):
-    x = rng.random((batch, 784), dtype=F32)         # MNIST-like pixels in [0, 1)
-    expected = qmodel(torch.from_numpy(x)).detach().numpy()
-    got = apply(variables, x)
-    assert np.array_equal(np.asarray(got), expected), f"batch {batch}: {_report(got, expected)}"
+  return qmodel, {"params": dynamic.quantize_dynamic(params, per_channel=per_channel)}
+
+
+_MLP_APPLY = jax.jit(lambda v, x: dynamic.dynamic_apply(MnistMLP(), v, x))
+
+
+@pytest.mark.parametrize("per_channel, batch", [
+    (False, 1), (False, 64), (True, 64),
+    # Another compilation for a batch size that adds no new case; runs with -m slow.
+    pytest.param(False, 1024, marks=pytest.mark.slow),
+])
+def test_seed_mlp_matches_torch(per_channel, batch):
+  qmodel, variables = _seed_mlp(per_channel)
+  rng = np.random.default_rng(4 + batch)
+  x = rng.random((batch, 784), dtype=F32)           # MNIST-like pixels in [0, 1)
+  expected = qmodel(torch.from_numpy(x)).detach().numpy()
+  got = _MLP_APPLY(variables, x)
+  assert np.array_equal(np.asarray(got), expected), f"batch {batch}: {_report(got, expected)}"
 
 
 # ------------------------------------------------------------------------------------------
