@@ -6,12 +6,11 @@ rescale with requant "integer"), the identity when the grids are equal."""
 import functools
 from typing import Any
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import parameterized
+import pytest
 
 import qjax
 import qjax.nn as qnn
@@ -151,155 +150,181 @@ def _every_int8(conv: bool) -> np.ndarray:
   return values.reshape((2, 2, 4, 16) if conv else (2, 128))
 
 
+def _variant(variant: str):
+  """`jax.jit` for "jit", the function itself (op by op) for "eager"."""
+  return jax.jit if variant == "jit" else (lambda f: f)
+
+
+def _split(cases, default):
+  """pytest params of `cases`: those in `default` run by default, the rest of the full grid
+  with -m slow."""
+  return [case if case in default else pytest.param(*case, marks=pytest.mark.slow)
+          for case in cases]
+
+
+VARIANTS = ("jit", "eager")
+MODEL_GRID = [(r, c, v) for r in MODEL_REQUANTS for c in (False, True) for v in VARIANTS]
+
+
 # ------------------------------------------------------------------------------------------
 # A Quantize after float ops: a second integer region.
 
 
-class SecondRegionTest(parameterized.TestCase):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_second_quantize_starts_a_region_on_its_own_grid(variant):
+  model, shape = TwoRegions(), (12, 5)
+  int_vars = _converted(model, shape, "fbgemm")
+  kinds = {path: type(node[forms.OP]) for path, node in int_vars[forms.COLLECTION].items()}
+  assert kinds == {"quant_a": forms.QuantizeOp, "dense_a": forms.Int8Dense,
+                   "dequant_a": forms.DequantizeOp, "quant_b": forms.QuantizeOp,
+                   "dense_b": forms.Int8Dense, "dequant_b": forms.DequantizeOp}
+  # quant_b quantizes on its own observer's grid, unlike the first region's
+  qp = _qparams(model, shape)
+  quant_b = _op(int_vars, "quant_b")
+  assert quant_b.spec == FULL.activation.spec
+  np.testing.assert_array_equal(quant_b.scale, qp["quant_b"]["scale"])
+  assert int(quant_b.zero_point) == int(qp["quant_b"]["zero_point"]) - 128
+  for other in (qp["quant_a"], qp["dense_a"]["output"]):
+    assert float(other["scale"]) != float(qp["quant_b"]["scale"])
+  # and the int8 forward is the NumPy reference of the chain, exactly
+  run = _variant(variant)(lambda v, x: model.apply(v, x, mode="int8"))
+  for seed in (1, 2):
+    x = _data(shape, seed) * (1 + seed)  # the second beyond the calibrated range
+    got = run(int_vars, jnp.asarray(x))
+    q = _quantized_input(x, _op(int_vars, "quant_a"))
+    h = _dequantized(_dense_reference(q, _op(int_vars, "dense_a")),
+                     _op(int_vars, "dequant_a"))
+    h = np.asarray(jnp.tanh(jnp.asarray(h))) * np.float32(3.0)  # XLA's tanh, as the model's
+    q = _quantized_input(h, quant_b)
+    want = _dequantized(_dense_reference(q, _op(int_vars, "dense_b")),
+                        _op(int_vars, "dequant_b"))
+    np.testing.assert_array_equal(got, want, err_msg=f"{seed}")
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_second_quantize_starts_a_region_on_its_own_grid(self):
-    model, shape = TwoRegions(), (12, 5)
-    int_vars = _converted(model, shape, "fbgemm")
-    kinds = {path: type(node[forms.OP]) for path, node in int_vars[forms.COLLECTION].items()}
-    assert kinds == {"quant_a": forms.QuantizeOp, "dense_a": forms.Int8Dense,
-                     "dequant_a": forms.DequantizeOp, "quant_b": forms.QuantizeOp,
-                     "dense_b": forms.Int8Dense, "dequant_b": forms.DequantizeOp}
-    # quant_b quantizes on its own observer's grid, unlike the first region's
-    qp = _qparams(model, shape)
-    quant_b = _op(int_vars, "quant_b")
-    assert quant_b.spec == FULL.activation.spec
-    np.testing.assert_array_equal(quant_b.scale, qp["quant_b"]["scale"])
-    assert int(quant_b.zero_point) == int(qp["quant_b"]["zero_point"]) - 128
-    for other in (qp["quant_a"], qp["dense_a"]["output"]):
-      assert float(other["scale"]) != float(qp["quant_b"]["scale"])
-    # and the int8 forward is the NumPy reference of the chain, exactly
-    run = self.variant(lambda v, x: model.apply(v, x, mode="int8"))
-    for seed in (1, 2):
-      x = _data(shape, seed) * (1 + seed)  # the second beyond the calibrated range
-      got = run(int_vars, jnp.asarray(x))
-      q = _quantized_input(x, _op(int_vars, "quant_a"))
-      h = _dequantized(_dense_reference(q, _op(int_vars, "dense_a")),
-                       _op(int_vars, "dequant_a"))
-      h = np.asarray(jnp.tanh(jnp.asarray(h))) * np.float32(3.0)  # XLA's tanh, as the model's
-      q = _quantized_input(h, quant_b)
-      want = _dequantized(_dense_reference(q, _op(int_vars, "dense_b")),
-                          _op(int_vars, "dequant_b"))
-      np.testing.assert_array_equal(got, want, err_msg=f"{seed}")
 
-  @parameterized.parameters(*MODEL_REQUANTS)
-  def test_second_region_agrees_with_qat_forward(self, requant):
-    model, shape = TwoRegions(), (12, 5)
-    int_vars = _converted(model, shape, requant)
-    assert type(_op(int_vars, "quant_b")) is forms.QuantizeOp  # a float input: quantized
-    x = jnp.asarray(_data(shape, 3))
-    y = np.asarray(_apply(model, int_vars, x, "int8"))
-    qat = np.asarray(_apply(model, _calibrated(model, shape), x, "qat"))
-    step = float(_qparams(model, shape)["dense_b"]["output"]["scale"])
-    # a flipped tie in the first region may move the second by a step or two, no more
-    assert np.abs(y - qat).max() <= 2 * step * (1 + 1e-5)
+@pytest.mark.parametrize("requant", MODEL_REQUANTS)
+def test_second_region_agrees_with_qat_forward(requant):
+  model, shape = TwoRegions(), (12, 5)
+  int_vars = _converted(model, shape, requant)
+  assert type(_op(int_vars, "quant_b")) is forms.QuantizeOp  # a float input: quantized
+  x = jnp.asarray(_data(shape, 3))
+  y = np.asarray(_apply(model, int_vars, x, "int8"))
+  qat = np.asarray(_apply(model, _calibrated(model, shape), x, "qat"))
+  step = float(_qparams(model, shape)["dense_b"]["output"]["scale"])
+  # a flipped tie in the first region may move the second by a step or two, no more
+  assert np.abs(y - qat).max() <= 2 * step * (1 + 1e-5)
 
 
 # ------------------------------------------------------------------------------------------
 # A Quantize on an int8 tensor: requantization to its own grid.
 
 
-class RequantizeTest(parameterized.TestCase):
+# Default run: both requantizers on the dense model (jitted, and "fbgemm" eagerly), the conv
+# model jitted with "fbgemm"; the full grid runs with -m slow.
+@pytest.mark.parametrize("requant, conv, variant", _split(MODEL_GRID, [
+    ("fbgemm", False, "jit"), ("fbgemm", False, "eager"), ("integer", False, "jit"),
+    ("fbgemm", True, "jit")]))
+def test_requantizes_an_int8_tensor_to_its_own_grid(requant, conv, variant):
+  model, shape = Requantized(conv=conv), _shape(conv)
+  int_vars = _converted(model, shape, requant)
+  op = _op(int_vars, "requant")
+  assert type(op) is (forms.IntegerConcat if requant == "integer" else forms.Int8Concat)
+  assert op.copied == (False,)
+  qp = _qparams(model, shape)
+  grid_in, grid_out = _grid(qp["layer"]["output"]), _grid(qp["requant"])
+  assert grid_in != grid_out
+  if requant == "integer":
+    m0, shift = ref.fixed_point_multiplier(np.float64(grid_in[0]) / np.float64(grid_out[0]))
+    assert (int(op.m0[0]), int(op.shift[0])) == (m0, shift)
+  # in the model, on the layer's int8 output (partly beyond the calibrated range) ...
+  _, outs = _variant(variant)(lambda v, x: _int8_outputs(model, v, x))(
+      int_vars, jnp.asarray(2 * _data(shape, 1)))
+  q_layer, got = np.asarray(outs["layer"]), np.asarray(outs["requant"])
+  assert got.dtype == np.int8
+  np.testing.assert_array_equal(
+      got, _requant_reference(q_layer, grid_in, grid_out, requant, conv))
+  # ... and on every int8 value
+  every = _every_int8(conv)
+  got = _variant(variant)(lambda o, q: o(q))(op, jnp.asarray(every))
+  np.testing.assert_array_equal(
+      got, _requant_reference(every, grid_in, grid_out, requant, conv))
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(requant=MODEL_REQUANTS, conv=(False, True))
-  def test_requantizes_an_int8_tensor_to_its_own_grid(self, requant, conv):
-    model, shape = Requantized(conv=conv), _shape(conv)
-    int_vars = _converted(model, shape, requant)
-    op = _op(int_vars, "requant")
+
+# Default run: the dense model (one QAT compilation) with both requantizers; the conv model
+# with -m slow.
+@pytest.mark.parametrize("requant, conv", _split(
+    [(r, c) for r in MODEL_REQUANTS for c in (False, True)],
+    [("fbgemm", False), ("integer", False)]))
+def test_agrees_with_qat_forward_to_one_output_step(requant, conv):
+  model, shape = Requantized(conv=conv), _shape(conv)
+  int_vars = _converted(model, shape, requant)
+  x = jnp.asarray(0.9 * _data(shape, 0))
+  y = np.asarray(_apply(model, int_vars, x, "int8"))
+  qat = np.asarray(_apply(model, _calibrated(model, shape), x, "qat"))
+  step = float(_qparams(model, shape)["requant"]["scale"])
+  assert np.abs(y - qat).max() <= step * (1 + 1e-5)
+  assert np.mean(np.abs(y - qat) > 1e-3 * step) < 0.05  # and equal nearly everywhere
+
+
+# Default run: every requantizer jitted, "integer" (the fixed-point rescale) eagerly too; the
+# other eager cases (the ops of the eager "fbgemm" model case above) with -m slow.
+@pytest.mark.parametrize("requant, variant", _split(
+    [(r, v) for r in REQUANTS for v in VARIANTS],
+    [(r, "jit") for r in REQUANTS] + [("integer", "eager")]))
+def test_lowered_on_two_grids_equals_the_reference(requant, variant):
+  rng = np.random.default_rng(8)
+  run = _variant(variant)(lambda o, q: o(q))
+  for trial in range(8):
+    grids = [(np.float32(10.0 ** rng.uniform(-3, 1)), int(rng.integers(0, 256)))
+             for _ in range(2)]
+    grid_in, grid_out = (forms.Grid(U8, s, np.int32(z - 128)) for s, z in grids)
+    lowering = forms.Lowering(path="point", inputs=(grid_in,), output=grid_out,
+                              requant=qjax.integer.Requant(requant), variables={})
+    op = forms.QuantizeForm().lower(lowering)
     assert type(op) is (forms.IntegerConcat if requant == "integer" else forms.Int8Concat)
-    assert op.copied == (False,)
-    qp = _qparams(model, shape)
-    grid_in, grid_out = _grid(qp["layer"]["output"]), _grid(qp["requant"])
-    assert grid_in != grid_out
-    if requant == "integer":
-      m0, shift = ref.fixed_point_multiplier(np.float64(grid_in[0]) / np.float64(grid_out[0]))
-      assert (int(op.m0[0]), int(op.shift[0])) == (m0, shift)
-    # in the model, on the layer's int8 output (partly beyond the calibrated range) ...
-    _, outs = self.variant(lambda v, x: _int8_outputs(model, v, x))(
-        int_vars, jnp.asarray(2 * _data(shape, 1)))
-    q_layer, got = np.asarray(outs["layer"]), np.asarray(outs["requant"])
-    assert got.dtype == np.int8
-    np.testing.assert_array_equal(
-        got, _requant_reference(q_layer, grid_in, grid_out, requant, conv))
-    # ... and on every int8 value
-    every = _every_int8(conv)
-    got = self.variant(lambda o, q: o(q))(op, jnp.asarray(every))
-    np.testing.assert_array_equal(
-        got, _requant_reference(every, grid_in, grid_out, requant, conv))
-
-  @parameterized.product(requant=MODEL_REQUANTS, conv=(False, True))
-  def test_agrees_with_qat_forward_to_one_output_step(self, requant, conv):
-    model, shape = Requantized(conv=conv), _shape(conv)
-    int_vars = _converted(model, shape, requant)
-    x = jnp.asarray(0.9 * _data(shape, 0))
-    y = np.asarray(_apply(model, int_vars, x, "int8"))
-    qat = np.asarray(_apply(model, _calibrated(model, shape), x, "qat"))
-    step = float(_qparams(model, shape)["requant"]["scale"])
-    assert np.abs(y - qat).max() <= step * (1 + 1e-5)
-    assert np.mean(np.abs(y - qat) > 1e-3 * step) < 0.05  # and equal nearly everywhere
-
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*REQUANTS)
-  def test_lowered_on_two_grids_equals_the_reference(self, requant):
-    rng = np.random.default_rng(8)
-    run = self.variant(lambda o, q: o(q))
-    for trial in range(8):
-      grids = [(np.float32(10.0 ** rng.uniform(-3, 1)), int(rng.integers(0, 256)))
-               for _ in range(2)]
-      grid_in, grid_out = (forms.Grid(U8, s, np.int32(z - 128)) for s, z in grids)
-      lowering = forms.Lowering(path="point", inputs=(grid_in,), output=grid_out,
-                                requant=qjax.integer.Requant(requant), variables={})
-      op = forms.QuantizeForm().lower(lowering)
-      assert type(op) is (forms.IntegerConcat if requant == "integer" else forms.Int8Concat)
-      for conv in (False, True):
-        every = _every_int8(conv)
-        got = run(op, jnp.asarray(every))
-        np.testing.assert_array_equal(
-            got, _requant_reference(every, *grids, requant, conv), err_msg=f"{trial} {grids}")
+    for conv in (False, True):
+      every = _every_int8(conv)
+      got = run(op, jnp.asarray(every))
+      np.testing.assert_array_equal(
+          got, _requant_reference(every, *grids, requant, conv), err_msg=f"{trial} {grids}")
 
 
 # ------------------------------------------------------------------------------------------
 # Equal grids: the identity.
 
 
-class EqualGridsTest(parameterized.TestCase):
+# Default run: the dense model with both requantizers (one calibration), "fbgemm" eagerly too;
+# the conv model and the other eager case with -m slow.
+@pytest.mark.parametrize("requant, conv, variant", _split(MODEL_GRID, [
+    ("fbgemm", False, "jit"), ("fbgemm", False, "eager"), ("integer", False, "jit")]))
+def test_same_qconfig_on_the_same_data_copies(requant, conv, variant):
+  model, shape = Requantized(qconfig=X86, conv=conv), _shape(conv)
+  qp = _qparams(model, shape)
+  assert _grid(qp["layer"]["output"]) == _grid(qp["requant"])
+  int_vars = _converted(model, shape, requant)
+  op = _op(int_vars, "requant")
+  assert op.copied == (True,)
+  _, outs = _variant(variant)(lambda v, x: _int8_outputs(model, v, x))(
+      int_vars, jnp.asarray(_data(shape, 1)))
+  np.testing.assert_array_equal(outs["requant"], outs["layer"])
+  every = jnp.asarray(_every_int8(conv))
+  np.testing.assert_array_equal(_variant(variant)(lambda o, q: o(q))(op, every), every)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(requant=MODEL_REQUANTS, conv=(False, True))
-  def test_same_qconfig_on_the_same_data_copies(self, requant, conv):
-    model, shape = Requantized(qconfig=X86, conv=conv), _shape(conv)
-    qp = _qparams(model, shape)
-    assert _grid(qp["layer"]["output"]) == _grid(qp["requant"])
-    int_vars = _converted(model, shape, requant)
-    op = _op(int_vars, "requant")
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("requant", REQUANTS)
+def test_lowered_with_equal_grids_is_the_identity(requant, signed, variant):
+  rng = np.random.default_rng(7)
+  spec = qjax.QuantSpec(bits=8, signed=signed)
+  run = _variant(variant)(lambda o, q: o(q))
+  for trial in range(8):
+    scale = np.float32(10.0 ** rng.uniform(-4, 2))
+    zero = np.int32(rng.integers(-128, 128))  # on the int8 carrier grid
+    grid = forms.Grid(spec, scale, zero)
+    lowering = forms.Lowering(path="point", inputs=(grid,), output=grid,
+                              requant=qjax.integer.Requant(requant), variables={})
+    op = forms.QuantizeForm().lower(lowering)
     assert op.copied == (True,)
-    _, outs = self.variant(lambda v, x: _int8_outputs(model, v, x))(
-        int_vars, jnp.asarray(_data(shape, 1)))
-    np.testing.assert_array_equal(outs["requant"], outs["layer"])
-    every = jnp.asarray(_every_int8(conv))
-    np.testing.assert_array_equal(self.variant(lambda o, q: o(q))(op, every), every)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(requant=REQUANTS, signed=(False, True))
-  def test_lowered_with_equal_grids_is_the_identity(self, requant, signed):
-    rng = np.random.default_rng(7)
-    spec = qjax.QuantSpec(bits=8, signed=signed)
-    run = self.variant(lambda o, q: o(q))
-    for trial in range(8):
-      scale = np.float32(10.0 ** rng.uniform(-4, 2))
-      zero = np.int32(rng.integers(-128, 128))  # on the int8 carrier grid
-      grid = forms.Grid(spec, scale, zero)
-      lowering = forms.Lowering(path="point", inputs=(grid,), output=grid,
-                                requant=qjax.integer.Requant(requant), variables={})
-      op = forms.QuantizeForm().lower(lowering)
-      assert op.copied == (True,)
-      for conv in (False, True):
-        every = jnp.asarray(_every_int8(conv))
-        np.testing.assert_array_equal(run(op, every), every, err_msg=f"{trial} {scale} {zero}")
+    for conv in (False, True):
+      every = jnp.asarray(_every_int8(conv))
+      np.testing.assert_array_equal(run(op, every), every, err_msg=f"{trial} {scale} {zero}")
