@@ -5,6 +5,7 @@ equals one device's bit for bit, with int8 x int8 -> int32 contractions in the c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 import re
@@ -23,7 +24,10 @@ from qjax.integer import dynamic
 from qjax.integer import kernels
 from qjax.integer import sharding as isharding
 
-QCONFIG = qnn.get_default_qconfig("x86")    # per-channel weights
+# PyTorch's x86 recipe (per-channel weights) with a 256-bin histogram (quicker to compile).
+QCONFIG = dataclasses.replace(
+    qnn.get_default_qconfig("x86"),
+    activation=dataclasses.replace(qnn.get_default_qconfig("x86").activation, bins=256))
 BATCH = 16
 
 
@@ -86,14 +90,15 @@ def _inputs(shape, n=BATCH, seed=0):
 def converted(name):
   model, shape = MODELS[name]
   x = _inputs(shape, n=32, seed=1)
-  variables = model.init(jax.random.key(0, impl="unsafe_rbg"), x[:2], mode="calibrate")
-  variables = qnn.calibrate(model, variables, [x])
+  init = jax.jit(functools.partial(model.init, mode="calibrate"))
+  variables = qnn.calibrate(model, init(jax.random.key(0, impl="unsafe_rbg"), x[:2]), [x])
   return jax.device_get(qjax.convert(model, variables, x[:2]))
 
 
 @functools.cache
 def dynamic_variables():
-  params = FloatMLP().init(jax.random.key(0, impl="unsafe_rbg"), jnp.ones((1, 20)))["params"]
+  params = jax.jit(FloatMLP().init)(jax.random.key(0, impl="unsafe_rbg"), jnp.ones((1, 20)))[
+      "params"]
   return jax.device_get({"params": dynamic.quantize_dynamic(params, per_channel=True)})
 
 
@@ -211,14 +216,26 @@ def test_bad_mesh_arguments_are_named(mesh):
 # The sharded integer apply.
 
 
+@functools.cache
+def sharded_case(name, mesh):
+  """(apply, variables, x, the sharded apply compiled): the apply, HLO and dynamic tests run
+  one compiled program."""
+  if name == "dynamic":
+    apply, variables, x = _apply_dynamic, dynamic_variables(), _inputs((20,))
+  else:
+    model, shape = MODELS[name]
+    apply, variables, x = _apply_int8(model), converted(name), _inputs(shape)
+  shardings = qjax.integer_variable_shardings(variables, mesh)
+  # "auto" (the default) keeps XLA's dot_general when several devices are visible.
+  compiled = _sharded(apply, mesh, variables, x, shardings).lower(variables, x).compile()
+  return apply, variables, x, compiled
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_sharded_apply_equals_one_device(mesh, name):
-  model, shape = MODELS[name]
-  int_vars, x = converted(name), _inputs(shape)
-  apply = _apply_int8(model)
+  apply, int_vars, x, compiled = sharded_case(name, mesh)
   want = _one_device(apply, int_vars, x)
-  shardings = qjax.integer_variable_shardings(int_vars, mesh)
-  got = _sharded(apply, mesh, int_vars, x, shardings)(int_vars, x)
+  got = compiled(int_vars, x)
   _assert_bits_equal(got, want)
   y, layers = got
   assert y.dtype == jnp.float32 and layers["dequant"].dtype == jnp.float32
@@ -227,11 +244,9 @@ def test_sharded_apply_equals_one_device(mesh, name):
 
 
 def test_sharded_dynamic_apply_equals_one_device(mesh):
-  variables, x = dynamic_variables(), _inputs((20,))
-  want = _one_device(_apply_dynamic, variables, x)
-  shardings = qjax.integer_variable_shardings(variables, mesh)
-  got = _sharded(_apply_dynamic, mesh, variables, x, shardings)(variables, x)
-  _assert_bits_equal(got, want)
+  apply, variables, x, compiled = sharded_case("dynamic", mesh)
+  want = _one_device(apply, variables, x)
+  _assert_bits_equal(compiled(variables, x), want)
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\w+)\[")
@@ -263,14 +278,7 @@ def test_hlo_census_detects_a_float_dot(mesh):
 
 @pytest.mark.parametrize("name", sorted(MODELS) + ["dynamic"])
 def test_sharded_hlo_has_int8_contractions_and_no_custom_call(mesh, name):
-  if name == "dynamic":
-    apply, variables, x = _apply_dynamic, dynamic_variables(), _inputs((20,))
-  else:
-    model, shape = MODELS[name]
-    apply, variables, x = _apply_int8(model), converted(name), _inputs(shape)
-  shardings = qjax.integer_variable_shardings(variables, mesh)
-  # "auto" (the default) keeps XLA's dot_general when several devices are visible.
-  hlo = _sharded(apply, mesh, variables, x, shardings).lower(variables, x).compile().as_text()
+  hlo = sharded_case(name, mesh)[3].as_text()
   found = hlo_contractions(hlo)
   expected = {"mlp": {"dot": 3}, "convnet": {"dot": 3, "convolution": 1},
               "dynamic": {"dot": 2}}[name]

@@ -16,6 +16,7 @@ sum over the batch is added in another order when the batch is split.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -128,36 +129,42 @@ def _calibrated(model, variables, batches):
 def _init(model_name, qconfig, mode, seed=0):
   cls, shape = MODELS[model_name]
   model = cls(qconfig=qconfig)
-  variables = model.init(jax.random.key(seed), jnp.zeros((2, *shape)), mode=mode)
+  variables = jax.jit(functools.partial(model.init, mode=mode))(jax.random.key(seed),
+                                                                jnp.zeros((2, *shape)))
   return model, variables, shape
+
+
+@functools.cache
+def _calibration_case(model_name, qconfig):
+  """(model, initial variables, batches, the statistics one device calibrates from them):
+  the reference of the GSPMD and the shard_map tests."""
+  model, variables, shape = _init(model_name, CALIBRATION_QCONFIGS[qconfig], "calibrate")
+  batches = _batches(shape, 2)
+  want = _calibrated(model, _one_device(variables), [_one_device(x) for x in batches])
+  return model, variables, batches, want[STATS]
 
 
 @pytest.mark.parametrize("model_name,qconfig", [
     ("mlp", "x86"), pytest.param("conv", "qnnpack", marks=pytest.mark.slow)])
 def test_calibration_under_gspmd_equals_one_device(mesh, model_name, qconfig):
-  model, variables, shape = _init(model_name, CALIBRATION_QCONFIGS[qconfig], "calibrate")
-  batches = _batches(shape, 2)
-  want = _calibrated(model, _one_device(variables), [_one_device(x) for x in batches])
+  model, variables, batches, want = _calibration_case(model_name, qconfig)
   on_mesh = jax.device_put(variables, sharding.variable_shardings(variables, mesh))
-  data = sharding.batch_sharding(mesh, 1 + len(shape))
+  data = sharding.batch_sharding(mesh, batches[0].ndim)
   got = _calibrated(model, on_mesh, [jax.device_put(x, data) for x in batches])
-  _assert_trees_equal(got[STATS], want[STATS])
-  assert int(want[STATS]["quant"]["count"]) == 2
+  _assert_trees_equal(got[STATS], want)
+  assert int(want["quant"]["count"]) == 2
 
 
 @pytest.mark.parametrize("model_name", ["mlp"])
 def test_calibration_under_shard_map_equals_one_device(mesh, model_name):
-  qconfig = CALIBRATION_QCONFIGS["x86"]
-  model, variables, shape = _init(model_name, qconfig, "calibrate")
-  batches = _batches(shape, 2, seed=1)
-  want = _calibrated(model, _one_device(variables), batches)
-  parallel = MODELS[model_name][0](qconfig=qconfig, axis_name="data")
+  _, variables, batches, want = _calibration_case(model_name, "x86")
+  parallel = MODELS[model_name][0](qconfig=CALIBRATION_QCONFIGS["x86"], axis_name="data")
   calibrate = jax.jit(jax.shard_map(_calibrate_fn(parallel), mesh=mesh,
                                     in_specs=(P(), P("data")), out_specs=P()))
   got = variables
   for x in batches:
     got = {**got, STATS: calibrate(got, x)}
-  _assert_trees_equal(got[STATS], want[STATS])
+  _assert_trees_equal(got[STATS], want)
 
 
 def _loss_and_stats(model, params, stats, x, y):
@@ -177,6 +184,7 @@ def _train_step(model, optimizer, axis_name=None):
   return step
 
 
+@functools.cache
 def _qat_start(model_name):
   """A QAT model, its params and statistics calibrated on one device, and a labelled batch."""
   model, variables, shape = _init(model_name, qnn.get_default_qat_qconfig("x86"), "qat")
@@ -252,24 +260,26 @@ def test_shardings_follow_output_channels_only():
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
   qconfig = qnn.QConfig(activation=qnn.get_default_qconfig("x86").activation,
                         weight=qnn.get_default_qat_qconfig("x86").weight)
-  layer = qnn.QuantDense(8, qconfig=qconfig)
+
+  def shapes(layer, mode):   # the shardings read the variables' shapes only
+    return jax.eval_shape(functools.partial(layer.init, mode=mode), jax.random.key(0),
+                          jnp.ones((2, 8)))
+
   # 8 inputs and 8 outputs, and a histogram of 2048 bins: only the channel vectors split.
-  variables = layer.init(jax.random.key(0), jnp.ones((2, 8)), mode="calibrate")
+  variables = shapes(qnn.QuantDense(8, qconfig=qconfig), "calibrate")
   specs = jax.tree_util.tree_map(lambda s: s.spec,
                                  sharding.variable_shardings(variables, mesh))
   assert specs["params"] == {"kernel": P(None, "model"), "bias": P("model")}
   assert specs[STATS]["weight"]["min_val"] == P("model")
   assert specs[STATS]["weight"]["count"] == P()
   assert all(s == P() for s in jax.tree_util.tree_leaves(specs[STATS]["output"]))
-  learned = qnn.QuantDense(8, qconfig=dataclasses.replace(
-      qnn.get_default_qat_qconfig("x86"), learnable=True)).init(
-          jax.random.key(0), jnp.ones((2, 8)), mode="qat")
+  learned = shapes(qnn.QuantDense(8, qconfig=dataclasses.replace(
+      qnn.get_default_qat_qconfig("x86"), learnable=True)), "qat")
   specs = jax.tree_util.tree_map(lambda s: s.spec,
                                  sharding.variable_shardings(learned, mesh))
   assert specs["params"]["weight"] == {"scale": P("model")}   # symmetric: no zero point
   assert specs["params"]["output"] == {"scale": P(), "zero_point": P()}
-  odd = qnn.QuantDense(5, qconfig=qconfig).init(jax.random.key(0), jnp.ones((2, 8)),
-                                                mode="calibrate")
+  odd = shapes(qnn.QuantDense(5, qconfig=qconfig), "calibrate")
   assert all(s.spec == P() for s in jax.tree_util.tree_leaves(
       sharding.variable_shardings(odd, mesh)))   # 5 channels do not split over 2 devices
   with pytest.raises(ValueError, match=r"model_axis must be one of the mesh's axis names"):
