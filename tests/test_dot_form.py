@@ -97,7 +97,9 @@ def _data(shape, seed) -> np.ndarray:
 def _converted(model: nn.Module, shape: tuple[int, ...], requant: str = "fbgemm"):
   """(calibrated variables, converted variables) of `model` on data of `shape`."""
   x = jnp.asarray(_data(shape, 0))
-  variables = model.init(jax.random.key(0), x)
+  # jitted, with XLA's own random bits: threefry's initialisers take XLA:CPU several times
+  # longer to compile (and op by op, every eager op compiles)
+  variables = jax.jit(model.init)(jax.random.key(0, impl="unsafe_rbg"), x)
   variables = qnn.calibrate(model, variables, [x, 1.25 * x])
   return variables, qjax.convert(model, variables, x, requant=requant)
 
@@ -176,8 +178,18 @@ def _qparams(model, variables, x) -> dict:
 # What convert produces.
 
 
-@pytest.mark.parametrize("qname", ["x86", "default"])
-@pytest.mark.parametrize("kind", ["dense", "conv"])
+def _split(cases, default):
+  """pytest params of `cases`: those in `default` run by default, the rest of the full grid
+  with -m slow."""
+  return [case if case in default else pytest.param(*case, marks=pytest.mark.slow)
+          for case in cases]
+
+
+# Default run: both kinds with x86, the dense layer with the default qconfig too (one
+# conversion each); the full grid with -m slow.
+@pytest.mark.parametrize("kind, qname", _split(
+    [(kind, qname) for kind in ("dense", "conv") for qname in QCONFIGS],
+    [("dense", "x86"), ("dense", "default"), ("conv", "x86")]))
 def test_lowers_to_the_typed_op_on_the_layers_own_grids(kind, qname):
   q = QCONFIGS[qname]
   model, shape, path, op_type = (
@@ -239,19 +251,6 @@ class ReferenceTest(parameterized.TestCase):
       np.testing.assert_array_equal(got, want)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*CONVS)
-  def test_conv_equals_numpy_reference(self, name):
-    model = CONVS[name]
-    _, int_vars = _converted(model, CONV_SHAPE)
-    op = _op(int_vars, "conv")
-    run = self.variant(functools.partial(_apply_int8, model))
-    for x in (_data(CONV_SHAPE, 1), 2.5 * _data(CONV_SHAPE, 2)):
-      got = run(int_vars, jnp.asarray(x))
-      want = _conv_reference(x, op, int_vars["params"]["conv"]["bias"])
-      assert got.shape == want.shape
-      np.testing.assert_array_equal(got, want)
-
-  @chex.variants(with_jit=True, without_jit=True)
   def test_mixed_placements_equal_numpy_reference(self):
     model = Mixed()
     _, int_vars = _converted(model, DENSE_SHAPE)
@@ -283,6 +282,24 @@ class ReferenceTest(parameterized.TestCase):
     np.testing.assert_array_equal(got[~bad], clean[~bad])
 
 
+# Default run: every geometry jitted, the one with the most parts (strides, dilation, groups)
+# op by op too; the other eager cases with -m slow.
+@pytest.mark.parametrize("name, variant", _split(
+    [(name, variant) for name in CONVS for variant in ("jit", "eager")],
+    [(name, "jit") for name in CONVS] + [("same_strided_dilated_grouped", "eager")]))
+def test_conv_equals_numpy_reference(name, variant):
+  model = CONVS[name]
+  _, int_vars = _converted(model, CONV_SHAPE)
+  op = _op(int_vars, "conv")
+  run = functools.partial(_apply_int8, model)
+  run = jax.jit(run) if variant == "jit" else run
+  for x in (_data(CONV_SHAPE, 1), 2.5 * _data(CONV_SHAPE, 2)):
+    got = run(int_vars, jnp.asarray(x))
+    want = _conv_reference(x, op, int_vars["params"]["conv"]["bias"])
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
 # ------------------------------------------------------------------------------------------
 # The program: integer contractions only; agreement with the QAT forward.
 
@@ -304,9 +321,14 @@ def test_every_contraction_is_int8_to_int32(name, kernel, monkeypatch):
   assert ("native" in counts) == (kernel == "native" and name != "conv"), counts
 
 
-@pytest.mark.parametrize("name, qname", [
-    *((name, "x86") for name in ["dense", *CONVS]),
-    ("dense", "default"), ("same_strided_dilated_grouped", "default")])
+# Default run: the dense layer with both qconfigs and the two conv geometries with the most
+# parts (dilation and groups; explicit asymmetric pads), one QAT compilation each; the full
+# grid with -m slow.
+@pytest.mark.parametrize("name, qname", _split(
+    [*((name, "x86") for name in ["dense", *CONVS]),
+     ("dense", "default"), ("same_strided_dilated_grouped", "default")],
+    [("dense", "x86"), ("explicit_dilated", "x86"), ("same_strided_dilated_grouped", "x86"),
+     ("dense", "default")]))
 def test_agrees_with_qat_forward_inside_the_calibrated_range(name, qname):
   q = QCONFIGS[qname]
   model, shape = ((StockDense(qconfig=q), DENSE_SHAPE) if name == "dense"
@@ -328,10 +350,11 @@ class WideDense(nn.Module):
 
   features: Any = 3
   axis: Any = (-2, -1)
+  qconfig: Any = X86
 
   @nn.compact
   def __call__(self, x, mode="float"):
-    dot = functools.partial(qnn.QuantDotGeneral, qconfig=X86, mode=mode)
+    dot = functools.partial(qnn.QuantDotGeneral, qconfig=self.qconfig, mode=mode)
     return nn.DenseGeneral(self.features, axis=self.axis, dot_general_cls=dot,
                            name="wide_layer")(x)
 
@@ -339,9 +362,11 @@ class WideDense(nn.Module):
 class DilatedInputConv(nn.Module):
   """A conv with input dilation (a transposed convolution's)."""
 
+  qconfig: Any = X86
+
   @nn.compact
   def __call__(self, x, mode="float"):
-    conv = functools.partial(qnn.QuantConvGeneral, qconfig=X86, mode=mode)
+    conv = functools.partial(qnn.QuantConvGeneral, qconfig=self.qconfig, mode=mode)
     return nn.Conv(3, (2, 2), padding=((1, 1), (1, 1)), input_dilation=(2, 2),
                    conv_general_dilated_cls=conv,
                    name="dilated_layer")(x)
@@ -352,8 +377,12 @@ class DilatedInputConv(nn.Module):
     (WideDense(features=(2, 3), axis=-1), (4, 5), "wide_layer", r"\(\.\.\., K\) x \(K, N\)"),
     (DilatedInputConv(), (2, 5, 5, 2), "dilated_layer", "input dilation"),
 ], ids=["two_contracting_axes", "two_output_axes", "input_dilation"])
+# Default run: MinMax observers; x86's histogram observers (seconds to compile in calibrate
+# and the QAT forward) with -m slow.
+@pytest.mark.parametrize("qname", ["default", pytest.param("x86", marks=pytest.mark.slow)])
 def test_convert_refuses_contractions_it_cannot_run_naming_the_layer(model, shape, layer,
-                                                                     says):
+                                                                     says, qname):
+  model = model.clone(qconfig=QCONFIGS[qname])
   x = jnp.asarray(_data(shape, 0))
   variables = qnn.calibrate(model, model.init(jax.random.key(0), x), [x])
   # the fake-quant forward runs them ...
