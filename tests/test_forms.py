@@ -2,14 +2,13 @@
 from a calibrated model; and the typed pytrees they are (serving trees, io round trips)."""
 
 import functools
+from typing import Any
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 from hypothesis import given, settings, strategies as st
 
 import qjax
@@ -72,140 +71,171 @@ def _random_grid(rng) -> tuple[float, int]:
   return float(np.float32(10.0 ** rng.uniform(-3, 1))), int(rng.integers(0, 256))
 
 
-class OpsTest(parameterized.TestCase):
+def _variant(variant: str):
+  """`jax.jit` for "jit", the function itself (op by op) for "eager"."""
+  return jax.jit if variant == "jit" else (lambda f: f)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(False, True)
-  def test_integer_add_equals_int64_reference(self, relu):
-    rng = np.random.default_rng(0)
-    run = self.variant(lambda o, a, b: o(a, b))  # one function: under jit, one compilation
-    for trial in range(20):
-      sa, sb, sy = rng.uniform(1e-3, 1.0, 3).astype(np.float32)
-      za, zb, zy = (int(v) for v in rng.integers(-128, 128, 3))
-      twice_max = 2.0 * max(float(sa), float(sb))
-      m0, shift = arith.quantize_multiplier(np.array([sa / twice_max, sb / twice_max]))
-      out_m0, out_shift = arith.quantize_multiplier(np.float64(twice_max) / (2.0**20 * sy))
-      op = forms.IntegerAdd(zero_in=jnp.array([za, zb], jnp.int32), m0=jnp.asarray(m0),
-                            shift=jnp.asarray(shift), out_m0=jnp.asarray(out_m0),
-                            out_shift=jnp.asarray(out_shift), zero_point=jnp.int32(zy),
-                            lo=-128, hi=127, relu=relu)
-      qa = rng.integers(-128, 128, (4, 33)).astype(np.int8)
-      qb = rng.integers(-128, 128, (4, 33)).astype(np.int8)
-      got = run(op, jnp.asarray(qa), jnp.asarray(qb))
-      np.testing.assert_array_equal(got, _int_add_reference(qa, qb, op), err_msg=f"{trial}")
-      # and it is the real sum to within one output step (plus the multipliers' 2^-31)
-      real = sa * (qa.astype(np.float64) - za) + sb * (qb.astype(np.float64) - zb)
-      if relu:
-        real = np.maximum(real, 0)
-      ideal = np.clip(np.rint(real / sy) + zy, zy if relu else -128, 127)
-      assert np.abs(np.asarray(got, np.int64) - ideal).max() <= 1
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_integer_concat_copies_its_grid_and_rescales_the_others(self):
-    rng = np.random.default_rng(1)
-    ratios = np.array([1.0, 0.37, 2.5])
-    m0, shift = arith.quantize_multiplier(ratios)
-    zeros = np.array([5, -20, 100], np.int32)
-    op = forms.IntegerConcat(zero_in=jnp.asarray(zeros), m0=jnp.asarray(m0),
-                             shift=jnp.asarray(shift), zero_point=jnp.int32(5),
-                             copied=(True, False, False), axis=1, lo=-128, hi=127)
-    parts = [rng.integers(-128, 128, (3, n)).astype(np.int8) for n in (2, 5, 4)]
-    got = np.asarray(self.variant(lambda o, *p: o(*p))(op, *map(jnp.asarray, parts)))
-    want = [parts[0].astype(np.int64)]
-    for i in (1, 2):
-      r = ref.mul_shift_round(parts[i].astype(np.int64) - zeros[i], int(m0[i]), int(shift[i]))
-      want.append(ref.clamp_output(r, 5, -128, 127, False).astype(np.int64))
-    np.testing.assert_array_equal(got, np.concatenate(want, axis=1))
+def _split(cases, default):
+  """pytest params of `cases`: those in `default` run by default, the rest of the full grid
+  with -m slow."""
+  return [case if case in default else pytest.param(*case, marks=pytest.mark.slow)
+          for case in cases]
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(False, True)
-  def test_add_equals_torchs_vector_kernel(self, relu):
-    rng = np.random.default_rng(3)
-    run = self.variant(lambda o, a, b: o(a, b))
-    for trial in range(30):
-      (sa, za), (sb, zb), (sy, zy) = (_random_grid(rng) for _ in range(3))
-      op = _lowered(forms.AddForm(relu=relu), [_grid(sa, za), _grid(sb, zb)], _grid(sy, zy))
-      qa = rng.integers(0, 256, (3, 37), dtype=np.uint8)
-      qb = rng.integers(0, 256, (3, 37), dtype=np.uint8)
-      got = run(op, jnp.asarray(qa.astype(np.int16) - 128, jnp.int8),
-                jnp.asarray(qb.astype(np.int16) - 128, jnp.int8))
-      want = ref.quantized_add(qa, sa, za, qb, sb, zb, sy, zy, relu=relu)
-      np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(True, False)
-  def test_concat_equals_torchs_kernels(self, channels_last):
-    rng = np.random.default_rng(4)
-    run = self.variant(lambda o, *p: o(*p))
-    for trial in range(20):
-      grids = [_random_grid(rng) for _ in range(3)]
-      grids[1] = grids[2]  # the output's grid: copied
-      op = _lowered(forms.ConcatForm(axis=-1), [_grid(*g) for g in grids[:2]],
-                    _grid(*grids[2]))
-      shape = (2, 3, 4) if channels_last else (5,)
-      parts = [rng.integers(0, 256, shape + (c,), dtype=np.uint8) for c in (6, 5)]
-      if not channels_last:
-        parts = [p.reshape(-1, p.shape[-1]) for p in parts]
-      got = run(op, *(jnp.asarray(p.astype(np.int16) - 128, jnp.int8) for p in parts))
-      want = ref.quantized_cat([(p, s, z) for p, (s, z) in zip(parts, grids[:2])],
-                               *grids[2], axis=-1, channels_last=channels_last)
-      np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
+VARIANTS = ("jit", "eager")
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(
-      ((2, 2), None, 0, True),
-      ((3, 3), (2, 2), 1, True),
-      ((3, 3), (2, 2), 1, False),
-      ((2, 3), (1, 2), (1, 0), False),
-      ((2, 2), (1, 1), 1, True),
-  )
-  def test_avg_pool_equals_torchs_kernel(self, window, strides, padding, include):
-    rng = np.random.default_rng(5)
-    pads = tuple((p, p) for p in ((padding,) * 2 if isinstance(padding, int) else padding))
-    run = self.variant(lambda o, x: o(x))
-    for trial in range(10):
-      _, z = _random_grid(rng)
-      q = rng.integers(0, 256, (2, 7, 6, 16), dtype=np.uint8)
-      op = _lowered(forms.PoolForm(window=window, strides=strides or window, padding=pads,
-                                   count_include_pad=include), [_grid(1.0, z)], None)
-      got = run(op, jnp.asarray(q.astype(np.int16) - 128, jnp.int8))
-      want = ref.quantized_avg_pool2d(q, z, window, strides, padding,
-                                      count_include_pad=include)
-      np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_global_avg_pool_equals_torchs_kernel(self):
-    rng = np.random.default_rng(6)
-    run = self.variant(lambda o, x: o(x))
-    for trial, (h, w) in enumerate([(2, 3), (4, 4), (7, 7), (1, 5), (6, 6)] * 4):
-      _, z = _random_grid(rng)
-      q = rng.integers(0, 256, (3, h, w, 8), dtype=np.uint8)
-      op = _lowered(forms.PoolForm(window=None, strides=(), padding="VALID",
-                                   count_include_pad=True), [_grid(1.0, z)], None)
-      got = run(op, jnp.asarray(q.astype(np.int16) - 128, jnp.int8))
-      want = ref.quantized_adaptive_avg_pool(q, z, 1)[:, 0, 0]
-      np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
+def _grid_of(values, eager):
+  """Every value jitted, and the values in `eager` op by op too (the others op by op with
+  -m slow): each eager case compiles its ops anew, the jitted ones once per program."""
+  return _split([(*v, variant) for v in values for variant in VARIANTS],
+                [(*v, "jit") for v in values] + [(*v, "eager") for v in eager])
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(
-      ((2, 2), (2, 2), "VALID", True),
-      ((3, 3), (2, 2), "SAME", True),
-      ((3, 3), (2, 2), "SAME", False),
-      ((2, 3), (1, 2), ((1, 0), (0, 2)), False),
-      ((4, 4), (1, 1), ((1, 1), (1, 1)), True),
-  )
-  def test_integer_avg_pool_equals_int64_reference(self, window, strides, padding, include):
-    rng = np.random.default_rng(2)
-    q = rng.integers(-128, 128, (2, 7, 6, 3)).astype(np.int8)
-    z = -17
-    op = forms.Int8AvgPool(zero_point=jnp.int32(z), window=window, strides=strides,
-                           padding=padding, count_include_pad=include, shift=0, lo=-128,
-                           hi=127, integer=True)
-    got = self.variant(lambda o, x: o(x))(op, jnp.asarray(q))
-    pads = (ref.same_pads(q.shape[1:3], window, strides, (1, 1)) if padding == "SAME"
-            else [(0, 0), (0, 0)] if padding == "VALID" else padding)
-    np.testing.assert_array_equal(
-        got, _pool_integer_reference(q, window, strides, pads, z, include))
+
+@pytest.mark.parametrize("relu, variant", _grid_of([(False,), (True,)], [(False,)]))
+def test_integer_add_equals_int64_reference(relu, variant):
+  rng = np.random.default_rng(0)
+  run = _variant(variant)(lambda o, a, b: o(a, b))  # one function: under jit, one compilation
+  for trial in range(20):
+    sa, sb, sy = rng.uniform(1e-3, 1.0, 3).astype(np.float32)
+    za, zb, zy = (int(v) for v in rng.integers(-128, 128, 3))
+    twice_max = 2.0 * max(float(sa), float(sb))
+    m0, shift = arith.quantize_multiplier(np.array([sa / twice_max, sb / twice_max]))
+    out_m0, out_shift = arith.quantize_multiplier(np.float64(twice_max) / (2.0**20 * sy))
+    op = forms.IntegerAdd(zero_in=jnp.array([za, zb], jnp.int32), m0=jnp.asarray(m0),
+                          shift=jnp.asarray(shift), out_m0=jnp.asarray(out_m0),
+                          out_shift=jnp.asarray(out_shift), zero_point=jnp.int32(zy),
+                          lo=-128, hi=127, relu=relu)
+    qa = rng.integers(-128, 128, (4, 33)).astype(np.int8)
+    qb = rng.integers(-128, 128, (4, 33)).astype(np.int8)
+    got = run(op, jnp.asarray(qa), jnp.asarray(qb))
+    np.testing.assert_array_equal(got, _int_add_reference(qa, qb, op), err_msg=f"{trial}")
+    # and it is the real sum to within one output step (plus the multipliers' 2^-31)
+    real = sa * (qa.astype(np.float64) - za) + sb * (qb.astype(np.float64) - zb)
+    if relu:
+      real = np.maximum(real, 0)
+    ideal = np.clip(np.rint(real / sy) + zy, zy if relu else -128, 127)
+    assert np.abs(np.asarray(got, np.int64) - ideal).max() <= 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_integer_concat_copies_its_grid_and_rescales_the_others(variant):
+  rng = np.random.default_rng(1)
+  ratios = np.array([1.0, 0.37, 2.5])
+  m0, shift = arith.quantize_multiplier(ratios)
+  zeros = np.array([5, -20, 100], np.int32)
+  op = forms.IntegerConcat(zero_in=jnp.asarray(zeros), m0=jnp.asarray(m0),
+                           shift=jnp.asarray(shift), zero_point=jnp.int32(5),
+                           copied=(True, False, False), axis=1, lo=-128, hi=127)
+  parts = [rng.integers(-128, 128, (3, n)).astype(np.int8) for n in (2, 5, 4)]
+  got = np.asarray(_variant(variant)(lambda o, *p: o(*p))(op, *map(jnp.asarray, parts)))
+  want = [parts[0].astype(np.int64)]
+  for i in (1, 2):
+    r = ref.mul_shift_round(parts[i].astype(np.int64) - zeros[i], int(m0[i]), int(shift[i]))
+    want.append(ref.clamp_output(r, 5, -128, 127, False).astype(np.int64))
+  np.testing.assert_array_equal(got, np.concatenate(want, axis=1))
+
+
+@pytest.mark.parametrize("relu, variant", _grid_of([(False,), (True,)], [(True,)]))
+def test_add_equals_torchs_vector_kernel(relu, variant):
+  rng = np.random.default_rng(3)
+  run = _variant(variant)(lambda o, a, b: o(a, b))
+  for trial in range(30):
+    (sa, za), (sb, zb), (sy, zy) = (_random_grid(rng) for _ in range(3))
+    op = _lowered(forms.AddForm(relu=relu), [_grid(sa, za), _grid(sb, zb)], _grid(sy, zy))
+    qa = rng.integers(0, 256, (3, 37), dtype=np.uint8)
+    qb = rng.integers(0, 256, (3, 37), dtype=np.uint8)
+    got = run(op, jnp.asarray(qa.astype(np.int16) - 128, jnp.int8),
+              jnp.asarray(qb.astype(np.int16) - 128, jnp.int8))
+    want = ref.quantized_add(qa, sa, za, qb, sb, zb, sy, zy, relu=relu)
+    np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
+
+
+@pytest.mark.parametrize("channels_last, variant", _grid_of([(True,), (False,)], [(True,)]))
+def test_concat_equals_torchs_kernels(channels_last, variant):
+  rng = np.random.default_rng(4)
+  run = _variant(variant)(lambda o, *p: o(*p))
+  for trial in range(20):
+    grids = [_random_grid(rng) for _ in range(3)]
+    grids[1] = grids[2]  # the output's grid: copied
+    op = _lowered(forms.ConcatForm(axis=-1), [_grid(*g) for g in grids[:2]],
+                  _grid(*grids[2]))
+    shape = (2, 3, 4) if channels_last else (5,)
+    parts = [rng.integers(0, 256, shape + (c,), dtype=np.uint8) for c in (6, 5)]
+    if not channels_last:
+      parts = [p.reshape(-1, p.shape[-1]) for p in parts]
+    got = run(op, *(jnp.asarray(p.astype(np.int16) - 128, jnp.int8) for p in parts))
+    want = ref.quantized_cat([(p, s, z) for p, (s, z) in zip(parts, grids[:2], strict=True)],
+                             *grids[2], axis=-1, channels_last=channels_last)
+    np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
+
+
+AVG_POOLS = [
+    ((2, 2), None, 0, True),
+    ((3, 3), (2, 2), 1, True),
+    ((3, 3), (2, 2), 1, False),
+    ((2, 3), (1, 2), (1, 0), False),
+    ((2, 2), (1, 1), 1, True),
+]
+
+
+@pytest.mark.parametrize("window, strides, padding, include, variant",
+                         _grid_of(AVG_POOLS, [AVG_POOLS[3]]))
+def test_avg_pool_equals_torchs_kernel(window, strides, padding, include, variant):
+  rng = np.random.default_rng(5)
+  pads = tuple((p, p) for p in ((padding,) * 2 if isinstance(padding, int) else padding))
+  run = _variant(variant)(lambda o, x: o(x))
+  for trial in range(10):
+    _, z = _random_grid(rng)
+    q = rng.integers(0, 256, (2, 7, 6, 16), dtype=np.uint8)
+    op = _lowered(forms.PoolForm(window=window, strides=strides or window, padding=pads,
+                                 count_include_pad=include), [_grid(1.0, z)], None)
+    got = run(op, jnp.asarray(q.astype(np.int16) - 128, jnp.int8))
+    want = ref.quantized_avg_pool2d(q, z, window, strides, padding,
+                                    count_include_pad=include)
+    np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
+
+
+# "eager": op by op, where each shape compiles anew, two of the sizes; every size with -m slow
+@pytest.mark.parametrize("variant", [*VARIANTS, pytest.param("eager_all", marks=pytest.mark.slow)])
+def test_global_avg_pool_equals_torchs_kernel(variant):
+  rng = np.random.default_rng(6)
+  run = _variant(variant)(lambda o, x: o(x))
+  sizes = [(2, 3), (4, 4), (7, 7), (1, 5), (6, 6)] * 4 if variant != "eager" else [(2, 3), (7, 7)]
+  for trial, (h, w) in enumerate(sizes):
+    _, z = _random_grid(rng)
+    q = rng.integers(0, 256, (3, h, w, 8), dtype=np.uint8)
+    op = _lowered(forms.PoolForm(window=None, strides=(), padding="VALID",
+                                 count_include_pad=True), [_grid(1.0, z)], None)
+    got = run(op, jnp.asarray(q.astype(np.int16) - 128, jnp.int8))
+    want = ref.quantized_adaptive_avg_pool(q, z, 1)[:, 0, 0]
+    np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
+
+
+INTEGER_AVG_POOLS = [
+    ((2, 2), (2, 2), "VALID", True),
+    ((3, 3), (2, 2), "SAME", True),
+    ((3, 3), (2, 2), "SAME", False),
+    ((2, 3), (1, 2), ((1, 0), (0, 2)), False),
+    ((4, 4), (1, 1), ((1, 1), (1, 1)), True),
+]
+
+
+@pytest.mark.parametrize("window, strides, padding, include, variant",
+                         _grid_of(INTEGER_AVG_POOLS, [INTEGER_AVG_POOLS[3]]))
+def test_integer_avg_pool_equals_int64_reference(window, strides, padding, include, variant):
+  rng = np.random.default_rng(2)
+  q = rng.integers(-128, 128, (2, 7, 6, 3)).astype(np.int8)
+  z = -17
+  op = forms.Int8AvgPool(zero_point=jnp.int32(z), window=window, strides=strides,
+                         padding=padding, count_include_pad=include, shift=0, lo=-128,
+                         hi=127, integer=True)
+  got = _variant(variant)(lambda o, x: o(x))(op, jnp.asarray(q))
+  pads = (ref.same_pads(q.shape[1:3], window, strides, (1, 1)) if padding == "SAME"
+          else [(0, 0), (0, 0)] if padding == "VALID" else padding)
+  np.testing.assert_array_equal(
+      got, _pool_integer_reference(q, window, strides, pads, z, include))
 
 
 @settings(max_examples=200, deadline=None)
@@ -238,7 +268,9 @@ class Residual(nn.Module):
 def _calibrated_residual():
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 2))
   model = Residual()
-  return model, x, qnn.calibrate(model, jax.jit(model.init)(jax.random.key(0), x), [x])
+  # XLA's own random bits: threefry's initialisers take XLA:CPU several times longer to compile
+  variables = jax.jit(model.init)(jax.random.key(0, impl="unsafe_rbg"), x)
+  return model, x, qnn.calibrate(model, variables, [x])
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,18 +347,23 @@ def test_int8_relu_clamps_at_the_zero_point(jit):
 class Unfused(nn.Module):
   """A layer, then its ReLU as a module of its own (the layer's grid holds negatives)."""
 
+  qconfig: Any = QCONFIG
+
   @nn.compact
   def __call__(self, x, mode="float"):
-    x = qnn.Quantize(qconfig=QCONFIG)(x, mode=mode)
-    x = qnn.QuantDense(8, qconfig=QCONFIG)(x, mode=mode)
+    x = qnn.Quantize(qconfig=self.qconfig)(x, mode=mode)
+    x = qnn.QuantDense(8, qconfig=self.qconfig)(x, mode=mode)
     x = qnn.QuantReLU()(x, mode=mode)
-    x = qnn.QuantDense(3, qconfig=QCONFIG)(x, mode=mode)
+    x = qnn.QuantDense(3, qconfig=self.qconfig)(x, mode=mode)
     return qnn.Dequantize()(x, mode=mode)
 
 
-def test_unfused_relu_keeps_the_layers_grid_and_matches_the_fake_quant_forward():
+# Default run: MinMax observers (per-tensor); x86's histogram observers (seconds to compile in
+# calibrate, convert and the QAT forward) with -m slow.
+@pytest.mark.parametrize("qname", ["default", pytest.param("x86", marks=pytest.mark.slow)])
+def test_unfused_relu_keeps_the_layers_grid_and_matches_the_fake_quant_forward(qname):
   x = jax.random.normal(jax.random.key(2), (16, 6))
-  model = Unfused()
+  model = Unfused(qconfig={"default": qnn.default_qconfig, "x86": QCONFIG}[qname])
   variables = qnn.calibrate(model, jax.jit(model.init)(jax.random.key(0), x), [x])
   int_vars = qjax.convert(model, variables, x)
   ops = int_vars[forms.COLLECTION]
