@@ -66,8 +66,14 @@ class SequenceNet(nn.Module):
     return step(mode=mode, name="cell")(h0, q)[1]
 
 
+def _normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
+  """Standard normal data from NumPy (no random-bits program to compile)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _calibrated(model: nn.Module, xs: jax.Array) -> Any:
-  variables = jax.jit(model.init)(jax.random.key(0), xs)
+  # XLA's own random bits: threefry's initialisers take XLA:CPU several times longer to compile
+  variables = jax.jit(model.init)(jax.random.key(0, impl="unsafe_rbg"), xs)
   return qnn.calibrate(model, variables, [xs, 1.5 * xs])
 
 
@@ -75,7 +81,7 @@ def _calibrated(model: nn.Module, xs: jax.Array) -> Any:
 def _rnn() -> tuple[RNN, jax.Array, Any, Any]:
   """RNN on one (batch 3, time 6, features 2) sequence, calibrated and converted once for the
   tests that share it: (model, xs, calibrated variables, int8 variables)."""
-  xs = jax.random.normal(jax.random.key(3), (3, 6, 2))
+  xs = _normal(3, (3, 6, 2))
   model = RNN()
   variables = _calibrated(model, xs)
   return model, xs, variables, qjax.convert(model, variables, xs)
@@ -142,7 +148,7 @@ def test_recurrent_cell_matches_the_numpy_reference_step_by_step(jit):
 
 
 def test_sequence_quantized_outside_the_scan_feeds_the_scanned_layer():
-  xs = jax.random.normal(jax.random.key(4), (5, 3, 4))  # time-major
+  xs = _normal(4, (5, 3, 4))  # time-major
   model = SequenceNet()
   int_vars = qjax.convert(model, _calibrated(model, xs), xs)
   quant, dense = _op(int_vars, "quant_in"), _op(int_vars, "cell", "dense")
@@ -197,7 +203,7 @@ class WhileNet(nn.Module):
 
 
 def test_an_int8_carry_on_two_grids_is_refused():
-  h0 = jax.random.normal(jax.random.key(6), (2, 3))
+  h0 = _normal(6, (2, 3))
   model = Int8CarryNet()
   with pytest.raises(ValueError, match="from quant_in into each step and returns it from "
                                        "cell/dense: one carry has one grid"):
@@ -205,8 +211,8 @@ def test_an_int8_carry_on_two_grids_is_refused():
 
 
 def test_quantized_modules_inside_an_unfollowable_body_are_refused():
-  x = jax.random.normal(jax.random.key(7), (2, 2))
+  x = _normal(7, (2, 2))
   model = WhileNet()
-  variables = model.init(jax.random.key(0), x)
+  variables = model.init(jax.random.key(0, impl="unsafe_rbg"), x)
   with pytest.raises(ValueError, match="inside `cond`, whose body convert cannot follow"):
     qjax.convert(model, variables, x)
