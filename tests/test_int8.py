@@ -485,15 +485,11 @@ class RequantizeTest(chex.TestCase):
 
     check()
 
-  @chex.variants(with_jit=True, without_jit=True)
+  # op by op: test_integer_saturates_eager (-m slow); test_integer runs requantize_integer op
+  # by op
+  @chex.variants(with_jit=True)
   def test_integer_saturates(self):
-    """M = 2^28: the product leaves int32 and saturates (zero point 0)."""
-    acc = np.array([[ref.INT32_MAX, ref.INT32_MIN, 3, -3, 2**20, -(2**20)]], np.int32)
-    m0 = np.full((1, 6), 2**30, np.int32)
-    shift = np.full((1, 6), 2, np.int32)  # M = 2^28
-    q = self.variant(arith.requantize_integer, static_argnames=("lo", "hi", "relu"))(
-        acc, jnp.asarray(m0), jnp.asarray(shift), jnp.int32(0), lo=-128, hi=127)
-    np.testing.assert_array_equal(np.asarray(q), [[127, -128, 127, -128, 127, -128]])
+    _check_integer_saturates(self.variant)
 
   def test_integer_saturation_with_zero_point(self):
     """A saturated product (M >= 1 or a huge accumulator) stays saturated after + Z."""
@@ -541,25 +537,11 @@ _EXTREME_M0 = np.array([2**30, 2**30 + 1, 3 * 2**29, 2**31 - 2, 2**31 - 1], np.i
 
 class MulShiftRoundTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  # op by op: test_extremes_every_shift_eager (-m slow); test_random runs mul_shift_round op
+  # by op
+  @chex.variants(with_jit=True)
   def test_extremes_every_shift(self):
-    """Every shift 1..62 against extreme accumulators and multipliers, by Python integers."""
-    acc = _EXTREME_ACC[:, None, None]
-    m0 = _EXTREME_M0[None, :, None]
-    shift = np.arange(1, 63, dtype=np.int64)[None, None, :]
-    shape = np.broadcast_shapes(acc.shape, m0.shape, shift.shape)
-    got = self.variant(arith.mul_shift_round)(
-        jnp.asarray(np.broadcast_to(acc, shape), jnp.int32),
-        jnp.asarray(np.broadcast_to(m0, shape), jnp.int32),
-        jnp.asarray(np.broadcast_to(shift, shape), jnp.int32))
-    assert got.dtype == jnp.int32
-    expected = np.empty(shape, np.int64)
-    for i, j, s in np.ndindex(*shape):
-      a, m, r = int(_EXTREME_ACC[i]), int(_EXTREME_M0[j]), s + 1
-      expected[i, j, s] = min(max((a * m + 2 ** (r - 1)) >> r, ref.INT32_MIN), ref.INT32_MAX)
-    np.testing.assert_array_equal(np.asarray(got), expected)
-    # Saturation seen.
-    assert (expected == ref.INT32_MAX).any() and (expected == ref.INT32_MIN).any()
+    _check_extremes_every_shift(self.variant)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_random(self):
@@ -575,6 +557,51 @@ class MulShiftRoundTest(chex.TestCase):
                                     ref.mul_shift_round(acc, m0, shift))
 
     check()
+
+
+def _check_integer_saturates(variant):
+  """M = 2^28: the product leaves int32 and saturates (zero point 0)."""
+  acc = np.array([[ref.INT32_MAX, ref.INT32_MIN, 3, -3, 2**20, -(2**20)]], np.int32)
+  m0 = np.full((1, 6), 2**30, np.int32)
+  shift = np.full((1, 6), 2, np.int32)  # M = 2^28
+  q = variant(arith.requantize_integer, static_argnames=("lo", "hi", "relu"))(
+      acc, jnp.asarray(m0), jnp.asarray(shift), jnp.int32(0), lo=-128, hi=127)
+  np.testing.assert_array_equal(np.asarray(q), [[127, -128, 127, -128, 127, -128]])
+
+
+def _check_extremes_every_shift(variant):
+  """Every shift 1..62 against extreme accumulators and multipliers, by Python integers."""
+  acc = _EXTREME_ACC[:, None, None]
+  m0 = _EXTREME_M0[None, :, None]
+  shift = np.arange(1, 63, dtype=np.int64)[None, None, :]
+  shape = np.broadcast_shapes(acc.shape, m0.shape, shift.shape)
+  got = variant(arith.mul_shift_round)(
+      jnp.asarray(np.broadcast_to(acc, shape), jnp.int32),
+      jnp.asarray(np.broadcast_to(m0, shape), jnp.int32),
+      jnp.asarray(np.broadcast_to(shift, shape), jnp.int32))
+  assert got.dtype == jnp.int32
+  expected = np.empty(shape, np.int64)
+  for i, j, s in np.ndindex(*shape):
+    a, m, r = int(_EXTREME_ACC[i]), int(_EXTREME_M0[j]), s + 1
+    expected[i, j, s] = min(max((a * m + 2 ** (r - 1)) >> r, ref.INT32_MIN), ref.INT32_MAX)
+  np.testing.assert_array_equal(np.asarray(got), expected)
+  # Saturation seen.
+  assert (expected == ref.INT32_MAX).any() and (expected == ref.INT32_MIN).any()
+
+
+def _eagerly(fn, **_):
+  """The function itself, op by op (chex's without_jit variant)."""
+  return fn
+
+
+@pytest.mark.slow
+def test_integer_saturates_eager():
+  _check_integer_saturates(_eagerly)
+
+
+@pytest.mark.slow
+def test_extremes_every_shift_eager():
+  _check_extremes_every_shift(_eagerly)
 
 
 def _relative_error(m0, shift, multiplier) -> float:
