@@ -2,6 +2,7 @@
 input grids."""
 
 import dataclasses
+import functools
 import warnings
 
 import chex
@@ -33,8 +34,11 @@ class _Net(nn.Module):
 
 
 def _init(model, x):
-  """The model's variables, initialized under jit (op by op, every eager op compiles)."""
-  return jax.jit(model.init, static_argnames="mode")(jax.random.key(1), x, mode="float")
+  """The model's variables, initialized under jit (op by op, every eager op compiles) with
+  XLA's own random bits (threefry's initialisers take XLA:CPU several times longer to
+  compile)."""
+  return jax.jit(model.init, static_argnames="mode")(jax.random.key(1, impl="unsafe_rbg"), x,
+                                                      mode="float")
 
 
 def _apply(model, variables, x, mode, **kwargs):
@@ -87,8 +91,13 @@ def test_same_integers_fewer_leaves(calibrated, requant):
     np.testing.assert_array_equal(np.asarray(fc1.offset), zero_offset)
 
 
-@pytest.mark.parametrize("kernel", ["xla", *kernels.native_paths()])
-@pytest.mark.parametrize("requant", ["fbgemm", "float"])
+# Default run: "fbgemm" on every kernel path, "float" on XLA's; "float" on the native paths
+# with -m slow.
+@pytest.mark.parametrize("requant, kernel", [
+    *(("fbgemm", kernel) for kernel in ["xla", *kernels.native_paths()]),
+    ("float", "xla"),
+    *(pytest.param("float", kernel, marks=pytest.mark.slow)
+      for kernel in kernels.native_paths())])
 def test_packed_serving_tree(calibrated, requant, kernel, tmp_path, monkeypatch):
   """Dense weights pre-packed for the native kernel: same integers on every path, stored and
   loaded by qjax.io."""
@@ -198,13 +207,19 @@ class _Learned(nn.Module):
     return qnn.Dequantize()(x, mode=mode)
 
 
+@functools.cache
+def _learned() -> tuple[_Learned, jax.Array, dict]:
+  """(model, x, initial variables) of _Learned, initialized once."""
+  model = _Learned()
+  x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
+  return model, x, _init(model, x)
+
+
 def test_learned_scales_are_the_converted_grids():
   """LSQ points: convert takes each point's learned scale and zero point (not the observer's),
   as the point's forward uses them, and the int8 path then computes the fake-quant forward's
   integers."""
-  model = _Learned()
-  x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
-  variables = _init(model, x)
+  model, x, variables = _learned()
   # Move every learned parameter away from its observed initial value, as training would.
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: p * 1.3 if path[-1].key == "scale" else
@@ -229,9 +244,7 @@ def test_learned_scales_are_the_converted_grids():
 def test_learned_weight_scales_clamp_as_the_forward_does():
   """A learned weight scale far below the kernel's range is the QAT forward's own grid (it
   clamps those weights): convert clamps them the same way, without a warning or an error."""
-  model = _Learned()
-  x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
-  variables = _init(model, x)
+  model, x, variables = _learned()
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: p * 0.1 if path[-1].key == "scale" and "weight" in str(path) else p,
       variables["params"])
