@@ -11,18 +11,21 @@ from support.experiments import load_experiment, user_promotion_rules  # noqa: F
 mnist = load_experiment("mnist")
 mnist_data = load_experiment("mnist_data")
 
-VARIANTS = ["float32", "float16", "bfloat16", "dynamic int8", *mnist.STATIC, mnist.QAT]
-INT8_PATH = [*mnist.STATIC, mnist.QAT]
 
 
-def _check_study(results, out, models):
-  """What every run must show, whatever the data."""
+def _variants(static):
+  return ["float32", "float16", "bfloat16", "dynamic int8", *static, mnist.QAT]
+
+
+def _check_study(results, out, models, static=tuple(mnist.STATIC)):
+  """What every run must show, whatever the data (`static`: the static variants it ran)."""
+  variants, int8_path = _variants(static), [*static, mnist.QAT]
   assert json.loads((out / "results.json").read_text()) == json.loads(
       json.dumps(mnist._json_ready(results)))  # pylint: disable=protected-access
   assert list(results["models"]) == models
   for name, model in results["models"].items():
     rows = {r["variant"]: r for r in model["rows"]}
-    assert list(rows) == VARIANTS
+    assert list(rows) == variants
     float_row = rows["float32"]
     assert float_row["size_vs_float32"] == 1.0
     for variant, row in rows.items():
@@ -32,9 +35,9 @@ def _check_study(results, out, models):
         assert row[f"latency_b{batch}_ms"] > 0
     for half in ("float16", "bfloat16"):
       assert 0.49 < rows[half]["size_vs_float32"] < 0.52
-    for variant in ["dynamic int8", *INT8_PATH]:
+    for variant in ["dynamic int8", *int8_path]:
       assert rows[variant]["size_vs_float32"] < 0.35, variant  # int8 kernels, float32 scales
-    for variant in INT8_PATH:
+    for variant in int8_path:
       assert rows[variant]["argmax_vs_fake_quant"] >= 0.99, variant
     # The verification: every layer's grids, the first layer recomputed in NumPy.
     grids = model["layer_grids"]
@@ -53,29 +56,54 @@ def _check_study(results, out, models):
   assert results["stages"][0]["stage"] == "data"
 
 
-def test_quick(tmp_path, capsys):
-  """Every stage and variant of the MLP on the small data (LeNet-5 runs the same code: its
-  whole study runs under -m slow, its training path in the default run below)."""
+def _quick_mlp(tmp_path, capsys, static):
   results = mnist.main(["--quick", "--no-progress", "--models", "mlp", "--out", str(tmp_path)])
   out = capsys.readouterr().out
   assert "equal:" in out and "static int8 (histogram, fused)" in out
   assert results["data"]["train"] == 1000 and results["data"]["test"] == 300
-  _check_study(results, tmp_path, ["mlp"])
+  _check_study(results, tmp_path, ["mlp"], static)
   for model in results["models"].values():
     rows = {r["variant"]: r for r in model["rows"]}
     assert rows["float32"]["accuracy"] > 0.5  # one epoch on 1,000 digits
 
 
-def test_lenet_takes_three_channels(tmp_path):
-  """--channels 3: the gray digit replicated into the 3x32x32 input of PyTorch's tutorial."""
+def test_quick(tmp_path, capsys, monkeypatch):
+  """Every stage of the MLP on the small data, with one static variant (the verified one,
+  histogram observers, fused) besides float, half, dynamic and QAT; every static variant runs
+  with -m slow (test_quick_every_variant), as does LeNet-5's study."""
+  monkeypatch.setattr(mnist, "STATIC", {mnist.VERIFIED: mnist.STATIC[mnist.VERIFIED]})
+  _quick_mlp(tmp_path, capsys, [mnist.VERIFIED])
+
+
+@pytest.mark.slow
+def test_quick_every_variant(tmp_path, capsys):
+  _quick_mlp(tmp_path, capsys, list(mnist.STATIC))
+
+
+def _three_channel_lenet_inputs():
   args = mnist.parse_args(["--quick", "--no-progress", "--models", "lenet5", "--channels", "3"])
   args.batch = 4
   data, _ = mnist.load_data(args)
   x = mnist.models.model_inputs("lenet5", data[0][:4], args.channels)
+  return args, data, x
+
+
+def test_lenet_takes_three_channels():
+  """--channels 3: the gray digit replicated into the 3x32x32 input of PyTorch's tutorial."""
+  import jax  # pylint: disable=import-outside-toplevel
+  args, data, x = _three_channel_lenet_inputs()
   assert x.shape == (4, 32, 32, 3)
   np.testing.assert_array_equal(x[..., 0], x[..., 2])
   np.testing.assert_array_equal(x[:, 2:30, 2:30, 0], data[0][:4].reshape(4, 28, 28))
   assert not x[:, :2].any() and not x[:, 30:].any()  # zero padding
+  model = mnist.models.QUANT_MODELS["lenet5"](qconfig=None)
+  shapes = jax.eval_shape(lambda k: model.init(k, x, mode="float"), jax.random.key(args.seed))
+  assert shapes["params"]["conv1"]["kernel"].shape == (5, 5, 3, 6)
+
+
+@pytest.mark.slow
+def test_lenet_trains_on_three_channels():
+  args, data, x = _three_channel_lenet_inputs()
   params, _ = mnist.train_float("lenet5", (x, data[1][:4], x, data[1][:4]), args)
   assert params["conv1"]["kernel"].shape == (5, 5, 3, 6)
 
@@ -106,7 +134,7 @@ def test_full_mnist(tmp_path):
     rows = {r["variant"]: r for r in results["models"][name]["rows"]}
     base = rows["float32"]["accuracy"]
     assert base >= target, name
-    for variant in VARIANTS[1:]:
+    for variant in _variants(mnist.STATIC)[1:]:
       limit = 0.003 if variant == mnist.QAT else 0.005
       assert rows[variant]["accuracy"] >= base - limit, (name, variant)
 
