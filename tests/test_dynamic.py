@@ -14,6 +14,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from qjax import QuantSpec, _float32, dynamic
@@ -192,11 +193,30 @@ _CASES = [  # (x shape, N, per_channel, reduce_range, weight spec, bias)
 ]
 
 
+# Jitted, the cases of a 3-D input and of per-channel weights run by default; the rest with
+# -m slow (every case runs eagerly by default).
+_JIT_CASES = (1, 2)
+
+
 class DynamicDenseTest(chex.TestCase, parameterized.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(without_jit=True)
   @parameterized.parameters(*range(len(_CASES)))
   def test_matches_numpy_reference(self, case):
+    self._check_reference(case)
+
+  @chex.variants(with_jit=True)
+  @parameterized.parameters(*_JIT_CASES)
+  def test_matches_numpy_reference_jitted(self, case):
+    self._check_reference(case)
+
+  @chex.variants(with_jit=True)
+  @parameterized.parameters(*(c for c in range(len(_CASES)) if c not in _JIT_CASES))
+  @pytest.mark.slow
+  def test_matches_numpy_reference_jitted_all(self, case):
+    self._check_reference(case)
+
+  def _check_reference(self, case):
     shape, n, per_channel, reduce_range, spec, use_bias = _CASES[case]
     rng = np.random.default_rng(case)
     x = (rng.normal(size=shape) * rng.uniform(0.1, 10) + rng.normal()).astype(F32)
@@ -313,6 +333,13 @@ SEQ = np.random.default_rng(12).normal(size=(3, 4, 6)).astype(F32)
 LSTM = nn.RNN(nn.LSTMCell(5))
 
 
+@functools.cache
+def _lstm_expected():
+  """_lstm_reference of the per-channel quantized LSTM on SEQ, compiled."""
+  return np.asarray(jax.jit(_lstm_reference)(_params("lstm", per_channel=True, quantized=True),
+                                             SEQ))
+
+
 def _lstm_reference(params, xs):
   """The LSTM cell step by step from dynamic_dense calls (flax's gate equations)."""
   cell = params["cell"]
@@ -394,8 +421,7 @@ class FlaxTest(chex.TestCase, parameterized.TestCase):
     self.assertLen(jax.tree_util.tree_leaves(
         qparams, is_leaf=lambda v: isinstance(v, dynamic.DynamicKernel)), 8 + 4)
     y = self.variant(lambda v, x: dynamic.dynamic_apply(LSTM, v, x))({"params": qparams}, SEQ)
-    expected = _lstm_reference(qparams, SEQ)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(expected), rtol=0, atol=2e-7)
+    np.testing.assert_allclose(np.asarray(y), _lstm_expected(), rtol=0, atol=2e-7)
     float_y = LSTM.apply({"params": params}, SEQ)
     self.assertGreater(float(jnp.abs(y - float_y).max()), 0)      # it did quantize
     np.testing.assert_allclose(np.asarray(y), np.asarray(float_y), atol=0.05)

@@ -118,19 +118,34 @@ def test_fold_equals_layer_then_flax_batch_norm(case):
   _assert_float_close(got, expected)
 
 
-@settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["dense", "conv"]),
-       cin=st.integers(1, 6), cout=st.integers(1, 7), kh=st.integers(1, 3),
-       kw=st.integers(1, 3), stride=st.integers(1, 2), use_bias=st.booleans(),
-       use_scale=st.booleans(), bn_bias=st.booleans(),
-       padding=st.sampled_from(["SAME", "VALID"]))
-def test_fold_property(seed, kind, cin, cout, kh, kw, stride, use_bias, use_scale, bn_bias,
-                       padding):
+_FOLD_SHAPES = {
+    "seed": st.integers(0, 2**31 - 1), "kind": st.sampled_from(["dense", "conv"]),
+    "cin": st.integers(1, 6), "cout": st.integers(1, 7), "kh": st.integers(1, 3),
+    "kw": st.integers(1, 3), "stride": st.integers(1, 2), "use_bias": st.booleans(),
+    "use_scale": st.booleans(), "bn_bias": st.booleans(),
+    "padding": st.sampled_from(["SAME", "VALID"])}
+
+
+def _check_fold(seed, kind, cin, cout, kh, kw, stride, use_bias, use_scale, bn_bias, padding):
   """For any shapes and values, conv(x, W') + b' == BatchNorm(conv(x, W) + b)."""
   got, expected = _fold_case(seed, kind, use_bias=use_bias, use_scale=use_scale,
                              bn_bias=bn_bias, strides=stride, padding=padding, cin=cin,
                              cout=cout, kernel_size=(kh, kw), spatial=(5, 4), batch=3)
   _assert_float_close(got, expected)
+
+
+# Every example compiles its shapes: a few by default, more with -m slow.
+@settings(max_examples=5, deadline=None)
+@given(**_FOLD_SHAPES)
+def test_fold_property(**case):
+  _check_fold(**case)
+
+
+@pytest.mark.slow
+@settings(max_examples=15, deadline=None)
+@given(**_FOLD_SHAPES)
+def test_fold_property_more_examples(**case):
+  _check_fold(**case)
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (3, 3, 2, 3)])
@@ -414,8 +429,8 @@ def _randomised(variables, seed=6):
 
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_layout(use_bias):
-  variables = _conv_bn(use_bias=use_bias).init(jax.random.key(0), X_IMG, train=False,
-                                               mode="qat")
+  init = functools.partial(_conv_bn(use_bias=use_bias).init, train=False, mode="qat")
+  variables = jax.jit(init)(jax.random.key(0), X_IMG)
   expected = {"kernel", "bn_scale", "bn_bias"} | ({"bias"} if use_bias else set())
   assert set(variables) == {"params", "batch_stats", "quant_stats"}
   assert set(variables["params"]) == expected
@@ -424,7 +439,8 @@ def test_layout(use_bias):
   assert set(variables["quant_stats"]) == {"weight", "output"}
   assert variables["quant_stats"]["weight"]["min_val"].shape == (6,)
   np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(6, F32))
-  dense = QuantDenseBN(5, qconfig=QAT).init(jax.random.key(0), X_VEC, train=True, mode="float")
+  dense = jax.jit(functools.partial(QuantDenseBN(5, qconfig=QAT).init, train=True,
+                                    mode="float"))(jax.random.key(0), X_VEC)
   assert set(dense["params"]) == {"kernel", "bn_scale", "bn_bias"}
   assert set(dense["batch_stats"]) == {"mean", "var"}
   assert set(dense["quant_stats"]) == {"weight", "output"}
@@ -598,7 +614,8 @@ def test_inside_a_model_paths():
       return QuantDenseBN(3, qconfig=QAT, name="d1")(x, train=train, mode=mode)
 
   model = Model()
-  variables = model.init(jax.random.key(0), X_IMG, train=False, mode="qat")
+  variables = jax.jit(model.init, static_argnames=("train", "mode"))(
+      jax.random.key(0), X_IMG, train=False, mode="qat")
   assert set(variables["batch_stats"]) == {"c1", "d1"}
   assert set(variables["quant_stats"]) == {"Quantize_0", "c1", "d1"}
   _, updates = jax.jit(functools.partial(model.apply, train=True, mode="qat",
@@ -652,7 +669,8 @@ def _qat_trained_folded_model():
   for i in range(3):
     _, updates = step(variables, x + 0.1 * i)
     variables = {**variables, **updates}
-  y_fq = np.asarray(model.apply(variables, x, train=False, mode="qat"))
+  y_fq = np.asarray(jax.jit(functools.partial(model.apply, train=False, mode="qat"))(
+      variables, x))
   return model, x, variables, y_fq
 
 

@@ -43,8 +43,9 @@ def _with_biases(variables, seed):
 
 
 def _setup(model, x, seed):
-  variables = _with_biases(model.init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]),
-                                      mode="float"), seed)
+  init = jax.jit(model.init, static_argnames="mode")
+  variables = _with_biases(init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]), mode="float"),
+                           seed)
   variables = qnn.calibrate(model, variables, [x[:256]])
   int_vars = {r: qjax.convert(model, variables, x[:2], requant=r) for r in REQUANT}
   return model, variables, int_vars

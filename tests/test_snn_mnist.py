@@ -37,13 +37,16 @@ def test_float_twin_shares_the_quantizable_network_params():
   spikes = snn_mnist.encode(jax.random.PRNGKey(0),
                             jax.random.uniform(jax.random.PRNGKey(1), (3, 784)), 6)
   twin = snn_mnist.FloatSpikingMLP(12, trace=True)
-  params = twin.init(jax.random.PRNGKey(2), spikes)["params"]
+  params = jax.jit(twin.init)(jax.random.PRNGKey(2), spikes)["params"]
   params = jax.tree_util.tree_map(lambda a: 4 * a, params)  # enough current to spike
   model = snn_mnist.SpikingMLP(12, snn_mnist.static_qconfig(),
                                snn_mnist.state_config("observed", 8), trace=True)
-  stats = model.init(jax.random.PRNGKey(2), spikes, mode="float")["quant_stats"]
-  ours = twin.apply({"params": params}, spikes)
-  theirs = model.apply({"params": params, "quant_stats": stats}, spikes, mode="float")
+  float_mode = {"static_argnames": "mode"}   # the time loops compiled, not op by op
+  stats = jax.jit(model.init, **float_mode)(jax.random.PRNGKey(2), spikes, mode="float")[
+      "quant_stats"]
+  ours = jax.jit(twin.apply)({"params": params}, spikes)
+  theirs = jax.jit(model.apply, **float_mode)({"params": params, "quant_stats": stats}, spikes,
+                                              mode="float")
   assert len(ours) == len(theirs) == 4
   for a, b in zip(ours, theirs, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
