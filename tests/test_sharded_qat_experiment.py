@@ -1,5 +1,7 @@
 """experiments/sharded_qat.py end to end, in a child process (it needs 8 simulated devices,
-which XLA fixes when its backend starts): a --quick run by default, the full run under -m slow."""
+which XLA fixes when its backend starts): the full run under -m slow. Its --quick run is
+tests/sharded/test_sharded_qat_quick.py, in the child process of tests/test_sharding.py, which
+has the 8 devices."""
 
 import json
 import os
@@ -8,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from support.experiments import check_sharded_qat
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -20,28 +23,6 @@ def _run(out, *args):
                         timeout=1800, check=False)
   assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
   return done.stdout, json.loads((out / "results.json").read_text())
-
-
-def _check(out, results):
-  assert "kernel bytes per device" in out and "median train step" in out
-  assert results["jax"]["devices"] == 8
-  assert set(results["kernel_specs"].values()) == {"P(None, 'model')"}
-  b = results["bytes_per_device"]
-  # Kernels split over 2 model shards; int8 is a quarter of float32.
-  assert b["float32_kernels"] * 2 == b["float32_kernels_one_device"] == 4 * (784 + 100 + 10) * 100
-  assert b["int8_kernels"] * 4 == b["float32_kernels"]
-  assert results["quant_stats_equal_after_first_step"] is True
-  assert results["step_seconds"]["ratio_sharded_to_one"] > 0
-
-
-def test_sharded_qat_quick(tmp_path):
-  out, results = _run(tmp_path, "--quick", "--steps", "4")
-  _check(out, results)
-  assert results["config"]["steps"] == 4
-  # A few steps apart, the two runs differ by float rounding only. (Over hundreds of QAT
-  # steps a rounding difference can move a weight across a grid step, and the runs drift
-  # further apart: 6e-2 after the full run's 200 steps, at the same accuracy.)
-  assert results["params_max_abs_difference"] < 1e-4
 
 
 def test_sharded_qat_refuses_too_few_devices():
@@ -59,5 +40,5 @@ def test_sharded_qat_refuses_too_few_devices():
 @pytest.mark.slow
 def test_sharded_qat_full(tmp_path):
   out, results = _run(tmp_path)
-  _check(out, results)
+  check_sharded_qat(out, results)
   assert results["qat_accuracy_sharded"] > 0.85

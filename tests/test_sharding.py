@@ -1,4 +1,5 @@
-"""The sharded tests (tests/sharded) on a simulated mesh of 8 CPU devices.
+"""The sharded tests (tests/sharded, experiments/sharded_qat.py's --quick run among them) on a
+simulated mesh of 8 CPU devices.
 
 XLA fixes the number of host devices when the backend starts, so they run in a child pytest
 process started with XLA_FLAGS=--xla_force_host_platform_device_count=8; this process keeps
