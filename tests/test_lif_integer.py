@@ -165,34 +165,46 @@ def _i_trace(op: IntegerLIF, xs: np.ndarray, i: np.ndarray) -> np.ndarray:
   return np.array(out)
 
 
-class ReferenceTest(parameterized.TestCase):
+def _split(cases, default):
+  """pytest params of `cases`: those in `default` run by default, the rest of the full grid
+  with -m slow."""
+  return [case if case in default else pytest.param(*case, marks=pytest.mark.slow)
+          for case in cases]
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*LEVELS)
-  def test_trace_equals_the_int64_reference(self, bits):
-    """Six neurons per width (one vmapped call, so one compilation), from rest and from random
-    states, 300 steps of random and saturating currents."""
-    rng = np.random.default_rng(bits)
-    ops = [_random_neuron(rng, bits, ratio, LEVELS[bits]) for ratio in RATIOS]
-    xs = np.stack([_currents(rng) for _ in ops])
-    lo, hi = ops[0].v_bounds
-    states = [op.initial_state(xs.shape[2:]) if k % 2 == 0 else
-              (jnp.asarray(rng.integers(lo, hi + 1, xs.shape[2:]), jnp.int32),
-               jnp.asarray(rng.integers(lo, hi + 1, xs.shape[2:]), jnp.int32))
-              for k, op in enumerate(ops)]
-    run = self.variant(jax.vmap(lambda o, x, s: o.trace(x, s)))
-    got = run(_stack(ops), jnp.asarray(xs), _stack(states))
-    hits = dict.fromkeys(("i at qmin", "i at qmax", "v at qmin", "v at qmax", "spikes"), 0)
-    for k, op in enumerate(ops):
-      want = _reference_trace(op, xs[k], states[k])
-      _assert_trace_equal(_row(got, k), want, f"{bits} bits, neuron {k}")
-      i_trace = _i_trace(op, xs[k], np.asarray(states[k][1], np.int64))
-      hits["i at qmin"] += int(np.sum(i_trace == lo))
-      hits["i at qmax"] += int(np.sum(i_trace == hi))
-      hits["v at qmin"] += int(np.sum(want[2] == lo))
-      hits["v at qmax"] += int(np.sum(want[2] == hi))
-      hits["spikes"] += int(want[0].sum())
-    assert all(hits.values()), hits  # the runs did saturate both ends, and spike
+
+# Default run: every width jitted, 12 bits (no fractional bits in the membrane update) op by
+# op too; the other eager cases (the scan compiles its body either way) with -m slow.
+@pytest.mark.parametrize("bits, variant", _split(
+    [(bits, variant) for bits in LEVELS for variant in ("jit", "eager")],
+    [(bits, "jit") for bits in LEVELS] + [(12, "eager")]))
+def test_trace_equals_the_int64_reference(bits, variant):
+  """Six neurons per width (one vmapped call, so one compilation), from rest and from random
+  states, 300 steps of random and saturating currents."""
+  rng = np.random.default_rng(bits)
+  ops = [_random_neuron(rng, bits, ratio, LEVELS[bits]) for ratio in RATIOS]
+  xs = np.stack([_currents(rng) for _ in ops])
+  lo, hi = ops[0].v_bounds
+  states = [op.initial_state(xs.shape[2:]) if k % 2 == 0 else
+            (jnp.asarray(rng.integers(lo, hi + 1, xs.shape[2:]), jnp.int32),
+             jnp.asarray(rng.integers(lo, hi + 1, xs.shape[2:]), jnp.int32))
+            for k, op in enumerate(ops)]
+  run = jax.vmap(lambda o, x, s: o.trace(x, s))
+  run = jax.jit(run) if variant == "jit" else run
+  got = run(_stack(ops), jnp.asarray(xs), _stack(states))
+  hits = dict.fromkeys(("i at qmin", "i at qmax", "v at qmin", "v at qmax", "spikes"), 0)
+  for k, op in enumerate(ops):
+    want = _reference_trace(op, xs[k], states[k])
+    _assert_trace_equal(_row(got, k), want, f"{bits} bits, neuron {k}")
+    i_trace = _i_trace(op, xs[k], np.asarray(states[k][1], np.int64))
+    hits["i at qmin"] += int(np.sum(i_trace == lo))
+    hits["i at qmax"] += int(np.sum(i_trace == hi))
+    hits["v at qmin"] += int(np.sum(want[2] == lo))
+    hits["v at qmax"] += int(np.sum(want[2] == hi))
+    hits["spikes"] += int(want[0].sum())
+  assert all(hits.values()), hits  # the runs did saturate both ends, and spike
+
+
+class ReferenceTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_call_is_the_trace_without_the_membrane(self):
@@ -375,11 +387,12 @@ def _tie_distance(y: np.ndarray) -> np.ndarray:
   return np.abs(y - np.floor(y) - 0.5)
 
 
+# Default run: the grids of threshold_state(4) and (8); the others with -m slow.
 @pytest.mark.parametrize("bits, x_scale, x_zero, v_scale, i_scale", [
     (4, 0.0377, -100, 1.2 / 7, 0.3),          # threshold_state(4)'s membrane grid
-    (4, 0.0061, 13, 0.41, 0.13),
+    pytest.param(4, 0.0061, 13, 0.41, 0.13, marks=pytest.mark.slow),
     (8, 0.0513, -120, 1.2 / 127, 0.0217),     # threshold_state(8)'s
-    (8, 0.0213, 40, 0.0313, 0.0089),
+    pytest.param(8, 0.0213, 40, 0.0313, 0.0089, marks=pytest.mark.slow),
 ])
 def test_one_step_differs_from_the_qat_step_only_at_rounding_ties(bits, x_scale, x_zero,
                                                                    v_scale, i_scale):
@@ -462,7 +475,8 @@ def _network() -> tuple[SpikingNet, jax.Array, Any, Any, Any]:
   """(model, x, init variables with kernels scaled x4 so that neurons spike, calibrated on two
   batches, converted)."""
   model, x = SpikingNet(), _spike_input(1)
-  variables = model.lazy_init(jax.random.key(0), _like(x), mode="float")
+  # XLA's own random bits: threefry's initialisers take XLA:CPU several times longer to compile
+  variables = model.lazy_init(jax.random.key(0, impl="unsafe_rbg"), _like(x), mode="float")
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: 4.0 * p if path[-1].key == "kernel" else p, variables["params"])
   variables = {"params": params, "quant_stats": variables["quant_stats"]}
@@ -632,13 +646,16 @@ def test_adam_steps_reduce_the_loss():
   optimizer = optax.adam(1e-2)
   with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 step count in
     opt_state = optimizer.init(params)
+  # jitted: one compilation instead of every eager op's, per leaf shape
+  update = jax.jit(optimizer.update)
+  apply_updates = jax.jit(optax.apply_updates)
   losses = []
   for _ in range(8):
     (loss, _), grads = loss_and_grad(params, stats, x, target)
     losses.append(float(loss))
     with jax.numpy_dtype_promotion("standard"):
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+      updates, opt_state = update(grads, opt_state, params)
+    params = apply_updates(params, updates)
   losses.append(float(loss_and_grad(params, stats, x, target)[0][0]))
   assert losses[-1] < 0.9 * losses[0], losses
 
