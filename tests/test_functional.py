@@ -3,6 +3,7 @@ refusals around them, and properties of their typed ops (Int8Add, IntegerAdd, In
 Int8AvgPool) on unsigned 8-bit, signed 8-bit and unsigned 4-bit grids, built through their
 forms' `lower`."""
 
+import functools
 import re
 
 import chex
@@ -84,23 +85,6 @@ class ModesTest(parameterized.TestCase):
     np.testing.assert_array_equal(got, np.concatenate([np.asarray(x) for x in xs], axis=axis))
     # a tuple works as well as a list
     np.testing.assert_array_equal(cat.apply(variables, tuple(xs), mode="float"), got)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(
-      ((3, 3), (2, 2), "same"),
-      ((2, 3), (1, 2), ((1, 0), (0, 2))),
-      ((2, 2), None, "VALID"),
-  )
-  def test_avg_pool_float_is_flax_avg_pool(self, window, strides, padding):
-    _check_avg_pool_is_flax_avg_pool(self.variant, window, strides, padding, include=False)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters((2, 4, 4, 3), (1, 5, 2), (3, 2, 3, 4, 2))
-  def test_global_avg_pool_is_the_spatial_mean(self, *shape):
-    x = jax.random.normal(jax.random.key(4), shape)
-    got = self.variant(lambda x: qnn.AvgPool().apply({}, x, mode="float"))(x)
-    np.testing.assert_array_equal(got, jnp.mean(x, axis=tuple(range(1, len(shape) - 1))))
-    assert got.shape == (shape[0], shape[-1])
 
   def test_add_calibrate_observes_the_output(self):
     a = jnp.array([[1.0, -2.0, 0.25]])
@@ -260,6 +244,41 @@ def _check_avg_pool_is_flax_avg_pool(variant, window, strides, padding, include)
     assert not _stats(updates)
 
 
+def _split(cases, default):
+  """pytest params of `cases`: those in `default` run by default, the rest of the full grid
+  with -m slow."""
+  return [case if case in default else pytest.param(*case, marks=pytest.mark.slow)
+          for case in cases]
+
+
+AVG_POOLS = [((3, 3), (2, 2), "same"), ((2, 3), (1, 2), ((1, 0), (0, 2))),
+             ((2, 2), None, "VALID")]
+
+
+# Default run: every case op by op, all but the last jitted too (the full grid with -m slow).
+@pytest.mark.parametrize("window, strides, padding, jit", _split(
+    [(*case, jit) for case in AVG_POOLS for jit in (False, True)],
+    [(*case, False) for case in AVG_POOLS] + [(*case, True) for case in AVG_POOLS[:2]]))
+def test_avg_pool_float_is_flax_avg_pool(window, strides, padding, jit):
+  _check_avg_pool_is_flax_avg_pool(jax.jit if jit else (lambda f: f), window, strides,
+                                   padding, include=False)
+
+
+GLOBAL_POOL_SHAPES = [(2, 4, 4, 3), (1, 5, 2), (3, 2, 3, 4, 2)]
+
+
+# Default run: every shape op by op, all but the last jitted too (the full grid with -m slow).
+@pytest.mark.parametrize("shape, jit", _split(
+    [(shape, jit) for shape in GLOBAL_POOL_SHAPES for jit in (False, True)],
+    [(shape, False) for shape in GLOBAL_POOL_SHAPES]
+    + [(shape, True) for shape in GLOBAL_POOL_SHAPES[:2]]))
+def test_global_avg_pool_is_the_spatial_mean(shape, jit):
+  x = jax.random.normal(jax.random.key(4), shape)
+  got = (jax.jit if jit else (lambda f: f))(lambda x: qnn.AvgPool().apply({}, x, mode="float"))(x)
+  np.testing.assert_array_equal(got, jnp.mean(x, axis=tuple(range(1, len(shape) - 1))))
+  assert got.shape == (shape[0], shape[-1])
+
+
 @pytest.mark.parametrize("window, strides, padding", [
     ((2, 2), None, "VALID"),
     ((3, 3), (2, 2), "SAME"),
@@ -312,6 +331,14 @@ class _SharedConcat(nn.Module):
             qnn.Dequantize()(cat([b, a], mode=mode), mode=mode))
 
 
+@functools.cache
+def _calibrated_join(model_class):
+  """(model, x, calibrated variables), once per model."""
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  m = model_class()
+  return m, x, qnn.calibrate(m, m.init(jax.random.key(1), x), [x])
+
+
 @pytest.mark.parametrize("model, message", [
     (_FloatOperand, r"operand 1 of skip_add is not produced by a quantization point"),
     (_FloatAddOfInt8, r"float_add is left in float but takes the int8 output of quant"),
@@ -324,9 +351,7 @@ class _SharedConcat(nn.Module):
 ], ids=["float-operand", "float-add-int8-a", "float-add-int8-b", "shared-add-0",
         "shared-add-1", "shared-concat"])
 def test_convert_refuses_joins_it_cannot_run(model, message):
-  x = jax.random.normal(jax.random.key(0), (4, 3))
-  m = model()
-  variables = qnn.calibrate(m, m.init(jax.random.key(1), x), [x])
+  m, x, variables = _calibrated_join(model)
   with pytest.raises(ValueError, match="convert: the model cannot run in mode 'int8'") as err:
     qjax.convert(m, variables, x)
   assert re.search(message, str(err.value)), str(err.value)  # one error lists every problem
