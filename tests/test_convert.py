@@ -338,8 +338,8 @@ _ALL = [(a, c, r) for a in ARCHS for c in CONFIGS for r in REQUANTS]
 # Default run: every mode on the MLP, every config but x86 once, the LeNet-like model once (its
 # geometry does not depend on the mode); the rest (x86's histogram qparams take seconds to
 # compile) under -m slow.
-_FAST = [("mlp", "per_tensor", r) for r in REQUANTS] + [
-    ("mlp", "uint8", "integer"), ("mlp", "4bit", "fbgemm"), ("lenet", "uint8", "integer")]
+_FAST = [("mlp", "per_tensor", "float"), ("mlp", "uint8", "integer"), ("mlp", "4bit", "fbgemm"),
+         ("lenet", "uint8", "integer")]
 _FAST_VARIABLES = [("mlp", "per_tensor", "float"), ("mlp", "uint8", "integer"),
                    ("mlp", "4bit", "fbgemm"), ("lenet", "uint8", "integer")]
 _SLOW = [case for case in _ALL if case not in _FAST]
@@ -475,8 +475,11 @@ def _round_half_even(value: Fraction) -> int:
   return round(value)  # Fraction.__round__ rounds ties to even
 
 
-@pytest.mark.parametrize("config", ["per_tensor", "uint8"])
-@pytest.mark.parametrize("requant", REQUANTS)
+# Default run: each mode once, each config at least once; the full grid with -m slow.
+@pytest.mark.parametrize("requant, config", [
+    ("float", "per_tensor"), ("integer", "per_tensor"), ("fbgemm", "uint8"),
+    *(pytest.param(r, c, marks=pytest.mark.slow)
+      for r, c in [("float", "uint8"), ("integer", "uint8"), ("fbgemm", "per_tensor")])])
 def test_first_layer_is_the_seed_formula(config, requant):
   """q_Y = Z_Y + M (sum_j (q_X - Z_X)(q_W - Z_W) + q_bias), M = S_x S_w / S_y, round half to
   even, clamped to the 8-bit storage range (at Z_Y for the fused ReLU), from the float params
