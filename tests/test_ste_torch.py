@@ -180,9 +180,22 @@ def torch_fake_quant_and_grad(x, g, scale, zero_point, spec):
   return y.detach().numpy(), xt.grad.numpy()
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("spec", FQ_SPECS, ids=cases.spec_id)
+def _fq_cases():
+  """Every FQ_SPECS spec in every layout and mode. The default run takes every spec
+  per-tensor eagerly, each spec in one per-channel layout eagerly (alternating between axis 0
+  and axis 1) and each spec in one layout under jax.jit (rotating); the rest is marked slow
+  (the full grid runs with -m slow)."""
+  params = []
+  for i, spec in enumerate(FQ_SPECS):
+    default = {("per_tensor", "eager"), (("axis0", "axis1")[i % 2], "eager"),
+               (list(LAYOUTS)[i % 3], "jit")}
+    params += [pytest.param(spec, layout, mode, id=f"{cases.spec_id(spec)}-{layout}-{mode}",
+                            marks=() if (layout, mode) in default else pytest.mark.slow)
+               for layout in LAYOUTS for mode in MODES]
+  return params
+
+
+@pytest.mark.parametrize("spec, layout, mode", _fq_cases())
 def test_fake_quant_values_and_grads_match_torch(spec, layout, mode):
   axis, shape = LAYOUTS[layout]
   spec = dataclasses.replace(spec, axis=axis)
@@ -286,14 +299,26 @@ def _learnable_grad_factors(spec, shape):
   return {"one": 1.0, "lsq": qjax.lsq_grad_factor(spec, n), "other": 0.37}
 
 
+def _learnable_default(i, layout, mode, factor):
+  """The default run's share of the learnable grid, for the i-th LEARNABLE_SPECS spec: every
+  grad factor per-tensor eagerly; one per-channel layout (alternating) eagerly, with the
+  factors rotating; one layout (rotating) under jax.jit."""
+  factors = ("one", "lsq", "other")
+  if mode == "jit":
+    return layout == list(LAYOUTS)[i % 3]
+  return layout == "per_tensor" or (layout == ("axis0", "axis1")[i % 2]
+                                    and factor == factors[i % 3])
+
+
 _LEARNABLE_CASES = [
     pytest.param(spec, layout, mode, factor,
-                 id=f"{cases.spec_id(spec)}-{layout}-{mode}-{factor}")
-    for spec in LEARNABLE_SPECS for layout in LAYOUTS for mode in MODES
+                 id=f"{cases.spec_id(spec)}-{layout}-{mode}-{factor}",
+                 marks=() if _learnable_default(i, layout, mode, factor) else pytest.mark.slow)
+    for i, spec in enumerate(LEARNABLE_SPECS) for layout in LAYOUTS for mode in MODES
     for factor in ("one", "lsq", "other")
     # grad_factor is static: each value compiles; sample the factors under jit.
     if mode == "eager" or factor == "lsq"
-]
+]  # the cases outside `_learnable_default` are marked slow (the full grid runs with -m slow)
 
 
 @pytest.mark.parametrize("spec, layout, mode, factor", _LEARNABLE_CASES)
@@ -343,8 +368,8 @@ def test_learnable_per_element_gradients_match_torch():
                         rng.normal(size=16) * 40 * scale]).astype(np.float32)
     g = rng.normal(size=x.shape).astype(np.float32)
     # Per-tensor: vmap over the elements, each its own single-element tensor.
-    per_tensor = jax.vmap(lambda xi, gi: _learnable(xi, gi, jnp.float32(scale), jnp.float32(zp),
-                                                    spec, 0.37))
+    per_tensor = jax.vmap(lambda xi, gi, zp=zp: _learnable(xi, gi, jnp.float32(scale),
+                                                           jnp.float32(zp), spec, 0.37))
     y, dx, dscale, dzero = per_tensor(jnp.asarray(x), jnp.asarray(g))
     for i in range(x.size):
       t_y, t_dx, t_dscale, t_dzero = torch_learnable(x[i:i + 1], g[i:i + 1], scale, zp, spec,
@@ -386,7 +411,7 @@ def test_per_tensor_backward_zero_point_is_half_up_truncation_like_torch():
   g = np.ones(x.shape, np.float32)
   got = _learnable(jnp.asarray(x), jnp.asarray(g), jnp.float32(scale), jnp.float32(zp), spec, 1.0)
   expected = torch_learnable(x, g, scale, zp, spec, 1.0)
-  for a, b in zip(got, expected):
+  for a, b in zip(got, expected, strict=True):
     np.testing.assert_array_equal(cases.bits_of(a), cases.bits_of(b))
   assert expected[0][0] == (-4 - 2) * 0.25  # forward clamped with Z = 2
   assert expected[1][0] == 1.0  # ... yet torch passes the gradient
