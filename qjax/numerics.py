@@ -523,6 +523,27 @@ def _quantize_core(x: jax.Array, scale: jax.Array, zero_point: jax.Array, *,
   return jnp.clip(rounded, spec.qmin, spec.qmax).astype(spec.storage_dtype)
 
 
+def scaled_terms(x: jax.typing.ArrayLike, spec: QuantSpec,
+                 qparams: QParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`scaled`'s operands for a per-tensor grid of at most 8 bits: (x as float32, 1/S,
+  float32(Z)), checked as `quantize` checks them, for a kernel that forms
+  `fma(x, 1/S, Z)` itself (one rounding: `scaled(x) == x * (1/S) + Z` exactly so).
+
+  Example:
+    >>> spec = QuantSpec(bits=8, signed=False)
+    >>> _, inv, zp = scaled_terms(jnp.ones(2), spec, QParams(jnp.float32(0.5), jnp.int32(2)))
+    >>> float(inv), float(zp)
+    (2.0, 2.0)
+  """
+  if spec.per_channel or spec.bits > 8:
+    raise ValueError(f"scaled_terms: spec must be per tensor with at most 8 bits (x * (1/S) + "
+                     f"Z is one FMA only there); got {spec}.")
+  x = float_data(x, "quantize").astype(jnp.float32)
+  scale, zero_point = checked_qparams(spec, qparams, x.shape, where="quantize")
+  _check_no_nan(x, "quantize")
+  return x, jnp.float32(1.0) / scale, zero_point.astype(jnp.float32)
+
+
 def scaled(x: jax.typing.ArrayLike, spec: QuantSpec, qparams: QParams) -> jax.Array:
   """x / S + Z in float32, before the rounding: `quantize(x) = clamp(rne(scaled(x)), qmin,
   qmax)` (NaN -> Z), for code that rounds and narrows on its own (a native kernel). Formed as

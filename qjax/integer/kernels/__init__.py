@@ -575,9 +575,15 @@ def round_to_int8(y: jax.Array, low: jax.typing.ArrayLike, high: jax.typing.Arra
     q = jnp.clip(jnp.round(y), params[0].astype(jnp.float32), params[1].astype(jnp.float32))
     q = q.astype(jnp.int32) + params[2]
     return jnp.where(jnp.isnan(y), params[3], q).astype(jnp.int8)
+  return _native_round(y, jnp.array([1.0, 0.0], jnp.float32), params, path)
+
+
+def _native_round(y: jax.Array, affine: jax.Array, params: jax.Array, path: str) -> jax.Array:
+  """The native rounding of fma(y, affine[0], affine[1]) (one float32 rounding); params:
+  int32 (low, high, add, nan_value)."""
   call = jax.ffi.ffi_call(_TARGET_ROUND, jax.ShapeDtypeStruct(y.shape, jnp.int8),
                           vmap_method="sequential")
-  return call(y, params, path=np.int64(_PATH_IDS[path]))
+  return call(y, affine, params, path=np.int64(_PATH_IDS[path]))
 
 
 def quantize_input(x: jax.Array, spec: numerics.QuantSpec, scale: jax.Array,
@@ -597,9 +603,17 @@ def quantize_input(x: jax.Array, spec: numerics.QuantSpec, scale: jax.Array,
     return arith.quantize_input(x, spec, scale, zero_point)
   shift = arith.int8_shift(spec)
   lo, hi = arith.int8_bounds(spec)
-  y = numerics.scaled(x, spec, numerics.QParams(scale, zero_point))
+  qparams = numerics.QParams(scale, zero_point)
   zp = jnp.asarray(zero_point, jnp.int32)
-  return round_to_int8(y, lo + shift, hi + shift, -shift, zp - shift, kernel=path)
+  params = jnp.stack([jnp.int32(lo + shift), jnp.int32(hi + shift), jnp.int32(-shift),
+                      zp.reshape(()) - shift])
+  if jnp.dtype(jnp.result_type(x)) != jnp.float32:  # scaled casts it first
+    y = numerics.scaled(x, spec, qparams)
+    return _native_round(y, jnp.array([1.0, 0.0], jnp.float32), params, path)
+  # x * (1/S) + Z formed in the kernel, as one FMA (numerics.scaled's form for per-tensor
+  # 8-bit grids): no float32 intermediate between XLA and the kernel.
+  x, inv_scale, zp_f = numerics.scaled_terms(x, spec, qparams)
+  return _native_round(x, jnp.stack([inv_scale, zp_f]), params, path)
 
 
 def conv(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, requant: rq.Requantizer, *,

@@ -376,7 +376,7 @@ struct Scratch {
   }
 };
 
-thread_local Scratch tls_wpack, tls_xpack, tls_misc, tls_sums;
+thread_local Scratch tls_wpack, tls_xpack, tls_misc, tls_sums, tls_xrows;
 
 // Packs w (N, K) into [N/16][Kp/4][16][4] (zero padded) and returns the column sums.
 void PackPanels(const int8_t* w, int64_t N, int64_t K, int64_t Kp, int8_t* packed,
@@ -512,9 +512,10 @@ void PackPanelsVnni(const int8_t* w, int64_t N, int64_t K, int64_t Kp, int8_t* p
   });
 }
 
-// MR rows x NP panels of 16 columns over all of K; xu: (M, Kp) activations + 128 as uint8.
+// MR rows x NP panels of 16 columns over all of K; xr: the block's MR rows of activations
+// + 128 as uint8, Kp bytes apart; m: the block's first output row.
 template <int MR, int NP>
-void VnniTile(const uint8_t* xu, int64_t Kp, const int8_t* panel0,
+void VnniTile(const uint8_t* xr, int64_t Kp, const int8_t* panel0,
                         int64_t panel_stride, int64_t m, int64_t n, int64_t N,
                         const Epilogue& e) {
   __m512i acc[MR][NP];
@@ -522,7 +523,6 @@ void VnniTile(const uint8_t* xu, int64_t Kp, const int8_t* panel0,
   for (int r = 0; r < MR; ++r)
     #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_si512();
-  const uint8_t* xr = xu + m * Kp;
   const int64_t groups = Kp / 4;
   for (int64_t g = 0; g < groups; ++g) {
     __m512i wv[NP];
@@ -552,15 +552,15 @@ void VnniTile(const uint8_t* xu, int64_t Kp, const int8_t* panel0,
 }
 
 template <int MR>
-void VnniRowBlock(const uint8_t* xu, int64_t Kp, const int8_t* packed, int64_t m,
+void VnniRowBlock(const uint8_t* xr, int64_t Kp, const int8_t* packed, int64_t m,
                             int64_t p0, int64_t p1, int64_t N, const Epilogue& e) {
   const int64_t stride = Kp * 16;  // bytes per panel
   int64_t p = p0;
-  for (; p + 4 <= p1; p += 4) VnniTile<MR, 4>(xu, Kp, packed + p * stride, stride, m, p * 16, N, e);
+  for (; p + 4 <= p1; p += 4) VnniTile<MR, 4>(xr, Kp, packed + p * stride, stride, m, p * 16, N, e);
   switch (p1 - p) {
-    case 3: VnniTile<MR, 3>(xu, Kp, packed + p * stride, stride, m, p * 16, N, e); break;
-    case 2: VnniTile<MR, 2>(xu, Kp, packed + p * stride, stride, m, p * 16, N, e); break;
-    case 1: VnniTile<MR, 1>(xu, Kp, packed + p * stride, stride, m, p * 16, N, e); break;
+    case 3: VnniTile<MR, 3>(xr, Kp, packed + p * stride, stride, m, p * 16, N, e); break;
+    case 2: VnniTile<MR, 2>(xr, Kp, packed + p * stride, stride, m, p * 16, N, e); break;
+    case 1: VnniTile<MR, 1>(xr, Kp, packed + p * stride, stride, m, p * 16, N, e); break;
     default: break;
   }
 }
@@ -570,52 +570,64 @@ void RunVnniPanels(const int8_t* x, const int8_t* packed, const int32_t* colsum,
                    int64_t N, int64_t K, const Epilogue& e0, int threads) {
   const int64_t Kp = (K + 3) / 4 * 4;
   const int64_t panels = (N + 15) / 16;
-  uint8_t* xu = static_cast<uint8_t*>(tls_xpack.Get(M * Kp));
   int32_t* off = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
   // offset' = offset - 128 * colsum (mod 2^32).
   for (int64_t n = 0; n < N; ++n) {
     const uint32_t base = e0.offset ? static_cast<uint32_t>(e0.offset[n]) : 0u;
     off[n] = static_cast<int32_t>(base - 128u * static_cast<uint32_t>(colsum[n]));
   }
-  ParallelFor(M, threads, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
+  Epilogue e = e0;
+  e.offset = off;
+  // Rows m0..m1 of x + 128 as uint8, Kp bytes a row (zero beyond K: w is zero there too).
+  const auto to_unsigned = [&](int64_t m0, int64_t m1, uint8_t* dst) {
+    for (int64_t m = m0; m < m1; ++m, dst += Kp) {
       const int8_t* src = x + m * K;
-      uint8_t* dst = xu + m * Kp;
       int64_t k = 0;
       for (; k + 64 <= K; k += 64) {
         const __m512i v = _mm512_loadu_si512(src + k);
         _mm512_storeu_si512(dst + k, _mm512_xor_si512(v, _mm512_set1_epi8(-128)));
       }
       for (; k < K; ++k) dst[k] = static_cast<uint8_t>(src[k]) ^ 0x80u;
-      for (; k < Kp; ++k) dst[k] = 0;  // w is zero there too
+      for (; k < Kp; ++k) dst[k] = 0;
     }
-  });
-  Epilogue e = e0;
-  e.offset = off;
-  const auto rows = [&](int64_t m, int64_t m_end, int64_t p0, int64_t p1) {
-    for (; m + 6 <= m_end; m += 6) VnniRowBlock<6>(xu, Kp, packed, m, p0, p1, N, e);
+  };
+  // Row blocks m..m_end of xu (its row m at xrows) against panels p0..p1.
+  const auto rows = [&](const uint8_t* xrows, int64_t m, int64_t m_end, int64_t p0,
+                        int64_t p1) {
+    for (; m + 6 <= m_end; m += 6, xrows += 6 * Kp) {
+      VnniRowBlock<6>(xrows, Kp, packed, m, p0, p1, N, e);
+    }
     switch (m_end - m) {
-      case 5: VnniRowBlock<5>(xu, Kp, packed, m, p0, p1, N, e); break;
-      case 4: VnniRowBlock<4>(xu, Kp, packed, m, p0, p1, N, e); break;
-      case 3: VnniRowBlock<3>(xu, Kp, packed, m, p0, p1, N, e); break;
-      case 2: VnniRowBlock<2>(xu, Kp, packed, m, p0, p1, N, e); break;
-      case 1: VnniRowBlock<1>(xu, Kp, packed, m, p0, p1, N, e); break;
+      case 5: VnniRowBlock<5>(xrows, Kp, packed, m, p0, p1, N, e); break;
+      case 4: VnniRowBlock<4>(xrows, Kp, packed, m, p0, p1, N, e); break;
+      case 3: VnniRowBlock<3>(xrows, Kp, packed, m, p0, p1, N, e); break;
+      case 2: VnniRowBlock<2>(xrows, Kp, packed, m, p0, p1, N, e); break;
+      case 1: VnniRowBlock<1>(xrows, Kp, packed, m, p0, p1, N, e); break;
       default: break;
     }
   };
   const int64_t groups4 = (panels + 3) / 4, row_blocks = (M + 5) / 6;
-  if (threads > 1 && groups4 < 2 * threads && row_blocks >= 4 * threads) {
-    // Few panels (a layer of ~100 channels: 7 panels, two groups of 4 would leave one thread
-    // 4 panels and the other 2.25): threads split the rows, every thread all the panels
-    // (they fit in its L2 then).
+  if (groups4 <= 2 || (threads > 1 && groups4 < 2 * threads && row_blocks >= 4 * threads)) {
+    // Few panels (a layer of <= 128 channels; or ~100 channels on two threads: 7 panels, two
+    // groups of 4 would leave one thread 4 panels and the other 2.25): threads split the rows,
+    // every thread all the panels (they fit in its L2). Each block of rows becomes unsigned
+    // just before its tiles, in the thread's own buffer (in L1: no pass over all of x).
     ParallelFor(row_blocks, threads, [&](int64_t b0, int64_t b1) {
-      rows(b0 * 6, std::min(M, b1 * 6), 0, panels);
+      uint8_t* block = static_cast<uint8_t*>(tls_xrows.Get(6 * Kp));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t m = b * 6, m_end = std::min(M, m + 6);
+        to_unsigned(m, m_end, block);
+        rows(block, m, m_end, 0, panels);
+      }
     });
     return;
   }
-  // Threads split the panels (each thread's weights stay in its own L2); rows inner.
+  // Threads split the panels (each thread's weights stay in its own L2); rows inner, over x
+  // made unsigned once.
+  uint8_t* xu = static_cast<uint8_t*>(tls_xpack.Get(M * Kp));
+  ParallelFor(M, threads, [&](int64_t m0, int64_t m1) { to_unsigned(m0, m1, xu + m0 * Kp); });
   ParallelFor(groups4, threads, [&](int64_t g0, int64_t g1) {
-    rows(0, M, g0 * 4, std::min(panels, g1 * 4));
+    rows(xu, 0, M, g0 * 4, std::min(panels, g1 * 4));
   });
 }
 
@@ -1083,17 +1095,20 @@ ffi::Error PackedRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
 }
 
 // ------------------------------------------------------------------------------------------
-// Float -> int8: out = int8(clamp(rne(y), low, high) + add), NaN -> nan_value (XLA's
-// float -> integer conversion is scalar on CPU: ~2 ns an element, 20-40x this).
+// Float -> int8: out = int8(clamp(rne(fma(y, mul, shift)), low, high) + add), NaN ->
+// nan_value (XLA's float -> integer conversion is scalar on CPU: ~2 ns an element, 20-40x
+// this). fma(y, mul, shift) is y * mul + shift with one rounding, as XLA contracts
+// `x * (1/S) + Z` (qjax.numerics.scaled); mul = 1, shift = 0 gives y itself.
 
 struct RoundParams {
+  float mul = 1, shift = 0;
   float low = 0, high = 0;
   int32_t add = 0, nan_value = 0;
 };
 
 void RoundPortable(const float* y, int8_t* out, int64_t n, const RoundParams& r) {
   for (int64_t i = 0; i < n; ++i) {
-    float v = y[i];
+    float v = std::fma(y[i], r.mul, r.shift);
     int32_t q;
     if (std::isnan(v)) {
       q = r.nan_value;
@@ -1107,21 +1122,30 @@ void RoundPortable(const float* y, int8_t* out, int64_t n, const RoundParams& r)
 
 #ifdef QJAX_X86
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
+#pragma GCC target("avx512f,avx512bw,avx512vl,fma")
 void RoundAvx512(const float* y, int8_t* out, int64_t n, const RoundParams& r) {
   const __m512 lo = _mm512_set1_ps(r.low), hi = _mm512_set1_ps(r.high);
+  const __m512 mul = _mm512_set1_ps(r.mul), shift = _mm512_set1_ps(r.shift);
   const __m512i add = _mm512_set1_epi32(r.add), nanv = _mm512_set1_epi32(r.nan_value);
-  for (int64_t i = 0; i < n; i += 16) {
-    const int64_t left = n - i;
-    const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << left) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(valid, y + i);
+  const auto convert = [&](__m512 v) {
+    v = _mm512_fmadd_ps(v, mul, shift);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     const __m512 c = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
     __m512i q = _mm512_cvt_roundps_epi32(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm512_add_epi32(q, add);
-    q = _mm512_mask_mov_epi32(q, nan, nanv);
-    _mm_mask_storeu_epi8(out + i, valid, _mm512_cvtepi32_epi8(q));
+    return _mm512_cvtepi32_epi8(_mm512_mask_mov_epi32(q, nan, nanv));
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m128i a = convert(_mm512_loadu_ps(y + i));
+    const __m128i b = convert(_mm512_loadu_ps(y + i + 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_set_m128i(b, a));
+  }
+  for (; i < n; i += 16) {
+    const int64_t left = n - i;
+    const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                       : static_cast<__mmask16>((1u << left) - 1);
+    _mm_mask_storeu_epi8(out + i, valid, convert(_mm512_maskz_loadu_ps(valid, y + i)));
   }
 }
 #pragma GCC pop_options
@@ -1130,10 +1154,11 @@ void RoundAvx512(const float* y, int8_t* out, int64_t n, const RoundParams& r) {
 #pragma GCC target("avx2,fma")
 void RoundAvx2(const float* y, int8_t* out, int64_t n, const RoundParams& r) {
   const __m256 lo = _mm256_set1_ps(r.low), hi = _mm256_set1_ps(r.high);
+  const __m256 mul = _mm256_set1_ps(r.mul), shift = _mm256_set1_ps(r.shift);
   const __m256i add = _mm256_set1_epi32(r.add), nanv = _mm256_set1_epi32(r.nan_value);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(y + i);
+    const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(y + i), mul, shift);
     const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
     const __m256 c = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
     __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT |
@@ -1149,8 +1174,9 @@ void RoundAvx2(const float* y, int8_t* out, int64_t n, const RoundParams& r) {
 #pragma GCC pop_options
 #endif
 
-ffi::Error RoundInt8(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> params,
-                     ffi::ResultBuffer<ffi::S8> out, int64_t path) {
+ffi::Error RoundInt8(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
+                     ffi::Buffer<ffi::S32> params, ffi::ResultBuffer<ffi::S8> out,
+                     int64_t path) {
   Path p;
   ffi::Error err = CheckPath(path, &p);
   if (err.failure()) return err;
@@ -1158,8 +1184,13 @@ ffi::Error RoundInt8(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> params,
     return ffi::Error::InvalidArgument("qjax int8 round: params must be (low, high, add, "
                                        "nan_value)");
   }
+  if (affine.element_count() != 2) {
+    return ffi::Error::InvalidArgument("qjax int8 round: affine must be (mul, shift)");
+  }
   const int32_t* prm = params.typed_data();
   RoundParams r;
+  r.mul = affine.typed_data()[0];
+  r.shift = affine.typed_data()[1];
   r.low = static_cast<float>(prm[0]);
   r.high = static_cast<float>(prm[1]);
   r.add = prm[2];
@@ -1243,6 +1274,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmPackedRequant, PackedRequant,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8Round, RoundInt8,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S8>>()
