@@ -25,6 +25,7 @@ import pytest
 from qjax.integer import arith
 from qjax.integer import kernels
 from qjax.integer import requant as rq
+from qjax.integer.forms import base
 from qjax.integer.forms.linear import Int8Dense
 from qjax.numerics import QuantSpec
 from qjax.qarray import QArray
@@ -519,3 +520,39 @@ def test_round_and_quantize_input_match_xla():
     np.testing.assert_array_equal(np.asarray(got), [-77, 5, 7, 5, 2, 105, 7, 3], err_msg=path)
   with pytest.raises(TypeError, match="y must be float32"):
     kernels.round_to_int8(jnp.zeros(3, jnp.int32), 0, 1, 0, 0)
+
+
+def test_quantize_samples_is_the_cleaned_quantization_and_the_nonfinite_mask():
+  """quantize_samples on every native path: q equals quantize_input of x with its NaN /
+  +-inf set to 0 and the mask equals nonfinite_samples, bit for bit, for rank 1, 2 and 3
+  inputs, an empty batch, rows of every length class (below, at and past the vector width)
+  and a batch past the threading threshold; a bad entry anywhere in a row flags that row."""
+  rng = np.random.default_rng(29)
+  spec = QuantSpec(bits=8, signed=False)
+  shapes = [(7,), (0, 784), (1, 784), (5, 15), (9, 17), (3, 4, 16), (1100, 784)]
+  for shape in shapes:
+    x = rng.normal(0, 2, shape).astype(np.float32)
+    rows = x.reshape(shape[0] if len(shape) >= 2 else 1, int(np.prod(shape[1:] or shape)))
+    if rows.size and rows.shape[0] >= 3:  # rows 0 and 2 (last and first entry) and the last
+      rows[0, -1], rows[2, 0], rows[-1, rows.shape[1] // 2] = np.nan, np.inf, -np.inf
+    elif rows.size:
+      rows[0, 3] = np.nan
+    x = rows.reshape(shape)
+
+    def both(x, path):
+      return kernels.quantize_samples(x, spec, jnp.float32(0.03), jnp.int32(120), kernel=path)
+
+    def reference(x):
+      clean = jnp.where(jnp.isfinite(x), x, 0.0)
+      q = arith.quantize_input(clean, spec, jnp.float32(0.03), jnp.int32(120))
+      return q, base.nonfinite_samples(x)
+
+    (want_q, want_bad), *gots = jax.jit(lambda x: [reference(x)] + [
+        both(x, p) for p in ("xla", *AVAILABLE)])(jnp.asarray(x))
+    assert want_bad.shape == ((shape[0],) if len(shape) >= 2 else ())
+    for path, (q, bad) in zip(("xla", *AVAILABLE), gots, strict=True):
+      np.testing.assert_array_equal(np.asarray(q), np.asarray(want_q), err_msg=f"{path} {shape}")
+      np.testing.assert_array_equal(np.asarray(bad), np.asarray(want_bad),
+                                    err_msg=f"{path} {shape}")
+    if len(shape) >= 2 and shape[0] >= 3:
+      assert np.flatnonzero(np.asarray(want_bad)).tolist() == sorted({0, 2, shape[0] - 1})

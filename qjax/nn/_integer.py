@@ -79,8 +79,13 @@ def quantize(module: nn.Module, x: jax.Array, where: str) -> jax.Array:
   op = lowered_op(module, where, (QuantizeOp, MultiplyQuantizeOp))
   if jnp.issubdtype(x.dtype, jnp.inexact):
     root = module.scope.root  # type: ignore[union-attr]  # bound in apply: its scope is set
-    _NONFINITE.setdefault(root, []).append(base.nonfinite_samples(x))
-    x = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))  # masked at Dequantize
+    if isinstance(op, QuantizeOp):
+      q, bad = op.with_nonfinite_samples(x)
+    else:
+      bad = base.nonfinite_samples(x)
+      q = op(jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype)))
+    _NONFINITE.setdefault(root, []).append(bad)  # those samples are NaN at Dequantize
+    return q
   return op(x)
 
 

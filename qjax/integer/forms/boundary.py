@@ -44,6 +44,12 @@ class QuantizeOp:
     # XLA, or the rounding and narrowing on the native kernel: the same integers.
     return kernels.quantize_input(x, self.spec, self.scale, zero_point)
 
+  def with_nonfinite_samples(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(self(x with its NaN / +-inf read as 0), the mask of x's non-finite samples), in one
+    pass over x on a native path (`kernels.quantize_samples`)."""
+    zero_point = self.zero_point + jnp.int32(arith.int8_shift(self.spec))
+    return kernels.quantize_samples(x, self.spec, self.scale, zero_point)
+
 
 @struct
 class MultiplyQuantizeOp:

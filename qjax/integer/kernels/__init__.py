@@ -76,6 +76,7 @@ _TARGET_REQUANT = "qjax_int8_gemm_requant"
 _TARGET_PACKED_S32 = "qjax_int8_gemm_packed_s32"
 _TARGET_PACKED_REQUANT = "qjax_int8_gemm_packed_requant"
 _TARGET_ROUND = "qjax_int8_round"
+_TARGET_ROUND_ROWS = "qjax_int8_round_rows"
 # The panel layout of pre-packed weights: PANEL output channels x GROUP inputs per block.
 PANEL, GROUP = 16, 4
 
@@ -110,6 +111,8 @@ def _load() -> int:
                                 jax.ffi.pycapsule(lib.QjaxInt8GemmPackedRequant),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_ROUND, jax.ffi.pycapsule(lib.QjaxInt8Round),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_ROUND_ROWS, jax.ffi.pycapsule(lib.QjaxInt8RoundRows),
                                 platform="cpu")
   except (OSError, AttributeError) as error:
     warnings.warn(f"qjax.integer.kernels: the native int8 GEMM library {path} could not be "
@@ -676,6 +679,59 @@ def conv(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, requant: rq.Re
   return _requantize(acc, requant, resolve(kernel, macs=int(np.prod(acc.shape, dtype=np.int64))))
 
 
+def quantize_samples(x: jax.Array, spec: numerics.QuantSpec, scale: jax.Array,
+                     zero_point: jax.Array, *,
+                     kernel: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """A model input's quantization and its non-finite samples, in one pass on a native path:
+
+    q = quantize_input(where(isfinite(x), x, 0)),   bad[i] = any(~isfinite(x[i]))
+
+  bad is (N,) bool over x's leading axis ((), one sample, for x of rank <= 1), the mask of
+  `qjax.integer.forms.base.nonfinite_samples`; the caller makes those samples' outputs NaN.
+  XLA:CPU spends three passes on the mask and the cleaned copy (a bool array, its reduction,
+  the copy), each costing more than the native rounding itself at MNIST sizes.
+
+  Args:
+    x: float activations (a float32 x takes the one-pass native route).
+    spec, scale, zero_point: as in `quantize_input`.
+    kernel: see `resolve`.
+
+  Returns:
+    (q int8 of x's shape, bad bool).
+
+  Example:
+    >>> spec = numerics.QuantSpec(bits=8, signed=False)
+    >>> q, bad = quantize_samples(jnp.array([[1.0, 2.0], [jnp.inf, 1.0]]), spec,
+    ...                          jnp.float32(0.5), jnp.int32(0))
+    >>> q.tolist(), bad.tolist()
+    ([[-126, -124], [-128, -126]], [False, True])
+  """
+  x = jnp.asarray(x)
+  arith.check_int8_spec(spec, name="quantize_samples")
+  path = resolve(kernel, macs=int(np.prod(jnp.shape(x), dtype=np.int64)))
+  if path == "xla" or spec.per_channel or jnp.dtype(x.dtype) != jnp.float32:
+    bad = ~jnp.isfinite(x)
+    bad = jnp.any(bad, axis=tuple(range(1, x.ndim))) if x.ndim >= 2 else jnp.any(bad)
+    clean = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+    return quantize_input(clean, spec, scale, zero_point, kernel=path), bad
+  shift = arith.int8_shift(spec)
+  lo, hi = arith.int8_bounds(spec)
+  scale, zp = numerics.checked_qparams(spec, numerics.QParams(scale, zero_point), x.shape,
+                                       where="quantize_samples")
+  zp = zp.astype(jnp.int32)
+  params = jnp.stack([jnp.int32(lo + shift), jnp.int32(hi + shift), jnp.int32(-shift),
+                      zp.reshape(()) - shift])
+  # fma(x, 1/S, Z) in the kernel: numerics.scaled's form (numerics.scaled_terms).
+  inv_scale, zp_f = jnp.float32(1.0) / scale, zp.astype(jnp.float32)
+  rows = x.shape[0] if x.ndim >= 2 else 1
+  call = jax.ffi.ffi_call(_TARGET_ROUND_ROWS, (jax.ShapeDtypeStruct(x.shape, jnp.int8),
+                                               jax.ShapeDtypeStruct((rows,), jnp.int8)),
+                          vmap_method="sequential")
+  q, bad = call(x, jnp.stack([inv_scale, zp_f]), params, path=np.int64(_PATH_IDS[path]))
+  bad = bad != 0
+  return q, (bad if x.ndim >= 2 else bad.reshape(()))
+
+
 __all__ = (
     "AUTO_AMX_XLA_MACS",
     "AUTO_MIN_MACS",
@@ -694,6 +750,7 @@ __all__ = (
     "native_paths",
     "pack",
     "quantize_input",
+    "quantize_samples",
     "resolve",
     "round_to_int8",
     "use",

@@ -1174,12 +1174,50 @@ void RoundAvx2(const float* y, int8_t* out, int64_t n, const RoundParams& r) {
 #pragma GCC pop_options
 #endif
 
-ffi::Error RoundInt8(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
-                     ffi::Buffer<ffi::S32> params, ffi::ResultBuffer<ffi::S8> out,
-                     int64_t path) {
-  Path p;
-  ffi::Error err = CheckPath(path, &p);
-  if (err.failure()) return err;
+// Whether y[0, n) holds a NaN or +-inf (y - y is NaN exactly there).
+bool NonFinitePortable(const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(y[i])) return true;
+  }
+  return false;
+}
+
+#ifdef QJAX_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+bool NonFiniteAvx512(const float* y, int64_t n) {
+  const __m512 zero = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(y + i);
+    bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_UNORD_Q);
+  }
+  if (i < n) {  // masked-off lanes load 0, which is finite
+    const __mmask16 valid = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, y + i);
+    bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_UNORD_Q);
+  }
+  return bad != 0;
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
+bool NonFiniteAvx2(const float* y, int64_t n) {
+  __m256 bad = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(y + i);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), v, _CMP_UNORD_Q));
+  }
+  return _mm256_movemask_ps(bad) != 0 || NonFinitePortable(y + i, n - i);
+}
+#pragma GCC pop_options
+#endif
+
+ffi::Error ParseRound(ffi::Buffer<ffi::F32>& affine, ffi::Buffer<ffi::S32>& params,
+                      RoundParams* r) {
   if (params.element_count() != 4) {
     return ffi::Error::InvalidArgument("qjax int8 round: params must be (low, high, add, "
                                        "nan_value)");
@@ -1188,23 +1226,44 @@ ffi::Error RoundInt8(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
     return ffi::Error::InvalidArgument("qjax int8 round: affine must be (mul, shift)");
   }
   const int32_t* prm = params.typed_data();
+  r->mul = affine.typed_data()[0];
+  r->shift = affine.typed_data()[1];
+  r->low = static_cast<float>(prm[0]);
+  r->high = static_cast<float>(prm[1]);
+  r->add = prm[2];
+  r->nan_value = prm[3];
+  return ffi::Error::Success();
+}
+
+void RoundOn(Path p, const float* src, int8_t* dst, int64_t n, const RoundParams& r) {
+#ifdef QJAX_X86
+  if (p == kVnni) return RoundAvx512(src, dst, n, r);
+  if (p == kAvx2) return RoundAvx2(src, dst, n, r);
+#endif
+  RoundPortable(src, dst, n, r);
+}
+
+bool NonFiniteOn(Path p, const float* y, int64_t n) {
+#ifdef QJAX_X86
+  if (p == kVnni) return NonFiniteAvx512(y, n);
+  if (p == kAvx2) return NonFiniteAvx2(y, n);
+#endif
+  return NonFinitePortable(y, n);
+}
+
+ffi::Error RoundInt8(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
+                     ffi::Buffer<ffi::S32> params, ffi::ResultBuffer<ffi::S8> out,
+                     int64_t path) {
+  Path p;
+  ffi::Error err = CheckPath(path, &p);
+  if (err.failure()) return err;
   RoundParams r;
-  r.mul = affine.typed_data()[0];
-  r.shift = affine.typed_data()[1];
-  r.low = static_cast<float>(prm[0]);
-  r.high = static_cast<float>(prm[1]);
-  r.add = prm[2];
-  r.nan_value = prm[3];
+  err = ParseRound(affine, params, &r);
+  if (err.failure()) return err;
   const int64_t n = static_cast<int64_t>(y.element_count());
   const float* src = y.typed_data();
   int8_t* dst = out->typed_data();
-  const auto run = [&](int64_t b, int64_t e) {
-#ifdef QJAX_X86
-    if (p == kVnni) return RoundAvx512(src + b, dst + b, e - b, r);
-    if (p == kAvx2) return RoundAvx2(src + b, dst + b, e - b, r);
-#endif
-    RoundPortable(src + b, dst + b, e - b, r);
-  };
+  const auto run = [&](int64_t b, int64_t e) { RoundOn(p, src + b, dst + b, e - b, r); };
   constexpr int64_t kBlock = int64_t{1} << 16;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   if (blocks >= 8) {  // ~0.5M elements: both cores
@@ -1213,6 +1272,56 @@ ffi::Error RoundInt8(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
     });
   } else {
     run(0, n);
+  }
+  return ffi::Error::Success();
+}
+
+// RoundInt8 over the rows of y (its leading axis; y of rank <= 1 is one row), each row's
+// NaN / +-inf read as 0, and bad[i] = 1 where row i held one (0 elsewhere): a model input's
+// quantization and its non-finite samples in one pass over the input.
+ffi::Error RoundInt8Rows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
+                         ffi::Buffer<ffi::S32> params, ffi::ResultBuffer<ffi::S8> out,
+                         ffi::ResultBuffer<ffi::S8> bad, int64_t path) {
+  Path p;
+  ffi::Error err = CheckPath(path, &p);
+  if (err.failure()) return err;
+  RoundParams r;
+  err = ParseRound(affine, params, &r);
+  if (err.failure()) return err;
+  const int64_t n = static_cast<int64_t>(y.element_count());
+  const auto dims = y.dimensions();
+  const int64_t rows = dims.size() >= 2 ? dims[0] : 1;
+  if (static_cast<int64_t>(bad->element_count()) != rows) {
+    return ffi::Error::InvalidArgument("qjax int8 round rows: bad must have one entry a row");
+  }
+  if (rows == 0) return ffi::Error::Success();
+  const int64_t row = n / rows;
+  const float* src = y.typed_data();
+  int8_t* dst = out->typed_data();
+  int8_t* flags = bad->typed_data();
+  const auto run = [&](int64_t r0, int64_t r1) {
+    std::vector<float> clean;
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* in = src + i * row;
+      const bool nonfinite = NonFiniteOn(p, in, row);
+      flags[i] = nonfinite ? 1 : 0;
+      if (nonfinite) {  // rare: round a copy with the non-finite entries set to 0
+        clean.assign(in, in + row);
+        for (float& v : clean) v = std::isfinite(v) ? v : 0.0f;
+        in = clean.data();
+      }
+      RoundOn(p, in, dst + i * row, row, r);
+    }
+  };
+  constexpr int64_t kBlock = int64_t{1} << 16;
+  const int64_t rows_per_task = std::max<int64_t>(1, kBlock / std::max<int64_t>(row, 1));
+  const int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
+  if (tasks >= 8) {  // ~0.5M elements: both cores
+    ParallelFor(tasks, HardwareThreads(), [&](int64_t t0, int64_t t1) {
+      run(t0 * rows_per_task, std::min(rows, t1 * rows_per_task));
+    });
+  } else {
+    run(0, rows);
   }
   return ffi::Error::Success();
 }
@@ -1277,6 +1386,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8Round, RoundInt8,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int64_t>("path"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8RoundRows, RoundInt8Rows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S8>>()
                                   .Attr<int64_t>("path"));
 
