@@ -38,11 +38,16 @@ BATCHES = [X[:8], X[8:]]
 
 
 @functools.cache
+def _initial(model):
+  """The model's float-initialised variables, once per model."""
+  return jax.jit(lambda x: model.init(jax.random.key(0, impl="unsafe_rbg"), x,
+                                      mode="float"))(X[:2])
+
+
+@functools.cache
 def _calibrated(model):
   """The model's variables calibrated on BATCHES, once per model (the tests change copies)."""
-  variables = jax.jit(lambda x: model.init(jax.random.key(0, impl="unsafe_rbg"), x,
-                                           mode="float"))(X[:2])
-  return qnn.calibrate(model, variables, BATCHES)
+  return qnn.calibrate(model, _initial(model), BATCHES)
 
 
 def _scaled(variables, layer, factor):
@@ -120,6 +125,8 @@ def test_padding_the_integer_path_cannot_run_is_refused_at_convert(padding):
 
 
 def test_wrong_input_shape_names_the_layer():
+  """The converted layers check their input's shape when traced (jitted here: the refusal
+  comes before any program is compiled)."""
   model = Net()
   int_vars = qjax.convert(model, _calibrated(model), X[:2])
 
@@ -132,10 +139,12 @@ def test_wrong_input_shape_names_the_layer():
 
   with pytest.raises(ValueError, match=r"fc: the input has shape \(16, 7\), but this converted "
                      r"layer takes \(\.\.\., 144\)"):
-    Wider().apply(int_vars, np.ones((16, 7), np.float32), mode="int8")
+    jax.jit(functools.partial(Wider().apply, mode="int8"))(int_vars,
+                                                           np.ones((16, 7), np.float32))
   with pytest.raises(ValueError, match=r"conv: the input has shape \(16, 6, 6, 3\), but this "
                      r"converted layer takes \(batch, spatial, spatial, 2\)"):
-    model.apply(int_vars, np.ones((16, 6, 6, 3), np.float32), mode="int8")
+    jax.jit(functools.partial(model.apply, mode="int8"))(int_vars,
+                                                         np.ones((16, 6, 6, 3), np.float32))
 
 
 def test_repeated_pipeline_compiles_nothing():
@@ -159,10 +168,8 @@ def test_unused_qconfig_map_pattern_is_refused_by_calibrate_and_convert():
   meant quantized: calibrate and convert refuse it, naming the pattern."""
   typo = qnn.QConfigMap(default=qnn.get_default_qconfig("x86"), overrides=(("^fc2$", None),))
   model = Net(qconfig=typo)
-  variables = jax.jit(lambda x: model.init(jax.random.key(0, impl="unsafe_rbg"), x,
-                                           mode="float"))(X[:2])
   with pytest.raises(ValueError, match=r"\^fc2\$"):
-    qnn.calibrate(model, variables, BATCHES)
-  fine = qnn.calibrate(Net(), variables, BATCHES)
+    qnn.calibrate(model, _initial(Net()), BATCHES)  # the override changes no variable
+  fine = _calibrated(Net())
   with pytest.raises(ValueError, match=r"\^fc2\$"):
     qjax.convert(model, fine, X[:2])
