@@ -37,8 +37,8 @@ def _init(model, x):
   """The model's variables, initialized under jit (op by op, every eager op compiles) with
   XLA's own random bits (threefry's initialisers take XLA:CPU several times longer to
   compile)."""
-  return jax.jit(model.init, static_argnames="mode")(jax.random.key(1, impl="unsafe_rbg"), x,
-                                                      mode="float")
+  return jax.jit(lambda x: model.init(jax.random.key(1, impl="unsafe_rbg"), x, mode="float"))(
+      x)
 
 
 def _apply(model, variables, x, mode, **kwargs):
@@ -47,10 +47,27 @@ def _apply(model, variables, x, mode, **kwargs):
                                                                     **kwargs)
 
 
+def _forwards(model, x, *runs):
+  """The model's forward on x for each (variables, mode) of `runs`, in one jitted program (one
+  compilation instead of one per forward)."""
+  modes = tuple(mode for _, mode in runs)
+  return jax.jit(lambda x, trees: tuple(model.apply(v, x, mode=mode)
+                                        for v, mode in zip(trees, modes)))(
+                                            x, tuple(v for v, _ in runs))
+
+
+def _uniform(seed, shape):
+  return np.random.default_rng(seed).uniform(size=shape).astype(np.float32)
+
+
+def _normal(seed, shape):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
 @pytest.fixture(scope="module")
 def calibrated():
   model = _Net()
-  x = jax.random.uniform(jax.random.key(0), (8, 8, 8, 2), jnp.float32)
+  x = _uniform(0, (8, 8, 8, 2))
   return model, qnn.calibrate(model, _init(model, x), [x]), x
 
 
@@ -59,9 +76,8 @@ def test_same_integers_fewer_leaves(calibrated, requant):
   model, variables, x = calibrated
   full = qjax.convert(model, variables, x, requant=requant)
   lean = qjax.for_serving(full, pack=False)
-  apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
-  x_test = jax.random.uniform(jax.random.key(2), x.shape, jnp.float32) * 1.5
-  np.testing.assert_array_equal(np.asarray(apply(lean, x_test)), np.asarray(apply(full, x_test)))
+  y_lean, y_full = _forwards(model, _uniform(2, x.shape) * 1.5, (lean, "int8"), (full, "int8"))
+  np.testing.assert_array_equal(np.asarray(y_lean), np.asarray(y_full))
   assert len(jax.tree.leaves(lean)) < len(jax.tree.leaves(full))
   ops, full_ops = lean[integer.COLLECTION], full[integer.COLLECTION]
   assert set(ops) == set(full_ops)
@@ -114,14 +130,14 @@ def test_packed_serving_tree(calibrated, requant, kernel, tmp_path, monkeypatch)
   conv = packed[integer.COLLECTION]["conv"]["op"]
   assert isinstance(conv.kernel, QArray)  # convolutions keep their HWIO kernel
   monkeypatch.setenv(kernels.ENV_VAR, kernel)
-  x_test = jax.random.uniform(jax.random.key(2), x.shape, jnp.float32) * 1.5
-  want = np.asarray(_apply(model, full, x_test, "int8"))  # traced under this kernel
-  apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
-  np.testing.assert_array_equal(np.asarray(apply(packed, x_test)), want)
   qio.save(tmp_path / "packed.qjax", packed)
   loaded = qio.load(tmp_path / "packed.qjax")
   chex.assert_trees_all_equal(loaded, packed)
-  np.testing.assert_array_equal(np.asarray(apply(loaded, x_test)), want)
+  # All three traced under this kernel.
+  want, y_packed, y_loaded = _forwards(model, _uniform(2, x.shape) * 1.5, (full, "int8"),
+                                       (packed, "int8"), (loaded, "int8"))
+  np.testing.assert_array_equal(np.asarray(y_packed), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(y_loaded), np.asarray(want))
 
 
 def test_packs_where_the_native_kernel_runs(calibrated, monkeypatch):
@@ -156,7 +172,7 @@ class _Shared(nn.Module):
 
 def test_layer_called_on_two_grids_is_refused():
   model = _Shared()
-  x = jax.random.uniform(jax.random.key(0), (4, 5), jnp.float32)
+  x = _uniform(0, (4, 5))
   variables = _init(model, x)
   _, stats = _apply(model, variables, x, "calibrate", mutable=("quant_stats",))
   with pytest.raises(ValueError, match=r"shared is called on the outputs of qa and of qb"):
@@ -179,7 +195,7 @@ def test_layer_left_in_float_keeps_its_params():
   """A layer whose qconfig is None runs in float in mode 'int8', from the float params that
   convert carries over (and only those)."""
   model = _FloatHead()
-  x = jax.random.normal(jax.random.key(0), (8, 5), jnp.float32)
+  x = _normal(0, (8, 5))
   variables = _init(model, x)
   _, stats = _apply(model, variables, x, "calibrate", mutable=("quant_stats",))
   variables = {**variables, **stats}
@@ -188,8 +204,7 @@ def test_layer_left_in_float_keeps_its_params():
       "Quantize_0", "fc1", "Dequantize_0"}
   np.testing.assert_array_equal(np.asarray(int_vars["params"]["fc3"]["kernel"]),
                                 np.asarray(variables["params"]["fc3"]["kernel"]))
-  y = _apply(model, int_vars, x, "int8")
-  y_qat = model.apply(variables, x, mode="qat")
+  y, y_qat = _forwards(model, x, (int_vars, "int8"), (variables, "qat"))
   np.testing.assert_array_equal(np.asarray(y), np.asarray(y_qat))
 
 
@@ -211,7 +226,7 @@ class _Learned(nn.Module):
 def _learned() -> tuple[_Learned, jax.Array, dict]:
   """(model, x, initial variables) of _Learned, initialized once."""
   model = _Learned()
-  x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
+  x = _normal(0, (16, 8))
   return model, x, _init(model, x)
 
 
@@ -222,8 +237,8 @@ def test_learned_scales_are_the_converted_grids():
   model, x, variables = _learned()
   # Move every learned parameter away from its observed initial value, as training would.
   params = jax.tree_util.tree_map_with_path(
-      lambda path, p: p * 1.3 if path[-1].key == "scale" else
-      (p + 3.0 if path[-1].key == "zero_point" else p), variables["params"])
+      lambda path, p: np.asarray(p) * 1.3 if path[-1].key == "scale" else
+      (np.asarray(p) + 3.0 if path[-1].key == "zero_point" else p), variables["params"])
   variables = {**variables, "params": params}
   int_vars = qjax.convert(model, variables, x)
   layers = {path: entry["op"] for path, entry in int_vars[integer.COLLECTION].items()}
@@ -235,8 +250,7 @@ def test_learned_scales_are_the_converted_grids():
   np.testing.assert_array_equal(fc1["output_zero_point"], z_out)
   np.testing.assert_array_equal(layers["fc1"].requant.zero_point, z_out)
   np.testing.assert_array_equal(layers["Quantize_0"].scale, params["Quantize_0"]["scale"])
-  y_int = np.asarray(_apply(model, int_vars, x, "int8"))
-  y_fq = np.asarray(_apply(model, variables, x, "qat"))
+  y_int, y_fq = map(np.asarray, _forwards(model, x, (int_vars, "int8"), (variables, "qat")))
   steps = np.abs(y_int - y_fq) / float(layers["Dequantize_0"].scale)
   assert np.max(steps) <= 1.0 + 1e-3 and np.mean(steps < 1e-3) >= 0.9
 
@@ -246,7 +260,8 @@ def test_learned_weight_scales_clamp_as_the_forward_does():
   clamps those weights): convert clamps them the same way, without a warning or an error."""
   model, x, variables = _learned()
   params = jax.tree_util.tree_map_with_path(
-      lambda path, p: p * 0.1 if path[-1].key == "scale" and "weight" in str(path) else p,
+      lambda path, p: np.asarray(p) * 0.1 if path[-1].key == "scale" and "weight" in str(path)
+      else p,
       variables["params"])
   variables = {**variables, "params": params}
   with warnings.catch_warnings():
@@ -254,7 +269,6 @@ def test_learned_weight_scales_clamp_as_the_forward_does():
     int_vars = qjax.convert(model, variables, x)
   kernel = np.asarray(int_vars[integer.COLLECTION]["fc1"]["op"].kernel.qvalue)
   assert np.mean(np.abs(kernel) == 127) > 0.2  # most weights clamped, as in the forward
-  y_int = np.asarray(_apply(model, int_vars, x, "int8"))
-  y_fq = np.asarray(_apply(model, variables, x, "qat"))
+  y_int, y_fq = map(np.asarray, _forwards(model, x, (int_vars, "int8"), (variables, "qat")))
   steps = np.abs(y_int - y_fq) / float(int_vars[integer.COLLECTION]["Dequantize_0"]["op"].scale)
   assert np.max(steps) <= 1.0 + 1e-3
