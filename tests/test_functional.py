@@ -394,8 +394,20 @@ def _lowered(form, inputs, output, requant):
                                    requant=qjax.integer.Requant(requant), variables={}))
 
 
-def _run(op, *xs) -> np.ndarray:
-  out = op(*(jnp.asarray(x) for x in xs))
+@jax.jit
+def _jitted(op, *xs):
+  """op(*xs) in one program: op's arrays are arguments, so one compilation serves every
+  grid of a kind (its static fields and the shapes)."""
+  return op(*xs)
+
+
+# The properties run each op jitted by default (one compilation per kind of grid and shape)
+# and op by op with -m slow (one compilation per primitive and shape).
+JIT = pytest.mark.parametrize("jit", [True, pytest.param(False, marks=pytest.mark.slow)])
+
+
+def _run(op, *xs, jit=True) -> np.ndarray:
+  out = (_jitted if jit else (lambda op, *xs: op(*xs)))(op, *(jnp.asarray(x) for x in xs))
   assert out.dtype == jnp.int8
   return np.asarray(out, np.int64)
 
@@ -458,14 +470,15 @@ def _assert_within(q, grid, relu=False):
   assert low <= q.min() and q.max() <= hi, (q.min(), q.max(), low, hi)
 
 
+@JIT
 @settings(max_examples=40, deadline=None)
 @given(ga=grids(), gb=grids(), gy=grids(), relu=st.booleans(), shape=shapes, seed=seeds)
-def test_int8_add_is_torchs_vector_kernel_on_every_grid(ga, gb, gy, relu, shape, seed):
+def test_int8_add_is_torchs_vector_kernel_on_every_grid(jit, ga, gb, gy, relu, shape, seed):
   rng = np.random.default_rng(seed)
   qa, qb = _values(rng, ga, shape), _values(rng, gb, shape)
   op = _lowered(forms.AddForm(relu=relu), (ga, gb), gy, "fbgemm")
   assert isinstance(op, forms.Int8Add)
-  got = _run(op, qa, qb)
+  got = _run(op, qa, qb, jit=jit)
   np.testing.assert_array_equal(got, _add_reference(qa, ga, qb, gb, gy, relu))
   _assert_within(got, gy, relu)
   if all(g.spec == U8 for g in (ga, gb, gy)):  # torch's own quint8 add, values as uint8
@@ -480,15 +493,16 @@ def test_int8_add_is_torchs_vector_kernel_on_every_grid(ga, gb, gy, relu, shape,
     np.testing.assert_array_equal(got, want)
 
 
+@JIT
 @settings(max_examples=40, deadline=None)
 @given(ga=grids(), gb=grids(), gy=grids(), relu=st.booleans(), shape=shapes, seed=seeds)
-def test_integer_add_is_the_fixed_point_reference_within_one_step(ga, gb, gy, relu, shape,
-                                                                   seed):
+def test_integer_add_is_the_fixed_point_reference_within_one_step(jit, ga, gb, gy, relu,
+                                                                   shape, seed):
   rng = np.random.default_rng(seed)
   qa, qb = _values(rng, ga, shape), _values(rng, gb, shape)
   op = _lowered(forms.AddForm(relu=relu), (ga, gb), gy, "integer")
   assert isinstance(op, forms.IntegerAdd)
-  got = _run(op, qa, qb)
+  got = _run(op, qa, qb, jit=jit)
   lo, hi = gy.bounds
   # integer_add works on differences and Z + integer: carrier values in, carrier values out
   want = ref.integer_add(qa, ga.scale, int(ga.zero_point), qb, gb.scale, int(gb.zero_point),
@@ -503,39 +517,42 @@ def test_integer_add_is_the_fixed_point_reference_within_one_step(ga, gb, gy, re
   assert np.abs(got - ideal).max() <= 1
 
 
+@JIT
 @settings(max_examples=30, deadline=None)
 @given(ga=grids(), gb=grids(), gy=grids(), relu=st.booleans(),
        requant=st.sampled_from(["fbgemm", "integer"]), shape=shapes, seed=seeds)
-def test_add_commutes_with_its_grids(ga, gb, gy, relu, requant, shape, seed):
+def test_add_commutes_with_its_grids(jit, ga, gb, gy, relu, requant, shape, seed):
   rng = np.random.default_rng(seed)
   qa, qb = _values(rng, ga, shape), _values(rng, gb, shape)
   form = forms.AddForm(relu=relu)
-  ab = _run(_lowered(form, (ga, gb), gy, requant), qa, qb)
-  ba = _run(_lowered(form, (gb, ga), gy, requant), qb, qa)
+  ab = _run(_lowered(form, (ga, gb), gy, requant), qa, qb, jit=jit)
+  ba = _run(_lowered(form, (gb, ga), gy, requant), qb, qa, jit=jit)
   np.testing.assert_array_equal(ab, ba)
 
 
+@JIT
 @settings(max_examples=30, deadline=None)
 @given(gy=grids(), gb=grids(), relu=st.booleans(),
        requant=st.sampled_from(["fbgemm", "integer"]), shape=shapes, seed=seeds)
-def test_adding_the_zero_tensor_returns_the_input(gy, gb, relu, requant, shape, seed):
+def test_adding_the_zero_tensor_returns_the_input(jit, gy, gb, relu, requant, shape, seed):
   rng = np.random.default_rng(seed)
   qa = _values(rng, gy, shape)  # on the output's own grid
   zero = np.full(shape, int(gb.zero_point), np.int8)  # real 0 on any grid
   op = _lowered(forms.AddForm(relu=relu), (gy, gb), gy, requant)
   want = np.maximum(qa, int(gy.zero_point)) if relu else qa
-  np.testing.assert_array_equal(_run(op, qa, zero), want)
+  np.testing.assert_array_equal(_run(op, qa, zero, jit=jit), want)
   np.testing.assert_array_equal(_run(_lowered(forms.AddForm(relu=relu), (gb, gy), gy, requant),
-                                     zero, qa), want)
+                                     zero, qa, jit=jit), want)
 
 
+@JIT
 @settings(max_examples=25, deadline=None)
 @given(gy=grids(), others=st.lists(grids(), min_size=1, max_size=2),
        where=st.integers(0, 2), channels_last=st.booleans(),
        requant=st.sampled_from(["fbgemm", "integer"]), seed=seeds)
-def test_int8_concat_copies_inputs_on_its_grid_and_moves_the_others(gy, others, where,
-                                                                    channels_last, requant,
-                                                                    seed):
+def test_int8_concat_copies_inputs_on_its_grid_and_moves_the_others(jit, gy, others,
+                                                                    where, channels_last,
+                                                                    requant, seed):
   rng = np.random.default_rng(seed)
   inputs = list(others)
   where = min(where, len(inputs))
@@ -545,7 +562,7 @@ def test_int8_concat_copies_inputs_on_its_grid_and_moves_the_others(gy, others, 
   parts = [_values(rng, g, lead + (int(w),)) for g, w in zip(inputs, widths, strict=True)]
   op = _lowered(forms.ConcatForm(axis=-1), inputs, gy, requant)
   assert op.copied[where]
-  got = _run(op, *parts)
+  got = _run(op, *parts, jit=jit)
   start = int(widths[:where].sum())
   np.testing.assert_array_equal(got[..., start:start + int(widths[where])], parts[where])
   _assert_within(got, gy)
@@ -565,21 +582,22 @@ POOLS = (
 )
 
 
+@JIT
 @settings(max_examples=25, deadline=None)
 @given(grid=grids(), form=st.sampled_from(POOLS), requant=st.sampled_from(["fbgemm", "integer"]),
        shape=st.sampled_from([(2, 5, 4, 3), (1, 3, 6, 1)]), value=st.integers(-128, 127),
        seed=seeds)
-def test_int8_avg_pool_of_a_constant_is_that_constant(grid, form, requant, shape, value,
-                                                      seed):
+def test_int8_avg_pool_of_a_constant_is_that_constant(jit, grid, form, requant, shape,
+                                                      value, seed):
   lo, hi = grid.bounds
   value = min(max(value, lo), hi)
   op = _lowered(form, (grid,), None, requant)
   assert isinstance(op, forms.Int8AvgPool)
-  got = _run(op, np.full(shape, value, np.int8))
+  got = _run(op, np.full(shape, value, np.int8), jit=jit)
   assert got.size and (got == value).all(), (value, np.unique(got))
   # and any tensor pools into the range of its values (a mean), so into the grid's bounds
   x = _values(np.random.default_rng(seed), grid, shape)
-  pooled = _run(op, x)
+  pooled = _run(op, x, jit=jit)
   _assert_within(pooled, grid)
   assert x.min() <= pooled.min() and pooled.max() <= x.max()
 
