@@ -147,11 +147,12 @@ def _currents(rng: np.random.Generator, steps: int = STEPS) -> np.ndarray:
 
 
 def _stack(trees: list[Any]) -> Any:
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+  """The trees' leaves stacked in NumPy (eager jnp.stack compiles a program per shape)."""
+  return jax.tree.map(lambda *leaves: np.stack([np.asarray(leaf) for leaf in leaves]), *trees)
 
 
 def _row(tree: Any, k: int) -> Any:
-  return jax.tree.map(lambda leaf: leaf[k], tree)
+  return jax.tree.map(lambda leaf: np.asarray(leaf)[k], tree)
 
 
 def _i_trace(op: IntegerLIF, xs: np.ndarray, i: np.ndarray) -> np.ndarray:
@@ -185,12 +186,12 @@ def test_trace_equals_the_int64_reference(bits, variant):
   xs = np.stack([_currents(rng) for _ in ops])
   lo, hi = ops[0].v_bounds
   states = [op.initial_state(xs.shape[2:]) if k % 2 == 0 else
-            (jnp.asarray(rng.integers(lo, hi + 1, xs.shape[2:]), jnp.int32),
-             jnp.asarray(rng.integers(lo, hi + 1, xs.shape[2:]), jnp.int32))
+            (rng.integers(lo, hi + 1, xs.shape[2:]).astype(np.int32),
+             rng.integers(lo, hi + 1, xs.shape[2:]).astype(np.int32))
             for k, op in enumerate(ops)]
   run = jax.vmap(lambda o, x, s: o.trace(x, s))
   run = jax.jit(run) if variant == "jit" else run
-  got = run(_stack(ops), jnp.asarray(xs), _stack(states))
+  got = run(_stack(ops), jax.device_put(xs), _stack(states))
   hits = dict.fromkeys(("i at qmin", "i at qmax", "v at qmin", "v at qmax", "spikes"), 0)
   for k, op in enumerate(ops):
     want = _reference_trace(op, xs[k], states[k])
@@ -212,7 +213,7 @@ class ReferenceTest(parameterized.TestCase):
     op = _random_neuron(rng, 8, 0.5, 0)
     xs = _currents(rng, 20)
     z, (v, i), _ = _reference_trace(op, xs)
-    got_z, (got_v, got_i) = self.variant(lambda o, x: o(x))(op, jnp.asarray(xs))
+    got_z, (got_v, got_i) = self.variant(lambda o, x: o(x))(op, jax.device_put(xs))
     assert got_z.dtype == jnp.int8
     np.testing.assert_array_equal(got_z, z)
     np.testing.assert_array_equal(got_v, v)
@@ -227,7 +228,7 @@ def test_step_by_step_equals_the_reference():
   step = jax.jit(lambda o, x, s: o.step(x, s))
   state = op.initial_state(xs.shape[1:])
   for t in range(xs.shape[0]):
-    zt, state = step(op, jnp.asarray(xs[t]), state)
+    zt, state = step(op, jax.device_put(xs[t]), state)
     assert zt.dtype == jnp.int8 and state[0].dtype == state[1].dtype == jnp.int32
     np.testing.assert_array_equal(zt, z[t], err_msg=f"step {t}")
     np.testing.assert_array_equal(state[0], vt[t], err_msg=f"step {t}")
@@ -237,10 +238,10 @@ def test_step_by_step_equals_the_reference():
 def test_a_saturated_input_term_does_not_wrap_the_current():
   op = IntegerLIF.build(x_scale=1.0, x_zero=127, v_scale=0.01, i_scale=1e-7, bits=16)
   xs = np.full((3, 2), -128, np.int8)  # q_x - Z_x = -255: R saturates at -2^31
-  state = (jnp.zeros(2, jnp.int32), jnp.full(2, -5, jnp.int32))
+  state = (np.zeros(2, np.int32), np.full(2, -5, np.int32))
   rz, (rv, ri), rvt = _reference_trace(op, xs, state)
   assert np.all(ri < 0)  # the current stays at the bottom of its grid, decayed once
-  _assert_trace_equal(op.trace(jnp.asarray(xs), state), (rz, (rv, ri), rvt), "trace")
+  _assert_trace_equal(op.trace(jax.device_put(xs), state), (rz, (rv, ri), rvt), "trace")
 
 
 # ------------------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def test_sixteen_bit_state_tracks_the_float_neuron():
   mean = np.linspace(-120, 120, 16)
   q = np.clip(np.rint(rng.normal(mean, 50.0, (STEPS, 4, 16))), -128, 127).astype(np.int8)
   x = (q.astype(np.int32) - x_zero).astype(np.float32) * np.float32(x_scale)
-  z_f, v_f, i_f = (np.asarray(a) for a in _float_run(params, dt)(jnp.asarray(x)))
+  z_f, v_f, i_f = (np.asarray(a) for a in _float_run(params, dt)(jax.device_put(x)))
   qmax = 2**15 - 1
   v_scale = 2 * max(np.abs(v_f).max(), params.v_th) / qmax
   i_scale = 1.01 * np.abs(i_f).max() / qmax
@@ -345,7 +346,7 @@ def test_sixteen_bit_state_tracks_the_float_neuron():
                         i_scale=float(i_scale), bits=16, tau_syn_inv=params.tau_syn_inv,
                         tau_mem_inv=params.tau_mem_inv, v_leak=params.v_leak,
                         v_th=params.v_th, v_reset=params.v_reset, dt=dt)
-  z, _, v = op.trace(jnp.asarray(q))
+  z, _, v = op.trace(jax.device_put(q))
   z, v = np.asarray(z), np.asarray(v, np.float64) * float(op.v_scale)
   agree = np.mean(z == z_f)
   assert agree >= 0.99, agree
@@ -360,27 +361,36 @@ def test_sixteen_bit_state_tracks_the_float_neuron():
 # One step of the integer neuron against one step of mode "qat" from the same grid state.
 
 
-def _qat_step(params: snn.LIFParameters, dt: float, spec: QuantSpec, x_scale: float,
-              x_zero: int, v_scale: float, i_scale: float, q_x, q_v, q_i):
-  """The step of `qnn.LIF` in mode "qat" (its module docstring: i', v' and i_next
-  fake-quantized, leak and reset on the v grid) in float32 from the grid state (q_v, q_i):
-  (i' and v' before rounding, q_i', q_v', q_i_next, z), in grid units."""
-  on_v = QParams(jnp.float32(v_scale), jnp.int32(0))
-  on_i = QParams(jnp.float32(i_scale), jnp.int32(0))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _qat_step_on_grid(params: snn.LIFParameters, dt: float, spec: QuantSpec, x_scale, x_zero,
+                      v_scale, i_scale, q_x, q_v, q_i):
+  """`_qat_step` under jit (one compilation per spec; the grids are arguments), in grid units
+  before the final rounding."""
+  x_scale, v_scale, i_scale = (jnp.float32(s) for s in (x_scale, v_scale, i_scale))
+  on_v = QParams(v_scale, jnp.int32(0))
+  on_i = QParams(i_scale, jnp.int32(0))
   a, b = dt * params.tau_mem_inv, dt * params.tau_syn_inv
-  x = (jnp.asarray(q_x, jnp.int32) - x_zero).astype(jnp.float32) * jnp.float32(x_scale)
-  v = jnp.asarray(q_v, jnp.float32) * jnp.float32(v_scale)
-  i1_raw = jnp.asarray(q_i, jnp.float32) * jnp.float32(i_scale) + x
+  x = (jnp.asarray(q_x, jnp.int32) - x_zero).astype(jnp.float32) * x_scale
+  v = jnp.asarray(q_v, jnp.float32) * v_scale
+  i1_raw = jnp.asarray(q_i, jnp.float32) * i_scale + x
   i1 = ste.fake_quant(i1_raw, spec, on_i)
   leak = ste.fake_quant(jnp.float32(params.v_leak), spec, on_v)
   v1_raw = v + a * ((leak - v) + i1)
   v1 = ste.fake_quant(v1_raw, spec, on_v)
   i_next = ste.fake_quant(i1 - b * i1, spec, on_i)
   z = v1 - params.v_th > 0
-  return (np.asarray(i1_raw / jnp.float32(i_scale)), np.asarray(v1_raw / jnp.float32(v_scale)),
-          *(np.rint(np.asarray(t / jnp.float32(s))).astype(np.int64)
-            for t, s in ((i1, i_scale), (v1, v_scale), (i_next, i_scale))),
-          np.asarray(z))
+  return i1_raw / i_scale, v1_raw / v_scale, i1 / i_scale, v1 / v_scale, i_next / i_scale, z
+
+
+def _qat_step(params: snn.LIFParameters, dt: float, spec: QuantSpec, x_scale: float,
+              x_zero: int, v_scale: float, i_scale: float, q_x, q_v, q_i):
+  """The step of `qnn.LIF` in mode "qat" (its module docstring: i', v' and i_next
+  fake-quantized, leak and reset on the v grid) in float32 from the grid state (q_v, q_i):
+  (i' and v' before rounding, q_i', q_v', q_i_next, z), in grid units."""
+  i1_raw, v1_raw, *on_grid, z = _qat_step_on_grid(params, dt, spec, x_scale, x_zero, v_scale,
+                                                  i_scale, q_x, q_v, q_i)
+  return (np.asarray(i1_raw), np.asarray(v1_raw),
+          *(np.rint(np.asarray(t)).astype(np.int64) for t in on_grid), np.asarray(z))
 
 
 def _tie_distance(y: np.ndarray) -> np.ndarray:
@@ -463,11 +473,18 @@ class SpikingNet(nn.Module):
 def _spike_input(seed: int) -> jax.Array:
   """Bernoulli(0.3) 0 / 1 spikes (T, B, F)."""
   rng = np.random.default_rng(seed)
-  return jnp.asarray(rng.random((TIME, BATCH, FEATURES)) < 0.3, jnp.float32)
+  return jax.device_put((rng.random((TIME, BATCH, FEATURES)) < 0.3).astype(np.float32))
 
 
-def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(x.shape, x.dtype)
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: nn.Module, x: jax.Array) -> Any:
+  """Init variables, kernels scaled x4 so that neurons spike: one compilation (op by op, init
+  compiles a program per primitive and shape)."""
+  # XLA's own random bits: threefry's initialisers take XLA:CPU several times longer to compile
+  variables = model.init(jax.random.key(0, impl="unsafe_rbg"), x, mode="float")
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: 4.0 * p if path[-1].key == "kernel" else p, variables["params"])
+  return {"params": params, "quant_stats": variables["quant_stats"]}
 
 
 @functools.cache
@@ -475,11 +492,7 @@ def _network() -> tuple[SpikingNet, jax.Array, Any, Any, Any]:
   """(model, x, init variables with kernels scaled x4 so that neurons spike, calibrated on two
   batches, converted)."""
   model, x = SpikingNet(), _spike_input(1)
-  # XLA's own random bits: threefry's initialisers take XLA:CPU several times longer to compile
-  variables = model.lazy_init(jax.random.key(0, impl="unsafe_rbg"), _like(x), mode="float")
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, p: 4.0 * p if path[-1].key == "kernel" else p, variables["params"])
-  variables = {"params": params, "quant_stats": variables["quant_stats"]}
+  variables = _init(model, x)
   calibrated = qnn.calibrate(model, variables, [x, _spike_input(2)])
   return model, x, variables, calibrated, qjax.convert(model, calibrated, x)
 
@@ -611,7 +624,8 @@ def _qat_start() -> tuple[Any, Any, jax.Array, jax.Array, Any]:
   """(the calibrated params and statistics of QATNet, x, target rates, jitted loss and
   gradient)."""
   _, x, _, calibrated, _ = _network()
-  target = jnp.asarray(np.random.default_rng(5).uniform(0.0, 0.5, (BATCH, OUT)), jnp.float32)
+  target = jax.device_put(np.random.default_rng(5).uniform(0.0, 0.5, (BATCH, OUT)).astype(
+      np.float32))
   return (_branch(calibrated["params"]), _branch(calibrated["quant_stats"]), x, target,
           jax.jit(jax.value_and_grad(_rate_loss, has_aux=True)))
 
@@ -621,7 +635,7 @@ def test_qat_gradients_reach_both_dense_kernels():
   (loss, stats), grads = loss_and_grad(params, stats, x, target)
   assert np.isfinite(loss) and float(loss) > 0
   for layer in ("fc1", "observed8_fc2"):
-    g = grads[layer]["kernel"]
+    g = np.asarray(grads[layer]["kernel"])
     assert np.all(np.isfinite(g)) and np.any(g != 0), layer
   # the statistics moved: each state observer saw every step (calibration, then this call)
   for layer in ("observed8_lif1", "observed8_lif2"):
@@ -630,10 +644,14 @@ def test_qat_gradients_reach_both_dense_kernels():
 
 def test_qat_from_fresh_statistics_runs_under_jit():
   lif = qnn.LIF(state=qnn.observed_state(8, qat=True), record_v=True)
-  x = jnp.full((4, 3), 5.0)
-  variables = lif.init(jax.random.key(0), x, mode="float")
-  (_, v), updates = jax.jit(lambda v, x: lif.apply(v, x, mode="qat", mutable=["quant_stats"]))(
-      variables, x)
+  x = jax.device_put(np.full((4, 3), 5.0, np.float32))
+
+  @jax.jit
+  def fresh_qat(x):
+    variables = lif.init(jax.random.key(0), x, mode="float")
+    return lif.apply(variables, x, mode="qat", mutable=["quant_stats"])
+
+  (_, v), updates = fresh_qat(x)
   assert np.all(np.isfinite(v)), v
   assert int(updates["quant_stats"]["v"]["count"]) == 4
   assert int(updates["quant_stats"]["v"]["skipped"]) == 0
@@ -645,7 +663,7 @@ def test_adam_steps_reduce_the_loss():
   params, stats, x, target, loss_and_grad = _qat_start()
   optimizer = optax.adam(1e-2)
   with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 step count in
-    opt_state = optimizer.init(params)
+    opt_state = jax.jit(optimizer.init)(params)
   # jitted: one compilation instead of every eager op's, per leaf shape
   update = jax.jit(optimizer.update)
   apply_updates = jax.jit(optax.apply_updates)
@@ -671,10 +689,11 @@ class _Neurons(nn.Module):
 
 
 def test_calibrate_with_immutable_statistics_names_the_module():
-  model, x = _Neurons(), jnp.ones((3, 2, 4))
-  variables = model.init(jax.random.key(0), x, mode="float")
+  model, x = _Neurons(), jax.ShapeDtypeStruct((3, 2, 4), jnp.float32)
+  # traced only: the error is raised before anything would run
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, mode="float"), x)
   with pytest.raises(ValueError, match=r"neurons.*calibrate.*immutable"):
-    model.apply(variables, x, mode="calibrate")
+    jax.eval_shape(lambda v, x: model.apply(v, x, mode="calibrate"), variables, x)
 
 
 @pytest.mark.parametrize("spec", [
@@ -742,8 +761,10 @@ def test_fixed_qparams_observer_refuses_per_channel_and_keeps_its_grid():
     obs.FixedQParamsObserver(spec=QuantSpec(bits=8, symmetric=True, axis=0), scale=0.5)
   observer = obs.FixedQParamsObserver(spec=QuantSpec(bits=8, signed=False), scale=0.25,
                                       zero_point=255)
-  state = observer.update(observer.init(()), jnp.array([-100.0, 3.0]))
+  state = jax.jit(lambda x: observer.update(observer.init(()), x))(
+      np.array([-100.0, 3.0], np.float32))
   qparams = observer.qparams(state)
   assert float(qparams.scale) == 0.25 and int(qparams.zero_point) == 255
   assert float(state.min_val) == -100.0 and int(state.count) == 1
-  assert qnn.SPIKE_OBSERVER.qparams(state) == (1.0, 0)
+  spike = qnn.SPIKE_OBSERVER.qparams(state)
+  assert (float(spike.scale), int(spike.zero_point)) == (1.0, 0)
