@@ -36,8 +36,8 @@ class TinyConv(nn.Module):
 def _with_biases(variables, seed):
   """`variables` with random nonzero biases, so that the int32 bias q_b matters."""
   rng = np.random.default_rng(seed)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, v: (v + jnp.asarray(rng.normal(0, 0.1, v.shape), v.dtype)
+  params = jax.tree_util.tree_map_with_path(  # in NumPy: no program to compile per bias shape
+      lambda path, v: (np.asarray(v) + rng.normal(0, 0.1, v.shape).astype(v.dtype)
                        if path[-1].key == "bias" else v), variables["params"])
   return {**variables, "params": params}
 
@@ -94,10 +94,16 @@ def test_explicit_first_layer_mlp(verify, mlp, digits, requant):  # pylint: disa
     assert result["layer"] == "fc1" and result["bias_source"] == source
     _check_close(result, ROWS * 100)
     assert result["ours"].min() >= 0 and result["ours"].max() <= 255  # quint8 values
-  # "ours" is the layer's int8 output as capture_intermediates sees it, shifted by 128.
-  _, state = model.apply(int_vars[requant], x, mode="int8", mutable=["intermediates"],
-                         capture_intermediates=lambda m, method: m.name == "fc1")
-  captured = np.asarray(state["intermediates"]["fc1"]["__call__"][0], np.int64)
+  # "ours" is the layer's int8 output as capture_intermediates sees it, shifted by 128 (the
+  # int8 forward compiled whole, as explicit_first_layer runs it: op by op, every eager op of
+  # the requantizer would compile on its own).
+  @jax.jit
+  def fc1_output(int_vars, x):
+    _, state = model.apply(int_vars, x, mode="int8", mutable=["intermediates"],
+                           capture_intermediates=lambda m, method: m.name == "fc1")
+    return state["intermediates"]["fc1"]["__call__"][0]
+
+  captured = np.asarray(fc1_output(int_vars[requant], x), np.int64)
   np.testing.assert_array_equal(result["ours"], captured + 128)
 
 
