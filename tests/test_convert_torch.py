@@ -52,6 +52,7 @@ from support.experiments import load_experiment  # noqa: E402
 from qjax import convert  # noqa: E402
 from qjax import integer  # noqa: E402
 from qjax.integer import arith  # noqa: E402
+from qjax.observers import histogram  # noqa: E402
 
 from torch.ao import quantization as tq  # noqa: E402
 
@@ -168,12 +169,29 @@ class Setup(NamedTuple):
 
   qmodel: nn.Module
   variables: dict  # params + quant_stats pinned to torch's observer states
-  own_qparams: dict  # qjax's own calibration, before pinning
+  own_qparams: dict  # qjax point path -> QParams of qjax's own calibration, before pinning
   torch_qparams: dict  # qjax point path -> (scale, zero_point) of the torch observer
   tmodel: Any  # torch's converted model
   calib: list
   x_eval: np.ndarray
   torch_run: TorchRun
+
+
+def _qjax_calibration(model, params, calib):
+  """qjax's own calibration of `model` on the batches `calib`: its "quant_stats"."""
+  stats = jax.jit(lambda x: model.init(jax.random.key(0), x, mode="float")["quant_stats"])(
+      calib[0])
+  return qnn.calibrate(model, {"params": params, "quant_stats": stats}, calib)["quant_stats"]
+
+
+def _point_qparams(stats, path):
+  """The QParams the activation observer of the "x86" qconfig (a histogram's L2 search) gives
+  the state of the point at `path` (what `qnn.collect_qparams` reads off each point; per point
+  here, so that every point and both models reuse one compiled search)."""
+  state = stats
+  for key in path.split("/"):
+    state = state[key]
+  return qnn.get_default_qconfig("x86").activation.qparams(histogram.HistogramState(**state))
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,9 +212,10 @@ def _setup(arch) -> Setup:
   qmodel = (torch_models.QMLP if arch == "mlp" else torch_models.QLeNet)(
       qnn.get_default_qconfig("x86"))
   params = torch_models.flax_params(arch, weights)
-  _, stats, own_qparams, _ = torch_models.run_qjax(qmodel, params, calib, "calibrate")
-  torch_qparams = {}
+  stats = _qjax_calibration(qmodel, params, calib)
+  own_qparams, torch_qparams = {}, {}
   for owner, path in torch_models.activation_points(arch).items():
+    own_qparams[path] = _point_qparams(stats, path)
     scale, zero_point = torch_models.observer(getattr(tmodel, owner).activation_post_process
                                               ).calculate_qparams()
     torch_qparams[path] = (np.float32(scale.item()), int(zero_point.item()))
@@ -262,12 +281,11 @@ def test_independent_calibration_agrees(arch):
   """Calibrated on its own, qjax lands on torch's activation grids: the same zero points and
   scales within float error of the float forwards (XLA and torch sum in different orders)."""
   setup = _setup(arch)
+  assert setup.own_qparams.keys() == setup.torch_qparams.keys()
   for path, (scale, zero_point) in setup.torch_qparams.items():
-    ours = setup.own_qparams
-    for key in path.split("/"):
-      ours = ours[key]
-    assert int(ours["zero_point"]) == zero_point, path
-    np.testing.assert_allclose(np.float32(ours["scale"]), scale, rtol=1e-5, err_msg=path)
+    ours = setup.own_qparams[path]
+    assert int(ours.zero_point) == zero_point, path
+    np.testing.assert_allclose(np.float32(ours.scale), scale, rtol=1e-5, err_msg=path)
 
 
 @pytest.mark.parametrize("requant", REQUANTS)
@@ -347,8 +365,8 @@ def _qjax_int8_runs(arch, requant):
   for name in torch_models.TORCH_SHAPES[arch]:
     given = setup.torch_run.inputs[name]
     expected[name] = setup.torch_run.outputs[name]
-    feeds[name] = jnp.asarray(_from_torch_input(arch, name, given - arith.int8_shift(ACT_SPEC)),
-                              jnp.int8)
+    feeds[name] = np.asarray(_from_torch_input(arch, name, given - arith.int8_shift(ACT_SPEC)),
+                             np.int8)
   (_, fed), (final, chained) = _int8_forward(setup.qmodel, _int_vars(arch, requant),
                                              jnp.asarray(setup.x_eval), feeds)
   layout = lambda out: {name: _to_torch_layout(_grid_values(out[name]))  # noqa: E731
@@ -384,6 +402,12 @@ def test_layer_outputs_match_torch(arch, requant):
   _assert_parity(arch, requant, _qjax_int8_runs(arch, requant)[0], MIN_MATCH, "isolated")
 
 
+@jax.jit
+def _quantize_input(x, scale, zero_point):
+  """`arith.quantize_input` on the activation grid, jitted (one program per model's input)."""
+  return arith.quantize_input(x, ACT_SPEC, scale, zero_point)
+
+
 @pytest.mark.parametrize("requant", REQUANTS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_whole_model_matches_torch(arch, requant):
@@ -394,9 +418,8 @@ def test_whole_model_matches_torch(arch, requant):
   setup = _setup(arch)
   run = setup.torch_run
   final, ours = _qjax_int8_runs(arch, requant)[1]
-  quantized_input = _grid_values(arith.quantize_input(
-      jnp.asarray(setup.x_eval), ACT_SPEC, jnp.float32(run.grids["quant"][0]),
-      jnp.int32(run.grids["quant"][1])))
+  quantized_input = _grid_values(_quantize_input(
+      setup.x_eval, np.float32(run.grids["quant"][0]), np.int32(run.grids["quant"][1])))
   np.testing.assert_array_equal(_to_torch_layout(quantized_input), run.outputs["quant"])
   pairs = {name: (run.outputs[name], ours[name]) for name in torch_models.TORCH_SHAPES[arch]}
   _assert_parity(arch, requant, pairs, MIN_CHAIN_MATCH, "chained")
@@ -460,20 +483,35 @@ def test_torch_linear_requantization_formula(relu):
   np.testing.assert_array_equal(q, y)
 
 
+@functools.cache
+def _requantize_fbgemm(relu):
+  """`arith.requantize_fbgemm` onto the int8 carrier of the uint8 grid, jitted once per relu
+  (the conv checks share their shapes)."""
+  return jax.jit(functools.partial(arith.requantize_fbgemm, lo=-128, hi=127, relu=relu))
+
+
+def _fbgemm_operands(acc, x_scale, w_scale, bias, y_scale, y_zero, channel_axis):
+  """int32 acc', b' = f32(b / A) and M = f32(A / S_y) broadcast along `channel_axis` (as
+  convert stores them), and the int8-carried Z_y, in NumPy."""
+  a = np.float32(x_scale) * w_scale
+  shape = [1] * acc.ndim
+  shape[channel_axis] = -1
+  b, m = (bias / a).astype(np.float32), (a / np.float32(y_scale)).astype(np.float32)
+  return (acc.astype(np.int32), b.reshape(shape), m.reshape(shape), np.int32(y_zero - 128))
+
+
 @pytest.mark.parametrize("relu", [False, True])
 def test_qjax_fbgemm_requant_matches_torch_linear(relu):
   """qjax.integer.arith.requantize_fbgemm, given b' = f32(b / A) and M = f32(A / S_y) as convert
   stores them, reproduces torch's quantized Linear(ReLU) on every output (3 x 2,097,152
   here)."""
-  requantize = jax.jit(functools.partial(arith.requantize_fbgemm, lo=-128, hi=127, relu=relu))
+  requantize = _requantize_fbgemm(relu)
   for seed in (0, 1, 2):
     y, acc, x_scale, w_scale, bias, y_scale, y_zero = _synthetic_linear(seed + 3 * relu,
                                                                         relu=relu)
-    a = np.float32(x_scale) * w_scale
-    b, m = (bias / a).astype(np.float32), (a / np.float32(y_scale)).astype(np.float32)
     # The full uint8 grid of torch's output, carried as int8 (shifted by -128).
-    ours = requantize(jnp.asarray(acc, jnp.int32), jnp.asarray(b)[None], jnp.asarray(m)[None],
-                      jnp.int32(y_zero - 128))
+    ours = requantize(*_fbgemm_operands(acc, x_scale, w_scale, bias, y_scale, y_zero,
+                                        channel_axis=-1))
     np.testing.assert_array_equal(np.asarray(ours).astype(np.int64) + 128, y,
                                   err_msg=f"seed {seed}")
 
@@ -550,13 +588,9 @@ def test_torch_conv_requantization_formula(relu):
 def test_qjax_fbgemm_requant_matches_torch_conv(relu):
   """qjax's "fbgemm" requantization reproduces torch's quantized Conv2d(ReLU) (fbgemm
   engine) on every output."""
-  requantize = jax.jit(functools.partial(arith.requantize_fbgemm, lo=-128, hi=127, relu=relu))
   y, acc, x_scale, w_scale, bias, y_scale, y_zero = _synthetic_conv(4 + relu, relu=relu)
-  a = np.float32(x_scale) * w_scale
-  b, m = (bias / a).astype(np.float32), (a / np.float32(y_scale)).astype(np.float32)
-  ours = np.asarray(requantize(jnp.asarray(acc.transpose(0, 2, 3, 1), jnp.int32),
-                               jnp.asarray(b)[None, None, None],
-                               jnp.asarray(m)[None, None, None], jnp.int32(y_zero - 128)))
+  ours = np.asarray(_requantize_fbgemm(relu)(*_fbgemm_operands(
+      acc.transpose(0, 2, 3, 1), x_scale, w_scale, bias, y_scale, y_zero, channel_axis=-1)))
   np.testing.assert_array_equal(ours.astype(np.int64).transpose(0, 3, 1, 2) + 128, y)
 
 
@@ -568,14 +602,11 @@ def test_onednn_conv_within_one_step(relu, record_property):
   2^-17 relative, of a half-integer): both are float32 evaluations of the same real number.
   How often they differ depends on the CPU's kernels (measured: ~1e-6), so it is reported
   (`record_property`), not pinned. Without oneDNN the engine is fbgemm: every output equal."""
-  requantize = jax.jit(functools.partial(arith.requantize_fbgemm, lo=-128, hi=127, relu=relu))
   y, acc, x_scale, w_scale, bias, y_scale, y_zero = _synthetic_conv(2 * relu, relu=relu,
                                                                     engine="x86")
   a = np.float32(x_scale) * w_scale
-  b, m = (bias / a).astype(np.float32), (a / np.float32(y_scale)).astype(np.float32)
-  ours = np.asarray(requantize(jnp.asarray(acc.transpose(0, 2, 3, 1), jnp.int32),
-                               jnp.asarray(b)[None, None, None],
-                               jnp.asarray(m)[None, None, None], jnp.int32(y_zero - 128)))
+  ours = np.asarray(_requantize_fbgemm(relu)(*_fbgemm_operands(
+      acc.transpose(0, 2, 3, 1), x_scale, w_scale, bias, y_scale, y_zero, channel_axis=-1)))
   ours = ours.astype(np.int64).transpose(0, 3, 1, 2) + 128
   mismatch = ours != y
   record_property("onednn_conv_outputs_differing", f"{int(mismatch.sum())} of {y.size}")

@@ -193,15 +193,17 @@ _CASES = [  # (x shape, N, per_channel, reduce_range, weight spec, bias)
 ]
 
 
-# Jitted, the cases of a 3-D input and of per-channel weights run by default; the rest with
-# -m slow (every case runs eagerly by default).
-_JIT_CASES = (1, 2)
+# By default each case runs in one variant: op by op (every value of every axis: per-tensor
+# and per-channel, both reduce_range, each weight grid, with and without bias, a 3-D input),
+# or jitted (quantize_kernel and dynamic_dense in one program); each in both with -m slow.
+_EAGER_CASES = (2, 3, 5, 6)
+_JIT_CASES = (0, 1, 4)
 
 
 class DynamicDenseTest(chex.TestCase, parameterized.TestCase):
 
   @chex.variants(without_jit=True)
-  @parameterized.parameters(*range(len(_CASES)))
+  @parameterized.parameters(*_EAGER_CASES)
   def test_matches_numpy_reference(self, case):
     self._check_reference(case)
 
@@ -210,8 +212,14 @@ class DynamicDenseTest(chex.TestCase, parameterized.TestCase):
   def test_matches_numpy_reference_jitted(self, case):
     self._check_reference(case)
 
+  @chex.variants(without_jit=True)
+  @parameterized.parameters(*_JIT_CASES)
+  @pytest.mark.slow
+  def test_matches_numpy_reference_all(self, case):
+    self._check_reference(case)
+
   @chex.variants(with_jit=True)
-  @parameterized.parameters(*(c for c in range(len(_CASES)) if c not in _JIT_CASES))
+  @parameterized.parameters(*_EAGER_CASES)
   @pytest.mark.slow
   def test_matches_numpy_reference_jitted_all(self, case):
     self._check_reference(case)
@@ -222,14 +230,18 @@ class DynamicDenseTest(chex.TestCase, parameterized.TestCase):
     x = (rng.normal(size=shape) * rng.uniform(0.1, 10) + rng.normal()).astype(F32)
     kernel = rng.normal(size=(shape[-1], n)).astype(F32)
     bias = rng.normal(size=n).astype(F32) if use_bias else None
-    dk = dynamic.quantize_kernel(kernel, weight_spec=spec, per_channel=per_channel,
-                                 reduce_range=reduce_range)
+
+    def run(x, kernel, bias):
+      dk = dynamic.quantize_kernel(kernel, weight_spec=spec, per_channel=per_channel,
+                                   reduce_range=reduce_range)
+      return dk, dynamic.dynamic_dense(x, dk, bias)
+
+    dk, y = self.variant(run)(x, kernel, bias)
     q_w, s_w, z_w = ref_weight(kernel, spec, per_channel)
     np.testing.assert_array_equal(np.asarray(dk.qweight.qvalue), q_w)
     np.testing.assert_array_equal(np.asarray(dk.qweight.scale), s_w)
     np.testing.assert_array_equal(np.asarray(dk.qweight.zero_point), z_w)
     np.testing.assert_array_equal(np.asarray(dk.col_sums), q_w.astype(np.int64).sum(1))
-    y = self.variant(dynamic.dynamic_dense)(x, dk, bias)
     expected = ref_dense(x, kernel, bias, spec=spec, per_channel=per_channel,
                          reduce_range=reduce_range)
     self.assertEqual(y.shape, shape[:-1] + (n,))

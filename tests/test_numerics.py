@@ -47,14 +47,18 @@ GRID_SIZE = 2**16            # every level of every grid fits in 65536 entries
 NEAR_TIE_N = 120_000         # elements in the rounding-form guards
 NEAR_TIE_REL = 3e-7          # relative perturbation of the half-integers (a few float32 ulps)
 
-# 50 examples (the "ci" profile's count). Each new spec costs its compilations, so the
-# properties sample specs, while the spec space is covered exhaustively elsewhere: every
-# spec's qparams and grid attributes here (test_spec_properties_match_reference_for_every_spec)
-# and against torch, and quantize / dequantize / quantize_dequantize bit for bit against torch
-# for every combination of the flags they see (signed, narrow_range, reduce_range) at 2, 4, 8,
-# 9 and 16 bits in every layout (tests/test_numerics_torch.py).
-SETTINGS = hypothesis.settings(deadline=None, max_examples=50, print_blob=True,
-                               suppress_health_check=[hypothesis.HealthCheck.too_slow])
+# Each new spec costs its compilations, so the properties sample specs, while the spec space is
+# covered exhaustively elsewhere: every spec's qparams and grid attributes here
+# (test_spec_properties_match_reference_for_every_spec) and against torch, and quantize /
+# dequantize / quantize_dequantize bit for bit against torch for every combination of the flags
+# they see (signed, narrow_range, reduce_range) at 2, 4, 8, 9 and 16 bits in every layout
+# (tests/test_numerics_torch.py). By default a few examples per property (with the explicit
+# ones, every flag value and layout among them); 50 (the "ci" profile's count) with -m slow.
+_HEALTH = dict(deadline=None, print_blob=True,
+               suppress_health_check=[hypothesis.HealthCheck.too_slow])
+SETTINGS = hypothesis.settings(max_examples=50, **_HEALTH)
+QUICK_QUANTIZE = hypothesis.settings(max_examples=7, **_HEALTH)
+QUICK_QPARAMS = hypothesis.settings(max_examples=16, **_HEALTH)
 
 
 
@@ -129,9 +133,7 @@ def spec_and_range(draw):
 # 1. Properties.
 
 
-@SETTINGS
-@hypothesis.given(spec_and_data())
-def test_quantize_properties(case):
+def _check_quantize_properties(case):
   """Range and dtype, exact zero, saturation, grid round trip, error bound, qdq idempotence."""
   spec, x = case
   qmin, qmax = grid_of(spec)
@@ -194,9 +196,32 @@ def test_quantize_properties(case):
   assert_bitwise_equal(twice, once, "quantize_dequantize twice")
 
 
+# Symmetric specs (unsigned and signed, per-tensor and per-channel) and 16 bits, which the
+# default draws miss.
+_SYMMETRIC_EXAMPLES = (
+    (QuantSpec(bits=16, signed=False, symmetric=True),
+     (np.linspace(-1, 1, 66, dtype=np.float32) ** 3 * F32(2.0**12)).reshape(SHAPE_2D)),
+    (QuantSpec(bits=8, symmetric=True, narrow_range=True, axis=0),
+     (np.cos(np.arange(66, dtype=np.float32)) * F32(2.0**-9)).reshape(SHAPE_2D)),
+)
+
+
+@QUICK_QUANTIZE
+@hypothesis.example(_SYMMETRIC_EXAMPLES[0])
+@hypothesis.example(_SYMMETRIC_EXAMPLES[1])
+@hypothesis.given(spec_and_data())
+def test_quantize_properties(case):
+  _check_quantize_properties(case)
+
+
+@pytest.mark.slow
 @SETTINGS
-@hypothesis.given(spec_and_range())
-def test_qparams_from_minmax_properties(case):
+@hypothesis.given(spec_and_data())
+def test_quantize_properties_more_examples(case):
+  _check_quantize_properties(case)
+
+
+def _check_qparams_from_minmax_properties(case):
   """scale >= eps; zero point in range; symmetric => fixed zero point; affine => tight ends."""
   spec, mn, mx = case
   qmin, qmax = grid_of(spec)
@@ -229,6 +254,19 @@ def test_qparams_from_minmax_properties(case):
     floored = scale == F32(qjax.FLOAT32_EPS)
     tight = (np.abs(grid_lo - lo) <= s / 2 + slack) & (np.abs(grid_hi - hi) <= s / 2 + slack)
     assert np.all(tight | floored), (grid_lo, lo, grid_hi, hi, s)
+
+
+@QUICK_QPARAMS
+@hypothesis.given(spec_and_range())
+def test_qparams_from_minmax_properties(case):
+  _check_qparams_from_minmax_properties(case)
+
+
+@pytest.mark.slow
+@SETTINGS
+@hypothesis.given(spec_and_range())
+def test_qparams_from_minmax_properties_more_examples(case):
+  _check_qparams_from_minmax_properties(case)
 
 
 def test_spec_properties_match_reference_for_every_spec():
@@ -378,6 +416,13 @@ VARIANT_SPECS = {
                                          narrow_range=True),
 }
 _VARIANT_PARAMS = [(name, spec) for name, spec in VARIANT_SPECS.items()]
+# Half-precision inputs: by default each dtype with one spec (every spec once); every pair with
+# -m slow (NumericsDtypePairsTest).
+_DTYPE_SPECS = ("int8", "int4_narrow_symmetric_axis0", "int16_axis-1")
+_DTYPE_PAIRS = [(f"{d}_{n}", d, n)
+                for d in ("float16", "bfloat16", "float32") for n in _DTYPE_SPECS]
+_DTYPE_DEFAULT = [p for i, p in enumerate(_DTYPE_PAIRS) if i % 4 == 0]
+_DTYPE_REST = [p for i, p in enumerate(_DTYPE_PAIRS) if i % 4 != 0]
 
 
 def variant_data(spec, seed=0):
@@ -454,21 +499,34 @@ class NumericsVariantsTest(chex.TestCase):
     assert_bitwise_equal(out, ref.quantize_dequantize(x, spec, scale, zp))
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(dtype=("float16", "bfloat16", "float32"),
-                         spec_name=("int8", "int4_narrow_symmetric_axis0", "int16_axis-1"))
+  @parameterized.named_parameters(*_DTYPE_DEFAULT)
   def test_quantize_dequantize_preserves_dtype(self, dtype, spec_name):
-    spec = VARIANT_SPECS[spec_name]
-    dtype = jnp.dtype(dtype)
-    x32, _, _, scale, zp = variant_data(spec, seed=1)
-    x = x32.astype(dtype)
-    out = self.variant(qjax.quantize_dequantize, static_argnames=("spec",))(
-        x, spec=spec, qparams=QParams(scale, zp))
-    self.assertEqual(out.dtype, dtype)
-    assert_bitwise_equal(out, ref.quantize_dequantize(x, spec, scale, zp))
-    # quantize accepts the same inputs (computed in float32).
-    q = self.variant(qjax.quantize, static_argnames=("spec",))(x, spec=spec,
-                                                               qparams=QParams(scale, zp))
-    assert_bitwise_equal(q, ref.quantize(x.astype(np.float32), spec, scale, zp))
+    _check_preserves_dtype(self, dtype, spec_name)
+
+
+def _check_preserves_dtype(test, dtype, spec_name):
+  spec = VARIANT_SPECS[spec_name]
+  dtype = jnp.dtype(dtype)
+  x32, _, _, scale, zp = variant_data(spec, seed=1)
+  x = x32.astype(dtype)
+  out = test.variant(qjax.quantize_dequantize, static_argnames=("spec",))(
+      x, spec=spec, qparams=QParams(scale, zp))
+  test.assertEqual(out.dtype, dtype)
+  assert_bitwise_equal(out, ref.quantize_dequantize(x, spec, scale, zp))
+  # quantize accepts the same inputs (computed in float32).
+  q = test.variant(qjax.quantize, static_argnames=("spec",))(x, spec=spec,
+                                                             qparams=QParams(scale, zp))
+  assert_bitwise_equal(q, ref.quantize(x.astype(np.float32), spec, scale, zp))
+
+
+@pytest.mark.slow
+class NumericsDtypePairsTest(chex.TestCase):
+  """The pairs of dtype and spec that NumericsVariantsTest leaves out."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*_DTYPE_REST)
+  def test_quantize_dequantize_preserves_dtype(self, dtype, spec_name):
+    _check_preserves_dtype(self, dtype, spec_name)
 
 
 # No recompilation on the second call.
@@ -485,13 +543,13 @@ _PUBLIC_CALLS = {
 }
 
 
-def _call_args(spec, seed):
+def _call_args(spec, seed, shape=SHAPE_2D):
   rng = np.random.default_rng(seed)
-  x = rng.normal(size=SHAPE_2D).astype(np.float32)
-  n = SHAPE_2D[0] if spec.per_channel else None
-  shape = () if n is None else (n,)
-  s = rng.uniform(0.01, 0.1, size=shape).astype(np.float32)
-  z = rng.integers(-5, 5, size=shape).astype(np.int32)
+  x = rng.normal(size=shape).astype(np.float32)
+  n = shape[0] if spec.per_channel else None
+  qshape = () if n is None else (n,)
+  s = rng.uniform(0.01, 0.1, size=qshape).astype(np.float32)
+  z = rng.integers(-5, 5, size=qshape).astype(np.int32)
   return x, s, z
 
 
@@ -506,18 +564,22 @@ def test_jit_traces_once(name, spec):
     jax.block_until_ready(fn(*_call_args(spec, seed)))
 
 
+# A shape no other test uses, so that the first calls compile. (Clearing jax's caches instead
+# would make every later test in the process compile its programs again.)
+_FRESH_SHAPE = (5, 13)
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(bits=6, signed=False), QuantSpec(bits=10, axis=0)],
                          ids=["per_tensor", "per_channel"])
 def test_eager_second_call_compiles_nothing(spec):
   """Eager calls compile once per spec and shape; new values reuse the executables."""
-  jax.clear_caches()  # an earlier test may have compiled this spec and shape already
   with cases.CompileCounter() as first:
     for call in _PUBLIC_CALLS.values():
-      jax.block_until_ready(call(spec, *_call_args(spec, 0)))
+      jax.block_until_ready(call(spec, *_call_args(spec, 0, _FRESH_SHAPE)))
   assert first.count > 0          # the counter sees compilations (a fresh spec compiles)
   with cases.CompileCounter() as second:
     for call in _PUBLIC_CALLS.values():
-      jax.block_until_ready(call(spec, *_call_args(spec, 1)))
+      jax.block_until_ready(call(spec, *_call_args(spec, 1, _FRESH_SHAPE)))
   assert second.count == 0
 
 
