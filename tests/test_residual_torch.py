@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -96,8 +95,8 @@ def _nhwc(t: np.ndarray) -> np.ndarray:
 
 
 def _carrier(q: np.ndarray) -> jax.Array:
-  """torch's quint8 int_repr (NCHW) as qjax's int8 carrier (NHWC)."""
-  return jnp.asarray(_nhwc(q).astype(np.int16) - 128, jnp.int8)
+  """torch's quint8 int_repr (NCHW) as qjax's int8 carrier (NHWC), shifted in NumPy."""
+  return jax.device_put(np.ascontiguousarray((_nhwc(q).astype(np.int16) - 128).astype(np.int8)))
 
 
 def _torch_values(q8) -> np.ndarray:
@@ -146,10 +145,13 @@ def _setup() -> "Setup":
     for x in calib:
       tmodel(torch.from_numpy(x))
   qmodel = QResNetTiny()
-  batches = [jnp.asarray(_nhwc(x)) for x in calib]
-  variables = jax.jit(qmodel.init)(jax.random.key(0), batches[0])
-  variables = {"params": jax.tree_util.tree_map(jnp.asarray, params),
-               "quant_stats": variables["quant_stats"]}
+  # device_put, not jnp.asarray: the latter compiles a program per shape and dtype.
+  batches = [jax.device_put(np.ascontiguousarray(_nhwc(x))) for x in calib]
+  # Only the observers' initial states: torch's weights replace init's params, so the
+  # params' random initializers and the forward are left out of the compiled init.
+  stats = jax.jit(lambda key, x: qmodel.init(key, x)["quant_stats"])(jax.random.key(0),
+                                                                     batches[0])
+  variables = {"params": jax.device_put(params), "quant_stats": stats}
   variables = qnn.calibrate(qmodel, variables, batches)
   own_stats = variables["quant_stats"]
   variables = {**variables,
@@ -157,8 +159,8 @@ def _setup() -> "Setup":
   prepared = copy.deepcopy(tmodel)
   tq.convert(tmodel, inplace=True)
   _, captures = torch_models.run_quantized(tmodel, torch.from_numpy(x_eval), "fbgemm")
-  return Setup(qmodel, variables, own_stats, jnp.asarray(_nhwc(x_eval)), captures, prepared,
-               x_eval)
+  x = jax.device_put(np.ascontiguousarray(_nhwc(x_eval)))
+  return Setup(qmodel, variables, own_stats, x, captures, prepared, x_eval)
 
 
 class Setup(NamedTuple):
@@ -202,15 +204,27 @@ def _run(qmodel, int_vars, x, feeds):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_run():
-  """`_run` on the model, jitted once for the module: same-structured calls compile once."""
-  return jax.jit(functools.partial(_run, _setup().qmodel))
-
-
-@functools.lru_cache(maxsize=None)
 def _int_vars(requant):
   qmodel, variables, _, x, *_ = _setup()
   return qjax.convert(qmodel, variables, x[:2], requant=requant)
+
+
+@functools.lru_cache(maxsize=None)
+def _outputs() -> dict:
+  """Every int8 run the tests compare, computed by one jitted program (one compile, not one
+  per run): {"fbgemm", "integer"}: each requant's module outputs on torch's fbgemm inputs,
+  "x86": fbgemm's on the x86 engine's inputs, "chained": (y, module outputs) of the fbgemm
+  model run on its own."""
+  setup = _setup()
+  run = functools.partial(_run, setup.qmodel)
+
+  def runs(fbgemm, integer, x, torch_feeds, x86_feeds):
+    return {"fbgemm": run(fbgemm, x, torch_feeds)[1], "integer": run(integer, x, torch_feeds)[1],
+            "x86": run(fbgemm, x, x86_feeds)[1], "chained": run(fbgemm, x, {})}
+
+  return jax.device_get(jax.jit(runs)(_int_vars("fbgemm"), _int_vars("integer"), setup.x,
+                                      _torch_feeds(setup.captures),
+                                      _torch_feeds(_x86_captures())))
 
 
 def _torch_feeds(captures) -> dict:
@@ -239,8 +253,7 @@ def test_every_module_lowers_to_its_op():
 
 
 def test_each_module_matches_torch_on_torchs_inputs():
-  _, _, _, x, captures, *_ = _setup()
-  _, outs = _jitted_run()(_int_vars("fbgemm"), x, _torch_feeds(captures))
+  captures, outs = _setup().captures, _outputs()["fbgemm"]
   for name in MODULES:
     theirs = captures[name]["output"].int_repr.astype(np.int64)
     ours = _torch_values(outs[name])
@@ -250,8 +263,7 @@ def test_each_module_matches_torch_on_torchs_inputs():
 
 
 def test_chained_int8_model_matches_torch():
-  _, _, _, x, captures, *_ = _setup()
-  y, outs = _jitted_run()(_int_vars("fbgemm"), x, {})
+  captures, (y, outs) = _setup().captures, _outputs()["chained"]
   quant = captures["quant"]["output"].int_repr.astype(np.int64)
   np.testing.assert_array_equal(_torch_values(outs["quant"]), quant)
   for name in MODULES:
@@ -268,8 +280,7 @@ def test_chained_int8_model_matches_torch():
 def test_integer_mode_stays_within_one_step_of_torch():
   """requant="integer": the fixed-point requantizers, adds and concatenation round within
   one step of torch's float ones, module by module on torch's inputs."""
-  _, _, _, x, captures, *_ = _setup()
-  _, outs = _jitted_run()(_int_vars("integer"), x, _torch_feeds(captures))
+  captures, outs = _setup().captures, _outputs()["integer"]
   for name in MODULES:
     theirs = captures[name]["output"].int_repr.astype(np.int64)
     if name == "pool":
@@ -300,11 +311,9 @@ def test_x86_engine_differs_only_at_rounding_ties(record_property):
   round (within float32 error, 2^-17 relative, of a half-integer). The other modules (add,
   cat, pooling, Linear: the same kernels on both engines) match exactly. How often convs
   differ depends on the CPU, so it is reported, not pinned."""
-  _, _, _, x, *_ = _setup()
-  captures = _x86_captures()
+  captures, outs = _x86_captures(), _outputs()["x86"]
   int_vars = _int_vars("fbgemm")
   feeds = _torch_feeds(captures)
-  _, outs = _jitted_run()(int_vars, x, feeds)
   differing = 0
   for name in MODULES:
     theirs = captures[name]["output"].int_repr.astype(np.int64)
@@ -335,5 +344,5 @@ def test_unfused_relu_is_torchs_quantized_relu():
     t = torch._make_per_tensor_quantized_tensor(torch.from_numpy(q), 0.05, zero)
     y = torch.nn.ReLU()(t)
     assert (y.q_scale(), y.q_zero_point()) == (0.05, zero)
-    ours = forms.Int8ReLU(zero_point=jnp.int32(zero - 128))(_carrier(q))
+    ours = forms.Int8ReLU(zero_point=np.int32(zero - 128))(_carrier(q))
     np.testing.assert_array_equal(_torch_values(ours), y.int_repr().numpy())
