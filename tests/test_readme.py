@@ -1,9 +1,11 @@
 """The README's quickstart runs as written and prints what it claims."""
 
+import functools
 import pathlib
 import re
 
 import jax
+import numpy as np
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -43,54 +45,54 @@ def _snippet(heading: str) -> str:
                    re.S).group(1)
 
 
-def _namespace() -> dict:
+@functools.cache
+def _residual_and_scan() -> dict:
+  """The residual block and the scanned RNN of the README, each snippet executed as written in
+  one namespace (as the README reads, after the integer example's imports and x86 qconfig),
+  then calibrated, converted and run in int8 inside one model, so that init, the calibration
+  step, the conversion and the int8 forward each compile once for both."""
   import flax.linen as nn
   import jax.numpy as jnp
 
   import qjax
   import qjax.nn as qnn
-  return {"jax": jax, "jnp": jnp, "nn": nn, "qjax": qjax, "qnn": qnn,
-          "qconfig": qnn.get_default_qconfig("x86")}
-
-
-def test_residual_snippet_converts_and_runs():
-  import flax.linen as nn
-  import numpy as np
-
-  ns = _namespace()
+  ns = {"jax": jax, "jnp": jnp, "nn": nn, "qjax": qjax, "qnn": qnn,
+        "qconfig": qnn.get_default_qconfig("x86")}
   with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
     exec(compile(_snippet("Residual networks."), "README-residual", "exec"), ns)  # noqa: S102
-    qnn, block = ns["qnn"], ns["Block"]
+    exec(compile(_snippet("Loops over time."), "README-scan", "exec"), ns)  # noqa: S102
+    block, rnn, qconfig = ns["Block"], ns["RNN"], ns["qconfig"]
 
     class Net(nn.Module):
       @nn.compact
-      def __call__(self, x, mode="float"):
-        x = qnn.Quantize(ns["qconfig"])(x, mode=mode)
-        x = qnn.QuantConv(16, (3, 3), qconfig=ns["qconfig"])(x, mode=mode)
-        return qnn.Dequantize()(block()(x, mode=mode), mode=mode)
+      def __call__(self, x, xs, mode="float"):
+        x = qnn.Quantize(qconfig)(x, mode=mode)
+        x = qnn.QuantConv(16, (3, 3), qconfig=qconfig)(x, mode=mode)
+        return (qnn.Dequantize()(block()(x, mode=mode), mode=mode),
+                rnn(name="rnn")(xs, mode=mode))
 
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    # init and the int8 forward compiled whole: op by op, every eager op compiles on its own
-    # (the modules' eager int8 forms have tests of their own).
-    variables = qnn.calibrate(Net(), jax.jit(Net().init)(jax.random.key(1), x), [x])
-    int_vars = ns["qjax"].convert(Net(), variables, x)
-    y = jax.jit(lambda v, x: Net().apply(v, x, mode="int8"))(int_vars, x)
+    # Inputs from NumPy (jax.random would compile a sampler per shape); init and the int8
+    # forward compiled whole: op by op, every eager op compiles on its own (the modules'
+    # eager int8 forms have tests of their own).
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.normal(size=(2, 8, 8, 3)).astype(np.float32))
+    xs = jax.device_put(rng.normal(size=(5, 2, 3)).astype(np.float32))
+    model = Net()
+    variables = qnn.calibrate(model, jax.jit(model.init)(jax.random.key(1), x, xs), [(x, xs)])
+    y, ys = jax.jit(lambda v, x, xs: model.apply(v, x, xs, mode="int8"))(
+        qjax.convert(model, variables, x, xs), x, xs)
+  return {"quant_stats": variables["quant_stats"], "y": np.asarray(y), "ys": np.asarray(ys)}
+
+
+def test_residual_snippet_converts_and_runs():
+  y = _residual_and_scan()["y"]
   assert y.shape == (2, 24) and np.all(np.isfinite(y))
 
 
 def test_scan_snippet_converts_and_runs():
-  import numpy as np
-
-  ns = _namespace()
-  with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-    exec(compile(_snippet("Loops over time."), "README-scan", "exec"), ns)  # noqa: S102
-    model, qnn = ns["RNN"](), ns["qnn"]
-    xs = jax.random.normal(jax.random.key(0), (5, 2, 3))
-    variables = qnn.calibrate(model, jax.jit(model.init)(jax.random.key(1), xs), [xs])
-    assert int(variables["quant_stats"]["ScanCell_0"]["Quantize_0"]["count"]) == 5
-    ys = jax.jit(lambda v, xs: model.apply(v, xs, mode="int8"))(
-        ns["qjax"].convert(model, variables, xs), xs)
-  assert ys.shape == (5, 2, 32) and np.all(np.isfinite(ys))
+  run = _residual_and_scan()
+  assert int(run["quant_stats"]["rnn"]["ScanCell_0"]["Quantize_0"]["count"]) == 5
+  assert run["ys"].shape == (5, 2, 32) and np.all(np.isfinite(run["ys"]))
 
 
 def test_research_quantizers_snippet_runs(capsys):
