@@ -156,9 +156,25 @@ def test_int8_kernels_of_a_converted_lenet_are_its_weights():
   import qjax  # pylint: disable=import-outside-toplevel
   import qjax.nn as qnn  # pylint: disable=import-outside-toplevel
   model = mnist.models.QuantLeNet5(qconfig=mnist.MINMAX_QCONFIG)
-  x = np.random.default_rng(0).uniform(0, 1, (8, 32, 32, 1)).astype(np.float32)
-  variables = jax.jit(lambda k, x: model.init(k, x, mode="float"))(jax.random.key(0), x)
-  variables = qnn.calibrate(model, variables, [x])
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 1, (8, 32, 32, 1)).astype(np.float32)
+  # Weights of Flax's shapes drawn in NumPy (uniform, LeCun's scale), and init compiled for
+  # the observers' initial states alone: the params' random initializers are the slowest part
+  # of an init to compile, and what they draw is not what this test reads.
+
+  def init(key, x):
+    return model.init(key, x, mode="float")
+
+  def draw(path, shape):
+    if path[-1].key != "kernel":
+      return rng.uniform(-0.1, 0.1, shape.shape).astype(np.float32)
+    bound = np.sqrt(3 / np.prod(shape.shape[:-1]))
+    return (bound * rng.uniform(-1, 1, shape.shape)).astype(np.float32)
+
+  params = jax.tree_util.tree_map_with_path(
+      draw, jax.eval_shape(init, jax.random.key(0), x)["params"])
+  stats = jax.jit(lambda key, x: init(key, x)[qnn.STATS])(jax.random.key(0), x)
+  variables = qnn.calibrate(model, {"params": jax.device_put(params), qnn.STATS: stats}, [x])
   kernels = mnist.int8_kernels(qjax.convert(model, variables, x[:2]))
   assert list(kernels) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
   for layer, (q, scale, axis) in kernels.items():
