@@ -48,16 +48,17 @@ def _snippet(heading: str) -> str:
 @functools.cache
 def _residual_and_scan() -> dict:
   """The residual block and the scanned RNN of the README, each snippet executed as written in
-  one namespace (as the README reads, after the integer example's imports and x86 qconfig),
-  then calibrated, converted and run in int8 inside one model, so that init, the calibration
-  step, the conversion and the int8 forward each compile once for both."""
+  one namespace (as the README reads, after the integer example's imports; the snippets take
+  any `qconfig`: PyTorch's min/max `default_qconfig` here, histogram observers are tested
+  elsewhere), then calibrated, converted and run in int8 inside one model, so that init, the
+  calibration step, the conversion and the int8 forward each compile once for both."""
   import flax.linen as nn
   import jax.numpy as jnp
 
   import qjax
   import qjax.nn as qnn
   ns = {"jax": jax, "jnp": jnp, "nn": nn, "qjax": qjax, "qnn": qnn,
-        "qconfig": qnn.get_default_qconfig("x86")}
+        "qconfig": qnn.default_qconfig}
   with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
     exec(compile(_snippet("Residual networks."), "README-residual", "exec"), ns)  # noqa: S102
     exec(compile(_snippet("Loops over time."), "README-scan", "exec"), ns)  # noqa: S102
@@ -71,14 +72,20 @@ def _residual_and_scan() -> dict:
         return (qnn.Dequantize()(block()(x, mode=mode), mode=mode),
                 rnn(name="rnn")(xs, mode=mode))
 
-    # Inputs from NumPy (jax.random would compile a sampler per shape); init and the int8
-    # forward compiled whole: op by op, every eager op compiles on its own (the modules'
-    # eager int8 forms have tests of their own).
+    # Inputs and weights from NumPy (jax.random would compile a sampler per shape), init
+    # compiled for the observers' initial states alone, the int8 forward compiled whole (op by
+    # op every eager op compiles on its own; the modules' eager int8 forms have tests of their
+    # own).
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.normal(size=(2, 8, 8, 3)).astype(np.float32))
     xs = jax.device_put(rng.normal(size=(5, 2, 3)).astype(np.float32))
     model = Net()
-    variables = qnn.calibrate(model, jax.jit(model.init)(jax.random.key(1), x, xs), [(x, xs)])
+    params = jax.tree_util.tree_map(
+        lambda s: jax.device_put((0.3 * rng.normal(size=s.shape)).astype(s.dtype)),
+        jax.eval_shape(model.init, jax.random.key(1), x, xs)["params"])
+    stats = jax.jit(lambda key, x, xs: model.init(key, x, xs)["quant_stats"])(
+        jax.random.key(1), x, xs)
+    variables = qnn.calibrate(model, {"params": params, "quant_stats": stats}, [(x, xs)])
     y, ys = jax.jit(lambda v, x, xs: model.apply(v, x, xs, mode="int8"))(
         qjax.convert(model, variables, x, xs), x, xs)
   return {"quant_stats": variables["quant_stats"], "y": np.asarray(y), "ys": np.asarray(ys)}
