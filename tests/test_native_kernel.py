@@ -1,7 +1,8 @@
 """The native int8 GEMM (`qjax.integer.kernels`) against XLA and NumPy: the same integers.
 
 Every native path the CPU runs is forced in turn ("vnni", "avx2", "portable"; a path the CPU
-lacks is skipped), on random and adversarial operands: all -128 / 127, one row, K not a
+lacks is skipped), all paths of a test in one jitted program, on random and adversarial
+operands: all -128 / 127, one row, K not a
 multiple of 4 or 64, odd N, an empty batch, shapes on both sides of the row count where the
 kernel switches from streaming the weights to packing them, and sizes that use threads. The
 int32 result is checked against `qjax.integer.arith.matmul` and a NumPy int64 reference
@@ -73,17 +74,27 @@ def operands(rng: np.random.Generator, m: int, n: int, k: int, kind: str = "rand
   return x, w, offset
 
 
-# The XLA reference, one compilation per shape (op-by-op dispatch compiles every operation).
-xla_requant = jax.jit(lambda acc, r: r(acc))
-xla_matmul = jax.jit(arith.matmul)
+def nonempty(x, w) -> bool:
+  """arith.matmul (the XLA reference) takes non-empty operands only."""
+  return bool(x.shape[0] and w.shape[0] and x.shape[-1])
 
 
-def native_matmul(path: str):
-  return jax.jit(lambda x, w, o: kernels.matmul(x, w, o, kernel=path))
+# Each test below compiles one program for all its cases and paths: every distinct program
+# costs an XLA compilation, and op-by-op dispatch would compile every operation on its own
+# (jnp.asarray of a NumPy array too; jax.device_put does not compile).
 
 
-def native_requant(path: str, r: rq.FbgemmRequant):
-  return jax.jit(lambda x, w, o: kernels.matmul_requant(x, w, o, r, kernel=path))
+@jax.jit
+def matmul_on_every_path(cases):
+  """kernels.matmul of every (x, w, offset) case on every native path."""
+  return [[kernels.matmul(x, w, o, kernel=p) for p in AVAILABLE] for x, w, o in cases]
+
+
+@jax.jit
+def requant_on_every_path(cases):
+  """(requant(acc) on XLA, [kernels.matmul_requant on every native path]) per case."""
+  return [(r(acc), [kernels.matmul_requant(x, w, o, r, kernel=p) for p in AVAILABLE])
+          for x, w, o, r, acc in cases]
 
 
 def fbgemm(rng: np.random.Generator, n: int, k: int, *, per_channel: bool, zero: int,
@@ -94,8 +105,8 @@ def fbgemm(rng: np.random.Generator, n: int, k: int, *, per_channel: bool, zero:
   bias = rng.normal(0, spread, n).astype(np.float32)
   shape = (n,) if per_channel else ()
   mult = (rng.uniform(0.5, 2.0, shape) * 60 / spread).astype(np.float32)
-  return rq.FbgemmRequant(bias=jnp.asarray(bias), multiplier=jnp.asarray(mult),
-                          zero_point=jnp.int32(zero), lo=lo, hi=hi, relu=relu)
+  return rq.FbgemmRequant(bias=jax.device_put(bias), multiplier=jax.device_put(mult),
+                          zero_point=np.int32(zero), lo=lo, hi=hi, relu=relu)
 
 
 # ------------------------------------------------------------------------------------------
@@ -103,120 +114,131 @@ def fbgemm(rng: np.random.Generator, n: int, k: int, *, per_channel: bool, zero:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_int32_matches_xla_and_numpy(path):
+def test_path_is_available_and_resolves_to_itself(path):
+  assert kernels.resolve(path) == path and path in kernels.native_paths()
+
+
+def test_int32_matches_xla_and_numpy():
   rng = np.random.default_rng(0)
-  run = native_matmul(path)
-  for m, n, k in SHAPES:
-    x, w, offset = operands(rng, m, n, k)
+  cases = [operands(rng, m, n, k) for m, n, k in SHAPES]
+  gots, xlas = jax.jit(lambda cases: (matmul_on_every_path(cases), [
+      arith.matmul(x, w) if nonempty(x, w) else None for x, w, _ in cases]))(cases)
+  for (x, w, offset), got_paths, xla in zip(cases, gots, xlas, strict=True):
     expected = reference(x, w, offset)
-    got = np.asarray(run(x, w, offset))
-    np.testing.assert_array_equal(got, expected, err_msg=f"{path} {(m, n, k)}")
-    if not (m and n and k):  # arith.matmul takes non-empty operands
-      continue
-    xla = np.asarray(xla_matmul(x, w)) + offset
-    np.testing.assert_array_equal(got, xla, err_msg=f"{path} {(m, n, k)} vs XLA")
+    for path, got in zip(AVAILABLE, got_paths, strict=True):
+      got = np.asarray(got)
+      np.testing.assert_array_equal(got, expected, err_msg=f"{path} {x.shape} x {w.shape}")
+      if xla is not None:
+        np.testing.assert_array_equal(got, np.asarray(xla) + offset,
+                                      err_msg=f"{path} {x.shape} x {w.shape} vs XLA")
+    if xla is not None:
+      np.testing.assert_array_equal(np.asarray(xla) + offset, expected)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["min", "max", "mixed"])
-def test_int32_extreme_operands(path, kind):
+def test_int32_extreme_operands():
   """All -128 (the largest products, where uint8 x int8 or 16-bit sums would break), all 127,
   and -128 x 127, at row counts of both kernels and K with tails."""
   rng = np.random.default_rng(1)
-  run = native_matmul(path)
-  for m, n, k in [(1, 3, 1001), (3, 17, 130), (37, 33, 515), (6, 16, 64)]:
-    x, w, offset = operands(rng, m, n, k, kind)
-    np.testing.assert_array_equal(np.asarray(run(x, w, offset)), reference(x, w, offset),
-                                  err_msg=f"{path} {kind} {(m, n, k)}")
+  cases = [operands(rng, m, n, k, kind) for kind in ("min", "max", "mixed")
+           for m, n, k in [(1, 3, 1001), (3, 17, 130), (37, 33, 515), (6, 16, 64)]]
+  for (x, w, offset), gots in zip(cases, matmul_on_every_path(cases), strict=True):
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      np.testing.assert_array_equal(np.asarray(got), reference(x, w, offset),
+                                    err_msg=f"{path} {x[0, 0]} x {w[0, 0]} {x.shape} x {w.shape}")
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_int32_wraps_like_xla(path):
+def test_int32_wraps_like_xla():
   """K = 140000 products of -128 x -128 pass 2^31: the sum wraps modulo 2^32 on every path
   (the vnni path's +128 carry and -128 sum_k w correction included), as XLA's does."""
   k = 140_000
   x, w = np.full((2, k), -128, np.int8), np.full((3, k), -128, np.int8)
   w[1] = 127
   offset = np.array([0, 5, -7], np.int32)
-  got = np.asarray(native_matmul(path)(x, w, offset))
-  np.testing.assert_array_equal(got, reference(x, w, offset))
-  xla = np.asarray(arith.matmul(jnp.asarray(x), jnp.asarray(w)) + jnp.asarray(offset)[None])
-  np.testing.assert_array_equal(got, xla)
+  xla, gots = jax.jit(lambda x, w, o: (arith.matmul(x, w) + o[None], [
+      kernels.matmul(x, w, o, kernel=p) for p in AVAILABLE]))(x, w, offset)
+  np.testing.assert_array_equal(np.asarray(xla), reference(x, w, offset))
+  for path, got in zip(AVAILABLE, gots, strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(xla), err_msg=path)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_leading_dims_and_no_offset(path):
+def test_leading_dims_and_no_offset():
   rng = np.random.default_rng(2)
   x = rng.integers(-128, 128, (2, 3, 45), dtype=np.int8)
   w = rng.integers(-128, 128, (9, 45), dtype=np.int8)
-  got = jax.jit(lambda a, b: kernels.matmul(a, b, kernel=path))(x, w)
-  assert got.shape == (2, 3, 9) and got.dtype == jnp.int32
-  np.testing.assert_array_equal(np.asarray(got), reference(x, w, np.zeros(9, np.int64)))
-  empty = kernels.matmul(jnp.zeros((0, 3, 45), jnp.int8), jnp.asarray(w), kernel=path)
-  assert empty.shape == (0, 3, 9)
+  gots, empties = jax.jit(lambda a, e, b: (
+      [kernels.matmul(a, b, kernel=p) for p in AVAILABLE],
+      [kernels.matmul(e, b, kernel=p) for p in AVAILABLE]))(x, np.zeros((0, 3, 45), np.int8), w)
+  for path, got, empty in zip(AVAILABLE, gots, empties, strict=True):
+    assert got.shape == (2, 3, 9) and got.dtype == jnp.int32, path
+    np.testing.assert_array_equal(np.asarray(got), reference(x, w, np.zeros(9, np.int64)),
+                                  err_msg=path)
+    assert empty.shape == (0, 3, 9), path
 
 
 # ------------------------------------------------------------------------------------------
 # The fused requantization.
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_requant_matches_fbgemm_requant(path):
+def test_requant_matches_fbgemm_requant():
   """Per-channel and per-tensor multipliers, with and without ReLU, in turn over SHAPES."""
   rng = np.random.default_rng(3)
+  cases = []
   for i, (m, n, k) in enumerate(SHAPES):
     per_channel, relu = i % 2 == 0, i % 4 < 2
     zero = int(rng.integers(-20, 20))
     r = fbgemm(rng, n, k, per_channel=per_channel, zero=zero, relu=relu)
     x, w, offset = operands(rng, m, n, k, offsets=int(2000 * np.sqrt(k)))
-    acc = reference(x, w, offset)
-    expected = np.asarray(xla_requant(jnp.asarray(acc), r))
-    got = np.asarray(native_requant(path, r)(x, w, offset))
-    assert got.dtype == np.int8
-    np.testing.assert_array_equal(got, expected, err_msg=f"{path} {(m, n, k)}")
+    cases.append((x, w, offset, r, reference(x, w, offset)))
+  for (x, w, _, r, acc), (want, gots) in zip(cases, requant_on_every_path(cases), strict=True):
+    n, zero = w.shape[0], int(r.zero_point)
+    want = np.asarray(want)
     mult = np.broadcast_to(np.asarray(r.multiplier), (n,))
     np.testing.assert_array_equal(
-        got, requant_reference(acc, np.asarray(r.bias), mult, zero, -128, 127, relu),
-        err_msg=f"{path} {(m, n, k)} vs NumPy")
-    if got.size >= 1000:  # not saturated: the outputs spread over the grid
-      assert len(np.unique(got)) > 30, (m, n, k)
+        want, requant_reference(acc, np.asarray(r.bias), mult, zero, -128, 127, r.relu),
+        err_msg=f"XLA {x.shape} x {w.shape} vs NumPy")
+    if want.size >= 1000:  # not saturated: the outputs spread over the grid
+      assert len(np.unique(want)) > 30, (x.shape, w.shape)
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      assert got.dtype == np.int8
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{path} {x.shape} x {w.shape}")
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_requant_ties_narrow_grids_and_extremes(path):
+def test_requant_ties_narrow_grids_and_extremes():
   """Exact .5 ties (rne), a 4-bit output grid, a ReLU whose zero point lies above lo, and
   accumulators at the int32 extremes (the float32 product saturates before the clamp)."""
   rng = np.random.default_rng(4)
   n, k = 19, 66
   x, w, offset = operands(rng, 9, n, k)
   cases = [
-      rq.FbgemmRequant(bias=jnp.full((n,), 0.5, jnp.float32), multiplier=jnp.float32(0.5),
-                       zero_point=jnp.int32(0), lo=-128, hi=127, relu=False),
-      rq.FbgemmRequant(bias=jnp.zeros((n,), jnp.float32), multiplier=jnp.float32(1e-3),
-                       zero_point=jnp.int32(-2), lo=-8, hi=7, relu=False),
-      rq.FbgemmRequant(bias=jnp.zeros((n,), jnp.float32), multiplier=jnp.float32(1e-3),
-                       zero_point=jnp.int32(3), lo=-8, hi=7, relu=True),
-      rq.FbgemmRequant(bias=jnp.zeros((n,), jnp.float32), multiplier=jnp.float32(7.0),
-                       zero_point=jnp.int32(127), lo=-128, hi=127, relu=True),
+      rq.FbgemmRequant(bias=np.full((n,), 0.5, np.float32), multiplier=np.float32(0.5),
+                       zero_point=np.int32(0), lo=-128, hi=127, relu=False),
+      rq.FbgemmRequant(bias=np.zeros((n,), np.float32), multiplier=np.float32(1e-3),
+                       zero_point=np.int32(-2), lo=-8, hi=7, relu=False),
+      rq.FbgemmRequant(bias=np.zeros((n,), np.float32), multiplier=np.float32(1e-3),
+                       zero_point=np.int32(3), lo=-8, hi=7, relu=True),
+      rq.FbgemmRequant(bias=np.zeros((n,), np.float32), multiplier=np.float32(7.0),
+                       zero_point=np.int32(127), lo=-128, hi=127, relu=True),
   ]
-  for r in cases:
-    for off in (offset, np.full(n, 2**31 - 1, np.int32), np.full(n, -(2**31), np.int32)):
-      acc = reference(x, w, off)
-      got = np.asarray(native_requant(path, r)(x, w, off))
-      np.testing.assert_array_equal(got, np.asarray(r(jnp.asarray(acc))), err_msg=str(r))
+  runs = [(x, w, off, r, reference(x, w, off)) for r in cases
+          for off in (offset, np.full(n, 2**31 - 1, np.int32), np.full(n, -(2**31), np.int32))]
   # A non-finite bias (NaN, +-inf) requantizes as XLA converts it: NaN -> 0, then clamped.
   weird = np.array([np.nan, np.inf, -np.inf] * 7, np.float32)[:n]
   for zero, relu in ((0, False), (9, True), (-4, False)):
-    r = rq.FbgemmRequant(bias=jnp.asarray(weird), multiplier=jnp.float32(1e-3),
-                         zero_point=jnp.int32(zero), lo=-128, hi=127, relu=relu)
-    got = np.asarray(native_requant(path, r)(x, w, offset))
-    np.testing.assert_array_equal(got, np.asarray(xla_requant(jnp.asarray(
-        reference(x, w, offset)), r)), err_msg=f"non-finite bias, Z = {zero}, relu = {relu}")
+    r = rq.FbgemmRequant(bias=weird, multiplier=np.float32(1e-3),
+                         zero_point=np.int32(zero), lo=-128, hi=127, relu=relu)
+    runs.append((x, w, offset, r, reference(x, w, offset)))
   small = np.array([[1, 1]], np.int8), np.array([[1, 0], [1, 2], [3, 2], [2, 3]], np.int8)
-  tie = rq.FbgemmRequant(bias=jnp.zeros((4,), jnp.float32), multiplier=jnp.float32(0.5),
-                         zero_point=jnp.int32(0), lo=-128, hi=127, relu=False)
-  got = kernels.matmul_requant(*small, None, tie, kernel=path)  # 0.5, 1.5, 2.5, 2.5 -> even
-  np.testing.assert_array_equal(np.asarray(got), [[0, 2, 2, 2]])
+  tie = rq.FbgemmRequant(bias=np.zeros((4,), np.float32), multiplier=np.float32(0.5),
+                         zero_point=np.int32(0), lo=-128, hi=127, relu=False)
+  results, tied = jax.jit(lambda runs, small, tie: (requant_on_every_path(runs), [
+      kernels.matmul_requant(*small, None, tie, kernel=p) for p in AVAILABLE]))(
+          runs, small, tie)
+  for (_, _, off, r, _), (want, gots) in zip(runs, results, strict=True):
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                    err_msg=f"{path} {r} offset {off[:2]}")
+  for path, got in zip(AVAILABLE, tied, strict=True):  # 0.5, 1.5, 2.5, 2.5 -> even
+    np.testing.assert_array_equal(np.asarray(got), [[0, 2, 2, 2]], err_msg=path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,32 +246,41 @@ def test_requant_ties_narrow_grids_and_extremes(path):
 
 
 def _dense(requant: rq.Requantizer, w: np.ndarray, offset: np.ndarray) -> Int8Dense:
-  qw = QArray(jnp.asarray(w), jnp.full((w.shape[0],), 0.01, jnp.float32),
-              jnp.zeros((w.shape[0],), jnp.int32),
+  qw = QArray(jax.device_put(w), jax.device_put(np.full((w.shape[0],), 0.01, np.float32)),
+              jax.device_put(np.zeros((w.shape[0],), np.int32)),
               QuantSpec(bits=8, signed=True, symmetric=True, axis=0))
-  return Int8Dense(kernel=qw, offset=jnp.asarray(offset), requant=requant)
+  return Int8Dense(kernel=qw, offset=jax.device_put(offset), requant=requant)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_int8_dense_is_bit_identical(path, monkeypatch):
+def test_int8_dense_is_bit_identical():
   rng = np.random.default_rng(5)
   n, k = 37, 150
   x, w, offset = operands(rng, 11, n, k)
   m0, shift = arith.quantize_multiplier(np.full(n, 2e-4))
   requants = [
       fbgemm(rng, n, k, per_channel=True, zero=4, relu=True),
-      rq.FloatRequant(multiplier=jnp.float32(3e-4), zero_point=jnp.int32(-5), lo=-128,
+      rq.FloatRequant(multiplier=np.float32(3e-4), zero_point=np.int32(-5), lo=-128,
                       hi=127, relu=False),
-      rq.IntegerRequant(m0=jnp.asarray(m0), shift=jnp.asarray(shift), zero_point=jnp.int32(1),
+      rq.IntegerRequant(m0=jax.device_put(m0), shift=jax.device_put(shift), zero_point=np.int32(1),
                         lo=-128, hi=127, relu=True),
   ]
-  for r in requants:
-    op = _dense(r, w, offset)
-    monkeypatch.setenv(kernels.ENV_VAR, "xla")
-    expected = np.asarray(jax.jit(lambda a, op=op: op(a))(x.reshape(1, 11, k)))
-    monkeypatch.setenv(kernels.ENV_VAR, path)
-    got = np.asarray(jax.jit(lambda a, op=op: op(a))(x.reshape(1, 11, k)))
-    np.testing.assert_array_equal(got, expected, err_msg=type(r).__name__)
+  ops = [_dense(r, w, offset) for r in requants]
+
+  def forward(a):  # each op traced under QJAX_INT8_KERNEL = "xla" and every native path
+    out = []
+    for op in ops:
+      runs = []
+      for path in ("xla", *AVAILABLE):
+        with kernels.use(path):
+          runs.append(op(a))
+      out.append(runs)
+    return out
+
+  for r, (expected, *gots) in zip(requants, jax.jit(forward)(x.reshape(1, 11, k)),
+                                  strict=True):
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(expected),
+                                    err_msg=f"{path} {type(r).__name__}")
 
 
 def test_selection_rules(monkeypatch):
@@ -309,74 +340,81 @@ def test_without_the_library(monkeypatch):
     kernels.resolve("portable")
   rng = np.random.default_rng(6)
   x, w, offset = operands(rng, 3, 5, 9)
-  got = kernels.matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(offset), kernel="auto")
+  got = jax.jit(lambda x, w, o: kernels.matmul(x, w, o, kernel="auto"))(x, w, offset)
   np.testing.assert_array_equal(np.asarray(got), reference(x, w, offset))
 
 
 def test_operand_errors():
-  x = jnp.zeros((2, 3), jnp.int8)
+  x = jax.device_put(np.zeros((2, 3), np.int8))
   with pytest.raises(TypeError, match="int8"):
-    kernels.matmul(x.astype(jnp.int32), jnp.zeros((4, 3), jnp.int8), kernel="xla")
+    kernels.matmul(jax.device_put(np.zeros((2, 3), np.int32)),
+                   jax.device_put(np.zeros((4, 3), np.int8)), kernel="xla")
   with pytest.raises(ValueError, match="share K"):
-    kernels.matmul(x, jnp.zeros((4, 5), jnp.int8), kernel="xla")
+    kernels.matmul(x, jax.device_put(np.zeros((4, 5), np.int8)), kernel="xla")
   with pytest.raises(TypeError, match="FbgemmRequant"):
-    kernels.matmul_requant(x, jnp.zeros((4, 3), jnp.int8), None,
-                           rq.FloatRequant(multiplier=jnp.float32(1.0),
-                                           zero_point=jnp.int32(0), lo=-128, hi=127,
+    kernels.matmul_requant(x, jax.device_put(np.zeros((4, 3), np.int8)), None,
+                           rq.FloatRequant(multiplier=np.float32(1.0),
+                                           zero_point=np.int32(0), lo=-128, hi=127,
                                            relu=False), kernel="xla")
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_vmap(path):
+def test_vmap():
   rng = np.random.default_rng(7)
   x = rng.integers(-128, 128, (3, 4, 20), dtype=np.int8)
   w = rng.integers(-128, 128, (6, 20), dtype=np.int8)
-  got = jax.vmap(lambda a: kernels.matmul(a, jnp.asarray(w), kernel=path))(jnp.asarray(x))
-  np.testing.assert_array_equal(np.asarray(got), reference(x, w, np.zeros(6, np.int64)))
+  gots = jax.jit(lambda x, w: [jax.vmap(lambda a, p=p: kernels.matmul(a, w, kernel=p))(x)
+                               for p in AVAILABLE])(x, w)
+  for path, got in zip(AVAILABLE, gots, strict=True):
+    np.testing.assert_array_equal(np.asarray(got), reference(x, w, np.zeros(6, np.int64)),
+                                  err_msg=path)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_concurrent_callers(path):
+def test_concurrent_callers():
   """Calls from several Python threads at once, large enough to use the kernel's worker
-  threads (one caller gets them, the others run on their own threads): the same integers."""
+  threads (one caller gets them, the others run on their own threads): the same integers.
+  Each call runs every native path."""
   rng = np.random.default_rng(8)
   cases = [operands(rng, m, 300, 400) for m in (90, 3, 64, 1, 80, 9)]
-  run = native_matmul(path)
+  run = jax.jit(lambda x, w, o: [kernels.matmul(x, w, o, kernel=p) for p in AVAILABLE])
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    results = list(pool.map(lambda c: np.asarray(run(*c)), cases * 3))
-  for (x, w, offset), got in zip(cases * 3, results, strict=True):
-    np.testing.assert_array_equal(got, reference(x, w, offset))
+    results = list(pool.map(lambda c: [np.asarray(g) for g in run(*c)], cases * 3))
+  for (x, w, offset), gots in zip(cases * 3, results, strict=True):
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      np.testing.assert_array_equal(got, reference(x, w, offset), err_msg=path)
 
 
 # ------------------------------------------------------------------------------------------
 # Pre-packed weights (`kernels.pack`): the panel layout every path takes without repacking.
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_packed_int32_matches_numpy(path):
+def test_packed_int32_matches_numpy():
   """Every shape of SHAPES (K % 4 != 0, N % 16 != 0, one row, empty) and the extremes."""
   rng = np.random.default_rng(9)
-  run = native_matmul(path)
   cases = [operands(rng, m, n, k) for m, n, k in SHAPES]
   cases += [operands(rng, m, n, k, kind) for kind in ("min", "max", "mixed")
             for m, n, k in ((1, 3, 1001), (37, 33, 515))]
-  for x, w, offset in cases:
-    packed = kernels.pack(w)
-    np.testing.assert_array_equal(np.asarray(packed.unpack()), w)
-    np.testing.assert_array_equal(np.asarray(run(x, packed, offset)), reference(x, w, offset),
-                                  err_msg=f"{path} {x.shape} x {w.shape}")
+  packed = [(x, kernels.pack(w), offset) for x, w, offset in cases]
+  unpacked, results = jax.jit(lambda packed: (
+      [p.unpack() for _, p, _ in packed], matmul_on_every_path(packed)))(packed)
+  for (x, w, offset), w_again, gots in zip(cases, unpacked, results, strict=True):
+    np.testing.assert_array_equal(np.asarray(w_again), w)
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      np.testing.assert_array_equal(np.asarray(got), reference(x, w, offset),
+                                    err_msg=f"{path} {x.shape} x {w.shape}")
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_packed_requant_matches_unpacked(path):
+def test_packed_requant_matches_unpacked():
   rng = np.random.default_rng(10)
+  cases = []
   for i, (m, n, k) in enumerate(SHAPES):
     r = fbgemm(rng, n, k, per_channel=i % 2 == 0, zero=int(rng.integers(-20, 20)),
                relu=i % 3 == 0)
     x, w, offset = operands(rng, m, n, k, offsets=int(2000 * np.sqrt(k)))
-    expected = np.asarray(xla_requant(jnp.asarray(reference(x, w, offset)), r))
-    got = np.asarray(native_requant(path, r)(x, kernels.pack(w), offset))
-    np.testing.assert_array_equal(got, expected, err_msg=f"{path} {(m, n, k)}")
+    cases.append((x, kernels.pack(w), offset, r, reference(x, w, offset)))
+  for (x, packed, *_), (want, gots) in zip(cases, requant_on_every_path(cases), strict=True):
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                    err_msg=f"{path} {x.shape} x {packed.shape}")
 
 
 def test_packed_layout_and_errors():
@@ -390,22 +428,24 @@ def test_packed_layout_and_errors():
   assert not panels[0, 1, :4, 3].any() and not panels[0, :, 4:].any()  # zero padding
   np.testing.assert_array_equal(np.asarray(packed.column_sums), w.astype(np.int32).sum(1))
   # A traced pack (packing inside a jitted function) gives the same panels.
-  traced = jax.jit(kernels.pack)(jnp.asarray(w))
+  traced = jax.jit(kernels.pack)(jax.device_put(w))
   np.testing.assert_array_equal(np.asarray(traced.panels), panels)
   # XLA takes packed weights too (it unpacks them): one row, tails, more than 16 rows.
   rng = np.random.default_rng(12)
-  for m, n, k in ((1, 33, 130), (17, 9, 70), (40, 48, 129)):
-    x, w2, offset = operands(rng, m, n, k)
-    got = kernels.matmul(jnp.asarray(x), kernels.pack(w2), jnp.asarray(offset), kernel="xla")
+  cases = [operands(rng, m, n, k) for m, n, k in ((1, 33, 130), (17, 9, 70), (40, 48, 129))]
+  packed_cases = [(x, kernels.pack(w2), offset) for x, w2, offset in cases]
+  gots = jax.jit(lambda cases: [kernels.matmul(x, p, o, kernel="xla") for x, p, o in cases])(
+      packed_cases)
+  for (x, w2, offset), got in zip(cases, gots, strict=True):
     np.testing.assert_array_equal(np.asarray(got), reference(x, w2, offset))
   with pytest.raises(TypeError, match="kernel_t must be int8"):
     kernels.pack(w.astype(np.int32))
   with pytest.raises(ValueError, match=r"kernel_t must be \(N, K\)"):
     kernels.pack(w[None])
   with pytest.raises(ValueError, match="share K"):
-    kernels.matmul(jnp.zeros((2, 8), jnp.int8), packed, kernel="xla")
+    kernels.matmul(jax.device_put(np.zeros((2, 8), np.int8)), packed, kernel="xla")
   with pytest.raises(TypeError, match="x must be int8"):
-    kernels.matmul(jnp.zeros((2, 7), jnp.int32), packed, kernel="xla")
+    kernels.matmul(jax.device_put(np.zeros((2, 7), np.int32)), packed, kernel="xla")
 
 
 # ------------------------------------------------------------------------------------------
@@ -428,6 +468,7 @@ def test_conv_matches_xla():
   requantization: padding with a nonzero zero point, strides, dilation, random operands and
   all -128; fbgemm (fused) and float requantizers."""
   rng = np.random.default_rng(11)
+  runs = []  # (x, w, offset, requant, geometry, extreme)
   for i, (x_shape, k_shape, strides, padding, dilation, groups) in enumerate(CONVS):
     extreme = i % 3 == 2
     if extreme:
@@ -438,28 +479,30 @@ def test_conv_matches_xla():
     cout, k = k_shape[-1], int(np.prod(k_shape[:-1]))
     offset = rng.integers(-5000, 5000, cout).astype(np.int32)
     geometry = dict(strides=strides, padding=padding, dilation=dilation, groups=groups,
-                    pad_value=jnp.int32(int(rng.integers(-128, 128))))
+                    pad_value=np.int32(int(rng.integers(-128, 128))))
     # The fused fbgemm requantizer; every other case the unfused float one as well.
     requants = [fbgemm(rng, cout, k, per_channel=True, zero=3, relu=True)]
     if i % 2:
-      requants.append(rq.FloatRequant(multiplier=jnp.float32(60 / (5500 * np.sqrt(k))),
-                                      zero_point=jnp.int32(-4), lo=-128, hi=127, relu=False))
-    for r in requants:
-      # XLA and every native path in one program: one compilation per case.
-      want, *gots = jax.jit(lambda x, w, o, r, g=geometry: [
-          kernels.conv(x, w, o, r, **g, kernel=p) for p in ("xla", *AVAILABLE)])(
-              x, w, offset, r)
-      want = np.asarray(want)
-      if want.size >= 1000 and not extreme:
-        assert len(np.unique(want)) > 20, (x_shape, k_shape)
-      for path, got in zip(AVAILABLE, gots, strict=True):
-        assert got.dtype == np.int8
-        np.testing.assert_array_equal(np.asarray(got), want,
-                                      err_msg=f"{path} {x_shape} {k_shape} {r}")
+      requants.append(rq.FloatRequant(multiplier=np.float32(60 / (5500 * np.sqrt(k))),
+                                      zero_point=np.int32(-4), lo=-128, hi=127, relu=False))
+    runs += [(x, w, offset, r, geometry, extreme) for r in requants]
+  # XLA and every native path on every case in one program: one compilation.
+  results = jax.jit(lambda operands: [
+      [kernels.conv(x, w, o, r, **run[4], kernel=p) for p in ("xla", *AVAILABLE)]
+      for (x, w, o, r), run in zip(operands, runs, strict=True)])(
+          [(x, w, o, r) for x, w, o, r, *_ in runs])
+  for (x, w, _, r, _, extreme), (want, *gots) in zip(runs, results, strict=True):
+    want = np.asarray(want)
+    if want.size >= 1000 and not extreme:
+      assert len(np.unique(want)) > 20, (x.shape, w.shape)
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      assert got.dtype == np.int8
+      np.testing.assert_array_equal(np.asarray(got), want,
+                                    err_msg=f"{path} {x.shape} {w.shape} {r}")
 
 
 _NO_AMX_CHILD = """
-import errno, numpy as np, jax.numpy as jnp
+import errno, numpy as np, jax
 from experiments import no_amx
 no_amx.deny_amx()
 assert no_amx.amx_request() == errno.EPERM, no_amx.amx_request()
@@ -471,9 +514,9 @@ rng = np.random.default_rng(0)
 x = rng.integers(-128, 128, (40, 300), dtype=np.int8)
 w = rng.integers(-128, 128, (70, 300), dtype=np.int8)
 want = x.astype(np.int64) @ w.astype(np.int64).T
-for path in ("xla", *paths):
-  got = np.asarray(kernels.matmul(jnp.asarray(x), jnp.asarray(w), kernel=path))
-  assert (got == want).all(), path
+gots = jax.jit(lambda x, w: [kernels.matmul(x, w, kernel=p) for p in ("xla", *paths)])(x, w)
+for path, got in zip(("xla", *paths), gots):
+  assert (np.asarray(got) == want).all(), path
 print("ok", paths)
 """
 
@@ -499,27 +542,35 @@ def test_round_and_quantize_input_match_xla():
   rng = np.random.default_rng(13)
   specs = [(QuantSpec(bits=8, signed=False), 0.02, 131), (QuantSpec(bits=8, signed=True), 0.1, 0),
            (QuantSpec(bits=4, signed=False), 0.25, 3), (QuantSpec(bits=8, signed=False), 1.0, 0)]
+  cases = []  # (n, spec, scale, zero point, x)
   for n in (1, 15, 17, 1000, 600_000):
     for spec, s, z in specs:
       ties = (rng.integers(-300, 300, n) + 0.5) * np.float32(s)
       x = np.where(rng.random(n) < 0.5, ties, rng.normal(0, 200 * s, n)).astype(np.float32)
       x[: min(n, 5)] = [np.inf, -np.inf, 3e38, -7.5, np.nan][: min(n, 5)]  # NaN -> Z
-      x = x.reshape(-1, n) if n < 1000 else x.reshape(-1, 100)
-      # arith's XLA rounding, kernels' "xla" and every native path in one program.
-      reference_q, want, *gots = jax.jit(lambda x, sc, zp, spec=spec: [
-          arith.quantize_input(x, spec, sc, zp)] + [
-              kernels.quantize_input(x, spec, sc, zp, kernel=p) for p in ("xla", *AVAILABLE)])(
-                  jnp.asarray(x), jnp.float32(s), jnp.int32(z))
-      want = np.asarray(want)
-      np.testing.assert_array_equal(want, np.asarray(reference_q))
-      for path, got in zip(AVAILABLE, gots, strict=True):
-        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{path} {spec} n={n}")
-  y = jnp.asarray([np.nan, 0.5, 1.5, -0.5, -1e10, 1e10, 2.5, -2.5], jnp.float32)
-  for path in ("xla", *AVAILABLE):
-    got = kernels.round_to_int8(y, -3, 100, 5, -77, kernel=path)
+      cases.append((n, spec, s, z, x.reshape(-1, n) if n < 1000 else x.reshape(-1, 100)))
+  y = np.array([np.nan, 0.5, 1.5, -0.5, -1e10, 1e10, 2.5, -2.5], np.float32)
+
+  def run(operands, y):
+    # Per case arith's XLA rounding, kernels' "xla" and every native path; round_to_int8 on
+    # every path: all in one program.
+    quantized = [[arith.quantize_input(x, spec, sc, zp)] + [
+        kernels.quantize_input(x, spec, sc, zp, kernel=p) for p in ("xla", *AVAILABLE)]
+                 for (x, sc, zp), (_, spec, *_) in zip(operands, cases, strict=True)]
+    rounded = [kernels.round_to_int8(y, -3, 100, 5, -77, kernel=p) for p in ("xla", *AVAILABLE)]
+    return quantized, rounded
+
+  quantized, rounded = jax.jit(run)(
+      [(x, np.float32(s), np.int32(z)) for _, _, s, z, x in cases], y)
+  for (n, spec, *_), (reference_q, want, *gots) in zip(cases, quantized, strict=True):
+    want = np.asarray(want)
+    np.testing.assert_array_equal(want, np.asarray(reference_q))
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{path} {spec} n={n}")
+  for path, got in zip(("xla", *AVAILABLE), rounded, strict=True):
     np.testing.assert_array_equal(np.asarray(got), [-77, 5, 7, 5, 2, 105, 7, 3], err_msg=path)
   with pytest.raises(TypeError, match="y must be float32"):
-    kernels.round_to_int8(jnp.zeros(3, jnp.int32), 0, 1, 0, 0)
+    kernels.round_to_int8(jax.device_put(np.zeros(3, np.int32)), 0, 1, 0, 0)
 
 
 def test_quantize_samples_is_the_cleaned_quantization_and_the_nonfinite_mask():
@@ -530,6 +581,7 @@ def test_quantize_samples_is_the_cleaned_quantization_and_the_nonfinite_mask():
   rng = np.random.default_rng(29)
   spec = QuantSpec(bits=8, signed=False)
   shapes = [(7,), (0, 784), (1, 784), (5, 15), (9, 17), (3, 4, 16), (1100, 784)]
+  inputs = []
   for shape in shapes:
     x = rng.normal(0, 2, shape).astype(np.float32)
     rows = x.reshape(shape[0] if len(shape) >= 2 else 1, int(np.prod(shape[1:] or shape)))
@@ -537,18 +589,20 @@ def test_quantize_samples_is_the_cleaned_quantization_and_the_nonfinite_mask():
       rows[0, -1], rows[2, 0], rows[-1, rows.shape[1] // 2] = np.nan, np.inf, -np.inf
     elif rows.size:
       rows[0, 3] = np.nan
-    x = rows.reshape(shape)
+    inputs.append(rows.reshape(shape))
 
-    def both(x, path):
-      return kernels.quantize_samples(x, spec, jnp.float32(0.03), jnp.int32(120), kernel=path)
+  def both(x, path):
+    return kernels.quantize_samples(x, spec, np.float32(0.03), np.int32(120), kernel=path)
 
-    def reference(x):
-      clean = jnp.where(jnp.isfinite(x), x, 0.0)
-      q = arith.quantize_input(clean, spec, jnp.float32(0.03), jnp.int32(120))
-      return q, base.nonfinite_samples(x)
+  def reference(x):
+    clean = jnp.where(jnp.isfinite(x), x, 0.0)
+    q = arith.quantize_input(clean, spec, np.float32(0.03), np.int32(120))
+    return q, base.nonfinite_samples(x)
 
-    (want_q, want_bad), *gots = jax.jit(lambda x: [reference(x)] + [
-        both(x, p) for p in ("xla", *AVAILABLE)])(jnp.asarray(x))
+  # Every shape on XLA's reference and every path in one program.
+  results = jax.jit(lambda inputs: [[reference(x)] + [both(x, p) for p in ("xla", *AVAILABLE)]
+                                    for x in inputs])(inputs)
+  for shape, ((want_q, want_bad), *gots) in zip(shapes, results, strict=True):
     assert want_bad.shape == ((shape[0],) if len(shape) >= 2 else ())
     for path, (q, bad) in zip(("xla", *AVAILABLE), gots, strict=True):
       np.testing.assert_array_equal(np.asarray(q), np.asarray(want_q), err_msg=f"{path} {shape}")
