@@ -68,6 +68,29 @@ def _folded_layer(kind, x, kernel, bias, *, strides=1, padding="SAME", kernel_si
       {"params": {"kernel": kernel, "bias": bias}}, x)
 
 
+def _init_with_numpy_kernels(init, *args, seed=0):
+  """init(*args)'s variables with every "kernel" drawn in NumPy (lecun-normal scale).
+
+  The compiled init computes the other variables alone: the kernels' random initializers
+  would take most of its compile time, and no test here is about them (their shapes come from
+  init, traced)."""
+  shapes = jax.eval_shape(init, *args)
+  is_kernel = lambda path: getattr(path[-1], "key", None) == "kernel"  # noqa: E731
+  rest = jax.jit(lambda *a: jax.tree_util.tree_map_with_path(
+      lambda path, v: None if is_kernel(path) else v, init(*a)))(*args)
+  values = {jax.tree_util.keystr(path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(rest)[0]}
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    if not is_kernel(path):
+      return values[jax.tree_util.keystr(path)]
+    fan_in = int(np.prod(s.shape[:-1]))
+    return jnp.asarray((rng.normal(size=s.shape) / np.sqrt(fan_in)).astype(s.dtype))
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 # ------------------------------------------------------------------------------------------
 # fold_batch_norm against Flax's BatchNorm.
 
@@ -84,24 +107,35 @@ CASES = {
 }
 
 
-def _fold_case(seed, kind, use_bias=True, use_scale=True, bn_bias=True, strides=1,
-               padding="SAME", cin=3, cout=5, kernel_size=(3, 3), spatial=(7, 6), batch=4):
-  rng = np.random.default_rng(seed)
-  shape = (batch, cin) if kind == "dense" else (batch, *spatial, cin)
-  x = jnp.asarray(rng.normal(size=shape).astype(F32))
-  layer_params = {"kernel": rng.normal(size=((cin,) if kind == "dense" else (*kernel_size, cin))
-                                       + (cout,)).astype(F32)}
-  if use_bias:
-    layer_params["bias"] = rng.normal(size=cout).astype(F32)
-  bn_params, bn_stats = _bn_variables(rng, cout, use_scale=use_scale, use_bias=bn_bias)
-  expected = _layer_then_bn(kind, x, layer_params, bn_params, bn_stats, use_bias=use_bias,
-                            use_scale=use_scale, bn_bias=bn_bias, strides=strides,
-                            padding=padding, kernel_size=kernel_size)
+@functools.partial(jax.jit, static_argnames=("kind", "strides", "padding", "kernel_size"))
+def _fold_and_reference(x, layer_params, bn_params, bn_stats, *, kind, strides, padding,
+                        kernel_size):
+  """(folded layer's output, layer then Flax's BatchNorm), both from one compiled program."""
+  expected = _layer_then_bn(kind, x, layer_params, bn_params, bn_stats,
+                            use_bias="bias" in layer_params, use_scale="scale" in bn_params,
+                            bn_bias="bias" in bn_params, strides=strides, padding=padding,
+                            kernel_size=kernel_size)
   kernel, bias = fold_batch_norm(layer_params["kernel"], layer_params.get("bias"),
                                  scale=bn_params.get("scale"), offset=bn_params.get("bias"),
                                  mean=bn_stats["mean"], var=bn_stats["var"])
   got = _folded_layer(kind, x, kernel, bias, strides=strides, padding=padding,
                       kernel_size=kernel_size)
+  return got, expected
+
+
+def _fold_case(seed, kind, use_bias=True, use_scale=True, bn_bias=True, strides=1,
+               padding="SAME", cin=3, cout=5, kernel_size=(3, 3), spatial=(7, 6), batch=4):
+  rng = np.random.default_rng(seed)
+  shape = (batch, cin) if kind == "dense" else (batch, *spatial, cin)
+  x = rng.normal(size=shape).astype(F32)
+  layer_params = {"kernel": rng.normal(size=((cin,) if kind == "dense" else (*kernel_size, cin))
+                                       + (cout,)).astype(F32)}
+  if use_bias:
+    layer_params["bias"] = rng.normal(size=cout).astype(F32)
+  bn_params, bn_stats = _bn_variables(rng, cout, use_scale=use_scale, use_bias=bn_bias)
+  got, expected = _fold_and_reference(x, layer_params, bn_params, bn_stats, kind=kind,
+                                      strides=strides, padding=padding,
+                                      kernel_size=tuple(kernel_size))
   return np.asarray(got), np.asarray(expected)
 
 
@@ -148,7 +182,7 @@ def test_fold_property_more_examples(**case):
   _check_fold(**case)
 
 
-@pytest.mark.parametrize("shape", [(4, 3), (3, 3, 2, 3)])
+@pytest.mark.parametrize("shape", [(48, 64), (3, 3, 16, 64)])
 def test_identity_batch_norm_changes_nothing(shape):
   """mean 0, var 1, gamma 1, beta 0, eps 0: the kernel and bias come back bit for bit."""
   rng = np.random.default_rng(1)
@@ -200,11 +234,11 @@ class FoldVariantsTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_folded_kernel_and_bias_matches_reference(self):
     rng = np.random.default_rng(3)
-    params = {"kernel": rng.normal(size=(3, 3, 4, 8)).astype(F32),
-              "bias": rng.normal(size=8).astype(F32),
-              "bn_scale": rng.uniform(0.5, 2, 8).astype(F32),
-              "bn_bias": rng.normal(size=8).astype(F32)}
-    _, stats = _bn_variables(rng, 8)
+    params = {"kernel": rng.normal(size=(3, 3, 16, 64)).astype(F32),
+              "bias": rng.normal(size=64).astype(F32),
+              "bn_scale": rng.uniform(0.5, 2, 64).astype(F32),
+              "bn_bias": rng.normal(size=64).astype(F32)}
+    _, stats = _bn_variables(rng, 64)
     k, b = self.variant(folded_kernel_and_bias)(params, stats)
     ref_k, ref_b = _numpy_fold(params["kernel"], params["bias"], params["bn_scale"],
                                params["bn_bias"], stats["mean"], stats["var"], 1e-5)
@@ -213,9 +247,10 @@ class FoldVariantsTest(chex.TestCase):
 
 
 def test_fold_keeps_dtypes():
-  kernel = jnp.ones((4, 3), jnp.bfloat16)
-  k, b = fold_batch_norm(kernel, None, scale=None, offset=None, mean=np.zeros(3, F32),
-                         var=np.ones(3, F32))
+  kernel = jax.ShapeDtypeStruct((4, 3), jnp.bfloat16)
+  k, b = jax.eval_shape(
+      lambda kernel: fold_batch_norm(kernel, None, scale=None, offset=None,
+                                     mean=np.zeros(3, F32), var=np.ones(3, F32)), kernel)
   assert k.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16
 
 
@@ -283,7 +318,7 @@ def _trained_net():
   rng = np.random.default_rng(4)
   model = Net()
   x = jnp.asarray(rng.normal(size=(8, 8, 8, 3)).astype(F32))
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  variables = _init_with_numpy_kernels(model.init, jax.random.key(0), x)
   step = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
   for _ in range(3):
     batch = jnp.asarray((rng.normal(size=(8, 8, 8, 3)) * 2 + 0.5).astype(F32))
@@ -305,8 +340,10 @@ def test_fold_batch_norms_model_gives_same_outputs():
   expected = jax.eval_shape(lambda: fused.init(jax.random.key(0), x))
   chex.assert_trees_all_equal_shapes_and_dtypes(folded, expected)
   assert "batch_stats" not in folded
-  _assert_float_close(np.asarray(jax.jit(fused.apply)(folded, x)),
-                      np.asarray(jax.jit(Net().apply)(variables, x)))
+  got, want = jax.jit(lambda folded, variables, x: (fused.apply(folded, x),
+                                                   Net().apply(variables, x)))(
+                                                       folded, variables, x)
+  _assert_float_close(np.asarray(got), np.asarray(want))
   # The input is not modified.
   chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, variables), before)
 
@@ -415,6 +452,15 @@ def _conv_bn(**kwargs):
   return QuantConvBN(6, (3, 3), strides=2, padding=((1, 1), (1, 1)), qconfig=QAT, **kwargs)
 
 
+@functools.cache
+def _init(use_bias=False, activation=None, train=False, mode="qat"):
+  """_conv_bn(...).init on X_IMG (kernel from NumPy), computed once per signature and shared
+  by the tests."""
+  kwargs = {} if activation is None else {"activation": activation}
+  init = functools.partial(_conv_bn(use_bias=use_bias, **kwargs).init, train=train, mode=mode)
+  return _init_with_numpy_kernels(init, jax.random.key(0), X_IMG)
+
+
 def _randomised(variables, seed=6):
   """Variables with random BatchNorm affine params and running statistics."""
   rng = np.random.default_rng(seed)
@@ -429,8 +475,7 @@ def _randomised(variables, seed=6):
 
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_layout(use_bias):
-  init = functools.partial(_conv_bn(use_bias=use_bias).init, train=False, mode="qat")
-  variables = jax.jit(init)(jax.random.key(0), X_IMG)
+  variables = _init(use_bias=use_bias)
   expected = {"kernel", "bn_scale", "bn_bias"} | ({"bias"} if use_bias else set())
   assert set(variables) == {"params", "batch_stats", "quant_stats"}
   assert set(variables["params"]) == expected
@@ -439,8 +484,8 @@ def test_layout(use_bias):
   assert set(variables["quant_stats"]) == {"weight", "output"}
   assert variables["quant_stats"]["weight"]["min_val"].shape == (6,)
   np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(6, F32))
-  dense = jax.jit(functools.partial(QuantDenseBN(5, qconfig=QAT).init, train=True,
-                                    mode="float"))(jax.random.key(0), X_VEC)
+  dense = jax.eval_shape(functools.partial(QuantDenseBN(5, qconfig=QAT).init, train=True,
+                                           mode="float"), jax.random.key(0), X_VEC)
   assert set(dense["params"]) == {"kernel", "bn_scale", "bn_bias"}
   assert set(dense["batch_stats"]) == {"mean", "var"}
   assert set(dense["quant_stats"]) == {"weight", "output"}
@@ -461,11 +506,11 @@ class FloatModeTest(chex.TestCase):
   @parameterized.parameters(False, True)
   def test_float_mode_is_conv_then_batch_norm(self, train):
     layer = _conv_bn(activation=nn.relu)
-    variables = _randomised(layer.init(jax.random.key(0), X_IMG, train=False, mode="float"))
+    variables = _randomised(_init(activation=nn.relu, mode="float"))
     apply = self.variant(functools.partial(layer.apply, train=train, mode="float",
                                            mutable=["batch_stats", "quant_stats"]))
     y, updates = apply(variables, X_IMG)
-    expected, stock_updates = self._stock(variables, X_IMG, train)
+    expected, stock_updates = jax.jit(self._stock, static_argnums=2)(variables, X_IMG, train)
     _assert_float_close(np.asarray(y), np.asarray(nn.relu(expected)))
     # Float mode observes nothing.
     chex.assert_trees_all_equal(updates["quant_stats"], variables["quant_stats"])
@@ -486,15 +531,19 @@ class FloatModeTest(chex.TestCase):
 
 def test_running_averages_update_only_when_training():
   layer = _conv_bn()
-  variables = _randomised(layer.init(jax.random.key(0), X_IMG, train=True, mode="qat"))
-  assert np.all(np.asarray(
-      layer.init(jax.random.key(0), X_IMG, train=True, mode="qat")["batch_stats"]["var"]) == 1)
-  _, frozen = layer.apply(variables, X_IMG, train=False, mode="qat",
-                          mutable=["batch_stats", "quant_stats"])
+  initial = _init(train=True)
+  assert np.all(np.asarray(initial["batch_stats"]["var"]) == 1)
+  variables = _randomised(initial)
+
+  @jax.jit
+  def frozen_and_trained(variables, x):
+    apply = functools.partial(layer.apply, variables, x, mode="qat",
+                              mutable=["batch_stats", "quant_stats"])
+    return apply(train=False)[1], apply(train=True)[1]
+
+  frozen, trained = frozen_and_trained(variables, X_IMG)
   chex.assert_trees_all_equal(frozen["batch_stats"], variables["batch_stats"])
   assert int(frozen["quant_stats"]["weight"]["count"]) == 1  # QAT with a frozen BatchNorm
-  _, trained = layer.apply(variables, X_IMG, train=True, mode="qat",
-                           mutable=["batch_stats", "quant_stats"])
   assert not np.allclose(trained["batch_stats"]["mean"], variables["batch_stats"]["mean"])
 
 
@@ -502,17 +551,21 @@ def test_calibrate_observes_the_scaled_weight_and_passes_values():
   """The weight point sees W * gamma / sqrt(running_var + eps) (the running variance before
   this batch's update); the output equals the float forward up to rounding."""
   layer = _conv_bn(use_bias=True, activation=nn.relu)
-  variables = _randomised(layer.init(jax.random.key(0), X_IMG, train=False, mode="qat"))
-  y, updates = layer.apply(variables, X_IMG, train=True, mode="calibrate",
-                           mutable=["batch_stats", "quant_stats"])
+  variables = _randomised(_init(use_bias=True, activation=nn.relu))
+
+  @jax.jit
+  def calibrate_and_float(variables, x):
+    apply = functools.partial(layer.apply, variables, x, train=True,
+                              mutable=["batch_stats", "quant_stats"])
+    return apply(mode="calibrate"), apply(mode="float")[0]
+
+  (y, updates), y_float = calibrate_and_float(variables, X_IMG)
   p, stats = variables["params"], variables["batch_stats"]
   s = np.asarray(p["bn_scale"]) / np.sqrt(np.asarray(stats["var"]) + F32(1e-5))
   scaled = np.asarray(p["kernel"]) * s
   weight = updates["quant_stats"]["weight"]
   np.testing.assert_array_equal(weight["min_val"], scaled.reshape(-1, 6).min(0))
   np.testing.assert_array_equal(weight["max_val"], scaled.reshape(-1, 6).max(0))
-  y_float, _ = layer.apply(variables, X_IMG, train=True, mode="float",
-                           mutable=["batch_stats", "quant_stats"])
   _assert_float_close(np.asarray(y), np.asarray(y_float))
   out = updates["quant_stats"]["output"]
   assert float(out["min_val"]) == float(jnp.min(y)) and float(out["max_val"]) == float(jnp.max(y))
@@ -524,22 +577,33 @@ def test_qat_eval_is_the_folded_layer(module, x):
   """With the running averages (train=False), the QAT forward is the converted layer:
   FQ_out(act(contract(x, FQ_w(W')) + b')) with (W', b') = folded_kernel_and_bias."""
   layer = module(use_bias=True, activation=nn.relu)
-  variables = _randomised(layer.init(jax.random.key(0), x, train=False, mode="qat"))
-  _, calibrated = layer.apply(variables, x * 1.5, train=False, mode="calibrate",
-                              mutable=["quant_stats"])
-  variables = {**variables, **calibrated}
-  y = layer.apply(variables, x, train=False, mode="qat")
-  qparams = qnn.collect_qparams(layer, variables, x, train=False, mode="float")
-  kernel, bias = folded_kernel_and_bias(variables["params"], variables["batch_stats"])
-  w = qnn.FakeQuant(QAT.weight).apply({"quant_stats": variables["quant_stats"]["weight"]},
-                                      kernel, mode="qat")
-  if kernel.ndim == 2:
-    z = x @ w + bias.reshape(1, -1)
+  if module is _conv_bn:
+    variables = _randomised(_init(use_bias=True, activation=nn.relu))
   else:
-    z = nn.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1))).apply(
-        {"params": {"kernel": w, "bias": bias}}, x)
-  out = qnn.FakeQuant(QAT.activation).apply(
-      {"quant_stats": variables["quant_stats"]["output"]}, nn.relu(z), mode="qat")
+    variables = _randomised(_init_with_numpy_kernels(
+        functools.partial(layer.init, train=False, mode="qat"), jax.random.key(0), x))
+
+  @jax.jit
+  def calibrate_qat_and_fold(variables, x):
+    """The calibrated variables, the layer's QAT forward and the folded layer's."""
+    _, calibrated = layer.apply(variables, x * 1.5, train=False, mode="calibrate",
+                                mutable=["quant_stats"])
+    variables = {**variables, **calibrated}
+    y = layer.apply(variables, x, train=False, mode="qat")
+    kernel, bias = folded_kernel_and_bias(variables["params"], variables["batch_stats"])
+    w = qnn.FakeQuant(QAT.weight).apply({"quant_stats": variables["quant_stats"]["weight"]},
+                                        kernel, mode="qat")
+    if kernel.ndim == 2:
+      z = x @ w + bias.reshape(1, -1)
+    else:
+      z = nn.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1))).apply(
+          {"params": {"kernel": w, "bias": bias}}, x)
+    out = qnn.FakeQuant(QAT.activation).apply(
+        {"quant_stats": variables["quant_stats"]["output"]}, nn.relu(z), mode="qat")
+    return variables, y, out
+
+  variables, y, out = calibrate_qat_and_fold(variables, x)
+  qparams = qnn.collect_qparams(layer, variables, x, train=False, mode="float")
   # W * s (QAT) and W * (gamma * r) (fold) may differ in the last bit, which can move a
   # weight or an output across a rounding boundary: allow one output step, rarely.
   step = float(qparams["output"]["scale"])
@@ -550,7 +614,7 @@ def test_qat_eval_is_the_folded_layer(module, x):
 
 def test_gradients_reach_every_parameter():
   layer = _conv_bn(use_bias=True, activation=nn.relu)
-  variables = _randomised(layer.init(jax.random.key(0), X_IMG, train=False, mode="qat"))
+  variables = _randomised(_init(use_bias=True, activation=nn.relu))
 
   def loss(params):
     y, _ = layer.apply({**variables, "params": params}, X_IMG, train=True, mode="qat",
@@ -566,14 +630,18 @@ def test_qconfig_none_and_learnable():
   """qconfig None: no quantization points' effect (the float layer); learnable points put
   their scales in params."""
   plain = QuantConvBN(6, (3, 3), qconfig=None)
-  variables = _randomised(plain.init(jax.random.key(0), X_IMG, train=False, mode="qat"))
+  variables = _randomised(_init_with_numpy_kernels(
+      functools.partial(plain.init, train=False, mode="qat"), jax.random.key(0), X_IMG))
   assert "quant_stats" not in variables
-  y = plain.apply(variables, X_IMG, train=False, mode="qat")
-  y_float = plain.apply(variables, X_IMG, train=False, mode="float")
+  y, y_float = jax.jit(lambda v, x: (plain.apply(v, x, train=False, mode="qat"),
+                                     plain.apply(v, x, train=False, mode="float")))(
+                                         variables, X_IMG)
   _assert_float_close(np.asarray(y), np.asarray(y_float))
   lsq = qnn.QConfig(weight=QAT.weight, activation=QAT.activation, learnable=True)
-  params = QuantConvBN(6, (3, 3), qconfig=lsq).init(jax.random.key(0), X_IMG, train=False,
-                                                   mode="qat")["params"]
+  # Only the layout matters here: traced, not run.
+  params = jax.eval_shape(functools.partial(
+      QuantConvBN(6, (3, 3), qconfig=lsq).init, train=False, mode="qat"),
+                          jax.random.key(0), X_IMG)["params"]
   assert set(params["weight"]) == {"scale"} and set(params["output"]) == {"scale",
                                                                            "zero_point"}
 
@@ -588,17 +656,21 @@ def test_qconfig_none_and_learnable():
 ])
 def test_misuse_errors(call, error, match):
   layer = _conv_bn()
-  variables = layer.init(jax.random.key(0), X_IMG, train=False, mode="qat")
+  variables = _init()
+  # The checks run while the forward is traced: eval_shape raises them without computing.
   with pytest.raises(error, match=match):
-    layer.apply(variables, X_IMG, mutable=["quant_stats"], **call)
+    jax.eval_shape(functools.partial(layer.apply, mutable=["quant_stats"], **call),
+                   variables, X_IMG)
 
 
 def test_field_errors():
+  # The checks run while init is traced: eval_shape raises them without computing.
   with pytest.raises(ValueError, match=r"QuantConvBN: momentum must lie in \[0, 1\]"):
-    QuantConvBN(6, (3, 3), qconfig=QAT, momentum=1.5).init(jax.random.key(0), X_IMG,
-                                                          train=False, mode="qat")
+    jax.eval_shape(functools.partial(QuantConvBN(6, (3, 3), qconfig=QAT, momentum=1.5).init,
+                                     train=False, mode="qat"), jax.random.key(0), X_IMG)
   with pytest.raises(ValueError, match="more than one value per channel"):
-    QuantDenseBN(5, qconfig=QAT).init(jax.random.key(0), X_VEC[:1], train=True, mode="qat")
+    jax.eval_shape(functools.partial(QuantDenseBN(5, qconfig=QAT).init, train=True, mode="qat"),
+                   jax.random.key(0), X_VEC[:1])
 
 
 def test_inside_a_model_paths():
@@ -614,8 +686,8 @@ def test_inside_a_model_paths():
       return QuantDenseBN(3, qconfig=QAT, name="d1")(x, train=train, mode=mode)
 
   model = Model()
-  variables = jax.jit(model.init, static_argnames=("train", "mode"))(
-      jax.random.key(0), X_IMG, train=False, mode="qat")
+  variables = _init_with_numpy_kernels(
+      functools.partial(model.init, train=False, mode="qat"), jax.random.key(0), X_IMG)
   assert set(variables["batch_stats"]) == {"c1", "d1"}
   assert set(variables["quant_stats"]) == {"Quantize_0", "c1", "d1"}
   _, updates = jax.jit(functools.partial(model.apply, train=True, mode="qat",
@@ -629,9 +701,14 @@ def test_observer_for_per_tensor_weights():
   q = qnn.QConfig(weight=obs.MinMaxObserver(spec=QuantSpec(bits=8, symmetric=True)),
                   activation=QAT.activation)
   layer = QuantDenseBN(5, qconfig=q)
-  variables = layer.init(jax.random.key(0), X_VEC, train=False, mode="qat")
-  _, updates = layer.apply(variables, X_VEC, train=True, mode="qat",
-                           mutable=["batch_stats", "quant_stats"])
+
+  @jax.jit
+  def init_and_step(x):
+    variables = layer.init(jax.random.key(0), x, train=False, mode="qat")
+    return layer.apply(variables, x, train=True, mode="qat",
+                       mutable=["batch_stats", "quant_stats"])
+
+  _, updates = init_and_step(X_VEC)
   assert updates["quant_stats"]["weight"]["min_val"].shape == ()
 
 
@@ -662,8 +739,8 @@ def _qat_trained_folded_model():
   shared by the requantizers."""
   model = _FoldedModel()
   x = jax.random.normal(jax.random.key(1), (16,) + X_IMG.shape[1:], jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False, mode="qat"))(
-      jax.random.key(0), x)
+  variables = _init_with_numpy_kernels(
+      functools.partial(model.init, train=False, mode="qat"), jax.random.key(0), x)
   step = jax.jit(functools.partial(model.apply, train=True, mode="qat",
                                    mutable=["batch_stats", "quant_stats"]))
   for i in range(3):
