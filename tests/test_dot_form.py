@@ -7,13 +7,11 @@ NumPy reference of the op's fields, eager and jitted, and the QAT forward to flo
 import functools
 from typing import Any
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 
 import qjax
 import qjax.nn as qnn
@@ -96,7 +94,7 @@ def _data(shape, seed) -> np.ndarray:
 @functools.cache
 def _converted(model: nn.Module, shape: tuple[int, ...], requant: str = "fbgemm"):
   """(calibrated variables, converted variables) of `model` on data of `shape`."""
-  x = jnp.asarray(_data(shape, 0))
+  x = jax.device_put(_data(shape, 0))
   # jitted, with XLA's own random bits: threefry's initialisers take XLA:CPU several times
   # longer to compile (and op by op, every eager op compiles)
   variables = jax.jit(model.init)(jax.random.key(0, impl="unsafe_rbg"), x)
@@ -207,7 +205,7 @@ def test_lowers_to_the_typed_op_on_the_layers_own_grids(kind, qname):
   assert "quant_stats" not in int_vars
   # the input grid is the layer's own input observer's (quant_stats/<layer>/input), its zero
   # point on the int8 carrier grid
-  qp = _qparams(model, variables, jnp.asarray(_data(shape, 0)))[path]
+  qp = _qparams(model, variables, jax.device_put(_data(shape, 0)))[path]
   spec = q.activation.spec
   assert op.input.spec == spec
   np.testing.assert_array_equal(op.input.scale, qp["input"]["scale"])
@@ -234,52 +232,62 @@ def test_lowers_to_the_typed_op_on_the_layers_own_grids(kind, qname):
 # Mode "int8" against the NumPy reference, eager and jitted.
 
 
-class ReferenceTest(parameterized.TestCase):
+def _int8_forward(model: nn.Module, variant: str):
+  """The int8 forward of `model`, jitted (the shared `_apply`) or op by op ("eager")."""
+  if variant == "jit":
+    return functools.partial(_apply, model, mode="int8")
+  return functools.partial(_apply_int8, model)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters("x86", "default")
-  def test_dense_equals_numpy_reference(self, qname):
-    model = StockDense(qconfig=QCONFIGS[qname])
-    _, int_vars = _converted(model, DENSE_SHAPE)
-    # beyond the calibrated range too (clamped on the grid), and a leading batch of two axes
-    run = self.variant(functools.partial(_apply_int8, model))
-    for x in (_data(DENSE_SHAPE, 1), 3.0 * _data(DENSE_SHAPE, 2),
-              _data((2, 3, DENSE_SHAPE[1]), 3)):
-      got = run(int_vars, jnp.asarray(x))
-      want = _dot_reference(x, _op(int_vars, "dense"), int_vars["params"]["dense"]["bias"])
-      assert got.dtype == jnp.float32
-      np.testing.assert_array_equal(got, want)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_mixed_placements_equal_numpy_reference(self):
-    model = Mixed()
-    _, int_vars = _converted(model, DENSE_SHAPE)
-    kinds = {path: type(node[forms.OP]) for path, node in int_vars[forms.COLLECTION].items()}
-    assert kinds == {"stock": QuantizedDot, "quant": forms.QuantizeOp,
-                     "dense": forms.Int8Dense, "dequant": forms.DequantizeOp}
-    # the stock layer keeps its float params; the QuantDense's are replaced by its op
-    assert set(int_vars["params"]) == {"stock"}
-    x = _data(DENSE_SHAPE, 4)
-    got = self.variant(functools.partial(_apply_int8, model))(int_vars, jnp.asarray(x))
-    np.testing.assert_array_equal(got, _mixed_reference(x, int_vars))
+@pytest.mark.parametrize("variant", ["jit", "eager"])
+@pytest.mark.parametrize("qname", ["x86", "default"])
+def test_dense_equals_numpy_reference(qname, variant):
+  model = StockDense(qconfig=QCONFIGS[qname])
+  _, int_vars = _converted(model, DENSE_SHAPE)
+  # beyond the calibrated range too (clamped on the grid), and a leading batch of two axes
+  run = _int8_forward(model, variant)
+  for x in (_data(DENSE_SHAPE, 1), 3.0 * _data(DENSE_SHAPE, 2),
+            _data((2, 3, DENSE_SHAPE[1]), 3)):
+    got = run(int_vars, jax.device_put(x))
+    want = _dot_reference(x, _op(int_vars, "dense"), int_vars["params"]["dense"]["bias"])
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, want)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters("dense", "conv")
-  def test_nonfinite_sample_gives_nan_row_and_leaves_the_others(self, kind):
-    model, shape = ((StockDense(), DENSE_SHAPE) if kind == "dense"
-                    else (CONVS["valid_strided"], CONV_SHAPE))
-    _, int_vars = _converted(model, shape)
-    run = self.variant(functools.partial(_apply_int8, model))
-    x = _data(shape, 5)
-    clean = np.asarray(run(int_vars, jnp.asarray(x)))
-    dirty = x.copy()
-    dirty.reshape(shape[0], -1)[1, 3] = np.nan
-    dirty.reshape(shape[0], -1)[2, -1] = -np.inf
-    got = np.asarray(run(int_vars, jnp.asarray(dirty)))
-    bad = np.zeros(shape[0], bool)
-    bad[[1, 2]] = True
-    assert np.all(np.isnan(got[bad]))
-    np.testing.assert_array_equal(got[~bad], clean[~bad])
+
+# Default run: jitted; op by op with -m slow (the dense layer's eager run is checked above).
+@pytest.mark.parametrize("variant", ["jit", pytest.param("eager", marks=pytest.mark.slow)])
+def test_mixed_placements_equal_numpy_reference(variant):
+  model = Mixed()
+  _, int_vars = _converted(model, DENSE_SHAPE)
+  kinds = {path: type(node[forms.OP]) for path, node in int_vars[forms.COLLECTION].items()}
+  assert kinds == {"stock": QuantizedDot, "quant": forms.QuantizeOp,
+                   "dense": forms.Int8Dense, "dequant": forms.DequantizeOp}
+  # the stock layer keeps its float params; the QuantDense's are replaced by its op
+  assert set(int_vars["params"]) == {"stock"}
+  x = _data(DENSE_SHAPE, 4)
+  got = _int8_forward(model, variant)(int_vars, jax.device_put(x))
+  np.testing.assert_array_equal(got, _mixed_reference(x, int_vars))
+
+
+# Default run: both kinds jitted, the dense layer op by op too; the conv op by op with -m slow.
+@pytest.mark.parametrize("kind, variant", _split(
+    [(kind, variant) for kind in ("dense", "conv") for variant in ("jit", "eager")],
+    [("dense", "jit"), ("dense", "eager"), ("conv", "jit")]))
+def test_nonfinite_sample_gives_nan_row_and_leaves_the_others(kind, variant):
+  model, shape = ((StockDense(), DENSE_SHAPE) if kind == "dense"
+                  else (CONVS["valid_strided"], CONV_SHAPE))
+  _, int_vars = _converted(model, shape)
+  run = _int8_forward(model, variant)
+  x = _data(shape, 5)
+  clean = np.asarray(run(int_vars, jax.device_put(x)))
+  dirty = x.copy()
+  dirty.reshape(shape[0], -1)[1, 3] = np.nan
+  dirty.reshape(shape[0], -1)[2, -1] = -np.inf
+  got = np.asarray(run(int_vars, jax.device_put(dirty)))
+  bad = np.zeros(shape[0], bool)
+  bad[[1, 2]] = True
+  assert np.all(np.isnan(got[bad]))
+  np.testing.assert_array_equal(got[~bad], clean[~bad])
 
 
 # Default run: every geometry jitted, the one with the most parts (strides, dilation, groups)
@@ -291,10 +299,9 @@ def test_conv_equals_numpy_reference(name, variant):
   model = CONVS[name]
   _, int_vars = _converted(model, CONV_SHAPE)
   op = _op(int_vars, "conv")
-  run = functools.partial(_apply_int8, model)
-  run = jax.jit(run) if variant == "jit" else run
+  run = _int8_forward(model, variant)
   for x in (_data(CONV_SHAPE, 1), 2.5 * _data(CONV_SHAPE, 2)):
-    got = run(int_vars, jnp.asarray(x))
+    got = run(int_vars, jax.device_put(x))
     want = _conv_reference(x, op, int_vars["params"]["conv"]["bias"])
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)
@@ -314,7 +321,7 @@ def test_every_contraction_is_int8_to_int32(name, kernel, monkeypatch):
                   "mixed": (Mixed(), DENSE_SHAPE)}[name]
   _, int_vars = _converted(model, shape)
   jaxpr = jax.make_jaxpr(functools.partial(_apply_int8, model))(
-      int_vars, jnp.asarray(_data(shape, 0))).jaxpr
+      int_vars, jax.device_put(_data(shape, 0))).jaxpr
   counts = cases.assert_int8_contractions(jaxpr)
   assert sum(counts.values()) >= (2 if name == "mixed" else 1)
   # Dense layers run on the chosen kernel; convolutions stay XLA's.
@@ -334,7 +341,7 @@ def test_agrees_with_qat_forward_inside_the_calibrated_range(name, qname):
   model, shape = ((StockDense(qconfig=q), DENSE_SHAPE) if name == "dense"
                   else (CONVS[name].clone(qconfig=q), CONV_SHAPE))
   variables, int_vars = _converted(model, shape)
-  x = jnp.asarray(0.9 * _data(shape, 0))  # inside what calibration saw
+  x = jax.device_put(0.9 * _data(shape, 0))  # inside what calibration saw
   qat = np.asarray(_apply(model, variables, x, "qat"))
   got = np.asarray(_apply(model, int_vars, x, "int8"))
   tolerance = 1e-5 * np.abs(qat).max()
@@ -383,10 +390,11 @@ class DilatedInputConv(nn.Module):
 def test_convert_refuses_contractions_it_cannot_run_naming_the_layer(model, shape, layer,
                                                                      says, qname):
   model = model.clone(qconfig=QCONFIGS[qname])
-  x = jnp.asarray(_data(shape, 0))
-  variables = qnn.calibrate(model, model.init(jax.random.key(0), x), [x])
+  x = jax.device_put(_data(shape, 0))
+  variables = qnn.calibrate(model, jax.jit(model.init)(jax.random.key(0, impl="unsafe_rbg"), x),
+                            [x])
   # the fake-quant forward runs them ...
-  assert np.all(np.isfinite(model.apply(variables, x, mode="qat")))
+  assert np.all(np.isfinite(_apply(model, variables, x, "qat")))
   # ... the integer path does not
   with pytest.raises(ValueError, match=says) as info:
     qjax.convert(model, variables, x)
@@ -397,14 +405,18 @@ def test_convert_refuses_contractions_it_cannot_run_naming_the_layer(model, shap
 # Serving tree and file.
 
 
-@pytest.mark.parametrize("name", ["dense", "conv", "mixed"])
-def test_serving_tree_and_file_give_identical_outputs(name, tmp_path):
+# Default run: the loaded tree op by op too for the dense and conv layers; the mixed model's
+# eager run (op by op it compiles every operation) with -m slow.
+@pytest.mark.parametrize("name, eager", [
+    ("dense", True), ("conv", True), ("mixed", False),
+    pytest.param("mixed", True, marks=pytest.mark.slow)])
+def test_serving_tree_and_file_give_identical_outputs(name, eager, tmp_path):
   model, shape, layer = {
       "dense": (StockDense(), DENSE_SHAPE, "dense"),
       "conv": (CONVS["same_strided_dilated_grouped"], CONV_SHAPE, "conv"),
       "mixed": (Mixed(), DENSE_SHAPE, "stock")}[name]
   _, int_vars = _converted(model, shape)
-  x = jnp.asarray(_data(shape, 6))
+  x = jax.device_put(_data(shape, 6))
   apply = functools.partial(_apply, model, mode="int8")
   want = np.asarray(apply(int_vars, x))
   serving = qjax.for_serving(int_vars)
@@ -414,4 +426,5 @@ def test_serving_tree_and_file_give_identical_outputs(name, tmp_path):
   loaded = qio.load(path)
   assert type(_op(loaded, layer)) is type(_op(int_vars, layer))
   np.testing.assert_array_equal(apply(loaded, x), want)
-  np.testing.assert_array_equal(_apply_int8(model, loaded, x), want)  # eager too
+  if eager:
+    np.testing.assert_array_equal(_apply_int8(model, loaded, x), want)
