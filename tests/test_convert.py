@@ -167,11 +167,19 @@ def init(model: nn.Module, x, seed: int = 0) -> dict:
   return _init(model, jax.random.key(seed, impl="unsafe_rbg"), x)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _init_stats(model, key, x):
+  """model.init's observer states alone: the params' initialisers are not compiled."""
+  return model.init(key, x, mode="calibrate")["quant_stats"]
+
+
 def calibrate(model: nn.Module, params: Any, batches) -> dict:
   """Fresh observers fed `batches` (params: the init's when None)."""
-  variables = init(model, batches[0][:2])
-  if params is not None:
-    variables = {**variables, "params": params}
+  if params is None:
+    variables = init(model, batches[0][:2])
+  else:
+    variables = {"params": params, "quant_stats": _init_stats(
+        model, jax.random.key(0, impl="unsafe_rbg"), batches[0][:2])}
   return qnn.calibrate(model, variables, batches)
 
 
@@ -443,14 +451,15 @@ def test_convert_writes_documented_variables_all(case):
 
 
 def test_uint8_grid_is_shifted():
-  """bits_qconfig(8, qat=False): activations on [0, 255], carried as int8 moved by -128."""
-  iv = jax.device_get(converted("mlp", "uint8", "float")[integer.COLLECTION])
+  """bits_qconfig(8, qat=False): activations on [0, 255], carried as int8 moved by -128 (in
+  any requantization mode: the conversion and the int8 forward of the reference test's)."""
+  iv = jax.device_get(converted("mlp", "uint8", "integer")[integer.COLLECTION])
   qparams = calibrated_qparams("mlp", "uint8")
   z_own = int(qparams["fc1"]["output"]["zero_point"])
   assert z_own == 0  # a ReLU output: real 0 at the bottom of [0, 255]
   assert int(iv["fc1"]["op"].requant.zero_point) == z_own - 128
   assert int(iv["fc1"]["op"].report["output_zero_point"]) == z_own - 128
-  outs, _ = layer_outputs(model_of("mlp", "uint8"), converted("mlp", "uint8", "float"),
+  outs, _ = layer_outputs(model_of("mlp", "uint8"), converted("mlp", "uint8", "integer"),
                           held_out(16))
   assert outs["fc1"].min() == -128 and outs["fc1"].max() > 0  # both halves of the carrier
 
@@ -475,11 +484,12 @@ def _round_half_even(value: Fraction) -> int:
   return round(value)  # Fraction.__round__ rounds ties to even
 
 
-# Default run: each mode once, each config at least once; the full grid with -m slow.
+# Default run: each mode once, each config at least once, on conversions (and int8 forwards
+# of this input shape) that other tests make; the full grid with -m slow.
 @pytest.mark.parametrize("requant, config", [
-    ("float", "per_tensor"), ("integer", "per_tensor"), ("fbgemm", "uint8"),
+    ("float", "per_tensor"), ("integer", "uint8"), ("fbgemm", "per_tensor"),
     *(pytest.param(r, c, marks=pytest.mark.slow)
-      for r, c in [("float", "uint8"), ("integer", "uint8"), ("fbgemm", "per_tensor")])])
+      for r, c in [("float", "uint8"), ("integer", "per_tensor"), ("fbgemm", "uint8")])])
 def test_first_layer_is_the_seed_formula(config, requant):
   """q_Y = Z_Y + M (sum_j (q_X - Z_X)(q_W - Z_W) + q_bias), M = S_x S_w / S_y, round half to
   even, clamped to the 8-bit storage range (at Z_Y for the fused ReLU), from the float params
@@ -560,7 +570,7 @@ def trained_params(arch: str) -> dict:
 
   # optax is user code here: it relies on JAX's default promotion rules.
   with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-    state = opt.init(params)
+    state = jax.jit(opt.init)(params)  # eagerly, a program per zeros_like
     for _ in range(10):
       for i in range(0, len(x), 500):
         params, state = step(params, state, x[i:i + 500], y[i:i + 500])
@@ -620,10 +630,10 @@ def assert_argmax_agreement(arch: str, config: str, requant: str):
   model = model_of(arch, config)
   variables = trained(arch, config)
   int_vars = qjax.convert(model, variables, x[:8], requant=requant)
-  outs, y_int = layer_outputs(model, int_vars, jnp.asarray(x))
+  outs, y_int = layer_outputs(model, int_vars, x)
   if requant != "fbgemm":
     variables = _with_integer_biases(model, variables, int_vars)
-  y_qat = np.asarray(qat_apply(model, variables, jnp.asarray(x)))
+  y_qat = np.asarray(qat_apply(model, variables, x))
   assert len(x) >= 1000
   agree = np.argmax(y_qat, -1) == np.argmax(y_int, -1)
   inside = rows_inside_grids(model, outs)
@@ -695,17 +705,18 @@ def test_power_of_two_scales_make_qat_and_int8_identical(arch):
   variables = _power_of_two_variables(arch)
   x = held_out(256)
   x = (np.rint(x * 1024) / 1024).astype(np.float32)  # 2^-10 steps: ties at the input grid too
-  y_qat, inter = _qat_capture(model, variables, jnp.asarray(x))
+  x, x_host = jax.device_put(x), x
+  y_qat, inter = _qat_capture(model, variables, x)
   y_qat = np.asarray(y_qat)
   for requant in ("float", "fbgemm"):
-    int_vars = qjax.convert(model, variables, x[:8], requant=requant)
-    _, y_int = layer_outputs(model, int_vars, jnp.asarray(x))
+    int_vars = qjax.convert(model, variables, x_host[:8], requant=requant)
+    _, y_int = layer_outputs(model, int_vars, x)
     np.testing.assert_array_equal(y_int, y_qat, err_msg=requant)
   assert len(np.unique(y_qat)) > 10
 
   # "integer": the first layer against QAT's integers, ties (exact half-integers) apart.
-  int_vars = qjax.convert(model, variables, x[:8], requant="integer")
-  outs, _ = layer_outputs(model, int_vars, jnp.asarray(x))
+  int_vars = qjax.convert(model, variables, x_host[:8], requant="integer")
+  outs, _ = layer_outputs(model, int_vars, x)
   first = model.layers[0] if not isinstance(model.layers[0], Flatten) else model.layers[1]
   lv = jax.device_get(int_vars[integer.COLLECTION][first.name]["op"])
   # The layer's scope also records its inner nn.Dense / nn.Conv call: the layer's is last.
@@ -734,7 +745,7 @@ def test_power_of_two_scales_make_qat_and_int8_identical(arch):
 
 def _int8_jaxpr(arch: str, requant: str):
   config = "per_tensor" if arch == "mlp" else "uint8"  # conversions the other tests made
-  x = jnp.asarray(held_out(4))
+  x = jax.device_put(held_out(4))
   with cases.xla_kernel():  # the census of XLA's contractions (not _int8_apply's cached trace)
     return jax.make_jaxpr(functools.partial(_int8_apply.__wrapped__, model_of(arch, config)))(
         converted(arch, config, requant), x)
@@ -824,7 +835,7 @@ def optimised_hlo(arch: str, requant: str) -> str:
   with cases.xla_kernel():  # XLA's own lowering of the int8 contractions
     apply = jax.jit(_int8_apply.__wrapped__, static_argnames=("model", "capture"))
     compiled = apply.lower(model_of(arch, config), converted(arch, config, requant),
-                           jnp.asarray(held_out(8))).compile()
+                           jax.device_put(held_out(8))).compile()
   return compiled.as_text()
 
 
@@ -909,7 +920,7 @@ def _wide(k: int):
   x[1] = 1.0
   x[2] = 3.0  # beyond the calibrated range: q_x = 255
   model = Wide()
-  return model, calibrate(model, None, [jnp.asarray(x[:2])]), x
+  return model, calibrate(model, None, [x[:2]]), x
 
 
 def _worst(k: int) -> int:
@@ -940,7 +951,7 @@ def test_largest_k_converts_and_is_exact():
   assert _worst(k) <= ref.INT32_MAX < _worst(k + 1)
   model, variables, x = _wide(k)
   int_vars = qjax.convert(model, variables, x, requant="integer")
-  outs, y = layer_outputs(model, int_vars, jnp.asarray(x))
+  outs, y = layer_outputs(model, int_vars, x)
   expected, y_ref = ref_forward((Dense("wide", 1),), model.qconfig.activation.spec, int_vars,
                                 x, "integer")
   q_in = expected["quant"].astype(np.int64) + 128  # on the uint8 grid
@@ -985,7 +996,7 @@ X_SMALL = np.random.default_rng(4).normal(size=(16, 6)).astype(np.float32)
 
 @functools.lru_cache(maxsize=None)
 def _base_chain() -> dict:
-  return calibrate(Chain(), None, [jnp.asarray(X_SMALL)])
+  return calibrate(Chain(), None, [X_SMALL])
 
 
 def _chain(**kwargs):
@@ -1036,9 +1047,10 @@ def test_affine_weights():
   affine = qnn.QConfig(activation=obs.MinMaxObserver(spec=QuantSpec(bits=8, signed=False)),
                        weight=obs.MinMaxObserver(spec=QuantSpec(bits=8, signed=True)))
   model = Chain(qconfig=affine)
-  params = init(model, X_SMALL)["params"]
-  params = {**params, "fc2": {**params["fc2"], "kernel": jnp.abs(params["fc2"]["kernel"])}}
-  variables = calibrate(model, params, [jnp.asarray(X_SMALL)])
+  variables = init(model, X_SMALL[:2])
+  params = jax.device_get(variables["params"])
+  params = {**params, "fc2": {**params["fc2"], "kernel": np.abs(params["fc2"]["kernel"])}}
+  variables = qnn.calibrate(model, {**variables, "params": params}, [X_SMALL])
   with pytest.raises(ValueError, match=r"convert: fc2: the integer path needs symmetric weights"):
     qjax.convert(model, variables, X_SMALL)
 
@@ -1047,7 +1059,7 @@ def test_sixteen_bit_grid():
   wide = qnn.bits_qconfig(16, qat=False)
   model = Chain(qconfig=qnn.QConfigMap(default=qnn.default_qconfig,
                                        overrides=(("^fc2$", wide),)))
-  variables = calibrate(model, None, [jnp.asarray(X_SMALL)])
+  variables = calibrate(model, None, [X_SMALL])
   with pytest.raises(ValueError, match=r"convert: fc2 \(weight\): .*at most 8 bits; got a "
                      r"16-bit"):
     qjax.convert(model, variables, X_SMALL)
@@ -1055,7 +1067,7 @@ def test_sixteen_bit_grid():
 
 def test_uncalibrated():
   model = Chain()
-  variables = init(model, X_SMALL)
+  variables = init(model, X_SMALL[:2])  # the init _base_chain compiled
   with pytest.raises(ValueError, match=r"have seen no data: fc1/output, fc1/weight, fc2/output, "
                      r"fc2/weight, quant"):
     qjax.convert(model, variables, X_SMALL)
