@@ -14,13 +14,21 @@ import pytest
 
 import qjax
 import qjax.nn as qnn
+from qjax import observers as obs
 from qjax.integer import forms
 
 from support import reference as ref
 
-X86 = qnn.get_default_qconfig("x86")        # uint8 activations, reduce_range: [0, 127]
-FULL = qnn.get_default_qconfig("qnnpack")   # uint8 activations on [0, 255]: another grid
 U8 = qjax.QuantSpec(bits=8, signed=False)
+# The grids of PyTorch's x86 and qnnpack qconfigs with min/max observers (the points only need
+# grids that differ; histogram observers take seconds to compile and have tests of their own).
+X86 = qnn.QConfig(  # uint8 activations, reduce_range: [0, 127]; per-channel weights
+    activation=obs.MinMaxObserver(spec=qjax.QuantSpec(bits=8, signed=False, reduce_range=True)),
+    weight=obs.MinMaxObserver(spec=qjax.QuantSpec(bits=8, signed=True, symmetric=True,
+                                                  axis=-1)))
+FULL = qnn.QConfig(  # uint8 activations on [0, 255]: another grid; per-tensor weights
+    activation=obs.MinMaxObserver(spec=U8),
+    weight=obs.MinMaxObserver(spec=qjax.QuantSpec(bits=8, signed=True, symmetric=True)))
 REQUANTS = ("fbgemm", "float", "integer")
 MODEL_REQUANTS = ("fbgemm", "integer")  # "float" lowers a Quantize as "fbgemm" does
 
@@ -52,7 +60,7 @@ class Requantized(nn.Module):
     if self.conv:
       y = qnn.QuantConv(20, (3, 3), qconfig=X86, name="layer")(q, mode=mode)
     else:
-      y = qnn.QuantDense(20, qconfig=X86, name="layer")(q, mode=mode)
+      y = qnn.QuantDense(16, qconfig=X86, name="layer")(q, mode=mode)
     y = qnn.Quantize(qconfig=self.qconfig, name="requant")(y, mode=mode)
     return qnn.Dequantize(name="dequant")(y, mode=mode)
 
@@ -68,22 +76,27 @@ def _shape(conv: bool) -> tuple[int, ...]:
 
 @functools.cache
 def _calibrated(model: nn.Module, shape: tuple[int, ...]):
-  x = jnp.asarray(_data(shape, 0))
+  x = _data(shape, 0)  # NumPy: jnp.asarray would compile a copy per shape
   variables = jax.jit(model.init)(jax.random.key(0), x)
   return qnn.calibrate(model, variables, [x, 1.2 * x])
 
 
 @functools.cache
 def _converted(model: nn.Module, shape: tuple[int, ...], requant: str):
-  return qjax.convert(model, _calibrated(model, shape), jnp.asarray(_data(shape, 0)),
+  return qjax.convert(model, _calibrated(model, shape), jax.device_put(_data(shape, 0)),
                       requant=requant)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _collect_qparams(model: nn.Module, variables, x) -> dict:
+  return qnn.collect_qparams(model, variables, x, mode="float")
 
 
 @functools.cache
 def _qparams(model: nn.Module, shape: tuple[int, ...]) -> dict:
-  """Every point's (scale, zero point on its own grid), from the calibrated model."""
-  return jax.device_get(qnn.collect_qparams(model, _calibrated(model, shape),
-                                            jnp.asarray(_data(shape, 0)), mode="float"))
+  """Every point's (scale, zero point on its own grid), from the calibrated model (one
+  compiled program: op by op every primitive would compile on its own)."""
+  return jax.device_get(_collect_qparams(model, _calibrated(model, shape), _data(shape, 0)))
 
 
 def _grid(qp: dict) -> tuple[np.float32, int]:
@@ -145,9 +158,10 @@ def _requant_reference(q8: np.ndarray, grid_in, grid_out, requant: str,
 
 
 def _every_int8(conv: bool) -> np.ndarray:
-  """All 256 int8 values, 2-D (2, 128) or NHWC (2, 2, 4, 16)."""
+  """All 256 int8 values, 2-D (16, 16) (the dense model's layer output shape: eagerly, its
+  requantizer's ops are compiled once for both) or NHWC (2, 2, 4, 16)."""
   values = np.arange(-128, 128, dtype=np.int8)
-  return values.reshape((2, 2, 4, 16) if conv else (2, 128))
+  return values.reshape((2, 2, 4, 16) if conv else (16, 16))
 
 
 def _variant(variant: str):
@@ -190,11 +204,11 @@ def test_second_quantize_starts_a_region_on_its_own_grid(variant):
   run = _variant(variant)(lambda v, x: model.apply(v, x, mode="int8"))
   for seed in (1, 2):
     x = _data(shape, seed) * (1 + seed)  # the second beyond the calibrated range
-    got = run(int_vars, jnp.asarray(x))
+    got = run(int_vars, jax.device_put(x))
     q = _quantized_input(x, _op(int_vars, "quant_a"))
     h = _dequantized(_dense_reference(q, _op(int_vars, "dense_a")),
                      _op(int_vars, "dequant_a"))
-    h = np.asarray(jnp.tanh(jnp.asarray(h))) * np.float32(3.0)  # XLA's tanh, as the model's
+    h = np.asarray(jnp.tanh(jax.device_put(h))) * np.float32(3.0)  # XLA's tanh, as the model's
     q = _quantized_input(h, quant_b)
     want = _dequantized(_dense_reference(q, _op(int_vars, "dense_b")),
                         _op(int_vars, "dequant_b"))
@@ -206,7 +220,7 @@ def test_second_region_agrees_with_qat_forward(requant):
   model, shape = TwoRegions(), (12, 5)
   int_vars = _converted(model, shape, requant)
   assert type(_op(int_vars, "quant_b")) is forms.QuantizeOp  # a float input: quantized
-  x = jnp.asarray(_data(shape, 3))
+  x = jax.device_put(_data(shape, 3))
   y = np.asarray(_apply(model, int_vars, x, "int8"))
   qat = np.asarray(_apply(model, _calibrated(model, shape), x, "qat"))
   step = float(_qparams(model, shape)["dense_b"]["output"]["scale"])
@@ -235,18 +249,18 @@ def test_requantizes_an_int8_tensor_to_its_own_grid(requant, conv, variant):
   if requant == "integer":
     m0, shift = ref.fixed_point_multiplier(np.float64(grid_in[0]) / np.float64(grid_out[0]))
     assert (int(op.m0[0]), int(op.shift[0])) == (m0, shift)
+  every = _every_int8(conv)
+  (_, outs), on_every = _variant(variant)(
+      lambda v, x, o, q: (_int8_outputs(model, v, x), o(q)))(
+          int_vars, jax.device_put(2 * _data(shape, 1)), op, jax.device_put(every))
   # in the model, on the layer's int8 output (partly beyond the calibrated range) ...
-  _, outs = _variant(variant)(lambda v, x: _int8_outputs(model, v, x))(
-      int_vars, jnp.asarray(2 * _data(shape, 1)))
   q_layer, got = np.asarray(outs["layer"]), np.asarray(outs["requant"])
   assert got.dtype == np.int8
   np.testing.assert_array_equal(
       got, _requant_reference(q_layer, grid_in, grid_out, requant, conv))
   # ... and on every int8 value
-  every = _every_int8(conv)
-  got = _variant(variant)(lambda o, q: o(q))(op, jnp.asarray(every))
   np.testing.assert_array_equal(
-      got, _requant_reference(every, grid_in, grid_out, requant, conv))
+      on_every, _requant_reference(every, grid_in, grid_out, requant, conv))
 
 
 # Default run: the dense model (one QAT compilation) with both requantizers; the conv model
@@ -257,7 +271,7 @@ def test_requantizes_an_int8_tensor_to_its_own_grid(requant, conv, variant):
 def test_agrees_with_qat_forward_to_one_output_step(requant, conv):
   model, shape = Requantized(conv=conv), _shape(conv)
   int_vars = _converted(model, shape, requant)
-  x = jnp.asarray(0.9 * _data(shape, 0))
+  x = jax.device_put(0.9 * _data(shape, 0))
   y = np.asarray(_apply(model, int_vars, x, "int8"))
   qat = np.asarray(_apply(model, _calibrated(model, shape), x, "qat"))
   step = float(_qparams(model, shape)["requant"]["scale"])
@@ -265,12 +279,17 @@ def test_agrees_with_qat_forward_to_one_output_step(requant, conv):
   assert np.mean(np.abs(y - qat) > 1e-3 * step) < 0.05  # and equal nearly everywhere
 
 
-# Default run: every requantizer jitted, "integer" (the fixed-point rescale) eagerly too; the
-# other eager cases (the ops of the eager "fbgemm" model case above) with -m slow.
-@pytest.mark.parametrize("requant, variant", _split(
-    [(r, v) for r in REQUANTS for v in VARIANTS],
-    [(r, "jit") for r in REQUANTS] + [("integer", "eager")]))
-def test_lowered_on_two_grids_equals_the_reference(requant, variant):
+# Default run: every requantizer jitted on both layouts, "integer" (the fixed-point rescale)
+# eagerly too on the 2-D one (op by op every primitive compiles once per shape; the NHWC
+# layout is jitted's); the other eager cases (the ops of the eager "fbgemm" model case above)
+# and "integer" eagerly on both layouts with -m slow.
+@pytest.mark.parametrize("requant, variant, layouts", [
+    *_split([(r, v, (False, True)) for r in REQUANTS for v in VARIANTS],
+            [(r, "jit", (False, True)) for r in REQUANTS]),
+    ("integer", "eager", (False,))],
+    ids=lambda v: {(False, True): "both_layouts", (False,): "2d"}.get(v) if isinstance(
+        v, tuple) else None)
+def test_lowered_on_two_grids_equals_the_reference(requant, variant, layouts):
   rng = np.random.default_rng(8)
   run = _variant(variant)(lambda o, q: o(q))
   for trial in range(8):
@@ -281,9 +300,9 @@ def test_lowered_on_two_grids_equals_the_reference(requant, variant):
                               requant=qjax.integer.Requant(requant), variables={})
     op = forms.QuantizeForm().lower(lowering)
     assert type(op) is (forms.IntegerConcat if requant == "integer" else forms.Int8Concat)
-    for conv in (False, True):
+    for conv in layouts:
       every = _every_int8(conv)
-      got = run(op, jnp.asarray(every))
+      got = run(op, jax.device_put(every))
       np.testing.assert_array_equal(
           got, _requant_reference(every, *grids, requant, conv), err_msg=f"{trial} {grids}")
 
@@ -303,11 +322,12 @@ def test_same_qconfig_on_the_same_data_copies(requant, conv, variant):
   int_vars = _converted(model, shape, requant)
   op = _op(int_vars, "requant")
   assert op.copied == (True,)
-  _, outs = _variant(variant)(lambda v, x: _int8_outputs(model, v, x))(
-      int_vars, jnp.asarray(_data(shape, 1)))
+  every = jax.device_put(_every_int8(conv))
+  (_, outs), on_every = _variant(variant)(
+      lambda v, x, o, q: (_int8_outputs(model, v, x), o(q)))(
+          int_vars, jax.device_put(_data(shape, 1)), op, every)
   np.testing.assert_array_equal(outs["requant"], outs["layer"])
-  every = jnp.asarray(_every_int8(conv))
-  np.testing.assert_array_equal(_variant(variant)(lambda o, q: o(q))(op, every), every)
+  np.testing.assert_array_equal(on_every, every)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -326,5 +346,5 @@ def test_lowered_with_equal_grids_is_the_identity(requant, signed, variant):
     op = forms.QuantizeForm().lower(lowering)
     assert op.copied == (True,)
     for conv in (False, True):
-      every = jnp.asarray(_every_int8(conv))
+      every = jax.device_put(_every_int8(conv))
       np.testing.assert_array_equal(run(op, every), every, err_msg=f"{trial} {scale} {zero}")
