@@ -136,10 +136,10 @@ def test_fold_batch_norms_is_torch_fuse_modules():
       bn.running_mean.copy_(torch.from_numpy(rng.normal(size=c).astype(F32)))
       bn.running_var.copy_(torch.from_numpy(rng.uniform(0.2, 3, c).astype(F32)))
   tmodel.eval()
-  t = lambda a: jnp.asarray(a.detach().numpy())
+  t = lambda a: a.detach().numpy()
   variables = {
-      "params": {"conv1": {"kernel": jnp.asarray(_from_torch_kernel(tmodel.conv1.weight))},
-                 "conv2": {"kernel": jnp.asarray(_from_torch_kernel(tmodel.conv2.weight)),
+      "params": {"conv1": {"kernel": _from_torch_kernel(tmodel.conv1.weight)},
+                 "conv2": {"kernel": _from_torch_kernel(tmodel.conv2.weight),
                            "bias": t(tmodel.conv2.bias)},
                  **{name: {"scale": t(getattr(tmodel, name).weight),
                            "bias": t(getattr(tmodel, name).bias)} for name in ("bn1", "bn2")}},
@@ -150,13 +150,19 @@ def test_fold_batch_norms_is_torch_fuse_modules():
   with torch.no_grad():
     expected = tmodel(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
   fused = tq.fuse_modules(tmodel, [["conv1", "bn1", "relu1"], ["conv2", "bn2"]])
-  folded = fold_batch_norms(variables, [("conv1", "bn1"), ("conv2", "bn2")])
+  # The fold and the folded model's forward compiled as one program (fold_batch_norm is
+  # torch's bit for bit eagerly as well: test_fold_batch_norm_is_torch_bit_for_bit).
+  @jax.jit
+  def fold_and_apply(variables, x):
+    folded = fold_batch_norms(variables, [("conv1", "bn1"), ("conv2", "bn2")])
+    return folded, FlaxConvBnReLU(fold_bn=True).apply(folded, x)
+
+  folded, got = fold_and_apply(variables, x)
   for name, torch_conv in (("conv1", fused.conv1[0]), ("conv2", fused.conv2)):
     np.testing.assert_array_equal(_bits(folded["params"][name]["kernel"]),
                                   _bits(_from_torch_kernel(torch_conv.weight)), err_msg=name)
     np.testing.assert_array_equal(_bits(folded["params"][name]["bias"]),
                                   _bits(torch_conv.bias.detach().numpy()), err_msg=name)
-  got = FlaxConvBnReLU(fold_bn=True).apply(folded, x)
   np.testing.assert_allclose(np.asarray(got), expected.transpose(0, 2, 3, 1), rtol=1e-5,
                              atol=1e-5)
 
@@ -210,12 +216,12 @@ def _qjax_layer(kind, relu, bias):
 
 
 def _torch_params(layer):
-  """The torch QAT module's parameters in qjax's layout."""
-  params = {"kernel": jnp.asarray(_from_torch_kernel(layer.weight)),
-            "bn_scale": jnp.asarray(layer.bn.weight.detach().numpy()),
-            "bn_bias": jnp.asarray(layer.bn.bias.detach().numpy())}
+  """The torch QAT module's parameters in qjax's layout (NumPy copies)."""
+  params = {"kernel": np.array(_from_torch_kernel(layer.weight)),
+            "bn_scale": layer.bn.weight.detach().numpy().copy(),
+            "bn_bias": layer.bn.bias.detach().numpy().copy()}
   if layer.bias is not None:
-    params["bias"] = jnp.asarray(layer.bias.detach().numpy())
+    params["bias"] = layer.bias.detach().numpy().copy()
   return params
 
 
@@ -268,8 +274,11 @@ def _compare_qat(kind, relu, bias, steps=3, seed=0):
   rng = np.random.default_rng(seed + 100)
   in_shape, out_shape = ((8, 10, 10, 3), (8, 5, 5, 6)) if kind == "conv" else ((16, 10),
                                                                                 (16, 6))
-  variables = layer.init(jax.random.key(0), jnp.zeros(in_shape, jnp.float32), train=False,
-                         mode="qat")
+  # The initial observer and BatchNorm states (the params come from torch: their random
+  # initializers are not compiled).
+  init = jax.jit(lambda key, x: {
+      k: v for k, v in layer.init(key, x, train=False, mode="qat").items() if k != "params"})
+  variables = init(jax.random.key(0), np.zeros(in_shape, F32))
   stats, batch_stats = variables["quant_stats"], variables["batch_stats"]
 
   @functools.partial(jax.jit, static_argnames="train")
@@ -295,8 +304,8 @@ def _compare_qat(kind, relu, bias, steps=3, seed=0):
     optimizer.zero_grad()
     yt = tmodel(xt)
     (yt * torch.from_numpy(_nchw(upstream, kind))).sum().backward()
-    (grads, grad_x), (y, updates) = qjax_step(params, jnp.asarray(x), stats, batch_stats,
-                                              jnp.asarray(upstream), phase == "train")
+    (grads, grad_x), (y, updates) = qjax_step(params, x, stats, batch_stats, upstream,
+                                              phase == "train")
     stats, batch_stats = updates["quant_stats"], updates["batch_stats"]
     what = f"{kind} relu={relu} bias={bias} step {i} ({phase})"
     out_fq = tlayer.activation_post_process
@@ -322,8 +331,8 @@ def _compare_qat(kind, relu, bias, steps=3, seed=0):
   x = rng.normal(size=in_shape).astype(F32)
   with torch.no_grad():
     yt = tmodel(torch.from_numpy(_nchw(x, kind))).numpy()
-  y = layer.apply({"params": _torch_params(tlayer), "quant_stats": stats,
-                   "batch_stats": batch_stats}, jnp.asarray(x), train=False, mode="qat")
+  y = jax.jit(functools.partial(layer.apply, train=False, mode="qat"))(
+      {"params": _torch_params(tlayer), "quant_stats": stats, "batch_stats": batch_stats}, x)
   _assert_fake_quantized_close(y, _nhwc(yt, kind),
                                float(tlayer.activation_post_process.scale), "eval output")
 
