@@ -86,7 +86,7 @@ def _init_with_numpy_kernels(init, *args, seed=0):
     if not is_kernel(path):
       return values[jax.tree_util.keystr(path)]
     fan_in = int(np.prod(s.shape[:-1]))
-    return jnp.asarray((rng.normal(size=s.shape) / np.sqrt(fan_in)).astype(s.dtype))
+    return jax.device_put((rng.normal(size=s.shape) / np.sqrt(fan_in)).astype(s.dtype))
 
   return jax.tree_util.tree_map_with_path(leaf, shapes)
 
@@ -317,17 +317,17 @@ def _trained_net():
   """Net's variables after a few training batches, with random BatchNorm affine params."""
   rng = np.random.default_rng(4)
   model = Net()
-  x = jnp.asarray(rng.normal(size=(8, 8, 8, 3)).astype(F32))
+  x = jax.device_put(rng.normal(size=(8, 8, 8, 3)).astype(F32))
   variables = _init_with_numpy_kernels(model.init, jax.random.key(0), x)
   step = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
   for _ in range(3):
-    batch = jnp.asarray((rng.normal(size=(8, 8, 8, 3)) * 2 + 0.5).astype(F32))
+    batch = jax.device_put((rng.normal(size=(8, 8, 8, 3)) * 2 + 0.5).astype(F32))
     _, updates = step(variables, batch)
     variables = {**variables, **updates}
   params = jax.tree_util.tree_map_with_path(
-      lambda path, v: (jnp.asarray(rng.uniform(0.5, 2, v.shape).astype(F32))
+      lambda path, v: (jax.device_put(rng.uniform(0.5, 2, v.shape).astype(F32))
                        if path[-1].key == "scale" else v), variables["params"])
-  params["bn1"]["bias"] = jnp.asarray(rng.normal(size=4).astype(F32))
+  params["bn1"]["bias"] = jax.device_put(rng.normal(size=4).astype(F32))
   return {**variables, "params": params}, x
 
 
@@ -444,8 +444,8 @@ def test_folded_kernel_and_bias_names_missing_entries():
 # QuantConvBN / QuantDenseBN.
 
 RNG = np.random.default_rng(5)
-X_IMG = jnp.asarray(RNG.normal(size=(4, 9, 9, 3)).astype(F32))
-X_VEC = jnp.asarray(RNG.normal(size=(12, 7)).astype(F32))
+X_IMG = jax.device_put(RNG.normal(size=(4, 9, 9, 3)).astype(F32))
+X_VEC = jax.device_put(RNG.normal(size=(12, 7)).astype(F32))
 
 
 def _conv_bn(**kwargs):
@@ -466,10 +466,10 @@ def _randomised(variables, seed=6):
   rng = np.random.default_rng(seed)
   params = dict(variables["params"])
   c = params["bn_scale"].shape[0]
-  params["bn_scale"] = jnp.asarray(rng.uniform(0.5, 1.5, c).astype(F32))
-  params["bn_bias"] = jnp.asarray(rng.normal(size=c).astype(F32))
-  stats = {"mean": jnp.asarray(rng.normal(size=c).astype(F32) * 0.3),
-           "var": jnp.asarray(rng.uniform(0.5, 3, c).astype(F32))}
+  params["bn_scale"] = jax.device_put(rng.uniform(0.5, 1.5, c).astype(F32))
+  params["bn_bias"] = jax.device_put(rng.normal(size=c).astype(F32))
+  stats = {"mean": jax.device_put(rng.normal(size=c).astype(F32) * 0.3),
+           "var": jax.device_put(rng.uniform(0.5, 3, c).astype(F32))}
   return {**variables, "params": params, "batch_stats": stats}
 
 
@@ -670,7 +670,7 @@ def test_field_errors():
                                      train=False, mode="qat"), jax.random.key(0), X_IMG)
   with pytest.raises(ValueError, match="more than one value per channel"):
     jax.eval_shape(functools.partial(QuantDenseBN(5, qconfig=QAT).init, train=True, mode="qat"),
-                   jax.random.key(0), X_VEC[:1])
+                   jax.random.key(0), jax.ShapeDtypeStruct((1, 7), jnp.float32))
 
 
 def test_inside_a_model_paths():
@@ -738,13 +738,13 @@ def _qat_trained_folded_model():
   """_FoldedModel after three QAT steps: (model, x, variables, eval-mode fake-quant output),
   shared by the requantizers."""
   model = _FoldedModel()
-  x = jax.random.normal(jax.random.key(1), (16,) + X_IMG.shape[1:], jnp.float32)
+  x = np.random.default_rng(1).normal(size=(16,) + X_IMG.shape[1:]).astype(F32)
   variables = _init_with_numpy_kernels(
       functools.partial(model.init, train=False, mode="qat"), jax.random.key(0), x)
   step = jax.jit(functools.partial(model.apply, train=True, mode="qat",
                                    mutable=["batch_stats", "quant_stats"]))
   for i in range(3):
-    _, updates = step(variables, x + 0.1 * i)
+    _, updates = step(variables, x + F32(0.1 * i))
     variables = {**variables, **updates}
   y_fq = np.asarray(jax.jit(functools.partial(model.apply, train=False, mode="qat"))(
       variables, x))
