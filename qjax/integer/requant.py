@@ -18,9 +18,10 @@ import dataclasses
 import enum
 
 import jax
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: F401 (the examples)
 import numpy as np
 
+from qjax import _device
 from qjax._struct import static, struct
 from qjax.integer import arith
 
@@ -139,10 +140,10 @@ def lower_requant(requant: Requant, *, x_scale: np.ndarray, w_scale: np.ndarray,
   """
   acc_scale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
   multiplier = (acc_scale / np.float32(y_scale)).astype(np.float32)
-  zero = jnp.asarray(np.asarray(y_zero, np.int32))
+  zero = _device.put(np.asarray(y_zero, np.int32))
   if requant is Requant.FBGEMM:
-    return FbgemmRequant(bias=jnp.asarray((bias / acc_scale).astype(np.float32)),
-                         multiplier=jnp.asarray(multiplier), zero_point=zero, lo=lo, hi=hi,
+    return FbgemmRequant(bias=_device.put((bias / acc_scale).astype(np.float32)),
+                         multiplier=_device.put(multiplier), zero_point=zero, lo=lo, hi=hi,
                          relu=relu), None
   acc_scale64 = np.float64(x_scale) * w_scale.astype(np.float64)
   bias_q = np.rint(bias.astype(np.float64) / acc_scale64)
@@ -151,10 +152,10 @@ def lower_requant(requant: Requant, *, x_scale: np.ndarray, w_scale: np.ndarray,
                      f"|b / (S_x S_w)| = {np.abs(bias_q).max():.3g}); use requant='fbgemm' "
                      f"(float bias) or recalibrate.")
   if requant is Requant.FLOAT:
-    lowered: Requantizer = FloatRequant(multiplier=jnp.asarray(multiplier), zero_point=zero,
+    lowered: Requantizer = FloatRequant(multiplier=_device.put(multiplier), zero_point=zero,
                                         lo=lo, hi=hi, relu=relu)
   else:
     m0, r = arith.quantize_multiplier(acc_scale64 / np.float64(y_scale))
-    lowered = IntegerRequant(m0=jnp.asarray(m0), shift=jnp.asarray(r), zero_point=zero, lo=lo,
+    lowered = IntegerRequant(m0=_device.put(m0), shift=_device.put(r), zero_point=zero, lo=lo,
                              hi=hi, relu=relu)
   return lowered, bias_q.astype(np.int64)

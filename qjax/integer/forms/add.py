@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import _device
 from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer.forms.base import Form, Grid, Lowering, int8_input
@@ -113,17 +114,17 @@ class IntegerAdd:
 
 def float_rescale(inputs: tuple[Grid, ...]) -> dict[str, jax.Array]:
   """The per-input float32 leaves of PyTorch's rescale through float: scale and premul."""
-  return {"scale": jnp.asarray(np.array([g.scale for g in inputs], np.float32)),
-          "premul": jnp.asarray(np.array([g.premul() for g in inputs], np.float32))}
+  return {"scale": _device.put(np.array([g.scale for g in inputs], np.float32)),
+          "premul": _device.put(np.array([g.premul() for g in inputs], np.float32))}
 
 
 def grid_report(inputs: tuple[Grid, ...], output: Grid) -> dict[str, jax.Array]:
   """The float grids of an op's inputs and output, for reports (zero points on the carrier
   grid)."""
-  return {"input_scale": jnp.asarray(np.array([g.scale for g in inputs], np.float32)),
-          "input_zero_point": jnp.asarray(np.array([g.zero_point for g in inputs], np.int32)),
-          "output_scale": jnp.asarray(output.scale),
-          "output_zero_point": jnp.asarray(output.zero_point)}
+  return {"input_scale": _device.put(np.array([g.scale for g in inputs], np.float32)),
+          "input_zero_point": _device.put(np.array([g.zero_point for g in inputs], np.int32)),
+          "output_scale": _device.put(output.scale),
+          "output_zero_point": _device.put(output.zero_point)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +142,9 @@ class AddForm(Form):
       arith.check_int8_spec(grid.spec, name=f"convert: {lowering.path} ({role})")
     lo, hi = y.bounds
     report = grid_report((a, b), y)
-    zero = jnp.asarray(y.zero_point)
+    zero = _device.put(y.zero_point)
     if lowering.requant is not Requant.INTEGER:
-      return Int8Add(**float_rescale((a, b)), inv_scale=jnp.asarray(y.reciprocal()),
+      return Int8Add(**float_rescale((a, b)), inv_scale=_device.put(y.reciprocal()),
                      zero_point=zero, report=report, shifts=(a.shift, b.shift), lo=lo, hi=hi,
                      relu=self.relu)
     twice_max = 2.0 * max(float(a.scale), float(b.scale))
@@ -151,7 +152,7 @@ class AddForm(Form):
         np.array([float(a.scale) / twice_max, float(b.scale) / twice_max]))
     out_m0, out_shift = arith.quantize_multiplier(
         np.float64(twice_max) / (2.0**LEFT_SHIFT * np.float64(y.scale)))
-    return IntegerAdd(zero_in=jnp.asarray(np.array([a.zero_point, b.zero_point], np.int32)),
-                      m0=jnp.asarray(m0), shift=jnp.asarray(shift), out_m0=jnp.asarray(out_m0),
-                      out_shift=jnp.asarray(out_shift), zero_point=zero, report=report, lo=lo,
+    return IntegerAdd(zero_in=_device.put(np.array([a.zero_point, b.zero_point], np.int32)),
+                      m0=_device.put(m0), shift=_device.put(shift), out_m0=_device.put(out_m0),
+                      out_shift=_device.put(out_shift), zero_point=zero, report=report, lo=lo,
                       hi=hi, relu=self.relu)

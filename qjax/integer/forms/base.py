@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import _device
 from qjax._struct import struct
 from qjax.integer import _trace
 from qjax.integer import arith
@@ -87,7 +88,7 @@ class Grid:
     return np.float32(1) / np.float32(self.scale)
 
   def lowered(self) -> ActivationGrid:
-    return ActivationGrid(scale=jnp.asarray(self.scale), zero_point=jnp.asarray(self.zero_point))
+    return ActivationGrid(scale=_device.put(self.scale), zero_point=_device.put(self.zero_point))
 
 
 @struct
@@ -149,7 +150,7 @@ def observer_state(observer: Any, node: Any, shape: tuple[int, ...], where: str)
   if missing:
     raise ValueError(f"convert: quant_stats/{where} has no {missing} (it holds {sorted(node)}); "
                      f"expected the state of {type(observer).__name__}.")
-  return type(fresh)(**{f: jnp.asarray(node[f], getattr(fresh, f).dtype) for f in fresh._fields})
+  return type(fresh)(**{f: _device.put(node[f], getattr(fresh, f).dtype) for f in fresh._fields})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,12 +240,12 @@ def with_nan_samples(mask: jax.Array, y: jax.Array) -> jax.Array:
     mask = mask.reshape(mask.shape + (1,) * (y.ndim - 1))
   else:
     mask = jnp.any(mask)
-  return jnp.where(mask, jnp.asarray(jnp.nan, y.dtype), y)
+  return jnp.where(mask, _device.put(jnp.nan, y.dtype), y)
 
 
 def int8_input(x: Any, what: str = "a quantized operation") -> jax.Array:
   """x as an int8 array; a TypeError saying where int8 tensors come from otherwise."""
-  x = jnp.asarray(x)
+  x = _device.put(x)
   if x.dtype != jnp.int8:
     raise TypeError(f"in mode 'int8' {what} takes the int8 output of a Quantize or of another "
                     f"quantized module; got {x.dtype}. Put a qjax.nn.Quantize before the first "

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from qjax import _device
 from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer import kernels
@@ -71,7 +72,7 @@ class MultiplyQuantizeOp:
   spec: QuantSpec = static()
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x)
+    x = _device.put(x)
     lo, hi = arith.int8_bounds(self.spec)
     shift = arith.int8_shift(self.spec)
     zero = self.zero_point + jnp.int32(shift)  # on the spec's own grid
@@ -86,9 +87,9 @@ def quantize_op(grid: Any) -> QuantizeOp | MultiplyQuantizeOp:
   """The op that quantizes a float tensor onto `grid` (a `forms.base.Grid`): by the research
   quantizer's multiplication where the grid has an `inverse`, else as `qjax.quantize`."""
   if grid.inverse is not None:
-    return MultiplyQuantizeOp(inverse=jnp.asarray(grid.inverse, jnp.float32),
-                              zero_point=jnp.asarray(grid.zero_point), spec=grid.spec)
-  return QuantizeOp(scale=jnp.asarray(grid.scale), zero_point=jnp.asarray(grid.zero_point),
+    return MultiplyQuantizeOp(inverse=_device.put(grid.inverse, jnp.float32),
+                              zero_point=_device.put(grid.zero_point), spec=grid.spec)
+  return QuantizeOp(scale=_device.put(grid.scale), zero_point=_device.put(grid.zero_point),
                     spec=grid.spec)
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import _device
 from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer.forms.add import float_rescale, grid_report
@@ -132,15 +133,15 @@ class ConcatForm(Form):
     copied = tuple(g.same_as(y) for g in inputs)
     lo, hi = y.bounds
     report = grid_report(inputs, y)
-    zero = jnp.asarray(y.zero_point)
+    zero = _device.put(y.zero_point)
     if lowering.requant is not Requant.INTEGER:
       return Int8Concat(**float_rescale(inputs),
-                        zero_in=jnp.asarray(np.array([g.zero_point for g in inputs], np.int32)),
-                        inv_scale=jnp.asarray(y.reciprocal()), zero_point=zero, report=report,
+                        zero_in=_device.put(np.array([g.zero_point for g in inputs], np.int32)),
+                        inv_scale=_device.put(y.reciprocal()), zero_point=zero, report=report,
                         copied=copied, shifts=tuple(g.shift for g in inputs),
                         out_shift=y.shift, axis=self.axis, lo=lo, hi=hi)
     ratios = np.array([np.float64(g.scale) / np.float64(y.scale) for g in inputs])
     m0, shift = arith.quantize_multiplier(ratios)
-    return IntegerConcat(zero_in=jnp.asarray(np.array([g.zero_point for g in inputs], np.int32)),
-                         m0=jnp.asarray(m0), shift=jnp.asarray(shift), zero_point=zero,
+    return IntegerConcat(zero_in=_device.put(np.array([g.zero_point for g in inputs], np.int32)),
+                         m0=_device.put(m0), shift=_device.put(shift), zero_point=zero,
                          report=report, copied=copied, axis=self.axis, lo=lo, hi=hi)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import _device
 from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer import kernels
@@ -55,7 +56,7 @@ class QuantizedDot:
   scale: jax.Array
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x)
+    x = _device.put(x)
     if x.ndim < 1 or x.shape[-1] != self.kernel.shape[1]:
       raise ValueError(f"the input has shape {x.shape}, but this converted contraction takes "
                        f"(..., {self.kernel.shape[1]}) (its int8 kernel is "
@@ -84,7 +85,7 @@ class QuantizedConv:
   groups: int = static()
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x)
+    x = _device.put(x)
     if x.ndim != self.kernel.ndim or x.shape[-1] != self.kernel.shape[-2] * self.groups:
       raise ValueError(f"the input has shape {x.shape}, but this converted convolution takes "
                        f"(batch, *spatial, {self.kernel.shape[-2] * self.groups}) (its int8 "
@@ -116,7 +117,7 @@ class DotForm(Form):
     if "kernel" not in params:
       raise ValueError(f"convert: missing params/{lowering.path}/kernel (a stock layer with a "
                        f"quantized contraction keeps its float kernel there).")
-    return WeightRequest(jnp.asarray(params["kernel"], jnp.float32), None,
+    return WeightRequest(_device.put(params["kernel"], jnp.float32), None,
                          self.weight_observer, self.learnable, keeps_params=True)
 
   def lower(self, lowering: Lowering) -> QuantizedDot | QuantizedConv:
@@ -146,7 +147,7 @@ class DotForm(Form):
                        f"layer in float.")
     scale = (np.float32(x_grid.scale) * w_scale).astype(np.float32)
     quantize = quantize_op(x_grid)
-    offset32, scale32 = jnp.asarray(offset, jnp.int32), jnp.asarray(scale)
+    offset32, scale32 = _device.put(offset, jnp.int32), _device.put(scale)
     if self.conv is None:
       return QuantizedDot(input=quantize, kernel=int8_weights(q_w8.T, w_scale, w_spec, axis=0),
                           offset=offset32, scale=scale32)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import _device
 from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer.forms.base import Form, Lowering, int8_input, observer_state
@@ -125,8 +126,8 @@ class IntegerLIF:
 
     threshold = math.floor(v_th / s_v)
     return IntegerLIF(
-        x_zero=jnp.int32(x_zero), m0=jnp.asarray(m0, jnp.int32),
-        shift=jnp.asarray(shift, jnp.int32), v_leak=jnp.int32(on_v(v_leak)),
+        x_zero=jnp.int32(x_zero), m0=_device.put(m0, jnp.int32),
+        shift=_device.put(shift, jnp.int32), v_leak=jnp.int32(on_v(v_leak)),
         v_reset=jnp.int32(on_v(v_reset)),
         threshold=jnp.int32(np.clip(threshold, spec.qmin - 1, spec.qmax)),
         v_scale=jnp.float32(v_scale), i_scale=jnp.float32(i_scale), report=report,
@@ -181,7 +182,7 @@ class IntegerLIF:
       z, new = self.step(x_t, carry)
       return new, (z, new[0])
 
-    init = (jnp.asarray(state[0], jnp.int32), jnp.asarray(state[1], jnp.int32))
+    init = (_device.put(state[0], jnp.int32), _device.put(state[1], jnp.int32))
     final, (z, v) = jax.lax.scan(body, init, x)
     return z, (final[0], final[1]), v
 
@@ -230,7 +231,7 @@ class LIFForm(Form):
       raise ValueError(f"convert: {lowering.path}: v and i must have the same bits; got "
                        f"{grids['v'][1]} and {grids['i'][1]}.")
     p = self.params
-    report = {"input_scale": jnp.asarray(x.scale), "input_zero_point": jnp.asarray(x.zero_point),
+    report = {"input_scale": _device.put(x.scale), "input_zero_point": _device.put(x.zero_point),
               "v_scale": jnp.float32(grids["v"][0]), "i_scale": jnp.float32(grids["i"][0])}
     return IntegerLIF.build(
         x_scale=float(x.scale), x_zero=int(x.zero_point), v_scale=grids["v"][0],

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import _device
 from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer import kernels
@@ -195,7 +196,7 @@ class LinearForm(Form):
       if "kernel" not in params:
         raise ValueError(f"convert: missing params/{lowering.path}/kernel in the variables.")
       kernel, bias = params["kernel"], params.get("bias")
-    return WeightRequest(jnp.asarray(kernel, jnp.float32), bias, self.weight_observer,
+    return WeightRequest(_device.put(kernel, jnp.float32), bias, self.weight_observer,
                          self.learnable)
 
   def lower(self, lowering: Lowering) -> Int8Dense | Int8Conv:
@@ -239,19 +240,19 @@ class LinearForm(Form):
           f"output, output channel {channel} can reach |acc| = {int(worst[channel])} > 2^31 "
           f"- 1 for some int8 input (max|q_x| * sum_k |q_w| + |zero-point offset| + |bias|). "
           f"Split the layer, use fewer weight bits, or keep it in float (qconfig None).")
-    report = {"input_scale": jnp.asarray(x_grid.scale),
-              "input_zero_point": jnp.asarray(x_grid.zero_point),
-              "output_scale": jnp.asarray(y_grid.scale),
-              "output_zero_point": jnp.asarray(y_grid.zero_point)}
+    report = {"input_scale": _device.put(x_grid.scale),
+              "input_zero_point": _device.put(x_grid.zero_point),
+              "output_scale": _device.put(y_grid.scale),
+              "output_zero_point": _device.put(y_grid.zero_point)}
     if bias_q is not None:
-      report["bias"] = jnp.asarray(bias_q, jnp.int32)
-    offset32 = jnp.asarray(total, jnp.int32)
+      report["bias"] = _device.put(bias_q, jnp.int32)
+    offset32 = _device.put(total, jnp.int32)
     if self.conv is None:  # Dense: output channel first for the int8 GEMM
       return Int8Dense(kernel=int8_weights(q_w8.T, w_scale, w_spec, axis=0), offset=offset32,
                        requant=requant, report=report)
     geometry: dict[str, Any] = dict(self.conv)
     return Int8Conv(kernel=int8_weights(q_w8, w_scale, w_spec, axis=-1), offset=offset32,
-                    pad_value=jnp.asarray(x_grid.zero_point, jnp.int32), requant=requant,
+                    pad_value=_device.put(x_grid.zero_point, jnp.int32), requant=requant,
                     report=report, **geometry)
 
 
@@ -262,8 +263,8 @@ def int8_weights(q8: np.ndarray, scale: np.ndarray, spec: QuantSpec, *, axis: in
   stored = QuantSpec(bits=spec.bits, signed=True, symmetric=True,
                      narrow_range=spec.narrow_range, axis=axis if spec.per_channel else None)
   scale = np.asarray(scale, np.float32)
-  return QArray(jnp.asarray(q8, jnp.int8), jnp.asarray(scale),
-                jnp.zeros(scale.shape, jnp.int32), stored)
+  return QArray(_device.put(q8, jnp.int8), _device.put(scale),
+                _device.put(np.zeros(scale.shape, np.int32)), stored)
 
 
 def weight_source(observer: Any, learnable: bool, weights: str) -> str:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qjax import _device
 from qjax import _float32
 from qjax._struct import static, struct
 from qjax.integer import arith
@@ -142,7 +143,7 @@ class PoolForm(Form):
   def lower(self, lowering: Lowering) -> Int8AvgPool:
     (grid,) = lowering.inputs
     lo, hi = grid.bounds
-    return Int8AvgPool(zero_point=jnp.asarray(grid.zero_point, jnp.int32), window=self.window,
+    return Int8AvgPool(zero_point=_device.put(grid.zero_point, jnp.int32), window=self.window,
                        strides=self.strides, padding=self.padding,
                        count_include_pad=self.count_include_pad, shift=grid.shift, lo=lo,
                        hi=hi, integer=lowering.requant is Requant.INTEGER)

@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qjax import _device
 from qjax._struct import struct
 from qjax.integer.forms.base import Form, Lowering, int8_input
 
@@ -43,4 +44,4 @@ class ReLUForm(Form):
 
   def lower(self, lowering: Lowering) -> Int8ReLU:
     (grid,) = lowering.inputs
-    return Int8ReLU(zero_point=jnp.asarray(grid.zero_point, jnp.int32))
+    return Int8ReLU(zero_point=_device.put(grid.zero_point, jnp.int32))

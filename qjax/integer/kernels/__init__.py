@@ -309,7 +309,10 @@ def pack(kernel_t: jax.typing.ArrayLike) -> PackedWeights:
   padded = xp.pad(a, ((0, p * PANEL - n), (0, g * GROUP - k)))
   panels = xp.transpose(padded.reshape(p, PANEL, g, GROUP), (0, 2, 1, 3))
   sums = xp.sum(a, axis=1, dtype=xp.int32)
-  return PackedWeights(panels=jnp.asarray(panels), column_sums=jnp.asarray(sums), n=n, k=k)
+  if xp is np:  # device_put compiles nothing (jnp.asarray compiles a copy per shape)
+    return PackedWeights(panels=jax.device_put(panels), column_sums=jax.device_put(sums),
+                         n=n, k=k)
+  return PackedWeights(panels=panels, column_sums=sums, n=n, k=k)
 
 
 # The weights `matmul` and friends take: int8 (N, K), or the same packed.
