@@ -173,22 +173,13 @@ def im2col(x: jax.Array, window: Sequence[int], strides: Sequence[int],
   spatial = x.shape[1:-1]
   out = [(s - ((w - 1) * d + 1)) // st + 1
          for s, w, d, st in zip(spatial, window, dilation, strides, strict=True)]
-  # One spatial axis at a time, the last first: the window's offsets along that axis as
-  # strided slices concatenated on the features, which become (offset, features so far).
-  # 2 x 5 slices for a 5 x 5 window instead of 25: XLA:CPU runs each slice as its own pass.
-  for axis in reversed(range(1, x.ndim - 1)):
-    a = axis - 1
-    cols = []
-    for o in range(window[a]):
-      starts = [0] * x.ndim
-      limits = list(x.shape)
-      step = [1] * x.ndim
-      starts[axis] = o * dilation[a]
-      limits[axis] = starts[axis] + (out[a] - 1) * strides[a] + 1
-      step[axis] = strides[a]
-      cols.append(lax.slice(x, starts, limits, step))
-    x = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
-  return x
+  cols = []
+  for offsets in np.ndindex(*window):
+    starts = [0] + [o * d for o, d in zip(offsets, dilation, strict=True)] + [0]
+    limits = ([x.shape[0]] + [st0 + (n - 1) * st + 1 for st0, n, st in
+                              zip(starts[1:-1], out, strides, strict=True)] + [x.shape[-1]])
+    cols.append(lax.slice(x, starts, limits, [1] + list(strides) + [1]))
+  return jnp.concatenate(cols, axis=-1)
 
 
 def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],

@@ -5,8 +5,6 @@ pooling and an unfused ReLU, as Flax modules with an integer form each.
     y = FQ_out(concat(xs))       QuantConcat
     y = avg_pool(x)              AvgPool / AvgPool(window=None): global average pooling
     y = relu(x)                  QuantReLU (on the input's grid: max(q, Z) in mode "int8")
-    y = max_pool(x)              nn.max_pool on any dtype (int8 in mode "int8": max commutes
-                                 with the monotone quantization), non-overlapping windows fast
 
 The joins observe their output (quant_stats/<module>/output), as FloatFunctional's
 activation_post_process does, so that the integer form requantizes to that grid; the inputs
@@ -18,8 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-import numpy as np
 
 import flax.linen as nn
 import jax
@@ -251,47 +247,3 @@ class QuantReLU(nn.Module):
     if mode is Mode.INT8 and jnp.asarray(x).dtype == jnp.int8:
       return _integer.run(self, _where(self), Int8ReLU, x)
     return forms.mark_same_grid(self, nn.relu(forms.mark_input(self, x, ReLUForm())))
-
-
-def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
-             padding: str = "VALID") -> jax.Array:
-  """`flax.linen.max_pool(x, window_shape, strides, padding)`, on float or int8 x.
-
-    y[b, p, c] = max_{w in window} x[b, p * stride + w, c]
-
-  Max commutes with quantization (a monotone map), so the same call pools a float tensor
-  and its int8 values in mode "int8". Non-overlapping windows (strides == window_shape,
-  padding "VALID", x with a batch axis) run as the maximum of prod(window_shape) strided
-  slices, which XLA:CPU runs ~3x faster than the reduce_window of nn.max_pool (LeNet-5's 2 x 2
-  pools at batch 256: 0.19 against 0.54 ms on int8); other geometries call nn.max_pool. The
-  values are nn.max_pool's (where two zeros of opposite sign tie, either may be returned).
-
-  Args:
-    x: (batch, *spatial, features).
-    window_shape: the window, one size per spatial axis.
-    strides: the step per spatial axis (None: 1, nn.max_pool's default).
-    padding: "VALID", "SAME" or explicit pairs, as nn.max_pool.
-
-  Returns:
-    The pooled x, x's dtype.
-
-  Example:
-    >>> x = jnp.arange(16, dtype=jnp.int8).reshape(1, 4, 4, 1)
-    >>> max_pool(x, (2, 2), strides=(2, 2))[0, :, :, 0]
-    Array([[ 5,  7],
-           [13, 15]], dtype=int8)
-  """
-  window = tuple(int(w) for w in window_shape)
-  steps = tuple(int(s) for s in strides) if strides is not None else (1,) * len(window)
-  if not (isinstance(padding, str) and padding == "VALID" and steps == window
-          and jnp.ndim(x) == len(window) + 2 and all(w >= 1 for w in window)):
-    return nn.max_pool(x, window, strides=steps, padding=padding)
-  x = jnp.asarray(x)
-  out = None
-  for offsets in np.ndindex(*window):
-    index = (slice(None),) + tuple(slice(o, o + (n // w) * w, w) for o, n, w in
-                                   zip(offsets, x.shape[1:-1], window, strict=True))
-    part = x[index + (slice(None),)]
-    out = part if out is None else jnp.maximum(out, part)
-  assert out is not None
-  return out
