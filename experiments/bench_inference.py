@@ -11,8 +11,10 @@ them experiments.models' QuantMLP / QuantLeNet5 with fused ReLUs, this times one
     XLA int8 dot_general / convolution;
   * int8 (fbgemm, native) / (float, native) / (integer, native): the same with that requant,
     traced with QJAX_INT8_KERNEL=native: Dense layers on qjax's C++ int8 kernel (weights
-    pre-packed by `for_serving`; "fbgemm" requantizes inside the kernel), convolutions on
-    XLA. Skipped where the kernel does not run (not built, not a CPU backend);
+    pre-packed by `for_serving`; "fbgemm" and "float" requantize inside the kernel), and
+    convolutions of several input channels too (the kernel gathers their patches); one
+    input channel stays on XLA's int32 convolution. Skipped where the kernel does not run
+    (not built, not a CPU backend);
   * torch x86 int8: PyTorch's eager-mode converted model (fused Linear/Conv + ReLU,
     get_default_qconfig("x86"), engine "x86", torch.set_num_threads(all cores)), on the same
     weights and calibration batches.
@@ -257,13 +259,14 @@ def build(case: Case, qconfig_name: str = "x86") -> Built:
 
 _HLO_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z]\w*)\[")
 _HLO_CONTRACTION = re.compile(r"\b(dot|convolution|custom-call)\(([^)]*)\)")
-_NATIVE_TARGET = 'custom_call_target="qjax_int8_gemm'
+_NATIVE_TARGETS = ('custom_call_target="qjax_int8_gemm',
+                   'custom_call_target="qjax_int8_conv')
 
 
 def hlo_int8_contractions(hlo_text: str) -> tuple[int, int]:
   """(dot / convolution ops with int8 operands, all of them) in an optimised HLO module;
-  calls of qjax's native int8 GEMM count as contractions, int8 when both their first two
-  operands (activations, weights) are."""
+  calls of qjax's native int8 GEMM and convolution count as contractions, int8 when both
+  their first two operands (activations, weights) are."""
   dtypes = {}
   for line in hlo_text.splitlines():
     match = _HLO_DEF.match(line)
@@ -276,7 +279,7 @@ def hlo_int8_contractions(hlo_text: str) -> tuple[int, int]:
       continue
     operands = [o.split()[-1].lstrip("%") for o in match.group(2).split(",") if o.strip()]
     if match.group(1) == "custom-call":
-      if _NATIVE_TARGET not in line:
+      if not any(target in line for target in _NATIVE_TARGETS):
         continue
       operands = operands[:2]
     total += 1

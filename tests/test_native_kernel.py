@@ -449,7 +449,8 @@ def test_packed_layout_and_errors():
 
 
 # ------------------------------------------------------------------------------------------
-# Convolutions: the native GEMM of the patches against XLA's convolution.
+# Convolutions: the native GEMM of the patches (gathered by the kernel in 2-D) against XLA's
+# convolution.
 
 CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((2, 14, 14, 6), (5, 5, 6, 16), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # LeNet-5's conv2
@@ -460,13 +461,17 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((2, 7, 7, 4), (3, 3, 2, 6), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # groups: XLA
     ((0, 6, 6, 3), (3, 3, 3, 2), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # empty batch
     ((1, 3, 3, 2), (2, 2, 2, 5), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # M = 4
+    ((2, 7, 9, 3), (2, 3, 3, 5), (1, 2), ((0, 1), (1, 1)), (1, 2), 1),  # column dilation
+    ((1, 4, 5, 70), (2, 2, 70, 18), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # 140-byte runs
+    ((2, 6, 6, 8), (3, 3, 8, 140), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # > 128 channels
+    ((2, 10, 3), (3, 3, 4), (2,), ((1, 2),), (1,), 1),  # 1-D: XLA's patches
 ]
 
 
 def test_conv_matches_xla():
   """Int8 outputs of kernels.conv on every native path equal XLA's convolution +
   requantization: padding with a nonzero zero point, strides, dilation, random operands and
-  all -128; fbgemm (fused) and float requantizers."""
+  all -128; fbgemm (fused), float and integer requantizers."""
   rng = np.random.default_rng(11)
   runs = []  # (x, w, offset, requant, geometry, extreme)
   for i, (x_shape, k_shape, strides, padding, dilation, groups) in enumerate(CONVS):
@@ -485,6 +490,10 @@ def test_conv_matches_xla():
     if i % 2:
       requants.append(rq.FloatRequant(multiplier=np.float32(60 / (5500 * np.sqrt(k))),
                                       zero_point=np.int32(-4), lo=-128, hi=127, relu=False))
+    if i % 4 == 1:
+      m0, shift = arith.quantize_multiplier(np.full(cout, 40 / (5500 * np.sqrt(k))))
+      requants.append(rq.IntegerRequant(m0=jax.device_put(m0), shift=jax.device_put(shift),
+                                        zero_point=np.int32(2), lo=-128, hi=127, relu=False))
     runs += [(x, w, offset, r, geometry, extreme) for r in requants]
   # XLA and every native path on every case in one program: one compilation.
   results = jax.jit(lambda operands: [

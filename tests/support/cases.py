@@ -198,14 +198,15 @@ def all_eqns(jaxpr):
 
 def contractions(jaxpr) -> list:
   """The dot_general and conv_general_dilated equations of `all_eqns(jaxpr)`, and the calls
-  of qjax's native int8 GEMM (`qjax.integer.kernels`)."""
+  of qjax's native int8 GEMM and convolution (`qjax.integer.kernels`)."""
   return [e for e in all_eqns(jaxpr)
           if e.primitive.name in ("dot_general", "conv_general_dilated") or _is_native(e)]
 
 
 def _is_native(eqn) -> bool:
-  return (eqn.primitive.name == "ffi_call"
-          and str(eqn.params.get("target_name", "")).startswith("qjax_int8_gemm"))
+  target = str(eqn.params.get("target_name", ""))
+  return eqn.primitive.name == "ffi_call" and target.startswith(("qjax_int8_gemm",
+                                                                 "qjax_int8_conv"))
 
 
 def assert_int8_contractions(jaxpr) -> dict[str, int]:

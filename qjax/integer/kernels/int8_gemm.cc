@@ -16,6 +16,10 @@
 // (row, channel) pair (on vnni with w + 128 as the unsigned operand, -128 sum_k x[m, k] the
 // correction).
 // int32 sums wrap modulo 2^32 on every path (uint32 arithmetic), like XLA's int32 dot.
+//
+// 2-D convolutions (NHWC, valid: the caller pads) are the same GEMM on their patches: on vnni
+// each block of 6 output pixels' patches is gathered into L1 just before its tiles (masked
+// loads, flipped to unsigned on the way); avx2 and portable gather all patches first.
 
 #include <algorithm>
 #include <atomic>
@@ -376,7 +380,7 @@ struct Scratch {
   }
 };
 
-thread_local Scratch tls_wpack, tls_xpack, tls_misc, tls_sums, tls_xrows;
+thread_local Scratch tls_wpack, tls_xpack, tls_misc, tls_sums, tls_xrows, tls_patches;
 
 // Packs w (N, K) into [N/16][Kp/4][16][4] (zero padded) and returns the column sums.
 void PackPanels(const int8_t* w, int64_t N, int64_t K, int64_t Kp, int8_t* packed,
@@ -407,6 +411,72 @@ void PackPanels(const int8_t* w, int64_t N, int64_t K, int64_t Kp, int8_t* packe
         }
       }
     }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// 2-D convolutions, NHWC, valid (the caller pads): the GEMM of their patches,
+//
+//   acc[b, oh, ow, n] = sum_{i, j, c} x[b, oh * SH + i * DH, ow * SW + j * DW, c] w[n, (i, j, c)]
+//
+// with w (N, KH * KW * C) (an HWIO kernel reshaped to (-1, N), transposed). Row m = (b, oh, ow)
+// of the patch matrix is gathered when its block of rows is needed (vnni), or all of them
+// first (avx2, portable).
+
+struct ConvGeom {
+  int64_t B = 0, H = 0, W = 0, C = 0, KH = 1, KW = 1, SH = 1, SW = 1, DH = 1, DW = 1;
+  int64_t OH = 0, OW = 0;
+  int64_t K() const { return KH * KW * C; }
+  int64_t M() const { return B * OH * OW; }
+};
+
+// The first input byte of output pixel m's window, and a walk over the pixels from there
+// (integer division once per block of rows, not per row).
+struct PixelWalk {
+  const ConvGeom& g;
+  int64_t b, oh, ow;
+  PixelWalk(const ConvGeom& geom, int64_t m) : g(geom) {
+    ow = m % g.OW;
+    const int64_t t = m / g.OW;
+    oh = t % g.OH;
+    b = t / g.OH;
+  }
+  const int8_t* Base(const int8_t* x) const {
+    return x + ((b * g.H + oh * g.SH) * g.W + ow * g.SW) * g.C;
+  }
+  void Next() {
+    if (++ow == g.OW) {
+      ow = 0;
+      if (++oh == g.OH) {
+        oh = 0;
+        ++b;
+      }
+    }
+  }
+};
+
+// Row of the patch matrix (K bytes in (i, j, c) order) whose window starts at base, into dst.
+inline void PatchRow(const int8_t* base, const ConvGeom& g, int8_t* dst) {
+  if (g.DW == 1) {  // a window row is KW * C contiguous bytes
+    const int64_t run = g.KW * g.C;
+    for (int64_t i = 0; i < g.KH; ++i, dst += run) {
+      std::memcpy(dst, base + i * g.DH * g.W * g.C, static_cast<size_t>(run));
+    }
+    return;
+  }
+  for (int64_t i = 0; i < g.KH; ++i) {
+    for (int64_t j = 0; j < g.KW; ++j, dst += g.C) {
+      std::memcpy(dst, base + (i * g.DH * g.W + j * g.DW) * g.C, static_cast<size_t>(g.C));
+    }
+  }
+}
+
+// All M rows of the patch matrix, (M, K) row-major.
+void Im2Col(const int8_t* x, const ConvGeom& g, int8_t* out, int threads) {
+  const int64_t K = g.K();
+  ParallelFor(g.M(), threads, [&](int64_t m0, int64_t m1) {
+    PixelWalk at(g, m0);
+    for (int64_t m = m0; m < m1; ++m, at.Next()) PatchRow(at.Base(x), g, out + m * K);
   });
 }
 
@@ -565,21 +635,12 @@ void VnniRowBlock(const uint8_t* xr, int64_t Kp, const int8_t* packed, int64_t m
   }
 }
 
-// The VNNI GEMM on packed panels ([N/16][Kp/4][16][4]) with the weights' column sums.
-void RunVnniPanels(const int8_t* x, const int8_t* packed, const int32_t* colsum, int64_t M,
-                   int64_t N, int64_t K, const Epilogue& e0, int threads) {
-  const int64_t Kp = (K + 3) / 4 * 4;
-  const int64_t panels = (N + 15) / 16;
-  int32_t* off = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
-  // offset' = offset - 128 * colsum (mod 2^32).
-  for (int64_t n = 0; n < N; ++n) {
-    const uint32_t base = e0.offset ? static_cast<uint32_t>(e0.offset[n]) : 0u;
-    off[n] = static_cast<int32_t>(base - 128u * static_cast<uint32_t>(colsum[n]));
-  }
-  Epilogue e = e0;
-  e.offset = off;
-  // Rows m0..m1 of x + 128 as uint8, Kp bytes a row (zero beyond K: w is zero there too).
-  const auto to_unsigned = [&](int64_t m0, int64_t m1, uint8_t* dst) {
+// Rows m0..m1 of x (M, K) + 128 as uint8 into dst, Kp bytes a row (zero beyond K: w is zero
+// there too).
+struct MatrixRows {
+  const int8_t* x;
+  int64_t K, Kp;
+  void operator()(int64_t m0, int64_t m1, uint8_t* dst) const {
     for (int64_t m = m0; m < m1; ++m, dst += Kp) {
       const int8_t* src = x + m * K;
       int64_t k = 0;
@@ -590,7 +651,65 @@ void RunVnniPanels(const int8_t* x, const int8_t* packed, const int32_t* colsum,
       for (; k < K; ++k) dst[k] = static_cast<uint8_t>(src[k]) ^ 0x80u;
       for (; k < Kp; ++k) dst[k] = 0;
     }
-  };
+  }
+};
+
+// n < 64 bytes from src to dst, each xor 0x80 (masked: nothing read or written beyond n).
+inline void CopyFlip(const int8_t* src, uint8_t* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 64 <= n; k += 64) {
+    const __m512i v = _mm512_loadu_si512(src + k);
+    _mm512_storeu_si512(dst + k, _mm512_xor_si512(v, _mm512_set1_epi8(-128)));
+  }
+  if (k < n) {
+    const __mmask64 tail = (~0ULL) >> (64 - (n - k));
+    const __m512i v = _mm512_maskz_loadu_epi8(tail, src + k);
+    _mm512_mask_storeu_epi8(dst + k, tail, _mm512_xor_si512(v, _mm512_set1_epi8(-128)));
+  }
+}
+
+// The same for the rows of a convolution's patch matrix, gathered from x.
+struct PatchRows {
+  const int8_t* x;
+  ConvGeom g;
+  int64_t Kp;
+  void operator()(int64_t m0, int64_t m1, uint8_t* dst) const {
+    const int64_t K = g.K(), C = g.C, row = g.DH * g.W * C;
+    const int64_t run = g.DW == 1 ? g.KW * C : C;  // contiguous bytes per copy
+    PixelWalk at(g, m0);
+    for (int64_t m = m0; m < m1; ++m, dst += Kp, at.Next()) {
+      const int8_t* base = at.Base(x);
+      uint8_t* d = dst;
+      for (int64_t i = 0; i < g.KH; ++i) {
+        if (g.DW == 1) {
+          CopyFlip(base + i * row, d, run);
+          d += run;
+        } else {
+          for (int64_t j = 0; j < g.KW; ++j, d += C) {
+            CopyFlip(base + i * row + j * g.DW * C, d, C);
+          }
+        }
+      }
+      for (int64_t k = K; k < Kp; ++k) dst[k] = 0;
+    }
+  }
+};
+
+// The VNNI GEMM on packed panels ([N/16][Kp/4][16][4]) with the weights' column sums; rows
+// (+ 128, as uint8) from `to_unsigned` (MatrixRows, PatchRows).
+template <class Rows>
+void RunVnniPanelsOn(const Rows& to_unsigned, const int8_t* packed, const int32_t* colsum,
+                     int64_t M, int64_t N, int64_t K, const Epilogue& e0, int threads) {
+  const int64_t Kp = (K + 3) / 4 * 4;
+  const int64_t panels = (N + 15) / 16;
+  int32_t* off = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
+  // offset' = offset - 128 * colsum (mod 2^32).
+  for (int64_t n = 0; n < N; ++n) {
+    const uint32_t base = e0.offset ? static_cast<uint32_t>(e0.offset[n]) : 0u;
+    off[n] = static_cast<int32_t>(base - 128u * static_cast<uint32_t>(colsum[n]));
+  }
+  Epilogue e = e0;
+  e.offset = off;
   // Row blocks m..m_end of xu (its row m at xrows) against panels p0..p1.
   const auto rows = [&](const uint8_t* xrows, int64_t m, int64_t m_end, int64_t p0,
                         int64_t p1) {
@@ -629,6 +748,22 @@ void RunVnniPanels(const int8_t* x, const int8_t* packed, const int32_t* colsum,
   ParallelFor(groups4, threads, [&](int64_t g0, int64_t g1) {
     rows(xu, 0, M, g0 * 4, std::min(panels, g1 * 4));
   });
+}
+
+void RunVnniPanels(const int8_t* x, const int8_t* packed, const int32_t* colsum, int64_t M,
+                   int64_t N, int64_t K, const Epilogue& e0, int threads) {
+  RunVnniPanelsOn(MatrixRows{x, K, (K + 3) / 4 * 4}, packed, colsum, M, N, K, e0, threads);
+}
+
+// A convolution (w (N, K) as stored, packed here), its patches gathered per block of rows.
+void RunVnniConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t N,
+                 const Epilogue& e0, int threads) {
+  const int64_t K = g.K(), Kp = (K + 3) / 4 * 4;
+  const int64_t panels = (N + 15) / 16;
+  int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
+  int32_t* colsum = static_cast<int32_t*>(tls_sums.Get(panels * 16 * sizeof(int32_t)));
+  PackPanelsVnni(w, N, K, Kp, packed, colsum, threads);
+  RunVnniPanelsOn(PatchRows{x, g, Kp}, packed, colsum, g.M(), N, K, e0, threads);
 }
 
 void RunVnniPacked(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
@@ -1044,6 +1179,92 @@ ffi::Error GemmRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
   return Run(x.typed_data(), w.typed_data(), M, N, K, e, path, threads);
 }
 
+// A 2-D convolution (ConvGeom) with w (N, KH * KW * C) as stored.
+ffi::Error RunConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t N,
+                   const Epilogue& e, int64_t path, int64_t threads_attr) {
+  Path p;
+  ffi::Error err = CheckPath(path, &p);
+  if (err.failure()) return err;
+  const int64_t M = g.M(), K = g.K();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int threads = ThreadsFor(M * N * std::max<int64_t>(K, 1), threads_attr);
+#ifdef QJAX_X86
+  if (p == kVnni) {
+    RunVnniConv(x, g, w, N, e, threads);
+    return ffi::Error::Success();
+  }
+#endif
+  int8_t* patches = static_cast<int8_t*>(tls_patches.Get(M * K));
+  Im2Col(x, g, patches, threads);
+#ifdef QJAX_X86
+  if (p == kAvx2) {
+    RunAvx2Packed(patches, w, M, N, K, e, threads);
+    return ffi::Error::Success();
+  }
+#endif
+  RunPortable(patches, w, M, N, K, e, threads);
+  return ffi::Error::Success();
+}
+
+// x (B, H, W, C), w (N, KH * KW * C), out (B, OH, OW, N) of a valid convolution.
+ffi::Error ConvShapes(const ffi::AnyBuffer::Dimensions& xd, const ffi::AnyBuffer::Dimensions& wd,
+                      const ffi::AnyBuffer::Dimensions& od, size_t offset_count, int64_t kh,
+                      int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                      ConvGeom* g, int64_t* N) {
+  if (xd.size() != 4 || wd.size() != 2 || od.size() != 4) {
+    return ffi::Error::InvalidArgument("qjax int8 conv: x must be (B, H, W, C), w (N, KH*KW*C), "
+                                       "the output (B, OH, OW, N)");
+  }
+  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1) {
+    return ffi::Error::InvalidArgument("qjax int8 conv: window, strides and dilation must be "
+                                       "positive");
+  }
+  g->B = xd[0]; g->H = xd[1]; g->W = xd[2]; g->C = xd[3];
+  g->KH = kh; g->KW = kw; g->SH = sh; g->SW = sw; g->DH = dh; g->DW = dw;
+  const int64_t eh = (kh - 1) * dh + 1, ew = (kw - 1) * dw + 1;
+  g->OH = g->H >= eh ? (g->H - eh) / sh + 1 : 0;
+  g->OW = g->W >= ew ? (g->W - ew) / sw + 1 : 0;
+  *N = wd[0];
+  if (wd[1] != g->K() || static_cast<int64_t>(offset_count) != *N || od[0] != g->B ||
+      od[1] != g->OH || od[2] != g->OW || od[3] != *N) {
+    return ffi::Error::InvalidArgument("qjax int8 conv: w must be (N, KH*KW*C), offset (N,) "
+                                       "and the output (B, OH, OW, N)");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> offset,
+                   ffi::ResultBuffer<ffi::S32> out, int64_t kh, int64_t kw, int64_t sh,
+                   int64_t sw, int64_t dh, int64_t dw, int64_t path, int64_t threads) {
+  ConvGeom g;
+  int64_t N;
+  ffi::Error err = ConvShapes(x.dimensions(), w.dimensions(), out->dimensions(),
+                              offset.element_count(), kh, kw, sh, sw, dh, dw, &g, &N);
+  if (err.failure()) return err;
+  Epilogue e;
+  e.offset = offset.typed_data();
+  e.out32 = out->typed_data();
+  e.ldo = N;
+  return RunConv(x.typed_data(), g, w.typed_data(), N, e, path, threads);
+}
+
+ffi::Error ConvRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                       ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::F32> bias,
+                       ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::S32> zero_point,
+                       ffi::ResultBuffer<ffi::S8> out, int64_t kh, int64_t kw, int64_t sh,
+                       int64_t sw, int64_t dh, int64_t dw, int64_t lo, int64_t hi, bool relu,
+                       int64_t path, int64_t threads) {
+  ConvGeom g;
+  int64_t N;
+  ffi::Error err = ConvShapes(x.dimensions(), w.dimensions(), out->dimensions(),
+                              offset.element_count(), kh, kw, sh, sw, dh, dw, &g, &N);
+  if (err.failure()) return err;
+  Epilogue e;
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
+  if (err.failure()) return err;
+  return RunConv(x.typed_data(), g, w.typed_data(), N, e, path, threads);
+}
+
 // Pre-packed weights: panels (ceil(N/16), ceil(K/4), 16, 4), column sums (N,), N = the
 // offset's length, K = x's last dimension.
 ffi::Error PackedShapes(const ffi::AnyBuffer::Dimensions& xd,
@@ -1375,6 +1596,42 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmPackedRequant, PackedRequant,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int64_t>("lo")
+                                  .Attr<int64_t>("hi")
+                                  .Attr<bool>("relu")
+                                  .Attr<int64_t>("path")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvS32, ConvS32,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("path")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvRequant, ConvRequant,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
                                   .Attr<int64_t>("lo")
                                   .Attr<int64_t>("hi")
                                   .Attr<bool>("relu")
