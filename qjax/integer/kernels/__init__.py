@@ -702,9 +702,10 @@ def _native_conv2d(x: jax.Array, weights: jax.Array, out: tuple[int, ...], offse
   the native kernel, requantized as `dense` does."""
   n = weights.shape[0]
   shape = (x.shape[0], *out, n)
-  geometry = dict(kh=np.int64(window[0]), kw=np.int64(window[1]), sh=np.int64(strides[0]),
-                  sw=np.int64(strides[1]), dh=np.int64(dilation[0]), dw=np.int64(dilation[1]),
-                  path=np.int64(_PATH_IDS[path]), threads=np.int64(0))
+  geometry = {"kh": np.int64(window[0]), "kw": np.int64(window[1]),
+              "sh": np.int64(strides[0]), "sw": np.int64(strides[1]),
+              "dh": np.int64(dilation[0]), "dw": np.int64(dilation[1]),
+              "path": np.int64(_PATH_IDS[path]), "threads": np.int64(0)}
   offset = _offset(offset, n)
   if isinstance(requant, rq.FloatRequant):
     # As in `dense`: rne(f32(acc) * M) is the fused epilogue with a zero bias.
