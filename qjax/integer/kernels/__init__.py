@@ -79,6 +79,7 @@ _TARGET_ROUND = "qjax_int8_round"
 _TARGET_ROUND_ROWS = "qjax_int8_round_rows"
 _TARGET_CONV_S32 = "qjax_int8_conv_s32"
 _TARGET_CONV_REQUANT = "qjax_int8_conv_requant"
+_TARGET_REQUANT_S32 = "qjax_int8_requant_s32"
 # The panel layout of pre-packed weights: PANEL output channels x GROUP inputs per block.
 PANEL, GROUP = 16, 4
 
@@ -120,6 +121,8 @@ def _load() -> int:
                                 platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_CONV_REQUANT,
                                 jax.ffi.pycapsule(lib.QjaxInt8ConvRequant), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_REQUANT_S32, jax.ffi.pycapsule(lib.QjaxInt8RequantS32),
+                                platform="cpu")
   except (OSError, AttributeError) as error:
     warnings.warn(f"qjax.integer.kernels: the native int8 GEMM library {path} could not be "
                   f"loaded ({error}); the integer path runs on XLA's dot_general.",
@@ -527,30 +530,40 @@ def dense(x: jax.Array, kernel_t: Weights, offset: jax.Array, requant: rq.Requan
     return matmul_requant(x, kernel_t, offset, requant, kernel=kernel)
   path = resolve(kernel, macs=_macs(x, kernel_t))
   if path != "xla" and isinstance(requant, rq.FloatRequant):
-    # rne(f32(acc) * M) is the fused epilogue's rne((f32(acc) + 0) * M): adding a float 0 to
-    # an integer-valued float changes nothing.
-    fused = rq.FbgemmRequant(bias=jnp.zeros((kernel_t.shape[0],), jnp.float32),
-                             multiplier=requant.multiplier, zero_point=requant.zero_point,
-                             lo=requant.lo, hi=requant.hi, relu=requant.relu)
-    return matmul_requant(x, kernel_t, offset, fused, kernel=path)
-  return _requantize(matmul(x, kernel_t, offset, kernel=path), requant, path)
+    return matmul_requant(x, kernel_t, offset, _as_fbgemm(requant, kernel_t.shape[0]),
+                          kernel=path)
+  return _requantize(matmul(x, kernel_t, offset, kernel=path), None, requant, path)
 
 
-def _requantize(acc: jax.Array, requant: rq.Requantizer, path: str) -> jax.Array:
-  """`requant(acc)`; on a native path the float requantizers' rounding and narrowing go
-  through `round_to_int8` (y formed by XLA as the requantizer forms it: the same integers)."""
-  if path == "xla" or not isinstance(requant, (rq.FbgemmRequant, rq.FloatRequant)):
-    return requant(acc)
-  y = acc.astype(jnp.float32)
+def _as_fbgemm(requant: rq.FbgemmRequant | rq.FloatRequant, n: int) -> rq.FbgemmRequant:
+  """A FloatRequant as the fused epilogue's formula with a zero bias: rne(f32(acc) * M) is
+  rne((f32(acc) + 0) * M) (adding a float 0 to an integer-valued float changes nothing)."""
   if isinstance(requant, rq.FbgemmRequant):
-    y = y + rq.channels(requant.bias, acc.ndim)
-  y = y * rq.channels(requant.multiplier, acc.ndim)
-  zp = jnp.asarray(requant.zero_point, jnp.int32)
-  low = jnp.maximum(jnp.int32(requant.lo), zp) if requant.relu else jnp.int32(requant.lo)
-  low, high = low - zp, jnp.int32(requant.hi) - zp
-  # XLA converts a NaN to 0 before the clamp (arith.clamp_to_int8).
-  nan_value = jnp.clip(jnp.int32(0), low, high) + zp
-  return round_to_int8(y, low, high, zp, nan_value, kernel=path)
+    return requant
+  return rq.FbgemmRequant(bias=jnp.zeros((n,), jnp.float32), multiplier=requant.multiplier,
+                          zero_point=requant.zero_point, lo=requant.lo, hi=requant.hi,
+                          relu=requant.relu)
+
+
+def _requantize(acc: jax.Array, offset: jax.Array | None, requant: rq.Requantizer,
+                path: str) -> jax.Array:
+  """`requant(acc + offset)` for an int32 acc (..., N) made outside the kernel; on a native
+  path the float requantizers run as the kernel's fused epilogue, one pass from int32 to int8
+  (no float intermediate in memory: at LeNet-5's first layer, batch 1024, XLA's float array
+  and its fresh pages cost more than the convolution)."""
+  if path == "xla" or not isinstance(requant, (rq.FbgemmRequant, rq.FloatRequant)):
+    return requant(acc if offset is None else acc + rq.channels(
+        jnp.asarray(offset, jnp.int32), acc.ndim))
+  n = acc.shape[-1]
+  fused = _as_fbgemm(requant, n)
+  call = jax.ffi.ffi_call(_TARGET_REQUANT_S32, jax.ShapeDtypeStruct(acc.shape, jnp.int8),
+                          vmap_method="sequential")
+  return call(acc, _offset(offset, n),
+              jnp.broadcast_to(jnp.asarray(fused.bias, jnp.float32), (n,)),
+              jnp.broadcast_to(jnp.asarray(fused.multiplier, jnp.float32), (n,)),
+              jnp.asarray(fused.zero_point, jnp.int32).reshape((1,)),
+              lo=np.int64(fused.lo), hi=np.int64(fused.hi), relu=bool(fused.relu),
+              path=np.int64(_PATH_IDS[path]))
 
 
 def round_to_int8(y: jax.Array, low: jax.typing.ArrayLike, high: jax.typing.ArrayLike,
@@ -690,9 +703,9 @@ def conv(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, requant: rq.Re
       return dense(patches, weights, offset, requant, kernel=path)
   acc = arith.conv(x, kernel_hwio, strides=strides, padding=padding, dilation=dilation,
                    feature_group_count=groups, pad_value=pad_value)
-  acc = acc + rq.channels(jnp.asarray(offset, jnp.int32), acc.ndim)
-  # XLA's convolution; its requantization's rounding native.
-  return _requantize(acc, requant, resolve(kernel, macs=int(np.prod(acc.shape, dtype=np.int64))))
+  # XLA's convolution; its requantization native.
+  return _requantize(acc, offset, requant,
+                     resolve(kernel, macs=int(np.prod(acc.shape, dtype=np.int64))))
 
 
 def _native_conv2d(x: jax.Array, weights: jax.Array, out: tuple[int, ...], offset: jax.Array,
@@ -707,12 +720,8 @@ def _native_conv2d(x: jax.Array, weights: jax.Array, out: tuple[int, ...], offse
               "dh": np.int64(dilation[0]), "dw": np.int64(dilation[1]),
               "path": np.int64(_PATH_IDS[path]), "threads": np.int64(0)}
   offset = _offset(offset, n)
-  if isinstance(requant, rq.FloatRequant):
-    # As in `dense`: rne(f32(acc) * M) is the fused epilogue with a zero bias.
-    requant = rq.FbgemmRequant(bias=jnp.zeros((n,), jnp.float32),
-                               multiplier=requant.multiplier, zero_point=requant.zero_point,
-                               lo=requant.lo, hi=requant.hi, relu=requant.relu)
-  if isinstance(requant, rq.FbgemmRequant):
+  if isinstance(requant, (rq.FbgemmRequant, rq.FloatRequant)):
+    requant = _as_fbgemm(requant, n)
     call = jax.ffi.ffi_call(_TARGET_CONV_REQUANT, jax.ShapeDtypeStruct(shape, jnp.int8),
                             vmap_method="sequential")
     return call(x, weights, offset,
@@ -723,7 +732,7 @@ def _native_conv2d(x: jax.Array, weights: jax.Array, out: tuple[int, ...], offse
                 **geometry)
   call = jax.ffi.ffi_call(_TARGET_CONV_S32, jax.ShapeDtypeStruct(shape, jnp.int32),
                           vmap_method="sequential")
-  return _requantize(call(x, weights, offset, **geometry), requant, path)
+  return _requantize(call(x, weights, offset, **geometry), None, requant, path)
 
 
 def quantize_samples(x: jax.Array, spec: numerics.QuantSpec, scale: jax.Array,

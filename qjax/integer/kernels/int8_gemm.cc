@@ -766,6 +766,19 @@ void RunVnniConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t N,
   RunVnniPanelsOn(PatchRows{x, g, Kp}, packed, colsum, g.M(), N, K, e0, threads);
 }
 
+// The epilogue alone, on int32 rows m0..m1 of acc (M, N) computed elsewhere.
+void EpilogueRowsVnni(const int32_t* acc, int64_t m0, int64_t m1, int64_t N,
+                      const Epilogue& e) {
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t n = 0; n < N; n += 16) {
+      const int64_t left = N - n;
+      const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                         : static_cast<__mmask16>((1u << left) - 1);
+      Epilogue16(e, m, n, _mm512_maskz_loadu_epi32(valid, acc + m * N + n), valid);
+    }
+  }
+}
+
 void RunVnniPacked(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
                    const Epilogue& e0, int threads) {
   const int64_t Kp = (K + 3) / 4 * 4;
@@ -1032,6 +1045,40 @@ void RunAvx2Dot(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t 
   });
 }
 
+// The epilogue alone, on int32 rows m0..m1 of acc (M, N) computed elsewhere (Epilogue8's
+// formula; a tail of fewer than 8 channels through masked loads).
+void EpilogueRowsAvx2(const int32_t* acc, int64_t m0, int64_t m1, int64_t N,
+                      const Epilogue& e) {
+  for (int64_t m = m0; m < m1; ++m) {
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8) {
+      Epilogue8(e, m, n, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * N + n)),
+                8);
+    }
+    if (n == N) continue;
+    const int64_t valid = N - n;
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(valid)),
+                                            lanes);
+    __m256i a = _mm256_maskload_epi32(acc + m * N + n, mask);
+    a = _mm256_add_epi32(a, _mm256_maskload_epi32(e.offset + n, mask));
+    const __m256 y = _mm256_mul_ps(
+        _mm256_add_ps(_mm256_cvtepi32_ps(a), _mm256_maskload_ps(e.bias + n, mask)),
+        _mm256_maskload_ps(e.mult + n, mask));
+    const __m256 nan = _mm256_cmp_ps(y, y, _CMP_UNORD_Q);
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(e.lo_f)),
+                                   _mm256_set1_ps(e.hi_f));
+    __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT |
+                                                          _MM_FROUND_NO_EXC));
+    q = _mm256_blendv_epi8(q, _mm256_set1_epi32(e.q_nan), _mm256_castps_si256(nan));
+    q = _mm256_add_epi32(q, _mm256_set1_epi32(e.zp));
+    alignas(32) int32_t tmp[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), q);
+    int8_t* dst = e.out8 + m * e.ldo + n;
+    for (int64_t j = 0; j < valid; ++j) dst[j] = static_cast<int8_t>(tmp[j]);
+  }
+}
+
 #pragma GCC pop_options
 
 #endif  // QJAX_X86
@@ -1263,6 +1310,47 @@ ffi::Error ConvRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
   err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
   if (err.failure()) return err;
   return RunConv(x.typed_data(), g, w.typed_data(), N, e, path, threads);
+}
+
+// The fused requantization alone, on an int32 accumulator (..., N) that XLA computed (a
+// convolution the kernel does not take): no float intermediate in memory.
+ffi::Error RequantS32(ffi::Buffer<ffi::S32> acc, ffi::Buffer<ffi::S32> offset,
+                      ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mult,
+                      ffi::Buffer<ffi::S32> zero_point, ffi::ResultBuffer<ffi::S8> out,
+                      int64_t lo, int64_t hi, bool relu, int64_t path) {
+  Path p;
+  ffi::Error err = CheckPath(path, &p);
+  if (err.failure()) return err;
+  const auto dims = acc.dimensions();
+  if (dims.size() < 1 || static_cast<int64_t>(offset.element_count()) != dims.back()) {
+    return ffi::Error::InvalidArgument("qjax int8 requant: acc must be (..., N), offset (N,)");
+  }
+  const int64_t N = dims.back();
+  const int64_t M = N ? static_cast<int64_t>(acc.element_count()) / N : 0;
+  Epilogue e;
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
+  if (err.failure()) return err;
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int32_t* a = acc.typed_data();
+  const auto run = [&](int64_t m0, int64_t m1) {
+#ifdef QJAX_X86
+    if (p == kVnni) return EpilogueRowsVnni(a, m0, m1, N, e);
+    if (p == kAvx2) return EpilogueRowsAvx2(a, m0, m1, N, e);
+#endif
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t n = 0; n < N; ++n) ScalarEpilogue(e, m, n, a[m * N + n]);
+    }
+  };
+  const int64_t rows_per_block = std::max<int64_t>(1, (int64_t{1} << 16) / N);
+  const int64_t blocks = (M + rows_per_block - 1) / rows_per_block;
+  if (blocks >= 8) {  // ~0.5M elements: both cores
+    ParallelFor(blocks, HardwareThreads(), [&](int64_t b0, int64_t b1) {
+      run(b0 * rows_per_block, std::min(M, b1 * rows_per_block));
+    });
+  } else {
+    run(0, M);
+  }
+  return ffi::Error::Success();
 }
 
 // Pre-packed weights: panels (ceil(N/16), ceil(K/4), 16, 4), column sums (N,), N = the
@@ -1637,6 +1725,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvRequant, ConvRequant,
                                   .Attr<bool>("relu")
                                   .Attr<int64_t>("path")
                                   .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8RequantS32, RequantS32,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int64_t>("lo")
+                                  .Attr<int64_t>("hi")
+                                  .Attr<bool>("relu")
+                                  .Attr<int64_t>("path"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8Round, RoundInt8,
                               ffi::Ffi::Bind()
