@@ -1,7 +1,7 @@
 """Inference time of qjax's integer path against float32 and PyTorch's x86 int8 models.
 
-For each (model, batch): the MNIST MLP (784-100-100-10) at batch 1, 64 and 1024, LeNet-5 (32x32
-inputs) at batch 256 and a 4096-4096-4096 MLP (two 4096 x 4096 layers) at batch 256, all of
+For each (model, batch): the MNIST MLP (784-100-100-10) and LeNet-5 (32x32 inputs) at batch 1,
+64, 256 and 1024 and a 4096-4096-4096 MLP (two 4096 x 4096 layers) at batch 256, all of
 them experiments.models' QuantMLP / QuantLeNet5 with fused ReLUs, this times one call of:
 
   * float32: the jitted float apply of the qjax.nn model (mode="float", params only);
@@ -205,8 +205,9 @@ class Case:
 
 
 MNIST_MLP = (784, 100, 100, 10)
-CASES = (*(Case(kind="mlp", dims=MNIST_MLP, batch=b) for b in (1, 64, 1024)),
-         Case(kind="lenet5", batch=256), Case(kind="mlp", dims=(4096, 4096, 4096), batch=256))
+CASES = (*(Case(kind="mlp", dims=MNIST_MLP, batch=b) for b in (1, 64, 256, 1024)),
+         *(Case(kind="lenet5", batch=b) for b in (1, 64, 256, 1024)),
+         Case(kind="mlp", dims=(4096, 4096, 4096), batch=256))
 QUICK_CASES = (*(Case(kind="mlp", dims=MNIST_MLP, batch=b) for b in (1, 8, 16)),
                Case(kind="lenet5", batch=4), Case(kind="mlp", dims=(64, 64, 64), batch=4))
 
