@@ -469,6 +469,27 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
 ]
 
 
+def _random_convs(count: int, seed: int) -> list:
+  """Random 2-D geometries (each output at least 1 x 1): windows, strides, dilations and
+  paddings of 1-3, 2-70 input channels, 1-40 output channels."""
+  rng = np.random.default_rng(seed)
+  cases = []
+  while len(cases) < count:
+    b, c, n = int(rng.integers(1, 4)), int(rng.choice([2, 3, 5, 8, 17, 70])), int(
+        rng.integers(1, 41))
+    window, strides, dilation = (tuple(int(v) for v in rng.integers(1, 4, 2)) for _ in range(3))
+    padding = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (2, 2)))
+    spatial = tuple(int(v) for v in rng.integers(1, 10, 2))
+    if any(s + lo + hi < (w - 1) * d + 1 for s, (lo, hi), w, d in
+           zip(spatial, padding, window, dilation, strict=True)):
+      continue
+    cases.append(((b, *spatial, c), (*window, c, n), strides, padding, dilation, 1))
+  return cases
+
+
+CONVS += _random_convs(8, seed=3)
+
+
 def test_conv_matches_xla():
   """Int8 outputs of kernels.conv on every native path equal XLA's convolution +
   requantization: padding with a nonzero zero point, strides, dilation, random operands and
