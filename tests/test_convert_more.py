@@ -115,8 +115,8 @@ def test_same_integers_fewer_leaves(calibrated, requant):
     *(pytest.param("float", kernel, marks=pytest.mark.slow)
       for kernel in kernels.native_paths())])
 def test_packed_serving_tree(calibrated, requant, kernel, tmp_path, monkeypatch):
-  """Dense weights pre-packed for the native kernel: same integers on every path, stored and
-  loaded by qjax.io."""
+  """Dense and convolution weights pre-packed for the native kernel: same integers on every
+  path, stored and loaded by qjax.io."""
   model, variables, x = calibrated
   full = qjax.convert(model, variables, x, requant=requant)
   packed = qjax.for_serving(full, pack=True)
@@ -127,8 +127,11 @@ def test_packed_serving_tree(calibrated, requant, kernel, tmp_path, monkeypatch)
                                 np.asarray(full_fc1.kernel.qvalue))
   np.testing.assert_array_equal(np.asarray(fc1.kernel.column_sums),
                                 np.asarray(full_fc1.kernel.qvalue, np.int64).sum(axis=1))
-  conv = packed[integer.COLLECTION]["conv"]["op"]
-  assert isinstance(conv.kernel, QArray)  # convolutions keep their HWIO kernel
+  conv, full_conv = (t[integer.COLLECTION]["conv"]["op"] for t in (packed, full))
+  assert isinstance(conv.kernel, kernels.PackedConvWeights)  # 2-D, two input channels
+  assert conv.kernel.shape == full_conv.kernel.shape
+  np.testing.assert_array_equal(np.asarray(conv.kernel.unpack()),
+                                np.asarray(full_conv.kernel.qvalue))
   monkeypatch.setenv(kernels.ENV_VAR, kernel)
   qio.save(tmp_path / "packed.qjax", packed)
   loaded = qio.load(tmp_path / "packed.qjax")

@@ -517,19 +517,37 @@ def test_conv_matches_xla():
       requants.append(rq.IntegerRequant(m0=jax.device_put(m0), shift=jax.device_put(shift),
                                         zero_point=np.int32(2), lo=-128, hi=127, relu=False))
     runs += [(x, w, offset, r, geometry, extreme) for r in requants]
-  # XLA and every native path on every case in one program: one compilation.
+  # XLA and every native path on every case, the kernel as it is and packed (`pack_conv`,
+  # read as it is by the native 2-D convolution), in one program: one compilation.
+  paths = [(p, packed) for packed in (False, True) for p in ("xla", *AVAILABLE)][1:]
   results = jax.jit(lambda operands: [
-      [kernels.conv(x, w, o, r, **run[4], kernel=p) for p in ("xla", *AVAILABLE)]
-      for (x, w, o, r), run in zip(operands, runs, strict=True)])(
-          [(x, w, o, r) for x, w, o, r, *_ in runs])
+      [kernels.conv(x, pw if packed else w, o, r, **run[4], kernel=p) for p, packed in
+       [("xla", False), *paths]]
+      for (x, w, pw, o, r), run in zip(operands, runs, strict=True)])(
+          [(x, w, kernels.pack_conv(w), o, r) for x, w, o, r, *_ in runs])
   for (x, w, _, r, _, extreme), (want, *gots) in zip(runs, results, strict=True):
     want = np.asarray(want)
     if want.size >= 1000 and not extreme:
       assert len(np.unique(want)) > 20, (x.shape, w.shape)
-    for path, got in zip(AVAILABLE, gots, strict=True):
+    for (path, packed), got in zip(paths, gots, strict=True):
       assert got.dtype == np.int8
       np.testing.assert_array_equal(np.asarray(got), want,
-                                    err_msg=f"{path} {x.shape} {w.shape} {r}")
+                                    err_msg=f"{path} packed={packed} {x.shape} {w.shape} {r}")
+
+
+def test_pack_conv_layout_and_errors():
+  w = np.arange(-60, 60, dtype=np.int8).reshape(2, 3, 4, 5)
+  packed = kernels.pack_conv(w)
+  assert packed.shape == w.shape and packed.ndim == 4 and packed.dtype == jnp.int8
+  matrix = w.reshape(-1, 5).T  # (O, window * I), the (i, j, c) order of the patches
+  np.testing.assert_array_equal(np.asarray(packed.matrix.unpack()), matrix)
+  np.testing.assert_array_equal(np.asarray(packed.unpack()), w)
+  np.testing.assert_array_equal(np.asarray(packed.column_sums),
+                                matrix.astype(np.int32).sum(axis=1))
+  with pytest.raises(TypeError, match="kernel_hwio must be int8"):
+    kernels.pack_conv(w.astype(np.int32))
+  with pytest.raises(ValueError, match=r"kernel_hwio must be \(\*window, I, O\)"):
+    kernels.pack_conv(w[0, 0])
 
 
 _NO_AMX_CHILD = """

@@ -39,11 +39,12 @@ from qjax.integer.forms.base import (COLLECTION, OP, Form, Grid, Lowering, Weigh
                                      observer_state)
 from qjax.integer import kernels
 from qjax.integer.forms.dot import QuantizedDot
-from qjax.integer.forms.linear import Int8Dense, LinearForm
+from qjax.integer.forms.linear import Int8Conv, Int8Dense, LinearForm
 from qjax.integer.requant import Requant, as_requant
 from qjax.nn import modules
 from qjax.nn import qconfig
 from qjax.numerics import QParams, QuantSpec
+from qjax.qarray import QArray
 from qjax.quantizers import points
 
 # Ops between quantized layers that commute with quantization (the int8 values they return are
@@ -539,13 +540,18 @@ def _for_serving(op: Any, pack: bool) -> Any:
   if pack and isinstance(op, (Int8Dense, QuantizedDot)) and not isinstance(
       op.kernel, kernels.PackedWeights):
     op = dataclasses.replace(op, kernel=kernels.pack(op.kernel.qvalue))
+  if (pack and isinstance(op, Int8Conv) and isinstance(op.kernel, QArray)
+      and op.kernel.qvalue.ndim == 4 and op.groups == 1 and op.kernel.qvalue.shape[-2] > 1):
+    # The 2-D convolutions the native kernel runs (several input channels, no groups).
+    op = dataclasses.replace(op, kernel=kernels.pack_conv(op.kernel.qvalue))
   return op
 
 
 def for_serving(int_vars: dict, *, pack: bool | None = None) -> dict:
   """`convert`'s variables for inference only: without what only reports read (each op's
   `report`: the float scales of inputs, weights and outputs, the int32 bias already folded
-  into the offset), and with the int8 Dense weights pre-packed for the native CPU kernel.
+  into the offset), and with the int8 Dense weights (and those of the 2-D convolutions with
+  several input channels and no groups) pre-packed for the native CPU kernel.
 
   A jitted apply pays for every leaf it is passed: at batch 1 the MNIST MLP's leaves cost
   more than its matmuls. Packing (`qjax.integer.kernels.pack`: 16-channel panels of 4-byte
@@ -557,7 +563,8 @@ def for_serving(int_vars: dict, *, pack: bool | None = None) -> dict:
 
   Args:
     int_vars: `qjax.convert`'s output.
-    pack: pack the Dense weights (converted `Int8Dense` and `QuantizedDot` layers); None
+    pack: pack the Dense weights (converted `Int8Dense` and `QuantizedDot` layers) and those
+      of the 2-D `Int8Conv`s the native kernel runs (`kernels.pack_conv`); None
       packs them where the native kernel runs by default (`qjax.integer.kernels.resolve()`
       is not "xla": one CPU device, the library built, QJAX_INT8_KERNEL not "xla").
 

@@ -85,7 +85,9 @@ class Int8Dense:
 class Int8Conv:
   """A converted Conv: the input padded with its zero point `pad_value`, int8 correlation
   with `kernel` (HW..IO) -> int32, + offset, requantized. Geometry fields are static;
-  `padding` is "SAME", "VALID" or explicit (low, high) pairs.
+  `padding` is "SAME", "VALID" or explicit (low, high) pairs. In a serving tree the kernel of
+  a 2-D convolution the native kernel runs may be its int8 values alone, pre-packed
+  (`qjax.for_serving`).
 
   Example:
     >>> from qjax.qarray import QArray
@@ -103,7 +105,7 @@ class Int8Conv:
            [6, 6]], dtype=int8)
   """
 
-  kernel: QArray
+  kernel: QArray | kernels.PackedConvWeights  # packed in a serving tree (`for_serving`)
   offset: jax.Array
   pad_value: jax.Array
   requant: rq.Requantizer
@@ -115,7 +117,8 @@ class Int8Conv:
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = int8_input(x, "a converted Conv")
-    kernel = self.kernel.qvalue
+    kernel = (self.kernel if isinstance(self.kernel, kernels.PackedConvWeights)
+              else self.kernel.qvalue)
     channels_in = kernel.shape[-2] * self.groups
     if x.ndim not in (kernel.ndim - 1, kernel.ndim) or x.shape[-1] != channels_in:
       raise ValueError(f"the input has shape {x.shape}, but this converted layer takes "

@@ -80,6 +80,8 @@ _TARGET_ROUND_ROWS = "qjax_int8_round_rows"
 _TARGET_CONV_S32 = "qjax_int8_conv_s32"
 _TARGET_CONV_REQUANT = "qjax_int8_conv_requant"
 _TARGET_REQUANT_S32 = "qjax_int8_requant_s32"
+_TARGET_CONV_PACKED_S32 = "qjax_int8_conv_packed_s32"
+_TARGET_CONV_PACKED_REQUANT = "qjax_int8_conv_packed_requant"
 # The panel layout of pre-packed weights: PANEL output channels x GROUP inputs per block.
 PANEL, GROUP = 16, 4
 
@@ -123,6 +125,10 @@ def _load() -> int:
                                 jax.ffi.pycapsule(lib.QjaxInt8ConvRequant), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_REQUANT_S32, jax.ffi.pycapsule(lib.QjaxInt8RequantS32),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_CONV_PACKED_S32,
+                                jax.ffi.pycapsule(lib.QjaxInt8ConvPackedS32), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_CONV_PACKED_REQUANT,
+                                jax.ffi.pycapsule(lib.QjaxInt8ConvPackedRequant), platform="cpu")
   except (OSError, AttributeError) as error:
     warnings.warn(f"qjax.integer.kernels: the native int8 GEMM library {path} could not be "
                   f"loaded ({error}); the integer path runs on XLA's dot_general.",
@@ -326,6 +332,83 @@ def pack(kernel_t: jax.typing.ArrayLike) -> PackedWeights:
 
 # The weights `matmul` and friends take: int8 (N, K), or the same packed.
 Weights = jax.Array | PackedWeights
+
+
+@struct
+class PackedConvWeights:
+  """An int8 HWIO convolution kernel in the native kernel's panel layout: the `PackedWeights`
+  of its (O, window * I) matrix, kernel_hwio.reshape(-1, O).T, with the window and input
+  channels (static) to give the HWIO shape back.
+
+  Example:
+    >>> w = jnp.arange(24, dtype=jnp.int8).reshape(2, 2, 3, 2)
+    >>> packed = pack_conv(w)
+    >>> packed.shape, packed.matrix.shape
+    ((2, 2, 3, 2), (2, 12))
+    >>> bool((packed.unpack() == w).all())
+    True
+  """
+
+  panels: jax.Array
+  column_sums: jax.Array
+  window: tuple[int, ...] = static()
+  channels_in: int = static()
+  channels_out: int = static()
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The HWIO shape of the kernel it packs."""
+    return (*self.window, self.channels_in, self.channels_out)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.window) + 2
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return jnp.dtype(jnp.int8)
+
+  @property
+  def matrix(self) -> PackedWeights:
+    """The packed (O, window * I) matrix."""
+    k = int(np.prod(self.window, dtype=np.int64)) * self.channels_in
+    return PackedWeights(panels=self.panels, column_sums=self.column_sums,
+                         n=self.channels_out, k=k)
+
+  def unpack(self) -> jax.Array:
+    """The int8 HWIO kernel (`pack_conv`'s inverse)."""
+    return self.matrix.unpack().T.reshape(self.shape)
+
+
+def pack_conv(kernel_hwio: jax.typing.ArrayLike) -> PackedConvWeights:
+  """An int8 convolution kernel (*window, I, O) in the native kernel's panel layout.
+
+  `conv` gives the same integers for `pack_conv(w)` as for `w`, on every path; the native
+  2-D convolution reads the panels as they are (otherwise it packs the kernel on each call).
+
+  Args:
+    kernel_hwio: int8 (*window, I, O).
+
+  Returns:
+    The `PackedConvWeights`.
+
+  Raises:
+    TypeError: not int8. ValueError: fewer than 3 dimensions.
+
+  Example:
+    >>> pack_conv(jnp.ones((3, 3, 4, 8), jnp.int8)).panels.shape
+    (1, 9, 16, 4)
+  """
+  w = jnp.asarray(kernel_hwio) if isinstance(kernel_hwio, jax.core.Tracer) else np.asarray(
+      kernel_hwio)
+  if jnp.dtype(w.dtype) != jnp.int8:
+    raise TypeError(f"pack_conv: kernel_hwio must be int8; got {jnp.dtype(w.dtype)}.")
+  if w.ndim < 3:
+    raise ValueError(f"pack_conv: kernel_hwio must be (*window, I, O); got shape {w.shape}.")
+  matrix = pack(w.reshape((-1, w.shape[-1])).T)
+  return PackedConvWeights(panels=matrix.panels, column_sums=matrix.column_sums,
+                           window=tuple(int(v) for v in w.shape[:-2]),
+                           channels_in=int(w.shape[-2]), channels_out=int(w.shape[-1]))
 
 
 def _plain(kernel_t: Weights) -> jax.Array:
@@ -641,7 +724,8 @@ def quantize_input(x: jax.Array, spec: numerics.QuantSpec, scale: jax.Array,
   return _native_round(x, jnp.stack([inv_scale, zp_f]), params, path)
 
 
-def conv(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, requant: rq.Requantizer, *,
+def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.Array,
+         requant: rq.Requantizer, *,
          strides: tuple[int, ...], padding: tuple[tuple[int, int], ...],
          dilation: tuple[int, ...], groups: int, pad_value: jax.Array,
          kernel: str | None = None) -> jax.Array:
@@ -662,7 +746,8 @@ def conv(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, requant: rq.Re
 
   Args:
     x: int8 (B, *spatial, C).
-    kernel_hwio: int8 (*window, C / groups, O).
+    kernel_hwio: int8 (*window, C / groups, O), or the same `pack_conv`ed (read as it is by
+      the native 2-D convolution, unpacked elsewhere).
     offset: int32 (O,).
     requant: a `qjax.integer.requant` requantizer.
     strides, padding, dilation, groups: the geometry (`padding` explicit (low, high) pairs).
@@ -695,25 +780,34 @@ def conv(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, requant: rq.Re
       pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
       if any(lo or hi for lo, hi, _ in pads):
         x = jax.lax.pad(x, jnp.asarray(pad_value).astype(jnp.int8), pads)
-      weights = kernel_hwio.reshape((-1, cout)).T
       if nsp == 2:
+        weights = (kernel_hwio.matrix if isinstance(kernel_hwio, PackedConvWeights)
+                   else kernel_hwio.reshape((-1, cout)).T)
         return _native_conv2d(x, weights, tuple(out), offset, requant, window, strides,
                               dilation, path)
       patches = arith.im2col(x, window, strides, dilation)
-      return dense(patches, weights, offset, requant, kernel=path)
-  acc = arith.conv(x, kernel_hwio, strides=strides, padding=padding, dilation=dilation,
+      return dense(patches, _hwio(kernel_hwio).reshape((-1, cout)).T, offset, requant,
+                   kernel=path)
+  acc = arith.conv(x, _hwio(kernel_hwio), strides=strides, padding=padding, dilation=dilation,
                    feature_group_count=groups, pad_value=pad_value)
   # XLA's convolution; its requantization native.
   return _requantize(acc, offset, requant,
                      resolve(kernel, macs=int(np.prod(acc.shape, dtype=np.int64))))
 
 
-def _native_conv2d(x: jax.Array, weights: jax.Array, out: tuple[int, ...], offset: jax.Array,
+def _hwio(kernel_hwio: jax.Array | PackedConvWeights) -> jax.Array:
+  return kernel_hwio.unpack() if isinstance(kernel_hwio, PackedConvWeights) else kernel_hwio
+
+
+def _native_conv2d(x: jax.Array, weights: Weights, out: tuple[int, ...], offset: jax.Array,
                    requant: rq.Requantizer, window: tuple[int, ...], strides: tuple[int, ...],
                    dilation: tuple[int, ...], path: str) -> jax.Array:
-  """A valid 2-D convolution of padded int8 x (B, H, W, C) with weights (O, KH * KW * C) in
-  the native kernel, requantized as `dense` does."""
+  """A valid 2-D convolution of padded int8 x (B, H, W, C) with weights (O, KH * KW * C),
+  packed or not, in the native kernel, requantized as `dense` does."""
   n = weights.shape[0]
+  packed = isinstance(weights, PackedWeights)
+  operands = ([weights.panels, weights.column_sums] if isinstance(weights, PackedWeights)
+              else [weights])
   shape = (x.shape[0], *out, n)
   geometry = {"kh": np.int64(window[0]), "kw": np.int64(window[1]),
               "sh": np.int64(strides[0]), "sw": np.int64(strides[1]),
@@ -722,17 +816,17 @@ def _native_conv2d(x: jax.Array, weights: jax.Array, out: tuple[int, ...], offse
   offset = _offset(offset, n)
   if isinstance(requant, (rq.FbgemmRequant, rq.FloatRequant)):
     requant = _as_fbgemm(requant, n)
-    call = jax.ffi.ffi_call(_TARGET_CONV_REQUANT, jax.ShapeDtypeStruct(shape, jnp.int8),
-                            vmap_method="sequential")
-    return call(x, weights, offset,
+    call = jax.ffi.ffi_call(_TARGET_CONV_PACKED_REQUANT if packed else _TARGET_CONV_REQUANT,
+                            jax.ShapeDtypeStruct(shape, jnp.int8), vmap_method="sequential")
+    return call(x, *operands, offset,
                 jnp.broadcast_to(jnp.asarray(requant.bias, jnp.float32), (n,)),
                 jnp.broadcast_to(jnp.asarray(requant.multiplier, jnp.float32), (n,)),
                 jnp.asarray(requant.zero_point, jnp.int32).reshape((1,)),
                 lo=np.int64(requant.lo), hi=np.int64(requant.hi), relu=bool(requant.relu),
                 **geometry)
-  call = jax.ffi.ffi_call(_TARGET_CONV_S32, jax.ShapeDtypeStruct(shape, jnp.int32),
-                          vmap_method="sequential")
-  return _requantize(call(x, weights, offset, **geometry), None, requant, path)
+  call = jax.ffi.ffi_call(_TARGET_CONV_PACKED_S32 if packed else _TARGET_CONV_S32,
+                          jax.ShapeDtypeStruct(shape, jnp.int32), vmap_method="sequential")
+  return _requantize(call(x, *operands, offset, **geometry), None, requant, path)
 
 
 def quantize_samples(x: jax.Array, spec: numerics.QuantSpec, scale: jax.Array,
@@ -795,6 +889,7 @@ __all__ = (
     "ENV_VAR",
     "KERNELS",
     "NATIVE_PATHS",
+    "PackedConvWeights",
     "PackedWeights",
     "Weights",
     "amx_int8",
@@ -805,6 +900,7 @@ __all__ = (
     "matmul_requant",
     "native_paths",
     "pack",
+    "pack_conv",
     "quantize_input",
     "quantize_samples",
     "resolve",

@@ -760,7 +760,15 @@ void RunVnniPanels(const int8_t* x, const int8_t* packed, const int32_t* colsum,
   RunVnniPanelsOn(MatrixRows{x, K, (K + 3) / 4 * 4}, packed, colsum, M, N, K, e0, threads);
 }
 
-// A convolution (w (N, K) as stored, packed here), its patches gathered per block of rows.
+// A convolution on packed weights ([N/16][Kp/4][16][4] with their column sums), its patches
+// gathered per block of rows.
+void RunVnniConvPanels(const int8_t* x, const ConvGeom& g, const int8_t* packed,
+                       const int32_t* colsum, int64_t N, const Epilogue& e0, int threads) {
+  const int64_t K = g.K(), Kp = (K + 3) / 4 * 4;
+  RunVnniPanelsOn(PatchRows{x, g, Kp}, packed, colsum, g.M(), N, K, e0, threads);
+}
+
+// The same with w (N, K) as stored, packed here.
 void RunVnniConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t N,
                  const Epilogue& e0, int threads) {
   const int64_t K = g.K(), Kp = (K + 3) / 4 * 4;
@@ -768,7 +776,7 @@ void RunVnniConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t N,
   int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
   int32_t* colsum = static_cast<int32_t*>(tls_sums.Get(panels * 16 * sizeof(int32_t)));
   PackPanelsVnni(w, N, K, Kp, packed, colsum, threads);
-  RunVnniPanelsOn(PatchRows{x, g, Kp}, packed, colsum, g.M(), N, K, e0, threads);
+  RunVnniConvPanels(x, g, packed, colsum, N, e0, threads);
 }
 
 // The epilogue alone, on int32 rows m0..m1 of acc (M, N) computed elsewhere.
@@ -1258,6 +1266,34 @@ ffi::Error RunConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t 
   return ffi::Error::Success();
 }
 
+// The same on weights pre-packed ([N/16][Kp/4][16][4]) with their column sums.
+ffi::Error RunConvPanels(const int8_t* x, const ConvGeom& g, const int8_t* packed,
+                         const int32_t* colsum, int64_t N, const Epilogue& e, int64_t path,
+                         int64_t threads_attr) {
+  Path p;
+  ffi::Error err = CheckPath(path, &p);
+  if (err.failure()) return err;
+  const int64_t M = g.M(), K = g.K();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int threads = ThreadsFor(M * N * std::max<int64_t>(K, 1), threads_attr);
+#ifdef QJAX_X86
+  if (p == kVnni) {
+    RunVnniConvPanels(x, g, packed, colsum, N, e, threads);
+    return ffi::Error::Success();
+  }
+#endif
+  int8_t* patches = static_cast<int8_t*>(tls_patches.Get(M * K));
+  Im2Col(x, g, patches, threads);
+#ifdef QJAX_X86
+  if (p == kAvx2) {
+    RunAvx2Panels(patches, packed, M, N, K, e, threads);
+    return ffi::Error::Success();
+  }
+#endif
+  RunPortablePanels(patches, packed, M, N, K, e, threads);
+  return ffi::Error::Success();
+}
+
 // x (B, H, W, C), w (N, KH * KW * C), out (B, OH, OW, N) of a valid convolution.
 ffi::Error ConvShapes(const ffi::AnyBuffer::Dimensions& xd, const ffi::AnyBuffer::Dimensions& wd,
                       const ffi::AnyBuffer::Dimensions& od, size_t offset_count, int64_t kh,
@@ -1283,6 +1319,70 @@ ffi::Error ConvShapes(const ffi::AnyBuffer::Dimensions& xd, const ffi::AnyBuffer
                                        "and the output (B, OH, OW, N)");
   }
   return ffi::Error::Success();
+}
+
+// x (B, H, W, C), panels (ceil(N/16), ceil(K/4), 16, 4) and N column sums, K = KH * KW * C,
+// N = the offset's length, out (B, OH, OW, N).
+ffi::Error ConvPackedShapes(const ffi::AnyBuffer::Dimensions& xd,
+                            const ffi::AnyBuffer::Dimensions& pd,
+                            const ffi::AnyBuffer::Dimensions& od, size_t colsum_count,
+                            size_t offset_count, int64_t kh, int64_t kw, int64_t sh,
+                            int64_t sw, int64_t dh, int64_t dw, ConvGeom* g, int64_t* N) {
+  if (xd.size() != 4 || pd.size() != 4 || od.size() != 4) {
+    return ffi::Error::InvalidArgument("qjax int8 conv: x must be (B, H, W, C), the panels "
+                                       "4-D, the output (B, OH, OW, N)");
+  }
+  const int64_t n = static_cast<int64_t>(offset_count);
+  const int64_t k = kh * kw * xd[3];
+  const int64_t dims[2] = {n, k};
+  const ffi::AnyBuffer::Dimensions wd(dims, 2);
+  ffi::Error err = ConvShapes(xd, wd, od, offset_count, kh, kw, sh, sw, dh, dw, g, N);
+  if (err.failure()) return err;
+  if (pd[0] != (n + 15) / 16 || pd[1] != (k + 3) / 4 || pd[2] != 16 || pd[3] != 4 ||
+      static_cast<int64_t>(colsum_count) != n) {
+    return ffi::Error::InvalidArgument("qjax int8 conv: packed weights must be "
+                                       "(ceil(N/16), ceil(KH*KW*C/4), 16, 4) with N column "
+                                       "sums");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvPackedS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
+                         ffi::Buffer<ffi::S32> colsum, ffi::Buffer<ffi::S32> offset,
+                         ffi::ResultBuffer<ffi::S32> out, int64_t kh, int64_t kw, int64_t sh,
+                         int64_t sw, int64_t dh, int64_t dw, int64_t path, int64_t threads) {
+  ConvGeom g;
+  int64_t N;
+  ffi::Error err = ConvPackedShapes(x.dimensions(), panels.dimensions(), out->dimensions(),
+                                    colsum.element_count(), offset.element_count(), kh, kw,
+                                    sh, sw, dh, dw, &g, &N);
+  if (err.failure()) return err;
+  Epilogue e;
+  e.offset = offset.typed_data();
+  e.out32 = out->typed_data();
+  e.ldo = N;
+  return RunConvPanels(x.typed_data(), g, panels.typed_data(), colsum.typed_data(), N, e,
+                       path, threads);
+}
+
+ffi::Error ConvPackedRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
+                             ffi::Buffer<ffi::S32> colsum, ffi::Buffer<ffi::S32> offset,
+                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mult,
+                             ffi::Buffer<ffi::S32> zero_point, ffi::ResultBuffer<ffi::S8> out,
+                             int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
+                             int64_t dw, int64_t lo, int64_t hi, bool relu, int64_t path,
+                             int64_t threads) {
+  ConvGeom g;
+  int64_t N;
+  ffi::Error err = ConvPackedShapes(x.dimensions(), panels.dimensions(), out->dimensions(),
+                                    colsum.element_count(), offset.element_count(), kh, kw,
+                                    sh, sw, dh, dw, &g, &N);
+  if (err.failure()) return err;
+  Epilogue e;
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
+  if (err.failure()) return err;
+  return RunConvPanels(x.typed_data(), g, panels.typed_data(), colsum.typed_data(), N, e,
+                       path, threads);
 }
 
 ffi::Error ConvS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> offset,
@@ -1714,6 +1814,44 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvRequant, ConvRequant,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("lo")
+                                  .Attr<int64_t>("hi")
+                                  .Attr<bool>("relu")
+                                  .Attr<int64_t>("path")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvPackedS32, ConvPackedS32,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("path")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvPackedRequant, ConvPackedRequant,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
