@@ -29,8 +29,12 @@ stores them, (N, K) output channel first: up to 16 rows stream them as stored; m
 them per call into 16-channel panels with their column sums (a 16 x 16 transpose in
 registers: a few percent of the GEMM). Weights packed once (`pack`, `PackedWeights`: what
 `qjax.for_serving` does to converted Dense layers where the native kernel runs) go straight
-to the panel kernels at every row count. The kernel uses every core (a pool of threads started
-once) for products of 2^21 multiply-adds and more (QJAX_INT8_THREADS caps the thread count).
+to the panel kernels at every row count. `conv` runs 2-D convolutions with several input
+channels as the same GEMM on their patches, which the kernel gathers from the NHWC input
+block by block of output pixels (kernels packed once with `pack_conv`, or per call); the
+kernel's epilogue also requantizes the int32 result of the convolutions XLA keeps (one input
+channel, groups). The kernel uses every core (a pool of threads started once) for products
+of 2^21 multiply-adds and more (QJAX_INT8_THREADS caps the thread count).
 The library is built by `pip install` (setup.py); where it was not, `available()` is False
 and everything runs on XLA.
 """

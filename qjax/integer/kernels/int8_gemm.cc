@@ -17,9 +17,11 @@
 // correction).
 // int32 sums wrap modulo 2^32 on every path (uint32 arithmetic), like XLA's int32 dot.
 //
-// 2-D convolutions (NHWC, valid: the caller pads) are the same GEMM on their patches: on vnni
-// each block of 6 output pixels' patches is gathered into L1 just before its tiles (masked
-// loads, flipped to unsigned on the way); avx2 and portable gather all patches first.
+// 2-D convolutions (NHWC, valid: the caller pads) are the same GEMM on their patches, with w
+// packed per call or pre-packed: on vnni each block of 6 output pixels' patches is gathered
+// into L1 just before its tiles (masked loads, flipped to unsigned on the way); avx2 and
+// portable gather all patches first. The epilogue alone (qjax_int8_requant_s32) requantizes
+// an int32 accumulator computed elsewhere (XLA's convolutions).
 
 #include <algorithm>
 #include <atomic>
