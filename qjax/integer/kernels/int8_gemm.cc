@@ -770,16 +770,6 @@ void RunVnniConvPanels(const int8_t* x, const ConvGeom& g, const int8_t* packed,
   RunVnniPanelsOn(PatchRows{x, g, Kp}, packed, colsum, g.M(), N, K, e0, threads);
 }
 
-// The same with w (N, K) as stored, packed here.
-void RunVnniConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t N,
-                 const Epilogue& e0, int threads) {
-  const int64_t K = g.K(), Kp = (K + 3) / 4 * 4;
-  const int64_t panels = (N + 15) / 16;
-  int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
-  int32_t* colsum = static_cast<int32_t*>(tls_sums.Get(panels * 16 * sizeof(int32_t)));
-  PackPanelsVnni(w, N, K, Kp, packed, colsum, threads);
-  RunVnniConvPanels(x, g, packed, colsum, N, e0, threads);
-}
 
 // The epilogue alone, on int32 rows m0..m1 of acc (M, N) computed elsewhere.
 void EpilogueRowsVnni(const int32_t* acc, int64_t m0, int64_t m1, int64_t N,
@@ -1241,34 +1231,8 @@ ffi::Error GemmRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
   return Run(x.typed_data(), w.typed_data(), M, N, K, e, path, threads);
 }
 
-// A 2-D convolution (ConvGeom) with w (N, KH * KW * C) as stored.
-ffi::Error RunConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t N,
-                   const Epilogue& e, int64_t path, int64_t threads_attr) {
-  Path p;
-  ffi::Error err = CheckPath(path, &p);
-  if (err.failure()) return err;
-  const int64_t M = g.M(), K = g.K();
-  if (M == 0 || N == 0) return ffi::Error::Success();
-  const int threads = ThreadsFor(M * N * std::max<int64_t>(K, 1), threads_attr);
-#ifdef QJAX_X86
-  if (p == kVnni) {
-    RunVnniConv(x, g, w, N, e, threads);
-    return ffi::Error::Success();
-  }
-#endif
-  int8_t* patches = static_cast<int8_t*>(tls_patches.Get(M * K));
-  Im2Col(x, g, patches, threads);
-#ifdef QJAX_X86
-  if (p == kAvx2) {
-    RunAvx2Packed(patches, w, M, N, K, e, threads);
-    return ffi::Error::Success();
-  }
-#endif
-  RunPortable(patches, w, M, N, K, e, threads);
-  return ffi::Error::Success();
-}
-
-// The same on weights pre-packed ([N/16][Kp/4][16][4]) with their column sums.
+// A 2-D convolution (ConvGeom) on weights pre-packed ([N/16][Kp/4][16][4]) with their
+// column sums.
 ffi::Error RunConvPanels(const int8_t* x, const ConvGeom& g, const int8_t* packed,
                          const int32_t* colsum, int64_t N, const Epilogue& e, int64_t path,
                          int64_t threads_attr) {
@@ -1294,6 +1258,28 @@ ffi::Error RunConvPanels(const int8_t* x, const ConvGeom& g, const int8_t* packe
 #endif
   RunPortablePanels(patches, packed, M, N, K, e, threads);
   return ffi::Error::Success();
+}
+
+// The same with w (N, KH * KW * C) as stored, packed here.
+ffi::Error RunConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t N,
+                   const Epilogue& e, int64_t path, int64_t threads_attr) {
+  Path p;
+  ffi::Error err = CheckPath(path, &p);
+  if (err.failure()) return err;
+  const int64_t K = g.K(), Kp = (K + 3) / 4 * 4, panels = (N + 15) / 16;
+  int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
+  int32_t* colsum = static_cast<int32_t*>(tls_sums.Get(panels * 16 * sizeof(int32_t)));
+  const int threads = ThreadsFor(g.M() * N * std::max<int64_t>(K, 1), threads_attr);
+#ifdef QJAX_X86
+  if (p == kVnni) {
+    PackPanelsVnni(w, N, K, Kp, packed, colsum, threads);
+  } else {
+    PackPanels(w, N, K, Kp, packed, colsum, threads);
+  }
+#else
+  PackPanels(w, N, K, Kp, packed, colsum, threads);
+#endif
+  return RunConvPanels(x, g, packed, colsum, N, e, path, threads_attr);
 }
 
 // x (B, H, W, C), w (N, KH * KW * C), out (B, OH, OW, N) of a valid convolution.
@@ -1742,6 +1728,46 @@ ffi::Error RoundInt8Rows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
   return ffi::Error::Success();
 }
 
+// Pieces of the handlers' bindings (appended in the order of the handlers' parameters).
+// bias (N,), multiplier (N,), zero point (1,) and the int8 result of a requantizing handler.
+template <class B>
+auto RequantBuffers(B&& binding) {
+  return std::forward<B>(binding)
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::Buffer<ffi::S8>>();
+}
+
+// A requantizer's output grid: lo, hi, relu.
+template <class B>
+auto GridAttrs(B&& binding) {
+  return std::forward<B>(binding)
+      .template Attr<int64_t>("lo")
+      .template Attr<int64_t>("hi")
+      .template Attr<bool>("relu");
+}
+
+// A convolution's window, strides and dilation.
+template <class B>
+auto GeometryAttrs(B&& binding) {
+  return std::forward<B>(binding)
+      .template Attr<int64_t>("kh")
+      .template Attr<int64_t>("kw")
+      .template Attr<int64_t>("sh")
+      .template Attr<int64_t>("sw")
+      .template Attr<int64_t>("dh")
+      .template Attr<int64_t>("dw");
+}
+
+// The code path and the thread count.
+template <class B>
+auto RunAttrs(B&& binding) {
+  return std::forward<B>(binding)
+      .template Attr<int64_t>("path")
+      .template Attr<int64_t>("threads");
+}
+
 }  // namespace
 
 // The handlers and qjax_int8_paths are the library's only exported symbols.
@@ -1798,90 +1824,39 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmPackedRequant, PackedRequant,
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvS32, ConvS32,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("path")
-                                  .Attr<int64_t>("threads"));
+                              RunAttrs(GeometryAttrs(ffi::Ffi::Bind()
+                                                         .Arg<ffi::Buffer<ffi::S8>>()    // x
+                                                         .Arg<ffi::Buffer<ffi::S8>>()    // w
+                                                         .Arg<ffi::Buffer<ffi::S32>>()   // offset
+                                                         .Ret<ffi::Buffer<ffi::S32>>())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvRequant, ConvRequant,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("lo")
-                                  .Attr<int64_t>("hi")
-                                  .Attr<bool>("relu")
-                                  .Attr<int64_t>("path")
-                                  .Attr<int64_t>("threads"));
+                              RunAttrs(GridAttrs(GeometryAttrs(RequantBuffers(
+                                  ffi::Ffi::Bind()
+                                      .Arg<ffi::Buffer<ffi::S8>>()     // x
+                                      .Arg<ffi::Buffer<ffi::S8>>()     // w
+                                      .Arg<ffi::Buffer<ffi::S32>>()))))); // offset
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvPackedS32, ConvPackedS32,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("path")
-                                  .Attr<int64_t>("threads"));
+                              RunAttrs(GeometryAttrs(ffi::Ffi::Bind()
+                                                         .Arg<ffi::Buffer<ffi::S8>>()    // x
+                                                         .Arg<ffi::Buffer<ffi::S8>>()    // panels
+                                                         .Arg<ffi::Buffer<ffi::S32>>()   // sums
+                                                         .Arg<ffi::Buffer<ffi::S32>>()   // offset
+                                                         .Ret<ffi::Buffer<ffi::S32>>())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvPackedRequant, ConvPackedRequant,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("lo")
-                                  .Attr<int64_t>("hi")
-                                  .Attr<bool>("relu")
-                                  .Attr<int64_t>("path")
-                                  .Attr<int64_t>("threads"));
+                              RunAttrs(GridAttrs(GeometryAttrs(RequantBuffers(
+                                  ffi::Ffi::Bind()
+                                      .Arg<ffi::Buffer<ffi::S8>>()     // x
+                                      .Arg<ffi::Buffer<ffi::S8>>()     // panels
+                                      .Arg<ffi::Buffer<ffi::S32>>()    // column sums
+                                      .Arg<ffi::Buffer<ffi::S32>>()))))); // offset
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8RequantS32, RequantS32,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>()
-                                  .Attr<int64_t>("lo")
-                                  .Attr<int64_t>("hi")
-                                  .Attr<bool>("relu")
+                              GridAttrs(RequantBuffers(ffi::Ffi::Bind()
+                                                           .Arg<ffi::Buffer<ffi::S32>>()   // acc
+                                                           .Arg<ffi::Buffer<ffi::S32>>())) // offset
                                   .Attr<int64_t>("path"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8Round, RoundInt8,
