@@ -541,8 +541,7 @@ def _for_serving(op: Any, pack: bool) -> Any:
       op.kernel, kernels.PackedWeights):
     op = dataclasses.replace(op, kernel=kernels.pack(op.kernel.qvalue))
   if (pack and isinstance(op, Int8Conv) and isinstance(op.kernel, QArray)
-      and op.kernel.qvalue.ndim == 4 and op.groups == 1 and op.kernel.qvalue.shape[-2] > 1):
-    # The 2-D convolutions the native kernel runs (several input channels, no groups).
+      and kernels.gathers_patches(op.kernel.qvalue.shape, op.groups)):
     op = dataclasses.replace(op, kernel=kernels.pack_conv(op.kernel.qvalue))
   return op
 

@@ -419,12 +419,28 @@ def _plain(kernel_t: Weights) -> jax.Array:
   return kernel_t.unpack() if isinstance(kernel_t, PackedWeights) else kernel_t
 
 
+def _weight_arrays(kernel_t: Weights) -> list[jax.Array]:
+  """The kernel's weight arguments: the panels and column sums, or the plain matrix."""
+  if isinstance(kernel_t, PackedWeights):
+    return [kernel_t.panels, kernel_t.column_sums]
+  return [kernel_t]
+
+
 def _weight_operands(kernel_t: Weights) -> tuple[list[jax.Array], str, str]:
   """The kernel's weight arguments and its two targets (s32, requant), packed or not."""
   if isinstance(kernel_t, PackedWeights):
-    return ([kernel_t.panels, kernel_t.column_sums], _TARGET_PACKED_S32,
-            _TARGET_PACKED_REQUANT)
-  return [kernel_t], _TARGET_S32, _TARGET_REQUANT
+    return _weight_arrays(kernel_t), _TARGET_PACKED_S32, _TARGET_PACKED_REQUANT
+  return _weight_arrays(kernel_t), _TARGET_S32, _TARGET_REQUANT
+
+
+def _epilogue(requant: rq.FbgemmRequant, n: int) -> tuple[list[jax.Array], dict]:
+  """The fused requantization's arguments for n channels: bias (n,), multiplier (n,), zero
+  point (1,), and its attributes lo, hi, relu."""
+  arrays = [jnp.broadcast_to(jnp.asarray(requant.bias, jnp.float32), (n,)),
+            jnp.broadcast_to(jnp.asarray(requant.multiplier, jnp.float32), (n,)),
+            jnp.asarray(requant.zero_point, jnp.int32).reshape((1,))]
+  return arrays, {"lo": np.int64(requant.lo), "hi": np.int64(requant.hi),
+                  "relu": bool(requant.relu)}
 
 
 @contextlib.contextmanager
@@ -579,11 +595,8 @@ def matmul_requant(x: jax.Array, kernel_t: Weights, offset: jax.Array | None,
   weights, _, target = _weight_operands(kernel_t)
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.int8),
                           vmap_method="sequential")
-  q = call(rows, *weights, _offset(offset, n),
-           jnp.broadcast_to(jnp.asarray(requant.bias, jnp.float32), (n,)),
-           jnp.broadcast_to(jnp.asarray(requant.multiplier, jnp.float32), (n,)),
-           jnp.asarray(requant.zero_point, jnp.int32).reshape((1,)),
-           lo=np.int64(requant.lo), hi=np.int64(requant.hi), relu=bool(requant.relu),
+  arrays, grid = _epilogue(requant, n)
+  q = call(rows, *weights, _offset(offset, n), *arrays, **grid,
            path=np.int64(_PATH_IDS[path]), threads=np.int64(0))
   return q.reshape(x.shape[:-1] + (n,))
 
@@ -642,15 +655,10 @@ def _requantize(acc: jax.Array, offset: jax.Array | None, requant: rq.Requantize
     return requant(acc if offset is None else acc + rq.channels(
         jnp.asarray(offset, jnp.int32), acc.ndim))
   n = acc.shape[-1]
-  fused = _as_fbgemm(requant, n)
+  arrays, grid = _epilogue(_as_fbgemm(requant, n), n)
   call = jax.ffi.ffi_call(_TARGET_REQUANT_S32, jax.ShapeDtypeStruct(acc.shape, jnp.int8),
                           vmap_method="sequential")
-  return call(acc, _offset(offset, n),
-              jnp.broadcast_to(jnp.asarray(fused.bias, jnp.float32), (n,)),
-              jnp.broadcast_to(jnp.asarray(fused.multiplier, jnp.float32), (n,)),
-              jnp.asarray(fused.zero_point, jnp.int32).reshape((1,)),
-              lo=np.int64(fused.lo), hi=np.int64(fused.hi), relu=bool(fused.relu),
-              path=np.int64(_PATH_IDS[path]))
+  return call(acc, _offset(offset, n), *arrays, **grid, path=np.int64(_PATH_IDS[path]))
 
 
 def round_to_int8(y: jax.Array, low: jax.typing.ArrayLike, high: jax.typing.ArrayLike,
@@ -784,7 +792,7 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
       pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
       if any(lo or hi for lo, hi, _ in pads):
         x = jax.lax.pad(x, jnp.asarray(pad_value).astype(jnp.int8), pads)
-      if nsp == 2:
+      if gathers_patches(kernel_hwio.shape, groups):
         weights = (kernel_hwio.matrix if isinstance(kernel_hwio, PackedConvWeights)
                    else kernel_hwio.reshape((-1, cout)).T)
         return _native_conv2d(x, weights, tuple(out), offset, requant, window, strides,
@@ -799,6 +807,18 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
                      resolve(kernel, macs=int(np.prod(acc.shape, dtype=np.int64))))
 
 
+def gathers_patches(kernel_shape: tuple[int, ...], groups: int) -> bool:
+  """Whether `conv` on a native path runs a convolution with this (HWIO) kernel shape as the
+  native 2-D convolution, which gathers its patches and reads `pack_conv`'s panels as they are:
+  2-D, no groups, more than one input channel.
+
+  Example:
+    >>> gathers_patches((5, 5, 6, 16), 1), gathers_patches((5, 5, 1, 6), 1)
+    (True, False)
+  """
+  return len(kernel_shape) == 4 and groups == 1 and kernel_shape[-2] > 1
+
+
 def _hwio(kernel_hwio: jax.Array | PackedConvWeights) -> jax.Array:
   return kernel_hwio.unpack() if isinstance(kernel_hwio, PackedConvWeights) else kernel_hwio
 
@@ -810,27 +830,20 @@ def _native_conv2d(x: jax.Array, weights: Weights, out: tuple[int, ...], offset:
   packed or not, in the native kernel, requantized as `dense` does."""
   n = weights.shape[0]
   packed = isinstance(weights, PackedWeights)
-  operands = ([weights.panels, weights.column_sums] if isinstance(weights, PackedWeights)
-              else [weights])
   shape = (x.shape[0], *out, n)
   geometry = {"kh": np.int64(window[0]), "kw": np.int64(window[1]),
               "sh": np.int64(strides[0]), "sw": np.int64(strides[1]),
               "dh": np.int64(dilation[0]), "dw": np.int64(dilation[1]),
               "path": np.int64(_PATH_IDS[path]), "threads": np.int64(0)}
-  offset = _offset(offset, n)
+  operands = [x, *_weight_arrays(weights), _offset(offset, n)]
   if isinstance(requant, (rq.FbgemmRequant, rq.FloatRequant)):
-    requant = _as_fbgemm(requant, n)
+    arrays, grid = _epilogue(_as_fbgemm(requant, n), n)
     call = jax.ffi.ffi_call(_TARGET_CONV_PACKED_REQUANT if packed else _TARGET_CONV_REQUANT,
                             jax.ShapeDtypeStruct(shape, jnp.int8), vmap_method="sequential")
-    return call(x, *operands, offset,
-                jnp.broadcast_to(jnp.asarray(requant.bias, jnp.float32), (n,)),
-                jnp.broadcast_to(jnp.asarray(requant.multiplier, jnp.float32), (n,)),
-                jnp.asarray(requant.zero_point, jnp.int32).reshape((1,)),
-                lo=np.int64(requant.lo), hi=np.int64(requant.hi), relu=bool(requant.relu),
-                **geometry)
+    return call(*operands, *arrays, **grid, **geometry)
   call = jax.ffi.ffi_call(_TARGET_CONV_PACKED_S32 if packed else _TARGET_CONV_S32,
                           jax.ShapeDtypeStruct(shape, jnp.int32), vmap_method="sequential")
-  return _requantize(call(x, *operands, offset, **geometry), None, requant, path)
+  return _requantize(call(*operands, **geometry), None, requant, path)
 
 
 def quantize_samples(x: jax.Array, spec: numerics.QuantSpec, scale: jax.Array,
@@ -900,6 +913,7 @@ __all__ = (
     "available",
     "conv",
     "dense",
+    "gathers_patches",
     "matmul",
     "matmul_requant",
     "native_paths",
