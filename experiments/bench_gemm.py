@@ -67,9 +67,13 @@ DEFAULT_SHAPES = ("1024x1024x1024", "256x4096x4096", "1x4096x4096", "256x100x784
 QUICK_SHAPES = ("64x64x64", "1x128x96")
 TORCH_ENGINES = ("fbgemm", "onednn")
 # Assumed int8 operations (2 per multiply-add) per cycle and core of each native path:
-# "vnni" one 512-bit vpdpbusd per cycle (64 multiply-adds); "avx2" one 256-bit vpmaddwd on
-# int16-widened values (16); "portable" what a compiler makes of plain C++ with SSE2 (8).
-INT8_OPS_PER_CYCLE = {"vnni": 128, "avx2": 32, "portable": 16}
+# "amx" one 16 x 16 x 64 tdpbusd per 16 cycles (1024 multiply-adds); "vnni" one 512-bit
+# vpdpbusd per cycle (64); "avx2" one 256-bit vpmaddwd on int16-widened values (16);
+# "portable" what a compiler makes of plain C++ with SSE2 (8).
+INT8_OPS_PER_CYCLE = {"amx": 2048, "vnni": 128, "avx2": 32, "portable": 16}
+# Native paths that are checks, not candidates: timed they would only measure the emulation.
+UNTIMED_PATHS = {"amx_emulated": "the tile kernel with its tiles computed in C++ (a check of "
+                                 "that kernel on CPUs without AMX, not a fast path)"}
 # Assumed float32 operations per cycle and core: two FMA ports of 16 lanes (AVX-512) or of 8.
 F32_OPS_PER_CYCLE = {"avx512f": 64, "avx2": 32}
 # The clock assumed where /proc/cpuinfo does not give one.
@@ -169,8 +173,8 @@ def default_limits(info: CpuInfo, path: str | None, n_cores: int) -> Limits:
 
   Args:
     info: the CPU (`read_cpuinfo`); its clock, else `FALLBACK_GHZ`.
-    path: the best native path ("vnni", "avx2", "portable"), or None without the library (the
-      "portable" figure then).
+    path: the best native path ("amx", "vnni", "avx2", "portable"), or None without the
+      library (the "portable" figure then).
     n_cores: the cores counted.
 
   Returns:
@@ -228,6 +232,9 @@ def variants(m: int, n: int, k: int, seed: int = 0,
   i8 = jax.jit(arith.matmul)
   out["xla int8"] = Variant(_blocking(i8, x, w), exact, 0.0, "int8")
   for path in kernels.native_paths():
+    if path in UNTIMED_PATHS:
+      skipped[f"native {path}"] = UNTIMED_PATHS[path]
+      continue
     fn = jax.jit(lambda a, b, path=path: kernels.matmul(a, b, kernel=path))
     out[f"native {path}"] = Variant(_blocking(fn, x, w), exact, 0.0, "int8")
   if not kernels.available():
@@ -397,8 +404,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   load_before = os.getloadavg()[0]
   print(f"CPU: {info.model or 'unknown'}; {cores()} logical CPUs; cpu MHz "
         f"{f'{info.mhz:.0f}' if info.mhz else 'not reported'}; AMX int8 "
-        f"{'reported' if 'amx_int8' in info.flags else 'not reported'} (amx_int8 flag; no "
-        f"variant here uses it)")
+        f"{'reported' if 'amx_int8' in info.flags else 'not reported'} (amx_int8 flag), "
+        f"{'granted' if kernels.amx_int8() else 'not granted'} to this process (the native "
+        f"amx path and XLA's int8 dot use it where granted)")
   print(f"native paths: {kernels.native_paths() or 'none (library not built)'}; best: "
         f"{best or 'none'}")
   print(f"int8 limit {limits.int8_gops:8.1f} GOP/s = {limits.int8_how}")

@@ -1,7 +1,8 @@
 """The native int8 GEMM (`qjax.integer.kernels`) against XLA and NumPy: the same integers.
 
-Every native path the CPU runs is forced in turn ("vnni", "avx2", "portable"; a path the CPU
-lacks is skipped), all paths of a test in one jitted program, on random and adversarial
+Every native path the CPU runs is forced in turn ("amx", "vnni", "avx2", "portable" and
+"amx_emulated", the tile kernel with its tiles computed in C++; a path the CPU lacks is
+skipped), all paths of a test in one jitted program, on random and adversarial
 operands: all -128 / 127, one row, K not a
 multiple of 4 or 64, odd N, an empty batch, shapes on both sides of the row count where the
 kernel switches from streaming the weights to packing them, and sizes that use threads. The
@@ -14,6 +15,7 @@ a CPU without AMX is emulated with experiments.no_amx's seccomp filter.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import pathlib
 import subprocess
 import sys
@@ -37,12 +39,14 @@ PATHS = [pytest.param(p, marks=pytest.mark.skipif(p not in AVAILABLE,
          for p in kernels.NATIVE_PATHS]
 
 # (M, N, K): one row; K not a multiple of 4 / 64; odd N; empty batches, no channels, K = 0
-# (the result is the offset); up to 16 rows stream the weights, more pack them; the last two
-# are large enough for the kernel's worker threads.
+# (the result is the offset); up to 16 rows stream the weights, more pack them (the tile
+# kernel: 17, 31, 33 rows around its 16- and 32-row blocks, an odd number of panels, K below
+# one 64-byte chunk); the last three are large enough for the kernel's worker threads, the
+# last with more than 1 MB of weights (the tile kernel's split of the panels over threads).
 SHAPES = [(1, 1, 1), (1, 5, 3), (1, 64, 64), (1, 33, 130), (2, 7, 65), (3, 17, 63),
           (4, 16, 4), (5, 1, 1), (7, 33, 67), (16, 9, 70), (17, 9, 70), (31, 19, 257),
           (33, 17, 5), (40, 48, 128), (13, 100, 784), (0, 5, 7), (5, 0, 7), (3, 4, 0),
-          (40, 5, 0), (64, 300, 450), (16, 700, 800)]
+          (40, 5, 0), (64, 300, 450), (16, 700, 800), (40, 1030, 1090)]
 
 
 def reference(x: np.ndarray, w: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -299,7 +303,7 @@ def test_selection_rules(monkeypatch):
   with pytest.raises(ValueError, match=r"QJAX_INT8_KERNEL must be one of .*'vnni'"):
     kernels.resolve()
   with pytest.raises(ValueError, match=r"kernel must be one of .*'portable'"):
-    kernels.resolve("amx")
+    kernels.resolve("amx512")
   for missing in set(kernels.NATIVE_PATHS) - set(AVAILABLE):
     with pytest.raises(ValueError, match="runs the native paths"):
       kernels.resolve(missing)
@@ -560,6 +564,7 @@ assert no_amx.amx_request() == errno.EPERM, no_amx.amx_request()
 from qjax.integer import kernels
 assert kernels.amx_int8() is False
 paths = kernels.native_paths()
+assert "amx" not in paths, paths
 assert kernels.resolve("auto", macs=kernels.AUTO_AMX_XLA_MACS) == (paths[0] if paths else "xla")
 rng = np.random.default_rng(0)
 x = rng.integers(-128, 128, (40, 300), dtype=np.int8)
@@ -580,6 +585,19 @@ def test_amx_refused_by_seccomp():
   done = subprocess.run([sys.executable, "-c", _NO_AMX_CHILD], cwd=root, capture_output=True,
                         text=True, timeout=300, check=False)
   assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr
+
+
+def test_tile_check():
+  """The check that the "amx" path passes at load before it is offered (the tile kernel on a
+  40 x 40 x 100 product equals its emulation and an int64 reference) runs here on emulated
+  tiles and passes; where AMX-INT8 is granted, the real tiles passed it (a failure would
+  leave "amx" out of native_paths with a warning)."""
+  if "vnni" not in AVAILABLE:
+    pytest.skip("the tile kernel needs AVX-512 VNNI")
+  lib = ctypes.CDLL(str(kernels._library_file()))
+  assert lib.qjax_int8_tile_check_emulated() == 1
+  assert not kernels._load() & kernels._AMX_CHECK_FAILED
+  assert ("amx" in AVAILABLE) == kernels.amx_int8()
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,17 +12,21 @@ else by the environment variable QJAX_INT8_KERNEL, else by `DEFAULT_KERNEL` ("au
 QJAX_INT8_KERNEL=xla to keep the integer path's programs plain XLA, int8 `dot_general`s):
 
   "xla"       lax.dot_general (every backend; the fallback)
+  "amx"       AMX-INT8 tiles (tdpbusd: the "vnni" operands, 16 x 64-byte tiles, blocks of
+              32 rows x 32 channels) from 17 rows on; "vnni" below
   "vnni"      AVX-512 VNNI (vpdpbusd is uint8 x int8: activations carried as x + 128, the
               -128 sum_k w[n, k] correction folded into the offset)
   "avx2"      AVX2, int8 widened to int16 and vpmaddwd (exact: no 16-bit saturation)
   "portable"  plain C++
-  "native"    the best of the three this CPU runs
+  "amx_emulated"  "amx" with its tile instructions computed in C++: checks the tile kernel
+              bit for bit on an AVX-512 VNNI CPU without AMX; slow, never chosen for a call
+  "native"    the best path this CPU runs
   "auto"      "native" on the CPU backend of a process with one CPU device; "xla" on other
               backends, with several CPU devices (a device mesh: XLA's SPMD partitioner
               splits a sharded dot_general, not a custom call, which it would gather),
               for products of `AUTO_AMX_XLA_MACS` multiply-adds and more where AMX-INT8 is
-              granted (`amx_int8`: XLA's int8 dot runs on AMX tiles there, the native
-              kernel has no AMX path) and when the library is not built (one warning)
+              granted (`amx_int8`: XLA's int8 dot runs on AMX tiles there too, measured
+              fast at such sizes) and when the library is not built (one warning)
 
 CPU features are read once (CPUID) by the library. Weights are taken as the integer path
 stores them, (N, K) output channel first: up to 16 rows stream them as stored; more rows pack
@@ -59,8 +63,9 @@ from qjax.integer import arith
 from qjax.integer import requant as rq
 
 ENV_VAR = "QJAX_INT8_KERNEL"
-KERNELS = ("auto", "xla", "native", "vnni", "avx2", "portable")
-NATIVE_PATHS = ("vnni", "avx2", "portable")  # best first
+KERNELS = ("auto", "xla", "native", "amx", "vnni", "avx2", "portable", "amx_emulated")
+# Best first; "amx_emulated" last: a check of the tile kernel, never the best.
+NATIVE_PATHS = ("amx", "vnni", "avx2", "portable", "amx_emulated")
 # The selection when neither the `kernel` argument nor QJAX_INT8_KERNEL gives one.
 DEFAULT_KERNEL = "auto"
 # "auto" takes the native kernel from this many multiply-adds (M * N * K) on. Measured on an
@@ -73,8 +78,10 @@ AUTO_MIN_MACS = 0
 # crossover lies between those two sizes; 2^26 is an estimate, not a measurement.
 AUTO_AMX_XLA_MACS = 2**26
 
-_PATH_IDS = {"portable": 1, "avx2": 2, "vnni": 3}
-_PATH_BITS = {"portable": 1, "avx2": 2, "vnni": 4}
+_PATH_IDS = {"portable": 1, "avx2": 2, "vnni": 3, "amx": 4, "amx_emulated": 5}
+# The CPU feature bit each path needs (the emulated tiles run on the AVX-512 code).
+_PATH_BITS = {"portable": 1, "avx2": 2, "vnni": 4, "amx": 8, "amx_emulated": 4}
+_AMX_CHECK_FAILED = 16  # AMX-INT8 granted, the tile kernel failed its check at load
 _TARGET_S32 = "qjax_int8_gemm_s32"
 _TARGET_REQUANT = "qjax_int8_gemm_requant"
 _TARGET_PACKED_S32 = "qjax_int8_gemm_packed_s32"
@@ -99,7 +106,9 @@ def _library_file() -> pathlib.Path | None:
 @functools.cache
 def _load() -> int:
   """Loads the library and registers its FFI targets, once; its CPU feature bits
-  (`qjax_int8_paths`: 1 portable, 2 avx2, 4 vnni, 8 AMX-INT8 granted), 0 without it."""
+  (`qjax_int8_paths`: 1 portable, 2 avx2, 4 vnni, 8 amx: AMX-INT8 granted and the tile
+  kernel checked against its emulation on this CPU, 16: granted but that check failed), 0
+  without it."""
   path = _library_file()
   if path is None:
     warnings.warn("qjax.integer.kernels: the native int8 GEMM library is not built (reinstall "
@@ -138,6 +147,10 @@ def _load() -> int:
                   f"loaded ({error}); the integer path runs on XLA's dot_general.",
                   RuntimeWarning, stacklevel=3)
     return 0
+  if bits & _AMX_CHECK_FAILED:
+    warnings.warn("qjax.integer.kernels: this CPU grants AMX-INT8, but the kernel's tile code "
+                  "gave other integers than its emulation in a check at load; the 'amx' path is "
+                  "off and the 'vnni' path runs instead.", RuntimeWarning, stacklevel=3)
   return bits
 
 
@@ -145,13 +158,14 @@ def native_paths() -> tuple[str, ...]:
   """The native code paths this machine can run, best first; () without the library.
 
   "portable" is always among them when the library is built; "avx2" and "vnni" when the CPU
-  (and the OS) support AVX2, respectively AVX-512 F/BW/VL + VNNI.
+  (and the OS) support AVX2, respectively AVX-512 F/BW/VL + VNNI; "amx" where AMX-INT8 is
+  granted too (`amx_int8`); "amx_emulated" (last: never the best) wherever "vnni" runs.
 
   Returns:
-    A tuple drawn from ("vnni", "avx2", "portable").
+    A tuple drawn from `NATIVE_PATHS`, in its order.
 
   Example:
-    >>> set(native_paths()) <= {"vnni", "avx2", "portable"}
+    >>> set(native_paths()) <= set(NATIVE_PATHS)
     True
   """
   bits = _load()
@@ -160,9 +174,9 @@ def native_paths() -> tuple[str, ...]:
 
 def amx_int8() -> bool:
   """Whether this process may use AMX-INT8 tiles (CPUID, the OS's tile state, and Linux's
-  per-process grant, which the library requests as XLA does). Where it may, XLA's int8 dot
-  runs on AMX (oneDNN / YNNPACK), faster than any native path here for large products, and
-  "auto" leaves those to XLA (`AUTO_AMX_XLA_MACS`).
+  per-process grant, which the library requests as XLA does). Where it may, the native
+  path "amx" runs, and XLA's int8 dot runs on AMX too (oneDNN / YNNPACK): "auto" leaves
+  products of `AUTO_AMX_XLA_MACS` multiply-adds and more to XLA, measured fast there.
 
   Returns:
     False without the library, off x86, or where the grant is refused (e.g. by seccomp).
@@ -171,7 +185,7 @@ def amx_int8() -> bool:
     >>> isinstance(amx_int8(), bool)
     True
   """
-  return bool(_load() & 8)
+  return bool(_load() & (_PATH_BITS["amx"] | _AMX_CHECK_FAILED))
 
 
 def available() -> bool:
@@ -188,7 +202,7 @@ def available() -> bool:
 
 
 def resolve(kernel: str | None = None, *, macs: int | None = None) -> str:
-  """The code path a contraction runs on: "xla", "vnni", "avx2" or "portable".
+  """The code path a contraction runs on: "xla" or one of `native_paths()`.
 
   `kernel` if given, else the environment variable QJAX_INT8_KERNEL, else
   `DEFAULT_KERNEL`. "auto" picks the best native path on the CPU backend when the library is

@@ -4,8 +4,10 @@
 //   q[m, n]   = clamp(Z + rne((f32(acc[m, n]) + bias[n]) * mult[n]), low, hi)   (int8)
 //
 // with low = max(lo, Z) for a fused ReLU. x is (M, K) row-major, w the
-// weights (N, K) row-major, output channel first. Three code paths, picked at run time:
+// weights (N, K) row-major, output channel first. The code paths, picked at run time:
 //
+//   amx       AMX-INT8 tdpbusd on tiles, the vnni path's operands (from 17 rows on; vnni
+//             below); amx emulated: the same kernel with its tiles computed in C++ (a check).
 //   vnni      AVX-512 VNNI vpdpbusd (u8 x s8): activations carried as x + 128 (xor 0x80), the
 //             -128 * sum_k w[n, k] correction folded into the offset; 6 x 64 register tile.
 //   avx2      sign-extended to 16 bit, vpmaddwd: exact (no 16-bit saturation as vpmaddubsw).
@@ -56,7 +58,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-enum Path : int64_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kVnni = 3 };
+enum Path : int64_t {
+  kAuto = 0, kPortable = 1, kAvx2 = 2, kVnni = 3, kAmx = 4, kAmxEmulated = 5
+};
 
 // ------------------------------------------------------------------------------------------
 // CPU features: queried once (CPUID is slow in a VM) and cached.
@@ -66,8 +70,7 @@ struct Features {
   bool vnni512 = false;  // AVX-512 F + BW + VL + VNNI, with the OS saving zmm state
   // AMX-TILE + AMX-INT8, tile state enabled by the OS and granted to this process (Linux
   // grants it on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), as XLA asks too; a
-  // seccomp filter that refuses the call leaves it false). The kernel has no AMX path: this
-  // only tells Python that XLA's int8 dot runs on AMX here.
+  // seccomp filter that refuses the call leaves it false).
   bool amx_int8 = false;
 };
 
@@ -107,7 +110,16 @@ const Features& Cpu() {
   return f;
 }
 
+bool AmxSelfCheck();  // the tile kernel on AMX equals its emulation (below)
+
+// AMX granted, and the tile kernel checked once on this CPU.
+bool AmxWorks() {
+  static const bool ok = Cpu().amx_int8 && Cpu().vnni512 && AmxSelfCheck();
+  return ok;
+}
+
 Path Best() {
+  if (AmxWorks()) return kAmx;
   if (Cpu().vnni512) return kVnni;
   if (Cpu().avx2) return kAvx2;
   return kPortable;
@@ -118,9 +130,16 @@ bool Supported(Path p) {
     case kPortable: return true;
     case kAvx2: return Cpu().avx2;
     case kVnni: return Cpu().vnni512;
+    case kAmx: return AmxWorks();
+    // The AMX kernel with its tile instructions computed in C++: needs only AVX-512.
+    case kAmxEmulated: return Cpu().vnni512;
     default: return false;
   }
 }
+
+// Paths that run the AVX-512 code (the AMX paths use it below 16 rows and for the epilogue).
+bool Avx512(Path p) { return p == kVnni || p == kAmx || p == kAmxEmulated; }
+bool Tiles(Path p) { return p == kAmx || p == kAmxEmulated; }
 
 // ------------------------------------------------------------------------------------------
 // Threads: [0, tasks) in blocks that the calling thread and a pool of workers (started once:
@@ -702,6 +721,19 @@ struct PatchRows {
   }
 };
 
+// The epilogue of a GEMM on activations + 128: offset' = offset - 128 * colsum (mod 2^32),
+// in the calling thread's buffer.
+Epilogue Unsigned(const Epilogue& e0, const int32_t* colsum, int64_t N) {
+  int32_t* off = static_cast<int32_t*>(tls_misc.Get(N * sizeof(int32_t)));
+  for (int64_t n = 0; n < N; ++n) {
+    const uint32_t base = e0.offset ? static_cast<uint32_t>(e0.offset[n]) : 0u;
+    off[n] = static_cast<int32_t>(base - 128u * static_cast<uint32_t>(colsum[n]));
+  }
+  Epilogue e = e0;
+  e.offset = off;
+  return e;
+}
+
 // The VNNI GEMM on packed panels ([N/16][Kp/4][16][4]) with the weights' column sums; rows
 // (+ 128, as uint8) from `to_unsigned` (MatrixRows, PatchRows).
 template <class Rows>
@@ -709,14 +741,7 @@ void RunVnniPanelsOn(const Rows& to_unsigned, const int8_t* packed, const int32_
                      int64_t M, int64_t N, int64_t K, const Epilogue& e0, int threads) {
   const int64_t Kp = (K + 3) / 4 * 4;
   const int64_t panels = (N + 15) / 16;
-  int32_t* off = static_cast<int32_t*>(tls_misc.Get(panels * 16 * sizeof(int32_t)));
-  // offset' = offset - 128 * colsum (mod 2^32).
-  for (int64_t n = 0; n < N; ++n) {
-    const uint32_t base = e0.offset ? static_cast<uint32_t>(e0.offset[n]) : 0u;
-    off[n] = static_cast<int32_t>(base - 128u * static_cast<uint32_t>(colsum[n]));
-  }
-  Epilogue e = e0;
-  e.offset = off;
+  const Epilogue e = Unsigned(e0, colsum, N);
   // Row blocks m..m_end of xu (its row m at xrows) against panels p0..p1.
   const auto rows = [&](const uint8_t* xrows, int64_t m, int64_t m_end, int64_t p0,
                         int64_t p1) {
@@ -890,6 +915,309 @@ void RunVnniDot(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t 
     }
   });
 }
+
+// ------------------------------------------------------------------------------------------
+// AMX-INT8 path: the VNNI path's operands on tiles. tdpbusd is vpdpbusd on tiles: a tile A
+// of 16 rows x 64 bytes (uint8: activations + 128) against a tile B of 16 rows of 4-byte
+// groups x 16 channels (int8), into a tile C of 16 x 16 int32. A packed panel's 16
+// consecutive groups (1 KB) are one B tile as they lie, so the panels, the column sums and
+// the folded offsets are the VNNI path's. Blocks of 32 rows x 2 panels: C tiles 0-3, A tiles
+// 4-5 (rows 0-15, 16-31), B tiles 6-7. K runs in chunks of 64: rows are padded with zeros
+// to a multiple of 64, and each panel's last, shorter chunk is copied into a zero-padded
+// 1 KB tile (no tile reads beyond a buffer). Blocks of 16 rows or fewer use half the tiles.
+//
+// The tile instructions go through a Tiles class: AmxTiles runs them; EmulatedTiles computes
+// the same in C++ on 8 tiles of 16 x 64 bytes, so that the blocking, the padding and the
+// epilogue of the tile kernel are checked bit for bit on CPUs without AMX (path
+// "amx_emulated"; slow, for tests).
+
+constexpr int64_t kTileRows = 16, kTileBytes = 64, kTile = kTileRows * kTileBytes;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row of each tile
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+
+// Tile instructions as inline asm: the tile number is an immediate ("%c"), the same
+// encoding as GCC's _tile_* macros, which take only literal numbers. Every asm clobbers
+// memory, so that the compiler keeps the stores into a block's rows before its loads.
+struct AmxTiles {
+  static void Begin() {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = kTileBytes;
+      cfg.rows[t] = kTileRows;
+    }
+    __asm__ volatile("ldtilecfg %0" ::"m"(cfg) : "memory");
+  }
+  static void End() { __asm__ volatile("tilerelease" ::: "memory"); }
+  template <int T>
+  static void Zero() {
+    __asm__ volatile("tilezero %%tmm%c0" ::"i"(T));
+  }
+  template <int T>
+  static void Load(const void* p, int64_t stride) {
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(p), "r"(stride), "i"(T) : "memory");
+  }
+  template <int T>
+  static void Store(int32_t* p, int64_t stride) {
+    __asm__ volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(p), "r"(stride), "i"(T) : "memory");
+  }
+  // C += A (uint8) . B (int8), per 4-byte group.
+  template <int C, int A, int B>
+  static void Dp() {
+    __asm__ volatile("tdpbusd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
+  }
+};
+
+struct EmulatedTiles {
+  struct Registers {
+    alignas(64) uint8_t t[8][kTileRows][kTileBytes];
+  };
+  static Registers& R() {
+    static thread_local Registers r;
+    return r;
+  }
+  static void Begin() { std::memset(&R(), 0, sizeof(Registers)); }  // ldtilecfg zeroes them
+  static void End() {}
+  template <int T>
+  static void Zero() {
+    std::memset(R().t[T], 0, kTile);
+  }
+  template <int T>
+  static void Load(const void* p, int64_t stride) {
+    for (int r = 0; r < kTileRows; ++r) {
+      std::memcpy(R().t[T][r], static_cast<const uint8_t*>(p) + r * stride, kTileBytes);
+    }
+  }
+  template <int T>
+  static void Store(int32_t* p, int64_t stride) {
+    for (int r = 0; r < kTileRows; ++r) {
+      std::memcpy(reinterpret_cast<uint8_t*>(p) + r * stride, R().t[T][r], kTileBytes);
+    }
+  }
+  template <int C, int A, int B>
+  static void Dp() {
+    Registers& g = R();
+    for (int m = 0; m < kTileRows; ++m) {
+      for (int n = 0; n < 16; ++n) {
+        uint32_t acc;
+        std::memcpy(&acc, &g.t[C][m][4 * n], 4);
+        for (int k = 0; k < kTileRows; ++k) {
+          for (int j = 0; j < 4; ++j) {
+            acc += static_cast<uint32_t>(static_cast<int32_t>(g.t[A][m][4 * k + j]) *
+                                         static_cast<int32_t>(static_cast<int8_t>(
+                                             g.t[B][k][4 * n + j])));
+          }
+        }
+        std::memcpy(&g.t[C][m][4 * n], &acc, 4);
+      }
+    }
+  }
+};
+
+// The operands of a tile GEMM: rows (+ 128) ld bytes apart, padded to whole 64-byte chunks;
+// the panels; the panels' last chunks (null: K is whole chunks).
+struct TileOperands {
+  const int8_t* packed;
+  int64_t panel_stride;  // bytes per panel: Kp * 16
+  const int8_t* tails;   // [panels][1 KB]
+  int64_t chunks;        // whole 64-byte chunks of Kp
+  int64_t ld;            // bytes per row: Kp rounded up to 64
+};
+
+// One block: rows m.. m + rows (<= 32; A at xr) x panel p (and p + 1 when TWO), epilogue
+// through c (4 tiles of int32).
+template <class T, bool TWO, bool LOWER>
+void TileBlock(const uint8_t* xr, const TileOperands& o, int64_t p, int64_t m, int64_t rows,
+               int64_t N, const Epilogue& e, int32_t* c) {
+  T::template Zero<0>();
+  if (TWO) T::template Zero<1>();
+  if (LOWER) T::template Zero<2>();
+  if (TWO && LOWER) T::template Zero<3>();
+  // A chunk: rows at a, panel p's B tile at b, panel p + 1's `next` bytes further.
+  const auto step = [&](const uint8_t* a, const int8_t* b, int64_t next) {
+    T::template Load<4>(a, o.ld);
+    T::template Load<6>(b, kTileBytes);
+    T::template Dp<0, 4, 6>();
+    if (TWO) {
+      T::template Load<7>(b + next, kTileBytes);
+      T::template Dp<1, 4, 7>();
+    }
+    if (LOWER) {
+      T::template Load<5>(a + kTileRows * o.ld, o.ld);
+      T::template Dp<2, 5, 6>();
+      if (TWO) T::template Dp<3, 5, 7>();
+    }
+  };
+  const int8_t* panel = o.packed + p * o.panel_stride;
+  for (int64_t k = 0; k < o.chunks; ++k) {
+    step(xr + k * kTileBytes, panel + k * kTile, o.panel_stride);
+  }
+  if (o.tails) step(xr + o.chunks * kTileBytes, o.tails + p * kTile, kTile);
+  T::template Store<0>(c, kTileBytes);
+  if (TWO) T::template Store<1>(c + 256, kTileBytes);
+  if (LOWER) T::template Store<2>(c + 512, kTileBytes);
+  if (TWO && LOWER) T::template Store<3>(c + 768, kTileBytes);
+  for (int j = 0; j < (TWO ? 2 : 1); ++j) {
+    const int64_t col = (p + j) * 16, left = N - col;
+    const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                       : static_cast<__mmask16>((1u << left) - 1);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t* tile = c + ((r >= kTileRows ? 2 : 0) + j) * 256;
+      Epilogue16(e, m + r, col, _mm512_load_si512(tile + (r % kTileRows) * 16), valid);
+    }
+  }
+}
+
+// Rows m.. m + rows (<= 32) against panels p0..p1.
+template <class T>
+void TileRows(const uint8_t* xr, const TileOperands& o, int64_t m, int64_t rows, int64_t p0,
+              int64_t p1, int64_t N, const Epilogue& e, int32_t* c) {
+  for (int64_t p = p0; p < p1; p += 2) {
+    const bool two = p + 1 < p1;
+    if (rows > kTileRows) {
+      two ? TileBlock<T, true, true>(xr, o, p, m, rows, N, e, c)
+          : TileBlock<T, false, true>(xr, o, p, m, rows, N, e, c);
+    } else {
+      two ? TileBlock<T, true, false>(xr, o, p, m, rows, N, e, c)
+          : TileBlock<T, false, false>(xr, o, p, m, rows, N, e, c);
+    }
+  }
+}
+
+thread_local Scratch tls_tails, tls_tile_out;
+
+// The AMX GEMM on packed panels with their column sums; `to_unsigned` (MatrixRows,
+// PatchRows) built with a row length of Kp rounded up to 64.
+template <class T, class Rows>
+void RunTilePanelsOn(const Rows& to_unsigned, const int8_t* packed, const int32_t* colsum,
+                     int64_t M, int64_t N, int64_t K, const Epilogue& e0, int threads) {
+  const int64_t Kp = (K + 3) / 4 * 4, ld = (Kp + 63) / 64 * 64, panels = (N + 15) / 16;
+  const Epilogue e = Unsigned(e0, colsum, N);
+  TileOperands o{packed, Kp * 16, nullptr, Kp / 64, ld};
+  const int64_t tail_groups = (Kp % 64) / 4;
+  if (tail_groups) {
+    int8_t* tails = static_cast<int8_t*>(tls_tails.Get(panels * kTile));
+    for (int64_t p = 0; p < panels; ++p) {
+      std::memcpy(tails + p * kTile, packed + p * o.panel_stride + o.chunks * kTile,
+                  tail_groups * 64);
+      std::memset(tails + p * kTile + tail_groups * 64, 0, kTile - tail_groups * 64);
+    }
+    o.tails = tails;
+  }
+  const int64_t blocks = (M + 31) / 32;
+  // Weights that stay in a core's L2 (1 MB): threads split the blocks of rows, each block
+  // made unsigned in the thread's own buffer just before its tiles, against all panels.
+  if (panels * o.panel_stride <= (int64_t{1} << 20) || panels <= 2) {
+    ParallelFor(blocks, threads, [&](int64_t b0, int64_t b1) {
+      uint8_t* block = static_cast<uint8_t*>(tls_xrows.Get(32 * ld));
+      int32_t* c = static_cast<int32_t*>(tls_tile_out.Get(4 * 256 * sizeof(int32_t)));
+      T::Begin();
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t m = b * 32, rows = std::min<int64_t>(32, M - m);
+        to_unsigned(m, m + rows, block);
+        TileRows<T>(block, o, m, rows, 0, panels, N, e, c);
+      }
+      T::End();
+    });
+    return;
+  }
+  // Larger weights: all rows made unsigned once; threads split groups of 8 panels (256 KB
+  // to 1 MB of weights at K = 1024..4096, kept in L2 while all row blocks pass).
+  uint8_t* xu = static_cast<uint8_t*>(tls_xpack.Get(blocks * 32 * ld));
+  ParallelFor(M, threads, [&](int64_t m0, int64_t m1) { to_unsigned(m0, m1, xu + m0 * ld); });
+  ParallelFor((panels + 7) / 8, threads, [&](int64_t g0, int64_t g1) {
+    int32_t* c = static_cast<int32_t*>(tls_tile_out.Get(4 * 256 * sizeof(int32_t)));
+    T::Begin();
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t m = b * 32;
+        TileRows<T>(xu + m * ld, o, m, std::min<int64_t>(32, M - m), g * 8,
+                    std::min(panels, g * 8 + 8), N, e, c);
+      }
+    }
+    T::End();
+  });
+}
+
+template <class T>
+void RunTilePanels(const int8_t* x, const int8_t* packed, const int32_t* colsum, int64_t M,
+                   int64_t N, int64_t K, const Epilogue& e0, int threads) {
+  const int64_t ld = ((K + 3) / 4 * 4 + 63) / 64 * 64;
+  RunTilePanelsOn<T>(MatrixRows{x, K, ld}, packed, colsum, M, N, K, e0, threads);
+}
+
+template <class T>
+void RunTileConvPanels(const int8_t* x, const ConvGeom& g, const int8_t* packed,
+                       const int32_t* colsum, int64_t N, const Epilogue& e0, int threads) {
+  const int64_t K = g.K(), ld = ((K + 3) / 4 * 4 + 63) / 64 * 64;
+  RunTilePanelsOn<T>(PatchRows{x, g, ld}, packed, colsum, g.M(), N, K, e0, threads);
+}
+
+// Before path kAmx is offered: a 40 x 40 x 100 product (two row blocks, one of them below 16
+// rows; a pair of panels and a single one; a whole chunk of K and a tail) on tiles T equals
+// the same on the emulated tiles and a plain int64 reference. A CPU or OS that runs the tiles
+// differently from what the kernel assumes loses the path instead of computing wrong
+// integers. (TileCheck<EmulatedTiles> runs the check's own code on any AVX-512 CPU.)
+template <class T>
+bool TileCheck() {
+  constexpr int64_t M = 40, N = 40, K = 100, Kp = 100, panels = 3;
+  std::vector<int8_t> x(M * K), w(N * K);
+  uint32_t state = 12345;
+  for (auto* v : {&x, &w}) {
+    for (int8_t& b : *v) {
+      state = state * 1664525u + 1013904223u;
+      b = static_cast<int8_t>(state >> 24);
+    }
+  }
+  x[0] = -128;
+  w[0] = -128;
+  Scratch aligned;  // the panels are stored 64 bytes at a time, aligned
+  int8_t* packed = static_cast<int8_t*>(aligned.Get(panels * Kp * 16));
+  std::vector<int32_t> colsum(panels * 16), hw(M * N, 1), emulated(M * N, 2);
+  PackPanelsVnni(w.data(), N, K, Kp, packed, colsum.data(), 1);
+  Epilogue e;
+  e.ldo = N;
+  e.out32 = hw.data();
+  RunTilePanels<T>(x.data(), packed, colsum.data(), M, N, K, e, 1);
+  e.out32 = emulated.data();
+  RunTilePanels<EmulatedTiles>(x.data(), packed, colsum.data(), M, N, K, e, 1);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += int64_t{x[m * K + k]} * w[n * K + k];
+      if (Wrap(sum) != emulated[m * N + n]) return false;
+    }
+  }
+  return hw == emulated;
+}
+
+bool AmxSelfCheck() { return TileCheck<AmxTiles>(); }
+bool EmulatedTileCheck() { return TileCheck<EmulatedTiles>(); }
+
+// Path kAmx or kAmxEmulated: the tile kernel from 17 rows on, the VNNI kernel below (a tile
+// has 16 rows: fewer rows waste its work, and the VNNI kernel streams the weights).
+bool TileRowsFor(int64_t M) { return M > kTileRows; }
+
+void RunTiles(Path p, const int8_t* x, const int8_t* packed, const int32_t* colsum, int64_t M,
+              int64_t N, int64_t K, const Epilogue& e, int threads) {
+  if (!TileRowsFor(M)) return RunVnniPanels(x, packed, colsum, M, N, K, e, threads);
+  if (p == kAmx) return RunTilePanels<AmxTiles>(x, packed, colsum, M, N, K, e, threads);
+  RunTilePanels<EmulatedTiles>(x, packed, colsum, M, N, K, e, threads);
+}
+
+void RunTilesConv(Path p, const int8_t* x, const ConvGeom& g, const int8_t* packed,
+                  const int32_t* colsum, int64_t N, const Epilogue& e, int threads) {
+  if (!TileRowsFor(g.M())) return RunVnniConvPanels(x, g, packed, colsum, N, e, threads);
+  if (p == kAmx) return RunTileConvPanels<AmxTiles>(x, g, packed, colsum, N, e, threads);
+  RunTileConvPanels<EmulatedTiles>(x, g, packed, colsum, N, e, threads);
+}
+
 
 #pragma GCC pop_options
 
@@ -1088,6 +1416,11 @@ void EpilogueRowsAvx2(const int32_t* acc, int64_t m0, int64_t m1, int64_t N,
 
 #endif  // QJAX_X86
 
+#ifndef QJAX_X86
+bool AmxSelfCheck() { return false; }
+bool EmulatedTileCheck() { return false; }
+#endif
+
 // ------------------------------------------------------------------------------------------
 // Dispatch and the FFI handlers.
 
@@ -1102,9 +1435,10 @@ int64_t SmallM() {
 
 ffi::Error CheckPath(int64_t path, Path* p) {
   *p = path == kAuto ? Best() : static_cast<Path>(path);
-  if (*p != kPortable && *p != kAvx2 && *p != kVnni) {
+  if (*p < kPortable || *p > kAmxEmulated) {
     return ffi::Error::InvalidArgument("qjax int8 gemm: path must be 0 (auto), 1 (portable), "
-                                       "2 (avx2) or 3 (vnni); got " + std::to_string(path));
+                                       "2 (avx2), 3 (vnni), 4 (amx) or 5 (amx emulated); got " +
+                                       std::to_string(path));
   }
   if (!Supported(*p)) {
     return ffi::Error::InvalidArgument("qjax int8 gemm: this CPU lacks the instructions of "
@@ -1123,6 +1457,10 @@ ffi::Error RunPanels(const int8_t* x, const int8_t* packed, const int32_t* colsu
   if (M == 0 || N == 0) return ffi::Error::Success();
   const int threads = ThreadsFor(M * N * std::max<int64_t>(K, 1), threads_attr);
 #ifdef QJAX_X86
+  if (Tiles(p)) {
+    RunTiles(p, x, packed, colsum, M, N, K, e, threads);
+    return ffi::Error::Success();
+  }
   if (p == kVnni) {
     RunVnniPanels(x, packed, colsum, M, N, K, e, threads);
     return ffi::Error::Success();
@@ -1144,9 +1482,15 @@ ffi::Error Run(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K
   if (M == 0 || N == 0) return ffi::Error::Success();
   const int threads = ThreadsFor(M * N * std::max<int64_t>(K, 1), threads_attr);
 #ifdef QJAX_X86
-  if (p == kVnni) {
+  if (Avx512(p)) {
     if (M <= SmallM()) {
       RunVnniDot(x, w, M, N, K, e, threads);
+    } else if (Tiles(p)) {
+      const int64_t Kp = (K + 3) / 4 * 4, panels = (N + 15) / 16;
+      int8_t* packed = static_cast<int8_t*>(tls_wpack.Get(panels * Kp * 16));
+      int32_t* colsum = static_cast<int32_t*>(tls_sums.Get(panels * 16 * sizeof(int32_t)));
+      PackPanelsVnni(w, N, K, Kp, packed, colsum, threads);
+      RunTiles(p, x, packed, colsum, M, N, K, e, threads);
     } else {
       RunVnniPacked(x, w, M, N, K, e, threads);
     }
@@ -1243,6 +1587,10 @@ ffi::Error RunConvPanels(const int8_t* x, const ConvGeom& g, const int8_t* packe
   if (M == 0 || N == 0) return ffi::Error::Success();
   const int threads = ThreadsFor(M * N * std::max<int64_t>(K, 1), threads_attr);
 #ifdef QJAX_X86
+  if (Tiles(p)) {
+    RunTilesConv(p, x, g, packed, colsum, N, e, threads);
+    return ffi::Error::Success();
+  }
   if (p == kVnni) {
     RunVnniConvPanels(x, g, packed, colsum, N, e, threads);
     return ffi::Error::Success();
@@ -1271,7 +1619,7 @@ ffi::Error RunConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t 
   int32_t* colsum = static_cast<int32_t*>(tls_sums.Get(panels * 16 * sizeof(int32_t)));
   const int threads = ThreadsFor(g.M() * N * std::max<int64_t>(K, 1), threads_attr);
 #ifdef QJAX_X86
-  if (p == kVnni) {
+  if (Avx512(p)) {
     PackPanelsVnni(w, N, K, Kp, packed, colsum, threads);
   } else {
     PackPanels(w, N, K, Kp, packed, colsum, threads);
@@ -1427,7 +1775,7 @@ ffi::Error RequantS32(ffi::Buffer<ffi::S32> acc, ffi::Buffer<ffi::S32> offset,
   const int32_t* a = acc.typed_data();
   const auto run = [&](int64_t m0, int64_t m1) {
 #ifdef QJAX_X86
-    if (p == kVnni) return EpilogueRowsVnni(a, m0, m1, N, e);
+    if (Avx512(p)) return EpilogueRowsVnni(a, m0, m1, N, e);
     if (p == kAvx2) return EpilogueRowsAvx2(a, m0, m1, N, e);
 #endif
     for (int64_t m = m0; m < m1; ++m) {
@@ -1639,7 +1987,7 @@ ffi::Error ParseRound(ffi::Buffer<ffi::F32>& affine, ffi::Buffer<ffi::S32>& para
 
 void RoundOn(Path p, const float* src, int8_t* dst, int64_t n, const RoundParams& r) {
 #ifdef QJAX_X86
-  if (p == kVnni) return RoundAvx512(src, dst, n, r);
+  if (Avx512(p)) return RoundAvx512(src, dst, n, r);
   if (p == kAvx2) return RoundAvx2(src, dst, n, r);
 #endif
   RoundPortable(src, dst, n, r);
@@ -1647,7 +1995,7 @@ void RoundOn(Path p, const float* src, int8_t* dst, int64_t n, const RoundParams
 
 bool NonFiniteOn(Path p, const float* y, int64_t n) {
 #ifdef QJAX_X86
-  if (p == kVnni) return NonFiniteAvx512(y, n);
+  if (Avx512(p)) return NonFiniteAvx512(y, n);
   if (p == kAvx2) return NonFiniteAvx2(y, n);
 #endif
   return NonFinitePortable(y, n);
@@ -1876,10 +2224,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8RoundRows, RoundInt8Rows,
                                   .Ret<ffi::Buffer<ffi::S8>>()
                                   .Attr<int64_t>("path"));
 
-// Which paths this CPU can run: bit 0 portable, bit 1 avx2, bit 2 vnni; bit 3: AMX-INT8 is
-// usable by this process (for XLA; no path here uses it). For Python, through ctypes.
+// Which paths this CPU can run: bit 0 portable, bit 1 avx2, bit 2 vnni (and amx emulated);
+// bit 3: AMX-INT8 is granted to this process and the tile kernel passed its check (path amx);
+// bit 4: AMX-INT8 is granted but the tile kernel failed its check. For Python, through ctypes.
+// The check that path amx passes before it is offered, run on emulated tiles: 1 when it
+// passes, 0 when it fails or the CPU lacks AVX-512 VNNI (tests run the check's code here).
+extern "C" int qjax_int8_tile_check_emulated() {
+  return Cpu().vnni512 && EmulatedTileCheck() ? 1 : 0;
+}
+
 extern "C" int qjax_int8_paths() {
-  return 1 | (Cpu().avx2 ? 2 : 0) | (Cpu().vnni512 ? 4 : 0) | (Cpu().amx_int8 ? 8 : 0);
+  const bool granted = Cpu().amx_int8 && Cpu().vnni512;
+  return 1 | (Cpu().avx2 ? 2 : 0) | (Cpu().vnni512 ? 4 : 0) | (AmxWorks() ? 8 : 0) |
+         (granted && !AmxWorks() ? 16 : 0);
 }
 
 #pragma GCC visibility pop
