@@ -137,8 +137,15 @@ def _min_max_pair(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]
 
 
 def _min_and_max(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """(min, max) of x over `axes` in one pass: a variadic reduce, which XLA:CPU runs about
-  twice as fast as two separate reductions. NaN propagates, as in jnp.min / jnp.max."""
+  """(min, max) of x over `axes`. NaN propagates, as in jnp.min / jnp.max.
+
+  Over all axes (per-tensor) one pass, a variadic reduce: XLA:CPU runs it about a third
+  faster than two reductions (256 x 784: 21 against 31 us). Per channel two reductions: there
+  the variadic reduce is not fused and runs about twice as slow (784 x 100 over axis 0: 28-44
+  against 16-19 us; the MNIST MLP's QAT step 0.77 -> 0.74 ms).
+  """
+  if len(axes) < x.ndim:
+    return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
   return lax.reduce((x, x), (np.float32(np.inf), np.float32(-np.inf)), _min_max_pair, axes)
 
 
