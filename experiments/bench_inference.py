@@ -26,6 +26,12 @@ executable, each to completion (block_until_ready), and the variants are interle
 several rounds in a rotated order so that machine drift hits all of them alike. The reported
 time is the median over all rounds and calls; ratios are taken between medians of this run.
 
+JAX dispatches CPU calls asynchronously by default (jax_cpu_enable_async_dispatch): the call
+returns at once and another thread runs it. Every call here is waited for, as in a serving
+loop that answers one request at a time, where that hand-off only adds latency;
+--sync-dispatch turns it off for the JAX variants (PyTorch's eager calls are synchronous).
+The header says which was measured.
+
 The table also shows where the int8 arithmetic really runs: of the dot / convolution ops of
 the optimised XLA program, how many take int8 operands (XLA may rewrite an int8 contraction
 into an int32 one, which is far slower), and the relative L2 error of the logits against
@@ -35,6 +41,7 @@ Usage:
   python -m experiments.bench_inference               # a few minutes on 2 CPU cores
   python -m experiments.bench_inference --quick       # seconds; smoke run
   python -m experiments.bench_inference --json results/bench_inference.json
+  python -m experiments.bench_inference --sync-dispatch    # JAX calls run on the caller
 """
 
 from __future__ import annotations
@@ -383,8 +390,9 @@ def _torch_context():
 
 
 def run(cases: Sequence[Case], *, rounds: int, reps: int, min_round_seconds: float,
-        qconfig: str = "x86") -> dict[str, Any]:
-  """Builds every case, times all variants interleaved; returns the results."""
+        qconfig: str = "x86", async_dispatch: bool | None = None) -> dict[str, Any]:
+  """Builds every case, times all variants interleaved; returns the results
+  (`async_dispatch`: what `set_async_dispatch` returned, for the record)."""
   threads = _set_torch_threads()
   built: dict[tuple, Built] = {}
   runners: list[Runner] = []
@@ -421,9 +429,21 @@ def run(cases: Sequence[Case], *, rounds: int, reps: int, min_round_seconds: flo
       "load_average": [round(v, 2) for v in os.getloadavg()],
       "cases": [dataclasses.asdict(c) | {"model": c.model_name} for c in cases],
       "qconfig": qconfig, "rounds": rounds, "reps": reps,
+      "jax_cpu_async_dispatch": async_dispatch,
       "min_round_seconds": min_round_seconds,
       "rows": rows, "skipped": skipped,
   }
+
+
+def set_async_dispatch(on: bool) -> bool | None:
+  """Sets JAX's asynchronous CPU dispatch, which JAX reads once, when it creates its CPU
+  client: the setting in effect, or None where the client existed already (its own setting
+  stays; a test that runs main in a busy process)."""
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if xla_bridge.backends_are_initialized():
+    return None
+  jax.config.update("jax_cpu_enable_async_dispatch", on)
+  return on
 
 
 def _set_torch_threads() -> dict[str, int | None]:
@@ -459,6 +479,9 @@ def _device() -> str:
       f" ({cpu})" if cpu else "")
 
 
+_DISPATCH_WORDS = {True: "on", False: "off", None: "as JAX was already set up"}
+
+
 def _fmt(value: float | None, spec: str, width: int) -> str:
   return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
@@ -470,7 +493,8 @@ def format_table(results: dict[str, Any]) -> str:
   lines = [f"jax {v['jax']}, flax {v['flax']}, torch {v['torch'] or 'absent'} (engine x86, "
            f"{threads['torch']} threads); qconfig {results['qconfig']!r} on both sides",
            f"device: {results['device']}; load average at the end: "
-           f"{' '.join(map(str, results['load_average']))}",
+           f"{' '.join(map(str, results['load_average']))}; JAX async dispatch "
+           f"{_DISPATCH_WORDS[results.get('jax_cpu_async_dispatch')]}",
            f"{results['rounds']} interleaved rounds x (>= {results['reps']} calls and >= "
            f"{results['min_round_seconds']} s): median ms per call; x f32 / x torch: ratio of "
            f"medians in this run; compile: lowering + XLA compilation of the jitted apply", ""]
@@ -512,6 +536,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       help="tiny models and batches, min/max calibration, one short round: "
                            "a smoke run")
   parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
+  parser.add_argument("--sync-dispatch", action="store_true",
+                      help="turn JAX's asynchronous CPU dispatch off: each call runs on the "
+                           "calling thread (every call is waited for anyway)")
   args = parser.parse_args(argv)
   if args.rounds < 1 or args.reps < 1 or args.min_round_seconds < 0:
     parser.error("--rounds and --reps must be positive, --min-round-seconds >= 0")
@@ -520,8 +547,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   else:
     cases, rounds, reps, min_seconds, qconfig = (CASES, args.rounds, args.reps,
                                                  args.min_round_seconds, args.qconfig)
+  dispatch = set_async_dispatch(not args.sync_dispatch)
   results = run(cases, rounds=rounds, reps=reps, min_round_seconds=min_seconds,
-                qconfig=qconfig)
+                qconfig=qconfig, async_dispatch=dispatch)
   print(format_table(results))
   if args.json is not None:
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -165,3 +165,13 @@ def test_int8_conv_lowerings_stay_int8(x_shape, kernel_shape, groups):
   """Each lowering of qjax.integer.arith.conv, compiled: its one contraction takes s8 operands."""
   int8_ops, total = _compiled_conv_census(x_shape, kernel_shape, groups)
   assert total == 1 and int8_ops == 1, (int8_ops, total)
+
+
+def test_dispatch_setting_is_set_before_jax_starts_only():
+  """JAX reads its CPU dispatch setting when it creates the CPU client: once it exists, the
+  benchmark leaves the setting alone and records it as unknown (None)."""
+  bench = load_experiment("bench_inference")
+  jax.devices()
+  before = jax.config.read("jax_cpu_enable_async_dispatch")
+  assert bench.set_async_dispatch(not before) is None
+  assert jax.config.read("jax_cpu_enable_async_dispatch") == before

@@ -470,6 +470,13 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((2, 6, 6, 8), (3, 3, 8, 140), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # > 128 channels
     ((2, 10, 3), (3, 3, 4), (2,), ((1, 2),), (1,), 1),  # 1-D: XLA's patches
     ((1, 9, 9, 1), (3, 3, 1, 19), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),  # 16 + 3 channels
+    # One input channel, stride 1: the direct convolution (on AVX-512 paths with VBMI):
+    ((3, 32, 32, 1), (5, 5, 1, 6), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # LeNet-5's conv1
+    ((3, 9, 70, 1), (3, 9, 1, 8), (1, 1), ((0, 0), (1, 2)), (1, 1), 1),  # 8 channels, 3 tap
+    ((1, 7, 40, 1), (7, 30, 1, 5), (1, 1), ((1, 0), (0, 3)), (1, 1), 1),  # groups, 4 blocks
+    ((2, 4, 3, 1), (1, 1, 1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # one tap, 3 pixels
+    ((1, 6, 20, 1), (2, 3, 1, 7), (1, 1), ((1, 1), (0, 0)), (1, 1), 1),
+    ((2, 6, 6, 1), (3, 3, 1, 9), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # 9 channels: XLA
 ]
 
 
@@ -539,6 +546,25 @@ def test_conv_matches_xla():
       assert got.dtype == np.int8
       np.testing.assert_array_equal(np.asarray(got), want,
                                     err_msg=f"{path} packed={packed} {x.shape} {w.shape} {r}")
+
+
+def test_direct_conv_rule():
+  """Which convolutions run the direct single-channel kernel: 2-D, one input channel, no
+  groups, stride and dilation 1, 1-8 output channels, on an AVX-512 path of a CPU with
+  AVX-512 VBMI."""
+  vbmi = bool(kernels._load() & kernels._VBMI)
+  lenet = ((5, 5, 1, 6), (1, 1), (1, 1), 1)
+  for path in ("vnni", "amx", "amx_emulated"):
+    assert kernels.direct_conv(*lenet, path) is vbmi
+  for path in ("xla", "avx2", "portable"):
+    assert not kernels.direct_conv(*lenet, path)
+  for shape, strides, dilation, groups in [((5, 5, 2, 6), (1, 1), (1, 1), 1),
+                                           ((5, 5, 1, 9), (1, 1), (1, 1), 1),
+                                           ((5, 5, 1, 6), (2, 1), (1, 1), 1),
+                                           ((5, 5, 1, 6), (1, 1), (1, 2), 1),
+                                           ((5, 49, 1, 6), (1, 1), (1, 1), 1),
+                                           ((5, 1, 6), (1,), (1,), 1)]:
+    assert not kernels.direct_conv(shape, strides, dilation, groups, "vnni"), shape
 
 
 def test_pack_conv_layout_and_errors():

@@ -35,9 +35,11 @@ registers: a few percent of the GEMM). Weights packed once (`pack`, `PackedWeigh
 `qjax.for_serving` does to converted Dense layers where the native kernel runs) go straight
 to the panel kernels at every row count. `conv` runs 2-D convolutions with several input
 channels as the same GEMM on their patches, which the kernel gathers from the NHWC input
-block by block of output pixels (kernels packed once with `pack_conv`, or per call); the
-kernel's epilogue also requantizes the int32 result of the convolutions XLA keeps (one input
-channel, groups). The kernel uses every core (a pool of threads started once) for products
+block by block of output pixels (kernels packed once with `pack_conv`, or per call), and
+those of one input channel (stride 1, up to 8 output channels: LeNet-5's first layer) with a
+direct kernel, 16 output pixels a vector (`direct_conv`); the kernel's epilogue also
+requantizes the int32 result of the convolutions XLA keeps (groups, other single-channel
+ones). The kernel uses every core (a pool of threads started once) for products
 of 2^21 multiply-adds and more (QJAX_INT8_THREADS caps the thread count).
 The library is built by `pip install` (setup.py); where it was not, `available()` is False
 and everything runs on XLA.
@@ -82,6 +84,9 @@ _PATH_IDS = {"portable": 1, "avx2": 2, "vnni": 3, "amx": 4, "amx_emulated": 5}
 # The CPU feature bit each path needs (the emulated tiles run on the AVX-512 code).
 _PATH_BITS = {"portable": 1, "avx2": 2, "vnni": 4, "amx": 8, "amx_emulated": 4}
 _AMX_CHECK_FAILED = 16  # AMX-INT8 granted, the tile kernel failed its check at load
+_VBMI = 32  # AVX-512 VBMI: the direct single-channel convolution on the AVX-512 paths
+# The direct single-channel convolution's limits (int8_gemm.cc: kDirectMaxChannels / Width).
+_DIRECT_MAX_CHANNELS, _DIRECT_MAX_WIDTH, _DIRECT_MAX_HEIGHT = 8, 48, 64
 _TARGET_S32 = "qjax_int8_gemm_s32"
 _TARGET_REQUANT = "qjax_int8_gemm_requant"
 _TARGET_PACKED_S32 = "qjax_int8_gemm_packed_s32"
@@ -107,8 +112,8 @@ def _library_file() -> pathlib.Path | None:
 def _load() -> int:
   """Loads the library and registers its FFI targets, once; its CPU feature bits
   (`qjax_int8_paths`: 1 portable, 2 avx2, 4 vnni, 8 amx: AMX-INT8 granted and the tile
-  kernel checked against its emulation on this CPU, 16: granted but that check failed), 0
-  without it."""
+  kernel checked against its emulation on this CPU, 16: granted but that check failed, 32:
+  AVX-512 VBMI), 0 without it."""
   path = _library_file()
   if path is None:
     warnings.warn("qjax.integer.kernels: the native int8 GEMM library is not built (reinstall "
@@ -765,10 +770,11 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   in 2-D inside the native kernel, which gathers the patches block by block of output pixels
   (no patch matrix in memory; LeNet-5's second layer at batch 256: 0.7 ms less for the whole
   model than patches made by XLA), in 1-D and 3-D on XLA's patches
-  (`qjax.integer.arith.im2col`). Otherwise (and on "xla") `qjax.integer.arith.conv` then
-  `requant`: one input channel stays on XLA's exact int32 convolution (LeNet-5's first layer:
-  1.2 ms faster inside the jitted model than the native kernel, whose 16-channel panels are
-  6 / 16 full there). The same integers on every path.
+  (`qjax.integer.arith.im2col`). One input channel (stride and dilation 1, up to 8 output
+  channels) runs the native kernel's direct convolution on the AVX-512 paths (`direct_conv`:
+  LeNet-5 at batch 1024, 8.6 -> 4.3 ms for the whole model). Otherwise (and on "xla")
+  `qjax.integer.arith.conv` then `requant`: XLA's exact int32 convolution, requantized by the
+  kernel's epilogue on a native path. The same integers on every path.
 
   Args:
     x: int8 (B, *spatial, C).
@@ -796,17 +802,19 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   nsp = kernel_hwio.ndim - 2
   cin, cout = x.shape[-1], kernel_hwio.shape[-1]
   window = kernel_hwio.shape[:nsp]
-  if groups == 1 and cin > 1 and x.ndim == nsp + 2:
+  if groups == 1 and x.ndim == nsp + 2:
     out = [(s + lo + hi - ((w - 1) * d + 1)) // st + 1 for s, (lo, hi), w, d, st in
            zip(x.shape[1:-1], padding, window, dilation, strides, strict=True)]
     macs = x.shape[0] * int(np.prod(out, dtype=np.int64)) * cout * int(
         np.prod(kernel_hwio.shape[:-1], dtype=np.int64))
     path = resolve(kernel, macs=macs)
-    if path != "xla" and min(out) >= 0:
+    direct = not isinstance(kernel_hwio, PackedConvWeights) and direct_conv(
+        kernel_hwio.shape, strides, dilation, groups, path)
+    if path != "xla" and min(out) >= 0 and (cin > 1 or direct):
       pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
       if any(lo or hi for lo, hi, _ in pads):
         x = jax.lax.pad(x, jnp.asarray(pad_value).astype(jnp.int8), pads)
-      if gathers_patches(kernel_hwio.shape, groups):
+      if direct or gathers_patches(kernel_hwio.shape, groups):
         weights = (kernel_hwio.matrix if isinstance(kernel_hwio, PackedConvWeights)
                    else kernel_hwio.reshape((-1, cout)).T)
         return _native_conv2d(x, weights, tuple(out), offset, requant, window, strides,
@@ -819,6 +827,27 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   # XLA's convolution; its requantization native.
   return _requantize(acc, offset, requant,
                      resolve(kernel, macs=int(np.prod(acc.shape, dtype=np.int64))))
+
+
+def direct_conv(kernel_shape: tuple[int, ...], strides: tuple[int, ...],
+                dilation: tuple[int, ...], groups: int, path: str) -> bool:
+  """Whether `conv` on `path` runs a convolution with this (HWIO) kernel shape as the native
+  kernel's direct single-channel convolution: 2-D, one input channel, no groups, stride and
+  dilation 1, at most 8 output channels, a window at most 48 wide and 64 high (LeNet-5's first
+  layer), on an AVX-512 path ("vnni", "amx", "amx_emulated") of a CPU with AVX-512 VBMI.
+  16 output pixels share a vector, one per channel: the patch GEMM's 16-channel panels would
+  be 6 / 16 full there, and XLA's int32 convolution writes 4 bytes a result (LeNet-5 at batch
+  1024: a 19 MB intermediate that the requantization then reads).
+
+  Example:
+    >>> direct_conv((5, 5, 1, 6), (1, 1), (1, 1), 1, "xla")
+    False
+  """
+  return (len(kernel_shape) == 4 and kernel_shape[2] == 1 and groups == 1
+          and tuple(strides) == (1, 1) and tuple(dilation) == (1, 1)
+          and 1 <= kernel_shape[3] <= _DIRECT_MAX_CHANNELS
+          and kernel_shape[1] <= _DIRECT_MAX_WIDTH and kernel_shape[0] <= _DIRECT_MAX_HEIGHT
+          and path in ("vnni", "amx", "amx_emulated") and bool(_load() & _VBMI))
 
 
 def gathers_patches(kernel_shape: tuple[int, ...], groups: int) -> bool:
@@ -927,6 +956,7 @@ __all__ = (
     "available",
     "conv",
     "dense",
+    "direct_conv",
     "gathers_patches",
     "matmul",
     "matmul_requant",

@@ -68,6 +68,7 @@ enum Path : int64_t {
 struct Features {
   bool avx2 = false;
   bool vnni512 = false;  // AVX-512 F + BW + VL + VNNI, with the OS saving zmm state
+  bool vbmi = false;     // and AVX-512 VBMI (byte permutes: the single-channel convolution)
   // AMX-TILE + AMX-INT8, tile state enabled by the OS and granted to this process (Linux
   // grants it on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), as XLA asks too; a
   // seccomp filter that refuses the call leaves it false).
@@ -92,6 +93,7 @@ Features Detect() {
   const bool vnni = (c >> 11) & 1;
   f.avx2 = ymm_os && avx2;
   f.vnni512 = zmm_os && f512 && bw && vl && vnni;
+  f.vbmi = f.vnni512 && ((c >> 1) & 1);
   const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
   const bool tiles_os = (xlo & 0x60000) == 0x60000;  // XTILECFG and XTILEDATA
 #if defined(__linux__) && defined(SYS_arch_prctl)
@@ -917,6 +919,160 @@ void RunVnniDot(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t 
 }
 
 // ------------------------------------------------------------------------------------------
+// A convolution of one input channel (LeNet-5's first layer: 5 x 5, 6 channels), stride and
+// dilation 1, up to 8 output channels, as a direct kernel: 16 output pixels of a row in the
+// lanes of a vector, one vector per output channel. For each window row, one 64-byte load of
+// the input row (+ 128, as uint8), and per group of 4 taps a vpermb that puts pixel l's 4
+// input bytes in lane l; vpdpbusd against the group's 4 weights broadcast (zero beyond the
+// window's width). The epilogue requantizes each channel's 16 pixels and interleaves the
+// channels into NHWC order (vpermt2b). Needs AVX-512 VBMI. The GEMM of the patches would run
+// 16-channel panels 6 / 16 full, and XLA's int32 convolution writes 4 bytes a result.
+
+constexpr int64_t kDirectMaxChannels = 8, kDirectMaxWidth = 48;
+
+#pragma GCC push_options
+#pragma GCC target("avx512vbmi")
+
+// q = clamp(Z + rne((f32(acc + offset) + bias) * mult), low, hi) - as Epilogue16, for 16
+// pixels of channel n (the channel's scalars broadcast), with Z added.
+inline __m512i RequantPixels(const Epilogue& e, int64_t n, __m512i acc) {
+  if (e.offset) acc = _mm512_add_epi32(acc, _mm512_set1_epi32(e.offset[n]));
+  const __m512 y = _mm512_mul_ps(
+      _mm512_add_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(e.bias[n])),
+      _mm512_set1_ps(e.mult[n]));
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(e.lo_f)),
+                                 _mm512_set1_ps(e.hi_f));
+  __m512i q = _mm512_cvt_roundps_epi32(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm512_mask_mov_epi32(q, nan, _mm512_set1_epi32(e.q_nan));
+  return _mm512_add_epi32(q, _mm512_set1_epi32(e.zp));
+}
+
+// Output row (b, oy), pixels ox0.. ox0 + 16 (`valid` of them) of NC <= 8 channels.
+template <int NC>
+void DirectBlock(const uint8_t* const* rows, int64_t KH, int64_t groups, const int32_t* wd,
+                 const __m512i* idx, int64_t avail, int64_t valid, const Epilogue& e,
+                 int64_t pixel, const __m512i* interleave) {
+  __m512i acc[NC];
+#pragma GCC unroll 8
+  for (int n = 0; n < NC; ++n) acc[n] = _mm512_setzero_si512();
+  const __mmask64 load = avail >= 64 ? ~__mmask64{0} : (~uint64_t{0} >> (64 - avail));
+  for (int64_t i = 0; i < KH; ++i) {
+    // Beyond the row: 0 ^ 0x80, read by pixels that are not stored only.
+    const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(load, rows[i]),
+                                       _mm512_set1_epi8(-128));
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512i win = _mm512_permutexvar_epi8(idx[g], u);
+      const int32_t* w = wd + (i * groups + g) * NC;
+#pragma GCC unroll 8
+      for (int n = 0; n < NC; ++n) Dp(acc[n], win, _mm512_set1_epi32(w[n]));
+    }
+  }
+  if (!e.bias) {  // int32 results (the unfused route): channel n of pixel p at p * NC + n
+    alignas(64) int32_t t[kDirectMaxChannels][16];
+    for (int n = 0; n < NC; ++n) {
+      _mm512_store_si512(t[n], _mm512_add_epi32(acc[n], _mm512_set1_epi32(e.offset ? e.offset[n] : 0)));
+    }
+    for (int64_t p = 0; p < valid; ++p) {
+      for (int n = 0; n < NC; ++n) e.out32[(pixel + p) * NC + n] = t[n][p];
+    }
+    return;
+  }
+  // Channel n's 16 bytes at byte 16 n of lo (n < 4) or of hi (n >= 4).
+  __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+#pragma GCC unroll 8
+  for (int n = 0; n < NC; ++n) {
+    const __m128i b = _mm512_cvtepi32_epi8(RequantPixels(e, n, acc[n]));
+    if (n < 4) {
+      lo = _mm512_mask_broadcast_i32x4(lo, static_cast<__mmask16>(0xF << (4 * n)), b);
+    } else {
+      hi = _mm512_mask_broadcast_i32x4(hi, static_cast<__mmask16>(0xF << (4 * (n - 4))), b);
+    }
+  }
+  const int64_t bytes = valid * NC;
+  int8_t* out = e.out8 + pixel * NC;
+  const __m512i first = _mm512_permutex2var_epi8(lo, interleave[0], hi);
+  _mm512_mask_storeu_epi8(out, bytes >= 64 ? ~__mmask64{0} : (~uint64_t{0} >> (64 - bytes)),
+                          first);
+  if (bytes > 64) {
+    const __m512i second = _mm512_permutex2var_epi8(lo, interleave[1], hi);
+    _mm512_mask_storeu_epi8(out + 64, ~uint64_t{0} >> (128 - bytes), second);
+  }
+}
+
+template <int NC>
+void RunDirect(const int8_t* x, const ConvGeom& g, const int8_t* w, const Epilogue& e0,
+               int threads) {
+  const int64_t KW = g.KW, KH = g.KH, groups = (KW + 3) / 4;
+  // Weights as dwords [i][group][n] (taps beyond KW zero), their sums for the + 128.
+  std::vector<int32_t> wd(KH * groups * NC, 0), colsum(NC, 0);
+  for (int64_t n = 0; n < NC; ++n) {
+    for (int64_t i = 0; i < KH; ++i) {
+      for (int64_t j = 0; j < KW; ++j) {
+        const int8_t v = w[n * KH * KW + i * KW + j];
+        uint8_t* d = reinterpret_cast<uint8_t*>(&wd[(i * groups + j / 4) * NC + n]);
+        d[j % 4] = static_cast<uint8_t>(v);
+        colsum[n] += v;
+      }
+    }
+  }
+  const Epilogue e = Unsigned(e0, colsum.data(), NC);
+  __m512i idx[kDirectMaxWidth / 4];
+  for (int64_t q = 0; q < groups; ++q) {
+    alignas(64) uint8_t b[64];
+    for (int l = 0; l < 16; ++l) {
+      for (int t = 0; t < 4; ++t) b[4 * l + t] = static_cast<uint8_t>(l + 4 * q + t);
+    }
+    idx[q] = _mm512_load_si512(b);
+  }
+  // Output byte j = pixel j / NC, channel j % NC: source byte 16 (j % NC) + j / NC of
+  // (lo, hi) (vpermt2b: 0..63 lo, 64..127 hi).
+  __m512i interleave[2];
+  for (int h = 0; h < 2; ++h) {
+    alignas(64) uint8_t b[64];
+    for (int j = 0; j < 64; ++j) {
+      const int o = 64 * h + j, p = o / NC, c = o % NC;
+      b[j] = static_cast<uint8_t>(p < 16 ? 16 * c + p : 0);
+    }
+    interleave[h] = _mm512_load_si512(b);
+  }
+  ParallelFor(g.B * g.OH, threads, [&](int64_t r0, int64_t r1) {
+    const uint8_t* rows[64];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / g.OH, oy = r % g.OH;
+      for (int64_t ox0 = 0; ox0 < g.OW; ox0 += 16) {
+        for (int64_t i = 0; i < KH; ++i) {
+          rows[i] = reinterpret_cast<const uint8_t*>(x + (b * g.H + oy + i) * g.W + ox0);
+        }
+        DirectBlock<NC>(rows, KH, groups, wd.data(), idx, g.W - ox0,
+                        std::min<int64_t>(16, g.OW - ox0), e, r * g.OW + ox0, interleave);
+      }
+    }
+  });
+}
+
+#pragma GCC pop_options
+
+bool DirectConv(const ConvGeom& g, int64_t N) {
+  return Cpu().vbmi && g.C == 1 && g.SH == 1 && g.SW == 1 && g.DH == 1 && g.DW == 1 &&
+         N >= 1 && N <= kDirectMaxChannels && g.KW <= kDirectMaxWidth && g.KH <= 64;
+}
+
+void RunDirectConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t N,
+                   const Epilogue& e, int threads) {
+  switch (N) {
+    case 1: return RunDirect<1>(x, g, w, e, threads);
+    case 2: return RunDirect<2>(x, g, w, e, threads);
+    case 3: return RunDirect<3>(x, g, w, e, threads);
+    case 4: return RunDirect<4>(x, g, w, e, threads);
+    case 5: return RunDirect<5>(x, g, w, e, threads);
+    case 6: return RunDirect<6>(x, g, w, e, threads);
+    case 7: return RunDirect<7>(x, g, w, e, threads);
+    default: return RunDirect<8>(x, g, w, e, threads);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // AMX-INT8 path: the VNNI path's operands on tiles. tdpbusd is vpdpbusd on tiles: a tile A
 // of 16 rows x 64 bytes (uint8: activations + 128) against a tile B of 16 rows of 4-byte
 // groups x 16 channels (int8), into a tile C of 16 x 16 int32. A packed panel's 16
@@ -1619,6 +1775,11 @@ ffi::Error RunConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t 
   int32_t* colsum = static_cast<int32_t*>(tls_sums.Get(panels * 16 * sizeof(int32_t)));
   const int threads = ThreadsFor(g.M() * N * std::max<int64_t>(K, 1), threads_attr);
 #ifdef QJAX_X86
+  if (Avx512(p) && DirectConv(g, N)) {
+    if (g.M() == 0) return ffi::Error::Success();
+    RunDirectConv(x, g, w, N, e, threads);
+    return ffi::Error::Success();
+  }
   if (Avx512(p)) {
     PackPanelsVnni(w, N, K, Kp, packed, colsum, threads);
   } else {
@@ -2226,7 +2387,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8RoundRows, RoundInt8Rows,
 
 // Which paths this CPU can run: bit 0 portable, bit 1 avx2, bit 2 vnni (and amx emulated);
 // bit 3: AMX-INT8 is granted to this process and the tile kernel passed its check (path amx);
-// bit 4: AMX-INT8 is granted but the tile kernel failed its check. For Python, through ctypes.
+// bit 4: AMX-INT8 is granted but the tile kernel failed its check; bit 5: AVX-512 VBMI (the
+// direct single-channel convolution on the AVX-512 paths). For Python, through ctypes.
 // The check that path amx passes before it is offered, run on emulated tiles: 1 when it
 // passes, 0 when it fails or the CPU lacks AVX-512 VNNI (tests run the check's code here).
 extern "C" int qjax_int8_tile_check_emulated() {
@@ -2236,7 +2398,7 @@ extern "C" int qjax_int8_tile_check_emulated() {
 extern "C" int qjax_int8_paths() {
   const bool granted = Cpu().amx_int8 && Cpu().vnni512;
   return 1 | (Cpu().avx2 ? 2 : 0) | (Cpu().vnni512 ? 4 : 0) | (AmxWorks() ? 8 : 0) |
-         (granted && !AmxWorks() ? 16 : 0);
+         (granted && !AmxWorks() ? 16 : 0) | (Cpu().vbmi ? 32 : 0);
 }
 
 #pragma GCC visibility pop
