@@ -11,10 +11,10 @@ them experiments.models' QuantMLP / QuantLeNet5 with fused ReLUs, this times one
     XLA int8 dot_general / convolution;
   * int8 (fbgemm, native) / (float, native) / (integer, native): the same with that requant,
     traced with QJAX_INT8_KERNEL=native: Dense layers on qjax's C++ int8 kernel (weights
-    pre-packed by `for_serving`; "fbgemm" and "float" requantize inside the kernel), and
-    convolutions of several input channels too (the kernel gathers their patches); one
-    input channel stays on XLA's int32 convolution. Skipped where the kernel does not run
-    (not built, not a CPU backend);
+    pre-packed by `for_serving`; each requantizer runs inside the kernel), and
+    convolutions of several input channels too (the kernel gathers their patches), and
+    LeNet-5's single-channel first one (the kernel's direct convolution, where the CPU has
+    AVX-512 VBMI). Skipped where the kernel does not run (not built, not a CPU backend);
   * torch x86 int8: PyTorch's eager-mode converted model (fused Linear/Conv + ReLU,
     get_default_qconfig("x86"), engine "x86", torch.set_num_threads(all cores)), on the same
     weights and calibration batches.

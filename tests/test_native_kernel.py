@@ -245,6 +245,43 @@ def test_requant_ties_narrow_grids_and_extremes():
     np.testing.assert_array_equal(np.asarray(got), [[0, 2, 2, 2]], err_msg=path)
 
 
+def test_integer_requant_fused_matches_xla():
+  """IntegerRequant fused into the kernel's epilogue (64-bit products, floor after adding
+  2^(shift-1)) equals its XLA form on every path: shifts from 1 to 62 (below and above 32, the
+  result saturating before the clamp), m0 across [2^30, 2^31), per tensor and per channel, a
+  fused ReLU, accumulators at the int32 extremes, 1 / 9 / 40 rows (streamed weights, packed
+  panels, the tile kernel)."""
+  rng = np.random.default_rng(8)
+  n, k = 21, 70
+  runs = []
+  for m, shifts, per_channel, zero, relu in [
+      (9, np.arange(1, 63, 3)[:n], True, 0, False),
+      (40, rng.integers(39, 44, n), True, -5, True),
+      (1, rng.integers(20, 42, n), True, 7, False),
+      (9, np.int32(41), False, 2, True),
+      (40, np.int32(2), False, 0, False)]:
+    x, w, offset = operands(rng, m, n, k, offsets=2**14)
+    m0 = rng.integers(2**30, 2**31, n if per_channel else (), dtype=np.int64).astype(np.int32)
+    r = rq.IntegerRequant(m0=jax.device_put(m0), shift=jax.device_put(np.int32(shifts)),
+                          zero_point=np.int32(zero), lo=-128, hi=127, relu=relu)
+    for off in (offset, np.full(n, 2**31 - 1, np.int32), np.full(n, -(2**31), np.int32)):
+      runs.append((x, w, off, r, reference(x, w, off)))
+  results = requant_on_every_path(runs)
+  spread = 0
+  for (x, _, off, r, _), (want, gots) in zip(runs, results, strict=True):
+    spread = max(spread, len(np.unique(np.asarray(want))))
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                    err_msg=f"{path} {x.shape} shift {r.shift} offset {off[:2]}")
+  assert spread > 50  # outputs spread over the grid, not all clamped
+  if AVAILABLE:
+    bad = rq.IntegerRequant(m0=np.int32(2**30), shift=np.int32(63), zero_point=np.int32(0),
+                            lo=-128, hi=127, relu=False)
+    x, w, offset = operands(rng, 3, 4, 8)
+    with pytest.raises(Exception, match=r"shift must lie in \[1, 62\]"):
+      jax.block_until_ready(kernels.matmul_requant(x, w, offset, bad, kernel=AVAILABLE[0]))
+
+
 # ------------------------------------------------------------------------------------------
 # The integer Dense on every path, and the selection.
 
@@ -355,11 +392,9 @@ def test_operand_errors():
                    jax.device_put(np.zeros((4, 3), np.int8)), kernel="xla")
   with pytest.raises(ValueError, match="share K"):
     kernels.matmul(x, jax.device_put(np.zeros((4, 5), np.int8)), kernel="xla")
-  with pytest.raises(TypeError, match="FbgemmRequant"):
+  with pytest.raises(TypeError, match="FbgemmRequant, FloatRequant or IntegerRequant"):
     kernels.matmul_requant(x, jax.device_put(np.zeros((4, 3), np.int8)), None,
-                           rq.FloatRequant(multiplier=np.float32(1.0),
-                                           zero_point=np.int32(0), lo=-128, hi=127,
-                                           relu=False), kernel="xla")
+                           lambda acc: acc.astype(jnp.int8), kernel="xla")
 
 
 def test_vmap():

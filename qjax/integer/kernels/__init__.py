@@ -6,7 +6,9 @@ same integers with a C++ kernel (`int8_gemm.cc`) called through `jax.ffi` under 
   acc[m, n] = sum_k x[m, k] w[n, k] + offset[n]                          int32 (`matmul`)
   q[m, n]   = clamp(Z + rne((f32(acc[m, n]) + bias[n]) * M[n]), low, hi)  int8 (`matmul_requant`)
 
-with low = max(lo, Z) for a fused ReLU: `qjax.integer.FbgemmRequant`'s formula, bit for bit.
+with low = max(lo, Z) for a fused ReLU: `qjax.integer.FbgemmRequant`'s formula, bit for bit
+(`FloatRequant` is the same with a zero bias; `IntegerRequant`'s fixed-point formula runs in
+the same epilogue, its products exact in 64 bits).
 int32 sums wrap modulo 2^32 as XLA's do. The code path is chosen by the `kernel` argument,
 else by the environment variable QJAX_INT8_KERNEL, else by `DEFAULT_KERNEL` ("auto"; set
 QJAX_INT8_KERNEL=xla to keep the integer path's programs plain XLA, int8 `dot_general`s):
@@ -93,10 +95,8 @@ _TARGET_PACKED_S32 = "qjax_int8_gemm_packed_s32"
 _TARGET_PACKED_REQUANT = "qjax_int8_gemm_packed_requant"
 _TARGET_ROUND = "qjax_int8_round"
 _TARGET_ROUND_ROWS = "qjax_int8_round_rows"
-_TARGET_CONV_S32 = "qjax_int8_conv_s32"
 _TARGET_CONV_REQUANT = "qjax_int8_conv_requant"
 _TARGET_REQUANT_S32 = "qjax_int8_requant_s32"
-_TARGET_CONV_PACKED_S32 = "qjax_int8_conv_packed_s32"
 _TARGET_CONV_PACKED_REQUANT = "qjax_int8_conv_packed_requant"
 # The panel layout of pre-packed weights: PANEL output channels x GROUP inputs per block.
 PANEL, GROUP = 16, 4
@@ -137,14 +137,10 @@ def _load() -> int:
                                 platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_ROUND_ROWS, jax.ffi.pycapsule(lib.QjaxInt8RoundRows),
                                 platform="cpu")
-    jax.ffi.register_ffi_target(_TARGET_CONV_S32, jax.ffi.pycapsule(lib.QjaxInt8ConvS32),
-                                platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_CONV_REQUANT,
                                 jax.ffi.pycapsule(lib.QjaxInt8ConvRequant), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_REQUANT_S32, jax.ffi.pycapsule(lib.QjaxInt8RequantS32),
                                 platform="cpu")
-    jax.ffi.register_ffi_target(_TARGET_CONV_PACKED_S32,
-                                jax.ffi.pycapsule(lib.QjaxInt8ConvPackedS32), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_CONV_PACKED_REQUANT,
                                 jax.ffi.pycapsule(lib.QjaxInt8ConvPackedRequant), platform="cpu")
   except (OSError, AttributeError) as error:
@@ -452,14 +448,23 @@ def _weight_operands(kernel_t: Weights) -> tuple[list[jax.Array], str, str]:
   return _weight_arrays(kernel_t), _TARGET_S32, _TARGET_REQUANT
 
 
-def _epilogue(requant: rq.FbgemmRequant, n: int) -> tuple[list[jax.Array], dict]:
-  """The fused requantization's arguments for n channels: bias (n,), multiplier (n,), zero
-  point (1,), and its attributes lo, hi, relu."""
-  arrays = [jnp.broadcast_to(jnp.asarray(requant.bias, jnp.float32), (n,)),
-            jnp.broadcast_to(jnp.asarray(requant.multiplier, jnp.float32), (n,)),
-            jnp.asarray(requant.zero_point, jnp.int32).reshape((1,))]
+def _epilogue(requant: rq.Requantizer, n: int) -> tuple[list[jax.Array], dict]:
+  """The fused requantization's arguments for n channels: two float32 (n,) arrays, bias and
+  multiplier (a FloatRequant's bias zero: `_as_fbgemm`), or an IntegerRequant's m0 and shift
+  bit for bit (`lax.bitcast_convert_type`, which costs nothing); the zero point (1,); and the
+  attributes lo, hi, relu and integer (which of the two formulas)."""
+  integer = isinstance(requant, rq.IntegerRequant)
+  if isinstance(requant, rq.IntegerRequant):
+    first, second = (jax.lax.bitcast_convert_type(
+        jnp.broadcast_to(jnp.asarray(v, jnp.int32), (n,)), jnp.float32)
+                     for v in (requant.m0, requant.shift))
+  else:
+    fbgemm = _as_fbgemm(requant, n)
+    first, second = (jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,))
+                     for v in (fbgemm.bias, fbgemm.multiplier))
+  arrays = [first, second, jnp.asarray(requant.zero_point, jnp.int32).reshape((1,))]
   return arrays, {"lo": np.int64(requant.lo), "hi": np.int64(requant.hi),
-                  "relu": bool(requant.relu)}
+                  "relu": bool(requant.relu), "integer": integer}
 
 
 @contextlib.contextmanager
@@ -568,26 +573,30 @@ def matmul(x: jax.Array, kernel_t: Weights, offset: jax.Array | None = None, *,
 
 
 def matmul_requant(x: jax.Array, kernel_t: Weights, offset: jax.Array | None,
-                   requant: rq.FbgemmRequant, *, kernel: str | None = None) -> jax.Array:
-  """q = requant(matmul(x, kernel_t, offset)) for an `FbgemmRequant`, fused on a native path.
+                   requant: rq.Requantizer, *, kernel: str | None = None) -> jax.Array:
+  """q = requant(matmul(x, kernel_t, offset)), the requantization fused on a native path.
 
+  For an `FbgemmRequant`
   q[..., n] = clamp(Z + rne((f32(acc[..., n]) + bias[n]) * M[n]), low, hi) as int8, with
   acc = sum_k x[..., k] kernel_t[n, k] + offset[n] (int32), low = max(lo, Z) under a fused
-  ReLU, M per channel or per tensor: `requant(acc)` bit for bit, without an int32 result in
-  memory.
+  ReLU, M per channel or per tensor; a `FloatRequant` is the same with a zero bias; an
+  `IntegerRequant` q = clamp(Z + floor((acc m0[n] + 2^(shift[n]-1)) / 2^shift[n]), low, hi)
+  with the product exact in 64 bits (shift in [1, 62], as `arith.quantize_multiplier` makes
+  it). `requant(acc)` bit for bit, without an int32 result in memory.
 
   Args:
     x: int8 (..., K).
     kernel_t: int8 (N, K), or the same `pack`ed.
     offset: int32 (N,) or None.
-    requant: the output grid and formula (`qjax.integer.FbgemmRequant`).
+    requant: the output grid and formula (`qjax.integer.FbgemmRequant`, `FloatRequant` or
+      `IntegerRequant`).
     kernel: see `resolve`.
 
   Returns:
     int8 (..., N).
 
   Raises:
-    TypeError: `requant` is not an FbgemmRequant, or non-int8 operands. ValueError: as
+    TypeError: `requant` is not one of the three, or non-int8 operands. ValueError: as
       `matmul`.
 
   Example:
@@ -599,9 +608,9 @@ def matmul_requant(x: jax.Array, kernel_t: Weights, offset: jax.Array | None,
     >>> matmul_requant(x, w, None, r)   # -3 + rne(2.5 / 2 = 1.25), -3 + rne(-191)
     Array([[  -2, -128]], dtype=int8)
   """
-  if not isinstance(requant, rq.FbgemmRequant):
-    raise TypeError(f"matmul_requant: requant must be a qjax.integer.FbgemmRequant; got "
-                    f"{type(requant).__name__}.")
+  if not isinstance(requant, (rq.FbgemmRequant, rq.FloatRequant, rq.IntegerRequant)):
+    raise TypeError(f"matmul_requant: requant must be a qjax.integer FbgemmRequant, "
+                    f"FloatRequant or IntegerRequant; got {type(requant).__name__}.")
   _check(x, kernel_t, "matmul_requant")
   n = kernel_t.shape[0]
   path = resolve(kernel, macs=_macs(x, kernel_t))
@@ -624,9 +633,8 @@ def dense(x: jax.Array, kernel_t: Weights, offset: jax.Array, requant: rq.Requan
           kernel: str | None = None) -> jax.Array:
   """An integer Dense: requant(sum_k x[..., k] kernel_t[n, k] + offset[n]) as int8.
 
-  The fused `matmul_requant` for an `FbgemmRequant`, and on a native path for a
-  `FloatRequant` (its formula is fbgemm's with a zero bias); `matmul` (offset fused) then the
-  requantizer for `IntegerRequant`; `arith.matmul` + `requant` on "xla".
+  `matmul_requant`: on a native path every requantizer fused into the kernel's epilogue,
+  `arith.matmul` + `requant` on "xla".
 
   Args:
     x: int8 (..., K).
@@ -645,13 +653,7 @@ def dense(x: jax.Array, kernel_t: Weights, offset: jax.Array, requant: rq.Requan
     ...       jnp.zeros(2, jnp.int32), r)
     Array([[11,  0]], dtype=int8)
   """
-  if isinstance(requant, rq.FbgemmRequant):
-    return matmul_requant(x, kernel_t, offset, requant, kernel=kernel)
-  path = resolve(kernel, macs=_macs(x, kernel_t))
-  if path != "xla" and isinstance(requant, rq.FloatRequant):
-    return matmul_requant(x, kernel_t, offset, _as_fbgemm(requant, kernel_t.shape[0]),
-                          kernel=path)
-  return _requantize(matmul(x, kernel_t, offset, kernel=path), None, requant, path)
+  return matmul_requant(x, kernel_t, offset, requant, kernel=kernel)
 
 
 def _as_fbgemm(requant: rq.FbgemmRequant | rq.FloatRequant, n: int) -> rq.FbgemmRequant:
@@ -667,14 +669,14 @@ def _as_fbgemm(requant: rq.FbgemmRequant | rq.FloatRequant, n: int) -> rq.Fbgemm
 def _requantize(acc: jax.Array, offset: jax.Array | None, requant: rq.Requantizer,
                 path: str) -> jax.Array:
   """`requant(acc + offset)` for an int32 acc (..., N) made outside the kernel; on a native
-  path the float requantizers run as the kernel's fused epilogue, one pass from int32 to int8
-  (no float intermediate in memory: at LeNet-5's first layer, batch 1024, XLA's float array
-  and its fresh pages cost more than the convolution)."""
-  if path == "xla" or not isinstance(requant, (rq.FbgemmRequant, rq.FloatRequant)):
+  path the requantizer runs as the kernel's fused epilogue, one pass from int32 to int8 (no
+  float intermediate in memory: at LeNet-5's first layer, batch 1024, XLA's float array and
+  its fresh pages cost more than the convolution)."""
+  if path == "xla":
     return requant(acc if offset is None else acc + rq.channels(
         jnp.asarray(offset, jnp.int32), acc.ndim))
   n = acc.shape[-1]
-  arrays, grid = _epilogue(_as_fbgemm(requant, n), n)
+  arrays, grid = _epilogue(requant, n)
   call = jax.ffi.ffi_call(_TARGET_REQUANT_S32, jax.ShapeDtypeStruct(acc.shape, jnp.int8),
                           vmap_method="sequential")
   return call(acc, _offset(offset, n), *arrays, **grid, path=np.int64(_PATH_IDS[path]))
@@ -879,14 +881,10 @@ def _native_conv2d(x: jax.Array, weights: Weights, out: tuple[int, ...], offset:
               "dh": np.int64(dilation[0]), "dw": np.int64(dilation[1]),
               "path": np.int64(_PATH_IDS[path]), "threads": np.int64(0)}
   operands = [x, *_weight_arrays(weights), _offset(offset, n)]
-  if isinstance(requant, (rq.FbgemmRequant, rq.FloatRequant)):
-    arrays, grid = _epilogue(_as_fbgemm(requant, n), n)
-    call = jax.ffi.ffi_call(_TARGET_CONV_PACKED_REQUANT if packed else _TARGET_CONV_REQUANT,
-                            jax.ShapeDtypeStruct(shape, jnp.int8), vmap_method="sequential")
-    return call(*operands, *arrays, **grid, **geometry)
-  call = jax.ffi.ffi_call(_TARGET_CONV_PACKED_S32 if packed else _TARGET_CONV_S32,
-                          jax.ShapeDtypeStruct(shape, jnp.int32), vmap_method="sequential")
-  return _requantize(call(*operands, **geometry), None, requant, path)
+  arrays, grid = _epilogue(requant, n)
+  call = jax.ffi.ffi_call(_TARGET_CONV_PACKED_REQUANT if packed else _TARGET_CONV_REQUANT,
+                          jax.ShapeDtypeStruct(shape, jnp.int8), vmap_method="sequential")
+  return call(*operands, *arrays, **grid, **geometry)
 
 
 def quantize_samples(x: jax.Array, spec: numerics.QuantSpec, scale: jax.Array,

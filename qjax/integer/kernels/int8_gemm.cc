@@ -303,28 +303,52 @@ int ThreadsFor(int64_t macs, int64_t requested) {
 }
 
 // ------------------------------------------------------------------------------------------
-// The epilogue: offset, then either int32 or the float requantization to int8.
+// The epilogue: offset, then int32, or a requantization to int8: the float one (fbgemm's,
+// bias and multiplier) or the integer one (qjax.integer.IntegerRequant, m0 and shift):
+//
+//   float    q = clamp(Z + rne((f32(a) + bias[n]) * mult[n]), low, hi)
+//   integer  q = clamp(Z + floor((a * m0[n] + 2^(shift[n] - 1)) / 2^shift[n]), low, hi)
+//
+// with a = acc + offset (int32, wrapping), the integer product exact in 64 bits (|a m0| <
+// 2^62, shift in [1, 62]).
 
 struct Epilogue {
   const int32_t* offset = nullptr;  // (N,) or null; the vnni path passes its folded offsets
-  const float* bias = nullptr;      // (N,); null: int32 output
+  const float* bias = nullptr;      // (N,): the float requantization
   const float* mult = nullptr;      // (N,)
+  const int32_t* m0 = nullptr;      // (N,): the integer requantization
+  const int32_t* shift = nullptr;   // (N,)
   int32_t zp = 0;
   float lo_f = 0, hi_f = 0;  // low - Z, hi - Z
+  int32_t lo_q = 0, hi_q = 0;  // the same as integers
   int32_t q_nan = 0;         // what a NaN requantizes to (XLA converts NaN to 0, then clamps)
   int32_t* out32 = nullptr;
   int8_t* out8 = nullptr;
   int64_t ldo = 0;  // row stride of the output (N)
 };
 
+// int32 results: neither requantization.
+inline bool Int32Out(const Epilogue& e) { return !e.bias && !e.m0; }
+
 inline int32_t Wrap(int64_t v) { return static_cast<int32_t>(static_cast<uint32_t>(v)); }
+
+// The integer requantization of a (offset added) for multiplier m0 and shift r, Z added.
+inline int32_t IntegerQ(const Epilogue& e, int32_t a, int32_t m0, int32_t r) {
+  const int64_t p = int64_t{a} * m0 + (int64_t{1} << (r - 1));
+  const int64_t t = p >> r;  // arithmetic: floor
+  return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(t, e.lo_q), e.hi_q)) + e.zp;
+}
 
 inline void ScalarEpilogue(const Epilogue& e, int64_t m, int64_t n, int32_t acc) {
   const int32_t a = e.offset ? Wrap(static_cast<int64_t>(static_cast<uint32_t>(acc)) +
                                     static_cast<uint32_t>(e.offset[n]))
                              : acc;
-  if (!e.bias) {
+  if (Int32Out(e)) {
     e.out32[m * e.ldo + n] = a;
+    return;
+  }
+  if (e.m0) {
+    e.out8[m * e.ldo + n] = static_cast<int8_t>(IntegerQ(e, a, e.m0[n], e.shift[n]));
     return;
   }
   float y = (static_cast<float>(a) + e.bias[n]) * e.mult[n];  // two roundings (no FMA)
@@ -518,11 +542,33 @@ void Im2Col(const int8_t* x, const ConvGeom& g, int8_t* out, int threads) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")
 
+// IntegerQ on 16 lanes: the 64-bit products of the even and the odd lanes apart.
+inline __m512i IntegerQ16(const Epilogue& e, __m512i a, __m512i m0, __m512i shift) {
+  const __m512i one = _mm512_set1_epi64(1), low32 = _mm512_set1_epi64(0xFFFFFFFF);
+  const __m512i lo = _mm512_set1_epi64(e.lo_q), hi = _mm512_set1_epi64(e.hi_q);
+  const auto half = [&](__m512i av, __m512i mv, __m512i r) {
+    const __m512i p = _mm512_add_epi64(_mm512_mul_epi32(av, mv),
+                                       _mm512_sllv_epi64(one, _mm512_sub_epi64(r, one)));
+    return _mm512_min_epi64(_mm512_max_epi64(_mm512_srav_epi64(p, r), lo), hi);
+  };
+  const __m512i even = half(a, m0, _mm512_and_si512(shift, low32));
+  const __m512i odd = half(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(m0, 32),
+                           _mm512_srli_epi64(shift, 32));
+  const __m512i q = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  return _mm512_add_epi32(q, _mm512_set1_epi32(e.zp));
+}
+
 inline void Epilogue16(const Epilogue& e, int64_t m, int64_t n, __m512i acc,
                                  __mmask16 valid) {
   if (e.offset) acc = _mm512_add_epi32(acc, _mm512_maskz_loadu_epi32(valid, e.offset + n));
-  if (!e.bias) {
+  if (Int32Out(e)) {
     _mm512_mask_storeu_epi32(e.out32 + m * e.ldo + n, valid, acc);
+    return;
+  }
+  if (e.m0) {  // lanes beyond `valid`: m0 = shift = 0, never stored
+    const __m512i q = IntegerQ16(e, acc, _mm512_maskz_loadu_epi32(valid, e.m0 + n),
+                                 _mm512_maskz_loadu_epi32(valid, e.shift + n));
+    _mm_mask_storeu_epi8(e.out8 + m * e.ldo + n, valid, _mm512_cvtepi32_epi8(q));
     return;
   }
   const __m512 b = _mm512_maskz_loadu_ps(valid, e.bias + n);
@@ -937,6 +983,9 @@ constexpr int64_t kDirectMaxChannels = 8, kDirectMaxWidth = 48;
 // pixels of channel n (the channel's scalars broadcast), with Z added.
 inline __m512i RequantPixels(const Epilogue& e, int64_t n, __m512i acc) {
   if (e.offset) acc = _mm512_add_epi32(acc, _mm512_set1_epi32(e.offset[n]));
+  if (e.m0) {
+    return IntegerQ16(e, acc, _mm512_set1_epi32(e.m0[n]), _mm512_set1_epi32(e.shift[n]));
+  }
   const __m512 y = _mm512_mul_ps(
       _mm512_add_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(e.bias[n])),
       _mm512_set1_ps(e.mult[n]));
@@ -967,16 +1016,6 @@ void DirectBlock(const uint8_t* const* rows, int64_t KH, int64_t groups, const i
 #pragma GCC unroll 8
       for (int n = 0; n < NC; ++n) Dp(acc[n], win, _mm512_set1_epi32(w[n]));
     }
-  }
-  if (!e.bias) {  // int32 results (the unfused route): channel n of pixel p at p * NC + n
-    alignas(64) int32_t t[kDirectMaxChannels][16];
-    for (int n = 0; n < NC; ++n) {
-      _mm512_store_si512(t[n], _mm512_add_epi32(acc[n], _mm512_set1_epi32(e.offset ? e.offset[n] : 0)));
-    }
-    for (int64_t p = 0; p < valid; ++p) {
-      for (int n = 0; n < NC; ++n) e.out32[(pixel + p) * NC + n] = t[n][p];
-    }
-    return;
   }
   // Channel n's 16 bytes at byte 16 n of lo (n < 4) or of hi (n >= 4).
   __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
@@ -1385,7 +1424,7 @@ void RunTilesConv(Path p, const int8_t* x, const ConvGeom& g, const int8_t* pack
 
 inline void Epilogue8(const Epilogue& e, int64_t m, int64_t n, __m256i acc,
                                 int64_t valid) {
-  if (valid < 8) {
+  if (valid < 8 || e.m0) {  // the integer requantization one lane at a time
     alignas(32) int32_t tmp[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc);
     for (int64_t j = 0; j < valid; ++j) ScalarEpilogue(e, m, n + j, tmp[j]);
@@ -1394,7 +1433,7 @@ inline void Epilogue8(const Epilogue& e, int64_t m, int64_t n, __m256i acc,
   if (e.offset) {
     acc = _mm256_add_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.offset + n)));
   }
-  if (!e.bias) {
+  if (Int32Out(e)) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(e.out32 + m * e.ldo + n), acc);
     return;
   }
@@ -1546,6 +1585,10 @@ void EpilogueRowsAvx2(const int32_t* acc, int64_t m0, int64_t m1, int64_t N,
     }
     if (n == N) continue;
     const int64_t valid = N - n;
+    if (e.m0) {
+      for (; n < N; ++n) ScalarEpilogue(e, m, n, acc[m * N + n]);
+      continue;
+    }
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(valid)),
                                             lanes);
@@ -1697,19 +1740,35 @@ ffi::Error GemmS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<f
 ffi::Error RequantEpilogue(ffi::Buffer<ffi::S32>& offset, ffi::Buffer<ffi::F32>& bias,
                            ffi::Buffer<ffi::F32>& mult, ffi::Buffer<ffi::S32>& zero_point,
                            ffi::ResultBuffer<ffi::S8>& out, int64_t N, int64_t lo, int64_t hi,
-                           bool relu, Epilogue* e) {
+                           bool relu, bool integer, Epilogue* e) {
   if (static_cast<int64_t>(bias.element_count()) != N ||
       static_cast<int64_t>(mult.element_count()) != N || zero_point.element_count() != 1) {
     return ffi::Error::InvalidArgument("qjax int8 gemm: bias and multiplier must have N "
                                        "elements, zero_point one");
   }
   e->offset = offset.typed_data();
-  e->bias = bias.typed_data();
-  e->mult = mult.typed_data();
+  if (integer) {
+    // The integer requantization: the two float buffers carry m0 and shift, int32 bit for bit.
+    e->m0 = reinterpret_cast<const int32_t*>(bias.typed_data());
+    e->shift = reinterpret_cast<const int32_t*>(mult.typed_data());
+    for (int64_t n = 0; n < N; ++n) {
+      if (e->shift[n] < 1 || e->shift[n] > 62) {
+        return ffi::Error::InvalidArgument(
+            "qjax int8 gemm: the integer requantization's shift must lie in [1, 62] (as "
+            "qjax.integer.arith.quantize_multiplier makes it); got " +
+            std::to_string(e->shift[n]));
+      }
+    }
+  } else {
+    e->bias = bias.typed_data();
+    e->mult = mult.typed_data();
+  }
   e->zp = zero_point.typed_data()[0];
   const int64_t low = relu ? std::max<int64_t>(lo, e->zp) : lo;
   e->lo_f = static_cast<float>(low - e->zp);
   e->hi_f = static_cast<float>(hi - e->zp);
+  e->lo_q = static_cast<int32_t>(low - e->zp);
+  e->hi_q = static_cast<int32_t>(hi - e->zp);
   e->q_nan = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(0, low - e->zp),
                                                     hi - e->zp));
   e->out8 = out->typed_data();
@@ -1720,13 +1779,13 @@ ffi::Error RequantEpilogue(ffi::Buffer<ffi::S32>& offset, ffi::Buffer<ffi::F32>&
 ffi::Error GemmRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                        ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::F32> bias,
                        ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::S32> zero_point,
-                       ffi::ResultBuffer<ffi::S8> out, int64_t lo, int64_t hi, bool relu,
+                       ffi::ResultBuffer<ffi::S8> out, int64_t lo, int64_t hi, bool relu, bool integer,
                        int64_t path, int64_t threads) {
   int64_t M, N, K;
   ffi::Error err = Shapes(x.dimensions(), w.dimensions(), offset.element_count(), &M, &N, &K);
   if (err.failure()) return err;
   Epilogue e;
-  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, integer, &e);
   if (err.failure()) return err;
   return Run(x.typed_data(), w.typed_data(), M, N, K, e, path, threads);
 }
@@ -1775,7 +1834,7 @@ ffi::Error RunConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t 
   int32_t* colsum = static_cast<int32_t*>(tls_sums.Get(panels * 16 * sizeof(int32_t)));
   const int threads = ThreadsFor(g.M() * N * std::max<int64_t>(K, 1), threads_attr);
 #ifdef QJAX_X86
-  if (Avx512(p) && DirectConv(g, N)) {
+  if (Avx512(p) && DirectConv(g, N) && !Int32Out(e)) {  // it requantizes only
     if (g.M() == 0) return ffi::Error::Success();
     RunDirectConv(x, g, w, N, e, threads);
     return ffi::Error::Success();
@@ -1844,30 +1903,12 @@ ffi::Error ConvPackedShapes(const ffi::AnyBuffer::Dimensions& xd,
   return ffi::Error::Success();
 }
 
-ffi::Error ConvPackedS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
-                         ffi::Buffer<ffi::S32> colsum, ffi::Buffer<ffi::S32> offset,
-                         ffi::ResultBuffer<ffi::S32> out, int64_t kh, int64_t kw, int64_t sh,
-                         int64_t sw, int64_t dh, int64_t dw, int64_t path, int64_t threads) {
-  ConvGeom g;
-  int64_t N;
-  ffi::Error err = ConvPackedShapes(x.dimensions(), panels.dimensions(), out->dimensions(),
-                                    colsum.element_count(), offset.element_count(), kh, kw,
-                                    sh, sw, dh, dw, &g, &N);
-  if (err.failure()) return err;
-  Epilogue e;
-  e.offset = offset.typed_data();
-  e.out32 = out->typed_data();
-  e.ldo = N;
-  return RunConvPanels(x.typed_data(), g, panels.typed_data(), colsum.typed_data(), N, e,
-                       path, threads);
-}
-
 ffi::Error ConvPackedRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
                              ffi::Buffer<ffi::S32> colsum, ffi::Buffer<ffi::S32> offset,
                              ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mult,
                              ffi::Buffer<ffi::S32> zero_point, ffi::ResultBuffer<ffi::S8> out,
                              int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
-                             int64_t dw, int64_t lo, int64_t hi, bool relu, int64_t path,
+                             int64_t dw, int64_t lo, int64_t hi, bool relu, bool integer, int64_t path,
                              int64_t threads) {
   ConvGeom g;
   int64_t N;
@@ -1876,32 +1917,17 @@ ffi::Error ConvPackedRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels
                                     sh, sw, dh, dw, &g, &N);
   if (err.failure()) return err;
   Epilogue e;
-  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, integer, &e);
   if (err.failure()) return err;
   return RunConvPanels(x.typed_data(), g, panels.typed_data(), colsum.typed_data(), N, e,
                        path, threads);
-}
-
-ffi::Error ConvS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> offset,
-                   ffi::ResultBuffer<ffi::S32> out, int64_t kh, int64_t kw, int64_t sh,
-                   int64_t sw, int64_t dh, int64_t dw, int64_t path, int64_t threads) {
-  ConvGeom g;
-  int64_t N;
-  ffi::Error err = ConvShapes(x.dimensions(), w.dimensions(), out->dimensions(),
-                              offset.element_count(), kh, kw, sh, sw, dh, dw, &g, &N);
-  if (err.failure()) return err;
-  Epilogue e;
-  e.offset = offset.typed_data();
-  e.out32 = out->typed_data();
-  e.ldo = N;
-  return RunConv(x.typed_data(), g, w.typed_data(), N, e, path, threads);
 }
 
 ffi::Error ConvRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                        ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::F32> bias,
                        ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::S32> zero_point,
                        ffi::ResultBuffer<ffi::S8> out, int64_t kh, int64_t kw, int64_t sh,
-                       int64_t sw, int64_t dh, int64_t dw, int64_t lo, int64_t hi, bool relu,
+                       int64_t sw, int64_t dh, int64_t dw, int64_t lo, int64_t hi, bool relu, bool integer,
                        int64_t path, int64_t threads) {
   ConvGeom g;
   int64_t N;
@@ -1909,7 +1935,7 @@ ffi::Error ConvRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                               offset.element_count(), kh, kw, sh, sw, dh, dw, &g, &N);
   if (err.failure()) return err;
   Epilogue e;
-  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, integer, &e);
   if (err.failure()) return err;
   return RunConv(x.typed_data(), g, w.typed_data(), N, e, path, threads);
 }
@@ -1919,7 +1945,7 @@ ffi::Error ConvRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
 ffi::Error RequantS32(ffi::Buffer<ffi::S32> acc, ffi::Buffer<ffi::S32> offset,
                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mult,
                       ffi::Buffer<ffi::S32> zero_point, ffi::ResultBuffer<ffi::S8> out,
-                      int64_t lo, int64_t hi, bool relu, int64_t path) {
+                      int64_t lo, int64_t hi, bool relu, bool integer, int64_t path) {
   Path p;
   ffi::Error err = CheckPath(path, &p);
   if (err.failure()) return err;
@@ -1930,7 +1956,7 @@ ffi::Error RequantS32(ffi::Buffer<ffi::S32> acc, ffi::Buffer<ffi::S32> offset,
   const int64_t N = dims.back();
   const int64_t M = N ? static_cast<int64_t>(acc.element_count()) / N : 0;
   Epilogue e;
-  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, integer, &e);
   if (err.failure()) return err;
   if (M == 0 || N == 0) return ffi::Error::Success();
   const int32_t* a = acc.typed_data();
@@ -1993,13 +2019,13 @@ ffi::Error PackedRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
                          ffi::Buffer<ffi::S32> colsum, ffi::Buffer<ffi::S32> offset,
                          ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mult,
                          ffi::Buffer<ffi::S32> zero_point, ffi::ResultBuffer<ffi::S8> out,
-                         int64_t lo, int64_t hi, bool relu, int64_t path, int64_t threads) {
+                         int64_t lo, int64_t hi, bool relu, bool integer, int64_t path, int64_t threads) {
   int64_t M, N, K;
   ffi::Error err = PackedShapes(x.dimensions(), panels.dimensions(), colsum.element_count(),
                                 offset.element_count(), &M, &N, &K);
   if (err.failure()) return err;
   Epilogue e;
-  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, &e);
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, integer, &e);
   if (err.failure()) return err;
   return RunPanels(x.typed_data(), panels.typed_data(), colsum.typed_data(), M, N, K, e, path,
                    threads);
@@ -2248,13 +2274,14 @@ auto RequantBuffers(B&& binding) {
       .template Ret<ffi::Buffer<ffi::S8>>();
 }
 
-// A requantizer's output grid: lo, hi, relu.
+// A requantizer's output grid and kind: lo, hi, relu, integer.
 template <class B>
 auto GridAttrs(B&& binding) {
   return std::forward<B>(binding)
       .template Attr<int64_t>("lo")
       .template Attr<int64_t>("hi")
-      .template Attr<bool>("relu");
+      .template Attr<bool>("relu")
+      .template Attr<bool>("integer");
 }
 
 // A convolution's window, strides and dilation.
@@ -2303,6 +2330,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmRequant, GemmRequant,
                                   .Attr<int64_t>("lo")
                                   .Attr<int64_t>("hi")
                                   .Attr<bool>("relu")
+                                  .Attr<bool>("integer")
                                   .Attr<int64_t>("path")
                                   .Attr<int64_t>("threads"));
 
@@ -2329,15 +2357,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmPackedRequant, PackedRequant,
                                   .Attr<int64_t>("lo")
                                   .Attr<int64_t>("hi")
                                   .Attr<bool>("relu")
+                                  .Attr<bool>("integer")
                                   .Attr<int64_t>("path")
                                   .Attr<int64_t>("threads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvS32, ConvS32,
-                              RunAttrs(GeometryAttrs(ffi::Ffi::Bind()
-                                                         .Arg<ffi::Buffer<ffi::S8>>()    // x
-                                                         .Arg<ffi::Buffer<ffi::S8>>()    // w
-                                                         .Arg<ffi::Buffer<ffi::S32>>()   // offset
-                                                         .Ret<ffi::Buffer<ffi::S32>>())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvRequant, ConvRequant,
                               RunAttrs(GridAttrs(GeometryAttrs(RequantBuffers(
@@ -2345,14 +2367,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvRequant, ConvRequant,
                                       .Arg<ffi::Buffer<ffi::S8>>()     // x
                                       .Arg<ffi::Buffer<ffi::S8>>()     // w
                                       .Arg<ffi::Buffer<ffi::S32>>()))))); // offset
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvPackedS32, ConvPackedS32,
-                              RunAttrs(GeometryAttrs(ffi::Ffi::Bind()
-                                                         .Arg<ffi::Buffer<ffi::S8>>()    // x
-                                                         .Arg<ffi::Buffer<ffi::S8>>()    // panels
-                                                         .Arg<ffi::Buffer<ffi::S32>>()   // sums
-                                                         .Arg<ffi::Buffer<ffi::S32>>()   // offset
-                                                         .Ret<ffi::Buffer<ffi::S32>>())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvPackedRequant, ConvPackedRequant,
                               RunAttrs(GridAttrs(GeometryAttrs(RequantBuffers(
