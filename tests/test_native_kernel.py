@@ -512,6 +512,9 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((2, 4, 3, 1), (1, 1, 1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # one tap, 3 pixels
     ((1, 6, 20, 1), (2, 3, 1, 7), (1, 1), ((1, 1), (0, 0)), (1, 1), 1),
     ((2, 6, 6, 1), (3, 3, 1, 9), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # 9 channels: XLA
+    ((0, 6, 6, 1), (3, 3, 1, 4), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # direct, no images
+    # 1.2 MB of weights and 25 rows: the tile kernel's split of the panels over threads.
+    ((1, 7, 7, 128), (3, 3, 128, 1024), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
 ]
 
 
