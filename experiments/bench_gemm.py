@@ -27,11 +27,13 @@ rotated order so that load on the machine hits them alike. GOP/s = 2 M N K / med
 "x int8" is xla int8's time over the variant's; "GOP/cpu-s" divides by the process's CPU
 time per call instead (all threads), which moves less than wall time when other processes
 share the cores; "% limit" is GOP/s over the CPU's peak: the int8 limit of the best native
-path for the integer rows, the f32 FMA limit for xla f32. The peaks are not measured: they are
-cores x GHz x operations per cycle per core, with GHz from /proc/cpuinfo's "cpu MHz" (the
-current clock, not the turbo one) and the operations per cycle assumed per instruction set
-(`INT8_OPS_PER_CYCLE`, `F32_OPS_PER_CYCLE`); the header prints the assumptions, and
---int8-limit-gops / --f32-limit-gops replace them. The 1-minute load average before and after
+path for the integer rows, the f32 FMA limit for xla f32. The peaks are measured where the
+native library runs (`measured_limits`: the path's multiply-add instruction and the float32
+FMA in register-only loops on every core at once); elsewhere they are cores x GHz x
+operations per cycle per core, with GHz from /proc/cpuinfo's "cpu MHz" and the operations
+per cycle assumed per instruction set (`INT8_OPS_PER_CYCLE`, `F32_OPS_PER_CYCLE`; on a VM
+that reports its base clock such a figure was a third of the measured one). The header
+prints how, and --int8-limit-gops / --f32-limit-gops replace them. The 1-minute load average before and after
 is printed: on a shared machine absolute figures move with it, the ratios less.
 
 Usage:
@@ -44,6 +46,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import contextlib
 import json
 import math
@@ -194,6 +197,41 @@ def default_limits(info: CpuInfo, path: str | None, n_cores: int) -> Limits:
       int8_gops=n_cores * ghz * int8_ops, f32_gops=n_cores * ghz * f32_ops,
       int8_how=f"{n_cores} cores x {clock} x {int8_ops} int8 ops/cycle ({path or 'portable'})",
       f32_how=f"{n_cores} cores x {clock} x {f32_ops} f32 flops/cycle ({f32_isa} FMA)")
+
+
+# The native library's peak probes: path ids of qjax_int8_peak_gops (0: float32 FMAs).
+_PEAK_PATHS = {"amx": 4, "vnni": 3, "avx2": 2}
+_PEAK_HOW = {"amx": "tdpbusd into 4 tiles", "vnni": "12 independent vpdpbusd zmm accumulators",
+             "avx2": "12 independent vpmaddwd + vpaddd ymm accumulators"}
+
+
+def measured_limits(path: str | None, n_cores: int, seconds: float = 0.3) -> Limits | None:
+  """The peaks measured on this machine: the int8 `path`'s multiply-add instruction and the
+  float32 FMA in a register-only loop on `n_cores` threads at once (the native library's
+  qjax_int8_peak_gops probe), turbo clock and the VM's real cores included. None without the
+  library or for "portable" (no single instruction to time).
+
+  Args:
+    path: the best native path, or None.
+    n_cores: threads to run the probes on.
+    seconds: about how long each probe runs.
+
+  Returns:
+    The `Limits`, with how each was measured, or None.
+  """
+  library = kernels._library_file()  # pylint: disable=protected-access
+  if path not in _PEAK_PATHS or library is None:
+    return None
+  probe = ctypes.CDLL(str(library)).qjax_int8_peak_gops
+  probe.restype, probe.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_int, ctypes.c_double]
+  int8_gops = probe(_PEAK_PATHS[path], n_cores, seconds)
+  f32_gops = probe(0, n_cores, seconds)
+  if int8_gops <= 0 or f32_gops <= 0:
+    return None
+  return Limits(int8_gops=int8_gops, f32_gops=f32_gops,
+                int8_how=f"measured: {_PEAK_HOW[path]} in a loop on {n_cores} threads ({path})",
+                f32_how=f"measured: 12 independent vfmadd231ps accumulators in a loop on "
+                        f"{n_cores} threads")
 
 
 def _blocking(fn: Callable[..., jax.Array], *args: Any) -> Callable[[], jax.Array]:
@@ -378,11 +416,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       help="time per round, shared by the variants")
   parser.add_argument("--quick", action="store_true", help="small shapes, one short round")
   parser.add_argument("--int8-limit-gops", type=_positive, default=None,
-                      help="int8 peak in GOP/s for the %% limit column; default: cores x "
-                           "cpu MHz x INT8_OPS_PER_CYCLE of the best native path")
+                      help="int8 peak in GOP/s for the %% limit column; default: measured "
+                           "(the best native path's instruction on every core), else cores x "
+                           "cpu MHz x INT8_OPS_PER_CYCLE of that path")
   parser.add_argument("--f32-limit-gops", type=_positive, default=None,
-                      help="float32 peak in GOP/s; default: cores x cpu MHz x "
-                           "F32_OPS_PER_CYCLE (64 with AVX-512 F, else 32)")
+                      help="float32 peak in GOP/s; default: measured (FMAs on every core), "
+                           "else cores x cpu MHz x F32_OPS_PER_CYCLE (64 with AVX-512 F, else "
+                           "32)")
   parser.add_argument("--torch-threads", type=int, default=None,
                       help="PyTorch's intra-op threads; default: every logical CPU (on a busy "
                            "machine small products then wait on the thread pool)")
@@ -396,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   info = read_cpuinfo()
   best = kernels.resolve("native") if kernels.available() else None
-  limits = default_limits(info, best, cores())
+  limits = measured_limits(best, cores()) or default_limits(info, best, cores())
   if args.int8_limit_gops is not None:
     limits = limits._replace(int8_gops=args.int8_limit_gops, int8_how="--int8-limit-gops")
   if args.f32_limit_gops is not None:
@@ -411,8 +451,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{best or 'none'}")
   print(f"int8 limit {limits.int8_gops:8.1f} GOP/s = {limits.int8_how}")
   print(f"f32 limit  {limits.f32_gops:8.1f} GOP/s = {limits.f32_how}")
-  print("  (assumed peaks, not measured: SMT siblings share one core's units and the clock is "
-        "the reported one, so the limits are upper estimates)")
+  if not limits.int8_how.startswith("measured"):
+    print("  (assumed peaks, not measured: SMT siblings share one core's units and the clock "
+          "is the reported one, so the limits are estimates)")
   print(f"torch threads {args.torch_threads or cores()}; load average {load_before:.1f}")
 
   results: dict[str, Any] = {

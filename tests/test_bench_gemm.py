@@ -105,3 +105,20 @@ def test_limit_options_must_be_positive(bench):
   with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
     bench.main(["--quick", "--int8-limit-gops", "0"])
   assert "positive" in err.getvalue()
+
+
+def test_measured_limits_are_plausible(bench):
+  """The peaks measured by the library's probes: positive, the int8 one of the best path
+  above the float32 FMA one (vpdpbusd does 64 multiply-adds where an FMA does 16), and None
+  where nothing can be measured."""
+  assert bench.measured_limits(None, 2) is None
+  assert bench.measured_limits("portable", 2) is None
+  best = kernels.resolve("native") if kernels.available() else None
+  limits = bench.measured_limits(best, 1, seconds=0.02)
+  if best not in ("vnni", "amx", "avx2"):
+    assert limits is None
+    return
+  assert limits is not None and limits.int8_how.startswith("measured")
+  assert limits.int8_gops > 0 and limits.f32_gops > 0
+  if best in ("vnni", "amx"):
+    assert limits.int8_gops > 2 * limits.f32_gops, limits

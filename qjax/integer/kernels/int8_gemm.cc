@@ -2304,6 +2304,106 @@ auto RunAttrs(B&& binding) {
       .template Attr<int64_t>("threads");
 }
 
+// ------------------------------------------------------------------------------------------
+// Peak probes for experiments/bench_gemm: the multiply-add instruction of a path in a loop of
+// independent accumulators (registers only, no memory), on `threads` threads at once: what the
+// cores really do per second, turbo clock included (a figure of cycles x the reported clock
+// was off by 3x on a VM whose /proc/cpuinfo gives the base clock).
+
+template <class Body>
+double PeakRun(int threads, int64_t iters, double ops_per_iter, const Body& body) {
+  std::vector<std::thread> pool;
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  std::vector<double> seconds(threads);
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      ready.fetch_add(1);
+      while (!go.load()) std::this_thread::yield();
+      const auto start = std::chrono::steady_clock::now();
+      body(iters);
+      seconds[t] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    });
+  }
+  while (ready.load() < threads) std::this_thread::yield();
+  go.store(true);
+  for (auto& th : pool) th.join();
+  double total = 0;
+  for (double s : seconds) total += iters * ops_per_iter / s;
+  return total / 1e9;
+}
+
+#ifdef QJAX_X86
+#define QJAX_PEAK_12(op) op(a0) op(a1) op(a2) op(a3) op(a4) op(a5) op(a6) op(a7) op(a8) op(a9) op(a10) op(a11)
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void PeakVnni(int64_t iters) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+          a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+  const __m512i x = _mm512_set1_epi8(1), w = _mm512_set1_epi8(1);
+  for (int64_t i = 0; i < iters; ++i) {
+#define QJAX_DP(a) __asm__ volatile("vpdpbusd %2, %1, %0" : "+v"(a) : "v"(x), "v"(w));
+    QJAX_PEAK_12(QJAX_DP)
+#undef QJAX_DP
+  }
+#define QJAX_KEEP(a) __asm__ volatile("" ::"v"(a));
+  QJAX_PEAK_12(QJAX_KEEP)
+}
+
+__attribute__((target("avx2"))) void PeakAvx2(int64_t iters) {
+  // The avx2 path's step: vpmaddwd (16 multiply-adds) and vpaddd.
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+          a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+  const __m256i x = _mm256_set1_epi16(1), w = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < iters; ++i) {
+#define QJAX_MADD(a) __asm__ volatile("vpmaddwd %1, %2, %%ymm15\n\tvpaddd %%ymm15, %0, %0" \
+                                      : "+x"(a) : "x"(x), "x"(w) : "xmm15");
+    QJAX_PEAK_12(QJAX_MADD)
+#undef QJAX_MADD
+  }
+  QJAX_PEAK_12(QJAX_KEEP)
+}
+
+__attribute__((target("avx512f"))) void PeakFma512(int64_t iters) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+         a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+  const __m512 x = _mm512_set1_ps(1.0f), w = _mm512_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i) {
+#define QJAX_FMA(a) __asm__ volatile("vfmadd231ps %2, %1, %0" : "+v"(a) : "v"(x), "v"(w));
+    QJAX_PEAK_12(QJAX_FMA)
+#undef QJAX_FMA
+  }
+  QJAX_PEAK_12(QJAX_KEEP)
+}
+
+__attribute__((target("avx2,fma"))) void PeakFma256(int64_t iters) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+         a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+  const __m256 x = _mm256_set1_ps(1.0f), w = _mm256_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i) {
+#define QJAX_FMA(a) __asm__ volatile("vfmadd231ps %2, %1, %0" : "+x"(a) : "x"(x), "x"(w));
+    QJAX_PEAK_12(QJAX_FMA)
+#undef QJAX_FMA
+  }
+  QJAX_PEAK_12(QJAX_KEEP)
+#undef QJAX_KEEP
+}
+
+// tdpbusd into 4 tiles from one A and one B tile (16 x 16 x 64 multiply-adds each).
+void PeakAmx(int64_t iters) {
+  alignas(64) static const int8_t ones[1024] = {};
+  AmxTiles::Begin();
+  AmxTiles::Load<4>(ones, 64);
+  AmxTiles::Load<6>(ones, 64);
+  for (int64_t i = 0; i < iters; ++i) {
+    AmxTiles::Dp<0, 4, 6>();
+    AmxTiles::Dp<1, 4, 6>();
+    AmxTiles::Dp<2, 4, 6>();
+    AmxTiles::Dp<3, 4, 6>();
+  }
+  AmxTiles::End();
+}
+#endif  // QJAX_X86
+
 }  // namespace
 
 // The handlers and qjax_int8_paths are the library's only exported symbols.
@@ -2407,6 +2507,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8RoundRows, RoundInt8Rows,
 // passes, 0 when it fails or the CPU lacks AVX-512 VNNI (tests run the check's code here).
 extern "C" int qjax_int8_tile_check_emulated() {
   return Cpu().vnni512 && EmulatedTileCheck() ? 1 : 0;
+}
+
+// Peak GOP/s (2 operations a multiply-add) of `path`'s multiply-add instruction (1 portable:
+// 0, not measured; 2 avx2; 3 vnni; 4 amx), or of float32 FMAs (path 0: AVX-512 where the CPU
+// has it, else AVX2), on `threads` threads; 0 where the CPU lacks the instructions.
+extern "C" double qjax_int8_peak_gops(int path, int threads, double seconds) {
+#ifdef QJAX_X86
+  if (threads < 1 || seconds <= 0) return 0;
+  // About `seconds` per thread (cycles per iteration from a short trial run).
+  const auto timed = [&](double ops, auto body) {
+    const double trial = PeakRun(1, 100000, ops, body);  // GOP/s of one thread
+    const int64_t iters = std::max<int64_t>(1000, static_cast<int64_t>(trial * 1e9 * seconds / ops));
+    return PeakRun(threads, iters, ops, body);
+  };
+  switch (path) {
+    case 0:
+      if (Cpu().vnni512) return timed(12.0 * 32, PeakFma512);
+      return Cpu().avx2 ? timed(12.0 * 16, PeakFma256) : 0;
+    case 2: return Cpu().avx2 ? timed(12.0 * 32, PeakAvx2) : 0;
+    case 3: return Cpu().vnni512 ? timed(12.0 * 128, PeakVnni) : 0;
+    case 4: return AmxWorks() ? timed(4.0 * 16 * 16 * 64 * 2, PeakAmx) : 0;
+    default: return 0;
+  }
+#else
+  (void)path, (void)threads, (void)seconds;
+  return 0;
+#endif
 }
 
 extern "C" int qjax_int8_paths() {
