@@ -558,6 +558,17 @@ inline __m512i IntegerQ16(const Epilogue& e, __m512i a, __m512i m0, __m512i shif
   return _mm512_add_epi32(q, _mm512_set1_epi32(e.zp));
 }
 
+// The float requantization on 16 lanes, Z added.
+inline __m512i FloatQ16(const Epilogue& e, __m512i a, __m512 bias, __m512 mult) {
+  const __m512 y = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(a), bias), mult);
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(e.lo_f)),
+                                 _mm512_set1_ps(e.hi_f));
+  __m512i q = _mm512_cvt_roundps_epi32(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm512_mask_mov_epi32(q, nan, _mm512_set1_epi32(e.q_nan));
+  return _mm512_add_epi32(q, _mm512_set1_epi32(e.zp));
+}
+
 inline void Epilogue16(const Epilogue& e, int64_t m, int64_t n, __m512i acc,
                                  __mmask16 valid) {
   if (e.offset) acc = _mm512_add_epi32(acc, _mm512_maskz_loadu_epi32(valid, e.offset + n));
@@ -571,15 +582,8 @@ inline void Epilogue16(const Epilogue& e, int64_t m, int64_t n, __m512i acc,
     _mm_mask_storeu_epi8(e.out8 + m * e.ldo + n, valid, _mm512_cvtepi32_epi8(q));
     return;
   }
-  const __m512 b = _mm512_maskz_loadu_ps(valid, e.bias + n);
-  const __m512 s = _mm512_maskz_loadu_ps(valid, e.mult + n);
-  const __m512 y = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(acc), b), s);
-  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-  const __m512 c = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(e.lo_f)),
-                                 _mm512_set1_ps(e.hi_f));
-  __m512i q = _mm512_cvt_roundps_epi32(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  q = _mm512_mask_mov_epi32(q, nan, _mm512_set1_epi32(e.q_nan));
-  q = _mm512_add_epi32(q, _mm512_set1_epi32(e.zp));
+  const __m512i q = FloatQ16(e, acc, _mm512_maskz_loadu_ps(valid, e.bias + n),
+                             _mm512_maskz_loadu_ps(valid, e.mult + n));
   _mm_mask_storeu_epi8(e.out8 + m * e.ldo + n, valid, _mm512_cvtepi32_epi8(q));
 }
 
@@ -979,22 +983,13 @@ constexpr int64_t kDirectMaxChannels = 8, kDirectMaxWidth = 48;
 #pragma GCC push_options
 #pragma GCC target("avx512vbmi")
 
-// q = clamp(Z + rne((f32(acc + offset) + bias) * mult), low, hi) - as Epilogue16, for 16
-// pixels of channel n (the channel's scalars broadcast), with Z added.
+// Epilogue16's requantization (Z added) for 16 pixels of channel n: its scalars broadcast.
 inline __m512i RequantPixels(const Epilogue& e, int64_t n, __m512i acc) {
   if (e.offset) acc = _mm512_add_epi32(acc, _mm512_set1_epi32(e.offset[n]));
   if (e.m0) {
     return IntegerQ16(e, acc, _mm512_set1_epi32(e.m0[n]), _mm512_set1_epi32(e.shift[n]));
   }
-  const __m512 y = _mm512_mul_ps(
-      _mm512_add_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(e.bias[n])),
-      _mm512_set1_ps(e.mult[n]));
-  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-  const __m512 c = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(e.lo_f)),
-                                 _mm512_set1_ps(e.hi_f));
-  __m512i q = _mm512_cvt_roundps_epi32(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  q = _mm512_mask_mov_epi32(q, nan, _mm512_set1_epi32(e.q_nan));
-  return _mm512_add_epi32(q, _mm512_set1_epi32(e.zp));
+  return FloatQ16(e, acc, _mm512_set1_ps(e.bias[n]), _mm512_set1_ps(e.mult[n]));
 }
 
 // Output row (b, oy), pixels ox0.. ox0 + 16 (`valid` of them) of NC <= 8 channels.
