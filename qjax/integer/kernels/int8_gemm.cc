@@ -830,7 +830,9 @@ void RunVnniPanelsOn(const Rows& to_unsigned, const int8_t* packed, const int32_
   uint8_t* xu = static_cast<uint8_t*>(tls_xpack.Get(M * Kp));
   ParallelFor(M, threads, [&](int64_t m0, int64_t m1) { to_unsigned(m0, m1, xu + m0 * Kp); });
   ParallelFor(groups4, threads, [&](int64_t g0, int64_t g1) {
-    rows(xu, 0, M, g0 * 4, std::min(panels, g1 * 4));
+    // One group of 4 panels (64 channels) at a time over all rows: its weights stay in L2
+    // (a chunk of several groups swept per block of rows would stream them all each time).
+    for (int64_t g = g0; g < g1; ++g) rows(xu, 0, M, g * 4, std::min(panels, g * 4 + 4));
   });
 }
 
