@@ -6,6 +6,8 @@ for:
 
   * float32: the plain models;
   * qjax int8 QAT: `qjax_qat_variant` below (x86 QAT qconfig, observers in "quant_stats");
+  * qjax QAT int8 fwd: the same with the Dense layers' forward contractions in integers on
+    the native int8 kernel (`QuantDotGeneral(int8_forward=True)`, AQT's way), backward float;
   * AQT (aqtp, aqt.jax.v2): W8A8 forward-only quantization, i.e. AQT's QAT setup;
   * Qwix: W8A8 quantized training through QtProvider / QtRule.
 
@@ -84,13 +86,16 @@ def float_variant(model_name: str) -> Built:
   return model, init_variables(model, model_name), ()
 
 
-def qjax_qat_variant(model_name: str) -> Built:
+def qjax_qat_variant(model_name: str, *, int8_forward: bool = False) -> Built:
   """qjax int8 QAT of `model_name`: PyTorch's x86 QAT qconfig (moving-average observers in
   "quant_stats", per-tensor uint8 activations, per-channel int8 weights), placed like the
   peers: `QuantDotGeneral` / `QuantConvGeneral` quantize both operands of every contraction.
 
   Args:
     model_name: A key of models.MODELS ("mlp" or "lenet5").
+    int8_forward: the Dense layers' forward contractions in integers
+      (`QuantDotGeneral(int8_forward=True)`: on the native int8 kernel where it runs), the
+      backward in float; convolutions keep the float forward.
 
   Returns:
     (model, variables, ("quant_stats",)): the train step applies the model with
@@ -98,7 +103,8 @@ def qjax_qat_variant(model_name: str) -> Built:
   """
   qconfig = qjax.nn.get_default_qat_qconfig("x86")
   model = models.MODELS[model_name](
-      dot_general_cls=functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat"),
+      dot_general_cls=functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
+                                        int8_forward=int8_forward),
       conv_general_dilated_cls=functools.partial(qjax.nn.QuantConvGeneral, qconfig=qconfig,
                                                  mode="qat"))
   variables = init_variables(model, model_name)
@@ -182,6 +188,8 @@ class VariantSpec:
 VARIANTS = (
     VariantSpec("float32", float_variant),
     VariantSpec("qjax int8 QAT", qjax_qat_variant),
+    VariantSpec("qjax QAT int8 fwd", functools.partial(qjax_qat_variant, int8_forward=True),
+                note="Dense forward on the int8 kernel"),
     VariantSpec("aqt w8a8", aqt_variant, peer=True),
     # AQT's conv has no straight-through gradient (see the zero-grad check), so LeNet-5 also
     # gets a row with float convolutions: the part of the model that AQT can train.
@@ -263,9 +271,14 @@ def op_census(jaxpr) -> collections.Counter:
       counts["round"] += 1
     if any(getattr(v.aval, "dtype", None) == jnp.int8 for v in eqn.outvars):
       counts["int8 values"] += 1
-    if name in ("dot_general", "conv_general_dilated"):
+    operands = eqn.invars
+    native = name == "ffi_call" and str(eqn.params.get("target_name", "")).startswith(
+        ("qjax_int8_gemm", "qjax_int8_conv"))
+    if native:  # qjax's native int8 GEMM / convolution: activations and weights first
+      operands = operands[:2]
+    if name in ("dot_general", "conv_general_dilated") or native:
       counts["contractions"] += 1
-      if all(getattr(v.aval, "dtype", None) == jnp.int8 for v in eqn.invars):
+      if all(getattr(v.aval, "dtype", None) == jnp.int8 for v in operands):
         counts["int8 contractions"] += 1
     for param in eqn.params.values():
       for sub in _sub_jaxprs(param):
@@ -426,8 +439,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"{len(ev['zero_grad_leaves']):>4}/{ev['param_leaves']:<5}  {note}")
   lines += ["",
             "logit err: |logits - float logits| / |float logits|, same parameters and batch",
-            "round: rounding ops in the forward jaxpr; int8 contr.: dot_general/conv with "
-            "both operands int8 / all",
+            "round: rounding ops in the forward jaxpr; int8 contr.: dot_general/conv (and "
+            "calls of qjax's native int8 kernel) with both operands int8 / all",
             "zero grads: parameter leaves whose gradient is identically zero"]
   return "\n".join(lines)
 

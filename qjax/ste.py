@@ -226,3 +226,97 @@ def _round_ste_bwd(_, g):
 
 
 _round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
+
+
+# ------------------------------------------------------------------------------------------
+# int8_forward_dot: the forward of a fake-quantized contraction in int8, the backward float.
+
+
+def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qparams: QParams,
+                     w_spec: QuantSpec, w_qparams: QParams, *,
+                     kernel: str | None = None) -> jax.Array:
+  """x_fq @ w_fq with the forward in integers (AQT's QAT): the fake-quantized operands are
+  their grids' integers times the scales, so
+
+    y[..., n] = f32(sum_k (qx[..., k] - Zx) qw[k, n]) * (Sx * Sw[n])
+
+  with qx = rne(x_fq / Sx) + Zx and qw = rne(w_fq / Sw) recovered exactly, the int32 sum on
+  `qjax.integer.kernels.matmul` (the native int8 kernel where it runs, XLA's int8 dot
+  elsewhere), one float rounding at the end where a float32 dot rounds at every step. A row
+  of x_fq (column of w_fq) with NaN or +-inf gives NaN, as the float dot would. The backward
+  is the float dot's, dx = g w_fq^T, dw = x_fq^T g: the straight-through rule of the
+  `fake_quant` that made x_fq and w_fq then masks them.
+
+  Args:
+    x_fq: float32 (..., K), fake-quantized with `x_qparams` on the 8-bit grid `x_spec`
+      (per tensor).
+    w_fq: float32 (K, N), fake-quantized with `w_qparams` on the 8-bit symmetric grid
+      `w_spec` (per tensor or per output channel, axis -1).
+    x_spec, x_qparams, w_spec, w_qparams: the grids and qparams of the two operands.
+    kernel: the int8 kernel (`qjax.integer.kernels.resolve`).
+
+  Returns:
+    float32 (..., N).
+
+  Raises:
+    ValueError: grids other than those above, or shapes that do not contract (..., K) with
+      (K, N).
+
+  Example:
+    >>> xs, ws = QuantSpec(bits=8, signed=False), QuantSpec(bits=8, symmetric=True)
+    >>> xq, wq = QParams(jnp.float32(0.5), jnp.int32(10)), QParams(jnp.float32(0.25), jnp.int32(0))
+    >>> x = fake_quant(jnp.array([[1.0, -2.0]]), xs, xq)
+    >>> w = fake_quant(jnp.array([[1.0], [0.25]]), ws, wq)
+    >>> int8_forward_dot(x, w, xs, xq, ws, wq, kernel="xla")   # 1 * 1 + (-2) * 0.25
+    Array([[0.5]], dtype=float32)
+  """
+  if x_spec.bits != 8 or x_spec.axis is not None:
+    raise ValueError(f"int8_forward_dot: x_spec must be an 8-bit per-tensor grid; got {x_spec}.")
+  if w_spec.bits != 8 or not w_spec.symmetric or w_spec.axis not in (None, -1, 1):
+    raise ValueError(f"int8_forward_dot: w_spec must be an 8-bit symmetric grid, per tensor or "
+                     f"per output channel (axis -1); got {w_spec}.")
+  if jnp.ndim(w_fq) != 2 or jnp.ndim(x_fq) < 1 or jnp.shape(x_fq)[-1] != jnp.shape(w_fq)[0]:
+    raise ValueError(f"int8_forward_dot: x_fq (..., K) and w_fq (K, N) must share K; got "
+                     f"shapes {jnp.shape(x_fq)} and {jnp.shape(w_fq)}.")
+  return _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, x_qparams.scale,
+                           x_qparams.zero_point, w_qparams.scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):
+  from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
+  zx = jnp.asarray(zx, jnp.int32)
+  n = w_fq.shape[1]
+  sw_n = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (n,))
+  # The grids' integers, exactly: |q - Z| <= 255, far from a rounding boundary.
+  qx = jnp.round(x_fq * (1.0 / sx)).astype(jnp.int32) + zx
+  qw = jnp.round(w_fq * (1.0 / sw_n)[None, :]).astype(jnp.int32)
+  # x as int8: qx itself on a signed grid, qx - 128 on an unsigned one; the difference to
+  # qx - Zx, times sum_k qw[k, n], goes into the offset.
+  shift = 128 if x_spec.qmin >= 0 else 0
+  wt = qw.T.astype(jnp.int8)
+  colsum = jnp.sum(qw, axis=0, dtype=jnp.int32)
+  acc = kernels.matmul((qx - shift).astype(jnp.int8), wt, (shift - zx) * colsum, kernel=kernel)
+  lanes = (1,) * (acc.ndim - 1) + (n,)
+  y = acc.astype(jnp.float32) * (jnp.asarray(sx, jnp.float32) * sw_n).reshape(lanes)
+  # Rows of x (columns of w) with NaN or +-inf: their integers are garbage, the result NaN.
+  bad = (jnp.any(~jnp.isfinite(x_fq), axis=-1, keepdims=True)
+         | jnp.any(~jnp.isfinite(w_fq), axis=0).reshape(lanes))
+  return jnp.where(bad, jnp.float32(jnp.nan), y)
+
+
+def _int8_forward_dot_fwd(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):
+  y = _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw)
+  return y, (x_fq, w_fq, sx, zx, sw)
+
+
+def _int8_forward_dot_bwd(x_spec, w_spec, kernel, residuals, g):
+  del x_spec, w_spec, kernel
+  x_fq, w_fq, sx, zx, sw = residuals
+  dx = jnp.matmul(g, w_fq.T)
+  rows = x_fq.reshape((-1, x_fq.shape[-1]))
+  dw = jnp.matmul(rows.T, g.reshape((-1, g.shape[-1])))
+  return dx, dw, _zero_cotangent(sx), _zero_cotangent(jnp.asarray(zx)), _zero_cotangent(sw)
+
+
+_int8_forward_dot.defvjp(_int8_forward_dot_fwd, _int8_forward_dot_bwd)

@@ -216,28 +216,34 @@ class FakeQuant(nn.Module):
   axis_name: AxisName = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, mode: Mode | str | None = None) -> jax.Array:
-    """x unchanged (float, calibrate) or fake-quantized with the observed qparams (qat)."""
+  def __call__(self, x: jax.Array, *, mode: Mode | str | None = None,
+               return_qparams: bool = False) -> Any:
+    """x unchanged (float, calibrate) or fake-quantized with the observed qparams (qat);
+    with `return_qparams`, (that, the qparams it was fake-quantized with or None)."""
+    y, qparams = self._quantize(x, mode)
+    return (y, qparams) if return_qparams else y
+
+  def _quantize(self, x: jax.Array, mode: Mode | str | None) -> tuple[jax.Array, Any]:
     mode = _merged_mode(self, mode)
     observer = self.observer
     if observer is None:
-      return x
+      return x, None
     _no_int8(self, mode)
     found = _observer_state(self, observer, x, mode)
     if found is None:
-      return x
+      return x, None
     state = _observe(self, observer, *found, x, mode=mode, updates=mode is not Mode.FLOAT,
                      axis_name=self.axis_name)
     record = self.is_mutable_collection(QPARAMS) and not self.is_initializing()
     if not record and (mode is not Mode.QAT or self.is_initializing()):
-      return x
+      return x, None
     qparams = _reraise_with_path(self, lambda: observer.qparams(state))
     if record:
       _write_qparams(self, *qparams)
     if mode is not Mode.QAT or self.is_initializing():
-      return x
+      return x, None
     qparams = jax.tree_util.tree_map(lax.stop_gradient, qparams)
-    return _reraise_with_path(self, lambda: ste.fake_quant(x, observer.spec, qparams))
+    return _reraise_with_path(self, lambda: ste.fake_quant(x, observer.spec, qparams)), qparams
 
 
 class LearnableFakeQuant(nn.Module):
@@ -496,6 +502,30 @@ def _quantized_operands(module: nn.Module, qconfig: QConfig | None, mode: Mode,
   return lhs, rhs
 
 
+def _int8_forward(module: nn.Module, qconfig: QConfig | None, lhs: jax.Array, rhs: jax.Array,
+                  dimension_numbers: Any) -> jax.Array:
+  """QuantDotGeneral's QAT forward in integers (`qjax.ste.int8_forward_dot`)."""
+  where = _where(module)
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  if (jnp.ndim(rhs) != 2 or tuple(rhs_contract) != (0,) or tuple(lhs_batch) or tuple(rhs_batch)
+      or tuple(lhs_contract) != (jnp.ndim(lhs) - 1,)):
+    raise ValueError(f"{where}: int8_forward runs nn.Dense's contraction (..., K) x (K, N); got "
+                     f"dimension_numbers={dimension_numbers}.")
+  if (qconfig is None or qconfig.learnable or qconfig.activation is None
+      or qconfig.weight is None or is_research(qconfig.activation)
+      or is_research(qconfig.weight)):
+    raise ValueError(f"{where}: int8_forward needs observed qparams for both operands (a "
+                     f"qconfig with activation and weight observers, learnable=False); got "
+                     f"{qconfig!r}.")
+  x_spec, w_spec = qconfig.activation.spec, qconfig.weight.spec
+  x_fq, x_qparams = _point(qconfig, "activation", name="input", parent=module,
+                           axis_name=module.axis_name)(lhs, mode=Mode.QAT, return_qparams=True)
+  w_fq, w_qparams = _point(qconfig, "weight", name="weight", parent=module)(
+      rhs, mode=Mode.QAT, return_qparams=True)
+  return _reraise_with_path(module, lambda: ste.int8_forward_dot(
+      x_fq, w_fq, x_spec, x_qparams, w_spec, w_qparams))
+
+
 class QuantDotGeneral(nn.Module):
   """A quantized `lax.dot_general` that plugs into stock layers (AQT / Qwix placement):
   `nn.Dense(..., dot_general_cls=functools.partial(QuantDotGeneral, qconfig=q, mode="qat"))`.
@@ -512,11 +542,18 @@ class QuantDotGeneral(nn.Module):
 
   `axis_name`: mapped axes (`jax.shard_map`) the input is split over; the input point's
   observer reduces over them (the weight point never does).
+
+  `int8_forward` (mode "qat"): the forward contraction in integers, as AQT trains
+  (`qjax.ste.int8_forward_dot`: the fake-quantized operands' grid integers on the int8
+  kernel, one float rounding; the backward the float dot's through the same straight-through
+  points). Needs observed (not learned) 8-bit grids, the weight's symmetric, per tensor or per
+  output channel, and nn.Dense's contraction.
   """
 
   qconfig: QConfigLike
   mode: Mode | str | None = None
   axis_name: AxisName = None
+  int8_forward: bool = False
 
   @nn.compact
   def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
@@ -543,6 +580,8 @@ class QuantDotGeneral(nn.Module):
       return DotForm(weight_observer=qconfig.weight, learnable=qconfig.learnable)
 
     lhs = _marked_input(self, qconfig, lhs, form)
+    if self.int8_forward and mode is Mode.QAT and not self.is_initializing():
+      return _int8_forward(self, qconfig, lhs, rhs, dimension_numbers)
     lhs, rhs = _quantized_operands(self, qconfig, mode, lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)

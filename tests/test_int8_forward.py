@@ -1,0 +1,138 @@
+"""QAT with the forward contraction in integers (`qjax.ste.int8_forward_dot`,
+`QuantDotGeneral(int8_forward=True)`): exact against a NumPy int64 reference on every int8
+kernel path, the float dot's gradients, NaN rows, errors, and the QAT step of a model."""
+
+import dataclasses
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import qjax.nn
+from qjax import QParams, QuantSpec, numerics, ste
+from qjax.integer import kernels
+
+KERNELS = ("xla", *kernels.native_paths())
+X_SPECS = {"uint8_reduce_range": QuantSpec(bits=8, signed=False, reduce_range=True),
+           "int8_affine": QuantSpec(bits=8)}
+W_SPECS = {"per_tensor": QuantSpec(bits=8, symmetric=True),
+           "per_channel": QuantSpec(bits=8, symmetric=True, axis=-1)}
+
+
+def _operands(x_spec, w_spec, m=13, k=70, n=9, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(0.3, 1.0, (m, k)).astype(np.float32))
+  w = jnp.asarray(rng.normal(0.0, 0.2, (k, n)).astype(np.float32))
+  xq = numerics.qparams_from_minmax(jnp.min(x) * 0.8, jnp.max(x) * 0.8, x_spec)
+  lo, hi = numerics.minmax(w, w_spec)
+  wq = numerics.qparams_from_minmax(lo, hi, w_spec)
+  return ste.fake_quant(x, x_spec, xq), ste.fake_quant(w, w_spec, wq), xq, wq
+
+
+def _reference(x_fq, w_fq, xq, wq):
+  """f32(sum_k (qx - Zx) qw) * (Sx * Sw) with the sum in int64."""
+  sx, zx = np.float32(xq.scale), int(xq.zero_point)
+  sw = np.broadcast_to(np.asarray(wq.scale, np.float32), (w_fq.shape[1],))
+  qx = np.rint(np.asarray(x_fq) / sx).astype(np.int64)  # qx - Zx
+  qw = np.rint(np.asarray(w_fq) / sw).astype(np.int64)
+  acc = qx @ qw
+  assert np.abs(acc).max() < 2**31
+  return acc.astype(np.float32) * (sx * sw).astype(np.float32)
+
+
+class Int8ForwardDotTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(x_name=tuple(X_SPECS), w_name=tuple(W_SPECS), kernel=KERNELS)
+  def test_exact_against_int64_reference(self, x_name, w_name, kernel):
+    x_spec, w_spec = X_SPECS[x_name], W_SPECS[w_name]
+    x_fq, w_fq, xq, wq = _operands(x_spec, w_spec)
+    fn = self.variant(functools.partial(ste.int8_forward_dot, x_spec=x_spec, w_spec=w_spec,
+                                        kernel=kernel))
+    got = np.asarray(fn(x_fq, w_fq, x_qparams=xq, w_qparams=wq))
+    np.testing.assert_array_equal(got, _reference(x_fq, w_fq, xq, wq))
+    # The float dot of the same operands rounds at every step: close, not equal.
+    np.testing.assert_allclose(got, np.asarray(x_fq @ w_fq), rtol=1e-4, atol=1e-5)
+
+  @parameterized.parameters(*KERNELS)
+  def test_gradients_are_the_float_dots(self, kernel):
+    x_spec, w_spec = X_SPECS["uint8_reduce_range"], W_SPECS["per_channel"]
+    x_fq, w_fq, xq, wq = _operands(x_spec, w_spec, m=6, seed=1)
+    g = jnp.asarray(np.random.default_rng(2).normal(size=(6, 9)).astype(np.float32))
+    int8 = jax.grad(lambda a, b: jnp.sum(ste.int8_forward_dot(
+        a, b, x_spec, xq, w_spec, wq, kernel=kernel) * g), argnums=(0, 1))(x_fq, w_fq)
+    flt = jax.grad(lambda a, b: jnp.sum((a @ b) * g), argnums=(0, 1))(x_fq, w_fq)
+    for got, want in zip(int8, flt, strict=True):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+  def test_nonfinite_rows_and_columns_give_nan(self):
+    x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_tensor"]
+    x_fq, w_fq, xq, wq = _operands(x_spec, w_spec, m=4, n=5)
+    x_fq = x_fq.at[1, 3].set(jnp.nan).at[2, 0].set(jnp.inf)
+    w_fq = w_fq.at[7, 4].set(-jnp.inf)
+    for kernel in KERNELS:
+      got = np.asarray(ste.int8_forward_dot(x_fq, w_fq, x_spec, xq, w_spec, wq, kernel=kernel))
+      bad = np.zeros((4, 5), bool)
+      bad[1:3, :] = True
+      bad[:, 4] = True
+      assert np.isnan(got[bad]).all() and np.isfinite(got[~bad]).all(), kernel
+
+  def test_errors_name_the_argument(self):
+    x_fq, w_fq, xq, wq = _operands(X_SPECS["int8_affine"], W_SPECS["per_tensor"])
+    with pytest.raises(ValueError, match="x_spec must be an 8-bit per-tensor grid"):
+      ste.int8_forward_dot(x_fq, w_fq, QuantSpec(bits=4), xq, W_SPECS["per_tensor"], wq)
+    with pytest.raises(ValueError, match="w_spec must be an 8-bit symmetric grid"):
+      ste.int8_forward_dot(x_fq, w_fq, X_SPECS["int8_affine"], xq, QuantSpec(bits=8), wq)
+    with pytest.raises(ValueError, match="must share K"):
+      ste.int8_forward_dot(x_fq, w_fq.T, X_SPECS["int8_affine"], xq, W_SPECS["per_tensor"], wq)
+
+
+class _MLP(nn.Module):
+  dot: functools.partial
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(16, dot_general_cls=self.dot, name="fc1")(x))
+    return nn.Dense(4, dot_general_cls=self.dot, name="fc2")(x)
+
+
+def test_quant_dot_general_int8_forward_trains_like_the_float_forward():
+  """A QAT step with int8_forward: the same observer updates and nearly the same logits and
+  gradients as the fake-quantized float forward (which rounds its dot at every step)."""
+  qconfig = qjax.nn.get_default_qat_qconfig("x86")
+  x = jnp.asarray(np.random.default_rng(3).random((8, 30)).astype(np.float32))
+  dots = {flag: functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
+                                  int8_forward=flag) for flag in (False, True)}
+  variables = _MLP(dots[False]).init(jax.random.key(0), x)
+
+  def step(flag):
+    def loss(params):
+      y, updates = _MLP(dots[flag]).apply({**variables, "params": params}, x,
+                                          mutable=["quant_stats"])
+      return jnp.sum(y ** 2), (y, updates)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+  (_, (y0, stats0)), g0 = step(False)
+  (_, (y1, stats1)), g1 = step(True)
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
+  # fc1's observers see the same input and weights; fc2's input differs in the last bits.
+  chex.assert_trees_all_equal(stats1["quant_stats"]["fc1"], stats0["quant_stats"]["fc1"])
+  jaxpr = jax.make_jaxpr(lambda p: _MLP(dots[True]).apply(
+      {**variables, "params": p}, x, mutable=["quant_stats"]))(variables["params"])
+  assert "int8" in str(jaxpr)
+
+
+def test_int8_forward_needs_observed_qparams():
+  qconfig = dataclasses.replace(qjax.nn.get_default_qat_qconfig("x86"), learnable=True)
+  dot = functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
+                          int8_forward=True)
+  x = jnp.ones((2, 30), jnp.float32)
+  variables = _MLP(dot).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="int8_forward needs observed qparams"):
+    _MLP(dot).apply(variables, x, mutable=["quant_stats"])
