@@ -5,6 +5,7 @@ result; its limits follow the documented formula. No timing claims."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import math
@@ -107,10 +108,11 @@ def test_limit_options_must_be_positive(bench):
   assert "positive" in err.getvalue()
 
 
-def test_measured_limits_are_plausible(bench):
-  """The peaks measured by the library's probes: positive, the int8 one of the best path
-  above the float32 FMA one (vpdpbusd does 64 multiply-adds where an FMA does 16), and None
-  where nothing can be measured."""
+def test_measured_limits(bench):
+  """The peaks measured by the library's probes: positive for the best path and float32,
+  labelled as measured; None where nothing can be measured (no library, "portable"); the
+  probe itself gives 0 for a path this CPU lacks. (No timing is compared: the figures move
+  with the load.)"""
   assert bench.measured_limits(None, 2) is None
   assert bench.measured_limits("portable", 2) is None
   best = kernels.resolve("native") if kernels.available() else None
@@ -118,7 +120,11 @@ def test_measured_limits_are_plausible(bench):
   if best not in ("vnni", "amx", "avx2"):
     assert limits is None
     return
-  assert limits is not None and limits.int8_how.startswith("measured")
+  assert limits is not None and limits.int8_how.startswith("measured") and best in (
+      limits.int8_how)
   assert limits.int8_gops > 0 and limits.f32_gops > 0
-  if best in ("vnni", "amx"):
-    assert limits.int8_gops > 2 * limits.f32_gops, limits
+  probe = ctypes.CDLL(str(kernels._library_file())).qjax_int8_peak_gops
+  probe.restype, probe.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_int, ctypes.c_double]
+  assert probe(1, 1, 0.01) == 0  # "portable": no instruction to time
+  if not kernels.amx_int8():
+    assert probe(4, 1, 0.01) == 0

@@ -502,13 +502,18 @@ def _quantized_operands(module: nn.Module, qconfig: QConfig | None, mode: Mode,
   return lhs, rhs
 
 
+def _dense_contraction(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
+  """Whether `dimension_numbers` are nn.Dense's contraction (..., K) x (K, N)."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  return (jnp.ndim(rhs) == 2 and tuple(rhs_contract) == (0,) and not tuple(lhs_batch)
+          and not tuple(rhs_batch) and tuple(lhs_contract) == (jnp.ndim(lhs) - 1,))
+
+
 def _int8_forward(module: nn.Module, qconfig: QConfig | None, lhs: jax.Array, rhs: jax.Array,
                   dimension_numbers: Any) -> jax.Array:
   """QuantDotGeneral's QAT forward in integers (`qjax.ste.int8_forward_dot`)."""
   where = _where(module)
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  if (jnp.ndim(rhs) != 2 or tuple(rhs_contract) != (0,) or tuple(lhs_batch) or tuple(rhs_batch)
-      or tuple(lhs_contract) != (jnp.ndim(lhs) - 1,)):
+  if not _dense_contraction(lhs, rhs, dimension_numbers):
     raise ValueError(f"{where}: int8_forward runs nn.Dense's contraction (..., K) x (K, N); got "
                      f"dimension_numbers={dimension_numbers}.")
   if (qconfig is None or qconfig.learnable or qconfig.activation is None
@@ -564,14 +569,13 @@ class QuantDotGeneral(nn.Module):
     qconfig = resolve(self.qconfig, _layer_path(self))
     if mode is Mode.INT8 and _integer.has_integer_form(qconfig):
       return _integer.run(self, _where(self), QuantizedDot, lhs)
-    (lhs_contract, rhs_contract), (_, rhs_batch) = dimension_numbers
+    (_, rhs_contract), (_, rhs_batch) = dimension_numbers
     free = tuple(a for a in range(jnp.ndim(rhs))
                  if a not in tuple(rhs_contract) + tuple(rhs_batch))
     _check_weight_axis(self, qconfig, rhs, free, "one of the kernel's output axes")
 
     def form() -> DotForm:
-      if (jnp.ndim(rhs) != 2 or tuple(rhs_contract) != (0,) or tuple(rhs_batch)
-          or tuple(lhs_contract) != (jnp.ndim(lhs) - 1,)):
+      if not _dense_contraction(lhs, rhs, dimension_numbers):
         raise ValueError(f"the integer path runs nn.Dense's contraction (..., K) x (K, N); "
                          f"got dimension_numbers={dimension_numbers} for operands of shapes "
                          f"{jnp.shape(lhs)} and {jnp.shape(rhs)}. Keep this layer in float "

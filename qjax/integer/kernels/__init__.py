@@ -87,7 +87,7 @@ _PATH_IDS = {"portable": 1, "avx2": 2, "vnni": 3, "amx": 4, "amx_emulated": 5}
 _PATH_BITS = {"portable": 1, "avx2": 2, "vnni": 4, "amx": 8, "amx_emulated": 4}
 _AMX_CHECK_FAILED = 16  # AMX-INT8 granted, the tile kernel failed its check at load
 _VBMI = 32  # AVX-512 VBMI: the direct single-channel convolution on the AVX-512 paths
-# The direct single-channel convolution's limits (int8_gemm.cc: kDirectMaxChannels / Width).
+# The direct single-channel convolution's limits (int8_gemm.cc: kDirectMax*).
 _DIRECT_MAX_CHANNELS, _DIRECT_MAX_WIDTH, _DIRECT_MAX_HEIGHT = 8, 48, 64
 _TARGET_S32 = "qjax_int8_gemm_s32"
 _TARGET_REQUANT = "qjax_int8_gemm_requant"
@@ -443,28 +443,28 @@ def _weight_arrays(kernel_t: Weights) -> list[jax.Array]:
 
 def _weight_operands(kernel_t: Weights) -> tuple[list[jax.Array], str, str]:
   """The kernel's weight arguments and its two targets (s32, requant), packed or not."""
-  if isinstance(kernel_t, PackedWeights):
-    return _weight_arrays(kernel_t), _TARGET_PACKED_S32, _TARGET_PACKED_REQUANT
-  return _weight_arrays(kernel_t), _TARGET_S32, _TARGET_REQUANT
+  packed = isinstance(kernel_t, PackedWeights)
+  return (_weight_arrays(kernel_t), _TARGET_PACKED_S32 if packed else _TARGET_S32,
+          _TARGET_PACKED_REQUANT if packed else _TARGET_REQUANT)
 
 
 def _epilogue(requant: rq.Requantizer, n: int) -> tuple[list[jax.Array], dict]:
   """The fused requantization's arguments for n channels: two float32 (n,) arrays, bias and
-  multiplier (a FloatRequant's bias zero: `_as_fbgemm`), or an IntegerRequant's m0 and shift
+  multiplier (a FloatRequant's bias zero: rne(f32(acc) * M) is rne((f32(acc) + 0) * M), adding
+  a float 0 to an integer-valued float changes nothing), or an IntegerRequant's m0 and shift
   bit for bit (`lax.bitcast_convert_type`, which costs nothing); the zero point (1,); and the
   attributes lo, hi, relu and integer (which of the two formulas)."""
-  integer = isinstance(requant, rq.IntegerRequant)
   if isinstance(requant, rq.IntegerRequant):
     first, second = (jax.lax.bitcast_convert_type(
         jnp.broadcast_to(jnp.asarray(v, jnp.int32), (n,)), jnp.float32)
                      for v in (requant.m0, requant.shift))
   else:
-    fbgemm = _as_fbgemm(requant, n)
+    bias = requant.bias if isinstance(requant, rq.FbgemmRequant) else 0.0
     first, second = (jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,))
-                     for v in (fbgemm.bias, fbgemm.multiplier))
+                     for v in (bias, requant.multiplier))
   arrays = [first, second, jnp.asarray(requant.zero_point, jnp.int32).reshape((1,))]
   return arrays, {"lo": np.int64(requant.lo), "hi": np.int64(requant.hi),
-                  "relu": bool(requant.relu), "integer": integer}
+                  "relu": bool(requant.relu), "integer": isinstance(requant, rq.IntegerRequant)}
 
 
 @contextlib.contextmanager
@@ -654,16 +654,6 @@ def dense(x: jax.Array, kernel_t: Weights, offset: jax.Array, requant: rq.Requan
     Array([[11,  0]], dtype=int8)
   """
   return matmul_requant(x, kernel_t, offset, requant, kernel=kernel)
-
-
-def _as_fbgemm(requant: rq.FbgemmRequant | rq.FloatRequant, n: int) -> rq.FbgemmRequant:
-  """A FloatRequant as the fused epilogue's formula with a zero bias: rne(f32(acc) * M) is
-  rne((f32(acc) + 0) * M) (adding a float 0 to an integer-valued float changes nothing)."""
-  if isinstance(requant, rq.FbgemmRequant):
-    return requant
-  return rq.FbgemmRequant(bias=jnp.zeros((n,), jnp.float32), multiplier=requant.multiplier,
-                          zero_point=requant.zero_point, lo=requant.lo, hi=requant.hi,
-                          relu=requant.relu)
 
 
 def _requantize(acc: jax.Array, offset: jax.Array | None, requant: rq.Requantizer,

@@ -980,7 +980,7 @@ void RunVnniDot(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t 
 // channels into NHWC order (vpermt2b). Needs AVX-512 VBMI. The GEMM of the patches would run
 // 16-channel panels 6 / 16 full, and XLA's int32 convolution writes 4 bytes a result.
 
-constexpr int64_t kDirectMaxChannels = 8, kDirectMaxWidth = 48;
+constexpr int64_t kDirectMaxChannels = 8, kDirectMaxWidth = 48, kDirectMaxHeight = 64;
 
 #pragma GCC push_options
 #pragma GCC target("avx512vbmi")
@@ -1073,7 +1073,7 @@ void RunDirect(const int8_t* x, const ConvGeom& g, const int8_t* w, const Epilog
     interleave[h] = _mm512_load_si512(b);
   }
   ParallelFor(g.B * g.OH, threads, [&](int64_t r0, int64_t r1) {
-    const uint8_t* rows[64];
+    const uint8_t* rows[kDirectMaxHeight];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / g.OH, oy = r % g.OH;
       for (int64_t ox0 = 0; ox0 < g.OW; ox0 += 16) {
@@ -1091,7 +1091,7 @@ void RunDirect(const int8_t* x, const ConvGeom& g, const int8_t* w, const Epilog
 
 bool DirectConv(const ConvGeom& g, int64_t N) {
   return Cpu().vbmi && g.C == 1 && g.SH == 1 && g.SW == 1 && g.DH == 1 && g.DW == 1 &&
-         N >= 1 && N <= kDirectMaxChannels && g.KW <= kDirectMaxWidth && g.KH <= 64;
+         N >= 1 && N <= kDirectMaxChannels && g.KW <= kDirectMaxWidth && g.KH <= kDirectMaxHeight;
 }
 
 void RunDirectConv(const int8_t* x, const ConvGeom& g, const int8_t* w, int64_t N,
@@ -2331,59 +2331,40 @@ double PeakRun(int threads, int64_t iters, double ops_per_iter, const Body& body
 }
 
 #ifdef QJAX_X86
+// A probe: 12 independent accumulators of type V, STEP(a) on each per iteration (x and w
+// its operands), the registers kept live to the end; no memory is touched.
 #define QJAX_PEAK_12(op) op(a0) op(a1) op(a2) op(a3) op(a4) op(a5) op(a6) op(a7) op(a8) op(a9) op(a10) op(a11)
-
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void PeakVnni(int64_t iters) {
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
-          a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-  const __m512i x = _mm512_set1_epi8(1), w = _mm512_set1_epi8(1);
-  for (int64_t i = 0; i < iters; ++i) {
-#define QJAX_DP(a) __asm__ volatile("vpdpbusd %2, %1, %0" : "+v"(a) : "v"(x), "v"(w));
-    QJAX_PEAK_12(QJAX_DP)
-#undef QJAX_DP
-  }
 #define QJAX_KEEP(a) __asm__ volatile("" ::"v"(a));
-  QJAX_PEAK_12(QJAX_KEEP)
-}
+#define QJAX_PEAK_PROBE(NAME, TARGET, V, ZERO, XV, WV, STEP)                                  \
+  __attribute__((target(TARGET))) void NAME(int64_t iters) {                                  \
+    V a0 = ZERO, a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,   \
+      a9 = a0, a10 = a0, a11 = a0;                                                             \
+    const V x = XV, w = WV;                                                                    \
+    for (int64_t i = 0; i < iters; ++i) {                                                      \
+      QJAX_PEAK_12(STEP)                                                                       \
+    }                                                                                          \
+    QJAX_PEAK_12(QJAX_KEEP)                                                                    \
+  }
 
-__attribute__((target("avx2"))) void PeakAvx2(int64_t iters) {
-  // The avx2 path's step: vpmaddwd (16 multiply-adds) and vpaddd.
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
-          a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-  const __m256i x = _mm256_set1_epi16(1), w = _mm256_set1_epi16(1);
-  for (int64_t i = 0; i < iters; ++i) {
+#define QJAX_DP(a) __asm__ volatile("vpdpbusd %2, %1, %0" : "+v"(a) : "v"(x), "v"(w));
+// The avx2 path's step: vpmaddwd (16 multiply-adds) and vpaddd.
 #define QJAX_MADD(a) __asm__ volatile("vpmaddwd %1, %2, %%ymm15\n\tvpaddd %%ymm15, %0, %0" \
                                       : "+x"(a) : "x"(x), "x"(w) : "xmm15");
-    QJAX_PEAK_12(QJAX_MADD)
-#undef QJAX_MADD
-  }
-  QJAX_PEAK_12(QJAX_KEEP)
-}
-
-__attribute__((target("avx512f"))) void PeakFma512(int64_t iters) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
-         a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-  const __m512 x = _mm512_set1_ps(1.0f), w = _mm512_set1_ps(1e-7f);
-  for (int64_t i = 0; i < iters; ++i) {
-#define QJAX_FMA(a) __asm__ volatile("vfmadd231ps %2, %1, %0" : "+v"(a) : "v"(x), "v"(w));
-    QJAX_PEAK_12(QJAX_FMA)
-#undef QJAX_FMA
-  }
-  QJAX_PEAK_12(QJAX_KEEP)
-}
-
-__attribute__((target("avx2,fma"))) void PeakFma256(int64_t iters) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
-         a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-  const __m256 x = _mm256_set1_ps(1.0f), w = _mm256_set1_ps(1e-7f);
-  for (int64_t i = 0; i < iters; ++i) {
 #define QJAX_FMA(a) __asm__ volatile("vfmadd231ps %2, %1, %0" : "+x"(a) : "x"(x), "x"(w));
-    QJAX_PEAK_12(QJAX_FMA)
+QJAX_PEAK_PROBE(PeakVnni, "avx512f,avx512bw,avx512vnni", __m512i, _mm512_setzero_si512(),
+                _mm512_set1_epi8(1), _mm512_set1_epi8(1), QJAX_DP)
+QJAX_PEAK_PROBE(PeakAvx2, "avx2", __m256i, _mm256_setzero_si256(), _mm256_set1_epi16(1),
+                _mm256_set1_epi16(1), QJAX_MADD)
+QJAX_PEAK_PROBE(PeakFma512, "avx512f", __m512, _mm512_setzero_ps(), _mm512_set1_ps(1.0f),
+                _mm512_set1_ps(1e-7f), QJAX_FMA)
+QJAX_PEAK_PROBE(PeakFma256, "avx2,fma", __m256, _mm256_setzero_ps(), _mm256_set1_ps(1.0f),
+                _mm256_set1_ps(1e-7f), QJAX_FMA)
 #undef QJAX_FMA
-  }
-  QJAX_PEAK_12(QJAX_KEEP)
+#undef QJAX_MADD
+#undef QJAX_DP
+#undef QJAX_PEAK_PROBE
 #undef QJAX_KEEP
-}
+#undef QJAX_PEAK_12
 
 // tdpbusd into 4 tiles from one A and one B tile (16 x 16 x 64 multiply-adds each).
 void PeakAmx(int64_t iters) {
