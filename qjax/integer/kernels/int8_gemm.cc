@@ -2397,20 +2397,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmS32, GemmS32,
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmRequant, GemmRequant,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>()
-                                  .Attr<int64_t>("lo")
-                                  .Attr<int64_t>("hi")
-                                  .Attr<bool>("relu")
-                                  .Attr<bool>("integer")
-                                  .Attr<int64_t>("path")
-                                  .Attr<int64_t>("threads"));
+                              RunAttrs(GridAttrs(RequantBuffers(
+                                  ffi::Ffi::Bind()
+                                      .Arg<ffi::Buffer<ffi::S8>>()      // x
+                                      .Arg<ffi::Buffer<ffi::S8>>()      // w
+                                      .Arg<ffi::Buffer<ffi::S32>>()))));  // offset
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmPackedS32, PackedS32,
                               ffi::Ffi::Bind()
@@ -2423,21 +2414,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmPackedS32, PackedS32,
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8GemmPackedRequant, PackedRequant,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>()
-                                  .Attr<int64_t>("lo")
-                                  .Attr<int64_t>("hi")
-                                  .Attr<bool>("relu")
-                                  .Attr<bool>("integer")
-                                  .Attr<int64_t>("path")
-                                  .Attr<int64_t>("threads"));
+                              RunAttrs(GridAttrs(RequantBuffers(
+                                  ffi::Ffi::Bind()
+                                      .Arg<ffi::Buffer<ffi::S8>>()      // x
+                                      .Arg<ffi::Buffer<ffi::S8>>()      // panels
+                                      .Arg<ffi::Buffer<ffi::S32>>()     // column sums
+                                      .Arg<ffi::Buffer<ffi::S32>>()))));  // offset
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvRequant, ConvRequant,
                               RunAttrs(GridAttrs(GeometryAttrs(RequantBuffers(
