@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 import qjax
 import qjax.nn as qnn
 from qjax import io as qio
-from qjax.integer import arith, forms
+from qjax.integer import arith, forms, kernels
 from qjax.integer.forms.pool import divide_round_half_even
 
 from support import cases
@@ -323,7 +323,8 @@ def test_serving_tree_and_file_give_the_same_integers(requant, tmp_path):
 
 def _int_to_float_conversions(requant: str) -> list:
   model, x, int_vars = _residual(requant)
-  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x).jaxpr
+  with kernels.use("xla"):  # every conversion in XLA's view (a native call hides its own)
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x).jaxpr
   # integer data (not a scalar qparam, as the Quantize boundary's zero point) turned float
   return [e for e in cases.all_eqns(jaxpr) if e.primitive.name == "convert_element_type"
           and jnp.issubdtype(e.invars[0].aval.dtype, jnp.integer)

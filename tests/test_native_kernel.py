@@ -743,3 +743,93 @@ def test_quantize_samples_is_the_cleaned_quantization_and_the_nonfinite_mask():
                                     err_msg=f"{path} {shape}")
     if len(shape) >= 2 and shape[0] >= 3:
       assert np.flatnonzero(np.asarray(want_bad)).tolist() == sorted({0, 2, shape[0] - 1})
+
+
+def test_dequantize_rows_matches_xla():
+  """dequantize_rows on every native path equals arith.dequantize_output with NaN in the
+  marked samples, bit for bit, with and without jit: every int8 value against zero points
+  at both ends, scales from tiny to huge, masks of one flag a sample and of one flag, no mask,
+  rank 1 to 3, an empty batch; bad arguments name themselves."""
+  rng = np.random.default_rng(31)
+  cases = []  # (q, scale, zero point, bad)
+  for shape in [(256,), (2, 128), (5, 3, 17), (0, 10), (1, 10), (64, 10)]:
+    q = rng.integers(-128, 128, shape).astype(np.int8)
+    if q.size >= 256:
+      q.reshape(-1)[:256] = np.arange(-128, 128)
+    rows = shape[0] if len(shape) >= 2 else 1
+    for scale, zero in ((0.0371, -128), (1e-30, 127), (3e30, 5), (0.5, 0)):
+      masks = [None, np.array(True), np.array(False)]
+      if len(shape) >= 2:
+        masks.append(rng.random(rows) < 0.4)
+      for bad in masks:
+        cases.append((q, np.float32(scale), np.int32(zero), bad))
+
+  def run(cases):
+    out = []
+    for q, s, z, bad in cases:
+      want = arith.dequantize_output(q, s, z)
+      if bad is not None:
+        want = base.with_nan_samples(bad, want)
+      out.append([want] + [kernels.dequantize_rows(q, s, z, bad, kernel=p)
+                           for p in ("xla", *AVAILABLE)])
+    return out
+
+  for results in (jax.jit(run)(cases), run(cases)):
+    for (q, s, z, bad), (want, *gots) in zip(cases, results, strict=True):
+      want = np.asarray(want)
+      for path, got in zip(("xla", *AVAILABLE), gots, strict=True):
+        got = np.asarray(got)
+        assert got.dtype == np.float32 and got.shape == q.shape
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32),
+                                      err_msg=f"{path} {q.shape} {s} {z} {bad}")
+  q = jnp.zeros((4, 3), jnp.int8)
+  with pytest.raises(TypeError, match="q must be int8"):
+    kernels.dequantize_rows(q.astype(jnp.int32), 1.0, 0)
+  with pytest.raises(ValueError, match="scale must be a scalar"):
+    kernels.dequantize_rows(q, jnp.ones(3), 0)
+  with pytest.raises(ValueError, match=r"bad must have shape \(\) or \(4,\)"):
+    kernels.dequantize_rows(q, 1.0, 0, jnp.zeros(3, bool))
+
+
+@pytest.mark.skipif(not AVAILABLE, reason="the native kernel does not run here")
+def test_native_mlp_serving_program_has_no_xla_arithmetic():
+  """On a native path an MLP's int8 apply is native calls only (the input's quantization
+  with its non-finite mask, the fused GEMMs, the dequantization): XLA's cost analysis counts
+  only a few scalar operations in it, the same at every batch size, which lets JAX's CPU
+  client run it on the calling thread; its outputs equal the XLA path's, a NaN sample's
+  included."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  import qjax  # pylint: disable=import-outside-toplevel
+  from qjax import nn as qnn  # pylint: disable=import-outside-toplevel
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, mode):
+      qconfig = qnn.get_default_qconfig("x86")
+      x = qnn.Quantize(qconfig, name="quant")(x, mode=mode)
+      x = qnn.QuantDense(32, activation=nn.relu, qconfig=qconfig, name="fc1")(x, mode=mode)
+      x = qnn.QuantDense(10, qconfig=qconfig, name="fc2")(x, mode=mode)
+      return qnn.Dequantize(name="dequant")(x, mode=mode)
+
+  model = Mlp()
+  x = np.random.default_rng(3).random((64, 50)).astype(np.float32)
+  variables = model.init(jax.random.key(0), x, mode="float")
+  _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
+  int_vars = qjax.convert(model, {**variables, **stats}, x)
+  x[3, 7] = np.nan
+  outs = {}
+  for path in ("xla", AVAILABLE[0]):
+    with kernels.use(path):
+      apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
+      flops = []
+      for batch in (1, 64):
+        cost = apply.lower(int_vars, x[:batch]).compile().cost_analysis()
+        flops.append((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+      if path == "xla":
+        assert flops[1] > 64 * 10, flops  # the dequantization alone
+      else:  # a few scalar operations on the quantization parameters, at any batch size
+        assert flops[0] == flops[1] < 50, flops
+      outs[path] = np.asarray(apply(int_vars, x))
+  np.testing.assert_array_equal(outs[AVAILABLE[0]], outs["xla"])
+  assert np.isnan(outs["xla"][3]).all() and not np.isnan(np.delete(outs["xla"], 3, 0)).any()

@@ -92,6 +92,10 @@ def quantize(module: nn.Module, x: jax.Array, where: str) -> jax.Array:
 def dequantize(module: nn.Module, x: jax.Array, where: str) -> jax.Array:
   """A Dequantize boundary in mode "int8": int8 -> float32 with the producer's grid (NaN for
   the samples whose input was not finite)."""
+  root = module.scope.root  # type: ignore[union-attr]  # bound in apply: its scope is set
+  masks = _NONFINITE.get(root, ())
+  if len(masks) == 1:  # one model input: its mask goes into the dequantization
+    return run(module, where, DequantizeOp, x, masks[0])
   return _with_nonfinite_samples(module, run(module, where, DequantizeOp, x))
 
 

@@ -21,7 +21,8 @@ from qjax import _device
 from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer import kernels
-from qjax.integer.forms.base import ActivationGrid, Form, Lowering, int8_input
+from qjax.integer.forms.base import (ActivationGrid, Form, Lowering, int8_input,
+                                     with_nan_samples)
 from qjax.numerics import QuantSpec
 
 
@@ -105,9 +106,16 @@ class DequantizeOp:
   scale: jax.Array
   zero_point: jax.Array
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return arith.dequantize_output(int8_input(x, "a Dequantize"), self.scale,
-                                   self.zero_point)
+  def __call__(self, x: jax.Array, bad: jax.Array | None = None) -> jax.Array:
+    """y, with NaN in the samples `bad` marks (a `nonfinite_samples` mask: () or one flag a
+    sample); on a native path one kernel call (`kernels.dequantize_rows`)."""
+    x = int8_input(x, "a Dequantize")
+    if jnp.size(self.scale) == 1 and jnp.size(self.zero_point) == 1:
+      if bad is not None and not (bad.ndim == 0 or (x.ndim >= 2 and bad.shape == x.shape[:1])):
+        bad = jnp.any(bad)  # samples along another axis: any marked one marks all of y
+      return kernels.dequantize_rows(x, self.scale, self.zero_point, bad)
+    y = arith.dequantize_output(x, self.scale, self.zero_point)
+    return y if bad is None else with_nan_samples(bad, y)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,6 +95,7 @@ _TARGET_PACKED_S32 = "qjax_int8_gemm_packed_s32"
 _TARGET_PACKED_REQUANT = "qjax_int8_gemm_packed_requant"
 _TARGET_ROUND = "qjax_int8_round"
 _TARGET_ROUND_ROWS = "qjax_int8_round_rows"
+_TARGET_DEQUANT_ROWS = "qjax_int8_dequant_rows"
 _TARGET_CONV_REQUANT = "qjax_int8_conv_requant"
 _TARGET_REQUANT_S32 = "qjax_int8_requant_s32"
 _TARGET_CONV_PACKED_REQUANT = "qjax_int8_conv_packed_requant"
@@ -137,6 +138,8 @@ def _load() -> int:
                                 platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_ROUND_ROWS, jax.ffi.pycapsule(lib.QjaxInt8RoundRows),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_DEQUANT_ROWS,
+                                jax.ffi.pycapsule(lib.QjaxInt8DequantRows), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_CONV_REQUANT,
                                 jax.ffi.pycapsule(lib.QjaxInt8ConvRequant), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_REQUANT_S32, jax.ffi.pycapsule(lib.QjaxInt8RequantS32),
@@ -923,11 +926,71 @@ def quantize_samples(x: jax.Array, spec: numerics.QuantSpec, scale: jax.Array,
   inv_scale, zp_f = jnp.float32(1.0) / scale, zp.astype(jnp.float32)
   rows = x.shape[0] if x.ndim >= 2 else 1
   call = jax.ffi.ffi_call(_TARGET_ROUND_ROWS, (jax.ShapeDtypeStruct(x.shape, jnp.int8),
-                                               jax.ShapeDtypeStruct((rows,), jnp.int8)),
+                                               jax.ShapeDtypeStruct((rows,), jnp.bool_)),
                           vmap_method="sequential")
   q, bad = call(x, jnp.stack([inv_scale, zp_f]), params, path=np.int64(_PATH_IDS[path]))
-  bad = bad != 0
   return q, (bad if x.ndim >= 2 else bad.reshape(()))
+
+
+def dequantize_rows(q: jax.Array, scale: jax.typing.ArrayLike, zero_point: jax.typing.ArrayLike,
+                    bad: jax.Array | None = None, *, kernel: str | None = None) -> jax.Array:
+  """int8 back to float32 at the end of an integer region, NaN in the marked samples:
+
+    y[i, ...] = NaN if bad[i] else float32(q[i, ...] - zero_point) * scale
+
+  q - zero_point is exact in float32, so y has one rounding, the same floats as
+  `qjax.integer.arith.dequantize_output`. On a native path it is one kernel call: a serving
+  program whose every other step is a native call then has no XLA arithmetic left, and JAX's
+  CPU client runs such a program on the calling thread instead of handing it to a worker
+  thread and back (a hop of tens of microseconds, more than an MNIST MLP's whole int8
+  forward pass at batch 64).
+
+  Args:
+    q: int8 array; its leading axis holds the samples (q of rank <= 1 is one sample).
+    scale: float32 scalar.
+    zero_point: int32 scalar.
+    bad: None, a bool scalar (every sample), or bool (q.shape[0],) (sample i) marking the
+      samples to set to NaN (`qjax.integer.forms.base.nonfinite_samples`).
+    kernel: see `resolve`.
+
+  Returns:
+    float32, q's shape.
+
+  Raises:
+    TypeError: q is not int8.
+    ValueError: scale or zero_point is not a scalar, or bad's shape is neither () nor
+      (q.shape[0],).
+
+  Example:
+    >>> q = jnp.array([[4, -2], [0, 1]], jnp.int8)
+    >>> dequantize_rows(q, 0.5, 2, jnp.array([False, True])).tolist()
+    [[1.0, -2.0], [nan, nan]]
+  """
+  q = jnp.asarray(q)
+  if jnp.dtype(q.dtype) != jnp.int8:
+    raise TypeError(f"dequantize_rows: q must be int8; got {jnp.dtype(q.dtype)}.")
+  scale = jnp.asarray(scale, jnp.float32)
+  zero_point = jnp.asarray(zero_point, jnp.int32)
+  for name, value in (("scale", scale), ("zero_point", zero_point)):
+    if value.size != 1:
+      raise ValueError(f"dequantize_rows: {name} must be a scalar; got shape {value.shape}.")
+  rows = q.shape[0] if q.ndim >= 2 else 1
+  if bad is not None:
+    bad = jnp.asarray(bad)
+    if bad.shape not in ((), (rows,)) or (bad.ndim == 1 and q.ndim < 2):
+      raise ValueError(f"dequantize_rows: bad must have shape () or ({rows},) (one flag a "
+                       f"sample of q {q.shape}); got {bad.shape}.")
+  path = resolve(kernel, macs=int(np.prod(q.shape, dtype=np.int64)))
+  if path == "xla":
+    y = arith.dequantize_output(q, scale.reshape(()), zero_point.reshape(()))
+    if bad is None:
+      return y
+    mask = bad.reshape(bad.shape + (1,) * (q.ndim - 1)) if bad.ndim == 1 else bad
+    return jnp.where(mask, jnp.float32(jnp.nan), y)
+  flags = jnp.zeros((0,), jnp.bool_) if bad is None else bad.astype(jnp.bool_).reshape(-1)
+  call = jax.ffi.ffi_call(_TARGET_DEQUANT_ROWS, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(q, scale.reshape(()), zero_point.reshape(()), flags)
 
 
 __all__ = (
@@ -944,6 +1007,7 @@ __all__ = (
     "available",
     "conv",
     "dense",
+    "dequantize_rows",
     "direct_conv",
     "gathers_patches",
     "matmul",

@@ -34,6 +34,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -2215,7 +2216,7 @@ ffi::Error RoundInt8(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
 // quantization and its non-finite samples in one pass over the input.
 ffi::Error RoundInt8Rows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
                          ffi::Buffer<ffi::S32> params, ffi::ResultBuffer<ffi::S8> out,
-                         ffi::ResultBuffer<ffi::S8> bad, int64_t path) {
+                         ffi::ResultBuffer<ffi::PRED> bad, int64_t path) {
   Path p;
   ffi::Error err = CheckPath(path, &p);
   if (err.failure()) return err;
@@ -2232,13 +2233,13 @@ ffi::Error RoundInt8Rows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
   const int64_t row = n / rows;
   const float* src = y.typed_data();
   int8_t* dst = out->typed_data();
-  int8_t* flags = bad->typed_data();
+  bool* flags = bad->typed_data();
   const auto run = [&](int64_t r0, int64_t r1) {
     std::vector<float> clean;
     for (int64_t i = r0; i < r1; ++i) {
       const float* in = src + i * row;
       const bool nonfinite = NonFiniteOn(p, in, row);
-      flags[i] = nonfinite ? 1 : 0;
+      flags[i] = nonfinite;
       if (nonfinite) {  // rare: round a copy with the non-finite entries set to 0
         clean.assign(in, in + row);
         for (float& v : clean) v = std::isfinite(v) ? v : 0.0f;
@@ -2260,6 +2261,51 @@ ffi::Error RoundInt8Rows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------------------
+// int8 -> float32 at an integer region's end: out = float(q - zero_point) * scale (the
+// difference is exact in float32, so one rounding, as XLA's convert-subtract-multiply), and
+// NaN for the rows whose model input held a NaN or +-inf: bad has one entry a row of q (its
+// leading axis; q of rank <= 1 is one row), one entry (then every row), or none.
+
+ffi::Error DequantRows(ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::S32> zero_point, ffi::Buffer<ffi::PRED> bad,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  if (scale.element_count() != 1 || zero_point.element_count() != 1) {
+    return ffi::Error::InvalidArgument("qjax int8 dequant: scale and zero_point must be "
+                                       "scalars");
+  }
+  const int64_t n = static_cast<int64_t>(q.element_count());
+  const auto dims = q.dimensions();
+  const int64_t rows = dims.size() >= 2 ? dims[0] : 1;
+  const int64_t flags = static_cast<int64_t>(bad.element_count());
+  if (flags != rows && flags > 1) {
+    return ffi::Error::InvalidArgument("qjax int8 dequant: bad must have one entry a row, "
+                                       "one entry or none");
+  }
+  if (n == 0) return ffi::Error::Success();
+  const int64_t row = n / rows;
+  const float s = scale.typed_data()[0];
+  const int32_t z = zero_point.typed_data()[0];
+  const int8_t* src = q.typed_data();
+  const bool* marks = bad.typed_data();
+  float* dst = out->typed_data();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t i = 0; i < rows; ++i) {
+    const bool masked = flags != 0 && marks[flags == 1 ? 0 : i];
+    const int8_t* in = src + i * row;
+    float* o = dst + i * row;
+    if (masked) {
+      for (int64_t j = 0; j < row; ++j) o[j] = nan;
+    } else {
+      for (int64_t j = 0; j < row; ++j) {
+        o[j] = static_cast<float>(static_cast<int32_t>(in[j]) - z) * s;
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------------------------------
 // Pieces of the handlers' bindings (appended in the order of the handlers' parameters).
 // bias (N,), multiplier (N,), zero point (1,) and the int8 result of a requantizing handler.
 template <class B>
@@ -2456,8 +2502,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8RoundRows, RoundInt8Rows,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // non-finite rows
                                   .Attr<int64_t>("path"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8DequantRows, DequantRows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()    // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // zero point
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // bad rows
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // Which paths this CPU can run: bit 0 portable, bit 1 avx2, bit 2 vnni (and amx emulated);
 // bit 3: AMX-INT8 is granted to this process and the tile kernel passed its check (path amx);
