@@ -84,6 +84,68 @@ def _fake_quant_bwd(spec, residuals, g):
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
+def observed_fake_quant(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
+                        count: jax.Array, skipped: jax.Array, *, spec: QuantSpec,
+                        averaging: float | None, eps: float, path: str
+                        ) -> tuple[jax.Array, tuple[jax.Array, ...], QParams]:
+  """A QAT point in one native call: the observer's update with x, then `fake_quant` of x
+  with the qparams of the new state (`qjax.integer.kernels.fake_quant_observe`: the same
+  floats and integers as `MinMaxObserver` / `MovingAverageMinMaxObserver.update`,
+  `qparams_from_minmax` and `fake_quant` under jit).
+
+    y = fake_quant(x, spec, qparams(update(state, x))),   dy/dx = 1 inside the grid, else 0
+
+  The state and the qparams get no gradient (as the observer sees `stop_gradient(x)`).
+
+  Args:
+    x: float32, non-empty.
+    min_val, max_val, count, skipped: the observer's `MinMaxState` fields.
+    spec: the grid.
+    averaging: the moving average's constant; None for the running min / max.
+    eps: the scale's floor.
+    path: a native path of the kernel library.
+
+  Returns:
+    (y, the new state's fields, QParams(scale, zero_point)).
+
+  Example:
+    >>> from qjax.integer import kernels
+    >>> if kernels.native_paths():
+    ...   y, state, qp = observed_fake_quant(
+    ...       jnp.array([-1.0, 0.3, 3.0]), jnp.float32(jnp.inf), jnp.float32(-jnp.inf),
+    ...       jnp.int32(0), jnp.int32(0), spec=QuantSpec(bits=8, signed=False),
+    ...       averaging=None, eps=float(np.finfo(np.float32).eps),
+    ...       path=kernels.native_paths()[0])
+    ...   print(state[0], state[1], int(qp.zero_point))
+    -1.0 3.0 64
+  """
+  y, new_state, scale, zero_point = _observed_fake_quant(
+      (spec, averaging, eps, path), x, min_val, max_val, count, skipped)
+  return y, new_state, QParams(scale, zero_point)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _observed_fake_quant(config, x, min_val, max_val, count, skipped):
+  return _observed_fake_quant_fwd(config, x, min_val, max_val, count, skipped)[0]
+
+
+def _observed_fake_quant_fwd(config, x, min_val, max_val, count, skipped):
+  from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
+  spec, averaging, eps, path = config
+  y, mask, state, scale, zero_point = kernels.fake_quant_observe(
+      x, min_val, max_val, count, skipped, spec=spec, averaging=averaging, eps=eps, path=path)
+  return (y, state, scale, zero_point), mask
+
+
+def _observed_fake_quant_bwd(config, mask, g):
+  del config
+  g_y = g[0]
+  return (jnp.where(mask, g_y, jnp.zeros_like(g_y)), None, None, None, None)
+
+
+_observed_fake_quant.defvjp(_observed_fake_quant_fwd, _observed_fake_quant_bwd)
+
+
 # ------------------------------------------------------------------------------------------
 # fake_quant_learnable: LSQ gradients for scale and zero point.
 

@@ -232,9 +232,21 @@ class FakeQuant(nn.Module):
     found = _observer_state(self, observer, x, mode)
     if found is None:
       return x, None
+    record = self.is_mutable_collection(QPARAMS) and not self.is_initializing()
+    state, variables = found
+    path = self._fused_path(observer, x, state, mode)
+    if path is not None:  # observe, qparams and fake quant in one native call
+      y, fields, qparams = ste.observed_fake_quant(
+          x, *state, spec=observer.spec,
+          averaging=getattr(observer, "averaging_constant", None), eps=float(observer.eps),
+          path=path)
+      for var, value in zip(variables.values(), fields, strict=True):
+        var.value = value
+      if record:
+        _write_qparams(self, *qparams)
+      return y, qparams
     state = _observe(self, observer, *found, x, mode=mode, updates=mode is not Mode.FLOAT,
                      axis_name=self.axis_name)
-    record = self.is_mutable_collection(QPARAMS) and not self.is_initializing()
     if not record and (mode is not Mode.QAT or self.is_initializing()):
       return x, None
     qparams = _reraise_with_path(self, lambda: observer.qparams(state))
@@ -244,6 +256,23 @@ class FakeQuant(nn.Module):
       return x, None
     qparams = jax.tree_util.tree_map(lax.stop_gradient, qparams)
     return _reraise_with_path(self, lambda: ste.fake_quant(x, observer.spec, qparams)), qparams
+
+
+  def _fused_path(self, observer: obs.Observer, x: jax.Array, state: Any,
+                  mode: Mode) -> str | None:
+    """The native path of a fused QAT point (`ste.observed_fake_quant`), or None where the
+    point runs as XLA ops: QAT under a trace, statistics mutable, a (moving-average) min /
+    max observer, float32 data, no mapped axes, the native kernel on this backend. Eager
+    calls keep the XLA form, whose observer raises on NaN / inf batches."""
+    traced = any(isinstance(v, jax.core.Tracer) for v in (x, *state))
+    if (mode is not Mode.QAT or self.is_initializing() or self.axis_name is not None
+        or not self.is_mutable_collection(STATS) or not traced
+        or type(observer) not in (obs.MinMaxObserver, obs.MovingAverageMinMaxObserver)
+        or getattr(x, "dtype", None) != jnp.float32 or jnp.size(x) == 0):
+      return None
+    from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
+    path = kernels.resolve(macs=int(jnp.size(x)))
+    return None if path == "xla" else path
 
 
 class LearnableFakeQuant(nn.Module):

@@ -96,6 +96,7 @@ _TARGET_PACKED_REQUANT = "qjax_int8_gemm_packed_requant"
 _TARGET_ROUND = "qjax_int8_round"
 _TARGET_ROUND_ROWS = "qjax_int8_round_rows"
 _TARGET_DEQUANT_ROWS = "qjax_int8_dequant_rows"
+_TARGET_FAKE_QUANT_OBSERVE = "qjax_fake_quant_observe"
 _TARGET_CONV_REQUANT = "qjax_int8_conv_requant"
 _TARGET_REQUANT_S32 = "qjax_int8_requant_s32"
 _TARGET_CONV_PACKED_REQUANT = "qjax_int8_conv_packed_requant"
@@ -140,6 +141,8 @@ def _load() -> int:
                                 platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_DEQUANT_ROWS,
                                 jax.ffi.pycapsule(lib.QjaxInt8DequantRows), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_FAKE_QUANT_OBSERVE,
+                                jax.ffi.pycapsule(lib.QjaxFakeQuantObserve), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_CONV_REQUANT,
                                 jax.ffi.pycapsule(lib.QjaxInt8ConvRequant), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_REQUANT_S32, jax.ffi.pycapsule(lib.QjaxInt8RequantS32),
@@ -993,6 +996,61 @@ def dequantize_rows(q: jax.Array, scale: jax.typing.ArrayLike, zero_point: jax.t
   return call(q, scale.reshape(()), zero_point.reshape(()), flags)
 
 
+def fake_quant_observe(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
+                       count: jax.Array, skipped: jax.Array, *, spec: numerics.QuantSpec,
+                       averaging: float | None, eps: float, path: str
+                       ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...], jax.Array,
+                                  jax.Array]:
+  """A QAT point's observer update, qparams and fake quantization in one native call.
+
+  For float32 x and a min / max observer state (min_val, max_val of shape () or (C,),
+  count, skipped): the batch's range (per tensor, or per channel along `spec.axis`) updates
+  the state as `qjax.observers.MinMaxObserver.update` (`averaging` None) or
+  `MovingAverageMinMaxObserver.update` (`averaging` its constant) under jit; the qparams are
+  `qjax.numerics.qparams_from_minmax` of the new state with `eps`, and
+
+    y = S (clamp(rne(x (1/S)) + Z, qmin, qmax) - Z),   mask = qmin <= rne(x (1/S)) + Z <= qmax
+
+  as `qjax.numerics.fake_quant_with_mask`: the same floats and integers as those XLA forms,
+  in one pass for the range and one for y and the mask (PyTorch's
+  fused_moving_avg_obs_fake_quant). No gradient rule: `qjax.ste.observed_fake_quant` adds
+  the straight-through one.
+
+  Args:
+    x: float32, non-empty.
+    min_val, max_val, count, skipped: the `MinMaxState` fields.
+    spec: the grid.
+    averaging: the moving average's constant, or None for the running min / max.
+    eps: the scale's floor.
+    path: a native path (`native_paths()`).
+
+  Returns:
+    (y, mask, (min_val, max_val, count, skipped) updated, scale, zero_point).
+  """
+  if path not in native_paths():
+    raise ValueError(f"fake_quant_observe: path must be one of {list(native_paths())} (the "
+                     f"native paths of this machine); got {path!r}.")
+  axis = -1 if spec.axis is None else spec.axis % x.ndim
+  shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(x.shape, jnp.bool_),
+            jax.ShapeDtypeStruct(min_val.shape, jnp.float32),
+            jax.ShapeDtypeStruct(max_val.shape, jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+            jax.ShapeDtypeStruct(min_val.shape, jnp.float32),
+            jax.ShapeDtypeStruct(min_val.shape, jnp.int32))
+  # The state is updated in place (its buffers are the results'): no copies into a train
+  # step's donated state.
+  call = jax.ffi.ffi_call(_TARGET_FAKE_QUANT_OBSERVE, shapes, vmap_method="sequential")
+  y, mask, lo, hi, cnt, skp, scale, zero_point = call(
+      x, min_val, max_val, count.reshape(()), skipped.reshape(()), axis=np.int64(axis),
+      averaging=np.float32(0.0 if averaging is None else averaging),
+      qmin=np.int64(spec.qmin), qmax=np.int64(spec.qmax), eps=np.float32(eps),
+      symmetric=np.int64(spec.symmetric),
+      symmetric_zero_point=np.int64(spec.symmetric_zero_point if spec.symmetric else 0),
+      path=np.int64(_PATH_IDS[path]))
+  return y, mask, (lo, hi, cnt.reshape(count.shape), skp.reshape(skipped.shape)), scale, \
+      zero_point
+
+
 __all__ = (
     "AUTO_AMX_XLA_MACS",
     "AUTO_MIN_MACS",
@@ -1009,6 +1067,7 @@ __all__ = (
     "dense",
     "dequantize_rows",
     "direct_conv",
+    "fake_quant_observe",
     "gathers_patches",
     "matmul",
     "matmul_requant",

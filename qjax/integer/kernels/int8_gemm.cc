@@ -2306,6 +2306,303 @@ ffi::Error DequantRows(ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
 }
 
 // ------------------------------------------------------------------------------------------
+// A QAT quantization point in one call, as PyTorch's fused_moving_avg_obs_fake_quant: the
+// batch's min / max (per tensor or per channel), the observer's update (running min / max,
+// or the moving average with PyTorch's three float32 roundings), the qparams of the new
+// state (qjax.numerics.qparams_from_minmax) and the fake quantization of x with the mask of
+// its in-range entries (qjax.numerics.fake_quant_with_mask), each float32 operation rounded
+// as qjax's XLA form rounds it. x is viewed as (outer, channels, inner); per tensor it is
+// one channel. A batch holding NaN / +-inf, or one that makes the range too wide for
+// float32, leaves the state as it was and counts as skipped (XLA's observer: the same).
+
+struct FqGrid {
+  float qmin = 0, qmax = 0;
+};
+
+#ifdef QJAX_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+// Folds x[0, n) into *lo / *hi (lanes of NaN or inf only clear the returned flag).
+bool FoldRangeAvx512(const float* x, int64_t n, float* lo, float* hi) {
+  __m512 vlo = _mm512_set1_ps(*lo), vhi = _mm512_set1_ps(*hi);
+  const __m512 zero = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                        : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
+    bad |= _mm512_mask_cmp_ps_mask(valid, _mm512_sub_ps(v, v), zero, _CMP_UNORD_Q);
+    vlo = _mm512_mask_min_ps(vlo, valid, vlo, v);
+    vhi = _mm512_mask_max_ps(vhi, valid, vhi, v);
+  }
+  *lo = _mm512_reduce_min_ps(vlo);
+  *hi = _mm512_reduce_max_ps(vhi);
+  return bad == 0;
+}
+
+// Folds the rows x[r, 0, c) (row stride c) into lo[0, c) / hi[0, c).
+bool FoldRowsAvx512(const float* x, int64_t rows, int64_t c, float* lo, float* hi) {
+  const __m512 zero = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t j = 0; j < c; j += 16) {
+    const __mmask16 valid = c - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                        : static_cast<__mmask16>((1u << (c - j)) - 1);
+    __m512 vlo = _mm512_maskz_loadu_ps(valid, lo + j), vhi = _mm512_maskz_loadu_ps(valid, hi + j);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 v = _mm512_maskz_loadu_ps(valid, x + r * c + j);
+      bad |= _mm512_mask_cmp_ps_mask(valid, _mm512_sub_ps(v, v), zero, _CMP_UNORD_Q);
+      vlo = _mm512_min_ps(vlo, v);
+      vhi = _mm512_max_ps(vhi, v);
+    }
+    _mm512_mask_storeu_ps(lo + j, valid, vlo);
+    _mm512_mask_storeu_ps(hi + j, valid, vhi);
+  }
+  return bad == 0;
+}
+
+// out = (clamp(rne(x * inv) + zp, qmin, qmax) - zp) * scale, inside = rne(x * inv) + zp in
+// [qmin, qmax]; NaN stays NaN (vmaxps / vminps return their second operand on NaN).
+inline __m512 FakeQuantAvx512(__m512 v, __m512 inv, __m512 zp, __m512 scale, __m512 qmin,
+                              __m512 qmax, __mmask16* inside) {
+  const __m512 shifted = _mm512_add_ps(
+      _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT |
+                                                     _MM_FROUND_NO_EXC), zp);
+  *inside = _mm512_cmp_ps_mask(shifted, qmin, _CMP_GE_OQ) &
+            _mm512_cmp_ps_mask(shifted, qmax, _CMP_LE_OQ);
+  const __m512 c = _mm512_min_ps(qmax, _mm512_max_ps(qmin, shifted));
+  return _mm512_mul_ps(_mm512_sub_ps(c, zp), scale);
+}
+
+void FakeQuantRunAvx512(const float* x, float* out, bool* mask, int64_t n, float inv, float zp,
+                        float scale, const FqGrid& g) {
+  const __m512 vinv = _mm512_set1_ps(inv), vzp = _mm512_set1_ps(zp);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512 qmin = _mm512_set1_ps(g.qmin), qmax = _mm512_set1_ps(g.qmax);
+  const __m128i one = _mm_set1_epi8(1);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                        : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __mmask16 inside;
+    const __m512 y = FakeQuantAvx512(_mm512_maskz_loadu_ps(valid, x + i), vinv, vzp, vscale,
+                                     qmin, qmax, &inside);
+    _mm512_mask_storeu_ps(out + i, valid, y);
+    _mm_mask_storeu_epi8(mask + i, valid, _mm_maskz_mov_epi8(inside, one));
+  }
+}
+
+void FakeQuantRowsAvx512(const float* x, float* out, bool* mask, int64_t rows, int64_t c,
+                         const float* inv, const float* zp, const float* scale,
+                         const FqGrid& g) {
+  const __m512 qmin = _mm512_set1_ps(g.qmin), qmax = _mm512_set1_ps(g.qmax);
+  const __m128i one = _mm_set1_epi8(1);
+  for (int64_t j = 0; j < c; j += 16) {
+    const __mmask16 valid = c - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                        : static_cast<__mmask16>((1u << (c - j)) - 1);
+    const __m512 vinv = _mm512_maskz_loadu_ps(valid, inv + j);
+    const __m512 vzp = _mm512_maskz_loadu_ps(valid, zp + j);
+    const __m512 vscale = _mm512_maskz_loadu_ps(valid, scale + j);
+    for (int64_t r = 0; r < rows; ++r) {
+      __mmask16 inside;
+      const __m512 y = FakeQuantAvx512(_mm512_maskz_loadu_ps(valid, x + r * c + j), vinv, vzp,
+                                       vscale, qmin, qmax, &inside);
+      _mm512_mask_storeu_ps(out + r * c + j, valid, y);
+      _mm_mask_storeu_epi8(mask + r * c + j, valid, _mm_maskz_mov_epi8(inside, one));
+    }
+  }
+}
+#pragma GCC pop_options
+#endif
+
+// NaN-propagating min / max (jnp.minimum / jnp.maximum).
+inline float MinNan(float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : (a < b ? a : b); }
+inline float MaxNan(float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : (a > b ? a : b); }
+
+bool FoldRange(Path p, const float* x, int64_t n, float* lo, float* hi) {
+#ifdef QJAX_X86
+  if (Avx512(p)) return FoldRangeAvx512(x, n, lo, hi);
+#endif
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    finite &= std::isfinite(v);
+    *lo = v < *lo ? v : *lo;
+    *hi = v > *hi ? v : *hi;
+  }
+  return finite;
+}
+
+bool FoldRows(Path p, const float* x, int64_t rows, int64_t c, float* lo, float* hi) {
+#ifdef QJAX_X86
+  if (Avx512(p)) return FoldRowsAvx512(x, rows, c, lo, hi);
+#endif
+  bool finite = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < c; ++j) {
+      const float v = x[r * c + j];
+      finite &= std::isfinite(v);
+      lo[j] = v < lo[j] ? v : lo[j];
+      hi[j] = v > hi[j] ? v : hi[j];
+    }
+  }
+  return finite;
+}
+
+inline float FakeQuantOne(float v, float inv, float zp, float scale, const FqGrid& g,
+                          bool* inside) {
+  const float shifted = std::nearbyint(v * inv) + zp;
+  *inside = shifted >= g.qmin && shifted <= g.qmax;
+  return (MinNan(g.qmax, MaxNan(g.qmin, shifted)) - zp) * scale;
+}
+
+void FakeQuantRun(Path p, const float* x, float* out, bool* mask, int64_t n, float inv,
+                  float zp, float scale, const FqGrid& g) {
+#ifdef QJAX_X86
+  if (Avx512(p)) return FakeQuantRunAvx512(x, out, mask, n, inv, zp, scale, g);
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = FakeQuantOne(x[i], inv, zp, scale, g, mask + i);
+}
+
+void FakeQuantRows(Path p, const float* x, float* out, bool* mask, int64_t rows, int64_t c,
+                   const float* inv, const float* zp, const float* scale, const FqGrid& g) {
+#ifdef QJAX_X86
+  if (Avx512(p)) return FakeQuantRowsAvx512(x, out, mask, rows, c, inv, zp, scale, g);
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < c; ++j) {
+      out[r * c + j] = FakeQuantOne(x[r * c + j], inv[j], zp[j], scale[j], g, mask + r * c + j);
+    }
+  }
+}
+
+// float32 -> int32 as XLA converts: NaN -> 0, out of range saturates.
+inline int32_t ToInt32(float v) {
+  if (std::isnan(v)) return 0;
+  if (v >= 2147483648.0f) return std::numeric_limits<int32_t>::max();
+  if (v <= -2147483648.0f) return std::numeric_limits<int32_t>::min();
+  return static_cast<int32_t>(v);
+}
+
+ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_in,
+                            ffi::Buffer<ffi::F32> max_in, ffi::Buffer<ffi::S32> count_in,
+                            ffi::Buffer<ffi::S32> skipped_in, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::PRED> mask,
+                            ffi::ResultBuffer<ffi::F32> min_out,
+                            ffi::ResultBuffer<ffi::F32> max_out,
+                            ffi::ResultBuffer<ffi::S32> count_out,
+                            ffi::ResultBuffer<ffi::S32> skipped_out,
+                            ffi::ResultBuffer<ffi::F32> scale_out,
+                            ffi::ResultBuffer<ffi::S32> zero_point_out, int64_t axis,
+                            float averaging, int64_t qmin, int64_t qmax, float eps,
+                            int64_t symmetric, int64_t symmetric_zero_point, int64_t path) {
+  Path p;
+  ffi::Error err = CheckPath(path, &p);
+  if (err.failure()) return err;
+  const auto dims = x.dimensions();
+  const int64_t n = static_cast<int64_t>(x.element_count());
+  int64_t outer = 1, channels = 1, inner = n;
+  if (axis >= 0) {
+    if (axis >= static_cast<int64_t>(dims.size())) {
+      return ffi::Error::InvalidArgument("qjax fake quant: axis out of range");
+    }
+    outer = 1;
+    for (int64_t d = 0; d < axis; ++d) outer *= dims[d];
+    channels = dims[axis];
+    inner = channels == 0 || outer == 0 ? 0 : n / (outer * channels);
+  }
+  if (n == 0 || static_cast<int64_t>(min_in.element_count()) != channels ||
+      static_cast<int64_t>(max_in.element_count()) != channels) {
+    return ffi::Error::InvalidArgument("qjax fake quant: x must be non-empty and the state "
+                                       "must have one entry a channel");
+  }
+  const FqGrid g{static_cast<float>(qmin), static_cast<float>(qmax)};
+  const float* src = x.typed_data();
+  std::vector<float> lo(channels, INFINITY), hi(channels, -INFINITY);
+  bool finite = true;
+  if (inner == 1) {
+    finite = FoldRows(p, src, outer, channels, lo.data(), hi.data());
+  } else {
+    for (int64_t a = 0; a < outer; ++a) {
+      for (int64_t c = 0; c < channels; ++c) {
+        finite &= FoldRange(p, src + (a * channels + c) * inner, inner, &lo[c], &hi[c]);
+      }
+    }
+  }
+  // The observer's update (qjax.observers.minmax).
+  const float* old_min = min_in.typed_data();
+  const float* old_max = max_in.typed_data();
+  const int32_t count = count_in.typed_data()[0], skipped = skipped_in.typed_data()[0];
+  const bool seen = count > 0;
+  bool fits = true;
+  for (int64_t c = 0; c < channels; ++c) {
+    const float glo = MinNan(seen ? MinNan(old_min[c], lo[c]) : lo[c], 0.0f);
+    const float ghi = MaxNan(seen ? MaxNan(old_max[c], hi[c]) : hi[c], 0.0f);
+    fits &= std::isfinite(glo) && std::isfinite(ghi) && std::isfinite(ghi - glo);
+  }
+  const bool ok = finite && fits;
+  float* new_min = min_out->typed_data();
+  float* new_max = max_out->typed_data();
+  for (int64_t c = 0; c < channels; ++c) {
+    if (!ok) {
+      new_min[c] = old_min[c];
+      new_max[c] = old_max[c];
+    } else if (averaging == 0.0f) {
+      new_min[c] = MinNan(old_min[c], lo[c]);
+      new_max[c] = MaxNan(old_max[c], hi[c]);
+    } else if (count == 0) {
+      new_min[c] = lo[c];
+      new_max[c] = hi[c];
+    } else {
+      const float step_lo = averaging * (lo[c] - old_min[c]);
+      const float step_hi = averaging * (hi[c] - old_max[c]);
+      new_min[c] = old_min[c] + step_lo;
+      new_max[c] = old_max[c] + step_hi;
+    }
+  }
+  constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
+  count_out->typed_data()[0] = count + (ok && count < kMax ? 1 : 0);
+  skipped_out->typed_data()[0] = skipped + (!ok && skipped < kMax ? 1 : 0);
+  // The qparams of the new state (qjax.numerics.qparams_from_minmax).
+  float* scale = scale_out->typed_data();
+  int32_t* zero_point = zero_point_out->typed_data();
+  std::vector<float> inv(channels), zpf(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const float l = MinNan(new_min[c], 0.0f), h = MaxNan(new_max[c], 0.0f);
+    float s;
+    int32_t z;
+    if (symmetric) {
+      s = MaxNan(-l, h) / static_cast<float>(static_cast<double>(qmax - qmin) / 2.0);
+      s = MaxNan(s, eps);
+      z = static_cast<int32_t>(symmetric_zero_point);
+    } else {
+      s = MaxNan((h - l) / static_cast<float>(qmax - qmin), eps);
+      const int64_t shifted = qmin - static_cast<int64_t>(ToInt32(std::nearbyint(l / s)));
+      z = static_cast<int32_t>(static_cast<uint32_t>(shifted));  // int32 wrap, as XLA's
+      z = z < qmin ? static_cast<int32_t>(qmin) : (z > qmax ? static_cast<int32_t>(qmax) : z);
+    }
+    const bool valid = std::isfinite(new_min[c]) && std::isfinite(new_max[c]) &&
+                       new_min[c] <= new_max[c] && std::isfinite(s);
+    scale[c] = valid ? s : NAN;
+    zero_point[c] = z;
+    inv[c] = 1.0f / scale[c];
+    zpf[c] = static_cast<float>(z);
+  }
+  // The fake quantization (qjax.numerics.fake_quant_with_mask).
+  float* dst = out->typed_data();
+  bool* inside = mask->typed_data();
+  if (inner == 1) {
+    FakeQuantRows(p, src, dst, inside, outer, channels, inv.data(), zpf.data(), scale, g);
+  } else {
+    for (int64_t a = 0; a < outer; ++a) {
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t at = (a * channels + c) * inner;
+        FakeQuantRun(p, src + at, dst + at, inside + at, inner, inv[c], zpf[c], scale[c], g);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------------------------------
 // Pieces of the handlers' bindings (appended in the order of the handlers' parameters).
 // bias (N,), multiplier (N,), zero point (1,) and the int8 result of a requantizing handler.
 template <class B>
@@ -2512,6 +2809,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8DequantRows, DequantRows,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // zero point
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // bad rows
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxFakeQuantObserve, FakeQuantObserve,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // min_val
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // max_val
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // count
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // skipped
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // fake-quantized x
+                                  .Ret<ffi::Buffer<ffi::PRED>>()    // in-range mask
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // new min_val
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // new max_val
+                                  .Ret<ffi::Buffer<ffi::S32>>()     // new count
+                                  .Ret<ffi::Buffer<ffi::S32>>()     // new skipped
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // scale
+                                  .Ret<ffi::Buffer<ffi::S32>>()     // zero point
+                                  .Attr<int64_t>("axis")
+                                  .Attr<float>("averaging")
+                                  .Attr<int64_t>("qmin")
+                                  .Attr<int64_t>("qmax")
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("symmetric")
+                                  .Attr<int64_t>("symmetric_zero_point")
+                                  .Attr<int64_t>("path"));
 
 // Which paths this CPU can run: bit 0 portable, bit 1 avx2, bit 2 vnni (and amx emulated);
 // bit 3: AMX-INT8 is granted to this process and the tile kernel passed its check (path amx);

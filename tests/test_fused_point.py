@@ -1,0 +1,161 @@
+"""The fused QAT point (`qjax.ste.observed_fake_quant`, one native call for the observer's
+update, the qparams and the fake quantization) against its XLA form, bit for bit: the
+new observer state, the qparams, the fake-quantized values, the mask of the backward and
+the gradient, for running and moving-average min / max observers, per-tensor and
+per-channel grids (first, middle and last axis), symmetric and affine, 4 to 16 bits and
+reduce_range; fresh states, states that have seen data, and batches the observer skips
+(NaN, +-inf, a range too wide for float32). A QAT train step through `qjax.nn` gives the
+same parameters and statistics with the fused points and without them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import qjax.nn as qnn
+from qjax import numerics, observers as obs, ste
+from qjax.integer import kernels
+from qjax.numerics import QuantSpec
+
+PATHS = kernels.native_paths()
+pytestmark = pytest.mark.skipif(not PATHS, reason="the native kernel does not run here")
+
+SPECS = [QuantSpec(bits=8, signed=False), QuantSpec(bits=8, signed=False, reduce_range=True),
+         QuantSpec(bits=8, signed=True, symmetric=True, axis=-1),
+         QuantSpec(bits=8, signed=False, symmetric=True), QuantSpec(bits=4, signed=True, axis=0),
+         QuantSpec(bits=16, signed=True, symmetric=True, axis=1),
+         QuantSpec(bits=8, signed=True, narrow_range=True, symmetric=True, axis=-1)]
+OBSERVERS = [lambda spec: obs.MinMaxObserver(spec=spec),
+             lambda spec: obs.MovingAverageMinMaxObserver(spec=spec),
+             lambda spec: obs.MovingAverageMinMaxObserver(spec=spec, averaging_constant=1.0)]
+
+
+def _batches(rng: np.random.Generator, shape: tuple[int, ...]) -> list[np.ndarray]:
+  """A first batch, a wider one, rounding ties, NaN, +inf, a too-wide range, a constant."""
+  x = rng.normal(0.3, 2.0, shape).astype(np.float32)
+  ties = ((rng.integers(-300, 300, shape) + 0.5) * np.float32(0.02)).astype(np.float32)
+  nan, inf = x.copy(), x.copy()
+  nan.reshape(-1)[-1], inf.reshape(-1)[0] = np.nan, np.inf
+  wide = np.where(x > 0.3, np.float32(3e38), np.float32(-3e38))  # 6e38 wide where signs mix
+  return [x, 3 * x, ties, nan, inf, wide, np.full(shape, 0.25, np.float32)]
+
+
+def _xla_point(observer, state, x):
+  new = observer.update(state, x)
+  qparams = observer.qparams(new)
+  y = ste.fake_quant(x, observer.spec, qparams)
+  mask = numerics.fake_quant_with_mask(x, qparams.scale, qparams.zero_point,
+                                       spec=observer.spec)[1]
+  return y, mask, tuple(new), qparams
+
+
+def _fused_point(observer, path, state, x):
+  averaging = getattr(observer, "averaging_constant", None)
+  args = dict(spec=observer.spec, averaging=averaging, eps=float(observer.eps), path=path)
+  y, fields, qparams = ste.observed_fake_quant(x, *state, **args)
+  _, mask, *_ = kernels.fake_quant_observe(x, *state, **args)
+  return y, mask, fields, qparams
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_fused_point_matches_xla(spec):
+  rng = np.random.default_rng(7)
+  shapes = [(33, 70), (5, 3, 17), (2, 40, 1)] if spec.per_channel else [(256, 784), (7,), (3, 5)]
+  for make in OBSERVERS:
+    observer = make(spec)
+    for shape in shapes:
+      xla = jax.jit(functools.partial(_xla_point, observer))
+      fused = {p: jax.jit(functools.partial(_fused_point, observer, p)) for p in PATHS}
+      states = {p: observer.init(shape) for p in ("xla",) + PATHS}
+      for step, x in enumerate(_batches(rng, shape)):
+        want = xla(states["xla"], x)
+        states["xla"] = type(states["xla"])(*want[2])
+        for p in PATHS:
+          got = fused[p](states[p], x)
+          where = f"{type(observer).__name__} {spec} {shape} batch {step} on {p}"
+          for name, a, b in (("y", got[0], want[0]), ("mask", got[1], want[1]),
+                             ("scale", got[3].scale, want[3].scale),
+                             ("zero_point", got[3].zero_point, want[3].zero_point)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{name} {where}")
+          for name, a, b in zip(("min_val", "max_val", "count", "skipped"), got[2], want[2],
+                                strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{name} {where}")
+          states[p] = type(states[p])(*got[2])
+      assert int(states["xla"].skipped) == 3, shape  # NaN, inf and the too-wide range
+
+
+def test_fused_point_gradient_is_the_clipped_straight_through_one():
+  spec = QuantSpec(bits=4, signed=True, symmetric=True)
+  observer = obs.MovingAverageMinMaxObserver(spec=spec)
+  state = observer.update(observer.init(()), jnp.array([-1.0, 1.0]))
+  x = jnp.linspace(-3.0, 3.0, 101)
+  g = jnp.cos(x)
+
+  def fused(x):
+    y, *_ = ste.observed_fake_quant(x, *state, spec=spec, averaging=0.01,
+                                    eps=float(observer.eps), path=PATHS[0])
+    return jnp.sum(y * g)
+
+  def xla(x):
+    return jnp.sum(_xla_point(observer, state, x)[0] * g)
+
+  got, want = jax.jit(jax.grad(fused))(x), jax.jit(jax.grad(xla))(x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert 0 < int(jnp.sum(got == 0)) < x.size  # the grid clips the ends
+
+
+class _Mlp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    qconfig = qnn.get_default_qat_qconfig("x86")
+    dot = functools.partial(qnn.QuantDotGeneral, qconfig=qconfig, mode="qat")
+    x = nn.relu(nn.Dense(32, dot_general_cls=dot, name="fc1")(x))
+    return nn.Dense(10, dot_general_cls=dot, name="fc2")(x)
+
+
+def test_qat_steps_with_fused_points_equal_the_xla_form():
+  """Three jitted QAT steps (SGD with momentum) of an MLP: parameters, statistics and losses are the same
+  bits with the fused native points and with XLA's; the fused program has one native call a
+  point and no XLA reduction of the observed tensors."""
+  model = _Mlp()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((64, 50), np.float32))
+  y = jnp.asarray(rng.integers(0, 10, 64))
+  variables = model.init(jax.random.key(1), x)
+  optimizer = optax.sgd(0.05, momentum=0.9)
+
+  def step(params, stats, opt_state):
+    def loss_fn(params):
+      logits, new = model.apply({"params": params, "quant_stats": stats}, x,
+                                mutable=["quant_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+    (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state)
+    return optax.apply_updates(params, updates), new["quant_stats"], opt_state, loss
+
+  results = {}
+  for kernel in ("xla", PATHS[0]):
+    with kernels.use(kernel):
+      jitted = jax.jit(lambda *args: step(*args))  # traced afresh under this kernel
+      hlo = jitted.lower(variables["params"], variables["quant_stats"],
+                         optimizer.init(variables["params"])).as_text()
+      calls = hlo.count("qjax_fake_quant_observe")
+      assert calls == (0 if kernel == "xla" else 4), calls  # 2 layers x (input, weight)
+      state = (variables["params"], variables["quant_stats"],
+               optimizer.init(variables["params"]))
+      losses = []
+      for _ in range(3):
+        *state, loss = jitted(*state)
+        losses.append(float(loss))
+      results[kernel] = (state[:2], losses)
+  want, got = results["xla"], results[PATHS[0]]
+  assert got[1] == want[1]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               got[0], want[0])
