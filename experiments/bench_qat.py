@@ -267,13 +267,14 @@ def op_census(jaxpr) -> collections.Counter:
   counts = collections.Counter()
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
-    if name in ("round", "floor", "ceil"):
+    target = str(eqn.params.get("target_name", "")) if name == "ffi_call" else ""
+    # qjax's fused QAT point (observer, qparams, fake quantization) rounds in native code
+    if name in ("round", "floor", "ceil") or target == "qjax_fake_quant_observe":
       counts["round"] += 1
     if any(getattr(v.aval, "dtype", None) == jnp.int8 for v in eqn.outvars):
       counts["int8 values"] += 1
     operands = eqn.invars
-    native = name == "ffi_call" and str(eqn.params.get("target_name", "")).startswith(
-        ("qjax_int8_gemm", "qjax_int8_conv"))
+    native = target.startswith(("qjax_int8_gemm", "qjax_int8_conv"))
     if native:  # qjax's native int8 GEMM / convolution: activations and weights first
       operands = operands[:2]
     if name in ("dot_general", "conv_general_dilated") or native:
@@ -439,7 +440,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"{len(ev['zero_grad_leaves']):>4}/{ev['param_leaves']:<5}  {note}")
   lines += ["",
             "logit err: |logits - float logits| / |float logits|, same parameters and batch",
-            "round: rounding ops in the forward jaxpr; int8 contr.: dot_general/conv (and "
+            "round: rounding ops in the forward jaxpr (a fused native QAT point counts as one); "
+            "int8 contr.: dot_general/conv (and "
             "calls of qjax's native int8 kernel) with both operands int8 / all",
             "zero grads: parameter leaves whose gradient is identically zero"]
   return "\n".join(lines)

@@ -126,15 +126,20 @@ def observed_fake_quant(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _observed_fake_quant(config, x, min_val, max_val, count, skipped):
-  return _observed_fake_quant_fwd(config, x, min_val, max_val, count, skipped)[0]
+  return _observed_fake_quant_call(config, x, min_val, max_val, count, skipped, False)[0]
 
 
-def _observed_fake_quant_fwd(config, x, min_val, max_val, count, skipped):
+def _observed_fake_quant_call(config, x, min_val, max_val, count, skipped, with_mask):
   from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
   spec, averaging, eps, path = config
   y, mask, state, scale, zero_point = kernels.fake_quant_observe(
-      x, min_val, max_val, count, skipped, spec=spec, averaging=averaging, eps=eps, path=path)
+      x, min_val, max_val, count, skipped, spec=spec, averaging=averaging, eps=eps, path=path,
+      mask=with_mask)
   return (y, state, scale, zero_point), mask
+
+
+def _observed_fake_quant_fwd(config, x, min_val, max_val, count, skipped):
+  return _observed_fake_quant_call(config, x, min_val, max_val, count, skipped, True)
 
 
 def _observed_fake_quant_bwd(config, mask, g):

@@ -998,7 +998,7 @@ def dequantize_rows(q: jax.Array, scale: jax.typing.ArrayLike, zero_point: jax.t
 
 def fake_quant_observe(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
                        count: jax.Array, skipped: jax.Array, *, spec: numerics.QuantSpec,
-                       averaging: float | None, eps: float, path: str
+                       averaging: float | None, eps: float, path: str, mask: bool = True
                        ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...], jax.Array,
                                   jax.Array]:
   """A QAT point's observer update, qparams and fake quantization in one native call.
@@ -1023,6 +1023,7 @@ def fake_quant_observe(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
     averaging: the moving average's constant, or None for the running min / max.
     eps: the scale's floor.
     path: a native path (`native_paths()`).
+    mask: False leaves the mask out (an empty array): nothing differentiates y.
 
   Returns:
     (y, mask, (min_val, max_val, count, skipped) updated, scale, zero_point).
@@ -1031,7 +1032,8 @@ def fake_quant_observe(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
     raise ValueError(f"fake_quant_observe: path must be one of {list(native_paths())} (the "
                      f"native paths of this machine); got {path!r}.")
   axis = -1 if spec.axis is None else spec.axis % x.ndim
-  shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(x.shape, jnp.bool_),
+  shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            jax.ShapeDtypeStruct(x.shape if mask else (0,), jnp.bool_),
             jax.ShapeDtypeStruct(min_val.shape, jnp.float32),
             jax.ShapeDtypeStruct(max_val.shape, jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
@@ -1040,14 +1042,14 @@ def fake_quant_observe(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
   # The state is updated in place (its buffers are the results'): no copies into a train
   # step's donated state.
   call = jax.ffi.ffi_call(_TARGET_FAKE_QUANT_OBSERVE, shapes, vmap_method="sequential")
-  y, mask, lo, hi, cnt, skp, scale, zero_point = call(
+  y, inside, lo, hi, cnt, skp, scale, zero_point = call(
       x, min_val, max_val, count.reshape(()), skipped.reshape(()), axis=np.int64(axis),
       averaging=np.float32(0.0 if averaging is None else averaging),
       qmin=np.int64(spec.qmin), qmax=np.int64(spec.qmax), eps=np.float32(eps),
       symmetric=np.int64(spec.symmetric),
       symmetric_zero_point=np.int64(spec.symmetric_zero_point if spec.symmetric else 0),
       path=np.int64(_PATH_IDS[path]))
-  return y, mask, (lo, hi, cnt.reshape(count.shape), skp.reshape(skipped.shape)), scale, \
+  return y, inside, (lo, hi, cnt.reshape(count.shape), skp.reshape(skipped.shape)), scale, \
       zero_point
 
 

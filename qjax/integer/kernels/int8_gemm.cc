@@ -2386,7 +2386,7 @@ void FakeQuantRunAvx512(const float* x, float* out, bool* mask, int64_t n, float
     const __m512 y = FakeQuantAvx512(_mm512_maskz_loadu_ps(valid, x + i), vinv, vzp, vscale,
                                      qmin, qmax, &inside);
     _mm512_mask_storeu_ps(out + i, valid, y);
-    _mm_mask_storeu_epi8(mask + i, valid, _mm_maskz_mov_epi8(inside, one));
+    if (mask) _mm_mask_storeu_epi8(mask + i, valid, _mm_maskz_mov_epi8(inside, one));
   }
 }
 
@@ -2406,7 +2406,7 @@ void FakeQuantRowsAvx512(const float* x, float* out, bool* mask, int64_t rows, i
       const __m512 y = FakeQuantAvx512(_mm512_maskz_loadu_ps(valid, x + r * c + j), vinv, vzp,
                                        vscale, qmin, qmax, &inside);
       _mm512_mask_storeu_ps(out + r * c + j, valid, y);
-      _mm_mask_storeu_epi8(mask + r * c + j, valid, _mm_maskz_mov_epi8(inside, one));
+      if (mask) _mm_mask_storeu_epi8(mask + r * c + j, valid, _mm_maskz_mov_epi8(inside, one));
     }
   }
 }
@@ -2450,7 +2450,7 @@ bool FoldRows(Path p, const float* x, int64_t rows, int64_t c, float* lo, float*
 inline float FakeQuantOne(float v, float inv, float zp, float scale, const FqGrid& g,
                           bool* inside) {
   const float shifted = std::nearbyint(v * inv) + zp;
-  *inside = shifted >= g.qmin && shifted <= g.qmax;
+  if (inside) *inside = shifted >= g.qmin && shifted <= g.qmax;
   return (MinNan(g.qmax, MaxNan(g.qmin, shifted)) - zp) * scale;
 }
 
@@ -2459,7 +2459,9 @@ void FakeQuantRun(Path p, const float* x, float* out, bool* mask, int64_t n, flo
 #ifdef QJAX_X86
   if (Avx512(p)) return FakeQuantRunAvx512(x, out, mask, n, inv, zp, scale, g);
 #endif
-  for (int64_t i = 0; i < n; ++i) out[i] = FakeQuantOne(x[i], inv, zp, scale, g, mask + i);
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = FakeQuantOne(x[i], inv, zp, scale, g, mask ? mask + i : nullptr);
+  }
 }
 
 void FakeQuantRows(Path p, const float* x, float* out, bool* mask, int64_t rows, int64_t c,
@@ -2469,7 +2471,8 @@ void FakeQuantRows(Path p, const float* x, float* out, bool* mask, int64_t rows,
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < c; ++j) {
-      out[r * c + j] = FakeQuantOne(x[r * c + j], inv[j], zp[j], scale[j], g, mask + r * c + j);
+      out[r * c + j] = FakeQuantOne(x[r * c + j], inv[j], zp[j], scale[j], g,
+                                    mask ? mask + r * c + j : nullptr);
     }
   }
 }
@@ -2513,6 +2516,10 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
       static_cast<int64_t>(max_in.element_count()) != channels) {
     return ffi::Error::InvalidArgument("qjax fake quant: x must be non-empty and the state "
                                        "must have one entry a channel");
+  }
+  const int64_t mask_size = static_cast<int64_t>(mask->element_count());
+  if (mask_size != n && mask_size != 0) {
+    return ffi::Error::InvalidArgument("qjax fake quant: the mask must have x's size or none");
   }
   const FqGrid g{static_cast<float>(qmin), static_cast<float>(qmax)};
   const float* src = x.typed_data();
@@ -2588,14 +2595,15 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
   }
   // The fake quantization (qjax.numerics.fake_quant_with_mask).
   float* dst = out->typed_data();
-  bool* inside = mask->typed_data();
+  bool* inside = mask_size == 0 ? nullptr : mask->typed_data();  // none: no gradient taken
   if (inner == 1) {
     FakeQuantRows(p, src, dst, inside, outer, channels, inv.data(), zpf.data(), scale, g);
   } else {
     for (int64_t a = 0; a < outer; ++a) {
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t at = (a * channels + c) * inner;
-        FakeQuantRun(p, src + at, dst + at, inside + at, inner, inv[c], zpf[c], scale[c], g);
+        FakeQuantRun(p, src + at, dst + at, inside ? inside + at : nullptr, inner, inv[c],
+                     zpf[c], scale[c], g);
       }
     }
   }
