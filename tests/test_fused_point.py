@@ -70,15 +70,19 @@ def test_fused_point_matches_xla(spec):
   shapes = [(33, 70), (5, 3, 17), (2, 40, 1)] if spec.per_channel else [(256, 784), (7,), (3, 5)]
   for make in OBSERVERS:
     observer = make(spec)
+
+    @jax.jit
+    def points(states, x, observer=observer):  # XLA's form and every native path, one program
+      return {p: (_xla_point(observer, state, x) if p == "xla"
+                  else _fused_point(observer, p, state, x)) for p, state in states.items()}
+
     for shape in shapes:
-      xla = jax.jit(functools.partial(_xla_point, observer))
-      fused = {p: jax.jit(functools.partial(_fused_point, observer, p)) for p in PATHS}
       states = {p: observer.init(shape) for p in ("xla",) + PATHS}
       for step, x in enumerate(_batches(rng, shape)):
-        want = xla(states["xla"], x)
-        states["xla"] = type(states["xla"])(*want[2])
+        results = points(states, x)
+        want = results["xla"]
         for p in PATHS:
-          got = fused[p](states[p], x)
+          got = results[p]
           where = f"{type(observer).__name__} {spec} {shape} batch {step} on {p}"
           for name, a, b in (("y", got[0], want[0]), ("mask", got[1], want[1]),
                              ("scale", got[3].scale, want[3].scale),
@@ -87,7 +91,7 @@ def test_fused_point_matches_xla(spec):
           for name, a, b in zip(("min_val", "max_val", "count", "skipped"), got[2], want[2],
                                 strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{name} {where}")
-          states[p] = type(states[p])(*got[2])
+        states = {p: type(states[p])(*results[p][2]) for p in states}
       assert int(states["xla"].skipped) == 3, shape  # NaN, inf and the too-wide range
 
 
