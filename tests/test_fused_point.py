@@ -163,3 +163,18 @@ def test_qat_steps_with_fused_points_equal_the_xla_form():
   assert got[1] == want[1]
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                got[0], want[0])
+
+
+def test_fused_point_counts_saturate():
+  """count and skipped stop at int32's maximum, as the XLA observer's do."""
+  spec = QuantSpec(bits=8, signed=False)
+  observer = obs.MovingAverageMinMaxObserver(spec=spec)
+  top = np.int32(np.iinfo(np.int32).max)
+  state = obs.MinMaxState(jnp.float32(-1.0), jnp.float32(2.0), jnp.int32(top), jnp.int32(top))
+  for x in (np.array([0.5, 3.0], np.float32), np.array([np.nan, 1.0], np.float32)):
+    want = jax.jit(functools.partial(_xla_point, observer))(state, x)
+    got = jax.jit(functools.partial(_fused_point, observer, PATHS[0]))(state, x)
+    for a, b in zip(got[2], want[2], strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    assert int(got[2][2]) == top and int(got[2][3]) == top
