@@ -24,7 +24,9 @@ from qjax import numerics, observers as obs, ste
 from qjax.integer import kernels
 from qjax.numerics import QuantSpec
 
-PATHS = kernels.native_paths()
+# The fused point has two implementations: AVX-512 (the vnni, amx and amx_emulated paths run
+# the same code) and plain C++ (avx2, portable).
+PATHS = tuple(p for p in ("vnni", "portable") if p in kernels.native_paths())
 pytestmark = pytest.mark.skipif(not PATHS, reason="the native kernel does not run here")
 
 SPECS = [QuantSpec(bits=8, signed=False), QuantSpec(bits=8, signed=False, reduce_range=True),

@@ -823,11 +823,11 @@ def test_native_mlp_serving_program_has_no_xla_arithmetic():
     with kernels.use(path):
       apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
       flops = []
-      for batch in (1, 64):
+      for batch in (64,) if path == "xla" else (1, 64):
         cost = apply.lower(int_vars, x[:batch]).compile().cost_analysis()
         flops.append((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
       if path == "xla":
-        assert flops[1] > 64 * 10, flops  # the dequantization alone
+        assert flops[0] > 64 * 10, flops  # the dequantization alone
       else:  # a few scalar operations on the quantization parameters, at any batch size
         assert flops[0] == flops[1] < 50, flops
       outs[path] = np.asarray(apply(int_vars, x))
