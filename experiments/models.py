@@ -170,7 +170,7 @@ class QuantLeNet5(nn.Module):
     for i, (features, name) in enumerate(((c1, "conv1"), (c2, "conv2")), 1):
       x = qnn.QuantConv(features, (5, 5), padding="VALID", qconfig=self.qconfig,
                         activation=relu, name=name)(x, mode=mode)
-      x = nn.max_pool(_relu(self, x, i, mode), (2, 2), strides=(2, 2))
+      x = qnn.max_pool(_relu(self, x, i, mode), (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     for i, (width, name) in enumerate(((f1, "fc1"), (f2, "fc2")), 3):
       x = qnn.QuantDense(width, qconfig=self.qconfig, activation=relu, name=name)(x, mode=mode)

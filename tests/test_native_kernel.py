@@ -833,3 +833,54 @@ def test_native_mlp_serving_program_has_no_xla_arithmetic():
       outs[path] = np.asarray(apply(int_vars, x))
   np.testing.assert_array_equal(outs[AVAILABLE[0]], outs["xla"])
   assert np.isnan(outs["xla"][3]).all() and not np.isnan(np.delete(outs["xla"], 3, 0)).any()
+
+
+def test_max_pool_matches_xla():
+  """kernels.max_pool on every native path equals lax.reduce_window (and nn.max_pool) on
+  int8 NHWC inputs, with and without jit: channel counts around the 64-lane vector, windows
+  and strides that overlap, skip or leave a ragged edge, all -128 / 127, an empty batch;
+  qjax.nn.max_pool sends int8 to it and floats to nn.max_pool; bad arguments name
+  themselves."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  import qjax.nn as qnn  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(41)
+  cases = [((2, 28, 28, 6), (2, 2), (2, 2)), ((1, 10, 10, 16), (2, 2), (2, 2)),
+           ((3, 7, 9, 1), (3, 3), (1, 1)), ((2, 8, 11, 65), (3, 2), (2, 3)),
+           ((1, 5, 5, 130), (5, 5), (1, 1)), ((0, 4, 4, 3), (2, 2), (2, 2)),
+           ((2, 6, 6, 64), (2, 3), (3, 2))]
+  inputs = []
+  for shape, _, _ in cases:
+    x = rng.integers(-128, 128, shape, dtype=np.int8)
+    if x.size:
+      x.reshape(-1)[:4] = [-128, 127, -128, 127]
+    inputs.append(x)
+
+  def run(inputs):
+    return [[jax.lax.reduce_window(x, np.int8(-128), jax.lax.max, (1,) + w + (1,),
+                                   (1,) + s + (1,), "VALID")]
+            + [kernels.max_pool(x, w, s, kernel=p) for p in ("xla", *AVAILABLE)]
+            for x, (_, w, s) in zip(inputs, cases, strict=True)]
+
+  for results in (jax.jit(run)(inputs), run(inputs)):
+    for (shape, w, s), (want, *gots) in zip(cases, results, strict=True):
+      for path, got in zip(("xla", *AVAILABLE), gots, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                      err_msg=f"{path} {shape} {w} {s}")
+  x = inputs[0]
+  np.testing.assert_array_equal(np.asarray(qnn.max_pool(x, (2, 2), strides=(2, 2))),
+                                np.asarray(nn.max_pool(x, (2, 2), strides=(2, 2))))
+  np.testing.assert_array_equal(np.asarray(qnn.max_pool(x, (3, 3))),  # flax's stride 1
+                                np.asarray(nn.max_pool(x, (3, 3))))
+  xf = x.astype(np.float32) / 7
+  np.testing.assert_array_equal(np.asarray(qnn.max_pool(xf, (2, 2), strides=(2, 2))),
+                                np.asarray(nn.max_pool(xf, (2, 2), strides=(2, 2))))
+  with pytest.raises(TypeError, match="x must be int8"):
+    kernels.max_pool(xf, (2, 2))
+  with pytest.raises(ValueError, match="window must be within"):
+    kernels.max_pool(x, (29, 2))
+  with pytest.raises(ValueError, match=r"x must be \(N, H, W, C\)"):
+    kernels.max_pool(x[0], (2, 2))
+  with pytest.raises(ValueError, match="strides must be >= 1"):
+    kernels.max_pool(x, (2, 2), (0, 1))

@@ -5,6 +5,7 @@ from qjax.nn.functional import AvgPool
 from qjax.nn.functional import QuantAdd
 from qjax.nn.functional import QuantConcat
 from qjax.nn.functional import QuantReLU
+from qjax.nn.functional import max_pool
 from qjax.nn.fused import QuantConvBN
 from qjax.nn.fused import QuantDenseBN
 from qjax.nn.modules import Dequantize
@@ -76,6 +77,7 @@ __all__ = (
     "default_qconfig",
     "get_default_qat_qconfig",
     "get_default_qconfig",
+    "max_pool",
     "module_path",
     "scan",
 )

@@ -5,6 +5,7 @@ pooling and an unfused ReLU, as Flax modules with an integer form each.
     y = FQ_out(concat(xs))       QuantConcat
     y = avg_pool(x)              AvgPool / AvgPool(window=None): global average pooling
     y = relu(x)                  QuantReLU (on the input's grid: max(q, Z) in mode "int8")
+    y = max_pool(x)              max_pool: nn.max_pool, int8 input pooled on the native kernel
 
 The joins observe their output (quant_stats/<module>/output), as FloatFunctional's
 activation_post_process does, so that the integer form requantizes to that grid; the inputs
@@ -247,3 +248,28 @@ class QuantReLU(nn.Module):
     if mode is Mode.INT8 and jnp.asarray(x).dtype == jnp.int8:
       return _integer.run(self, _where(self), Int8ReLU, x)
     return forms.mark_same_grid(self, nn.relu(forms.mark_input(self, x, ReLUForm())))
+
+
+def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding: str | Sequence[tuple[int, int]] = "VALID") -> jax.Array:
+  """`flax.linen.max_pool`, with an int8 input (mode "int8") pooled by the native int8 kernel.
+
+    y[b, i, j, c] = max over the window of x[b, i s0 + di, j s1 + dj, c]
+
+  Max pooling keeps its input's grid (it commutes with the monotone quantization), so a model
+  calls it in every mode on whatever it gets: float activations go to `nn.max_pool`, int8
+  NHWC ones with 2-D VALID windows to `qjax.integer.kernels.max_pool` (the same integers as
+  `nn.max_pool` on int8; one native call instead of XLA's reduce_window).
+
+  Example:
+    >>> x = jnp.arange(16, dtype=jnp.int8).reshape(1, 4, 4, 1)
+    >>> max_pool(x, (2, 2), strides=(2, 2))[0, :, :, 0].tolist()
+    [[5, 7], [13, 15]]
+  """
+  window = tuple(window_shape)
+  if (getattr(x, "dtype", None) == jnp.int8 and jnp.ndim(x) == 4 and len(window) == 2
+      and isinstance(padding, str) and padding == "VALID"
+      and (strides is None or len(tuple(strides)) == 2)):
+    from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
+    return kernels.max_pool(x, window, (1, 1) if strides is None else strides)  # flax's default
+  return nn.max_pool(x, window, strides=strides, padding=padding)

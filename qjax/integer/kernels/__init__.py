@@ -55,7 +55,7 @@ import functools
 import os
 import pathlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +97,7 @@ _TARGET_ROUND = "qjax_int8_round"
 _TARGET_ROUND_ROWS = "qjax_int8_round_rows"
 _TARGET_DEQUANT_ROWS = "qjax_int8_dequant_rows"
 _TARGET_FAKE_QUANT_OBSERVE = "qjax_fake_quant_observe"
+_TARGET_MAX_POOL = "qjax_int8_max_pool"
 _TARGET_CONV_REQUANT = "qjax_int8_conv_requant"
 _TARGET_REQUANT_S32 = "qjax_int8_requant_s32"
 _TARGET_CONV_PACKED_REQUANT = "qjax_int8_conv_packed_requant"
@@ -143,6 +144,8 @@ def _load() -> int:
                                 jax.ffi.pycapsule(lib.QjaxInt8DequantRows), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_FAKE_QUANT_OBSERVE,
                                 jax.ffi.pycapsule(lib.QjaxFakeQuantObserve), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_MAX_POOL, jax.ffi.pycapsule(lib.QjaxInt8MaxPool),
+                                platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_CONV_REQUANT,
                                 jax.ffi.pycapsule(lib.QjaxInt8ConvRequant), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_REQUANT_S32, jax.ffi.pycapsule(lib.QjaxInt8RequantS32),
@@ -1053,6 +1056,62 @@ def fake_quant_observe(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
       zero_point
 
 
+def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None, *,
+             kernel: str | None = None) -> jax.Array:
+  """2-D max pooling of int8 NHWC activations over VALID windows:
+
+    y[b, i, j, c] = max_{di < window[0], dj < window[1]} x[b, i s0 + di, j s1 + dj, c]
+
+  Max pooling commutes with the monotone quantization, so it pools the int8 values on their
+  own grid (PyTorch's quantized max_pool2d). On a native path one kernel call (a vector of
+  64 channels at a time); "xla" is `lax.reduce_window`, the same integers.
+
+  Args:
+    x: int8 (N, H, W, C).
+    window: (window height, window width), each in [1, H] / [1, W].
+    strides: (stride height, stride width) >= 1; None: the window.
+    kernel: see `resolve`.
+
+  Returns:
+    int8 (N, (H - window[0]) // s0 + 1, (W - window[1]) // s1 + 1, C).
+
+  Raises:
+    TypeError: x is not int8.
+    ValueError: x is not 4-D, or a window / stride is out of range.
+
+  Example:
+    >>> x = jnp.arange(16, dtype=jnp.int8).reshape(1, 4, 4, 1)
+    >>> max_pool(x, (2, 2))[0, :, :, 0].tolist()
+    [[5, 7], [13, 15]]
+  """
+  x = jnp.asarray(x)
+  if jnp.dtype(x.dtype) != jnp.int8:
+    raise TypeError(f"max_pool: x must be int8; got {jnp.dtype(x.dtype)}.")
+  if x.ndim != 4:
+    raise ValueError(f"max_pool: x must be (N, H, W, C); got shape {x.shape}.")
+  window = tuple(int(w) for w in window)
+  strides = window if strides is None else tuple(int(v) for v in strides)
+  if len(window) != 2 or len(strides) != 2:
+    raise ValueError(f"max_pool: window and strides must have 2 entries (height, width); got "
+                     f"window={window}, strides={strides}.")
+  if not (1 <= window[0] <= x.shape[1] and 1 <= window[1] <= x.shape[2]):
+    raise ValueError(f"max_pool: window must be within [1, {x.shape[1]}] x [1, {x.shape[2]}] "
+                     f"(the input's height and width); got {window}.")
+  if min(strides) < 1:
+    raise ValueError(f"max_pool: strides must be >= 1; got {strides}.")
+  out_shape = (x.shape[0], (x.shape[1] - window[0]) // strides[0] + 1,
+               (x.shape[2] - window[1]) // strides[1] + 1, x.shape[3])
+  path = resolve(kernel, macs=int(np.prod(out_shape, dtype=np.int64)) * window[0] * window[1])
+  if path == "xla" or x.size == 0:
+    return jax.lax.reduce_window(x, np.int8(-128), jax.lax.max, (1,) + window + (1,),
+                                 (1,) + strides + (1,), "VALID")
+  call = jax.ffi.ffi_call(_TARGET_MAX_POOL, jax.ShapeDtypeStruct(out_shape, jnp.int8),
+                          vmap_method="sequential")
+  return call(x, window_h=np.int64(window[0]), window_w=np.int64(window[1]),
+              stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+              path=np.int64(_PATH_IDS[path]))
+
+
 __all__ = (
     "AUTO_AMX_XLA_MACS",
     "AUTO_MIN_MACS",
@@ -1073,6 +1132,7 @@ __all__ = (
     "gathers_patches",
     "matmul",
     "matmul_requant",
+    "max_pool",
     "native_paths",
     "pack",
     "pack_conv",

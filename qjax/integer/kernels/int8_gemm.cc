@@ -2611,6 +2611,96 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
 }
 
 // ------------------------------------------------------------------------------------------
+// int8 max pooling, NHWC, VALID windows: out[b, i, j, c] = max over the window of
+// x[b, i sh + di, j sw + dj, c]. Max pooling commutes with the (monotone) quantization, so
+// it runs on the int8 values as PyTorch's quantized max_pool2d does; each output pixel is
+// the vpmaxsb of its window's channel vectors (64 channels a vector).
+
+struct PoolGeom {
+  int64_t batch, height, width, channels, window_h, window_w, stride_h, stride_w;
+  int64_t out_h() const { return (height - window_h) / stride_h + 1; }
+  int64_t out_w() const { return (width - window_w) / stride_w + 1; }
+};
+
+#ifdef QJAX_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+void MaxPoolRowsAvx512(const int8_t* x, int8_t* out, const PoolGeom& g, int64_t r0,
+                       int64_t r1) {
+  const int64_t oh = g.out_h(), ow = g.out_w(), c = g.channels;
+  for (int64_t r = r0; r < r1; ++r) {  // r = b * oh + i
+    const int64_t b = r / oh, i = r % oh;
+    for (int64_t j = 0; j < ow; ++j) {
+      int8_t* o = out + (r * ow + j) * c;
+      for (int64_t c0 = 0; c0 < c; c0 += 64) {
+        const int64_t left = c - c0;
+        const __mmask64 valid = left >= 64 ? ~__mmask64{0} : ((__mmask64{1} << left) - 1);
+        __m512i m = _mm512_set1_epi8(-128);
+        for (int64_t di = 0; di < g.window_h; ++di) {
+          const int8_t* row = x + ((b * g.height + i * g.stride_h + di) * g.width +
+                                   j * g.stride_w) * c + c0;
+          for (int64_t dj = 0; dj < g.window_w; ++dj) {
+            m = _mm512_max_epi8(m, _mm512_maskz_loadu_epi8(valid, row + dj * c));
+          }
+        }
+        _mm512_mask_storeu_epi8(o + c0, valid, m);
+      }
+    }
+  }
+}
+#pragma GCC pop_options
+#endif
+
+void MaxPoolRowsPortable(const int8_t* x, int8_t* out, const PoolGeom& g, int64_t r0,
+                         int64_t r1) {
+  const int64_t oh = g.out_h(), ow = g.out_w(), c = g.channels;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / oh, i = r % oh;
+    for (int64_t j = 0; j < ow; ++j) {
+      int8_t* o = out + (r * ow + j) * c;
+      for (int64_t k = 0; k < c; ++k) o[k] = -128;
+      for (int64_t di = 0; di < g.window_h; ++di) {
+        const int8_t* row = x + ((b * g.height + i * g.stride_h + di) * g.width +
+                                 j * g.stride_w) * c;
+        for (int64_t dj = 0; dj < g.window_w; ++dj) {
+          for (int64_t k = 0; k < c; ++k) o[k] = std::max(o[k], row[dj * c + k]);
+        }
+      }
+    }
+  }
+}
+
+ffi::Error MaxPoolInt8(ffi::Buffer<ffi::S8> x, ffi::ResultBuffer<ffi::S8> out,
+                       int64_t window_h, int64_t window_w, int64_t stride_h, int64_t stride_w,
+                       int64_t path) {
+  Path p;
+  ffi::Error err = CheckPath(path, &p);
+  if (err.failure()) return err;
+  const auto dims = x.dimensions();
+  if (dims.size() != 4) return ffi::Error::InvalidArgument("qjax max pool: x must be NHWC");
+  const PoolGeom g{dims[0], dims[1], dims[2], dims[3], window_h, window_w, stride_h, stride_w};
+  if (window_h < 1 || window_w < 1 || stride_h < 1 || stride_w < 1 || window_h > g.height ||
+      window_w > g.width) {
+    return ffi::Error::InvalidArgument("qjax max pool: windows must fit the input");
+  }
+  const auto od = out->dimensions();
+  if (od.size() != 4 || od[0] != g.batch || od[1] != g.out_h() || od[2] != g.out_w() ||
+      od[3] != g.channels) {
+    return ffi::Error::InvalidArgument("qjax max pool: output shape mismatch");
+  }
+  const int64_t rows = g.batch * g.out_h();
+  const int64_t work = out->element_count() * window_h * window_w;
+  const auto run = [&](int64_t r0, int64_t r1) {
+#ifdef QJAX_X86
+    if (Avx512(p)) return MaxPoolRowsAvx512(x.typed_data(), out->typed_data(), g, r0, r1);
+#endif
+    MaxPoolRowsPortable(x.typed_data(), out->typed_data(), g, r0, r1);
+  };
+  ParallelFor(rows, work >= (int64_t{1} << 20) ? HardwareThreads() : 1, run);
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------------------------------
 // Pieces of the handlers' bindings (appended in the order of the handlers' parameters).
 // bias (N,), multiplier (N,), zero point (1,) and the int8 result of a requantizing handler.
 template <class B>
@@ -2840,6 +2930,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxFakeQuantObserve, FakeQuantObserve,
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("symmetric")
                                   .Attr<int64_t>("symmetric_zero_point")
+                                  .Attr<int64_t>("path"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8MaxPool, MaxPoolInt8,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int64_t>("window_h")
+                                  .Attr<int64_t>("window_w")
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
                                   .Attr<int64_t>("path"));
 
 // Which paths this CPU can run: bit 0 portable, bit 1 avx2, bit 2 vnni (and amx emulated);
