@@ -460,12 +460,11 @@ def _weight_operands(kernel_t: Weights) -> tuple[list[jax.Array], str, str]:
 def _epilogue(requant: rq.Requantizer, n: int) -> tuple[list[jax.Array], dict]:
   """The fused requantization's arguments for n channels: two float32 (n,) arrays, bias and
   multiplier (a FloatRequant's bias zero: rne(f32(acc) * M) is rne((f32(acc) + 0) * M), adding
-  a float 0 to an integer-valued float changes nothing), or an IntegerRequant's m0 and shift
-  bit for bit (`lax.bitcast_convert_type`, which costs nothing); the zero point (1,); and the
-  attributes lo, hi, relu and integer (which of the two formulas)."""
+  a float 0 to an integer-valued float changes nothing), or an IntegerRequant's int32 m0 and
+  shift as they are (a bitcast to float32 would be a copy kernel of its own on XLA:CPU); the
+  zero point (1,); and the attributes lo, hi, relu and integer (which of the two formulas)."""
   if isinstance(requant, rq.IntegerRequant):
-    first, second = (jax.lax.bitcast_convert_type(
-        jnp.broadcast_to(jnp.asarray(v, jnp.int32), (n,)), jnp.float32)
+    first, second = (jnp.broadcast_to(jnp.asarray(v, jnp.int32), (n,))
                      for v in (requant.m0, requant.shift))
   else:
     bias = requant.bias if isinstance(requant, rq.FbgemmRequant) else 0.0

@@ -1735,8 +1735,8 @@ ffi::Error GemmS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<f
 }
 
 // The requantizing epilogue of a GEMM with N output channels.
-ffi::Error RequantEpilogue(ffi::Buffer<ffi::S32>& offset, ffi::Buffer<ffi::F32>& bias,
-                           ffi::Buffer<ffi::F32>& mult, ffi::Buffer<ffi::S32>& zero_point,
+ffi::Error RequantEpilogue(ffi::Buffer<ffi::S32>& offset, ffi::AnyBuffer& bias,
+                           ffi::AnyBuffer& mult, ffi::Buffer<ffi::S32>& zero_point,
                            ffi::ResultBuffer<ffi::S8>& out, int64_t N, int64_t lo, int64_t hi,
                            bool relu, bool integer, Epilogue* e) {
   if (static_cast<int64_t>(bias.element_count()) != N ||
@@ -1744,11 +1744,16 @@ ffi::Error RequantEpilogue(ffi::Buffer<ffi::S32>& offset, ffi::Buffer<ffi::F32>&
     return ffi::Error::InvalidArgument("qjax int8 gemm: bias and multiplier must have N "
                                        "elements, zero_point one");
   }
+  const ffi::DataType want = integer ? ffi::DataType::S32 : ffi::DataType::F32;
+  if (bias.element_type() != want || mult.element_type() != want) {
+    return ffi::Error::InvalidArgument("qjax int8 gemm: the requantizer's two arrays must be "
+                                       "float32 (bias, multiplier) or, for the integer "
+                                       "requantization, int32 (m0, shift)");
+  }
   e->offset = offset.typed_data();
   if (integer) {
-    // The integer requantization: the two float buffers carry m0 and shift, int32 bit for bit.
-    e->m0 = reinterpret_cast<const int32_t*>(bias.typed_data());
-    e->shift = reinterpret_cast<const int32_t*>(mult.typed_data());
+    e->m0 = static_cast<const int32_t*>(bias.untyped_data());
+    e->shift = static_cast<const int32_t*>(mult.untyped_data());
     for (int64_t n = 0; n < N; ++n) {
       if (e->shift[n] < 1 || e->shift[n] > 62) {
         return ffi::Error::InvalidArgument(
@@ -1758,8 +1763,8 @@ ffi::Error RequantEpilogue(ffi::Buffer<ffi::S32>& offset, ffi::Buffer<ffi::F32>&
       }
     }
   } else {
-    e->bias = bias.typed_data();
-    e->mult = mult.typed_data();
+    e->bias = static_cast<const float*>(bias.untyped_data());
+    e->mult = static_cast<const float*>(mult.untyped_data());
   }
   e->zp = zero_point.typed_data()[0];
   const int64_t low = relu ? std::max<int64_t>(lo, e->zp) : lo;
@@ -1775,8 +1780,8 @@ ffi::Error RequantEpilogue(ffi::Buffer<ffi::S32>& offset, ffi::Buffer<ffi::F32>&
 }
 
 ffi::Error GemmRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
-                       ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::F32> bias,
-                       ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::S32> zero_point,
+                       ffi::Buffer<ffi::S32> offset, ffi::AnyBuffer bias,
+                       ffi::AnyBuffer mult, ffi::Buffer<ffi::S32> zero_point,
                        ffi::ResultBuffer<ffi::S8> out, int64_t lo, int64_t hi, bool relu, bool integer,
                        int64_t path, int64_t threads) {
   int64_t M, N, K;
@@ -1903,7 +1908,7 @@ ffi::Error ConvPackedShapes(const ffi::AnyBuffer::Dimensions& xd,
 
 ffi::Error ConvPackedRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
                              ffi::Buffer<ffi::S32> colsum, ffi::Buffer<ffi::S32> offset,
-                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mult,
+                             ffi::AnyBuffer bias, ffi::AnyBuffer mult,
                              ffi::Buffer<ffi::S32> zero_point, ffi::ResultBuffer<ffi::S8> out,
                              int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
                              int64_t dw, int64_t lo, int64_t hi, bool relu, bool integer, int64_t path,
@@ -1922,8 +1927,8 @@ ffi::Error ConvPackedRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels
 }
 
 ffi::Error ConvRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
-                       ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::F32> bias,
-                       ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::S32> zero_point,
+                       ffi::Buffer<ffi::S32> offset, ffi::AnyBuffer bias,
+                       ffi::AnyBuffer mult, ffi::Buffer<ffi::S32> zero_point,
                        ffi::ResultBuffer<ffi::S8> out, int64_t kh, int64_t kw, int64_t sh,
                        int64_t sw, int64_t dh, int64_t dw, int64_t lo, int64_t hi, bool relu, bool integer,
                        int64_t path, int64_t threads) {
@@ -1941,7 +1946,7 @@ ffi::Error ConvRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
 // The fused requantization alone, on an int32 accumulator (..., N) that XLA computed (a
 // convolution the kernel does not take): no float intermediate in memory.
 ffi::Error RequantS32(ffi::Buffer<ffi::S32> acc, ffi::Buffer<ffi::S32> offset,
-                      ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mult,
+                      ffi::AnyBuffer bias, ffi::AnyBuffer mult,
                       ffi::Buffer<ffi::S32> zero_point, ffi::ResultBuffer<ffi::S8> out,
                       int64_t lo, int64_t hi, bool relu, bool integer, int64_t path) {
   Path p;
@@ -2015,7 +2020,7 @@ ffi::Error PackedS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
 
 ffi::Error PackedRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> panels,
                          ffi::Buffer<ffi::S32> colsum, ffi::Buffer<ffi::S32> offset,
-                         ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mult,
+                         ffi::AnyBuffer bias, ffi::AnyBuffer mult,
                          ffi::Buffer<ffi::S32> zero_point, ffi::ResultBuffer<ffi::S8> out,
                          int64_t lo, int64_t hi, bool relu, bool integer, int64_t path, int64_t threads) {
   int64_t M, N, K;
@@ -2706,8 +2711,8 @@ ffi::Error MaxPoolInt8(ffi::Buffer<ffi::S8> x, ffi::ResultBuffer<ffi::S8> out,
 template <class B>
 auto RequantBuffers(B&& binding) {
   return std::forward<B>(binding)
-      .template Arg<ffi::Buffer<ffi::F32>>()
-      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::AnyBuffer>()  // float32 bias, or the integer requantizer's int32 m0
+      .template Arg<ffi::AnyBuffer>()  // float32 multiplier, or int32 shift
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Ret<ffi::Buffer<ffi::S8>>();
 }
