@@ -1029,6 +1029,15 @@ def fake_quant_observe(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
 
   Returns:
     (y, mask, (min_val, max_val, count, skipped) updated, scale, zero_point).
+
+  Example:
+    >>> if native_paths():
+    ...   y, mask, state, scale, zp = fake_quant_observe(
+    ...       jnp.array([-1.0, 0.3, 9.0]), jnp.float32(-1.0), jnp.float32(3.0), jnp.int32(1),
+    ...       jnp.int32(0), spec=numerics.QuantSpec(bits=8, signed=False), averaging=0.5,
+    ...       eps=1e-7, path=native_paths()[0])
+    ...   print(state[1], int(zp), mask.tolist())
+    6.0 36 [True, True, False]
   """
   if path not in native_paths():
     raise ValueError(f"fake_quant_observe: path must be one of {list(native_paths())} (the "
