@@ -34,9 +34,10 @@ SPECS = [QuantSpec(bits=8, signed=False), QuantSpec(bits=8, signed=False, reduce
          QuantSpec(bits=8, signed=False, symmetric=True), QuantSpec(bits=4, signed=True, axis=0),
          QuantSpec(bits=16, signed=True, symmetric=True, axis=1),
          QuantSpec(bits=8, signed=True, narrow_range=True, symmetric=True, axis=-1)]
+# The moving average with PyTorch's constant, and with 1 (the batch's range) on the 4-bit grid.
 OBSERVERS = [lambda spec: obs.MinMaxObserver(spec=spec),
-             lambda spec: obs.MovingAverageMinMaxObserver(spec=spec),
-             lambda spec: obs.MovingAverageMinMaxObserver(spec=spec, averaging_constant=1.0)]
+             lambda spec: obs.MovingAverageMinMaxObserver(
+                 spec=spec, averaging_constant=1.0 if spec.bits == 4 else 0.01)]
 
 
 def _batches(rng: np.random.Generator, shape: tuple[int, ...]) -> list[np.ndarray]:
