@@ -257,7 +257,6 @@ class FakeQuant(nn.Module):
     qparams = jax.tree_util.tree_map(lax.stop_gradient, qparams)
     return _reraise_with_path(self, lambda: ste.fake_quant(x, observer.spec, qparams)), qparams
 
-
   def _fused_path(self, observer: obs.Observer, x: jax.Array, state: Any,
                   mode: Mode) -> str | None:
     """The native path of a fused QAT point (`ste.observed_fake_quant`), or None where the

@@ -1050,8 +1050,7 @@ def fake_quant_observe(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
             jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
             jax.ShapeDtypeStruct(min_val.shape, jnp.float32),
             jax.ShapeDtypeStruct(min_val.shape, jnp.int32))
-  # The state is updated in place (its buffers are the results'): no copies into a train
-  # step's donated state.
+  # averaging 0 selects the running min / max (a moving average's constant is in (0, 1]).
   call = jax.ffi.ffi_call(_TARGET_FAKE_QUANT_OBSERVE, shapes, vmap_method="sequential")
   y, inside, lo, hi, cnt, skp, scale, zero_point = call(
       x, min_val, max_val, count.reshape(()), skipped.reshape(()), axis=np.int64(axis),

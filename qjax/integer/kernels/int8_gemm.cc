@@ -144,6 +144,13 @@ bool Supported(Path p) {
 bool Avx512(Path p) { return p == kVnni || p == kAmx || p == kAmxEmulated; }
 bool Tiles(Path p) { return p == kAmx || p == kAmxEmulated; }
 
+#ifdef QJAX_X86
+// The first min(left, 16) lanes of a 16-lane vector (left >= 0).
+inline __mmask16 Lanes16(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+#endif
+
 // ------------------------------------------------------------------------------------------
 // Threads: [0, tasks) in blocks that the calling thread and a pool of workers (started once:
 // starting a thread cost ~140 us in a VM) claim from an atomic counter, so that a worker that
@@ -654,8 +661,7 @@ void PackPanelsVnni(const int8_t* w, int64_t N, int64_t K, int64_t Kp, int8_t* p
           Dp(sum, ones, r[g]);
         }
       }
-      const __mmask16 valid = rows == 16 ? static_cast<__mmask16>(0xFFFF)
-                                         : static_cast<__mmask16>((1u << rows) - 1);
+      const __mmask16 valid = Lanes16(rows);
       _mm512_mask_storeu_epi32(colsum + p * 16, valid, sum);
     }
   });
@@ -693,8 +699,7 @@ void VnniTile(const uint8_t* xr, int64_t Kp, const int8_t* panel0,
   for (int j = 0; j < NP; ++j) {
     const int64_t col = n + 16 * j;
     const int64_t left = N - col;
-    const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 valid = Lanes16(left);
     #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) Epilogue16(e, m + r, col, acc[r][j], valid);
   }
@@ -857,8 +862,7 @@ void EpilogueRowsVnni(const int32_t* acc, int64_t m0, int64_t m1, int64_t N,
   for (int64_t m = m0; m < m1; ++m) {
     for (int64_t n = 0; n < N; n += 16) {
       const int64_t left = N - n;
-      const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                         : static_cast<__mmask16>((1u << left) - 1);
+      const __mmask16 valid = Lanes16(left);
       Epilogue16(e, m, n, _mm512_maskz_loadu_epi32(valid, acc + m * N + n), valid);
     }
   }
@@ -963,8 +967,7 @@ void RunVnniDot(const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t 
     for (int64_t r = 0; r < M; ++r) {
       for (int64_t n = n0; n < n1; n += 16) {
         const int64_t left = n1 - n;
-        const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                           : static_cast<__mmask16>((1u << left) - 1);
+        const __mmask16 valid = Lanes16(left);
         Epilogue16(e, r, n, _mm512_maskz_loadu_epi32(valid, acc + r * N + n), valid);
       }
     }
@@ -1258,8 +1261,7 @@ void TileBlock(const uint8_t* xr, const TileOperands& o, int64_t p, int64_t m, i
   if (TWO && LOWER) T::template Store<3>(c + 768, kTileBytes);
   for (int j = 0; j < (TWO ? 2 : 1); ++j) {
     const int64_t col = (p + j) * 16, left = N - col;
-    const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 valid = Lanes16(left);
     for (int64_t r = 0; r < rows; ++r) {
       const int32_t* tile = c + ((r >= kTileRows ? 2 : 0) + j) * 256;
       Epilogue16(e, m + r, col, _mm512_load_si512(tile + (r % kTileRows) * 16), valid);
@@ -2083,8 +2085,7 @@ void RoundAvx512(const float* y, int8_t* out, int64_t n, const RoundParams& r) {
   }
   for (; i < n; i += 16) {
     const int64_t left = n - i;
-    const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 valid = Lanes16(left);
     _mm_mask_storeu_epi8(out + i, valid, convert(_mm512_maskz_loadu_ps(valid, y + i)));
   }
 }
@@ -2134,7 +2135,7 @@ bool NonFiniteAvx512(const float* y, int64_t n) {
     bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_UNORD_Q);
   }
   if (i < n) {  // masked-off lanes load 0, which is finite
-    const __mmask16 valid = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 valid = Lanes16(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(valid, y + i);
     bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_UNORD_Q);
   }
@@ -2333,8 +2334,7 @@ bool FoldRangeAvx512(const float* x, int64_t n, float* lo, float* hi) {
   const __m512 zero = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 valid = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                        : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 valid = Lanes16(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
     bad |= _mm512_mask_cmp_ps_mask(valid, _mm512_sub_ps(v, v), zero, _CMP_UNORD_Q);
     vlo = _mm512_mask_min_ps(vlo, valid, vlo, v);
@@ -2350,8 +2350,7 @@ bool FoldRowsAvx512(const float* x, int64_t rows, int64_t c, float* lo, float* h
   const __m512 zero = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int64_t j = 0; j < c; j += 16) {
-    const __mmask16 valid = c - j >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                        : static_cast<__mmask16>((1u << (c - j)) - 1);
+    const __mmask16 valid = Lanes16(c - j);
     __m512 vlo = _mm512_maskz_loadu_ps(valid, lo + j), vhi = _mm512_maskz_loadu_ps(valid, hi + j);
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 v = _mm512_maskz_loadu_ps(valid, x + r * c + j);
@@ -2385,8 +2384,7 @@ void FakeQuantRunAvx512(const float* x, float* out, bool* mask, int64_t n, float
   const __m512 qmin = _mm512_set1_ps(g.qmin), qmax = _mm512_set1_ps(g.qmax);
   const __m128i one = _mm_set1_epi8(1);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 valid = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                        : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 valid = Lanes16(n - i);
     __mmask16 inside;
     const __m512 y = FakeQuantAvx512(_mm512_maskz_loadu_ps(valid, x + i), vinv, vzp, vscale,
                                      qmin, qmax, &inside);
@@ -2401,8 +2399,7 @@ void FakeQuantRowsAvx512(const float* x, float* out, bool* mask, int64_t rows, i
   const __m512 qmin = _mm512_set1_ps(g.qmin), qmax = _mm512_set1_ps(g.qmax);
   const __m128i one = _mm_set1_epi8(1);
   for (int64_t j = 0; j < c; j += 16) {
-    const __mmask16 valid = c - j >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                        : static_cast<__mmask16>((1u << (c - j)) - 1);
+    const __mmask16 valid = Lanes16(c - j);
     const __m512 vinv = _mm512_maskz_loadu_ps(valid, inv + j);
     const __m512 vzp = _mm512_maskz_loadu_ps(valid, zp + j);
     const __m512 vscale = _mm512_maskz_loadu_ps(valid, scale + j);
@@ -2419,8 +2416,12 @@ void FakeQuantRowsAvx512(const float* x, float* out, bool* mask, int64_t rows, i
 #endif
 
 // NaN-propagating min / max (jnp.minimum / jnp.maximum).
-inline float MinNan(float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : (a < b ? a : b); }
-inline float MaxNan(float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : (a > b ? a : b); }
+inline float MinNan(float a, float b) {
+  return std::isnan(a) || std::isnan(b) ? NAN : (a < b ? a : b);
+}
+inline float MaxNan(float a, float b) {
+  return std::isnan(a) || std::isnan(b) ? NAN : (a > b ? a : b);
+}
 
 bool FoldRange(Path p, const float* x, int64_t n, float* lo, float* hi) {
 #ifdef QJAX_X86
@@ -2500,7 +2501,8 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
                             ffi::ResultBuffer<ffi::S32> skipped_out,
                             ffi::ResultBuffer<ffi::F32> scale_out,
                             ffi::ResultBuffer<ffi::S32> zero_point_out, int64_t axis,
-                            float averaging, int64_t qmin, int64_t qmax, float eps,
+                            float averaging,  // 0: running min / max; else the average's c
+                            int64_t qmin, int64_t qmax, float eps,
                             int64_t symmetric, int64_t symmetric_zero_point, int64_t path) {
   Path p;
   ffi::Error err = CheckPath(path, &p);
@@ -2512,7 +2514,6 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
     if (axis >= static_cast<int64_t>(dims.size())) {
       return ffi::Error::InvalidArgument("qjax fake quant: axis out of range");
     }
-    outer = 1;
     for (int64_t d = 0; d < axis; ++d) outer *= dims[d];
     channels = dims[axis];
     inner = channels == 0 || outer == 0 ? 0 : n / (outer * channels);
