@@ -595,6 +595,45 @@ inline void Epilogue16(const Epilogue& e, int64_t m, int64_t n, __m512i acc,
   _mm_mask_storeu_epi8(e.out8 + m * e.ldo + n, valid, _mm512_cvtepi32_epi8(q));
 }
 
+// Epilogue16 on rows m..m + MR - 1 of one block of 16 columns: the columns' offsets and
+// requantizer loaded once. Called with a local copy of the Epilogue, whose fields then stay in
+// registers (the int8 stores could alias the fields of a struct behind a reference).
+template <int MR>
+inline __attribute__((always_inline)) void EpilogueColumn(const Epilogue& e, int64_t m,
+                                                          int64_t n, __m512i (&acc)[MR],
+                                                          __mmask16 valid) {
+  if (e.offset) {
+    const __m512i off = _mm512_maskz_loadu_epi32(valid, e.offset + n);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_add_epi32(acc[r], off);
+  }
+  const int64_t ldo = e.ldo;
+  if (Int32Out(e)) {
+    int32_t* out = e.out32 + m * ldo + n;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_epi32(out + r * ldo, valid, acc[r]);
+    return;
+  }
+  int8_t* out = e.out8 + m * ldo + n;
+  if (e.m0) {  // lanes beyond `valid`: m0 = shift = 0, never stored
+    const __m512i m0 = _mm512_maskz_loadu_epi32(valid, e.m0 + n);
+    const __m512i shift = _mm512_maskz_loadu_epi32(valid, e.shift + n);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512i q = IntegerQ16(e, acc[r], m0, shift);
+      _mm_mask_storeu_epi8(out + r * ldo, valid, _mm512_cvtepi32_epi8(q));
+    }
+    return;
+  }
+  const __m512 bias = _mm512_maskz_loadu_ps(valid, e.bias + n);
+  const __m512 mult = _mm512_maskz_loadu_ps(valid, e.mult + n);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m512i q = FloatQ16(e, acc[r], bias, mult);
+    _mm_mask_storeu_epi8(out + r * ldo, valid, _mm512_cvtepi32_epi8(q));
+  }
+}
+
 // acc += vpdpbusd(u8, s8). Inline asm: GCC 12 copies the accumulators of the intrinsic
 // through extra registers and the stack every iteration.
 inline __attribute__((always_inline)) void Dp(__m512i& acc, __m512i u8, __m512i s8) {
@@ -695,13 +734,14 @@ void VnniTile(const uint8_t* xr, int64_t Kp, const int8_t* panel0,
       for (int j = 0; j < NP; ++j) Dp(acc[r][j], xb, wv[j]);
     }
   }
+  const Epilogue local = e;
   #pragma GCC unroll 8
   for (int j = 0; j < NP; ++j) {
     const int64_t col = n + 16 * j;
-    const int64_t left = N - col;
-    const __mmask16 valid = Lanes16(left);
+    __m512i column[MR];
     #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) Epilogue16(e, m + r, col, acc[r][j], valid);
+    for (int r = 0; r < MR; ++r) column[r] = acc[r][j];
+    EpilogueColumn<MR>(local, m, col, column, Lanes16(N - col));
   }
 }
 
