@@ -352,24 +352,22 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):
   from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
-  zx = jnp.asarray(zx, jnp.int32)
-  n = w_fq.shape[1]
+  k, n = w_fq.shape
   sw_n = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (n,))
-  # The grids' integers, exactly: |q - Z| <= 255, far from a rounding boundary.
-  qx = jnp.round(x_fq * (1.0 / sx)).astype(jnp.int32) + zx
-  qw = jnp.round(w_fq * (1.0 / sw_n)[None, :]).astype(jnp.int32)
-  # x as int8: qx itself on a signed grid, qx - 128 on an unsigned one; the difference to
-  # qx - Zx, times sum_k qw[k, n], goes into the offset.
+  rows = x_fq.reshape((-1, k))
+  # x's grid integers as int8 (qx - 128 on an unsigned grid, `int8_shift`) and its rows with
+  # NaN or +-inf, in one pass (native where it runs): rne(x_fq / Sx) is exact, |q - Z| <= 255
+  # being far from a rounding boundary.
+  qx, bad_rows = kernels.quantize_samples(rows, x_spec, sx, zx, kernel=kernel)
+  # w's integers packed for the kernel (one native pass), with the columns holding NaN / inf.
+  packed, bad_cols = kernels.pack_grid(w_fq, sw_n, kernel_path=kernel)
+  # The difference of qx - shift to qx - Zx, times sum_k qw[k, n], goes into the offset.
   shift = 128 if x_spec.qmin >= 0 else 0
-  wt = qw.T.astype(jnp.int8)
-  colsum = jnp.sum(qw, axis=0, dtype=jnp.int32)
-  acc = kernels.matmul((qx - shift).astype(jnp.int8), wt, (shift - zx) * colsum, kernel=kernel)
-  lanes = (1,) * (acc.ndim - 1) + (n,)
-  y = acc.astype(jnp.float32) * (jnp.asarray(sx, jnp.float32) * sw_n).reshape(lanes)
-  # Rows of x (columns of w) with NaN or +-inf: their integers are garbage, the result NaN.
-  bad = (jnp.any(~jnp.isfinite(x_fq), axis=-1, keepdims=True)
-         | jnp.any(~jnp.isfinite(w_fq), axis=0).reshape(lanes))
-  return jnp.where(bad, jnp.float32(jnp.nan), y)
+  zx = jnp.asarray(zx, jnp.int32)
+  acc = kernels.matmul(qx, packed, (shift - zx) * packed.column_sums, kernel=kernel)
+  y = acc.astype(jnp.float32) * (jnp.asarray(sx, jnp.float32) * sw_n)[None, :]
+  y = jnp.where(bad_rows[:, None] | bad_cols[None, :], jnp.float32(jnp.nan), y)
+  return y.reshape(x_fq.shape[:-1] + (n,))
 
 
 def _int8_forward_dot_fwd(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):

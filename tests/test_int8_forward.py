@@ -82,6 +82,20 @@ class Int8ForwardDotTest(chex.TestCase):
       bad[:, 4] = True
       assert np.isnan(got[bad]).all() and np.isfinite(got[~bad]).all(), kernel
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*KERNELS)
+  def test_leading_dims_and_nonfinite_samples(self, kernel):
+    x_spec, w_spec = X_SPECS["uint8_reduce_range"], W_SPECS["per_channel"]
+    x_fq, w_fq, xq, wq = _operands(x_spec, w_spec, m=12)
+    x_fq = x_fq.at[7, 11].set(jnp.nan)
+    fn = self.variant(functools.partial(ste.int8_forward_dot, x_spec=x_spec, w_spec=w_spec,
+                                        kernel=kernel))
+    got = np.asarray(fn(x_fq.reshape(3, 4, 70), w_fq, x_qparams=xq, w_qparams=wq))
+    assert got.shape == (3, 4, 9)
+    want = _reference(x_fq.at[7, 11].set(0.0), w_fq, xq, wq)
+    want[7] = np.nan
+    np.testing.assert_array_equal(got.reshape(12, 9), want)
+
   def test_errors_name_the_argument(self):
     x_fq, w_fq, xq, wq = _operands(X_SPECS["int8_affine"], W_SPECS["per_tensor"])
     with pytest.raises(ValueError, match="x_spec must be an 8-bit per-tensor grid"):

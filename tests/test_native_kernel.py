@@ -884,3 +884,39 @@ def test_max_pool_matches_xla():
     kernels.max_pool(x[0], (2, 2))
   with pytest.raises(ValueError, match="strides must be >= 1"):
     kernels.max_pool(x, (2, 2), (0, 1))
+
+
+@pytest.mark.parametrize("k, n", [(1, 1), (5, 3), (70, 9), (784, 100), (33, 130)])
+def test_pack_grid_matches_xla_and_numpy(k, n):
+  rng = np.random.default_rng(k * 1000 + n)
+  scale = rng.uniform(0.01, 0.05, n).astype(np.float32)
+  q = rng.integers(-128, 128, (k, n)).astype(np.float32)
+  q[0, :] = -128  # the grid's ends
+  q[-1, :] = 127
+  w = q * scale[None, :]  # on the grid: w / scale recovers q
+  w[k // 2, n - 1] = np.nan
+  w[0, 0] = -np.inf
+  bad = np.zeros(n, bool)
+  bad[[0, n - 1]] = True
+  want = np.where(np.isfinite(w), q, 0).astype(np.int8)
+  for path in ("xla", *AVAILABLE):
+    for fn in (kernels.pack_grid, jax.jit(kernels.pack_grid, static_argnames="kernel_path")):
+      packed, got_bad = fn(jnp.asarray(w), jnp.asarray(scale), kernel_path=path)
+      np.testing.assert_array_equal(np.asarray(packed.unpack()), want.T, err_msg=path)
+      np.testing.assert_array_equal(np.asarray(packed.column_sums),
+                                    want.astype(np.int32).sum(axis=0), err_msg=path)
+      np.testing.assert_array_equal(np.asarray(got_bad), bad, err_msg=path)
+      np.testing.assert_array_equal(np.asarray(packed.panels),
+                                    np.asarray(kernels.pack(jnp.asarray(want.T)).panels))
+
+
+def test_pack_grid_rounds_saturates_and_checks():
+  w = jnp.array([[0.26, -0.74, 1e9, -1e9, 0.375, 0.625]], jnp.float32)  # scale 0.25: ties even
+  for path in ("xla", *AVAILABLE):
+    packed, bad = kernels.pack_grid(w, jnp.float32(0.25), kernel_path=path)
+    assert packed.unpack().T.tolist() == [[1, -3, 127, -128, 2, 2]], path
+    assert not bad.any()
+  with pytest.raises(ValueError, match="kernel must be float32"):
+    kernels.pack_grid(w.astype(jnp.float16), jnp.float32(0.25))
+  with pytest.raises(ValueError, match=r"scale must be \(\) or \(N,\)"):
+    kernels.pack_grid(w, jnp.ones((5,), jnp.float32))

@@ -98,6 +98,7 @@ _TARGET_ROUND_ROWS = "qjax_int8_round_rows"
 _TARGET_DEQUANT_ROWS = "qjax_int8_dequant_rows"
 _TARGET_FAKE_QUANT_OBSERVE = "qjax_fake_quant_observe"
 _TARGET_MAX_POOL = "qjax_int8_max_pool"
+_TARGET_PACK_ROUND = "qjax_int8_pack_round"
 _TARGET_CONV_REQUANT = "qjax_int8_conv_requant"
 _TARGET_REQUANT_S32 = "qjax_int8_requant_s32"
 _TARGET_CONV_PACKED_REQUANT = "qjax_int8_conv_packed_requant"
@@ -145,6 +146,8 @@ def _load() -> int:
     jax.ffi.register_ffi_target(_TARGET_FAKE_QUANT_OBSERVE,
                                 jax.ffi.pycapsule(lib.QjaxFakeQuantObserve), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_MAX_POOL, jax.ffi.pycapsule(lib.QjaxInt8MaxPool),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_PACK_ROUND, jax.ffi.pycapsule(lib.QjaxInt8PackRound),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_CONV_REQUANT,
                                 jax.ffi.pycapsule(lib.QjaxInt8ConvRequant), platform="cpu")
@@ -356,6 +359,58 @@ def pack(kernel_t: jax.typing.ArrayLike) -> PackedWeights:
     return PackedWeights(panels=jax.device_put(panels), column_sums=jax.device_put(sums),
                          n=n, k=k)
   return PackedWeights(panels=panels, column_sums=sums, n=n, k=k)
+
+
+def pack_grid(kernel: jax.Array, scale: jax.typing.ArrayLike, *,
+              kernel_path: str | None = None) -> tuple[PackedWeights, jax.Array]:
+  """The grid integers of float weights on an 8-bit grid, packed for `matmul`:
+
+    q[k, n] = clamp(rne(kernel[k, n] * (1 / scale[n])), -128, 127)   (0 where not finite)
+    returns (pack(q.T), bad),   bad[n] = any(~isfinite(kernel[:, n]))
+
+  for a fake-quantized kernel (K, N) (nn.Dense's layout, output channel last) whose values
+  are scale[n] times integers: q recovers those integers exactly. One native pass (the
+  transposing copy into panels, the column sums and the non-finite columns), where XLA:CPU
+  spends three slow loops; "xla" computes the same integers with jnp.
+
+  Args:
+    kernel: float32 (K, N).
+    scale: float32 () or (N,): the grid's scale, per tensor or per output channel.
+    kernel_path: see `resolve`.
+
+  Returns:
+    (PackedWeights of q.T, bad (N,) bool).
+
+  Raises:
+    ValueError: kernel not 2-D float32, or scale of another shape.
+
+  Example:
+    >>> w = jnp.array([[0.5, -1.0], [1.5, jnp.nan]], jnp.float32)
+    >>> packed, bad = pack_grid(w, jnp.array([0.5, 0.25]))
+    >>> packed.unpack().tolist(), bad.tolist()
+    ([[1, 3], [-4, 0]], [False, True])
+  """
+  w = jnp.asarray(kernel)
+  if w.ndim != 2 or jnp.dtype(w.dtype) != jnp.float32:
+    raise ValueError(f"pack_grid: kernel must be float32 (K, N); got {jnp.dtype(w.dtype)} of "
+                     f"shape {w.shape}.")
+  k, n = w.shape
+  s = jnp.asarray(scale, jnp.float32)
+  if s.shape not in ((), (n,)):
+    raise ValueError(f"pack_grid: scale must be () or (N,) = ({n},); got shape {s.shape}.")
+  inv = jnp.broadcast_to(1.0 / s, (n,))
+  path = resolve(kernel_path, macs=k * n)
+  if path == "xla":
+    finite = jnp.isfinite(w)
+    q = jnp.clip(jnp.round(jnp.where(finite, w, 0.0) * inv[None, :]), -128, 127).astype(jnp.int8)
+    return pack(q.T), ~jnp.all(finite, axis=0)
+  p, g = -(-n // PANEL), -(-k // GROUP)
+  call = jax.ffi.ffi_call(_TARGET_PACK_ROUND,
+                          (jax.ShapeDtypeStruct((p, g, PANEL, GROUP), jnp.int8),
+                           jax.ShapeDtypeStruct((n,), jnp.int32),
+                           jax.ShapeDtypeStruct((n,), jnp.bool_)), vmap_method="sequential")
+  panels, sums, bad = call(w, inv, path=np.int64(_PATH_IDS[path]))
+  return PackedWeights(panels=panels, column_sums=sums, n=n, k=k), bad
 
 
 # The weights `matmul` and friends take: int8 (N, K), or the same packed.

@@ -2352,6 +2352,120 @@ ffi::Error DequantRows(ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
 }
 
 // ------------------------------------------------------------------------------------------
+// The grid integers of fake-quantized float weights w (K, N) (nn.Dense's layout), packed for
+// the GEMM: panels[p][g][c][j] = sat8(rne(w[4g + j][16p + c] * inv[16p + c])) (0 beyond K or
+// N, and for NaN / +-inf), their column sums, and the columns holding a NaN or +-inf. One
+// pass; the transposing copy and the rounding that XLA:CPU runs as separate slow loops.
+
+void PackRoundPortable(const float* w, const float* inv, int64_t K, int64_t N, int8_t* panels,
+                       int32_t* colsum, bool* bad) {
+  const int64_t P = (N + 15) / 16, G = (K + 3) / 4;
+  for (int64_t n = 0; n < N; ++n) colsum[n] = 0, bad[n] = false;
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t g = 0; g < G; ++g) {
+      int8_t* dst = panels + (p * G + g) * 64;
+      for (int64_t c = 0; c < 16; ++c) {
+        for (int64_t j = 0; j < 4; ++j) {
+          const int64_t k = 4 * g + j, n = 16 * p + c;
+          int8_t v = 0;
+          if (k < K && n < N) {
+            const float f = w[k * N + n];
+            if (!std::isfinite(f)) {
+              bad[n] = true;
+            } else {
+              const float r = std::nearbyint(f * inv[n]);  // product rounded, then rne
+              v = static_cast<int8_t>(r < -128.0f ? -128.0f : (r > 127.0f ? 127.0f : r));
+              colsum[n] += v;
+            }
+          }
+          dst[c * 4 + j] = v;
+        }
+      }
+    }
+  }
+}
+
+#ifdef QJAX_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+void PackRoundAvx512(const float* w, const float* inv, int64_t K, int64_t N, int8_t* panels,
+                     int32_t* colsum, bool* bad) {
+  const int64_t P = (N + 15) / 16, G = (K + 3) / 4;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t n0 = 16 * p;
+    const __mmask16 valid = Lanes16(N - n0);
+    const __m512 vinv = _mm512_maskz_loadu_ps(valid, inv + n0);
+    __m512i sum = _mm512_setzero_si512();
+    __mmask16 nonfinite = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      __m128i b[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t k = 4 * g + j;
+        const __m512 v = k < K ? _mm512_maskz_loadu_ps(valid, w + k * N + n0) : zero;
+        const __mmask16 odd = _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_UNORD_Q);
+        nonfinite |= odd;
+        // Clamped as floats, then vcvtps2dq rounds to nearest even (MXCSR's default); NaN /
+        // inf lanes become 0.
+        const __m512 prod = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv),
+                                                        _mm512_set1_ps(-128.0f)),
+                                          _mm512_set1_ps(127.0f));
+        const __m512i s = _mm512_maskz_cvtps_epi32(static_cast<__mmask16>(~odd), prod);
+        sum = _mm512_add_epi32(sum, s);
+        b[j] = _mm512_cvtepi32_epi8(s);
+      }
+      // Bytes c of the four rows side by side: [c][j].
+      const __m128i lo01 = _mm_unpacklo_epi8(b[0], b[1]), hi01 = _mm_unpackhi_epi8(b[0], b[1]);
+      const __m128i lo23 = _mm_unpacklo_epi8(b[2], b[3]), hi23 = _mm_unpackhi_epi8(b[2], b[3]);
+      __m128i* dst = reinterpret_cast<__m128i*>(panels + (p * G + g) * 64);
+      _mm_storeu_si128(dst, _mm_unpacklo_epi16(lo01, lo23));
+      _mm_storeu_si128(dst + 1, _mm_unpackhi_epi16(lo01, lo23));
+      _mm_storeu_si128(dst + 2, _mm_unpacklo_epi16(hi01, hi23));
+      _mm_storeu_si128(dst + 3, _mm_unpackhi_epi16(hi01, hi23));
+    }
+    _mm512_mask_storeu_epi32(colsum + n0, valid, sum);
+    const __m128i flags = _mm_maskz_mov_epi8(nonfinite, _mm_set1_epi8(1));
+    _mm_mask_storeu_epi8(bad + n0, valid, flags);
+  }
+}
+#pragma GCC pop_options
+#endif
+
+ffi::Error PackRound(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> inv,
+                     ffi::ResultBuffer<ffi::S8> panels, ffi::ResultBuffer<ffi::S32> colsum,
+                     ffi::ResultBuffer<ffi::PRED> bad, int64_t path) {
+  Path p;
+  if (ffi::Error e = CheckPath(path, &p); e.failure()) return e;
+  const auto wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("qjax pack_round: w must be (K, N)");
+  const int64_t K = wd[0], N = wd[1];
+  const auto pd = panels->dimensions();
+  if (static_cast<int64_t>(inv.element_count()) != N ||
+      static_cast<int64_t>(colsum->element_count()) != N ||
+      static_cast<int64_t>(bad->element_count()) != N || pd.size() != 4 ||
+      pd[0] != (N + 15) / 16 || pd[1] != (K + 3) / 4 || pd[2] != 16 || pd[3] != 4) {
+    return ffi::Error::InvalidArgument("qjax pack_round: inv, column sums and flags must be "
+                                       "(N,), the panels (ceil(N / 16), ceil(K / 4), 16, 4)");
+  }
+  if (K == 0 || N == 0) {
+    std::memset(panels->typed_data(), 0, panels->element_count());
+    std::memset(colsum->typed_data(), 0, N * sizeof(int32_t));
+    std::memset(bad->typed_data(), 0, N);
+    return ffi::Error::Success();
+  }
+#ifdef QJAX_X86
+  if (Avx512(p)) {
+    PackRoundAvx512(w.typed_data(), inv.typed_data(), K, N, panels->typed_data(),
+                    colsum->typed_data(), bad->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
+  PackRoundPortable(w.typed_data(), inv.typed_data(), K, N, panels->typed_data(),
+                    colsum->typed_data(), bad->typed_data());
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------------------------------
 // A QAT quantization point in one call, as PyTorch's fused_moving_avg_obs_fake_quant: the
 // batch's min / max (per tensor or per channel), the observer's update (running min / max,
 // or the moving average with PyTorch's three float32 roundings), the qparams of the new
@@ -2976,6 +3090,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxFakeQuantObserve, FakeQuantObserve,
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("symmetric")
                                   .Attr<int64_t>("symmetric_zero_point")
+                                  .Attr<int64_t>("path"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8PackRound, PackRound,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // w (K, N)
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // 1 / scale (N,)
+                                  .Ret<ffi::Buffer<ffi::S8>>()     // panels
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // column sums
+                                  .Ret<ffi::Buffer<ffi::PRED>>()   // non-finite columns
                                   .Attr<int64_t>("path"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8MaxPool, MaxPoolInt8,
