@@ -33,8 +33,11 @@ FMA in register-only loops on every core at once); elsewhere they are cores x GH
 operations per cycle per core, with GHz from /proc/cpuinfo's "cpu MHz" and the operations
 per cycle assumed per instruction set (`INT8_OPS_PER_CYCLE`, `F32_OPS_PER_CYCLE`; on a VM
 that reports its base clock such a figure was a third of the measured one). The header
-prints how, and --int8-limit-gops / --f32-limit-gops replace them. The 1-minute load average before and after
-is printed: on a shared machine absolute figures move with it, the ratios less.
+prints how, and --int8-limit-gops / --f32-limit-gops replace them. The 1-minute load
+average before and after is printed: on a shared machine absolute figures move with it, the
+ratios less. --retain-freed-memory keeps freed buffers in the heap for all variants alike
+(`qjax.integer.kernels.retain_freed_memory`): with glibc's defaults a large output can be
+page-faulted back in on every call (~1000 faults per 1024^3 int32 call, when it happens).
 
 Usage:
   python -m experiments.bench_gemm                        # the four default shapes
@@ -428,7 +431,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "machine small products then wait on the thread pool)")
   parser.add_argument("--json", type=pathlib.Path, default=None, metavar="PATH",
                       help="also write the results to PATH as JSON")
+  parser.add_argument("--retain-freed-memory", action="store_true",
+                      help="keep freed buffers in the heap for every variant alike "
+                           "(qjax.integer.kernels.retain_freed_memory): no page faults from "
+                           "glibc handing XLA's and torch's buffers back between calls")
   args = parser.parse_args(argv)
+  retained = kernels.retain_freed_memory() if args.retain_freed_memory else False
   if args.torch_threads is not None and args.torch_threads < 1:
     parser.error(f"--torch-threads must be at least 1; got {args.torch_threads}.")
   shapes = list(QUICK_SHAPES) if args.quick else args.shapes
@@ -454,7 +462,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if not limits.int8_how.startswith("measured"):
     print("  (assumed peaks, not measured: SMT siblings share one core's units and the clock "
           "is the reported one, so the limits are estimates)")
-  print(f"torch threads {args.torch_threads or cores()}; load average {load_before:.1f}")
+  print(f"torch threads {args.torch_threads or cores()}; load average {load_before:.1f}; "
+        f"allocator: {'freed memory retained' if retained else 'glibc defaults'}")
 
   results: dict[str, Any] = {
       "cpu": {"model": info.model, "mhz": info.mhz, "logical_cpus": cores(),

@@ -486,6 +486,9 @@ def _fmt(value: float | None, spec: str, width: int) -> str:
   return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
+_ALLOCATOR = {True: "freed memory retained", False: "glibc defaults"}
+
+
 def format_table(results: dict[str, Any]) -> str:
   """The timing table, one row per (model, batch, variant), skipped rows in place."""
   v = results["versions"]
@@ -494,7 +497,8 @@ def format_table(results: dict[str, Any]) -> str:
            f"{threads['torch']} threads); qconfig {results['qconfig']!r} on both sides",
            f"device: {results['device']}; load average at the end: "
            f"{' '.join(map(str, results['load_average']))}; JAX async dispatch "
-           f"{_DISPATCH_WORDS[results.get('jax_cpu_async_dispatch')]}",
+           f"{_DISPATCH_WORDS[results.get('jax_cpu_async_dispatch')]}; allocator: "
+           f"{_ALLOCATOR[bool(results.get('freed_memory_retained'))]}",
            f"{results['rounds']} interleaved rounds x (>= {results['reps']} calls and >= "
            f"{results['min_round_seconds']} s): median ms per call; x f32 / x torch: ratio of "
            f"medians in this run; compile: lowering + XLA compilation of the jitted apply", ""]
@@ -539,7 +543,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--sync-dispatch", action="store_true",
                       help="turn JAX's asynchronous CPU dispatch off: each call runs on the "
                            "calling thread (every call is waited for anyway)")
+  parser.add_argument("--retain-freed-memory", action="store_true",
+                      help="keep freed buffers in the heap for every variant alike "
+                           "(qjax.integer.kernels.retain_freed_memory): no page faults from "
+                           "glibc handing XLA's and torch's buffers back between calls")
   args = parser.parse_args(argv)
+  retained = kernels.retain_freed_memory() if args.retain_freed_memory else False
   if args.rounds < 1 or args.reps < 1 or args.min_round_seconds < 0:
     parser.error("--rounds and --reps must be positive, --min-round-seconds >= 0")
   if args.quick:
@@ -550,6 +559,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   dispatch = set_async_dispatch(not args.sync_dispatch)
   results = run(cases, rounds=rounds, reps=reps, min_round_seconds=min_seconds,
                 qconfig=qconfig, async_dispatch=dispatch)
+  results["freed_memory_retained"] = retained
   print(format_table(results))
   if args.json is not None:
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ import numpy as np
 import optax
 
 import qjax.nn
+from qjax.integer import kernels
 
 from experiments import models
 
@@ -407,11 +408,15 @@ def peer_versions() -> dict[str, str | None]:
   return versions
 
 
+_ALLOCATOR = {True: "freed memory retained", False: "glibc defaults"}
+
+
 def format_table(results: dict[str, Any]) -> str:
   """The timing table with the quantization checks, skipped rows in place, as text."""
   peers = ", ".join(f"{k} {v or 'absent'}" for k, v in results["peers"].items())
   lines = [f"jax {results['jax']}, flax {results['flax']}, optax {results['optax']}; {peers}",
-           f"device: {results['device']}",
+           f"device: {results['device']}; allocator: "
+           f"{_ALLOCATOR[bool(results.get('freed_memory_retained'))]}",
            f"batch {results['batch']}, {results['rounds']} rounds x (>= {results['reps']} reps "
            f"and >= {results['min_round_seconds']} s), after {results['warmup_steps']} warm-up "
            f"steps: median ms per jitted train step (state donated), "
@@ -458,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--models", default=",".join(models.MODELS),
                       help=f"comma-separated subset of {','.join(models.MODELS)}")
   parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
+  parser.add_argument("--retain-freed-memory", action="store_true",
+                      help="keep freed buffers in the heap for every variant alike "
+                           "(qjax.integer.kernels.retain_freed_memory): no page faults from "
+                           "glibc handing XLA's and torch's buffers back between calls")
   args = parser.parse_args(argv)
   # dict.fromkeys: drop repeats, keep the order given.
   model_names = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
@@ -467,8 +476,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.reps < 1 or args.rounds < 1 or args.batch < 1:
     parser.error("--reps, --rounds and --batch must be positive")
 
+  retained = kernels.retain_freed_memory() if args.retain_freed_memory else False
   results = run(model_names=model_names, batch=args.batch, reps=args.reps, rounds=args.rounds,
                 min_round_seconds=args.min_round_seconds)
+  results["freed_memory_retained"] = retained
   print(format_table(results))
   if args.json is not None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
