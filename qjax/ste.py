@@ -307,7 +307,9 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
 
     y[..., n] = f32(sum_k (qx[..., k] - Zx) qw[k, n]) * (Sx * Sw[n])
 
-  with qx = rne(x_fq / Sx) + Zx and qw = rne(w_fq / Sw) recovered exactly, the int32 sum on
+  with qx = rne(x_fq / Sx) + Zx and qw = rne(w_fq / Sw) recovered exactly (one native pass
+  each where the kernel runs: `qjax.integer.kernels.quantize_samples` for x with its
+  non-finite rows, `kernels.pack_grid` for w, packed with its column sums), the int32 sum on
   `qjax.integer.kernels.matmul` (the native int8 kernel where it runs, XLA's int8 dot
   elsewhere), one float rounding at the end where a float32 dot rounds at every step. A row
   of x_fq (column of w_fq) with NaN or +-inf gives NaN, as the float dot would. The backward
