@@ -353,7 +353,7 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):
-  from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
+  from qjax.integer import arith, kernels  # pylint: disable=import-outside-toplevel
   k, n = w_fq.shape
   sw_n = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (n,))
   rows = x_fq.reshape((-1, k))
@@ -364,7 +364,7 @@ def _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):
   # w's integers packed for the kernel (one native pass), with the columns holding NaN / inf.
   packed, bad_cols = kernels.pack_grid(w_fq, sw_n, kernel_path=kernel)
   # The difference of qx - shift to qx - Zx, times sum_k qw[k, n], goes into the offset.
-  shift = 128 if x_spec.qmin >= 0 else 0
+  shift = arith.int8_shift(x_spec)
   zx = jnp.asarray(zx, jnp.int32)
   acc = kernels.matmul(qx, packed, (shift - zx) * packed.column_sums, kernel=kernel)
   y = acc.astype(jnp.float32) * (jnp.asarray(sx, jnp.float32) * sw_n)[None, :]

@@ -95,6 +95,7 @@ class Int8ForwardDotTest(chex.TestCase):
     want = _reference(x_fq.at[7, 11].set(0.0), w_fq, xq, wq)
     want[7] = np.nan
     np.testing.assert_array_equal(got.reshape(12, 9), want)
+    assert fn(x_fq[:0], w_fq, x_qparams=xq, w_qparams=wq).shape == (0, 9)  # empty batch
 
   def test_errors_name_the_argument(self):
     x_fq, w_fq, xq, wq = _operands(X_SPECS["int8_affine"], W_SPECS["per_tensor"])
