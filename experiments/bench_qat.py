@@ -6,8 +6,9 @@ for:
 
   * float32: the plain models;
   * qjax int8 QAT: `qjax_qat_variant` below (x86 QAT qconfig, observers in "quant_stats");
-  * qjax QAT int8 fwd: the same with the Dense layers' forward contractions in integers on
-    the native int8 kernel (`QuantDotGeneral(int8_forward=True)`, AQT's way), backward float;
+  * qjax QAT int8 fwd: the same with the forward contractions in integers
+    (`QuantDotGeneral` / `QuantConvGeneral(int8_forward=True)`, AQT's way: the native int8
+    kernel, XLA's int32 convolution for one input channel), backward float;
   * AQT (aqtp, aqt.jax.v2): W8A8 forward-only quantization, i.e. AQT's QAT setup;
   * Qwix: W8A8 quantized training through QtProvider / QtRule.
 
@@ -94,9 +95,9 @@ def qjax_qat_variant(model_name: str, *, int8_forward: bool = False) -> Built:
 
   Args:
     model_name: A key of models.MODELS ("mlp" or "lenet5").
-    int8_forward: the Dense layers' forward contractions in integers
-      (`QuantDotGeneral(int8_forward=True)`: on the native int8 kernel where it runs), the
-      backward in float; convolutions keep the float forward.
+    int8_forward: the forward contractions in integers (`QuantDotGeneral` and
+      `QuantConvGeneral(int8_forward=True)`: on the native int8 kernel where it runs), the
+      backward in float.
 
   Returns:
     (model, variables, ("quant_stats",)): the train step applies the model with
@@ -107,7 +108,7 @@ def qjax_qat_variant(model_name: str, *, int8_forward: bool = False) -> Built:
       dot_general_cls=functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
                                         int8_forward=int8_forward),
       conv_general_dilated_cls=functools.partial(qjax.nn.QuantConvGeneral, qconfig=qconfig,
-                                                 mode="qat"))
+                                                 mode="qat", int8_forward=int8_forward))
   variables = init_variables(model, model_name)
   return model, variables, ("quant_stats",)
 
@@ -190,7 +191,7 @@ VARIANTS = (
     VariantSpec("float32", float_variant),
     VariantSpec("qjax int8 QAT", qjax_qat_variant),
     VariantSpec("qjax QAT int8 fwd", functools.partial(qjax_qat_variant, int8_forward=True),
-                note="Dense forward on the int8 kernel"),
+                note="forward contractions in int8"),
     VariantSpec("aqt w8a8", aqt_variant, peer=True),
     # AQT's conv has no straight-through gradient (see the zero-grad check), so LeNet-5 also
     # gets a row with float convolutions: the part of the model that AQT can train.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -387,3 +388,122 @@ def _int8_forward_dot_bwd(x_spec, w_spec, kernel, residuals, g):
 
 
 _int8_forward_dot.defvjp(_int8_forward_dot_fwd, _int8_forward_dot_bwd)
+
+
+def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
+                      x_qparams: QParams, w_spec: QuantSpec, w_qparams: QParams, *,
+                      strides: Sequence[int], padding: str | Sequence[tuple[int, int]],
+                      dilation: Sequence[int] | None = None,
+                      kernel: str | None = None) -> jax.Array:
+  """nn.Conv's convolution of x_fq with w_fq (channels last, no groups) with the forward in
+  integers, as `int8_forward_dot` does for nn.Dense:
+
+    y[b, p, o] = f32(sum_{w, c} (qx_pad[b, p s + w d, c] - Zx) qw[w, c, o]) * (Sx * Sw[o])
+
+  with the grids' integers recovered exactly (x's in one native pass,
+  `qjax.integer.kernels.quantize_samples`), padded positions at real zero (qx = Zx), the int32
+  sums on `qjax.integer.kernels.conv_int32` (patches on the native int8 kernel, or XLA's int32
+  convolution for one input channel) and one float rounding at the end. A sample of x_fq
+  with a NaN or +-inf gives NaN in all its outputs (the float convolution gives NaN in those
+  whose window holds it), an output channel of w_fq with one NaN in that channel. The
+  backward is the float convolution's, dx and dw by transposing it at w_fq and x_fq: the
+  straight-through rule of the `fake_quant` that made them then masks them.
+
+  Args:
+    x_fq: float32 (B, *spatial, C), fake-quantized with `x_qparams` on the 8-bit grid
+      `x_spec` (per tensor).
+    w_fq: float32 (*window, C, O), fake-quantized with `w_qparams` on the 8-bit symmetric
+      grid `w_spec` (per tensor or per output channel, axis -1).
+    x_spec, x_qparams, w_spec, w_qparams: the grids and qparams of the two operands.
+    strides, padding, dilation: as `lax.conv_general_dilated`'s window_strides, padding
+      ("SAME", "VALID" or (low, high) pairs) and rhs_dilation (default 1).
+    kernel: the int8 kernel (`qjax.integer.kernels.resolve`).
+
+  Returns:
+    float32 (B, *out_spatial, O).
+
+  Raises:
+    ValueError: grids other than those above, or operands that do not convolve.
+
+  Example:
+    >>> xs, ws = QuantSpec(bits=8, signed=False), QuantSpec(bits=8, symmetric=True)
+    >>> xq, wq = QParams(jnp.float32(0.5), jnp.int32(10)), QParams(jnp.float32(0.25), jnp.int32(0))
+    >>> x = fake_quant(jnp.array([[[1.0], [-2.0], [0.5]]]), xs, xq)   # (1, 3, 1)
+    >>> w = fake_quant(jnp.array([[[1.0]], [[0.25]]]), ws, wq)         # (2, 1, 1)
+    >>> int8_forward_conv(x, w, xs, xq, ws, wq, strides=(1,), padding="VALID",
+    ...                   kernel="xla")[0, :, 0]   # 1 - 2 * 0.25, -2 + 0.5 * 0.25
+    Array([ 0.5  , -1.875], dtype=float32)
+  """
+  if x_spec.bits != 8 or x_spec.axis is not None:
+    raise ValueError(f"int8_forward_conv: x_spec must be an 8-bit per-tensor grid; got "
+                     f"{x_spec}.")
+  nsp = jnp.ndim(w_fq) - 2
+  if w_spec.bits != 8 or not w_spec.symmetric or w_spec.axis not in (None, -1, nsp + 1):
+    raise ValueError(f"int8_forward_conv: w_spec must be an 8-bit symmetric grid, per tensor "
+                     f"or per output channel (axis -1); got {w_spec}.")
+  if nsp < 1 or jnp.ndim(x_fq) != nsp + 2 or jnp.shape(x_fq)[-1] != jnp.shape(w_fq)[-2]:
+    raise ValueError(f"int8_forward_conv: x_fq (B, *spatial, C) and w_fq (*window, C, O) must "
+                     f"share C and the number of spatial dims; got shapes {jnp.shape(x_fq)} and "
+                     f"{jnp.shape(w_fq)}.")
+  from qjax.integer import arith  # pylint: disable=import-outside-toplevel
+  window = tuple(jnp.shape(w_fq)[:nsp])
+  strides = tuple(int(v) for v in strides)
+  dilation = (1,) * nsp if dilation is None else tuple(int(v) for v in dilation)
+  if len(strides) != nsp or len(dilation) != nsp:
+    raise ValueError(f"int8_forward_conv: strides and dilation need {nsp} entries; got "
+                     f"{strides} and {dilation}.")
+  pads = arith.conv_pads(padding, jnp.shape(x_fq)[1:-1], window, strides, dilation)
+  return _int8_forward_conv(x_spec, w_spec, kernel, (strides, pads, dilation), x_fq, w_fq,
+                            x_qparams.scale, x_qparams.zero_point, w_qparams.scale)
+
+
+def _float_conv(x, w, geometry):
+  strides, pads, dilation = geometry
+  nsp = w.ndim - 2
+  spatial = "HWDXYZ"[:nsp]
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, (f"N{spatial}C", f"{spatial}IO",
+                                                         f"N{spatial}C"))
+  return jax.lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation,
+                                      dimension_numbers=dn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _int8_forward_conv(x_spec, w_spec, kernel, geometry, x_fq, w_fq, sx, zx, sw):
+  from qjax.integer import arith, kernels  # pylint: disable=import-outside-toplevel
+  strides, pads, dilation = geometry
+  o = w_fq.shape[-1]
+  sw_o = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (o,))
+  qx, bad_samples = kernels.quantize_samples(x_fq, x_spec, sx, zx, kernel=kernel)
+  finite = jnp.isfinite(w_fq)
+  lanes = (1,) * (w_fq.ndim - 1) + (o,)
+  qw = jnp.clip(jnp.round(jnp.where(finite, w_fq, 0.0) * (1.0 / sw_o).reshape(lanes)), -128,
+                127).astype(jnp.int8)
+  bad_channels = ~jnp.all(finite.reshape((-1, o)), axis=0)
+  # Real zero is qx = Zx, i.e. Zx - shift on the int8 grid: the padding's value; the
+  # difference of qx - shift to qx - Zx, times the window's sum of qw, is the offset.
+  shift = arith.int8_shift(x_spec)
+  zx = jnp.asarray(zx, jnp.int32)
+  colsum = jnp.sum(qw.reshape((-1, o)), axis=0, dtype=jnp.int32)
+  acc = kernels.conv_int32(qx, qw, (shift - zx) * colsum, strides=strides, padding=pads,
+                           dilation=dilation, pad_value=zx - shift, kernel=kernel)
+  out_lanes = (1,) * (acc.ndim - 1) + (o,)
+  y = acc.astype(jnp.float32) * (jnp.asarray(sx, jnp.float32) * sw_o).reshape(out_lanes)
+  bad = (bad_samples.reshape((-1,) + (1,) * (y.ndim - 1))
+         | bad_channels.reshape(out_lanes))
+  return jnp.where(bad, jnp.float32(jnp.nan), y)
+
+
+def _int8_forward_conv_fwd(x_spec, w_spec, kernel, geometry, x_fq, w_fq, sx, zx, sw):
+  y = _int8_forward_conv(x_spec, w_spec, kernel, geometry, x_fq, w_fq, sx, zx, sw)
+  return y, (x_fq, w_fq, sx, zx, sw)
+
+
+def _int8_forward_conv_bwd(x_spec, w_spec, kernel, geometry, residuals, g):
+  del x_spec, w_spec, kernel
+  x_fq, w_fq, sx, zx, sw = residuals
+  (dx,) = jax.linear_transpose(lambda a: _float_conv(a, w_fq, geometry), x_fq)(g)
+  (dw,) = jax.linear_transpose(lambda b: _float_conv(x_fq, b, geometry), w_fq)(g)
+  return dx, dw, _zero_cotangent(sx), _zero_cotangent(jnp.asarray(zx)), _zero_cotangent(sw)
+
+
+_int8_forward_conv.defvjp(_int8_forward_conv_fwd, _int8_forward_conv_bwd)

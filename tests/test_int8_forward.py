@@ -151,3 +151,141 @@ def test_int8_forward_needs_observed_qparams():
   variables = _MLP(dot).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="int8_forward needs observed qparams"):
     _MLP(dot).apply(variables, x, mutable=["quant_stats"])
+
+
+def _conv_operands(x_spec, w_spec, shape=(3, 9, 8, 3), window=(3, 2), cout=5, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(0.3, 1.0, shape).astype(np.float32))
+  w = jnp.asarray(rng.normal(0.0, 0.2, (*window, shape[-1], cout)).astype(np.float32))
+  xq = numerics.qparams_from_minmax(jnp.min(x) * 0.8, jnp.max(x) * 0.8, x_spec)
+  lo, hi = numerics.minmax(w, w_spec)
+  wq = numerics.qparams_from_minmax(lo, hi, w_spec)
+  return ste.fake_quant(x, x_spec, xq), ste.fake_quant(w, w_spec, wq), xq, wq
+
+
+def _conv_reference(x_fq, w_fq, xq, wq, strides, pads, dilation):
+  """f32(sum (qx - Zx) qw over the window, padding at qx - Zx = 0, in int64) * (Sx * Sw)."""
+  sx = np.float32(xq.scale)
+  sw = np.broadcast_to(np.asarray(wq.scale, np.float32), (w_fq.shape[-1],))
+  qx = np.rint(np.asarray(x_fq) / sx).astype(np.int64)  # qx - Zx
+  qw = np.rint(np.asarray(w_fq) / sw).astype(np.int64)
+  qx = np.pad(qx, [(0, 0), *pads, (0, 0)])
+  (kh, kw), (sh, sv), (dh, dv) = w_fq.shape[:2], strides, dilation
+  oh = (qx.shape[1] - (kh - 1) * dh - 1) // sh + 1
+  ow = (qx.shape[2] - (kw - 1) * dv - 1) // sv + 1
+  acc = np.zeros((qx.shape[0], oh, ow, w_fq.shape[-1]), np.int64)
+  for i in range(kh):
+    for j in range(kw):
+      patch = qx[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dv:j * dv + (ow - 1) * sv + 1:sv]
+      acc += np.einsum("bhwc,co->bhwo", patch, qw[i, j])
+  return acc.astype(np.float32) * (sx * sw).astype(np.float32)
+
+
+CONV_GEOMETRIES = {"valid": ((1, 1), "VALID", (1, 1)),
+                   "same_strided": ((2, 1), "SAME", (1, 1)),
+                   "pairs_dilated": ((1, 2), ((1, 2), (0, 1)), (2, 1))}
+
+
+class Int8ForwardConvTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(geometry=tuple(CONV_GEOMETRIES), w_name=tuple(W_SPECS),
+                         kernel=KERNELS, cin=(1, 3))
+  def test_exact_against_int64_reference(self, geometry, w_name, kernel, cin):
+    x_spec, w_spec = X_SPECS["uint8_reduce_range"], W_SPECS[w_name]
+    x_fq, w_fq, xq, wq = _conv_operands(x_spec, w_spec, shape=(3, 9, 8, cin))
+    strides, padding, dilation = CONV_GEOMETRIES[geometry]
+    fn = self.variant(functools.partial(
+        ste.int8_forward_conv, x_spec=x_spec, w_spec=w_spec, strides=strides, padding=padding,
+        dilation=dilation, kernel=kernel))
+    got = np.asarray(fn(x_fq, w_fq, x_qparams=xq, w_qparams=wq))
+    pads = jax.lax.padtype_to_pads((9, 8), ((3 - 1) * dilation[0] + 1, (2 - 1) * dilation[1] + 1),
+                                   strides, padding) if isinstance(padding, str) else padding
+    np.testing.assert_array_equal(got, _conv_reference(x_fq, w_fq, xq, wq, strides, pads,
+                                                       dilation))
+    want = jax.lax.conv_general_dilated(x_fq, w_fq, strides, padding, rhs_dilation=dilation,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
+
+  @parameterized.parameters(*KERNELS)
+  def test_gradients_are_the_float_convolutions(self, kernel):
+    x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_channel"]
+    x_fq, w_fq, xq, wq = _conv_operands(x_spec, w_spec, seed=1)
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(2, 1),
+                             padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    g = jnp.asarray(np.random.default_rng(2).normal(
+        size=conv(x_fq, w_fq).shape).astype(np.float32))
+    int8 = jax.grad(lambda a, b: jnp.sum(ste.int8_forward_conv(
+        a, b, x_spec, xq, w_spec, wq, strides=(2, 1), padding="SAME", kernel=kernel) * g),
+                    argnums=(0, 1))(x_fq, w_fq)
+    flt = jax.grad(lambda a, b: jnp.sum(conv(a, b) * g), argnums=(0, 1))(x_fq, w_fq)
+    for got, want in zip(int8, flt, strict=True):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+  def test_nonfinite_samples_and_channels_give_nan(self):
+    x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_channel"]
+    x_fq, w_fq, xq, wq = _conv_operands(x_spec, w_spec)
+    x_fq = x_fq.at[1, 4, 4, 0].set(jnp.nan)
+    w_fq = w_fq.at[0, 1, 2, 3].set(jnp.inf)
+    for kernel in KERNELS:
+      got = np.asarray(ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, strides=(1, 1),
+                                             padding="VALID", kernel=kernel))
+      bad = np.zeros(got.shape, bool)
+      bad[1] = True
+      bad[..., 3] = True
+      assert np.isnan(got[bad]).all() and np.isfinite(got[~bad]).all(), kernel
+
+  def test_errors_name_the_argument(self):
+    x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_channel"]
+    x_fq, w_fq, xq, wq = _conv_operands(x_spec, w_spec)
+    geometry = {"strides": (1, 1), "padding": "VALID"}
+    with pytest.raises(ValueError, match="x_spec must be an 8-bit per-tensor grid"):
+      ste.int8_forward_conv(x_fq, w_fq, QuantSpec(bits=4), xq, w_spec, wq, **geometry)
+    with pytest.raises(ValueError, match="w_spec must be an 8-bit symmetric grid"):
+      ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, QuantSpec(bits=8), wq, **geometry)
+    with pytest.raises(ValueError, match="must share C"):
+      ste.int8_forward_conv(x_fq[..., :2], w_fq, x_spec, xq, w_spec, wq, **geometry)
+    with pytest.raises(ValueError, match="strides and dilation need 2 entries"):
+      ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, strides=(1,), padding="VALID")
+
+
+class _ConvNet(nn.Module):
+  conv: functools.partial
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), padding="SAME", conv_general_dilated_cls=self.conv,
+                        name="conv1")(x))
+    x = nn.relu(nn.Conv(6, (3, 3), strides=2, padding="VALID",
+                        conv_general_dilated_cls=self.conv, name="conv2")(x))
+    return jnp.mean(x, axis=(1, 2))
+
+
+def test_quant_conv_general_int8_forward_trains_like_the_float_forward():
+  """A QAT step of a conv net (one and four input channels, SAME and strided VALID) with
+  int8_forward: the same first observers and nearly the same outputs and gradients as the
+  fake-quantized float forward."""
+  qconfig = qjax.nn.get_default_qat_qconfig("x86")
+  x = jnp.asarray(np.random.default_rng(4).random((4, 9, 9, 1)).astype(np.float32))
+  convs = {flag: functools.partial(qjax.nn.QuantConvGeneral, qconfig=qconfig, mode="qat",
+                                   int8_forward=flag) for flag in (False, True)}
+  variables = _ConvNet(convs[False]).init(jax.random.key(0), x)
+
+  def step(flag):
+    def loss(params):
+      y, updates = _ConvNet(convs[flag]).apply({**variables, "params": params}, x,
+                                               mutable=["quant_stats"])
+      return jnp.sum(y ** 2), (y, updates)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+  (_, (y0, stats0)), g0 = step(False)
+  (_, (y1, stats1)), g1 = step(True)
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_equal(stats1["quant_stats"]["conv1"], stats0["quant_stats"]["conv1"])
+  grouped = functools.partial(nn.Conv, 4, (3, 3), feature_group_count=2,
+                              conv_general_dilated_cls=convs[True])
+  x4 = jnp.ones((2, 5, 5, 4), jnp.float32)
+  grouped_vars = grouped().init(jax.random.key(0), x4)
+  with pytest.raises(ValueError, match="int8_forward runs ungrouped channels-last"):
+    grouped().apply(grouped_vars, x4, mutable=["quant_stats"])

@@ -619,15 +619,58 @@ class QuantDotGeneral(nn.Module):
                            preferred_element_type=preferred_element_type)
 
 
+def _int8_forward_conv(module: nn.Module, qconfig: QConfig | None, lhs: jax.Array,
+                       rhs: jax.Array, window_strides: Any, padding: Any, lhs_dilation: Any,
+                       rhs_dilation: Any, dn: Any, feature_group_count: int,
+                       batch_group_count: int) -> jax.Array:
+  """QuantConvGeneral's QAT forward in integers (`qjax.ste.int8_forward_conv`)."""
+  where = _where(module)
+  n = jnp.ndim(rhs) - 2
+  spatial = "".join("HWDXYZ"[i] for i in range(n))
+  nhwc = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
+                                    (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+  if (dn != nhwc or feature_group_count != 1 or batch_group_count != 1
+      or any(d != 1 for d in (lhs_dilation or ()))):
+    raise ValueError(f"{where}: int8_forward runs ungrouped channels-last convolutions (NHWC "
+                     f"input, HWIO kernel) without input dilation, as nn.Conv does; got {dn}, "
+                     f"feature_group_count={feature_group_count}, batch_group_count="
+                     f"{batch_group_count}, lhs_dilation={lhs_dilation}.")
+  if (qconfig is None or qconfig.learnable or qconfig.activation is None
+      or qconfig.weight is None or is_research(qconfig.activation)
+      or is_research(qconfig.weight)):
+    raise ValueError(f"{where}: int8_forward needs observed qparams for both operands (a "
+                     f"qconfig with activation and weight observers, learnable=False); got "
+                     f"{qconfig!r}.")
+  x_spec, w_spec = qconfig.activation.spec, qconfig.weight.spec
+  x_fq, x_qparams = _point(qconfig, "activation", name="input", parent=module,
+                           axis_name=module.axis_name)(lhs, mode=Mode.QAT, return_qparams=True)
+  w_fq, w_qparams = _point(qconfig, "weight", name="weight", parent=module)(
+      rhs, mode=Mode.QAT, return_qparams=True)
+  pads = padding if isinstance(padding, str) else tuple(
+      (int(lo), int(hi)) for lo, hi in padding)
+  return _reraise_with_path(module, lambda: ste.int8_forward_conv(
+      x_fq, w_fq, x_spec, x_qparams, w_spec, w_qparams, strides=tuple(window_strides),
+      padding=pads, dilation=None if rhs_dilation is None else tuple(rhs_dilation)))
+
+
 class QuantConvGeneral(nn.Module):
   """A quantized `lax.conv_general_dilated` for `nn.Conv(..., conv_general_dilated_cls=...)`:
   y = conv(FQ_act(lhs), FQ_w(rhs)); scope and statistics as in `QuantDotGeneral`. Mode
   "int8" runs the layer's `QuantizedConv` (NHWC input, HWIO kernel, no input dilation);
-  `axis_name` as in `QuantDotGeneral`."""
+  `axis_name` as in `QuantDotGeneral`.
+
+  `int8_forward` (mode "qat"): the forward convolution in integers
+  (`qjax.ste.int8_forward_conv`: the fake-quantized operands' grid integers, int32 sums on the
+  int8 kernel or XLA's int32 convolution, one float rounding; the backward the float
+  convolution's through the same straight-through points). Needs observed 8-bit grids, the
+  weight's symmetric, per tensor or per output channel, and an ungrouped channels-last
+  convolution.
+  """
 
   qconfig: QConfigLike
   mode: Mode | str | None = None
   axis_name: AxisName = None
+  int8_forward: bool = False
 
   @nn.compact
   def __call__(self, lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: Any,
@@ -667,6 +710,9 @@ class QuantConvGeneral(nn.Module):
                      conv=tuple(sorted(geometry.items())))
 
     lhs = _marked_input(self, qconfig, lhs, form)
+    if self.int8_forward and mode is Mode.QAT and not self.is_initializing():
+      return _int8_forward_conv(self, qconfig, lhs, rhs, window_strides, padding, lhs_dilation,
+                                rhs_dilation, dn, feature_group_count, batch_group_count)
     lhs, rhs = _quantized_operands(self, qconfig, mode, lhs, rhs)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
