@@ -951,3 +951,27 @@ print(retained, *faults)
     pytest.skip("not glibc: retain_freed_memory does nothing here")
   first, *again = (int(v) for v in out[1:])
   assert first > 0 and all(f <= 16 for f in again), out  # 1024 pages a fresh 4 MiB block
+
+
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding, dilation", [
+    ((2, 9, 8, 3), (3, 2, 3, 5), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    ((2, 9, 8, 6), (5, 5, 6, 16), (2, 1), ((2, 2), (1, 3)), (1, 1)),
+    ((3, 7, 7, 4), (2, 3, 4, 17), (1, 2), ((1, 0), (0, 2)), (2, 1)),
+    ((2, 8, 8, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), (1, 1)),  # one channel: XLA's
+    ((2, 11, 3), (3, 3, 7), (2,), ((1, 1),), (1,)),                  # 1-D: XLA's patches
+])
+def test_conv_int32_matches_xla(x_shape, w_shape, strides, padding, dilation):
+  rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
+  x = jnp.asarray(rng.integers(-128, 128, x_shape, dtype=np.int8))
+  w = jnp.asarray(rng.integers(-128, 128, w_shape, dtype=np.int8))
+  w = w.at[0].set(127).at[-1].set(-128)
+  offset = jnp.asarray(rng.integers(-2**31, 2**31, w_shape[-1], dtype=np.int64).astype(np.int32))
+  pad_value = jnp.int32(-37)
+  want = np.asarray(arith.conv(x, w, strides=strides, padding=padding, dilation=dilation,
+                               feature_group_count=1, pad_value=pad_value))
+  want = (want.astype(np.int64) + np.asarray(offset)).astype(np.uint32).view(np.int32)  # wraps
+  for path in ("xla", *AVAILABLE):
+    fn = jax.jit(lambda a, b, o, path=path: kernels.conv_int32(
+        a, b, o, strides=strides, padding=padding, dilation=dilation, pad_value=pad_value,
+        kernel=path))
+    np.testing.assert_array_equal(np.asarray(fn(x, w, offset)), want, err_msg=path)

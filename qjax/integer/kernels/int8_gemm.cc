@@ -1985,6 +1985,23 @@ ffi::Error ConvRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
   return RunConv(x.typed_data(), g, w.typed_data(), N, e, path, threads);
 }
 
+// A valid 2-D convolution's int32 accumulators (+ offset): the patch GEMM without an
+// epilogue's requantization (the direct single-channel kernel requantizes only).
+ffi::Error ConvS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> offset,
+                   ffi::ResultBuffer<ffi::S32> out, int64_t kh, int64_t kw, int64_t sh,
+                   int64_t sw, int64_t dh, int64_t dw, int64_t path, int64_t threads) {
+  ConvGeom g;
+  int64_t N;
+  ffi::Error err = ConvShapes(x.dimensions(), w.dimensions(), out->dimensions(),
+                              offset.element_count(), kh, kw, sh, sw, dh, dw, &g, &N);
+  if (err.failure()) return err;
+  Epilogue e;
+  e.offset = offset.typed_data();
+  e.out32 = out->typed_data();
+  e.ldo = N;
+  return RunConv(x.typed_data(), g, w.typed_data(), N, e, path, threads);
+}
+
 // The fused requantization alone, on an int32 accumulator (..., N) that XLA computed (a
 // convolution the kernel does not take): no float intermediate in memory.
 ffi::Error RequantS32(ffi::Buffer<ffi::S32> acc, ffi::Buffer<ffi::S32> offset,
@@ -3028,6 +3045,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvRequant, ConvRequant,
                                       .Arg<ffi::Buffer<ffi::S8>>()     // x
                                       .Arg<ffi::Buffer<ffi::S8>>()     // w
                                       .Arg<ffi::Buffer<ffi::S32>>()))))); // offset
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvS32, ConvS32,
+                              RunAttrs(GeometryAttrs(
+                                  ffi::Ffi::Bind()
+                                      .Arg<ffi::Buffer<ffi::S8>>()      // x
+                                      .Arg<ffi::Buffer<ffi::S8>>()      // w
+                                      .Arg<ffi::Buffer<ffi::S32>>()     // offset
+                                      .Ret<ffi::Buffer<ffi::S32>>())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8ConvPackedRequant, ConvPackedRequant,
                               RunAttrs(GridAttrs(GeometryAttrs(RequantBuffers(
