@@ -116,6 +116,15 @@ class _MLP(nn.Module):
     return nn.Dense(4, dot_general_cls=self.dot, name="fc2")(x)
 
 
+def _qat_step(model, variables, x):
+  """(output, updated quant_stats, gradients) of a jitted QAT step with loss sum(y^2)."""
+  def loss(params):
+    y, updates = model.apply({**variables, "params": params}, x, mutable=["quant_stats"])
+    return jnp.sum(y ** 2), (y, updates)
+  (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  return y, stats, grads
+
+
 def test_quant_dot_general_int8_forward_trains_like_the_float_forward():
   """A QAT step with int8_forward: the same observer updates and nearly the same logits and
   gradients as the fake-quantized float forward (which rounds its dot at every step)."""
@@ -124,16 +133,8 @@ def test_quant_dot_general_int8_forward_trains_like_the_float_forward():
   dots = {flag: functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
                                   int8_forward=flag) for flag in (False, True)}
   variables = _MLP(dots[False]).init(jax.random.key(0), x)
-
-  def step(flag):
-    def loss(params):
-      y, updates = _MLP(dots[flag]).apply({**variables, "params": params}, x,
-                                          mutable=["quant_stats"])
-      return jnp.sum(y ** 2), (y, updates)
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-
-  (_, (y0, stats0)), g0 = step(False)
-  (_, (y1, stats1)), g1 = step(True)
+  (y0, stats0, g0), (y1, stats1, g1) = (_qat_step(_MLP(dots[flag]), variables, x)
+                                        for flag in (False, True))
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
   # fc1's observers see the same input and weights; fc2's input differs in the last bits.
@@ -270,16 +271,8 @@ def test_quant_conv_general_int8_forward_trains_like_the_float_forward():
   convs = {flag: functools.partial(qjax.nn.QuantConvGeneral, qconfig=qconfig, mode="qat",
                                    int8_forward=flag) for flag in (False, True)}
   variables = _ConvNet(convs[False]).init(jax.random.key(0), x)
-
-  def step(flag):
-    def loss(params):
-      y, updates = _ConvNet(convs[flag]).apply({**variables, "params": params}, x,
-                                               mutable=["quant_stats"])
-      return jnp.sum(y ** 2), (y, updates)
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-
-  (_, (y0, stats0)), g0 = step(False)
-  (_, (y1, stats1)), g1 = step(True)
+  (y0, stats0, g0), (y1, stats1, g1) = (_qat_step(_ConvNet(convs[flag]), variables, x)
+                                        for flag in (False, True))
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_equal(stats1["quant_stats"]["conv1"], stats0["quant_stats"]["conv1"])

@@ -540,23 +540,28 @@ def _dense_contraction(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -
 def _int8_forward(module: nn.Module, qconfig: QConfig | None, lhs: jax.Array, rhs: jax.Array,
                   dimension_numbers: Any) -> jax.Array:
   """QuantDotGeneral's QAT forward in integers (`qjax.ste.int8_forward_dot`)."""
-  where = _where(module)
   if not _dense_contraction(lhs, rhs, dimension_numbers):
-    raise ValueError(f"{where}: int8_forward runs nn.Dense's contraction (..., K) x (K, N); got "
-                     f"dimension_numbers={dimension_numbers}.")
+    raise ValueError(f"{_where(module)}: int8_forward runs nn.Dense's contraction (..., K) x "
+                     f"(K, N); got dimension_numbers={dimension_numbers}.")
+  operands = _int8_forward_operands(module, qconfig, lhs, rhs)
+  return _reraise_with_path(module, lambda: ste.int8_forward_dot(*operands))
+
+
+def _int8_forward_operands(module: nn.Module, qconfig: QConfig | None, lhs: jax.Array,
+                           rhs: jax.Array) -> tuple[Any, ...]:
+  """The QAT points of an int8-forward contraction: (x_fq, w_fq, x_spec, x_qparams, w_spec,
+  w_qparams), as `qjax.ste.int8_forward_dot` / `int8_forward_conv` take them."""
   if (qconfig is None or qconfig.learnable or qconfig.activation is None
       or qconfig.weight is None or is_research(qconfig.activation)
       or is_research(qconfig.weight)):
-    raise ValueError(f"{where}: int8_forward needs observed qparams for both operands (a "
-                     f"qconfig with activation and weight observers, learnable=False); got "
+    raise ValueError(f"{_where(module)}: int8_forward needs observed qparams for both operands "
+                     f"(a qconfig with activation and weight observers, learnable=False); got "
                      f"{qconfig!r}.")
-  x_spec, w_spec = qconfig.activation.spec, qconfig.weight.spec
   x_fq, x_qparams = _point(qconfig, "activation", name="input", parent=module,
                            axis_name=module.axis_name)(lhs, mode=Mode.QAT, return_qparams=True)
   w_fq, w_qparams = _point(qconfig, "weight", name="weight", parent=module)(
       rhs, mode=Mode.QAT, return_qparams=True)
-  return _reraise_with_path(module, lambda: ste.int8_forward_dot(
-      x_fq, w_fq, x_spec, x_qparams, w_spec, w_qparams))
+  return (x_fq, w_fq, qconfig.activation.spec, x_qparams, qconfig.weight.spec, w_qparams)
 
 
 class QuantDotGeneral(nn.Module):
@@ -624,33 +629,23 @@ def _int8_forward_conv(module: nn.Module, qconfig: QConfig | None, lhs: jax.Arra
                        rhs_dilation: Any, dn: Any, feature_group_count: int,
                        batch_group_count: int) -> jax.Array:
   """QuantConvGeneral's QAT forward in integers (`qjax.ste.int8_forward_conv`)."""
-  where = _where(module)
   n = jnp.ndim(rhs) - 2
   spatial = "".join("HWDXYZ"[i] for i in range(n))
   nhwc = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
                                     (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
   if (dn != nhwc or feature_group_count != 1 or batch_group_count != 1
       or any(d != 1 for d in (lhs_dilation or ()))):
-    raise ValueError(f"{where}: int8_forward runs ungrouped channels-last convolutions (NHWC "
-                     f"input, HWIO kernel) without input dilation, as nn.Conv does; got {dn}, "
+    raise ValueError(f"{_where(module)}: int8_forward runs ungrouped channels-last "
+                     f"convolutions (NHWC input, HWIO kernel) without input dilation, as "
+                     f"nn.Conv does; got {dn}, "
                      f"feature_group_count={feature_group_count}, batch_group_count="
                      f"{batch_group_count}, lhs_dilation={lhs_dilation}.")
-  if (qconfig is None or qconfig.learnable or qconfig.activation is None
-      or qconfig.weight is None or is_research(qconfig.activation)
-      or is_research(qconfig.weight)):
-    raise ValueError(f"{where}: int8_forward needs observed qparams for both operands (a "
-                     f"qconfig with activation and weight observers, learnable=False); got "
-                     f"{qconfig!r}.")
-  x_spec, w_spec = qconfig.activation.spec, qconfig.weight.spec
-  x_fq, x_qparams = _point(qconfig, "activation", name="input", parent=module,
-                           axis_name=module.axis_name)(lhs, mode=Mode.QAT, return_qparams=True)
-  w_fq, w_qparams = _point(qconfig, "weight", name="weight", parent=module)(
-      rhs, mode=Mode.QAT, return_qparams=True)
+  operands = _int8_forward_operands(module, qconfig, lhs, rhs)
   pads = padding if isinstance(padding, str) else tuple(
       (int(lo), int(hi)) for lo, hi in padding)
   return _reraise_with_path(module, lambda: ste.int8_forward_conv(
-      x_fq, w_fq, x_spec, x_qparams, w_spec, w_qparams, strides=tuple(window_strides),
-      padding=pads, dilation=None if rhs_dilation is None else tuple(rhs_dilation)))
+      *operands, strides=tuple(window_strides), padding=pads,
+      dilation=None if rhs_dilation is None else tuple(rhs_dilation)))
 
 
 class QuantConvGeneral(nn.Module):
