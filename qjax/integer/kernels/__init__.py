@@ -43,6 +43,10 @@ direct kernel, 16 output pixels a vector (`direct_conv`); the kernel's epilogue 
 requantizes the int32 result of the convolutions XLA keeps (groups, other single-channel
 ones). The kernel uses every core (a pool of threads started once) for products
 of 2^21 multiply-adds and more (QJAX_INT8_THREADS caps the thread count).
+For int8-forward QAT (`qjax.ste.int8_forward_dot` / `int8_forward_conv`), `pack_grid` packs
+fake-quantized float weights' grid integers in one pass and `conv_int32` gives a
+convolution's int32 sums. `retain_freed_memory` keeps glibc from handing XLA's freed buffers
+back to the kernel between calls (page faults on large outputs otherwise).
 The library is built by `pip install` (setup.py); where it was not, `available()` is False
 and everything runs on XLA.
 """
