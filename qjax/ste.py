@@ -345,11 +345,22 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
   if w_spec.bits != 8 or not w_spec.symmetric or w_spec.axis not in (None, -1, 1):
     raise ValueError(f"int8_forward_dot: w_spec must be an 8-bit symmetric grid, per tensor or "
                      f"per output channel (axis -1); got {w_spec}.")
+  _check_float32_operands(x_fq, w_fq, "int8_forward_dot")
   if jnp.ndim(w_fq) != 2 or jnp.ndim(x_fq) < 1 or jnp.shape(x_fq)[-1] != jnp.shape(w_fq)[0]:
     raise ValueError(f"int8_forward_dot: x_fq (..., K) and w_fq (K, N) must share K; got "
                      f"shapes {jnp.shape(x_fq)} and {jnp.shape(w_fq)}.")
   return _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, x_qparams.scale,
                            x_qparams.zero_point, w_qparams.scale)
+
+
+def _check_float32_operands(x_fq: jax.Array, w_fq: jax.Array, name: str) -> None:
+  """ValueError unless both are float32: a narrower float's S * k is rounded off the grid (a
+  bfloat16 by up to 2^-8 of it), so rne(x / S) can miss k by one for |k| > 128."""
+  dtypes = (jnp.result_type(x_fq), jnp.result_type(w_fq))
+  if any(d != jnp.float32 for d in dtypes):
+    raise ValueError(f"{name}: x_fq and w_fq must be float32 (a 16-bit float's fake-quantized "
+                     f"values are not exactly on the grid); got {dtypes[0]} and {dtypes[1]}. "
+                     f"Train this layer in float32 or leave int8_forward off.")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -441,6 +452,7 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
   if w_spec.bits != 8 or not w_spec.symmetric or w_spec.axis not in (None, -1, nsp + 1):
     raise ValueError(f"int8_forward_conv: w_spec must be an 8-bit symmetric grid, per tensor "
                      f"or per output channel (axis -1); got {w_spec}.")
+  _check_float32_operands(x_fq, w_fq, "int8_forward_conv")
   if nsp < 1 or jnp.ndim(x_fq) != nsp + 2 or jnp.shape(x_fq)[-1] != jnp.shape(w_fq)[-2]:
     raise ValueError(f"int8_forward_conv: x_fq (B, *spatial, C) and w_fq (*window, C, O) must "
                      f"share C and the number of spatial dims; got shapes {jnp.shape(x_fq)} and "

@@ -105,6 +105,9 @@ class Int8ForwardDotTest(chex.TestCase):
       ste.int8_forward_dot(x_fq, w_fq, X_SPECS["int8_affine"], xq, QuantSpec(bits=8), wq)
     with pytest.raises(ValueError, match="must share K"):
       ste.int8_forward_dot(x_fq, w_fq.T, X_SPECS["int8_affine"], xq, W_SPECS["per_tensor"], wq)
+    with pytest.raises(ValueError, match="x_fq and w_fq must be float32"):
+      ste.int8_forward_dot(x_fq.astype(jnp.bfloat16), w_fq, X_SPECS["int8_affine"], xq,
+                           W_SPECS["per_tensor"], wq)
 
 
 class _MLP(nn.Module):
@@ -248,6 +251,8 @@ class Int8ForwardConvTest(chex.TestCase):
       ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, QuantSpec(bits=8), wq, **geometry)
     with pytest.raises(ValueError, match="must share C"):
       ste.int8_forward_conv(x_fq[..., :2], w_fq, x_spec, xq, w_spec, wq, **geometry)
+    with pytest.raises(ValueError, match="x_fq and w_fq must be float32"):
+      ste.int8_forward_conv(x_fq, w_fq.astype(jnp.float16), x_spec, xq, w_spec, wq, **geometry)
     with pytest.raises(ValueError, match="strides and dilation need 2 entries"):
       ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, strides=(1,), padding="VALID")
 

@@ -916,8 +916,10 @@ def test_pack_grid_rounds_saturates_and_checks():
     packed, bad = kernels.pack_grid(w, jnp.float32(0.25), kernel_path=path)
     assert packed.unpack().T.tolist() == [[1, -3, 127, -128, 2, 2]], path
     assert not bad.any()
-  with pytest.raises(ValueError, match="kernel must be float32"):
-    kernels.pack_grid(w.astype(jnp.float16), jnp.float32(0.25))
+  packed, _ = kernels.pack_grid(w.astype(jnp.bfloat16), jnp.float32(0.25))  # widened exactly
+  assert packed.unpack().T.tolist() == [[1, -3, 127, -128, 2, 2]]
+  with pytest.raises(ValueError, match="kernel must be a float"):
+    kernels.pack_grid(w.astype(jnp.int32), jnp.float32(0.25))
   with pytest.raises(ValueError, match=r"scale must be \(\) or \(N,\)"):
     kernels.pack_grid(w, jnp.ones((5,), jnp.float32))
 

@@ -432,7 +432,7 @@ def pack_grid(kernel: jax.Array, scale: jax.typing.ArrayLike, *,
   spends three slow loops; "xla" computes the same integers with jnp.
 
   Args:
-    kernel: float32 (K, N).
+    kernel: float (K, N) (16-bit floats are widened to float32, exactly).
     scale: float32 () or (N,): the grid's scale, per tensor or per output channel.
     kernel_path: see `resolve`.
 
@@ -440,7 +440,7 @@ def pack_grid(kernel: jax.Array, scale: jax.typing.ArrayLike, *,
     (PackedWeights of q.T, bad (N,) bool).
 
   Raises:
-    ValueError: kernel not 2-D float32, or scale of another shape.
+    ValueError: kernel not a 2-D float array, or scale of another shape.
 
   Example:
     >>> w = jnp.array([[0.5, -1.0], [1.5, jnp.nan]], jnp.float32)
@@ -449,9 +449,10 @@ def pack_grid(kernel: jax.Array, scale: jax.typing.ArrayLike, *,
     ([[1, 3], [-4, 0]], [False, True])
   """
   w = jnp.asarray(kernel)
-  if w.ndim != 2 or jnp.dtype(w.dtype) != jnp.float32:
-    raise ValueError(f"pack_grid: kernel must be float32 (K, N); got {jnp.dtype(w.dtype)} of "
-                     f"shape {w.shape}.")
+  if w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
+    raise ValueError(f"pack_grid: kernel must be a float (K, N) matrix; got "
+                     f"{jnp.dtype(w.dtype)} of shape {w.shape}.")
+  w = w.astype(jnp.float32)  # exact for the narrower floats
   k, n = w.shape
   s = jnp.asarray(scale, jnp.float32)
   if s.shape not in ((), (n,)):
