@@ -886,7 +886,7 @@ def test_max_pool_matches_xla():
     kernels.max_pool(x, (2, 2), (0, 1))
 
 
-@pytest.mark.parametrize("k, n", [(1, 1), (5, 3), (70, 9), (784, 100), (33, 130)])
+@pytest.mark.parametrize("k, n", [(1, 1), (33, 130), (784, 100)])
 def test_pack_grid_matches_xla_and_numpy(k, n):
   rng = np.random.default_rng(k * 1000 + n)
   scale = rng.uniform(0.01, 0.05, n).astype(np.float32)
