@@ -470,13 +470,10 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
 
 
 def _float_conv(x, w, geometry):
+  from qjax.integer import arith  # pylint: disable=import-outside-toplevel
   strides, pads, dilation = geometry
-  nsp = w.ndim - 2
-  spatial = "HWDXYZ"[:nsp]
-  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, (f"N{spatial}C", f"{spatial}IO",
-                                                         f"N{spatial}C"))
   return jax.lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation,
-                                      dimension_numbers=dn)
+                                      dimension_numbers=arith.channels_last_dn(x.shape, w.shape))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -486,16 +483,13 @@ def _int8_forward_conv(x_spec, w_spec, kernel, geometry, x_fq, w_fq, sx, zx, sw)
   o = w_fq.shape[-1]
   sw_o = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (o,))
   qx, bad_samples = kernels.quantize_samples(x_fq, x_spec, sx, zx, kernel=kernel)
-  finite = jnp.isfinite(w_fq)
-  lanes = (1,) * (w_fq.ndim - 1) + (o,)
-  qw = jnp.clip(jnp.round(jnp.where(finite, w_fq, 0.0) * (1.0 / sw_o).reshape(lanes)), -128,
-                127).astype(jnp.int8)
-  bad_channels = ~jnp.all(finite.reshape((-1, o)), axis=0)
+  qw, bad_channels = kernels.grid_integers(w_fq.reshape((-1, o)), sw_o)
+  qw = qw.reshape(w_fq.shape)
   # Real zero is qx = Zx, i.e. Zx - shift on the int8 grid: the padding's value; the
   # difference of qx - shift to qx - Zx, times the window's sum of qw, is the offset.
   shift = arith.int8_shift(x_spec)
   zx = jnp.asarray(zx, jnp.int32)
-  colsum = jnp.sum(qw.reshape((-1, o)), axis=0, dtype=jnp.int32)
+  colsum = jnp.sum(qw, axis=tuple(range(qw.ndim - 1)), dtype=jnp.int32)
   acc = kernels.conv_int32(qx, qw, (shift - zx) * colsum, strides=strides, padding=pads,
                            dilation=dilation, pad_value=zx - shift, kernel=kernel)
   out_lanes = (1,) * (acc.ndim - 1) + (o,)

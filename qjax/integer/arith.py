@@ -148,6 +148,20 @@ def matmul(x: jax.Array, kernel_t: jax.Array) -> jax.Array:
   return acc_t[:, :m].T.reshape(lead + (kernel_t.shape[0],))
 
 
+def channels_last_dn(x_shape: Sequence[int],
+                     kernel_shape: Sequence[int]) -> lax.ConvDimensionNumbers:
+  """nn.Conv's dimension numbers for these shapes: NHWC input and output, HWIO kernel (any
+  number of spatial dims).
+
+  Example:
+    >>> channels_last_dn((1, 5, 5, 3), (2, 2, 3, 4)).rhs_spec
+    (3, 2, 0, 1)
+  """
+  spatial = "HWDXYZ"[:len(kernel_shape) - 2]
+  return lax.conv_dimension_numbers(tuple(x_shape), tuple(kernel_shape),
+                                    (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+
+
 def conv_pads(padding: str | Sequence[tuple[int, int]], in_spatial: Sequence[int],
               window: Sequence[int], strides: Sequence[int],
               dilation: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -220,11 +234,9 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
     k2 = kernel.reshape((-1, kernel.shape[-1]))  # (window * C, O)
     return lax.dot_general(patches, k2, (((patches.ndim - 1,), (0,)), ((), ())),
                            preferred_element_type=jnp.int32)
-  spatial = "".join("HWDXYZ"[i] for i in range(nsp))
-  dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
-                                  (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
   return lax.conv_general_dilated(x, kernel, tuple(strides), [(0, 0)] * nsp,
-                                  rhs_dilation=tuple(dilation), dimension_numbers=dn,
+                                  rhs_dilation=tuple(dilation),
+                                  dimension_numbers=channels_last_dn(x.shape, kernel.shape),
                                   feature_group_count=feature_group_count,
                                   preferred_element_type=jnp.int32)
 

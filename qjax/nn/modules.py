@@ -67,6 +67,7 @@ from qjax import _checks
 from qjax import observers as obs
 from qjax import numerics
 from qjax import ste
+from qjax.integer import arith
 from qjax.numerics import QParams
 from qjax.observers.minmax import AxisName
 from qjax.integer.forms import base as forms
@@ -629,11 +630,8 @@ def _int8_forward_conv(module: nn.Module, qconfig: QConfig | None, lhs: jax.Arra
                        rhs_dilation: Any, dn: Any, feature_group_count: int,
                        batch_group_count: int) -> jax.Array:
   """QuantConvGeneral's QAT forward in integers (`qjax.ste.int8_forward_conv`)."""
-  n = jnp.ndim(rhs) - 2
-  spatial = "".join("HWDXYZ"[i] for i in range(n))
-  nhwc = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
-                                    (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-  if (dn != nhwc or feature_group_count != 1 or batch_group_count != 1
+  if (dn != arith.channels_last_dn(jnp.shape(lhs), jnp.shape(rhs))
+      or feature_group_count != 1 or batch_group_count != 1
       or any(d != 1 for d in (lhs_dilation or ()))):
     raise ValueError(f"{_where(module)}: int8_forward runs ungrouped channels-last "
                      f"convolutions (NHWC input, HWIO kernel) without input dilation, as "
@@ -684,10 +682,8 @@ class QuantConvGeneral(nn.Module):
 
     def form() -> DotForm:
       n = jnp.ndim(rhs) - 2
-      spatial = "".join("HWDXYZ"[i] for i in range(n))
-      nhwc = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
-                                        (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-      if dn != nhwc or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or ())):
+      if (dn != arith.channels_last_dn(jnp.shape(lhs), jnp.shape(rhs))
+          or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or ()))):
         raise ValueError("the integer path runs channels-last convolutions (NHWC input, HWIO "
                          "kernel) without input dilation or batch groups, as nn.Conv does; "
                          f"got {dn}, lhs_dilation={lhs_dilation}, batch_group_count="

@@ -419,6 +419,25 @@ def pack(kernel_t: jax.typing.ArrayLike) -> PackedWeights:
   return PackedWeights(panels=panels, column_sums=sums, n=n, k=k)
 
 
+def grid_integers(kernel: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`pack_grid`'s integers, unpacked, with XLA ops: for float (K, N) kernel and float32
+  (N,) scale,
+
+    q[k, n] = clamp(rne(kernel[k, n] * (1 / scale[n])), -128, 127)   (0 where not finite)
+    bad[n]  = any(~isfinite(kernel[:, n]))
+
+  Example:
+    >>> q, bad = grid_integers(jnp.array([[0.5, jnp.inf]]), jnp.array([0.25, 1.0]))
+    >>> q.tolist(), bad.tolist()
+    ([[2, 0]], [False, True])
+  """
+  w = jnp.asarray(kernel).astype(jnp.float32)  # exact for the narrower floats
+  finite = jnp.isfinite(w)
+  inv = 1.0 / jnp.asarray(scale, jnp.float32)
+  q = jnp.clip(jnp.round(jnp.where(finite, w, 0.0) * inv[None, :]), -128, 127)
+  return q.astype(jnp.int8), ~jnp.all(finite, axis=0)
+
+
 def pack_grid(kernel: jax.Array, scale: jax.typing.ArrayLike, *,
               kernel_path: str | None = None) -> tuple[PackedWeights, jax.Array]:
   """The grid integers of float weights on an 8-bit grid, packed for `matmul`:
@@ -460,9 +479,8 @@ def pack_grid(kernel: jax.Array, scale: jax.typing.ArrayLike, *,
   inv = jnp.broadcast_to(1.0 / s, (n,))
   path = resolve(kernel_path, macs=k * n)
   if path == "xla":
-    finite = jnp.isfinite(w)
-    q = jnp.clip(jnp.round(jnp.where(finite, w, 0.0) * inv[None, :]), -128, 127).astype(jnp.int8)
-    return pack(q.T), ~jnp.all(finite, axis=0)
+    q, bad = grid_integers(w, jnp.broadcast_to(s, (n,)))
+    return pack(q.T), bad
   p, g = -(-n // PANEL), -(-k // GROUP)
   call = jax.ffi.ffi_call(_TARGET_PACK_ROUND,
                           (jax.ShapeDtypeStruct((p, g, PANEL, GROUP), jnp.int8),
@@ -917,17 +935,12 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   cin, cout = x.shape[-1], kernel_hwio.shape[-1]
   window = kernel_hwio.shape[:nsp]
   if groups == 1 and x.ndim == nsp + 2:
-    out = [(s + lo + hi - ((w - 1) * d + 1)) // st + 1 for s, (lo, hi), w, d, st in
-           zip(x.shape[1:-1], padding, window, dilation, strides, strict=True)]
-    macs = x.shape[0] * int(np.prod(out, dtype=np.int64)) * cout * int(
-        np.prod(kernel_hwio.shape[:-1], dtype=np.int64))
+    out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
     path = resolve(kernel, macs=macs)
     direct = not isinstance(kernel_hwio, PackedConvWeights) and direct_conv(
         kernel_hwio.shape, strides, dilation, groups, path)
     if path != "xla" and min(out) >= 0 and (cin > 1 or direct):
-      pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
-      if any(lo or hi for lo, hi, _ in pads):
-        x = jax.lax.pad(x, jnp.asarray(pad_value).astype(jnp.int8), pads)
+      x = _padded(x, padding, pad_value)
       if direct or gathers_patches(kernel_hwio.shape, groups):
         weights = (kernel_hwio.matrix if isinstance(kernel_hwio, PackedConvWeights)
                    else kernel_hwio.reshape((-1, cout)).T)
@@ -941,6 +954,27 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   # XLA's convolution; its requantization native.
   return _requantize(acc, offset, requant,
                      resolve(kernel, macs=int(np.prod(acc.shape, dtype=np.int64))))
+
+
+def _conv_size(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+               strides: tuple[int, ...], padding: tuple[tuple[int, int], ...],
+               dilation: tuple[int, ...]) -> tuple[list[int], int]:
+  """A channels-last convolution's output spatial size and its multiply-adds."""
+  nsp = len(kernel_shape) - 2
+  out = [(s + lo + hi - ((w - 1) * d + 1)) // st + 1 for s, (lo, hi), w, d, st in
+         zip(x_shape[1:-1], padding, kernel_shape[:nsp], dilation, strides, strict=True)]
+  macs = x_shape[0] * int(np.prod(out, dtype=np.int64)) * int(
+      np.prod(kernel_shape, dtype=np.int64))
+  return out, macs
+
+
+def _padded(x: jax.Array, padding: tuple[tuple[int, int], ...],
+            pad_value: jax.Array) -> jax.Array:
+  """x (B, *spatial, C) padded spatially with pad_value (as int8)."""
+  pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
+  if any(lo or hi for lo, hi, _ in pads):
+    x = jax.lax.pad(x, jnp.asarray(pad_value).astype(jnp.int8), pads)
+  return x
 
 
 def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
@@ -983,16 +1017,11 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   if x.ndim != nsp + 2 or x.shape[-1] != cin:
     raise ValueError(f"conv_int32: x must be (B, *spatial, C) with C = {cin} and "
                      f"{nsp} spatial dims as kernel_hwio {kernel_hwio.shape}; got {x.shape}.")
-  out = [(s + lo + hi - ((w - 1) * d + 1)) // st + 1 for s, (lo, hi), w, d, st in
-         zip(x.shape[1:-1], padding, window, dilation, strides, strict=True)]
-  macs = x.shape[0] * int(np.prod(out, dtype=np.int64)) * cout * int(
-      np.prod(kernel_hwio.shape[:-1], dtype=np.int64))
+  out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
   path = resolve(kernel, macs=macs)
   offset = jnp.asarray(offset, jnp.int32)
   if path != "xla" and cin > 1 and min(out) > 0:
-    pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
-    if any(lo or hi for lo, hi, _ in pads):
-      x = jax.lax.pad(x, jnp.asarray(pad_value).astype(jnp.int8), pads)
+    x = _padded(x, padding, pad_value)
     weights = kernel_hwio.reshape((-1, cout)).T
     if nsp == 2:  # patches gathered by the kernel, block by block of output pixels
       call = jax.ffi.ffi_call(_TARGET_CONV_S32,
