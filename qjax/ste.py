@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -312,8 +312,9 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
   each where the kernel runs: `qjax.integer.kernels.quantize_samples` for x with its
   non-finite rows, `kernels.pack_grid` for w, packed with its column sums), the int32 sum on
   `qjax.integer.kernels.matmul` (the native int8 kernel where it runs, XLA's int8 dot
-  elsewhere), one float rounding at the end where a float32 dot rounds at every step. A row
-  of x_fq (column of w_fq) with NaN or +-inf gives NaN, as the float dot would. The backward
+  elsewhere), one float rounding at the end where a float32 dot rounds at every step. Where
+  a row of x_fq or a column of w_fq holds a NaN or +-inf, the outputs are the float dot's
+  (NaN or +-inf, computed only then). The backward
   is the float dot's, dx = g w_fq^T, dw = x_fq^T g: the straight-through rule of the
   `fake_quant` that made x_fq and w_fq then masks them.
 
@@ -380,8 +381,25 @@ def _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):
   zx = jnp.asarray(zx, jnp.int32)
   acc = kernels.matmul(qx, packed, (shift - zx) * packed.column_sums, kernel=kernel)
   y = acc.astype(jnp.float32) * (jnp.asarray(sx, jnp.float32) * sw_n)[None, :]
-  y = jnp.where(bad_rows[:, None] | bad_cols[None, :], jnp.float32(jnp.nan), y)
+  y = _float_nonfinite(y, jnp.any(bad_rows) | jnp.any(bad_cols),
+                       lambda: jnp.matmul(rows, w_fq))
   return y.reshape(x_fq.shape[:-1] + (n,))
+
+
+def _float_nonfinite(y: jax.Array, any_nonfinite: jax.Array,
+                     float_contraction: Callable[[], jax.Array]) -> jax.Array:
+  """y, with the float contraction's NaN / +-inf where it has them.
+
+  An output whose operands are all finite is exact in y (its grid integers were recovered
+  exactly); one that meets a NaN or an infinity (a row or window of x_fq, a column or
+  channel of w_fq; their integers were taken as 0) is not finite in the float contraction
+  either, and takes its value from it. The float contraction runs only when an operand holds a
+  non-finite value (`lax.cond`; under `vmap` both branches run).
+  """
+  def patch():
+    exact = float_contraction()
+    return jnp.where(jnp.isfinite(exact), y, exact)
+  return jax.lax.cond(any_nonfinite, patch, lambda: y)
 
 
 def _int8_forward_dot_fwd(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):
@@ -414,9 +432,9 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
   with the grids' integers recovered exactly (x's in one native pass,
   `qjax.integer.kernels.quantize_samples`), padded positions at real zero (qx = Zx), the int32
   sums on `qjax.integer.kernels.conv_int32` (patches on the native int8 kernel, or XLA's int32
-  convolution for one input channel) and one float rounding at the end. A sample of x_fq
-  with a NaN or +-inf gives NaN in all its outputs (the float convolution gives NaN in those
-  whose window holds it), an output channel of w_fq with one NaN in that channel. The
+  convolution for one input channel) and one float rounding at the end. Outputs whose window
+  of x_fq or channel of w_fq holds a NaN or +-inf are the float convolution's (NaN or +-inf,
+  computed only then; the others stay exact). The
   backward is the float convolution's, dx and dw by transposing it at w_fq and x_fq: the
   straight-through rule of the `fake_quant` that made them then masks them.
 
@@ -494,9 +512,8 @@ def _int8_forward_conv(x_spec, w_spec, kernel, geometry, x_fq, w_fq, sx, zx, sw)
                            dilation=dilation, pad_value=zx - shift, kernel=kernel)
   out_lanes = (1,) * (acc.ndim - 1) + (o,)
   y = acc.astype(jnp.float32) * (jnp.asarray(sx, jnp.float32) * sw_o).reshape(out_lanes)
-  bad = (bad_samples.reshape((-1,) + (1,) * (y.ndim - 1))
-         | bad_channels.reshape(out_lanes))
-  return jnp.where(bad, jnp.float32(jnp.nan), y)
+  return _float_nonfinite(y, jnp.any(bad_samples) | jnp.any(bad_channels),
+                          lambda: _float_conv(x_fq, w_fq, geometry))
 
 
 def _int8_forward_conv_fwd(x_spec, w_spec, kernel, geometry, x_fq, w_fq, sx, zx, sw):

@@ -15,7 +15,7 @@ import pytest
 from absl.testing import parameterized
 
 import qjax.nn
-from qjax import QParams, QuantSpec, numerics, ste
+from qjax import QuantSpec, numerics, ste
 from qjax.integer import kernels
 
 KERNELS = ("xla", *kernels.native_paths())
@@ -37,7 +37,7 @@ def _operands(x_spec, w_spec, m=13, k=70, n=9, seed=0):
 
 def _reference(x_fq, w_fq, xq, wq):
   """f32(sum_k (qx - Zx) qw) * (Sx * Sw) with the sum in int64."""
-  sx, zx = np.float32(xq.scale), int(xq.zero_point)
+  sx = np.float32(xq.scale)
   sw = np.broadcast_to(np.asarray(wq.scale, np.float32), (w_fq.shape[1],))
   qx = np.rint(np.asarray(x_fq) / sx).astype(np.int64)  # qx - Zx
   qw = np.rint(np.asarray(w_fq) / sw).astype(np.int64)
@@ -71,17 +71,23 @@ class Int8ForwardDotTest(chex.TestCase):
     for got, want in zip(int8, flt, strict=True):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
-  def test_nonfinite_rows_and_columns_give_nan(self):
+  def test_nonfinite_rows_and_columns_are_the_float_dots(self):
     x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_tensor"]
     x_fq, w_fq, xq, wq = _operands(x_spec, w_spec, m=4, n=5)
     x_fq = x_fq.at[1, 3].set(jnp.nan).at[2, 0].set(jnp.inf)
     w_fq = w_fq.at[7, 4].set(-jnp.inf)
+    want = _reference(x_fq.at[1, 3].set(0.0).at[2, 0].set(0.0), w_fq.at[7, 4].set(0.0), xq, wq)
+    bad = np.zeros((4, 5), bool)
+    bad[1:3, :] = True
+    bad[:, 4] = True
+    float_dot = np.asarray(jnp.matmul(x_fq, w_fq))
+    assert np.isposinf(float_dot[2, :4]).any() or np.isneginf(float_dot[2, :4]).any()
+    want[bad] = float_dot[bad]  # NaN, +inf or -inf, as the float dot has them
     for kernel in KERNELS:
-      got = np.asarray(ste.int8_forward_dot(x_fq, w_fq, x_spec, xq, w_spec, wq, kernel=kernel))
-      bad = np.zeros((4, 5), bool)
-      bad[1:3, :] = True
-      bad[:, 4] = True
-      assert np.isnan(got[bad]).all() and np.isfinite(got[~bad]).all(), kernel
+      for fn in (ste.int8_forward_dot, jax.jit(ste.int8_forward_dot, static_argnums=(2, 4),
+                                               static_argnames="kernel")):
+        got = np.asarray(fn(x_fq, w_fq, x_spec, xq, w_spec, wq, kernel=kernel))
+        np.testing.assert_array_equal(got, want, err_msg=kernel)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(*KERNELS)
@@ -229,18 +235,24 @@ class Int8ForwardConvTest(chex.TestCase):
     for got, want in zip(int8, flt, strict=True):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
-  def test_nonfinite_samples_and_channels_give_nan(self):
+  def test_nonfinite_windows_and_channels_are_the_float_convolutions(self):
     x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_channel"]
     x_fq, w_fq, xq, wq = _conv_operands(x_spec, w_spec)
-    x_fq = x_fq.at[1, 4, 4, 0].set(jnp.nan)
+    x_fq = x_fq.at[1, 4, 4, 0].set(jnp.nan).at[0, 0, 1, 1].set(-jnp.inf)
     w_fq = w_fq.at[0, 1, 2, 3].set(jnp.inf)
+    pads = ((1, 1), (0, 1))  # "SAME" for the (3, 2) window
+    float_conv = np.asarray(jax.lax.conv_general_dilated(
+        x_fq, w_fq, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    bad = ~np.isfinite(float_conv)
+    assert bad[..., 3].all() and bad[1, 3:6, 3:5].all() and not bad[1, :2, :, :3].any()
+    assert np.isinf(float_conv[0, :2, :2]).any()
+    clean = _conv_reference(x_fq.at[1, 4, 4, 0].set(0.0).at[0, 0, 1, 1].set(0.0),
+                            w_fq.at[0, 1, 2, 3].set(0.0), xq, wq, (1, 1), pads, (1, 1))
+    want = np.where(bad, float_conv, clean)
     for kernel in KERNELS:
       got = np.asarray(ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, strides=(1, 1),
-                                             padding="VALID", kernel=kernel))
-      bad = np.zeros(got.shape, bool)
-      bad[1] = True
-      bad[..., 3] = True
-      assert np.isnan(got[bad]).all() and np.isfinite(got[~bad]).all(), kernel
+                                             padding="SAME", kernel=kernel))
+      np.testing.assert_array_equal(got, want, err_msg=kernel)
 
   def test_errors_name_the_argument(self):
     x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_channel"]
