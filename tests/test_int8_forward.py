@@ -329,7 +329,7 @@ def test_int8_forward_qat_trains_the_8x8_digits_as_the_float_forward_does():
                              int8_forward=flag),
       dot=functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
                             int8_forward=flag)) for flag in (False, True)}
-  variables = models[False].init(jax.random.key(0), x[:64])
+  variables = jax.jit(models[False].init)(jax.random.key(0), x[:64])  # one compilation
   opt = optax.adam(3e-3)
   accuracy = {}
   for flag, model in models.items():
@@ -349,7 +349,7 @@ def test_int8_forward_qat_trains_the_8x8_digits_as_the_float_forward_does():
     for i in range(150):
       batch = slice((i * 128) % 1664, (i * 128) % 1664 + 128)
       params, stats, opt_state = step(params, stats, opt_state, x[batch], y[batch])
-    logits = model.apply({"params": params, "quant_stats": stats}, x)
+    logits = jax.jit(model.apply)({"params": params, "quant_stats": stats}, x)
     accuracy[flag] = float(np.mean(np.asarray(jnp.argmax(logits, -1)) == np.asarray(y)))
   assert min(accuracy.values()) > 0.9, accuracy
   assert abs(accuracy[True] - accuracy[False]) <= 0.02, accuracy
