@@ -330,8 +330,8 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
     float32 (..., N).
 
   Raises:
-    ValueError: grids other than those above, or shapes that do not contract (..., K) with
-      (K, N).
+    ValueError: grids other than those above, shapes that do not contract (..., K) with
+      (K, N), or K > INT8_FORWARD_MAX_TERMS (65,793: the int32 sums could overflow).
 
   Example:
     >>> xs, ws = QuantSpec(bits=8, signed=False), QuantSpec(bits=8, symmetric=True)
@@ -350,8 +350,22 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
   if jnp.ndim(w_fq) != 2 or jnp.ndim(x_fq) < 1 or jnp.shape(x_fq)[-1] != jnp.shape(w_fq)[0]:
     raise ValueError(f"int8_forward_dot: x_fq (..., K) and w_fq (K, N) must share K; got "
                      f"shapes {jnp.shape(x_fq)} and {jnp.shape(w_fq)}.")
+  _check_terms(jnp.shape(w_fq)[0], "int8_forward_dot")
   return _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, x_qparams.scale,
                            x_qparams.zero_point, w_qparams.scale)
+
+
+# The int32 sums are exact for up to this many terms: |qx - Zx| <= 255 on an 8-bit grid and
+# |qw| <= 128, so |sum| <= 32640 K < 2^31.
+INT8_FORWARD_MAX_TERMS = (2**31 - 1) // (255 * 128)
+
+
+def _check_terms(terms: int, name: str) -> None:
+  """ValueError when an int32 sum of `terms` products of 8-bit integers could overflow."""
+  if terms > INT8_FORWARD_MAX_TERMS:
+    raise ValueError(f"{name}: each output sums {terms} products (|(qx - Zx) qw| <= 32640), "
+                     f"more than an int32 holds for every input; int8_forward takes up to "
+                     f"{INT8_FORWARD_MAX_TERMS} terms. Leave int8_forward off for this layer.")
 
 
 def _check_float32_operands(x_fq: jax.Array, w_fq: jax.Array, name: str) -> None:
@@ -452,7 +466,9 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
     float32 (B, *out_spatial, O).
 
   Raises:
-    ValueError: grids other than those above, or operands that do not convolve.
+    ValueError: grids other than those above, operands that do not convolve, or a window of
+      more than INT8_FORWARD_MAX_TERMS (65,793) terms (window size x C: the int32 sums could
+      overflow).
 
   Example:
     >>> xs, ws = QuantSpec(bits=8, signed=False), QuantSpec(bits=8, symmetric=True)
@@ -475,6 +491,7 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
     raise ValueError(f"int8_forward_conv: x_fq (B, *spatial, C) and w_fq (*window, C, O) must "
                      f"share C and the number of spatial dims; got shapes {jnp.shape(x_fq)} and "
                      f"{jnp.shape(w_fq)}.")
+  _check_terms(math.prod(jnp.shape(w_fq)[:-1]), "int8_forward_conv")
   from qjax.integer import arith  # pylint: disable=import-outside-toplevel
   window = tuple(jnp.shape(w_fq)[:nsp])
   strides = tuple(int(v) for v in strides)

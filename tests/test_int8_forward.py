@@ -15,7 +15,7 @@ import pytest
 from absl.testing import parameterized
 
 import qjax.nn
-from qjax import QuantSpec, numerics, ste
+from qjax import QParams, QuantSpec, numerics, ste
 from qjax.integer import kernels
 
 KERNELS = ("xla", *kernels.native_paths())
@@ -115,6 +115,25 @@ class Int8ForwardDotTest(chex.TestCase):
     with pytest.raises(ValueError, match="x_fq and w_fq must be float32"):
       ste.int8_forward_dot(x_fq.astype(jnp.bfloat16), w_fq, X_SPECS["int8_affine"], xq,
                            W_SPECS["per_tensor"], wq)
+
+  def test_longest_contraction_is_exact_and_a_longer_one_is_refused(self):
+    """K = INT8_FORWARD_MAX_TERMS products of the grids' extremes (255 x -128) stay within
+    int32; one more term could overflow, and is refused."""
+    k = ste.INT8_FORWARD_MAX_TERMS
+    x_spec, w_spec = QuantSpec(bits=8, signed=False), W_SPECS["per_tensor"]
+    xq = QParams(jnp.float32(0.5), jnp.int32(0))
+    wq = QParams(jnp.float32(0.25), jnp.int32(0))
+    x_fq = jnp.full((2, k), 127.5, jnp.float32)  # qx = 255
+    w_fq = jnp.full((k, 3), -32.0, jnp.float32)  # qw = -128
+    want = np.float32(-255 * 128 * k) * np.float32(0.125)
+    for kernel in KERNELS:
+      got = ste.int8_forward_dot(x_fq, w_fq, x_spec, xq, w_spec, wq, kernel=kernel)
+      np.testing.assert_array_equal(np.asarray(got), np.full((2, 3), want), err_msg=kernel)
+    with pytest.raises(ValueError, match="more than an int32 holds"):
+      ste.int8_forward_dot(jnp.zeros((1, k + 1)), jnp.zeros((k + 1, 1)), x_spec, xq, w_spec, wq)
+    with pytest.raises(ValueError, match="int8_forward_conv: each output sums 65800 products"):
+      ste.int8_forward_conv(jnp.zeros((1, 5, 5, 13160)), jnp.zeros((5, 1, 13160, 1)), x_spec, xq,
+                            w_spec, wq, strides=(1, 1), padding="VALID")
 
 
 class _MLP(nn.Module):
