@@ -383,7 +383,7 @@ def _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):
   from qjax.integer import arith, kernels  # pylint: disable=import-outside-toplevel
   k, n = w_fq.shape
   sw_n = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (n,))
-  rows = x_fq.reshape((-1, k))
+  rows = x_fq.reshape((math.prod(x_fq.shape[:-1]), k))  # explicit: k or the batch may be 0
   # x's grid integers as int8 (qx - 128 on an unsigned grid, `int8_shift`) and its rows with
   # NaN or +-inf, in one pass (native where it runs): rne(x_fq / Sx) is exact, |q - Z| <= 255
   # being far from a rounding boundary.
@@ -425,8 +425,8 @@ def _int8_forward_dot_bwd(x_spec, w_spec, kernel, residuals, g):
   del x_spec, w_spec, kernel
   x_fq, w_fq, sx, zx, sw = residuals
   dx = jnp.matmul(g, w_fq.T)
-  rows = x_fq.reshape((-1, x_fq.shape[-1]))
-  dw = jnp.matmul(rows.T, g.reshape((-1, g.shape[-1])))
+  rows = x_fq.reshape((math.prod(x_fq.shape[:-1]), x_fq.shape[-1]))
+  dw = jnp.matmul(rows.T, g.reshape((rows.shape[0], g.shape[-1])))
   return dx, dw, _zero_cotangent(sx), _zero_cotangent(jnp.asarray(zx)), _zero_cotangent(sw)
 
 
@@ -518,7 +518,7 @@ def _int8_forward_conv(x_spec, w_spec, kernel, geometry, x_fq, w_fq, sx, zx, sw)
   o = w_fq.shape[-1]
   sw_o = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (o,))
   qx, bad_samples = kernels.quantize_samples(x_fq, x_spec, sx, zx, kernel=kernel)
-  qw, bad_channels = kernels.grid_integers(w_fq.reshape((-1, o)), sw_o)
+  qw, bad_channels = kernels.grid_integers(w_fq.reshape((math.prod(w_fq.shape[:-1]), o)), sw_o)
   qw = qw.reshape(w_fq.shape)
   # Real zero is qx = Zx, i.e. Zx - shift on the int8 grid: the padding's value; the
   # difference of qx - shift to qx - Zx, times the window's sum of qw, is the offset.

@@ -116,6 +116,18 @@ class Int8ForwardDotTest(chex.TestCase):
       ste.int8_forward_dot(x_fq.astype(jnp.bfloat16), w_fq, X_SPECS["int8_affine"], xq,
                            W_SPECS["per_tensor"], wq)
 
+  def test_zero_sized_operands_contract_as_the_float_dot(self):
+    x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_tensor"]
+    _, _, xq, wq = _operands(x_spec, w_spec)
+    for x_shape, w_shape in (((4, 0), (0, 3)), ((4, 5), (5, 0)), ((0, 5), (5, 3))):
+      x, w = jnp.ones(x_shape), jnp.ones(w_shape)
+      for kernel in KERNELS if x_shape[1] == 0 else (None,):
+        got = ste.int8_forward_dot(x, w, x_spec, xq, w_spec, wq, kernel=kernel)
+        np.testing.assert_array_equal(np.asarray(got), np.zeros((x_shape[0], w_shape[1])))
+      grads = jax.grad(lambda a, b: ste.int8_forward_dot(a, b, x_spec, xq, w_spec, wq).sum(),
+                       argnums=(0, 1))(x, w)
+      assert (grads[0].shape, grads[1].shape) == (x_shape, w_shape)
+
   def test_longest_contraction_is_exact_and_a_longer_one_is_refused(self):
     """K = INT8_FORWARD_MAX_TERMS products of the grids' extremes (255 x -128) stay within
     int32; one more term could overflow, and is refused."""
@@ -272,6 +284,14 @@ class Int8ForwardConvTest(chex.TestCase):
       got = np.asarray(ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, strides=(1, 1),
                                              padding="SAME", kernel=kernel))
       np.testing.assert_array_equal(got, want, err_msg=kernel)
+
+  def test_zero_output_channels(self):
+    x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_tensor"]
+    x_fq, _, xq, wq = _conv_operands(x_spec, w_spec)
+    for kernel in KERNELS:
+      got = ste.int8_forward_conv(x_fq, jnp.ones((3, 2, 3, 0)), x_spec, xq, w_spec, wq,
+                                  strides=(1, 1), padding="SAME", kernel=kernel)
+      assert got.shape == (*x_fq.shape[:-1], 0), kernel
 
   def test_errors_name_the_argument(self):
     x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_channel"]

@@ -37,6 +37,7 @@ Narrower grids (4-bit, ...) clamp to their own [qmin, qmax], so they stay narrow
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -231,7 +232,7 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   cin, cout = x.shape[-1], kernel.shape[-1]
   if feature_group_count == 1 and cin > 1 and (cin < 16 or max(cin, cout) <= 16):
     patches = im2col(x, kernel.shape[:nsp], strides, dilation)
-    k2 = kernel.reshape((-1, kernel.shape[-1]))  # (window * C, O)
+    k2 = kernel.reshape((math.prod(kernel.shape[:-1]), cout))  # (window * C, O); O may be 0
     return lax.dot_general(patches, k2, (((patches.ndim - 1,), (0,)), ((), ())),
                            preferred_element_type=jnp.int32)
   return lax.conv_general_dilated(x, kernel, tuple(strides), [(0, 0)] * nsp,

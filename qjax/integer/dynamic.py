@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -423,7 +424,7 @@ def _dense_core(x: jax.Array, qvalue: jax.Array, w_scale: jax.Array, w_zero_poin
                 col_sums: jax.Array, bias: jax.Array | None, *, reduce_range: bool,
                 affine: bool) -> jax.Array:
   k_in = x.shape[-1]
-  rows = x.reshape((-1, k_in)).astype(_F32)
+  rows = x.reshape((math.prod(x.shape[:-1]), k_in)).astype(_F32)  # k_in may be 0
   # A row holding NaN / +-inf gives a NaN output row; it must not spoil the batch's range.
   # Zeros instead leave the range as it is: fbgemm's range always includes 0.
   bad = ~jnp.all(jnp.isfinite(rows), axis=1, keepdims=True)

@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import os
 import pathlib
 import warnings
@@ -565,7 +566,7 @@ def pack_conv(kernel_hwio: jax.typing.ArrayLike) -> PackedConvWeights:
     raise TypeError(f"pack_conv: kernel_hwio must be int8; got {jnp.dtype(w.dtype)}.")
   if w.ndim < 3:
     raise ValueError(f"pack_conv: kernel_hwio must be (*window, I, O); got shape {w.shape}.")
-  matrix = pack(w.reshape((-1, w.shape[-1])).T)
+  matrix = pack(w.reshape((math.prod(w.shape[:-1]), w.shape[-1])).T)
   return PackedConvWeights(panels=matrix.panels, column_sums=matrix.column_sums,
                            window=tuple(int(v) for v in w.shape[:-2]),
                            channels_in=int(w.shape[-2]), channels_out=int(w.shape[-1]))
@@ -943,12 +944,12 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
       x = _padded(x, padding, pad_value)
       if direct or gathers_patches(kernel_hwio.shape, groups):
         weights = (kernel_hwio.matrix if isinstance(kernel_hwio, PackedConvWeights)
-                   else kernel_hwio.reshape((-1, cout)).T)
+                   else kernel_hwio.reshape((math.prod(kernel_hwio.shape[:-1]), cout)).T)
         return _native_conv2d(x, weights, tuple(out), offset, requant, window, strides,
                               dilation, path)
       patches = arith.im2col(x, window, strides, dilation)
-      return dense(patches, _hwio(kernel_hwio).reshape((-1, cout)).T, offset, requant,
-                   kernel=path)
+      return dense(patches, _hwio(kernel_hwio).reshape((math.prod(window) * cin, cout)).T,
+                   offset, requant, kernel=path)
   acc = arith.conv(x, _hwio(kernel_hwio), strides=strides, padding=padding, dilation=dilation,
                    feature_group_count=groups, pad_value=pad_value)
   # XLA's convolution; its requantization native.
@@ -1022,7 +1023,7 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   offset = jnp.asarray(offset, jnp.int32)
   if path != "xla" and cin > 1 and min(out) > 0:
     x = _padded(x, padding, pad_value)
-    weights = kernel_hwio.reshape((-1, cout)).T
+    weights = kernel_hwio.reshape((math.prod(kernel_hwio.shape[:-1]), cout)).T
     if nsp == 2:  # patches gathered by the kernel, block by block of output pixels
       call = jax.ffi.ffi_call(_TARGET_CONV_S32,
                               jax.ShapeDtypeStruct((x.shape[0], *out, cout), jnp.int32),
