@@ -303,12 +303,14 @@ def quantization_evidence(runner: Runner, float_model: nn.Module) -> dict[str, A
     out = runner.model.apply(v, x, mutable=mutable)
     return out[0] if mutable else out
 
-  def loss(params):
-    logits = forward({**variables, "params": params}, runner.x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, runner.y).mean(), logits
+  def loss(params, variables, x, y):
+    logits = forward({**variables, "params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
-  # One compiled function gives both the logits and the gradients.
-  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(runner.params)
+  # One compiled function gives both the logits and the gradients (the data and state are
+  # arguments: closed over, they are constants XLA spends seconds folding reductions of).
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      runner.params, variables, runner.x, runner.y)
   try:
     reference = jax.jit(float_model.apply)({"params": runner.params}, runner.x)
     rel_err = float(jnp.linalg.norm(logits - reference) / jnp.linalg.norm(reference))
