@@ -314,9 +314,9 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
   `qjax.integer.kernels.matmul` (the native int8 kernel where it runs, XLA's int8 dot
   elsewhere), one float rounding at the end where a float32 dot rounds at every step. Where
   a row of x_fq or a column of w_fq holds a NaN or +-inf, the outputs are the float dot's
-  (NaN or +-inf, computed only then). The backward
-  is the float dot's, dx = g w_fq^T, dw = x_fq^T g: the straight-through rule of the
-  `fake_quant` that made x_fq and w_fq then masks them.
+  (NaN or +-inf, computed only then). The backward is the float dot's, dx = g w_fq^T,
+  dw = x_fq^T g: the straight-through rule of the `fake_quant` that made x_fq and w_fq then
+  masks them.
 
   Args:
     x_fq: float32 (..., K), fake-quantized with `x_qparams` on the 8-bit grid `x_spec`
@@ -448,9 +448,9 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
   sums on `qjax.integer.kernels.conv_int32` (patches on the native int8 kernel, or XLA's int32
   convolution for one input channel) and one float rounding at the end. Outputs whose window
   of x_fq or channel of w_fq holds a NaN or +-inf are the float convolution's (NaN or +-inf,
-  computed only then; the others stay exact). The
-  backward is the float convolution's, dx and dw by transposing it at w_fq and x_fq: the
-  straight-through rule of the `fake_quant` that made them then masks them.
+  computed only then; the others stay exact). The backward is the float convolution's, dx
+  and dw by transposing it at w_fq and x_fq: the straight-through rule of the `fake_quant`
+  that made them then masks them.
 
   Args:
     x_fq: float32 (B, *spatial, C), fake-quantized with `x_qparams` on the 8-bit grid
