@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from support.experiments import check_sharded_qat
+from support.experiments import check_sharded_qat, load_experiment
 
-from experiments import mnist_data
+mnist_data = load_experiment("mnist_data")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
