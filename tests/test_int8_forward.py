@@ -284,6 +284,9 @@ class Int8ForwardConvTest(chex.TestCase):
       got = np.asarray(ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, strides=(1, 1),
                                              padding="SAME", kernel=kernel))
       np.testing.assert_array_equal(got, want, err_msg=kernel)
+    jitted = jax.jit(lambda a, b: ste.int8_forward_conv(a, b, x_spec, xq, w_spec, wq,
+                                                        strides=(1, 1), padding="SAME"))
+    np.testing.assert_array_equal(np.asarray(jitted(x_fq, w_fq)), want)
 
   def test_zero_output_channels(self):
     x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_tensor"]
