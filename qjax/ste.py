@@ -436,30 +436,34 @@ _int8_forward_dot.defvjp(_int8_forward_dot_fwd, _int8_forward_dot_bwd)
 def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
                       x_qparams: QParams, w_spec: QuantSpec, w_qparams: QParams, *,
                       strides: Sequence[int], padding: str | Sequence[tuple[int, int]],
-                      dilation: Sequence[int] | None = None,
+                      dilation: Sequence[int] | None = None, groups: int = 1,
                       kernel: str | None = None) -> jax.Array:
-  """nn.Conv's convolution of x_fq with w_fq (channels last, no groups) with the forward in
-  integers, as `int8_forward_dot` does for nn.Dense:
+  """nn.Conv's convolution of x_fq with w_fq (channels last) with the forward in integers, as
+  `int8_forward_dot` does for nn.Dense:
 
-    y[b, p, o] = f32(sum_{w, c} (qx_pad[b, p s + w d, c] - Zx) qw[w, c, o]) * (Sx * Sw[o])
+    y[b, p, o] = f32(sum_{w, c} (qx_pad[b, p s + w d, g(o) C/G + c] - Zx) qw[w, c, o])
+                 * (Sx * Sw[o])
+
+  (g(o) = o // (O / G): the group of output channel o; G = 1, no groups, sums all C).
 
   with the grids' integers recovered exactly (x's in one native pass,
   `qjax.integer.kernels.quantize_samples`), padded positions at real zero (qx = Zx), the int32
   sums on `qjax.integer.kernels.conv_int32` (patches on the native int8 kernel, or XLA's int32
-  convolution for one input channel) and one float rounding at the end. Outputs whose window
-  of x_fq or channel of w_fq holds a NaN or +-inf are the float convolution's (NaN or +-inf,
-  computed only then; the others stay exact). The backward is the float convolution's, dx
-  and dw by transposing it at w_fq and x_fq: the straight-through rule of the `fake_quant`
-  that made them then masks them.
+  convolution for one input channel and for groups) and one float rounding at the end.
+  Outputs whose window of x_fq or channel of w_fq holds a NaN or +-inf are the float
+  convolution's (NaN or +-inf, computed only then; the others stay exact). The backward is
+  the float convolution's, dx and dw by transposing it at w_fq and x_fq: the straight-through
+  rule of the `fake_quant` that made them then masks them.
 
   Args:
     x_fq: float32 (B, *spatial, C), fake-quantized with `x_qparams` on the 8-bit grid
       `x_spec` (per tensor).
-    w_fq: float32 (*window, C, O), fake-quantized with `w_qparams` on the 8-bit symmetric
-      grid `w_spec` (per tensor or per output channel, axis -1).
+    w_fq: float32 (*window, C / G, O), fake-quantized with `w_qparams` on the 8-bit
+      symmetric grid `w_spec` (per tensor or per output channel, axis -1).
     x_spec, x_qparams, w_spec, w_qparams: the grids and qparams of the two operands.
     strides, padding, dilation: as `lax.conv_general_dilated`'s window_strides, padding
       ("SAME", "VALID" or (low, high) pairs) and rhs_dilation (default 1).
+    groups: G, its feature_group_count (C = G for a depthwise convolution); G divides C and O.
     kernel: the int8 kernel (`qjax.integer.kernels.resolve`).
 
   Returns:
@@ -487,10 +491,15 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
     raise ValueError(f"int8_forward_conv: w_spec must be an 8-bit symmetric grid, per tensor "
                      f"or per output channel (axis -1); got {w_spec}.")
   _check_float32_operands(x_fq, w_fq, "int8_forward_conv")
-  if nsp < 1 or jnp.ndim(x_fq) != nsp + 2 or jnp.shape(x_fq)[-1] != jnp.shape(w_fq)[-2]:
-    raise ValueError(f"int8_forward_conv: x_fq (B, *spatial, C) and w_fq (*window, C, O) must "
-                     f"share C and the number of spatial dims; got shapes {jnp.shape(x_fq)} and "
-                     f"{jnp.shape(w_fq)}.")
+  if not isinstance(groups, int) or groups < 1:
+    raise ValueError(f"int8_forward_conv: groups must be a positive int; got {groups!r}.")
+  if (nsp < 1 or jnp.ndim(x_fq) != nsp + 2
+      or jnp.shape(x_fq)[-1] != jnp.shape(w_fq)[-2] * groups
+      or jnp.shape(w_fq)[-1] % groups):
+    raise ValueError(f"int8_forward_conv: x_fq (B, *spatial, C) and w_fq (*window, C / G, O) "
+                     f"must share the number of spatial dims, with C = {groups} (groups) x "
+                     f"w_fq's input channels and O a multiple of {groups}; got shapes "
+                     f"{jnp.shape(x_fq)} and {jnp.shape(w_fq)}.")
   _check_terms(math.prod(jnp.shape(w_fq)[:-1]), "int8_forward_conv")
   from qjax.integer import arith  # pylint: disable=import-outside-toplevel
   window = tuple(jnp.shape(w_fq)[:nsp])
@@ -500,21 +509,22 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
     raise ValueError(f"int8_forward_conv: strides and dilation need {nsp} entries; got "
                      f"{strides} and {dilation}.")
   pads = arith.conv_pads(padding, jnp.shape(x_fq)[1:-1], window, strides, dilation)
-  return _int8_forward_conv(x_spec, w_spec, kernel, (strides, pads, dilation), x_fq, w_fq,
-                            x_qparams.scale, x_qparams.zero_point, w_qparams.scale)
+  return _int8_forward_conv(x_spec, w_spec, kernel, (strides, pads, dilation, groups), x_fq,
+                            w_fq, x_qparams.scale, x_qparams.zero_point, w_qparams.scale)
 
 
 def _float_conv(x, w, geometry):
   from qjax.integer import arith  # pylint: disable=import-outside-toplevel
-  strides, pads, dilation = geometry
+  strides, pads, dilation, groups = geometry
   return jax.lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation,
-                                      dimension_numbers=arith.channels_last_dn(x.shape, w.shape))
+                                      dimension_numbers=arith.channels_last_dn(x.shape, w.shape),
+                                      feature_group_count=groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _int8_forward_conv(x_spec, w_spec, kernel, geometry, x_fq, w_fq, sx, zx, sw):
   from qjax.integer import arith, kernels  # pylint: disable=import-outside-toplevel
-  strides, pads, dilation = geometry
+  strides, pads, dilation, groups = geometry
   o = w_fq.shape[-1]
   sw_o = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (o,))
   qx, bad_samples = kernels.quantize_samples(x_fq, x_spec, sx, zx, kernel=kernel)
@@ -526,7 +536,8 @@ def _int8_forward_conv(x_spec, w_spec, kernel, geometry, x_fq, w_fq, sx, zx, sw)
   zx = jnp.asarray(zx, jnp.int32)
   colsum = jnp.sum(qw, axis=tuple(range(qw.ndim - 1)), dtype=jnp.int32)
   acc = kernels.conv_int32(qx, qw, (shift - zx) * colsum, strides=strides, padding=pads,
-                           dilation=dilation, pad_value=zx - shift, kernel=kernel)
+                           dilation=dilation, groups=groups, pad_value=zx - shift,
+                           kernel=kernel)
   out_lanes = (1,) * (acc.ndim - 1) + (o,)
   y = acc.astype(jnp.float32) * (jnp.asarray(sx, jnp.float32) * sw_o).reshape(out_lanes)
   return _float_nonfinite(y, jnp.any(bad_samples) | jnp.any(bad_channels),

@@ -266,6 +266,30 @@ class Int8ForwardConvTest(chex.TestCase):
     for got, want in zip(int8, flt, strict=True):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
+  @parameterized.parameters((2, 4), (6, 6))  # two groups of 3 channels; depthwise (C = G)
+  def test_grouped_and_depthwise_are_exact_with_the_float_gradients(self, groups, cout):
+    x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_channel"]
+    x_fq, w_fq, xq, wq = _conv_operands(x_spec, w_spec, shape=(2, 7, 6, 6), cout=cout)
+    w_fq = w_fq[..., :6 // groups, :]  # (3, 2, C / G, O), still on each channel's grid
+    pads = ((1, 1), (0, 1))
+    cg, og = 6 // groups, cout // groups
+    want = np.concatenate([_conv_reference(
+        x_fq[..., g * cg:(g + 1) * cg], w_fq[..., g * og:(g + 1) * og], xq,
+        QParams(wq.scale[g * og:(g + 1) * og], wq.zero_point), (2, 1), pads, (1, 1))
+                           for g in range(groups)], axis=-1)
+    # Groups run XLA's int32 convolution on every path (x's integers from the native pass).
+    int8 = functools.partial(ste.int8_forward_conv, x_spec=x_spec, x_qparams=xq, w_spec=w_spec,
+                             w_qparams=wq, strides=(2, 1), padding=pads, groups=groups)
+    np.testing.assert_array_equal(np.asarray(int8(x_fq, w_fq)), want)
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(2, 1), padding=pads,
+                             feature_group_count=groups,
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    g = jnp.asarray(np.random.default_rng(2).normal(size=want.shape).astype(np.float32))
+    got = jax.jit(jax.grad(lambda a, b: jnp.sum(int8(a, b) * g), argnums=(0, 1)))(x_fq, w_fq)
+    flt = jax.grad(lambda a, b: jnp.sum(conv(a, b) * g), argnums=(0, 1))(x_fq, w_fq)
+    for mine, theirs in zip(got, flt, strict=True):
+      np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-6, atol=1e-6)
+
   def test_nonfinite_windows_and_channels_are_the_float_convolutions(self):
     x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_channel"]
     x_fq, w_fq, xq, wq = _conv_operands(x_spec, w_spec)
@@ -304,8 +328,13 @@ class Int8ForwardConvTest(chex.TestCase):
       ste.int8_forward_conv(x_fq, w_fq, QuantSpec(bits=4), xq, w_spec, wq, **geometry)
     with pytest.raises(ValueError, match="w_spec must be an 8-bit symmetric grid"):
       ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, QuantSpec(bits=8), wq, **geometry)
-    with pytest.raises(ValueError, match="must share C"):
+    with pytest.raises(ValueError, match="must share the number of spatial dims, with C = 1"):
       ste.int8_forward_conv(x_fq[..., :2], w_fq, x_spec, xq, w_spec, wq, **geometry)
+    with pytest.raises(ValueError, match="O a multiple of 3"):  # 5 output channels
+      ste.int8_forward_conv(x_fq, w_fq[..., :1, :], x_spec, xq, w_spec, wq, groups=3,
+                            **geometry)
+    with pytest.raises(ValueError, match="groups must be a positive int; got 0"):
+      ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, groups=0, **geometry)
     with pytest.raises(ValueError, match="x_fq and w_fq must be float32"):
       ste.int8_forward_conv(x_fq, w_fq.astype(jnp.float16), x_spec, xq, w_spec, wq, **geometry)
     with pytest.raises(ValueError, match="strides and dilation need 2 entries"):
@@ -338,12 +367,19 @@ def test_quant_conv_general_int8_forward_trains_like_the_float_forward():
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_equal(stats1["quant_stats"]["conv1"], stats0["quant_stats"]["conv1"])
-  grouped = functools.partial(nn.Conv, 4, (3, 3), feature_group_count=2,
-                              conv_general_dilated_cls=convs[True])
-  x4 = jnp.ones((2, 5, 5, 4), jnp.float32)
-  grouped_vars = grouped().init(jax.random.key(0), x4)
-  with pytest.raises(ValueError, match="int8_forward runs ungrouped channels-last"):
-    grouped().apply(grouped_vars, x4, mutable=["quant_stats"])
+  # Grouped: the same step as the float forward's.
+  grouped = {flag: nn.Conv(4, (3, 3), feature_group_count=2,
+                           conv_general_dilated_cls=convs[flag]) for flag in (False, True)}
+  x4 = jnp.asarray(np.random.default_rng(5).random((2, 5, 5, 4)).astype(np.float32))
+  grouped_vars = grouped[False].init(jax.random.key(0), x4)
+  (y0, stats0, g0), (y1, stats1, g1) = (_qat_step(grouped[flag], grouped_vars, x4)
+                                        for flag in (False, True))
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
+  dilated = nn.Conv(4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1)),
+                    conv_general_dilated_cls=convs[True])
+  with pytest.raises(ValueError, match="int8_forward runs channels-last convolutions"):
+    dilated.apply(dilated.init(jax.random.key(0), x4), x4, mutable=["quant_stats"])
 
 
 class _DigitsNet(nn.Module):

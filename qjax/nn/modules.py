@@ -631,19 +631,18 @@ def _int8_forward_conv(module: nn.Module, qconfig: QConfig | None, lhs: jax.Arra
                        batch_group_count: int) -> jax.Array:
   """QuantConvGeneral's QAT forward in integers (`qjax.ste.int8_forward_conv`)."""
   if (dn != arith.channels_last_dn(jnp.shape(lhs), jnp.shape(rhs))
-      or feature_group_count != 1 or batch_group_count != 1
-      or any(d != 1 for d in (lhs_dilation or ()))):
-    raise ValueError(f"{_where(module)}: int8_forward runs ungrouped channels-last "
-                     f"convolutions (NHWC input, HWIO kernel) without input dilation, as "
-                     f"nn.Conv does; got {dn}, "
-                     f"feature_group_count={feature_group_count}, batch_group_count="
-                     f"{batch_group_count}, lhs_dilation={lhs_dilation}.")
+      or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or ()))):
+    raise ValueError(f"{_where(module)}: int8_forward runs channels-last convolutions (NHWC "
+                     f"input, HWIO kernel) without input dilation or batch groups, as nn.Conv "
+                     f"does; got {dn}, batch_group_count={batch_group_count}, "
+                     f"lhs_dilation={lhs_dilation}.")
   operands = _int8_forward_operands(module, qconfig, lhs, rhs)
   pads = padding if isinstance(padding, str) else tuple(
       (int(lo), int(hi)) for lo, hi in padding)
   return _reraise_with_path(module, lambda: ste.int8_forward_conv(
       *operands, strides=tuple(window_strides), padding=pads,
-      dilation=None if rhs_dilation is None else tuple(rhs_dilation)))
+      dilation=None if rhs_dilation is None else tuple(rhs_dilation),
+      groups=int(feature_group_count)))
 
 
 class QuantConvGeneral(nn.Module):
@@ -656,8 +655,8 @@ class QuantConvGeneral(nn.Module):
   (`qjax.ste.int8_forward_conv`: the fake-quantized operands' grid integers, int32 sums on the
   int8 kernel or XLA's int32 convolution, one float rounding; the backward the float
   convolution's through the same straight-through points). Needs observed 8-bit grids, the
-  weight's symmetric, per tensor or per output channel, and an ungrouped channels-last
-  convolution.
+  weight's symmetric, per tensor or per output channel, and a channels-last convolution
+  (grouped or not).
   """
 
   qconfig: QConfigLike

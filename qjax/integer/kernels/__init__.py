@@ -980,26 +980,28 @@ def _padded(x: jax.Array, padding: tuple[tuple[int, int], ...],
 
 def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
                strides: tuple[int, ...], padding: tuple[tuple[int, int], ...],
-               dilation: tuple[int, ...], pad_value: jax.Array,
+               dilation: tuple[int, ...], pad_value: jax.Array, groups: int = 1,
                kernel: str | None = None) -> jax.Array:
-  """An ungrouped integer convolution's int32 accumulators:
+  """An integer convolution's int32 accumulators:
 
-    acc[b, p, o] = sum_{w, c} x_pad[b, p * stride + w * dilation, c] kernel_hwio[w, c, o]
-                   + offset[o]                                  (int32, wrapping as XLA's)
+    acc[b, p, o] = sum_{w, c} x_pad[b, p * stride + w * dilation, g(o) C/G + c]
+                   kernel_hwio[w, c, o] + offset[o]            (int32, wrapping as XLA's)
 
-  On a native path, with two or more input channels, the GEMM of the patches on the native
+  (g(o) = o // (O / G), the group of output channel o). Ungrouped on a native path, with two
+  or more input channels, the GEMM of the patches on the native
   kernel (in 2-D gathered by the kernel block by block of output pixels, as `conv` does;
-  else XLA's `qjax.integer.arith.im2col`); otherwise, and for one input channel
+  else XLA's `qjax.integer.arith.im2col`); otherwise, for groups and for one input channel
   (XLA's int32 convolution of a single channel is the faster lowering: LeNet-5's 5 x 5 x 6
   first layer at batch 256, 0.5 ms against 4.7 ms through patches), `qjax.integer.arith.conv`.
   The same integers on every path.
 
   Args:
     x: int8 (B, *spatial, C).
-    kernel_hwio: int8 (*window, C, O).
+    kernel_hwio: int8 (*window, C / G, O).
     offset: int32 (O,).
     strides, padding, dilation: the geometry (`padding` explicit (low, high) pairs).
     pad_value: int32 (): what padded positions hold (the input's zero on the int8 grid).
+    groups: G, the feature group count (G divides C and O).
     kernel: see `resolve`.
 
   Returns:
@@ -1015,13 +1017,17 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   """
   nsp = kernel_hwio.ndim - 2
   window, (cin, cout) = kernel_hwio.shape[:nsp], kernel_hwio.shape[nsp:]
-  if x.ndim != nsp + 2 or x.shape[-1] != cin:
-    raise ValueError(f"conv_int32: x must be (B, *spatial, C) with C = {cin} and "
-                     f"{nsp} spatial dims as kernel_hwio {kernel_hwio.shape}; got {x.shape}.")
+  if not isinstance(groups, int) or groups < 1 or cout % groups:
+    raise ValueError(f"conv_int32: groups must be a positive int dividing the {cout} output "
+                     f"channels; got {groups!r}.")
+  if x.ndim != nsp + 2 or x.shape[-1] != cin * groups:
+    raise ValueError(f"conv_int32: x must be (B, *spatial, C) with C = {cin * groups} "
+                     f"({groups} groups of kernel_hwio's {cin}) and {nsp} spatial dims as "
+                     f"kernel_hwio {kernel_hwio.shape}; got {x.shape}.")
   out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
   path = resolve(kernel, macs=macs)
   offset = jnp.asarray(offset, jnp.int32)
-  if path != "xla" and cin > 1 and min(out) > 0:
+  if path != "xla" and groups == 1 and cin > 1 and min(out) > 0:
     x = _padded(x, padding, pad_value)
     weights = kernel_hwio.reshape((math.prod(kernel_hwio.shape[:-1]), cout)).T
     if nsp == 2:  # patches gathered by the kernel, block by block of output pixels
@@ -1035,7 +1041,7 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
     patches = arith.im2col(x, window, strides, dilation)
     return matmul(patches, weights, offset, kernel=path)
   acc = arith.conv(x, kernel_hwio, strides=strides, padding=padding, dilation=dilation,
-                   feature_group_count=1, pad_value=pad_value)
+                   feature_group_count=groups, pad_value=pad_value)
   return acc + offset.reshape((1,) * (acc.ndim - 1) + (cout,))
 
 
