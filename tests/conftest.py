@@ -51,7 +51,8 @@ def _torch_one_thread():
 # The longest files first: under xdist's --dist loadfile a file handed out last keeps one
 # worker busy while the other idles (tests/test_sharding.py's child pytest takes about a
 # minute). Every worker sorts the same way, as xdist requires.
-_FIRST = ("tests/test_sharding.py", "tests/test_dynamic.py", "tests/test_mnist.py")
+_FIRST = ("tests/test_sharding.py", "tests/test_int8_forward.py", "tests/test_dynamic.py",
+          "tests/test_native_kernel.py", "tests/test_mnist.py")
 
 
 def pytest_collection_modifyitems(items):
