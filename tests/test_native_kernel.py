@@ -977,3 +977,22 @@ def test_conv_int32_matches_xla(x_shape, w_shape, strides, padding, dilation):
         a, b, o, strides=strides, padding=padding, dilation=dilation, pad_value=pad_value,
         kernel=path))
     np.testing.assert_array_equal(np.asarray(fn(x, w, offset)), want, err_msg=path)
+
+
+def test_conv_int32_groups():
+  """Grouped: each group of input channels against its own output channels; bad groups are
+  named."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.integers(-128, 128, (2, 5, 5, 4), dtype=np.int8))
+  w = jnp.asarray(rng.integers(-128, 128, (3, 3, 2, 6), dtype=np.int8))
+  geometry = {"strides": (1, 1), "padding": ((1, 1), (1, 1)), "dilation": (1, 1),
+              "pad_value": jnp.int32(3)}
+  got = np.asarray(kernels.conv_int32(x, w, jnp.zeros(6, jnp.int32), groups=2, **geometry))
+  for g in range(2):
+    want = kernels.conv_int32(x[..., 2 * g:2 * g + 2], w[..., 3 * g:3 * g + 3],
+                              jnp.zeros(3, jnp.int32), kernel="xla", **geometry)
+    np.testing.assert_array_equal(got[..., 3 * g:3 * g + 3], np.asarray(want))
+  with pytest.raises(ValueError, match="groups must be a positive int dividing the 6 output"):
+    kernels.conv_int32(x, w, jnp.zeros(6, jnp.int32), groups=4, **geometry)
+  with pytest.raises(ValueError, match=r"C = 6 \(3 groups of kernel_hwio's 2\)"):
+    kernels.conv_int32(x, w, jnp.zeros(6, jnp.int32), groups=3, **geometry)
