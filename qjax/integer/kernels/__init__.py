@@ -988,9 +988,9 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
                    kernel_hwio[w, c, o] + offset[o]            (int32, wrapping as XLA's)
 
   (g(o) = o // (O / G), the group of output channel o). Ungrouped on a native path, with two
-  or more input channels, the GEMM of the patches on the native
-  kernel (in 2-D gathered by the kernel block by block of output pixels, as `conv` does;
-  else XLA's `qjax.integer.arith.im2col`); otherwise, for groups and for one input channel
+  or more input channels, the GEMM of the patches on the native kernel (in 2-D gathered by
+  the kernel block by block of output pixels, as `conv` does; else XLA's
+  `qjax.integer.arith.im2col`); otherwise, for groups and for one input channel
   (XLA's int32 convolution of a single channel is the faster lowering: LeNet-5's 5 x 5 x 6
   first layer at batch 256, 0.5 ms against 4.7 ms through patches), `qjax.integer.arith.conv`.
   The same integers on every path.
