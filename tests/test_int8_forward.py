@@ -166,6 +166,20 @@ def _qat_step(model, variables, x):
   return y, stats, grads
 
 
+def _steps_agree(models, x):
+  """One QAT step of models[False] (float forward) and models[True] (int8 forward) from the
+  same initialisation: nearly the same outputs and gradients (the float forward rounds at
+  every step). Returns the variables and the two updated quant_stats (float, int8)."""
+  variables = models[False].init(jax.random.key(0), x)
+  (y0, stats0, g0), (y1, stats1, g1) = (_qat_step(models[flag], variables, x)
+                                        for flag in (False, True))
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
+  jaxpr = jax.make_jaxpr(lambda v: models[True].apply(v, x, mutable=["quant_stats"]))(variables)
+  assert "int8" in str(jaxpr)  # the int8 forward ran, not a float fallback
+  return variables, stats0, stats1
+
+
 def test_quant_dot_general_int8_forward_trains_like_the_float_forward():
   """A QAT step with int8_forward: the same observer updates and nearly the same logits and
   gradients as the fake-quantized float forward (which rounds its dot at every step)."""
@@ -173,16 +187,9 @@ def test_quant_dot_general_int8_forward_trains_like_the_float_forward():
   x = jnp.asarray(np.random.default_rng(3).random((8, 30)).astype(np.float32))
   dots = {flag: functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
                                   int8_forward=flag) for flag in (False, True)}
-  variables = _MLP(dots[False]).init(jax.random.key(0), x)
-  (y0, stats0, g0), (y1, stats1, g1) = (_qat_step(_MLP(dots[flag]), variables, x)
-                                        for flag in (False, True))
-  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
+  _, stats0, stats1 = _steps_agree({flag: _MLP(dot) for flag, dot in dots.items()}, x)
   # fc1's observers see the same input and weights; fc2's input differs in the last bits.
   chex.assert_trees_all_equal(stats1["quant_stats"]["fc1"], stats0["quant_stats"]["fc1"])
-  jaxpr = jax.make_jaxpr(lambda p: _MLP(dots[True]).apply(
-      {**variables, "params": p}, x, mutable=["quant_stats"]))(variables["params"])
-  assert "int8" in str(jaxpr)
 
 
 def test_int8_forward_needs_observed_qparams():
@@ -361,21 +368,12 @@ def test_quant_conv_general_int8_forward_trains_like_the_float_forward():
   x = jnp.asarray(np.random.default_rng(4).random((4, 9, 9, 1)).astype(np.float32))
   convs = {flag: functools.partial(qjax.nn.QuantConvGeneral, qconfig=qconfig, mode="qat",
                                    int8_forward=flag) for flag in (False, True)}
-  variables = _ConvNet(convs[False]).init(jax.random.key(0), x)
-  (y0, stats0, g0), (y1, stats1, g1) = (_qat_step(_ConvNet(convs[flag]), variables, x)
-                                        for flag in (False, True))
-  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
+  _, stats0, stats1 = _steps_agree({flag: _ConvNet(conv) for flag, conv in convs.items()}, x)
   chex.assert_trees_all_equal(stats1["quant_stats"]["conv1"], stats0["quant_stats"]["conv1"])
   # Grouped: the same step as the float forward's.
-  grouped = {flag: nn.Conv(4, (3, 3), feature_group_count=2,
-                           conv_general_dilated_cls=convs[flag]) for flag in (False, True)}
   x4 = jnp.asarray(np.random.default_rng(5).random((2, 5, 5, 4)).astype(np.float32))
-  grouped_vars = grouped[False].init(jax.random.key(0), x4)
-  (y0, stats0, g0), (y1, stats1, g1) = (_qat_step(grouped[flag], grouped_vars, x4)
-                                        for flag in (False, True))
-  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
+  _steps_agree({flag: nn.Conv(4, (3, 3), feature_group_count=2, conv_general_dilated_cls=conv)
+                for flag, conv in convs.items()}, x4)
   dilated = nn.Conv(4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1)),
                     conv_general_dilated_cls=convs[True])
   with pytest.raises(ValueError, match="int8_forward runs channels-last convolutions"):
