@@ -625,17 +625,24 @@ class QuantDotGeneral(nn.Module):
                            preferred_element_type=preferred_element_type)
 
 
+def _check_nn_conv(who: str, lhs: jax.Array, rhs: jax.Array, dn: Any, lhs_dilation: Any,
+                   batch_group_count: int) -> None:
+  """ValueError unless the convolution is nn.Conv's (channels last, no input dilation, no
+  batch groups): what the integer path and the int8 forward run."""
+  if (dn != arith.channels_last_dn(jnp.shape(lhs), jnp.shape(rhs))
+      or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or ()))):
+    raise ValueError(f"{who} runs channels-last convolutions (NHWC input, HWIO kernel) without "
+                     f"input dilation or batch groups, as nn.Conv does; got {dn}, "
+                     f"lhs_dilation={lhs_dilation}, batch_group_count={batch_group_count}.")
+
+
 def _int8_forward_conv(module: nn.Module, qconfig: QConfig | None, lhs: jax.Array,
                        rhs: jax.Array, window_strides: Any, padding: Any, lhs_dilation: Any,
                        rhs_dilation: Any, dn: Any, feature_group_count: int,
                        batch_group_count: int) -> jax.Array:
   """QuantConvGeneral's QAT forward in integers (`qjax.ste.int8_forward_conv`)."""
-  if (dn != arith.channels_last_dn(jnp.shape(lhs), jnp.shape(rhs))
-      or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or ()))):
-    raise ValueError(f"{_where(module)}: int8_forward runs channels-last convolutions (NHWC "
-                     f"input, HWIO kernel) without input dilation or batch groups, as nn.Conv "
-                     f"does; got {dn}, batch_group_count={batch_group_count}, "
-                     f"lhs_dilation={lhs_dilation}.")
+  _check_nn_conv(f"{_where(module)}: int8_forward", lhs, rhs, dn, lhs_dilation,
+                 batch_group_count)
   operands = _int8_forward_operands(module, qconfig, lhs, rhs)
   pads = padding if isinstance(padding, str) else tuple(
       (int(lo), int(hi)) for lo, hi in padding)
@@ -681,12 +688,7 @@ class QuantConvGeneral(nn.Module):
 
     def form() -> DotForm:
       n = jnp.ndim(rhs) - 2
-      if (dn != arith.channels_last_dn(jnp.shape(lhs), jnp.shape(rhs))
-          or batch_group_count != 1 or any(d != 1 for d in (lhs_dilation or ()))):
-        raise ValueError("the integer path runs channels-last convolutions (NHWC input, HWIO "
-                         "kernel) without input dilation or batch groups, as nn.Conv does; "
-                         f"got {dn}, lhs_dilation={lhs_dilation}, batch_group_count="
-                         f"{batch_group_count}.")
+      _check_nn_conv("the integer path", lhs, rhs, dn, lhs_dilation, batch_group_count)
       pads = padding.upper() if isinstance(padding, str) else tuple(
           (int(lo), int(hi)) for lo, hi in padding)
       if isinstance(pads, str) and pads not in ("SAME", "VALID"):
