@@ -331,7 +331,9 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
 
   Raises:
     ValueError: grids other than those above, shapes that do not contract (..., K) with
-      (K, N), or K > INT8_FORWARD_MAX_TERMS (65,793: the int32 sums could overflow).
+      (K, N), K > INT8_FORWARD_MAX_TERMS (65,793: the int32 sums could overflow), qparams of
+      the wrong shape or (concrete) value, or a concrete operand off its grid's 8-bit
+      integers (x_fq / Sx + Zx, w_fq / Sw beyond what int8 holds: it would saturate).
 
   Example:
     >>> xs, ws = QuantSpec(bits=8, signed=False), QuantSpec(bits=8, symmetric=True)
@@ -351,6 +353,7 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
     raise ValueError(f"int8_forward_dot: x_fq (..., K) and w_fq (K, N) must share K; got "
                      f"shapes {jnp.shape(x_fq)} and {jnp.shape(w_fq)}.")
   _check_terms(jnp.shape(w_fq)[0], "int8_forward_dot")
+  _check_operand_grids(x_fq, w_fq, x_spec, x_qparams, w_spec, w_qparams, "int8_forward_dot")
   return _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, x_qparams.scale,
                            x_qparams.zero_point, w_qparams.scale)
 
@@ -366,6 +369,45 @@ def _check_terms(terms: int, name: str) -> None:
     raise ValueError(f"{name}: each output sums {terms} products (|(qx - Zx) qw| <= 32640), "
                      f"more than an int32 holds for every input; int8_forward takes up to "
                      f"{INT8_FORWARD_MAX_TERMS} terms. Leave int8_forward off for this layer.")
+
+
+def _check_operand_grids(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
+                         x_qparams: QParams, w_spec: QuantSpec, w_qparams: QParams,
+                         name: str) -> None:
+  """ValueError naming the argument unless the qparams fit the grids and the operands (shapes:
+  x's per tensor, w's per tensor or one per output channel; concrete values: scales finite
+  and > 0, x's zero point on its grid), and unless each concrete operand lies within what its
+  grid's 8-bit integers hold (x_fq / Sx + Zx within x's storage range, w_fq / Sw within
+  [-128, 127]): a value beyond would saturate. Traced values are not read (under jit the
+  contract is the docstring's: the operands are `fake_quant`'s output with these qparams)."""
+  for arg, value in (("x_qparams.scale", x_qparams.scale),
+                     ("x_qparams.zero_point", x_qparams.zero_point)):
+    numerics.check_qparam_shape(jnp.asarray(value), x_spec, jnp.shape(x_fq),
+                                name=f"{name}: {arg}", data_name="x_fq")
+  numerics.check_qparam_shape(jnp.asarray(w_qparams.scale), w_spec, jnp.shape(w_fq),
+                              name=f"{name}: w_qparams.scale", data_name="w_fq")
+  numerics.check_scale_values(jnp.asarray(x_qparams.scale), name=f"{name}: x_qparams.scale")
+  numerics.check_scale_values(jnp.asarray(w_qparams.scale), name=f"{name}: w_qparams.scale")
+  numerics.check_zero_point_values(jnp.asarray(x_qparams.zero_point), x_spec,
+                                   name=f"{name}: x_qparams.zero_point")
+  shift = 128 if (not x_spec.signed and x_spec.bits == 8) else 0  # arith.int8_shift
+  for arg, values, low, high in (
+      ("x_fq", lambda: (_checks.concrete(x_fq), _checks.concrete(x_qparams.scale),
+                        _checks.concrete(x_qparams.zero_point)), shift - 128, shift + 127),
+      ("w_fq", lambda: (_checks.concrete(w_fq), _checks.concrete(w_qparams.scale), 0),
+       -128, 127)):
+    v, scale, zero_point = values()
+    if v is None or scale is None or zero_point is None or v.size == 0:
+      continue
+    with np.errstate(invalid="ignore", over="ignore"):
+      q = v.astype(np.float64) / np.asarray(scale, np.float64) + np.asarray(zero_point)
+    q = q[np.isfinite(v)]
+    if q.size and (q.min() < low - 0.5 or q.max() >= high + 0.5):
+      integers = f"{arg} / scale" + (" + zero_point" if arg == "x_fq" else "")
+      raise ValueError(f"{name}: {arg} holds values beyond its grid's 8-bit integers "
+                       f"({integers} must lie in [{low}, {high}]; got {q.min():.6g} .. "
+                       f"{q.max():.6g}): were they fake-quantized with these qparams? The int8 "
+                       f"forward would saturate them.")
 
 
 def _check_float32_operands(x_fq: jax.Array, w_fq: jax.Array, name: str) -> None:
@@ -470,9 +512,9 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
     float32 (B, *out_spatial, O).
 
   Raises:
-    ValueError: grids other than those above, operands that do not convolve, or a window of
+    ValueError: grids other than those above, operands that do not convolve, a window of
       more than INT8_FORWARD_MAX_TERMS (65,793) terms (window size x C: the int32 sums could
-      overflow).
+      overflow), or qparams and concrete operands off their grids (as `int8_forward_dot`).
 
   Example:
     >>> xs, ws = QuantSpec(bits=8, signed=False), QuantSpec(bits=8, symmetric=True)
@@ -501,6 +543,7 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
                      f"w_fq's input channels and O a multiple of {groups}; got shapes "
                      f"{jnp.shape(x_fq)} and {jnp.shape(w_fq)}.")
   _check_terms(math.prod(jnp.shape(w_fq)[:-1]), "int8_forward_conv")
+  _check_operand_grids(x_fq, w_fq, x_spec, x_qparams, w_spec, w_qparams, "int8_forward_conv")
   from qjax.integer import arith  # pylint: disable=import-outside-toplevel
   window = tuple(jnp.shape(w_fq)[:nsp])
   strides = tuple(int(v) for v in strides)

@@ -116,11 +116,50 @@ class Int8ForwardDotTest(chex.TestCase):
       ste.int8_forward_dot(x_fq.astype(jnp.bfloat16), w_fq, X_SPECS["int8_affine"], xq,
                            W_SPECS["per_tensor"], wq)
 
+  def test_qparams_and_operands_off_their_grids_are_refused(self):
+    """Qparams that do not fit the grids, and operands whose integers on them would saturate
+    in int8 (not fake-quantized with those qparams), are refused by name, never clipped."""
+    x_spec, w_spec = X_SPECS["uint8_reduce_range"], W_SPECS["per_channel"]
+    x_fq, w_fq, xq, wq = _operands(x_spec, w_spec)
+    dot = lambda x=x_fq, w=w_fq, xq=xq, wq=wq, w_spec=w_spec: ste.int8_forward_dot(
+        x, w, x_spec, xq, w_spec, wq)
+    cases = (
+        (dict(xq=QParams(jnp.full((70,), xq.scale), xq.zero_point)),
+         r"x_qparams.scale has shape \(70,\), but the spec is per-tensor"),
+        (dict(wq=QParams(wq.scale[:4], wq.zero_point)),
+         r"w_qparams.scale has shape \(4,\), but the spec is per-channel along axis -1"),
+        (dict(wq=QParams(wq.scale, wq.zero_point), w_spec=W_SPECS["per_tensor"]),
+         r"w_qparams.scale has shape \(9,\), but the spec is per-tensor"),
+        (dict(xq=QParams(jnp.float32(0.0), xq.zero_point)), "x_qparams.scale must be finite"),
+        (dict(wq=QParams(wq.scale.at[3].set(jnp.nan), wq.zero_point)),
+         "w_qparams.scale must be finite"),
+        (dict(xq=QParams(xq.scale, jnp.int32(200))),
+         r"x_qparams.zero_point must lie in \[qmin, qmax\] = \[0, 127\]"),
+        # Integers beyond [0, 255] (unsigned x) and [-128, 127] (w) would saturate.
+        (dict(xq=QParams(xq.scale / 4, xq.zero_point)),
+         r"x_fq holds values beyond its grid's 8-bit integers \(x_fq / scale \+ zero_point "
+         r"must lie in \[0, 255\]"),
+        (dict(wq=QParams(wq.scale / 2, wq.zero_point)),
+         r"w_fq holds values beyond .* \(w_fq / scale must lie in \[-128, 127\]"),
+    )
+    for kwargs, message in cases:
+      with pytest.raises(ValueError, match="int8_forward_dot: " + message):
+        dot(**kwargs)
+    # On the grid, beyond the reduced range of x (its storage range holds 255) and with a
+    # NaN (the float dot's): accepted.
+    x_top = x_fq.at[0, 0].set((255 - xq.zero_point).astype(jnp.float32) * xq.scale)
+    x_top = x_top.at[1, 1].set(jnp.nan)
+    got = np.asarray(dot(x=x_top))
+    assert np.isnan(got[1]).all() and np.isfinite(np.delete(got, 1, axis=0)).all()
+    # Traced qparams cannot be read: the check is skipped, not failed.
+    jax.jit(lambda s: dot(xq=QParams(s, xq.zero_point)))(xq.scale).block_until_ready()
+
   def test_zero_sized_operands_contract_as_the_float_dot(self):
     x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_tensor"]
     _, _, xq, wq = _operands(x_spec, w_spec)
     for x_shape, w_shape in (((4, 0), (0, 3)), ((4, 5), (5, 0)), ((0, 5), (5, 3))):
-      x, w = jnp.ones(x_shape), jnp.ones(w_shape)
+      x = ste.fake_quant(jnp.ones(x_shape), x_spec, xq)
+      w = ste.fake_quant(jnp.full(w_shape, 0.1), w_spec, wq)
       for kernel in KERNELS if x_shape[1] == 0 else (None,):
         got = ste.int8_forward_dot(x, w, x_spec, xq, w_spec, wq, kernel=kernel)
         np.testing.assert_array_equal(np.asarray(got), np.zeros((x_shape[0], w_shape[1])))
@@ -346,6 +385,12 @@ class Int8ForwardConvTest(chex.TestCase):
       ste.int8_forward_conv(x_fq, w_fq.astype(jnp.float16), x_spec, xq, w_spec, wq, **geometry)
     with pytest.raises(ValueError, match="strides and dilation need 2 entries"):
       ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, strides=(1,), padding="VALID")
+    with pytest.raises(ValueError, match=r"int8_forward_conv: w_qparams.scale has shape \(2,\)"):
+      ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, QParams(wq.scale[:2], wq.zero_point),
+                            **geometry)
+    with pytest.raises(ValueError, match="int8_forward_conv: x_fq holds values beyond"):
+      ste.int8_forward_conv(x_fq, w_fq, x_spec, QParams(xq.scale / 8, xq.zero_point), w_spec, wq,
+                            **geometry)
 
 
 class _ConvNet(nn.Module):

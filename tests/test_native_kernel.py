@@ -346,6 +346,18 @@ def test_selection_rules(monkeypatch):
       kernels.resolve(missing)
 
 
+def test_thread_count_variable_must_be_a_positive_integer(monkeypatch):
+  """QJAX_INT8_THREADS is read once, when the library loads (the check runs then)."""
+  for good in ("1", "2", "64"):
+    monkeypatch.setenv(kernels.THREADS_ENV_VAR, good)
+    kernels._check_threads_env()  # pylint: disable=protected-access
+  for bad in ("0", "-2", "two", "1.5", ""):
+    monkeypatch.setenv(kernels.THREADS_ENV_VAR, bad)
+    with pytest.raises(ValueError, match=f"QJAX_INT8_THREADS must be a positive integer .* got "
+                                         f"'{bad}'"):
+      kernels._check_threads_env()  # pylint: disable=protected-access
+
+
 def test_auto_leaves_large_products_to_xla_where_amx_is_granted(monkeypatch):
   """With AMX-INT8 granted (simulated: no CPU here need have it), "auto" keeps products
   below AUTO_AMX_XLA_MACS on the native kernel and gives larger ones (and unknown sizes) to

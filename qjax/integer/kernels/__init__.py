@@ -169,12 +169,25 @@ def _library_file() -> pathlib.Path | None:
   return found[0] if found else None
 
 
+THREADS_ENV_VAR = "QJAX_INT8_THREADS"
+
+
+def _check_threads_env() -> None:
+  """ValueError unless QJAX_INT8_THREADS, when set, is a positive integer (the library reads
+  it once, when it starts its threads; any other value would be ignored)."""
+  value = os.environ.get(THREADS_ENV_VAR)
+  if value is not None and not (value.strip().isdigit() and int(value) > 0):
+    raise ValueError(f"{THREADS_ENV_VAR} must be a positive integer (the most threads the "
+                     f"native int8 kernel runs on), or unset for every core; got {value!r}.")
+
+
 @functools.cache
 def _load() -> int:
   """Loads the library and registers its FFI targets, once; its CPU feature bits
   (`qjax_int8_paths`: 1 portable, 2 avx2, 4 vnni, 8 amx: AMX-INT8 granted and the tile
   kernel checked against its emulation on this CPU, 16: granted but that check failed, 32:
   AVX-512 VBMI), 0 without it."""
+  _check_threads_env()
   path = _library_file()
   if path is None:
     warnings.warn("qjax.integer.kernels: the native int8 GEMM library is not built (reinstall "
