@@ -409,6 +409,38 @@ def test_operand_errors():
                            lambda acc: acc.astype(jnp.int8), kernel="xla")
 
 
+@pytest.mark.parametrize("path", ("xla", *AVAILABLE[:1]))
+def test_offset_and_geometry_errors(path):
+  """Offsets and convolution geometry are checked by name on every path (a float or too wide
+  offset, a zero stride, a negative padding or a pad value off int8 was cast, wrapped, or
+  failed deep inside XLA or the kernel)."""
+  x, w = jnp.ones((2, 4), jnp.int8), jnp.ones((3, 4), jnp.int8)
+  for offset, error, message in (
+      (jnp.ones((3,), jnp.float32), TypeError, "matmul: offset must be int32 .* got float32"),
+      (jnp.ones((2,), jnp.int32), ValueError, r"offset must be int32 \(3,\), one per output "
+                                              r"channel, or a scalar; got shape \(2,\)"),
+      (np.full((3,), 2**40), ValueError, "offset must fit int32")):
+    with pytest.raises(error, match=message):
+      kernels.matmul(x, w, offset, kernel=path)
+  np.testing.assert_array_equal(np.asarray(kernels.matmul(x, w, np.full((1,), 7), kernel=path)),
+                                np.full((2, 3), 11))
+  xc, wc = jnp.ones((1, 5, 5, 2), jnp.int8), jnp.ones((3, 3, 2, 4), jnp.int8)
+  good = dict(strides=(1, 1), padding=((1, 1), (0, 0)), dilation=(1, 1), pad_value=0)
+  for change, message in (
+      (dict(strides=(0, 1)), r"strides must be 2 ints >= 1; got \(0, 1\)"),
+      (dict(dilation=(1,)), r"dilation must be 2 ints >= 1; got \(1,\)"),
+      (dict(padding=((-1, 0), (0, 0))), r"padding must be 2 \(low, high\) pairs of ints >= 0"),
+      (dict(padding="SAME"), r"padding must be 2 \(low, high\) pairs"),
+      (dict(pad_value=300), r"pad_value must lie in \[-128, 127\] \(an int8 value\); got 300"),
+      (dict(pad_value=0.5), "pad_value must be an integer scalar")):
+    with pytest.raises(ValueError, match="conv_int32: " + message):
+      kernels.conv_int32(xc, wc, jnp.zeros((4,), jnp.int32), kernel=path, **(good | change))
+  with pytest.raises(TypeError, match="conv_int32: offset must be int32"):
+    kernels.conv_int32(xc, wc, jnp.zeros((4,)), kernel=path, **good)
+  acc = kernels.conv_int32(xc, wc, 5, kernel=path, **good)  # a scalar offset, a Python pad
+  np.testing.assert_array_equal(np.asarray(acc)[0, :, 0, 0], [17, 23, 23, 23, 17])
+
+
 def test_vmap():
   rng = np.random.default_rng(7)
   x = rng.integers(-128, 128, (3, 4, 20), dtype=np.int8)

@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax import numerics
+from qjax import _checks, numerics
 from qjax._struct import static, struct
 from qjax.integer import arith
 from qjax.integer import requant as rq
@@ -675,10 +675,25 @@ def _macs(x: jax.Array, kernel_t: Weights) -> int:
   return _rows(x) * kernel_t.shape[0] * kernel_t.shape[1]
 
 
-def _offset(offset: jax.Array | None, n: int) -> jax.Array:
+def _offset(offset: jax.typing.ArrayLike | None, n: int, where: str) -> jax.Array:
+  """The offset as int32 (n,); TypeError / ValueError naming `where` unless it is integers
+  of shape (), (1,) or (n,) that int32 holds (nothing is cast or wrapped silently)."""
   if offset is None:
     return jnp.zeros((n,), jnp.int32)
-  return jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (n,))
+  dtype = np.dtype(offset.dtype) if hasattr(offset, "dtype") else np.result_type(offset)
+  if not np.issubdtype(dtype, np.integer):
+    raise TypeError(f"{where}: offset must be int32 (an integer array); got {dtype}.")
+  if np.shape(offset) not in ((), (1,), (n,)):
+    raise ValueError(f"{where}: offset must be int32 ({n},), one per output channel, or a "
+                     f"scalar; got shape {np.shape(offset)}.")
+  if np.iinfo(dtype).max > np.iinfo(np.int32).max or np.iinfo(dtype).min < np.iinfo(np.int32).min:
+    values = _checks.concrete(offset)
+    if values is not None and values.size and (values.min() < np.iinfo(np.int32).min
+                                               or values.max() > np.iinfo(np.int32).max):
+      raise ValueError(f"{where}: offset must fit int32; got values in [{values.min()}, "
+                       f"{values.max()}].")
+  return jnp.broadcast_to(jnp.asarray(offset, jnp.int32).reshape(np.shape(offset)[-1:] or ()),
+                          (n,))
 
 
 def _native_s32(x: jax.Array, kernel_t: Weights, offset: jax.Array, path: str) -> jax.Array:
@@ -721,9 +736,9 @@ def matmul(x: jax.Array, kernel_t: Weights, offset: jax.Array | None = None, *,
   path = resolve(kernel, macs=_macs(x, kernel_t))
   if path == "xla":
     acc = arith.matmul(x, _plain(kernel_t))
-    return acc if offset is None else acc + rq.channels(_offset(offset, kernel_t.shape[0]),
-                                                        acc.ndim)
-  return _native_s32(x, kernel_t, _offset(offset, kernel_t.shape[0]), path)
+    return acc if offset is None else acc + rq.channels(
+        _offset(offset, kernel_t.shape[0], "matmul"), acc.ndim)
+  return _native_s32(x, kernel_t, _offset(offset, kernel_t.shape[0], "matmul"), path)
 
 
 def matmul_requant(x: jax.Array, kernel_t: Weights, offset: jax.Array | None,
@@ -771,14 +786,14 @@ def matmul_requant(x: jax.Array, kernel_t: Weights, offset: jax.Array | None,
   if path == "xla":
     acc = arith.matmul(x, _plain(kernel_t))
     if offset is not None:
-      acc = acc + rq.channels(_offset(offset, n), acc.ndim)
+      acc = acc + rq.channels(_offset(offset, n, "matmul_requant"), acc.ndim)
     return requant(acc)
   rows = x.reshape((_rows(x), x.shape[-1]))
   weights, _, target = _weight_operands(kernel_t)
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.int8),
                           vmap_method="sequential")
   arrays, grid = _epilogue(requant, n)
-  q = call(rows, *weights, _offset(offset, n), *arrays, **grid,
+  q = call(rows, *weights, _offset(offset, n, "matmul_requant"), *arrays, **grid,
            path=np.int64(_PATH_IDS[path]), threads=np.int64(0))
   return q.reshape(x.shape[:-1] + (n,))
 
@@ -818,12 +833,13 @@ def _requantize(acc: jax.Array, offset: jax.Array | None, requant: rq.Requantize
   its fresh pages cost more than the convolution)."""
   if path == "xla":
     return requant(acc if offset is None else acc + rq.channels(
-        jnp.asarray(offset, jnp.int32), acc.ndim))
+        _offset(offset, acc.shape[-1], "conv"), acc.ndim))
   n = acc.shape[-1]
   arrays, grid = _epilogue(requant, n)
   call = jax.ffi.ffi_call(_TARGET_REQUANT_S32, jax.ShapeDtypeStruct(acc.shape, jnp.int8),
                           vmap_method="sequential")
-  return call(acc, _offset(offset, n), *arrays, **grid, path=np.int64(_PATH_IDS[path]))
+  return call(acc, _offset(offset, n, "conv"), *arrays, **grid,
+              path=np.int64(_PATH_IDS[path]))
 
 
 def round_to_int8(y: jax.Array, low: jax.typing.ArrayLike, high: jax.typing.ArrayLike,
@@ -948,6 +964,9 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   nsp = kernel_hwio.ndim - 2
   cin, cout = x.shape[-1], kernel_hwio.shape[-1]
   window = kernel_hwio.shape[:nsp]
+  offset = _offset(offset, cout, "conv")
+  strides, padding, dilation, pad_value = _conv_geometry(nsp, strides, padding, dilation,
+                                                         pad_value, "conv")
   if groups == 1 and x.ndim == nsp + 2:
     out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
     path = resolve(kernel, macs=macs)
@@ -989,6 +1008,47 @@ def _padded(x: jax.Array, padding: tuple[tuple[int, int], ...],
   if any(lo or hi for lo, hi, _ in pads):
     x = jax.lax.pad(x, jnp.asarray(pad_value).astype(jnp.int8), pads)
   return x
+
+
+def _conv_geometry(nsp: int, strides: Sequence[int], padding: Sequence[Sequence[int]],
+                   dilation: Sequence[int], pad_value: jax.typing.ArrayLike, where: str
+                   ) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[int, ...],
+                              jax.Array]:
+  """strides, padding, dilation as tuples of ints and pad_value as an int32 scalar; ValueError
+  naming `where` and the argument unless strides and dilation are `nsp` ints >= 1, padding
+  `nsp` (low, high) pairs >= 0 and pad_value an integer scalar in [-128, 127] (an int8 value;
+  checked where concrete)."""
+  def ints(values, count, low):  # None unless `count` ints >= low
+    try:
+      out = tuple(int(v) for v in values)
+      return out if len(out) == count and all(
+          v >= low and v == w for v, w in zip(out, values, strict=True)) else None
+    except (TypeError, ValueError):
+      return None
+  checked: dict[str, tuple[int, ...]] = {}
+  for name, values in (("strides", strides), ("dilation", dilation)):
+    good = ints(values, nsp, 1)
+    if good is None:
+      raise ValueError(f"{where}: {name} must be {nsp} ints >= 1; got {values!r}.")
+    checked[name] = good
+  try:
+    pairs = [ints(pair, 2, 0) for pair in padding]
+  except TypeError:
+    pairs = []
+  if len(pairs) != nsp or any(pair is None for pair in pairs):
+    raise ValueError(f"{where}: padding must be {nsp} (low, high) pairs of ints >= 0; got "
+                     f"{padding!r}.")
+  pads: tuple[tuple[int, int], ...] = tuple((p[0], p[1]) for p in pairs if p is not None)
+  dtype = (np.dtype(pad_value.dtype) if hasattr(pad_value, "dtype")
+           else np.result_type(pad_value))
+  if np.shape(pad_value) != () or not np.issubdtype(dtype, np.integer):
+    raise ValueError(f"{where}: pad_value must be an integer scalar (the input's zero on the "
+                     f"int8 grid); got {dtype} of shape {np.shape(pad_value)}.")
+  value = _checks.concrete(pad_value)
+  if value is not None and not -128 <= int(value) <= 127:
+    raise ValueError(f"{where}: pad_value must lie in [-128, 127] (an int8 value); got "
+                     f"{int(value)}.")
+  return checked["strides"], pads, checked["dilation"], jnp.asarray(pad_value, jnp.int32)
 
 
 def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
@@ -1037,9 +1097,11 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
     raise ValueError(f"conv_int32: x must be (B, *spatial, C) with C = {cin * groups} "
                      f"({groups} groups of kernel_hwio's {cin}) and {nsp} spatial dims as "
                      f"kernel_hwio {kernel_hwio.shape}; got {x.shape}.")
+  strides, padding, dilation, pad_value = _conv_geometry(nsp, strides, padding, dilation,
+                                                         pad_value, "conv_int32")
   out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
   path = resolve(kernel, macs=macs)
-  offset = jnp.asarray(offset, jnp.int32)
+  offset = _offset(offset, cout, "conv_int32")
   if path != "xla" and groups == 1 and cin > 1 and min(out) > 0:
     x = _padded(x, padding, pad_value)
     weights = kernel_hwio.reshape((math.prod(kernel_hwio.shape[:-1]), cout)).T
@@ -1107,7 +1169,7 @@ def _native_conv2d(x: jax.Array, weights: Weights, out: tuple[int, ...], offset:
               "sh": np.int64(strides[0]), "sw": np.int64(strides[1]),
               "dh": np.int64(dilation[0]), "dw": np.int64(dilation[1]),
               "path": np.int64(_PATH_IDS[path]), "threads": np.int64(0)}
-  operands = [x, *_weight_arrays(weights), _offset(offset, n)]
+  operands = [x, *_weight_arrays(weights), _offset(offset, n, "conv")]
   arrays, grid = _epilogue(requant, n)
   call = jax.ffi.ffi_call(_TARGET_CONV_PACKED_REQUANT if packed else _TARGET_CONV_REQUANT,
                           jax.ShapeDtypeStruct(shape, jnp.int8), vmap_method="sequential")
