@@ -748,6 +748,15 @@ def test_round_and_quantize_input_match_xla():
     np.testing.assert_array_equal(np.asarray(got), [-77, 5, 7, 5, 2, 105, 7, 3], err_msg=path)
   with pytest.raises(TypeError, match="y must be float32"):
     kernels.round_to_int8(jax.device_put(np.zeros(3, np.int32)), 0, 1, 0, 0)
+  y = jnp.zeros(3, jnp.float32)
+  with pytest.raises(TypeError, match="round_to_int8: low must be an integer"):
+    kernels.round_to_int8(y, -3.5, 100, 5, -77)
+  for bounds in ((10, -10, 0, 0), (-1000, 100, 0, 0), (0, 255, 0, 0), (-10, 10, 0, 999)):
+    with pytest.raises(ValueError, match="round_to_int8: need low <= high"):  # would wrap
+      kernels.round_to_int8(y, *bounds)
+  # Traced bounds cannot be checked: a jitted call takes them as they are.
+  got = jax.jit(lambda b: kernels.round_to_int8(y - 2.0, *b))((0, 255, -128, 0))
+  assert np.asarray(got).tolist() == [-128] * 3
 
 
 def test_quantize_samples_is_the_cleaned_quantization_and_the_nonfinite_mask():
@@ -833,6 +842,12 @@ def test_dequantize_rows_matches_xla():
     kernels.dequantize_rows(q, jnp.ones(3), 0)
   with pytest.raises(ValueError, match=r"bad must have shape \(\) or \(4,\)"):
     kernels.dequantize_rows(q, 1.0, 0, jnp.zeros(3, bool))
+  with pytest.raises(ValueError, match="dequantize_rows: scale must be finite and > 0"):
+    kernels.dequantize_rows(q, 0.0, 0)
+  with pytest.raises(TypeError, match="dequantize_rows: zero_point must be an integer"):
+    kernels.dequantize_rows(q, 1.0, 0.5)
+  with pytest.raises(TypeError, match="dequantize_rows: bad must be bool; got int32"):
+    kernels.dequantize_rows(q, 1.0, 0, jnp.zeros(4, jnp.int32))
 
 
 @pytest.mark.skipif(not AVAILABLE, reason="the native kernel does not run here")
@@ -966,6 +981,8 @@ def test_pack_grid_rounds_saturates_and_checks():
     kernels.pack_grid(w.astype(jnp.int32), jnp.float32(0.25))
   with pytest.raises(ValueError, match=r"scale must be \(\) or \(N,\)"):
     kernels.pack_grid(w, jnp.ones((5,), jnp.float32))
+  with pytest.raises(ValueError, match="pack_grid: scale must be finite and > 0"):
+    kernels.pack_grid(w, jnp.float32(0.0))
 
 
 def test_retain_freed_memory_stops_refaulting_large_outputs():

@@ -473,7 +473,8 @@ def pack_grid(kernel: jax.Array, scale: jax.typing.ArrayLike, *,
     (PackedWeights of q.T, bad (N,) bool).
 
   Raises:
-    ValueError: kernel not a 2-D float array, or scale of another shape.
+    ValueError: kernel not a 2-D float array, or scale of another shape or (concrete) not
+      finite and > 0.
 
   Example:
     >>> w = jnp.array([[0.5, -1.0], [1.5, jnp.nan]], jnp.float32)
@@ -490,6 +491,7 @@ def pack_grid(kernel: jax.Array, scale: jax.typing.ArrayLike, *,
   s = jnp.asarray(scale, jnp.float32)
   if s.shape not in ((), (n,)):
     raise ValueError(f"pack_grid: scale must be () or (N,) = ({n},); got shape {s.shape}.")
+  numerics.check_scale_values(s, name="pack_grid: scale")
   inv = jnp.broadcast_to(1.0 / s, (n,))
   path = resolve(kernel_path, macs=k * n)
   if path == "xla":
@@ -696,6 +698,21 @@ def _offset(offset: jax.typing.ArrayLike | None, n: int, where: str) -> jax.Arra
                           (n,))
 
 
+def _int_scalar(value: jax.typing.ArrayLike, name: str, where: str) -> jax.Array:
+  """An integer scalar (shape () or (1,)) as int32; TypeError / ValueError naming it otherwise
+  (a float would be truncated)."""
+  dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.result_type(value)
+  if not np.issubdtype(dtype, np.integer):
+    raise TypeError(f"{where}: {name} must be an integer (int32) scalar; got {dtype}.")
+  if np.shape(value) not in ((), (1,)):
+    raise ValueError(f"{where}: {name} must be a scalar; got shape {np.shape(value)}.")
+  concrete = _checks.concrete(value)
+  if concrete is not None and not np.iinfo(np.int32).min <= int(concrete.reshape(())) <= np.iinfo(
+      np.int32).max:
+    raise ValueError(f"{where}: {name} must fit int32; got {int(concrete.reshape(()))}.")
+  return jnp.asarray(value, jnp.int32).reshape(())
+
+
 def _native_s32(x: jax.Array, kernel_t: Weights, offset: jax.Array, path: str) -> jax.Array:
   n = kernel_t.shape[0]
   rows = x.reshape((_rows(x), x.shape[-1]))
@@ -849,8 +866,9 @@ def round_to_int8(y: jax.Array, low: jax.typing.ArrayLike, high: jax.typing.Arra
 
   XLA:CPU converts floats to integers one element at a time (~2 ns an element: quantizing a
   64 x 784 input took 100 us, its multiply-add 11 us); the native paths do it 16 at a time.
-  low, high, add and nan_value are int32 scalars (traced or not); the result is taken modulo
-  2^8 as int8, so keep clamp(., low, high) + add within [-128, 127].
+  low, high, add and nan_value are int32 scalars (traced or not) with low <= high and
+  clamp(., low, high) + add and nan_value within [-128, 127]: concrete ones are checked, a
+  traced call must keep it (the result is taken modulo 2^8 as int8).
 
   Args:
     y: float32 array, any shape.
@@ -862,6 +880,10 @@ def round_to_int8(y: jax.Array, low: jax.typing.ArrayLike, high: jax.typing.Arra
   Returns:
     int8, y's shape.
 
+  Raises:
+    TypeError: y not float32, or a bound that is not an integer scalar. ValueError: concrete
+      bounds whose result would wrap (see above).
+
   Example:
     >>> round_to_int8(jnp.array([0.5, 1.5, 300.0, jnp.nan]), 0, 255, -128, -100)
     Array([-128, -126,  127, -100], dtype=int8)
@@ -869,8 +891,18 @@ def round_to_int8(y: jax.Array, low: jax.typing.ArrayLike, high: jax.typing.Arra
   y = jnp.asarray(y)
   if jnp.dtype(y.dtype) != jnp.float32:
     raise TypeError(f"round_to_int8: y must be float32; got {jnp.dtype(y.dtype)}.")
-  params = jnp.stack([jnp.asarray(v, jnp.int32).reshape(()) for v in (low, high, add,
-                                                                      nan_value)])
+  names = ("low", "high", "add", "nan_value")
+  values = [_int_scalar(v, name, "round_to_int8")
+            for v, name in zip((low, high, add, nan_value), names, strict=True)]
+  known = [_checks.concrete(v) for v in values]
+  if not any(v is None for v in known):  # what a traced call must keep by itself
+    lo, hi, plus, nan = (int(np.asarray(v)) for v in known)
+    if lo > hi or not -128 <= lo + plus <= hi + plus <= 127 or not -128 <= nan <= 127:
+      raise ValueError(f"round_to_int8: need low <= high, [low + add, high + add] within "
+                       f"[-128, 127] and nan_value within [-128, 127] (an int8 result that "
+                       f"does not wrap); got low={lo}, high={hi}, add={plus}, "
+                       f"nan_value={nan}.")
+  params = jnp.stack(values)
   path = resolve(kernel, macs=int(np.prod(y.shape, dtype=np.int64)))
   if path == "xla":
     q = jnp.clip(jnp.round(y), params[0].astype(jnp.float32), params[1].astype(jnp.float32))
@@ -1253,9 +1285,9 @@ def dequantize_rows(q: jax.Array, scale: jax.typing.ArrayLike, zero_point: jax.t
     float32, q's shape.
 
   Raises:
-    TypeError: q is not int8.
-    ValueError: scale or zero_point is not a scalar, or bad's shape is neither () nor
-      (q.shape[0],).
+    TypeError: q is not int8, zero_point not an integer, or bad not bool.
+    ValueError: scale or zero_point is not a scalar, a concrete scale is not finite and > 0,
+      or bad's shape is neither () nor (q.shape[0],).
 
   Example:
     >>> q = jnp.array([[4, -2], [0, 1]], jnp.int8)
@@ -1266,13 +1298,15 @@ def dequantize_rows(q: jax.Array, scale: jax.typing.ArrayLike, zero_point: jax.t
   if jnp.dtype(q.dtype) != jnp.int8:
     raise TypeError(f"dequantize_rows: q must be int8; got {jnp.dtype(q.dtype)}.")
   scale = jnp.asarray(scale, jnp.float32)
-  zero_point = jnp.asarray(zero_point, jnp.int32)
-  for name, value in (("scale", scale), ("zero_point", zero_point)):
-    if value.size != 1:
-      raise ValueError(f"dequantize_rows: {name} must be a scalar; got shape {value.shape}.")
+  if scale.size != 1:
+    raise ValueError(f"dequantize_rows: scale must be a scalar; got shape {scale.shape}.")
+  numerics.check_scale_values(scale, name="dequantize_rows: scale")
+  zero_point = _int_scalar(zero_point, "zero_point", "dequantize_rows")
   rows = q.shape[0] if q.ndim >= 2 else 1
   if bad is not None:
     bad = jnp.asarray(bad)
+    if bad.dtype != jnp.bool_:
+      raise TypeError(f"dequantize_rows: bad must be bool; got {bad.dtype}.")
     if bad.shape not in ((), (rows,)) or (bad.ndim == 1 and q.ndim < 2):
       raise ValueError(f"dequantize_rows: bad must have shape () or ({rows},) (one flag a "
                        f"sample of q {q.shape}); got {bad.shape}.")
