@@ -363,6 +363,20 @@ class ConvTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(acc)[0, :, :, 0],
                                   [[-3, -3, -3], [5, 5, -3], [5, 5, -3]])
 
+  def test_geometry_errors_name_the_argument(self):
+    x, k = np.ones((1, 4, 4, 2), np.int8), np.ones((2, 2, 2, 2), np.int8)
+    good = dict(strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
+                feature_group_count=1, pad_value=0)
+    for change, message in (
+        (dict(strides=(1, 0)), r"strides must be 2 ints >= 1"),
+        (dict(dilation=(1, 1, 1)), r"dilation must be 2 ints >= 1"),
+        (dict(padding=((0, -1), (0, 0))), r"padding must be 2 \(low, high\) pairs"),
+        (dict(pad_value=-129), r"pad_value must lie in \[-128, 127\]"),
+        (dict(pad_value=np.zeros(2, np.int32)), r"pad_value must be an integer scalar"),
+        (dict(feature_group_count=2), r"feature_group_count must be a positive int G")):
+      with self.assertRaisesRegex(ValueError, "conv: " + message):
+        arith.conv(x, k, **(good | change))
+
   @parameterized.parameters(
       ((9,), (3,), (2,), (1,)), ((8, 7), (3, 2), (1, 3), (2, 1)), ((5, 5), (4, 4), (2, 2), (1, 1)),
       ((1, 6), (3, 1), (3, 1), (2, 1)))

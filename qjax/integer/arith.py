@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qjax import _checks
 from qjax import _float32
 from qjax import numerics
 from qjax.numerics import QuantSpec
@@ -197,6 +198,48 @@ def im2col(x: jax.Array, window: Sequence[int], strides: Sequence[int],
   return jnp.concatenate(cols, axis=-1)
 
 
+def checked_conv_geometry(nsp: int, strides: Sequence[int],
+                          padding: Sequence[Sequence[int]],
+                          dilation: Sequence[int], pad_value: jax.typing.ArrayLike,
+                          where: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...],
+                                               tuple[int, ...], jax.Array]:
+  """strides, padding, dilation as tuples of ints and pad_value as an int32 scalar; ValueError
+  naming `where` and the argument unless strides and dilation are `nsp` ints >= 1, padding
+  `nsp` (low, high) pairs >= 0 and pad_value an integer scalar in [-128, 127] (an int8 value;
+  checked where concrete)."""
+  def ints(values, count, low):  # None unless `count` ints >= low
+    try:
+      out = tuple(int(v) for v in values)
+      return out if len(out) == count and all(
+          v >= low and v == w for v, w in zip(out, values, strict=True)) else None
+    except (TypeError, ValueError):
+      return None
+  checked: dict[str, tuple[int, ...]] = {}
+  for name, values in (("strides", strides), ("dilation", dilation)):
+    good = ints(values, nsp, 1)
+    if good is None:
+      raise ValueError(f"{where}: {name} must be {nsp} ints >= 1; got {values!r}.")
+    checked[name] = good
+  try:
+    pairs = [ints(pair, 2, 0) for pair in padding]
+  except TypeError:
+    pairs = []
+  if len(pairs) != nsp or any(pair is None for pair in pairs):
+    raise ValueError(f"{where}: padding must be {nsp} (low, high) pairs of ints >= 0; got "
+                     f"{padding!r}.")
+  pads: tuple[tuple[int, int], ...] = tuple((p[0], p[1]) for p in pairs if p is not None)
+  dtype = (np.dtype(pad_value.dtype) if hasattr(pad_value, "dtype")
+           else np.result_type(pad_value))
+  if np.shape(pad_value) != () or not np.issubdtype(dtype, np.integer):
+    raise ValueError(f"{where}: pad_value must be an integer scalar (the input's zero on the "
+                     f"int8 grid); got {dtype} of shape {np.shape(pad_value)}.")
+  value = _checks.concrete(pad_value)
+  if value is not None and not -128 <= int(value) <= 127:
+    raise ValueError(f"{where}: pad_value must lie in [-128, 127] (an int8 value); got "
+                     f"{int(value)}.")
+  return checked["strides"], pads, checked["dilation"], jnp.asarray(pad_value, jnp.int32)
+
+
 def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
          padding: Sequence[tuple[int, int]], dilation: Sequence[int],
          feature_group_count: int, pad_value: jax.Array) -> jax.Array:
@@ -217,8 +260,25 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   slower. The jaxpr always holds int8 operands; the compiled program of a direct
   convolution with few channels does not.
 
+  Args:
+    x: int8 (B, *spatial, C).
+    kernel: int8 (*window, C / G, O).
+    strides, padding, dilation: ints >= 1 per spatial dim, (low, high) pairs >= 0.
+    feature_group_count: G, dividing C and O.
+    pad_value: integer scalar in [-128, 127].
+
   Returns:
     int32 array (B, *out_spatial, O).
+
+  Raises:
+    TypeError: x or kernel not int8. ValueError: ranks, geometry, groups or pad_value out of
+      the ranges above (`checked_conv_geometry`).
+
+  Example:
+    >>> x, w = jnp.ones((1, 3, 1), jnp.int8), jnp.full((2, 1, 1), 2, jnp.int8)
+    >>> conv(x, w, strides=(1,), padding=((1, 0),), dilation=(1,), feature_group_count=1,
+    ...      pad_value=-1)[0, :, 0]
+    Array([0, 4, 4], dtype=int32)
   """
   _check_int8("conv: x", x)
   _check_int8("conv: kernel", kernel)
@@ -226,7 +286,15 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   if x.ndim != nsp + 2:
     raise ValueError(f"conv: x must have rank {nsp + 2} (batch, {nsp} spatial, features) for a "
                      f"kernel of shape {kernel.shape}; got shape {x.shape}.")
-  pads = [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)]
+  strides, padding, dilation, pad_value = checked_conv_geometry(nsp, strides, padding, dilation,
+                                                                pad_value, "conv")
+  if (not isinstance(feature_group_count, int) or feature_group_count < 1
+      or x.shape[-1] % feature_group_count or kernel.shape[-1] % feature_group_count
+      or x.shape[-1] != kernel.shape[-2] * feature_group_count):
+    raise ValueError(f"conv: feature_group_count must be a positive int G with x's channels "
+                     f"= G x kernel's input channels and G dividing the output channels; got "
+                     f"{feature_group_count!r} for x {x.shape} and kernel {kernel.shape}.")
+  pads = [(0, 0), *padding, (0, 0)]
   if any(lo or hi for lo, hi in pads):
     x = lax.pad(x, pad_value.astype(jnp.int8), [(lo, hi, 0) for lo, hi in pads])
   cin, cout = x.shape[-1], kernel.shape[-1]

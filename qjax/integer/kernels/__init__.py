@@ -997,8 +997,8 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   cin, cout = x.shape[-1], kernel_hwio.shape[-1]
   window = kernel_hwio.shape[:nsp]
   offset = _offset(offset, cout, "conv")
-  strides, padding, dilation, pad_value = _conv_geometry(nsp, strides, padding, dilation,
-                                                         pad_value, "conv")
+  strides, padding, dilation, pad_value = arith.checked_conv_geometry(
+      nsp, strides, padding, dilation, pad_value, "conv")
   if groups == 1 and x.ndim == nsp + 2:
     out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
     path = resolve(kernel, macs=macs)
@@ -1040,47 +1040,6 @@ def _padded(x: jax.Array, padding: tuple[tuple[int, int], ...],
   if any(lo or hi for lo, hi, _ in pads):
     x = jax.lax.pad(x, jnp.asarray(pad_value).astype(jnp.int8), pads)
   return x
-
-
-def _conv_geometry(nsp: int, strides: Sequence[int], padding: Sequence[Sequence[int]],
-                   dilation: Sequence[int], pad_value: jax.typing.ArrayLike, where: str
-                   ) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[int, ...],
-                              jax.Array]:
-  """strides, padding, dilation as tuples of ints and pad_value as an int32 scalar; ValueError
-  naming `where` and the argument unless strides and dilation are `nsp` ints >= 1, padding
-  `nsp` (low, high) pairs >= 0 and pad_value an integer scalar in [-128, 127] (an int8 value;
-  checked where concrete)."""
-  def ints(values, count, low):  # None unless `count` ints >= low
-    try:
-      out = tuple(int(v) for v in values)
-      return out if len(out) == count and all(
-          v >= low and v == w for v, w in zip(out, values, strict=True)) else None
-    except (TypeError, ValueError):
-      return None
-  checked: dict[str, tuple[int, ...]] = {}
-  for name, values in (("strides", strides), ("dilation", dilation)):
-    good = ints(values, nsp, 1)
-    if good is None:
-      raise ValueError(f"{where}: {name} must be {nsp} ints >= 1; got {values!r}.")
-    checked[name] = good
-  try:
-    pairs = [ints(pair, 2, 0) for pair in padding]
-  except TypeError:
-    pairs = []
-  if len(pairs) != nsp or any(pair is None for pair in pairs):
-    raise ValueError(f"{where}: padding must be {nsp} (low, high) pairs of ints >= 0; got "
-                     f"{padding!r}.")
-  pads: tuple[tuple[int, int], ...] = tuple((p[0], p[1]) for p in pairs if p is not None)
-  dtype = (np.dtype(pad_value.dtype) if hasattr(pad_value, "dtype")
-           else np.result_type(pad_value))
-  if np.shape(pad_value) != () or not np.issubdtype(dtype, np.integer):
-    raise ValueError(f"{where}: pad_value must be an integer scalar (the input's zero on the "
-                     f"int8 grid); got {dtype} of shape {np.shape(pad_value)}.")
-  value = _checks.concrete(pad_value)
-  if value is not None and not -128 <= int(value) <= 127:
-    raise ValueError(f"{where}: pad_value must lie in [-128, 127] (an int8 value); got "
-                     f"{int(value)}.")
-  return checked["strides"], pads, checked["dilation"], jnp.asarray(pad_value, jnp.int32)
 
 
 def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
@@ -1129,8 +1088,8 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
     raise ValueError(f"conv_int32: x must be (B, *spatial, C) with C = {cin * groups} "
                      f"({groups} groups of kernel_hwio's {cin}) and {nsp} spatial dims as "
                      f"kernel_hwio {kernel_hwio.shape}; got {x.shape}.")
-  strides, padding, dilation, pad_value = _conv_geometry(nsp, strides, padding, dilation,
-                                                         pad_value, "conv_int32")
+  strides, padding, dilation, pad_value = arith.checked_conv_geometry(
+      nsp, strides, padding, dilation, pad_value, "conv_int32")
   out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
   path = resolve(kernel, macs=macs)
   offset = _offset(offset, cout, "conv_int32")
