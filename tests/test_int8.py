@@ -107,6 +107,21 @@ def test_as_requant():
     as_requant("double")
 
 
+def test_requantizers_refuse_bounds_int8_cannot_hold():
+  r = qjax.integer.FloatRequant(multiplier=jnp.float32(1.0), zero_point=jnp.int32(0), lo=-128,
+                                hi=127, relu=False)
+  for lo, hi in ((-129, 127), (0, 128), (5, 4), (-128.0, 127)):
+    with pytest.raises(ValueError, match=r"FloatRequant: lo and hi must be ints with -128 <= "
+                                         r"lo <= hi <= 127"):
+      qjax.integer.FloatRequant(multiplier=r.multiplier, zero_point=r.zero_point, lo=lo, hi=hi,
+                                relu=False)
+  with pytest.raises(TypeError, match="IntegerRequant: relu must be a bool; got 1"):
+    qjax.integer.IntegerRequant(m0=jnp.int32(1), shift=jnp.int32(1), zero_point=jnp.int32(0),
+                                lo=-128, hi=127, relu=1)
+  # Tree operations rebuild the struct with other leaves: the static checks still hold.
+  assert jax.tree_util.tree_map(lambda v: v * 2, r).multiplier == 2.0
+
+
 # ------------------------------------------------------------------------------------------
 # Boundaries: quantize_input, dequantize_output.
 

@@ -61,6 +61,18 @@ class _OutputGrid:
   hi: int = static()
   relu: bool = static()
 
+  def __post_init__(self):
+    # Only the static fields: the leaves may be tracers or placeholders during jax's own
+    # tree operations.
+    lo, hi = self.lo, self.hi
+    ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (lo, hi))
+    if not ints or not -128 <= lo <= hi <= 127:
+      raise ValueError(f"{type(self).__name__}: lo and hi must be ints with -128 <= lo <= hi "
+                       f"<= 127 (the output's int8 bounds; beyond them int8 would wrap); got "
+                       f"lo={lo!r}, hi={hi!r}.")
+    if not isinstance(self.relu, (bool, np.bool_)):
+      raise TypeError(f"{type(self).__name__}: relu must be a bool; got {self.relu!r}.")
+
 
 @struct
 class FbgemmRequant(_OutputGrid):
