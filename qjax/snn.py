@@ -32,6 +32,7 @@ import dataclasses
 import enum
 import functools
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -119,7 +120,11 @@ def spike(x: jax.Array, surrogate: Surrogate = Surrogate.SUPERSPIKE,
     Array([1.  , 0.25], dtype=float32)
   """
   as_surrogate(surrogate)  # an unknown name fails here, not only in the backward pass
-  del alpha
+  given: object = alpha  # any object may arrive here; the annotation says what is accepted
+  if (isinstance(given, bool) or not isinstance(given, numbers.Real)
+      or not (math.isfinite(given) and float(given) > 0)):
+    raise ValueError(f"spike: alpha (the surrogate gradient's sharpness) must be a finite "
+                     f"Python number > 0; got {alpha!r}.")
   return (x > 0).astype(x.dtype)
 
 

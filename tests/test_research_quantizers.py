@@ -352,6 +352,16 @@ def test_pact_alpha_checks():
     qz.pact_l2(jnp.float32(1.0), "0.1")
 
 
+def test_ternary_channels_with_nan_or_inf_are_nan():
+  """As binary_weight's: a channel holding a NaN or an infinity has no delta (mean |w| is not
+  finite), so the whole channel is NaN, never silently zeros; the other channels are kept."""
+  w = jnp.array([[1.0, jnp.nan, 0.5], [-0.5, 0.3, jnp.inf], [0.2, 0.1, -0.4]])
+  got = np.asarray(qz.ternary_weight(w, per_channel=True))
+  assert np.isnan(got[:, 1:]).all()
+  np.testing.assert_array_equal(got[:, 0], np.asarray(qz.ternary_weight(w[:, :1]))[:, 0])
+  assert np.isnan(np.asarray(qz.ternary_weight(w, per_channel=False))).all()
+
+
 def test_per_channel_and_flags_checks():
   with pytest.raises(ValueError, match="per_channel=True needs w with at least one axis"):
     qz.ternary_weight(jnp.float32(1.0))

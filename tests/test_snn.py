@@ -536,6 +536,14 @@ def test_unknown_surrogate_lists_the_accepted_names(surrogate):
     jax.grad(lambda x: snn.spike(x, surrogate, 1.0).sum())(X2)
 
 
+@pytest.mark.parametrize("alpha", [-1.0, 0, float("nan"), float("inf"), True, "100"])
+def test_spike_refuses_a_bad_alpha(alpha):
+  with pytest.raises(ValueError, match="spike: alpha .* must be a finite Python number > 0"):
+    snn.spike(X2, "superspike", alpha)
+  with pytest.raises(ValueError, match="spike: alpha"):  # also when only differentiated
+    jax.grad(lambda x: snn.spike(x, "superspike", alpha).sum())(X2)
+
+
 def test_accepted_values_are_normalized():
   p = LIFParameters(tau_syn_inv=200, surrogate="triangle", alpha=np.float64(3))
   assert p.surrogate is Surrogate.TRIANGLE

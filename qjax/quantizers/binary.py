@@ -102,6 +102,9 @@ def _ternary(w: jax.Array, level: jax.Array, delta: jax.Array) -> jax.Array:
   wf = w.astype(jnp.float32)
   zero = jnp.zeros_like(wf)
   out = jnp.where(wf > delta, level, jnp.where(wf < -delta, -level, zero))
+  # A NaN or an infinity in a channel makes its delta so (mean |w|): the channel is NaN, as
+  # binary_weight's, instead of zeros that no comparison with delta can keep.
+  out = jnp.where(jnp.isfinite(delta), out, jnp.float32(jnp.nan))
   return out.astype(w.dtype)
 
 
@@ -130,7 +133,8 @@ def ternary_weight(w: jax.typing.ArrayLike, *, per_channel: bool = True) -> jax.
     per_channel: delta and a per output channel (the last axis), else per tensor.
 
   Returns:
-    w_t, same shape and dtype, in {-a, 0, +a} per channel (or per tensor).
+    w_t, same shape and dtype, in {-a, 0, +a} per channel (or per tensor); NaN in a channel
+    (tensor) that holds a NaN or an infinity.
 
   Example:
     >>> w = jnp.array([[1.0, -0.1], [-0.25, 0.25], [0.1, -0.5]])
