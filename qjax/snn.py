@@ -170,11 +170,26 @@ def lif_step(x: jax.Array, state: LIFState, params: LIFParameters = LIFParameter
     dt: time step in seconds.
 
   Returns:
-    z (0. or 1., x's dtype) and LIFState(v_next, i_next).
+    z (0. or 1., in the dtype of state.v + x) and LIFState(v_next, i_next).
+
+  Raises:
+    TypeError: x not floating-point, params not LIFParameters. ValueError: x does not
+      broadcast to the state's shape, or a bad dt.
   """
   dt = _check_dt(dt)
   if not isinstance(params, LIFParameters):
     raise TypeError(f"params must be LIFParameters; got {type(params).__name__}.")
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"lif_step: x (the input current) must be a floating-point array; got "
+                    f"{x.dtype}.")
+  try:
+    fits = jnp.broadcast_shapes(x.shape, jnp.shape(state.i)) == jnp.shape(state.i)
+  except ValueError:
+    fits = False
+  if not fits:
+    raise ValueError(f"lif_step: x of shape {x.shape} must broadcast to the state's shape "
+                     f"{jnp.shape(state.i)}.")
   i1 = state.i + x
   v1 = state.v + dt * params.tau_mem_inv * ((params.v_leak - state.v) + i1)
   i_next = i1 - dt * params.tau_syn_inv * i1

@@ -493,6 +493,16 @@ def test_nonpositive_or_infinite_dt_is_refused(dt):
     snn.lif_step(X2, STATE2, LIFParameters(), dt)
 
 
+def test_input_current_must_be_float_and_fit_the_state():
+  with pytest.raises(TypeError, match="lif_step: x .* must be a floating-point array; got int32"):
+    snn.lif_step(jnp.ones(2, jnp.int32), STATE2)
+  with pytest.raises(ValueError, match=r"x of shape \(3,\) must broadcast to the state's shape "
+                                       r"\(2,\)"):
+    snn.lif_step(jnp.ones(3), STATE2)
+  z, _ = snn.lif_step(jnp.float32(2.0), STATE2)  # a scalar current drives every neuron
+  assert z.shape == (2,)
+
+
 @pytest.mark.parametrize("dt", ["0.001", None, True, jnp.float32(1e-3), np.float32(1e-3), [1e-3]],
                          ids=["str", "None", "bool", "jax_array", "np_float32", "list"])
 def test_non_number_dt_is_refused(dt):
