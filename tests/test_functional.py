@@ -602,6 +602,22 @@ def test_int8_avg_pool_of_a_constant_is_that_constant(jit, grid, form, requant, 
   assert x.min() <= pooled.min() and pooled.max() <= x.max()
 
 
+def test_pools_refuse_negative_pads_and_empty_windows():
+  x = jnp.ones((1, 4, 4, 1))
+  pool = qnn.AvgPool(window_shape=(2, 2), padding=((-1, 0), (0, 0)))
+  with pytest.raises(ValueError, match=r"AvgPool: padding must be 2 \(low, high\) pairs of "
+                                       r"ints >= 0"):
+    pool.init(jax.random.key(0), x, mode="float")
+  for window, strides, padding, message in (
+      ((0, 2), None, "VALID", r"max_pool: window_shape must be a positive int or 2"),
+      ((2, 2), (1, 0), "VALID", r"max_pool: strides must be a positive int or 2"),
+      ((2, 2), None, "FULL", r"max_pool: padding must be 'SAME', 'VALID'")):
+    for operand in (x, x.astype(jnp.int8)):
+      with pytest.raises(ValueError, match=message):
+        qnn.max_pool(operand, window, strides, padding)
+  assert qnn.max_pool(x, (np.int64(2), 2), strides=(2, 2)).shape == (1, 2, 2, 1)
+
+
 def test_avg_pool_refuses_padding_only_windows():
   pool = qnn.AvgPool(window_shape=(2, 2), padding=((2, 0), (0, 1)), count_include_pad=False)
   with pytest.raises(ValueError, match=r"windows of the \(2, 2\) window that hold padding only"):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from qjax.integer.forms import base as forms
@@ -149,8 +150,9 @@ def _float_avg_pool(x: jax.Array, form: PoolForm) -> jax.Array:
 
 
 def _ints(value: int | Sequence[int], n: int, what: str, where: str) -> tuple[int, ...]:
-  items = (value,) * n if isinstance(value, int) else tuple(value)
-  if len(items) != n or not all(isinstance(v, int) and v >= 1 for v in items):
+  items = (value,) * n if isinstance(value, (int, np.integer)) else tuple(value)
+  if len(items) != n or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                and v >= 1 for v in items):
     raise ValueError(f"{where}: {what} must be a positive int or {n} positive ints (one per "
                      f"window axis); got {value!r}.")
   return tuple(int(v) for v in items)
@@ -203,6 +205,9 @@ class AvgPool(nn.Module):
       pads: str | tuple[tuple[int, int], ...] = padding.upper()
     else:
       pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+      if len(pads) != len(window) or any(lo < 0 or hi < 0 for lo, hi in pads):
+        raise ValueError(f"{where}: padding must be {len(window)} (low, high) pairs of ints "
+                         f">= 0, one per window axis; got {padding!r}.")
     if not isinstance(pads, str) and any(lo >= w or hi >= w for (lo, hi), w in zip(
         pads, window, strict=True)):
       raise ValueError(f"{where}: padding {pads} gives windows of the {window} window that "
@@ -266,7 +271,12 @@ def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] |
     >>> max_pool(x, (2, 2), strides=(2, 2))[0, :, :, 0].tolist()
     [[5, 7], [13, 15]]
   """
-  window = tuple(window_shape)
+  window = _ints(tuple(window_shape), len(tuple(window_shape)), "window_shape", "max_pool")
+  if strides is not None:
+    strides = _ints(tuple(strides), len(window), "strides", "max_pool")
+  if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):
+    raise ValueError(f"max_pool: padding must be 'SAME', 'VALID' or (low, high) pairs; got "
+                     f"{padding!r}.")
   if (getattr(x, "dtype", None) == jnp.int8 and jnp.ndim(x) == 4 and len(window) == 2
       and isinstance(padding, str) and padding == "VALID"
       and (strides is None or len(tuple(strides)) == 2)):
