@@ -390,7 +390,8 @@ def _check_operand_grids(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
   numerics.check_scale_values(jnp.asarray(w_qparams.scale), name=f"{name}: w_qparams.scale")
   numerics.check_zero_point_values(jnp.asarray(x_qparams.zero_point), x_spec,
                                    name=f"{name}: x_qparams.zero_point")
-  shift = 128 if (not x_spec.signed and x_spec.bits == 8) else 0  # arith.int8_shift
+  from qjax.integer import arith  # pylint: disable=import-outside-toplevel
+  shift = arith.int8_shift(x_spec)
   for arg, values, low, high in (
       ("x_fq", lambda: (_checks.concrete(x_fq), _checks.concrete(x_qparams.scale),
                         _checks.concrete(x_qparams.zero_point)), shift - 128, shift + 127),
