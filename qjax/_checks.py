@@ -70,6 +70,9 @@ def concrete_bool(value: Any) -> bool | None:
 
 def normalize_axis(axis: int, ndim: int, *, name: str = "spec.axis", shape: tuple = ()) -> int:
   """Map a possibly negative axis into [0, ndim); ValueError naming `name` when out of range."""
+  if ndim == 0:
+    raise ValueError(f"{name}={axis} needs an array with at least one axis; got a scalar "
+                     f"(shape {tuple(shape)}). Use a per-tensor spec (axis=None) for it.")
   if not -ndim <= axis < ndim:
     raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim} "
                      f"(shape {tuple(shape)}); accepted values are {-ndim}..{ndim - 1}.")

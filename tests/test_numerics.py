@@ -731,6 +731,12 @@ def test_axis_out_of_range(fn, axis):
     getattr(qjax, fn)(*args)
 
 
+def test_per_channel_spec_on_a_scalar_says_to_use_per_tensor():
+  with pytest.raises(ValueError, match=r"spec\.axis=-1 needs an array with at least one axis; "
+                                       r"got a scalar .* per-tensor spec \(axis=None\)"):
+    qjax.minmax(np.float32(1.0), QuantSpec(axis=-1))
+
+
 @pytest.mark.parametrize("fn", ["quantize", "dequantize", "quantize_dequantize"])
 @pytest.mark.parametrize("field", ["scale", "zero_point"])
 def test_per_channel_qparams_length_mismatch(fn, field):
