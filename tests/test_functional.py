@@ -203,6 +203,15 @@ class ModesTest(parameterized.TestCase):
       with pytest.raises(TypeError, match="join: QuantConcat takes a non-empty sequence"):
         Bad().init(jax.random.key(0), bad)
 
+  def test_add_of_shapes_that_do_not_broadcast_names_the_module(self):
+    class Bad(nn.Module):
+      @nn.compact
+      def __call__(self, a, b, mode="float"):
+        return qnn.QuantAdd(qconfig=QCONFIG, name="join")(a, b, mode=mode)
+
+    with pytest.raises(ValueError, match=r"join: a \(2, 3\) and b \(2, 4\) do not broadcast"):
+      Bad().init(jax.random.key(0), jnp.ones((2, 3)), jnp.ones((2, 4)))
+
   def test_avg_pool_refuses_a_bad_padding_string_naming_the_module(self):
     class Bad(nn.Module):
       @nn.compact

@@ -85,6 +85,11 @@ class QuantAdd(nn.Module):
     if mode is Mode.INT8 and _observed(qconfig):
       return _integer.run(self, where, (Int8Add, IntegerAdd), a, b)
     form = AddForm(relu=bool(self.relu)) if _observed(qconfig) else None
+    try:
+      jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+    except ValueError:
+      raise ValueError(f"{where}: a {jnp.shape(a)} and b {jnp.shape(b)} do not broadcast to one "
+                       f"shape.") from None
     a = forms.mark_input(self, a, form, operand=0)
     b = forms.mark_input(self, b, form, operand=1)
     y = a + b
