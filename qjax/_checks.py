@@ -52,6 +52,11 @@ def as_int_array(name: str, value: Any, *, hint: str = "") -> jax.Array:
   return arr
 
 
+def dtype_of(value: Any) -> np.dtype:
+  """The dtype of an array, tracer or Python / NumPy scalar, without reading its value."""
+  return np.dtype(value.dtype) if hasattr(value, "dtype") else np.result_type(value)
+
+
 def concrete(value: Any) -> np.ndarray | None:
   """The value as a NumPy array when it is known at trace time, else None (under jit/vmap)."""
   try:

@@ -228,8 +228,7 @@ def checked_conv_geometry(nsp: int, strides: Sequence[int],
     raise ValueError(f"{where}: padding must be {nsp} (low, high) pairs of ints >= 0; got "
                      f"{padding!r}.")
   pads: tuple[tuple[int, int], ...] = tuple((p[0], p[1]) for p in pairs if p is not None)
-  dtype = (np.dtype(pad_value.dtype) if hasattr(pad_value, "dtype")
-           else np.result_type(pad_value))
+  dtype = _checks.dtype_of(pad_value)
   if np.shape(pad_value) != () or not np.issubdtype(dtype, np.integer):
     raise ValueError(f"{where}: pad_value must be an integer scalar (the input's zero on the "
                      f"int8 grid); got {dtype} of shape {np.shape(pad_value)}.")

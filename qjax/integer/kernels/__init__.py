@@ -682,34 +682,31 @@ def _offset(offset: jax.typing.ArrayLike | None, n: int, where: str) -> jax.Arra
   of shape (), (1,) or (n,) that int32 holds (nothing is cast or wrapped silently)."""
   if offset is None:
     return jnp.zeros((n,), jnp.int32)
-  dtype = np.dtype(offset.dtype) if hasattr(offset, "dtype") else np.result_type(offset)
+  dtype = _checks.dtype_of(offset)
   if not np.issubdtype(dtype, np.integer):
     raise TypeError(f"{where}: offset must be int32 (an integer array); got {dtype}.")
   if np.shape(offset) not in ((), (1,), (n,)):
     raise ValueError(f"{where}: offset must be int32 ({n},), one per output channel, or a "
                      f"scalar; got shape {np.shape(offset)}.")
-  if np.iinfo(dtype).max > np.iinfo(np.int32).max or np.iinfo(dtype).min < np.iinfo(np.int32).min:
-    values = _checks.concrete(offset)
-    if values is not None and values.size and (values.min() < np.iinfo(np.int32).min
-                                               or values.max() > np.iinfo(np.int32).max):
-      raise ValueError(f"{where}: offset must fit int32; got values in [{values.min()}, "
-                       f"{values.max()}].")
-  return jnp.broadcast_to(jnp.asarray(offset, jnp.int32).reshape(np.shape(offset)[-1:] or ()),
-                          (n,))
+  values = None if np.can_cast(dtype, np.int32) else _checks.concrete(offset)
+  if values is not None and values.size and not (int(values.min()) >= -2**31
+                                                 and int(values.max()) < 2**31):
+    raise ValueError(f"{where}: offset must fit int32; got values in [{values.min()}, "
+                     f"{values.max()}].")
+  return jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (n,))
 
 
 def _int_scalar(value: jax.typing.ArrayLike, name: str, where: str) -> jax.Array:
   """An integer scalar (shape () or (1,)) as int32; TypeError / ValueError naming it otherwise
   (a float would be truncated)."""
-  dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.result_type(value)
+  dtype = _checks.dtype_of(value)
   if not np.issubdtype(dtype, np.integer):
     raise TypeError(f"{where}: {name} must be an integer (int32) scalar; got {dtype}.")
   if np.shape(value) not in ((), (1,)):
     raise ValueError(f"{where}: {name} must be a scalar; got shape {np.shape(value)}.")
-  concrete = _checks.concrete(value)
-  if concrete is not None and not np.iinfo(np.int32).min <= int(concrete.reshape(())) <= np.iinfo(
-      np.int32).max:
-    raise ValueError(f"{where}: {name} must fit int32; got {int(concrete.reshape(()))}.")
+  known = _checks.concrete(value)
+  if known is not None and not -2**31 <= int(known.reshape(())) < 2**31:
+    raise ValueError(f"{where}: {name} must fit int32; got {int(known.reshape(()))}.")
   return jnp.asarray(value, jnp.int32).reshape(())
 
 
