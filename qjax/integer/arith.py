@@ -206,7 +206,16 @@ def checked_conv_geometry(nsp: int, strides: Sequence[int],
   """strides, padding, dilation as tuples of ints and pad_value as an int32 scalar; ValueError
   naming `where` and the argument unless strides and dilation are `nsp` ints >= 1, padding
   `nsp` (low, high) pairs >= 0 and pad_value an integer scalar in [-128, 127] (an int8 value;
-  checked where concrete)."""
+  checked where concrete).
+
+  Example:
+    >>> checked_conv_geometry(2, [1, 2], [[0, 1], (1, 0)], (1, 1), -128, "conv")[:3]
+    ((1, 2), ((0, 1), (1, 0)), (1, 1))
+    >>> checked_conv_geometry(1, (0,), ((0, 0),), (1,), 0, "conv")
+    Traceback (most recent call last):
+    ...
+    ValueError: conv: strides must be 1 ints >= 1; got (0,).
+  """
   def ints(values, count, low):  # None unless `count` ints >= low
     try:
       out = tuple(int(v) for v in values)
