@@ -164,6 +164,47 @@ def test_add_equals_torchs_vector_kernel(relu, variant):
     np.testing.assert_array_equal(np.asarray(got, np.int16) + 128, want, err_msg=f"{trial}")
 
 
+@pytest.mark.parametrize("requant", ["fbgemm", "integer"])
+def test_add_broadcasts_its_operands(requant):
+  """(4, 33) + (33,), + (4, 1) and + () equal the add of the operands broadcast beforehand;
+  shapes that do not broadcast are refused."""
+  rng = np.random.default_rng(5)
+  grids = [_grid(*_random_grid(rng)) for _ in range(3)]
+  op = jax.device_put(_lowered(forms.AddForm(relu=False), grids[:2], grids[2], requant))
+  a = rng.integers(-128, 128, (4, 33)).astype(np.int8)
+  others = [rng.integers(-128, 128, shape).astype(np.int8) for shape in ((33,), (4, 1), ())]
+  run = jax.jit(lambda o, a, bs: [(o(a, b), o(b, a), o(a, jnp.broadcast_to(b, a.shape)))
+                                  for b in bs])
+  for b, (got, flipped, want) in zip(others, run(op, a, others), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(b.shape))
+    assert np.asarray(flipped).shape == a.shape
+  with pytest.raises(ValueError, match=r"two int8 tensors that broadcast to one shape .* got "
+                                       r"\(4, 33\) and \(4, 2\)"):
+    op(jnp.asarray(a), jnp.zeros((4, 2), jnp.int8))
+
+
+@pytest.mark.parametrize("shapes", [((3, 128), (128,)), ((2, 64), (2, 1)), ((2, 3, 64), (3, 1))],
+                         ids=str)
+def test_broadcast_add_is_torchs(shapes):
+  """torch.ops.quantized.add broadcasts too; on outputs whose contiguous runs are whole
+  64-element blocks (no scalar tail) the two give the same integers."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(6)
+  shape_a, shape_b = shapes
+  for trial in range(20):
+    (sa, za), (sb, zb), (sy, zy) = (_random_grid(rng) for _ in range(3))
+    if trial % 2:  # halves of the output's step: ties for the rounding
+      sa = sb = float(np.float32(sy / 2))
+    op = _lowered(forms.AddForm(relu=False), [_grid(sa, za), _grid(sb, zb)], _grid(sy, zy))
+    qa = rng.integers(0, 256, shape_a, dtype=np.uint8)
+    qb = rng.integers(0, 256, shape_b, dtype=np.uint8)
+    ta = torch._make_per_tensor_quantized_tensor(torch.from_numpy(qa), sa, za)
+    tb = torch._make_per_tensor_quantized_tensor(torch.from_numpy(qb), sb, zb)
+    want = torch.ops.quantized.add(ta, tb, sy, zy).int_repr().numpy()
+    got = np.asarray(op(_int8(qa), _int8(qb)), np.int16) + 128
+    np.testing.assert_array_equal(got, want, err_msg=f"{trial}")
+
+
 @pytest.mark.parametrize("channels_last, variant", _grid_of([(True,), (False,)], [(True,)]))
 def test_concat_equals_torchs_kernels(channels_last, variant):
   rng = np.random.default_rng(4)

@@ -631,3 +631,34 @@ def test_avg_pool_refuses_padding_only_windows():
   pool = qnn.AvgPool(window_shape=(2, 2), padding=((2, 0), (0, 1)), count_include_pad=False)
   with pytest.raises(ValueError, match=r"windows of the \(2, 2\) window that hold padding only"):
     pool.init(jax.random.key(0), jnp.ones((1, 4, 4, 1)), mode="float")
+
+
+class _BroadcastAdd(nn.Module):
+  """A per-sample gate added to every feature: (B, 8) + (B, 1), as a squeeze-excite block."""
+
+  @nn.compact
+  def __call__(self, x, mode="float"):
+    x = qnn.Quantize(qconfig=QCONFIG)(x, mode=mode)
+    h = qnn.QuantDense(8, qconfig=QCONFIG, name="features")(x, mode=mode)
+    g = qnn.QuantDense(1, qconfig=QCONFIG, name="gate")(x, mode=mode)
+    return qnn.Dequantize()(qnn.QuantAdd(qconfig=QCONFIG, name="add")(h, g, mode=mode),
+                            mode=mode)
+
+
+def test_a_broadcast_add_converts_and_runs_in_int8():
+  model = _BroadcastAdd()
+  x = np.random.default_rng(8).normal(size=(16, 5)).astype(np.float32)
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, mode="calibrate"))(x)
+  _, stats = jax.jit(lambda v, x: model.apply(v, x, mode="calibrate",
+                                               mutable=["quant_stats"]))(variables, x)
+  int_vars = qjax.convert(model, {**variables, **stats}, x)
+  op = int_vars[forms.COLLECTION]["add"]["op"]
+  assert isinstance(op, forms.Int8Add)
+  y8, y_qat = jax.jit(lambda iv, v, x: (model.apply(iv, x, mode="int8"),
+                                        model.apply(v, x, mode="qat", mutable=True)[0]))(
+                                            int_vars, {**variables, **stats}, x)
+  assert y8.shape == (16, 8)
+  step = float(op.inv_scale) ** -1
+  # The add's inputs may already differ by a step of their grids (the Dense layers'
+  # requantization against the fake-quant forward), the add's own rounding by one more.
+  assert float(jnp.abs(y8 - y_qat).max()) <= 2 * step

@@ -13,6 +13,11 @@ and, requant "integer", TFLite's fixed-point add (no float anywhere):
     q   = clamp(Z_y + mul_shift_round(v_a + v_b, M_y))   M_y = 2 max(S_a, S_b) / (2^20 S_y)
 
 with each M = m0 / 2^shift (`arith.quantize_multiplier`); a ReLU clamps at Z_y.
+
+The operands broadcast as torch's quantized add's do (a (B, C) tensor plus a (C,) or (B, 1)
+one), and every element takes the formula above: torch's vector body, which its kernel runs
+on all but the last n mod 64 elements of each contiguous run of the output (its scalar tail
+rounds S_i (q_i - Z_i) and c / S_y + Z_y separately, so a tie there can differ by one).
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ LEFT_SHIFT = 20
 
 def _check_pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   a, b = int8_input(a, "a quantized add"), int8_input(b, "a quantized add")
-  if a.shape != b.shape:
-    raise ValueError(f"a quantized add takes two int8 tensors of one shape; got {a.shape} and "
-                     f"{b.shape} (broadcast them in float before the quantization points).")
-  return a, b
+  try:
+    shape = jnp.broadcast_shapes(a.shape, b.shape)
+  except ValueError:
+    raise ValueError(f"a quantized add takes two int8 tensors that broadcast to one shape (as "
+                     f"torch's quantized add does); got {a.shape} and {b.shape}.") from None
+  return jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape)
 
 
 @struct
