@@ -39,12 +39,19 @@ def as_float_array(name: str, value: Any, *, python_int_ok: bool = False,
 
 
 def as_int_array(name: str, value: Any, *, hint: str = "") -> jax.Array:
-  """`value` as an integer jax array; TypeError naming `name` otherwise."""
+  """`value` as an integer jax array; TypeError naming `name` otherwise, ValueError for
+  concrete values int32 cannot hold (JAX would wrap an int64's, as x64 is off)."""
   if isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{name} must be an integer array; got bool.{hint}")
+  wide = hasattr(value, "dtype") and not np.can_cast(np.dtype(value.dtype), np.int32)
+  if wide or isinstance(value, int):
+    known = concrete(value)
+    if (known is not None and known.size and np.issubdtype(known.dtype, np.integer)
+        and not (int(known.min()) >= -2**31 and int(known.max()) < 2**31)):
+      raise ValueError(f"{name} must fit int32; got values in [{known.min()}, {known.max()}].")
   try:
     arr = jnp.asarray(value)
-  except TypeError as err:
+  except (TypeError, OverflowError) as err:
     raise TypeError(f"{name} must be an integer array; got {type(value).__name__}.{hint}") from err
   if arr.dtype == jnp.bool_ or not jnp.issubdtype(arr.dtype, jnp.integer):
     raise TypeError(f"{name} must be an integer array (int8, uint8, int16, uint16, int32); "

@@ -416,7 +416,8 @@ def test_offset_and_geometry_errors(path):
   failed deep inside XLA or the kernel)."""
   x, w = jnp.ones((2, 4), jnp.int8), jnp.ones((3, 4), jnp.int8)
   for offset, error, message in (
-      (jnp.ones((3,), jnp.float32), TypeError, "matmul: offset must be int32 .* got float32"),
+      (jnp.ones((3,), jnp.float32), TypeError,
+       "matmul: offset must be an integer array .* got dtype float32"),
       (jnp.ones((2,), jnp.int32), ValueError, r"offset must be int32 \(3,\), one per output "
                                               r"channel, or a scalar; got shape \(2,\)"),
       (np.full((3,), 2**40), ValueError, "offset must fit int32")):
@@ -435,7 +436,7 @@ def test_offset_and_geometry_errors(path):
       (dict(pad_value=0.5), "pad_value must be an integer scalar")):
     with pytest.raises(ValueError, match="conv_int32: " + message):
       kernels.conv_int32(xc, wc, jnp.zeros((4,), jnp.int32), kernel=path, **(good | change))
-  with pytest.raises(TypeError, match="conv_int32: offset must be int32"):
+  with pytest.raises(TypeError, match="conv_int32: offset must be an integer array"):
     kernels.conv_int32(xc, wc, jnp.zeros((4,)), kernel=path, **good)
   acc = kernels.conv_int32(xc, wc, 5, kernel=path, **good)  # a scalar offset, a Python pad
   np.testing.assert_array_equal(np.asarray(acc)[0, :, 0, 0], [17, 23, 23, 23, 17])

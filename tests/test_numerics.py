@@ -757,6 +757,13 @@ def test_per_tensor_spec_with_vector_qparams():
     qjax.quantize(np.zeros(SHAPE_2D, np.float32), _SPEC, qp)
 
 
+@pytest.mark.parametrize("zero_point", [np.int64(2**40), 2**40, np.uint32(2**31)], ids=str)
+def test_zero_point_wider_than_int32_is_refused_not_wrapped(zero_point):
+  """2^40 would wrap to 0 in JAX's int32 (x64 off) and pass the grid check."""
+  with pytest.raises(ValueError, match=r"qparams\.zero_point must fit int32; got values in \["):
+    qjax.quantize(np.zeros(SHAPE_1D, np.float32), _SPEC, QParams(jnp.float32(0.1), zero_point))
+
+
 @pytest.mark.parametrize("fn", ["quantize", "dequantize", "quantize_dequantize"])
 def test_float_zero_point(fn):
   x = np.zeros(SHAPE_1D, np.int8 if fn == "dequantize" else np.float32)

@@ -682,32 +682,20 @@ def _offset(offset: jax.typing.ArrayLike | None, n: int, where: str) -> jax.Arra
   of shape (), (1,) or (n,) that int32 holds (nothing is cast or wrapped silently)."""
   if offset is None:
     return jnp.zeros((n,), jnp.int32)
-  dtype = _checks.dtype_of(offset)
-  if not np.issubdtype(dtype, np.integer):
-    raise TypeError(f"{where}: offset must be int32 (an integer array); got {dtype}.")
-  if np.shape(offset) not in ((), (1,), (n,)):
+  arr = _checks.as_int_array(f"{where}: offset", offset)
+  if arr.shape not in ((), (1,), (n,)):
     raise ValueError(f"{where}: offset must be int32 ({n},), one per output channel, or a "
-                     f"scalar; got shape {np.shape(offset)}.")
-  values = None if np.can_cast(dtype, np.int32) else _checks.concrete(offset)
-  if values is not None and values.size and not (int(values.min()) >= -2**31
-                                                 and int(values.max()) < 2**31):
-    raise ValueError(f"{where}: offset must fit int32; got values in [{values.min()}, "
-                     f"{values.max()}].")
-  return jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (n,))
+                     f"scalar; got shape {arr.shape}.")
+  return jnp.broadcast_to(arr.astype(jnp.int32), (n,))
 
 
 def _int_scalar(value: jax.typing.ArrayLike, name: str, where: str) -> jax.Array:
   """An integer scalar (shape () or (1,)) as int32; TypeError / ValueError naming it otherwise
-  (a float would be truncated)."""
-  dtype = _checks.dtype_of(value)
-  if not np.issubdtype(dtype, np.integer):
-    raise TypeError(f"{where}: {name} must be an integer (int32) scalar; got {dtype}.")
-  if np.shape(value) not in ((), (1,)):
-    raise ValueError(f"{where}: {name} must be a scalar; got shape {np.shape(value)}.")
-  known = _checks.concrete(value)
-  if known is not None and not -2**31 <= int(known.reshape(())) < 2**31:
-    raise ValueError(f"{where}: {name} must fit int32; got {int(known.reshape(()))}.")
-  return jnp.asarray(value, jnp.int32).reshape(())
+  (a float would be truncated, a wider integer wrapped)."""
+  arr = _checks.as_int_array(f"{where}: {name}", value)
+  if arr.shape not in ((), (1,)):
+    raise ValueError(f"{where}: {name} must be a scalar; got shape {arr.shape}.")
+  return arr.astype(jnp.int32).reshape(())
 
 
 def _native_s32(x: jax.Array, kernel_t: Weights, offset: jax.Array, path: str) -> jax.Array:
