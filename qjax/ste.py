@@ -392,12 +392,10 @@ def _check_operand_grids(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
                                    name=f"{name}: x_qparams.zero_point")
   from qjax.integer import arith  # pylint: disable=import-outside-toplevel
   shift = arith.int8_shift(x_spec)
-  for arg, values, low, high in (
-      ("x_fq", lambda: (_checks.concrete(x_fq), _checks.concrete(x_qparams.scale),
-                        _checks.concrete(x_qparams.zero_point)), shift - 128, shift + 127),
-      ("w_fq", lambda: (_checks.concrete(w_fq), _checks.concrete(w_qparams.scale), 0),
-       -128, 127)):
-    v, scale, zero_point = values()
+  for arg, operands, low, high in (
+      ("x_fq", (x_fq, x_qparams.scale, x_qparams.zero_point), shift - 128, shift + 127),
+      ("w_fq", (w_fq, w_qparams.scale, 0), -128, 127)):
+    v, scale, zero_point = (_checks.concrete(a) for a in operands)
     if v is None or scale is None or zero_point is None or v.size == 0:
       continue
     with np.errstate(invalid="ignore", over="ignore"):
@@ -547,12 +545,12 @@ def int8_forward_conv(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec,
   _check_operand_grids(x_fq, w_fq, x_spec, x_qparams, w_spec, w_qparams, "int8_forward_conv")
   from qjax.integer import arith  # pylint: disable=import-outside-toplevel
   window = tuple(jnp.shape(w_fq)[:nsp])
-  strides = tuple(int(v) for v in strides)
-  dilation = (1,) * nsp if dilation is None else tuple(int(v) for v in dilation)
-  if len(strides) != nsp or len(dilation) != nsp:
-    raise ValueError(f"int8_forward_conv: strides and dilation need {nsp} entries; got "
-                     f"{strides} and {dilation}.")
-  pads = arith.conv_pads(padding, jnp.shape(x_fq)[1:-1], window, strides, dilation)
+  # "SAME" / "VALID" become explicit pads once strides and dilation are checked.
+  pairs = ((0, 0),) * nsp if isinstance(padding, str) else padding
+  strides, pads, dilation, _ = arith.checked_conv_geometry(
+      nsp, strides, pairs, (1,) * nsp if dilation is None else dilation, 0, "int8_forward_conv")
+  if isinstance(padding, str):
+    pads = arith.conv_pads(padding, jnp.shape(x_fq)[1:-1], window, strides, dilation)
   return _int8_forward_conv(x_spec, w_spec, kernel, (strides, pads, dilation, groups), x_fq,
                             w_fq, x_qparams.scale, x_qparams.zero_point, w_qparams.scale)
 

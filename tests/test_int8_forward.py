@@ -383,8 +383,13 @@ class Int8ForwardConvTest(chex.TestCase):
       ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, groups=0, **geometry)
     with pytest.raises(ValueError, match="x_fq and w_fq must be float32"):
       ste.int8_forward_conv(x_fq, w_fq.astype(jnp.float16), x_spec, xq, w_spec, wq, **geometry)
-    with pytest.raises(ValueError, match="strides and dilation need 2 entries"):
-      ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, strides=(1,), padding="VALID")
+    for bad, message in (
+        (dict(strides=(1,), padding="VALID"), r"strides must be 2 ints >= 1; got \(1,\)"),
+        (dict(strides=(0, 1), padding="SAME"), r"strides must be 2 ints >= 1; got \(0, 1\)"),
+        (dict(strides=(1, 1), padding="VALID", dilation=(1, 0)), r"dilation must be 2 ints"),
+        (dict(strides=(1, 1), padding=((-1, 0), (0, 0))), r"padding must be 2 \(low, high\)")):
+      with pytest.raises(ValueError, match="int8_forward_conv: " + message):
+        ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, wq, **bad)
     with pytest.raises(ValueError, match=r"int8_forward_conv: w_qparams.scale has shape \(2,\)"):
       ste.int8_forward_conv(x_fq, w_fq, x_spec, xq, w_spec, QParams(wq.scale[:2], wq.zero_point),
                             **geometry)
