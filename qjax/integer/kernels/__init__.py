@@ -827,21 +827,20 @@ def dense(x: jax.Array, kernel_t: Weights, offset: jax.Array, requant: rq.Requan
   return matmul_requant(x, kernel_t, offset, requant, kernel=kernel)
 
 
-def _requantize(acc: jax.Array, offset: jax.Array | None, requant: rq.Requantizer,
+def _requantize(acc: jax.Array, offset: jax.Array, requant: rq.Requantizer,
                 path: str) -> jax.Array:
-  """`requant(acc + offset)` for an int32 acc (..., N) made outside the kernel; on a native
+  """`requant(acc + offset)` for an int32 acc (..., N) made outside the kernel and the
+  offset int32 (N,) (`conv` checked it with `_offset`); on a native
   path the requantizer runs as the kernel's fused epilogue, one pass from int32 to int8 (no
   float intermediate in memory: at LeNet-5's first layer, batch 1024, XLA's float array and
   its fresh pages cost more than the convolution)."""
   if path == "xla":
-    return requant(acc if offset is None else acc + rq.channels(
-        _offset(offset, acc.shape[-1], "conv"), acc.ndim))
+    return requant(acc + rq.channels(offset, acc.ndim))
   n = acc.shape[-1]
   arrays, grid = _epilogue(requant, n)
   call = jax.ffi.ffi_call(_TARGET_REQUANT_S32, jax.ShapeDtypeStruct(acc.shape, jnp.int8),
                           vmap_method="sequential")
-  return call(acc, _offset(offset, n, "conv"), *arrays, **grid,
-              path=np.int64(_PATH_IDS[path]))
+  return call(acc, offset, *arrays, **grid, path=np.int64(_PATH_IDS[path]))
 
 
 def round_to_int8(y: jax.Array, low: jax.typing.ArrayLike, high: jax.typing.ArrayLike,
@@ -1145,7 +1144,7 @@ def _native_conv2d(x: jax.Array, weights: Weights, out: tuple[int, ...], offset:
               "sh": np.int64(strides[0]), "sw": np.int64(strides[1]),
               "dh": np.int64(dilation[0]), "dw": np.int64(dilation[1]),
               "path": np.int64(_PATH_IDS[path]), "threads": np.int64(0)}
-  operands = [x, *_weight_arrays(weights), _offset(offset, n, "conv")]
+  operands = [x, *_weight_arrays(weights), offset]  # int32 (n,), checked by `conv`
   arrays, grid = _epilogue(requant, n)
   call = jax.ffi.ffi_call(_TARGET_CONV_PACKED_REQUANT if packed else _TARGET_CONV_REQUANT,
                           jax.ShapeDtypeStruct(shape, jnp.int8), vmap_method="sequential")
