@@ -297,7 +297,7 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   strides, padding, dilation, pad_value = checked_conv_geometry(nsp, strides, padding, dilation,
                                                                 pad_value, "conv")
   if (not isinstance(feature_group_count, int) or feature_group_count < 1
-      or x.shape[-1] % feature_group_count or kernel.shape[-1] % feature_group_count
+      or kernel.shape[-1] % feature_group_count
       or x.shape[-1] != kernel.shape[-2] * feature_group_count):
     raise ValueError(f"conv: feature_group_count must be a positive int G with x's channels "
                      f"= G x kernel's input channels and G dividing the output channels; got "
