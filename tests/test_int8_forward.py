@@ -214,8 +214,10 @@ def _steps_agree(models, x):
                                         for flag in (False, True))
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-5)
-  jaxpr = jax.make_jaxpr(lambda v: models[True].apply(v, x, mutable=["quant_stats"]))(variables)
-  assert "int8" in str(jaxpr)  # the int8 forward ran, not a float fallback
+  jaxprs = {flag: str(jax.make_jaxpr(lambda v, m=m: m.apply(v, x, mutable=["quant_stats"]))(
+      variables)) for flag, m in models.items()}
+  # The int8 forward ran, not a float fallback (the float forward has no int8 at all).
+  assert "int8" in jaxprs[True] and "int8" not in jaxprs[False]
   return variables, stats0, stats1
 
 
