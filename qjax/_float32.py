@@ -97,6 +97,38 @@ def exact_div(numerator: jax.Array, denominator: jax.Array | float) -> jax.Array
   return numerator / den
 
 
+def _min_max_pair(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]
+                  ) -> tuple[jax.Array, jax.Array]:
+  # One module-level reducer: eager calls cache their compiled reduce by this function's
+  # identity (a lambda per call would compile a new one on every call).
+  return lax.min(a[0], b[0]), lax.max(a[1], b[1])
+
+
+def min_and_max(x: jax.Array, axes: tuple[int, ...] | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+  """(min, max) of float x over `axes` (None: all), with NaN propagating, on every backend.
+
+    lo = min_{axes} x,   hi = max_{axes} x;   NaN in a slice makes both of its results NaN
+
+  jnp.min / jnp.max do not promise that on XLA:CPU: it hands large min and max reductions
+  (from ~4,096 elements, and per channel) to YNNPACK, whose kernels return the other
+  operand on NaN, so a NaN in a big tensor vanishes from its range (jaxlib 0.10.2). One
+  variadic reduce, (min, max) at once, stays in XLA's own loop, which propagates NaN; the
+  optimization barrier keeps XLA from splitting it into two plain reductions (which it
+  does when one result goes unused). Over all axes it is also about a third faster than two
+  reductions (256 x 784: ~20 against ~33 us on 2 cores).
+
+  Example:
+    >>> x = jnp.arange(8192.0).at[5000].set(jnp.nan).reshape(2, 4096)
+    >>> [v.tolist() for v in min_and_max(x, (1,))]
+    [[0.0, nan], [4095.0, nan]]
+  """
+  axes = tuple(range(x.ndim)) if axes is None else tuple(axes)
+  init = (np.asarray(np.inf, x.dtype), np.asarray(-np.inf, x.dtype))
+  lo, hi = lax.optimization_barrier(lax.reduce((x, x), init, _min_max_pair, axes))
+  return lo, hi
+
+
 # ------------------------------------------------------------------------------------------
 # Error-free transformations.
 

@@ -356,8 +356,7 @@ def minmax(x: jax.typing.ArrayLike, spec: QuantSpec) -> tuple[jax.Array, jax.Arr
     others = tuple(a for a in range(x.ndim) if a != axis)
   else:
     others = None
-  x = x.astype(jnp.float32)
-  return jnp.min(x, axis=others), jnp.max(x, axis=others)
+  return _float32.min_and_max(x.astype(jnp.float32), others)
 
 
 def qparams_from_minmax(min_val: jax.typing.ArrayLike, max_val: jax.typing.ArrayLike,

@@ -264,3 +264,18 @@ def test_bit_level_stand_ins(lo, hi):
   np.testing.assert_array_equal(got[normal], scaled[normal].astype(F32))
   r = np.asarray(_jit("reciprocal_estimate")(v)).astype(np.float64)
   assert np.max(np.abs(r * v - 1)) < 1.2e-7
+
+
+@pytest.mark.parametrize("shape, axes", [((256, 784), None), ((784, 100), (0,)), ((1100, 70), (0,)),
+                                         ((6, 4096), (1,))])
+def test_min_and_max_propagate_nan_on_large_tensors(shape, axes):
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  x.reshape(-1)[-1] = np.nan
+  want_lo = np.min(x, axis=axes)
+  want_hi = np.max(x, axis=axes)
+  lo, hi = jax.jit(lambda x: _float32.min_and_max(x, axes))(x)
+  np.testing.assert_array_equal(np.asarray(lo), want_lo)
+  np.testing.assert_array_equal(np.asarray(hi), want_hi)
+  # One result alone (XLA would split the reduce and hand the half to a kernel that drops NaN).
+  np.testing.assert_array_equal(jax.jit(lambda x: _float32.min_and_max(x, axes)[0])(x), want_lo)
+  np.testing.assert_array_equal(jax.jit(lambda x: _float32.min_and_max(x, axes)[1])(x), want_hi)

@@ -1039,3 +1039,16 @@ def test_pytorch_symmetric_zero_points(kwargs, zero_point):
 
 def test_float32_eps_is_pytorchs_default():
   assert qjax.FLOAT32_EPS == 2.0**-23  # torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, signed=False),
+                                  QuantSpec(bits=8, signed=True, symmetric=True, axis=-1)], ids=str)
+def test_minmax_of_a_large_tensor_holding_nan_is_nan(spec):
+  # (1100, 70): large enough for XLA:CPU to run jnp.min / jnp.max in kernels that drop NaN.
+  x = np.random.default_rng(0).normal(size=(1100, 70)).astype(np.float32)
+  x[-1, -1] = np.nan
+  axis = None if spec.axis is None else 0
+  for fn in (qjax.minmax, jax.jit(qjax.minmax, static_argnums=1)):
+    lo, hi = fn(x, spec)
+    np.testing.assert_array_equal(np.asarray(lo), np.min(x, axis=axis))
+    np.testing.assert_array_equal(np.asarray(hi), np.max(x, axis=axis))

@@ -93,6 +93,16 @@ class ObserverContractTest(chex.TestCase):
       observer.qparams(empty)
 
   @parameterized.named_parameters(*OBSERVERS.items())
+  def test_a_nan_in_a_large_batch_is_skipped_under_jit(self, observer):
+    # XLA:CPU runs large min / max reductions in kernels that drop NaN; the range must not.
+    update = jax.jit(observer.update)
+    state = update(observer.init((4096, 5)), jnp.tile(BATCHES[0], (256, 1)))
+    for where in ((4095, 4), (0, 0), (2000, 2)):
+      after = update(state, jnp.tile(BATCHES[1], (256, 1)).at[where].set(jnp.nan))
+      chex.assert_trees_all_equal(after._replace(skipped=state.skipped), state)
+      assert int(after.skipped) == int(state.skipped) + 1
+
+  @parameterized.named_parameters(*OBSERVERS.items())
   def test_range_too_wide_for_float32_raises_eagerly(self, observer):
     # Finite data whose max - min overflows float32: one batch, or two batches together.
     state = observer.init((16, 5))

@@ -352,6 +352,16 @@ def test_pact_alpha_checks():
     qz.pact_l2(jnp.float32(1.0), "0.1")
 
 
+@pytest.mark.parametrize("shape", [(3, 4), (300, 100)])
+def test_dorefa_weights_holding_nan_are_nan(shape):
+  # Small or large (where XLA:CPU's max reduction would drop the NaN), the same answer: no
+  # scale, so no finite weight is quantized on a range taken from the others.
+  w = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+  w = w.at[-1, -1].set(jnp.nan)
+  assert np.isnan(np.asarray(jax.jit(qz.dorefa_weight, static_argnums=1)(w, 4))).all()
+  assert np.isnan(np.asarray(qz.dorefa_weight(w, 4))).all()
+
+
 def test_ternary_channels_with_nan_or_inf_are_nan():
   """As binary_weight's: a channel holding a NaN or an infinity has no delta (mean |w| is not
   finite), so the whole channel is NaN, never silently zeros; the other channels are kept."""

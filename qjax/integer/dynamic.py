@@ -75,10 +75,9 @@ from qjax import _checks
 from qjax import _struct
 from qjax.integer._fbgemm_tie import _round_half_even, _zero_point_at_tie
 from qjax._float32 import (dd_div_rounded, exact_times, exponent, fma, fusible_div, ldexp,
-                           reciprocal_estimate, sign_of_sum, split, two_sum)
+                           min_and_max, reciprocal_estimate, sign_of_sum, split, two_sum)
 from qjax.integer import arith
 from qjax.integer import kernels
-from qjax import observers
 from qjax.numerics import QParams, QuantSpec
 from qjax.qarray import QArray, quantize_array
 
@@ -395,7 +394,7 @@ def _quantize_rows(rows: jax.Array, reduce_range: bool) -> tuple[jax.Array, jax.
                                                                   jax.Array]:
   """(q_x - 128 as int8, S_x, Z_x as float32) for float32 rows, fbgemm's way."""
   if rows.size:
-    lo, hi = observers._min_and_max(rows, tuple(range(rows.ndim)))    # one pass
+    lo, hi = min_and_max(rows)    # one pass
   else:
     lo = hi = jnp.zeros((), _F32)    # fbgemm's FindMinMax of nothing
   scale, zero_point = _choose_qparams_core(lo, hi, reduce_range=reduce_range)

@@ -80,8 +80,6 @@ from qjax.observers.minmax import MinMaxState
 from qjax.observers.minmax import MovingAverageMinMaxObserver
 from qjax.observers.minmax import ObserverState
 from qjax.observers.minmax import merge
-# Not public: the one-pass (min, max) reduction, shared with dynamic quantization.
-from qjax.observers.minmax import _min_and_max as _min_and_max
 
 Observer = (MinMaxObserver | MovingAverageMinMaxObserver | HistogramObserver
             | PercentileObserver | MSEObserver | EntropyObserver | FixedQParamsObserver)

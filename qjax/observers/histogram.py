@@ -43,9 +43,10 @@ import numpy as np
 from jax import lax
 
 from qjax import _checks
-from qjax._float32 import (dd_add, dd_div, dd_mul, exact_div, f64_to_f32, fma, rounded, two_sum)
+from qjax._float32 import (dd_add, dd_div, dd_mul, exact_div, f64_to_f32, fma, min_and_max,
+                           rounded, two_sum)
 from qjax.observers.minmax import (AxisName, HistogramState, _batch_data, _checked_range,
-                                   _fits_float32, _min_and_max, _RangeObserver,
+                                   _fits_float32, _RangeObserver,
                                    _saturating_increment, checked_axis_name)
 
 UPSAMPLE_RATE: int = 16
@@ -308,7 +309,7 @@ def histogram_update(histogram: jax.Array, min_val: jax.Array, max_val: jax.Arra
     raise TypeError(f"histogram_update: expected initialized as a bool scalar, got "
                     f"{initialized.dtype} of shape {initialized.shape}.")
   x = x.reshape(-1).astype(jnp.float32)
-  x_min, x_max = _min_and_max(x, (0,))
+  x_min, x_max = min_and_max(x, (0,))
   if axis_name is not None:
     x_min, x_max = lax.pmin(x_min, axis_name), lax.pmax(x_max, axis_name)
   return _update(histogram, min_val, max_val, x, x_min, x_max, initialized,
@@ -629,7 +630,7 @@ class HistogramObserver(_RangeObserver[HistogramState]):
                       f"(from {self.name}.init); got {type(state).__name__}"
                       + (f" with {state.histogram.shape[0]} bins"
                          if isinstance(state, HistogramState) else "") + ".")
-    lo, hi = _min_and_max(x, tuple(range(x.ndim)))
+    lo, hi = min_and_max(x, tuple(range(x.ndim)))
     finite = jnp.isfinite(lo) & jnp.isfinite(hi)
     if axis_name is not None:
       lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)

@@ -110,6 +110,15 @@ def _sign_times_bwd(scale, g):
 _sign_times.defvjp(_sign_times_fwd, _sign_times_bwd)
 
 
+def _max_abs(t: jax.Array) -> jax.Array:
+  """max |t|, 1 where every t is 0, NaN where any t is NaN: jnp.max drops a NaN on XLA:CPU for
+  large arrays (its reduction kernels return the other operand), which would quantize the
+  finite weights of a tensor holding NaN on a scale from the rest."""
+  biggest = jnp.max(jnp.abs(t))
+  biggest = jnp.where(biggest > 0, biggest, jnp.ones_like(biggest))
+  return jnp.where(jnp.any(jnp.isnan(t)), jnp.full_like(biggest, jnp.nan), biggest)
+
+
 def dorefa_weight(w: jax.typing.ArrayLike, bits: int) -> jax.Array:
   """DoReFa's weight quantizer.
 
@@ -119,8 +128,9 @@ def dorefa_weight(w: jax.typing.ArrayLike, bits: int) -> jax.Array:
 
   The gradient flows through tanh and the normalisation (the max is differentiated as JAX
   does, which splits it among ties); only `quantize_k` is straight-through. If every weight
-  is 0, max|t| is taken as 1 (the paper divides by zero). k = 32 applies the same formula
-  (tanh(w) / max|tanh(w)| up to float32 rounding); the paper's code skips the transform.
+  is 0, max|t| is taken as 1 (the paper divides by zero); a NaN weight makes every result
+  NaN. k = 32 applies the same formula (tanh(w) / max|tanh(w)| up to float32 rounding); the
+  paper's code skips the transform.
 
   k = 1, with E = mean|w| treated as a constant in the backward pass:
 
@@ -148,8 +158,7 @@ def dorefa_weight(w: jax.typing.ArrayLike, bits: int) -> jax.Array:
     scale = jax.lax.stop_gradient(jnp.mean(jnp.abs(wf)))
     return _sign_times(wf, scale).astype(w.dtype)
   t = jnp.tanh(wf)
-  biggest = jnp.max(jnp.abs(t))
-  biggest = jnp.where(biggest > 0, biggest, jnp.ones_like(biggest))
+  biggest = _max_abs(t)
   unit = t / (2.0 * biggest) + 0.5
   # 2 quantize_k(unit) - 1 = (2 rne(n unit) - n) / n: one rounding per level, so the value
   # does not depend on how XLA fuses the two steps (jit and eager agree bit for bit).

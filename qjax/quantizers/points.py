@@ -47,7 +47,7 @@ from qjax.numerics import QParams, QuantSpec
 from qjax.quantizers import _common
 from qjax.quantizers.binary import (_reduce_axes, binary_scale, binary_weight, ternary_parts,
                                     ternary_weight)
-from qjax.quantizers.dorefa import dorefa_activation, dorefa_weight
+from qjax.quantizers.dorefa import _max_abs, dorefa_activation, dorefa_weight
 from qjax.quantizers.pact import pact, pact_l2
 from qjax.quantizers.wrpn import wrpn_activation, wrpn_weight
 
@@ -155,8 +155,7 @@ class DoReFaWeight(WeightQuantizer):
       return _weights(q, mean, ())
     n = float(2**self.bits - 1)
     t = jnp.tanh(w)
-    biggest = jnp.max(jnp.abs(t))
-    biggest = jnp.where(biggest > 0, biggest, jnp.ones_like(biggest))
+    biggest = _max_abs(t)
     m = jnp.round((t / (2.0 * biggest) + 0.5) * n)
     return _weights((2.0 * m - n).astype(jnp.int32), jnp.float32(1.0 / n), ())
 
