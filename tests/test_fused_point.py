@@ -69,9 +69,22 @@ def _fused_point(observer, path, state, x):
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_fused_point_matches_xla(spec):
+  # (256, 784): large enough to split over threads, in blocks whose last one is partial;
+  # (3, 77): a tail after whole 64-element steps.
+  shapes = [(33, 70), (5, 3, 17), (2, 40, 1)] if spec.per_channel else [(256, 784), (7,), (3, 77)]
+  _check_against_xla(spec, shapes, OBSERVERS)
+
+
+def test_a_large_per_channel_point_split_over_threads_matches_xla():
+  # Rows split into blocks over the threads (the last one partial); the channels are not a
+  # multiple of 16 and the NaN / inf batches put them in the first and the last block.
+  _check_against_xla(QuantSpec(bits=8, signed=True, symmetric=True, axis=-1), [(1100, 70)],
+                     OBSERVERS[1:])
+
+
+def _check_against_xla(spec, shapes, makers):
   rng = np.random.default_rng(7)
-  shapes = [(33, 70), (5, 3, 17), (2, 40, 1)] if spec.per_channel else [(256, 784), (7,), (3, 5)]
-  for make in OBSERVERS:
+  for make in makers:
     observer = make(spec)
 
     @jax.jit

@@ -2494,6 +2494,9 @@ ffi::Error PackRound(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> inv,
 // one channel. A batch holding NaN / +-inf, or one that makes the range too wide for
 // float32, leaves the state as it was and counts as skipped (XLA's observer: the same).
 
+// A QAT point splits over threads from kFqParallelMin elements on, in blocks of ~kFqBlock.
+constexpr int64_t kFqParallelMin = int64_t{1} << 16, kFqBlock = int64_t{1} << 14;
+
 struct FqGrid {
   float qmin = 0, qmax = 0;
 };
@@ -2501,66 +2504,109 @@ struct FqGrid {
 #ifdef QJAX_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
-// Folds x[0, n) into *lo / *hi (lanes of NaN or inf only clear the returned flag).
+// Folds x[0, n) into *lo / *hi (lanes of NaN or inf only clear the returned flag; *lo / *hi
+// are then meaningless). Four accumulator pairs: one min / max chain is latency-bound.
 bool FoldRangeAvx512(const float* x, int64_t n, float* lo, float* hi) {
-  __m512 vlo = _mm512_set1_ps(*lo), vhi = _mm512_set1_ps(*hi);
-  const __m512 zero = _mm512_setzero_ps();
-  __mmask16 bad = 0;
-  for (int64_t i = 0; i < n; i += 16) {
+  __m512 lo0 = _mm512_set1_ps(*lo), hi0 = _mm512_set1_ps(*hi);
+  __m512 lo1 = lo0, lo2 = lo0, lo3 = lo0, hi1 = hi0, hi2 = hi0, hi3 = hi0;
+  // v - v is 0 for a finite v and NaN for NaN / inf; a sum of them is NaN iff one is.
+  __m512 odd = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + i + 16);
+    const __m512 v2 = _mm512_loadu_ps(x + i + 32), v3 = _mm512_loadu_ps(x + i + 48);
+    odd = _mm512_add_ps(odd, _mm512_add_ps(
+        _mm512_add_ps(_mm512_sub_ps(v0, v0), _mm512_sub_ps(v1, v1)),
+        _mm512_add_ps(_mm512_sub_ps(v2, v2), _mm512_sub_ps(v3, v3))));
+    lo0 = _mm512_min_ps(lo0, v0), hi0 = _mm512_max_ps(hi0, v0);
+    lo1 = _mm512_min_ps(lo1, v1), hi1 = _mm512_max_ps(hi1, v1);
+    lo2 = _mm512_min_ps(lo2, v2), hi2 = _mm512_max_ps(hi2, v2);
+    lo3 = _mm512_min_ps(lo3, v3), hi3 = _mm512_max_ps(hi3, v3);
+  }
+  for (; i < n; i += 16) {
     const __mmask16 valid = Lanes16(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
-    bad |= _mm512_mask_cmp_ps_mask(valid, _mm512_sub_ps(v, v), zero, _CMP_UNORD_Q);
-    vlo = _mm512_mask_min_ps(vlo, valid, vlo, v);
-    vhi = _mm512_mask_max_ps(vhi, valid, vhi, v);
+    odd = _mm512_add_ps(odd, _mm512_sub_ps(v, v));
+    lo0 = _mm512_mask_min_ps(lo0, valid, lo0, v);
+    hi0 = _mm512_mask_max_ps(hi0, valid, hi0, v);
   }
-  *lo = _mm512_reduce_min_ps(vlo);
-  *hi = _mm512_reduce_max_ps(vhi);
-  return bad == 0;
+  *lo = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_min_ps(lo0, lo1), _mm512_min_ps(lo2, lo3)));
+  *hi = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(hi0, hi1), _mm512_max_ps(hi2, hi3)));
+  return _mm512_cmp_ps_mask(odd, _mm512_setzero_ps(), _CMP_UNORD_Q) == 0;
 }
 
-// Folds the rows x[r, 0, c) (row stride c) into lo[0, c) / hi[0, c).
+// Folds the rows x[r, 0, c) (row stride c) into lo[0, c) / hi[0, c); four rows at a time
+// into separate accumulators.
 bool FoldRowsAvx512(const float* x, int64_t rows, int64_t c, float* lo, float* hi) {
-  const __m512 zero = _mm512_setzero_ps();
-  __mmask16 bad = 0;
+  __m512 odd = _mm512_setzero_ps();
   for (int64_t j = 0; j < c; j += 16) {
     const __mmask16 valid = Lanes16(c - j);
-    __m512 vlo = _mm512_maskz_loadu_ps(valid, lo + j), vhi = _mm512_maskz_loadu_ps(valid, hi + j);
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 v = _mm512_maskz_loadu_ps(valid, x + r * c + j);
-      bad |= _mm512_mask_cmp_ps_mask(valid, _mm512_sub_ps(v, v), zero, _CMP_UNORD_Q);
-      vlo = _mm512_min_ps(vlo, v);
-      vhi = _mm512_max_ps(vhi, v);
+    __m512 lo0 = _mm512_maskz_loadu_ps(valid, lo + j), hi0 = _mm512_maskz_loadu_ps(valid, hi + j);
+    __m512 lo1 = lo0, lo2 = lo0, lo3 = lo0, hi1 = hi0, hi2 = hi0, hi3 = hi0;
+    const float* col = x + j;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4, col += 4 * c) {
+      const __m512 v0 = _mm512_maskz_loadu_ps(valid, col);
+      const __m512 v1 = _mm512_maskz_loadu_ps(valid, col + c);
+      const __m512 v2 = _mm512_maskz_loadu_ps(valid, col + 2 * c);
+      const __m512 v3 = _mm512_maskz_loadu_ps(valid, col + 3 * c);
+      odd = _mm512_add_ps(odd, _mm512_add_ps(
+          _mm512_add_ps(_mm512_sub_ps(v0, v0), _mm512_sub_ps(v1, v1)),
+          _mm512_add_ps(_mm512_sub_ps(v2, v2), _mm512_sub_ps(v3, v3))));
+      lo0 = _mm512_min_ps(lo0, v0), hi0 = _mm512_max_ps(hi0, v0);
+      lo1 = _mm512_min_ps(lo1, v1), hi1 = _mm512_max_ps(hi1, v1);
+      lo2 = _mm512_min_ps(lo2, v2), hi2 = _mm512_max_ps(hi2, v2);
+      lo3 = _mm512_min_ps(lo3, v3), hi3 = _mm512_max_ps(hi3, v3);
     }
-    _mm512_mask_storeu_ps(lo + j, valid, vlo);
-    _mm512_mask_storeu_ps(hi + j, valid, vhi);
+    for (; r < rows; ++r, col += c) {
+      const __m512 v = _mm512_maskz_loadu_ps(valid, col);
+      odd = _mm512_add_ps(odd, _mm512_sub_ps(v, v));
+      lo0 = _mm512_min_ps(lo0, v), hi0 = _mm512_max_ps(hi0, v);
+    }
+    _mm512_mask_storeu_ps(lo + j, valid,
+                          _mm512_min_ps(_mm512_min_ps(lo0, lo1), _mm512_min_ps(lo2, lo3)));
+    _mm512_mask_storeu_ps(hi + j, valid,
+                          _mm512_max_ps(_mm512_max_ps(hi0, hi1), _mm512_max_ps(hi2, hi3)));
   }
-  return bad == 0;
+  return _mm512_cmp_ps_mask(odd, _mm512_setzero_ps(), _CMP_UNORD_Q) == 0;
 }
 
-// out = (clamp(rne(x * inv) + zp, qmin, qmax) - zp) * scale, inside = rne(x * inv) + zp in
-// [qmin, qmax]; NaN stays NaN (vmaxps / vminps return their second operand on NaN).
-inline __m512 FakeQuantAvx512(__m512 v, __m512 inv, __m512 zp, __m512 scale, __m512 qmin,
-                              __m512 qmax, __mmask16* inside) {
-  const __m512 shifted = _mm512_add_ps(
-      _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT |
-                                                     _MM_FROUND_NO_EXC), zp);
-  *inside = _mm512_cmp_ps_mask(shifted, qmin, _CMP_GE_OQ) &
-            _mm512_cmp_ps_mask(shifted, qmax, _CMP_LE_OQ);
-  const __m512 c = _mm512_min_ps(qmax, _mm512_max_ps(qmin, shifted));
-  return _mm512_mul_ps(_mm512_sub_ps(c, zp), scale);
+// With r = rne(x * inv), lo = qmin - zp, hi = qmax - zp (exact: small integers):
+//   out = clamp(r, lo, hi) * scale + 0,   inside = lo <= r <= hi,
+// the same floats as (clamp(r + zp, qmin, qmax) - zp) * scale: r + zp is exact wherever it
+// can land inside [qmin, qmax] (|r| < 2^24), beyond that both clamp to the same bound, and
+// the + 0 (in one fma) turns a -0 (a small negative x rounded to zero) into +0 as c - zp
+// does. NaN stays NaN (vmaxps / vminps return their second operand on NaN).
+inline __m512 FakeQuantAvx512(__m512 v, __m512 inv, __m512 lo, __m512 hi, __m512 scale,
+                              __mmask16* inside) {
+  const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if (inside) {
+    *inside = _mm512_cmp_ps_mask(r, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(r, hi, _CMP_LE_OQ);
+  }
+  return _mm512_fmadd_ps(_mm512_min_ps(hi, _mm512_max_ps(lo, r)), scale, _mm512_setzero_ps());
 }
 
 void FakeQuantRunAvx512(const float* x, float* out, bool* mask, int64_t n, float inv, float zp,
                         float scale, const FqGrid& g) {
-  const __m512 vinv = _mm512_set1_ps(inv), vzp = _mm512_set1_ps(zp);
-  const __m512 vscale = _mm512_set1_ps(scale);
-  const __m512 qmin = _mm512_set1_ps(g.qmin), qmax = _mm512_set1_ps(g.qmax);
+  const __m512 vinv = _mm512_set1_ps(inv), vscale = _mm512_set1_ps(scale);
+  const __m512 lo = _mm512_set1_ps(g.qmin - zp), hi = _mm512_set1_ps(g.qmax - zp);
   const __m128i one = _mm_set1_epi8(1);
-  for (int64_t i = 0; i < n; i += 16) {
+  int64_t i = 0;
+  if (!mask) {
+    for (; i + 32 <= n; i += 32) {
+      const __m512 y0 = FakeQuantAvx512(_mm512_loadu_ps(x + i), vinv, lo, hi, vscale, nullptr);
+      const __m512 y1 =
+          FakeQuantAvx512(_mm512_loadu_ps(x + i + 16), vinv, lo, hi, vscale, nullptr);
+      _mm512_storeu_ps(out + i, y0);
+      _mm512_storeu_ps(out + i + 16, y1);
+    }
+  }
+  for (; i < n; i += 16) {
     const __mmask16 valid = Lanes16(n - i);
     __mmask16 inside;
-    const __m512 y = FakeQuantAvx512(_mm512_maskz_loadu_ps(valid, x + i), vinv, vzp, vscale,
-                                     qmin, qmax, &inside);
+    const __m512 y = FakeQuantAvx512(_mm512_maskz_loadu_ps(valid, x + i), vinv, lo, hi, vscale,
+                                     mask ? &inside : nullptr);
     _mm512_mask_storeu_ps(out + i, valid, y);
     if (mask) _mm_mask_storeu_epi8(mask + i, valid, _mm_maskz_mov_epi8(inside, one));
   }
@@ -2575,11 +2621,12 @@ void FakeQuantRowsAvx512(const float* x, float* out, bool* mask, int64_t rows, i
     const __mmask16 valid = Lanes16(c - j);
     const __m512 vinv = _mm512_maskz_loadu_ps(valid, inv + j);
     const __m512 vzp = _mm512_maskz_loadu_ps(valid, zp + j);
+    const __m512 lo = _mm512_sub_ps(qmin, vzp), hi = _mm512_sub_ps(qmax, vzp);
     const __m512 vscale = _mm512_maskz_loadu_ps(valid, scale + j);
     for (int64_t r = 0; r < rows; ++r) {
       __mmask16 inside;
-      const __m512 y = FakeQuantAvx512(_mm512_maskz_loadu_ps(valid, x + r * c + j), vinv, vzp,
-                                       vscale, qmin, qmax, &inside);
+      const __m512 y = FakeQuantAvx512(_mm512_maskz_loadu_ps(valid, x + r * c + j), vinv, lo,
+                                       hi, vscale, mask ? &inside : nullptr);
       _mm512_mask_storeu_ps(out + r * c + j, valid, y);
       if (mask) _mm_mask_storeu_epi8(mask + r * c + j, valid, _mm_maskz_mov_epi8(inside, one));
     }
@@ -2704,7 +2751,36 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
   const float* src = x.typed_data();
   std::vector<float> lo(channels, INFINITY), hi(channels, -INFINITY);
   bool finite = true;
-  if (inner == 1) {
+  // Large x: both passes split into row blocks (or element blocks per tensor) over the
+  // threads; min / max are exact in any order, so the split changes no result.
+  const int threads = n >= kFqParallelMin ? HardwareThreads() : 1;
+  const bool per_tensor = channels == 1 && outer == 1;
+  const int64_t block_rows = std::max<int64_t>(1, kFqBlock / std::max<int64_t>(channels, 1));
+  const int64_t blocks = per_tensor ? (n + kFqBlock - 1) / kFqBlock
+                         : inner == 1 ? (outer + block_rows - 1) / block_rows : 1;
+  if (threads > 1 && blocks > 1) {
+    std::vector<float> blo(blocks * channels, INFINITY), bhi(blocks * channels, -INFINITY);
+    std::vector<char> bfinite(blocks, 1);
+    ParallelFor(blocks, threads, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* l = blo.data() + b * channels;
+        float* h = bhi.data() + b * channels;
+        if (per_tensor) {
+          bfinite[b] = FoldRange(p, src + b * kFqBlock, std::min(kFqBlock, n - b * kFqBlock), l, h);
+        } else {
+          const int64_t r0 = b * block_rows, rows = std::min(block_rows, outer - r0);
+          bfinite[b] = FoldRows(p, src + r0 * channels, rows, channels, l, h);
+        }
+      }
+    });
+    for (int64_t b = 0; b < blocks; ++b) {
+      finite &= bfinite[b] != 0;
+      for (int64_t c = 0; c < channels; ++c) {
+        lo[c] = std::min(lo[c], blo[b * channels + c]);
+        hi[c] = std::max(hi[c], bhi[b * channels + c]);
+      }
+    }
+  } else if (inner == 1) {
     finite = FoldRows(p, src, outer, channels, lo.data(), hi.data());
   } else {
     for (int64_t a = 0; a < outer; ++a) {
@@ -2775,7 +2851,22 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
   // The fake quantization (qjax.numerics.fake_quant_with_mask).
   float* dst = out->typed_data();
   bool* inside = mask_size == 0 ? nullptr : mask->typed_data();  // none: no gradient taken
-  if (inner == 1) {
+  if (threads > 1 && blocks > 1) {
+    ParallelFor(blocks, threads, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        if (per_tensor) {
+          const int64_t at = b * kFqBlock;
+          FakeQuantRun(p, src + at, dst + at, inside ? inside + at : nullptr,
+                       std::min(kFqBlock, n - at), inv[0], zpf[0], scale[0], g);
+        } else {
+          const int64_t at = b * block_rows * channels;
+          FakeQuantRows(p, src + at, dst + at, inside ? inside + at : nullptr,
+                        std::min(block_rows, outer - b * block_rows), channels, inv.data(),
+                        zpf.data(), scale, g);
+        }
+      }
+    });
+  } else if (inner == 1) {
     FakeQuantRows(p, src, dst, inside, outer, channels, inv.data(), zpf.data(), scale, g);
   } else {
     for (int64_t a = 0; a < outer; ++a) {
