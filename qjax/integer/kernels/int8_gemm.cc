@@ -2504,17 +2504,16 @@ struct FqGrid {
 #ifdef QJAX_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
-// Folds x[0, n) into *lo / *hi (lanes of NaN or inf only clear the returned flag; *lo / *hi
-// are then meaningless). Four accumulator pairs: one min / max chain is latency-bound.
-bool FoldRangeAvx512(const float* x, int64_t n, float* lo, float* hi) {
-  __m512 lo0 = _mm512_set1_ps(*lo), hi0 = _mm512_set1_ps(*hi);
-  __m512 lo1 = lo0, lo2 = lo0, lo3 = lo0, hi1 = hi0, hi2 = hi0, hi3 = hi0;
-  // v - v is 0 for a finite v and NaN for NaN / inf; a sum of them is NaN iff one is.
-  __m512 odd = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    const __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + i + 16);
-    const __m512 v2 = _mm512_loadu_ps(x + i + 32), v3 = _mm512_loadu_ps(x + i + 48);
+// Four min / max accumulator pairs (one chain is latency-bound) and a NaN / inf detector:
+// v - v is 0 for a finite v and NaN for NaN / inf, and a sum of them is NaN iff one is.
+struct Fold4 {
+  __m512 lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, odd;
+
+  Fold4(__m512 lo, __m512 hi)
+      : lo0(lo), lo1(lo), lo2(lo), lo3(lo), hi0(hi), hi1(hi), hi2(hi), hi3(hi),
+        odd(_mm512_setzero_ps()) {}
+
+  void Add4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
     odd = _mm512_add_ps(odd, _mm512_add_ps(
         _mm512_add_ps(_mm512_sub_ps(v0, v0), _mm512_sub_ps(v1, v1)),
         _mm512_add_ps(_mm512_sub_ps(v2, v2), _mm512_sub_ps(v3, v3))));
@@ -2523,52 +2522,55 @@ bool FoldRangeAvx512(const float* x, int64_t n, float* lo, float* hi) {
     lo2 = _mm512_min_ps(lo2, v2), hi2 = _mm512_max_ps(hi2, v2);
     lo3 = _mm512_min_ps(lo3, v3), hi3 = _mm512_max_ps(hi3, v3);
   }
-  for (; i < n; i += 16) {
-    const __mmask16 valid = Lanes16(n - i);
-    const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
+
+  // v's `valid` lanes (the others must be 0, as a masked load leaves them).
+  void Add(__m512 v, __mmask16 valid) {
     odd = _mm512_add_ps(odd, _mm512_sub_ps(v, v));
     lo0 = _mm512_mask_min_ps(lo0, valid, lo0, v);
     hi0 = _mm512_mask_max_ps(hi0, valid, hi0, v);
   }
-  *lo = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_min_ps(lo0, lo1), _mm512_min_ps(lo2, lo3)));
-  *hi = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(hi0, hi1), _mm512_max_ps(hi2, hi3)));
-  return _mm512_cmp_ps_mask(odd, _mm512_setzero_ps(), _CMP_UNORD_Q) == 0;
+
+  __m512 Lo() const { return _mm512_min_ps(_mm512_min_ps(lo0, lo1), _mm512_min_ps(lo2, lo3)); }
+  __m512 Hi() const { return _mm512_max_ps(_mm512_max_ps(hi0, hi1), _mm512_max_ps(hi2, hi3)); }
+  bool Finite() const { return _mm512_cmp_ps_mask(odd, _mm512_setzero_ps(), _CMP_UNORD_Q) == 0; }
+};
+
+// Folds x[0, n) into *lo / *hi; false when x holds NaN or inf (*lo / *hi are then meaningless).
+bool FoldRangeAvx512(const float* x, int64_t n, float* lo, float* hi) {
+  Fold4 f(_mm512_set1_ps(*lo), _mm512_set1_ps(*hi));
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    f.Add4(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i + 32),
+           _mm512_loadu_ps(x + i + 48));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 valid = Lanes16(n - i);
+    f.Add(_mm512_maskz_loadu_ps(valid, x + i), valid);
+  }
+  *lo = _mm512_reduce_min_ps(f.Lo());
+  *hi = _mm512_reduce_max_ps(f.Hi());
+  return f.Finite();
 }
 
-// Folds the rows x[r, 0, c) (row stride c) into lo[0, c) / hi[0, c); four rows at a time
-// into separate accumulators.
+// Folds the rows x[r, 0, c) (row stride c) into lo[0, c) / hi[0, c), four rows at a time;
+// false when they hold NaN or inf.
 bool FoldRowsAvx512(const float* x, int64_t rows, int64_t c, float* lo, float* hi) {
-  __m512 odd = _mm512_setzero_ps();
+  bool finite = true;
   for (int64_t j = 0; j < c; j += 16) {
     const __mmask16 valid = Lanes16(c - j);
-    __m512 lo0 = _mm512_maskz_loadu_ps(valid, lo + j), hi0 = _mm512_maskz_loadu_ps(valid, hi + j);
-    __m512 lo1 = lo0, lo2 = lo0, lo3 = lo0, hi1 = hi0, hi2 = hi0, hi3 = hi0;
+    Fold4 f(_mm512_maskz_loadu_ps(valid, lo + j), _mm512_maskz_loadu_ps(valid, hi + j));
     const float* col = x + j;
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4, col += 4 * c) {
-      const __m512 v0 = _mm512_maskz_loadu_ps(valid, col);
-      const __m512 v1 = _mm512_maskz_loadu_ps(valid, col + c);
-      const __m512 v2 = _mm512_maskz_loadu_ps(valid, col + 2 * c);
-      const __m512 v3 = _mm512_maskz_loadu_ps(valid, col + 3 * c);
-      odd = _mm512_add_ps(odd, _mm512_add_ps(
-          _mm512_add_ps(_mm512_sub_ps(v0, v0), _mm512_sub_ps(v1, v1)),
-          _mm512_add_ps(_mm512_sub_ps(v2, v2), _mm512_sub_ps(v3, v3))));
-      lo0 = _mm512_min_ps(lo0, v0), hi0 = _mm512_max_ps(hi0, v0);
-      lo1 = _mm512_min_ps(lo1, v1), hi1 = _mm512_max_ps(hi1, v1);
-      lo2 = _mm512_min_ps(lo2, v2), hi2 = _mm512_max_ps(hi2, v2);
-      lo3 = _mm512_min_ps(lo3, v3), hi3 = _mm512_max_ps(hi3, v3);
+      f.Add4(_mm512_maskz_loadu_ps(valid, col), _mm512_maskz_loadu_ps(valid, col + c),
+             _mm512_maskz_loadu_ps(valid, col + 2 * c), _mm512_maskz_loadu_ps(valid, col + 3 * c));
     }
-    for (; r < rows; ++r, col += c) {
-      const __m512 v = _mm512_maskz_loadu_ps(valid, col);
-      odd = _mm512_add_ps(odd, _mm512_sub_ps(v, v));
-      lo0 = _mm512_min_ps(lo0, v), hi0 = _mm512_max_ps(hi0, v);
-    }
-    _mm512_mask_storeu_ps(lo + j, valid,
-                          _mm512_min_ps(_mm512_min_ps(lo0, lo1), _mm512_min_ps(lo2, lo3)));
-    _mm512_mask_storeu_ps(hi + j, valid,
-                          _mm512_max_ps(_mm512_max_ps(hi0, hi1), _mm512_max_ps(hi2, hi3)));
+    for (; r < rows; ++r, col += c) f.Add(_mm512_maskz_loadu_ps(valid, col), valid);
+    _mm512_mask_storeu_ps(lo + j, valid, f.Lo());
+    _mm512_mask_storeu_ps(hi + j, valid, f.Hi());
+    finite &= f.Finite();
   }
-  return _mm512_cmp_ps_mask(odd, _mm512_setzero_ps(), _CMP_UNORD_Q) == 0;
+  return finite;
 }
 
 // With r = rne(x * inv), lo = qmin - zp, hi = qmax - zp (exact: small integers):
