@@ -69,15 +69,15 @@ def _fused_point(observer, path, state, x):
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_fused_point_matches_xla(spec):
-  # (256, 784): large enough to split over threads, in blocks whose last one is partial;
-  # (3, 77): a tail after whole 64-element steps.
+  # (256, 784): the MNIST input; (3, 77): a tail after whole 64-element steps.
   shapes = [(33, 70), (5, 3, 17), (2, 40, 1)] if spec.per_channel else [(256, 784), (7,), (3, 77)]
   _check_against_xla(spec, shapes, OBSERVERS)
 
 
-def test_a_large_per_channel_point_split_over_threads_matches_xla():
-  # Rows split into blocks over the threads (the last one partial); the channels are not a
-  # multiple of 16 and the NaN / inf batches put them in the first and the last block.
+def test_a_large_per_channel_point_matches_xla():
+  # 1,100 rows, folded four at a time; 70 channels, not a multiple of 16; NaN in the last
+  # row and inf in the first. XLA runs a per-channel min / max this large in kernels that drop
+  # NaN, which the XLA form must not do either.
   _check_against_xla(QuantSpec(bits=8, signed=True, symmetric=True, axis=-1), [(1100, 70)],
                      OBSERVERS[1:])
 

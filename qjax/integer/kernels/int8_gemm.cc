@@ -2494,9 +2494,6 @@ ffi::Error PackRound(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> inv,
 // one channel. A batch holding NaN / +-inf, or one that makes the range too wide for
 // float32, leaves the state as it was and counts as skipped (XLA's observer: the same).
 
-// A QAT point splits over threads from kFqParallelMin elements on, in blocks of ~kFqBlock.
-constexpr int64_t kFqParallelMin = int64_t{1} << 16, kFqBlock = int64_t{1} << 14;
-
 struct FqGrid {
   float qmin = 0, qmax = 0;
 };
@@ -2753,36 +2750,7 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
   const float* src = x.typed_data();
   std::vector<float> lo(channels, INFINITY), hi(channels, -INFINITY);
   bool finite = true;
-  // Large x: both passes split into row blocks (or element blocks per tensor) over the
-  // threads; min / max are exact in any order, so the split changes no result.
-  const int threads = n >= kFqParallelMin ? HardwareThreads() : 1;
-  const bool per_tensor = channels == 1 && outer == 1;
-  const int64_t block_rows = std::max<int64_t>(1, kFqBlock / std::max<int64_t>(channels, 1));
-  const int64_t blocks = per_tensor ? (n + kFqBlock - 1) / kFqBlock
-                         : inner == 1 ? (outer + block_rows - 1) / block_rows : 1;
-  if (threads > 1 && blocks > 1) {
-    std::vector<float> blo(blocks * channels, INFINITY), bhi(blocks * channels, -INFINITY);
-    std::vector<char> bfinite(blocks, 1);
-    ParallelFor(blocks, threads, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        float* l = blo.data() + b * channels;
-        float* h = bhi.data() + b * channels;
-        if (per_tensor) {
-          bfinite[b] = FoldRange(p, src + b * kFqBlock, std::min(kFqBlock, n - b * kFqBlock), l, h);
-        } else {
-          const int64_t r0 = b * block_rows, rows = std::min(block_rows, outer - r0);
-          bfinite[b] = FoldRows(p, src + r0 * channels, rows, channels, l, h);
-        }
-      }
-    });
-    for (int64_t b = 0; b < blocks; ++b) {
-      finite &= bfinite[b] != 0;
-      for (int64_t c = 0; c < channels; ++c) {
-        lo[c] = std::min(lo[c], blo[b * channels + c]);
-        hi[c] = std::max(hi[c], bhi[b * channels + c]);
-      }
-    }
-  } else if (inner == 1) {
+  if (inner == 1) {
     finite = FoldRows(p, src, outer, channels, lo.data(), hi.data());
   } else {
     for (int64_t a = 0; a < outer; ++a) {
@@ -2853,22 +2821,7 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
   // The fake quantization (qjax.numerics.fake_quant_with_mask).
   float* dst = out->typed_data();
   bool* inside = mask_size == 0 ? nullptr : mask->typed_data();  // none: no gradient taken
-  if (threads > 1 && blocks > 1) {
-    ParallelFor(blocks, threads, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        if (per_tensor) {
-          const int64_t at = b * kFqBlock;
-          FakeQuantRun(p, src + at, dst + at, inside ? inside + at : nullptr,
-                       std::min(kFqBlock, n - at), inv[0], zpf[0], scale[0], g);
-        } else {
-          const int64_t at = b * block_rows * channels;
-          FakeQuantRows(p, src + at, dst + at, inside ? inside + at : nullptr,
-                        std::min(block_rows, outer - b * block_rows), channels, inv.data(),
-                        zpf.data(), scale, g);
-        }
-      }
-    });
-  } else if (inner == 1) {
+  if (inner == 1) {
     FakeQuantRows(p, src, dst, inside, outer, channels, inv.data(), zpf.data(), scale, g);
   } else {
     for (int64_t a = 0; a < outer; ++a) {
