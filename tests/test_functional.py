@@ -627,6 +627,25 @@ def test_pools_refuse_negative_pads_and_empty_windows():
   assert qnn.max_pool(x, (np.int64(2), 2), strides=(2, 2)).shape == (1, 2, 2, 1)
 
 
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+def test_float_max_pool_keeps_nan_as_torch(padding):
+  # A LeNet-sized activation: large enough for XLA:CPU to pool in a kernel that drops NaN.
+  torch = pytest.importorskip("torch")
+  x = np.random.default_rng(0).normal(size=(16, 24, 24, 6)).astype(np.float32)
+  x[3, 5, 7, 2] = np.nan
+  x[0, 0, 0, 0] = np.inf
+  want = torch.nn.functional.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 2, 2)
+  want = want.permute(0, 2, 3, 1).numpy()
+  for pool in (jax.jit(lambda x: qnn.max_pool(x, (2, 2), (2, 2), padding)),
+               lambda x: qnn.max_pool(x, (2, 2), (2, 2), padding)):
+    got = np.asarray(pool(x))
+    np.testing.assert_array_equal(got, want)  # 24 is even: SAME adds no padding
+    assert np.isnan(got[3, 2, 3, 2]) and np.isnan(got).sum() == 1
+  # the gradient still reaches each window's maximum
+  g = jax.grad(lambda x: jnp.sum(qnn.max_pool(x, (2, 2), (2, 2))))(jnp.asarray(x[:1, :4, :4]))
+  assert float(jnp.sum(g)) == 2 * 2 * 6  # one per window
+
+
 def test_avg_pool_refuses_padding_only_windows():
   pool = qnn.AvgPool(window_shape=(2, 2), padding=((2, 0), (0, 1)), count_include_pad=False)
   with pytest.raises(ValueError, match=r"windows of the \(2, 2\) window that hold padding only"):

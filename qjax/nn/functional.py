@@ -269,7 +269,9 @@ def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] |
   Max pooling keeps its input's grid (it commutes with the monotone quantization), so a model
   calls it in every mode on whatever it gets: float activations go to `nn.max_pool`, int8
   NHWC ones with 2-D VALID windows to `qjax.integer.kernels.max_pool` (the same integers as
-  `nn.max_pool` on int8; one native call instead of XLA's reduce_window).
+  `nn.max_pool` on int8; one native call instead of XLA's reduce_window). A window holding
+  NaN gives NaN, as PyTorch's max_pool2d: XLA:CPU's max pooling alone returns the window's
+  largest other value (its kernels drop NaN), so float inputs pay a second pooling of isnan(x).
 
   Example:
     >>> x = jnp.arange(16, dtype=jnp.int8).reshape(1, 4, 4, 1)
@@ -287,4 +289,10 @@ def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] |
       and (strides is None or len(tuple(strides)) == 2)):
     from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
     return kernels.max_pool(x, window, (1, 1) if strides is None else strides)  # flax's default
-  return nn.max_pool(x, window, strides=strides, padding=padding)
+  y = nn.max_pool(x, window, strides=strides, padding=padding)
+  # (Not while convert traces the float forward for its dataflow: there pooling must read as
+  # the grid-preserving op it is on int8.)
+  if jnp.issubdtype(jnp.result_type(x), jnp.floating) and not forms.tracing():
+    nan = nn.max_pool(jnp.isnan(x).astype(y.dtype), window, strides=strides, padding=padding)
+    y = jnp.where(nan > 0, jnp.asarray(jnp.nan, y.dtype), y)
+  return y
