@@ -309,7 +309,7 @@ def histogram_update(histogram: jax.Array, min_val: jax.Array, max_val: jax.Arra
     raise TypeError(f"histogram_update: expected initialized as a bool scalar, got "
                     f"{initialized.dtype} of shape {initialized.shape}.")
   x = x.reshape(-1).astype(jnp.float32)
-  x_min, x_max = min_and_max(x, (0,))
+  x_min, x_max = min_and_max(x)
   if axis_name is not None:
     x_min, x_max = lax.pmin(x_min, axis_name), lax.pmax(x_max, axis_name)
   return _update(histogram, min_val, max_val, x, x_min, x_max, initialized,
@@ -630,7 +630,7 @@ class HistogramObserver(_RangeObserver[HistogramState]):
                       f"(from {self.name}.init); got {type(state).__name__}"
                       + (f" with {state.histogram.shape[0]} bins"
                          if isinstance(state, HistogramState) else "") + ".")
-    lo, hi = min_and_max(x, tuple(range(x.ndim)))
+    lo, hi = min_and_max(x)
     finite = jnp.isfinite(lo) & jnp.isfinite(hi)
     if axis_name is not None:
       lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)

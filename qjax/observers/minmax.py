@@ -223,8 +223,8 @@ class MinMaxObserver(_RangeObserver[MinMaxState]):
                        numerics.expected_qparam_shape(self.spec, x.shape), self.name)
     axes = _reduced_axes(self.spec, x.shape)
     lo, hi = _float32.min_and_max(x, axes)
-    # min/max propagate NaN and keep +-inf, so a finite range means a finite batch: no extra
-    # pass over x. Replicas agree on skipping (pmin of the flag).
+    # min_and_max propagates NaN and keeps +-inf, so a finite range means a finite batch: no
+    # extra pass over x. Replicas agree on skipping (pmin of the flag).
     finite = jnp.all(jnp.isfinite(lo)) & jnp.all(jnp.isfinite(hi))
     if axis_name is not None:
       lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)

@@ -2591,17 +2591,7 @@ void FakeQuantRunAvx512(const float* x, float* out, bool* mask, int64_t n, float
   const __m512 vinv = _mm512_set1_ps(inv), vscale = _mm512_set1_ps(scale);
   const __m512 lo = _mm512_set1_ps(g.qmin - zp), hi = _mm512_set1_ps(g.qmax - zp);
   const __m128i one = _mm_set1_epi8(1);
-  int64_t i = 0;
-  if (!mask) {
-    for (; i + 32 <= n; i += 32) {
-      const __m512 y0 = FakeQuantAvx512(_mm512_loadu_ps(x + i), vinv, lo, hi, vscale, nullptr);
-      const __m512 y1 =
-          FakeQuantAvx512(_mm512_loadu_ps(x + i + 16), vinv, lo, hi, vscale, nullptr);
-      _mm512_storeu_ps(out + i, y0);
-      _mm512_storeu_ps(out + i + 16, y1);
-    }
-  }
-  for (; i < n; i += 16) {
+  for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 valid = Lanes16(n - i);
     __mmask16 inside;
     const __m512 y = FakeQuantAvx512(_mm512_maskz_loadu_ps(valid, x + i), vinv, lo, hi, vscale,
