@@ -273,10 +273,11 @@ class DynamicDenseTest(chex.TestCase, parameterized.TestCase):
         kernel))), ref_dense(x, kernel, None))
 
   def test_zero_input_gives_bias(self):
-    dk = dynamic.quantize_kernel(np.random.default_rng(0).normal(size=(9, 4)).astype(F32))
-    bias = np.arange(4, dtype=F32)
-    np.testing.assert_array_equal(np.asarray(dynamic.dynamic_dense(np.zeros((3, 9), F32), dk,
-                                                                   bias)), np.tile(bias, (3, 1)))
+    # The shapes of the Flax MLP's first layer (X @ Dense_0): its compilations are shared.
+    dk = dynamic.quantize_kernel(np.random.default_rng(0).normal(size=(10, 16)).astype(F32))
+    bias = np.arange(16, dtype=F32)
+    np.testing.assert_array_equal(np.asarray(dynamic.dynamic_dense(np.zeros((6, 10), F32), dk,
+                                                                   bias)), np.tile(bias, (6, 1)))
 
   def test_empty_batch_and_dtypes(self):
     dk = dynamic.quantize_kernel(np.ones((4, 2), F32))
@@ -335,21 +336,22 @@ def _init(model, x):
 @functools.cache
 def _params(name: str, per_channel: bool = False, quantized: bool = False):
   """Float (or dynamically quantized) params of the test models, built once per session."""
-  model, x = {"mlp": (MLP(), X), "lstm": (LSTM, SEQ)}[name]
+  model, x = {"mlp": (MLP(), X), "lstm": (LSTM, SEQ), "conv": (ConvNet(), IMAGES)}[name]
   params = _init(model, x)
   return dynamic.quantize_dynamic(params, per_channel=per_channel) if quantized else params
 
 
 X = np.random.default_rng(11).normal(size=(6, 10)).astype(F32)
 SEQ = np.random.default_rng(12).normal(size=(3, 4, 6)).astype(F32)
+IMAGES = np.random.default_rng(3).normal(size=(2, 5, 5, 1)).astype(F32)
 LSTM = nn.RNN(nn.LSTMCell(5))
 
 
 @functools.cache
 def _lstm_expected():
-  """_lstm_reference of the per-channel quantized LSTM on SEQ, compiled."""
-  return np.asarray(jax.jit(_lstm_reference)(_params("lstm", per_channel=True, quantized=True),
-                                             SEQ))
+  """_lstm_reference of the per-channel quantized LSTM on SEQ, op by op: jitted, its four
+  unrolled steps of eight dynamic_dense calls took seconds to compile."""
+  return np.asarray(_lstm_reference(_params("lstm", per_channel=True, quantized=True), SEQ))
 
 
 def _lstm_reference(params, xs):
@@ -418,8 +420,8 @@ class FlaxTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
 
   def test_conv_stays_float(self):
-    x = np.random.default_rng(3).normal(size=(2, 5, 5, 1)).astype(F32)
-    params = _init(ConvNet(), x)
+    x = IMAGES
+    params = _params("conv")
     qparams = dynamic.quantize_dynamic(params)
     self.assertIs(qparams["Conv_0"]["kernel"], params["Conv_0"]["kernel"])
     y = dynamic.dynamic_apply(ConvNet(), {"params": qparams}, x)
@@ -463,7 +465,7 @@ class ErrorsTest(parameterized.TestCase):
       dynamic.quantize_dynamic({"Dense_0": {"kernel": jnp.ones((3, 2), jnp.int32)}})
     with self.assertRaisesRegex(ValueError, r"Dense_0/kernel: kernel holds 6 NaN"):
       dynamic.quantize_dynamic({"Dense_0": {"kernel": jnp.full((3, 2), np.nan)}})
-    conv = _init(ConvNet(), np.zeros((1, 5, 5, 1), F32))
+    conv = _params("conv")
     with self.assertRaisesRegex(ValueError, r"Conv_0/kernel has shape \(3, 3, 1, 4\); only 2-D"):
       dynamic.quantize_dynamic(conv, include="Conv")
     with self.assertRaisesRegex(ValueError, "no 2-D Dense kernel was selected.*Dense_0"):
@@ -497,7 +499,8 @@ class ErrorsTest(parameterized.TestCase):
     class CustomDot(nn.Module):
       @nn.compact
       def __call__(self, x):
-        return nn.Dense(2, dot_general=jax.lax.dot_general)(x)
+        # GeneralNet's kernel shape (3, 4): its initializer and quantization are compiled
+        return nn.Dense(4, dot_general=jax.lax.dot_general)(x)
 
     variables = {"params": dynamic.quantize_dynamic(_init(CustomDot(), x))}
     with self.assertRaisesRegex(ValueError, "Dense_0: this nn.Dense has a custom dot_general"):

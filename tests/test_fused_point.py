@@ -84,21 +84,26 @@ def test_a_large_per_channel_point_matches_xla():
 
 def _check_against_xla(spec, shapes, makers):
   rng = np.random.default_rng(7)
-  for make in makers:
-    observer = make(spec)
+  observers = [make(spec) for make in makers]
 
-    @jax.jit
-    def points(states, x, observer=observer):  # XLA's form and every native path, one program
-      return {p: (_xla_point(observer, state, x) if p == "xla"
-                  else _fused_point(observer, p, state, x)) for p, state in states.items()}
+  @jax.jit
+  def points(states, xs):  # XLA's form and every native path, every observer and shape: one program
+    return [[{p: (_xla_point(observer, state, x) if p == "xla"
+                  else _fused_point(observer, p, state, x)) for p, state in by_path.items()}
+             for by_path, x in zip(by_shape, xs_by_shape, strict=True)]
+            for observer, by_shape, xs_by_shape in zip(observers, states, xs, strict=True)]
 
-    for shape in shapes:
-      states = {p: observer.init(shape) for p in ("xla",) + PATHS}
-      for step, x in enumerate(_batches(rng, shape)):
-        results = points(states, x)
-        want = results["xla"]
+  states = [[{p: observer.init(shape) for p in ("xla",) + PATHS} for shape in shapes]
+            for observer in observers]
+  # Each observer sees its own draw of the batches, as when the observers ran one after another.
+  batches = [[_batches(rng, shape) for shape in shapes] for _ in observers]
+  for step in range(len(batches[0][0])):
+    results = points(states, [[b[step] for b in by_shape] for by_shape in batches])
+    for observer, by_shape in zip(observers, results, strict=True):
+      for shape, by_path in zip(shapes, by_shape, strict=True):
+        want = by_path["xla"]
         for p in PATHS:
-          got = results[p]
+          got = by_path[p]
           where = f"{type(observer).__name__} {spec} {shape} batch {step} on {p}"
           for name, a, b in (("y", got[0], want[0]), ("mask", got[1], want[1]),
                              ("scale", got[3].scale, want[3].scale),
@@ -107,8 +112,13 @@ def _check_against_xla(spec, shapes, makers):
           for name, a, b in zip(("min_val", "max_val", "count", "skipped"), got[2], want[2],
                                 strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{name} {where}")
-        states = {p: type(states[p])(*results[p][2]) for p in states}
-      assert int(states["xla"].skipped) == 3, shape  # NaN, inf and the too-wide range
+    states = [[{p: type(by_path[p])(*r[p][2]) for p in by_path}
+               for by_path, r in zip(by_shape, res, strict=True)]
+              for by_shape, res in zip(states, results, strict=True)]
+  for observer, by_shape in zip(observers, states, strict=True):
+    for shape, by_path in zip(shapes, by_shape, strict=True):
+      # NaN, inf and the too-wide range
+      assert int(by_path["xla"].skipped) == 3, (type(observer).__name__, shape)
 
 
 def test_fused_point_gradient_is_the_clipped_straight_through_one():
@@ -148,7 +158,7 @@ def test_qat_steps_with_fused_points_equal_the_xla_form():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((64, 50), np.float32))
   y = jnp.asarray(rng.integers(0, 10, 64))
-  variables = model.init(jax.random.key(1), x)
+  variables = jax.jit(model.init)(jax.random.key(1), x)  # one compilation, not one an op
   optimizer = optax.sgd(0.05, momentum=0.9)
 
   def step(params, stats, opt_state):
