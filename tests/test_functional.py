@@ -32,6 +32,12 @@ SPECS = (U8, S8, U4)
 # Helpers.
 
 
+def _normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
+  """Standard normal float32 values, drawn in NumPy and put on the device (jax.random.normal
+  compiles its threefry program anew for every shape)."""
+  return jax.device_put(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
 def _stats(variables) -> dict:
   return dict(variables.get(qnn.STATS, {}))
 
@@ -65,8 +71,8 @@ class ModesTest(parameterized.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(False, True)
   def test_add_float_is_the_plain_sum(self, relu):
-    a = jax.random.normal(jax.random.key(1), (3, 5))
-    b = jax.random.normal(jax.random.key(2), (3, 5))
+    a = _normal(1, (3, 5))
+    b = _normal(2, (3, 5))
     add = qnn.QuantAdd(qconfig=QCONFIG, relu=relu)
     variables = add.init(jax.random.key(0), a, b, mode="float")
     got = self.variant(lambda v, a, b: add.apply(v, a, b, mode="float"))(variables, a, b)
@@ -78,7 +84,7 @@ class ModesTest(parameterized.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(0, 1, -1)
   def test_concat_float_is_the_plain_concatenation(self, axis):
-    xs = [jax.random.normal(jax.random.key(i), (2, 3, 4)) for i in range(3)]
+    xs = [_normal(i, (2, 3, 4)) for i in range(3)]
     cat = qnn.QuantConcat(qconfig=QCONFIG, axis=axis)
     variables = cat.init(jax.random.key(0), xs, mode="float")
     got = self.variant(lambda v, xs: cat.apply(v, xs, mode="float"))(variables, xs)
@@ -115,8 +121,8 @@ class ModesTest(parameterized.TestCase):
 
   @parameterized.parameters(False, True)
   def test_add_qat_lies_on_the_grid_with_straight_through_gradients(self, relu):
-    a = jax.random.normal(jax.random.key(5), (4, 6))
-    b = jax.random.normal(jax.random.key(6), (4, 6))
+    a = _normal(5, (4, 6))
+    b = _normal(6, (4, 6))
     add = qnn.QuantAdd(qconfig=QCONFIG, relu=relu)
     variables, _ = _calibrated(add, a, b)
     # one element far outside the calibrated range: clamped, so no gradient there
@@ -140,8 +146,7 @@ class ModesTest(parameterized.TestCase):
       np.testing.assert_array_equal(grad, want)
 
   def test_concat_qat_lies_on_the_grid_with_straight_through_gradients(self):
-    xs = [jax.random.normal(jax.random.key(7), (3, 2)), jax.random.normal(jax.random.key(8),
-                                                                          (3, 4))]
+    xs = [_normal(7, (3, 2)), _normal(8, (3, 4))]
     cat = qnn.QuantConcat(qconfig=QCONFIG, axis=1)
     variables, _ = _calibrated(cat, xs)
     y = cat.apply(variables, xs, mode="qat")
@@ -153,8 +158,8 @@ class ModesTest(parameterized.TestCase):
       np.testing.assert_array_equal(grad, np.ones(x.shape, np.float32))
 
   def test_qconfig_none_is_a_float_join_with_no_statistics(self):
-    a = jax.random.normal(jax.random.key(9), (2, 3))
-    b = jax.random.normal(jax.random.key(10), (2, 3))
+    a = _normal(9, (2, 3))
+    b = _normal(10, (2, 3))
     add = qnn.QuantAdd(qconfig=None, relu=True)
     cat = qnn.QuantConcat(qconfig=None, axis=0)
     assert add.init(jax.random.key(0), a, b, mode="calibrate") == {}
@@ -179,8 +184,8 @@ class ModesTest(parameterized.TestCase):
         w = qnn.QuantConcat(qconfig=qmap, name="cat_off")([s, t], mode=mode)
         return s, t, u, w
 
-    a = jax.random.normal(jax.random.key(11), (2, 3))
-    b = jax.random.normal(jax.random.key(12), (2, 3))
+    a = _normal(11, (2, 3))
+    b = _normal(12, (2, 3))
     model = Joins()
     qnn.check_qconfig_map(model, None, a, b, mode="float")  # both patterns decide a join
     variables, _ = _calibrated(model, a, b)
@@ -239,7 +244,7 @@ class ModesTest(parameterized.TestCase):
 
 
 def _check_avg_pool_is_flax_avg_pool(variant, window, strides, padding, include):
-  x = jax.random.normal(jax.random.key(3), (2, 7, 6, 3))
+  x = _normal(3, (2, 7, 6, 3))
   pool = qnn.AvgPool(window_shape=window, strides=strides, padding=padding,
                      count_include_pad=include)
   pads = padding.upper() if isinstance(padding, str) else padding
@@ -282,7 +287,7 @@ GLOBAL_POOL_SHAPES = [(2, 4, 4, 3), (1, 5, 2), (3, 2, 3, 4, 2)]
     [(shape, False) for shape in GLOBAL_POOL_SHAPES]
     + [(shape, True) for shape in GLOBAL_POOL_SHAPES[:2]]))
 def test_global_avg_pool_is_the_spatial_mean(shape, jit):
-  x = jax.random.normal(jax.random.key(4), shape)
+  x = _normal(4, shape)
   got = (jax.jit if jit else (lambda f: f))(lambda x: qnn.AvgPool().apply({}, x, mode="float"))(x)
   np.testing.assert_array_equal(got, jnp.mean(x, axis=tuple(range(1, len(shape) - 1))))
   assert got.shape == (shape[0], shape[-1])
@@ -343,9 +348,11 @@ class _SharedConcat(nn.Module):
 @functools.cache
 def _calibrated_join(model_class):
   """(model, x, calibrated variables), once per model."""
-  x = jax.random.normal(jax.random.key(0), (4, 3))
+  x = _normal(0, (4, 3))
   m = model_class()
-  return m, x, qnn.calibrate(m, m.init(jax.random.key(1), x), [x])
+  # one program for the initialisers, on XLA's own random bits (threefry compiles slowly)
+  variables = jax.jit(m.init)(jax.random.key(1, impl="unsafe_rbg"), x)
+  return m, x, qnn.calibrate(m, variables, [x])
 
 
 @pytest.mark.parametrize("model, message", [
@@ -416,7 +423,8 @@ JIT = pytest.mark.parametrize("jit", [True, pytest.param(False, marks=pytest.mar
 
 
 def _run(op, *xs, jit=True) -> np.ndarray:
-  out = (_jitted if jit else (lambda op, *xs: op(*xs)))(op, *(jnp.asarray(x) for x in xs))
+  # device_put, not jnp.asarray (which compiles a copy program for every shape and dtype)
+  out = (_jitted if jit else (lambda op, *xs: op(*xs)))(op, *(jax.device_put(x) for x in xs))
   assert out.dtype == jnp.int8
   return np.asarray(out, np.int64)
 
@@ -667,7 +675,9 @@ class _BroadcastAdd(nn.Module):
 def test_a_broadcast_add_converts_and_runs_in_int8():
   model = _BroadcastAdd()
   x = np.random.default_rng(8).normal(size=(16, 5)).astype(np.float32)
-  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, mode="calibrate"))(x)
+  # XLA's own random bits: threefry's initialisers take XLA:CPU longer to compile
+  variables = jax.jit(lambda x: model.init(jax.random.key(0, impl="unsafe_rbg"), x,
+                                           mode="calibrate"))(x)
   _, stats = jax.jit(lambda v, x: model.apply(v, x, mode="calibrate",
                                                mutable=["quant_stats"]))(variables, x)
   int_vars = qjax.convert(model, {**variables, **stats}, x)

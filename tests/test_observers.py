@@ -1,6 +1,8 @@
 """Observers: pure (init, update, qparams) over NamedTuple states; invariants, NaN policy,
 empty-state errors, jit / no-jit agreement, cross-replica reduction."""
 
+import functools
+
 import chex
 import hypothesis.extra.numpy as hnp
 import jax
@@ -37,6 +39,13 @@ def _run(observer, batches, update=None):
   for b in batches:
     state = update(state, b)
   return state
+
+
+@functools.cache
+def _jitted_update(observer):
+  """One jitted update per observer, shared by the tests that run it under jit: one
+  compilation per batch shape instead of one per test."""
+  return jax.jit(observer.update)
 
 
 class ObserverContractTest(chex.TestCase):
@@ -81,7 +90,7 @@ class ObserverContractTest(chex.TestCase):
 
   @parameterized.named_parameters(*OBSERVERS.items())
   def test_nonfinite_batch_is_skipped_and_counted_under_jit(self, observer):
-    update = jax.jit(observer.update)
+    update = _jitted_update(observer)
     state = update(observer.init((16, 5)), BATCHES[0])
     for bad_value in (jnp.nan, jnp.inf, -jnp.inf):
       after = update(state, BATCHES[1].at[2, 2].set(bad_value))
@@ -95,7 +104,7 @@ class ObserverContractTest(chex.TestCase):
   @parameterized.named_parameters(*OBSERVERS.items())
   def test_a_nan_in_a_large_batch_is_skipped_under_jit(self, observer):
     # XLA:CPU runs large min / max reductions in kernels that drop NaN; the range must not.
-    update = jax.jit(observer.update)
+    update = _jitted_update(observer)
     state = update(observer.init((4096, 5)), jnp.tile(BATCHES[0], (256, 1)))
     for where in ((4095, 4), (0, 0), (2000, 2)):
       after = update(state, jnp.tile(BATCHES[1], (256, 1)).at[where].set(jnp.nan))
@@ -115,7 +124,7 @@ class ObserverContractTest(chex.TestCase):
 
   @parameterized.named_parameters(*OBSERVERS.items())
   def test_range_too_wide_for_float32_is_skipped_and_counted_under_jit(self, observer):
-    update = jax.jit(observer.update)
+    update = _jitted_update(observer)
     state = update(observer.init((16, 5)), jnp.full((16, 5), 3e38, jnp.float32))
     after = update(state, jnp.full((16, 5), -3e38, jnp.float32))
     chex.assert_trees_all_equal(after._replace(skipped=state.skipped), state)
