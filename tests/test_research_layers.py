@@ -39,13 +39,19 @@ WEIGHTS = {
 }
 
 
+def _integer_weights_and_forward(quantizer, w):
+  """(quantizer.integer_weights(w), quantizer(w, {})) in one compiled program per quantizer
+  (its eager ops would each compile on their own)."""
+  return jax.jit(lambda w: (quantizer.integer_weights(w), quantizer(w, {})))(w)
+
+
 @pytest.mark.parametrize("name", sorted(WEIGHTS))
 def test_integer_weights_are_the_forward_on_the_spec_grid(name):
   quantizer = WEIGHTS[name]
-  w = jax.random.normal(jax.random.key(1), (3, 3, 5, 7)) * 0.3
-  w = w.at[0, 0, 0, 0].set(0.0)
-  # one compiled program per quantizer (its eager ops would each compile on their own)
-  (qparams, q), forward = jax.jit(lambda w: (quantizer.integer_weights(w), quantizer(w, {})))(w)
+  w = np.random.default_rng(1).standard_normal((3, 3, 5, 7)).astype(np.float32) * 0.3
+  w[0, 0, 0, 0] = 0.0
+  w = jnp.asarray(w)
+  (qparams, q), forward = _integer_weights_and_forward(quantizer, w)
   q = np.asarray(q)
   spec = quantizer.spec
   assert q.dtype == np.int32 and spec.qmin <= q.min() and q.max() <= spec.qmax
@@ -60,11 +66,11 @@ def test_integer_weights_are_the_forward_on_the_spec_grid(name):
 def test_integer_weights_of_a_zero_channel():
   w = jnp.zeros((4, 2)).at[:, 0].set(jnp.array([0.5, -0.5, 0.1, 0.0]))
   for quantizer in (qz.BinaryWeight(), qz.TernaryWeight()):
-    qparams, q = quantizer.integer_weights(w)
+    (qparams, q), forward = _integer_weights_and_forward(quantizer, w)
     assert np.all(np.asarray(qparams.scale) > 0)
     np.testing.assert_array_equal(np.asarray(q)[:, 1], 0)
     np.testing.assert_allclose(np.asarray(q) * np.asarray(qparams.scale),
-                               np.asarray(quantizer(w, {})), rtol=1e-7)
+                               np.asarray(forward), rtol=1e-7)
 
 
 def test_activation_grids():
@@ -122,6 +128,12 @@ MIXED = qnn.QConfigMap(
     ))
 
 
+def _init_key() -> jax.Array:
+  """The models' initialisation key on XLA's own random bits ("rbg"): XLA:CPU compiles
+  threefry's initialisers for a model's kernels far more slowly (any initialisation serves)."""
+  return jax.random.key(0, impl="rbg")
+
+
 @functools.cache
 def digits() -> tuple[np.ndarray, np.ndarray]:
   data = load_digits()
@@ -130,8 +142,8 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 def qat_train(model, steps: int = 120, pact_decay: float = 1e-4):
   x, y = digits()
-  variables = jax.jit(model.init, static_argnames="mode")(jax.random.key(0),
-                                                          jnp.asarray(x[:256]), mode="qat")
+  variables = jax.jit(model.init, static_argnames="mode")(_init_key(), jnp.asarray(x[:256]),
+                                                          mode="qat")
   opt = optax.adam(3e-3)
   params, stats = variables["params"], variables.get("quant_stats", {})
   state = opt.init(params)
@@ -164,8 +176,16 @@ def trained_mixed():
   return model, *qat_train(model)
 
 
-def test_mixed_model_keeps_one_method_per_layer(trained_mixed):
-  model, variables, grads = trained_mixed
+@pytest.fixture(scope="module")
+def mixed_apply(trained_mixed):
+  """The mixed model's jitted QAT and int8 forwards, shared by the tests that run them on the
+  whole digits set (one compilation each)."""
+  model = trained_mixed[0]
+  return {mode: jax.jit(functools.partial(model.apply, mode=mode)) for mode in ("qat", "int8")}
+
+
+def test_mixed_model_keeps_one_method_per_layer(trained_mixed, mixed_apply):
+  _, variables, grads = trained_mixed
   alpha = variables["params"]["fc0"]["output"]["pact_alpha"]
   assert alpha.shape == () and float(alpha) != 4.0  # learned
   assert float(jnp.abs(grads["fc0"]["output"]["pact_alpha"])) > 0
@@ -173,10 +193,10 @@ def test_mixed_model_keeps_one_method_per_layer(trained_mixed):
   stats = variables["quant_stats"]
   assert set(stats) == {"Quantize_0", "fc2"}  # only observer points keep statistics
   x, _ = digits()
-  qat = jax.jit(lambda v, x: model.apply(v, x, mode="qat"))(variables, x[:64])
+  qat = mixed_apply["qat"](variables, x)
   # the forward's kernels are the methods' grids
   kernel = variables["params"]["fc1"]["kernel"]
-  assert len(np.unique(np.asarray(qz.TernaryWeight()(kernel, {}))[:, 0])) <= 3
+  assert len(np.unique(np.asarray(jax.jit(qz.TernaryWeight())(kernel, {}))[:, 0])) <= 3
   assert np.all(np.isfinite(np.asarray(qat)))
 
 
@@ -186,16 +206,17 @@ def converted_mixed(trained_mixed):
   return qjax.convert(model, variables, digits()[0][:8])
 
 
-def test_mixed_model_converts_and_int8_agrees_with_qat(trained_mixed, converted_mixed):
-  model, variables, _ = trained_mixed
+def test_mixed_model_converts_and_int8_agrees_with_qat(trained_mixed, converted_mixed,
+                                                       mixed_apply):
+  _, variables, _ = trained_mixed
   x, y = digits()
   int_vars = converted_mixed
   ops = int_vars["converted"]
   assert ops["fc0"]["op"].kernel.spec.bits == 5  # DoReFa 4-bit: odd integers of 5 bits
   assert set(np.unique(np.asarray(ops["fc1"]["op"].kernel.qvalue))) <= {-1, 0, 1}
   assert set(np.unique(np.asarray(ops["fc2"]["op"].kernel.qvalue))) == {-1, 1}
-  qat = np.asarray(jax.jit(lambda v, x: model.apply(v, x, mode="qat"))(variables, x))
-  int8 = np.asarray(jax.jit(lambda v, x: model.apply(v, x, mode="int8"))(int_vars, x))
+  qat = np.asarray(mixed_apply["qat"](variables, x))
+  int8 = np.asarray(mixed_apply["int8"](int_vars, x))
   agree = np.mean(qat.argmax(-1) == int8.argmax(-1))
   assert agree >= 0.999, agree
   assert np.mean(int8.argmax(-1) == y) > 0.85
@@ -209,7 +230,8 @@ def test_mixed_model_converts_and_int8_agrees_with_qat(trained_mixed, converted_
 def test_research_qparams_are_collected(trained_mixed):
   model, variables, _ = trained_mixed
   x, _ = digits()
-  qparams = qnn.collect_qparams(model, variables, x[:4], mode="qat")
+  # jitted: one compilation instead of one per op
+  qparams = jax.jit(functools.partial(qnn.collect_qparams, model, mode="qat"))(variables, x[:4])
   alpha = variables["params"]["fc0"]["output"]["pact_alpha"]
   np.testing.assert_allclose(qparams["fc0"]["output"]["scale"], alpha / 15, rtol=1e-6)
   assert float(qparams["fc1"]["output"]["scale"]) == pytest.approx(1 / 7)
@@ -217,14 +239,15 @@ def test_research_qparams_are_collected(trained_mixed):
 
 def test_pact_alpha_from_an_observer_at_init():
   observer = obs.MinMaxObserver(spec=QuantSpec(bits=4, signed=False))
-  x = jnp.abs(jax.random.normal(jax.random.key(0), (512, 16)))
+  x = jnp.asarray(np.abs(np.random.default_rng(0).standard_normal((512, 16), np.float32)))
   point = qnn.QuantizerPoint(quantizer=qz.PACT(bits=4, alpha=observer))
-  alpha = float(point.init(jax.random.key(0), x, mode="qat")["params"]["pact_alpha"])
+  init = jax.jit(point.init, static_argnames="mode")  # one compilation, not one per op
+  alpha = float(init(jax.random.key(0), x, mode="qat")["params"]["pact_alpha"])
   assert alpha == pytest.approx(float(x.max()), rel=1e-6)  # the observed range's top
   per_channel = qnn.QuantizerPoint(quantizer=qz.PACT(bits=4, alpha=2.0, per_channel=True))
-  v = per_channel.init(jax.random.key(0), x, mode="qat")
+  v = jax.jit(per_channel.init, static_argnames="mode")(jax.random.key(0), x, mode="qat")
   assert v["params"]["pact_alpha"].shape == (16,)
-  g = jax.grad(lambda v: per_channel.apply(v, x * 2, mode="qat").sum())(v)
+  g = jax.jit(jax.grad(lambda v: per_channel.apply(v, x * 2, mode="qat").sum()))(v)
   assert np.all(np.asarray(g["params"]["pact_alpha"]) > 0)
 
 
@@ -243,7 +266,7 @@ def test_conversion_refuses_what_the_integer_path_cannot_run():
     qmap = qnn.QConfigMap(default=config, overrides=(("^Quantize_0$", qnn.QConfig(
         weight=None, activation=_A8)),))
     model = MixedMLP(qmap, features=(8,))
-    v = model.init(jax.random.key(0), x[:32], mode="qat")
+    v = jax.jit(model.init, static_argnames="mode")(_init_key(), x[:32], mode="qat")
     v = qnn.calibrate(model, v, [x[:32]])
     with pytest.raises(ValueError, match=match):
       qjax.convert(model, v, x[:4])
@@ -304,17 +327,15 @@ def test_boundary_rounds_as_the_research_forward(quantizer):
   assert q[0, -4] == 0 and q[0, -3] == q[0, -1] == quantizer.spec.qmax and q[0, -2] == 0
 
 
-def test_converted_research_model_saves_loads_and_reports(trained_mixed, converted_mixed,
+def test_converted_research_model_saves_loads_and_reports(converted_mixed, mixed_apply,
                                                           tmp_path):
-  model, _, _ = trained_mixed
   x, _ = digits()
   int_vars = converted_mixed
   path = tmp_path / "mixed.qjax"
   qjax.io.save(path, int_vars)
   loaded = qjax.io.load(path)
-  apply = jax.jit(lambda v, x: model.apply(v, x, mode="int8"))
-  np.testing.assert_array_equal(np.asarray(apply(loaded, x[:64])),
-                                np.asarray(apply(int_vars, x[:64])))
+  apply = mixed_apply["int8"]
+  np.testing.assert_array_equal(np.asarray(apply(loaded, x)), np.asarray(apply(int_vars, x)))
   rows = qjax.report.layer_report(int_vars)
   assert any("fc1" in row.path and row.kind == "qarray" for row in rows)
 
@@ -323,7 +344,8 @@ def test_conversion_refuses_nonfinite_research_weights():
   x, _ = digits()
   qmap = qnn.QConfigMap(default=qnn.QConfig(weight=qz.TernaryWeight(), activation=_A8))
   model = MixedMLP(qmap, features=(8,))
-  v = qnn.calibrate(model, model.init(jax.random.key(0), x[:32], mode="qat"), [x[:32]])
+  v = jax.jit(model.init, static_argnames="mode")(_init_key(), x[:32], mode="qat")
+  v = qnn.calibrate(model, v, [x[:32]])
   kernel = v["params"]["fc0"]["kernel"].at[0, 0].set(jnp.nan)
   v = {**v, "params": {"fc0": {**v["params"]["fc0"], "kernel": kernel}}}
   with pytest.raises(ValueError, match="fc0: the kernel holds 1 NaN"):
