@@ -48,17 +48,21 @@ def _reference(x_fq, w_fq, xq, wq):
 
 class Int8ForwardDotTest(chex.TestCase):
 
+  # Every kernel path in one call (jitted: in one program, one compilation).
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(x_name=tuple(X_SPECS), w_name=tuple(W_SPECS), kernel=KERNELS)
-  def test_exact_against_int64_reference(self, x_name, w_name, kernel):
+  @parameterized.product(x_name=tuple(X_SPECS), w_name=tuple(W_SPECS))
+  def test_exact_against_int64_reference(self, x_name, w_name):
     x_spec, w_spec = X_SPECS[x_name], W_SPECS[w_name]
     x_fq, w_fq, xq, wq = _operands(x_spec, w_spec)
-    fn = self.variant(functools.partial(ste.int8_forward_dot, x_spec=x_spec, w_spec=w_spec,
-                                        kernel=kernel))
-    got = np.asarray(fn(x_fq, w_fq, x_qparams=xq, w_qparams=wq))
-    np.testing.assert_array_equal(got, _reference(x_fq, w_fq, xq, wq))
-    # The float dot of the same operands rounds at every step: close, not equal.
-    np.testing.assert_allclose(got, np.asarray(x_fq @ w_fq), rtol=1e-4, atol=1e-5)
+    fn = self.variant(lambda x, w, xq, wq: [ste.int8_forward_dot(
+        x, w, x_spec=x_spec, x_qparams=xq, w_spec=w_spec, w_qparams=wq, kernel=kernel)
+                                            for kernel in KERNELS])
+    want, float_dot = _reference(x_fq, w_fq, xq, wq), np.asarray(x_fq @ w_fq)
+    for kernel, got in zip(KERNELS, fn(x_fq, w_fq, xq, wq), strict=True):
+      got = np.asarray(got)
+      np.testing.assert_array_equal(got, want, err_msg=kernel)
+      # The float dot of the same operands rounds at every step: close, not equal.
+      np.testing.assert_allclose(got, float_dot, rtol=1e-4, atol=1e-5, err_msg=kernel)
 
   @parameterized.parameters(*KERNELS)
   def test_gradients_are_the_float_dots(self, kernel):
@@ -83,26 +87,31 @@ class Int8ForwardDotTest(chex.TestCase):
     float_dot = np.asarray(jnp.matmul(x_fq, w_fq))
     assert np.isposinf(float_dot[2, :4]).any() or np.isneginf(float_dot[2, :4]).any()
     want[bad] = float_dot[bad]  # NaN, +inf or -inf, as the float dot has them
-    for kernel in KERNELS:
-      for fn in (ste.int8_forward_dot, jax.jit(ste.int8_forward_dot, static_argnums=(2, 4),
-                                               static_argnames="kernel")):
-        got = np.asarray(fn(x_fq, w_fq, x_spec, xq, w_spec, wq, kernel=kernel))
-        np.testing.assert_array_equal(got, want, err_msg=kernel)
+    # Eager, and jitted with every kernel path in one program (one compilation).
+    def every_kernel(x, w, xq, wq):
+      return [ste.int8_forward_dot(x, w, x_spec, xq, w_spec, wq, kernel=kernel)
+              for kernel in KERNELS]
+    for fn in (every_kernel, jax.jit(every_kernel)):
+      for kernel, got in zip(KERNELS, fn(x_fq, w_fq, xq, wq), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=kernel)
 
+  # Every kernel path in one call (jitted: in one program, one compilation).
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*KERNELS)
-  def test_leading_dims_and_nonfinite_samples(self, kernel):
+  def test_leading_dims_and_nonfinite_samples(self):
     x_spec, w_spec = X_SPECS["uint8_reduce_range"], W_SPECS["per_channel"]
     x_fq, w_fq, xq, wq = _operands(x_spec, w_spec, m=12)
     x_fq = x_fq.at[7, 11].set(jnp.nan)
-    fn = self.variant(functools.partial(ste.int8_forward_dot, x_spec=x_spec, w_spec=w_spec,
-                                        kernel=kernel))
-    got = np.asarray(fn(x_fq.reshape(3, 4, 70), w_fq, x_qparams=xq, w_qparams=wq))
-    assert got.shape == (3, 4, 9)
+    fn = self.variant(lambda x, w, xq, wq: [ste.int8_forward_dot(
+        x, w, x_spec=x_spec, x_qparams=xq, w_spec=w_spec, w_qparams=wq, kernel=kernel)
+                                            for kernel in KERNELS])
     want = _reference(x_fq.at[7, 11].set(0.0), w_fq, xq, wq)
     want[7] = np.nan
-    np.testing.assert_array_equal(got.reshape(12, 9), want)
-    assert fn(x_fq[:0], w_fq, x_qparams=xq, w_qparams=wq).shape == (0, 9)  # empty batch
+    for kernel, got in zip(KERNELS, fn(x_fq.reshape(3, 4, 70), w_fq, xq, wq), strict=True):
+      got = np.asarray(got)
+      assert got.shape == (3, 4, 9), kernel
+      np.testing.assert_array_equal(got.reshape(12, 9), want, err_msg=kernel)
+    for kernel, got in zip(KERNELS, fn(x_fq[:0], w_fq, xq, wq), strict=True):
+      assert got.shape == (0, 9), kernel  # empty batch
 
   def test_errors_name_the_argument(self):
     x_fq, w_fq, xq, wq = _operands(X_SPECS["int8_affine"], W_SPECS["per_tensor"])
@@ -187,6 +196,13 @@ class Int8ForwardDotTest(chex.TestCase):
                             w_spec, wq, strides=(1, 1), padding="VALID")
 
 
+def _init_key() -> jax.Array:
+  """The models' initialisation key on the "rbg" generator: XLA:CPU compiles threefry's random
+  bits for a model's kernels in seconds, rbg's in a fraction of one (any one initialisation
+  serves these tests: both forwards start from it)."""
+  return jax.random.key(0, impl="rbg")
+
+
 class _MLP(nn.Module):
   dot: functools.partial
 
@@ -209,7 +225,7 @@ def _steps_agree(models, x):
   """One QAT step of models[False] (float forward) and models[True] (int8 forward) from the
   same initialisation: nearly the same outputs and gradients (the float forward rounds at
   every step). Returns the variables and the two updated quant_stats (float, int8)."""
-  variables = models[False].init(jax.random.key(0), x)
+  variables = models[False].init(_init_key(), x)
   (y0, stats0, g0), (y1, stats1, g1) = (_qat_step(models[flag], variables, x)
                                         for flag in (False, True))
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
@@ -238,7 +254,7 @@ def test_int8_forward_needs_observed_qparams():
   dot = functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
                           int8_forward=True)
   x = jnp.ones((2, 30), jnp.float32)
-  variables = _MLP(dot).init(jax.random.key(0), x)
+  variables = _MLP(dot).init(_init_key(), x)
   with pytest.raises(ValueError, match="int8_forward needs observed qparams"):
     _MLP(dot).apply(variables, x, mutable=["quant_stats"])
 
@@ -278,26 +294,29 @@ CONV_GEOMETRIES = {"valid": ((1, 1), "VALID", (1, 1)),
 
 class Int8ForwardConvTest(chex.TestCase):
 
-  # Jitted (the eager form runs in the non-finite test below).
+  # Jitted, every kernel path in one program (one compilation; the eager form runs in the
+  # non-finite test below).
   @parameterized.product(geometry_and_w=(("valid", "per_tensor"), ("same_strided", "per_channel"),
                                          ("pairs_dilated", "per_channel")),
-                         kernel=KERNELS, cin=(1, 3))
-  def test_exact_against_int64_reference(self, geometry_and_w, kernel, cin):
+                         cin=(1, 3))
+  def test_exact_against_int64_reference(self, geometry_and_w, cin):
     geometry, w_name = geometry_and_w
     x_spec, w_spec = X_SPECS["uint8_reduce_range"], W_SPECS[w_name]
     x_fq, w_fq, xq, wq = _conv_operands(x_spec, w_spec, shape=(3, 9, 8, cin))
     strides, padding, dilation = CONV_GEOMETRIES[geometry]
-    fn = jax.jit(functools.partial(
-        ste.int8_forward_conv, x_spec=x_spec, w_spec=w_spec, strides=strides, padding=padding,
-        dilation=dilation, kernel=kernel))
-    got = np.asarray(fn(x_fq, w_fq, x_qparams=xq, w_qparams=wq))
+    fn = jax.jit(lambda x, w, xq, wq: [ste.int8_forward_conv(
+        x, w, x_spec=x_spec, x_qparams=xq, w_spec=w_spec, w_qparams=wq, strides=strides,
+        padding=padding, dilation=dilation, kernel=kernel) for kernel in KERNELS])
     pads = jax.lax.padtype_to_pads((9, 8), ((3 - 1) * dilation[0] + 1, (2 - 1) * dilation[1] + 1),
                                    strides, padding) if isinstance(padding, str) else padding
-    np.testing.assert_array_equal(got, _conv_reference(x_fq, w_fq, xq, wq, strides, pads,
-                                                       dilation))
-    want = jax.lax.conv_general_dilated(x_fq, w_fq, strides, padding, rhs_dilation=dilation,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
+    want = _conv_reference(x_fq, w_fq, xq, wq, strides, pads, dilation)
+    float_conv = np.asarray(jax.lax.conv_general_dilated(
+        x_fq, w_fq, strides, padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    for kernel, got in zip(KERNELS, fn(x_fq, w_fq, xq, wq), strict=True):
+      got = np.asarray(got)
+      np.testing.assert_array_equal(got, want, err_msg=kernel)
+      np.testing.assert_allclose(got, float_conv, rtol=1e-4, atol=1e-5, err_msg=kernel)
 
   @parameterized.parameters(*KERNELS)
   def test_gradients_are_the_float_convolutions(self, kernel):
@@ -429,7 +448,7 @@ def test_quant_conv_general_int8_forward_trains_like_the_float_forward():
   dilated = nn.Conv(4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1)),
                     conv_general_dilated_cls=convs[True])
   with pytest.raises(ValueError, match="int8_forward runs channels-last convolutions"):
-    dilated.apply(dilated.init(jax.random.key(0), x4), x4, mutable=["quant_stats"])
+    dilated.apply(dilated.init(_init_key(), x4), x4, mutable=["quant_stats"])
 
 
 class _DigitsNet(nn.Module):
@@ -457,7 +476,7 @@ def test_int8_forward_qat_trains_the_8x8_digits_as_the_float_forward_does():
                              int8_forward=flag),
       dot=functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
                             int8_forward=flag)) for flag in (False, True)}
-  variables = jax.jit(models[False].init)(jax.random.key(0), x[:64])  # one compilation
+  variables = jax.jit(models[False].init)(_init_key(), x[:64])  # one compilation
   opt = optax.adam(3e-3)
   accuracy = {}
   for flag, model in models.items():
