@@ -65,7 +65,14 @@ def dtype_of(value: Any) -> np.dtype:
 
 
 def concrete(value: Any) -> np.ndarray | None:
-  """The value as a NumPy array when it is known at trace time, else None (under jit/vmap)."""
+  """The value as a NumPy array when it is known at trace time, else None (under jit/vmap).
+
+  A tracer is never converted (np.asarray of one always raises, and the error's message
+  describes where the value came from by scanning the trace so far: asked at every check of
+  a traced model, that grew quadratically with its length).
+  """
+  if isinstance(value, jax.core.Tracer):
+    return None
   try:
     return np.asarray(value)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
@@ -73,7 +80,15 @@ def concrete(value: Any) -> np.ndarray | None:
 
 
 def concrete_bool(value: Any) -> bool | None:
-  """bool(value) when concrete, None when traced."""
+  """bool(value) when concrete, None when traced.
+
+  A tracer without a concrete value (under jit) is answered without asking bool(), whose error
+  message scans the trace (see `concrete`); a JVP tracer of a concrete value (eager grad)
+  answers bool().
+  """
+  known = getattr(value, "to_concrete_value", None)
+  if isinstance(value, jax.core.Tracer) and known is not None and known() is None:
+    return None
   try:
     return bool(value)
   except jax.errors.ConcretizationTypeError:

@@ -1052,3 +1052,36 @@ def test_minmax_of_a_large_tensor_holding_nan_is_nan(spec):
     lo, hi = fn(x, spec)
     np.testing.assert_array_equal(np.asarray(lo), np.min(x, axis=axis))
     np.testing.assert_array_equal(np.asarray(hi), np.max(x, axis=axis))
+
+
+def test_value_checks_never_ask_a_tracer_for_its_value(monkeypatch):
+  """Traced qparams, ranges and data pass the value checks unread: asking a tracer raises an
+  error whose message scans the trace so far, which made a long traced program (hundreds of
+  fake quantizations) quadratic to trace."""
+  asked = []
+  for error in (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    def init(self, *args, _init=error.__init__, **kwargs):
+      asked.append(type(self).__name__)
+      _init(self, *args, **kwargs)
+    monkeypatch.setattr(error, "__init__", init)
+  from qjax import observers  # pylint: disable=import-outside-toplevel
+  from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
+  spec, per_channel = QuantSpec(bits=8, signed=True), QuantSpec(bits=8, signed=True, axis=1)
+  u8 = QuantSpec(bits=8, signed=False)
+  observer = observers.MovingAverageMinMaxObserver(spec=per_channel)
+
+  def program(x, s, z, sc, zc, lo, hi):
+    q = qjax.quantize(x, spec, QParams(s, z))
+    state = observer.update(observer.init(x.shape), x)
+    return (qjax.ste.fake_quant(x, spec, QParams(s, z)), qjax.dequantize(q, spec, QParams(s, z)),
+            qjax.quantize_dequantize(x, per_channel, QParams(sc, zc)),
+            qjax.qparams_from_minmax(lo, hi, spec), qjax.minmax(x, per_channel),
+            observer.qparams(state),
+            kernels.dequantize_rows(q, s, z, None), kernels.quantize_input(x, u8, s, z))
+
+  args = (jnp.ones((4, 3)), jnp.float32(0.1), jnp.int32(3), jnp.full((3,), 0.1, jnp.float32),
+          jnp.zeros((3,), jnp.int32), jnp.float32(-1.0), jnp.float32(1.0))
+  jax.jit(program).trace(*args)
+  assert asked == []
+  with pytest.raises(ValueError, match="scale"):  # concrete values are still checked
+    qjax.quantize(jnp.ones(3), spec, QParams(jnp.float32(-1.0), jnp.int32(0)))
