@@ -14,6 +14,7 @@ import optax
 import pytest
 from absl.testing import parameterized
 
+from support import cases
 import qjax.nn
 from qjax import QParams, QuantSpec, numerics, ste
 from qjax.integer import kernels
@@ -196,13 +197,6 @@ class Int8ForwardDotTest(chex.TestCase):
                             w_spec, wq, strides=(1, 1), padding="VALID")
 
 
-def _init_key() -> jax.Array:
-  """The models' initialisation key on the "rbg" generator: XLA:CPU compiles threefry's random
-  bits for a model's kernels in seconds, rbg's in a fraction of one (any one initialisation
-  serves these tests: both forwards start from it)."""
-  return jax.random.key(0, impl="rbg")
-
-
 class _MLP(nn.Module):
   dot: functools.partial
 
@@ -225,7 +219,7 @@ def _steps_agree(models, x):
   """One QAT step of models[False] (float forward) and models[True] (int8 forward) from the
   same initialisation: nearly the same outputs and gradients (the float forward rounds at
   every step). Returns the variables and the two updated quant_stats (float, int8)."""
-  variables = models[False].init(_init_key(), x)
+  variables = models[False].init(cases.init_key(), x)
   (y0, stats0, g0), (y1, stats1, g1) = (_qat_step(models[flag], variables, x)
                                         for flag in (False, True))
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
@@ -254,7 +248,7 @@ def test_int8_forward_needs_observed_qparams():
   dot = functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
                           int8_forward=True)
   x = jnp.ones((2, 30), jnp.float32)
-  variables = _MLP(dot).init(_init_key(), x)
+  variables = _MLP(dot).init(cases.init_key(), x)
   with pytest.raises(ValueError, match="int8_forward needs observed qparams"):
     _MLP(dot).apply(variables, x, mutable=["quant_stats"])
 
@@ -448,7 +442,7 @@ def test_quant_conv_general_int8_forward_trains_like_the_float_forward():
   dilated = nn.Conv(4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1)),
                     conv_general_dilated_cls=convs[True])
   with pytest.raises(ValueError, match="int8_forward runs channels-last convolutions"):
-    dilated.apply(dilated.init(_init_key(), x4), x4, mutable=["quant_stats"])
+    dilated.apply(dilated.init(cases.init_key(), x4), x4, mutable=["quant_stats"])
 
 
 class _DigitsNet(nn.Module):
@@ -476,7 +470,7 @@ def test_int8_forward_qat_trains_the_8x8_digits_as_the_float_forward_does():
                              int8_forward=flag),
       dot=functools.partial(qjax.nn.QuantDotGeneral, qconfig=qconfig, mode="qat",
                             int8_forward=flag)) for flag in (False, True)}
-  variables = jax.jit(models[False].init)(_init_key(), x[:64])  # one compilation
+  variables = jax.jit(models[False].init)(cases.init_key(), x[:64])  # one compilation
   opt = optax.adam(3e-3)
   accuracy = {}
   for flag, model in models.items():

@@ -35,7 +35,7 @@ STEPS = 300
 # The int64 NumPy reference, from the equations of `qjax.integer.forms.lif`'s docstring.
 
 
-def _r(y: np.ndarray, m0: int | np.ndarray, shift: int | np.ndarray) -> np.ndarray:
+def _r(y: np.ndarray, m0: int, shift: int) -> np.ndarray:
   """R(y, M) = floor((y M0 + 2^(r-1)) / 2^r), saturated to int32 (|y M0| < 2^62: int64)."""
   y = np.asarray(y, np.int64)
   return np.clip((y * np.int64(m0) + (np.int64(1) << np.int64(shift - 1))) >> np.int64(shift),
@@ -52,20 +52,13 @@ def _round_shift(y: np.ndarray, bits: int) -> np.ndarray:
   return q + ((r > half) | ((r == half) & (q % 2 == 1)))
 
 
-def _constant(value: Any, x: np.ndarray) -> np.ndarray:
-  """A neuron constant in int64, shaped to broadcast against `x`: a scalar for one neuron, or
-  one per leading row of `x` for neurons stacked by `_stack` (their static fields are shared)."""
-  c = np.asarray(value, np.int64)
-  return c.reshape(c.shape + (1,) * (np.ndim(x) - c.ndim))
-
-
 def _reference_step(op: IntegerLIF, x: np.ndarray, v: np.ndarray, i: np.ndarray
                     ) -> tuple[np.ndarray, ...]:
-  """One step in int64: (q_i', q_v', q_i_next, z, q_v_next). `op` may be neurons stacked by
-  `_stack`, with x, v and i then leading with the neuron axis."""
-  m0 = [_constant(m, x) for m in np.moveaxis(np.asarray(op.m0), -1, 0)]
-  shift = [_constant(r, x) for r in np.moveaxis(np.asarray(op.shift), -1, 0)]
-  zx, lv, rv, th = (_constant(c, x) for c in (op.x_zero, op.v_leak, op.v_reset, op.threshold))
+  """One step in int64: (q_i', q_v', q_i_next, z, q_v_next)."""
+  m0 = [int(m) for m in np.asarray(op.m0)]
+  shift = [int(r) for r in np.asarray(op.shift)]
+  zx, lv, rv, th = (int(np.asarray(c)) for c in (op.x_zero, op.v_leak, op.v_reset,
+                                                  op.threshold))
   up = np.int64(2**op.frac)
   fx = min(op.frac, 22)
   jump = np.clip(_r((np.asarray(x, np.int64) - zx) * 2**fx, m0[0], shift[0]), -(2**30), 2**30)
@@ -79,10 +72,9 @@ def _reference_step(op: IntegerLIF, x: np.ndarray, v: np.ndarray, i: np.ndarray
 
 def _reference_trace(op: IntegerLIF, xs: np.ndarray, state=None
                      ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], np.ndarray]:
-  """(spikes, final (q_v, q_i), q_v after every step) of the integer LIF in int64 NumPy; xs
-  (T, ...), or (T, N, ...) for N neurons stacked by `_stack`."""
+  """(spikes, final (q_v, q_i), q_v after every step) of the integer LIF in int64 NumPy."""
   if state is None:
-    v = np.broadcast_to(_constant(op.v_leak, xs[0]), xs.shape[1:]).copy()
+    v = np.full(xs.shape[1:], int(np.asarray(op.v_leak)), np.int64)
     i = np.zeros(xs.shape[1:], np.int64)
   else:
     v, i = (np.asarray(s, np.int64) for s in state)
@@ -164,17 +156,13 @@ def _row(tree: Any, k: int) -> Any:
 
 
 def _i_trace(op: IntegerLIF, xs: np.ndarray, i: np.ndarray) -> np.ndarray:
-  """q_i' (after the input jumps in) of every step, by the reference's recursion (xs and
-  stacked neurons as in `_reference_trace`)."""
-  xs = np.asarray(xs, np.int64)
-  m0 = [_constant(m, xs[0]) for m in np.moveaxis(np.asarray(op.m0), -1, 0)]
-  shift = [_constant(r, xs[0]) for r in np.moveaxis(np.asarray(op.shift), -1, 0)]
-  zx = _constant(op.x_zero, xs[0])
+  """q_i' (after the input jumps in) of every step, by the reference's recursion."""
+  m0, shift = np.asarray(op.m0), np.asarray(op.shift)
   out = []
-  for x in xs:
-    i1 = np.clip(i + _r(x - zx, m0[0], shift[0]), *op.i_bounds)
+  for x in np.asarray(xs, np.int64):
+    i1 = np.clip(i + _r(x - int(op.x_zero), int(m0[0]), int(shift[0])), *op.i_bounds)
     out.append(i1)
-    i = np.clip(_r(i1, m0[3], shift[3]), *op.i_bounds)
+    i = np.clip(_r(i1, int(m0[3]), int(shift[3])), *op.i_bounds)
   return np.array(out)
 
 
@@ -201,20 +189,14 @@ def test_trace_equals_the_int64_reference(bits, variant):
             (rng.integers(lo, hi + 1, xs.shape[2:]).astype(np.int32),
              rng.integers(lo, hi + 1, xs.shape[2:]).astype(np.int32))
             for k, op in enumerate(ops)]
-  stacked_ops, stacked_states = _stack(ops), _stack(states)
   run = jax.vmap(lambda o, x, s: o.trace(x, s))
   run = jax.jit(run) if variant == "jit" else run
-  got = run(stacked_ops, jax.device_put(xs), stacked_states)
-  # The reference of the six neurons in one int64 recursion (time leading, each neuron's
-  # constants on its row), then taken apart per neuron.
-  xs_by_step = np.swapaxes(xs, 0, 1)
-  rz, (rv, ri), rvt = _reference_trace(stacked_ops, xs_by_step, stacked_states)
-  i_traces = _i_trace(stacked_ops, xs_by_step, np.asarray(stacked_states[1], np.int64))
+  got = run(_stack(ops), jax.device_put(xs), _stack(states))
   hits = dict.fromkeys(("i at qmin", "i at qmax", "v at qmin", "v at qmax", "spikes"), 0)
-  for k in range(len(ops)):
-    want = (rz[:, k], (rv[k], ri[k]), rvt[:, k])
+  for k, op in enumerate(ops):
+    want = _reference_trace(op, xs[k], states[k])
     _assert_trace_equal(_row(got, k), want, f"{bits} bits, neuron {k}")
-    i_trace = i_traces[:, k]
+    i_trace = _i_trace(op, xs[k], np.asarray(states[k][1], np.int64))
     hits["i at qmin"] += int(np.sum(i_trace == lo))
     hits["i at qmax"] += int(np.sum(i_trace == hi))
     hits["v at qmin"] += int(np.sum(want[2] == lo))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
-import functools
 import pathlib
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from support import cases
 from qjax.integer import arith
 from qjax.integer import kernels
 from qjax.integer import requant as rq
@@ -616,17 +616,11 @@ def test_conv_matches_xla():
   # packed by `pack_conv` as well on the best native path (every path runs the packed
   # convolution: unpacked kernels are packed by the library first; XLA unpacks packed ones,
   # test_pack_conv_layout_and_errors and the serving trees of test_convert_more).
-  # Each case is traced in a jit of its own within the program (as in
-  # test_dequantize_rows_matches_xla: a flat trace makes the checks' error messages slow).
   paths = [*((p, False) for p in AVAILABLE), *((p, True) for p in AVAILABLE[:1])]
-
-  def every_path(x, w, pw, o, r, geometry):
-    return [kernels.conv(x, pw if packed else w, o, r, **geometry, kernel=p)
-            for p, packed in [("xla", False), *paths]]
-
   results = jax.jit(lambda operands: [
-      jax.jit(functools.partial(every_path, geometry=run[4]))(*case)
-      for case, run in zip(operands, runs, strict=True)])(
+      [kernels.conv(x, pw if packed else w, o, r, **run[4], kernel=p) for p, packed in
+       [("xla", False), *paths]]
+      for (x, w, pw, o, r), run in zip(operands, runs, strict=True)])(
           [(x, w, kernels.pack_conv(w), o, r) for x, w, o, r, *_ in runs])
   for (x, w, _, r, _, extreme), (want, *gots) in zip(runs, results, strict=True):
     want = np.asarray(want)
@@ -736,16 +730,11 @@ def test_round_and_quantize_input_match_xla():
       cases.append((n, spec, s, z, x.reshape(-1, n) if n < 1000 else x.reshape(-1, 100)))
   y = np.array([np.nan, 0.5, 1.5, -0.5, -1e10, 1e10, 2.5, -2.5], np.float32)
 
-  @functools.partial(jax.jit, static_argnums=3)
-  def quantize(x, sc, zp, spec):
-    return [arith.quantize_input(x, spec, sc, zp)] + [
-        kernels.quantize_input(x, spec, sc, zp, kernel=p) for p in ("xla", *AVAILABLE)]
-
   def run(operands, y):
     # Per case arith's XLA rounding, kernels' "xla" and every native path; round_to_int8 on
-    # every path: all in one program, each case traced in a jit of its own within it (as in
-    # test_dequantize_rows_matches_xla: a flat trace makes the checks' error messages slow).
-    quantized = [quantize(x, sc, zp, spec)
+    # every path: all in one program.
+    quantized = [[arith.quantize_input(x, spec, sc, zp)] + [
+        kernels.quantize_input(x, spec, sc, zp, kernel=p) for p in ("xla", *AVAILABLE)]
                  for (x, sc, zp), (_, spec, *_) in zip(operands, cases, strict=True)]
     rounded = [kernels.round_to_int8(y, -3, 100, 5, -77, kernel=p) for p in ("xla", *AVAILABLE)]
     return quantized, rounded
@@ -798,10 +787,9 @@ def test_quantize_samples_is_the_cleaned_quantization_and_the_nonfinite_mask():
     q = arith.quantize_input(clean, spec, np.float32(0.03), np.int32(120))
     return q, base.nonfinite_samples(x)
 
-  # Every shape on XLA's reference and every path in one program, each shape traced in a jit
-  # of its own within it (as in test_dequantize_rows_matches_xla).
-  every_path = jax.jit(lambda x: [reference(x)] + [both(x, p) for p in ("xla", *AVAILABLE)])
-  results = jax.jit(lambda inputs: [every_path(x) for x in inputs])(inputs)
+  # Every shape on XLA's reference and every path in one program.
+  results = jax.jit(lambda inputs: [[reference(x)] + [both(x, p) for p in ("xla", *AVAILABLE)]
+                                    for x in inputs])(inputs)
   for shape, ((want_q, want_bad), *gots) in zip(shapes, results, strict=True):
     assert want_bad.shape == ((shape[0],) if len(shape) >= 2 else ())
     for path, (q, bad) in zip(("xla", *AVAILABLE), gots, strict=True):
@@ -831,19 +819,17 @@ def test_dequantize_rows_matches_xla():
       for bad in masks:
         cases.append((q, np.float32(scale), np.int32(zero), bad))
 
-  def one(q, s, z, bad):
-    want = arith.dequantize_output(q, s, z)
-    if bad is not None:
-      want = base.with_nan_samples(bad, want)
-    return [want] + [kernels.dequantize_rows(q, s, z, bad, kernel=p) for p in ("xla", *AVAILABLE)]
+  def run(cases):
+    out = []
+    for q, s, z, bad in cases:
+      want = arith.dequantize_output(q, s, z)
+      if bad is not None:
+        want = base.with_nan_samples(bad, want)
+      out.append([want] + [kernels.dequantize_rows(q, s, z, bad, kernel=p)
+                           for p in ("xla", *AVAILABLE)])
+    return out
 
-  def run(cases, one=one):
-    return [one(*case) for case in cases]
-
-  # Jitted: one program, each case traced in a jit of its own within it (cases of one shape
-  # share that trace): a value check that meets a tracer builds its error's message from the
-  # trace around it, which a flat trace of every case makes quadratic in the cases.
-  for results in (jax.jit(functools.partial(run, one=jax.jit(one)))(cases), run(cases)):
+  for results in (jax.jit(run)(cases), run(cases)):
     for (q, s, z, bad), (want, *gots) in zip(cases, results, strict=True):
       want = np.asarray(want)
       for path, got in zip(("xla", *AVAILABLE), gots, strict=True):
@@ -889,7 +875,7 @@ def test_native_mlp_serving_program_has_no_xla_arithmetic():
 
   model = Mlp()
   x = np.random.default_rng(3).random((64, 50)).astype(np.float32)
-  variables = model.init(jax.random.key(0, impl="rbg"), x, mode="float")  # rbg: quick to compile
+  variables = model.init(cases.init_key(), x, mode="float")
   _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
   int_vars = qjax.convert(model, {**variables, **stats}, x)
   x[3, 7] = np.nan

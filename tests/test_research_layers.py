@@ -14,6 +14,7 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
+from support import cases
 import qjax
 from qjax import nn as qnn
 from qjax import observers as obs
@@ -128,12 +129,6 @@ MIXED = qnn.QConfigMap(
     ))
 
 
-def _init_key() -> jax.Array:
-  """The models' initialisation key on XLA's own random bits ("rbg"): XLA:CPU compiles
-  threefry's initialisers for a model's kernels far more slowly (any initialisation serves)."""
-  return jax.random.key(0, impl="rbg")
-
-
 @functools.cache
 def digits() -> tuple[np.ndarray, np.ndarray]:
   data = load_digits()
@@ -142,8 +137,8 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 def qat_train(model, steps: int = 120, pact_decay: float = 1e-4):
   x, y = digits()
-  variables = jax.jit(model.init, static_argnames="mode")(_init_key(), jnp.asarray(x[:256]),
-                                                          mode="qat")
+  variables = jax.jit(model.init, static_argnames="mode")(cases.init_key(),
+                                                          jnp.asarray(x[:256]), mode="qat")
   opt = optax.adam(3e-3)
   params, stats = variables["params"], variables.get("quant_stats", {})
   state = opt.init(params)
@@ -266,7 +261,7 @@ def test_conversion_refuses_what_the_integer_path_cannot_run():
     qmap = qnn.QConfigMap(default=config, overrides=(("^Quantize_0$", qnn.QConfig(
         weight=None, activation=_A8)),))
     model = MixedMLP(qmap, features=(8,))
-    v = jax.jit(model.init, static_argnames="mode")(_init_key(), x[:32], mode="qat")
+    v = jax.jit(model.init, static_argnames="mode")(cases.init_key(), x[:32], mode="qat")
     v = qnn.calibrate(model, v, [x[:32]])
     with pytest.raises(ValueError, match=match):
       qjax.convert(model, v, x[:4])
@@ -344,7 +339,7 @@ def test_conversion_refuses_nonfinite_research_weights():
   x, _ = digits()
   qmap = qnn.QConfigMap(default=qnn.QConfig(weight=qz.TernaryWeight(), activation=_A8))
   model = MixedMLP(qmap, features=(8,))
-  v = jax.jit(model.init, static_argnames="mode")(_init_key(), x[:32], mode="qat")
+  v = jax.jit(model.init, static_argnames="mode")(cases.init_key(), x[:32], mode="qat")
   v = qnn.calibrate(model, v, [x[:32]])
   kernel = v["params"]["fc0"]["kernel"].at[0, 0].set(jnp.nan)
   v = {**v, "params": {"fc0": {**v["params"]["fc0"], "kernel": kernel}}}
