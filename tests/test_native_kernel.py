@@ -561,6 +561,14 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((0, 6, 6, 1), (3, 3, 1, 4), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # direct, no images
     # 1.2 MB of weights and 25 rows: the tile kernel's split of the panels over threads.
     ((1, 7, 7, 128), (3, 3, 128, 1024), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+] + [  # Depthwise (groups = C, one input channel a group): the native depthwise convolution.
+    ((2, 9, 11, 5), (3, 3, 1, 5), (1, 1), ((1, 1), (1, 1)), (1, 1), 5),
+    ((3, 12, 10, 20), (3, 5, 1, 40), (2, 2), ((2, 2), (1, 3)), (1, 1), 20),  # multiplier 2
+    ((1, 9, 9, 33), (2, 2, 1, 99), (1, 1), ((0, 1), (0, 0)), (2, 2), 33),  # 3, dilation 2
+    ((2, 7, 6, 128), (3, 3, 1, 128), (1, 2), ((1, 1), (0, 1)), (1, 1), 128),
+    ((0, 5, 5, 4), (3, 3, 1, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # no images
+    ((1, 3, 5, 17), (3, 5, 1, 17), (1, 1), ((0, 0), (0, 0)), (1, 1), 17),  # one output pixel
+    ((2, 6, 7, 16), (1, 1, 1, 16), (1, 1), ((0, 0), (0, 0)), (1, 1), 16),  # one tap
 ]
 
 
@@ -1040,6 +1048,66 @@ def test_conv_int32_matches_xla(x_shape, w_shape, strides, padding, dilation):
         a, b, o, strides=strides, padding=padding, dilation=dilation, pad_value=pad_value,
         kernel=path))
     np.testing.assert_array_equal(np.asarray(fn(x, w, offset)), want, err_msg=path)
+
+
+DEPTHWISE = [case for case in CONVS if case[-1] > 1 and case[1][2] == 1]
+
+
+def test_depthwise_conv_int32_matches_xla():
+  """The native depthwise convolution's int32 sums + offset (wrapping) on every path equal
+  XLA's grouped convolution's, on random operands with -128 / 127 rows and offsets over the
+  whole int32 range; 5-128 channels, channel multipliers 1-3, strides, dilation, padding with
+  a nonzero zero point, one output pixel, one tap, no images."""
+  rng = np.random.default_rng(5)
+  runs = []
+  for x_shape, w_shape, strides, padding, dilation, groups in DEPTHWISE:
+    x = rng.integers(-128, 128, x_shape, dtype=np.int8)
+    w = rng.integers(-128, 128, w_shape, dtype=np.int8)
+    w[0], w[-1] = 127, -128
+    offset = rng.integers(-2**31, 2**31, w_shape[-1], dtype=np.int64).astype(np.int32)
+    geometry = dict(strides=strides, padding=padding, dilation=dilation, groups=groups,
+                    pad_value=jnp.int32(int(rng.integers(-128, 128))))
+    runs.append((x, w, offset, geometry))
+  results = jax.jit(lambda operands: [
+      [kernels.conv_int32(x, w, o, **geometry, kernel=p) for p in AVAILABLE]
+      for (x, w, o), (*_, geometry) in zip(operands, runs, strict=True)])(
+          [run[:3] for run in runs])
+  for (x, w, offset, geometry), gots in zip(runs, results, strict=True):
+    want = np.asarray(arith.conv(x, w, strides=geometry["strides"],
+                                 padding=geometry["padding"], dilation=geometry["dilation"],
+                                 feature_group_count=geometry["groups"],
+                                 pad_value=geometry["pad_value"]))
+    want = (want.astype(np.int64) + offset).astype(np.uint32).view(np.int32)
+    for path, got in zip(AVAILABLE, gots, strict=True):
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{path} {x.shape} {w.shape}")
+
+
+def test_depthwise_rule_and_its_auto_choice(monkeypatch):
+  """Which convolutions run the native depthwise kernel (2-D, groups = C >= 2, one input
+  channel a group, O a multiple of C); "auto" keeps them native where AMX is granted, however
+  large (XLA runs grouped convolutions without tiles), while a dot that large goes to XLA."""
+  assert kernels.depthwise_conv((3, 3, 1, 32), 32, 32)
+  assert kernels.depthwise_conv((5, 1, 1, 96), 32, 32)  # multiplier 3
+  for shape, groups, channels in [((3, 3, 2, 32), 16, 32), ((3, 3, 1, 32), 1, 1),
+                                  ((3, 1, 32), 32, 32), ((3, 3, 1, 33), 32, 32)]:
+    assert not kernels.depthwise_conv(shape, groups, channels), (shape, groups, channels)
+  if not AVAILABLE:
+    pytest.skip("the native library is not built")
+  monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+  monkeypatch.setattr(kernels, "amx_int8", lambda: True)
+  big = kernels.AUTO_AMX_XLA_MACS
+  assert kernels.resolve("auto", macs=big, xla_amx=False) == AVAILABLE[0]
+  assert kernels.resolve("auto", macs=big) == "xla"
+  # 64 x 64 x 64 x 64 through a 3 x 3 window: 1.5e8 multiply-adds, past AUTO_AMX_XLA_MACS.
+  x = jax.ShapeDtypeStruct((64, 64, 64, 64), jnp.int8)
+  geometry = dict(strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1),
+                  pad_value=jnp.int32(0), kernel="auto")
+  for groups, channels_in, target in [(64, 1, "qjax_int8_depthwise_s32"),
+                                      (1, 64, "qjax_int8_conv_s32")]:
+    w = jax.ShapeDtypeStruct((3, 3, channels_in, 64), jnp.int8)
+    program = jax.jit(lambda x, w, groups=groups: kernels.conv_int32(
+        x, w, jnp.zeros(64, jnp.int32), groups=groups, **geometry)).lower(x, w).as_text()
+    assert (target in program) == (groups > 1), (groups, target)
 
 
 def test_conv_int32_groups():

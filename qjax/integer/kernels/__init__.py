@@ -39,10 +39,12 @@ to the panel kernels at every row count. `conv` runs 2-D convolutions with sever
 channels as the same GEMM on their patches, which the kernel gathers from the NHWC input
 block by block of output pixels (kernels packed once with `pack_conv`, or per call), and
 those of one input channel (stride 1, up to 8 output channels: LeNet-5's first layer) with a
-direct kernel, 16 output pixels a vector (`direct_conv`); the kernel's epilogue also
-requantizes the int32 result of the convolutions XLA keeps (groups, other single-channel
-ones). The kernel uses every core (a pool of threads started once) for products
-of 2^21 multiply-adds and more (QJAX_INT8_THREADS caps the thread count).
+direct kernel, 16 output pixels a vector (`direct_conv`); depthwise ones (`depthwise_conv`:
+MobileNet's, any channel multiplier, stride and dilation) with a depthwise kernel, 16 output
+channels a vector (vpdpwssd on the AVX-512 paths); the kernel's epilogue also requantizes the
+int32 result of the convolutions XLA keeps (other groups, other single-channel ones). The
+kernel uses every core (a pool of threads started once) for products of 2^21 multiply-adds
+and more (QJAX_INT8_THREADS caps the thread count).
 For int8-forward QAT (`qjax.ste.int8_forward_dot` / `int8_forward_conv`), `pack_grid` packs
 fake-quantized float weights' grid integers in one pass and `conv_int32` gives a
 convolution's int32 sums. `retain_freed_memory` keeps glibc from handing XLA's freed buffers
@@ -108,6 +110,8 @@ _TARGET_CONV_S32 = "qjax_int8_conv_s32"
 _TARGET_CONV_REQUANT = "qjax_int8_conv_requant"
 _TARGET_REQUANT_S32 = "qjax_int8_requant_s32"
 _TARGET_CONV_PACKED_REQUANT = "qjax_int8_conv_packed_requant"
+_TARGET_DEPTHWISE_S32 = "qjax_int8_depthwise_s32"
+_TARGET_DEPTHWISE_REQUANT = "qjax_int8_depthwise_requant"
 # The panel layout of pre-packed weights: PANEL output channels x GROUP inputs per block.
 PANEL, GROUP = 16, 4
 
@@ -227,6 +231,10 @@ def _load() -> int:
                                 platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_CONV_PACKED_REQUANT,
                                 jax.ffi.pycapsule(lib.QjaxInt8ConvPackedRequant), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_DEPTHWISE_S32,
+                                jax.ffi.pycapsule(lib.QjaxInt8DepthwiseS32), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_DEPTHWISE_REQUANT,
+                                jax.ffi.pycapsule(lib.QjaxInt8DepthwiseRequant), platform="cpu")
   except (OSError, AttributeError) as error:
     warnings.warn(f"qjax.integer.kernels: the native int8 GEMM library {path} could not be "
                   f"loaded ({error}); the integer path runs on XLA's dot_general.",
@@ -286,14 +294,16 @@ def available() -> bool:
   return bool(native_paths())
 
 
-def resolve(kernel: str | None = None, *, macs: int | None = None) -> str:
+def resolve(kernel: str | None = None, *, macs: int | None = None,
+            xla_amx: bool = True) -> str:
   """The code path a contraction runs on: "xla" or one of `native_paths()`.
 
   `kernel` if given, else the environment variable QJAX_INT8_KERNEL, else
   `DEFAULT_KERNEL`. "auto" picks the best native path on the CPU backend when the library is
   built, the process has one CPU device and the product has at least `AUTO_MIN_MACS`
-  multiply-adds (`macs`; None counts as large) and, where AMX-INT8 is granted (`amx_int8`),
-  fewer than `AUTO_AMX_XLA_MACS`; "xla" otherwise. A named native path
+  multiply-adds (`macs`; None counts as large) and, where AMX-INT8 is granted (`amx_int8`)
+  and XLA would run the operation on AMX tiles (`xla_amx`: its int8 dots do, its grouped
+  convolutions do not), fewer than `AUTO_AMX_XLA_MACS`; "xla" otherwise. A named native path
   ("native", "vnni", ...) runs whatever the size and device count (inside `shard_map`, each
   device's program calls the kernel on its own shard). The choice is made when a function is
   traced: a jitted function keeps it (its cache does not see QJAX_INT8_KERNEL change).
@@ -301,6 +311,7 @@ def resolve(kernel: str | None = None, *, macs: int | None = None) -> str:
   Args:
     kernel: one of `KERNELS`, or None.
     macs: M * N * K of the product, for "auto".
+    xla_amx: whether XLA's form of the operation runs on AMX tiles where they are granted.
 
   Returns:
     "xla" or one of `native_paths()`.
@@ -327,7 +338,7 @@ def resolve(kernel: str | None = None, *, macs: int | None = None) -> str:
   if choice == "auto":
     if (jax.default_backend() != "cpu" or jax.device_count() > 1
         or (macs is not None and macs < AUTO_MIN_MACS)
-        or ((macs is None or macs >= AUTO_AMX_XLA_MACS) and amx_int8())):
+        or (xla_amx and (macs is None or macs >= AUTO_AMX_XLA_MACS) and amx_int8())):
       return "xla"
     paths = native_paths()
     return paths[0] if paths else "xla"
@@ -950,9 +961,12 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   model than patches made by XLA), in 1-D and 3-D on XLA's patches
   (`qjax.integer.arith.im2col`). One input channel (stride and dilation 1, up to 8 output
   channels) runs the native kernel's direct convolution on the AVX-512 paths (`direct_conv`:
-  LeNet-5 at batch 1024, 8.6 -> 4.3 ms for the whole model). Otherwise (and on "xla")
-  `qjax.integer.arith.conv` then `requant`: XLA's exact int32 convolution, requantized by the
-  kernel's epilogue on a native path. The same integers on every path.
+  LeNet-5 at batch 1024, 8.6 -> 4.3 ms for the whole model). A 2-D depthwise convolution
+  (`depthwise_conv`: groups = C, one input channel a group) runs the native depthwise kernel,
+  its requantization fused (3 x 3 over 32 x 56 x 56 x 128: ~7 ms against ~0.5 s for XLA's
+  grouped int32 convolution). Otherwise (and on "xla") `qjax.integer.arith.conv` then
+  `requant`: XLA's exact int32 convolution, requantized by the kernel's epilogue on a native
+  path. The same integers on every path.
 
   Args:
     x: int8 (B, *spatial, C).
@@ -983,6 +997,13 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   offset = _offset(offset, cout, "conv")
   strides, padding, dilation, pad_value = arith.checked_conv_geometry(
       nsp, strides, padding, dilation, pad_value, "conv")
+  if (x.ndim == nsp + 2 and not isinstance(kernel_hwio, PackedConvWeights)
+      and depthwise_conv(kernel_hwio.shape, groups, cin)):
+    out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
+    path = resolve(kernel, macs=macs, xla_amx=False)
+    if path != "xla" and min(out) > 0:
+      return _native_depthwise(_padded(x, padding, pad_value), kernel_hwio, tuple(out), offset,
+                               strides, dilation, path, requant)
   if groups == 1 and x.ndim == nsp + 2:
     out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
     path = resolve(kernel, macs=macs)
@@ -1038,7 +1059,8 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   (g(o) = o // (O / G), the group of output channel o). Ungrouped on a native path, with two
   or more input channels, the GEMM of the patches on the native kernel (in 2-D gathered by
   the kernel block by block of output pixels, as `conv` does; else XLA's
-  `qjax.integer.arith.im2col`); otherwise, for groups and for one input channel
+  `qjax.integer.arith.im2col`); a 2-D depthwise convolution (`depthwise_conv`) on the native
+  depthwise kernel; otherwise, for other groups and for one input channel
   (XLA's int32 convolution of a single channel is the faster lowering: LeNet-5's 5 x 5 x 6
   first layer at batch 256, 0.5 ms against 4.7 ms through patches), `qjax.integer.arith.conv`.
   The same integers on every path.
@@ -1075,8 +1097,12 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   strides, padding, dilation, pad_value = arith.checked_conv_geometry(
       nsp, strides, padding, dilation, pad_value, "conv_int32")
   out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
-  path = resolve(kernel, macs=macs)
+  depthwise = depthwise_conv(kernel_hwio.shape, groups, x.shape[-1])
+  path = resolve(kernel, macs=macs, xla_amx=not depthwise)
   offset = _offset(offset, cout, "conv_int32")
+  if path != "xla" and depthwise and min(out) > 0:
+    return _native_depthwise(_padded(x, padding, pad_value), kernel_hwio, tuple(out), offset,
+                             strides, dilation, path)
   if path != "xla" and groups == 1 and cin > 1 and min(out) > 0:
     x = _padded(x, padding, pad_value)
     weights = kernel_hwio.reshape((math.prod(kernel_hwio.shape[:-1]), cout)).T
@@ -1114,6 +1140,42 @@ def direct_conv(kernel_shape: tuple[int, ...], strides: tuple[int, ...],
           and 1 <= kernel_shape[3] <= _DIRECT_MAX_CHANNELS
           and kernel_shape[1] <= _DIRECT_MAX_WIDTH and kernel_shape[0] <= _DIRECT_MAX_HEIGHT
           and path in ("vnni", "amx", "amx_emulated") and bool(_load() & _VBMI))
+
+
+def depthwise_conv(kernel_shape: tuple[int, ...], groups: int, channels: int) -> bool:
+  """Whether `conv` / `conv_int32` on a native path run a convolution with this (HWIO) kernel
+  shape as the native kernel's depthwise convolution: 2-D, one group per input channel
+  (`groups` = `channels` >= 2), any channel multiplier (O = m C: output channel o reads input
+  channel o // m), any stride and dilation. XLA:CPU runs grouped convolutions as loops of
+  scalar products (3 x 3 over 32 x 56 x 56 x 128: ~0.44 s as int8 -> int32, ~0.41 s in
+  float32); the native one takes 16 output channels a vector.
+
+  Example:
+    >>> depthwise_conv((3, 3, 1, 32), 32, 32), depthwise_conv((3, 3, 2, 32), 16, 32)
+    (True, False)
+  """
+  return (len(kernel_shape) == 4 and kernel_shape[2] == 1 and groups == channels >= 2
+          and kernel_shape[3] % channels == 0)
+
+
+def _native_depthwise(x: jax.Array, kernel_hwio: jax.Array, out: tuple[int, ...],
+                      offset: jax.Array, strides: tuple[int, ...], dilation: tuple[int, ...],
+                      path: str, requant: rq.Requantizer | None = None) -> jax.Array:
+  """The native depthwise convolution of padded int8 x (B, H, W, C): its int32 sums +
+  offset, or with `requant` those requantized to int8 by the fused epilogue."""
+  n = kernel_hwio.shape[-1]
+  shape = (x.shape[0], *out, n)
+  attrs = {"sh": np.int64(strides[0]), "sw": np.int64(strides[1]),
+           "dh": np.int64(dilation[0]), "dw": np.int64(dilation[1]),
+           "path": np.int64(_PATH_IDS[path]), "threads": np.int64(0)}
+  if requant is None:
+    call = jax.ffi.ffi_call(_TARGET_DEPTHWISE_S32, jax.ShapeDtypeStruct(shape, jnp.int32),
+                            vmap_method="sequential")
+    return call(x, kernel_hwio, offset, **attrs)
+  arrays, grid = _epilogue(requant, n)
+  call = jax.ffi.ffi_call(_TARGET_DEPTHWISE_REQUANT, jax.ShapeDtypeStruct(shape, jnp.int8),
+                          vmap_method="sequential")
+  return call(x, kernel_hwio, offset, *arrays, **grid, **attrs)
 
 
 def gathers_patches(kernel_shape: tuple[int, ...], groups: int) -> bool:
@@ -1401,6 +1463,7 @@ __all__ = (
     "available",
     "conv",
     "dense",
+    "depthwise_conv",
     "dequantize_rows",
     "direct_conv",
     "fake_quant_observe",
