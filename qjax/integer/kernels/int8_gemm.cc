@@ -2941,18 +2941,64 @@ struct DwGeom {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 // x's channels [c, c + 16) as int32 (the lanes past the block's last channel read 0),
 // spread to the output lanes (lane l: input channel (o0 + l) / m) where m > 1.
-template <bool kSpread>
+template <bool kSpread, bool kFull>
 inline __m512i DwLoad(const int8_t* x, __mmask16 in_valid, __m512i spread) {
-  const __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(in_valid, x));
+  const __m128i bytes = kFull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(x))
+                              : _mm_maskz_loadu_epi8(in_valid, x);
+  const __m512i v = _mm512_cvtepi8_epi32(bytes);
   return kSpread ? _mm512_permutexvar_epi32(spread, v) : v;
+}
+
+// The 16 output channels [o0, o0 + 16) of output pixels [j0, j1) of a row, from the row's
+// input `xb` (at the block's first input channel): four pixels at a time, each weight vector
+// loaded once for the four. kFull: all 16 lanes real and 16 input bytes readable (m = 1, a
+// whole block): plain loads.
+template <bool kSpread, bool kFull>
+inline void DwBlock(const int8_t* xb, const int32_t* w16, int32_t* dst, const DwGeom& g,
+                    int64_t o0, __mmask16 valid, __mmask16 in_valid, __m512i spread,
+                    __m512i bias) {
+  const int64_t ow = g.out_w(), C = g.channels, O = g.out_c;
+  const int64_t px = g.sw * C;  // from one output pixel's input to the next one's
+  int64_t j = 0;
+  for (; j + 4 <= ow; j += 4) {
+    __m512i a0 = bias, a1 = bias, a2 = bias, a3 = bias;
+    for (int64_t u = 0; u < g.kh; ++u) {
+      const int8_t* xu = xb + (u * g.dh * g.width + j * g.sw) * C;
+      const int32_t* wu = w16 + u * g.kw * O + o0;
+      for (int64_t v = 0; v < g.kw; ++v) {
+        const __m512i wv = kFull ? _mm512_loadu_si512(wu + v * O)
+                                 : _mm512_maskz_loadu_epi32(valid, wu + v * O);
+        const int8_t* xp = xu + v * g.dw * C;
+        a0 = _mm512_dpwssd_epi32(a0, DwLoad<kSpread, kFull>(xp, in_valid, spread), wv);
+        a1 = _mm512_dpwssd_epi32(a1, DwLoad<kSpread, kFull>(xp + px, in_valid, spread), wv);
+        a2 = _mm512_dpwssd_epi32(a2, DwLoad<kSpread, kFull>(xp + 2 * px, in_valid, spread), wv);
+        a3 = _mm512_dpwssd_epi32(a3, DwLoad<kSpread, kFull>(xp + 3 * px, in_valid, spread), wv);
+      }
+    }
+    _mm512_mask_storeu_epi32(dst + j * O, valid, a0);
+    _mm512_mask_storeu_epi32(dst + (j + 1) * O, valid, a1);
+    _mm512_mask_storeu_epi32(dst + (j + 2) * O, valid, a2);
+    _mm512_mask_storeu_epi32(dst + (j + 3) * O, valid, a3);
+  }
+  for (; j < ow; ++j) {
+    __m512i a = bias;
+    for (int64_t u = 0; u < g.kh; ++u) {
+      const int8_t* xu = xb + (u * g.dh * g.width + j * g.sw) * C;
+      const int32_t* wu = w16 + u * g.kw * O + o0;
+      for (int64_t v = 0; v < g.kw; ++v) {
+        a = _mm512_dpwssd_epi32(a, DwLoad<kSpread, kFull>(xu + v * g.dw * C, in_valid, spread),
+                                _mm512_maskz_loadu_epi32(valid, wu + v * O));
+      }
+    }
+    _mm512_mask_storeu_epi32(dst + j * O, valid, a);
+  }
 }
 
 // Output row r = b * out_h + i: its out_w x O sums + offset into dst.
 template <bool kSpread>
 void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const int32_t* offset,
                         int32_t* dst_row, const DwGeom& g, int64_t r) {
-  const int64_t oh = g.out_h(), ow = g.out_w(), C = g.channels, O = g.out_c, m = g.mult();
-  const int64_t px = g.sw * C;  // from one output pixel's input to the next one's
+  const int64_t oh = g.out_h(), C = g.channels, O = g.out_c, m = g.mult();
   const int64_t b = r / oh, i = r % oh;
   const int8_t* row = x + (b * g.height + i * g.sh) * g.width * C;
   for (int64_t o0 = 0; o0 < O; o0 += 16) {
@@ -2965,39 +3011,10 @@ void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const int32_t* offs
     }
     const __m512i spread = _mm512_load_si512(lanes);
     const __m512i bias = _mm512_maskz_loadu_epi32(valid, offset + o0);
-    const int8_t* xb = row + c0;
-    int32_t* dst = dst_row + o0;
-    int64_t j = 0;
-    for (; j + 4 <= ow; j += 4) {
-      __m512i a0 = bias, a1 = bias, a2 = bias, a3 = bias;
-      for (int64_t u = 0; u < g.kh; ++u) {
-        const int8_t* xu = xb + (u * g.dh * g.width + j * g.sw) * C;
-        const int32_t* wu = w16 + u * g.kw * O + o0;
-        for (int64_t v = 0; v < g.kw; ++v) {
-          const __m512i wv = _mm512_maskz_loadu_epi32(valid, wu + v * O);
-          const int8_t* xp = xu + v * g.dw * C;
-          a0 = _mm512_dpwssd_epi32(a0, DwLoad<kSpread>(xp, in_valid, spread), wv);
-          a1 = _mm512_dpwssd_epi32(a1, DwLoad<kSpread>(xp + px, in_valid, spread), wv);
-          a2 = _mm512_dpwssd_epi32(a2, DwLoad<kSpread>(xp + 2 * px, in_valid, spread), wv);
-          a3 = _mm512_dpwssd_epi32(a3, DwLoad<kSpread>(xp + 3 * px, in_valid, spread), wv);
-        }
-      }
-      _mm512_mask_storeu_epi32(dst + j * O, valid, a0);
-      _mm512_mask_storeu_epi32(dst + (j + 1) * O, valid, a1);
-      _mm512_mask_storeu_epi32(dst + (j + 2) * O, valid, a2);
-      _mm512_mask_storeu_epi32(dst + (j + 3) * O, valid, a3);
-    }
-    for (; j < ow; ++j) {
-      __m512i a = bias;
-      for (int64_t u = 0; u < g.kh; ++u) {
-        const int8_t* xu = xb + (u * g.dh * g.width + j * g.sw) * C;
-        const int32_t* wu = w16 + u * g.kw * O + o0;
-        for (int64_t v = 0; v < g.kw; ++v) {
-          a = _mm512_dpwssd_epi32(a, DwLoad<kSpread>(xu + v * g.dw * C, in_valid, spread),
-                                  _mm512_maskz_loadu_epi32(valid, wu + v * O));
-        }
-      }
-      _mm512_mask_storeu_epi32(dst + j * O, valid, a);
+    if (!kSpread && valid == 0xFFFF) {
+      DwBlock<false, true>(row + c0, w16, dst_row + o0, g, o0, valid, in_valid, spread, bias);
+    } else {
+      DwBlock<kSpread, false>(row + c0, w16, dst_row + o0, g, o0, valid, in_valid, spread, bias);
     }
   }
 }

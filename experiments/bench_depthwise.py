@@ -1,0 +1,250 @@
+"""Throughput of a depthwise int8 convolution: qjax's native kernel against XLA and PyTorch.
+
+A depthwise convolution (MobileNet's k x k filter per channel: groups = C, channel
+multiplier 1, k // 2 padding on every side, stride s) on an NHWC input B x H x W x C; for
+each shape the median time of one call of:
+
+  * xla f32              jitted `lax.conv_general_dilated(feature_group_count=C)` in float32;
+  * xla int8             jitted `qjax.integer.kernels.conv(kernel="xla")`: XLA's grouped int8
+                         -> int32 convolution, then the requantization (per-channel float
+                         multiplier, zero point, ReLU) as XLA ops;
+  * native <path>        the same forced to each native path this CPU runs: the native
+                         depthwise kernel, its requantization fused (int8 out);
+  * torch qconv <engine> `torch.ao.nn.quantized.Conv2d(C, C, k, groups=C)` on the "fbgemm"
+                         and on the "onednn" quantized engine (quint8 channels-last in and out,
+                         per-channel qint8 weights), built and run under its engine.
+
+Before timing, each native row runs once and must equal xla int8 exactly (int8 results; a
+mismatch stops the run); xla f32 and the torch rows compute the same convolution on other
+numbers and are not checked. The variants are interleaved over rounds in a rotated order
+(`experiments.bench_gemm.measure`). GOP/s = 2 B OH OW C k^2 / median time; "x int8" is xla
+int8's time over the variant's, "x torch" the fastest torch row's over the variant's.
+--retain-freed-memory keeps freed buffers in the heap (`kernels.retain_freed_memory`):
+without it a large output may be page-faulted in on every call.
+
+Usage:
+  python -m experiments.bench_depthwise                     # the default shapes, ~1 minute
+  python -m experiments.bench_depthwise --shapes 32x56x56x128:3:1 --rounds 3
+  python -m experiments.bench_depthwise --quick             # seconds; smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from qjax.integer import kernels
+from qjax.integer import requant as rq
+
+from experiments import bench_gemm
+
+# BxHxWxC:k:s. MobileNet-v1's 3 x 3 layers at 224 px (112 x 112 x 32 and 56 x 56 x 128,
+# batch 1 and 32), a strided one, and a 5 x 5 one (EfficientNet's).
+DEFAULT_SHAPES = ("1x112x112x32:3:1", "32x56x56x128:3:1", "32x28x28x256:3:2",
+                  "8x14x14x512:5:1")
+QUICK_SHAPES = ("2x9x9x16:3:1", "1x8x7x20:3:2")
+TORCH_ENGINES = ("fbgemm", "onednn")
+LABEL_WIDTH = 20
+
+
+class Shape(NamedTuple):
+  """One depthwise convolution: input (b, h, w, c), window k x k, stride s."""
+
+  b: int
+  h: int
+  w: int
+  c: int
+  k: int
+  s: int
+
+  @property
+  def padding(self) -> tuple[tuple[int, int], tuple[int, int]]:
+    """k // 2 on every side (torchvision's MobileNet padding; "same" at stride 1)."""
+    return (self.k // 2, self.k // 2), (self.k // 2, self.k // 2)
+
+  def out_hw(self) -> tuple[int, int]:
+    p = self.k // 2
+    return (self.h + 2 * p - self.k) // self.s + 1, (self.w + 2 * p - self.k) // self.s + 1
+
+  def ops(self) -> int:
+    """2 x the multiply-adds."""
+    oh, ow = self.out_hw()
+    return 2 * self.b * oh * ow * self.c * self.k * self.k
+
+
+def parse_shape(text: str) -> Shape:
+  """"BxHxWxC:k:s" -> Shape.
+
+  Example:
+    >>> parse_shape("32x56x56x128:3:1")
+    Shape(b=32, h=56, w=56, c=128, k=3, s=1)
+  """
+  try:
+    dims, k, s = text.split(":")
+    b, h, w, c = (int(v) for v in dims.lower().split("x"))
+    shape = Shape(b, h, w, c, int(k), int(s))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"a shape is BxHxWxC:k:s (e.g. 32x56x56x128:3:1); got {text!r}") from None
+  if min(shape) < 1 or shape.c < 2 or shape.k > min(shape.h, shape.w):
+    raise argparse.ArgumentTypeError(f"{text!r}: every size must be >= 1, C >= 2 and the "
+                                     f"window no larger than the image")
+  return shape
+
+
+def _requant(c: int, k: int, rng: np.random.Generator) -> rq.FloatRequant:
+  """Per-channel float requantization to uint8-like codes with a ReLU, scaled so that the
+  outputs spread over the grid."""
+  mult = rng.uniform(0.5, 1.5, c).astype(np.float32) / np.float32(64 * k)
+  return rq.FloatRequant(multiplier=jnp.asarray(mult), zero_point=jnp.int32(-100), lo=-128,
+                         hi=127, relu=True)
+
+
+def variants(shape: Shape, seed: int = 0, torch_threads: int | None = None
+             ) -> tuple[dict[str, bench_gemm.Variant], dict[str, str]]:
+  """The variants this machine runs for one shape, and the reason for each one skipped."""
+  rng = np.random.default_rng(seed)
+  b, h, w, c, k, s = shape
+  x8 = rng.integers(-128, 128, (b, h, w, c), dtype=np.int8)
+  w8 = rng.integers(-127, 128, (k, k, 1, c), dtype=np.int8)
+  requant = _requant(c, k, rng)
+  offset = jnp.zeros(c, jnp.int32)
+  geometry = {"strides": (s, s), "padding": shape.padding, "dilation": (1, 1),
+              "pad_value": jnp.int32(0), "groups": c}
+  x, wk = jnp.asarray(x8), jnp.asarray(w8)
+  out: dict[str, bench_gemm.Variant] = {}
+  skipped: dict[str, str] = {}
+  xf, wf = x.astype(jnp.float32), wk.astype(jnp.float32)
+  f32 = jax.jit(lambda a, v: lax.conv_general_dilated(
+      a, v, (s, s), shape.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=c))
+  out["xla f32"] = bench_gemm.Variant(bench_gemm._blocking(f32, xf, wf), None, 0.0, "f32")
+
+  def int8_conv(path: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    return jax.jit(lambda a, v: kernels.conv(a, v, offset, requant, **geometry, kernel=path))
+
+  reference = np.asarray(int8_conv("xla")(x, wk))
+  out["xla int8"] = bench_gemm.Variant(bench_gemm._blocking(int8_conv("xla"), x, wk), reference,
+                                       0.0, "int8")
+  for path in kernels.NATIVE_PATHS:
+    name = f"native {path}"
+    if path not in kernels.native_paths():
+      skipped[name] = "this CPU (or build) lacks it"
+    elif path in bench_gemm.UNTIMED_PATHS:
+      skipped[name] = bench_gemm.UNTIMED_PATHS[path]
+    else:
+      out[name] = bench_gemm.Variant(bench_gemm._blocking(int8_conv(path), x, wk), reference,
+                                     0.0, "int8")
+  _torch_variants(shape, x8, w8, out, skipped, torch_threads or bench_gemm.cores())
+  return out, skipped
+
+
+def _torch_variants(shape: Shape, x8: np.ndarray, w8: np.ndarray,
+                    out: dict[str, bench_gemm.Variant], skipped: dict[str, str],
+                    threads: int) -> None:
+  """One quantized depthwise Conv2d per engine of `TORCH_ENGINES`, or its reason to skip."""
+  names = [f"torch qconv {engine}" for engine in TORCH_ENGINES]
+  try:
+    import torch
+  except ImportError:
+    skipped.update(dict.fromkeys(names, "torch is not installed"))
+    return
+  torch.set_num_threads(threads)
+  warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+  c, k, s = shape.c, shape.k, shape.s
+  qx = torch.quantize_per_tensor(
+      torch.from_numpy((x8.astype(np.float32) + 128) * 0.05).permute(0, 3, 1, 2), 0.05, 128,
+      torch.quint8).contiguous(memory_format=torch.channels_last)
+  weight = torch.from_numpy(w8.astype(np.float32).transpose(3, 2, 0, 1) * 0.01)
+  supported = torch.backends.quantized.supported_engines
+  for engine, name in zip(TORCH_ENGINES, names, strict=True):
+    if engine not in supported:
+      skipped[name] = f"engine {engine!r} not in this torch's supported engines {supported}"
+      continue
+    try:
+      torch.backends.quantized.engine = engine
+      conv = torch.ao.nn.quantized.Conv2d(c, c, k, stride=s, padding=k // 2, groups=c)
+      qweight = torch.quantize_per_channel(weight, torch.full((c,), 0.01, dtype=torch.double),
+                                           torch.zeros(c, dtype=torch.long), 0, torch.qint8)
+      conv.set_weight_bias(qweight, torch.zeros(c))
+      conv.scale, conv.zero_point = float(0.05 * k), 0
+      with torch.no_grad():
+        conv(qx)
+    except RuntimeError as error:
+      skipped[name] = f"engine {engine!r} fails here: {str(error).splitlines()[0]}"
+      continue
+
+    def run(conv=conv, engine=engine):
+      if torch.backends.quantized.engine != engine:
+        torch.backends.quantized.engine = engine
+      with torch.no_grad():
+        return conv(qx)
+
+    out[name] = bench_gemm.Variant(run, None, 0.0, "int8")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Runs the benchmark, prints a table per shape; returns (and with --json writes) the rows."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", nargs="+", type=parse_shape,
+                      default=[parse_shape(s) for s in DEFAULT_SHAPES])
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--seconds", type=float, default=2.0,
+                      help="target time of one round over all variants")
+  parser.add_argument("--quick", action="store_true", help="small shapes, one short round")
+  parser.add_argument("--torch-threads", type=int, default=None)
+  parser.add_argument("--json", type=pathlib.Path, default=None, metavar="PATH")
+  parser.add_argument("--retain-freed-memory", action="store_true")
+  args = parser.parse_args(argv)
+  if args.rounds < 1 or args.seconds <= 0:
+    parser.error("--rounds must be >= 1 and --seconds > 0")
+  if args.quick:
+    args.shapes, args.rounds, args.seconds = [parse_shape(s) for s in QUICK_SHAPES], 1, 0.05
+  if args.retain_freed_memory:
+    kernels.retain_freed_memory()
+  print(f"depthwise int8 convolution, {bench_gemm.cores()} cores, native paths "
+        f"{list(kernels.native_paths())}, {args.rounds} rounds")
+  results: dict[str, Any] = {"shapes": []}
+  for shape in args.shapes:
+    found, skipped = variants(shape, torch_threads=args.torch_threads)
+    for name, variant in found.items():
+      bench_gemm.check(name, variant.run(), variant)
+    times = bench_gemm.measure({name: v.run for name, v in found.items()}, args.rounds,
+                               args.seconds)
+    torch_best = min((t for name, (t, _) in times.items() if name.startswith("torch")),
+                     default=None)
+    oh, ow = shape.out_hw()
+    print(f"\n{shape.b}x{shape.h}x{shape.w}x{shape.c}, {shape.k}x{shape.k} stride {shape.s} "
+          f"-> {oh}x{ow}x{shape.c}")
+    print(f"  {'variant':{LABEL_WIDTH}s} {'ms':>9s} {'GOP/s':>8s} {'x int8':>7s} {'x torch':>7s}")
+    rows = []
+    for name, (seconds, _) in times.items():
+      row = {"variant": name, "ms": seconds * 1e3, "gops": shape.ops() / seconds / 1e9,
+             "x_int8": times["xla int8"][0] / seconds,
+             "x_torch": torch_best / seconds if torch_best else None,
+             "checked": found[name].expected is not None}
+      rows.append(row)
+      x_torch = f"{row['x_torch']:7.2f}" if row["x_torch"] else f"{'-':>7s}"
+      print(f"  {name:{LABEL_WIDTH}s} {row['ms']:9.3f} {row['gops']:8.1f} {row['x_int8']:7.2f} "
+            f"{x_torch}")
+    for name, why in skipped.items():
+      print(f"  {name:{LABEL_WIDTH}s} skipped: {why}")
+    results["shapes"].append({"shape": shape._asdict(), "rows": rows, "skipped": skipped})
+  if args.json:
+    tmp = args.json.with_name(args.json.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(args.json)
+  return results
+
+
+if __name__ == "__main__":
+  main()
