@@ -904,6 +904,47 @@ def test_native_mlp_serving_program_has_no_xla_arithmetic():
   assert np.isnan(outs["xla"][3]).all() and not np.isnan(np.delete(outs["xla"], 3, 0)).any()
 
 
+def test_depthwise_model_int8_apply_equals_the_xla_path():
+  """A depthwise-separable block (MobileNet's: depthwise 3 x 3 + ReLU, pointwise 1 x 1, a
+  strided depthwise layer with channel multiplier 2) calibrated, converted and applied in
+  int8: on the best native path the depthwise layers are native calls and the outputs equal
+  the XLA path's (every path's depthwise kernel: test_conv_matches_xla)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  import qjax  # pylint: disable=import-outside-toplevel
+  from qjax import nn as qnn  # pylint: disable=import-outside-toplevel
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, mode):
+      qconfig = qnn.default_qconfig
+      x = qnn.Quantize(qconfig, name="quant")(x, mode=mode)
+      x = qnn.QuantConv(20, (3, 3), padding="SAME", feature_group_count=20, qconfig=qconfig,
+                        activation=nn.relu, name="dw1")(x, mode=mode)
+      x = qnn.QuantConv(24, (1, 1), qconfig=qconfig, activation=nn.relu, name="pw")(x, mode=mode)
+      x = qnn.QuantConv(48, (3, 3), strides=(2, 2), padding=((1, 0), (0, 1)),
+                        feature_group_count=24, qconfig=qconfig, name="dw2")(x, mode=mode)
+      return qnn.Dequantize(name="dequant")(x, mode=mode)
+
+  model = Block()
+  x = np.random.default_rng(4).normal(size=(3, 11, 9, 20)).astype(np.float32)
+  variables = model.init(cases.init_key(), x, mode="float")
+  _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
+  int_vars = qjax.convert(model, {**variables, **stats}, x)
+
+  if not AVAILABLE:
+    pytest.skip("the native library is not built")
+  outs = {}
+  for path in ("xla", AVAILABLE[0]):
+    with kernels.use(path):  # a function of its own: a jitted one keeps the path it traced
+      program = jax.jit(lambda v, x: model.apply(v, x, mode="int8")).lower(int_vars, x)
+      calls = program.as_text().count("custom_call @qjax_int8_depthwise_requant")
+      assert calls == (0 if path == "xla" else 2), (path, calls)
+      outs[path] = np.asarray(program.compile()(int_vars, x))
+  assert len(np.unique(outs["xla"])) > 20
+  np.testing.assert_array_equal(outs[AVAILABLE[0]], outs["xla"])
+
+
 def test_max_pool_matches_xla():
   """kernels.max_pool on every native path equals lax.reduce_window (and nn.max_pool) on
   int8 NHWC inputs, with and without jit: channel counts around the 64-lane vector, windows
@@ -1026,28 +1067,38 @@ print(retained, *faults)
   assert first > 0 and all(f <= 16 for f in again), out  # 1024 pages a fresh 4 MiB block
 
 
-@pytest.mark.parametrize("x_shape, w_shape, strides, padding, dilation", [
+CONV_INT32 = [  # (x shape, kernel shape, strides, padding, dilation)
     ((2, 9, 8, 3), (3, 2, 3, 5), (1, 1), ((0, 0), (0, 0)), (1, 1)),
     ((2, 9, 8, 6), (5, 5, 6, 16), (2, 1), ((2, 2), (1, 3)), (1, 1)),
     ((3, 7, 7, 4), (2, 3, 4, 17), (1, 2), ((1, 0), (0, 2)), (2, 1)),
     ((2, 8, 8, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), (1, 1)),  # one channel: XLA's
     ((2, 11, 3), (3, 3, 7), (2,), ((1, 1),), (1,)),                  # 1-D: XLA's patches
-])
-def test_conv_int32_matches_xla(x_shape, w_shape, strides, padding, dilation):
-  rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
-  x = jnp.asarray(rng.integers(-128, 128, x_shape, dtype=np.int8))
-  w = jnp.asarray(rng.integers(-128, 128, w_shape, dtype=np.int8))
-  w = w.at[0].set(127).at[-1].set(-128)
-  offset = jnp.asarray(rng.integers(-2**31, 2**31, w_shape[-1], dtype=np.int64).astype(np.int32))
-  pad_value = jnp.int32(-37)
-  want = np.asarray(arith.conv(x, w, strides=strides, padding=padding, dilation=dilation,
-                               feature_group_count=1, pad_value=pad_value))
-  want = (want.astype(np.int64) + np.asarray(offset)).astype(np.uint32).view(np.int32)  # wraps
-  for path in ("xla", *AVAILABLE):
-    fn = jax.jit(lambda a, b, o, path=path: kernels.conv_int32(
-        a, b, o, strides=strides, padding=padding, dilation=dilation, pad_value=pad_value,
-        kernel=path))
-    np.testing.assert_array_equal(np.asarray(fn(x, w, offset)), want, err_msg=path)
+]
+
+
+def test_conv_int32_matches_xla():
+  """conv_int32 (the int8-forward QAT's convolution) on XLA and every native path equals
+  XLA's int32 convolution + offset, wrapping: the patch GEMM, one input channel, 1-D; all
+  cases and paths in one program."""
+  runs = []
+  for x_shape, w_shape, strides, padding, dilation in CONV_INT32:
+    rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
+    x = rng.integers(-128, 128, x_shape, dtype=np.int8)
+    w = rng.integers(-128, 128, w_shape, dtype=np.int8)
+    w[0], w[-1] = 127, -128
+    offset = rng.integers(-2**31, 2**31, w_shape[-1], dtype=np.int64).astype(np.int32)
+    runs.append((x, w, offset, dict(strides=strides, padding=padding, dilation=dilation,
+                                    pad_value=jnp.int32(-37))))
+  paths = ("xla", *AVAILABLE)
+  results = jax.jit(lambda operands: [
+      [kernels.conv_int32(x, w, o, **geometry, kernel=p) for p in paths]
+      for (x, w, o), (*_, geometry) in zip(operands, runs, strict=True)])(
+          [run[:3] for run in runs])
+  for (x, w, offset, geometry), gots in zip(runs, results, strict=True):
+    want = np.asarray(arith.conv(x, w, feature_group_count=1, **geometry))
+    want = (want.astype(np.int64) + offset).astype(np.uint32).view(np.int32)  # wraps
+    for path, got in zip(paths, gots, strict=True):
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{path} {x.shape} {w.shape}")
 
 
 DEPTHWISE = [case for case in CONVS if case[-1] > 1 and case[1][2] == 1]
