@@ -569,6 +569,10 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((0, 5, 5, 4), (3, 3, 1, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # no images
     ((1, 3, 5, 17), (3, 5, 1, 17), (1, 1), ((0, 0), (0, 0)), (1, 1), 17),  # one output pixel
     ((2, 6, 7, 16), (1, 1, 1, 16), (1, 1), ((0, 0), (0, 0)), (1, 1), 16),  # one tap
+    # Padding wider than the window: whole output rows and columns of padding only; no
+    # column with every tap inside the input.
+    ((1, 2, 3, 8), (1, 1, 1, 8), (1, 1), ((2, 1), (3, 3)), (1, 1), 8),
+    ((2, 4, 2, 32), (3, 3, 1, 32), (1, 2), ((2, 2), (2, 3)), (2, 1), 32),
 ]
 
 

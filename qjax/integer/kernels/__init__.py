@@ -1002,8 +1002,8 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
     out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
     path = resolve(kernel, macs=macs, xla_amx=False)
     if path != "xla" and min(out) > 0:
-      return _native_depthwise(_padded(x, padding, pad_value), kernel_hwio, tuple(out), offset,
-                               strides, dilation, path, requant)
+      return _native_depthwise(x, kernel_hwio, tuple(out), offset, strides, padding, dilation,
+                               pad_value, path, requant)
   if groups == 1 and x.ndim == nsp + 2:
     out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
     path = resolve(kernel, macs=macs)
@@ -1101,8 +1101,8 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   path = resolve(kernel, macs=macs, xla_amx=not depthwise)
   offset = _offset(offset, cout, "conv_int32")
   if path != "xla" and depthwise and min(out) > 0:
-    return _native_depthwise(_padded(x, padding, pad_value), kernel_hwio, tuple(out), offset,
-                             strides, dilation, path)
+    return _native_depthwise(x, kernel_hwio, tuple(out), offset, strides, padding, dilation,
+                             pad_value, path)
   if path != "xla" and groups == 1 and cin > 1 and min(out) > 0:
     x = _padded(x, padding, pad_value)
     weights = kernel_hwio.reshape((math.prod(kernel_hwio.shape[:-1]), cout)).T
@@ -1159,23 +1159,29 @@ def depthwise_conv(kernel_shape: tuple[int, ...], groups: int, channels: int) ->
 
 
 def _native_depthwise(x: jax.Array, kernel_hwio: jax.Array, out: tuple[int, ...],
-                      offset: jax.Array, strides: tuple[int, ...], dilation: tuple[int, ...],
-                      path: str, requant: rq.Requantizer | None = None) -> jax.Array:
-  """The native depthwise convolution of padded int8 x (B, H, W, C): its int32 sums +
-  offset, or with `requant` those requantized to int8 by the fused epilogue."""
+                      offset: jax.Array, strides: tuple[int, ...],
+                      padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...],
+                      pad_value: jax.Array, path: str,
+                      requant: rq.Requantizer | None = None) -> jax.Array:
+  """The native depthwise convolution of int8 x (B, H, W, C), padded in the kernel with
+  pad_value (as int8): its int32 sums + offset, or with `requant` those requantized to int8
+  by the fused epilogue."""
   n = kernel_hwio.shape[-1]
   shape = (x.shape[0], *out, n)
+  (top, bottom), (left, right) = padding
   attrs = {"sh": np.int64(strides[0]), "sw": np.int64(strides[1]),
            "dh": np.int64(dilation[0]), "dw": np.int64(dilation[1]),
-           "path": np.int64(_PATH_IDS[path]), "threads": np.int64(0)}
+           "pt": np.int64(top), "pb": np.int64(bottom), "pl": np.int64(left),
+           "pr": np.int64(right), "path": np.int64(_PATH_IDS[path]), "threads": np.int64(0)}
+  pad = jnp.asarray(pad_value, jnp.int32).reshape((1,))
   if requant is None:
     call = jax.ffi.ffi_call(_TARGET_DEPTHWISE_S32, jax.ShapeDtypeStruct(shape, jnp.int32),
                             vmap_method="sequential")
-    return call(x, kernel_hwio, offset, **attrs)
+    return call(x, kernel_hwio, offset, pad, **attrs)
   arrays, grid = _epilogue(requant, n)
   call = jax.ffi.ffi_call(_TARGET_DEPTHWISE_REQUANT, jax.ShapeDtypeStruct(shape, jnp.int8),
                           vmap_method="sequential")
-  return call(x, kernel_hwio, offset, *arrays, **grid, **attrs)
+  return call(x, kernel_hwio, offset, pad, *arrays, **grid, **attrs)
 
 
 def gathers_patches(kernel_shape: tuple[int, ...], groups: int) -> bool:

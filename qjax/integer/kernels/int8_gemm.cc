@@ -2931,9 +2931,21 @@ ffi::Error MaxPoolInt8(ffi::Buffer<ffi::S8> x, ffi::ResultBuffer<ffi::S8> out,
 
 struct DwGeom {
   int64_t batch, height, width, channels, kh, kw, sh, sw, dh, dw, out_c;
-  int64_t out_h() const { return (height - (kh - 1) * dh - 1) / sh + 1; }
-  int64_t out_w() const { return (width - (kw - 1) * dw - 1) / sw + 1; }
+  int64_t pt, pb, pl, pr;  // padding: top, bottom, left, right (each >= 0)
+  int32_t pad;             // what a padded position holds (the input's zero point)
+  int64_t out_h() const { return (height + pt + pb - (kh - 1) * dh - 1) / sh + 1; }
+  int64_t out_w() const { return (width + pl + pr - (kw - 1) * dw - 1) / sw + 1; }
   int64_t mult() const { return out_c / channels; }
+  // The input row of output row i's tap u, the input column of output column j's tap v
+  // (outside [0, height) / [0, width): in the padding).
+  int64_t in_row(int64_t i, int64_t u) const { return i * sh + u * dh - pt; }
+  int64_t in_col(int64_t j, int64_t v) const { return j * sw + v * dw - pl; }
+  // Output columns [j_lo(), j_hi()) have every tap inside the input (the range may be empty).
+  int64_t j_lo() const { return (pl + sw - 1) / sw; }
+  int64_t j_hi() const {
+    const int64_t last = width - 1 - (kw - 1) * dw + pl;  // the largest j sw
+    return last < 0 ? 0 : std::min(out_w(), last / sw + 1);
+  }
 };
 
 #ifdef QJAX_X86
@@ -2949,21 +2961,52 @@ inline __m512i DwLoad(const int8_t* x, __mmask16 in_valid, __m512i spread) {
   return kSpread ? _mm512_permutexvar_epi32(spread, v) : v;
 }
 
-// The 16 output channels [o0, o0 + 16) of output pixels [j0, j1) of a row, from the row's
-// input `xb` (at the block's first input channel): four pixels at a time, each weight vector
-// loaded once for the four. kFull: all 16 lanes real and 16 input bytes readable (m = 1, a
-// whole block): plain loads.
+// The 16 output channels [o0, o0 + 16) of output row i: `image` points at the row's image at
+// the block's first input channel. The columns whose taps all lie inside the input run four
+// at a time, each weight vector loaded once for the four, the taps of padded rows summed
+// once into their start (`init`); the others check each tap. kFull: all 16 lanes real and 16
+// input bytes readable (m = 1, a whole block): plain loads.
 template <bool kSpread, bool kFull>
-inline void DwBlock(const int8_t* xb, const int32_t* w16, int32_t* dst, const DwGeom& g,
-                    int64_t o0, __mmask16 valid, __mmask16 in_valid, __m512i spread,
+inline void DwBlock(const int8_t* image, const int32_t* w16, int32_t* dst, const DwGeom& g,
+                    int64_t i, int64_t o0, __mmask16 valid, __mmask16 in_valid, __m512i spread,
                     __m512i bias) {
-  const int64_t ow = g.out_w(), C = g.channels, O = g.out_c;
+  const int64_t ow = g.out_w(), C = g.channels, O = g.out_c, W = g.width;
   const int64_t px = g.sw * C;  // from one output pixel's input to the next one's
-  int64_t j = 0;
-  for (; j + 4 <= ow; j += 4) {
-    __m512i a0 = bias, a1 = bias, a2 = bias, a3 = bias;
+  const __m512i pad = _mm512_set1_epi32(g.pad);  // (pad, its sign) against (w, 0): pad w
+  __m512i init = bias;
+  for (int64_t u = 0; u < g.kh; ++u) {
+    const int64_t ih = g.in_row(i, u);
+    if (ih >= 0 && ih < g.height) continue;
+    for (int64_t v = 0; v < g.kw; ++v) {
+      init = _mm512_dpwssd_epi32(init, pad, _mm512_maskz_loadu_epi32(valid, w16 + (u * g.kw + v) * O + o0));
+    }
+  }
+  const auto one = [&](int64_t j) {  // column j, every tap checked
+    __m512i a = init;
     for (int64_t u = 0; u < g.kh; ++u) {
-      const int8_t* xu = xb + (u * g.dh * g.width + j * g.sw) * C;
+      const int64_t ih = g.in_row(i, u);
+      if (ih < 0 || ih >= g.height) continue;
+      for (int64_t v = 0; v < g.kw; ++v) {
+        const int64_t iw = g.in_col(j, v);
+        const __m512i xv = iw >= 0 && iw < W
+                               ? DwLoad<kSpread, kFull>(image + (ih * W + iw) * C, in_valid,
+                                                        spread)
+                               : pad;
+        a = _mm512_dpwssd_epi32(a, xv,
+                                _mm512_maskz_loadu_epi32(valid, w16 + (u * g.kw + v) * O + o0));
+      }
+    }
+    _mm512_mask_storeu_epi32(dst + j * O, valid, a);
+  };
+  const int64_t j_lo = std::min(g.j_lo(), ow), j_hi = std::max(g.j_hi(), j_lo);
+  for (int64_t j = 0; j < j_lo; ++j) one(j);
+  int64_t j = j_lo;
+  for (; j + 4 <= j_hi; j += 4) {
+    __m512i a0 = init, a1 = init, a2 = init, a3 = init;
+    for (int64_t u = 0; u < g.kh; ++u) {
+      const int64_t ih = g.in_row(i, u);
+      if (ih < 0 || ih >= g.height) continue;
+      const int8_t* xu = image + (ih * W + g.in_col(j, 0)) * C;
       const int32_t* wu = w16 + u * g.kw * O + o0;
       for (int64_t v = 0; v < g.kw; ++v) {
         const __m512i wv = kFull ? _mm512_loadu_si512(wu + v * O)
@@ -2980,27 +3023,16 @@ inline void DwBlock(const int8_t* xb, const int32_t* w16, int32_t* dst, const Dw
     _mm512_mask_storeu_epi32(dst + (j + 2) * O, valid, a2);
     _mm512_mask_storeu_epi32(dst + (j + 3) * O, valid, a3);
   }
-  for (; j < ow; ++j) {
-    __m512i a = bias;
-    for (int64_t u = 0; u < g.kh; ++u) {
-      const int8_t* xu = xb + (u * g.dh * g.width + j * g.sw) * C;
-      const int32_t* wu = w16 + u * g.kw * O + o0;
-      for (int64_t v = 0; v < g.kw; ++v) {
-        a = _mm512_dpwssd_epi32(a, DwLoad<kSpread, kFull>(xu + v * g.dw * C, in_valid, spread),
-                                _mm512_maskz_loadu_epi32(valid, wu + v * O));
-      }
-    }
-    _mm512_mask_storeu_epi32(dst + j * O, valid, a);
-  }
+  for (; j < ow; ++j) one(j);
 }
 
-// Output row r = b * out_h + i: its out_w x O sums + offset into dst.
+// Output row r = b * out_h + i: its out_w x O sums + offset into dst_row.
 template <bool kSpread>
 void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const int32_t* offset,
                         int32_t* dst_row, const DwGeom& g, int64_t r) {
   const int64_t oh = g.out_h(), C = g.channels, O = g.out_c, m = g.mult();
   const int64_t b = r / oh, i = r % oh;
-  const int8_t* row = x + (b * g.height + i * g.sh) * g.width * C;
+  const int8_t* image = x + b * g.height * g.width * C;
   for (int64_t o0 = 0; o0 < O; o0 += 16) {
     const __mmask16 valid = Lanes16(O - o0);
     const int64_t c0 = o0 / m, c1 = (std::min(O, o0 + 16) - 1) / m + 1;
@@ -3012,9 +3044,11 @@ void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const int32_t* offs
     const __m512i spread = _mm512_load_si512(lanes);
     const __m512i bias = _mm512_maskz_loadu_epi32(valid, offset + o0);
     if (!kSpread && valid == 0xFFFF) {
-      DwBlock<false, true>(row + c0, w16, dst_row + o0, g, o0, valid, in_valid, spread, bias);
+      DwBlock<false, true>(image + c0, w16, dst_row + o0, g, i, o0, valid, in_valid, spread,
+                           bias);
     } else {
-      DwBlock<kSpread, false>(row + c0, w16, dst_row + o0, g, o0, valid, in_valid, spread, bias);
+      DwBlock<kSpread, false>(image + c0, w16, dst_row + o0, g, i, o0, valid, in_valid, spread,
+                              bias);
     }
   }
 }
@@ -3028,14 +3062,20 @@ void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const int32_t* offs
                                                      const DwGeom& g, int64_t r) {
   const int64_t oh = g.out_h(), ow = g.out_w(), C = g.channels, O = g.out_c, m = g.mult();
   const int64_t b = r / oh, i = r % oh;
+  const uint32_t pad = static_cast<uint32_t>(g.pad);
   for (int64_t j = 0; j < ow; ++j) {
     uint32_t* dst = reinterpret_cast<uint32_t*>(dst_row + j * O);
     for (int64_t o = 0; o < O; ++o) dst[o] = static_cast<uint32_t>(offset[o]);
     for (int64_t u = 0; u < g.kh; ++u) {
+      const int64_t ih = g.in_row(i, u);
       for (int64_t v = 0; v < g.kw; ++v) {
-        const int8_t* xp = x + ((b * g.height + i * g.sh + u * g.dh) * g.width + j * g.sw +
-                                v * g.dw) * C;
+        const int64_t iw = g.in_col(j, v);
         const int8_t* wp = w + (u * g.kw + v) * O;
+        if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) {
+          for (int64_t o = 0; o < O; ++o) dst[o] += pad * static_cast<uint32_t>(int32_t{wp[o]});
+          continue;
+        }
+        const int8_t* xp = x + ((b * g.height + ih) * g.width + iw) * C;
         if (m == 1) {
           for (int64_t o = 0; o < O; ++o) {
             dst[o] += static_cast<uint32_t>(int32_t{xp[o]} * int32_t{wp[o]});
@@ -3065,18 +3105,26 @@ __attribute__((target("avx2"))) void DepthwiseRowAvx2(const int8_t* x, const int
 
 ffi::Error DepthwiseShapes(ffi::Buffer<ffi::S8>& x, ffi::Buffer<ffi::S8>& w,
                            const ffi::AnyBuffer::Dimensions& od, size_t offsets, int64_t sh,
-                           int64_t sw, int64_t dh, int64_t dw, DwGeom* g) {
+                           int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb,
+                           int64_t pl, int64_t pr, ffi::Buffer<ffi::S32>& pad, DwGeom* g) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 4 || wd.size() != 4 || od.size() != 4 || wd[2] != 1 || xd[3] < 1 ||
       wd[3] % xd[3] != 0 || static_cast<int64_t>(offsets) != wd[3]) {
     return ffi::Error::InvalidArgument("qjax depthwise conv: x must be NHWC (C >= 1), w (KH, "
                                        "KW, 1, O) with O a multiple of C, offset (O,)");
   }
-  *g = DwGeom{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], sh, sw, dh, dw, wd[3]};
-  if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || g->kh < 1 || g->kw < 1 ||
-      (g->kh - 1) * dh + 1 > g->height || (g->kw - 1) * dw + 1 > g->width) {
+  if (pad.element_count() != 1) {
+    return ffi::Error::InvalidArgument("qjax depthwise conv: pad_value must be one int32");
+  }
+  // Taken as int8, as the XLA form pads (pad_value.astype(int8)).
+  *g = DwGeom{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], sh, sw, dh, dw, wd[3],
+              pt, pb, pl, pr, static_cast<int8_t>(pad.typed_data()[0])};
+  if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || g->kh < 1 || g->kw < 1 || pt < 0 || pb < 0 ||
+      pl < 0 || pr < 0 || (g->kh - 1) * dh + 1 > g->height + pt + pb ||
+      (g->kw - 1) * dw + 1 > g->width + pl + pr) {
     return ffi::Error::InvalidArgument("qjax depthwise conv: strides and dilations must be "
-                                       ">= 1 and the dilated window must fit the input");
+                                       ">= 1, paddings >= 0 and the dilated window must fit "
+                                       "the padded input");
   }
   if (od[0] != g->batch || od[1] != g->out_h() || od[2] != g->out_w() || od[3] != g->out_c) {
     return ffi::Error::InvalidArgument("qjax depthwise conv: output shape mismatch");
@@ -3121,14 +3169,16 @@ void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const int32_t* offs
 }
 
 ffi::Error DepthwiseS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
-                        ffi::Buffer<ffi::S32> offset, ffi::ResultBuffer<ffi::S32> out,
-                        int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t path,
-                        int64_t threads) {
+                        ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::S32> pad,
+                        ffi::ResultBuffer<ffi::S32> out, int64_t sh, int64_t sw, int64_t dh,
+                        int64_t dw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                        int64_t path, int64_t threads) {
   Path p;
   ffi::Error err = CheckPath(path, &p);
   if (err.failure()) return err;
   DwGeom g;
-  err = DepthwiseShapes(x, w, out->dimensions(), offset.element_count(), sh, sw, dh, dw, &g);
+  err = DepthwiseShapes(x, w, out->dimensions(), offset.element_count(), sh, sw, dh, dw,
+                        pt, pb, pl, pr, pad, &g);
   if (err.failure() || out->element_count() == 0) return err;
   int32_t* o = out->typed_data();
   const int64_t row = g.out_w() * g.out_c;
@@ -3141,16 +3191,19 @@ ffi::Error DepthwiseS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
 // buffer of the row's int32 sums (no int32 array in memory: 4 bytes a result written and
 // read back, and at 32 x 56 x 56 x 128 51 MB of fresh pages a call).
 ffi::Error DepthwiseRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
-                            ffi::Buffer<ffi::S32> offset, ffi::AnyBuffer bias,
+                            ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::S32> pad,
+                            ffi::AnyBuffer bias,
                             ffi::AnyBuffer mult, ffi::Buffer<ffi::S32> zero_point,
                             ffi::ResultBuffer<ffi::S8> out, int64_t sh, int64_t sw, int64_t dh,
-                            int64_t dw, int64_t lo, int64_t hi, bool relu, bool integer,
-                            int64_t path, int64_t threads) {
+                            int64_t dw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                            int64_t lo, int64_t hi, bool relu, bool integer, int64_t path,
+                            int64_t threads) {
   Path p;
   ffi::Error err = CheckPath(path, &p);
   if (err.failure()) return err;
   DwGeom g;
-  err = DepthwiseShapes(x, w, out->dimensions(), offset.element_count(), sh, sw, dh, dw, &g);
+  err = DepthwiseShapes(x, w, out->dimensions(), offset.element_count(), sh, sw, dh, dw,
+                        pt, pb, pl, pr, pad, &g);
   if (err.failure()) return err;
   const int64_t N = g.out_c, ow = g.out_w();
   Epilogue e;
@@ -3427,14 +3480,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8PackRound, PackRound,
                                   .Ret<ffi::Buffer<ffi::PRED>>()   // non-finite columns
                                   .Attr<int64_t>("path"));
 
-// A depthwise convolution's strides and dilation (its window is the weights' shape).
+// A depthwise convolution's strides, dilation and padding (its window is the weights' shape;
+// the padding value is an argument: a converted layer's zero point is traced).
 template <class B>
 auto DepthwiseAttrs(B&& binding) {
   return std::forward<B>(binding)
       .template Attr<int64_t>("sh")
       .template Attr<int64_t>("sw")
       .template Attr<int64_t>("dh")
-      .template Attr<int64_t>("dw");
+      .template Attr<int64_t>("dw")
+      .template Attr<int64_t>("pt")
+      .template Attr<int64_t>("pb")
+      .template Attr<int64_t>("pl")
+      .template Attr<int64_t>("pr");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8DepthwiseS32, DepthwiseS32,
@@ -3443,6 +3501,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8DepthwiseS32, DepthwiseS32,
                                       .Arg<ffi::Buffer<ffi::S8>>()     // x
                                       .Arg<ffi::Buffer<ffi::S8>>()     // w
                                       .Arg<ffi::Buffer<ffi::S32>>()    // offset
+                                      .Arg<ffi::Buffer<ffi::S32>>()    // pad value
                                       .Ret<ffi::Buffer<ffi::S32>>())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8DepthwiseRequant, DepthwiseRequant,
@@ -3450,7 +3509,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8DepthwiseRequant, DepthwiseRequant,
                                   ffi::Ffi::Bind()
                                       .Arg<ffi::Buffer<ffi::S8>>()     // x
                                       .Arg<ffi::Buffer<ffi::S8>>()     // w
-                                      .Arg<ffi::Buffer<ffi::S32>>()))))); // offset
+                                      .Arg<ffi::Buffer<ffi::S32>>()    // offset
+                                      .Arg<ffi::Buffer<ffi::S32>>()))))); // pad value
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8MaxPool, MaxPoolInt8,
                               ffi::Ffi::Bind()
