@@ -2950,7 +2950,7 @@ struct DwGeom {
 
 #ifdef QJAX_X86
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")
 // x's channels [c, c + 16) as int32 (the lanes past the block's last channel read 0),
 // spread to the output lanes (lane l: input channel (o0 + l) / m) where m > 1.
 template <bool kSpread, bool kFull>
@@ -2961,19 +2961,54 @@ inline __m512i DwLoad(const int8_t* x, __mmask16 in_valid, __m512i spread) {
   return kSpread ? _mm512_permutexvar_epi32(spread, v) : v;
 }
 
+// Stride and dilation 1 along the row, a KW-wide window: four output pixels read KW + 3
+// neighbouring input pixels, each widened once for the KW taps that use it. Runs the inside
+// columns [j, j_hi) four at a time; returns where it stopped.
+template <bool kSpread, bool kFull, int KW>
+inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue& e,
+                         const DwGeom& g, int64_t i, int64_t o0, int64_t j, int64_t j_hi,
+                         __mmask16 valid, __mmask16 in_valid, __m512i spread, __m512i init) {
+  const int64_t C = g.channels, O = g.out_c, W = g.width;
+  for (; j + 4 <= j_hi; j += 4) {
+    __m512i a0 = init, a1 = init, a2 = init, a3 = init;
+    for (int64_t u = 0; u < g.kh; ++u) {
+      const int64_t ih = g.in_row(i, u);
+      if (ih < 0 || ih >= g.height) continue;
+      const int8_t* xu = image + (ih * W + g.in_col(j, 0)) * C;
+      const int32_t* wu = w16 + u * KW * O + o0;
+      __m512i xv[KW + 3];
+      for (int q = 0; q < KW + 3; ++q) xv[q] = DwLoad<kSpread, kFull>(xu + q * C, in_valid, spread);
+      for (int v = 0; v < KW; ++v) {
+        const __m512i wv = kFull ? _mm512_loadu_si512(wu + v * O)
+                                 : _mm512_maskz_loadu_epi32(valid, wu + v * O);
+        a0 = _mm512_dpwssd_epi32(a0, xv[v], wv);
+        a1 = _mm512_dpwssd_epi32(a1, xv[v + 1], wv);
+        a2 = _mm512_dpwssd_epi32(a2, xv[v + 2], wv);
+        a3 = _mm512_dpwssd_epi32(a3, xv[v + 3], wv);
+      }
+    }
+    __m512i acc[4] = {a0, a1, a2, a3};
+    EpilogueColumn<4>(e, j, o0, acc, valid);
+  }
+  return j;
+}
+
 // The 16 output channels [o0, o0 + 16) of output row i: `image` points at the row's image at
 // the block's first input channel. The columns whose taps all lie inside the input run four
 // at a time, each weight vector loaded once for the four, the taps of padded rows summed
 // once into their start (`init`); the others check each tap. kFull: all 16 lanes real and 16
 // input bytes readable (m = 1, a whole block): plain loads.
 template <bool kSpread, bool kFull>
-inline void DwBlock(const int8_t* image, const int32_t* w16, int32_t* dst, const DwGeom& g,
-                    int64_t i, int64_t o0, __mmask16 valid, __mmask16 in_valid, __m512i spread,
-                    __m512i bias) {
+inline void DwBlock(const int8_t* image, const int32_t* w16, const Epilogue& e_row,
+                    const DwGeom& g, int64_t i, int64_t o0, __mmask16 valid, __mmask16 in_valid,
+                    __m512i spread) {
+  // A local copy: its fields stay in registers (the int8 stores could alias a struct behind a
+  // reference, which made every requantization reload them).
+  const Epilogue e = e_row;
   const int64_t ow = g.out_w(), C = g.channels, O = g.out_c, W = g.width;
   const int64_t px = g.sw * C;  // from one output pixel's input to the next one's
   const __m512i pad = _mm512_set1_epi32(g.pad);  // (pad, its sign) against (w, 0): pad w
-  __m512i init = bias;
+  __m512i init = _mm512_setzero_si512();
   for (int64_t u = 0; u < g.kh; ++u) {
     const int64_t ih = g.in_row(i, u);
     if (ih >= 0 && ih < g.height) continue;
@@ -2996,11 +3031,17 @@ inline void DwBlock(const int8_t* image, const int32_t* w16, int32_t* dst, const
                                 _mm512_maskz_loadu_epi32(valid, w16 + (u * g.kw + v) * O + o0));
       }
     }
-    _mm512_mask_storeu_epi32(dst + j * O, valid, a);
+    Epilogue16(e, j, o0, a, valid);
   };
   const int64_t j_lo = std::min(g.j_lo(), ow), j_hi = std::max(g.j_hi(), j_lo);
   for (int64_t j = 0; j < j_lo; ++j) one(j);
   int64_t j = j_lo;
+  if (g.sw == 1 && g.dw == 1 && (g.kw == 3 || g.kw == 5)) {
+    j = g.kw == 3 ? DwRunUnit<kSpread, kFull, 3>(image, w16, e, g, i, o0, j, j_hi, valid,
+                                                 in_valid, spread, init)
+                  : DwRunUnit<kSpread, kFull, 5>(image, w16, e, g, i, o0, j, j_hi, valid,
+                                                 in_valid, spread, init);
+  }
   for (; j + 4 <= j_hi; j += 4) {
     __m512i a0 = init, a1 = init, a2 = init, a3 = init;
     for (int64_t u = 0; u < g.kh; ++u) {
@@ -3018,18 +3059,17 @@ inline void DwBlock(const int8_t* image, const int32_t* w16, int32_t* dst, const
         a3 = _mm512_dpwssd_epi32(a3, DwLoad<kSpread, kFull>(xp + 3 * px, in_valid, spread), wv);
       }
     }
-    _mm512_mask_storeu_epi32(dst + j * O, valid, a0);
-    _mm512_mask_storeu_epi32(dst + (j + 1) * O, valid, a1);
-    _mm512_mask_storeu_epi32(dst + (j + 2) * O, valid, a2);
-    _mm512_mask_storeu_epi32(dst + (j + 3) * O, valid, a3);
+    __m512i acc[4] = {a0, a1, a2, a3};
+    EpilogueColumn<4>(e, j, o0, acc, valid);
   }
   for (; j < ow; ++j) one(j);
 }
 
-// Output row r = b * out_h + i: its out_w x O sums + offset into dst_row.
+// Output row r = b * out_h + i through the epilogue `e` (its output at the row's first pixel,
+// one pixel a row of O values: the sums + offset as int32, or requantized to int8).
 template <bool kSpread>
-void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const int32_t* offset,
-                        int32_t* dst_row, const DwGeom& g, int64_t r) {
+void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const Epilogue& e,
+                        const DwGeom& g, int64_t r) {
   const int64_t oh = g.out_h(), C = g.channels, O = g.out_c, m = g.mult();
   const int64_t b = r / oh, i = r % oh;
   const int8_t* image = x + b * g.height * g.width * C;
@@ -3037,18 +3077,15 @@ void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const int32_t* offs
     const __mmask16 valid = Lanes16(O - o0);
     const int64_t c0 = o0 / m, c1 = (std::min(O, o0 + 16) - 1) / m + 1;
     const __mmask16 in_valid = Lanes16(c1 - c0);
-    alignas(64) int32_t lanes[16];
-    for (int64_t l = 0; l < 16; ++l) {
+    alignas(64) int32_t lanes[16] = {};
+    for (int64_t l = 0; kSpread && l < 16; ++l) {
       lanes[l] = static_cast<int32_t>(std::min<int64_t>((o0 + l) / m - c0, 15));
     }
     const __m512i spread = _mm512_load_si512(lanes);
-    const __m512i bias = _mm512_maskz_loadu_epi32(valid, offset + o0);
     if (!kSpread && valid == 0xFFFF) {
-      DwBlock<false, true>(image + c0, w16, dst_row + o0, g, i, o0, valid, in_valid, spread,
-                           bias);
+      DwBlock<false, true>(image + c0, w16, e, g, i, o0, valid, in_valid, spread);
     } else {
-      DwBlock<kSpread, false>(image + c0, w16, dst_row + o0, g, i, o0, valid, in_valid, spread,
-                              bias);
+      DwBlock<kSpread, false>(image + c0, w16, e, g, i, o0, valid, in_valid, spread);
     }
   }
 }
@@ -3132,38 +3169,69 @@ ffi::Error DepthwiseShapes(ffi::Buffer<ffi::S8>& x, ffi::Buffer<ffi::S8>& w,
   return ffi::Error::Success();
 }
 
-// Runs fn(r, sums of row r) over the output rows on the pool, each row's sums + `offset`
-// computed by path p into `sums_at(r)` (the int32 output, or a buffer of the calling block).
-template <class SumsAt, class Done>
-void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const int32_t* offset,
-                  const DwGeom& g, int64_t threads_attr, const SumsAt& sums_at,
-                  const Done& done) {
-  // The weights widened once a call: int32 lanes of (w, 0) as two int16.
-  std::vector<int32_t> w16(Avx512(p) ? g.kh * g.kw * g.out_c : 0);
-  for (size_t k = 0; k < w16.size(); ++k) {
-    w16[k] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(w8[k])));
-  }
-  const int64_t rows = g.batch * g.out_h();
-  const int64_t macs = rows * g.out_w() * g.out_c * g.kh * g.kw;
-  ParallelFor(rows, ThreadsFor(macs, threads_attr), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      int32_t* sums = sums_at(r);
+// Runs the output rows on the pool through the epilogue e (its output at the first row; the
+// sums + e.offset as int32, or requantized): on the AVX-512 paths straight from the
+// accumulators, elsewhere from each row's int32 sums (in the output, or in a buffer of the
+// thread that the requantization then reads).
+void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const DwGeom& g,
+                  int64_t threads_attr, const Epilogue& e) {
+  const int64_t N = g.out_c, ow = g.out_w(), rows = g.batch * g.out_h();
+  const int64_t macs = rows * ow * N * g.kh * g.kw;
+  const auto row_epilogue = [&](int64_t r) {
+    Epilogue er = e;  // a local copy: its fields stay in registers
+    er.ldo = N;
+    if (Int32Out(e)) {
+      er.out32 = e.out32 + r * ow * N;
+    } else {
+      er.out8 = e.out8 + r * ow * N;
+    }
+    return er;
+  };
 #ifdef QJAX_X86
-      if (Avx512(p)) {
+  if (Avx512(p)) {
+    // The weights widened once a call: int32 lanes of (w, 0) as two int16.
+    std::vector<int32_t> w16(g.kh * g.kw * N);
+    for (size_t k = 0; k < w16.size(); ++k) {
+      w16[k] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(w8[k])));
+    }
+    ParallelFor(rows, ThreadsFor(macs, threads_attr), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const Epilogue er = row_epilogue(r);
         if (g.mult() == 1) {
-          DepthwiseRowAvx512<false>(x, w16.data(), offset, sums, g, r);
+          DepthwiseRowAvx512<false>(x, w16.data(), er, g, r);
         } else {
-          DepthwiseRowAvx512<true>(x, w16.data(), offset, sums, g, r);
+          DepthwiseRowAvx512<true>(x, w16.data(), er, g, r);
         }
-      } else if (p == kAvx2) {
+      }
+    });
+    return;
+  }
+#endif
+  const std::vector<int32_t> zeros(N, 0);
+  ParallelFor(rows, ThreadsFor(macs, threads_attr), [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> buffer(Int32Out(e) ? 0 : ow * N);
+    for (int64_t r = r0; r < r1; ++r) {
+      const Epilogue er = row_epilogue(r);
+      int32_t* sums = Int32Out(e) ? er.out32 : buffer.data();
+      const int32_t* offset = Int32Out(e) && e.offset ? e.offset : zeros.data();
+#ifdef QJAX_X86
+      if (p == kAvx2) {
         DepthwiseRowAvx2(x, w8, offset, sums, g, r);
       } else {
         DepthwiseRowPortable(x, w8, offset, sums, g, r);
       }
+      if (!Int32Out(e) && p == kAvx2) {
+        EpilogueRowsAvx2(sums, 0, ow, N, er);
+        continue;
+      }
 #else
       DepthwiseRowPortable(x, w8, offset, sums, g, r);
 #endif
-      done(r, sums);
+      if (!Int32Out(e)) {
+        for (int64_t j = 0; j < ow; ++j) {
+          for (int64_t n = 0; n < N; ++n) ScalarEpilogue(er, j, n, sums[j * N + n]);
+        }
+      }
     }
   });
 }
@@ -3180,24 +3248,22 @@ ffi::Error DepthwiseS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
   err = DepthwiseShapes(x, w, out->dimensions(), offset.element_count(), sh, sw, dh, dw,
                         pt, pb, pl, pr, pad, &g);
   if (err.failure() || out->element_count() == 0) return err;
-  int32_t* o = out->typed_data();
-  const int64_t row = g.out_w() * g.out_c;
-  RunDepthwise(p, x.typed_data(), w.typed_data(), offset.typed_data(), g, threads,
-               [&](int64_t r) { return o + r * row; }, [](int64_t, const int32_t*) {});
+  Epilogue e;
+  e.offset = offset.typed_data();
+  e.out32 = out->typed_data();
+  RunDepthwise(p, x.typed_data(), w.typed_data(), g, threads, e);
   return ffi::Error::Success();
 }
 
-// The same, requantized to int8 by the fused epilogue, one output row at a time from a
-// buffer of the row's int32 sums (no int32 array in memory: 4 bytes a result written and
-// read back, and at 32 x 56 x 56 x 128 51 MB of fresh pages a call).
+// The same, requantized to int8 by the fused epilogue (no int32 array in memory: 4 bytes a
+// result written and read back, and at 32 x 56 x 56 x 128 51 MB of fresh pages a call).
 ffi::Error DepthwiseRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                             ffi::Buffer<ffi::S32> offset, ffi::Buffer<ffi::S32> pad,
-                            ffi::AnyBuffer bias,
-                            ffi::AnyBuffer mult, ffi::Buffer<ffi::S32> zero_point,
-                            ffi::ResultBuffer<ffi::S8> out, int64_t sh, int64_t sw, int64_t dh,
-                            int64_t dw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                            int64_t lo, int64_t hi, bool relu, bool integer, int64_t path,
-                            int64_t threads) {
+                            ffi::AnyBuffer bias, ffi::AnyBuffer mult,
+                            ffi::Buffer<ffi::S32> zero_point, ffi::ResultBuffer<ffi::S8> out,
+                            int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt,
+                            int64_t pb, int64_t pl, int64_t pr, int64_t lo, int64_t hi,
+                            bool relu, bool integer, int64_t path, int64_t threads) {
   Path p;
   ffi::Error err = CheckPath(path, &p);
   if (err.failure()) return err;
@@ -3205,29 +3271,11 @@ ffi::Error DepthwiseRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
   err = DepthwiseShapes(x, w, out->dimensions(), offset.element_count(), sh, sw, dh, dw,
                         pt, pb, pl, pr, pad, &g);
   if (err.failure()) return err;
-  const int64_t N = g.out_c, ow = g.out_w();
   Epilogue e;
-  err = RequantEpilogue(offset, bias, mult, zero_point, out, N, lo, hi, relu, integer, &e);
+  err = RequantEpilogue(offset, bias, mult, zero_point, out, g.out_c, lo, hi, relu, integer,
+                        &e);
   if (err.failure() || out->element_count() == 0) return err;
-  const std::vector<int32_t> zeros(N, 0);  // the epilogue adds the offset
-  thread_local std::vector<int32_t> sums;
-  RunDepthwise(
-      p, x.typed_data(), w.typed_data(), zeros.data(), g, threads,
-      [&](int64_t) {
-        if (static_cast<int64_t>(sums.size()) < ow * N) sums.resize(ow * N);
-        return sums.data();
-      },
-      [&](int64_t r, const int32_t* row) {
-        Epilogue er = e;
-        er.out8 = e.out8 + r * ow * e.ldo;
-#ifdef QJAX_X86
-        if (Avx512(p)) return EpilogueRowsVnni(row, 0, ow, N, er);
-        if (p == kAvx2) return EpilogueRowsAvx2(row, 0, ow, N, er);
-#endif
-        for (int64_t j = 0; j < ow; ++j) {
-          for (int64_t n = 0; n < N; ++n) ScalarEpilogue(er, j, n, row[j * N + n]);
-        }
-      });
+  RunDepthwise(p, x.typed_data(), w.typed_data(), g, threads, e);
   return ffi::Error::Success();
 }
 
