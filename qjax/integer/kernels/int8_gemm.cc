@@ -2921,13 +2921,13 @@ ffi::Error MaxPoolInt8(ffi::Buffer<ffi::S8> x, ffi::ResultBuffer<ffi::S8> out,
 //
 //   acc[b, i, j, o] = offset[o] + sum_{u, v} x[b, i sh + u dh, j sw + v dw, o / m] w[u, v, o]
 //
-// in int32, wrapping as XLA's; then the int32 result or, row by row of output pixels from a
-// buffer that stays in cache, one of the requantizing epilogues. XLA:CPU runs a grouped
-// convolution as a loop of scalar products (32 x 56 x 56 x 128, 3 x 3: ~0.44 s as int8 ->
-// int32, ~0.41 s in float32). Here 16 output channels share a vector and four output pixels
-// each weight vector: a product x w (int8 x int8) is the low 16-bit lane pair of vpdpwssd
-// against the weight widened with a zero high half, so x's sign in the high half meets 0 and
-// the lane adds exactly x w.
+// in int32, wrapping as XLA's, the padding (positions holding pad_value) handled in the
+// kernel; then the epilogue: the int32 result or one of the requantizations. XLA:CPU runs a
+// grouped convolution as a loop of scalar products (32 x 56 x 56 x 128, 3 x 3: ~0.44 s as
+// int8 -> int32, ~0.41 s in float32). Here 16 output channels share a vector and four output
+// pixels each weight vector: a product x w (int8 x int8) is the low 16-bit lane pair of
+// vpdpwssd against the weight widened with a zero high half, so x's sign in the high half
+// meets 0 and the lane adds exactly x w.
 
 struct DwGeom {
   int64_t batch, height, width, channels, kh, kw, sh, sw, dh, dw, out_c;
