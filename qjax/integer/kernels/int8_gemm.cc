@@ -2961,10 +2961,10 @@ inline __m512i DwLoad(const int8_t* x, __mmask16 in_valid, __m512i spread) {
   return kSpread ? _mm512_permutexvar_epi32(spread, v) : v;
 }
 
-// Stride and dilation 1 along the row, a KW-wide window: four output pixels read KW + 3
-// neighbouring input pixels, each widened once for the KW taps that use it. Runs the inside
-// columns [j, j_hi) four at a time; returns where it stopped.
-template <bool kSpread, bool kFull, int KW>
+// Stride SW (1 or 2) and dilation 1 along the row, a KW-wide window: four output pixels read
+// 3 SW + KW neighbouring input pixels, each widened once for the taps that use it. Runs the
+// inside columns [j, j_hi) four at a time; returns where it stopped.
+template <bool kSpread, bool kFull, int KW, int SW>
 inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue& e,
                          const DwGeom& g, int64_t i, int64_t o0, int64_t j, int64_t j_hi,
                          __mmask16 valid, __mmask16 in_valid, __m512i spread, __m512i init) {
@@ -2976,15 +2976,17 @@ inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue
       if (ih < 0 || ih >= g.height) continue;
       const int8_t* xu = image + (ih * W + g.in_col(j, 0)) * C;
       const int32_t* wu = w16 + u * KW * O + o0;
-      __m512i xv[KW + 3];
-      for (int q = 0; q < KW + 3; ++q) xv[q] = DwLoad<kSpread, kFull>(xu + q * C, in_valid, spread);
+      __m512i xv[3 * SW + KW];
+      for (int q = 0; q < 3 * SW + KW; ++q) {
+        xv[q] = DwLoad<kSpread, kFull>(xu + q * C, in_valid, spread);
+      }
       for (int v = 0; v < KW; ++v) {
         const __m512i wv = kFull ? _mm512_loadu_si512(wu + v * O)
                                  : _mm512_maskz_loadu_epi32(valid, wu + v * O);
         a0 = _mm512_dpwssd_epi32(a0, xv[v], wv);
-        a1 = _mm512_dpwssd_epi32(a1, xv[v + 1], wv);
-        a2 = _mm512_dpwssd_epi32(a2, xv[v + 2], wv);
-        a3 = _mm512_dpwssd_epi32(a3, xv[v + 3], wv);
+        a1 = _mm512_dpwssd_epi32(a1, xv[SW + v], wv);
+        a2 = _mm512_dpwssd_epi32(a2, xv[2 * SW + v], wv);
+        a3 = _mm512_dpwssd_epi32(a3, xv[3 * SW + v], wv);
       }
     }
     __m512i acc[4] = {a0, a1, a2, a3};
@@ -3036,11 +3038,16 @@ inline void DwBlock(const int8_t* image, const int32_t* w16, const Epilogue& e_r
   const int64_t j_lo = std::min(g.j_lo(), ow), j_hi = std::max(g.j_hi(), j_lo);
   for (int64_t j = 0; j < j_lo; ++j) one(j);
   int64_t j = j_lo;
-  if (g.sw == 1 && g.dw == 1 && (g.kw == 3 || g.kw == 5)) {
-    j = g.kw == 3 ? DwRunUnit<kSpread, kFull, 3>(image, w16, e, g, i, o0, j, j_hi, valid,
-                                                 in_valid, spread, init)
-                  : DwRunUnit<kSpread, kFull, 5>(image, w16, e, g, i, o0, j, j_hi, valid,
-                                                 in_valid, spread, init);
+  if (g.dw == 1 && (g.sw == 1 || g.sw == 2) && (g.kw == 3 || g.kw == 5)) {
+#define QJAX_DW_UNIT(KW, SW)                                                                  \
+  DwRunUnit<kSpread, kFull, KW, SW>(image, w16, e, g, i, o0, j, j_hi, valid, in_valid, spread, \
+                                    init)
+    if (g.sw == 1) {
+      j = g.kw == 3 ? QJAX_DW_UNIT(3, 1) : QJAX_DW_UNIT(5, 1);
+    } else {
+      j = g.kw == 3 ? QJAX_DW_UNIT(3, 2) : QJAX_DW_UNIT(5, 2);
+    }
+#undef QJAX_DW_UNIT
   }
   for (; j + 4 <= j_hi; j += 4) {
     __m512i a0 = init, a1 = init, a2 = init, a3 = init;
