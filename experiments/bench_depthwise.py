@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -153,43 +152,29 @@ def _torch_variants(shape: Shape, x8: np.ndarray, w8: np.ndarray,
                     threads: int) -> None:
   """One quantized depthwise Conv2d per engine of `TORCH_ENGINES`, or its reason to skip."""
   names = [f"torch qconv {engine}" for engine in TORCH_ENGINES]
-  try:
-    import torch
-  except ImportError:
-    skipped.update(dict.fromkeys(names, "torch is not installed"))
+  torch = bench_gemm.import_torch(names, skipped, threads)
+  if torch is None:
     return
-  torch.set_num_threads(threads)
-  warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
   c, k, s = shape.c, shape.k, shape.s
   qx = torch.quantize_per_tensor(
       torch.from_numpy((x8.astype(np.float32) + 128) * 0.05).permute(0, 3, 1, 2), 0.05, 128,
       torch.quint8).contiguous(memory_format=torch.channels_last)
   weight = torch.from_numpy(w8.astype(np.float32).transpose(3, 2, 0, 1) * 0.01)
-  supported = torch.backends.quantized.supported_engines
+
+  def qconv():
+    module = torch.ao.nn.quantized.Conv2d(c, c, k, stride=s, padding=k // 2, groups=c)
+    qweight = torch.quantize_per_channel(weight, torch.full((c,), 0.01, dtype=torch.double),
+                                         torch.zeros(c, dtype=torch.long), 0, torch.qint8)
+    module.set_weight_bias(qweight, torch.zeros(c))
+    module.scale, module.zero_point = float(0.05 * k), 0
+    return module
+
   for engine, name in zip(TORCH_ENGINES, names, strict=True):
-    if engine not in supported:
-      skipped[name] = f"engine {engine!r} not in this torch's supported engines {supported}"
-      continue
-    try:
-      torch.backends.quantized.engine = engine
-      conv = torch.ao.nn.quantized.Conv2d(c, c, k, stride=s, padding=k // 2, groups=c)
-      qweight = torch.quantize_per_channel(weight, torch.full((c,), 0.01, dtype=torch.double),
-                                           torch.zeros(c, dtype=torch.long), 0, torch.qint8)
-      conv.set_weight_bias(qweight, torch.zeros(c))
-      conv.scale, conv.zero_point = float(0.05 * k), 0
-      with torch.no_grad():
-        conv(qx)
-    except RuntimeError as error:
-      skipped[name] = f"engine {engine!r} fails here: {str(error).splitlines()[0]}"
-      continue
-
-    def run(conv=conv, engine=engine):
-      if torch.backends.quantized.engine != engine:
-        torch.backends.quantized.engine = engine
-      with torch.no_grad():
-        return conv(qx)
-
-    out[name] = bench_gemm.Variant(run, None, 0.0, "int8")
+    found = bench_gemm.torch_engine_variant(engine, qconv, qx)
+    if isinstance(found, str):
+      skipped[name] = found
+    else:
+      out[name] = found
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

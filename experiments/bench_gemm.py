@@ -310,14 +310,10 @@ def _torch_variants(x8: np.ndarray, w8: np.ndarray, exact: np.ndarray, out: dict
                     skipped: dict[str, str], threads: int) -> None:
   """Adds torch._int_mm and one quantized Linear per engine of `TORCH_ENGINES` to `out`, or
   their reasons to `skipped`."""
-  names = ["torch _int_mm"] + [f"torch qlinear {engine}" for engine in TORCH_ENGINES]
-  try:
-    import torch
-  except ImportError:
-    skipped.update(dict.fromkeys(names, "torch is not installed"))
+  torch = import_torch(["torch _int_mm"] + [f"torch qlinear {e}" for e in TORCH_ENGINES],
+                       skipped, threads)
+  if torch is None:
     return
-  torch.set_num_threads(threads)
-  warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
   k, n = x8.shape[1], w8.shape[0]
   tx, tw_t = torch.from_numpy(x8), torch.from_numpy(np.ascontiguousarray(w8.T))
   try:
@@ -328,32 +324,58 @@ def _torch_variants(x8: np.ndarray, w8: np.ndarray, exact: np.ndarray, out: dict
   qx = torch.quantize_per_tensor(torch.from_numpy((x8.astype(np.float32) + 128) * 0.05), 0.05,
                                  128, torch.quint8)
   weight = torch.from_numpy(w8.astype(np.float32) * 0.01)
-  supported = torch.backends.quantized.supported_engines
+
+  def qlinear():
+    module = torch.ao.nn.quantized.Linear(k, n, dtype=torch.qint8)
+    qweight = torch.quantize_per_channel(weight, torch.full((n,), 0.01, dtype=torch.double),
+                                         torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+    module.set_weight_bias(qweight, torch.zeros(n))
+    module.scale, module.zero_point = float(0.05 * np.sqrt(k)), 0
+    return module
+
   for engine in TORCH_ENGINES:
-    name = f"torch qlinear {engine}"
-    if engine not in supported:
-      skipped[name] = f"engine {engine!r} not in this torch's supported engines {supported}"
-      continue
-    try:
-      torch.backends.quantized.engine = engine  # the packed weight is the engine's own
-      qlinear = torch.ao.nn.quantized.Linear(k, n, dtype=torch.qint8)
-      qweight = torch.quantize_per_channel(weight, torch.full((n,), 0.01, dtype=torch.double),
-                                           torch.zeros(n, dtype=torch.long), 0, torch.qint8)
-      qlinear.set_weight_bias(qweight, torch.zeros(n))
-      qlinear.scale, qlinear.zero_point = float(0.05 * np.sqrt(k)), 0
-      with torch.no_grad():
-        qlinear(qx)
-    except RuntimeError as error:
-      skipped[name] = f"engine {engine!r} fails here: {str(error).splitlines()[0]}"
-      continue
+    found = torch_engine_variant(engine, qlinear, qx)
+    if isinstance(found, str):
+      skipped[f"torch qlinear {engine}"] = found
+    else:
+      out[f"torch qlinear {engine}"] = found
 
-    def run(qlinear=qlinear, engine=engine):
-      if torch.backends.quantized.engine != engine:
-        torch.backends.quantized.engine = engine
-      with torch.no_grad():
-        return qlinear(qx)
 
-    out[name] = Variant(run, None, 0.0, "int8")
+def import_torch(names: list[str], skipped: dict[str, str], threads: int) -> Any:
+  """torch on `threads` intra-op threads, its deprecation warnings of quantized tensors
+  silenced; None with every one of `names` skipped where it is not installed."""
+  try:
+    import torch
+  except ImportError:
+    skipped.update(dict.fromkeys(names, "torch is not installed"))
+    return None
+  torch.set_num_threads(threads)
+  warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+  return torch
+
+
+def torch_engine_variant(engine: str, build: Callable[[], Any], x: Any) -> Variant | str:
+  """A torch quantized module made by `build()` under the quantized engine `engine` (its packed
+  weight is the engine's own) and run on x under it, unchecked; or why it cannot run here."""
+  import torch
+  supported = torch.backends.quantized.supported_engines
+  if engine not in supported:
+    return f"engine {engine!r} not in this torch's supported engines {supported}"
+  try:
+    torch.backends.quantized.engine = engine
+    module = build()
+    with torch.no_grad():
+      module(x)
+  except RuntimeError as error:
+    return f"engine {engine!r} fails here: {str(error).splitlines()[0]}"
+
+  def run():
+    if torch.backends.quantized.engine != engine:
+      torch.backends.quantized.engine = engine
+    with torch.no_grad():
+      return module(x)
+
+  return Variant(run, None, 0.0, "int8")
 
 
 def check(name: str, result: Any, variant: Variant) -> None:

@@ -3308,16 +3308,22 @@ auto GridAttrs(B&& binding) {
       .template Attr<bool>("integer");
 }
 
-// A convolution's window, strides and dilation.
+// A convolution's strides and dilation.
 template <class B>
-auto GeometryAttrs(B&& binding) {
+auto StrideAttrs(B&& binding) {
   return std::forward<B>(binding)
-      .template Attr<int64_t>("kh")
-      .template Attr<int64_t>("kw")
       .template Attr<int64_t>("sh")
       .template Attr<int64_t>("sw")
       .template Attr<int64_t>("dh")
       .template Attr<int64_t>("dw");
+}
+
+// A convolution's window, strides and dilation.
+template <class B>
+auto GeometryAttrs(B&& binding) {
+  return StrideAttrs(std::forward<B>(binding)
+                         .template Attr<int64_t>("kh")
+                         .template Attr<int64_t>("kw"));
 }
 
 // The code path and the thread count.
@@ -3539,11 +3545,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxInt8PackRound, PackRound,
 // the padding value is an argument: a converted layer's zero point is traced).
 template <class B>
 auto DepthwiseAttrs(B&& binding) {
-  return std::forward<B>(binding)
-      .template Attr<int64_t>("sh")
-      .template Attr<int64_t>("sw")
-      .template Attr<int64_t>("dh")
-      .template Attr<int64_t>("dw")
+  return StrideAttrs(std::forward<B>(binding))
       .template Attr<int64_t>("pt")
       .template Attr<int64_t>("pb")
       .template Attr<int64_t>("pl")
