@@ -569,8 +569,9 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((0, 5, 5, 4), (3, 3, 1, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # no images
     ((1, 3, 5, 17), (3, 5, 1, 17), (1, 1), ((0, 0), (0, 0)), (1, 1), 17),  # one output pixel
     ((2, 6, 7, 16), (1, 1, 1, 16), (1, 1), ((0, 0), (0, 0)), (1, 1), 16),  # one tap
-    # Rows with blocks of four inside columns (shared input loads at strides 1 and 2).
+    # Rows with blocks of eight and four inside columns (shared input loads at strides 1, 2).
     ((1, 4, 12, 32), (3, 3, 1, 32), (1, 1), ((1, 1), (1, 1)), (1, 1), 32),
+    ((1, 3, 15, 16), (3, 3, 1, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 16),  # 8 + 4 + 1
     ((2, 6, 20, 16), (5, 5, 1, 16), (1, 1), ((2, 2), (2, 2)), (1, 1), 16),
     ((2, 5, 21, 48), (3, 3, 1, 48), (2, 2), ((1, 1), (1, 1)), (1, 1), 48),
     ((1, 9, 25, 12), (5, 5, 1, 24), (2, 2), ((2, 2), (2, 2)), (1, 1), 12),  # multiplier 2

@@ -2961,14 +2961,44 @@ inline __m512i DwLoad(const int8_t* x, __mmask16 in_valid, __m512i spread) {
   return kSpread ? _mm512_permutexvar_epi32(spread, v) : v;
 }
 
-// Stride SW (1 or 2) and dilation 1 along the row, a KW-wide window: four output pixels read
-// 3 SW + KW neighbouring input pixels, each widened once for the taps that use it. Runs the
-// inside columns [j, j_hi) four at a time; returns where it stopped.
+// Stride SW (1 or 2) and dilation 1 along the row, a KW-wide window: eight (then four) output
+// pixels read 7 SW + KW (3 SW + KW) neighbouring input pixels, each widened once for the taps
+// that use it. Runs the inside columns [j, j_hi) so; returns where it stopped.
 template <bool kSpread, bool kFull, int KW, int SW>
 inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue& e,
                          const DwGeom& g, int64_t i, int64_t o0, int64_t j, int64_t j_hi,
                          __mmask16 valid, __mmask16 in_valid, __m512i spread, __m512i init) {
   const int64_t C = g.channels, O = g.out_c, W = g.width;
+  for (; j + 8 <= j_hi; j += 8) {
+    __m512i a0 = init, a1 = init, a2 = init, a3 = init, a4 = init, a5 = init, a6 = init,
+            a7 = init;
+    for (int64_t u = 0; u < g.kh; ++u) {
+      const int64_t ih = g.in_row(i, u);
+      if (ih < 0 || ih >= g.height) continue;
+      const int8_t* xu = image + (ih * W + g.in_col(j, 0)) * C;
+      const int32_t* wu = w16 + u * KW * O + o0;
+      __m512i xv[7 * SW + KW];
+      for (int q = 0; q < 7 * SW + KW; ++q) {
+        xv[q] = DwLoad<kSpread, kFull>(xu + q * C, in_valid, spread);
+      }
+      for (int v = 0; v < KW; ++v) {
+        const __m512i wv = kFull ? _mm512_loadu_si512(wu + v * O)
+                                 : _mm512_maskz_loadu_epi32(valid, wu + v * O);
+        a0 = _mm512_dpwssd_epi32(a0, xv[v], wv);
+        a1 = _mm512_dpwssd_epi32(a1, xv[SW + v], wv);
+        a2 = _mm512_dpwssd_epi32(a2, xv[2 * SW + v], wv);
+        a3 = _mm512_dpwssd_epi32(a3, xv[3 * SW + v], wv);
+        a4 = _mm512_dpwssd_epi32(a4, xv[4 * SW + v], wv);
+        a5 = _mm512_dpwssd_epi32(a5, xv[5 * SW + v], wv);
+        a6 = _mm512_dpwssd_epi32(a6, xv[6 * SW + v], wv);
+        a7 = _mm512_dpwssd_epi32(a7, xv[7 * SW + v], wv);
+      }
+    }
+    __m512i lo[4] = {a0, a1, a2, a3};
+    EpilogueColumn<4>(e, j, o0, lo, valid);
+    __m512i hi[4] = {a4, a5, a6, a7};
+    EpilogueColumn<4>(e, j + 4, o0, hi, valid);
+  }
   for (; j + 4 <= j_hi; j += 4) {
     __m512i a0 = init, a1 = init, a2 = init, a3 = init;
     for (int64_t u = 0; u < g.kh; ++u) {
