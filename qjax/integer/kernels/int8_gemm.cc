@@ -2961,66 +2961,47 @@ inline __m512i DwLoad(const int8_t* x, __mmask16 in_valid, __m512i spread) {
   return kSpread ? _mm512_permutexvar_epi32(spread, v) : v;
 }
 
-// Stride SW (1 or 2) and dilation 1 along the row, a KW-wide window: eight (then four) output
-// pixels read 7 SW + KW (3 SW + KW) neighbouring input pixels, each widened once for the taps
-// that use it. Runs the inside columns [j, j_hi) so; returns where it stopped.
-template <bool kSpread, bool kFull, int KW, int SW>
+// Stride SW (1 or 2) and dilation 1 along the row, a KW-wide window: NP output pixels (8 or 4)
+// read (NP - 1) SW + KW neighbouring input pixels, each widened once for the taps that use it
+// (the pad value for a column in the padding). Runs the columns [j, j_end) NP at a time;
+// returns where it stopped.
+template <bool kSpread, bool kFull, int KW, int SW, int NP>
 inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue& e,
-                         const DwGeom& g, int64_t i, int64_t o0, int64_t j, int64_t j_hi,
-                         __mmask16 valid, __mmask16 in_valid, __m512i spread, __m512i init) {
+                         const DwGeom& g, int64_t i, int64_t o0, int64_t j, int64_t j_end,
+                         __mmask16 valid, __mmask16 in_valid, __m512i spread, __m512i init,
+                         __m512i pad) {
+  constexpr int kCols = (NP - 1) * SW + KW;
   const int64_t C = g.channels, O = g.out_c, W = g.width;
-  for (; j + 8 <= j_hi; j += 8) {
-    __m512i a0 = init, a1 = init, a2 = init, a3 = init, a4 = init, a5 = init, a6 = init,
-            a7 = init;
+  for (; j + NP <= j_end; j += NP) {
+    __m512i a[NP];
+#pragma GCC unroll 8
+    for (int t = 0; t < NP; ++t) a[t] = init;
+    const int64_t col0 = g.in_col(j, 0);
     for (int64_t u = 0; u < g.kh; ++u) {
       const int64_t ih = g.in_row(i, u);
       if (ih < 0 || ih >= g.height) continue;
-      const int8_t* xu = image + (ih * W + g.in_col(j, 0)) * C;
+      const int8_t* xu = image + ih * W * C;
       const int32_t* wu = w16 + u * KW * O + o0;
-      __m512i xv[7 * SW + KW];
-      for (int q = 0; q < 7 * SW + KW; ++q) {
-        xv[q] = DwLoad<kSpread, kFull>(xu + q * C, in_valid, spread);
+      __m512i xv[kCols];
+#pragma GCC unroll 16
+      for (int q = 0; q < kCols; ++q) {
+        const int64_t col = col0 + q;
+        xv[q] = col >= 0 && col < W ? DwLoad<kSpread, kFull>(xu + col * C, in_valid, spread)
+                                    : pad;
       }
+#pragma GCC unroll 5
       for (int v = 0; v < KW; ++v) {
         const __m512i wv = kFull ? _mm512_loadu_si512(wu + v * O)
                                  : _mm512_maskz_loadu_epi32(valid, wu + v * O);
-        a0 = _mm512_dpwssd_epi32(a0, xv[v], wv);
-        a1 = _mm512_dpwssd_epi32(a1, xv[SW + v], wv);
-        a2 = _mm512_dpwssd_epi32(a2, xv[2 * SW + v], wv);
-        a3 = _mm512_dpwssd_epi32(a3, xv[3 * SW + v], wv);
-        a4 = _mm512_dpwssd_epi32(a4, xv[4 * SW + v], wv);
-        a5 = _mm512_dpwssd_epi32(a5, xv[5 * SW + v], wv);
-        a6 = _mm512_dpwssd_epi32(a6, xv[6 * SW + v], wv);
-        a7 = _mm512_dpwssd_epi32(a7, xv[7 * SW + v], wv);
+#pragma GCC unroll 8
+        for (int t = 0; t < NP; ++t) a[t] = _mm512_dpwssd_epi32(a[t], xv[t * SW + v], wv);
       }
     }
-    __m512i lo[4] = {a0, a1, a2, a3};
-    EpilogueColumn<4>(e, j, o0, lo, valid);
-    __m512i hi[4] = {a4, a5, a6, a7};
-    EpilogueColumn<4>(e, j + 4, o0, hi, valid);
-  }
-  for (; j + 4 <= j_hi; j += 4) {
-    __m512i a0 = init, a1 = init, a2 = init, a3 = init;
-    for (int64_t u = 0; u < g.kh; ++u) {
-      const int64_t ih = g.in_row(i, u);
-      if (ih < 0 || ih >= g.height) continue;
-      const int8_t* xu = image + (ih * W + g.in_col(j, 0)) * C;
-      const int32_t* wu = w16 + u * KW * O + o0;
-      __m512i xv[3 * SW + KW];
-      for (int q = 0; q < 3 * SW + KW; ++q) {
-        xv[q] = DwLoad<kSpread, kFull>(xu + q * C, in_valid, spread);
-      }
-      for (int v = 0; v < KW; ++v) {
-        const __m512i wv = kFull ? _mm512_loadu_si512(wu + v * O)
-                                 : _mm512_maskz_loadu_epi32(valid, wu + v * O);
-        a0 = _mm512_dpwssd_epi32(a0, xv[v], wv);
-        a1 = _mm512_dpwssd_epi32(a1, xv[SW + v], wv);
-        a2 = _mm512_dpwssd_epi32(a2, xv[2 * SW + v], wv);
-        a3 = _mm512_dpwssd_epi32(a3, xv[3 * SW + v], wv);
-      }
+#pragma GCC unroll 2
+    for (int t = 0; t < NP; t += 4) {
+      __m512i four[4] = {a[t], a[t + 1], a[t + 2], a[t + 3]};
+      EpilogueColumn<4>(e, j + t, o0, four, valid);
     }
-    __m512i acc[4] = {a0, a1, a2, a3};
-    EpilogueColumn<4>(e, j, o0, acc, valid);
   }
   return j;
 }
@@ -3065,20 +3046,28 @@ inline void DwBlock(const int8_t* image, const int32_t* w16, const Epilogue& e_r
     }
     Epilogue16(e, j, o0, a, valid);
   };
+  if (g.dw == 1 && (g.sw == 1 || g.sw == 2) && (g.kw == 3 || g.kw == 5)) {
+    // Every column through the shared loads, eight then four at a time; the rest one by one.
+    int64_t j = 0;
+#define QJAX_DW_UNIT(KW, SW, NP)                                                              \
+  j = DwRunUnit<kSpread, kFull, KW, SW, NP>(image, w16, e, g, i, o0, j, ow, valid, in_valid, \
+                                            spread, init, pad)
+#define QJAX_DW_UNITS(KW, SW) \
+  QJAX_DW_UNIT(KW, SW, 8);    \
+  QJAX_DW_UNIT(KW, SW, 4)
+    if (g.sw == 1) {
+      if (g.kw == 3) { QJAX_DW_UNITS(3, 1); } else { QJAX_DW_UNITS(5, 1); }
+    } else {
+      if (g.kw == 3) { QJAX_DW_UNITS(3, 2); } else { QJAX_DW_UNITS(5, 2); }
+    }
+#undef QJAX_DW_UNITS
+#undef QJAX_DW_UNIT
+    for (; j < ow; ++j) one(j);
+    return;
+  }
   const int64_t j_lo = std::min(g.j_lo(), ow), j_hi = std::max(g.j_hi(), j_lo);
   for (int64_t j = 0; j < j_lo; ++j) one(j);
   int64_t j = j_lo;
-  if (g.dw == 1 && (g.sw == 1 || g.sw == 2) && (g.kw == 3 || g.kw == 5)) {
-#define QJAX_DW_UNIT(KW, SW)                                                                  \
-  DwRunUnit<kSpread, kFull, KW, SW>(image, w16, e, g, i, o0, j, j_hi, valid, in_valid, spread, \
-                                    init)
-    if (g.sw == 1) {
-      j = g.kw == 3 ? QJAX_DW_UNIT(3, 1) : QJAX_DW_UNIT(5, 1);
-    } else {
-      j = g.kw == 3 ? QJAX_DW_UNIT(3, 2) : QJAX_DW_UNIT(5, 2);
-    }
-#undef QJAX_DW_UNIT
-  }
   for (; j + 4 <= j_hi; j += 4) {
     __m512i a0 = init, a1 = init, a2 = init, a3 = init;
     for (int64_t u = 0; u < g.kh; ++u) {
