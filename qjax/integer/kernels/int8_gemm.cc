@@ -3007,10 +3007,12 @@ inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue
 }
 
 // The 16 output channels [o0, o0 + 16) of output row i: `image` points at the row's image at
-// the block's first input channel. The columns whose taps all lie inside the input run four
-// at a time, each weight vector loaded once for the four, the taps of padded rows summed
-// once into their start (`init`); the others check each tap. kFull: all 16 lanes real and 16
-// input bytes readable (m = 1, a whole block): plain loads.
+// the block's first input channel. The taps of padded rows are summed once into every
+// column's start (`init`). Windows 3 or 5 wide at stride 1 or 2 (dilation 1) run the whole
+// row through `DwRunUnit`'s shared loads; other geometries run the columns whose taps all lie
+// inside the input four at a time, each weight vector loaded once for the four, and check
+// each tap of the others. kFull: all 16 lanes real and 16 input bytes readable (m = 1, a
+// whole block): plain loads.
 template <bool kSpread, bool kFull>
 inline void DwBlock(const int8_t* image, const int32_t* w16, const Epilogue& e_row,
                     const DwGeom& g, int64_t i, int64_t o0, __mmask16 valid, __mmask16 in_valid,
