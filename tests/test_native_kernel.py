@@ -1188,3 +1188,22 @@ def test_conv_int32_groups():
     kernels.conv_int32(x, w, jnp.zeros(6, jnp.int32), groups=4, **geometry)
   with pytest.raises(ValueError, match=r"C = 6 \(3 groups of kernel_hwio's 2\)"):
     kernels.conv_int32(x, w, jnp.zeros(6, jnp.int32), groups=3, **geometry)
+
+
+def test_conv_operands_must_be_int8_on_every_path():
+  """A float input or kernel is refused by name before any path runs (a native call would
+  refuse it without naming it): ungrouped, depthwise, int32 sums and requantized."""
+  r = rq.FloatRequant(multiplier=np.float32(0.01), zero_point=np.int32(0), lo=-128, hi=127,
+                      relu=False)
+  geometry = {"strides": (1, 1), "padding": ((1, 1), (1, 1)), "dilation": (1, 1),
+              "pad_value": jnp.int32(0)}
+  x8, xf = jnp.ones((1, 5, 5, 4), jnp.int8), jnp.ones((1, 5, 5, 4), jnp.float32)
+  for groups, shape in ((1, (3, 3, 4, 4)), (4, (3, 3, 1, 4))):
+    w8, wf = jnp.ones(shape, jnp.int8), jnp.ones(shape, jnp.float32)
+    for path in ("xla", *AVAILABLE[:1]):
+      for x, w, name in ((xf, w8, "x"), (x8, wf, "kernel_hwio")):
+        with pytest.raises(TypeError, match=f"conv: {name} must be int8 .* got float32"):
+          kernels.conv(x, w, jnp.zeros(4, jnp.int32), r, groups=groups, kernel=path, **geometry)
+        with pytest.raises(TypeError, match=f"conv_int32: {name} must be int8 .* got float32"):
+          kernels.conv_int32(x, w, jnp.zeros(4, jnp.int32), groups=groups, kernel=path,
+                             **geometry)

@@ -991,6 +991,7 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
     Array([[8, 8],
            [8, 8]], dtype=int8)
   """
+  _check_conv(x, kernel_hwio, "conv")
   nsp = kernel_hwio.ndim - 2
   cin, cout = x.shape[-1], kernel_hwio.shape[-1]
   window = kernel_hwio.shape[:nsp]
@@ -1024,6 +1025,18 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   # XLA's convolution; its requantization native.
   return _requantize(acc, offset, requant,
                      resolve(kernel, macs=int(np.prod(acc.shape, dtype=np.int64))))
+
+
+def _check_conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, where: str) -> None:
+  """TypeError unless x and the (unpacked) kernel are int8: a native call would otherwise
+  refuse them without naming the argument."""
+  named = [("x", x)]
+  if not isinstance(kernel_hwio, PackedConvWeights):
+    named.append(("kernel_hwio", kernel_hwio))
+  for name, value in named:
+    if jnp.dtype(value.dtype) != jnp.int8:
+      raise TypeError(f"{where}: {name} must be int8 (the integer path's operand type); got "
+                      f"{jnp.dtype(value.dtype)}.")
 
 
 def _conv_size(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
@@ -1085,6 +1098,7 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
     Array([[13, 13],
            [13, 13]], dtype=int32)
   """
+  _check_conv(x, kernel_hwio, "conv_int32")
   nsp = kernel_hwio.ndim - 2
   window, (cin, cout) = kernel_hwio.shape[:nsp], kernel_hwio.shape[nsp:]
   if not isinstance(groups, int) or groups < 1 or cout % groups:
