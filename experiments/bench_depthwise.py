@@ -101,8 +101,8 @@ def parse_shape(text: str) -> Shape:
 
 
 def _requant(c: int, k: int, rng: np.random.Generator) -> rq.FloatRequant:
-  """Per-channel float requantization to uint8-like codes with a ReLU, scaled so that the
-  outputs spread over the grid."""
+  """A per-channel float requantization (output zero point -100, fused ReLU), its multipliers
+  scaled so that the outputs spread over the int8 grid."""
   mult = rng.uniform(0.5, 1.5, c).astype(np.float32) / np.float32(64 * k)
   return rq.FloatRequant(multiplier=jnp.asarray(mult), zero_point=jnp.int32(-100), lo=-128,
                          hi=127, relu=True)

@@ -114,7 +114,15 @@ def dequantize_output(q8: jax.Array, scale: jax.Array, zero_point8: jax.Array,
 # Contractions: int8 operands, int32 result.
 
 
-def _check_int8(name: str, value: jax.Array) -> None:
+def check_int8(name: str, value: jax.Array) -> None:
+  """TypeError naming `name` unless `value` is int8, the integer path's operand type.
+
+  Example:
+    >>> check_int8("conv: x", jnp.zeros(2, jnp.float32))
+    Traceback (most recent call last):
+    ...
+    TypeError: conv: x must be int8 (the integer path's operand type); got float32.
+  """
   if jnp.dtype(value.dtype) != jnp.int8:
     raise TypeError(f"{name} must be int8 (the integer path's operand type); got "
                     f"{jnp.dtype(value.dtype)}.")
@@ -135,8 +143,8 @@ def matmul(x: jax.Array, kernel_t: jax.Array) -> jax.Array:
   Returns:
     int32 array (..., N).
   """
-  _check_int8("matmul: x", x)
-  _check_int8("matmul: kernel_t", kernel_t)
+  check_int8("matmul: x", x)
+  check_int8("matmul: kernel_t", kernel_t)
   if x.ndim < 1 or kernel_t.ndim != 2 or x.shape[-1] != kernel_t.shape[1]:
     raise ValueError(f"matmul: x (..., K) and kernel_t (N, K) must share K; got shapes "
                      f"{x.shape} and {kernel_t.shape}.")
@@ -288,8 +296,8 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
     ...      pad_value=-1)[0, :, 0]
     Array([0, 4, 4], dtype=int32)
   """
-  _check_int8("conv: x", x)
-  _check_int8("conv: kernel", kernel)
+  check_int8("conv: x", x)
+  check_int8("conv: kernel", kernel)
   nsp = kernel.ndim - 2
   if x.ndim != nsp + 2:
     raise ValueError(f"conv: x must have rank {nsp + 2} (batch, {nsp} spatial, features) for a "

@@ -1030,13 +1030,9 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
 def _check_conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, where: str) -> None:
   """TypeError unless x and the (unpacked) kernel are int8: a native call would otherwise
   refuse them without naming the argument."""
-  named = [("x", x)]
+  arith.check_int8(f"{where}: x", x)
   if not isinstance(kernel_hwio, PackedConvWeights):
-    named.append(("kernel_hwio", kernel_hwio))
-  for name, value in named:
-    if jnp.dtype(value.dtype) != jnp.int8:
-      raise TypeError(f"{where}: {name} must be int8 (the integer path's operand type); got "
-                      f"{jnp.dtype(value.dtype)}.")
+    arith.check_int8(f"{where}: kernel_hwio", kernel_hwio)
 
 
 def _conv_size(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],

@@ -2916,15 +2916,15 @@ ffi::Error MaxPoolInt8(ffi::Buffer<ffi::S8> x, ffi::ResultBuffer<ffi::S8> out,
 }
 
 // ------------------------------------------------------------------------------------------
-// Depthwise int8 convolution, NHWC, on an input already padded: groups = C, output channel o
-// reads input channel o / m (m = O / C, the channel multiplier):
+// Depthwise int8 convolution, NHWC: groups = C, output channel o reads input channel o / m
+// (m = O / C, the channel multiplier), x_pad being x padded with pad_value:
 //
-//   acc[b, i, j, o] = offset[o] + sum_{u, v} x[b, i sh + u dh, j sw + v dw, o / m] w[u, v, o]
+//   acc[b, i, j, o] = offset[o] + sum_{u, v} x_pad[b, i sh + u dh, j sw + v dw, o / m] w[u, v, o]
 //
-// in int32, wrapping as XLA's, the padding (positions holding pad_value) handled in the
-// kernel; then the epilogue: the int32 result or one of the requantizations. XLA:CPU runs a
-// grouped convolution as a loop of scalar products (32 x 56 x 56 x 128, 3 x 3: ~0.44 s as
-// int8 -> int32, ~0.41 s in float32). Here 16 output channels share a vector and four output
+// in int32, wrapping as XLA's, the padding handled in the kernel (no padded copy); then the
+// epilogue: the int32 result or one of the requantizations. XLA:CPU runs a grouped
+// convolution as a loop of scalar products (32 x 56 x 56 x 128, 3 x 3: ~0.44 s as int8 ->
+// int32, ~0.41 s in float32). Here 16 output channels share a vector and several output
 // pixels each weight vector: a product x w (int8 x int8) is the low 16-bit lane pair of
 // vpdpwssd against the weight widened with a zero high half, so x's sign in the high half
 // meets 0 and the lane adds exactly x w.
@@ -2940,12 +2940,6 @@ struct DwGeom {
   // (outside [0, height) / [0, width): in the padding).
   int64_t in_row(int64_t i, int64_t u) const { return i * sh + u * dh - pt; }
   int64_t in_col(int64_t j, int64_t v) const { return j * sw + v * dw - pl; }
-  // Output columns [j_lo(), j_hi()) have every tap inside the input (the range may be empty).
-  int64_t j_lo() const { return (pl + sw - 1) / sw; }
-  int64_t j_hi() const {
-    const int64_t last = width - 1 - (kw - 1) * dw + pl;  // the largest j sw
-    return last < 0 ? 0 : std::min(out_w(), last / sw + 1);
-  }
 };
 
 #ifdef QJAX_X86
@@ -2961,6 +2955,16 @@ inline __m512i DwLoad(const int8_t* x, __mmask16 in_valid, __m512i spread) {
   return kSpread ? _mm512_permutexvar_epi32(spread, v) : v;
 }
 
+// DwLoad of input pixel (ih, col) of the block's `image`, or `pad` where col lies in the
+// padding (the row is inside: padded rows are summed into the start once).
+template <bool kSpread, bool kFull>
+inline __m512i DwTap(const int8_t* image, const DwGeom& g, int64_t ih, int64_t col,
+                     __mmask16 in_valid, __m512i spread, __m512i pad) {
+  return col >= 0 && col < g.width
+             ? DwLoad<kSpread, kFull>(image + (ih * g.width + col) * g.channels, in_valid, spread)
+             : pad;
+}
+
 // Stride SW (1 or 2) and dilation 1 along the row, a KW-wide window: NP output pixels (8 or 4)
 // read (NP - 1) SW + KW neighbouring input pixels, each widened once for the taps that use it
 // (the pad value for a column in the padding). Runs the columns [j, j_end) NP at a time;
@@ -2971,7 +2975,7 @@ inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue
                          __mmask16 valid, __mmask16 in_valid, __m512i spread, __m512i init,
                          __m512i pad) {
   constexpr int kCols = (NP - 1) * SW + KW;
-  const int64_t C = g.channels, O = g.out_c, W = g.width;
+  const int64_t O = g.out_c;
   for (; j + NP <= j_end; j += NP) {
     __m512i a[NP];
 #pragma GCC unroll 8
@@ -2980,14 +2984,11 @@ inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue
     for (int64_t u = 0; u < g.kh; ++u) {
       const int64_t ih = g.in_row(i, u);
       if (ih < 0 || ih >= g.height) continue;
-      const int8_t* xu = image + ih * W * C;
       const int32_t* wu = w16 + u * KW * O + o0;
       __m512i xv[kCols];
 #pragma GCC unroll 16
       for (int q = 0; q < kCols; ++q) {
-        const int64_t col = col0 + q;
-        xv[q] = col >= 0 && col < W ? DwLoad<kSpread, kFull>(xu + col * C, in_valid, spread)
-                                    : pad;
+        xv[q] = DwTap<kSpread, kFull>(image, g, ih, col0 + q, in_valid, spread, pad);
       }
 #pragma GCC unroll 5
       for (int v = 0; v < KW; ++v) {
@@ -3008,11 +3009,10 @@ inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue
 
 // The 16 output channels [o0, o0 + 16) of output row i: `image` points at the row's image at
 // the block's first input channel. The taps of padded rows are summed once into every
-// column's start (`init`). Windows 3 or 5 wide at stride 1 or 2 (dilation 1) run the whole
-// row through `DwRunUnit`'s shared loads; other geometries run the columns whose taps all lie
-// inside the input four at a time, each weight vector loaded once for the four, and check
-// each tap of the others. kFull: all 16 lanes real and 16 input bytes readable (m = 1, a
-// whole block): plain loads.
+// column's start (`init`); a tap in a padded column reads the pad value. Windows 3 or 5 wide
+// at stride 1 or 2 (dilation 1) run through `DwRunUnit`'s shared loads; other geometries four
+// columns a weight load. kFull: all 16 lanes real and 16 input bytes readable (m = 1, a whole
+// block): plain loads.
 template <bool kSpread, bool kFull>
 inline void DwBlock(const int8_t* image, const int32_t* w16, const Epilogue& e_row,
                     const DwGeom& g, int64_t i, int64_t o0, __mmask16 valid, __mmask16 in_valid,
@@ -3020,37 +3020,21 @@ inline void DwBlock(const int8_t* image, const int32_t* w16, const Epilogue& e_r
   // A local copy: its fields stay in registers (the int8 stores could alias a struct behind a
   // reference, which made every requantization reload them).
   const Epilogue e = e_row;
-  const int64_t ow = g.out_w(), C = g.channels, O = g.out_c, W = g.width;
-  const int64_t px = g.sw * C;  // from one output pixel's input to the next one's
+  const int64_t ow = g.out_w(), O = g.out_c;
   const __m512i pad = _mm512_set1_epi32(g.pad);  // (pad, its sign) against (w, 0): pad w
+  const auto weights = [&](int64_t u, int64_t v) {
+    return kFull ? _mm512_loadu_si512(w16 + (u * g.kw + v) * O + o0)
+                 : _mm512_maskz_loadu_epi32(valid, w16 + (u * g.kw + v) * O + o0);
+  };
   __m512i init = _mm512_setzero_si512();
   for (int64_t u = 0; u < g.kh; ++u) {
     const int64_t ih = g.in_row(i, u);
     if (ih >= 0 && ih < g.height) continue;
-    for (int64_t v = 0; v < g.kw; ++v) {
-      init = _mm512_dpwssd_epi32(init, pad, _mm512_maskz_loadu_epi32(valid, w16 + (u * g.kw + v) * O + o0));
-    }
+    for (int64_t v = 0; v < g.kw; ++v) init = _mm512_dpwssd_epi32(init, pad, weights(u, v));
   }
-  const auto one = [&](int64_t j) {  // column j, every tap checked
-    __m512i a = init;
-    for (int64_t u = 0; u < g.kh; ++u) {
-      const int64_t ih = g.in_row(i, u);
-      if (ih < 0 || ih >= g.height) continue;
-      for (int64_t v = 0; v < g.kw; ++v) {
-        const int64_t iw = g.in_col(j, v);
-        const __m512i xv = iw >= 0 && iw < W
-                               ? DwLoad<kSpread, kFull>(image + (ih * W + iw) * C, in_valid,
-                                                        spread)
-                               : pad;
-        a = _mm512_dpwssd_epi32(a, xv,
-                                _mm512_maskz_loadu_epi32(valid, w16 + (u * g.kw + v) * O + o0));
-      }
-    }
-    Epilogue16(e, j, o0, a, valid);
-  };
+  int64_t j = 0;
   if (g.dw == 1 && (g.sw == 1 || g.sw == 2) && (g.kw == 3 || g.kw == 5)) {
-    // Every column through the shared loads, eight then four at a time; the rest one by one.
-    int64_t j = 0;
+    // Eight then four columns at a time.
 #define QJAX_DW_UNIT(KW, SW, NP)                                                              \
   j = DwRunUnit<kSpread, kFull, KW, SW, NP>(image, w16, e, g, i, o0, j, ow, valid, in_valid, \
                                             spread, init, pad)
@@ -3064,40 +3048,48 @@ inline void DwBlock(const int8_t* image, const int32_t* w16, const Epilogue& e_r
     }
 #undef QJAX_DW_UNITS
 #undef QJAX_DW_UNIT
-    for (; j < ow; ++j) one(j);
-    return;
+  } else {
+    for (; j + 4 <= ow; j += 4) {
+      __m512i a0 = init, a1 = init, a2 = init, a3 = init;
+      for (int64_t u = 0; u < g.kh; ++u) {
+        const int64_t ih = g.in_row(i, u);
+        if (ih < 0 || ih >= g.height) continue;
+        for (int64_t v = 0; v < g.kw; ++v) {
+          const __m512i wv = weights(u, v);
+          const auto tap = [&](int64_t t) {
+            return DwTap<kSpread, kFull>(image, g, ih, g.in_col(j + t, v), in_valid, spread, pad);
+          };
+          a0 = _mm512_dpwssd_epi32(a0, tap(0), wv);
+          a1 = _mm512_dpwssd_epi32(a1, tap(1), wv);
+          a2 = _mm512_dpwssd_epi32(a2, tap(2), wv);
+          a3 = _mm512_dpwssd_epi32(a3, tap(3), wv);
+        }
+      }
+      __m512i acc[4] = {a0, a1, a2, a3};
+      EpilogueColumn<4>(e, j, o0, acc, valid);
+    }
   }
-  const int64_t j_lo = std::min(g.j_lo(), ow), j_hi = std::max(g.j_hi(), j_lo);
-  for (int64_t j = 0; j < j_lo; ++j) one(j);
-  int64_t j = j_lo;
-  for (; j + 4 <= j_hi; j += 4) {
-    __m512i a0 = init, a1 = init, a2 = init, a3 = init;
+  for (; j < ow; ++j) {  // the last columns one at a time
+    __m512i a = init;
     for (int64_t u = 0; u < g.kh; ++u) {
       const int64_t ih = g.in_row(i, u);
       if (ih < 0 || ih >= g.height) continue;
-      const int8_t* xu = image + (ih * W + g.in_col(j, 0)) * C;
-      const int32_t* wu = w16 + u * g.kw * O + o0;
       for (int64_t v = 0; v < g.kw; ++v) {
-        const __m512i wv = kFull ? _mm512_loadu_si512(wu + v * O)
-                                 : _mm512_maskz_loadu_epi32(valid, wu + v * O);
-        const int8_t* xp = xu + v * g.dw * C;
-        a0 = _mm512_dpwssd_epi32(a0, DwLoad<kSpread, kFull>(xp, in_valid, spread), wv);
-        a1 = _mm512_dpwssd_epi32(a1, DwLoad<kSpread, kFull>(xp + px, in_valid, spread), wv);
-        a2 = _mm512_dpwssd_epi32(a2, DwLoad<kSpread, kFull>(xp + 2 * px, in_valid, spread), wv);
-        a3 = _mm512_dpwssd_epi32(a3, DwLoad<kSpread, kFull>(xp + 3 * px, in_valid, spread), wv);
+        a = _mm512_dpwssd_epi32(
+            a, DwTap<kSpread, kFull>(image, g, ih, g.in_col(j, v), in_valid, spread, pad),
+            weights(u, v));
       }
     }
-    __m512i acc[4] = {a0, a1, a2, a3};
-    EpilogueColumn<4>(e, j, o0, acc, valid);
+    Epilogue16(e, j, o0, a, valid);
   }
-  for (; j < ow; ++j) one(j);
 }
 
 // Output row r = b * out_h + i through the epilogue `e` (its output at the row's first pixel,
 // one pixel a row of O values: the sums + offset as int32, or requantized to int8).
+// `spreads` (m > 1): each block's 16 lane indices, (o0 + l) / m - o0 / m.
 template <bool kSpread>
-void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const Epilogue& e,
-                        const DwGeom& g, int64_t r) {
+void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const int32_t* spreads,
+                        const Epilogue& e, const DwGeom& g, int64_t r) {
   const int64_t oh = g.out_h(), C = g.channels, O = g.out_c, m = g.mult();
   const int64_t b = r / oh, i = r % oh;
   const int8_t* image = x + b * g.height * g.width * C;
@@ -3105,11 +3097,7 @@ void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const Epilogue& e,
     const __mmask16 valid = Lanes16(O - o0);
     const int64_t c0 = o0 / m, c1 = (std::min(O, o0 + 16) - 1) / m + 1;
     const __mmask16 in_valid = Lanes16(c1 - c0);
-    alignas(64) int32_t lanes[16] = {};
-    for (int64_t l = 0; kSpread && l < 16; ++l) {
-      lanes[l] = static_cast<int32_t>(std::min<int64_t>((o0 + l) / m - c0, 15));
-    }
-    const __m512i spread = _mm512_load_si512(lanes);
+    const __m512i spread = kSpread ? _mm512_loadu_si512(spreads + o0) : _mm512_setzero_si512();
     if (!kSpread && valid == 0xFFFF) {
       DwBlock<false, true>(image + c0, w16, e, g, i, o0, valid, in_valid, spread);
     } else {
@@ -3168,10 +3156,14 @@ __attribute__((target("avx2"))) void DepthwiseRowAvx2(const int8_t* x, const int
 }
 #endif
 
-ffi::Error DepthwiseShapes(ffi::Buffer<ffi::S8>& x, ffi::Buffer<ffi::S8>& w,
-                           const ffi::AnyBuffer::Dimensions& od, size_t offsets, int64_t sh,
-                           int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb,
-                           int64_t pl, int64_t pr, ffi::Buffer<ffi::S32>& pad, DwGeom* g) {
+// The path and the geometry of a depthwise handler's call, checked.
+ffi::Error DepthwiseSetup(int64_t path, ffi::Buffer<ffi::S8>& x, ffi::Buffer<ffi::S8>& w,
+                          const ffi::AnyBuffer::Dimensions& od, size_t offsets, int64_t sh,
+                          int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb,
+                          int64_t pl, int64_t pr, ffi::Buffer<ffi::S32>& pad, Path* p,
+                          DwGeom* g) {
+  ffi::Error err = CheckPath(path, p);
+  if (err.failure()) return err;
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 4 || wd.size() != 4 || od.size() != 4 || wd[2] != 1 || xd[3] < 1 ||
       wd[3] % xd[3] != 0 || static_cast<int64_t>(offsets) != wd[3]) {
@@ -3222,13 +3214,20 @@ void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const DwGeom& g,
     for (size_t k = 0; k < w16.size(); ++k) {
       w16[k] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(w8[k])));
     }
+    const int64_t m = g.mult(), blocks = (N + 15) / 16;
+    // Lane l of block o0 reads input channel (o0 + l) / m: its index from o0 / m, once a call.
+    std::vector<int32_t> spreads(m > 1 ? blocks * 16 : 0);
+    for (int64_t k = 0; k < static_cast<int64_t>(spreads.size()); ++k) {
+      const int64_t o0 = k / 16 * 16;
+      spreads[k] = static_cast<int32_t>(std::min<int64_t>(k / m - o0 / m, 15));
+    }
     ParallelFor(rows, ThreadsFor(macs, threads_attr), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const Epilogue er = row_epilogue(r);
-        if (g.mult() == 1) {
-          DepthwiseRowAvx512<false>(x, w16.data(), er, g, r);
+        if (m == 1) {
+          DepthwiseRowAvx512<false>(x, w16.data(), nullptr, er, g, r);
         } else {
-          DepthwiseRowAvx512<true>(x, w16.data(), er, g, r);
+          DepthwiseRowAvx512<true>(x, w16.data(), spreads.data(), er, g, r);
         }
       }
     });
@@ -3270,11 +3269,9 @@ ffi::Error DepthwiseS32(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                         int64_t dw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
                         int64_t path, int64_t threads) {
   Path p;
-  ffi::Error err = CheckPath(path, &p);
-  if (err.failure()) return err;
   DwGeom g;
-  err = DepthwiseShapes(x, w, out->dimensions(), offset.element_count(), sh, sw, dh, dw,
-                        pt, pb, pl, pr, pad, &g);
+  ffi::Error err = DepthwiseSetup(path, x, w, out->dimensions(), offset.element_count(), sh,
+                                  sw, dh, dw, pt, pb, pl, pr, pad, &p, &g);
   if (err.failure() || out->element_count() == 0) return err;
   Epilogue e;
   e.offset = offset.typed_data();
@@ -3293,11 +3290,9 @@ ffi::Error DepthwiseRequant(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                             int64_t pb, int64_t pl, int64_t pr, int64_t lo, int64_t hi,
                             bool relu, bool integer, int64_t path, int64_t threads) {
   Path p;
-  ffi::Error err = CheckPath(path, &p);
-  if (err.failure()) return err;
   DwGeom g;
-  err = DepthwiseShapes(x, w, out->dimensions(), offset.element_count(), sh, sw, dh, dw,
-                        pt, pb, pl, pr, pad, &g);
+  ffi::Error err = DepthwiseSetup(path, x, w, out->dimensions(), offset.element_count(), sh,
+                                  sw, dh, dw, pt, pb, pl, pr, pad, &p, &g);
   if (err.failure()) return err;
   Epilogue e;
   err = RequantEpilogue(offset, bias, mult, zero_point, out, g.out_c, lo, hi, relu, integer,
