@@ -543,7 +543,7 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((1, 11, 11, 5), (3, 2, 5, 33), (1, 2), ((2, 1), (0, 1)), (2, 1), 1),
     ((2, 6, 6, 20), (3, 3, 20, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
     ((2, 8, 8, 1), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2)), (1, 1), 1),  # one channel: XLA
-    ((2, 7, 7, 4), (3, 3, 2, 6), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # groups: XLA
+    ((2, 7, 7, 4), (3, 3, 2, 6), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # 2 groups, one call
     ((0, 6, 6, 3), (3, 3, 3, 2), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # empty batch
     ((1, 3, 3, 2), (2, 2, 2, 5), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),  # M = 4
     ((2, 7, 9, 3), (2, 3, 3, 5), (1, 2), ((0, 1), (1, 1)), (1, 2), 1),  # column dilation
@@ -579,6 +579,13 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     # column with every tap inside the input.
     ((1, 2, 3, 8), (1, 1, 1, 8), (1, 1), ((2, 1), (3, 3)), (1, 1), 8),
     ((2, 4, 2, 32), (3, 3, 1, 32), (1, 2), ((2, 2), (2, 3)), (2, 1), 32),
+] + [  # Other groups: runs of groups as block-diagonal ungrouped native convolutions.
+    ((2, 8, 8, 32), (3, 3, 4, 32), (1, 1), ((1, 1), (1, 1)), (1, 1), 8),  # 2 runs of 4
+    ((1, 6, 7, 12), (3, 2, 3, 20), (2, 1), ((1, 0), (0, 2)), (1, 2), 4),  # runs of 3 and 1
+    ((2, 5, 5, 6), (3, 3, 3, 34), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # 17 channels a group
+    ((3, 11, 6), (3, 2, 9), (1,), ((1, 1),), (2,), 3),  # 1-D: XLA's patches, one call
+    ((0, 5, 5, 8), (3, 3, 2, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # no images
+    ((1, 3, 3, 128), (3, 3, 4, 128), (1, 1), ((0, 0), (0, 0)), (1, 1), 32),  # one pixel
 ]
 
 
@@ -914,11 +921,12 @@ def test_native_mlp_serving_program_has_no_xla_arithmetic():
   assert np.isnan(outs["xla"][3]).all() and not np.isnan(np.delete(outs["xla"], 3, 0)).any()
 
 
-def test_depthwise_model_int8_apply_equals_the_xla_path():
+def test_grouped_model_int8_apply_equals_the_xla_path():
   """A depthwise-separable block (MobileNet's: depthwise 3 x 3 + ReLU, pointwise 1 x 1, a
-  strided depthwise layer with channel multiplier 2) calibrated, converted and applied in
-  int8: on the best native path the depthwise layers are native calls and the outputs equal
-  the XLA path's (every path's depthwise kernel: test_conv_matches_xla)."""
+  strided depthwise layer with channel multiplier 2) and a grouped 3 x 3 layer (ResNeXt's: 6
+  groups of 8 channels) calibrated, converted and applied in int8: on the best native path
+  the depthwise layers are native depthwise calls, the grouped one two native convolutions,
+  and the outputs equal the XLA path's (every path's kernels: test_conv_matches_xla)."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
   import qjax  # pylint: disable=import-outside-toplevel
@@ -934,6 +942,8 @@ def test_depthwise_model_int8_apply_equals_the_xla_path():
       x = qnn.QuantConv(24, (1, 1), qconfig=qconfig, activation=nn.relu, name="pw")(x, mode=mode)
       x = qnn.QuantConv(48, (3, 3), strides=(2, 2), padding=((1, 0), (0, 1)),
                         feature_group_count=24, qconfig=qconfig, name="dw2")(x, mode=mode)
+      x = qnn.QuantConv(24, (3, 3), padding="SAME", feature_group_count=6, qconfig=qconfig,
+                        name="grouped")(x, mode=mode)
       return qnn.Dequantize(name="dequant")(x, mode=mode)
 
   model = Block()
@@ -948,8 +958,11 @@ def test_depthwise_model_int8_apply_equals_the_xla_path():
   for path in ("xla", AVAILABLE[0]):
     with kernels.use(path):  # a function of its own: a jitted one keeps the path it traced
       program = jax.jit(lambda v, x: model.apply(v, x, mode="int8")).lower(int_vars, x)
-      calls = program.as_text().count("custom_call @qjax_int8_depthwise_requant")
-      assert calls == (0 if path == "xla" else 2), (path, calls)
+      text = program.as_text()
+      calls = [text.count(f"custom_call @qjax_int8_{kind}_requant")
+               for kind in ("depthwise", "conv")]
+      # conv: the pointwise layer's and the grouped layer's two runs of groups (4 + 2).
+      assert calls == ([0, 0] if path == "xla" else [2, 3]), (path, calls)
       outs[path] = np.asarray(program.compile()(int_vars, x))
   assert len(np.unique(outs["xla"])) > 20
   np.testing.assert_array_equal(outs[AVAILABLE[0]], outs["xla"])
@@ -1111,17 +1124,19 @@ def test_conv_int32_matches_xla():
       np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{path} {x.shape} {w.shape}")
 
 
-DEPTHWISE = [case for case in CONVS if case[-1] > 1 and case[1][2] == 1]
+GROUPED = [case for case in CONVS if case[-1] > 1]
 
 
-def test_depthwise_conv_int32_matches_xla():
-  """The native depthwise convolution's int32 sums + offset (wrapping) on every path equal
-  XLA's grouped convolution's, on random operands with -128 / 127 rows and offsets over the
-  whole int32 range; 5-128 channels, channel multipliers 1-3, strides, dilation, padding with
-  a nonzero zero point, one output pixel, one tap, no images."""
+def test_grouped_conv_int32_matches_xla():
+  """The int32 sums + offset (wrapping) of grouped convolutions on every path (the native
+  depthwise kernel; runs of groups as block-diagonal native convolutions) equal XLA's
+  grouped convolution's, on random operands with -128 / 127 rows and offsets over the whole
+  int32 range: depthwise with 5-128 channels, channel multipliers 1-3, strides, dilation,
+  padding with a nonzero zero point, one output pixel, one tap, no images; 2-32 groups of
+  2-4 input channels, runs of 1-4 groups, 1-D."""
   rng = np.random.default_rng(5)
   runs = []
-  for x_shape, w_shape, strides, padding, dilation, groups in DEPTHWISE:
+  for x_shape, w_shape, strides, padding, dilation, groups in GROUPED:
     x = rng.integers(-128, 128, x_shape, dtype=np.int8)
     w = rng.integers(-128, 128, w_shape, dtype=np.int8)
     w[0], w[-1] = 127, -128
@@ -1164,11 +1179,39 @@ def test_depthwise_rule_and_its_auto_choice(monkeypatch):
   geometry = dict(strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1),
                   pad_value=jnp.int32(0), kernel="auto")
   for groups, channels_in, target in [(64, 1, "qjax_int8_depthwise_s32"),
+                                      (2, 32, "qjax_int8_conv_s32"),
                                       (1, 64, "qjax_int8_conv_s32")]:
     w = jax.ShapeDtypeStruct((3, 3, channels_in, 64), jnp.int8)
     program = jax.jit(lambda x, w, groups=groups: kernels.conv_int32(
         x, w, jnp.zeros(64, jnp.int32), groups=groups, **geometry)).lower(x, w).as_text()
     assert (target in program) == (groups > 1), (groups, target)
+
+
+def test_grouped_rule_and_its_runs():
+  """Which grouped convolutions run as ungrouped native calls (2 or more groups of 2 or more
+  input channels, any rank) and how many groups share a call (as many as fill 16 output
+  channels); every run's block-diagonal kernel gives the integers of its groups."""
+  assert kernels.grouped_conv((3, 3, 4, 128), 32, 128)
+  assert kernels.grouped_conv((3, 2, 9), 3, 6)  # 1-D
+  for shape, groups, channels in [((3, 3, 1, 32), 32, 32), ((3, 3, 4, 32), 1, 4),
+                                  ((3, 3, 4, 30), 4, 16), ((3, 3, 4, 32), 4, 12)]:
+    assert not kernels.grouped_conv(shape, groups, channels), (shape, groups, channels)
+  assert kernels.group_runs(32, 128) == [(g, g + 4) for g in range(0, 32, 4)]
+  assert kernels.group_runs(4, 20) == [(0, 3), (3, 4)]
+  assert kernels.group_runs(2, 64) == [(0, 1), (1, 2)]
+  assert kernels.group_runs(3, 6) == [(0, 3)]
+  rng = np.random.default_rng(8)
+  w = rng.integers(-128, 128, (2, 3, 3, 20), dtype=np.int8)  # 4 groups of 5 channels
+  x = rng.integers(-128, 128, (1, 4, 5, 12), dtype=np.int8)
+  geometry = dict(strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
+                  pad_value=np.int32(0))
+  for g0, g1 in kernels.group_runs(4, 20):
+    block = np.asarray(kernels._block_diagonal(jnp.asarray(w), 4, g0, g1))
+    assert block.shape == (2, 3, 3 * (g1 - g0), 5 * (g1 - g0))
+    got = arith.conv(x[..., 3 * g0:3 * g1], block, feature_group_count=1, **geometry)
+    want = arith.conv(x[..., 3 * g0:3 * g1], w[..., 5 * g0:5 * g1], feature_group_count=g1 - g0,
+                      **geometry)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_conv_int32_groups():

@@ -41,8 +41,10 @@ block by block of output pixels (kernels packed once with `pack_conv`, or per ca
 those of one input channel (stride 1, up to 8 output channels: LeNet-5's first layer) with a
 direct kernel, 16 output pixels a vector (`direct_conv`); depthwise ones (`depthwise_conv`:
 MobileNet's, any channel multiplier, stride and dilation) with a depthwise kernel, 16 output
-channels a vector (vpdpwssd on the AVX-512 paths); the kernel's epilogue also requantizes the
-int32 result of the convolutions XLA keeps (other groups, other single-channel ones). The
+channels a vector (vpdpwssd on the AVX-512 paths); other grouped ones (`grouped_conv`) as
+ungrouped convolutions of runs of their groups, each run's kernel block diagonal
+(`group_runs`). The kernel's epilogue also requantizes the int32 result of the convolutions
+XLA keeps (other single-channel ones). The
 kernel uses every core (a pool of threads started once) for products of 2^21 multiply-adds
 and more (QJAX_INT8_THREADS caps the thread count).
 For int8-forward QAT (`qjax.ste.int8_forward_dot` / `int8_forward_conv`), `pack_grid` packs
@@ -57,12 +59,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import math
 import os
 import pathlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -964,7 +967,10 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   LeNet-5 at batch 1024, 8.6 -> 4.3 ms for the whole model). A 2-D depthwise convolution
   (`depthwise_conv`: groups = C, one input channel a group) runs the native depthwise kernel,
   its padding and requantization fused (3 x 3 over 32 x 56 x 56 x 128: ~4 ms against ~0.43 s
-  for XLA's grouped int32 convolution). Otherwise (and on "xla") `qjax.integer.arith.conv` then
+  for XLA's grouped int32 convolution). Other grouped convolutions (`grouped_conv`: groups of
+  two or more input channels) run as ungrouped native convolutions of runs of groups with
+  block-diagonal kernels (`group_runs`; 3 x 3 over 8 x 28 x 28 x 128 in 32 groups: ~1 ms
+  against ~13 ms). Otherwise (and on "xla") `qjax.integer.arith.conv` then
   `requant`: XLA's exact int32 convolution, requantized by the kernel's epilogue on a native
   path. The same integers on every path.
 
@@ -1005,6 +1011,13 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
     if path != "xla" and min(out) > 0:
       return _native_depthwise(x, kernel_hwio, tuple(out), offset, strides, padding, dilation,
                                pad_value, path, requant)
+  if x.ndim == nsp + 2 and grouped_conv(kernel_hwio.shape, groups, cin):
+    out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
+    path = resolve(kernel, macs=macs, xla_amx=False)
+    if path != "xla":
+      return _grouped(x, _hwio(kernel_hwio), offset, groups, lambda xg, wg, og, o0, o1: conv(
+          xg, wg, og, _requant_channels(requant, o0, o1, cout), strides=strides,
+          padding=padding, dilation=dilation, groups=1, pad_value=pad_value, kernel=path))
   if groups == 1 and x.ndim == nsp + 2:
     out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
     path = resolve(kernel, macs=macs)
@@ -1069,9 +1082,11 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   or more input channels, the GEMM of the patches on the native kernel (in 2-D gathered by
   the kernel block by block of output pixels, as `conv` does; else XLA's
   `qjax.integer.arith.im2col`); a 2-D depthwise convolution (`depthwise_conv`) on the native
-  depthwise kernel; otherwise, for other groups and for one input channel
-  (XLA's int32 convolution of a single channel is the faster lowering: LeNet-5's 5 x 5 x 6
-  first layer at batch 256, 0.5 ms against 4.7 ms through patches), `qjax.integer.arith.conv`.
+  depthwise kernel; other groups of two or more input channels (`grouped_conv`) as those
+  ungrouped convolutions, one per run of groups (`group_runs`); otherwise, for one input
+  channel (XLA's int32 convolution of a single channel is the faster lowering: LeNet-5's
+  5 x 5 x 6 first layer at batch 256, 0.5 ms against 4.7 ms through patches),
+  `qjax.integer.arith.conv`.
   The same integers on every path.
 
   Args:
@@ -1108,11 +1123,16 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
       nsp, strides, padding, dilation, pad_value, "conv_int32")
   out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
   depthwise = depthwise_conv(kernel_hwio.shape, groups, x.shape[-1])
-  path = resolve(kernel, macs=macs, xla_amx=not depthwise)
+  grouped = grouped_conv(kernel_hwio.shape, groups, x.shape[-1])
+  path = resolve(kernel, macs=macs, xla_amx=not (depthwise or grouped))
   offset = _offset(offset, cout, "conv_int32")
   if path != "xla" and depthwise and min(out) > 0:
     return _native_depthwise(x, kernel_hwio, tuple(out), offset, strides, padding, dilation,
                              pad_value, path)
+  if path != "xla" and grouped:
+    return _grouped(x, kernel_hwio, offset, groups, lambda xg, wg, og, o0, o1: conv_int32(
+        xg, wg, og, strides=strides, padding=padding, dilation=dilation, pad_value=pad_value,
+        kernel=path))
   if path != "xla" and groups == 1 and cin > 1 and min(out) > 0:
     x = _padded(x, padding, pad_value)
     weights = kernel_hwio.reshape((math.prod(kernel_hwio.shape[:-1]), cout)).T
@@ -1166,6 +1186,75 @@ def depthwise_conv(kernel_shape: tuple[int, ...], groups: int, channels: int) ->
   """
   return (len(kernel_shape) == 4 and kernel_shape[2] == 1 and groups == channels >= 2
           and kernel_shape[3] % channels == 0)
+
+
+def grouped_conv(kernel_shape: tuple[int, ...], groups: int, channels: int) -> bool:
+  """Whether `conv` / `conv_int32` on a native path run a grouped convolution with this (HWIO)
+  kernel shape as ungrouped native convolutions of runs of its groups: G = `groups` >= 2
+  groups of two or more input channels each (ResNeXt's, RegNet's), with C = `channels` = G
+  times the kernel's input channels and G dividing its output channels. Consecutive groups
+  share one call as a block-diagonal kernel while their output channels fill a 16-channel
+  panel (`group_runs`): the kernel's cost is that of whole panels, so that costs no more
+  multiply-adds than a call a group. XLA:CPU runs grouped convolutions as loops of scalar
+  products (3 x 3 over 8 x 28 x 28 x 128 in 4 groups: ~15 ms in float32).
+
+  Example:
+    >>> grouped_conv((3, 3, 4, 128), 32, 128), grouped_conv((3, 3, 1, 32), 32, 32)
+    (True, False)
+  """
+  return (len(kernel_shape) >= 3 and isinstance(groups, int) and groups >= 2
+          and kernel_shape[-2] >= 2 and channels == kernel_shape[-2] * groups
+          and kernel_shape[-1] % groups == 0)
+
+
+def group_runs(groups: int, channels_out: int) -> list[tuple[int, int]]:
+  """The runs [g0, g1) of consecutive groups that `grouped_conv`'s convolutions run as one
+  native call: as many groups as fill a 16-channel panel with their O / G output channels
+  (at least one).
+
+  Example:
+    >>> group_runs(8, 32)   # 4 channels a group: 4 groups a call
+    [(0, 4), (4, 8)]
+    >>> group_runs(3, 96)
+    [(0, 1), (1, 2), (2, 3)]
+  """
+  step = max(1, min(groups, PANEL // (channels_out // groups)))
+  return [(g, min(g + step, groups)) for g in range(0, groups, step)]
+
+
+def _block_diagonal(kernel_hwio: jax.Array, groups: int, g0: int, g1: int) -> jax.Array:
+  """Groups g0..g1-1 of a grouped int8 kernel (*window, C/G, O) as one ungrouped kernel
+  (*window, s C/G, s O/G) (s = g1 - g0): group a's input channels against its own output
+  channels, zeros elsewhere."""
+  *window, cg, cout = kernel_hwio.shape
+  og, s = cout // groups, g1 - g0
+  part = kernel_hwio[..., g0 * og:g1 * og]
+  if s == 1:
+    return part
+  part = part.reshape((*window, 1, cg, s, og))
+  own = np.eye(s, dtype=bool).reshape((1,) * len(window) + (s, 1, s, 1))
+  return jnp.where(own, part, np.int8(0)).reshape((*window, s * cg, s * og))
+
+
+def _requant_channels(requant: rq.Requantizer, lo: int, hi: int,
+                      channels: int) -> rq.Requantizer:
+  """`requant` for output channels lo..hi-1 of `channels`: its per-channel leaves sliced."""
+  sliced = {f.name: getattr(requant, f.name)[lo:hi] for f in dataclasses.fields(requant)
+            if f.name != "zero_point" and not f.metadata.get("static")
+            and jnp.shape(getattr(requant, f.name)) == (channels,)}
+  return dataclasses.replace(requant, **sliced)
+
+
+def _grouped(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, groups: int,
+             run: Callable[[jax.Array, jax.Array, jax.Array, int, int], jax.Array]) -> jax.Array:
+  """A grouped convolution as `run(x_part, kernel_part, offset_part, o0, o1)` (ungrouped,
+  output channels o0..o1-1) over `group_runs`, concatenated along the channels."""
+  cg, cout = kernel_hwio.shape[-2:]
+  og = cout // groups
+  parts = [run(x[..., g0 * cg:g1 * cg], _block_diagonal(kernel_hwio, groups, g0, g1),
+               offset[g0 * og:g1 * og], g0 * og, g1 * og)
+           for g0, g1 in group_runs(groups, cout)]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
 def _native_depthwise(x: jax.Array, kernel_hwio: jax.Array, out: tuple[int, ...],
@@ -1484,6 +1573,8 @@ __all__ = (
     "direct_conv",
     "fake_quant_observe",
     "gathers_patches",
+    "group_runs",
+    "grouped_conv",
     "matmul",
     "matmul_requant",
     "max_pool",
