@@ -1,4 +1,4 @@
-"""The depthwise convolution benchmark runs end to end (--quick): a row for every variant this
+"""The grouped convolution benchmark runs end to end (--quick): a row for every variant this
 machine runs, each native row checked equal to XLA's int8 convolution before it is timed, a
 wrong result stops the run, shapes parse and bad ones are refused. No timing claims."""
 
@@ -59,6 +59,10 @@ def test_shapes_parse_and_bad_ones_are_refused(bench):
   shape = bench.parse_shape("32x28x28x256:3:2")
   assert shape.out_hw() == (14, 14) and shape.padding == ((1, 1), (1, 1))
   assert shape.ops() == 2 * 32 * 14 * 14 * 256 * 9
-  for bad in ("32x28x28:3:1", "32x28x28x256:3", "32x28x28x1:3:1", "1x2x2x8:3:1", "axbxcxd:1:1"):
+  grouped = bench.parse_shape("8x56x56x128:3:1:32")
+  assert grouped.groups == 32 and grouped.ops() == 2 * 8 * 56 * 56 * 128 * 4 * 9
+  assert "32 groups" in grouped.label() and "depthwise" in shape.label()
+  for bad in ("32x28x28:3:1", "32x28x28x256:3", "32x28x28x1:3:1", "1x2x2x8:3:1", "axbxcxd:1:1",
+              "8x5x5x12:3:1:5", "8x5x5x12:3:1:1", "8x5x5x12:3:1:4:2"):
     with pytest.raises(argparse.ArgumentTypeError, match="BxHxWxC:k:s|every size"):
       bench.parse_shape(bad)
