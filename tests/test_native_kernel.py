@@ -579,13 +579,22 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     # column with every tap inside the input.
     ((1, 2, 3, 8), (1, 1, 1, 8), (1, 1), ((2, 1), (3, 3)), (1, 1), 8),
     ((2, 4, 2, 32), (3, 3, 1, 32), (1, 2), ((2, 2), (2, 3)), (2, 1), 32),
-] + [  # Other groups: runs of groups as block-diagonal ungrouped native convolutions.
-    ((2, 8, 8, 32), (3, 3, 4, 32), (1, 1), ((1, 1), (1, 1)), (1, 1), 8),  # 2 runs of 4
+] + [  # Other groups: small ones on the depthwise kernel (AVX-512 and portable paths) ...
+    ((2, 8, 8, 32), (3, 3, 4, 32), (1, 1), ((1, 1), (1, 1)), (1, 1), 8),  # 4 groups a block
+    ((1, 3, 3, 128), (3, 3, 4, 128), (1, 1), ((0, 0), (0, 0)), (1, 1), 32),  # one pixel
+    ((2, 7, 9, 32), (3, 3, 2, 16), (2, 1), ((1, 1), (0, 2)), (1, 2), 16),  # 1 out a group
+    ((1, 9, 6, 48), (2, 3, 6, 40), (1, 2), ((2, 0), (1, 1)), (2, 1), 8),  # 5 out: straddling
+    ((2, 6, 7, 64), (3, 3, 16, 32), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # 16 in, 8 out
+    ((1, 5, 11, 40), (3, 1, 10, 28), (1, 1), ((0, 2), (0, 0)), (1, 1), 4),  # 7 out
+    ((2, 5, 6, 56), (1, 3, 14, 32), (1, 1), ((1, 1), (2, 2)), (1, 1), 4),  # padding only rows
+    ((1, 6, 6, 24), (3, 3, 8, 12), (1, 1), ((1, 1), (1, 1)), (1, 1), 3),  # 8 in, 4 out
+    ((2, 4, 9, 24), (2, 2, 12, 16), (1, 2), ((0, 1), (1, 0)), (1, 1), 2),  # 12 in, 8 out
+    ((0, 5, 5, 8), (3, 3, 2, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # no images
+    # ... and runs of groups as block-diagonal ungrouped native convolutions.
     ((1, 6, 7, 12), (3, 2, 3, 20), (2, 1), ((1, 0), (0, 2)), (1, 2), 4),  # runs of 3 and 1
     ((2, 5, 5, 6), (3, 3, 3, 34), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # 17 channels a group
+    ((2, 6, 5, 64), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # 64 bytes a block
     ((3, 11, 6), (3, 2, 9), (1,), ((1, 1),), (2,), 3),  # 1-D: XLA's patches, one call
-    ((0, 5, 5, 8), (3, 3, 2, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # no images
-    ((1, 3, 3, 128), (3, 3, 4, 128), (1, 1), ((0, 0), (0, 0)), (1, 1), 32),  # one pixel
 ]
 
 
@@ -925,7 +934,8 @@ def test_grouped_model_int8_apply_equals_the_xla_path():
   """A depthwise-separable block (MobileNet's: depthwise 3 x 3 + ReLU, pointwise 1 x 1, a
   strided depthwise layer with channel multiplier 2) and a grouped 3 x 3 layer (ResNeXt's: 6
   groups of 8 channels) calibrated, converted and applied in int8: on the best native path
-  the depthwise layers are native depthwise calls, the grouped one two native convolutions,
+  the depthwise layers are native depthwise calls, the grouped one a third (or two native
+  convolutions on "avx2"),
   and the outputs equal the XLA path's (every path's kernels: test_conv_matches_xla)."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
@@ -961,8 +971,11 @@ def test_grouped_model_int8_apply_equals_the_xla_path():
       text = program.as_text()
       calls = [text.count(f"custom_call @qjax_int8_{kind}_requant")
                for kind in ("depthwise", "conv")]
-      # conv: the pointwise layer's and the grouped layer's two runs of groups (4 + 2).
-      assert calls == ([0, 0] if path == "xla" else [2, 3]), (path, calls)
+      # The grouped layer's groups of 8 channels in and 4 out run on the depthwise kernel on
+      # its AVX-512 and portable paths, as two runs of groups (4 + 2) on "avx2".
+      direct = kernels.grouped_direct((3, 3, 8, 24), 6, 48, path)
+      want = [0, 0] if path == "xla" else [3, 1] if direct else [2, 3]
+      assert calls == want, (path, calls)
       outs[path] = np.asarray(program.compile()(int_vars, x))
   assert len(np.unique(outs["xla"])) > 20
   np.testing.assert_array_equal(outs[AVAILABLE[0]], outs["xla"])
@@ -1200,6 +1213,17 @@ def test_grouped_rule_and_its_runs():
   assert kernels.group_runs(4, 20) == [(0, 3), (3, 4)]
   assert kernels.group_runs(2, 64) == [(0, 1), (1, 2)]
   assert kernels.group_runs(3, 6) == [(0, 3)]
+  # Small groups on the depthwise kernel, on its AVX-512 and portable paths:
+  for path in ("vnni", "amx", "amx_emulated", "portable"):
+    assert kernels.grouped_direct((3, 3, 4, 128), 32, 128, path)  # 4 groups a block
+    assert kernels.grouped_direct((3, 3, 16, 32), 4, 64, path)  # 2 groups: 32 input bytes
+    assert kernels.grouped_direct((3, 3, 6, 40), 8, 48, path)  # 5 outputs: up to 4 groups
+    assert not kernels.grouped_direct((3, 3, 16, 16), 4, 64, path)  # 4 groups: 64 bytes
+    assert not kernels.grouped_direct((3, 3, 3, 20), 4, 12, path)  # odd input channels
+    assert not kernels.grouped_direct((3, 3, 18, 18), 2, 36, path)  # more than 16
+    assert not kernels.grouped_direct((3, 3, 4, 64), 4, 16, path)  # 16 outputs a group
+    assert not kernels.grouped_direct((3, 2, 9), 3, 6, path)  # 1-D
+  assert not kernels.grouped_direct((3, 3, 4, 128), 32, 128, "avx2")
   rng = np.random.default_rng(8)
   w = rng.integers(-128, 128, (2, 3, 3, 20), dtype=np.int8)  # 4 groups of 5 channels
   x = rng.integers(-128, 128, (1, 4, 5, 12), dtype=np.int8)

@@ -41,10 +41,10 @@ block by block of output pixels (kernels packed once with `pack_conv`, or per ca
 those of one input channel (stride 1, up to 8 output channels: LeNet-5's first layer) with a
 direct kernel, 16 output pixels a vector (`direct_conv`); depthwise ones (`depthwise_conv`:
 MobileNet's, any channel multiplier, stride and dilation) with a depthwise kernel, 16 output
-channels a vector (vpdpwssd on the AVX-512 paths); other grouped ones (`grouped_conv`) as
-ungrouped convolutions of runs of their groups, each run's kernel block diagonal
-(`group_runs`). The kernel's epilogue also requantizes the int32 result of the convolutions
-XLA keeps (other single-channel ones). The
+channels a vector (vpdpwssd on the AVX-512 paths); other grouped ones (`grouped_conv`) with
+small groups on the same kernel (`grouped_direct`), else as ungrouped convolutions of runs of
+their groups, each run's kernel block diagonal (`group_runs`). The kernel's epilogue also
+requantizes the int32 result of the convolutions XLA keeps (other single-channel ones). The
 kernel uses every core (a pool of threads started once) for products of 2^21 multiply-adds
 and more (QJAX_INT8_THREADS caps the thread count).
 For int8-forward QAT (`qjax.ste.int8_forward_dot` / `int8_forward_conv`), `pack_grid` packs
@@ -968,9 +968,10 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   (`depthwise_conv`: groups = C, one input channel a group) runs the native depthwise kernel,
   its padding and requantization fused (3 x 3 over 32 x 56 x 56 x 128: ~4 ms against ~0.43 s
   for XLA's grouped int32 convolution). Other grouped convolutions (`grouped_conv`: groups of
-  two or more input channels) run as ungrouped native convolutions of runs of groups with
-  block-diagonal kernels (`group_runs`; 3 x 3 over 8 x 28 x 28 x 128 in 32 groups: ~1 ms
-  against ~13 ms). Otherwise (and on "xla") `qjax.integer.arith.conv` then
+  two or more input channels) run on the same kernel where their groups are small
+  (`grouped_direct`; ResNeXt's 3 x 3 over 8 x 56 x 56 x 128 in 32 groups: 1.7 ms against
+  53 ms), else as ungrouped native convolutions of runs of groups with block-diagonal
+  kernels (`group_runs`). Otherwise (and on "xla") `qjax.integer.arith.conv` then
   `requant`: XLA's exact int32 convolution, requantized by the kernel's epilogue on a native
   path. The same integers on every path.
 
@@ -1014,6 +1015,9 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   if x.ndim == nsp + 2 and grouped_conv(kernel_hwio.shape, groups, cin):
     out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
     path = resolve(kernel, macs=macs, xla_amx=False)
+    if min(out) > 0 and grouped_direct(kernel_hwio.shape, groups, cin, path):
+      return _native_depthwise(x, _hwio(kernel_hwio), tuple(out), offset, strides, padding,
+                               dilation, pad_value, path, requant)
     if path != "xla":
       return _grouped(x, _hwio(kernel_hwio), offset, groups, lambda xg, wg, og, o0, o1: conv(
           xg, wg, og, _requant_channels(requant, o0, o1, cout), strides=strides,
@@ -1082,8 +1086,9 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   or more input channels, the GEMM of the patches on the native kernel (in 2-D gathered by
   the kernel block by block of output pixels, as `conv` does; else XLA's
   `qjax.integer.arith.im2col`); a 2-D depthwise convolution (`depthwise_conv`) on the native
-  depthwise kernel; other groups of two or more input channels (`grouped_conv`) as those
-  ungrouped convolutions, one per run of groups (`group_runs`); otherwise, for one input
+  depthwise kernel; other groups of two or more input channels (`grouped_conv`) on the same
+  kernel (`grouped_direct`) or as those ungrouped convolutions, one per run of groups
+  (`group_runs`); otherwise, for one input
   channel (XLA's int32 convolution of a single channel is the faster lowering: LeNet-5's
   5 x 5 x 6 first layer at batch 256, 0.5 ms against 4.7 ms through patches),
   `qjax.integer.arith.conv`.
@@ -1127,6 +1132,9 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   path = resolve(kernel, macs=macs, xla_amx=not (depthwise or grouped))
   offset = _offset(offset, cout, "conv_int32")
   if path != "xla" and depthwise and min(out) > 0:
+    return _native_depthwise(x, kernel_hwio, tuple(out), offset, strides, padding, dilation,
+                             pad_value, path)
+  if grouped and min(out) > 0 and grouped_direct(kernel_hwio.shape, groups, x.shape[-1], path):
     return _native_depthwise(x, kernel_hwio, tuple(out), offset, strides, padding, dilation,
                              pad_value, path)
   if path != "xla" and grouped:
@@ -1190,13 +1198,14 @@ def depthwise_conv(kernel_shape: tuple[int, ...], groups: int, channels: int) ->
 
 def grouped_conv(kernel_shape: tuple[int, ...], groups: int, channels: int) -> bool:
   """Whether `conv` / `conv_int32` on a native path run a grouped convolution with this (HWIO)
-  kernel shape as ungrouped native convolutions of runs of its groups: G = `groups` >= 2
-  groups of two or more input channels each (ResNeXt's, RegNet's), with C = `channels` = G
-  times the kernel's input channels and G dividing its output channels. Consecutive groups
-  share one call as a block-diagonal kernel while their output channels fill a 16-channel
-  panel (`group_runs`): the kernel's cost is that of whole panels, so that costs no more
-  multiply-adds than a call a group. XLA:CPU runs grouped convolutions as loops of scalar
-  products (3 x 3 over 8 x 28 x 28 x 128 in 4 groups: ~15 ms in float32).
+  kernel shape natively: G = `groups` >= 2 groups of two or more input channels each
+  (ResNeXt's, RegNet's), with C = `channels` = G times the kernel's input channels and G
+  dividing its output channels. Small groups run on
+  the depthwise kernel (`grouped_direct`). Otherwise consecutive groups share one call as a
+  block-diagonal kernel while their output channels fill a 16-channel panel (`group_runs`):
+  the kernel's cost is that of whole panels, so that costs no more multiply-adds than a call
+  a group. XLA:CPU runs grouped convolutions as loops of scalar products (3 x 3 over 8 x 28 x
+  28 x 128 in 4 groups: ~14 ms in float32, ~6 ms as int8 -> int32).
 
   Example:
     >>> grouped_conv((3, 3, 4, 128), 32, 128), grouped_conv((3, 3, 1, 32), 32, 32)
@@ -1205,6 +1214,34 @@ def grouped_conv(kernel_shape: tuple[int, ...], groups: int, channels: int) -> b
   return (len(kernel_shape) >= 3 and isinstance(groups, int) and groups >= 2
           and kernel_shape[-2] >= 2 and channels == kernel_shape[-2] * groups
           and kernel_shape[-1] % groups == 0)
+
+
+def grouped_direct(kernel_shape: tuple[int, ...], groups: int, channels: int,
+                   path: str) -> bool:
+  """Whether `conv` / `conv_int32` on `path` run a grouped convolution (`grouped_conv`) on the
+  native depthwise kernel rather than as runs of groups (`group_runs`): 2-D, groups of an
+  even count of 2..16 input channels and fewer than 16 output channels, each block of 16
+  output channels reading at most 32 input bytes of a pixel, on an AVX-512 path or
+  "portable". There the input bytes of a block's groups are widened to int16 pairs once a
+  pixel and tap and moved to their output lanes (vpermd), two exact products a lane and
+  instruction: no multiply-adds wasted on a block-diagonal kernel's zeros (ResNeXt's 3 x 3
+  over 8 x 56 x 56 x 128 in 32 groups: 1.7 ms against 4.1 ms as runs). With 16 or more output
+  channels a group the runs' GEMM is as fast or faster; on "avx2" the runs are.
+
+  Example:
+    >>> grouped_direct((3, 3, 4, 128), 32, 128, "portable")
+    True
+    >>> grouped_direct((3, 3, 16, 512), 32, 512, "portable")   # 16 outputs a group: runs
+    False
+  """
+  if (len(kernel_shape) != 4 or path not in ("vnni", "amx", "amx_emulated", "portable")
+      or not grouped_conv(kernel_shape, groups, channels)):
+    return False
+  cg, cout = kernel_shape[2], kernel_shape[3]
+  og = cout // groups
+  return cg % 2 == 0 and cg <= 16 and og < PANEL and all(
+      ((min(cout, o0 + PANEL) - 1) // og - o0 // og + 1) * cg <= 32
+      for o0 in range(0, cout, PANEL))
 
 
 def group_runs(groups: int, channels_out: int) -> list[tuple[int, int]]:
@@ -1262,9 +1299,9 @@ def _native_depthwise(x: jax.Array, kernel_hwio: jax.Array, out: tuple[int, ...]
                       padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...],
                       pad_value: jax.Array, path: str,
                       requant: rq.Requantizer | None = None) -> jax.Array:
-  """The native depthwise convolution of int8 x (B, H, W, C), padded in the kernel with
-  pad_value (as int8): its int32 sums + offset, or with `requant` those requantized to int8
-  by the fused epilogue."""
+  """The native depthwise (or `grouped_direct`) convolution of int8 x (B, H, W, C), padded in
+  the kernel with pad_value (as int8): its int32 sums + offset, or with `requant` those
+  requantized to int8 by the fused epilogue."""
   n = kernel_hwio.shape[-1]
   shape = (x.shape[0], *out, n)
   (top, bottom), (left, right) = padding
@@ -1575,6 +1612,7 @@ __all__ = (
     "gathers_patches",
     "group_runs",
     "grouped_conv",
+    "grouped_direct",
     "matmul",
     "matmul_requant",
     "max_pool",

@@ -2928,14 +2928,29 @@ ffi::Error MaxPoolInt8(ffi::Buffer<ffi::S8> x, ffi::ResultBuffer<ffi::S8> out,
 // pixels each weight vector: a product x w (int8 x int8) is the low 16-bit lane pair of
 // vpdpwssd against the weight widened with a zero high half, so x's sign in the high half
 // meets 0 and the lane adds exactly x w.
+//
+// The same kernel runs grouped convolutions of small groups: G groups of cg = 2..16 input
+// channels (cg even), output channel o of group o / og (og = O / G) reading input channels
+// [(o / og) cg, + cg), wherever the groups of a block of 16 output channels hold at most 32
+// input bytes (`GroupedFits`). A block's input bytes of one pixel are widened once to 16 int16
+// pairs; pair q of lane l's group is moved to lane l by vpermd, and vpdpwssd adds the two
+// products x[2q] w[2q] + x[2q + 1] w[2q + 1] exactly (16-bit products, 32-bit sums).
 
 struct DwGeom {
   int64_t batch, height, width, channels, kh, kw, sh, sw, dh, dw, out_c;
   int64_t pt, pb, pl, pr;  // padding: top, bottom, left, right (each >= 0)
   int32_t pad;             // what a padded position holds (the input's zero point)
+  int64_t cg = 1;          // input channels a group (1: depthwise)
   int64_t out_h() const { return (height + pt + pb - (kh - 1) * dh - 1) / sh + 1; }
   int64_t out_w() const { return (width + pl + pr - (kw - 1) * dw - 1) / sw + 1; }
   int64_t mult() const { return out_c / channels; }
+  int64_t out_per_group() const { return out_c / (channels / cg); }
+  // Output channels [o0, o0 + 16)'s groups: the first, and their input bytes of one pixel.
+  int64_t first_group(int64_t o0) const { return o0 / out_per_group(); }
+  int64_t block_bytes(int64_t o0) const {
+    const int64_t og = out_per_group();
+    return ((std::min(out_c, o0 + 16) - 1) / og - o0 / og + 1) * cg;
+  }
   // The input row of output row i's tap u, the input column of output column j's tap v
   // (outside [0, height) / [0, width): in the padding).
   int64_t in_row(int64_t i, int64_t u) const { return i * sh + u * dh - pt; }
@@ -3084,6 +3099,102 @@ inline void DwBlock(const int8_t* image, const int32_t* w16, const Epilogue& e_r
   }
 }
 
+// Grouped, Q = cg / 2 pairs a group: the 16 output channels [o0, o0 + 16) of output row i;
+// `image` points at the row's image at the block's first group's first input channel, whose
+// `bytes` (mask) hold the block's groups. w2 holds the weights as int16 pairs, [(u kw + v) Q +
+// q][O]; idx the block's Q lane indices (lane l: pair q of its group, from the block's first
+// group). Taps of padded rows are summed once into the start; a padded column reads the pad
+// value (every pair (pad, pad)). Four columns a weight load, then single columns.
+template <int Q>
+void GwBlock(const int8_t* image, const int32_t* w2, const int32_t* idx, const Epilogue& e_row,
+             const DwGeom& g, int64_t i, int64_t o0, __mmask16 valid, __mmask32 bytes) {
+  const Epilogue e = e_row;  // a local copy, as in DwBlock
+  const int64_t ow = g.out_w(), O = g.out_c;
+  const __m512i pad = _mm512_set1_epi16(static_cast<int16_t>(g.pad));
+  __m512i spread[Q];
+#pragma GCC unroll 8
+  for (int q = 0; q < Q; ++q) spread[q] = _mm512_loadu_si512(idx + q * 16);
+  const auto weights = [&](int64_t u, int64_t v, int q) {
+    return _mm512_maskz_loadu_epi32(valid, w2 + ((u * g.kw + v) * Q + q) * O + o0);
+  };
+  const auto tap = [&](int64_t ih, int64_t col) {
+    return col >= 0 && col < g.width
+               ? _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(
+                     bytes, image + (ih * g.width + col) * g.channels))
+               : pad;
+  };
+  __m512i init = _mm512_setzero_si512();
+  for (int64_t u = 0; u < g.kh; ++u) {
+    const int64_t ih = g.in_row(i, u);
+    if (ih >= 0 && ih < g.height) continue;
+    for (int64_t v = 0; v < g.kw; ++v) {
+#pragma GCC unroll 8
+      for (int q = 0; q < Q; ++q) init = _mm512_dpwssd_epi32(init, pad, weights(u, v, q));
+    }
+  }
+  int64_t j = 0;
+  for (; j + 4 <= ow; j += 4) {
+    __m512i a[4] = {init, init, init, init};
+    for (int64_t u = 0; u < g.kh; ++u) {
+      const int64_t ih = g.in_row(i, u);
+      if (ih < 0 || ih >= g.height) continue;
+      for (int64_t v = 0; v < g.kw; ++v) {
+        __m512i xv[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) xv[t] = tap(ih, g.in_col(j + t, v));
+#pragma GCC unroll 8
+        for (int q = 0; q < Q; ++q) {
+          const __m512i wv = weights(u, v, q);
+#pragma GCC unroll 4
+          for (int t = 0; t < 4; ++t) {
+            a[t] = _mm512_dpwssd_epi32(a[t], _mm512_permutexvar_epi32(spread[q], xv[t]), wv);
+          }
+        }
+      }
+    }
+    EpilogueColumn<4>(e, j, o0, a, valid);
+  }
+  for (; j < ow; ++j) {
+    __m512i a = init;
+    for (int64_t u = 0; u < g.kh; ++u) {
+      const int64_t ih = g.in_row(i, u);
+      if (ih < 0 || ih >= g.height) continue;
+      for (int64_t v = 0; v < g.kw; ++v) {
+        const __m512i xv = tap(ih, g.in_col(j, v));
+#pragma GCC unroll 8
+        for (int q = 0; q < Q; ++q) {
+          a = _mm512_dpwssd_epi32(a, _mm512_permutexvar_epi32(spread[q], xv), weights(u, v, q));
+        }
+      }
+    }
+    Epilogue16(e, j, o0, a, valid);
+  }
+}
+
+// Output row r of a grouped convolution (cg = 2..16, even), its blocks through GwBlock<cg / 2>;
+// `idx`: each block's Q x 16 lane indices.
+void GroupedRowAvx512(const int8_t* x, const int32_t* w2, const int32_t* idx, const Epilogue& e,
+                      const DwGeom& g, int64_t r) {
+  const int64_t oh = g.out_h(), O = g.out_c, Q = g.cg / 2;
+  const int64_t b = r / oh, i = r % oh;
+  const int8_t* image = x + b * g.height * g.width * g.channels;
+  for (int64_t o0 = 0; o0 < O; o0 += 16) {
+    const __mmask16 valid = Lanes16(O - o0);
+    const int64_t n = g.block_bytes(o0);
+    const __mmask32 bytes = n >= 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+    const int8_t* at = image + g.first_group(o0) * g.cg;
+    const int32_t* block_idx = idx + o0 / 16 * Q * 16;
+    switch (Q) {
+#define QJAX_GW_CASE(N) \
+  case N: GwBlock<N>(at, w2, block_idx, e, g, i, o0, valid, bytes); break;
+      QJAX_GW_CASE(1) QJAX_GW_CASE(2) QJAX_GW_CASE(3) QJAX_GW_CASE(4)
+      QJAX_GW_CASE(5) QJAX_GW_CASE(6) QJAX_GW_CASE(7) QJAX_GW_CASE(8)
+#undef QJAX_GW_CASE
+      default: break;  // GroupedFits refused it
+    }
+  }
+}
+
 // Output row r = b * out_h + i through the epilogue `e` (its output at the row's first pixel,
 // one pixel a row of O values: the sums + offset as int32, or requantized to int8).
 // `spreads` (m > 1): each block's 16 lane indices, (o0 + l) / m - o0 / m.
@@ -3114,7 +3225,7 @@ void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const int32_t* spre
                                                      const int32_t* offset, int32_t* dst_row,
                                                      const DwGeom& g, int64_t r) {
   const int64_t oh = g.out_h(), ow = g.out_w(), C = g.channels, O = g.out_c, m = g.mult();
-  const int64_t b = r / oh, i = r % oh;
+  const int64_t b = r / oh, i = r % oh, cg = g.cg, og = g.out_per_group();
   const uint32_t pad = static_cast<uint32_t>(g.pad);
   for (int64_t j = 0; j < ow; ++j) {
     uint32_t* dst = reinterpret_cast<uint32_t*>(dst_row + j * O);
@@ -3123,13 +3234,26 @@ void DepthwiseRowAvx512(const int8_t* x, const int32_t* w16, const int32_t* spre
       const int64_t ih = g.in_row(i, u);
       for (int64_t v = 0; v < g.kw; ++v) {
         const int64_t iw = g.in_col(j, v);
-        const int8_t* wp = w + (u * g.kw + v) * O;
+        const int8_t* wp = w + (u * g.kw + v) * cg * O;  // [c][O]
         if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) {
-          for (int64_t o = 0; o < O; ++o) dst[o] += pad * static_cast<uint32_t>(int32_t{wp[o]});
+          for (int64_t c = 0; c < cg; ++c) {
+            for (int64_t o = 0; o < O; ++o) {
+              dst[o] += pad * static_cast<uint32_t>(int32_t{wp[c * O + o]});
+            }
+          }
           continue;
         }
         const int8_t* xp = x + ((b * g.height + ih) * g.width + iw) * C;
-        if (m == 1) {
+        if (cg > 1) {
+          for (int64_t o = 0; o < O; ++o) {
+            const int8_t* xg = xp + o / og * cg;
+            uint32_t sum = 0;
+            for (int64_t c = 0; c < cg; ++c) {
+              sum += static_cast<uint32_t>(int32_t{xg[c]} * int32_t{wp[c * O + o]});
+            }
+            dst[o] += sum;
+          }
+        } else if (m == 1) {
           for (int64_t o = 0; o < O; ++o) {
             dst[o] += static_cast<uint32_t>(int32_t{xp[o]} * int32_t{wp[o]});
           }
@@ -3156,6 +3280,17 @@ __attribute__((target("avx2"))) void DepthwiseRowAvx2(const int8_t* x, const int
 }
 #endif
 
+// Whether the kernel runs this grouping: depthwise (cg = 1), or groups of an even count of
+// cg <= 16 input channels whose blocks of 16 output channels read at most 32 input bytes.
+bool GroupedFits(const DwGeom& g) {
+  if (g.cg == 1) return true;
+  if (g.cg % 2 != 0 || g.cg > 16) return false;
+  for (int64_t o0 = 0; o0 < g.out_c; o0 += 16) {
+    if (g.block_bytes(o0) > 32) return false;
+  }
+  return true;
+}
+
 // The path and the geometry of a depthwise handler's call, checked.
 ffi::Error DepthwiseSetup(int64_t path, ffi::Buffer<ffi::S8>& x, ffi::Buffer<ffi::S8>& w,
                           const ffi::AnyBuffer::Dimensions& od, size_t offsets, int64_t sh,
@@ -3165,17 +3300,24 @@ ffi::Error DepthwiseSetup(int64_t path, ffi::Buffer<ffi::S8>& x, ffi::Buffer<ffi
   ffi::Error err = CheckPath(path, p);
   if (err.failure()) return err;
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || od.size() != 4 || wd[2] != 1 || xd[3] < 1 ||
-      wd[3] % xd[3] != 0 || static_cast<int64_t>(offsets) != wd[3]) {
+  if (xd.size() != 4 || wd.size() != 4 || od.size() != 4 || xd[3] < 1 || wd[2] < 1 ||
+      xd[3] % wd[2] != 0 || wd[3] % (xd[3] / wd[2]) != 0 ||
+      static_cast<int64_t>(offsets) != wd[3]) {
     return ffi::Error::InvalidArgument("qjax depthwise conv: x must be NHWC (C >= 1), w (KH, "
-                                       "KW, 1, O) with O a multiple of C, offset (O,)");
+                                       "KW, C / G, O) with G = C / w's input channels "
+                                       "dividing O, offset (O,)");
   }
   if (pad.element_count() != 1) {
     return ffi::Error::InvalidArgument("qjax depthwise conv: pad_value must be one int32");
   }
   // Taken as int8, as the XLA form pads (pad_value.astype(int8)).
   *g = DwGeom{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], sh, sw, dh, dw, wd[3],
-              pt, pb, pl, pr, static_cast<int8_t>(pad.typed_data()[0])};
+              pt, pb, pl, pr, static_cast<int8_t>(pad.typed_data()[0]), wd[2]};
+  if (!GroupedFits(*g)) {
+    return ffi::Error::InvalidArgument("qjax depthwise conv: groups of more than one input "
+                                       "channel need an even count of at most 16, and a block "
+                                       "of 16 output channels' groups at most 32 input bytes");
+  }
   if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || g->kh < 1 || g->kw < 1 || pt < 0 || pb < 0 ||
       pl < 0 || pr < 0 || (g->kh - 1) * dh + 1 > g->height + pt + pb ||
       (g->kw - 1) * dw + 1 > g->width + pl + pr) {
@@ -3196,7 +3338,7 @@ ffi::Error DepthwiseSetup(int64_t path, ffi::Buffer<ffi::S8>& x, ffi::Buffer<ffi
 void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const DwGeom& g,
                   int64_t threads_attr, const Epilogue& e) {
   const int64_t N = g.out_c, ow = g.out_w(), rows = g.batch * g.out_h();
-  const int64_t macs = rows * ow * N * g.kh * g.kw;
+  const int64_t macs = rows * ow * N * g.kh * g.kw * g.cg;
   const auto row_epilogue = [&](int64_t r) {
     Epilogue er = e;  // a local copy: its fields stay in registers
     er.ldo = N;
@@ -3208,6 +3350,38 @@ void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const DwGeom& g,
     return er;
   };
 #ifdef QJAX_X86
+  if (Avx512(p) && g.cg > 1) {
+    // The weights as int16 pairs (w[2q], w[2q + 1]) of each output channel, and each block's
+    // lane indices (lane l: pair q of its group, counted from the block's first group), once
+    // a call.
+    const int64_t Q = g.cg / 2, taps = g.kh * g.kw, og = g.out_per_group();
+    std::vector<int32_t> w2(taps * Q * N);
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t q = 0; q < Q; ++q) {
+        for (int64_t o = 0; o < N; ++o) {
+          const uint16_t lo = static_cast<uint16_t>(int16_t{w8[(t * g.cg + 2 * q) * N + o]});
+          const uint16_t hi = static_cast<uint16_t>(int16_t{w8[(t * g.cg + 2 * q + 1) * N + o]});
+          w2[(t * Q + q) * N + o] = static_cast<int32_t>(lo | uint32_t{hi} << 16);
+        }
+      }
+    }
+    const int64_t blocks = (N + 15) / 16;
+    std::vector<int32_t> idx(blocks * Q * 16, 0);
+    for (int64_t k = 0; k < blocks; ++k) {
+      for (int64_t q = 0; q < Q; ++q) {
+        for (int64_t l = 0; l < 16 && k * 16 + l < N; ++l) {
+          idx[(k * Q + q) * 16 + l] =
+              static_cast<int32_t>(((k * 16 + l) / og - g.first_group(k * 16)) * Q + q);
+        }
+      }
+    }
+    ParallelFor(rows, ThreadsFor(macs, threads_attr), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        GroupedRowAvx512(x, w2.data(), idx.data(), row_epilogue(r), g, r);
+      }
+    });
+    return;
+  }
   if (Avx512(p)) {
     // The weights widened once a call: int32 lanes of (w, 0) as two int16.
     std::vector<int32_t> w16(g.kh * g.kw * N);
