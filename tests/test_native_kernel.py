@@ -590,6 +590,10 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((1, 6, 6, 24), (3, 3, 8, 12), (1, 1), ((1, 1), (1, 1)), (1, 1), 3),  # 8 in, 4 out
     ((2, 4, 9, 24), (2, 2, 12, 16), (1, 2), ((0, 1), (1, 0)), (1, 1), 2),  # 12 in, 8 out
     ((0, 5, 5, 8), (3, 3, 2, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # no images
+    # Rows with blocks of eight and four columns sharing their widened input pixels:
+    ((2, 6, 13, 16), (5, 5, 2, 8), (1, 2), ((2, 2), (2, 2)), (1, 1), 8),  # 4 + 3 columns
+    ((1, 5, 14, 32), (3, 5, 8, 16), (1, 1), ((1, 1), (2, 2)), (1, 1), 4),  # 8 + 4 + 2
+    ((2, 5, 19, 24), (3, 3, 4, 18), (2, 2), ((1, 1), (1, 1)), (1, 1), 6),  # 4 + 4 + 2
     # ... and runs of groups as block-diagonal ungrouped native convolutions.
     ((1, 6, 7, 12), (3, 2, 3, 20), (2, 1), ((1, 0), (0, 2)), (1, 2), 4),  # runs of 3 and 1
     ((2, 5, 5, 6), (3, 3, 3, 34), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # 17 channels a group

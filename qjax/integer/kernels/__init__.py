@@ -969,7 +969,7 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   its padding and requantization fused (3 x 3 over 32 x 56 x 56 x 128: ~4 ms against ~0.43 s
   for XLA's grouped int32 convolution). Other grouped convolutions (`grouped_conv`: groups of
   two or more input channels) run on the same kernel where their groups are small
-  (`grouped_direct`; ResNeXt's 3 x 3 over 8 x 56 x 56 x 128 in 32 groups: 1.7 ms against
+  (`grouped_direct`; ResNeXt's 3 x 3 over 8 x 56 x 56 x 128 in 32 groups: 1.0 ms against
   53 ms), else as ungrouped native convolutions of runs of groups with block-diagonal
   kernels (`group_runs`). Otherwise (and on "xla") `qjax.integer.arith.conv` then
   `requant`: XLA's exact int32 convolution, requantized by the kernel's epilogue on a native
@@ -1225,7 +1225,7 @@ def grouped_direct(kernel_shape: tuple[int, ...], groups: int, channels: int,
   "portable". There the input bytes of a block's groups are widened to int16 pairs once a
   pixel and tap and moved to their output lanes (vpermd), two exact products a lane and
   instruction: no multiply-adds wasted on a block-diagonal kernel's zeros (ResNeXt's 3 x 3
-  over 8 x 56 x 56 x 128 in 32 groups: 1.7 ms against 4.1 ms as runs). With 16 or more output
+  over 8 x 56 x 56 x 128 in 32 groups: 1.0 ms against 4.1 ms as runs). With 16 or more output
   channels a group the runs' GEMM is as fast or faster; on "avx2" the runs are.
 
   Example:

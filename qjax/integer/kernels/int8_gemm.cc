@@ -38,6 +38,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -3099,12 +3100,72 @@ inline void DwBlock(const int8_t* image, const int32_t* w16, const Epilogue& e_r
   }
 }
 
+// One widened input pixel of a grouped block (`bytes` of it), or the pad pairs in the padding.
+inline __m512i GwTap(const int8_t* image, const DwGeom& g, int64_t ih, int64_t col,
+                     __mmask32 bytes, __m512i pad) {
+  return col >= 0 && col < g.width
+             ? _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(
+                   bytes, image + (ih * g.width + col) * g.channels))
+             : pad;
+}
+
+// GwBlock's columns [j, j_end) NP at a time, stride SW (1 or 2), dilation 1, a KW-wide window:
+// the (NP - 1) SW + KW input pixels of a row widened once, each pair q spread once per pixel
+// and used by every tap that reads it (as DwRunUnit shares its loads). Returns where it
+// stopped.
+template <int Q, int KW, int SW, int NP>
+inline int64_t GwRunUnit(const int8_t* image, const int32_t* w2, const __m512i (&spread)[Q],
+                         const Epilogue& e, const DwGeom& g, int64_t i, int64_t o0, int64_t j,
+                         int64_t j_end, __mmask16 valid, __mmask32 bytes, __m512i init,
+                         __m512i pad) {
+  constexpr int kCols = (NP - 1) * SW + KW;
+  const int64_t O = g.out_c;
+  for (; j + NP <= j_end; j += NP) {
+    __m512i a[NP];
+#pragma GCC unroll 8
+    for (int t = 0; t < NP; ++t) a[t] = init;
+    const int64_t col0 = g.in_col(j, 0);
+    for (int64_t u = 0; u < g.kh; ++u) {
+      const int64_t ih = g.in_row(i, u);
+      if (ih < 0 || ih >= g.height) continue;
+      __m512i xw[kCols];
+#pragma GCC unroll 16
+      for (int c = 0; c < kCols; ++c) xw[c] = GwTap(image, g, ih, col0 + c, bytes, pad);
+#pragma GCC unroll 4
+      for (int q = 0; q < Q; ++q) {
+        __m512i wv[KW];
+#pragma GCC unroll 5
+        for (int v = 0; v < KW; ++v) {
+          wv[v] = _mm512_maskz_loadu_epi32(valid, w2 + ((u * KW + v) * Q + q) * O + o0);
+        }
+#pragma GCC unroll 16
+        for (int c = 0; c < kCols; ++c) {
+          const __m512i xq = _mm512_permutexvar_epi32(spread[q], xw[c]);
+#pragma GCC unroll 8
+          for (int t = 0; t < NP; ++t) {
+            const int v = c - t * SW;
+            if (v >= 0 && v < KW) a[t] = _mm512_dpwssd_epi32(a[t], xq, wv[v]);
+          }
+        }
+      }
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < NP; t += 4) {
+      __m512i four[4] = {a[t], a[t + 1], a[t + 2], a[t + 3]};
+      EpilogueColumn<4>(e, j + t, o0, four, valid);
+    }
+  }
+  return j;
+}
+
 // Grouped, Q = cg / 2 pairs a group: the 16 output channels [o0, o0 + 16) of output row i;
 // `image` points at the row's image at the block's first group's first input channel, whose
 // `bytes` (mask) hold the block's groups. w2 holds the weights as int16 pairs, [(u kw + v) Q +
 // q][O]; idx the block's Q lane indices (lane l: pair q of its group, from the block's first
 // group). Taps of padded rows are summed once into the start; a padded column reads the pad
-// value (every pair (pad, pad)). Four columns a weight load, then single columns.
+// value (every pair (pad, pad)). Windows 3 or 5 wide at stride 1 or 2 (dilation 1) with Q = 1,
+// 2 or 4 run through GwRunUnit's shared loads; then four columns a weight load, then single
+// columns.
 template <int Q>
 void GwBlock(const int8_t* image, const int32_t* w2, const int32_t* idx, const Epilogue& e_row,
              const DwGeom& g, int64_t i, int64_t o0, __mmask16 valid, __mmask32 bytes) {
@@ -3117,12 +3178,7 @@ void GwBlock(const int8_t* image, const int32_t* w2, const int32_t* idx, const E
   const auto weights = [&](int64_t u, int64_t v, int q) {
     return _mm512_maskz_loadu_epi32(valid, w2 + ((u * g.kw + v) * Q + q) * O + o0);
   };
-  const auto tap = [&](int64_t ih, int64_t col) {
-    return col >= 0 && col < g.width
-               ? _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(
-                     bytes, image + (ih * g.width + col) * g.channels))
-               : pad;
-  };
+  const auto tap = [&](int64_t ih, int64_t col) { return GwTap(image, g, ih, col, bytes, pad); };
   __m512i init = _mm512_setzero_si512();
   for (int64_t u = 0; u < g.kh; ++u) {
     const int64_t ih = g.in_row(i, u);
@@ -3133,6 +3189,35 @@ void GwBlock(const int8_t* image, const int32_t* w2, const int32_t* idx, const E
     }
   }
   int64_t j = 0;
+  if constexpr (Q == 1 || Q == 2 || Q == 4) {
+    if (g.dw == 1 && (g.sw == 1 || g.sw == 2) && (g.kw == 3 || g.kw == 5)) {
+      const auto unit = [&](auto kw, auto sw, auto np) {
+        j = GwRunUnit<Q, decltype(kw)::value, decltype(sw)::value, decltype(np)::value>(
+            image, w2, spread, e, g, i, o0, j, ow, valid, bytes, init, pad);
+      };
+      using K3 = std::integral_constant<int, 3>;
+      using K5 = std::integral_constant<int, 5>;
+      using S1 = std::integral_constant<int, 1>;
+      using S2 = std::integral_constant<int, 2>;
+      using P8 = std::integral_constant<int, 8>;
+      using P4 = std::integral_constant<int, 4>;
+      if (g.sw == 1) {
+        if (g.kw == 3) {
+          unit(K3{}, S1{}, P8{});
+          unit(K3{}, S1{}, P4{});
+        } else {
+          unit(K5{}, S1{}, P8{});
+          unit(K5{}, S1{}, P4{});
+        }
+      } else {
+        if (g.kw == 3) {
+          unit(K3{}, S2{}, P4{});
+        } else {
+          unit(K5{}, S2{}, P4{});
+        }
+      }
+    }
+  }
   for (; j + 4 <= ow; j += 4) {
     __m512i a[4] = {init, init, init, init};
     for (int64_t u = 0; u < g.kh; ++u) {
