@@ -594,7 +594,14 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((2, 6, 13, 16), (5, 5, 2, 8), (1, 2), ((2, 2), (2, 2)), (1, 1), 8),  # 4 + 3 columns
     ((1, 5, 14, 32), (3, 5, 8, 16), (1, 1), ((1, 1), (2, 2)), (1, 1), 4),  # 8 + 4 + 2
     ((2, 5, 19, 24), (3, 3, 4, 18), (2, 2), ((1, 1), (1, 1)), (1, 1), 6),  # 4 + 4 + 2
+    # Groups of 16 k output channels (blocks inside a group, 1-4 sharing each input dword):
+    ((2, 5, 6, 32), (3, 3, 16, 32), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),
+    ((1, 7, 9, 24), (3, 3, 12, 96), (2, 1), ((1, 0), (2, 1)), (1, 2), 2),  # 3 blocks a group
+    ((2, 4, 5, 8), (2, 2, 4, 128), (1, 1), ((1, 1), (0, 0)), (1, 1), 2),  # 4 blocks
+    ((1, 6, 6, 40), (3, 3, 20, 160), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # 4 + 1 blocks
+    ((1, 5, 5, 128), (3, 3, 64, 32), (1, 2), ((0, 2), (1, 1)), (1, 1), 2),  # 64 channels in
     # ... and runs of groups as block-diagonal ungrouped native convolutions.
+    ((1, 5, 6, 8), (3, 3, 4, 48), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # 24 out: straddling
     ((1, 6, 7, 12), (3, 2, 3, 20), (2, 1), ((1, 0), (0, 2)), (1, 2), 4),  # runs of 3 and 1
     ((2, 5, 5, 6), (3, 3, 3, 34), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # 17 channels a group
     ((2, 6, 5, 64), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # 64 bytes a block
@@ -1177,8 +1184,9 @@ def test_grouped_conv_int32_matches_xla():
 
 def test_depthwise_rule_and_its_auto_choice(monkeypatch):
   """Which convolutions run the native depthwise kernel (2-D, groups = C >= 2, one input
-  channel a group, O a multiple of C); "auto" keeps them native where AMX is granted, however
-  large (XLA runs grouped convolutions without tiles), while a dot that large goes to XLA."""
+  channel a group, O a multiple of C); "auto" keeps them (and other grouped ones) native
+  where AMX is granted, however large (XLA runs grouped convolutions without tiles), while a
+  dot that large goes to XLA."""
   assert kernels.depthwise_conv((3, 3, 1, 32), 32, 32)
   assert kernels.depthwise_conv((5, 1, 1, 96), 32, 32)  # multiplier 3
   for shape, groups, channels in [((3, 3, 2, 32), 16, 32), ((3, 3, 1, 32), 1, 1),
@@ -1196,7 +1204,7 @@ def test_depthwise_rule_and_its_auto_choice(monkeypatch):
   geometry = dict(strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1),
                   pad_value=jnp.int32(0), kernel="auto")
   for groups, channels_in, target in [(64, 1, "qjax_int8_depthwise_s32"),
-                                      (2, 32, "qjax_int8_conv_s32"),
+                                      (2, 32, "qjax_int8_depthwise_s32"),  # grouped
                                       (1, 64, "qjax_int8_conv_s32")]:
     w = jax.ShapeDtypeStruct((3, 3, channels_in, 64), jnp.int8)
     program = jax.jit(lambda x, w, groups=groups: kernels.conv_int32(
@@ -1225,7 +1233,10 @@ def test_grouped_rule_and_its_runs():
     assert not kernels.grouped_direct((3, 3, 16, 16), 4, 64, path)  # 4 groups: 64 bytes
     assert not kernels.grouped_direct((3, 3, 3, 20), 4, 12, path)  # odd input channels
     assert not kernels.grouped_direct((3, 3, 18, 18), 2, 36, path)  # more than 16
-    assert not kernels.grouped_direct((3, 3, 4, 64), 4, 16, path)  # 16 outputs a group
+    assert kernels.grouped_direct((3, 3, 4, 64), 4, 16, path)  # 16 outputs a group
+    assert kernels.grouped_direct((3, 3, 64, 128), 2, 128, path)  # 64 outputs a group
+    assert not kernels.grouped_direct((3, 3, 4, 48), 2, 8, path)  # 24 outputs: straddling
+    assert not kernels.grouped_direct((3, 3, 6, 32), 2, 12, path)  # 16 outputs, 6 inputs
     assert not kernels.grouped_direct((3, 2, 9), 3, 6, path)  # 1-D
   assert not kernels.grouped_direct((3, 3, 4, 128), 32, 128, "avx2")
   rng = np.random.default_rng(8)

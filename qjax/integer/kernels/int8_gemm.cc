@@ -2935,7 +2935,10 @@ ffi::Error MaxPoolInt8(ffi::Buffer<ffi::S8> x, ffi::ResultBuffer<ffi::S8> out,
 // [(o / og) cg, + cg), wherever the groups of a block of 16 output channels hold at most 32
 // input bytes (`GroupedFits`). A block's input bytes of one pixel are widened once to 16 int16
 // pairs; pair q of lane l's group is moved to lane l by vpermd, and vpdpwssd adds the two
-// products x[2q] w[2q] + x[2q + 1] w[2q + 1] exactly (16-bit products, 32-bit sums).
+// products x[2q] w[2q] + x[2q + 1] w[2q + 1] exactly (16-bit products, 32-bit sums). Groups
+// of a multiple of 16 output channels and of 4 input channels (each block inside one group)
+// run as a direct GEMM instead: 4 input bytes of the group broadcast, flipped to unsigned
+// (x + 128), against 4 weights a lane by vpdpbusd, the -128 sum w correction in the start.
 
 struct DwGeom {
   int64_t batch, height, width, channels, kh, kw, sh, sw, dh, dw, out_c;
@@ -2952,6 +2955,8 @@ struct DwGeom {
     const int64_t og = out_per_group();
     return ((std::min(out_c, o0 + 16) - 1) / og - o0 / og + 1) * cg;
   }
+  // Every block of 16 output channels inside one group, 4 input bytes at a time: GbBlocks.
+  bool wide_groups() const { return cg > 1 && cg % 4 == 0 && out_per_group() % 16 == 0; }
   // The input row of output row i's tap u, the input column of output column j's tap v
   // (outside [0, height) / [0, width): in the padding).
   int64_t in_row(int64_t i, int64_t u) const { return i * sh + u * dh - pt; }
@@ -3256,13 +3261,113 @@ void GwBlock(const int8_t* image, const int32_t* w2, const int32_t* idx, const E
   }
 }
 
-// Output row r of a grouped convolution (cg = 2..16, even), its blocks through GwBlock<cg / 2>;
-// `idx`: each block's Q x 16 lane indices.
-void GroupedRowAvx512(const int8_t* x, const int32_t* w2, const int32_t* idx, const Epilogue& e,
+// Grouped, `wide_groups`: the NB blocks of 16 output channels from o0 of output row i, all in
+// one group whose first input channel `image` points at (in the row's image); each broadcast
+// input dword serves the NB blocks. w4 holds 4 weights a lane, [(u kw + v) cg / 4 + d][O];
+// corr (O,) the -128 sum w correction (x + 128 is what vpdpbusd multiplies, u8 by s8); a
+// padded position reads pad + 128. Four columns a weight load, then single columns.
+template <int NB>
+void GbBlocks(const int8_t* image, const int32_t* w4, const int32_t* corr,
+              const Epilogue& e_row, const DwGeom& g, int64_t i, int64_t o0) {
+  const Epilogue e = e_row;  // a local copy, as in DwBlock
+  const int64_t ow = g.out_w(), O = g.out_c, D = g.cg / 4;
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  const __m512i pad = _mm512_set1_epi8(static_cast<char>(static_cast<uint8_t>(g.pad) ^ 0x80u));
+  const auto weights = [&](int64_t u, int64_t v, int64_t d, int k) {
+    return _mm512_loadu_si512(w4 + ((u * g.kw + v) * D + d) * O + o0 + 16 * k);
+  };
+  const auto tap = [&](int64_t ih, int64_t col, int64_t d) {
+    if (col < 0 || col >= g.width) return pad;
+    int32_t v;
+    std::memcpy(&v, image + (ih * g.width + col) * g.channels + 4 * d, 4);
+    return _mm512_xor_si512(_mm512_set1_epi32(v), flip);
+  };
+  __m512i init[NB];
+#pragma GCC unroll 4
+  for (int k = 0; k < NB; ++k) init[k] = _mm512_loadu_si512(corr + o0 + 16 * k);
+  for (int64_t u = 0; u < g.kh; ++u) {
+    const int64_t ih = g.in_row(i, u);
+    if (ih >= 0 && ih < g.height) continue;
+    for (int64_t v = 0; v < g.kw; ++v) {
+      for (int64_t d = 0; d < D; ++d) {
+#pragma GCC unroll 4
+        for (int k = 0; k < NB; ++k) {
+          init[k] = _mm512_dpbusd_epi32(init[k], pad, weights(u, v, d, k));
+        }
+      }
+    }
+  }
+  int64_t j = 0;
+  for (; j + 4 <= ow; j += 4) {
+    __m512i a[NB][4];
+#pragma GCC unroll 4
+    for (int k = 0; k < NB; ++k) a[k][0] = a[k][1] = a[k][2] = a[k][3] = init[k];
+    for (int64_t u = 0; u < g.kh; ++u) {
+      const int64_t ih = g.in_row(i, u);
+      if (ih < 0 || ih >= g.height) continue;
+      for (int64_t v = 0; v < g.kw; ++v) {
+        const int64_t c0 = g.in_col(j, v);
+        for (int64_t d = 0; d < D; ++d) {
+          __m512i xb[4];
+#pragma GCC unroll 4
+          for (int t = 0; t < 4; ++t) xb[t] = tap(ih, c0 + t * g.sw, d);
+#pragma GCC unroll 4
+          for (int k = 0; k < NB; ++k) {
+            const __m512i wv = weights(u, v, d, k);
+#pragma GCC unroll 4
+            for (int t = 0; t < 4; ++t) a[k][t] = _mm512_dpbusd_epi32(a[k][t], xb[t], wv);
+          }
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < NB; ++k) EpilogueColumn<4>(e, j, o0 + 16 * k, a[k], 0xFFFF);
+  }
+  for (; j < ow; ++j) {
+    __m512i a[NB];
+#pragma GCC unroll 4
+    for (int k = 0; k < NB; ++k) a[k] = init[k];
+    for (int64_t u = 0; u < g.kh; ++u) {
+      const int64_t ih = g.in_row(i, u);
+      if (ih < 0 || ih >= g.height) continue;
+      for (int64_t v = 0; v < g.kw; ++v) {
+        for (int64_t d = 0; d < D; ++d) {
+          const __m512i xb = tap(ih, g.in_col(j, v), d);
+#pragma GCC unroll 4
+          for (int k = 0; k < NB; ++k) a[k] = _mm512_dpbusd_epi32(a[k], xb, weights(u, v, d, k));
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < NB; ++k) Epilogue16(e, j, o0 + 16 * k, a[k], 0xFFFF);
+  }
+}
+
+// Output row r of a grouped convolution: `wide_groups` through GbBlocks (w the 4-weight lanes,
+// aux the correction), else cg = 2..16 (even) through GwBlock<cg / 2> (w the pairs, aux each
+// block's Q x 16 lane indices).
+void GroupedRowAvx512(const int8_t* x, const int32_t* w, const int32_t* aux, const Epilogue& e,
                       const DwGeom& g, int64_t r) {
   const int64_t oh = g.out_h(), O = g.out_c, Q = g.cg / 2;
   const int64_t b = r / oh, i = r % oh;
   const int8_t* image = x + b * g.height * g.width * g.channels;
+  if (g.wide_groups()) {  // each group's blocks, four at a time
+    const int64_t og = g.out_per_group();
+    for (int64_t o0 = 0; o0 < O; o0 += 16) {
+      const int8_t* at = image + g.first_group(o0) * g.cg;
+      const int64_t nb = std::min<int64_t>(4, (og - o0 % og) / 16);
+      switch (nb) {
+        case 4: GbBlocks<4>(at, w, aux, e, g, i, o0); break;
+        case 3: GbBlocks<3>(at, w, aux, e, g, i, o0); break;
+        case 2: GbBlocks<2>(at, w, aux, e, g, i, o0); break;
+        default: GbBlocks<1>(at, w, aux, e, g, i, o0); break;
+      }
+      o0 += (nb - 1) * 16;
+    }
+    return;
+  }
+  const int32_t* w2 = w;
+  const int32_t* idx = aux;
   for (int64_t o0 = 0; o0 < O; o0 += 16) {
     const __mmask16 valid = Lanes16(O - o0);
     const int64_t n = g.block_bytes(o0);
@@ -3365,10 +3470,11 @@ __attribute__((target("avx2"))) void DepthwiseRowAvx2(const int8_t* x, const int
 }
 #endif
 
-// Whether the kernel runs this grouping: depthwise (cg = 1), or groups of an even count of
-// cg <= 16 input channels whose blocks of 16 output channels read at most 32 input bytes.
+// Whether the kernel runs this grouping: depthwise (cg = 1), `wide_groups`, or groups of an
+// even count of cg <= 16 input channels whose blocks of 16 output channels read at most 32
+// input bytes.
 bool GroupedFits(const DwGeom& g) {
-  if (g.cg == 1) return true;
+  if (g.cg == 1 || g.wide_groups()) return true;
   if (g.cg % 2 != 0 || g.cg > 16) return false;
   for (int64_t o0 = 0; o0 < g.out_c; o0 += 16) {
     if (g.block_bytes(o0) > 32) return false;
@@ -3435,6 +3541,32 @@ void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const DwGeom& g,
     return er;
   };
 #ifdef QJAX_X86
+  if (Avx512(p) && g.wide_groups()) {
+    // 4 weights a lane, [(t cg / 4 + d)][O], and the -128 sum w correction (mod 2^32), once a
+    // call.
+    const int64_t D = g.cg / 4, taps = g.kh * g.kw;
+    std::vector<int32_t> w4(taps * D * N), corr(N, 0);
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t o = 0; o < N; ++o) {
+          uint32_t packed = 0, sum = 0;
+          for (int64_t k = 0; k < 4; ++k) {
+            const int8_t v = w8[(t * g.cg + 4 * d + k) * N + o];
+            packed |= uint32_t{static_cast<uint8_t>(v)} << (8 * k);
+            sum += static_cast<uint32_t>(int32_t{v});
+          }
+          w4[(t * D + d) * N + o] = static_cast<int32_t>(packed);
+          corr[o] = static_cast<int32_t>(static_cast<uint32_t>(corr[o]) - 128u * sum);
+        }
+      }
+    }
+    ParallelFor(rows, ThreadsFor(macs, threads_attr), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        GroupedRowAvx512(x, w4.data(), corr.data(), row_epilogue(r), g, r);
+      }
+    });
+    return;
+  }
   if (Avx512(p) && g.cg > 1) {
     // The weights as int16 pairs (w[2q], w[2q + 1]) of each output channel, and each block's
     // lane indices (lane l: pair q of its group, counted from the block's first group), once
