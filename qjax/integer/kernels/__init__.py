@@ -1227,9 +1227,9 @@ def grouped_direct(kernel_shape: tuple[int, ...], groups: int, channels: int,
   their output lanes (vpermd), two exact products a lane and instruction, no multiply-adds
   wasted on a block-diagonal kernel's zeros (ResNeXt's 3 x 3 over 8 x 56 x 56 x 128 in 32
   groups: 1.0 ms against 4.1 ms as runs); in the second each block lies inside one group, and
-  4 input bytes broadcast to up to four blocks at once meet 4 weights a lane (vpdpbusd, the
-  input flipped to unsigned and corrected), with no patch matrix or call a run (1.1-1.7x the
-  runs). On "avx2" the runs are faster.
+  4 input bytes of 8 (or 4) output pixels broadcast to up to four blocks at once meet 4
+  weights a lane (vpdpbusd, on the padded input flipped to unsigned once a call), with no
+  patch matrix or call a run (1.3-2.4x the runs). On "avx2" the runs are faster.
 
   Example:
     >>> grouped_direct((3, 3, 4, 128), 32, 128, "portable")

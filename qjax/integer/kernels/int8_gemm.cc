@@ -2955,7 +2955,7 @@ struct DwGeom {
     const int64_t og = out_per_group();
     return ((std::min(out_c, o0 + 16) - 1) / og - o0 / og + 1) * cg;
   }
-  // Every block of 16 output channels inside one group, 4 input bytes at a time: GbBlocks.
+  // Every block of 16 output channels inside one group, 4 input bytes at a time: GbPixels.
   bool wide_groups() const { return cg > 1 && cg % 4 == 0 && out_per_group() % 16 == 0; }
   // The input row of output row i's tap u, the input column of output column j's tap v
   // (outside [0, height) / [0, width): in the padding).
@@ -3261,113 +3261,115 @@ void GwBlock(const int8_t* image, const int32_t* w2, const int32_t* idx, const E
   }
 }
 
-// Grouped, `wide_groups`: the NB blocks of 16 output channels from o0 of output row i, all in
-// one group whose first input channel `image` points at (in the row's image); each broadcast
-// input dword serves the NB blocks. w4 holds 4 weights a lane, [(u kw + v) cg / 4 + d][O];
-// corr (O,) the -128 sum w correction (x + 128 is what vpdpbusd multiplies, u8 by s8); a
-// padded position reads pad + 128. Four columns a weight load, then single columns.
-template <int NB>
-void GbBlocks(const int8_t* image, const int32_t* w4, const int32_t* corr,
-              const Epilogue& e_row, const DwGeom& g, int64_t i, int64_t o0) {
-  const Epilogue e = e_row;  // a local copy, as in DwBlock
-  const int64_t ow = g.out_w(), O = g.out_c, D = g.cg / 4;
-  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
-  const __m512i pad = _mm512_set1_epi8(static_cast<char>(static_cast<uint8_t>(g.pad) ^ 0x80u));
-  const auto weights = [&](int64_t u, int64_t v, int64_t d, int k) {
-    return _mm512_loadu_si512(w4 + ((u * g.kw + v) * D + d) * O + o0 + 16 * k);
-  };
-  const auto tap = [&](int64_t ih, int64_t col, int64_t d) {
-    if (col < 0 || col >= g.width) return pad;
-    int32_t v;
-    std::memcpy(&v, image + (ih * g.width + col) * g.channels + 4 * d, 4);
-    return _mm512_xor_si512(_mm512_set1_epi32(v), flip);
-  };
-  __m512i init[NB];
+// Grouped, `wide_groups`: the NB blocks of 16 output channels from o0 of the NP output pixels
+// from m (flattened over batch, rows and columns, as a GEMM's rows), all in one group. xu is
+// the input + 128 (uint8) with its padding (pad + 128) in place, so g's padding is 0 and
+// every tap a plain load: `base` holds each pixel's window start at the group's first input
+// channel. Each broadcast input dword serves the NB blocks; w4 holds 4 weights a lane,
+// [(u kw + v) cg / 4 + d][O]; init the blocks' -128 sum w corrections.
+inline __m512i GbDword(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+template <int NB, int NP>
+inline void GbPixels(const uint8_t* const (&base)[NP], const int32_t* w4,
+                     const __m512i (&init)[NB], const Epilogue& e, const DwGeom& g, int64_t m,
+                     int64_t o0) {
+  const int64_t O = g.out_c, D = g.cg / 4, C = g.channels;
+  __m512i a[NB][NP];
 #pragma GCC unroll 4
-  for (int k = 0; k < NB; ++k) init[k] = _mm512_loadu_si512(corr + o0 + 16 * k);
+  for (int k = 0; k < NB; ++k) {
+#pragma GCC unroll 8
+    for (int t = 0; t < NP; ++t) a[k][t] = init[k];
+  }
   for (int64_t u = 0; u < g.kh; ++u) {
-    const int64_t ih = g.in_row(i, u);
-    if (ih >= 0 && ih < g.height) continue;
     for (int64_t v = 0; v < g.kw; ++v) {
+      const int64_t off = (u * g.dh * g.width + v * g.dw) * C;
+      const int32_t* wt = w4 + (u * g.kw + v) * D * O + o0;
       for (int64_t d = 0; d < D; ++d) {
+        __m512i xb[NP];
+#pragma GCC unroll 8
+        for (int t = 0; t < NP; ++t) xb[t] = GbDword(base[t] + off + 4 * d);
 #pragma GCC unroll 4
         for (int k = 0; k < NB; ++k) {
-          init[k] = _mm512_dpbusd_epi32(init[k], pad, weights(u, v, d, k));
+          const __m512i wv = _mm512_loadu_si512(wt + d * O + 16 * k);
+#pragma GCC unroll 8
+          for (int t = 0; t < NP; ++t) a[k][t] = _mm512_dpbusd_epi32(a[k][t], xb[t], wv);
         }
       }
     }
   }
-  int64_t j = 0;
-  for (; j + 4 <= ow; j += 4) {
-    __m512i a[NB][4];
 #pragma GCC unroll 4
-    for (int k = 0; k < NB; ++k) a[k][0] = a[k][1] = a[k][2] = a[k][3] = init[k];
-    for (int64_t u = 0; u < g.kh; ++u) {
-      const int64_t ih = g.in_row(i, u);
-      if (ih < 0 || ih >= g.height) continue;
-      for (int64_t v = 0; v < g.kw; ++v) {
-        const int64_t c0 = g.in_col(j, v);
-        for (int64_t d = 0; d < D; ++d) {
-          __m512i xb[4];
-#pragma GCC unroll 4
-          for (int t = 0; t < 4; ++t) xb[t] = tap(ih, c0 + t * g.sw, d);
-#pragma GCC unroll 4
-          for (int k = 0; k < NB; ++k) {
-            const __m512i wv = weights(u, v, d, k);
-#pragma GCC unroll 4
-            for (int t = 0; t < 4; ++t) a[k][t] = _mm512_dpbusd_epi32(a[k][t], xb[t], wv);
-          }
-        }
+  for (int k = 0; k < NB; ++k) {
+    if constexpr (NP >= 4) {
+#pragma GCC unroll 2
+      for (int t = 0; t < NP; t += 4) {
+        __m512i four[4] = {a[k][t], a[k][t + 1], a[k][t + 2], a[k][t + 3]};
+        EpilogueColumn<4>(e, m + t, o0 + 16 * k, four, 0xFFFF);
       }
+    } else {
+#pragma GCC unroll 4
+      for (int t = 0; t < NP; ++t) Epilogue16(e, m + t, o0 + 16 * k, a[k][t], 0xFFFF);
     }
-#pragma GCC unroll 4
-    for (int k = 0; k < NB; ++k) EpilogueColumn<4>(e, j, o0 + 16 * k, a[k], 0xFFFF);
-  }
-  for (; j < ow; ++j) {
-    __m512i a[NB];
-#pragma GCC unroll 4
-    for (int k = 0; k < NB; ++k) a[k] = init[k];
-    for (int64_t u = 0; u < g.kh; ++u) {
-      const int64_t ih = g.in_row(i, u);
-      if (ih < 0 || ih >= g.height) continue;
-      for (int64_t v = 0; v < g.kw; ++v) {
-        for (int64_t d = 0; d < D; ++d) {
-          const __m512i xb = tap(ih, g.in_col(j, v), d);
-#pragma GCC unroll 4
-          for (int k = 0; k < NB; ++k) a[k] = _mm512_dpbusd_epi32(a[k], xb, weights(u, v, d, k));
-        }
-      }
-    }
-#pragma GCC unroll 4
-    for (int k = 0; k < NB; ++k) Epilogue16(e, j, o0 + 16 * k, a[k], 0xFFFF);
   }
 }
 
-// Output row r of a grouped convolution: `wide_groups` through GbBlocks (w the 4-weight lanes,
-// aux the correction), else cg = 2..16 (even) through GwBlock<cg / 2> (w the pairs, aux each
-// block's Q x 16 lane indices).
-void GroupedRowAvx512(const int8_t* x, const int32_t* w, const int32_t* aux, const Epilogue& e,
+// Output pixels [m0, m1) of a `wide_groups` convolution (gp: the padded geometry of xu)
+// through `e` (its output at pixel 0): NP pixels at a time (8 where a group has at most 32
+// output channels, else 4; then single pixels), each group's blocks four at a time against
+// them.
+void WideGroupedPixelsAvx512(const uint8_t* xu, const int32_t* w4, const int32_t* corr,
+                             const Epilogue& e_in, const DwGeom& gp, int64_t m0, int64_t m1) {
+  const Epilogue e = e_in;  // a local copy, as in DwBlock
+  const int64_t oh = gp.out_h(), ow = gp.out_w(), O = gp.out_c, og = gp.out_per_group();
+  const int64_t C = gp.channels;
+  const auto window = [&](int64_t m) {
+    const int64_t b = m / (oh * ow), rest = m % (oh * ow);
+    return xu + ((b * gp.height + rest / ow * gp.sh) * gp.width + rest % ow * gp.sw) * C;
+  };
+  const auto pixels = [&](int64_t m, auto np) {
+    constexpr int NP = decltype(np)::value;
+    const uint8_t* bases[NP];
+#pragma GCC unroll 8
+    for (int t = 0; t < NP; ++t) bases[t] = window(m + t);
+    for (int64_t o0 = 0; o0 < O;) {
+      const int64_t nb = std::min<int64_t>(4, (og - o0 % og) / 16), goff = o0 / og * gp.cg;
+      const uint8_t* at[NP];
+#pragma GCC unroll 8
+      for (int t = 0; t < NP; ++t) at[t] = bases[t] + goff;
+      const auto blocks = [&](auto nbc) {
+        constexpr int NB = decltype(nbc)::value;
+        __m512i init[NB];
+#pragma GCC unroll 4
+        for (int k = 0; k < NB; ++k) init[k] = _mm512_loadu_si512(corr + o0 + 16 * k);
+        GbPixels<NB, NP>(at, w4, init, e, gp, m, o0);
+      };
+      switch (nb) {
+        case 4: blocks(std::integral_constant<int, 4>{}); break;
+        case 3: blocks(std::integral_constant<int, 3>{}); break;
+        case 2: blocks(std::integral_constant<int, 2>{}); break;
+        default: blocks(std::integral_constant<int, 1>{}); break;
+      }
+      o0 += nb * 16;
+    }
+  };
+  int64_t m = m0;
+  if (og <= 32) {
+    for (; m + 8 <= m1; m += 8) pixels(m, std::integral_constant<int, 8>{});
+  }
+  for (; m + 4 <= m1; m += 4) pixels(m, std::integral_constant<int, 4>{});
+  for (; m < m1; ++m) pixels(m, std::integral_constant<int, 1>{});
+}
+
+// Output row r of a grouped convolution (cg = 2..16, even), its blocks through GwBlock<cg / 2>;
+// `idx`: each block's Q x 16 lane indices.
+void GroupedRowAvx512(const int8_t* x, const int32_t* w2, const int32_t* idx, const Epilogue& e,
                       const DwGeom& g, int64_t r) {
   const int64_t oh = g.out_h(), O = g.out_c, Q = g.cg / 2;
   const int64_t b = r / oh, i = r % oh;
   const int8_t* image = x + b * g.height * g.width * g.channels;
-  if (g.wide_groups()) {  // each group's blocks, four at a time
-    const int64_t og = g.out_per_group();
-    for (int64_t o0 = 0; o0 < O; o0 += 16) {
-      const int8_t* at = image + g.first_group(o0) * g.cg;
-      const int64_t nb = std::min<int64_t>(4, (og - o0 % og) / 16);
-      switch (nb) {
-        case 4: GbBlocks<4>(at, w, aux, e, g, i, o0); break;
-        case 3: GbBlocks<3>(at, w, aux, e, g, i, o0); break;
-        case 2: GbBlocks<2>(at, w, aux, e, g, i, o0); break;
-        default: GbBlocks<1>(at, w, aux, e, g, i, o0); break;
-      }
-      o0 += (nb - 1) * 16;
-    }
-    return;
-  }
-  const int32_t* w2 = w;
-  const int32_t* idx = aux;
   for (int64_t o0 = 0; o0 < O; o0 += 16) {
     const __mmask16 valid = Lanes16(O - o0);
     const int64_t n = g.block_bytes(o0);
@@ -3560,10 +3562,32 @@ void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const DwGeom& g,
         }
       }
     }
-    ParallelFor(rows, ThreadsFor(macs, threads_attr), [&](int64_t r0, int64_t r1) {
+    // The input + 128 with its padding (pad + 128) in place, once a call: every tap a load.
+    DwGeom gp = g;
+    gp.height = g.height + g.pt + g.pb;
+    gp.width = g.width + g.pl + g.pr;
+    gp.pt = gp.pb = gp.pl = gp.pr = 0;
+    const int64_t C = g.channels, row_bytes = gp.width * C;
+    uint8_t* xu = static_cast<uint8_t*>(tls_xpack.Get(g.batch * gp.height * row_bytes));
+    const uint8_t pad = static_cast<uint8_t>(g.pad) ^ 0x80u;
+    const int threads = ThreadsFor(macs, threads_attr);
+    ParallelFor(g.batch * gp.height, threads, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        GroupedRowAvx512(x, w4.data(), corr.data(), row_epilogue(r), g, r);
+        uint8_t* dst = xu + r * row_bytes;
+        const int64_t ih = r % gp.height - g.pt;
+        if (ih < 0 || ih >= g.height) {
+          std::memset(dst, pad, row_bytes);
+          continue;
+        }
+        std::memset(dst, pad, g.pl * C);
+        CopyFlip(x + ((r / gp.height) * g.height + ih) * g.width * C, dst + g.pl * C,
+                 g.width * C);
+        std::memset(dst + (g.pl + g.width) * C, pad, g.pr * C);
       }
+    });
+    const Epilogue e0 = row_epilogue(0);
+    ParallelFor(rows * ow, threads, [&](int64_t m0, int64_t m1) {
+      WideGroupedPixelsAvx512(xu, w4.data(), corr.data(), e0, gp, m0, m1);
     });
     return;
   }
