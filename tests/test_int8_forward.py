@@ -327,7 +327,9 @@ class Int8ForwardConvTest(chex.TestCase):
     for got, want in zip(int8, flt, strict=True):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
-  @parameterized.parameters((2, 4), (6, 6))  # two groups of 3 channels; depthwise (C = G)
+  # Two groups of 3 input channels (runs of groups); three of 2 (the grouped kernel where it
+  # runs); depthwise (C = G).
+  @parameterized.parameters((2, 4), (3, 6), (6, 6))
   def test_grouped_and_depthwise_are_exact_with_the_float_gradients(self, groups, cout):
     x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_channel"]
     x_fq, w_fq, xq, wq = _conv_operands(x_spec, w_spec, shape=(2, 7, 6, 6), cout=cout)
@@ -338,7 +340,6 @@ class Int8ForwardConvTest(chex.TestCase):
         x_fq[..., g * cg:(g + 1) * cg], w_fq[..., g * og:(g + 1) * og], xq,
         QParams(wq.scale[g * og:(g + 1) * og], wq.zero_point), (2, 1), pads, (1, 1))
                            for g in range(groups)], axis=-1)
-    # Groups run XLA's int32 convolution on every path (x's integers from the native pass).
     int8 = functools.partial(ste.int8_forward_conv, x_spec=x_spec, x_qparams=xq, w_spec=w_spec,
                              w_qparams=wq, strides=(2, 1), padding=pads, groups=groups)
     np.testing.assert_array_equal(np.asarray(int8(x_fq, w_fq)), want)

@@ -602,6 +602,9 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
     ((1, 5, 5, 128), (3, 3, 64, 32), (1, 2), ((0, 2), (1, 1)), (1, 1), 2),  # 64 channels in
     # ... and runs of groups as block-diagonal ungrouped native convolutions.
     ((1, 5, 6, 8), (3, 3, 4, 48), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # 24 out: straddling
+    # Past 2^21 multiply-adds: both cores, split over output rows or pixels.
+    ((4, 16, 16, 64), (3, 3, 4, 64), (1, 1), ((1, 1), (1, 1)), (1, 1), 16),
+    ((2, 16, 15, 64), (3, 3, 16, 64), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),
     ((1, 6, 7, 12), (3, 2, 3, 20), (2, 1), ((1, 0), (0, 2)), (1, 2), 4),  # runs of 3 and 1
     ((2, 5, 5, 6), (3, 3, 3, 34), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # 17 channels a group
     ((2, 6, 5, 64), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # 64 bytes a block
