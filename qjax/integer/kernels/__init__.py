@@ -1088,11 +1088,10 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   `qjax.integer.arith.im2col`); a 2-D depthwise convolution (`depthwise_conv`) on the native
   depthwise kernel; other groups of two or more input channels (`grouped_conv`) on the same
   kernel (`grouped_direct`) or as those ungrouped convolutions, one per run of groups
-  (`group_runs`); otherwise, for one input
-  channel (XLA's int32 convolution of a single channel is the faster lowering: LeNet-5's
-  5 x 5 x 6 first layer at batch 256, 0.5 ms against 4.7 ms through patches),
-  `qjax.integer.arith.conv`.
-  The same integers on every path.
+  (`group_runs`); otherwise, for one input channel (XLA's int32 convolution of a single
+  channel is the faster lowering: LeNet-5's 5 x 5 x 6 first layer at batch 256, 0.5 ms
+  against 4.7 ms through patches), `qjax.integer.arith.conv`. The same integers on every
+  path.
 
   Args:
     x: int8 (B, *spatial, C).
@@ -1200,12 +1199,12 @@ def grouped_conv(kernel_shape: tuple[int, ...], groups: int, channels: int) -> b
   """Whether `conv` / `conv_int32` on a native path run a grouped convolution with this (HWIO)
   kernel shape natively: G = `groups` >= 2 groups of two or more input channels each
   (ResNeXt's, RegNet's), with C = `channels` = G times the kernel's input channels and G
-  dividing its output channels. Small groups run on
-  the depthwise kernel (`grouped_direct`). Otherwise consecutive groups share one call as a
-  block-diagonal kernel while their output channels fill a 16-channel panel (`group_runs`):
-  the kernel's cost is that of whole panels, so that costs no more multiply-adds than a call
-  a group. XLA:CPU runs grouped convolutions as loops of scalar products (3 x 3 over 8 x 28 x
-  28 x 128 in 4 groups: ~14 ms in float32, ~6 ms as int8 -> int32).
+  dividing its output channels. Most run on the depthwise kernel (`grouped_direct`); the
+  others as runs of consecutive groups, one call a run with a block-diagonal kernel, as many
+  groups as fill a 16-channel panel with their output channels (`group_runs`): the kernel's
+  cost is that of whole panels, so that costs no more multiply-adds than a call a group.
+  XLA:CPU runs grouped convolutions as loops of scalar products (3 x 3 over 8 x 28 x 28 x 128
+  in 4 groups: ~14 ms in float32, ~6 ms as int8 -> int32).
 
   Example:
     >>> grouped_conv((3, 3, 4, 128), 32, 128), grouped_conv((3, 3, 1, 32), 32, 32)
@@ -1229,7 +1228,7 @@ def grouped_direct(kernel_shape: tuple[int, ...], groups: int, channels: int,
   groups: 1.0 ms against 4.1 ms as runs); in the second each block lies inside one group, and
   4 input bytes of 8 (or 4) output pixels broadcast to up to four blocks at once meet 4
   weights a lane (vpdpbusd, on the padded input flipped to unsigned once a call), with no
-  patch matrix or call a run (1.3-2.4x the runs). On "avx2" the runs are faster.
+  patch matrix or call a run (1.3-2.5x the runs). On "avx2" the runs are faster.
 
   Example:
     >>> grouped_direct((3, 3, 4, 128), 32, 128, "portable")
