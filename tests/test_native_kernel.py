@@ -630,7 +630,27 @@ def _random_convs(count: int, seed: int) -> list:
   return cases
 
 
-CONVS += _random_convs(8, seed=3)
+def _random_grouped_convs(count: int, seed: int) -> list:
+  """Random 2-D grouped geometries: 2-8 groups of 1-16 input and 1-32 output channels (the
+  depthwise kernel's three forms and the runs of groups), windows, strides, dilations and
+  paddings as `_random_convs`."""
+  rng = np.random.default_rng(seed)
+  cases = []
+  while len(cases) < count:
+    groups = int(rng.choice([2, 3, 4, 6, 8]))
+    cg, og = int(rng.choice([1, 2, 3, 4, 6, 8, 12, 16])), int(rng.choice([1, 2, 3, 5, 8, 16, 32]))
+    window, strides, dilation = (tuple(int(v) for v in rng.integers(1, 4, 2)) for _ in range(3))
+    padding = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (2, 2)))
+    spatial = tuple(int(v) for v in rng.integers(1, 10, 2))
+    if any(s + lo + hi < (w - 1) * d + 1 for s, (lo, hi), w, d in
+           zip(spatial, padding, window, dilation, strict=True)):
+      continue
+    cases.append(((int(rng.integers(1, 3)), *spatial, groups * cg), (*window, cg, groups * og),
+                  strides, padding, dilation, groups))
+  return cases
+
+
+CONVS += _random_convs(8, seed=3) + _random_grouped_convs(8, seed=4)
 
 
 def test_conv_matches_xla():
