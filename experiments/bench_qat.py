@@ -265,9 +265,14 @@ def _sub_jaxprs(value: Any):
 
 
 def op_census(jaxpr) -> collections.Counter:
-  """Counts rounding ops, int8-valued results and int8 contractions in a jaxpr, recursively."""
+  """Counts rounding ops, int8-valued results and int8 contractions in a jaxpr, recursively.
+  A `cond` counts its first branch only (lax.cond's false branch): the int8 forward's float
+  contraction runs in the other one, only for operands holding NaN or inf."""
   counts = collections.Counter()
   for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      counts.update(op_census(eqn.params["branches"][0].jaxpr))
+      continue
     name = eqn.primitive.name
     target = str(eqn.params.get("target_name", "")) if name == "ffi_call" else ""
     # qjax's fused QAT point (observer, qparams, fake quantization) rounds in native code

@@ -93,5 +93,5 @@ def test_bench_qat_smoke():
     assert qat["zero_grad_leaves"] == []
     # The int8-forward row: every contraction takes int8 (3 Dense; LeNet-5's 2 convs too).
     fwd = rows[(model, "qjax QAT int8 fwd")]["evidence"]
-    assert fwd["int8_contractions"] == {"mlp": 3, "lenet5": 5}[model], fwd
+    assert fwd["int8_contractions"] == fwd["contractions"] == {"mlp": 3, "lenet5": 5}[model], fwd
     assert 0 < fwd["rel_err_logits"] < 0.1 and fwd["zero_grad_leaves"] == []
