@@ -1005,8 +1005,8 @@ def test_grouped_model_int8_apply_equals_the_xla_path():
       text = program.as_text()
       calls = [text.count(f"custom_call @qjax_int8_{kind}_requant")
                for kind in ("depthwise", "conv")]
-      # The grouped layer's groups of 8 channels in and 4 out run on the depthwise kernel on
-      # its AVX-512 and portable paths, as two runs of groups (4 + 2) on "avx2".
+      # The grouped layer's groups of 8 channels in and 4 out run on the depthwise kernel
+      # (where a path's rule takes them; else as two runs of groups, 4 + 2).
       direct = kernels.grouped_direct((3, 3, 8, 24), 6, 48, path)
       want = [0, 0] if path == "xla" else [3, 1] if direct else [2, 3]
       assert calls == want, (path, calls)
@@ -1261,7 +1261,14 @@ def test_grouped_rule_and_its_runs():
     assert not kernels.grouped_direct((3, 3, 4, 48), 2, 8, path)  # 24 outputs: straddling
     assert not kernels.grouped_direct((3, 3, 6, 32), 2, 12, path)  # 16 outputs, 6 inputs
     assert not kernels.grouped_direct((3, 2, 9), 3, 6, path)  # 1-D
-  assert not kernels.grouped_direct((3, 3, 4, 128), 32, 128, "avx2")
+  # On "avx2" 8 output channels a vector: groups of 2..16 input channels (even) whose blocks
+  # of 8 outputs read at most 16 bytes of a pixel.
+  for shape, groups, channels, direct in [
+      ((3, 3, 4, 128), 32, 128, True), ((3, 3, 16, 32), 4, 64, True),
+      ((3, 3, 8, 8), 2, 16, True), ((3, 3, 8, 16), 4, 32, True),  # 2 groups of 8 a block
+      ((3, 3, 6, 40), 8, 48, False), ((3, 3, 16, 16), 4, 64, False),  # 18 / 32 bytes
+      ((3, 3, 32, 64), 2, 64, False), ((3, 3, 3, 20), 4, 12, False)]:
+    assert kernels.grouped_direct(shape, groups, channels, "avx2") is direct, shape
   rng = np.random.default_rng(8)
   w = rng.integers(-128, 128, (2, 3, 3, 20), dtype=np.int8)  # 4 groups of 5 channels
   x = rng.integers(-128, 128, (1, 4, 5, 12), dtype=np.int8)

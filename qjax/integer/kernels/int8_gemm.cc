@@ -2939,6 +2939,8 @@ ffi::Error MaxPoolInt8(ffi::Buffer<ffi::S8> x, ffi::ResultBuffer<ffi::S8> out,
 // of a multiple of 16 output channels and of 4 input channels (each block inside one group)
 // run as a direct GEMM instead: 4 input bytes of the group broadcast, flipped to unsigned
 // (x + 128), against 4 weights a lane by vpdpbusd, the -128 sum w correction in the start.
+// The avx2 path runs small groups as the int16 pairs on 8 lanes (vpmaddwd, GroupedRowAvx2),
+// other groupings (and the portable path all) as plain loops.
 
 struct DwGeom {
   int64_t batch, height, width, channels, kh, kw, sh, sw, dh, dw, out_c;
@@ -3470,6 +3472,96 @@ __attribute__((target("avx2"))) void DepthwiseRowAvx2(const int8_t* x, const int
                                                       const DwGeom& g, int64_t r) {
   DepthwiseRowLoops(x, w, offset, dst_row, g, r);
 }
+
+// Whether GroupedRowAvx2 runs this grouping: cg = 2..16 (even), each block of 8 output
+// channels' groups within 16 input bytes of a pixel.
+bool Avx2GroupedFits(const DwGeom& g) {
+  if (g.cg < 2 || g.cg % 2 != 0 || g.cg > 16) return false;
+  const int64_t og = g.out_per_group();
+  for (int64_t o0 = 0; o0 < g.out_c; o0 += 8) {
+    if (((std::min(g.out_c, o0 + 8) - 1) / og - o0 / og + 1) * g.cg > 16) return false;
+  }
+  return true;
+}
+
+// 16 input bytes from p widened to 8 int16 pairs (copied where a load would pass x_end; the
+// bytes past the block's groups are never spread to a lane).
+__attribute__((target("avx2"))) inline __m256i Avx2PixelPairs(const int8_t* p,
+                                                              const int8_t* x_end) {
+  if (p + 16 <= x_end) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  alignas(16) int8_t tail[16] = {};
+  std::memcpy(tail, p, static_cast<size_t>(x_end - p));
+  return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
+}
+
+// GroupedRowAvx2's output columns [j, j + NP) of row i for the block of `lanes` output
+// channels from o0: `at` the row's image at the block's first group's first channel.
+template <int NP>
+__attribute__((target("avx2"))) inline void Avx2GroupedColumns(
+    const int8_t* at, const int8_t* x_end, const int32_t* w2, const int32_t* block_idx,
+    const int32_t* offset, int32_t* dst_row, const DwGeom& g, int64_t i, int64_t j, int64_t o0,
+    int64_t lanes) {
+  const int64_t C = g.channels, O = g.out_c, Q = g.cg / 2;
+  const __m256i pad = _mm256_set1_epi16(static_cast<int16_t>(g.pad));
+  __m256i acc[NP];
+  for (int t = 0; t < NP; ++t) acc[t] = _mm256_setzero_si256();
+  for (int64_t u = 0; u < g.kh; ++u) {
+    const int64_t ih = g.in_row(i, u);
+    for (int64_t v = 0; v < g.kw; ++v) {
+      __m256i xv[NP];
+      for (int t = 0; t < NP; ++t) {
+        const int64_t col = g.in_col(j + t, v);
+        xv[t] = ih < 0 || ih >= g.height || col < 0 || col >= g.width
+                    ? pad
+                    : Avx2PixelPairs(at + (ih * g.width + col) * C, x_end);
+      }
+      const int32_t* wt = w2 + (u * g.kw + v) * Q * O + o0;
+      for (int64_t q = 0; q < Q; ++q) {
+        const __m256i spread =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block_idx + q * 8));
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + q * O));
+        for (int t = 0; t < NP; ++t) {
+          acc[t] = _mm256_add_epi32(
+              acc[t], _mm256_madd_epi16(_mm256_permutevar8x32_epi32(xv[t], spread), wv));
+        }
+      }
+    }
+  }
+  for (int t = 0; t < NP; ++t) {
+    alignas(32) uint32_t sums[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sums), acc[t]);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(dst_row + (j + t) * O + o0);
+    for (int64_t l = 0; l < lanes; ++l) dst[l] = static_cast<uint32_t>(offset[o0 + l]) + sums[l];
+  }
+}
+
+// Output row r of an `Avx2GroupedFits` grouped convolution, as GwBlock on 8 lanes: a block's
+// input bytes of a pixel widened to 8 int16 pairs, pair q of each lane's group moved to it
+// (vpermd), two exact products a lane (vpmaddwd) added in int32; the sums + offset (wrapping)
+// into dst_row. w2 / idx8: GroupedPairs with 8 lanes; x_end: the input's end (a 16-byte load
+// that would pass it is copied instead).
+__attribute__((target("avx2"))) void GroupedRowAvx2(const int8_t* x, const int8_t* x_end,
+                                                    const int32_t* w2, const int32_t* idx8,
+                                                    const int32_t* offset, int32_t* dst_row,
+                                                    const DwGeom& g, int64_t r) {
+  const int64_t oh = g.out_h(), ow = g.out_w(), C = g.channels, O = g.out_c, Q = g.cg / 2;
+  const int64_t b = r / oh, i = r % oh, og = g.out_per_group();
+  const int8_t* image = x + b * g.height * g.width * C;
+  for (int64_t o0 = 0; o0 < O; o0 += 8) {
+    const int64_t lanes = std::min<int64_t>(8, O - o0);
+    const int8_t* at = image + o0 / og * g.cg;
+    const int32_t* block_idx = idx8 + o0 / 8 * Q * 8;
+    int64_t j = 0;  // four output columns a weight load, then single columns
+    for (; j + 4 <= ow; j += 4) {
+      Avx2GroupedColumns<4>(at, x_end, w2, block_idx, offset, dst_row, g, i, j, o0, lanes);
+    }
+    for (; j < ow; ++j) {
+      Avx2GroupedColumns<1>(at, x_end, w2, block_idx, offset, dst_row, g, i, j, o0, lanes);
+    }
+  }
+}
 #endif
 
 // Whether the kernel runs this grouping: depthwise (cg = 1), `wide_groups`, or groups of an
@@ -3522,6 +3614,35 @@ ffi::Error DepthwiseSetup(int64_t path, ffi::Buffer<ffi::S8>& x, ffi::Buffer<ffi
     return ffi::Error::InvalidArgument("qjax depthwise conv: output shape mismatch");
   }
   return ffi::Error::Success();
+}
+
+// A grouped convolution's weights as int16 pairs (w[2q], w[2q + 1]) of each output channel,
+// [(t Q + q)][O] (8 zeros of slack past the end: an AVX2 block reads 8 lanes), and for each
+// block of `lanes` output channels its Q x lanes lane indices (lane l: pair q of its group,
+// counted from the block's first group).
+void GroupedPairs(const DwGeom& g, const int8_t* w8, int64_t lanes, std::vector<int32_t>* w2,
+                  std::vector<int32_t>* idx) {
+  const int64_t N = g.out_c, Q = g.cg / 2, taps = g.kh * g.kw, og = g.out_per_group();
+  w2->assign(taps * Q * N + 8, 0);
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t q = 0; q < Q; ++q) {
+      for (int64_t o = 0; o < N; ++o) {
+        const uint16_t lo = static_cast<uint16_t>(int16_t{w8[(t * g.cg + 2 * q) * N + o]});
+        const uint16_t hi = static_cast<uint16_t>(int16_t{w8[(t * g.cg + 2 * q + 1) * N + o]});
+        (*w2)[(t * Q + q) * N + o] = static_cast<int32_t>(lo | uint32_t{hi} << 16);
+      }
+    }
+  }
+  const int64_t blocks = (N + lanes - 1) / lanes;
+  idx->assign(blocks * Q * lanes, 0);
+  for (int64_t k = 0; k < blocks; ++k) {
+    for (int64_t q = 0; q < Q; ++q) {
+      for (int64_t l = 0; l < lanes && k * lanes + l < N; ++l) {
+        (*idx)[(k * Q + q) * lanes + l] =
+            static_cast<int32_t>(((k * lanes + l) / og - (k * lanes) / og) * Q + q);
+      }
+    }
+  }
 }
 
 // Runs the output rows on the pool through the epilogue e (its output at the first row; the
@@ -3592,30 +3713,8 @@ void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const DwGeom& g,
     return;
   }
   if (Avx512(p) && g.cg > 1) {
-    // The weights as int16 pairs (w[2q], w[2q + 1]) of each output channel, and each block's
-    // lane indices (lane l: pair q of its group, counted from the block's first group), once
-    // a call.
-    const int64_t Q = g.cg / 2, taps = g.kh * g.kw, og = g.out_per_group();
-    std::vector<int32_t> w2(taps * Q * N);
-    for (int64_t t = 0; t < taps; ++t) {
-      for (int64_t q = 0; q < Q; ++q) {
-        for (int64_t o = 0; o < N; ++o) {
-          const uint16_t lo = static_cast<uint16_t>(int16_t{w8[(t * g.cg + 2 * q) * N + o]});
-          const uint16_t hi = static_cast<uint16_t>(int16_t{w8[(t * g.cg + 2 * q + 1) * N + o]});
-          w2[(t * Q + q) * N + o] = static_cast<int32_t>(lo | uint32_t{hi} << 16);
-        }
-      }
-    }
-    const int64_t blocks = (N + 15) / 16;
-    std::vector<int32_t> idx(blocks * Q * 16, 0);
-    for (int64_t k = 0; k < blocks; ++k) {
-      for (int64_t q = 0; q < Q; ++q) {
-        for (int64_t l = 0; l < 16 && k * 16 + l < N; ++l) {
-          idx[(k * Q + q) * 16 + l] =
-              static_cast<int32_t>(((k * 16 + l) / og - g.first_group(k * 16)) * Q + q);
-        }
-      }
-    }
+    std::vector<int32_t> w2, idx;
+    GroupedPairs(g, w8, 16, &w2, &idx);
     ParallelFor(rows, ThreadsFor(macs, threads_attr), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         GroupedRowAvx512(x, w2.data(), idx.data(), row_epilogue(r), g, r);
@@ -3648,6 +3747,9 @@ void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const DwGeom& g,
     });
     return;
   }
+  std::vector<int32_t> w2, idx8;  // GroupedRowAvx2's weight pairs and lane indices
+  if (p == kAvx2 && Avx2GroupedFits(g)) GroupedPairs(g, w8, 8, &w2, &idx8);
+  const int8_t* x_end = x + g.batch * g.height * g.width * g.channels;
 #endif
   const std::vector<int32_t> zeros(N, 0);
   ParallelFor(rows, ThreadsFor(macs, threads_attr), [&](int64_t r0, int64_t r1) {
@@ -3657,7 +3759,9 @@ void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const DwGeom& g,
       int32_t* sums = Int32Out(e) ? er.out32 : buffer.data();
       const int32_t* offset = Int32Out(e) && e.offset ? e.offset : zeros.data();
 #ifdef QJAX_X86
-      if (p == kAvx2) {
+      if (p == kAvx2 && !w2.empty()) {
+        GroupedRowAvx2(x, x_end, w2.data(), idx8.data(), offset, sums, g, r);
+      } else if (p == kAvx2) {
         DepthwiseRowAvx2(x, w8, offset, sums, g, r);
       } else {
         DepthwiseRowPortable(x, w8, offset, sums, g, r);
