@@ -613,40 +613,45 @@ CONVS = [  # (x shape, kernel shape, strides, padding, dilation, groups)
 
 
 def _random_convs(count: int, seed: int) -> list:
-  """Random 2-D geometries (each output at least 1 x 1): windows, strides, dilations and
-  paddings of 1-3, 2-70 input channels, 1-40 output channels."""
+  """Random 2-D convolutions (`_random_geometry`, each output at least 1 x 1): 2-70 input
+  channels, 1-40 output channels."""
   rng = np.random.default_rng(seed)
   cases = []
   while len(cases) < count:
     b, c, n = int(rng.integers(1, 4)), int(rng.choice([2, 3, 5, 8, 17, 70])), int(
         rng.integers(1, 41))
-    window, strides, dilation = (tuple(int(v) for v in rng.integers(1, 4, 2)) for _ in range(3))
-    padding = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (2, 2)))
-    spatial = tuple(int(v) for v in rng.integers(1, 10, 2))
-    if any(s + lo + hi < (w - 1) * d + 1 for s, (lo, hi), w, d in
-           zip(spatial, padding, window, dilation, strict=True)):
-      continue
-    cases.append(((b, *spatial, c), (*window, c, n), strides, padding, dilation, 1))
+    geometry = _random_geometry(rng)
+    if geometry is not None:
+      spatial, window, strides, padding, dilation = geometry
+      cases.append(((b, *spatial, c), (*window, c, n), strides, padding, dilation, 1))
   return cases
+
+
+def _random_geometry(rng: np.random.Generator):
+  """(spatial, window, strides, padding, dilation) of a random 2-D convolution: sizes 1-9,
+  windows, strides, dilations 1-3, paddings 0-2; None where the window does not fit."""
+  window, strides, dilation = (tuple(int(v) for v in rng.integers(1, 4, 2)) for _ in range(3))
+  padding = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (2, 2)))
+  spatial = tuple(int(v) for v in rng.integers(1, 10, 2))
+  if any(s + lo + hi < (w - 1) * d + 1 for s, (lo, hi), w, d in
+         zip(spatial, padding, window, dilation, strict=True)):
+    return None
+  return spatial, window, strides, padding, dilation
 
 
 def _random_grouped_convs(count: int, seed: int) -> list:
   """Random 2-D grouped geometries: 2-8 groups of 1-16 input and 1-32 output channels (the
-  depthwise kernel's three forms and the runs of groups), windows, strides, dilations and
-  paddings as `_random_convs`."""
+  depthwise kernel's three forms and the runs of groups), `_random_geometry`'s geometries."""
   rng = np.random.default_rng(seed)
   cases = []
   while len(cases) < count:
     groups = int(rng.choice([2, 3, 4, 6, 8]))
     cg, og = int(rng.choice([1, 2, 3, 4, 6, 8, 12, 16])), int(rng.choice([1, 2, 3, 5, 8, 16, 32]))
-    window, strides, dilation = (tuple(int(v) for v in rng.integers(1, 4, 2)) for _ in range(3))
-    padding = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (2, 2)))
-    spatial = tuple(int(v) for v in rng.integers(1, 10, 2))
-    if any(s + lo + hi < (w - 1) * d + 1 for s, (lo, hi), w, d in
-           zip(spatial, padding, window, dilation, strict=True)):
-      continue
-    cases.append(((int(rng.integers(1, 3)), *spatial, groups * cg), (*window, cg, groups * og),
-                  strides, padding, dilation, groups))
+    geometry = _random_geometry(rng)
+    if geometry is not None:
+      spatial, window, strides, padding, dilation = geometry
+      cases.append(((int(rng.integers(1, 3)), *spatial, groups * cg),
+                    (*window, cg, groups * og), strides, padding, dilation, groups))
   return cases
 
 

@@ -2989,16 +2989,15 @@ inline __m512i DwTap(const int8_t* image, const DwGeom& g, int64_t ih, int64_t c
 }
 
 // Stride SW (1 or 2) and dilation 1 along the row, a KW-wide window: NP output pixels (8 or 4)
-// read (NP - 1) SW + KW neighbouring input pixels, each widened once for the taps that use it
-// (the pad value for a column in the padding). Runs the columns [j, j_end) NP at a time;
-// returns where it stopped.
-template <bool kSpread, bool kFull, int KW, int SW, int NP>
-inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue& e,
-                         const DwGeom& g, int64_t i, int64_t o0, int64_t j, int64_t j_end,
-                         __mmask16 valid, __mmask16 in_valid, __m512i spread, __m512i init,
-                         __m512i pad) {
+// read (NP - 1) SW + KW neighbouring input pixels, each widened once (`widen(ih, col)`: the
+// pad value for a column in the padding) for all the taps that use it (`row(u, xv, a)` adds
+// input row u's taps to the NP accumulators). Runs the columns [j, j_end) NP at a time through
+// the epilogue; returns where it stopped. The depthwise and the grouped blocks share it.
+template <int KW, int SW, int NP, class Widen, class Row>
+inline int64_t SharedLoadUnit(const Epilogue& e, const DwGeom& g, int64_t i, int64_t o0,
+                              int64_t j, int64_t j_end, __mmask16 valid, __m512i init,
+                              const Widen& widen, const Row& row) {
   constexpr int kCols = (NP - 1) * SW + KW;
-  const int64_t O = g.out_c;
   for (; j + NP <= j_end; j += NP) {
     __m512i a[NP];
 #pragma GCC unroll 8
@@ -3007,19 +3006,10 @@ inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue
     for (int64_t u = 0; u < g.kh; ++u) {
       const int64_t ih = g.in_row(i, u);
       if (ih < 0 || ih >= g.height) continue;
-      const int32_t* wu = w16 + u * KW * O + o0;
       __m512i xv[kCols];
 #pragma GCC unroll 16
-      for (int q = 0; q < kCols; ++q) {
-        xv[q] = DwTap<kSpread, kFull>(image, g, ih, col0 + q, in_valid, spread, pad);
-      }
-#pragma GCC unroll 5
-      for (int v = 0; v < KW; ++v) {
-        const __m512i wv = kFull ? _mm512_loadu_si512(wu + v * O)
-                                 : _mm512_maskz_loadu_epi32(valid, wu + v * O);
-#pragma GCC unroll 8
-        for (int t = 0; t < NP; ++t) a[t] = _mm512_dpwssd_epi32(a[t], xv[t * SW + v], wv);
-      }
+      for (int c = 0; c < kCols; ++c) xv[c] = widen(ih, col0 + c);
+      row(u, xv, a);
     }
 #pragma GCC unroll 2
     for (int t = 0; t < NP; t += 4) {
@@ -3028,6 +3018,29 @@ inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue
     }
   }
   return j;
+}
+
+// The depthwise taps of SharedLoadUnit: tap v of column t reads widened pixel t SW + v.
+template <bool kSpread, bool kFull, int KW, int SW, int NP>
+inline int64_t DwRunUnit(const int8_t* image, const int32_t* w16, const Epilogue& e,
+                         const DwGeom& g, int64_t i, int64_t o0, int64_t j, int64_t j_end,
+                         __mmask16 valid, __mmask16 in_valid, __m512i spread, __m512i init,
+                         __m512i pad) {
+  const int64_t O = g.out_c;
+  const auto widen = [&](int64_t ih, int64_t col) {
+    return DwTap<kSpread, kFull>(image, g, ih, col, in_valid, spread, pad);
+  };
+  const auto row = [&](int64_t u, const auto& xv, auto& a) {
+    const int32_t* wu = w16 + u * KW * O + o0;
+#pragma GCC unroll 5
+    for (int v = 0; v < KW; ++v) {
+      const __m512i wv = kFull ? _mm512_loadu_si512(wu + v * O)
+                               : _mm512_maskz_loadu_epi32(valid, wu + v * O);
+#pragma GCC unroll 8
+      for (int t = 0; t < NP; ++t) a[t] = _mm512_dpwssd_epi32(a[t], xv[t * SW + v], wv);
+    }
+  };
+  return SharedLoadUnit<KW, SW, NP>(e, g, i, o0, j, j_end, valid, init, widen, row);
 }
 
 // The 16 output channels [o0, o0 + 16) of output row i: `image` points at the row's image at
@@ -3116,10 +3129,8 @@ inline __m512i GwTap(const int8_t* image, const DwGeom& g, int64_t ih, int64_t c
              : pad;
 }
 
-// GwBlock's columns [j, j_end) NP at a time, stride SW (1 or 2), dilation 1, a KW-wide window:
-// the (NP - 1) SW + KW input pixels of a row widened once, each pair q spread once per pixel
-// and used by every tap that reads it (as DwRunUnit shares its loads). Returns where it
-// stopped.
+// The grouped taps of SharedLoadUnit (GwBlock's shared loads): each widened pixel's pair q
+// spread once and used by every tap that reads it.
 template <int Q, int KW, int SW, int NP>
 inline int64_t GwRunUnit(const int8_t* image, const int32_t* w2, const __m512i (&spread)[Q],
                          const Epilogue& e, const DwGeom& g, int64_t i, int64_t o0, int64_t j,
@@ -3127,42 +3138,29 @@ inline int64_t GwRunUnit(const int8_t* image, const int32_t* w2, const __m512i (
                          __m512i pad) {
   constexpr int kCols = (NP - 1) * SW + KW;
   const int64_t O = g.out_c;
-  for (; j + NP <= j_end; j += NP) {
-    __m512i a[NP];
-#pragma GCC unroll 8
-    for (int t = 0; t < NP; ++t) a[t] = init;
-    const int64_t col0 = g.in_col(j, 0);
-    for (int64_t u = 0; u < g.kh; ++u) {
-      const int64_t ih = g.in_row(i, u);
-      if (ih < 0 || ih >= g.height) continue;
-      __m512i xw[kCols];
-#pragma GCC unroll 16
-      for (int c = 0; c < kCols; ++c) xw[c] = GwTap(image, g, ih, col0 + c, bytes, pad);
+  const auto widen = [&](int64_t ih, int64_t col) {
+    return GwTap(image, g, ih, col, bytes, pad);
+  };
+  const auto row = [&](int64_t u, const auto& xw, auto& a) {
 #pragma GCC unroll 4
-      for (int q = 0; q < Q; ++q) {
-        __m512i wv[KW];
+    for (int q = 0; q < Q; ++q) {
+      __m512i wv[KW];
 #pragma GCC unroll 5
-        for (int v = 0; v < KW; ++v) {
-          wv[v] = _mm512_maskz_loadu_epi32(valid, w2 + ((u * KW + v) * Q + q) * O + o0);
-        }
+      for (int v = 0; v < KW; ++v) {
+        wv[v] = _mm512_maskz_loadu_epi32(valid, w2 + ((u * KW + v) * Q + q) * O + o0);
+      }
 #pragma GCC unroll 16
-        for (int c = 0; c < kCols; ++c) {
-          const __m512i xq = _mm512_permutexvar_epi32(spread[q], xw[c]);
+      for (int c = 0; c < kCols; ++c) {
+        const __m512i xq = _mm512_permutexvar_epi32(spread[q], xw[c]);
 #pragma GCC unroll 8
-          for (int t = 0; t < NP; ++t) {
-            const int v = c - t * SW;
-            if (v >= 0 && v < KW) a[t] = _mm512_dpwssd_epi32(a[t], xq, wv[v]);
-          }
+        for (int t = 0; t < NP; ++t) {
+          const int v = c - t * SW;
+          if (v >= 0 && v < KW) a[t] = _mm512_dpwssd_epi32(a[t], xq, wv[v]);
         }
       }
     }
-#pragma GCC unroll 2
-    for (int t = 0; t < NP; t += 4) {
-      __m512i four[4] = {a[t], a[t + 1], a[t + 2], a[t + 3]};
-      EpilogueColumn<4>(e, j + t, o0, four, valid);
-    }
-  }
-  return j;
+  };
+  return SharedLoadUnit<KW, SW, NP>(e, g, i, o0, j, j_end, valid, init, widen, row);
 }
 
 // Grouped, Q = cg / 2 pairs a group: the 16 output channels [o0, o0 + 16) of output row i;
