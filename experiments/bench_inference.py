@@ -2,7 +2,9 @@
 
 For each (model, batch): the MNIST MLP (784-100-100-10) and LeNet-5 (32x32 inputs) at batch 1,
 64, 256 and 1024 and a 4096-4096-4096 MLP (two 4096 x 4096 layers) at batch 256, all of
-them experiments.models' QuantMLP / QuantLeNet5 with fused ReLUs, this times one call of:
+them experiments.models' QuantMLP / QuantLeNet5 with fused ReLUs, and `GroupedBlock` (a
+MobileNet / ResNeXt block: depthwise, pointwise, grouped and strided depthwise 3 x 3
+convolutions on 28 x 28 x 16 inputs) at batch 1, 16 and 64, this times one call of:
 
   * float32: the jitted float apply of the qjax.nn model (mode="float", params only);
   * int8 (fbgemm, xla): the jitted int8 apply (mode="int8") of the variables `qjax.convert`
@@ -14,7 +16,9 @@ them experiments.models' QuantMLP / QuantLeNet5 with fused ReLUs, this times one
     pre-packed by `for_serving`; each requantizer runs inside the kernel), and
     convolutions of several input channels too (the kernel gathers their patches), and
     LeNet-5's single-channel first one (the kernel's direct convolution, where the CPU has
-    AVX-512 VBMI). Skipped where the kernel does not run (not built, not a CPU backend);
+    AVX-512 VBMI), and the block's depthwise and grouped ones (the kernel's depthwise /
+    grouped convolution). Skipped where the kernel does not run (not built, not a CPU
+    backend);
   * torch x86 int8: PyTorch's eager-mode converted model (fused Linear/Conv + ReLU,
     get_default_qconfig("x86"), engine "x86", torch.set_num_threads(all cores)), on the same
     weights and calibration batches.
@@ -42,6 +46,7 @@ Usage:
   python -m experiments.bench_inference --quick       # seconds; smoke run
   python -m experiments.bench_inference --json results/bench_inference.json
   python -m experiments.bench_inference --sync-dispatch    # JAX calls run on the caller
+  python -m experiments.bench_inference --models block     # one kind of model only
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ from qjax.integer import kernels
 from experiments import models
 
 SEED = 0
+KINDS = ("mlp", "lenet5", "block")
 CALIB_BATCHES, CALIB_ROWS = 4, 32
 REQUANTS = ("fbgemm", "float", "integer")
 # (requant, kernel) of the int8 variants; QJAX_INT8_KERNEL while each one is traced.
@@ -98,11 +104,40 @@ class Skip(Exception):  # noqa: N818 (a skipped row, not an error)
 # placement), and their torch twins.
 
 
+BLOCK_INPUT = (28, 28, 16)
+
+
+class GroupedBlock(nn.Module):
+  """A MobileNet / ResNeXt block in PyTorch's eager placement, ReLUs fused: depthwise 3 x 3
+  (dw1), pointwise to 64 channels (pw1), 3 x 3 in 16 groups of 4 channels (gc), depthwise
+  3 x 3 at stride 2 (dw2), then a Dense layer to 10 logits (fc) on the flattened 14 x 14 x 64
+  map."""
+
+  qconfig: qnn.QConfig | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mode: str) -> jax.Array:
+    q, pad = self.qconfig, ((1, 1), (1, 1))
+    x = qnn.Quantize(q, name="quant")(x, mode=mode)
+    x = qnn.QuantConv(16, (3, 3), padding=pad, feature_group_count=16, qconfig=q,
+                      activation=nn.relu, name="dw1")(x, mode=mode)
+    x = qnn.QuantConv(64, (1, 1), qconfig=q, activation=nn.relu, name="pw1")(x, mode=mode)
+    x = qnn.QuantConv(64, (3, 3), padding=pad, feature_group_count=16, qconfig=q,
+                      activation=nn.relu, name="gc")(x, mode=mode)
+    x = qnn.QuantConv(64, (3, 3), strides=(2, 2), padding=pad, feature_group_count=64,
+                      qconfig=q, activation=nn.relu, name="dw2")(x, mode=mode)
+    x = qnn.QuantDense(10, qconfig=q, name="fc")(x.reshape((x.shape[0], -1)), mode=mode)
+    return qnn.Dequantize(name="dequant")(x, mode=mode)
+
+
 def quant_model(case: Case, qconfig: qnn.QConfig) -> nn.Module:
-  """The qjax.nn model of `case`, ReLUs fused: models.QuantLeNet5, or models.QuantMLP with
-  layers fc1, fc2, ... of widths case.dims[1:] (ReLU after all but the last)."""
+  """The qjax.nn model of `case`, ReLUs fused: models.QuantLeNet5, `GroupedBlock`, or
+  models.QuantMLP with layers fc1, fc2, ... of widths case.dims[1:] (ReLU after all but the
+  last)."""
   if case.kind == "lenet5":
     return models.QuantLeNet5(qconfig)
+  if case.kind == "block":
+    return GroupedBlock(qconfig)
   return models.QuantMLP(qconfig, hidden=tuple(case.dims[1:-1]), num_classes=case.dims[-1])
 
 
@@ -120,6 +155,14 @@ def _torch_model(kind: str, dims: tuple[int, ...], params: dict) -> tuple[Any, l
       if i < len(dims) - 2:
         layers[f"relu{i + 1}"] = torch.nn.ReLU()
         fuse.append([f"fc{i + 1}", f"relu{i + 1}"])
+  elif kind == "block":
+    layers.update(dw1=torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), relu1=torch.nn.ReLU(),
+                  pw1=torch.nn.Conv2d(16, 64, 1), relu2=torch.nn.ReLU(),
+                  gc=torch.nn.Conv2d(64, 64, 3, padding=1, groups=16), relu3=torch.nn.ReLU(),
+                  dw2=torch.nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=64),
+                  relu4=torch.nn.ReLU(), flatten=torch.nn.Flatten(),
+                  fc=torch.nn.Linear(14 * 14 * 64, 10))
+    fuse = [["dw1", "relu1"], ["pw1", "relu2"], ["gc", "relu3"], ["dw2", "relu4"]]
   else:
     layers.update(conv1=torch.nn.Conv2d(1, 6, 5), relu1=torch.nn.ReLU(),
                   pool1=torch.nn.MaxPool2d(2), conv2=torch.nn.Conv2d(6, 16, 5),
@@ -137,6 +180,8 @@ def _torch_model(kind: str, dims: tuple[int, ...], params: dict) -> tuple[Any, l
         weight = kernel.transpose(3, 2, 0, 1)
       elif kind == "lenet5" and name == "fc1":  # NHWC flatten rows (h, w, c) -> NCHW (c, h, w)
         weight = kernel.reshape(5, 5, 16, 120).transpose(3, 2, 0, 1).reshape(120, 400)
+      elif kind == "block" and name == "fc":
+        weight = kernel.reshape(14, 14, 64, 10).transpose(3, 2, 0, 1).reshape(10, -1)
       else:
         weight = kernel.T
       getattr(model, name).weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
@@ -184,7 +229,7 @@ class Case:
   """One row group of the table: a model at a batch size.
 
   Attributes:
-    kind: "mlp" or "lenet5".
+    kind: "mlp", "lenet5" or "block" (`GroupedBlock`).
     dims: mlp only: the input width, then each layer's width.
     batch: rows per call.
   """
@@ -194,8 +239,8 @@ class Case:
   batch: int = 1
 
   def __post_init__(self):
-    if self.kind not in ("mlp", "lenet5"):
-      raise ValueError(f"Case.kind must be 'mlp' or 'lenet5'; got {self.kind!r}.")
+    if self.kind not in KINDS:
+      raise ValueError(f"Case.kind must be one of {list(KINDS)}; got {self.kind!r}.")
     if self.kind == "mlp" and (len(self.dims) < 2 or min(self.dims) < 1):
       raise ValueError(f"Case.dims of an mlp must be the input width and at least one layer "
                        f"width, all positive; got {self.dims}.")
@@ -204,19 +249,23 @@ class Case:
 
   @property
   def model_name(self) -> str:
-    return "lenet5" if self.kind == "lenet5" else "mlp " + "-".join(map(str, self.dims))
+    return self.kind if self.kind != "mlp" else "mlp " + "-".join(map(str, self.dims))
 
   @property
   def input_shape(self) -> tuple[int, ...]:
+    if self.kind == "block":
+      return BLOCK_INPUT
     return models.INPUT_SHAPES["lenet5"] if self.kind == "lenet5" else (self.dims[0],)
 
 
 MNIST_MLP = (784, 100, 100, 10)
 CASES = (*(Case(kind="mlp", dims=MNIST_MLP, batch=b) for b in (1, 64, 256, 1024)),
          *(Case(kind="lenet5", batch=b) for b in (1, 64, 256, 1024)),
-         Case(kind="mlp", dims=(4096, 4096, 4096), batch=256))
+         Case(kind="mlp", dims=(4096, 4096, 4096), batch=256),
+         *(Case(kind="block", batch=b) for b in (1, 16, 64)))
 QUICK_CASES = (*(Case(kind="mlp", dims=MNIST_MLP, batch=b) for b in (1, 8, 16)),
-               Case(kind="lenet5", batch=4), Case(kind="mlp", dims=(64, 64, 64), batch=4))
+               Case(kind="lenet5", batch=4), Case(kind="mlp", dims=(64, 64, 64), batch=4),
+               Case(kind="block", batch=2))
 
 
 def pixels(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -268,7 +317,8 @@ def build(case: Case, qconfig_name: str = "x86") -> Built:
 _HLO_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z]\w*)\[")
 _HLO_CONTRACTION = re.compile(r"\b(dot|convolution|custom-call)\(([^)]*)\)")
 _NATIVE_TARGETS = ('custom_call_target="qjax_int8_gemm',
-                   'custom_call_target="qjax_int8_conv')
+                   'custom_call_target="qjax_int8_conv',
+                   'custom_call_target="qjax_int8_depthwise')
 
 
 def hlo_int8_contractions(hlo_text: str) -> tuple[int, int]:
@@ -543,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--sync-dispatch", action="store_true",
                       help="turn JAX's asynchronous CPU dispatch off: each call runs on the "
                            "calling thread (every call is waited for anyway)")
+  parser.add_argument("--models", default=",".join(KINDS),
+                      help=f"comma-separated kinds of model to run, of {','.join(KINDS)}")
   parser.add_argument("--retain-freed-memory", action="store_true",
                       help="keep freed buffers in the heap for every variant alike "
                            "(qjax.integer.kernels.retain_freed_memory): no page faults from "
@@ -551,11 +603,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   retained = kernels.retain_freed_memory() if args.retain_freed_memory else False
   if args.rounds < 1 or args.reps < 1 or args.min_round_seconds < 0:
     parser.error("--rounds and --reps must be positive, --min-round-seconds >= 0")
+  kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+  if not kinds or any(k not in KINDS for k in kinds):
+    parser.error(f"--models takes kinds of {list(KINDS)}; got {args.models!r}")
   if args.quick:
     cases, rounds, reps, min_seconds, qconfig = QUICK_CASES, 1, 2, 0.0, "default"
   else:
     cases, rounds, reps, min_seconds, qconfig = (CASES, args.rounds, args.reps,
                                                  args.min_round_seconds, args.qconfig)
+  cases = tuple(c for c in cases if c.kind in kinds)
   dispatch = set_async_dispatch(not args.sync_dispatch)
   results = run(cases, rounds=rounds, reps=reps, min_round_seconds=min_seconds,
                 qconfig=qconfig, async_dispatch=dispatch)

@@ -49,7 +49,8 @@ def test_quick_run_ratios_and_evidence(quick):
   """Ratios are finite and positive; the float32 apply has no int8 contraction; each int8
   apply runs every contraction in int8 in the optimised XLA program but LeNet-5's conv1 (one
   input channel: XLA's s32 convolution, see test_int8_conv_lowerings_stay_int8, where the
-  native kernel's direct convolution does not run it), with logits
+  native kernel's direct convolution does not run it) and, on XLA, the block's first
+  depthwise convolution (16 channels: XLA rewrites it to s32), with logits
   close to float's but not equal, and "fbgemm"'s as far from float's as torch's (PyTorch's
   x86 arithmetic)."""
   _, results, _ = quick
@@ -68,6 +69,8 @@ def test_quick_run_ratios_and_evidence(quick):
       direct = row["variant"].endswith("native)") and kernels.direct_conv(
           (5, 5, 1, 6), (1, 1), (1, 1), 1, kernels.resolve("native"))
       s32_convs = 1 if row["model"] == "lenet5" and not direct else 0
+      if row["model"] == "block" and row["variant"].endswith("xla)"):
+        s32_convs = 1
       assert row["hlo_int8_contractions"] == row["hlo_contractions"] - s32_convs > 0, what
       assert 0 < row["rel_err"] < 0.1, what
       if row["variant"].startswith("int8 (fbgemm"):
@@ -77,16 +80,18 @@ def test_quick_run_ratios_and_evidence(quick):
       assert row["x_torch"] == 1.0 and 0 < row["rel_err"] < 0.1, what
 
 
-@pytest.mark.parametrize("index", range(3), ids=["mlp_mnist", "lenet5", "mlp_square"])
+@pytest.mark.parametrize("index", range(4), ids=["mlp_mnist", "lenet5", "mlp_square", "block"])
 def test_models_and_torch_twins_compute_the_same_network(index):
-  """The benchmarked models are experiments.models' (LeNet-5 on 32x32 inputs), and each torch
-  twin, before quantization, gives the float apply's logits on the same parameters."""
+  """The benchmarked models are experiments.models' (LeNet-5 on 32x32 inputs) and the grouped
+  block, and each torch twin, before quantization, gives the float apply's logits on the same
+  parameters (grouped convolutions and the flattening order included)."""
   import torch  # pylint: disable=import-outside-toplevel
 
   bench, models = load_experiment("bench_inference"), load_experiment("models")
-  case = bench.QUICK_CASES[(0, 3, 4)[index]]
+  case = bench.QUICK_CASES[(0, 3, 4, 5)[index]]
   model = bench.quant_model(case, qnn.default_qconfig)
-  assert type(model) is models.QUANT_MODELS[case.kind]
+  assert type(model) is (bench.GroupedBlock if case.kind == "block"
+                         else models.QUANT_MODELS[case.kind])
   if case.kind == "lenet5":
     assert case.input_shape == models.INPUT_SHAPES["lenet5"] == (32, 32, 1)
   x = bench.pixels((3,) + case.input_shape, 0)
@@ -97,7 +102,7 @@ def test_models_and_torch_twins_compute_the_same_network(index):
   assert {name for pair in fuse for name in pair} <= {n for n, _ in twin.named_children()}
   with torch.inference_mode():
     got = twin(bench._to_torch(x)).numpy()
-  assert got.shape == expected.shape == (3, 10 if case.kind == "lenet5" else case.dims[-1])
+  assert got.shape == expected.shape == (3, case.dims[-1] if case.kind == "mlp" else 10)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -180,3 +185,11 @@ def test_dispatch_setting_is_set_before_jax_starts_only():
   before = jax.config.read("jax_cpu_enable_async_dispatch")
   assert bench.set_async_dispatch(not before) is None
   assert jax.config.read("jax_cpu_enable_async_dispatch") == before
+
+
+def test_models_option_filters_and_refuses_unknown_kinds(capsys):
+  """--models names the kinds of model to run; an unknown kind is refused by name."""
+  bench = load_experiment("bench_inference")
+  with pytest.raises(SystemExit):
+    bench.main(["--quick", "--models", "block,resnet"])
+  assert "--models takes kinds of ['mlp', 'lenet5', 'block']" in capsys.readouterr().err
