@@ -1005,21 +1005,15 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
   offset = _offset(offset, cout, "conv")
   strides, padding, dilation, pad_value = arith.checked_conv_geometry(
       nsp, strides, padding, dilation, pad_value, "conv")
-  if (x.ndim == nsp + 2 and not isinstance(kernel_hwio, PackedConvWeights)
-      and depthwise_conv(kernel_hwio.shape, groups, cin)):
+  if x.ndim == nsp + 2 and _grouped(kernel_hwio.shape, groups, cin):
     out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
     path = resolve(kernel, macs=macs, xla_amx=False)
-    if path != "xla" and min(out) > 0:
-      return _native_depthwise(x, kernel_hwio, tuple(out), offset, strides, padding, dilation,
-                               pad_value, path, requant)
-  if x.ndim == nsp + 2 and grouped_conv(kernel_hwio.shape, groups, cin):
-    out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
-    path = resolve(kernel, macs=macs, xla_amx=False)
-    if min(out) > 0 and grouped_direct(kernel_hwio.shape, groups, cin, path):
+    route = _grouped_route(kernel_hwio.shape, groups, cin, out, path)
+    if route == "kernel":
       return _native_depthwise(x, _hwio(kernel_hwio), tuple(out), offset, strides, padding,
                                dilation, pad_value, path, requant)
-    if path != "xla":
-      return _grouped(x, _hwio(kernel_hwio), offset, groups, lambda xg, wg, og, o0, o1: conv(
+    if route == "runs":
+      return _group_runs(x, _hwio(kernel_hwio), offset, groups, lambda xg, wg, og, o0, o1: conv(
           xg, wg, og, _requant_channels(requant, o0, o1, cout), strides=strides,
           padding=padding, dilation=dilation, groups=1, pad_value=pad_value, kernel=path))
   if groups == 1 and x.ndim == nsp + 2:
@@ -1126,18 +1120,15 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
   strides, padding, dilation, pad_value = arith.checked_conv_geometry(
       nsp, strides, padding, dilation, pad_value, "conv_int32")
   out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
-  depthwise = depthwise_conv(kernel_hwio.shape, groups, x.shape[-1])
-  grouped = grouped_conv(kernel_hwio.shape, groups, x.shape[-1])
-  path = resolve(kernel, macs=macs, xla_amx=not (depthwise or grouped))
+  grouped = _grouped(kernel_hwio.shape, groups, x.shape[-1])
+  path = resolve(kernel, macs=macs, xla_amx=not grouped)
   offset = _offset(offset, cout, "conv_int32")
-  if path != "xla" and depthwise and min(out) > 0:
+  route = _grouped_route(kernel_hwio.shape, groups, x.shape[-1], out, path) if grouped else None
+  if route == "kernel":
     return _native_depthwise(x, kernel_hwio, tuple(out), offset, strides, padding, dilation,
                              pad_value, path)
-  if grouped and min(out) > 0 and grouped_direct(kernel_hwio.shape, groups, x.shape[-1], path):
-    return _native_depthwise(x, kernel_hwio, tuple(out), offset, strides, padding, dilation,
-                             pad_value, path)
-  if path != "xla" and grouped:
-    return _grouped(x, kernel_hwio, offset, groups, lambda xg, wg, og, o0, o1: conv_int32(
+  if route == "runs":
+    return _group_runs(x, kernel_hwio, offset, groups, lambda xg, wg, og, o0, o1: conv_int32(
         xg, wg, og, strides=strides, padding=padding, dilation=dilation, pad_value=pad_value,
         kernel=path))
   if path != "xla" and groups == 1 and cin > 1 and min(out) > 0:
@@ -1218,20 +1209,20 @@ def grouped_conv(kernel_shape: tuple[int, ...], groups: int, channels: int) -> b
 def grouped_direct(kernel_shape: tuple[int, ...], groups: int, channels: int,
                    path: str) -> bool:
   """Whether `conv` / `conv_int32` on `path` run a grouped convolution (`grouped_conv`) on the
-  native depthwise kernel rather than as runs of groups (`group_runs`). On an AVX-512 path or
-  "portable": 2-D, and either groups of an even count of 2..16 input channels and fewer than
-  16 output channels, each block of 16 output channels reading at most 32 input bytes of a
-  pixel, or groups of a multiple of 4 input and of 16 output channels. On "avx2" (8 output
-  channels a vector, vpmaddwd): groups of an even count of 2..16 input channels, each block of
-  8 output channels reading at most 16 input bytes (8 x 56 x 56 x 128 in 32 groups: 4.8 ms
-  against 11 ms as runs). In the first case the
-  input bytes of a block's groups are widened to int16 pairs once a pixel and tap and moved to
-  their output lanes (vpermd), two exact products a lane and instruction, no multiply-adds
-  wasted on a block-diagonal kernel's zeros (ResNeXt's 3 x 3 over 8 x 56 x 56 x 128 in 32
-  groups: 1.0 ms against 4.1 ms as runs); in the second each block lies inside one group, and
-  4 input bytes of 8 (or 4) output pixels broadcast to up to four blocks at once meet 4
-  weights a lane (vpdpbusd, on the padded input flipped to unsigned once a call), with no
-  patch matrix or call a run (1.3-2.5x the runs).
+  native depthwise kernel rather than as runs of groups (`group_runs`). 2-D, and:
+
+  * small groups (an even count of 2..16 input channels), on an AVX-512 path or "portable"
+    with fewer than 16 outputs a group and each block of 16 output channels reading at most
+    32 input bytes of a pixel, on "avx2" each block of 8 within 16 bytes: a block's input
+    bytes are widened to int16 pairs once a pixel and tap and moved to their output lanes
+    (vpermd), two exact products a lane and instruction (vpdpwssd; vpmaddwd on "avx2"), no
+    multiply-adds wasted on a block-diagonal kernel's zeros (ResNeXt's 3 x 3 over 8 x 56 x 56
+    x 128 in 32 groups: 1.0 ms against 4.1 ms as runs; 4.8 against 11 ms on "avx2");
+  * groups of a multiple of 4 input and of 16 output channels, on an AVX-512 path or
+    "portable": each block lies inside one group, and 4 input bytes of 8 (or 4) output pixels
+    broadcast to up to four blocks at once meet 4 weights a lane (vpdpbusd, on the padded
+    input flipped to unsigned once a call), with no patch matrix or call a run (1.3-2.5x the
+    runs).
 
   Example:
     >>> grouped_direct((3, 3, 4, 128), 32, 128, "portable")
@@ -1293,8 +1284,29 @@ def _requant_channels(requant: rq.Requantizer, lo: int, hi: int,
   return dataclasses.replace(requant, **sliced)
 
 
-def _grouped(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, groups: int,
-             run: Callable[[jax.Array, jax.Array, jax.Array, int, int], jax.Array]) -> jax.Array:
+def _grouped(kernel_shape: tuple[int, ...], groups: int, channels: int) -> bool:
+  """Whether a native path runs this grouped convolution (`depthwise_conv` or
+  `grouped_conv`); XLA's grouped convolutions do not run on AMX tiles."""
+  return (depthwise_conv(kernel_shape, groups, channels)
+          or grouped_conv(kernel_shape, groups, channels))
+
+
+def _grouped_route(kernel_shape: tuple[int, ...], groups: int, channels: int,
+                   out: Sequence[int], path: str) -> str | None:
+  """How `path` runs a `_grouped` convolution with output size `out`: "kernel" (the native
+  depthwise kernel: `depthwise_conv`, or `grouped_direct`), "runs" (`group_runs` of
+  ungrouped native convolutions), or None (XLA)."""
+  if path == "xla":
+    return None
+  if min(out) > 0 and (depthwise_conv(kernel_shape, groups, channels)
+                       or grouped_direct(kernel_shape, groups, channels, path)):
+    return "kernel"
+  return "runs" if grouped_conv(kernel_shape, groups, channels) else None
+
+
+def _group_runs(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, groups: int,
+                run: Callable[[jax.Array, jax.Array, jax.Array, int, int], jax.Array]
+                ) -> jax.Array:
   """A grouped convolution as `run(x_part, kernel_part, offset_part, o0, o1)` (ungrouped,
   output channels o0..o1-1) over `group_runs`, concatenated along the channels."""
   cg, cout = kernel_hwio.shape[-2:]

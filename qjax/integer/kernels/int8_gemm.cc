@@ -2951,11 +2951,20 @@ struct DwGeom {
   int64_t out_w() const { return (width + pl + pr - (kw - 1) * dw - 1) / sw + 1; }
   int64_t mult() const { return out_c / channels; }
   int64_t out_per_group() const { return out_c / (channels / cg); }
-  // Output channels [o0, o0 + 16)'s groups: the first, and their input bytes of one pixel.
+  // Output channels [o0, o0 + lanes)'s groups: the first, and their input bytes of one pixel.
   int64_t first_group(int64_t o0) const { return o0 / out_per_group(); }
-  int64_t block_bytes(int64_t o0) const {
+  int64_t block_bytes(int64_t o0, int64_t lanes = 16) const {
     const int64_t og = out_per_group();
-    return ((std::min(out_c, o0 + 16) - 1) / og - o0 / og + 1) * cg;
+    return ((std::min(out_c, o0 + lanes) - 1) / og - o0 / og + 1) * cg;
+  }
+  // Groups of an even count of 2..16 input channels, each block of `lanes` output channels
+  // within `bytes` input bytes of a pixel: the int16 pairs kernels (GwBlock, GroupedRowAvx2).
+  bool pairs_fit(int64_t lanes, int64_t bytes) const {
+    if (cg < 2 || cg % 2 != 0 || cg > 16) return false;
+    for (int64_t o0 = 0; o0 < out_c; o0 += lanes) {
+      if (block_bytes(o0, lanes) > bytes) return false;
+    }
+    return true;
   }
   // Every block of 16 output channels inside one group, 4 input bytes at a time: GbPixels.
   bool wide_groups() const { return cg > 1 && cg % 4 == 0 && out_per_group() % 16 == 0; }
@@ -3471,17 +3480,6 @@ __attribute__((target("avx2"))) void DepthwiseRowAvx2(const int8_t* x, const int
   DepthwiseRowLoops(x, w, offset, dst_row, g, r);
 }
 
-// Whether GroupedRowAvx2 runs this grouping: cg = 2..16 (even), each block of 8 output
-// channels' groups within 16 input bytes of a pixel.
-bool Avx2GroupedFits(const DwGeom& g) {
-  if (g.cg < 2 || g.cg % 2 != 0 || g.cg > 16) return false;
-  const int64_t og = g.out_per_group();
-  for (int64_t o0 = 0; o0 < g.out_c; o0 += 8) {
-    if (((std::min(g.out_c, o0 + 8) - 1) / og - o0 / og + 1) * g.cg > 16) return false;
-  }
-  return true;
-}
-
 // 16 input bytes from p widened to 8 int16 pairs (copied where a load would pass x_end; the
 // bytes past the block's groups are never spread to a lane).
 __attribute__((target("avx2"))) inline __m256i Avx2PixelPairs(const int8_t* p,
@@ -3535,7 +3533,7 @@ __attribute__((target("avx2"))) inline void Avx2GroupedColumns(
   }
 }
 
-// Output row r of an `Avx2GroupedFits` grouped convolution, as GwBlock on 8 lanes: a block's
+// Output row r of a grouped convolution that `pairs_fit(8, 16)`, as GwBlock on 8 lanes: a block's
 // input bytes of a pixel widened to 8 int16 pairs, pair q of each lane's group moved to it
 // (vpermd), two exact products a lane (vpmaddwd) added in int32; the sums + offset (wrapping)
 // into dst_row. w2 / idx8: GroupedPairs with 8 lanes; x_end: the input's end (a 16-byte load
@@ -3566,12 +3564,7 @@ __attribute__((target("avx2"))) void GroupedRowAvx2(const int8_t* x, const int8_
 // even count of cg <= 16 input channels whose blocks of 16 output channels read at most 32
 // input bytes.
 bool GroupedFits(const DwGeom& g) {
-  if (g.cg == 1 || g.wide_groups()) return true;
-  if (g.cg % 2 != 0 || g.cg > 16) return false;
-  for (int64_t o0 = 0; o0 < g.out_c; o0 += 16) {
-    if (g.block_bytes(o0) > 32) return false;
-  }
-  return true;
+  return g.cg == 1 || g.wide_groups() || g.pairs_fit(16, 32);
 }
 
 // The path and the geometry of a depthwise handler's call, checked.
@@ -3746,7 +3739,7 @@ void RunDepthwise(Path p, const int8_t* x, const int8_t* w8, const DwGeom& g,
     return;
   }
   std::vector<int32_t> w2, idx8;  // GroupedRowAvx2's weight pairs and lane indices
-  if (p == kAvx2 && Avx2GroupedFits(g)) GroupedPairs(g, w8, 8, &w2, &idx8);
+  if (p == kAvx2 && g.pairs_fit(8, 16)) GroupedPairs(g, w8, 8, &w2, &idx8);
   const int8_t* x_end = x + g.batch * g.height * g.width * g.channels;
 #endif
   const std::vector<int32_t> zeros(N, 0);
