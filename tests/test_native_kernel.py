@@ -325,11 +325,18 @@ def test_int8_dense_is_bit_identical():
                                     err_msg=f"{path} {type(r).__name__}")
 
 
-def test_selection_rules(monkeypatch):
+@pytest.mark.parametrize("amx_granted", [False, True])
+def test_selection_rules(monkeypatch, amx_granted):
+  """The choice of "auto", "xla", "native" and named paths, on a CPU that grants AMX-INT8 and
+  on one that does not (simulated: "auto" gives products of unknown size to XLA where AMX is
+  granted, so the rules must not depend on the CPU that runs them)."""
   monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+  monkeypatch.setattr(kernels, "amx_int8", lambda: amx_granted)
   assert kernels.resolve() == kernels.DEFAULT_KERNEL.replace("auto", kernels.resolve("auto"))
   assert kernels.resolve("xla") == "xla"
-  assert kernels.resolve("AUTO") == (AVAILABLE[0] if AVAILABLE else "xla")
+  best = AVAILABLE[0] if AVAILABLE else "xla"
+  assert kernels.resolve("AUTO") == ("xla" if amx_granted else best)  # no size: large
+  assert kernels.resolve("AUTO", macs=1000) == best
   monkeypatch.setenv(kernels.ENV_VAR, "xla")
   assert kernels.resolve() == "xla"
   if AVAILABLE:
