@@ -65,7 +65,7 @@ class Int8ForwardDotTest(chex.TestCase):
       # The float dot of the same operands rounds at every step: close, not equal.
       np.testing.assert_allclose(got, float_dot, rtol=1e-4, atol=1e-5, err_msg=kernel)
 
-  @parameterized.parameters(*KERNELS)
+  @parameterized.parameters(*((k,) for k in KERNELS))
   def test_gradients_are_the_float_dots(self, kernel):
     x_spec, w_spec = X_SPECS["uint8_reduce_range"], W_SPECS["per_channel"]
     x_fq, w_fq, xq, wq = _operands(x_spec, w_spec, m=6, seed=1)
@@ -312,7 +312,7 @@ class Int8ForwardConvTest(chex.TestCase):
       np.testing.assert_array_equal(got, want, err_msg=kernel)
       np.testing.assert_allclose(got, float_conv, rtol=1e-4, atol=1e-5, err_msg=kernel)
 
-  @parameterized.parameters(*KERNELS)
+  @parameterized.parameters(*((k,) for k in KERNELS))
   def test_gradients_are_the_float_convolutions(self, kernel):
     x_spec, w_spec = X_SPECS["int8_affine"], W_SPECS["per_channel"]
     x_fq, w_fq, xq, wq = _conv_operands(x_spec, w_spec, seed=1)
