@@ -9,7 +9,8 @@ that the suite's expectations can be checked against CPUs the machine running it
   QJAX_SIMULATED_CPU=portable  no SIMD path
   QJAX_SIMULATED_CPU=none      the library not built (one warning; everything on XLA)
 
-Load it with `python -m pytest -p support.simcpu` from tests/ on sys.path.
+Load it with `python -m pytest -p support.simcpu` from tests/ on sys.path. Importing the module
+changes nothing: the simulation starts in `pytest_configure`, which pytest calls on plugins only.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import functools
 import os
 import warnings
 
+import pytest
+
 from qjax.integer import kernels
 
 ENV_VAR = "QJAX_SIMULATED_CPU"
 CPUS = ("amx", "avx2", "portable", "none")
 _CPU = os.environ.get(ENV_VAR, "")
-if _CPU not in CPUS:
-  raise ValueError(f"{ENV_VAR} must be one of {list(CPUS)}; got {_CPU!r}.")
 
 # The library's own bits: 1 portable, 2 avx2, 4 vnni, 8 amx, 32 AVX-512 VBMI.
 _real_load = kernels._load.__wrapped__  # pylint: disable=protected-access
@@ -49,6 +50,11 @@ def _simulated_load() -> int:
   return 0
 
 
-kernels._load = _simulated_load  # pylint: disable=protected-access
-if _CPU == "amx":
-  kernels._PATH_IDS["amx"] = kernels._PATH_IDS["amx_emulated"]  # pylint: disable=protected-access
+def pytest_configure(config: pytest.Config) -> None:
+  """Makes the kernels module see the simulated CPU (before any test is collected)."""
+  del config
+  if _CPU not in CPUS:
+    raise pytest.UsageError(f"{ENV_VAR} must be one of {list(CPUS)}; got {_CPU!r}.")
+  kernels._load = _simulated_load  # pylint: disable=protected-access
+  if _CPU == "amx":
+    kernels._PATH_IDS["amx"] = kernels._PATH_IDS["amx_emulated"]  # pylint: disable=protected-access
