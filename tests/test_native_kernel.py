@@ -328,19 +328,21 @@ def test_int8_dense_is_bit_identical():
 @pytest.mark.parametrize("amx_granted", [False, True])
 def test_selection_rules(monkeypatch, amx_granted):
   """The choice of "auto", "xla", "native" and named paths, on a CPU that grants AMX-INT8 and
-  on one that does not (simulated: "auto" gives products of unknown size to XLA where AMX is
-  granted, so the rules must not depend on the CPU that runs them)."""
+  on one that does not (simulated: "auto" gives XLA what it was measured faster on where AMX
+  is granted, so the rules must not depend on the CPU that runs them)."""
   monkeypatch.delenv(kernels.ENV_VAR, raising=False)
   monkeypatch.setattr(kernels, "amx_int8", lambda: amx_granted)
   assert kernels.resolve() == kernels.DEFAULT_KERNEL.replace("auto", kernels.resolve("auto"))
   assert kernels.resolve("xla") == "xla"
   best = AVAILABLE[0] if AVAILABLE else "xla"
-  assert kernels.resolve("AUTO") == ("xla" if amx_granted else best)  # no size: large
+  assert kernels.resolve("AUTO") == best
   assert kernels.resolve("AUTO", macs=1000) == best
+  assert kernels.resolve("AUTO", xla_amx=True) == ("xla" if amx_granted else best)
   monkeypatch.setenv(kernels.ENV_VAR, "xla")
   assert kernels.resolve() == "xla"
   if AVAILABLE:
     assert kernels.resolve("native") == AVAILABLE[0]
+    assert kernels.resolve("native", xla_amx=True) == AVAILABLE[0]
     monkeypatch.setenv(kernels.ENV_VAR, "native")
     assert kernels.resolve() == AVAILABLE[0]
     assert kernels.resolve("xla") == "xla"  # the argument wins over the environment
@@ -366,21 +368,40 @@ def test_thread_count_variable_must_be_a_positive_integer(monkeypatch):
       kernels._check_threads_env()  # pylint: disable=protected-access
 
 
-def test_auto_leaves_large_products_to_xla_where_amx_is_granted(monkeypatch):
-  """With AMX-INT8 granted (simulated: no CPU here need have it), "auto" keeps products
-  below AUTO_AMX_XLA_MACS on the native kernel and gives larger ones (and unknown sizes) to
-  XLA; a named path is kept whatever the size."""
+def test_auto_leaves_to_xla_what_it_runs_faster_on_amx(monkeypatch):
+  """With AMX-INT8 granted (simulated: no CPU here need have it), "auto" gives XLA the
+  products of large weights not packed at 17 to 511 rows (`xla_on_amx`) and keeps the rest
+  (packed weights, small weights, up to 16 rows, 512 rows and more, elementwise operations)
+  on the native kernel; a named path is kept whatever the product."""
+  lo, hi = kernels.AUTO_AMX_XLA_ROWS
+  big = kernels.AUTO_AMX_XLA_WEIGHTS
+  assert (lo, hi) == (17, 512)
+  assert kernels.xla_on_amx(lo, big, 1, packed=False)
+  assert kernels.xla_on_amx(hi - 1, 1, big, packed=False)
+  for rows, n, k, packed in [(lo - 1, big, 1, False), (hi, big, 1, False),
+                             (64, big - 1, 1, False), (64, 1024, 1024, True)]:
+    assert not kernels.xla_on_amx(rows, n, k, packed=packed), (rows, n, k, packed)
   if not AVAILABLE:
     pytest.skip("the native library is not built")
   monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+  w = jax.ShapeDtypeStruct((1024, 1024), jnp.int8)
+  packed = jax.eval_shape(kernels.pack, w)
+
+  def lowered(rows, weights, kernel="auto"):
+    x = jax.ShapeDtypeStruct((rows, weights.shape[1]), jnp.int8)
+    return jax.jit(lambda x, w: kernels.matmul(x, w, kernel=kernel)).lower(
+        x, weights).as_text()
+
   monkeypatch.setattr(kernels, "amx_int8", lambda: True)
-  big = kernels.AUTO_AMX_XLA_MACS
-  assert kernels.resolve("auto", macs=big - 1) == AVAILABLE[0]
-  assert kernels.resolve("auto", macs=big) == "xla"
-  assert kernels.resolve("auto") == "xla"
-  assert kernels.resolve("native", macs=big) == AVAILABLE[0]
+  assert "qjax_int8" not in lowered(64, w)
+  assert "qjax_int8" in lowered(64, w, kernel="native")
+  assert "qjax_int8" in lowered(64, packed)
+  assert "qjax_int8" in lowered(16, w)
+  assert "qjax_int8" in lowered(512, w)
+  assert "qjax_int8" in lowered(64, jax.ShapeDtypeStruct((100, 784), jnp.int8))
+  assert kernels.resolve("auto", macs=2**40) == AVAILABLE[0]  # an elementwise operation
   monkeypatch.setattr(kernels, "amx_int8", lambda: False)
-  assert kernels.resolve("auto", macs=big) == AVAILABLE[0]
+  assert "qjax_int8" in lowered(64, w)
   monkeypatch.undo()
   with open("/proc/cpuinfo", encoding="utf-8") as f:  # no AMX reported: never granted
     if "amx_int8" not in f.read():
@@ -755,7 +776,7 @@ from qjax.integer import kernels
 assert kernels.amx_int8() is False
 paths = kernels.native_paths()
 assert "amx" not in paths, paths
-assert kernels.resolve("auto", macs=kernels.AUTO_AMX_XLA_MACS) == (paths[0] if paths else "xla")
+assert kernels.resolve("auto", xla_amx=True) == (paths[0] if paths else "xla")
 rng = np.random.default_rng(0)
 x = rng.integers(-128, 128, (40, 300), dtype=np.int8)
 w = rng.integers(-128, 128, (70, 300), dtype=np.int8)
@@ -1220,8 +1241,8 @@ def test_grouped_conv_int32_matches_xla():
 def test_depthwise_rule_and_its_auto_choice(monkeypatch):
   """Which convolutions run the native depthwise kernel (2-D, groups = C >= 2, one input
   channel a group, O a multiple of C); "auto" keeps them (and other grouped ones) native
-  where AMX is granted, however large (XLA runs grouped convolutions without tiles), while a
-  dot that large goes to XLA."""
+  where AMX is granted, however large (XLA runs grouped convolutions without tiles), and
+  gives XLA an ungrouped one of large weights over few output pixels (`xla_on_amx`)."""
   assert kernels.depthwise_conv((3, 3, 1, 32), 32, 32)
   assert kernels.depthwise_conv((5, 1, 1, 96), 32, 32)  # multiplier 3
   for shape, groups, channels in [((3, 3, 2, 32), 16, 32), ((3, 3, 1, 32), 1, 1),
@@ -1231,10 +1252,9 @@ def test_depthwise_rule_and_its_auto_choice(monkeypatch):
     pytest.skip("the native library is not built")
   monkeypatch.delenv(kernels.ENV_VAR, raising=False)
   monkeypatch.setattr(kernels, "amx_int8", lambda: True)
-  big = kernels.AUTO_AMX_XLA_MACS
-  assert kernels.resolve("auto", macs=big, xla_amx=False) == AVAILABLE[0]
-  assert kernels.resolve("auto", macs=big) == "xla"
-  # 64 x 64 x 64 x 64 through a 3 x 3 window: 1.5e8 multiply-adds, past AUTO_AMX_XLA_MACS.
+  assert kernels.resolve("auto", xla_amx=True) == "xla"
+  # 64 x 64 x 64 x 64 through a 3 x 3 window: 1.5e8 multiply-adds; XLA runs none of these
+  # convolutions faster on AMX (grouped ones not on tiles; the ungrouped one has 2^18 rows).
   x = jax.ShapeDtypeStruct((64, 64, 64, 64), jnp.int8)
   geometry = dict(strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1),
                   pad_value=jnp.int32(0), kernel="auto")
@@ -1248,7 +1268,13 @@ def test_depthwise_rule_and_its_auto_choice(monkeypatch):
     w = jax.ShapeDtypeStruct((3, 3, channels_in, 64), jnp.int8)
     program = jax.jit(lambda x, w, groups=groups: kernels.conv_int32(
         x, w, jnp.zeros(64, jnp.int32), groups=groups, **geometry)).lower(x, w).as_text()
-    assert (target in program) == (groups > 1), (groups, target)
+    assert target in program, (groups, target)
+  # An ungrouped convolution of large weights over 17 to 511 output pixels: XLA's on AMX.
+  w = jax.ShapeDtypeStruct((3, 3, 256, 256), jnp.int8)
+  program = jax.jit(lambda x, w: kernels.conv_int32(x, w, jnp.zeros(256, jnp.int32),
+                                                    **geometry)).lower(
+      jax.ShapeDtypeStruct((1, 8, 8, 256), jnp.int8), w).as_text()
+  assert "qjax_int8" not in program
 
 
 def test_grouped_rule_and_its_runs():

@@ -26,9 +26,9 @@ QJAX_INT8_KERNEL=xla to keep the integer path's programs plain XLA, int8 `dot_ge
   "auto"      "native" on the CPU backend of a process with one CPU device; "xla" on other
               backends, with several CPU devices (a device mesh: XLA's SPMD partitioner
               splits a sharded dot_general, not a custom call, which it would gather),
-              for products of `AUTO_AMX_XLA_MACS` multiply-adds and more where AMX-INT8 is
-              granted (`amx_int8`: XLA's int8 dot runs on AMX tiles there too, measured
-              fast at such sizes) and when the library is not built (one warning)
+              where AMX-INT8 is granted (`amx_int8`) for the products XLA's int8 dot, on
+              AMX tiles there too, was measured faster on (`xla_on_amx`: large weights
+              not packed, 17 to 511 rows), and when the library is not built (one warning)
 
 CPU features are read once (CPUID) by the library. Weights are taken as the integer path
 stores them, (N, K) output channel first: up to 16 rows stream them as stored; more rows pack
@@ -86,11 +86,17 @@ DEFAULT_KERNEL = "auto"
 # AVX-512 VNNI CPU, the native kernel was faster than XLA's int8 dot at every size down to
 # 8000 (13 us against 50 us for a fused Dense), so none is kept on XLA by size.
 AUTO_MIN_MACS = 0
-# On a CPU with AMX-INT8 granted, "auto" leaves products of this many multiply-adds and more
-# to XLA, whose int8 dot runs on AMX tiles there (measured on such a Xeon: 2,791 GOP/s at
-# 1024^3 against an AVX-512 VNNI limit of ~1,560, but 331 GOP/s at 256 x 784 x 100). The
-# crossover lies between those two sizes; 2^26 is an estimate, not a measurement.
-AUTO_AMX_XLA_MACS = 2**26
+# On a CPU with AMX-INT8 granted, XLA's int8 dot runs on AMX tiles too, and "auto" gives it
+# the products it was measured faster on (`xla_on_amx`): weights not packed of at least
+# AUTO_AMX_XLA_WEIGHTS entries (N * K), which the native kernel would pack on every call,
+# against AUTO_AMX_XLA_ROWS[0] <= rows < AUTO_AMX_XLA_ROWS[1]. Measured on a 2-core Xeon
+# (fused Dense with its requantization, XLA's time over the kernel's): packed weights
+# 1.15-2.95x at every size from 32 x 1024 x 1024 to 2048^3; weights not packed of 256 x 256,
+# 1.8-4.5x at 17-512 rows; of 512 x 2048 to 4096 x 4096, 0.64-0.97x at 17-256 rows and
+# 1.07-1.35x from 512 rows on (where the per-call packing is amortised). Up to 16 rows the
+# kernel streams the weights as stored, without tiles.
+AUTO_AMX_XLA_WEIGHTS = 2**19
+AUTO_AMX_XLA_ROWS = (17, 512)
 
 _PATH_IDS = {"portable": 1, "avx2": 2, "vnni": 3, "amx": 4, "amx_emulated": 5}
 # The CPU feature bit each path needs (the emulated tiles run on the AVX-512 code).
@@ -272,7 +278,7 @@ def amx_int8() -> bool:
   """Whether this process may use AMX-INT8 tiles (CPUID, the OS's tile state, and Linux's
   per-process grant, which the library requests as XLA does). Where it may, the native
   path "amx" runs, and XLA's int8 dot runs on AMX too (oneDNN / YNNPACK): "auto" leaves
-  products of `AUTO_AMX_XLA_MACS` multiply-adds and more to XLA, measured fast there.
+  it the products it was measured faster on (`xla_on_amx`).
 
   Returns:
     False without the library, off x86, or where the grant is refused (e.g. by seccomp).
@@ -298,15 +304,15 @@ def available() -> bool:
 
 
 def resolve(kernel: str | None = None, *, macs: int | None = None,
-            xla_amx: bool = True) -> str:
+            xla_amx: bool = False) -> str:
   """The code path a contraction runs on: "xla" or one of `native_paths()`.
 
   `kernel` if given, else the environment variable QJAX_INT8_KERNEL, else
   `DEFAULT_KERNEL`. "auto" picks the best native path on the CPU backend when the library is
   built, the process has one CPU device and the product has at least `AUTO_MIN_MACS`
-  multiply-adds (`macs`; None counts as large) and, where AMX-INT8 is granted (`amx_int8`)
-  and XLA would run the operation on AMX tiles (`xla_amx`: its int8 dots do, its grouped
-  convolutions do not), fewer than `AUTO_AMX_XLA_MACS`; "xla" otherwise. A named native path
+  multiply-adds (`macs`; None counts as large), unless AMX-INT8 is granted (`amx_int8`) and
+  the caller says XLA's form of this operation is the faster one on AMX tiles (`xla_amx`,
+  from `xla_on_amx` for contractions); "xla" otherwise. A named native path
   ("native", "vnni", ...) runs whatever the size and device count (inside `shard_map`, each
   device's program calls the kernel on its own shard). The choice is made when a function is
   traced: a jitted function keeps it (its cache does not see QJAX_INT8_KERNEL change).
@@ -314,7 +320,8 @@ def resolve(kernel: str | None = None, *, macs: int | None = None,
   Args:
     kernel: one of `KERNELS`, or None.
     macs: M * N * K of the product, for "auto".
-    xla_amx: whether XLA's form of the operation runs on AMX tiles where they are granted.
+    xla_amx: whether XLA's form of the operation was measured faster than the kernel where
+      AMX-INT8 is granted (`xla_on_amx`); False for operations XLA does not run on tiles.
 
   Returns:
     "xla" or one of `native_paths()`.
@@ -341,7 +348,7 @@ def resolve(kernel: str | None = None, *, macs: int | None = None,
   if choice == "auto":
     if (jax.default_backend() != "cpu" or jax.device_count() > 1
         or (macs is not None and macs < AUTO_MIN_MACS)
-        or (xla_amx and (macs is None or macs >= AUTO_AMX_XLA_MACS) and amx_int8())):
+        or (xla_amx and amx_int8())):
       return "xla"
     paths = native_paths()
     return paths[0] if paths else "xla"
@@ -356,6 +363,35 @@ def resolve(kernel: str | None = None, *, macs: int | None = None,
                      f"{list(paths)} only; accepted values here: "
                      f"{['auto', 'xla'] + (['native'] if paths else []) + list(paths)}.")
   return choice
+
+
+def xla_on_amx(rows: int, n: int, k: int, packed: bool) -> bool:
+  """Whether XLA's int8 dot was measured faster than the native kernel for a product of
+  rows x K by (N, K) weights, where AMX-INT8 is granted (`resolve`'s `xla_amx`):
+
+    not packed  and  N * K >= AUTO_AMX_XLA_WEIGHTS  and  lo <= rows < hi   (AUTO_AMX_XLA_ROWS)
+
+  Packed weights go to the kernel as they lie (XLA would unpack them first); small weights
+  cost little to pack per call; from hi rows on the per-call packing is amortised; up to 16
+  rows the kernel streams the weights without tiles.
+
+  Args:
+    rows: M, the rows of the product (output pixels for a convolution).
+    n: output channels N.
+    k: the contraction's length K.
+    packed: whether the weights are `pack`ed (`pack_conv`ed).
+
+  Returns:
+    True where "auto" should leave the product to XLA on an AMX CPU.
+
+  Example:
+    >>> xla_on_amx(64, 1024, 1024, packed=False), xla_on_amx(64, 1024, 1024, packed=True)
+    (True, False)
+    >>> xla_on_amx(64, 100, 784, packed=False), xla_on_amx(1024, 1024, 1024, packed=False)
+    (False, False)
+  """
+  lo, hi = AUTO_AMX_XLA_ROWS
+  return not packed and n * k >= AUTO_AMX_XLA_WEIGHTS and lo <= rows < hi
 
 
 @struct
@@ -691,6 +727,11 @@ def _macs(x: jax.Array, kernel_t: Weights) -> int:
   return _rows(x) * kernel_t.shape[0] * kernel_t.shape[1]
 
 
+def _xla_amx(x: jax.Array, kernel_t: Weights) -> bool:
+  return xla_on_amx(_rows(x), kernel_t.shape[0], kernel_t.shape[1],
+                    isinstance(kernel_t, PackedWeights))
+
+
 def _offset(offset: jax.typing.ArrayLike | None, n: int, where: str) -> jax.Array:
   """The offset as int32 (n,); TypeError / ValueError naming `where` unless it is integers
   of shape (), (1,) or (n,) that int32 holds (nothing is cast or wrapped silently)."""
@@ -749,7 +790,7 @@ def matmul(x: jax.Array, kernel_t: Weights, offset: jax.Array | None = None, *,
     Array([[  12, -382]], dtype=int32)
   """
   _check(x, kernel_t, "matmul")
-  path = resolve(kernel, macs=_macs(x, kernel_t))
+  path = resolve(kernel, macs=_macs(x, kernel_t), xla_amx=_xla_amx(x, kernel_t))
   if path == "xla":
     acc = arith.matmul(x, _plain(kernel_t))
     return acc if offset is None else acc + rq.channels(
@@ -798,7 +839,7 @@ def matmul_requant(x: jax.Array, kernel_t: Weights, offset: jax.Array | None,
                     f"FloatRequant or IntegerRequant; got {type(requant).__name__}.")
   _check(x, kernel_t, "matmul_requant")
   n = kernel_t.shape[0]
-  path = resolve(kernel, macs=_macs(x, kernel_t))
+  path = resolve(kernel, macs=_macs(x, kernel_t), xla_amx=_xla_amx(x, kernel_t))
   if path == "xla":
     acc = arith.matmul(x, _plain(kernel_t))
     if offset is not None:
@@ -1007,7 +1048,7 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
       nsp, strides, padding, dilation, pad_value, "conv")
   if x.ndim == nsp + 2 and _grouped(kernel_hwio.shape, groups, cin):
     out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
-    path = resolve(kernel, macs=macs, xla_amx=False)
+    path = resolve(kernel, macs=macs)
     route = _grouped_route(kernel_hwio.shape, groups, cin, out, path)
     if route == "kernel":
       return _native_depthwise(x, _hwio(kernel_hwio), tuple(out), offset, strides, padding,
@@ -1018,7 +1059,7 @@ def conv(x: jax.Array, kernel_hwio: jax.Array | PackedConvWeights, offset: jax.A
           padding=padding, dilation=dilation, groups=1, pad_value=pad_value, kernel=path))
   if groups == 1 and x.ndim == nsp + 2:
     out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
-    path = resolve(kernel, macs=macs)
+    path = resolve(kernel, macs=macs, xla_amx=_conv_xla_amx(x.shape, kernel_hwio, out))
     direct = not isinstance(kernel_hwio, PackedConvWeights) and direct_conv(
         kernel_hwio.shape, strides, dilation, groups, path)
     if path != "xla" and min(out) >= 0 and (cin > 1 or direct):
@@ -1056,6 +1097,15 @@ def _conv_size(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
   macs = x_shape[0] * int(np.prod(out, dtype=np.int64)) * int(
       np.prod(kernel_shape, dtype=np.int64))
   return out, macs
+
+
+def _conv_xla_amx(x_shape: tuple[int, ...], kernel_hwio: jax.Array | PackedConvWeights,
+                  out: Sequence[int]) -> bool:
+  """`xla_on_amx` for a convolution as the GEMM of its patches: rows = output pixels,
+  N = output channels, K = window x input channels."""
+  shape = kernel_hwio.shape
+  return xla_on_amx(x_shape[0] * math.prod(out), shape[-1], math.prod(shape[:-1]),
+                    isinstance(kernel_hwio, PackedConvWeights))
 
 
 def _padded(x: jax.Array, padding: tuple[tuple[int, int], ...],
@@ -1121,7 +1171,8 @@ def conv_int32(x: jax.Array, kernel_hwio: jax.Array, offset: jax.Array, *,
       nsp, strides, padding, dilation, pad_value, "conv_int32")
   out, macs = _conv_size(x.shape, kernel_hwio.shape, strides, padding, dilation)
   grouped = _grouped(kernel_hwio.shape, groups, x.shape[-1])
-  path = resolve(kernel, macs=macs, xla_amx=not grouped)
+  path = resolve(kernel, macs=macs,
+                 xla_amx=not grouped and _conv_xla_amx(x.shape, kernel_hwio, out))
   offset = _offset(offset, cout, "conv_int32")
   route = _grouped_route(kernel_hwio.shape, groups, x.shape[-1], out, path) if grouped else None
   if route == "kernel":
@@ -1615,7 +1666,8 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None 
 
 
 __all__ = (
-    "AUTO_AMX_XLA_MACS",
+    "AUTO_AMX_XLA_ROWS",
+    "AUTO_AMX_XLA_WEIGHTS",
     "AUTO_MIN_MACS",
     "DEFAULT_KERNEL",
     "ENV_VAR",
@@ -1647,4 +1699,5 @@ __all__ = (
     "resolve",
     "round_to_int8",
     "use",
+    "xla_on_amx",
 )
