@@ -82,6 +82,13 @@ def test_a_large_per_channel_point_matches_xla():
                      OBSERVERS[1:])
 
 
+def test_a_large_odd_sized_point_matches_xla():
+  # 79,163 floats (past the size from which both passes split over the cores), not a
+  # multiple of 16: the last chunk ends in a partial vector; NaN and inf land in the first
+  # and last chunks.
+  _check_against_xla(QuantSpec(bits=8, signed=False), [(301, 263)], OBSERVERS)
+
+
 def _check_against_xla(spec, shapes, makers):
   rng = np.random.default_rng(7)
   observers = [make(spec) for make in makers]
