@@ -785,9 +785,9 @@ struct MatrixRows {
       // 2-5x slower than with K a multiple of 64 (char pointers may alias: not vectorised).
       for (; k < Kp; k += 64) {
         const __mmask64 in = Bytes64(K - k), out = Bytes64(Kp - k);
-        const __m512i v = _mm512_maskz_loadu_epi8(in, src + k);
-        _mm512_mask_storeu_epi8(dst + k, out,
-                                _mm512_maskz_mov_epi8(in, _mm512_xor_si512(v, _mm512_set1_epi8(-128))));
+        const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(in, src + k),
+                                           _mm512_set1_epi8(-128));
+        _mm512_mask_storeu_epi8(dst + k, out, _mm512_maskz_mov_epi8(in, v));
       }
     }
   }
