@@ -2294,6 +2294,14 @@ ffi::Error RoundInt8(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
 // RoundInt8 over the rows of y (its leading axis; y of rank <= 1 is one row), each row's
 // NaN / +-inf read as 0, and bad[i] = 1 where row i held one (0 elsewhere): a model input's
 // quantization and its non-finite samples in one pass over the input.
+// The QAT passes over floats (the fused point's fake quantization, the int8 forward's
+// rounding of activations and packing of weights) run on every core from this many floats
+// on; 256 x 100 stays on one (the hand-off would cost more than it saves). On a 2-core Xeon:
+// a 256 x 784 fake quantization alone 54 -> 40 us, its rounding 30 -> 22 us; the MNIST MLP's
+// int8-forward QAT step 1.23-1.25x -> 1.19x (the point) -> 1.11-1.13x (the rounding) the
+// float step.
+constexpr int64_t kFakeQuantParallel = int64_t{1} << 16;
+
 ffi::Error RoundInt8Rows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
                          ffi::Buffer<ffi::S32> params, ffi::ResultBuffer<ffi::S8> out,
                          ffi::ResultBuffer<ffi::PRED> bad, int64_t path) {
@@ -2328,10 +2336,12 @@ ffi::Error RoundInt8Rows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> affine,
       RoundOn(p, in, dst + i * row, row, r);
     }
   };
-  constexpr int64_t kBlock = int64_t{1} << 16;
+  // From 2^16 floats on, both cores (as the fused QAT point): tasks of ~2^14 floats, whole
+  // rows (a 256 x 784 batch: 30 -> 20 us).
+  constexpr int64_t kBlock = int64_t{1} << 14;
   const int64_t rows_per_task = std::max<int64_t>(1, kBlock / std::max<int64_t>(row, 1));
   const int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
-  if (tasks >= 8) {  // ~0.5M elements: both cores
+  if (n >= kFakeQuantParallel && tasks >= 2) {
     ParallelFor(tasks, HardwareThreads(), [&](int64_t t0, int64_t t1) {
       run(t0 * rows_per_task, std::min(rows, t1 * rows_per_task));
     });
@@ -2391,11 +2401,12 @@ ffi::Error DequantRows(ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
 // N, and for NaN / +-inf), their column sums, and the columns holding a NaN or +-inf. One
 // pass; the transposing copy and the rounding that XLA:CPU runs as separate slow loops.
 
+// Panels p0..p1 (each writes only its own panel, column sums and flags).
 void PackRoundPortable(const float* w, const float* inv, int64_t K, int64_t N, int8_t* panels,
-                       int32_t* colsum, bool* bad) {
-  const int64_t P = (N + 15) / 16, G = (K + 3) / 4;
-  for (int64_t n = 0; n < N; ++n) colsum[n] = 0, bad[n] = false;
-  for (int64_t p = 0; p < P; ++p) {
+                       int32_t* colsum, bool* bad, int64_t p0, int64_t p1) {
+  const int64_t G = (K + 3) / 4;
+  for (int64_t n = 16 * p0; n < std::min(N, 16 * p1); ++n) colsum[n] = 0, bad[n] = false;
+  for (int64_t p = p0; p < p1; ++p) {
     for (int64_t g = 0; g < G; ++g) {
       int8_t* dst = panels + (p * G + g) * 64;
       for (int64_t c = 0; c < 16; ++c) {
@@ -2423,10 +2434,10 @@ void PackRoundPortable(const float* w, const float* inv, int64_t K, int64_t N, i
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 void PackRoundAvx512(const float* w, const float* inv, int64_t K, int64_t N, int8_t* panels,
-                     int32_t* colsum, bool* bad) {
-  const int64_t P = (N + 15) / 16, G = (K + 3) / 4;
+                     int32_t* colsum, bool* bad, int64_t p0, int64_t p1) {
+  const int64_t G = (K + 3) / 4;
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = 16 * p;
     const __mmask16 valid = Lanes16(N - n0);
     const __m512 vinv = _mm512_maskz_loadu_ps(valid, inv + n0);
@@ -2487,15 +2498,19 @@ ffi::Error PackRound(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> inv,
     std::memset(bad->typed_data(), 0, N);
     return ffi::Error::Success();
   }
+  // Panels split over the cores from 2^16 weights on (as the fused QAT point).
+  const int threads = K * N >= kFakeQuantParallel ? HardwareThreads() : 1;
+  ParallelFor((N + 15) / 16, threads, [&](int64_t p0, int64_t p1) {
 #ifdef QJAX_X86
-  if (Avx512(p)) {
-    PackRoundAvx512(w.typed_data(), inv.typed_data(), K, N, panels->typed_data(),
-                    colsum->typed_data(), bad->typed_data());
-    return ffi::Error::Success();
-  }
+    if (Avx512(p)) {
+      PackRoundAvx512(w.typed_data(), inv.typed_data(), K, N, panels->typed_data(),
+                      colsum->typed_data(), bad->typed_data(), p0, p1);
+      return;
+    }
 #endif
-  PackRoundPortable(w.typed_data(), inv.typed_data(), K, N, panels->typed_data(),
-                    colsum->typed_data(), bad->typed_data());
+    PackRoundPortable(w.typed_data(), inv.typed_data(), K, N, panels->typed_data(),
+                      colsum->typed_data(), bad->typed_data(), p0, p1);
+  });
   return ffi::Error::Success();
 }
 
@@ -2714,11 +2729,6 @@ inline int32_t ToInt32(float v) {
   if (v <= -2147483648.0f) return std::numeric_limits<int32_t>::min();
   return static_cast<int32_t>(v);
 }
-
-// Fake quantizations of this many floats and more run on every core (a 256 x 784 batch alone:
-// 54 -> 40 us on two cores; the MNIST MLP's int8-forward QAT step 1.23-1.25x -> 1.19x the
-// float step on a 2-core Xeon; 256 x 100 stays on one: the hand-off would cost more).
-constexpr int64_t kFakeQuantParallel = int64_t{1} << 16;
 
 ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_in,
                             ffi::Buffer<ffi::F32> max_in, ffi::Buffer<ffi::S32> count_in,
