@@ -2770,14 +2770,15 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
   const float* src = x.typed_data();
   std::vector<float> lo(channels, INFINITY), hi(channels, -INFINITY);
   bool finite = true;
-  // Large tensors per tensor or per channel along the last axis: both passes split over the
-  // cores in chunks of whole rows (of 16-float vectors per tensor), the ranges of the chunks
-  // folded after (min / max are exact: the same floats in any order).
+  // Per tensor or per channel along the last axis, both passes run over chunks of whole rows
+  // (of 16-float vectors per tensor), split over the cores from kFakeQuantParallel floats on
+  // (one chunk below), the ranges of the chunks folded after (min / max are exact: the same
+  // floats in any order). Other axes: one pass per (outer index, channel) run.
   const int64_t rows = inner == 1 ? outer : (channels == 1 && outer == 1 ? (n + 15) / 16 : 0);
   const int64_t row_len = inner == 1 ? channels : 16;
-  const int64_t chunks = rows > 0 && n >= kFakeQuantParallel ? std::min<int64_t>(rows, 16) : 1;
+  const int64_t chunks = n >= kFakeQuantParallel ? std::min<int64_t>(rows, 16) : 1;
   const auto chunk_rows = [&](int64_t i) { return rows * i / chunks; };
-  if (chunks > 1) {
+  if (rows > 0) {
     std::vector<float> clo(chunks * channels, INFINITY), chi(chunks * channels, -INFINITY);
     std::vector<char> cfinite(chunks, 1);
     ParallelFor(chunks, HardwareThreads(), [&](int64_t c0, int64_t c1) {
@@ -2796,8 +2797,6 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
         hi[c] = std::max(hi[c], chi[i * channels + c]);
       }
     }
-  } else if (inner == 1) {
-    finite = FoldRows(p, src, outer, channels, lo.data(), hi.data());
   } else {
     for (int64_t a = 0; a < outer; ++a) {
       for (int64_t c = 0; c < channels; ++c) {
@@ -2867,7 +2866,7 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
   // The fake quantization (qjax.numerics.fake_quant_with_mask).
   float* dst = out->typed_data();
   bool* inside = mask_size == 0 ? nullptr : mask->typed_data();  // none: no gradient taken
-  if (chunks > 1) {
+  if (rows > 0) {
     ParallelFor(chunks, HardwareThreads(), [&](int64_t c0, int64_t c1) {
       for (int64_t i = c0; i < c1; ++i) {
         const int64_t r0 = chunk_rows(i), r1 = chunk_rows(i + 1);
@@ -2882,8 +2881,6 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
         }
       }
     });
-  } else if (inner == 1) {
-    FakeQuantRows(p, src, dst, inside, outer, channels, inv.data(), zpf.data(), scale, g);
   } else {
     for (int64_t a = 0; a < outer; ++a) {
       for (int64_t c = 0; c < channels; ++c) {
