@@ -24,8 +24,8 @@ from qjax.numerics import QParams, QuantSpec
 
 
 def _zero_cotangent(value: jax.Array) -> jax.Array | np.ndarray:
-  """Zero cotangent of a primal: float0 for integer primals, zeros otherwise."""
-  if jnp.issubdtype(value.dtype, jnp.integer):
+  """Zero cotangent of a primal: float0 for integer and bool primals, zeros otherwise."""
+  if not jnp.issubdtype(value.dtype, jnp.inexact):
     return np.zeros(value.shape, dtype=jax.dtypes.float0)
   return jnp.zeros_like(value)
 
@@ -150,6 +150,55 @@ def _observed_fake_quant_bwd(config, mask, g):
 
 
 _observed_fake_quant.defvjp(_observed_fake_quant_fwd, _observed_fake_quant_bwd)
+
+
+def observed_fake_quant_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
+                             count: jax.Array, skipped: jax.Array, *, spec: QuantSpec,
+                             averaging: float | None, eps: float, path: str, operand: str
+                             ) -> tuple[jax.Array, tuple[jax.Array, ...], QParams, tuple]:
+  """`observed_fake_quant` that also returns y's grid integers for `int8_forward_dot`, from
+  the same native pass (`qjax.integer.kernels.fake_quant_observe_int8`): for `operand` "x"
+  (an activation, per tensor) y's int8 codes, for "w" (a (K, N) weight, symmetric) its
+  packed integers, each with a flag: y holds a NaN. The integers get no gradient.
+
+  Returns:
+    (y, the new state's fields, QParams(scale, zero_point), (codes, nan)).
+
+  Example:
+    >>> from qjax.integer import kernels
+    >>> if kernels.native_paths():
+    ...   y, state, qp, (q, nan) = observed_fake_quant_int8(
+    ...       jnp.array([[-1.0, 0.5, 3.0]]), jnp.float32(jnp.inf), jnp.float32(-jnp.inf),
+    ...       jnp.int32(0), jnp.int32(0), spec=QuantSpec(bits=8, signed=False),
+    ...       averaging=None, eps=float(np.finfo(np.float32).eps),
+    ...       path=kernels.native_paths()[0], operand="x")
+    ...   print(q.tolist(), bool(nan))
+    [[-128, -96, 127]] False
+  """
+  y, new_state, scale, zero_point, int8 = _observed_fake_quant_int8(
+      (spec, averaging, eps, path, operand), x, min_val, max_val, count, skipped)
+  return y, new_state, QParams(scale, zero_point), int8
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _observed_fake_quant_int8(config, x, min_val, max_val, count, skipped):
+  return _observed_fake_quant_int8_call(config, x, min_val, max_val, count, skipped, False)[0]
+
+
+def _observed_fake_quant_int8_call(config, x, min_val, max_val, count, skipped, with_mask):
+  from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
+  spec, averaging, eps, path, operand = config
+  y, mask, state, scale, zero_point, codes, nan = kernels.fake_quant_observe_int8(
+      x, min_val, max_val, count, skipped, spec=spec, averaging=averaging, eps=eps, path=path,
+      operand=operand, mask=with_mask)
+  return (y, state, scale, zero_point, (codes, nan)), mask
+
+
+def _observed_fake_quant_int8_fwd(config, x, min_val, max_val, count, skipped):
+  return _observed_fake_quant_int8_call(config, x, min_val, max_val, count, skipped, True)
+
+
+_observed_fake_quant_int8.defvjp(_observed_fake_quant_int8_fwd, _observed_fake_quant_bwd)
 
 
 # ------------------------------------------------------------------------------------------
@@ -302,7 +351,8 @@ _round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
 
 def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qparams: QParams,
                      w_spec: QuantSpec, w_qparams: QParams, *,
-                     kernel: str | None = None) -> jax.Array:
+                     kernel: str | None = None, x_int8: tuple | None = None,
+                     w_int8: tuple | None = None) -> jax.Array:
   """x_fq @ w_fq with the forward in integers (AQT's QAT): the fake-quantized operands are
   their grids' integers times the scales, so
 
@@ -325,6 +375,9 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
       `w_spec` (per tensor or per output channel, axis -1).
     x_spec, x_qparams, w_spec, w_qparams: the grids and qparams of the two operands.
     kernel: the int8 kernel (`qjax.integer.kernels.resolve`).
+    x_int8, w_int8: the operands' integers where the QAT points already computed them
+      (`observed_fake_quant_int8`: (codes, nan) for x, (PackedWeights, nan) for w); the
+      passes that recover them are then skipped. Both or neither.
 
   Returns:
     float32 (..., N).
@@ -354,8 +407,23 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
                      f"shapes {jnp.shape(x_fq)} and {jnp.shape(w_fq)}.")
   _check_terms(jnp.shape(w_fq)[0], "int8_forward_dot")
   _check_operand_grids(x_fq, w_fq, x_spec, x_qparams, w_spec, w_qparams, "int8_forward_dot")
+  if (x_int8 is None) != (w_int8 is None):
+    raise ValueError("int8_forward_dot: give both x_int8 and w_int8 or neither.")
+  if x_int8 is not None:
+    assert w_int8 is not None
+    if (jnp.shape(x_int8[0]) != jnp.shape(x_fq) or jnp.result_type(x_int8[0]) != jnp.int8
+        or not isinstance(w_int8[0], _packed_weights_type())
+        or (w_int8[0].k, w_int8[0].n) != jnp.shape(w_fq)):
+      raise ValueError(f"int8_forward_dot: x_int8 must hold int8 codes of x_fq's shape "
+                       f"{jnp.shape(x_fq)} and w_int8 PackedWeights of w_fq's shape "
+                       f"{jnp.shape(w_fq)}, as observed_fake_quant_int8 returns them.")
   return _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, x_qparams.scale,
-                           x_qparams.zero_point, w_qparams.scale)
+                           x_qparams.zero_point, w_qparams.scale, x_int8, w_int8)
+
+
+def _packed_weights_type() -> type:
+  from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
+  return kernels.PackedWeights
 
 
 # The int32 sums are exact for up to this many terms: |qx - Zx| <= 255 on an 8-bit grid and
@@ -420,24 +488,30 @@ def _check_float32_operands(x_fq: jax.Array, w_fq: jax.Array, name: str) -> None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):
+def _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw, x_int8, w_int8):
   from qjax.integer import arith, kernels  # pylint: disable=import-outside-toplevel
   k, n = w_fq.shape
   sw_n = jnp.broadcast_to(jnp.asarray(sw, jnp.float32), (n,))
   rows = x_fq.reshape((math.prod(x_fq.shape[:-1]), k))  # explicit: k or the batch may be 0
-  # x's grid integers as int8 (qx - 128 on an unsigned grid, `int8_shift`) and its rows with
-  # NaN or +-inf, in one pass (native where it runs): rne(x_fq / Sx) is exact, |q - Z| <= 255
-  # being far from a rounding boundary.
-  qx, bad_rows = kernels.quantize_samples(rows, x_spec, sx, zx, kernel=kernel)
-  # w's integers packed for the kernel (one native pass), with the columns holding NaN / inf.
-  packed, bad_cols = kernels.pack_grid(w_fq, sw_n, kernel_path=kernel)
+  if x_int8 is not None:  # the points' own integers (a NaN in x_fq or w_fq flagged)
+    (qx, x_nan), (packed, w_nan) = x_int8, w_int8
+    qx = qx.reshape(rows.shape)
+    nonfinite = x_nan | w_nan
+  else:
+    # x's grid integers as int8 (qx - 128 on an unsigned grid, `int8_shift`) and its rows
+    # with NaN or +-inf, in one pass (native where it runs): rne(x_fq / Sx) is exact,
+    # |q - Z| <= 255 being far from a rounding boundary.
+    qx, bad_rows = kernels.quantize_samples(rows, x_spec, sx, zx, kernel=kernel)
+    # w's integers packed for the kernel (one native pass), with the columns holding NaN /
+    # inf.
+    packed, bad_cols = kernels.pack_grid(w_fq, sw_n, kernel_path=kernel)
+    nonfinite = jnp.any(bad_rows) | jnp.any(bad_cols)
   # The difference of qx - shift to qx - Zx, times sum_k qw[k, n], goes into the offset.
   shift = arith.int8_shift(x_spec)
   zx = jnp.asarray(zx, jnp.int32)
   acc = kernels.matmul(qx, packed, (shift - zx) * packed.column_sums, kernel=kernel)
   y = acc.astype(jnp.float32) * (jnp.asarray(sx, jnp.float32) * sw_n)[None, :]
-  y = _float_nonfinite(y, jnp.any(bad_rows) | jnp.any(bad_cols),
-                       lambda: jnp.matmul(rows, w_fq))
+  y = _float_nonfinite(y, nonfinite, lambda: jnp.matmul(rows, w_fq))
   return y.reshape(x_fq.shape[:-1] + (n,))
 
 
@@ -457,18 +531,20 @@ def _float_nonfinite(y: jax.Array, any_nonfinite: jax.Array,
   return jax.lax.cond(any_nonfinite, patch, lambda: y)
 
 
-def _int8_forward_dot_fwd(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw):
-  y = _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw)
-  return y, (x_fq, w_fq, sx, zx, sw)
+def _int8_forward_dot_fwd(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw, x_int8, w_int8):
+  y = _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, sx, zx, sw, x_int8, w_int8)
+  return y, (x_fq, w_fq, sx, zx, sw, x_int8, w_int8)
 
 
 def _int8_forward_dot_bwd(x_spec, w_spec, kernel, residuals, g):
   del x_spec, w_spec, kernel
-  x_fq, w_fq, sx, zx, sw = residuals
+  x_fq, w_fq, sx, zx, sw, x_int8, w_int8 = residuals
   dx = jnp.matmul(g, w_fq.T)
   rows = x_fq.reshape((math.prod(x_fq.shape[:-1]), x_fq.shape[-1]))
   dw = jnp.matmul(rows.T, g.reshape((rows.shape[0], g.shape[-1])))
-  return dx, dw, _zero_cotangent(sx), _zero_cotangent(jnp.asarray(zx)), _zero_cotangent(sw)
+  integers = jax.tree_util.tree_map(_zero_cotangent, (x_int8, w_int8))
+  return (dx, dw, _zero_cotangent(sx), _zero_cotangent(jnp.asarray(zx)), _zero_cotangent(sw),
+          *integers)
 
 
 _int8_forward_dot.defvjp(_int8_forward_dot_fwd, _int8_forward_dot_bwd)

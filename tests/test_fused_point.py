@@ -211,3 +211,76 @@ def test_fused_point_counts_saturate():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     assert int(got[2][2]) == top and int(got[2][3]) == top
+
+
+# Grids whose integers the int8 forward takes: activations per tensor, weights symmetric.
+X_GRIDS = [QuantSpec(bits=8, signed=False), QuantSpec(bits=8, signed=False, reduce_range=True),
+           QuantSpec(bits=8, signed=True, symmetric=True)]
+W_GRIDS = [QuantSpec(bits=8, signed=True, symmetric=True, axis=-1),
+           QuantSpec(bits=8, signed=True, symmetric=True),
+           QuantSpec(bits=8, signed=True, narrow_range=True, symmetric=True, axis=1)]
+
+
+def _second_pass(operand, spec, y, scale, zero_point):
+  """The integers the int8 forward recovers from y in a pass of its own (XLA's form), NaN
+  entries read as 0: int8 codes for "x", PackedWeights for "w"."""
+  clean = jnp.where(jnp.isnan(y), 0.0, y)
+  if operand == "x":
+    codes, _ = kernels.quantize_samples(clean, spec, scale, zero_point, kernel="xla")
+    return jnp.where(jnp.isnan(y), jnp.int8(0), codes)
+  packed, _ = kernels.pack_grid(clean, jnp.broadcast_to(scale, y.shape[1:]), kernel_path="xla")
+  return packed
+
+
+@pytest.mark.parametrize("operand,spec", [("x", s) for s in X_GRIDS] + [("w", s) for s in W_GRIDS],
+                         ids=str)
+def test_emitted_integers_are_those_of_a_second_pass(operand, spec):
+  """`fake_quant_observe_int8` returns what `fake_quant_observe` returns and, from the same
+  pass, the integers the int8 forward would recover from y: codes (x) or packed panels with
+  column sums (w), on every batch of `_batches` (NaN, +-inf, a range the observer skips) and
+  on odd sizes; the flag says whether y holds a NaN."""
+  # (256, 784): two threads; (1, 1) and (1,): one value; 17 x 33: K % 4 and N % 16 tails.
+  shapes = ([(256, 784), (1,), (3, 77), (2, 3, 5)] if operand == "x"
+            else [(784, 100), (1, 1), (17, 33), (5, 16)])
+  observer = obs.MovingAverageMinMaxObserver(spec=spec)
+  rng = np.random.default_rng(11)
+
+  @jax.jit
+  def run(state, x):
+    out = {}
+    for path in PATHS:
+      args = dict(spec=spec, averaging=0.01, eps=float(observer.eps), path=path)
+      *got, codes, nan = kernels.fake_quant_observe_int8(x, *state, operand=operand, **args)
+      out[path] = (got, kernels.fake_quant_observe(x, *state, **args), codes, nan)
+    return out
+
+  for shape in shapes:
+    state = observer.init(shape)
+    for step, x in enumerate(_batches(rng, shape)):
+      for path, (got, want, codes, nan) in run(state, x).items():
+        where = f"{operand} {spec} {shape} batch {step} on {path}"
+        jax.tree.map(lambda a, b, where=where: np.testing.assert_array_equal(
+            np.asarray(a), np.asarray(b), err_msg=where), got, list(want))
+        y, _, new_state, scale, zero_point = want
+        assert bool(nan) == bool(jnp.isnan(y).any()), where
+        jax.tree.map(lambda a, b, where=where: np.testing.assert_array_equal(
+            np.asarray(a), np.asarray(b), err_msg=where),
+            codes, _second_pass(operand, spec, y, scale, zero_point))
+      state = type(state)(*new_state)
+
+
+def test_emitted_integers_refuse_grids_the_int8_forward_does_not_take():
+  state = (jnp.float32(0.0), jnp.float32(1.0), jnp.int32(1), jnp.int32(0))
+  args = dict(averaging=None, eps=1e-7, path=PATHS[0])
+  with pytest.raises(ValueError, match="operand must be 'x' or 'w'; got 'y'"):
+    kernels.fake_quant_observe_int8(jnp.ones((2, 3)), *state, spec=X_GRIDS[0], operand="y",
+                                    **args)
+  with pytest.raises(ValueError, match="operand 'x' needs an 8-bit per-tensor grid"):
+    kernels.fake_quant_observe_int8(jnp.ones((2, 3)), *state,
+                                    spec=QuantSpec(bits=4, signed=False), operand="x", **args)
+  with pytest.raises(ValueError, match="operand 'w' needs a \\(K, N\\) weight"):
+    kernels.fake_quant_observe_int8(jnp.ones((2, 3, 4)), *state, spec=W_GRIDS[1], operand="w",
+                                    **args)
+  with pytest.raises(ValueError, match="operand 'w' needs a \\(K, N\\) weight"):
+    kernels.fake_quant_observe_int8(jnp.ones((2, 3)), *state, spec=X_GRIDS[0], operand="w",
+                                    **args)

@@ -218,45 +218,57 @@ class FakeQuant(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: Mode | str | None = None,
-               return_qparams: bool = False) -> Any:
+               return_qparams: bool = False, int8_operand: str | None = None) -> Any:
     """x unchanged (float, calibrate) or fake-quantized with the observed qparams (qat);
-    with `return_qparams`, (that, the qparams it was fake-quantized with or None)."""
-    y, qparams = self._quantize(x, mode)
+    with `return_qparams`, (that, the qparams it was fake-quantized with or None).
+
+    `int8_operand` ("x" or "w", with `return_qparams`): also return, third, the grid
+    integers of the result for `qjax.ste.int8_forward_dot` where the point runs natively
+    (`qjax.ste.observed_fake_quant_int8`), else None."""
+    y, qparams, int8 = self._quantize(x, mode, int8_operand)
+    if int8_operand is not None:
+      return y, qparams, int8
     return (y, qparams) if return_qparams else y
 
-  def _quantize(self, x: jax.Array, mode: Mode | str | None) -> tuple[jax.Array, Any]:
+  def _quantize(self, x: jax.Array, mode: Mode | str | None,
+                int8_operand: str | None = None) -> tuple[jax.Array, Any, Any]:
     mode = _merged_mode(self, mode)
     observer = self.observer
     if observer is None:
-      return x, None
+      return x, None, None
     _no_int8(self, mode)
     found = _observer_state(self, observer, x, mode)
     if found is None:
-      return x, None
+      return x, None, None
     record = self.is_mutable_collection(QPARAMS) and not self.is_initializing()
     state, variables = found
     path = self._fused_path(observer, x, state, mode)
     if path is not None:  # observe, qparams and fake quant in one native call
-      y, fields, qparams = ste.observed_fake_quant(
-          x, *state, spec=observer.spec,
-          averaging=getattr(observer, "averaging_constant", None), eps=float(observer.eps),
-          path=path)
+      config = dict(spec=observer.spec, averaging=getattr(observer, "averaging_constant", None),
+                    eps=float(observer.eps), path=path)
+      int8 = None
+      if int8_operand is not None:
+        y, fields, qparams, int8 = ste.observed_fake_quant_int8(
+            x, *state, operand=int8_operand, **config)
+      else:
+        y, fields, qparams = ste.observed_fake_quant(x, *state, **config)
       for var, value in zip(variables.values(), fields, strict=True):
         var.value = value
       if record:
         _write_qparams(self, *qparams)
-      return y, qparams
+      return y, qparams, int8
     state = _observe(self, observer, *found, x, mode=mode, updates=mode is not Mode.FLOAT,
                      axis_name=self.axis_name)
     if not record and (mode is not Mode.QAT or self.is_initializing()):
-      return x, None
+      return x, None, None
     qparams = _reraise_with_path(self, lambda: observer.qparams(state))
     if record:
       _write_qparams(self, *qparams)
     if mode is not Mode.QAT or self.is_initializing():
-      return x, None
+      return x, None, None
     qparams = jax.tree_util.tree_map(lax.stop_gradient, qparams)
-    return _reraise_with_path(self, lambda: ste.fake_quant(x, observer.spec, qparams)), qparams
+    y = _reraise_with_path(self, lambda: ste.fake_quant(x, observer.spec, qparams))
+    return y, qparams, None
 
   def _fused_path(self, observer: obs.Observer, x: jax.Array, state: Any,
                   mode: Mode) -> str | None:
@@ -544,25 +556,45 @@ def _int8_forward(module: nn.Module, qconfig: QConfig | None, lhs: jax.Array, rh
   if not _dense_contraction(lhs, rhs, dimension_numbers):
     raise ValueError(f"{_where(module)}: int8_forward runs nn.Dense's contraction (..., K) x "
                      f"(K, N); got dimension_numbers={dimension_numbers}.")
-  operands = _int8_forward_operands(module, qconfig, lhs, rhs)
-  return _reraise_with_path(module, lambda: ste.int8_forward_dot(*operands))
+  operands, (x_int8, w_int8) = _int8_forward_operands(module, qconfig, lhs, rhs,
+                                                      integers=True)
+  if x_int8 is None or w_int8 is None:  # a point ran as XLA ops: the dot recovers them
+    x_int8 = w_int8 = None
+  return _reraise_with_path(module, lambda: ste.int8_forward_dot(
+      *operands, x_int8=x_int8, w_int8=w_int8))
 
 
 def _int8_forward_operands(module: nn.Module, qconfig: QConfig | None, lhs: jax.Array,
-                           rhs: jax.Array) -> tuple[Any, ...]:
+                           rhs: jax.Array, *, integers: bool = False) -> Any:
   """The QAT points of an int8-forward contraction: (x_fq, w_fq, x_spec, x_qparams, w_spec,
-  w_qparams), as `qjax.ste.int8_forward_dot` / `int8_forward_conv` take them."""
+  w_qparams), as `qjax.ste.int8_forward_dot` / `int8_forward_conv` take them; with
+  `integers`, also the points' (x_int8, w_int8) for `int8_forward_dot` (None where a point
+  does not emit them: not native, or a grid the dot refuses)."""
   if (qconfig is None or qconfig.learnable or qconfig.activation is None
       or qconfig.weight is None or is_research(qconfig.activation)
       or is_research(qconfig.weight)):
     raise ValueError(f"{_where(module)}: int8_forward needs observed qparams for both operands "
                      f"(a qconfig with activation and weight observers, learnable=False); got "
                      f"{qconfig!r}.")
-  x_fq, x_qparams = _point(qconfig, "activation", name="input", parent=module,
-                           axis_name=module.axis_name)(lhs, mode=Mode.QAT, return_qparams=True)
-  w_fq, w_qparams = _point(qconfig, "weight", name="weight", parent=module)(
-      rhs, mode=Mode.QAT, return_qparams=True)
-  return (x_fq, w_fq, qconfig.activation.spec, x_qparams, qconfig.weight.spec, w_qparams)
+  x_spec, w_spec = qconfig.activation.spec, qconfig.weight.spec
+  # The points emit the integers only for grids int8_forward_dot takes (it names the others).
+  emit = integers and x_spec.bits == 8 and x_spec.axis is None and w_spec.bits == 8 \
+      and w_spec.symmetric and jnp.ndim(rhs) == 2 and w_spec.axis in (None, -1, 1)
+  x_point = _point(qconfig, "activation", name="input", parent=module,
+                   axis_name=module.axis_name)
+  w_point = _point(qconfig, "weight", name="weight", parent=module)
+  if emit:
+    x_fq, x_qparams, x_int8 = x_point(lhs, mode=Mode.QAT, return_qparams=True,
+                                      int8_operand="x")
+    w_fq, w_qparams, w_int8 = w_point(rhs, mode=Mode.QAT, return_qparams=True,
+                                      int8_operand="w")
+  else:
+    (x_fq, x_qparams), (w_fq, w_qparams) = (
+        x_point(lhs, mode=Mode.QAT, return_qparams=True),
+        w_point(rhs, mode=Mode.QAT, return_qparams=True))
+    x_int8 = w_int8 = None
+  operands = (x_fq, w_fq, x_spec, x_qparams, w_spec, w_qparams)
+  return (operands, (x_int8, w_int8)) if integers else operands
 
 
 class QuantDotGeneral(nn.Module):

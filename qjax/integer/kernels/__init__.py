@@ -66,6 +66,7 @@ import os
 import pathlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -1585,28 +1586,117 @@ def fake_quant_observe(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
     ...   print(state[1], int(zp), mask.tolist())
     6.0 36 [True, True, False]
   """
+  y, inside, state, scale, zero_point, _ = _fake_quant_observe(
+      "fake_quant_observe", x, min_val, max_val, count, skipped, spec=spec, averaging=averaging,
+      eps=eps, path=path, mask=mask, emit=None)
+  return y, inside, state, scale, zero_point
+
+
+# What `fake_quant_observe_int8` emits beside y: an activation's int8 codes, or a (K, N)
+# weight's packed panels.
+_EMIT_IDS = {None: 0, "rows": 1, "panels": 2}
+
+
+def _fake_quant_observe(name: str, x: jax.Array, min_val: jax.Array, max_val: jax.Array,
+                        count: jax.Array, skipped: jax.Array, *, spec: numerics.QuantSpec,
+                        averaging: float | None, eps: float, path: str, mask: bool,
+                        emit: str | None) -> tuple[Any, ...]:
+  """The fused point's native call; the last element is (codes, column sums, y holds a NaN)
+  where `emit` asks for codes, else None."""
   if path not in native_paths():
-    raise ValueError(f"fake_quant_observe: path must be one of {list(native_paths())} (the "
+    raise ValueError(f"{name}: path must be one of {list(native_paths())} (the "
                      f"native paths of this machine); got {path!r}.")
   axis = -1 if spec.axis is None else spec.axis % x.ndim
+  if emit == "rows":
+    codes_shape, sums_shape = x.shape, (0,)
+  elif emit == "panels":
+    k, n = x.shape
+    codes_shape, sums_shape = (-(-n // PANEL), -(-k // GROUP), PANEL, GROUP), (n,)
+  else:
+    codes_shape, sums_shape = (0,), (0,)
   shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
             jax.ShapeDtypeStruct(x.shape if mask else (0,), jnp.bool_),
             jax.ShapeDtypeStruct(min_val.shape, jnp.float32),
             jax.ShapeDtypeStruct(max_val.shape, jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
             jax.ShapeDtypeStruct(min_val.shape, jnp.float32),
-            jax.ShapeDtypeStruct(min_val.shape, jnp.int32))
+            jax.ShapeDtypeStruct(min_val.shape, jnp.int32),
+            jax.ShapeDtypeStruct(codes_shape, jnp.int8),
+            jax.ShapeDtypeStruct(sums_shape, jnp.int32),
+            jax.ShapeDtypeStruct(() if emit else (0,), jnp.bool_))
   # averaging 0 selects the running min / max (a moving average's constant is in (0, 1]).
   call = jax.ffi.ffi_call(_TARGET_FAKE_QUANT_OBSERVE, shapes, vmap_method="sequential")
-  y, inside, lo, hi, cnt, skp, scale, zero_point = call(
+  y, inside, lo, hi, cnt, skp, scale, zero_point, codes, sums, nan = call(
       x, min_val, max_val, count.reshape(()), skipped.reshape(()), axis=np.int64(axis),
       averaging=np.float32(0.0 if averaging is None else averaging),
       qmin=np.int64(spec.qmin), qmax=np.int64(spec.qmax), eps=np.float32(eps),
       symmetric=np.int64(spec.symmetric),
       symmetric_zero_point=np.int64(spec.symmetric_zero_point if spec.symmetric else 0),
+      emit=np.int64(_EMIT_IDS[emit]),
+      shift=np.int64(arith.int8_shift(spec) if emit == "rows" else 0),
       path=np.int64(_PATH_IDS[path]))
-  return y, inside, (lo, hi, cnt.reshape(count.shape), skp.reshape(skipped.shape)), scale, \
-      zero_point
+  state = (lo, hi, cnt.reshape(count.shape), skp.reshape(skipped.shape))
+  if emit == "panels":
+    k, n = x.shape
+    codes = PackedWeights(panels=codes, column_sums=sums, n=n, k=k)
+  return y, inside, state, scale, zero_point, ((codes, nan) if emit else None)
+
+
+def fake_quant_observe_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
+                            count: jax.Array, skipped: jax.Array, *, spec: numerics.QuantSpec,
+                            averaging: float | None, eps: float, path: str,
+                            operand: str, mask: bool = True) -> tuple[Any, ...]:
+  """`fake_quant_observe` that also hands the int8 forward y's grid integers, in the same
+  pass: for `operand` "x" (an activation on a per-tensor 8-bit grid) the codes
+
+    q = clamp(rne(x / S) + Z, qmin, qmax) - shift      (int8, x's shape)
+
+  that `quantize_samples(y, ...)` computes (shift: `qjax.integer.arith.int8_shift`); for
+  "w" (a (K, N) weight on a symmetric 8-bit grid, per tensor or per output channel) the
+  integers k = clamp(rne(x / S[n]), qmin - Z, qmax - Z) packed as `pack_grid(y, S)` packs
+  them. y = S k exactly, so these are the integers a second pass over y recovers; a NaN in
+  y (from a NaN in x, or a state whose qparams are NaN) has code 0 and sets the flag.
+
+  Args:
+    x, min_val, max_val, count, skipped, spec, averaging, eps, path, mask: as
+      `fake_quant_observe`.
+    operand: "x" (codes of x's shape) or "w" (PackedWeights).
+
+  Returns:
+    (y, mask, state, scale, zero_point, codes, nan): codes int8 or PackedWeights, nan a
+    bool scalar (y holds a NaN).
+
+  Raises:
+    ValueError: an operand or grid the int8 forward does not take (above).
+
+  Example:
+    >>> if native_paths():
+    ...   spec = numerics.QuantSpec(bits=8, signed=False)
+    ...   y, _, _, scale, zp, q, nan = fake_quant_observe_int8(
+    ...       jnp.array([[0.0, 1.0, 2.0]]), jnp.float32(0.0), jnp.float32(2.0), jnp.int32(1),
+    ...       jnp.int32(0), spec=spec, averaging=None, eps=1e-7, path=native_paths()[0],
+    ...       operand="x")
+    ...   print(q.tolist(), bool(nan))
+    [[-128, -1, 127]], False
+  """
+  if operand == "x":
+    if spec.bits != 8 or spec.axis is not None:
+      raise ValueError(f"fake_quant_observe_int8: operand 'x' needs an 8-bit per-tensor grid; "
+                       f"got {spec}.")
+    emit = "rows"
+  elif operand == "w":
+    if (spec.bits != 8 or not spec.symmetric or jnp.ndim(x) != 2
+        or (spec.axis is not None and spec.axis % 2 != 1)):
+      raise ValueError(f"fake_quant_observe_int8: operand 'w' needs a (K, N) weight on a "
+                       f"symmetric 8-bit grid, per tensor or along axis -1; got shape "
+                       f"{jnp.shape(x)} and {spec}.")
+    emit = "panels"
+  else:
+    raise ValueError(f"fake_quant_observe_int8: operand must be 'x' or 'w'; got {operand!r}.")
+  y, inside, state, scale, zero_point, (codes, nan) = _fake_quant_observe(
+      "fake_quant_observe_int8", x, min_val, max_val, count, skipped, spec=spec,
+      averaging=averaging, eps=eps, path=path, mask=mask, emit=emit)
+  return y, inside, state, scale, zero_point, codes, nan
 
 
 def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None, *,
@@ -1684,6 +1774,7 @@ __all__ = (
     "dequantize_rows",
     "direct_conv",
     "fake_quant_observe",
+    "fake_quant_observe_int8",
     "gathers_patches",
     "group_runs",
     "grouped_conv",
