@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from qjax import _checks
 from qjax import numerics
@@ -136,20 +137,26 @@ def _observed_fake_quant_call(config, x, min_val, max_val, count, skipped, with_
   y, mask, state, scale, zero_point = kernels.fake_quant_observe(
       x, min_val, max_val, count, skipped, spec=spec, averaging=averaging, eps=eps, path=path,
       mask=with_mask)
-  return (y, state, scale, zero_point), mask
+  return (y, state, scale, zero_point), (mask if with_mask else None)
 
 
+# The rules see which inputs carry a tangent (symbolic zeros): a point whose x needs no
+# gradient (a model's input batch) writes no mask.
 def _observed_fake_quant_fwd(config, x, min_val, max_val, count, skipped):
-  return _observed_fake_quant_call(config, x, min_val, max_val, count, skipped, True)
+  primals = (x, min_val, max_val, count, skipped)
+  return _observed_fake_quant_call(config, *(p.value for p in primals), x.perturbed)
 
 
 def _observed_fake_quant_bwd(config, mask, g):
   del config
   g_y = g[0]
+  if mask is None or isinstance(g_y, SymbolicZero):
+    return (None,) * 5
   return (jnp.where(mask, g_y, jnp.zeros_like(g_y)), None, None, None, None)
 
 
-_observed_fake_quant.defvjp(_observed_fake_quant_fwd, _observed_fake_quant_bwd)
+_observed_fake_quant.defvjp(_observed_fake_quant_fwd, _observed_fake_quant_bwd,
+                            symbolic_zeros=True)
 
 
 def observed_fake_quant_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
@@ -191,14 +198,16 @@ def _observed_fake_quant_int8_call(config, x, min_val, max_val, count, skipped, 
   y, mask, state, scale, zero_point, codes, nan = kernels.fake_quant_observe_int8(
       x, min_val, max_val, count, skipped, spec=spec, averaging=averaging, eps=eps, path=path,
       operand=operand, mask=with_mask)
-  return (y, state, scale, zero_point, (codes, nan)), mask
+  return (y, state, scale, zero_point, (codes, nan)), (mask if with_mask else None)
 
 
 def _observed_fake_quant_int8_fwd(config, x, min_val, max_val, count, skipped):
-  return _observed_fake_quant_int8_call(config, x, min_val, max_val, count, skipped, True)
+  primals = (x, min_val, max_val, count, skipped)
+  return _observed_fake_quant_int8_call(config, *(p.value for p in primals), x.perturbed)
 
 
-_observed_fake_quant_int8.defvjp(_observed_fake_quant_int8_fwd, _observed_fake_quant_bwd)
+_observed_fake_quant_int8.defvjp(_observed_fake_quant_int8_fwd, _observed_fake_quant_bwd,
+                                 symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------------------------------
