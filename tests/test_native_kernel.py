@@ -482,9 +482,10 @@ def test_vmap():
 
 
 def test_concurrent_callers():
-  """Calls from several Python threads at once, large enough to use the kernel's worker
-  threads (one caller gets them, the others run on their own threads): the same integers.
-  Each call runs every native path."""
+  """Calls from several Python threads at once, large enough to split over threads (XLA's
+  intra-op pool, which the callers share and whose workers may already run another call's
+  blocks): the same integers. Each call runs every native path, in one program whose
+  independent calls XLA may run side by side."""
   rng = np.random.default_rng(8)
   cases = [operands(rng, m, 300, 400) for m in (90, 3, 64, 1, 80, 9)]
   run = jax.jit(lambda x, w, o: [kernels.matmul(x, w, o, kernel=p) for p in AVAILABLE])

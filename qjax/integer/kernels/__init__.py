@@ -45,11 +45,13 @@ channels a vector (vpdpwssd on the AVX-512 paths); other grouped ones (`grouped_
 small groups on the same kernel (`grouped_direct`), else as ungrouped convolutions of runs of
 their groups, each run's kernel block diagonal (`group_runs`). The kernel's epilogue also
 requantizes the int32 result of the convolutions XLA keeps (other single-channel ones). The
-kernel uses every core (a pool of threads started once) for products of 2^21 multiply-adds
-and more (QJAX_INT8_THREADS caps the thread count).
+kernel uses every core for products of 2^21 multiply-adds and more, on XLA's intra-op
+thread pool (the FFI's ThreadPool: the threads that run XLA's own ops), or a pool of its own
+where XLA gives none (QJAX_INT8_THREADS caps the thread count).
 For int8-forward QAT (`qjax.ste.int8_forward_dot` / `int8_forward_conv`), `pack_grid` packs
-fake-quantized float weights' grid integers in one pass and `conv_int32` gives a
-convolution's int32 sums. `retain_freed_memory` keeps glibc from handing XLA's freed buffers
+fake-quantized float weights' grid integers in one pass, `fake_quant_observe_int8` has a
+fused QAT point hand over its result's integers from its own pass (an activation's codes, a
+weight's panels), and `conv_int32` gives a convolution's int32 sums. `retain_freed_memory` keeps glibc from handing XLA's freed buffers
 back to the kernel between calls (page faults on large outputs otherwise).
 The library is built by `pip install` (setup.py); where it was not, `available()` is False
 and everything runs on XLA.
