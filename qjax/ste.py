@@ -143,8 +143,8 @@ def _observed_fake_quant_call(config, x, min_val, max_val, count, skipped, with_
 # The rules see which inputs carry a tangent (symbolic zeros): a point whose x needs no
 # gradient (a model's input batch) writes no mask.
 def _observed_fake_quant_fwd(config, x, min_val, max_val, count, skipped):
-  primals = (x, min_val, max_val, count, skipped)
-  return _observed_fake_quant_call(config, *(p.value for p in primals), x.perturbed)
+  return _observed_fake_quant_call(config, x.value, min_val.value, max_val.value, count.value,
+                                   skipped.value, x.perturbed)
 
 
 def _observed_fake_quant_bwd(config, mask, g):
@@ -202,8 +202,8 @@ def _observed_fake_quant_int8_call(config, x, min_val, max_val, count, skipped, 
 
 
 def _observed_fake_quant_int8_fwd(config, x, min_val, max_val, count, skipped):
-  primals = (x, min_val, max_val, count, skipped)
-  return _observed_fake_quant_int8_call(config, *(p.value for p in primals), x.perturbed)
+  return _observed_fake_quant_int8_call(config, x.value, min_val.value, max_val.value,
+                                        count.value, skipped.value, x.perturbed)
 
 
 _observed_fake_quant_int8.defvjp(_observed_fake_quant_int8_fwd, _observed_fake_quant_bwd,
@@ -420,19 +420,15 @@ def int8_forward_dot(x_fq: jax.Array, w_fq: jax.Array, x_spec: QuantSpec, x_qpar
     raise ValueError("int8_forward_dot: give both x_int8 and w_int8 or neither.")
   if x_int8 is not None:
     assert w_int8 is not None
+    from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
     if (jnp.shape(x_int8[0]) != jnp.shape(x_fq) or jnp.result_type(x_int8[0]) != jnp.int8
-        or not isinstance(w_int8[0], _packed_weights_type())
+        or not isinstance(w_int8[0], kernels.PackedWeights)
         or (w_int8[0].k, w_int8[0].n) != jnp.shape(w_fq)):
       raise ValueError(f"int8_forward_dot: x_int8 must hold int8 codes of x_fq's shape "
                        f"{jnp.shape(x_fq)} and w_int8 PackedWeights of w_fq's shape "
                        f"{jnp.shape(w_fq)}, as observed_fake_quant_int8 returns them.")
   return _int8_forward_dot(x_spec, w_spec, kernel, x_fq, w_fq, x_qparams.scale,
                            x_qparams.zero_point, w_qparams.scale, x_int8, w_int8)
-
-
-def _packed_weights_type() -> type:
-  from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
-  return kernels.PackedWeights
 
 
 # The int32 sums are exact for up to this many terms: |qx - Zx| <= 255 on an 8-bit grid and

@@ -244,14 +244,16 @@ class FakeQuant(nn.Module):
     state, variables = found
     path = self._fused_path(observer, x, state, mode)
     if path is not None:  # observe, qparams and fake quant in one native call
-      config = dict(spec=observer.spec, averaging=getattr(observer, "averaging_constant", None),
-                    eps=float(observer.eps), path=path)
+      averaging = getattr(observer, "averaging_constant", None)
       int8 = None
       if int8_operand is not None:
         y, fields, qparams, int8 = ste.observed_fake_quant_int8(
-            x, *state, operand=int8_operand, **config)
+            x, *state, spec=observer.spec, averaging=averaging, eps=float(observer.eps),
+            path=path, operand=int8_operand)
       else:
-        y, fields, qparams = ste.observed_fake_quant(x, *state, **config)
+        y, fields, qparams = ste.observed_fake_quant(
+            x, *state, spec=observer.spec, averaging=averaging, eps=float(observer.eps),
+            path=path)
       for var, value in zip(variables.values(), fields, strict=True):
         var.value = value
       if record:

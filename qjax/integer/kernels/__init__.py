@@ -51,8 +51,9 @@ where XLA gives none (QJAX_INT8_THREADS caps the thread count).
 For int8-forward QAT (`qjax.ste.int8_forward_dot` / `int8_forward_conv`), `pack_grid` packs
 fake-quantized float weights' grid integers in one pass, `fake_quant_observe_int8` has a
 fused QAT point hand over its result's integers from its own pass (an activation's codes, a
-weight's panels), and `conv_int32` gives a convolution's int32 sums. `retain_freed_memory` keeps glibc from handing XLA's freed buffers
-back to the kernel between calls (page faults on large outputs otherwise).
+weight's panels), and `conv_int32` gives a convolution's int32 sums. `retain_freed_memory`
+keeps glibc from handing XLA's freed buffers back to the kernel between calls (page faults on
+large outputs otherwise).
 The library is built by `pip install` (setup.py); where it was not, `available()` is False
 and everything runs on XLA.
 """
@@ -1638,10 +1639,11 @@ def _fake_quant_observe(name: str, x: jax.Array, min_val: jax.Array, max_val: ja
       shift=np.int64(arith.int8_shift(spec) if emit == "rows" else 0),
       path=np.int64(_PATH_IDS[path]))
   state = (lo, hi, cnt.reshape(count.shape), skp.reshape(skipped.shape))
+  integers: Any = codes
   if emit == "panels":
     k, n = x.shape
-    codes = PackedWeights(panels=codes, column_sums=sums, n=n, k=k)
-  return y, inside, state, scale, zero_point, ((codes, nan) if emit else None)
+    integers = PackedWeights(panels=codes, column_sums=sums, n=n, k=k)
+  return y, inside, state, scale, zero_point, ((integers, nan) if emit else None)
 
 
 def fake_quant_observe_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
