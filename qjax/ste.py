@@ -180,7 +180,7 @@ def observed_fake_quant_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Arra
     ...       averaging=None, eps=float(np.finfo(np.float32).eps),
     ...       path=kernels.native_paths()[0], operand="x")
     ...   print(q.tolist(), bool(nan))
-    [[-128, -96, 127]] False
+    [[-128, -32, 127]] False
   """
   y, new_state, scale, zero_point, int8 = _observed_fake_quant_int8(
       (spec, averaging, eps, path, operand), x, min_val, max_val, count, skipped)

@@ -1681,7 +1681,7 @@ def fake_quant_observe_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Array
     ...       jnp.int32(0), spec=spec, averaging=None, eps=1e-7, path=native_paths()[0],
     ...       operand="x")
     ...   print(q.tolist(), bool(nan))
-    [[-128, -1, 127]], False
+    [[-128, -1, 127]] False
   """
   if operand == "x":
     if spec.bits != 8 or spec.axis is not None:

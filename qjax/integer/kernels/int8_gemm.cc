@@ -345,7 +345,14 @@ bool RunOnXlaPool(int64_t tasks, int64_t grain, int threads,
   }
   job->Drain();
   job->closed.store(true);
-  while (job->active.load() != 0) Relax();
+  // A helper still inside a block: spin a little, then yield (it may need this core).
+  for (int spins = 0; job->active.load() != 0; ++spins) {
+    if (spins < 4096) {
+      Relax();
+    } else {
+      std::this_thread::yield();
+    }
+  }
   return true;
 }
 
