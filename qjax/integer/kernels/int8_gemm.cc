@@ -2652,9 +2652,7 @@ bool FoldRangeAvx512(const float* x, int64_t n, float* lo, float* hi) {
 }
 
 // Folds the rows x[r, 0, c) (row stride c) into lo[0, c) / hi[0, c); false when they hold
-// NaN or inf. Four rows at a time, all their columns, so x streams in order: a column block
-// running down all the rows reads a row's cache lines once per block (784 x 100 weights:
-// 37 -> 10 us on a Xeon core).
+// NaN or inf. Four rows at a time, all their columns, so x streams in order.
 bool FoldRowsAvx512(const float* x, int64_t rows, int64_t c, float* lo, float* hi) {
   __m512 odd = _mm512_setzero_ps();
   int64_t r = 0;
@@ -2797,7 +2795,9 @@ void FakeQuantRowsAvx512(const float* x, float* out, bool* mask, int64_t rows, i
                          const FqGrid& g) {
   const __m512 qmin = _mm512_set1_ps(g.qmin), qmax = _mm512_set1_ps(g.qmax);
   const __m128i one = _mm_set1_epi8(1);
-  // Row by row (x and out stream in order); a channel's parameters come from L1.
+  // Row by row (x and out stream in order); a channel's parameters come from L1. Column
+  // blocks running down all the rows took 22 us for 784 x 100 weights with the mask on a
+  // Xeon core, rows 13 us.
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < c; j += 16) {
       const __mmask16 valid = Lanes16(c - j);
