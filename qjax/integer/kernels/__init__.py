@@ -1604,8 +1604,8 @@ def _fake_quant_observe(name: str, x: jax.Array, min_val: jax.Array, max_val: ja
                         count: jax.Array, skipped: jax.Array, *, spec: numerics.QuantSpec,
                         averaging: float | None, eps: float, path: str, mask: bool,
                         emit: str | None) -> tuple[Any, ...]:
-  """The fused point's native call; the last element is (codes, column sums, y holds a NaN)
-  where `emit` asks for codes, else None."""
+  """The fused point's native call; the last element is (integers, y holds a NaN) where
+  `emit` asks for them (int8 codes for "rows", PackedWeights for "panels"), else None."""
   if path not in native_paths():
     raise ValueError(f"{name}: path must be one of {list(native_paths())} (the "
                      f"native paths of this machine); got {path!r}.")
@@ -1677,11 +1677,11 @@ def fake_quant_observe_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Array
     >>> if native_paths():
     ...   spec = numerics.QuantSpec(bits=8, signed=False)
     ...   y, _, _, scale, zp, q, nan = fake_quant_observe_int8(
-    ...       jnp.array([[0.0, 1.0, 2.0]]), jnp.float32(0.0), jnp.float32(2.0), jnp.int32(1),
+    ...       jnp.array([[0.0, 1.0, 2.0]]), jnp.float32(0.0), jnp.float32(2.55), jnp.int32(1),
     ...       jnp.int32(0), spec=spec, averaging=None, eps=1e-7, path=native_paths()[0],
     ...       operand="x")
-    ...   print(q.tolist(), bool(nan))
-    [[-128, -1, 127]] False
+    ...   print(q.tolist(), bool(nan))   # S = 2.55 / 255 = 0.01, Z = 0: q = x / 0.01 - 128
+    [[-128, -28, 72]] False
   """
   if operand == "x":
     if spec.bits != 8 or spec.axis is not None:
@@ -1690,7 +1690,7 @@ def fake_quant_observe_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Array
     emit = "rows"
   elif operand == "w":
     if (spec.bits != 8 or not spec.symmetric or jnp.ndim(x) != 2
-        or (spec.axis is not None and spec.axis % 2 != 1)):
+        or spec.axis not in (None, -1, 1)):
       raise ValueError(f"fake_quant_observe_int8: operand 'w' needs a (K, N) weight on a "
                        f"symmetric 8-bit grid, per tensor or along axis -1; got shape "
                        f"{jnp.shape(x)} and {spec}.")

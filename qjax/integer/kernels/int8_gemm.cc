@@ -35,6 +35,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -2922,38 +2923,6 @@ inline int32_t ToInt32(float v) {
 // flag: y holds a NaN (its codes are 0 there).
 constexpr int64_t kEmitNone = 0, kEmitRows = 1, kEmitPanels = 2;
 
-// PackRound's panels of the fake-quantized y over the groups [g0, g1) (y = S k, so
-// rne(y (1/S)) = k), column sums added into sums; false where y holds a NaN.
-bool PackRowsPortable(const float* y, const float* inv, int64_t K, int64_t N, int8_t* panels,
-                      int32_t* sums, int64_t g0, int64_t g1) {
-  const int64_t G = (K + 3) / 4;
-  bool clean = true;
-  for (int64_t gi = g0; gi < g1; ++gi) {
-    for (int64_t n = 0; n < N; ++n) {
-      int8_t* dst = panels + ((n / 16) * G + gi) * 64 + (n % 16) * 4;
-      for (int64_t j = 0; j < 4; ++j) {
-        const int64_t k = 4 * gi + j;
-        int8_t v = 0;
-        if (k < K) {
-          const float f = y[k * N + n];
-          if (std::isnan(f)) {
-            clean = false;
-          } else {
-            v = static_cast<int8_t>(static_cast<int32_t>(std::nearbyint(f * inv[n])));
-            sums[n] += v;
-          }
-        }
-        dst[j] = v;
-      }
-    }
-    // Lanes beyond N in the last panel.
-    for (int64_t n = N; n < (N + 15) / 16 * 16; ++n) {
-      std::memset(panels + ((n / 16) * G + gi) * 64 + (n % 16) * 4, 0, 4);
-    }
-  }
-  return clean;
-}
-
 ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_in,
                             ffi::Buffer<ffi::F32> max_in, ffi::Buffer<ffi::S32> count_in,
                             ffi::Buffer<ffi::S32> skipped_in, ffi::ResultBuffer<ffi::F32> out,
@@ -3130,10 +3099,10 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
     std::vector<int32_t> psums(pchunks * N, 0);
     std::vector<char> pclean(pchunks, 1);
     int8_t* panels = codes_out->typed_data();
+    int32_t* sums = sums_out->typed_data();
     ParallelFor(pchunks, HardwareThreads(), [&](int64_t c0, int64_t c1) {
       for (int64_t i = c0; i < c1; ++i) {
         const int64_t g0 = G * i / pchunks, g1 = G * (i + 1) / pchunks;
-        const int64_t k0 = std::min(K, 4 * g0), k1 = std::min(K, 4 * g1);
 #ifdef QJAX_X86
         if (Avx512(p)) {
           pclean[i] = FakeQuantPanelsAvx512(src, dst, inside, K, N, cinv.data(), czp.data(),
@@ -3141,17 +3110,24 @@ ffi::Error FakeQuantObserve(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> min_i
           continue;
         }
 #endif
+        const int64_t k0 = std::min(K, 4 * g0), k1 = std::min(K, 4 * g1);
         FakeQuantRows(p, src + k0 * N, dst + k0 * N, inside ? inside + k0 * N : nullptr,
                       k1 - k0, N, cinv.data(), czp.data(), cscale.data(), g);
-        pclean[i] = PackRowsPortable(dst, cinv.data(), K, N, panels, &psums[i * N], g0, g1);
       }
     });
-    int32_t* sums = sums_out->typed_data();
     bool clean = true;
-    for (int64_t c = 0; c < N; ++c) sums[c] = 0;
-    for (int64_t i = 0; i < pchunks; ++i) {
-      clean &= pclean[i] != 0;
-      for (int64_t c = 0; c < N; ++c) sums[c] += psums[i * N + c];
+    if (Avx512(p)) {
+      for (int64_t c = 0; c < N; ++c) sums[c] = 0;
+      for (int64_t i = 0; i < pchunks; ++i) {
+        clean &= pclean[i] != 0;
+        for (int64_t c = 0; c < N; ++c) sums[c] += psums[i * N + c];
+      }
+    } else {
+      // y = S k exactly, so PackRound's rounding of y recovers k; y is never +-inf (the grid
+      // clamps), so its non-finite columns are those holding a NaN.
+      std::unique_ptr<bool[]> bad(new bool[N]);
+      PackRoundPortable(dst, cinv.data(), K, N, panels, sums, bad.get(), 0, (N + 15) / 16);
+      for (int64_t c = 0; c < N; ++c) clean &= !bad[c];
     }
     nan_out->typed_data()[0] = !clean;
     return ffi::Error::Success();
