@@ -84,8 +84,10 @@ def test_bench_qat_smoke():
   and a gradient for every parameter."""
   results = load_experiment("bench_qat").main(["--reps", "1", "--rounds", "1", "--models",
                                                "mlp,lenet5", "--batch", "4",
-                                               "--min-round-seconds", "0"])
+                                               "--min-round-seconds", "0", "--sync", "loss"])
+  assert results["sync"] == "loss"
   rows = {(r["model"], r["variant"]): r for r in results["rows"]}
+  assert all(r["ms_per_step"] > 0 for r in results["rows"])
   for model in ("mlp", "lenet5"):
     assert rows[(model, "float32")]["evidence"]["round_ops"] == 0
     qat = rows[(model, "qjax int8 QAT")]["evidence"]
