@@ -122,41 +122,8 @@ def observed_fake_quant(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
     -1.0 3.0 64
   """
   y, new_state, scale, zero_point = _observed_fake_quant(
-      (spec, averaging, eps, path), x, min_val, max_val, count, skipped)
+      (spec, averaging, eps, path, None), x, min_val, max_val, count, skipped)
   return y, new_state, QParams(scale, zero_point)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _observed_fake_quant(config, x, min_val, max_val, count, skipped):
-  return _observed_fake_quant_call(config, x, min_val, max_val, count, skipped, False)[0]
-
-
-def _observed_fake_quant_call(config, x, min_val, max_val, count, skipped, with_mask):
-  from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
-  spec, averaging, eps, path = config
-  y, mask, state, scale, zero_point = kernels.fake_quant_observe(
-      x, min_val, max_val, count, skipped, spec=spec, averaging=averaging, eps=eps, path=path,
-      mask=with_mask)
-  return (y, state, scale, zero_point), (mask if with_mask else None)
-
-
-# The rules see which inputs carry a tangent (symbolic zeros): a point whose x needs no
-# gradient (a model's input batch) writes no mask.
-def _observed_fake_quant_fwd(config, x, min_val, max_val, count, skipped):
-  return _observed_fake_quant_call(config, x.value, min_val.value, max_val.value, count.value,
-                                   skipped.value, x.perturbed)
-
-
-def _observed_fake_quant_bwd(config, mask, g):
-  del config
-  g_y = g[0]
-  if mask is None or isinstance(g_y, SymbolicZero):
-    return (None,) * 5
-  return (jnp.where(mask, g_y, jnp.zeros_like(g_y)), None, None, None, None)
-
-
-_observed_fake_quant.defvjp(_observed_fake_quant_fwd, _observed_fake_quant_bwd,
-                            symbolic_zeros=True)
 
 
 def observed_fake_quant_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
@@ -182,32 +149,51 @@ def observed_fake_quant_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Arra
     ...   print(q.tolist(), bool(nan))
     [[-128, -32, 127]] False
   """
-  y, new_state, scale, zero_point, int8 = _observed_fake_quant_int8(
+  y, new_state, scale, zero_point, int8 = _observed_fake_quant(
       (spec, averaging, eps, path, operand), x, min_val, max_val, count, skipped)
   return y, new_state, QParams(scale, zero_point), int8
 
 
+# config: (spec, averaging, eps, path, operand); operand None: y, the state and the qparams,
+# else also the integers (kernels.fake_quant_observe_int8).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _observed_fake_quant_int8(config, x, min_val, max_val, count, skipped):
-  return _observed_fake_quant_int8_call(config, x, min_val, max_val, count, skipped, False)[0]
+def _observed_fake_quant(config, x, min_val, max_val, count, skipped):
+  return _observed_fake_quant_call(config, x, min_val, max_val, count, skipped, False)[0]
 
 
-def _observed_fake_quant_int8_call(config, x, min_val, max_val, count, skipped, with_mask):
+def _observed_fake_quant_call(config, x, min_val, max_val, count, skipped, with_mask):
   from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
   spec, averaging, eps, path, operand = config
-  y, mask, state, scale, zero_point, codes, nan = kernels.fake_quant_observe_int8(
-      x, min_val, max_val, count, skipped, spec=spec, averaging=averaging, eps=eps, path=path,
-      operand=operand, mask=with_mask)
-  return (y, state, scale, zero_point, (codes, nan)), (mask if with_mask else None)
+  if operand is None:
+    y, mask, state, scale, zero_point = kernels.fake_quant_observe(
+        x, min_val, max_val, count, skipped, spec=spec, averaging=averaging, eps=eps,
+        path=path, mask=with_mask)
+    out: tuple = (y, state, scale, zero_point)
+  else:
+    y, mask, state, scale, zero_point, codes, nan = kernels.fake_quant_observe_int8(
+        x, min_val, max_val, count, skipped, spec=spec, averaging=averaging, eps=eps,
+        path=path, operand=operand, mask=with_mask)
+    out = (y, state, scale, zero_point, (codes, nan))
+  return out, (mask if with_mask else None)
 
 
-def _observed_fake_quant_int8_fwd(config, x, min_val, max_val, count, skipped):
-  return _observed_fake_quant_int8_call(config, x.value, min_val.value, max_val.value,
-                                        count.value, skipped.value, x.perturbed)
+# The rules see which inputs carry a tangent (symbolic zeros): a point whose x needs no
+# gradient (a model's input batch) writes no mask.
+def _observed_fake_quant_fwd(config, x, min_val, max_val, count, skipped):
+  return _observed_fake_quant_call(config, x.value, min_val.value, max_val.value, count.value,
+                                   skipped.value, x.perturbed)
 
 
-_observed_fake_quant_int8.defvjp(_observed_fake_quant_int8_fwd, _observed_fake_quant_bwd,
-                                 symbolic_zeros=True)
+def _observed_fake_quant_bwd(config, mask, g):
+  del config
+  g_y = g[0]
+  if mask is None or isinstance(g_y, SymbolicZero):
+    return (None,) * 5
+  return (jnp.where(mask, g_y, jnp.zeros_like(g_y)), None, None, None, None)
+
+
+_observed_fake_quant.defvjp(_observed_fake_quant_fwd, _observed_fake_quant_bwd,
+                            symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -288,3 +288,18 @@ def test_emitted_integers_refuse_grids_the_int8_forward_does_not_take():
   with pytest.raises(ValueError, match="operand 'w' needs a \\(K, N\\) weight"):
     kernels.fake_quant_observe_int8(jnp.ones((2, 3)), *state, spec=X_GRIDS[0], operand="w",
                                     **args)
+
+
+def test_int8_operand_grid_names_the_grids_the_points_emit():
+  # The test grids are the ones the points emit for; the refused ones above are not.
+  for spec in X_GRIDS:
+    assert kernels.int8_operand_grid(spec, "x", 2), spec
+  for spec in W_GRIDS:
+    assert kernels.int8_operand_grid(spec, "w", 2), spec
+  assert not kernels.int8_operand_grid(QuantSpec(bits=4, signed=False), "x", 2)
+  assert not kernels.int8_operand_grid(W_GRIDS[1], "w", 3)
+  assert not kernels.int8_operand_grid(X_GRIDS[0], "w", 2)
+  per_row = QuantSpec(bits=8, signed=True, symmetric=True, axis=0)
+  assert not kernels.int8_operand_grid(per_row, "w", 2)
+  with pytest.raises(ValueError, match="operand must be 'x' or 'w'; got 'y'"):
+    kernels.int8_operand_grid(X_GRIDS[0], "y", 2)

@@ -578,10 +578,11 @@ def _int8_forward_operands(module: nn.Module, qconfig: QConfig | None, lhs: jax.
     raise ValueError(f"{_where(module)}: int8_forward needs observed qparams for both operands "
                      f"(a qconfig with activation and weight observers, learnable=False); got "
                      f"{qconfig!r}.")
+  from qjax.integer import kernels  # pylint: disable=import-outside-toplevel
   x_spec, w_spec = qconfig.activation.spec, qconfig.weight.spec
   # The points emit the integers only for grids int8_forward_dot takes (it names the others).
-  emit = integers and x_spec.bits == 8 and x_spec.axis is None and w_spec.bits == 8 \
-      and w_spec.symmetric and jnp.ndim(rhs) == 2 and w_spec.axis in (None, -1, 1)
+  emit = (integers and kernels.int8_operand_grid(x_spec, "x", jnp.ndim(lhs))
+          and kernels.int8_operand_grid(w_spec, "w", jnp.ndim(rhs)))
   x_point = _point(qconfig, "activation", name="input", parent=module,
                    axis_name=module.axis_name)
   w_point = _point(qconfig, "weight", name="weight", parent=module)

@@ -1646,6 +1646,27 @@ def _fake_quant_observe(name: str, x: jax.Array, min_val: jax.Array, max_val: ja
   return y, inside, state, scale, zero_point, ((integers, nan) if emit else None)
 
 
+def int8_operand_grid(spec: numerics.QuantSpec, operand: str, ndim: int) -> bool:
+  """Whether `fake_quant_observe_int8` hands over the integers of a point on `spec` for
+  `operand`: "x" (an activation) needs an 8-bit per-tensor grid; "w" a (K, N) weight (`ndim`
+  2) on a symmetric 8-bit grid, per tensor or per output channel (axis -1 or 1).
+
+  Raises:
+    ValueError: operand is neither "x" nor "w".
+
+  Example:
+    >>> int8_operand_grid(numerics.QuantSpec(bits=8, signed=False), "x", 2)
+    True
+    >>> int8_operand_grid(numerics.QuantSpec(bits=8, symmetric=True, axis=0), "w", 2)
+    False
+  """
+  if operand == "x":
+    return spec.bits == 8 and spec.axis is None
+  if operand == "w":
+    return spec.bits == 8 and spec.symmetric and ndim == 2 and spec.axis in (None, -1, 1)
+  raise ValueError(f"int8_operand_grid: operand must be 'x' or 'w'; got {operand!r}.")
+
+
 def fake_quant_observe_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Array,
                             count: jax.Array, skipped: jax.Array, *, spec: numerics.QuantSpec,
                             averaging: float | None, eps: float, path: str,
@@ -1683,20 +1704,14 @@ def fake_quant_observe_int8(x: jax.Array, min_val: jax.Array, max_val: jax.Array
     ...   print(q.tolist(), bool(nan))   # S = 2.55 / 255 = 0.01, Z = 0: q = x / 0.01 - 128
     [[-128, -28, 72]] False
   """
-  if operand == "x":
-    if spec.bits != 8 or spec.axis is not None:
-      raise ValueError(f"fake_quant_observe_int8: operand 'x' needs an 8-bit per-tensor grid; "
-                       f"got {spec}.")
-    emit = "rows"
-  elif operand == "w":
-    if (spec.bits != 8 or not spec.symmetric or jnp.ndim(x) != 2
-        or spec.axis not in (None, -1, 1)):
-      raise ValueError(f"fake_quant_observe_int8: operand 'w' needs a (K, N) weight on a "
-                       f"symmetric 8-bit grid, per tensor or along axis -1; got shape "
-                       f"{jnp.shape(x)} and {spec}.")
-    emit = "panels"
-  else:
+  if operand not in ("x", "w"):
     raise ValueError(f"fake_quant_observe_int8: operand must be 'x' or 'w'; got {operand!r}.")
+  if not int8_operand_grid(spec, operand, jnp.ndim(x)):
+    needs = ("an 8-bit per-tensor grid" if operand == "x" else
+             "a (K, N) weight on a symmetric 8-bit grid, per tensor or along axis -1")
+    raise ValueError(f"fake_quant_observe_int8: operand {operand!r} needs {needs}; got shape "
+                     f"{jnp.shape(x)} and {spec}.")
+  emit = "rows" if operand == "x" else "panels"
   y, inside, state, scale, zero_point, (codes, nan) = _fake_quant_observe(
       "fake_quant_observe_int8", x, min_val, max_val, count, skipped, spec=spec,
       averaging=averaging, eps=eps, path=path, mask=mask, emit=emit)
@@ -1783,6 +1798,7 @@ __all__ = (
     "group_runs",
     "grouped_conv",
     "grouped_direct",
+    "int8_operand_grid",
     "matmul",
     "matmul_requant",
     "max_pool",
