@@ -28,12 +28,19 @@ Usage:
   python -m experiments.bench_qat                      # under a minute on 2 CPU cores
   python -m experiments.bench_qat --reps 3 --rounds 1  # seconds; smoke run
   python -m experiments.bench_qat --sync loss          # wait for the loss only
+  python -m experiments.bench_qat --carry tree         # carry the observer states as a tree
 
 A timed step ends with `jax.block_until_ready` on everything it returns (`--sync all`, the
 default), or on its loss alone (`--sync loss`), as a training loop that reads only its loss
 waits: every output of one execution becomes ready with it (one completion event on the
 CPU), so the step's own time is the same, less the harness's walk over the returned
 parameters, optimizer and observer states (a Python call per array, ~0.3 us each here).
+
+The step carries the model's non-parameter collections (qjax's "quant_stats"; the float
+model and the peers have none that hold arrays) as `qjax.nn.PackedVariables`, one buffer per
+dtype, by default (`--carry packed`), or as the tree of arrays Flax returns (`--carry tree`).
+Every array a jitted call takes or returns costs the host microseconds of dispatch, and the
+QAT MLP's observers hold 24 small arrays; packed, they are two.
 """
 
 from __future__ import annotations
@@ -209,9 +216,10 @@ VARIANTS = (
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    mutable: tuple[str, ...]) -> Callable:
+                    mutable: tuple[str, ...], *, packed: bool = False) -> Callable:
   """Jitted (params, state, opt_state, x, y) -> (params, state, opt_state, loss); the first
-  three arguments are donated."""
+  three arguments are donated. With `packed`, `state` is the non-parameter collections as a
+  `qjax.nn.PackedVariables` (and so is the returned state), otherwise their tree."""
 
   def loss_fn(params, state, x, y):
     variables = {"params": params, **state}
@@ -223,8 +231,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), state
 
   def step(params, state, opt_state, x, y):
-    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y)
+    tree = state.unpack() if packed else state
+    (loss, tree), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tree, x, y)
     updates, opt_state = optimizer.update(grads, opt_state, params)
+    state = state.repack(tree) if packed else tree
     return optax.apply_updates(params, updates), state, opt_state, loss
 
   # Donate the carried training state, as a real training loop does: its buffers are reused
@@ -235,16 +245,19 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 class Runner:
   """One (model, variant): its jitted step and the training state it carries forward."""
 
-  def __init__(self, model_name: str, variant: str, built: Built, x: jax.Array, y: jax.Array):
+  def __init__(self, model_name: str, variant: str, built: Built, x: jax.Array, y: jax.Array,
+               carry: str = "packed"):
     self.model_name, self.variant = model_name, variant
     self.model, variables, self.mutable = built
     # Own copies: the step donates them, and the variants start from the same initial values.
     self.params = jax.tree_util.tree_map(jnp.copy, variables["params"])
-    self.state = jax.tree_util.tree_map(
+    state = jax.tree_util.tree_map(
         jnp.copy, {k: v for k, v in variables.items() if k != "params"})
+    packed = carry == "packed"
+    self.state = qjax.nn.PackedVariables.pack(state) if packed else state
     optimizer = optax.adam(LEARNING_RATE)
     self.opt_state = optimizer.init(self.params)
-    self.step = make_train_step(self.model, optimizer, self.mutable)
+    self.step = make_train_step(self.model, optimizer, self.mutable, packed=packed)
     self.x, self.y = x, y
     self.times: list[list[float]] = []  # seconds, one list per round
 
@@ -262,6 +275,12 @@ class Runner:
       durations.append(time.perf_counter() - start)
       self.params, self.state, self.opt_state, _ = out
     return durations
+
+  def state_tree(self) -> dict[str, Any]:
+    """The non-parameter collections, unpacked if the step carries them packed."""
+    if isinstance(self.state, qjax.nn.PackedVariables):
+      return self.state.unpack()
+    return self.state
 
 
 def _sub_jaxprs(value: Any):
@@ -312,7 +331,7 @@ def quantization_evidence(runner: Runner, float_model: nn.Module) -> dict[str, A
   parameters, the op census of its forward jaxpr, and the number of parameter leaves whose
   gradient is zero everywhere.
   """
-  variables = {"params": runner.params, **runner.state}
+  variables = {"params": runner.params, **runner.state_tree()}
   mutable = list(runner.mutable) or False
 
   def forward(v, x):
@@ -357,14 +376,18 @@ def _summary(runner: Runner) -> dict[str, Any]:
 
 
 def run(*, model_names: Sequence[str], batch: int, reps: int, rounds: int,
-        min_round_seconds: float = 0.0, sync: str = "all") -> dict[str, Any]:
+        min_round_seconds: float = 0.0, sync: str = "all", carry: str = "packed"
+        ) -> dict[str, Any]:
   """Builds and checks every (model, variant), times the train steps; returns the results.
 
   Each round runs a variant at least `reps` times and for at least `min_round_seconds`;
-  `sync` is what a timed step waits for (`Runner.run`).
+  `sync` is what a timed step waits for (`Runner.run`); `carry` how the step takes and returns
+  the non-parameter collections: "packed" (`qjax.nn.PackedVariables`) or "tree".
   """
   if sync not in ("all", "loss"):
     raise ValueError(f"run: sync must be 'all' or 'loss'; got {sync!r}.")
+  if carry not in ("packed", "tree"):
+    raise ValueError(f"run: carry must be 'packed' or 'tree'; got {carry!r}.")
   runners: list[Runner] = []
   skipped: list[dict[str, str]] = []
   evidence: dict[tuple[str, str], dict[str, Any]] = {}
@@ -375,7 +398,7 @@ def run(*, model_names: Sequence[str], batch: int, reps: int, rounds: int,
       if model_name not in spec.model_names:
         continue
       try:
-        runner = Runner(model_name, spec.name, spec.build(model_name), x, y)
+        runner = Runner(model_name, spec.name, spec.build(model_name), x, y, carry)
         # The float row runs the same checks as a control: they must find nothing there.
         evidence[(model_name, spec.name)] = quantization_evidence(runner, float_model)
         warm = runner.run(WARMUP_STEPS)  # the first call compiles
@@ -413,7 +436,7 @@ def run(*, model_names: Sequence[str], batch: int, reps: int, rounds: int,
       "peers": peer_versions(),
       "device": f"{kind} x{jax.device_count()}, {os.cpu_count()} CPU cores",
       "models": list(model_names), "batch": batch, "reps": reps, "rounds": rounds,
-      "min_round_seconds": min_round_seconds, "sync": sync,
+      "min_round_seconds": min_round_seconds, "sync": sync, "carry": carry,
       "warmup_steps": WARMUP_STEPS, "optimizer": f"adam({LEARNING_RATE})",
       "rows": rows, "skipped": skipped,
   }
@@ -431,6 +454,8 @@ def peer_versions() -> dict[str, str | None]:
 
 
 _SYNC = {"all": "all its outputs are", "loss": "its loss is"}
+_CARRY = {"packed": "non-parameter state packed (qjax.nn.PackedVariables)",
+          "tree": "non-parameter state as a tree"}
 _ALLOCATOR = {True: "freed memory retained", False: "glibc defaults"}
 
 
@@ -443,8 +468,8 @@ def format_table(results: dict[str, Any]) -> str:
            f"batch {results['batch']}, {results['rounds']} rounds x (>= {results['reps']} reps "
            f"and >= {results['min_round_seconds']} s), after {results['warmup_steps']} warm-up "
            f"steps: median ms per jitted train step (state donated), "
-           f"{results['optimizer']}; each step timed until "
-           f"{_SYNC[results.get('sync', 'all')]} ready", ""]
+           f"{results['optimizer']}; {_CARRY[results.get('carry', 'tree')]}; each step timed "
+           f"until {_SYNC[results.get('sync', 'all')]} ready", ""]
   header = (f"{'model':<7} {'variant':<20} {'ms/step':>8} {'iqr':>7} {'x float':>7}  "
             f"{'logit err':>9} {'round':>5} {'int8 contr.':>11} {'zero grads':>10}  note")
   lines += [header, "-" * len(header)]
@@ -489,6 +514,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--sync", choices=("all", "loss"), default="all",
                       help="what a timed step waits for: every output it returns, or its "
                            "loss alone (as a training loop that reads only the loss)")
+  parser.add_argument("--carry", choices=("packed", "tree"), default="packed",
+                      help="how the step takes and returns the observer states: packed into "
+                           "one buffer per dtype (qjax.nn.PackedVariables) or as a tree")
   parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
   parser.add_argument("--retain-freed-memory", action="store_true",
                       help="keep freed buffers in the heap for every variant alike "
@@ -505,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   retained = kernels.retain_freed_memory() if args.retain_freed_memory else False
   results = run(model_names=model_names, batch=args.batch, reps=args.reps, rounds=args.rounds,
-                min_round_seconds=args.min_round_seconds, sync=args.sync)
+                min_round_seconds=args.min_round_seconds, sync=args.sync, carry=args.carry)
   results["freed_memory_retained"] = retained
   print(format_table(results))
   if args.json is not None:

@@ -85,7 +85,7 @@ def test_bench_qat_smoke():
   results = load_experiment("bench_qat").main(["--reps", "1", "--rounds", "1", "--models",
                                                "mlp,lenet5", "--batch", "4",
                                                "--min-round-seconds", "0", "--sync", "loss"])
-  assert results["sync"] == "loss"
+  assert results["sync"] == "loss" and results["carry"] == "packed"
   rows = {(r["model"], r["variant"]): r for r in results["rows"]}
   assert all(r["ms_per_step"] > 0 for r in results["rows"])
   for model in ("mlp", "lenet5"):
@@ -97,3 +97,10 @@ def test_bench_qat_smoke():
     fwd = rows[(model, "qjax QAT int8 fwd")]["evidence"]
     assert fwd["int8_contractions"] == fwd["contractions"] == {"mlp": 3, "lenet5": 5}[model], fwd
     assert 0 < fwd["rel_err_logits"] < 0.1 and fwd["zero_grad_leaves"] == []
+  # The observer states carried as a tree instead: the same checks hold.
+  tree = load_experiment("bench_qat").main(["--reps", "1", "--rounds", "1", "--models", "mlp",
+                                            "--batch", "4", "--min-round-seconds", "0",
+                                            "--carry", "tree"])
+  assert tree["carry"] == "tree"
+  assert {r["variant"]: r["evidence"] for r in tree["rows"]} == {
+      variant: row["evidence"] for (model, variant), row in rows.items() if model == "mlp"}

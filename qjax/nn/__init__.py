@@ -25,6 +25,7 @@ from qjax.nn.modules import as_mode
 from qjax.nn.modules import check_calibrated
 from qjax.nn.modules import collect_qparams
 from qjax.nn.modules import module_path
+from qjax.nn.packing import PackedVariables
 from qjax.nn.qconfig import QConfig
 from qjax.nn.qconfig import QConfigMap
 from qjax.nn.qconfig import bits_qconfig
@@ -53,6 +54,7 @@ __all__ = (
     "FakeQuant",
     "LearnableFakeQuant",
     "Mode",
+    "PackedVariables",
     "QConfig",
     "QConfigMap",
     "QPARAMS",
