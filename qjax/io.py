@@ -373,6 +373,10 @@ def _encode(node: Any, path: tuple[Any, ...]) -> dict:
     return {type(node).__name__: items}
   if isinstance(node, (jax.Array, np.ndarray, np.generic)):
     return _encode_array(node, path)
+  if type(node).__name__ == "PackedVariables":
+    raise TypeError(f"qjax.io: the leaf at {_path_str(path)} is a qjax.nn.PackedVariables, "
+                    f"whose buffers mean nothing without their layout; store its tree, "
+                    f"packed.unpack(), instead.")
   raise TypeError(f"qjax.io: the leaf at {_path_str(path)} is a {type(node).__name__}; a "
                   f"variables tree holds dicts, lists, tuples, None and structs (registered "
                   f"with qjax._struct.struct) with array or QArray leaves. Wrap Python numbers "

@@ -2,6 +2,8 @@
 state packed and trains bit for bit as the one that carries the tree."""
 
 import functools
+import os
+import tempfile
 
 import chex
 import flax.linen as nn
@@ -15,6 +17,7 @@ from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qjax
 import qjax.nn as qnn
 from qjax.nn import PackedVariables
 
@@ -108,6 +111,12 @@ class PackedVariablesTest(parameterized.TestCase):
   def test_a_leaf_that_is_not_an_array_is_named(self):
     with self.assertRaisesRegex(TypeError, r"leaf at \['b'\] is float"):
       PackedVariables.pack({"a": jnp.zeros(2), "b": 1.5})
+
+  def test_io_asks_for_the_tree(self):
+    with self.assertRaisesRegex(TypeError, r"leaf at stats is a qjax.nn.PackedVariables.*"
+                                           r"packed.unpack\(\)"):
+      qjax.io.save(os.path.join(tempfile.mkdtemp(), "stats.qjax"),
+                   {"stats": PackedVariables.pack(_stats())})
 
   def test_a_jitted_step_traces_once_and_takes_the_buffers_donated(self):
     step = jax.jit(chex.assert_max_traces(
