@@ -42,12 +42,15 @@ PATHS = [pytest.param(p, marks=pytest.mark.skipif(p not in AVAILABLE,
 # (M, N, K): one row; K not a multiple of 4 / 64; odd N; empty batches, no channels, K = 0
 # (the result is the offset); up to 16 rows stream the weights, more pack them (the tile
 # kernel: 17, 31, 33 rows around its 16- and 32-row blocks, an odd number of panels, K below
-# one 64-byte chunk); the last three are large enough for the kernel's worker threads, the
-# last with more than 1 MB of weights (the tile kernel's split of the panels over threads).
+# one 64-byte chunk); the last four are large enough for the kernel's worker threads: the
+# first splits its rows over them (every thread all panels: weights within L2), the second
+# too, in several passes over its rows (700 KB of weights, more than a quarter of an L2 of
+# 2 MB or less), the third has too few rows for that (the panels split), the last more than
+# 1 MB of weights (the tile kernel's split of the panels over threads).
 SHAPES = [(1, 1, 1), (1, 5, 3), (1, 64, 64), (1, 33, 130), (2, 7, 65), (3, 17, 63),
           (4, 16, 4), (5, 1, 1), (7, 33, 67), (16, 9, 70), (17, 9, 70), (31, 19, 257),
           (33, 17, 5), (40, 48, 128), (13, 100, 784), (0, 5, 7), (5, 0, 7), (3, 4, 0),
-          (40, 5, 0), (64, 300, 450), (16, 700, 800), (40, 1030, 1090)]
+          (40, 5, 0), (64, 300, 450), (29, 700, 1001), (16, 700, 800), (40, 1030, 1090)]
 
 
 def reference(x: np.ndarray, w: np.ndarray, offset: np.ndarray) -> np.ndarray:
