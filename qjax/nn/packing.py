@@ -151,4 +151,4 @@ def _concatenate(tree: Any, layout: _Layout) -> tuple[jax.Array, ...]:
   for leaf, (_, which, _, _) in zip(jax.tree_util.tree_leaves(tree), layout.leaves,
                                     strict=True):
     parts[which].append(jnp.ravel(leaf))
-  return tuple(jnp.concatenate(p) if len(p) > 1 else p[0] for p in parts)
+  return tuple(jnp.concatenate(p) for p in parts)
